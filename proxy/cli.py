@@ -1,0 +1,183 @@
+"""The ``pos-proxy`` command line: parse arguments, call into the modules, print, return exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy import certs, eventloop
+from proxy.config import ConfigError, load_config
+from proxy.demo import run_demo
+from proxy.oplog import configure_logging
+from proxy.server import serve
+from proxy.tlsconfig import terminal_context
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        code: int = args.handler(args)
+    except certs.CertsError as exc:
+        print(f"pos-proxy: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    return code
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pos-proxy", description="Secure PostgreSQL proxy for point-of-sale terminals."
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the proxy with a configuration file")
+    run.add_argument("--config", required=True, type=Path, help="YAML configuration file")
+    run.add_argument("--log-format", choices=("json", "console"), default="json")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("config", type=Path)
+    check.set_defaults(handler=_check_config)
+
+    demo = commands.add_parser("demo", help="run a self-contained demo: local database, dev certs, proxy")
+    demo.add_argument("--port", type=int, default=6432, help="proxy port (default 6432; 0 picks a free one)")
+    demo.add_argument("--no-wait", action="store_true", help="stop right after the sample session")
+    demo.set_defaults(handler=_demo)
+
+    _add_certs_commands(commands.add_parser("certs", help="manage the terminal PKI (CA, certs, CRL)"))
+    return parser
+
+
+def _add_certs_commands(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(title="certs commands", metavar="COMMAND", required=True)
+
+    def directory(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--dir", required=True, type=Path, help="PKI directory")
+        return sub
+
+    init_ca = directory(
+        commands.add_parser("init-ca", help="create a CA: DIR/ca.pem, DIR/ca.key, DIR/crl.pem")
+    )
+    init_ca.add_argument("--name", default="pos-db-proxy dev CA", help="CA common name")
+    init_ca.add_argument("--days", type=int, default=certs.DEFAULT_CA_DAYS)
+    init_ca.add_argument("--force", action="store_true", help="replace an existing CA")
+    init_ca.set_defaults(handler=_certs_init_ca)
+
+    server = directory(commands.add_parser("issue-server", help="issue the proxy's server certificate"))
+    server.add_argument("--dns", nargs="*", default=[], metavar="NAME")
+    server.add_argument("--ip", nargs="*", default=[], metavar="ADDR")
+    server.add_argument("--days", type=int, default=certs.DEFAULT_SERVER_DAYS)
+    server.set_defaults(handler=_certs_issue_server)
+
+    terminal = directory(commands.add_parser("issue-terminal", help="issue a terminal's client certificate"))
+    terminal.add_argument("--store", required=True)
+    terminal.add_argument("--terminal", required=True)
+    terminal.add_argument("--role", required=True)
+    terminal.add_argument("--days", type=int, default=certs.DEFAULT_TERMINAL_DAYS)
+    terminal.set_defaults(handler=_certs_issue_terminal)
+
+    revoke = directory(commands.add_parser("revoke", help="revoke a certificate and rewrite DIR/crl.pem"))
+    revoke.add_argument("--serial", required=True, help="serial number in hex")
+    revoke.set_defaults(handler=_certs_revoke)
+
+    listing = directory(commands.add_parser("list", help="list issued certificates with their status"))
+    listing.set_defaults(handler=_certs_list)
+
+
+def _run(args: argparse.Namespace) -> int:
+    configure_logging(json=args.log_format == "json", level=args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pos-proxy: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return eventloop.run(serve(config))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        terminal_context(config.tls)
+    except (OSError, ValueError) as exc:
+        print(f"{args.config}: tls: cannot load the certificates: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{args.config}: OK ({len(config.routes)} route(s), {len(config.roles)} role(s))")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return run_demo(port=args.port, wait=not args.no_wait)
+
+
+def _certs_init_ca(args: argparse.Namespace) -> int:
+    path = certs.init_ca(args.dir, common_name=args.name, days=args.days, force=args.force)
+    print(f"CA written to {path} (key {args.dir / 'ca.key'}, CRL {args.dir / 'crl.pem'})")
+    return EXIT_OK
+
+
+def _certs_issue_server(args: argparse.Namespace) -> int:
+    issued = certs.issue_server(args.dir, dns_names=args.dns, ip_addresses=args.ip, days=args.days)
+    print(
+        f"server certificate {issued.cert_path} serial {issued.serial_hex}, "
+        f"valid until {issued.not_after:%Y-%m-%d}"
+    )
+    return EXIT_OK
+
+
+def _certs_issue_terminal(args: argparse.Namespace) -> int:
+    issued = certs.issue_terminal(
+        args.dir, store=args.store, terminal=args.terminal, role=args.role, days=args.days
+    )
+    print(issued.serial_hex)
+    print(
+        f"terminal {issued.store}/{issued.terminal} role {issued.role}: {issued.cert_path} "
+        f"valid until {issued.not_after:%Y-%m-%d}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _certs_revoke(args: argparse.Namespace) -> int:
+    issued = certs.revoke(args.dir, certs.parse_serial(args.serial))
+    print(f"revoked serial {issued.serial_hex} ({issued.subject}); CRL rewritten: {args.dir / 'crl.pem'}")
+    print("reload the proxy (SIGHUP) or restart it so the new CRL takes effect", file=sys.stderr)
+    return EXIT_OK
+
+
+def _certs_list(args: argparse.Namespace) -> int:
+    rows = [("KIND", "SERIAL", "STATUS", "STORE", "TERMINAL", "ROLE", "NOT AFTER", "SUBJECT")]
+    for issued in certs.list_issued(args.dir):
+        rows.append(
+            (
+                issued.kind,
+                issued.serial_hex,
+                issued.status(),
+                issued.store or "-",
+                issued.terminal or "-",
+                issued.role or "-",
+                f"{issued.not_after:%Y-%m-%d}",
+                issued.subject,
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    return EXIT_OK

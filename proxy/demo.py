@@ -1,0 +1,176 @@
+"""The demo: throwaway PostgreSQL, dev certificates, the proxy in front, and a sample POS session."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+import asyncpg
+
+from proxy import certs, eventloop
+from proxy.config import load_config
+from proxy.localpg import LocalPostgres, LocalPostgresError, LocalPostgresTLS, free_port
+from proxy.oplog import configure_logging
+from proxy.server import ProxyServer
+
+DEMO_STORE = "store-001"
+DEMO_TERMINALS = (("till-01", "cashier"), ("office-01", "manager"))
+
+
+@dataclass(frozen=True, slots=True)
+class DemoTerminal:
+    name: str
+    role: str
+    cert: Path
+    key: Path
+
+
+def run_demo(*, port: int, wait: bool) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="pos-proxy-demo-"))
+    configure_logging(json=True, level="info", stream=(workdir / "proxy.log").open("a", encoding="utf-8"))
+    try:
+        return eventloop.run(_demo(workdir, port, wait))
+    except LocalPostgresError as exc:
+        print(f"pos-proxy demo: cannot start the demo database: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pos-proxy demo: {exc} (is port {port} free? pick another with --port N)", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _demo(workdir: Path, port: int, wait: bool) -> int:
+    say(f"pos-db-proxy demo, working in {workdir} (removed on exit)")
+    terminal_pki, db_pki = workdir / "pki", workdir / "db-pki"
+    certs.init_ca(terminal_pki, common_name="pos-db-proxy demo terminal CA")
+    certs.issue_server(terminal_pki, dns_names=["localhost"], ip_addresses=["127.0.0.1", "::1"])
+    terminals = []
+    for name, role in DEMO_TERMINALS:
+        issued = certs.issue_terminal(terminal_pki, store=DEMO_STORE, terminal=name, role=role)
+        terminals.append(DemoTerminal(name, role, issued.cert_path, issued.key_path))
+        say(f"issued terminal certificate {DEMO_STORE}/{name} role={role} serial={issued.serial_hex}")
+    # The "cloud" database has a CA of its own: the proxy verifies it (verify-full) like a real one.
+    certs.init_ca(db_pki, common_name="pos-db-proxy demo database CA")
+    certs.issue_server(db_pki, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+
+    async with AsyncExitStack() as stack:
+        database = LocalPostgres(
+            workdir / "postgres",
+            tls=LocalPostgresTLS(cert=db_pki / "server.pem", key=db_pki / "server.key"),
+        )
+        database.start()
+        stack.callback(database.stop)
+        db_password = secrets.token_urlsafe(24)
+        database.create_role("pos_proxy", db_password)
+        database.create_database("pos", owner="pos_proxy")
+        schema = resources.files("proxy").joinpath("data/demo_schema.sql").read_text(encoding="utf-8")
+        database.execute_script("SET ROLE pos_proxy;\n" + schema, dbname="pos")
+        say(f"started a throwaway PostgreSQL on 127.0.0.1:{database.port} with the POS schema (TLS on)")
+
+        password_file = workdir / "db-password"
+        password_file.touch(mode=0o600)
+        password_file.write_text(db_password, encoding="utf-8")
+        config_path = workdir / "pos-proxy.yaml"
+        template = resources.files("proxy").joinpath("data/demo-config.yaml").read_text(encoding="utf-8")
+        config_path.write_text(
+            Template(template).substitute(
+                proxy_port=port or free_port(),
+                pki=terminal_pki,
+                db_port=database.port,
+                db_password_file=password_file,
+                db_ca=db_pki / "ca.pem",
+            ),
+            encoding="utf-8",
+        )
+        server = ProxyServer(load_config(config_path))
+        await server.start()
+        stack.push_async_callback(server.shutdown)
+        host, proxy_port = server.address
+        say(f"proxy listening on {host}:{proxy_port} (config {config_path}, log {workdir / 'proxy.log'})")
+
+        cashier = terminals[0]
+        await _sample_session(host, proxy_port, terminal_pki / "ca.pem", cashier)
+
+        say("try it by hand, one line per role:")
+        for terminal in terminals:
+            say(f"  {terminal.role} ({DEMO_STORE}/{terminal.name}):")
+            say(_psql_line(host, proxy_port, terminal_pki / "ca.pem", terminal))
+        if wait:
+            say("press Ctrl-C to stop the demo and remove everything it started")
+            await _wait_for_stop_signal()
+        say("stopping the proxy and the demo database")
+    return 0
+
+
+async def _sample_session(host: str, port: int, ca: Path, terminal: DemoTerminal) -> None:
+    """What a till does for one sale: look up, record the sale, decrement stock, read it back."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(terminal.cert, terminal.key)
+    connection = await asyncpg.connect(
+        host=host, port=port, user=terminal.name, database="pos", ssl=context, timeout=15
+    )
+    try:
+        say(f"sample POS session as {DEMO_STORE}/{terminal.name} ({terminal.role}):")
+        sku = "5000159484695"
+        product = await connection.fetchrow("SELECT sku, name, price_cents FROM products WHERE sku = $1", sku)
+        assert product is not None
+        say(f"  looked up {product['name']} at {product['price_cents'] / 100:.2f}")
+        async with connection.transaction():
+            sale_id = await connection.fetchval(
+                "INSERT INTO sales (store_id, terminal_id, total_cents) VALUES ($1, $2, $3) RETURNING id",
+                DEMO_STORE,
+                terminal.name,
+                product["price_cents"] * 2,
+            )
+            await connection.execute(
+                "INSERT INTO sale_items (sale_id, sku, quantity, price_cents) VALUES ($1, $2, 2, $3)",
+                sale_id,
+                sku,
+                product["price_cents"],
+            )
+            await connection.execute(
+                "UPDATE stock SET quantity = quantity - 2 WHERE store_id = $1 AND sku = $2", DEMO_STORE, sku
+            )
+        say(f"  recorded sale {sale_id}: 2 x {product['name']}")
+        quantity = await connection.fetchval(
+            "SELECT quantity FROM stock WHERE store_id = $1 AND sku = $2", DEMO_STORE, sku
+        )
+        total = await connection.fetchval("SELECT total_cents FROM sales WHERE id = $1", sale_id)
+        say(f"  read back: sale {sale_id} total {total / 100:.2f}, stock of {sku} now {quantity}")
+    finally:
+        await connection.close()
+
+
+def _psql_line(host: str, port: int, ca: Path, terminal: DemoTerminal) -> str:
+    conninfo = (
+        f"host={host} port={port} dbname=pos user={terminal.name} sslmode=verify-full "
+        f"sslrootcert={ca.resolve()} sslcert={terminal.cert.resolve()} sslkey={terminal.key.resolve()}"
+    )
+    return f"psql '{conninfo}'"
+
+
+async def _wait_for_stop_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def say(line: str) -> None:
+    print(line, flush=True)

@@ -1,0 +1,259 @@
+"""Protocol-agnostic upstream pool: acquire, release, FIFO wait queue, reset, idle and lifetime recycling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import structlog
+
+from proxy.errors import TooManyConnections, UpstreamUnavailable
+
+log = structlog.get_logger("pos_proxy.pool")
+
+
+class PooledConnection(Protocol):
+    @property
+    def usable(self) -> bool: ...
+
+    @property
+    def created_at(self) -> float: ...
+
+    @property
+    def idle_since(self) -> float: ...
+
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=PooledConnection)
+
+# The pool hands its "this connection has closed" callback to the connector, so a connection
+# that dies on its own (server restart, network loss) frees its slot exactly once.
+Connector = Callable[[Callable[[C], None]], Awaitable[C]]
+Resetter = Callable[[C], Awaitable[bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    size: int
+    min_idle: int
+    max_client_wait: float
+    idle_timeout: float
+    lifetime: float
+    connect_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    name: str
+    size: int
+    active: int
+    idle: int
+    opening: int
+    waiting: int
+    opened_total: int
+    connect_failures_total: int
+
+
+class UpstreamPool(Generic[C]):
+    """Server connections for one route. Waiting clients are served strictly first come, first served."""
+
+    def __init__(self, name: str, settings: PoolSettings, connect: Connector[C], reset: Resetter[C]) -> None:
+        self.name = name
+        self.settings = settings
+        self._connect = connect
+        self._reset = reset
+        # Most recently used last: reusing the warmest connection lets cold ones reach idle_timeout.
+        self._idle: deque[C] = deque()
+        self._waiters: deque[asyncio.Future[C]] = deque()
+        self._members: set[C] = set()
+        self._opening = 0
+        self._opened_total = 0
+        self._connect_failures = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # --- acquire / release ---
+
+    async def acquire(self) -> C:
+        """A clean server connection, waiting up to max_client_wait behind earlier clients."""
+        if self._closing:
+            raise UpstreamUnavailable("the proxy is shutting down")
+        if not self._waiters:
+            connection = self._take_idle()
+            if connection is not None:
+                return connection
+            if len(self._members) + self._opening < self.settings.size:
+                return await self._open_new()
+        return await self._wait_in_line()
+
+    def release(self, connection: C, *, reusable: bool) -> None:
+        """Take a connection back; it is reset off the caller's path before anyone else gets it."""
+        if not reusable or not connection.usable or self._closing:
+            connection.close()
+            return
+        if time.monotonic() - connection.created_at > self.settings.lifetime:
+            connection.close()
+            return
+        self._spawn(self._reset_and_return(connection))
+
+    def give_back(self, connection: C) -> None:
+        """Return a connection that needs no reset (transaction pooling hands them back clean)."""
+        if self._closing or not connection.usable:
+            connection.close()
+            return
+        self._hand_over(connection)
+
+    async def _reset_and_return(self, connection: C) -> None:
+        try:
+            clean = await self._reset(connection)
+        except Exception as exc:  # a failed reset must never leak a dirty connection
+            log.warning("server_reset_failed", pool=self.name, error=str(exc))
+            clean = False
+        if clean and connection.usable and not self._closing:
+            self._hand_over(connection)
+        else:
+            connection.close()
+
+    def _hand_over(self, connection: C) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(connection)
+                return
+        self._idle.append(connection)
+
+    def _take_idle(self) -> C | None:
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.usable and now - connection.created_at <= self.settings.lifetime:
+                return connection
+            connection.close()
+        return None
+
+    async def _open_new(self) -> C:
+        self._opening += 1
+        try:
+            return await self._open_connection()
+        finally:
+            self._serve_waiters()
+
+    async def _open_connection(self) -> C:
+        """Open one connection; the caller has already counted it in ``_opening``."""
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout * 2):
+                connection = await self._connect(self._connection_closed)
+        except Exception as exc:
+            self._connect_failures += 1
+            log.warning("server_connect_failed", pool=self.name, error=str(exc) or type(exc).__name__)
+            raise UpstreamUnavailable("could not connect to the database server") from exc
+        finally:
+            self._opening -= 1
+        self._members.add(connection)
+        self._opened_total += 1
+        return connection
+
+    async def _wait_in_line(self) -> C:
+        waiter: asyncio.Future[C] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._serve_waiters()
+        try:
+            async with asyncio.timeout(self.settings.max_client_wait):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed a connection just as we timed out or were cancelled: pass it on.
+                self._hand_over(waiter.result())
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise TooManyConnections(
+                    f"no server connection became free within {self.settings.max_client_wait:g} s",
+                    hint="the pool is saturated; try again shortly",
+                ) from None
+            raise
+
+    def _serve_waiters(self) -> None:
+        """Open connections for waiters while there is room in the pool."""
+        live = sum(1 for waiter in self._waiters if not waiter.done())
+        while live and len(self._members) + self._opening < self.settings.size and not self._closing:
+            live -= 1
+            self._opening += 1
+            self._spawn(self._open_for_waiter())
+
+    async def _open_for_waiter(self) -> None:
+        try:
+            connection = await self._open_connection()
+        except UpstreamUnavailable as exc:
+            self._fail_first_waiter(exc)
+            return
+        self._hand_over(connection)
+
+    def _fail_first_waiter(self, error: Exception) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+                return
+
+    def _connection_closed(self, connection: C) -> None:
+        if connection not in self._members:
+            return
+        self._members.discard(connection)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(connection)
+        self._serve_waiters()
+
+    # --- maintenance ---
+
+    def recycle(self) -> None:
+        """Close idle connections past their idle timeout or lifetime; top up to min_idle."""
+        now = time.monotonic()
+        for connection in list(self._idle):
+            expired = now - connection.created_at > self.settings.lifetime
+            stale = now - connection.idle_since > self.settings.idle_timeout
+            if expired or (stale and len(self._idle) > self.settings.min_idle):
+                connection.close()
+        missing = min(
+            self.settings.min_idle - len(self._idle) - self._opening,
+            self.settings.size - len(self._members) - self._opening,
+        )
+        for _ in range(max(0, missing)):
+            self._opening += 1
+            self._spawn(self._open_for_waiter())
+
+    def stats(self) -> PoolStats:
+        return PoolStats(
+            name=self.name,
+            size=self.settings.size,
+            active=len(self._members) - len(self._idle),
+            idle=len(self._idle),
+            opening=self._opening,
+            waiting=sum(1 for waiter in self._waiters if not waiter.done()),
+            opened_total=self._opened_total,
+            connect_failures_total=self._connect_failures,
+        )
+
+    async def close(self) -> None:
+        self._closing = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(UpstreamUnavailable("the proxy is shutting down"))
+        while self._idle:
+            self._idle.pop().close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,82 @@
+"""Session parameters a client asked for at startup, applied to whichever server connection serves it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from proxy.protocols.postgres.upstream import ServerConnection
+
+# Settings drivers put in the StartupMessage (libpq, JDBC, asyncpg, psycopg, Npgsql) and that are
+# safe to carry from one server connection to another. Keyed by lower case because GUC names are
+# case-insensitive; the value is the spelling the server reports them under.
+SESSION_PARAMETERS = {
+    name.lower(): name
+    for name in (
+        "application_name",
+        "client_encoding",
+        "DateStyle",
+        "TimeZone",
+        "IntervalStyle",
+        "extra_float_digits",
+        "search_path",
+        "standard_conforming_strings",
+        "statement_timeout",
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
+        "default_transaction_isolation",
+        "default_transaction_read_only",
+        "bytea_output",
+    )
+}
+# Startup packet keys that are not settings (55.7 "StartupMessage").
+_NOT_SETTINGS = frozenset({"user", "database"})
+
+
+class StartupParameterError(Exception):
+    """The client asked for something at startup that a pooling proxy cannot honour."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionParameters:
+    wanted: Mapping[str, str]
+
+    @classmethod
+    def from_startup(cls, parameters: Mapping[str, str]) -> SessionParameters:
+        wanted: dict[str, str] = {}
+        for name, value in parameters.items():
+            if name in _NOT_SETTINGS:
+                continue
+            if name == "options" and not value.strip():
+                continue
+            canonical = SESSION_PARAMETERS.get(name.lower())
+            if canonical is None:
+                raise StartupParameterError(f"unsupported startup parameter: {name}")
+            wanted[canonical] = value
+        return cls(wanted)
+
+    def changes_for(self, server: ServerConnection) -> dict[str, str]:
+        """The wanted settings this server connection does not have yet."""
+        return {
+            name: value
+            for name, value in self.wanted.items()
+            if server.applied.get(name) != value and server.reported.get(name) != value
+        }
+
+    async def apply(self, server: ServerConnection, timeout: float) -> None:
+        changes = self.changes_for(server)
+        if not changes:
+            return
+        # set_config parses the value as the server's own config parser does, so list
+        # settings such as search_path keep their meaning; one round trip for all of them.
+        calls = ", ".join(
+            f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
+            for name, value in changes.items()
+        )
+        await server.run_internal(f"SELECT {calls}", timeout)
+        server.applied.update(changes)
+
+
+def quote_literal(text: str) -> str:
+    """An E'' string literal: backslashes and quotes escaped, whatever standard_conforming_strings is."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"

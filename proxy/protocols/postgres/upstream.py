@@ -1,0 +1,401 @@
+"""One connection to the database server: opened with TLS and the proxy's credentials, lent to sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol, cast
+
+import structlog
+
+from proxy.config import RouteConfig
+from proxy.errors import ProtocolViolation, ProxyError
+from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.startup import UpstreamHandshake, UpstreamRefused
+
+log = structlog.get_logger("pos_proxy.upstream")
+
+# A backend message cannot exceed PostgreSQL's 1 GiB allocation limit (MaxAllocSize).
+MAX_BACKEND_MESSAGE = 1 << 30
+_connection_ids = itertools.count(1)
+
+
+class UpstreamConnectError(Exception):
+    """A server connection could not be opened or used; the text is for the operator's log only."""
+
+
+class InternalQueryFailed(Exception):
+    """The server refused a query the proxy ran for a client (a startup setting, most likely)."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(f"{sqlstate}: {message}")
+        self.sqlstate = sqlstate
+        self.message = message
+
+    def as_client_error(self) -> ProxyError:
+        # The server's own words are safe to pass on: they are about the client's own setting.
+        error = ProxyError(self.message)
+        error.sqlstate = self.sqlstate
+        return error
+
+
+class ServerPeer(Protocol):
+    """What a server connection needs from the client session it is lent to."""
+
+    def server_data(self, data: bytes) -> None: ...
+
+    def server_lost(self, reason: str) -> None: ...
+
+    def pause_client_reading(self) -> None: ...
+
+    def resume_client_reading(self) -> None: ...
+
+
+class ServerConnection(asyncio.Protocol):
+    """asyncio side of a server connection; message framing and auth are sans-IO (messages, startup)."""
+
+    def __init__(self, route: RouteConfig, on_closed: Callable[[ServerConnection], None]) -> None:
+        self.id = next(_connection_ids)
+        self.route = route
+        self.created_at = time.monotonic()
+        self.idle_since = self.created_at
+        self.reported: dict[str, str] = {}
+        # Values the proxy set on behalf of clients, as the clients spelled them.
+        self.applied: dict[str, str] = {}
+        self.backend_key: tuple[int, int] = (0, 0)
+        self.transaction_status = b"I"
+        self.pending_syncs = 0
+        self.unsynced = False
+        self.closed = False
+        self._on_closed = on_closed
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._peer: ServerPeer | None = None
+        self._handshake: UpstreamHandshake | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._internal_error: tuple[str, str] | None = None
+        self._internal_busy = False
+
+    # --- lifecycle ---
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and self._transport is not None
+
+    @property
+    def is_clean(self) -> bool:
+        """Idle on the server with nothing in flight: safe to give to another client."""
+        return (
+            self.usable
+            and not self._internal_busy
+            and self.pending_syncs == 0
+            and not self.unsynced
+            and self.transaction_status == b"I"
+        )
+
+    def close(self) -> None:
+        if self._transport is not None and not self.closed:
+            with contextlib.suppress(RuntimeError):
+                self._transport.write(m.build_terminate())
+            self._transport.close()
+        self._mark_closed()
+
+    def _mark_closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._fail_waiter("server connection closed")
+        self._on_closed(self)
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        peer, self._peer = self._peer, None
+        self._mark_closed()
+        if peer is not None:
+            peer.server_lost(f"server connection {self.id} lost: {exc or 'closed by server'}")
+
+    def pause_writing(self) -> None:
+        if self._peer is not None:
+            self._peer.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        if self._peer is not None:
+            self._peer.resume_client_reading()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._receive(data)
+        except (ProtocolViolation, UpstreamRefused) as exc:
+            log.warning(
+                "server_protocol_error", server_connection=self.id, route=self.route.database, error=str(exc)
+            )
+            self._fail_waiter(str(exc))
+            if self._transport is not None:
+                self._transport.abort()
+
+    def _receive(self, data: bytes) -> None:
+        buffer: bytes | bytearray
+        if self._buffer:
+            self._buffer += data
+            buffer = self._buffer
+        else:
+            buffer = data
+        frames, consumed = m.scan_frames(buffer, MAX_BACKEND_MESSAGE)
+        if self._peer is not None:
+            self._track(buffer, frames)
+            peer = self._peer
+            if peer is not None:
+                peer.server_data(
+                    data if buffer is data and consumed == len(data) else bytes(buffer[:consumed])
+                )
+        elif frames:
+            self._receive_detached(buffer, frames)
+        if buffer is self._buffer:
+            del self._buffer[:consumed]
+        elif consumed < len(data):
+            self._buffer += data[consumed:]
+
+    def _track(self, buffer: bytes | bytearray, frames: list[m.Frame]) -> None:
+        """Follow transaction state and reported parameters in what is forwarded to the client."""
+        for kind, start, end in frames:
+            if kind == m.MSG_READY_FOR_QUERY:
+                self.transaction_status = bytes(buffer[start + 5 : end])
+                if self.pending_syncs:
+                    self.pending_syncs -= 1
+            elif kind == m.MSG_PARAMETER_STATUS:
+                name, value = m.parse_parameter_status(bytes(buffer[start + 5 : end]))
+                self.reported[name] = value
+                self.applied.pop(name, None)
+
+    def _receive_detached(self, buffer: bytes | bytearray, frames: list[m.Frame]) -> None:
+        for kind, start, end in frames:
+            payload = bytes(buffer[start + 5 : end])
+            if self._handshake is not None:
+                reply = self._handshake.receive(kind, payload)
+                if reply is not None and self._transport is not None:
+                    self._transport.write(reply)
+                if self._handshake.done:
+                    self.reported.update(self._handshake.parameters)
+                    self.backend_key = self._handshake.backend_key or (0, 0)
+                    self._handshake = None
+                    self._resolve_waiter()
+                continue
+            if kind == m.MSG_PARAMETER_STATUS:
+                name, value = m.parse_parameter_status(payload)
+                self.reported[name] = value
+            elif kind == m.MSG_ERROR_RESPONSE:
+                fields = m.parse_error_fields(payload)
+                self._internal_error = (fields.get("C", "XX000"), fields.get("M", ""))
+                if fields.get("S") in ("FATAL", "PANIC"):
+                    log.info("server_closing", server_connection=self.id, reason=fields.get("M", ""))
+            elif kind == m.MSG_READY_FOR_QUERY:
+                self.transaction_status = payload
+                self._resolve_waiter()
+
+    # --- waiting for the server without a client attached ---
+
+    def _resolve_waiter(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail_waiter(self, reason: str) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(UpstreamConnectError(reason))
+
+    async def _wait_ready(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._waiter
+        except TimeoutError as exc:
+            raise UpstreamConnectError(f"server did not answer within {timeout:g}s") from exc
+
+    async def authenticate(self, timeout: float, parameters: Mapping[str, str]) -> None:
+        password = self.route.password.reveal() if self.route.password is not None else None
+        self._handshake = UpstreamHandshake(
+            user=self.route.user, database=self.route.dbname, password=password, parameters=parameters
+        )
+        assert self._transport is not None
+        self._transport.write(self._handshake.startup_message())
+        await self._wait_ready(timeout)
+
+    async def run_internal(self, sql: str, timeout: float) -> None:
+        """Run a proxy-issued simple query (reset, parameter sync) while no client is attached."""
+        if not self.is_clean or self._peer is not None or self._transport is None:
+            raise UpstreamConnectError("server connection is not idle")
+        self._internal_error = None
+        self._internal_busy = True
+        self._transport.write(m.build_query(sql))
+        try:
+            await self._wait_ready(timeout)
+        except BaseException:
+            # The answer is still on its way: nobody else may use this connection.
+            self.close()
+            raise
+        self._internal_busy = False
+        if self._internal_error is not None:
+            raise InternalQueryFailed(*self._internal_error)
+
+    # --- lending to a client session ---
+
+    def attach(self, peer: ServerPeer) -> None:
+        self._peer = peer
+
+    def detach(self) -> None:
+        self._peer = None
+        self.idle_since = time.monotonic()
+        if self._transport is not None and not self.closed:
+            self._transport.resume_reading()
+
+    def forward_from_client(self, data: bytes | bytearray, frames: list[m.Frame]) -> None:
+        """Send whole client messages, keeping count of the sync points the server owes an answer to."""
+        for kind, _start, _end in frames:
+            if kind in _SYNC_POINT_TYPES:
+                self.pending_syncs += 1
+                self.unsynced = False
+            elif kind in _EXTENDED_QUERY_TYPES:
+                self.unsynced = True
+        assert self._transport is not None
+        self._transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+
+_EXTENDED_QUERY_TYPES = frozenset(b"PBDECH")
+# Messages after which the server owes one ReadyForQuery (Query, Sync, FunctionCall).
+_SYNC_POINT_TYPES = frozenset(b"QSF")
+
+
+async def open_socket(route: RouteConfig, timeout: float) -> socket.socket:
+    """TCP connect with keepalives, since store-to-cloud links drop idle flows silently."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(route.host, route.port, type=socket.SOCK_STREAM)
+            last_error: OSError | None = None
+            for family, kind, proto, _name, address in infos:
+                sock = socket.socket(family, kind, proto)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, address)
+                except OSError as exc:
+                    sock.close()
+                    last_error = exc
+                    continue
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                return sock
+    except TimeoutError as exc:
+        raise UpstreamConnectError(
+            f"connect to {route.host}:{route.port} timed out after {timeout:g}s"
+        ) from exc
+    except OSError as exc:
+        raise UpstreamConnectError(f"cannot resolve {route.host}: {exc}") from exc
+    raise UpstreamConnectError(f"connect to {route.host}:{route.port} failed: {last_error}")
+
+
+async def _negotiate_tls(sock: socket.socket, route: RouteConfig, timeout: float) -> None:
+    """SSLRequest (55.2.10): the server answers one byte, 'S' to go on with TLS or 'N'."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_sendall(sock, m.build_ssl_request())
+            answer = await loop.sock_recv(sock, 1)
+    except TimeoutError as exc:
+        raise UpstreamConnectError("server did not answer the SSLRequest in time") from exc
+    except OSError as exc:
+        raise UpstreamConnectError(f"SSLRequest failed: {exc}") from exc
+    if answer != b"S":
+        raise UpstreamConnectError(
+            f"server refused TLS (answered {answer!r}) but sslmode is {route.sslmode.value}"
+        )
+
+
+async def _open_transport(
+    route: RouteConfig,
+    context: ssl.SSLContext | None,
+    timeout: float,
+    protocol_factory: Callable[[], asyncio.Protocol],
+) -> asyncio.BaseTransport:
+    sock = await open_socket(route, timeout)
+    try:
+        if context is not None:
+            await _negotiate_tls(sock, route, timeout)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(
+            protocol_factory,
+            sock=sock,
+            ssl=context,
+            server_hostname=route.host if context is not None else None,
+            ssl_handshake_timeout=timeout if context is not None else None,
+        )
+    except ssl.SSLError as exc:
+        sock.close()
+        raise UpstreamConnectError(f"TLS to {route.host}:{route.port} failed: {exc}") from exc
+    except (OSError, TimeoutError) as exc:
+        sock.close()
+        raise UpstreamConnectError(f"connection to {route.host}:{route.port} failed: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return transport
+
+
+async def connect_server(
+    route: RouteConfig,
+    context: ssl.SSLContext | None,
+    on_closed: Callable[[ServerConnection], None],
+    parameters: Mapping[str, str],
+) -> ServerConnection:
+    """Open, secure and authenticate a new server connection for ``route``."""
+    timeout = route.pool.connect_timeout
+    connection = ServerConnection(route, on_closed)
+    await _open_transport(route, context, timeout, lambda: connection)
+    try:
+        await connection.authenticate(timeout, parameters)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+async def send_cancel(
+    route: RouteConfig, context: ssl.SSLContext | None, backend_key: tuple[int, int]
+) -> None:
+    """Deliver a CancelRequest for the given real backend key on a fresh connection (55.2.7)."""
+    closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    class _CancelProtocol(asyncio.Protocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not closed.done():
+                closed.set_result(None)
+
+    transport = await _open_transport(route, context, route.pool.connect_timeout, _CancelProtocol)
+    cast(asyncio.WriteTransport, transport).write(m.build_cancel_request(*backend_key))
+    try:
+        # The server closes the connection once it has read the request.
+        async with asyncio.timeout(route.pool.connect_timeout):
+            await closed
+    except TimeoutError:
+        pass
+    finally:
+        transport.close()

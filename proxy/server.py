@@ -1,0 +1,265 @@
+"""Listeners and lifecycle: accept terminals, negotiate TLS, run sessions, shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import ssl
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+import structlog
+
+from proxy.config import Config, PoolMode, RouteConfig
+from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
+from proxy.pool import PoolSettings, UpstreamPool
+from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.session import ClientSession, Route, SessionEnvironment, SessionRegistry
+from proxy.protocols.postgres.upstream import (
+    InternalQueryFailed,
+    ServerConnection,
+    UpstreamConnectError,
+    connect_server,
+)
+from proxy.tlsconfig import terminal_context, upstream_context
+
+log = structlog.get_logger("pos_proxy.server")
+
+# Shown in pg_stat_activity for pooled connections until a client sets its own name.
+SERVER_APPLICATION_NAME = "pos-db-proxy"
+_RECYCLE_INTERVAL = 1.0
+_PLAINTEXT_REFUSAL = AuthenticationRefused(
+    "pos-db-proxy accepts only TLS connections with a terminal certificate",
+    hint="connect with sslmode=verify-full and the terminal's sslcert and sslkey",
+)
+
+
+def build_routes(config: Config) -> dict[str, Route]:
+    return {name: _build_route(route) for name, route in config.routes.items()}
+
+
+def _build_route(route: RouteConfig) -> Route:
+    context = upstream_context(route)
+
+    async def connect(on_closed: Callable[[ServerConnection], None]) -> ServerConnection:
+        return await connect_server(route, context, on_closed, {"application_name": SERVER_APPLICATION_NAME})
+
+    async def reset(connection: ServerConnection) -> bool:
+        if not connection.is_clean:
+            return False
+        try:
+            await connection.run_internal("DISCARD ALL", route.pool.connect_timeout)
+        except (InternalQueryFailed, UpstreamConnectError):
+            return False
+        connection.applied.clear()
+        return True
+
+    settings = PoolSettings(
+        size=route.pool.size,
+        min_idle=route.pool.min_idle,
+        max_client_wait=route.pool.max_client_wait,
+        idle_timeout=route.pool.server_idle_timeout,
+        lifetime=route.pool.server_lifetime,
+        connect_timeout=route.pool.connect_timeout,
+    )
+    if route.pool.mode is not PoolMode.SESSION:
+        log.warning("pool_mode_not_supported_yet", route=route.database, mode=route.pool.mode.value)
+    pool: UpstreamPool[ServerConnection] = UpstreamPool(route.database, settings, connect, reset)
+    return Route(config=route, pool=pool, tls=context)
+
+
+class ProxyServer:
+    """Owns the listening socket, the sessions and the pools for one configuration."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._terminal_tls = terminal_context(config.tls)
+        self._registry = SessionRegistry()
+        self.routes: Mapping[str, Route] = build_routes(config)
+        self._environment = SessionEnvironment(config=config, routes=self.routes, registry=self._registry)
+        self._listener: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._listener is not None
+        host, port = self._listener.getsockname()[:2]
+        return str(host), int(port)
+
+    async def start(self) -> None:
+        listen = self.config.listen
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        self._listener = socket.create_server((listen.host, listen.port), family=family, backlog=1024)
+        self._listener.setblocking(False)
+        self._spawn(self._accept_loop(self._listener))
+        self._spawn(self._recycle_loop())
+        log.info("listening", host=self.address[0], port=self.address[1], routes=sorted(self.routes))
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_stop_signal, signum)
+
+    def _on_stop_signal(self, signum: int) -> None:
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        self._spawn(self.shutdown())
+
+    async def shutdown(self) -> None:
+        """Stop accepting, end every session with 57P01, close the pools."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for session in list(self._registry.live):
+            session.terminate(AdminShutdown("terminating connection: the proxy is shutting down"), "shutdown")
+        for route in self.routes.values():
+            await route.pool.close()
+        current = asyncio.current_task()
+        for task in list(self._tasks) + list(self._registry.tasks):
+            if task is not current:
+                task.cancel()
+        self._stopped.set()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _recycle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_RECYCLE_INTERVAL)
+            for route in self.routes.values():
+                route.pool.recycle()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, address = await loop.sock_accept(listener)
+            except OSError as exc:
+                if listener.fileno() == -1:
+                    return
+                # Out of file descriptors or similar: back off instead of spinning.
+                log.error("accept_failed", error=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            self._spawn(self._negotiate(sock, f"{address[0]}:{address[1]}"))
+
+    async def _negotiate(self, sock: socket.socket, source: str) -> None:
+        """Pre-TLS phase (55.2.10, 55.2.11): SSLRequest, GSSENCRequest, direct TLS, or a refusal."""
+        timeout = self.config.listen.handshake_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                use_tls = await self._negotiate_encryption(sock, source)
+            if use_tls:
+                await self._start_tls_session(sock, source, timeout)
+                return
+        except TimeoutError:
+            log.info("handshake_timeout", source=source, timeout_s=timeout)
+        except ProtocolViolation as exc:
+            log.info("handshake_protocol_error", source=source, error=str(exc))
+        except OSError as exc:
+            log.info("handshake_failed", source=source, error=str(exc))
+        if sock.fileno() != -1:
+            sock.close()
+
+    async def _negotiate_encryption(self, sock: socket.socket, source: str) -> bool:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await _peek_byte(sock)
+            if first is None:
+                return False
+            if first == m.TLS_HANDSHAKE_RECORD:
+                return True
+            head = await _recv_exactly(sock, 4)
+            length = m.startup_packet_length(head)
+            assert length is not None
+            packet = m.parse_startup_packet(head + await _recv_exactly(sock, length - 4))
+            if isinstance(packet, m.SSLRequest):
+                await loop.sock_sendall(sock, b"S")
+                return True
+            if isinstance(packet, m.GSSENCRequest):
+                await loop.sock_sendall(sock, b"N")
+                continue
+            if isinstance(packet, m.CancelRequest):
+                self._registry.cancel(packet, source)
+                return False
+            log.warning(
+                "session_refused",
+                source=source,
+                sqlstate=_PLAINTEXT_REFUSAL.sqlstate,
+                reason="plaintext startup",
+            )
+            await loop.sock_sendall(
+                sock,
+                m.build_error_response(
+                    "FATAL",
+                    _PLAINTEXT_REFUSAL.sqlstate,
+                    _PLAINTEXT_REFUSAL.message,
+                    hint=_PLAINTEXT_REFUSAL.hint,
+                ),
+            )
+            return False
+
+    async def _start_tls_session(self, sock: socket.socket, source: str, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        session = ClientSession(self._environment, source)
+        try:
+            await loop.connect_accepted_socket(
+                lambda: session, sock, ssl=self._terminal_tls, ssl_handshake_timeout=timeout
+            )
+        except ssl.SSLError as exc:
+            reason = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else exc.reason
+            log.warning("tls_handshake_failed", source=source, reason=reason or str(exc))
+            return
+        except (OSError, TimeoutError) as exc:
+            log.info("tls_handshake_failed", source=source, reason=str(exc) or type(exc).__name__)
+            return
+
+
+async def _peek_byte(sock: socket.socket) -> int | None:
+    """The first byte waiting on ``sock`` without consuming it (None at EOF).
+
+    We must look before reading: a PostgreSQL 17 direct-TLS client starts with a TLS
+    record that the TLS layer has to see from its first byte.
+    """
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def mark_readable() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(sock.fileno(), mark_readable)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(sock.fileno())
+    data = sock.recv(1, socket.MSG_PEEK)
+    return data[0] if data else None
+
+
+async def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = await loop.sock_recv(sock, size - len(chunks))
+        if not chunk:
+            raise ProtocolViolation("connection closed during startup")
+        chunks += chunk
+    return bytes(chunks)
+
+
+async def serve(config: Config) -> int:
+    """Run the proxy until SIGTERM or SIGINT; return the process exit code."""
+    server = ProxyServer(config)
+    await server.start()
+    server.install_signal_handlers()
+    await server.wait_stopped()
+    return 0
