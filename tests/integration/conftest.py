@@ -1,0 +1,52 @@
+"""Fixtures for tests that run the real proxy in front of the real PostgreSQL cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.proxyproc import ProxyProcess, TerminalPKI, deep_merge, proxy_config
+
+
+@pytest.fixture(scope="session")
+def terminal_pki(tmp_path_factory: pytest.TempPathFactory) -> TerminalPKI:
+    return TerminalPKI.create(tmp_path_factory.mktemp("terminal-pki"))
+
+
+@pytest.fixture(scope="session")
+def db_password_file(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secrets") / "db-password"
+    path.touch(mode=0o600)
+    path.write_text(pg_cluster.password + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_config(terminal_pki: TerminalPKI, pg_cluster: Any, db_password_file: Path) -> dict[str, Any]:
+    return proxy_config(terminal_pki, pg_cluster, db_password_file)
+
+
+@pytest.fixture(scope="session")
+def proxy(base_config: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """The shared proxy: session pooling, pool of 3, default identity mapping."""
+    process = ProxyProcess(tmp_path_factory.mktemp("proxy"), base_config).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def start_proxy(base_config: dict[str, Any], tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Start a proxy with config overrides (deep-merged); stopped after the test."""
+    started: list[ProxyProcess] = []
+
+    def start(**overrides: Any) -> ProxyProcess:
+        process = ProxyProcess(tmp_path / f"proxy-{len(started)}", deep_merge(base_config, overrides))
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        process.stop()

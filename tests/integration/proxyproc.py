@@ -1,0 +1,198 @@
+"""Run the real proxy (``python -m proxy run``) as a subprocess and reach it with real clients."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy import certs
+from proxy.localpg import free_port
+
+
+@dataclass(frozen=True, slots=True)
+class Terminal:
+    store: str
+    terminal: str
+    role: str
+    cert: Path
+    key: Path
+    serial_hex: str
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalPKI:
+    """A terminal CA with the proxy's server certificate and terminals in every state a test needs."""
+
+    directory: Path
+    ca: Path
+    cashier: Terminal
+    manager: Terminal
+    expired: Terminal
+    not_yet_valid: Terminal
+    revoked: Terminal
+    unmapped_role: Terminal
+    foreign: Terminal
+
+    @classmethod
+    def create(cls, directory: Path) -> TerminalPKI:
+        certs.init_ca(directory)
+        certs.issue_server(directory, dns_names=["localhost"], ip_addresses=["127.0.0.1", "::1"])
+        now = datetime.now(UTC)
+
+        def issue(pki: Path, terminal: str, role: str, **kwargs: Any) -> Terminal:
+            issued = certs.issue_terminal(pki, store="store-001", terminal=terminal, role=role, **kwargs)
+            return Terminal("store-001", terminal, role, issued.cert_path, issued.key_path, issued.serial_hex)
+
+        revoked = issue(directory, "till-stolen", "cashier")
+        certs.revoke(directory, int(revoked.serial_hex, 16))
+        foreign_pki = directory / "foreign"
+        certs.init_ca(foreign_pki, common_name="someone else's CA")
+        return cls(
+            directory=directory,
+            ca=directory / "ca.pem",
+            cashier=issue(directory, "till-01", "cashier"),
+            manager=issue(directory, "office-01", "manager"),
+            expired=issue(directory, "till-old", "cashier", not_before=now - timedelta(days=10), days=1),
+            not_yet_valid=issue(directory, "till-future", "cashier", not_before=now + timedelta(days=5)),
+            revoked=revoked,
+            unmapped_role=issue(directory, "till-audit", "auditor"),
+            foreign=issue(foreign_pki, "till-01", "cashier"),
+        )
+
+
+def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+class ProxyProcess:
+    """One proxy subprocess with its own config file and JSON log."""
+
+    def __init__(self, directory: Path, config: Mapping[str, Any]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.port = free_port()
+        self.config = deep_merge(dict(config), {"listen": {"host": "127.0.0.1", "port": self.port}})
+        self.config_path = directory / "pos-proxy.yaml"
+        self.log_path = directory / "proxy.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> ProxyProcess:
+        self.config_path.write_text(yaml.safe_dump(self.config), encoding="utf-8")
+        log = self.log_path.open("ab")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(self.config_path), "--log-level", "debug"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"proxy exited with {self._process.returncode}:\n{self.log_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"proxy did not listen within {timeout}s:\n{self.log_text()}")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self._process is None:
+            return None
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(5)
+        return self._process.returncode
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def log_events(self) -> Iterator[dict[str, Any]]:
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                yield json.loads(line)
+
+    def wait_for_event(self, event: str, timeout: float = 10.0, **fields: object) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.log_events():
+                if record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
+                    return record
+            time.sleep(0.05)
+        raise AssertionError(f"no {event} {fields} in the proxy log:\n{self.log_text()[-4000:]}")
+
+    # --- clients ---
+
+    def conninfo(
+        self, terminal: Terminal | None, ca: Path, *, dbname: str = "pos", **extra: str
+    ) -> dict[str, Any]:
+        """psycopg/libpq keyword arguments for this proxy as ``terminal``."""
+        kwargs: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "dbname": dbname,
+            "user": terminal.terminal if terminal else "nobody",
+            "sslmode": "verify-full",
+            "sslrootcert": str(ca),
+            "connect_timeout": 10,
+        }
+        if terminal is not None:
+            kwargs.update(sslcert=str(terminal.cert), sslkey=str(terminal.key))
+        kwargs.update(extra)
+        return kwargs
+
+    def ssl_context(self, terminal: Terminal | None, ca: Path) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(ca))
+        if terminal is not None:
+            context.load_cert_chain(terminal.cert, terminal.key)
+        return context
+
+
+def proxy_config(pki: TerminalPKI, cluster: Any, password_file: Path, **route: Any) -> dict[str, Any]:
+    """A proxy config for the test cluster; ``route`` overrides keys of the ``pos`` route."""
+    route_config: dict[str, Any] = {
+        "host": "localhost",
+        "port": cluster.port,
+        "user": cluster.user,
+        "password": {"file": str(password_file)},
+        "sslmode": "verify-full",
+        "sslrootcert": str(cluster.ca),
+        "pool": {"size": 3, "max_client_wait": "5s", "connect_timeout": "3s"},
+    }
+    return {
+        "listen": {"handshake_timeout": "3s", "startup_timeout": "3s", "max_message_size": "1MiB"},
+        "tls": {
+            "cert": str(pki.directory / "server.pem"),
+            "key": str(pki.directory / "server.key"),
+            "client_ca": str(pki.ca),
+            "crl": str(pki.directory / "crl.pem"),
+        },
+        "roles": {"cashier": {"description": "tills"}, "manager": None},
+        "routes": {"pos": deep_merge(route_config, route)},
+    }
