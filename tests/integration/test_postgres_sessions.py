@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
+import struct
 import subprocess
 from typing import Any
 
@@ -209,9 +211,6 @@ async def test_cancel_stops_a_running_query(proxy: ProxyProcess, terminal_pki: T
 
 
 def test_cancel_with_unknown_keys_does_nothing(proxy: ProxyProcess, terminal_pki: TerminalPKI) -> None:
-    import socket
-    import struct
-
     with _connect(proxy, terminal_pki, terminal_pki.cashier) as connection:
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw:
             raw.sendall(struct.pack("!iiii", 16, 80877102, 12345, 67890))

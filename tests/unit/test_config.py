@@ -1,0 +1,734 @@
+"""Tests for proxy.config: parsing, defaults, every kind of problem, and secret handling."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+import re
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.config import (
+    Config,
+    ConfigError,
+    ConfigProblem,
+    IdentityConfig,
+    IdentitySource,
+    ListenConfig,
+    PoolConfig,
+    PoolMode,
+    RoleConfig,
+    RouteConfig,
+    Secret,
+    SSLMode,
+    TLSConfig,
+    TLSVersionName,
+    UserNameRule,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_size,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "pos-proxy.example.yaml"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    """A config directory holding the files that minimal() refers to."""
+    for name in ("proxy.crt", "proxy.key", "terminal-ca.crt", "db-ca.crt"):
+        (tmp_path / name).write_text("-----BEGIN PLACEHOLDER-----\n")
+    return tmp_path
+
+
+def minimal() -> dict[str, Any]:
+    return {
+        "tls": {"cert": "proxy.crt", "key": "proxy.key", "client_ca": "terminal-ca.crt"},
+        "roles": {"cashier": None},
+        "routes": {"pos": {"host": "db.example.internal", "user": "pos_proxy", "sslrootcert": "db-ca.crt"}},
+    }
+
+
+def parse(data: object, base: Path, environ: dict[str, str] | None = None) -> Config:
+    return parse_config(data, base_dir=base, environ=environ or {})
+
+
+def problems(data: object, base: Path, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse(data, base, environ)
+    return [str(problem) for problem in caught.value.problems]
+
+
+def with_route(**route: object) -> dict[str, Any]:
+    data = minimal()
+    data["routes"]["pos"].update(route)
+    return data
+
+
+# --- durations and sizes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (5, 5.0),
+        (2.5, 2.5),
+        (0, 0.0),
+        ("30", 30.0),
+        ("250ms", 0.25),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+    ],
+)
+def test_parse_duration(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize(
+    "value", ["", "abc", "5 minutes", "1d", "-1s", "1.s", -1, float("nan"), float("inf"), True, None, [5]]
+)
+def test_parse_duration_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match="expected a duration"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        (1024, 1024),
+        ("100B", 100),
+        ("512KiB", 512 * 1024),
+        ("16MiB", 16 * 2**20),
+        ("2GiB", 2 * 2**30),
+        ("1.5KiB", 1536),
+        ("1kB", 1000),
+        ("1MB", 10**6),
+        ("3GB", 3 * 10**9),
+    ],
+)
+def test_parse_size(value: object, size: int) -> None:
+    assert parse_size(value) == size
+
+
+@pytest.mark.parametrize("value", ["", "MiB", "16mb", "16 MiBs", "-1KiB", -1, True, None, "0.5B", 1.5])
+def test_parse_size_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match=r"expected a (size|whole number of bytes)"):
+        parse_size(value)
+
+
+# --- defaults and successful parses -----------------------------------------------------------------------
+
+
+def test_minimal_config_gets_defaults(base: Path) -> None:
+    config = parse(minimal(), base)
+
+    assert config.listen == ListenConfig(
+        host="127.0.0.1", port=6432, handshake_timeout=10.0, startup_timeout=15.0, max_message_size=16 * 2**20
+    )
+    assert config.tls == TLSConfig(
+        cert=base / "proxy.crt",
+        key=base / "proxy.key",
+        client_ca=base / "terminal-ca.crt",
+        crl=None,
+        min_version=TLSVersionName.TLS1_2,
+    )
+    assert config.identity == IdentityConfig()
+    assert config.identity.user_name is UserNameRule.IGNORE
+    assert config.roles == {"cashier": RoleConfig("cashier", "")}
+    assert config.routes == {
+        "pos": RouteConfig(
+            database="pos",
+            host="db.example.internal",
+            port=5432,
+            dbname="pos",
+            user="pos_proxy",
+            password=None,
+            sslmode=SSLMode.VERIFY_FULL,
+            sslrootcert=base / "db-ca.crt",
+            pool=PoolConfig(),
+        )
+    }
+    assert config.source is None
+
+
+def test_default_identity_sources_match_issued_certificates(base: Path) -> None:
+    uri, ou = parse(minimal(), base).identity.sources
+    assert uri.field == "san_uri"
+    match = uri.pattern.fullmatch("urn:pos-db-proxy:terminal:store-0042:till_03")
+    assert match is not None
+    assert match.groupdict() == {"store": "store-0042", "terminal": "till_03"}
+    assert ou.field == "subject.OU"
+    role = ou.pattern.fullmatch("cashier")
+    assert role is not None
+    assert role["role"] == "cashier"
+    assert ou.pattern.fullmatch("Cashier") is None
+
+
+def test_pool_defaults_built_in() -> None:
+    assert PoolConfig() == PoolConfig(
+        mode=PoolMode.SESSION,
+        size=20,
+        min_idle=0,
+        max_client_wait=30.0,
+        server_idle_timeout=600.0,
+        server_lifetime=3600.0,
+        connect_timeout=5.0,
+    )
+
+
+def test_durations_and_sizes_in_config(base: Path) -> None:
+    data = minimal()
+    data["listen"] = {"handshake_timeout": "250ms", "startup_timeout": 20, "max_message_size": "1MB"}
+    data["pool"] = {"server_idle_timeout": "5m", "server_lifetime": "1h", "max_client_wait": 2.5}
+    config = parse(data, base)
+    assert (config.listen.handshake_timeout, config.listen.startup_timeout) == (0.25, 20.0)
+    assert config.listen.max_message_size == 1_000_000
+    pool = config.routes["pos"].pool
+    assert (pool.server_idle_timeout, pool.server_lifetime, pool.max_client_wait) == (300.0, 3600.0, 2.5)
+
+
+def test_relative_paths_resolve_against_the_config_files_directory(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    (etc / "tls").mkdir(parents=True)
+    for name in ("proxy.crt", "proxy.key", "ca.crt", "db-ca.crt"):
+        (etc / "tls" / name).write_text("x")
+    (etc / "pos-proxy.yaml").write_text(
+        "tls: {cert: tls/proxy.crt, key: ./tls/proxy.key, client_ca: ../etc/tls/ca.crt}\n"
+        "roles: {cashier: null}\n"
+        f"routes: {{pos: {{host: db, user: u, sslrootcert: {etc / 'tls' / 'db-ca.crt'}}}}}\n"
+    )
+    config = load_config(etc / "pos-proxy.yaml", environ={})
+    assert config.tls.cert == etc / "tls" / "proxy.crt"
+    assert config.tls.key == etc / "tls" / "proxy.key"
+    assert config.tls.client_ca == etc / "tls" / "ca.crt"
+    assert config.routes["pos"].sslrootcert == etc / "tls" / "db-ca.crt"
+    assert config.source == etc / "pos-proxy.yaml"
+
+
+def test_tls_options(base: Path) -> None:
+    (base / "ca.crl").write_text("x")
+    data = minimal()
+    data["tls"].update(crl="ca.crl", min_version="1.3")
+    tls = parse(data, base).tls
+    assert tls.crl == base / "ca.crl"
+    assert tls.min_version is TLSVersionName.TLS1_3
+    assert tls.min_version.ssl_version is ssl.TLSVersion.TLSv1_3
+    assert TLSVersionName.TLS1_2.ssl_version is ssl.TLSVersion.TLSv1_2
+
+
+def test_unquoted_tls_version_is_accepted(base: Path) -> None:
+    data = minimal()
+    data["tls"]["min_version"] = 1.3  # what YAML makes of `min_version: 1.3`
+    assert parse(data, base).tls.min_version is TLSVersionName.TLS1_3
+
+
+def test_roles_may_be_null_or_described(base: Path) -> None:
+    data = minimal()
+    data["roles"] = {"cashier": None, "manager": {"description": "Refunds and reports"}}
+    assert parse(data, base).roles == {
+        "cashier": RoleConfig("cashier"),
+        "manager": RoleConfig("manager", "Refunds and reports"),
+    }
+
+
+def test_route_settings(base: Path) -> None:
+    data = with_route(port=6543, dbname="pos_prod", sslmode="verify-ca")
+    route = parse(data, base).routes["pos"]
+    assert (route.port, route.dbname, route.sslmode) == (6543, "pos_prod", SSLMode.VERIFY_CA)
+
+
+def test_pool_section_gives_defaults_that_routes_override_key_by_key(base: Path) -> None:
+    data = minimal()
+    data["pool"] = {"mode": "transaction", "size": 10, "min_idle": 2, "connect_timeout": "2s"}
+    data["routes"]["reports"] = {
+        "host": "db",
+        "user": "reports",
+        "sslmode": "disable",
+        "pool": {"mode": "session", "size": 3},
+    }
+    routes = parse(data, base).routes
+    shared = PoolConfig(mode=PoolMode.TRANSACTION, size=10, min_idle=2, connect_timeout=2.0)
+    assert routes["pos"].pool == shared
+    assert routes["reports"].pool == dataclasses.replace(shared, mode=PoolMode.SESSION, size=3)
+
+
+@pytest.mark.parametrize("sslmode", ["require", "disable"])
+def test_sslrootcert_optional_without_verification(base: Path, sslmode: str) -> None:
+    data = with_route(sslmode=sslmode)
+    del data["routes"]["pos"]["sslrootcert"]
+    assert parse(data, base).routes["pos"].sslrootcert is None
+
+
+def test_config_is_immutable(base: Path) -> None:
+    config = parse(minimal(), base)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.listen.port = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.routes["other"] = config.routes["pos"]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        config.roles["other"] = RoleConfig("other")  # type: ignore[index]
+
+
+# --- problems ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_top_level_key(base: Path) -> None:
+    data = minimal()
+    data["lissen"] = {}
+    assert problems(data, base) == [
+        "lissen: unknown key (expected one of: listen, tls, identity, roles, pool, routes)"
+    ]
+
+
+def test_unknown_nested_key_names_its_full_path(base: Path) -> None:
+    data = with_route(pool={"sise": 5})
+    assert problems(data, base) == [
+        "routes.pos.pool.sise: unknown key (expected one of: mode, size, min_idle, max_client_wait, "
+        "server_idle_timeout, server_lifetime, connect_timeout)"
+    ]
+
+
+def test_missing_required_settings(base: Path) -> None:
+    assert problems({}, base) == [
+        "tls.cert: required",
+        "tls.key: required",
+        "tls.client_ca: required",
+        "roles: at least one role is required",
+        "routes: at least one route is required",
+    ]
+    assert problems({**minimal(), "routes": {"pos": None}}, base) == [
+        "routes.pos.host: required",
+        "routes.pos.user: required",
+        "routes.pos.sslrootcert: required when sslmode is verify-full",
+    ]
+
+
+def test_top_level_must_be_a_mapping(base: Path) -> None:
+    assert problems(["listen"], base) == [
+        "expected a mapping, got a list",
+        "tls.cert: required",
+        "tls.key: required",
+        "tls.client_ca: required",
+        "roles: at least one role is required",
+        "routes: at least one route is required",
+    ]
+
+
+def test_all_problems_are_collected(base: Path) -> None:
+    data = minimal()
+    data["listen"] = {"port": 0, "max_message_size": "512B", "startup_timeout": "soon"}
+    data["tls"]["crl"] = "missing.crl"
+    data["pool"] = {"mode": "batch", "size": 0}
+    data["routes"]["pos"].update(port="5432x", password="hunter2")
+    assert problems(data, base) == [
+        "listen.port: expected a port number between 1 and 65535, got 0",
+        "listen.startup_timeout: expected a duration such as 30, 2.5, '250ms', '5m' or '1h', got 'soon'",
+        "listen.max_message_size: expected a size in bytes between 1024 and 2147483647, got '512B'",
+        f"tls.crl: file not found: {base / 'missing.crl'}",
+        "pool.mode: expected one of: session, transaction; got 'batch'",
+        "pool.size: expected an integer of at least 1, got 0",
+        "routes.pos.port: expected an integer, got '5432x'",
+        "routes.pos.password: put secrets in {env: NAME}, {file: PATH} or {credential: NAME}, "
+        "not in the config file",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("listen", "host", "", "listen.host: expected a non-empty string, got ''"),
+        ("listen", "port", True, "listen.port: expected an integer, got True"),
+        ("listen", "port", 65536, "listen.port: expected a port number between 1 and 65535, got 65536"),
+        ("listen", "handshake_timeout", 0, "listen.handshake_timeout: expected a duration above zero, got 0"),
+        ("listen", "max_message_size", "4GiB", "listen.max_message_size: expected a size in bytes between"),
+        ("listen", "listen", {}, "listen.listen: unknown key"),
+        ("tls", "min_version", "1.1", "tls.min_version: expected one of: 1.2, 1.3; got '1.1'"),
+        ("tls", "cert", ["a"], "tls.cert: expected a non-empty string, got a list"),
+        ("pool", "min_idle", -1, "pool.min_idle: expected an integer of at least 0, got -1"),
+        ("pool", "server_lifetime", "1 week", "pool.server_lifetime: expected a duration"),
+        (
+            "identity",
+            "user_name",
+            "match-store",
+            "identity.user_name: expected one of: ignore, match-terminal,",
+        ),
+    ],
+)
+def test_bad_values_name_key_and_expectation(
+    base: Path, section: str, key: str, value: object, expected: str
+) -> None:
+    data = minimal()
+    data.setdefault(section, {})[key] = value
+    [problem] = problems(data, base)
+    assert problem.startswith(expected)
+
+
+def test_section_must_be_a_mapping(base: Path) -> None:
+    assert problems({**minimal(), "listen": "0.0.0.0:6432"}, base) == [
+        "listen: expected a mapping, got '0.0.0.0:6432'"
+    ]
+
+
+def test_unreadable_tls_files(base: Path) -> None:
+    (base / "dir.crt").mkdir()
+    data = minimal()
+    data["tls"].update(cert="dir.crt", crl=str(base / "nope.crl"))
+    assert problems(data, base) == [
+        f"tls.cert: not a regular file: {base / 'dir.crt'}",
+        f"tls.crl: file not found: {base / 'nope.crl'}",
+    ]
+
+
+def test_yaml_non_string_keys_are_reported(base: Path) -> None:
+    data = minimal()
+    data["roles"] = {"cashier": None, False: None}  # YAML 1.1 reads `no:` as False
+    assert problems(data, base) == ["roles: key False is not a string (quote it)"]
+
+
+def test_role_names(base: Path) -> None:
+    data = minimal()
+    data["roles"] = {"Cashier": None, "shift-lead": {"description": 5}, "ok": {"descripton": "x"}}
+    assert problems(data, base) == [
+        "roles.Cashier: expected a name matching ^[a-z][a-z0-9_]{0,62}$, got 'Cashier'",
+        "roles.shift-lead: expected a name matching ^[a-z][a-z0-9_]{0,62}$, got 'shift-lead'",
+        "roles.ok.descripton: unknown key (expected one of: description)",
+    ]
+    assert problems({**minimal(), "roles": {}}, base) == ["roles: at least one role is required"]
+
+
+def test_min_idle_cannot_exceed_size(base: Path) -> None:
+    data = minimal()
+    data["pool"] = {"size": 5, "min_idle": 6}
+    assert problems(data, base) == ["pool.min_idle: min_idle (6) cannot exceed size (5)"]
+    data = with_route(pool={"size": 2})
+    data["pool"] = {"min_idle": 4}
+    assert problems(data, base) == ["routes.pos.pool.size: min_idle (4) cannot exceed size (2)"]
+
+
+@pytest.mark.parametrize("sslmode", ["verify-ca", "verify-full"])
+def test_verifying_sslmode_requires_sslrootcert(base: Path, sslmode: str) -> None:
+    data = with_route(sslmode=sslmode)
+    del data["routes"]["pos"]["sslrootcert"]
+    assert problems(data, base) == [f"routes.pos.sslrootcert: required when sslmode is {sslmode}"]
+
+
+def test_missing_sslrootcert_file_is_reported_once(base: Path) -> None:
+    assert problems(with_route(sslrootcert="gone.crt"), base) == [
+        f"routes.pos.sslrootcert: file not found: {base / 'gone.crt'}"
+    ]
+
+
+# --- identity ---------------------------------------------------------------------------------------------
+
+
+def identity_problems(base: Path, sources: object) -> list[str]:
+    return problems({**minimal(), "identity": {"sources": sources}}, base)
+
+
+def test_custom_identity_sources(base: Path) -> None:
+    data = minimal()
+    data["identity"] = {
+        "user_name": "match-terminal",
+        "sources": [
+            {"field": "subject.O", "pattern": r"(?P<store>\d+)"},
+            {"field": "subject.CN", "pattern": r"till-(?P<terminal>\d+)\.(?P<role>[a-z]+)"},
+        ],
+    }
+    identity = parse(data, base).identity
+    assert identity.user_name is UserNameRule.MATCH_TERMINAL
+    assert [source.field for source in identity.sources] == ["subject.O", "subject.CN"]
+    assert identity.sources[1].pattern == re.compile(r"till-(?P<terminal>\d+)\.(?P<role>[a-z]+)")
+
+
+def test_identity_section_without_sources_keeps_default_sources(base: Path) -> None:
+    data = {**minimal(), "identity": {"user_name": "match-role"}}
+    assert parse(data, base).identity == IdentityConfig(user_name=UserNameRule.MATCH_ROLE)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (
+            {"field": "subject.CN", "pattern": "(?P<store>"},
+            "identity.sources[0].pattern: not a valid regular",
+        ),
+        ({"field": "subject.CN", "pattern": "(.*)"}, "identity.sources[0].pattern: needs at least one named"),
+        (
+            {"field": "subject.CN", "pattern": "(?P<store>.*)-(?P<till>.*)"},
+            "identity.sources[0].pattern: unknown named group(s) till; only store, terminal and role",
+        ),
+        (
+            {"field": "subject.cn", "pattern": "(?P<store>.*)"},
+            "identity.sources[0].field: expected one of: san_uri",
+        ),
+        ({"pattern": "(?P<store>.*)"}, "identity.sources[0].field: required"),
+        ({"field": "san_dns", "regex": "x"}, "identity.sources[0].regex: unknown key"),
+        ("san_uri", "identity.sources[0]: expected a mapping, got 'san_uri'"),
+    ],
+)
+def test_identity_source_problems(base: Path, source: object, expected: str) -> None:
+    found = identity_problems(base, [source])
+    assert found[0].startswith(expected)
+    # A broken source never also triggers the coverage complaint.
+    assert not any(problem.startswith("identity.sources: missing") for problem in found)
+
+
+def test_identity_sources_must_cover_store_terminal_and_role(base: Path) -> None:
+    assert identity_problems(base, [{"field": "subject.CN", "pattern": "(?P<terminal>.*)"}]) == [
+        "identity.sources: missing named group(s) store, role: "
+        "together the patterns must capture store, terminal and role"
+    ]
+
+
+def test_identity_sources_must_be_a_non_empty_list(base: Path) -> None:
+    assert identity_problems(base, []) == ["identity.sources: expected a non-empty list, got an empty list"]
+    assert identity_problems(base, {"field": "san_uri"}) == [
+        "identity.sources: expected a non-empty list, got a mapping"
+    ]
+
+
+# --- secrets ----------------------------------------------------------------------------------------------
+
+
+def test_password_from_environment(base: Path) -> None:
+    config = parse(with_route(password={"env": "POS_DB_PASSWORD"}), base, {"POS_DB_PASSWORD": PASSWORD})
+    password = config.routes["pos"].password
+    assert password is not None
+    assert password.reveal() == PASSWORD
+
+
+def test_password_from_file_strips_one_newline(base: Path) -> None:
+    (base / "secrets").mkdir()
+    (base / "secrets" / "db").write_text(PASSWORD + "\n\n")
+    password = parse(with_route(password={"file": "secrets/db"}), base).routes["pos"].password
+    assert password == Secret(PASSWORD + "\n")
+
+
+def test_password_from_systemd_credential(base: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    credentials = tmp_path_factory.mktemp("credentials")
+    (credentials / "pos-db-password").write_text(PASSWORD + "\n")
+    environ = {"CREDENTIALS_DIRECTORY": str(credentials)}
+    password = (
+        parse(with_route(password={"credential": "pos-db-password"}), base, environ).routes["pos"].password
+    )
+    assert password == Secret(PASSWORD)
+
+
+@pytest.mark.parametrize(
+    ("password", "environ", "expected"),
+    [
+        ({"env": "NOPE"}, {}, "environment variable NOPE is not set"),
+        ({"env": "EMPTY"}, {"EMPTY": ""}, "the secret from env EMPTY is empty"),
+        ({"file": "nope"}, {}, "file not found: {base}/nope"),
+        (
+            {"credential": "db"},
+            {},
+            "credential db needs CREDENTIALS_DIRECTORY, which systemd sets for LoadCredential=; "
+            "it is not set",
+        ),
+        ({"credential": "db"}, {"CREDENTIALS_DIRECTORY": "{base}"}, "file not found: {base}/db"),
+        (
+            {"credential": "../db"},
+            {"CREDENTIALS_DIRECTORY": "{base}"},
+            "credential name '../db' must be a plain file name",
+        ),
+        (
+            {"env": "A", "file": "b"},
+            {},
+            "expected exactly one of {env: NAME}, {file: PATH} or {credential: NAME}",
+        ),
+        ({"vault": "db"}, {}, "expected exactly one of {env: NAME}, {file: PATH} or {credential: NAME}"),
+        ({"env": 5}, {}, "expected exactly one of {env: NAME}, {file: PATH} or {credential: NAME}"),
+        (
+            PASSWORD,
+            {},
+            "put secrets in {env: NAME}, {file: PATH} or {credential: NAME}, not in the config file",
+        ),
+        (12345, {}, "put secrets in {env: NAME}, {file: PATH} or {credential: NAME}, not in the config file"),
+    ],
+)
+def test_password_problems(base: Path, password: object, environ: dict[str, str], expected: str) -> None:
+    environ = {name: value.replace("{base}", str(base)) for name, value in environ.items()}
+    assert problems(with_route(password=password), base, environ) == [
+        f"routes.pos.password: {expected.replace('{base}', str(base))}"
+    ]
+
+
+def test_secret_file_must_be_utf8_and_error_does_not_quote_it(base: Path) -> None:
+    (base / "db").write_bytes(b"\xffsecret")
+    [problem] = problems(with_route(password={"file": "db"}), base)
+    assert problem == f"routes.pos.password: {base / 'db'} is not valid UTF-8"
+
+
+def test_secret_is_never_shown(base: Path) -> None:
+    config = parse(with_route(password={"env": "PW"}), base, {"PW": PASSWORD})
+    secret = config.routes["pos"].password
+    assert secret is not None
+    for text in (
+        repr(config),
+        str(config),
+        repr(dataclasses.asdict(config.routes["pos"])),
+        f"{secret}",
+        str(secret),
+    ):
+        assert PASSWORD not in text
+    assert repr(secret) == str(secret) == "Secret(***)"
+
+
+def test_secret_values_in_a_broken_config_stay_out_of_the_error(base: Path) -> None:
+    data = with_route(password=PASSWORD, passwd=PASSWORD)
+    data["routes"]["other"] = {"host": "h", "user": "u", "sslmode": "require", "password": {"env": "PW"}}
+    with pytest.raises(ConfigError) as caught:
+        parse(data, base, {"PW": PASSWORD})
+    assert PASSWORD not in str(caught.value)
+    assert PASSWORD not in repr(caught.value)
+    assert PASSWORD not in repr(caught.value.problems)
+
+
+def test_secret_behaviour() -> None:
+    secret = Secret(PASSWORD)
+    assert secret.reveal() == PASSWORD
+    assert secret == Secret(PASSWORD)
+    assert secret != Secret("other")
+    assert hash(secret) == hash(Secret(PASSWORD))
+    assert copy.deepcopy(secret) == secret
+    assert pickle.loads(pickle.dumps(secret)) == secret
+    with pytest.raises(AttributeError):
+        secret._value = "changed"
+    assert not hasattr(secret, "__dict__")
+
+
+# --- loading files ----------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "absent.yaml")
+    assert caught.value.problems == (ConfigProblem("", f"file not found: {tmp_path / 'absent.yaml'}"),)
+    assert str(caught.value) == f"file not found: {tmp_path / 'absent.yaml'}"
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "pos-proxy.yaml"
+    path.write_text("listen:\n  port: 6432\n  host: [0.0.0.0\nroles: {}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    [problem] = caught.value.problems
+    assert problem.path == ""
+    assert re.fullmatch(rf"{re.escape(str(path))}:4:6: invalid YAML: .+", problem.message)
+
+
+def test_duplicate_yaml_keys_are_errors(tmp_path: Path) -> None:
+    path = tmp_path / "pos-proxy.yaml"
+    path.write_text("roles:\n  cashier:\n  manager:\n  cashier:\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}:4:3: invalid YAML: duplicate key 'cashier'"
+
+
+def test_yaml_merge_keys_may_override(base: Path) -> None:
+    path = base / "pos-proxy.yaml"
+    path.write_text(
+        "tls: {cert: proxy.crt, key: proxy.key, client_ca: terminal-ca.crt}\n"
+        "roles: {cashier: null}\n"
+        "x-route: &route {host: db, user: u, sslrootcert: db-ca.crt, port: 5432}\n"
+        "routes:\n"
+        "  pos: {<<: *route, port: 6000}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    # The anchor holder is an unknown key, but the merge itself was accepted.
+    assert [str(problem) for problem in caught.value.problems] == [
+        "x-route: unknown key (expected one of: listen, tls, identity, roles, pool, routes)"
+    ]
+
+
+def test_empty_file_reports_what_is_required(tmp_path: Path) -> None:
+    path = tmp_path / "pos-proxy.yaml"
+    path.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "tls.cert: required" in str(caught.value).splitlines()
+
+
+def test_config_problem_str() -> None:
+    assert str(ConfigProblem("listen.port", "bad")) == "listen.port: bad"
+    assert str(ConfigProblem("", "file not found: /x")) == "file not found: /x"
+    error = ConfigError([ConfigProblem("a", "one"), ConfigProblem("b.c", "two")])
+    assert str(error) == "a: one\nb.c: two"
+
+
+# --- the shipped example ----------------------------------------------------------------------------------
+
+
+def test_example_config_loads(tmp_path: Path) -> None:
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    for name in ("proxy.crt", "proxy.key", "terminal-ca.crt", "terminal-ca.crl", "db-ca.crt"):
+        (tls / name).write_text("x")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "pos-db-password").write_text("pos-password\n")
+    (credentials / "reports-db-password").write_text("reports-password\n")
+    path = tmp_path / "pos-proxy.yaml"
+    path.write_text(EXAMPLE.read_text().replace("/etc/pos-proxy/tls/", f"{tls}/"))
+
+    config = load_config(path, environ={"CREDENTIALS_DIRECTORY": str(credentials)})
+
+    assert (config.listen.host, config.listen.port) == ("0.0.0.0", 6432)
+    assert config.tls.cert == tls / "proxy.crt"
+    assert config.tls.crl == tls / "terminal-ca.crl"
+    assert set(config.roles) == {"cashier", "manager"}
+    assert config.identity == IdentityConfig()
+    pos = config.routes["pos"]
+    assert (pos.host, pos.sslmode, pos.sslrootcert) == (
+        "db.example.internal",
+        SSLMode.VERIFY_FULL,
+        tls / "db-ca.crt",
+    )
+    assert pos.password == Secret("pos-password")
+    assert (pos.pool.mode, pos.pool.size, pos.pool.min_idle) == (PoolMode.TRANSACTION, 40, 2)
+    reports = config.routes["reports"]
+    assert (reports.pool.mode, reports.pool.size, reports.pool.min_idle) == (PoolMode.SESSION, 5, 0)
+    assert reports.pool.connect_timeout == 5.0
+
+
+@pytest.mark.parametrize(
+    ("schema", "not_keys"),
+    [
+        (ListenConfig, ()),
+        (TLSConfig, ()),
+        (IdentityConfig, ()),
+        (IdentitySource, ()),
+        (RoleConfig, ("name",)),
+        (PoolConfig, ()),
+        (RouteConfig, ("database",)),
+    ],
+)
+def test_example_config_shows_every_key(schema: type, not_keys: tuple[str, ...]) -> None:
+    text = EXAMPLE.read_text()
+    for field in dataclasses.fields(schema):
+        if field.name not in not_keys:
+            assert re.search(rf"^\s*(- )?{field.name}:", text, re.MULTILINE), field.name
+
+
+def test_impossible_yaml_scalar_is_a_file_problem(tmp_path: Path) -> None:
+    path = tmp_path / "pos-proxy.yaml"
+    path.write_text("roles: {cashier: {description: 2024-13-01}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: invalid YAML: ")
+
+
+def test_config_file_must_be_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "pos-proxy.yaml"
+    path.write_bytes(b"roles: {caf\xe9: null}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: not valid UTF-8"
