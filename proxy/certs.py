@@ -216,6 +216,7 @@ def issue_terminal(
     with _exclusive(directory):
         ca_cert, ca_key = _load_ca(directory)
         registry = _load_registry(directory)
+        _refuse_name_clash(registry, cert_rel, store, terminal)
         _refuse_live_overwrite(directory / cert_rel, ca_cert, registry)
         (directory / _TERMINALS).mkdir(mode=0o700, exist_ok=True)
         cert, key = _build_leaf(
@@ -343,6 +344,16 @@ def _store_leaf(
     _write_atomic(directory / key_rel, _key_pem(key), 0o600)
     _write_atomic(directory / cert_rel, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return _issued(directory, record, revoked=False)
+
+
+def _refuse_name_clash(registry: _Registry, cert_rel: str, store: str, terminal: str) -> None:
+    """'-' may appear in both ids, so two terminals can want one file name: never let one take the other's."""
+    for record in registry.certs:
+        if record.cert == cert_rel and (record.store, record.terminal) != (store, terminal):
+            raise CertsError(
+                f"terminal {store}/{terminal} would be written to {cert_rel}, which belongs to terminal "
+                f"{record.store}/{record.terminal}: choose store and terminal ids that do not collide"
+            )
 
 
 def _refuse_live_overwrite(path: Path, ca_cert: x509.Certificate, registry: _Registry) -> None:

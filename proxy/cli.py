@@ -103,7 +103,11 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pos-proxy: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
         return EXIT_FAILURE
-    return eventloop.run(serve(config))
+    try:
+        return eventloop.run(serve(config))
+    except (OSError, ValueError) as exc:
+        print(f"pos-proxy: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ __all__ = [
     "RouteConfig",
     "SSLMode",
     "Secret",
+    "SessionStateAction",
     "TLSConfig",
     "TLSVersionName",
     "UserNameRule",
@@ -109,6 +110,13 @@ class Secret:
 class PoolMode(enum.Enum):
     SESSION = "session"
     TRANSACTION = "transaction"
+
+
+class SessionStateAction(enum.Enum):
+    """What transaction pooling does with a statement that leaves state in the server session."""
+
+    PIN = "pin"
+    REFUSE = "refuse"
 
 
 class SSLMode(enum.Enum):
@@ -208,6 +216,8 @@ class PoolConfig:
     server_idle_timeout: float = 600.0
     server_lifetime: float = 3600.0
     connect_timeout: float = 5.0
+    session_state: SessionStateAction = SessionStateAction.PIN
+    max_prepared_statements: int = 250
 
 
 _DEFAULT_UPSTREAM_PORT: Final = 5432
@@ -718,6 +728,12 @@ def _parse_pool(section: _Section, inherited: PoolConfig) -> PoolConfig:
         server_idle_timeout=read("server_idle_timeout", duration, inherited.server_idle_timeout),
         server_lifetime=read("server_lifetime", duration, inherited.server_lifetime),
         connect_timeout=read("connect_timeout", duration, inherited.connect_timeout),
+        session_state=read("session_state", _enum(SessionStateAction), inherited.session_state),
+        max_prepared_statements=read(
+            "max_prepared_statements",
+            _in_range(_whole_number, "an integer", minimum=1),
+            inherited.max_prepared_statements,
+        ),
     )
     # Blame the section that set one of the pair; a clash purely inherited was reported where it was made.
     if pool.min_idle > pool.size and section.data.keys() & {"size", "min_idle"}:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shlex
 import shutil
 import signal
 import ssl
@@ -153,11 +154,25 @@ async def _sample_session(host: str, port: int, ca: Path, terminal: DemoTerminal
 
 
 def _psql_line(host: str, port: int, ca: Path, terminal: DemoTerminal) -> str:
-    conninfo = (
-        f"host={host} port={port} dbname=pos user={terminal.name} sslmode=verify-full "
-        f"sslrootcert={ca.resolve()} sslcert={terminal.cert.resolve()} sslkey={terminal.key.resolve()}"
-    )
-    return f"psql '{conninfo}'"
+    settings = {
+        "host": host,
+        "port": str(port),
+        "dbname": "pos",
+        "user": terminal.name,
+        "sslmode": "verify-full",
+        "sslrootcert": str(ca.resolve()),
+        "sslcert": str(terminal.cert.resolve()),
+        "sslkey": str(terminal.key.resolve()),
+    }
+    conninfo = " ".join(f"{name}={_conninfo_value(value)}" for name, value in settings.items())
+    return f"psql {shlex.quote(conninfo)}"
+
+
+def _conninfo_value(value: str) -> str:
+    """A libpq conninfo value, quoted when it holds spaces or quotes (a TMPDIR may)."""
+    if value and not any(character in value for character in " '\\"):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 async def _wait_for_stop_signal() -> None:

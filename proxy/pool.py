@@ -73,6 +73,12 @@ class UpstreamPool(Generic[C]):
         self._waiters: deque[asyncio.Future[C]] = deque()
         self._members: set[C] = set()
         self._opening = 0
+        # Of ``_opening``: opens whose connection goes to the first waiter (``_open_for_waiter``), so a
+        # waiter behind one of them does not need an open of its own.
+        self._opening_for_waiters = 0
+        # Released connections whose reset is still pending: close() must close them itself, since a
+        # reset task cancelled before it ran never gets the chance to.
+        self._resetting: set[C] = set()
         self._opened_total = 0
         self._connect_failures = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -100,6 +106,7 @@ class UpstreamPool(Generic[C]):
         if time.monotonic() - connection.created_at > self.settings.lifetime:
             connection.close()
             return
+        self._resetting.add(connection)
         self._spawn(self._reset_and_return(connection))
 
     def give_back(self, connection: C) -> None:
@@ -115,6 +122,11 @@ class UpstreamPool(Generic[C]):
         except Exception as exc:  # a failed reset must never leak a dirty connection
             log.warning("server_reset_failed", pool=self.name, error=str(exc))
             clean = False
+        except BaseException:  # cancelled (the pool is closing): the connection is in an unknown state
+            self._resetting.discard(connection)
+            connection.close()
+            raise
+        self._resetting.discard(connection)
         if clean and connection.usable and not self._closing:
             self._hand_over(connection)
         else:
@@ -181,18 +193,31 @@ class UpstreamPool(Generic[C]):
             raise
 
     def _serve_waiters(self) -> None:
-        """Open connections for waiters while there is room in the pool."""
+        """Open connections for waiters that have none coming, while there is room in the pool."""
+        if self._closing:
+            return
         live = sum(1 for waiter in self._waiters if not waiter.done())
-        while live and len(self._members) + self._opening < self.settings.size and not self._closing:
-            live -= 1
+        room = self.settings.size - len(self._members) - self._opening
+        self._start_opens_for_waiters(min(live - self._opening_for_waiters, room))
+
+    def _start_opens_for_waiters(self, count: int) -> None:
+        for _ in range(max(0, count)):
             self._opening += 1
+            self._opening_for_waiters += 1
             self._spawn(self._open_for_waiter())
 
     async def _open_for_waiter(self) -> None:
+        """Open one connection for the first waiter (or the idle list); counted by the caller."""
         try:
-            connection = await self._open_connection()
+            try:
+                connection = await self._open_connection()
+            finally:
+                self._opening_for_waiters -= 1
         except UpstreamUnavailable as exc:
             self._fail_first_waiter(exc)
+            # The waiters behind the failed one get an attempt of their own rather than sitting out
+            # max_client_wait in a pool that has room (the server may well be back).
+            self._serve_waiters()
             return
         self._hand_over(connection)
 
@@ -225,9 +250,8 @@ class UpstreamPool(Generic[C]):
             self.settings.min_idle - len(self._idle) - self._opening,
             self.settings.size - len(self._members) - self._opening,
         )
-        for _ in range(max(0, missing)):
-            self._opening += 1
-            self._spawn(self._open_for_waiter())
+        if not self._closing:
+            self._start_opens_for_waiters(missing)
 
     def stats(self) -> PoolStats:
         return PoolStats(
@@ -252,6 +276,9 @@ class UpstreamPool(Generic[C]):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Reset tasks cancelled before they ran left their connections here.
+        while self._resetting:
+            self._resetting.pop().close()
 
     def _spawn(self, coroutine: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coroutine)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 import signal
 import socket
 import ssl
@@ -11,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from proxy.config import Config, PoolMode, RouteConfig
+from proxy.config import Config, ConfigError, ConfigProblem, RouteConfig, load_config
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.pool import PoolSettings, UpstreamPool
 from proxy.protocols.postgres import messages as m
@@ -22,7 +24,7 @@ from proxy.protocols.postgres.upstream import (
     UpstreamConnectError,
     connect_server,
 )
-from proxy.tlsconfig import terminal_context, upstream_context
+from proxy.tlsconfig import revoked_serials, terminal_context, upstream_context
 
 log = structlog.get_logger("pos_proxy.server")
 
@@ -41,9 +43,15 @@ def build_routes(config: Config) -> dict[str, Route]:
 
 def _build_route(route: RouteConfig) -> Route:
     context = upstream_context(route)
+    server_parameters: dict[str, str] = {}
 
     async def connect(on_closed: Callable[[ServerConnection], None]) -> ServerConnection:
-        return await connect_server(route, context, on_closed, {"application_name": SERVER_APPLICATION_NAME})
+        connection = await connect_server(
+            route, context, on_closed, {"application_name": SERVER_APPLICATION_NAME}
+        )
+        if not server_parameters:
+            server_parameters.update(connection.reported)
+        return connection
 
     async def reset(connection: ServerConnection) -> bool:
         if not connection.is_clean:
@@ -52,7 +60,7 @@ def _build_route(route: RouteConfig) -> Route:
             await connection.run_internal("DISCARD ALL", route.pool.connect_timeout)
         except (InternalQueryFailed, UpstreamConnectError):
             return False
-        connection.applied.clear()
+        connection.forget_session()
         return True
 
     settings = PoolSettings(
@@ -63,10 +71,17 @@ def _build_route(route: RouteConfig) -> Route:
         lifetime=route.pool.server_lifetime,
         connect_timeout=route.pool.connect_timeout,
     )
-    if route.pool.mode is not PoolMode.SESSION:
-        log.warning("pool_mode_not_supported_yet", route=route.database, mode=route.pool.mode.value)
     pool: UpstreamPool[ServerConnection] = UpstreamPool(route.database, settings, connect, reset)
-    return Route(config=route, pool=pool, tls=context)
+    return Route(config=route, pool=pool, tls=context, server_parameters=server_parameters)
+
+
+_RELOADABLE = ("tls", "identity", "roles", "routes")
+
+
+class _Encryption(enum.Enum):
+    NONE = "none"
+    NEGOTIATED = "SSLRequest"
+    DIRECT = "direct"
 
 
 class ProxyServer:
@@ -104,6 +119,53 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+
+    def reload(self, trigger: str) -> bool:
+        """Re-read the config file; apply it to new connections, or keep the old one whole."""
+        source = self.config.source
+        try:
+            if source is None:
+                raise ConfigError([ConfigProblem("", "the configuration was not loaded from a file")])
+            config = load_config(source)
+            terminal_tls = terminal_context(config.tls)
+        except (ConfigError, OSError, ValueError) as exc:
+            log.error("reload_failed", trigger=trigger, config=str(source), error=str(exc))
+            return False
+        changed = [name for name in _RELOADABLE if getattr(config, name) != getattr(self.config, name)]
+        if config.listen != self.config.listen:
+            log.warning("reload_listen_unchanged", reason="listen settings take effect at restart")
+        self.routes = self._rebuild_routes(config)
+        self.config = config
+        self._terminal_tls = terminal_tls
+        self._environment = dataclasses.replace(self._environment, config=config, routes=self.routes)
+        log.info("reload_applied", trigger=trigger, changed=changed)
+        if config.tls.crl is not None:
+            self._cut_revoked_terminals(revoked_serials(config.tls.crl))
+        return True
+
+    def _rebuild_routes(self, config: Config) -> dict[str, Route]:
+        """Keep the pools of routes whose settings did not change; retire the others."""
+        routes: dict[str, Route] = {}
+        for name, route_config in config.routes.items():
+            current = self.routes.get(name)
+            routes[name] = (
+                current
+                if current is not None and current.config == route_config
+                else _build_route(route_config)
+            )
+        for name, route in self.routes.items():
+            if routes.get(name) is not route:
+                # Sessions still using it give their connections back to a closing pool, which closes them.
+                self._spawn(route.pool.close())
+        return routes
+
+    def _cut_revoked_terminals(self, revoked: frozenset[int]) -> None:
+        for session in list(self._registry.live):
+            if session.identity is not None and session.identity.serial in revoked:
+                session.terminate(
+                    AuthenticationRefused("the terminal certificate has been revoked"), "certificate revoked"
+                )
 
     def _on_stop_signal(self, signum: int) -> None:
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
@@ -156,9 +218,9 @@ class ProxyServer:
         timeout = self.config.listen.handshake_timeout
         try:
             async with asyncio.timeout(timeout):
-                use_tls = await self._negotiate_encryption(sock, source)
-            if use_tls:
-                await self._start_tls_session(sock, source, timeout)
+                encryption = await self._negotiate_encryption(sock, source)
+            if encryption is not _Encryption.NONE:
+                await self._start_tls_session(sock, source, timeout, direct=encryption is _Encryption.DIRECT)
                 return
         except TimeoutError:
             log.info("handshake_timeout", source=source, timeout_s=timeout)
@@ -169,27 +231,27 @@ class ProxyServer:
         if sock.fileno() != -1:
             sock.close()
 
-    async def _negotiate_encryption(self, sock: socket.socket, source: str) -> bool:
+    async def _negotiate_encryption(self, sock: socket.socket, source: str) -> _Encryption:
         loop = asyncio.get_running_loop()
         while True:
             first = await _peek_byte(sock)
             if first is None:
-                return False
+                return _Encryption.NONE
             if first == m.TLS_HANDSHAKE_RECORD:
-                return True
+                return _Encryption.DIRECT
             head = await _recv_exactly(sock, 4)
             length = m.startup_packet_length(head)
             assert length is not None
             packet = m.parse_startup_packet(head + await _recv_exactly(sock, length - 4))
             if isinstance(packet, m.SSLRequest):
                 await loop.sock_sendall(sock, b"S")
-                return True
+                return _Encryption.NEGOTIATED
             if isinstance(packet, m.GSSENCRequest):
                 await loop.sock_sendall(sock, b"N")
                 continue
             if isinstance(packet, m.CancelRequest):
                 self._registry.cancel(packet, source)
-                return False
+                return _Encryption.NONE
             log.warning(
                 "session_refused",
                 source=source,
@@ -205,11 +267,13 @@ class ProxyServer:
                     hint=_PLAINTEXT_REFUSAL.hint,
                 ),
             )
-            return False
+            return _Encryption.NONE
 
-    async def _start_tls_session(self, sock: socket.socket, source: str, timeout: float) -> None:
+    async def _start_tls_session(
+        self, sock: socket.socket, source: str, timeout: float, *, direct: bool
+    ) -> None:
         loop = asyncio.get_running_loop()
-        session = ClientSession(self._environment, source)
+        session = ClientSession(self._environment, source, direct_tls=direct)
         try:
             await loop.connect_accepted_socket(
                 lambda: session, sock, ssl=self._terminal_tls, ssl_handshake_timeout=timeout

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import ssl
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
 
 from proxy.config import RouteConfig, SSLMode, TLSConfig
 
@@ -24,12 +28,40 @@ def terminal_context(tls: TLSConfig) -> ssl.SSLContext:
     context.load_verify_locations(cafile=str(tls.client_ca))
     context.verify_mode = ssl.CERT_OPTIONAL
     if tls.crl is not None:
+        check_crl(tls.crl, tls.client_ca)
         context.load_verify_locations(cafile=str(tls.crl))
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.set_alpn_protocols([POSTGRES_ALPN])
     return context
+
+
+class CRLError(ValueError):
+    """The CRL would make OpenSSL refuse every terminal: say so before it does."""
+
+
+def check_crl(crl_path: Path, ca_path: Path, now: datetime | None = None) -> None:
+    """The CRL must be signed by a CA in the terminal CA bundle and still be current."""
+    try:
+        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    except ValueError as exc:
+        raise CRLError(f"tls.crl: {crl_path} holds no PEM CRL") from exc
+    authorities = x509.load_pem_x509_certificates(ca_path.read_bytes())
+    issuers = [ca for ca in authorities if ca.subject == crl.issuer]
+    if not any(crl.is_signature_valid(ca.public_key()) for ca in issuers):  # type: ignore[arg-type]
+        raise CRLError(f"tls.crl: {crl_path} is not signed by a CA in tls.client_ca ({ca_path})")
+    next_update = crl.next_update_utc
+    if next_update is not None and next_update < (now or datetime.now(UTC)):
+        raise CRLError(
+            f"tls.crl: {crl_path} expired at {next_update:%Y-%m-%d %H:%M} UTC: re-sign it "
+            "(pos-proxy certs revoke, or your CA's CRL job), or every terminal is refused"
+        )
+
+
+def revoked_serials(crl_path: Path) -> frozenset[int]:
+    crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    return frozenset(entry.serial_number for entry in crl)
 
 
 def upstream_context(route: RouteConfig) -> ssl.SSLContext | None:

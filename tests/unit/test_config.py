@@ -290,7 +290,7 @@ def test_unknown_nested_key_names_its_full_path(base: Path) -> None:
     data = with_route(pool={"sise": 5})
     assert problems(data, base) == [
         "routes.pos.pool.sise: unknown key (expected one of: mode, size, min_idle, max_client_wait, "
-        "server_idle_timeout, server_lifetime, connect_timeout)"
+        "server_idle_timeout, server_lifetime, connect_timeout, session_state, max_prepared_statements)"
     ]
 
 

@@ -39,6 +39,7 @@ MSG_NOTICE_RESPONSE = ord("N")
 MSG_COMMAND_COMPLETE = ord("C")
 MSG_TERMINATE = ord("X")
 MSG_QUERY = ord("Q")
+MSG_PARSE = ord("P")
 MSG_SYNC = ord("S")
 MSG_COPY_IN_RESPONSE = ord("G")
 MSG_COPY_OUT_RESPONSE = ord("H")
@@ -177,7 +178,7 @@ def _parse_startup_parameters(body: bytes) -> dict[str, str]:
 # --- Builders ---
 
 
-def _message(kind: bytes, body: bytes) -> bytes:
+def build_message(kind: bytes, body: bytes) -> bytes:
     return _HEADER.pack(kind, len(body) + 4) + body
 
 
@@ -220,39 +221,39 @@ def build_error_response(
         fields.append(b"D" + _cstring(detail))
     if hint:
         fields.append(b"H" + _cstring(hint))
-    return _message(kind, b"".join(fields) + b"\x00")
+    return build_message(kind, b"".join(fields) + b"\x00")
 
 
 def build_authentication_ok() -> bytes:
-    return _message(b"R", _INT32.pack(AUTH_OK))
+    return build_message(b"R", _INT32.pack(AUTH_OK))
 
 
 def build_parameter_status(name: str, value: str) -> bytes:
-    return _message(b"S", _cstring(name) + _cstring(value))
+    return build_message(b"S", _cstring(name) + _cstring(value))
 
 
 def build_backend_key_data(process_id: int, secret_key: int) -> bytes:
-    return _message(b"K", _TWO_INT32.pack(process_id, secret_key))
+    return build_message(b"K", _TWO_INT32.pack(process_id, secret_key))
 
 
 def build_ready_for_query(status: bytes) -> bytes:
-    return _message(b"Z", status)
+    return build_message(b"Z", status)
 
 
 def build_query(sql: str) -> bytes:
-    return _message(b"Q", _cstring(sql))
+    return build_message(b"Q", _cstring(sql))
 
 
 def build_terminate() -> bytes:
-    return _message(b"X", b"")
+    return build_message(b"X", b"")
 
 
 def build_password_message(payload: bytes) -> bytes:
-    return _message(b"p", payload)
+    return build_message(b"p", payload)
 
 
 def build_sasl_initial_response(mechanism: str, data: bytes) -> bytes:
-    return _message(b"p", _cstring(mechanism) + _INT32.pack(len(data)) + data)
+    return build_message(b"p", _cstring(mechanism) + _INT32.pack(len(data)) + data)
 
 
 # --- Parsers for backend messages the proxy must understand ---
@@ -266,7 +267,10 @@ def parse_authentication(payload: bytes) -> tuple[int, bytes]:
 
 
 def parse_sasl_mechanisms(data: bytes) -> list[str]:
-    return [name.decode() for name in data.split(b"\x00") if name]
+    try:
+        return [name.decode() for name in data.split(b"\x00") if name]
+    except UnicodeDecodeError as exc:
+        raise ProtocolViolation("malformed SASL mechanism list") from exc
 
 
 def parse_parameter_status(payload: bytes) -> tuple[str, str]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from proxy.protocols.postgres.upstream import ServerConnection
+if TYPE_CHECKING:  # upstream imports the statement rewriting, which quotes with this module
+    from proxy.protocols.postgres.upstream import ServerConnection
 
 # Settings drivers put in the StartupMessage (libpq, JDBC, asyncpg, psycopg, Npgsql) and that are
 # safe to carry from one server connection to another. Keyed by lower case because GUC names are
@@ -37,9 +39,11 @@ class StartupParameterError(Exception):
     """The client asked for something at startup that a pooling proxy cannot honour."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionParameters:
-    wanted: Mapping[str, str]
+    """What the client wants set: its startup settings, then whatever it SETs that the server reports."""
+
+    wanted: dict[str, str]
 
     @classmethod
     def from_startup(cls, parameters: Mapping[str, str]) -> SessionParameters:
@@ -54,6 +58,12 @@ class SessionParameters:
                 raise StartupParameterError(f"unsupported startup parameter: {name}")
             wanted[canonical] = value
         return cls(wanted)
+
+    def note_reported(self, name: str, value: str) -> None:
+        """The server reported a new value while serving this client: carry it from now on."""
+        canonical = SESSION_PARAMETERS.get(name.lower())
+        if canonical is not None:
+            self.wanted[canonical] = value
 
     def changes_for(self, server: ServerConnection) -> dict[str, str]:
         """The wanted settings this server connection does not have yet."""
@@ -75,6 +85,14 @@ class SessionParameters:
         )
         await server.run_internal(f"SELECT {calls}", timeout)
         server.applied.update(changes)
+
+
+def reported_value(name: str, value: str) -> str:
+    """How the server would report ``value`` for ``name``: it names encodings canonically."""
+    if name == "client_encoding":
+        canonical = value.upper().replace("-", "").replace("_", "")
+        return {"UTF8": "UTF8", "UNICODE": "UTF8", "SQLASCII": "SQL_ASCII"}.get(canonical, value.upper())
+    return value
 
 
 def quote_literal(text: str) -> str:

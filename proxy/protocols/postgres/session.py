@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import structlog
 
-from proxy.config import Config, RouteConfig
+from proxy.config import Config, PoolMode, RouteConfig, SessionStateAction
 from proxy.errors import (
     AuthenticationRefused,
     FeatureNotSupported,
@@ -27,13 +27,17 @@ from proxy.errors import (
 from proxy.identity import Identity, IdentityError, check_user_name, identify
 from proxy.pool import UpstreamPool
 from proxy.protocols.postgres import messages as m
-from proxy.protocols.postgres.parameters import SessionParameters, StartupParameterError
+from proxy.protocols.postgres.parameters import SessionParameters, StartupParameterError, reported_value
+from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, take_ready_synthetics
+from proxy.protocols.postgres.refusal import Refusal
+from proxy.protocols.postgres.sessionstate import Effect, SessionStateClassifier
 from proxy.protocols.postgres.upstream import (
     InternalQueryFailed,
     ServerConnection,
     UpstreamConnectError,
     send_cancel,
 )
+from proxy.tlsconfig import POSTGRES_ALPN
 
 log = structlog.get_logger("pos_proxy.session")
 
@@ -43,6 +47,12 @@ class Route:
     config: RouteConfig
     pool: UpstreamPool[ServerConnection]
     tls: ssl.SSLContext | None
+    # What the server reported at startup, for answering terminals without a server connection.
+    server_parameters: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def transaction_pooling(self) -> bool:
+        return self.config.pool.mode is PoolMode.TRANSACTION
 
 
 @dataclass(slots=True)
@@ -86,6 +96,8 @@ class SessionEnvironment:
     config: Config
     routes: Mapping[str, Route]
     registry: SessionRegistry
+    classifier: SessionStateClassifier = field(default_factory=SessionStateClassifier)
+    statement_stats: StatementStats = field(default_factory=StatementStats)
 
 
 class _State(enum.Enum):
@@ -98,9 +110,11 @@ class _State(enum.Enum):
 class ClientSession(asyncio.Protocol):
     """The terminal side of the protocol; message framing is sans-IO in ``messages``."""
 
-    def __init__(self, environment: SessionEnvironment, source: str) -> None:
+    def __init__(self, environment: SessionEnvironment, source: str, *, direct_tls: bool = False) -> None:
         self._env = environment
         self.source = source
+        self._direct_tls = direct_tls
+        self._started = False
         self.identity: Identity | None = None
         self.process_id = 0
         self.secret_key = 0
@@ -111,6 +125,10 @@ class ClientSession(asyncio.Protocol):
         self._route: Route | None = None
         self._parameters: SessionParameters | None = None
         self._server: ServerConnection | None = None
+        self._statements = ClientStatements(environment.statement_stats)
+        # Whole client messages waiting for a server connection (transaction pooling).
+        self._stash = bytearray()
+        self._pinned_by: str | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
         self._started_at = time.monotonic()
@@ -127,7 +145,20 @@ class ClientSession(asyncio.Protocol):
         self._startup_timer = loop.call_later(
             self._env.config.listen.startup_timeout, self._startup_timed_out
         )
+        if self._direct_tls and not self._agreed_on_postgres_alpn():
+            # As PostgreSQL 17: direct TLS without ALPN "postgresql" may be another protocol's
+            # traffic replayed at us (a cross-protocol attack), so no PostgreSQL bytes are sent.
+            log.warning(
+                "tls_handshake_failed", source=self.source, reason="direct TLS without ALPN postgresql"
+            )
+            self._transport.abort()
+            return
         self._identify(self._transport)
+
+    def _agreed_on_postgres_alpn(self) -> bool:
+        assert self._transport is not None
+        ssl_object = self._transport.get_extra_info("ssl_object")
+        return ssl_object is not None and ssl_object.selected_alpn_protocol() == POSTGRES_ALPN
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -144,7 +175,7 @@ class ClientSession(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        previous, self._state = self._state, _State.CLOSED
+        self._state = _State.CLOSED
         if self._startup_timer is not None:
             self._startup_timer.cancel()
         if self._connect_task is not None:
@@ -153,7 +184,7 @@ class ClientSession(asyncio.Protocol):
         if self.process_id:
             self._env.registry.unregister(self.process_id)
         self._release_server()
-        if previous is not _State.STARTUP or self.identity is not None:
+        if self._started:
             log.info(
                 "session_end", **self._log_fields(), duration_s=round(time.monotonic() - self._started_at, 3)
             )
@@ -172,6 +203,19 @@ class ClientSession(asyncio.Protocol):
     def server_data(self, data: bytes) -> None:
         if self._transport is not None:
             self._transport.write(data)
+
+    def server_parameter(self, name: str, value: str) -> None:
+        if self._parameters is not None:
+            self._parameters.note_reported(name, value)
+
+    def server_idle(self) -> None:
+        """The server finished everything asked of it outside a transaction: lend it back."""
+        route, server = self._route, self._server
+        if route is None or server is None or not route.transaction_pooling or self._pinned_by is not None:
+            return
+        self._server = None
+        server.detach()
+        route.pool.give_back(server)
 
     def server_lost(self, reason: str) -> None:
         self._server = None
@@ -251,15 +295,23 @@ class ClientSession(asyncio.Protocol):
             self._fail(FeatureNotSupported(str(exc)), reason=str(exc))
             return
         self._route = route
+        if route.transaction_pooling and route.server_parameters:
+            # No server connection is needed just to say hello.
+            self._answer_startup(route.server_parameters, None)
+            if self._buffer:
+                self.data_received(b"")
+            return
         self._state = _State.CONNECTING
         self.pause_client_reading()
-        self._connect_task = self._env.registry.spawn(self._attach_server(route))
+        self._connect_task = self._env.registry.spawn(self._lease_server(route))
 
-    async def _attach_server(self, route: Route) -> None:
+    async def _lease_server(self, route: Route) -> None:
+        """Get a server connection in step with this client's settings, then go on."""
         assert self._parameters is not None
         try:
-            self._server = await route.pool.acquire()
-            await self._parameters.apply(self._server, route.config.pool.connect_timeout)
+            server = await route.pool.acquire()
+            self._server = server
+            await self._parameters.apply(server, route.config.pool.connect_timeout)
         except ProxyError as exc:
             self._fail(exc, reason=str(exc.__cause__ or exc))
             return
@@ -269,22 +321,38 @@ class ClientSession(asyncio.Protocol):
         except UpstreamConnectError as exc:
             self._fail(UpstreamUnavailable("could not prepare a database connection"), reason=str(exc))
             return
-        if self._state is not _State.CONNECTING or self._transport is None:
+        if self._transport is None or self._state is _State.CLOSED:
             return
-        server = self._server
         server.attach(self)
+        if self._state is _State.CONNECTING:
+            self._answer_startup(server.reported, server.id)
+            if route.transaction_pooling and not self._stash:
+                # The startup only needed the server's parameters: lend it back at once.
+                self.server_idle()
+        if self._stash and self._server is server:
+            stash, self._stash = bytes(self._stash), bytearray()
+            frames, _ = m.scan_frames(stash, self._max_message)
+            self._send(stash, frames)
+        self.resume_client_reading()
+        if self._buffer:
+            # Bytes that came right behind the startup packet.
+            self.data_received(b"")
+
+    def _answer_startup(self, server_parameters: Mapping[str, str], server_id: int | None) -> None:
+        assert self._transport is not None and self._parameters is not None
         self.process_id, self.secret_key = self._env.registry.register(self)
+        reported = dict(server_parameters)
+        for name, value in self._parameters.wanted.items():
+            if name in reported:
+                reported[name] = reported_value(name, value)
         reply = [m.build_authentication_ok()]
-        reply += [m.build_parameter_status(name, value) for name, value in server.reported.items()]
+        reply += [m.build_parameter_status(name, value) for name, value in reported.items()]
         reply.append(m.build_backend_key_data(self.process_id, self.secret_key))
         reply.append(m.build_ready_for_query(b"I"))
         self._transport.write(b"".join(reply))
         self._state = _State.READY
-        log.info("session_start", **self._log_fields(), server_connection=server.id)
-        self.resume_client_reading()
-        if self._buffer:
-            pending, self._buffer = bytes(self._buffer), bytearray()
-            self.data_received(pending)
+        self._started = True
+        log.info("session_start", **self._log_fields(), server_connection=server_id)
 
     # --- ready: forwarding ---
 
@@ -302,10 +370,10 @@ class ClientSession(asyncio.Protocol):
                     raise ProtocolViolation(f"invalid frontend message type {kind}")
                 if kind == m.MSG_TERMINATE:
                     if index:
-                        self._send_to_server(bytes(source[:start]), frames[:index])
+                        self._dispatch(bytes(source[:start]), frames[:index])
                     self._close()
                     return
-            self._send_to_server(
+            self._dispatch(
                 data if source is data and consumed == len(data) else bytes(source[:consumed]), frames
             )
         if source is self._buffer:
@@ -313,20 +381,71 @@ class ClientSession(asyncio.Protocol):
         elif consumed < len(data):
             self._buffer += data[consumed:]
 
-    def _send_to_server(self, data: bytes, frames: list[m.Frame]) -> None:
-        server = self._server
-        if server is None:
+    def _dispatch(self, chunk: bytes, frames: list[m.Frame]) -> None:
+        """Send whole client messages to the server connection, leasing one first if needed."""
+        if self._server is not None:
+            self._send(chunk, frames)
+            return
+        route = self._route
+        if route is None or self._state is not _State.READY:
             raise UpstreamLost("lost the connection to the database server")
-        server.forward_from_client(data, frames)
+        # Between transactions under transaction pooling: hold the messages, borrow a server.
+        self._stash += chunk
+        if self._connect_task is None or self._connect_task.done():
+            self.pause_client_reading()
+            self._connect_task = self._env.registry.spawn(self._lease_server(route))
+
+    def _send(self, chunk: bytes, frames: list[m.Frame]) -> None:
+        server = self._server
+        assert server is not None
+        refusals = self._check_session_state(chunk, frames, server)
+        server.send(self._statements.rewrite(chunk, frames, server.state, refusals), frames)
+        synthetic = take_ready_synthetics(server.state)
+        if synthetic and self._transport is not None:
+            self._transport.write(synthetic)
+
+    def _check_session_state(
+        self, chunk: bytes, frames: list[m.Frame], server: ServerConnection
+    ) -> dict[int, Refusal] | None:
+        """Pin or refuse statements that would leave state behind in a shared server session."""
+        refusals: dict[int, Refusal] | None = None
+        classify = self._env.classifier.classify
+        for kind, start, end in frames:
+            if kind == m.MSG_QUERY:
+                text = chunk[start + 5 : end - 1]
+            elif kind == m.MSG_PARSE:
+                name_end = chunk.find(b"\x00", start + 5, end)
+                text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
+            else:
+                continue
+            found = classify(text)
+            if found.effect is Effect.NONE:
+                continue
+            if found.effect is Effect.FORGETS_STATEMENTS:
+                server.state.statements.clear()
+            elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
+                if self._route.config.pool.session_state is SessionStateAction.PIN:
+                    self._pinned_by = found.reason
+                    log.info("session_pinned", **self._log_fields(), reason=found.reason)
+                else:
+                    refusals = refusals or {}
+                    refusals[start] = Refusal(
+                        FeatureNotSupported.sqlstate,
+                        f"{found.reason} is not supported under transaction pooling",
+                        hint="use SET LOCAL inside a transaction, or a session-pooling route",
+                    )
+        return refusals
 
     # --- cancel ---
 
     def cancel_current_query(self, source: str) -> None:
         server, route = self._server, self._route
         if server is None or route is None or self._state is not _State.READY:
+            # Between transactions there is nothing to cancel, and nobody else's query may be.
             log.info("cancel_ignored", **self._log_fields(), reason="no server connection")
             return
         log.info("cancel_forwarded", **self._log_fields(), from_source=source, server_connection=server.id)
+        server.cancel_requested = True
         self._env.registry.spawn(_deliver_cancel(route, server.backend_key))
 
     # --- ending ---
@@ -336,7 +455,10 @@ class ClientSession(asyncio.Protocol):
         if server is None or self._route is None:
             return
         server.detach()
-        self._route.pool.release(server, reusable=server.is_clean)
+        if self._route.transaction_pooling and self._pinned_by is None:
+            self._route.pool.give_back(server) if server.is_clean else server.close()
+        else:
+            self._route.pool.release(server, reusable=server.is_clean)
 
     def _fail(self, error: ProxyError, *, reason: str) -> None:
         log.warning(

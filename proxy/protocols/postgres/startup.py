@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import scramp
 
+from proxy.errors import ProtocolViolation
 from proxy.protocols.postgres import messages as m
 
 
@@ -28,6 +29,9 @@ class UpstreamHandshake:
         self._password = password
         self._startup = {"user": user, "database": database, **parameters}
         self._scram: scramp.ScramClient | None = None
+        # Set once the server's SCRAM signature has verified: only then may AuthenticationOk end a SASL
+        # exchange, or an impostor could skip SASLFinal and be trusted without proving the password.
+        self._scram_verified = False
         self.parameters: dict[str, str] = {}
         self.backend_key: tuple[int, int] | None = None
         self.done = False
@@ -55,6 +59,8 @@ class UpstreamHandshake:
 
     def _authenticate(self, code: int, data: bytes) -> bytes | None:
         if code == m.AUTH_OK:
+            if self._scram is not None and not self._scram_verified:
+                raise UpstreamRefused("server skipped SCRAM final verification")
             return None
         password = self._require_password(code)
         if code == m.AUTH_SASL:
@@ -63,23 +69,32 @@ class UpstreamHandshake:
                 raise UpstreamRefused(f"server offers no supported SASL mechanism: {mechanisms}")
             # Channel binding is not needed: the TLS session to the server is verify-full already.
             self._scram = scramp.ScramClient(["SCRAM-SHA-256"], self._user, password)
+            self._scram_verified = False
             first = self._scram.get_client_first().encode()
             return m.build_sasl_initial_response("SCRAM-SHA-256", first)
         if code == m.AUTH_SASL_CONTINUE:
             scram = self._require_scram()
             try:
                 scram.set_server_first(data.decode())
+            except UnicodeDecodeError as exc:
+                raise UpstreamRefused("SCRAM server-first message is not valid UTF-8") from exc
             except scramp.ScramException as exc:
                 raise UpstreamRefused(f"SCRAM server-first message rejected: {exc}") from exc
             return m.build_password_message(scram.get_client_final().encode())
         if code == m.AUTH_SASL_FINAL:
+            scram = self._require_scram()
             try:
-                self._require_scram().set_server_final(data.decode())
+                scram.set_server_final(data.decode())
+            except UnicodeDecodeError as exc:
+                raise UpstreamRefused("SCRAM server-final message is not valid UTF-8") from exc
             except scramp.ScramException as exc:
                 raise UpstreamRefused(f"server failed SCRAM verification: {exc}") from exc
+            self._scram_verified = True
             return None
         if code == m.AUTH_MD5:
-            return m.build_password_message(md5_password(self._user, password, data[:4]) + b"\x00")
+            if len(data) != 4:
+                raise ProtocolViolation("malformed AuthenticationMD5Password")
+            return m.build_password_message(md5_password(self._user, password, data) + b"\x00")
         if code == m.AUTH_CLEARTEXT:
             return m.build_password_message(password.encode() + b"\x00")
         raise UpstreamRefused(f"server asks for unsupported authentication method {code}")

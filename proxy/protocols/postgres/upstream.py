@@ -16,6 +16,7 @@ import structlog
 from proxy.config import RouteConfig
 from proxy.errors import ProtocolViolation, ProxyError
 from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.prepared import ServerState, ServerStatements, filter_server_messages
 from proxy.protocols.postgres.startup import UpstreamHandshake, UpstreamRefused
 
 log = structlog.get_logger("pos_proxy.upstream")
@@ -49,6 +50,10 @@ class ServerPeer(Protocol):
 
     def server_data(self, data: bytes) -> None: ...
 
+    def server_parameter(self, name: str, value: str) -> None: ...
+
+    def server_idle(self) -> None: ...
+
     def server_lost(self, reason: str) -> None: ...
 
     def pause_client_reading(self) -> None: ...
@@ -69,8 +74,11 @@ class ServerConnection(asyncio.Protocol):
         self.applied: dict[str, str] = {}
         self.backend_key: tuple[int, int] = (0, 0)
         self.transaction_status = b"I"
-        self.pending_syncs = 0
+        # Extended-protocol messages sent since the last Sync: the server is mid-cycle.
         self.unsynced = False
+        # A cancel was sent for this connection: it may still land, so never lend it again.
+        self.cancel_requested = False
+        self.state = ServerState(ServerStatements(route.pool.max_prepared_statements))
         self.closed = False
         self._on_closed = on_closed
         self._transport: asyncio.Transport | None = None
@@ -93,7 +101,8 @@ class ServerConnection(asyncio.Protocol):
         return (
             self.usable
             and not self._internal_busy
-            and self.pending_syncs == 0
+            and not self.cancel_requested
+            and not self.state.pending
             and not self.unsynced
             and self.transaction_status == b"I"
         )
@@ -151,13 +160,9 @@ class ServerConnection(asyncio.Protocol):
         else:
             buffer = data
         frames, consumed = m.scan_frames(buffer, MAX_BACKEND_MESSAGE)
-        if self._peer is not None:
-            self._track(buffer, frames)
-            peer = self._peer
-            if peer is not None:
-                peer.server_data(
-                    data if buffer is data and consumed == len(data) else bytes(buffer[:consumed])
-                )
+        peer = self._peer
+        if peer is not None:
+            self._pass_on(peer, buffer, frames)
         elif frames:
             self._receive_detached(buffer, frames)
         if buffer is self._buffer:
@@ -165,17 +170,20 @@ class ServerConnection(asyncio.Protocol):
         elif consumed < len(data):
             self._buffer += data[consumed:]
 
-    def _track(self, buffer: bytes | bytearray, frames: list[m.Frame]) -> None:
-        """Follow transaction state and reported parameters in what is forwarded to the client."""
-        for kind, start, end in frames:
-            if kind == m.MSG_READY_FOR_QUERY:
-                self.transaction_status = bytes(buffer[start + 5 : end])
-                if self.pending_syncs:
-                    self.pending_syncs -= 1
-            elif kind == m.MSG_PARAMETER_STATUS:
-                name, value = m.parse_parameter_status(bytes(buffer[start + 5 : end]))
-                self.reported[name] = value
-                self.applied.pop(name, None)
+    def _pass_on(self, peer: ServerPeer, buffer: bytes | bytearray, frames: list[m.Frame]) -> None:
+        """Give the client what it must see of these messages, following state on the way."""
+        out, status, parameters = filter_server_messages(buffer, frames, self.state)
+        for payload in parameters:
+            name, value = m.parse_parameter_status(payload)
+            self.reported[name] = value
+            self.applied.pop(name, None)
+            peer.server_parameter(name, value)
+        if out:
+            peer.server_data(out)
+        if status is not None:
+            self.transaction_status = status
+            if self.is_clean and self._peer is peer:
+                peer.server_idle()
 
     def _receive_detached(self, buffer: bytes | bytearray, frames: list[m.Frame]) -> None:
         for kind, start, end in frames:
@@ -260,16 +268,20 @@ class ServerConnection(asyncio.Protocol):
         if self._transport is not None and not self.closed:
             self._transport.resume_reading()
 
-    def forward_from_client(self, data: bytes | bytearray, frames: list[m.Frame]) -> None:
-        """Send whole client messages, keeping count of the sync points the server owes an answer to."""
+    def send(self, data: bytes, frames: list[m.Frame]) -> None:
+        """Send client messages (already rewritten), noting whether an extended cycle is open."""
         for kind, _start, _end in frames:
             if kind in _SYNC_POINT_TYPES:
-                self.pending_syncs += 1
                 self.unsynced = False
             elif kind in _EXTENDED_QUERY_TYPES:
                 self.unsynced = True
         assert self._transport is not None
         self._transport.write(data)
+
+    def forget_session(self) -> None:
+        """After DISCARD ALL: nothing the proxy set or prepared on this connection remains."""
+        self.applied.clear()
+        self.state.statements.clear()
 
     def pause_reading(self) -> None:
         if self._transport is not None:

@@ -1,0 +1,317 @@
+"""Named prepared statements across pooled server connections (sans-IO).
+
+In transaction pooling a client's next transaction may run on another server connection
+than the one it prepared its statements on. The proxy therefore:
+
+* gives every statement a server-side name derived from its text and parameter types, so
+  clients preparing the same statement share one server-side statement;
+* rewrites statement names in Parse, Bind, Describe and Close (55.7), prepares a statement
+  on the current server connection when that one lacks it, answers Parse and Close itself
+  when nothing needs to reach the server, and drops the server's answers to the messages it
+  added on its own;
+* keeps at most ``capacity`` statements per server connection, closing the least recently
+  used one on the server when a new one needs room.
+
+Responses arrive in the order requests were sent (55.2.3), so a FIFO of expected replies is
+enough to know which server message answers which request.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from proxy.errors import ProtocolViolation
+from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.refusal import Refusal
+
+_PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+_CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
+# Messages the server may send at any time, outside any request's reply (55.2.7).
+_ASYNCHRONOUS = frozenset(b"NAS")
+_ERROR = ord("E")
+
+
+class Reply(enum.Enum):
+    FORWARD = 1  # the client asked: pass the server's reply on
+    DROP = 2  # the proxy asked: the client must never see the reply (errors excepted)
+    SYNTHETIC = 3  # nothing was sent: the proxy answers in the server's place
+
+
+@dataclass(slots=True)
+class Expected:
+    """The reply one request will get: which message types end it, and what to do with it."""
+
+    ends_with: bytes
+    reply: Reply = Reply.FORWARD
+    synthetic: bytes = b""
+    # Server-side statement this Parse creates: forgotten again if the server skips or refuses it.
+    creates: bytes | None = None
+
+    @property
+    def ends_cycle(self) -> bool:
+        return self.ends_with == b"Z"
+
+
+_EXPECT_PARSE = b"1"
+_EXPECT_BIND = b"2"
+_EXPECT_CLOSE = b"3"
+_EXPECT_DESCRIBE = b"Tn"
+_EXPECT_EXECUTE = b"CIs"
+_EXPECT_READY = b"Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """A client's named statement: its server-side name and the Parse body after the name."""
+
+    server_name: bytes
+    body: bytes
+
+    @classmethod
+    def from_parse_body(cls, body: bytes) -> Statement:
+        digest = hashlib.blake2b(body, digest_size=12).hexdigest()
+        return cls(f"pdp_{digest}".encode(), body)
+
+    def parse_message(self) -> bytes:
+        return m.build_message(b"P", self.server_name + b"\x00" + self.body)
+
+
+class ServerStatements:
+    """Statements prepared on one server connection, least recently used first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._names: OrderedDict[bytes, None] = OrderedDict()
+
+    def __contains__(self, name: bytes) -> bool:
+        return name in self._names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def use(self, name: bytes) -> None:
+        self._names.move_to_end(name)
+
+    def add(self, name: bytes) -> list[bytes]:
+        """Record ``name`` as prepared; return the names to close on the server to make room."""
+        self._names[name] = None
+        evicted: list[bytes] = []
+        while len(self._names) > self.capacity:
+            oldest, _ = self._names.popitem(last=False)
+            evicted.append(oldest)
+        return evicted
+
+    def forget(self, name: bytes) -> None:
+        self._names.pop(name, None)
+
+    def clear(self) -> None:
+        self._names.clear()
+
+
+@dataclass(slots=True)
+class StatementStats:
+    hits: int = 0
+    misses: int = 0
+
+
+@dataclass(slots=True)
+class ServerState:
+    """One server connection's prepared statements and the replies it owes, in request order."""
+
+    statements: ServerStatements
+    pending: deque[Expected] = field(default_factory=deque)
+
+
+class ClientStatements:
+    """One client's named statements, and the rewriting of its messages for a server connection."""
+
+    def __init__(self, stats: StatementStats) -> None:
+        self.by_name: dict[bytes, Statement] = {}
+        self.stats = stats
+
+    def rewrite(
+        self,
+        source: bytes | bytearray,
+        frames: list[m.Frame],
+        server: ServerState,
+        refusals: Mapping[int, Refusal] | None = None,
+    ) -> bytes:
+        """Turn whole client messages into what the current server connection must receive.
+
+        ``refusals`` maps the start offset of a refused Query, Parse or FunctionCall to the
+        refusal that replaces it.
+        """
+        out: list[bytes] = []
+        expect = server.pending.append
+        run_start = -1  # start of a run of messages passed on unchanged
+
+        def flush_run(until: int) -> None:
+            nonlocal run_start
+            if run_start >= 0:
+                out.append(bytes(source[run_start:until]))
+                run_start = -1
+
+        for kind, start, end in frames:
+            body_start = start + 5
+            if refusals and start in refusals:
+                flush_run(start)
+                refusal = refusals[start]
+                if kind == 0x50:
+                    # The raising block runs as Parse, Bind, Execute: only its error is the client's.
+                    out.append(refusal.as_extended())
+                    expect(Expected(_EXPECT_PARSE, Reply.DROP))
+                    expect(Expected(_EXPECT_BIND, Reply.DROP))
+                    expect(Expected(_EXPECT_EXECUTE))
+                else:
+                    out.append(refusal.as_query())
+                    expect(Expected(_EXPECT_READY))
+                continue
+            if kind == 0x50:  # 'P' Parse
+                name_end = _cstring_end(source, body_start, end)
+                if name_end == body_start:
+                    run_start = start if run_start < 0 else run_start
+                    expect(Expected(_EXPECT_PARSE))
+                    continue
+                flush_run(start)
+                parsed = Statement.from_parse_body(bytes(source[name_end + 1 : end]))
+                self.by_name[bytes(source[body_start:name_end])] = parsed
+                if not self._prepare(parsed, server, out, Reply.FORWARD):
+                    expect(Expected(_EXPECT_PARSE, Reply.SYNTHETIC, _PARSE_COMPLETE))
+            elif kind == 0x42:  # 'B' Bind: portal name, then statement name
+                portal_end = _cstring_end(source, body_start, end)
+                name_end = _cstring_end(source, portal_end + 1, end)
+                statement = self._named(source, portal_end + 1, name_end)
+                if statement is None:
+                    run_start = start if run_start < 0 else run_start
+                else:
+                    flush_run(start)
+                    self._prepare(statement, server, out, Reply.DROP)
+                    head = bytes(source[body_start : portal_end + 1])
+                    out.append(
+                        m.build_message(b"B", head + statement.server_name + bytes(source[name_end:end]))
+                    )
+                expect(Expected(_EXPECT_BIND))
+            elif kind in _DESCRIBE_OR_CLOSE:
+                is_statement = end > body_start and source[body_start] == 0x53  # 'S'
+                name_end = _cstring_end(source, body_start + 1, end)
+                named = is_statement and name_end > body_start + 1
+                if kind == 0x43 and named:
+                    # Closing a named statement only forgets the client's name: the server-side
+                    # statement stays for others. Closing an unknown name is no error (55.7 Close).
+                    flush_run(start)
+                    self.by_name.pop(bytes(source[body_start + 1 : name_end]), None)
+                    expect(Expected(_EXPECT_CLOSE, Reply.SYNTHETIC, _CLOSE_COMPLETE))
+                    continue
+                statement = self._named(source, body_start + 1, name_end) if named else None
+                if statement is None:
+                    run_start = start if run_start < 0 else run_start
+                else:
+                    flush_run(start)
+                    self._prepare(statement, server, out, Reply.DROP)
+                    out.append(m.build_message(b"D", b"S" + statement.server_name + b"\x00"))
+                expect(Expected(_EXPECT_DESCRIBE if kind == 0x44 else _EXPECT_CLOSE))
+            else:
+                run_start = start if run_start < 0 else run_start
+                if kind == 0x45:  # 'E' Execute
+                    expect(Expected(_EXPECT_EXECUTE))
+                elif kind in _CYCLE_ENDERS:
+                    expect(Expected(_EXPECT_READY))
+        if frames:
+            flush_run(frames[-1][2])
+        return b"".join(out)
+
+    def _named(self, source: bytes | bytearray, start: int, end: int) -> Statement | None:
+        return self.by_name.get(bytes(source[start:end])) if end > start else None
+
+    def _prepare(self, statement: Statement, server: ServerState, out: list[bytes], reply: Reply) -> bool:
+        """Add a Parse for ``statement`` unless the server has it; return whether one was added."""
+        statements = server.statements
+        if statement.server_name in statements:
+            statements.use(statement.server_name)
+            self.stats.hits += 1
+            return False
+        self.stats.misses += 1
+        for evicted in statements.add(statement.server_name):
+            out.append(m.build_message(b"C", b"S" + evicted + b"\x00"))
+            server.pending.append(Expected(_EXPECT_CLOSE, Reply.DROP))
+        out.append(statement.parse_message())
+        server.pending.append(Expected(_EXPECT_PARSE, reply, creates=statement.server_name))
+        return True
+
+
+_CYCLE_ENDERS = frozenset(b"SQF")  # Sync, Query, FunctionCall: each gets one ReadyForQuery
+_DESCRIBE_OR_CLOSE = frozenset(b"DC")
+
+
+def filter_server_messages(
+    source: bytes | bytearray, frames: list[m.Frame], server: ServerState
+) -> tuple[bytes, bytes | None, list[bytes]]:
+    """What the client must see of the server's messages, the last ReadyForQuery status,
+    and the ParameterStatus payloads among them."""
+    pending = server.pending
+    out: list[bytes] = []
+    status: bytes | None = None
+    parameters: list[bytes] = []
+    run_start = -1
+
+    def flush_run(until: int) -> None:
+        nonlocal run_start
+        if run_start >= 0:
+            out.append(bytes(source[run_start:until]))
+            run_start = -1
+
+    for kind, start, end in frames:
+        if pending and pending[0].reply is Reply.SYNTHETIC:
+            flush_run(start)
+            out.append(_take_synthetic(pending))
+        if kind in _ASYNCHRONOUS or not pending:
+            run_start = start if run_start < 0 else run_start
+            if kind == 0x53:  # 'S' ParameterStatus
+                parameters.append(bytes(source[start + 5 : end]))
+            continue
+        head = pending[0]
+        if kind == _ERROR:
+            run_start = start if run_start < 0 else run_start
+            if not head.ends_cycle:
+                # After an error the server skips everything up to Sync (55.2.3).
+                while pending and not pending[0].ends_cycle:
+                    skipped = pending.popleft()
+                    if skipped.creates is not None:
+                        server.statements.forget(skipped.creates)
+            continue
+        if head.reply is Reply.DROP:
+            flush_run(start)
+        else:
+            run_start = start if run_start < 0 else run_start
+        if kind in head.ends_with:
+            pending.popleft()
+            if kind == 0x5A:  # 'Z'
+                status = bytes(source[end - 1 : end])
+    if frames:
+        flush_run(frames[-1][2])
+    out.append(take_ready_synthetics(server))
+    return b"".join(out), status, parameters
+
+
+def take_ready_synthetics(server: ServerState) -> bytes:
+    """Answers the proxy can give now because every reply before them has been passed on."""
+    pending = server.pending
+    out = b""
+    while pending and pending[0].reply is Reply.SYNTHETIC:
+        out += _take_synthetic(pending)
+    return out
+
+
+def _take_synthetic(pending: deque[Expected]) -> bytes:
+    return pending.popleft().synthetic
+
+
+def _cstring_end(source: bytes | bytearray, start: int, end: int) -> int:
+    position = source.find(b"\x00", start, end)
+    if position < 0:
+        raise ProtocolViolation("malformed message: missing string terminator")
+    return position

@@ -1,0 +1,699 @@
+"""proxy.pool.UpstreamPool: pure pool logic against fake connections, connect and reset functions."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from proxy.errors import TooManyConnections, UpstreamUnavailable
+from proxy.pool import PoolSettings, PoolStats, UpstreamPool
+
+pytestmark = pytest.mark.timeout(5)
+
+_numbers = itertools.count(1)
+
+
+class FakeConnection:
+    """What the pool needs of a server connection; close() reports through on_closed like the real one."""
+
+    def __init__(self, on_closed: Callable[[FakeConnection], None]) -> None:
+        self.number = next(_numbers)
+        self.created_at = time.monotonic()
+        self.idle_since = self.created_at
+        self.closed = False
+        self.broken = False
+        self.close_calls = 0
+        self._on_closed = on_closed
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and not self.broken
+
+    def close(self) -> None:
+        self.close_calls += 1
+        if self.closed:
+            return
+        self.closed = True
+        self._on_closed(self)
+
+    def lose(self) -> None:
+        """The server went away: the transport reports connection_lost, nobody called close()."""
+        self.closed = True
+        self._on_closed(self)
+
+    def __repr__(self) -> str:
+        return f"<FakeConnection {self.number}{' closed' if self.closed else ''}>"
+
+
+class Backend:
+    """Connect and reset functions with knobs: failures, a gate that holds connects, reset results."""
+
+    def __init__(self) -> None:
+        self.opened: list[FakeConnection] = []
+        self.resets: list[FakeConnection] = []
+        self.connect_attempts = 0
+        self.fail_next = 0
+        self.gate: asyncio.Event | None = None
+        self.reset_result: bool | Exception = True
+        self.break_during_reset = False
+
+    async def connect(self, on_closed: Callable[[FakeConnection], None]) -> FakeConnection:
+        self.connect_attempts += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        await asyncio.sleep(0)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise ConnectionRefusedError("connect to 10.0.0.5:5432 refused")
+        connection = FakeConnection(on_closed)
+        self.opened.append(connection)
+        return connection
+
+    async def reset(self, connection: FakeConnection) -> bool:
+        self.resets.append(connection)
+        await asyncio.sleep(0)
+        if isinstance(self.reset_result, Exception):
+            raise self.reset_result
+        connection.idle_since = time.monotonic()
+        if self.break_during_reset:
+            connection.broken = True
+        return self.reset_result
+
+
+Pool = UpstreamPool[FakeConnection]
+MakePool = Callable[..., Pool]
+
+
+@pytest.fixture
+def backend() -> Backend:
+    return Backend()
+
+
+@pytest.fixture
+async def make_pool(backend: Backend) -> AsyncIterator[MakePool]:
+    pools: list[Pool] = []
+
+    def make(**overrides: float) -> Pool:
+        values: dict[str, float] = {
+            "size": 2,
+            "min_idle": 0,
+            "max_client_wait": 0.5,
+            "idle_timeout": 60.0,
+            "lifetime": 3600.0,
+            "connect_timeout": 0.25,
+        }
+        values.update(overrides)
+        settings = PoolSettings(
+            size=int(values["size"]),
+            min_idle=int(values["min_idle"]),
+            max_client_wait=values["max_client_wait"],
+            idle_timeout=values["idle_timeout"],
+            lifetime=values["lifetime"],
+            connect_timeout=values["connect_timeout"],
+        )
+        pool: Pool = UpstreamPool("pos", settings, backend.connect, backend.reset)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        await pool.close()
+
+
+async def settle() -> None:
+    """Let every ready task run (spawned resets and opens, queued waiters)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.001)
+
+
+async def release_and_wait(pool: Pool, connection: FakeConnection) -> None:
+    idle_before = pool.stats().idle
+    pool.release(connection, reusable=True)
+    await eventually(lambda: pool.stats().idle == idle_before + 1)
+
+
+def counts(pool: Pool) -> tuple[int, int, int, int, int, int]:
+    """(active, idle, opening, waiting, opened_total, connect_failures_total)."""
+    stats = pool.stats()
+    return (
+        stats.active,
+        stats.idle,
+        stats.opening,
+        stats.waiting,
+        stats.opened_total,
+        stats.connect_failures_total,
+    )
+
+
+async def queue_waiter(pool: Pool) -> asyncio.Task[FakeConnection]:
+    waiting = pool.stats().waiting
+    task = asyncio.ensure_future(pool.acquire())
+    await eventually(lambda: pool.stats().waiting == waiting + 1)
+    return task
+
+
+# --- acquire and release -----------------------------------------------------------------------------------
+
+
+async def test_acquire_opens_connections_up_to_size(make_pool: MakePool, backend: Backend) -> None:
+    pool = make_pool(size=2, max_client_wait=0.05)
+
+    first = await pool.acquire()
+    second = await pool.acquire()
+
+    assert first is not second
+    assert backend.opened == [first, second]
+    assert pool.stats().active == 2
+    with pytest.raises(TooManyConnections):
+        await pool.acquire()
+    assert backend.connect_attempts == 2
+
+
+async def test_released_connection_is_reset_and_the_same_object_reused(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool()
+    first = await pool.acquire()
+
+    await release_and_wait(pool, first)
+    again = await pool.acquire()
+
+    assert again is first
+    assert backend.resets == [first]
+    assert backend.opened == [first]
+    assert not first.closed
+
+
+async def test_most_recently_released_connection_is_reused_first(make_pool: MakePool) -> None:
+    pool = make_pool(size=3)
+    a, b, c = [await pool.acquire() for _ in range(3)]
+    for connection in (a, b, c):
+        await release_and_wait(pool, connection)
+
+    assert [await pool.acquire() for _ in range(3)] == [c, b, a]
+
+
+async def test_give_back_returns_a_connection_without_reset(make_pool: MakePool, backend: Backend) -> None:
+    pool = make_pool()
+    first = await pool.acquire()
+
+    pool.give_back(first)
+
+    assert pool.stats().idle == 1
+    assert await pool.acquire() is first
+    assert backend.resets == []
+
+
+async def test_release_not_reusable_closes_and_frees_the_slot(make_pool: MakePool, backend: Backend) -> None:
+    pool = make_pool(size=1)
+    first = await pool.acquire()
+
+    pool.release(first, reusable=False)
+
+    assert first.closed
+    assert pool.stats().active == 0
+    assert pool.stats().idle == 0
+    second = await pool.acquire()
+    assert second is not first
+    assert backend.resets == []
+
+
+async def test_release_of_an_unusable_connection_closes_it(make_pool: MakePool, backend: Backend) -> None:
+    pool = make_pool(size=1)
+    first = await pool.acquire()
+    first.broken = True
+
+    pool.release(first, reusable=True)
+
+    assert first.close_calls == 1
+    assert backend.resets == []
+    assert pool.stats().active == 0
+
+
+@pytest.mark.parametrize("outcome", [False, RuntimeError("DISCARD ALL failed")], ids=["false", "raises"])
+async def test_failing_reset_closes_the_connection(
+    make_pool: MakePool, backend: Backend, outcome: bool | Exception
+) -> None:
+    pool = make_pool(size=1)
+    first = await pool.acquire()
+    backend.reset_result = outcome
+
+    pool.release(first, reusable=True)
+    await eventually(lambda: first.closed)
+
+    assert backend.resets == [first]
+    assert pool.stats().idle == 0
+    assert pool.stats().active == 0
+    backend.reset_result = True
+    assert await pool.acquire() is not first
+
+
+async def test_connection_dirty_by_the_end_of_its_reset_is_closed(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=1)
+    first = await pool.acquire()
+    backend.break_during_reset = True  # reset says clean, but the connection broke meanwhile
+
+    pool.release(first, reusable=True)
+    await eventually(lambda: first.closed)
+
+    assert pool.stats().idle == 0
+
+
+# --- waiting -----------------------------------------------------------------------------------------------
+
+
+async def test_waiters_are_served_first_come_first_served(make_pool: MakePool, backend: Backend) -> None:
+    pool = make_pool(size=1, max_client_wait=0.5)
+    held = await pool.acquire()
+    served: list[str] = []
+
+    async def client(name: str) -> None:
+        connection = await pool.acquire()
+        served.append(name)
+        await asyncio.sleep(0.001)
+        pool.release(connection, reusable=True)
+
+    tasks = []
+    for name in ("first", "second", "third"):
+        tasks.append(asyncio.ensure_future(client(name)))
+        await eventually(lambda: pool.stats().waiting == len(tasks))
+
+    pool.release(held, reusable=True)
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+
+    assert served == ["first", "second", "third"]
+    assert backend.opened == [held]
+
+
+async def test_newcomer_does_not_overtake_waiters(make_pool: MakePool) -> None:
+    pool = make_pool(size=1, max_client_wait=0.5)
+    held = await pool.acquire()
+    waiter = await queue_waiter(pool)
+
+    pool.give_back(held)
+    newcomer = asyncio.ensure_future(pool.acquire())
+
+    assert await asyncio.wait_for(waiter, 1) is held
+    assert not newcomer.done()
+    pool.give_back(held)
+    assert await asyncio.wait_for(newcomer, 1) is held
+
+
+async def test_waiter_timeout_raises_too_many_connections_and_leaves_no_waiter(make_pool: MakePool) -> None:
+    pool = make_pool(size=1, max_client_wait=0.05)
+    held = await pool.acquire()
+
+    started = time.monotonic()
+    with pytest.raises(TooManyConnections) as caught:
+        await pool.acquire()
+
+    assert 0.04 <= time.monotonic() - started < 1
+    assert caught.value.sqlstate == "53300"
+    assert caught.value.hint
+    assert pool.stats().waiting == 0
+    assert not pool._waiters
+    # The connection goes back to the pool, not to the waiter that gave up.
+    await release_and_wait(pool, held)
+    assert await pool.acquire() is held
+
+
+async def test_cancelled_waiter_passes_on_a_connection_handed_to_it(make_pool: MakePool) -> None:
+    pool = make_pool(size=1)
+    held = await pool.acquire()
+    waiter = await queue_waiter(pool)
+
+    pool.give_back(held)  # hands it straight to the waiter's future ...
+    waiter.cancel()  # ... which is cancelled before it could run
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+
+    assert pool.stats().idle == 1
+    assert pool.stats().waiting == 0
+    assert await pool.acquire() is held
+
+
+async def test_cancelled_waiter_passes_a_handed_connection_to_the_next_waiter(make_pool: MakePool) -> None:
+    pool = make_pool(size=1)
+    held = await pool.acquire()
+    first = await queue_waiter(pool)
+    second = await queue_waiter(pool)
+
+    pool.give_back(held)
+    first.cancel()
+
+    assert await asyncio.wait_for(second, 1) is held
+    assert first.cancelled()
+
+
+async def test_cancelled_waiter_leaves_the_queue(make_pool: MakePool) -> None:
+    pool = make_pool(size=1)
+    held = await pool.acquire()
+    waiter = await queue_waiter(pool)
+
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+
+    assert pool.stats().waiting == 0
+    assert not pool._waiters
+    await release_and_wait(pool, held)
+
+
+# --- connect failures --------------------------------------------------------------------------------------
+
+
+async def test_connect_failure_raises_upstream_unavailable_and_frees_the_slot(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=1)
+    backend.fail_next = 1
+
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await pool.acquire()
+
+    assert caught.value.sqlstate == "08001"
+    assert "10.0.0.5" not in caught.value.message  # no internals for the client
+    assert isinstance(caught.value.__cause__, ConnectionRefusedError)
+    stats = pool.stats()
+    assert (stats.opening, stats.active, stats.opened_total, stats.connect_failures_total) == (0, 0, 0, 1)
+    assert await pool.acquire() is backend.opened[0]
+
+
+async def test_connect_that_hangs_fails_as_upstream_unavailable(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=1, connect_timeout=0.05)
+    backend.gate = asyncio.Event()
+
+    with pytest.raises(UpstreamUnavailable):
+        await asyncio.wait_for(pool.acquire(), 2)
+
+    assert pool.stats().opening == 0
+    assert pool.stats().connect_failures_total == 1
+    backend.gate.set()
+    assert await pool.acquire() in backend.opened
+
+
+async def test_connect_failure_for_a_waiter_fails_that_waiter(make_pool: MakePool, backend: Backend) -> None:
+    pool = make_pool(size=1)
+    held = await pool.acquire()
+    waiter = await queue_waiter(pool)
+    backend.fail_next = 1
+
+    held.lose()
+
+    with pytest.raises(UpstreamUnavailable):
+        await asyncio.wait_for(waiter, 1)
+    assert pool.stats().waiting == 0
+    assert pool.stats().connect_failures_total == 1
+
+
+async def test_waiter_behind_a_failed_connect_is_not_stranded(make_pool: MakePool, backend: Backend) -> None:
+    pool = make_pool(size=1, max_client_wait=0.3)
+    held = await pool.acquire()
+    first = await queue_waiter(pool)
+    second = await queue_waiter(pool)
+    backend.fail_next = 1  # the server refuses once, then is back
+
+    held.lose()
+
+    with pytest.raises(UpstreamUnavailable):
+        await asyncio.wait_for(first, 1)
+    # The pool is empty, has room and the server accepts again: the second waiter must not sit out
+    # its whole max_client_wait and get 53300.
+    connection = await asyncio.wait_for(second, 1)
+    assert connection in backend.opened
+
+
+async def test_waiter_with_a_connect_in_flight_gets_no_second_connect(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=2)
+    a, b = await pool.acquire(), await pool.acquire()
+    waiter = await queue_waiter(pool)
+    backend.gate = asyncio.Event()
+
+    a.lose()  # room for one: a connect starts for the waiter and is held at the gate
+    await eventually(lambda: backend.connect_attempts == 3)
+    b.lose()  # more room, but the only waiter already has a connect coming
+    await settle()
+
+    assert backend.connect_attempts == 3
+    assert pool.stats().opening == 1
+    backend.gate.set()
+    assert await asyncio.wait_for(waiter, 1) is backend.opened[-1]
+    await settle()
+    assert len(backend.opened) == 3
+    assert counts(pool) == (1, 0, 0, 0, 3, 0)
+
+
+async def test_each_waiter_without_a_connect_in_flight_gets_one(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=3)
+    a, b, c = [await pool.acquire() for _ in range(3)]
+    first = await queue_waiter(pool)
+    second = await queue_waiter(pool)
+    backend.gate = asyncio.Event()
+
+    a.lose()
+    await eventually(lambda: backend.connect_attempts == 4)
+    b.lose()
+    c.lose()
+    await settle()
+
+    assert backend.connect_attempts == 5  # one per waiter, not one per free slot
+    backend.gate.set()
+    served = await asyncio.wait_for(asyncio.gather(first, second), 1)
+    assert set(served) == set(backend.opened[3:])
+    assert counts(pool) == (2, 0, 0, 0, 5, 0)
+
+
+# --- connections that end on their own ---------------------------------------------------------------------
+
+
+async def test_connection_closing_on_its_own_frees_its_slot_for_a_waiter(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=1)
+    held = await pool.acquire()
+    waiter = await queue_waiter(pool)
+
+    held.lose()
+    replacement = await asyncio.wait_for(waiter, 1)
+
+    assert replacement is not held
+    assert backend.opened == [held, replacement]
+    assert pool.stats().active == 1
+
+
+async def test_idle_connection_closing_on_its_own_leaves_the_pool(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=1)
+    first = await pool.acquire()
+    await release_and_wait(pool, first)
+
+    first.lose()
+
+    assert pool.stats().idle == 0
+    assert pool.stats().active == 0
+    assert await pool.acquire() is not first
+
+
+async def test_closing_twice_frees_the_slot_once(make_pool: MakePool) -> None:
+    pool = make_pool(size=2, max_client_wait=0.05)
+    first = await pool.acquire()
+    await pool.acquire()
+
+    first.lose()
+    first._on_closed(first)  # a second report of the same loss must not free a second slot
+
+    assert pool.stats().active == 1
+    await pool.acquire()
+    assert pool.stats().active == 2
+    with pytest.raises(TooManyConnections):
+        await pool.acquire()
+
+
+# --- lifetime and idle recycling ---------------------------------------------------------------------------
+
+
+async def test_connection_past_lifetime_is_closed_on_release(make_pool: MakePool, backend: Backend) -> None:
+    pool = make_pool(size=1, lifetime=60)
+    first = await pool.acquire()
+    first.created_at -= 61
+
+    pool.release(first, reusable=True)
+
+    assert first.closed
+    assert backend.resets == []
+    assert pool.stats().active == 0
+
+
+async def test_idle_connection_past_lifetime_is_not_handed_out(make_pool: MakePool) -> None:
+    pool = make_pool(size=1, lifetime=60)
+    first = await pool.acquire()
+    await release_and_wait(pool, first)
+    first.created_at -= 61
+
+    second = await pool.acquire()
+
+    assert second is not first
+    assert first.closed
+
+
+async def test_recycle_closes_idle_past_idle_timeout_but_keeps_min_idle(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=4, min_idle=1, idle_timeout=10)
+    a, b, c = [await pool.acquire() for _ in range(3)]
+    for connection in (a, b, c):
+        await release_and_wait(pool, connection)
+        connection.idle_since -= 11
+
+    pool.recycle()
+    await settle()
+
+    assert (a.closed, b.closed, c.closed) == (True, True, False)  # the warmest one stays
+    assert pool.stats().idle == 1
+    assert len(backend.opened) == 3
+
+
+async def test_recycle_keeps_connections_idle_for_less_than_idle_timeout(make_pool: MakePool) -> None:
+    pool = make_pool(size=3, idle_timeout=10)
+    a, b = await pool.acquire(), await pool.acquire()
+    for connection in (a, b):
+        await release_and_wait(pool, connection)
+    a.idle_since -= 11
+
+    pool.recycle()
+
+    assert a.closed
+    assert not b.closed
+    assert pool.stats().idle == 1
+
+
+async def test_recycle_tops_up_to_min_idle(make_pool: MakePool, backend: Backend) -> None:
+    pool = make_pool(size=3, min_idle=2)
+
+    pool.recycle()
+    pool.recycle()  # opens in flight count: no double top-up
+    await eventually(lambda: pool.stats().idle == 2)
+    await settle()
+
+    assert len(backend.opened) == 2
+    assert pool.stats().opening == 0
+
+
+async def test_recycle_replaces_idle_past_lifetime_even_below_min_idle(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=2, min_idle=1, lifetime=60)
+    first = await pool.acquire()
+    await release_and_wait(pool, first)
+    first.created_at -= 61
+
+    pool.recycle()
+    await eventually(lambda: pool.stats().idle == 1 and len(backend.opened) == 2)
+
+    assert first.closed
+    assert await pool.acquire() is backend.opened[1]
+
+
+# --- stats and close ---------------------------------------------------------------------------------------
+
+
+async def test_stats_reports_the_pool_state(make_pool: MakePool, backend: Backend) -> None:
+    pool = make_pool(size=3, max_client_wait=0.5)
+    assert pool.stats() == PoolStats("pos", 3, 0, 0, 0, 0, 0, 0)
+
+    backend.fail_next = 1
+    with pytest.raises(UpstreamUnavailable):
+        await pool.acquire()
+    a, b = await pool.acquire(), await pool.acquire()
+    await release_and_wait(pool, b)
+    assert counts(pool) == (1, 1, 0, 0, 2, 1)
+
+    backend.gate = asyncio.Event()
+    assert await pool.acquire() is b  # from idle
+    opener = asyncio.ensure_future(pool.acquire())  # opens the third, held at the gate
+    await eventually(lambda: pool.stats().opening == 1)
+    waiter = await queue_waiter(pool)
+
+    assert counts(pool) == (2, 0, 1, 1, 2, 1)
+
+    backend.gate.set()
+    c = await asyncio.wait_for(opener, 1)
+    assert pool.stats().opened_total == 3
+    pool.release(a, reusable=True)
+    assert await asyncio.wait_for(waiter, 1) is a
+    assert counts(pool) == (3, 0, 0, 0, 3, 1)
+    assert c not in (a, b)
+
+
+async def test_close_fails_waiters_and_refuses_further_use(make_pool: MakePool) -> None:
+    pool = make_pool(size=1)
+    held = await pool.acquire()
+    waiter = await queue_waiter(pool)
+
+    await pool.close()
+
+    with pytest.raises(UpstreamUnavailable, match="shutting down"):
+        await asyncio.wait_for(waiter, 1)
+    assert pool.stats().waiting == 0
+    pool.release(held, reusable=True)
+    assert held.closed
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await pool.acquire()
+    assert caught.value.sqlstate == "08001"
+
+
+async def test_give_back_after_close_closes(make_pool: MakePool) -> None:
+    pool = make_pool(size=1)
+    held = await pool.acquire()
+
+    await pool.close()
+    pool.give_back(held)
+
+    assert held.closed
+    assert pool.stats().idle == 0
+
+
+async def test_close_closes_idle_connections(make_pool: MakePool) -> None:
+    pool = make_pool(size=2)
+    a, b = await pool.acquire(), await pool.acquire()
+    await release_and_wait(pool, a)
+    await release_and_wait(pool, b)
+
+    await pool.close()
+
+    assert a.closed
+    assert b.closed
+    assert pool.stats().idle == 0
+    assert pool.stats().active == 0
+
+
+async def test_connection_being_reset_when_the_pool_closes_is_closed(make_pool: MakePool) -> None:
+    pool = make_pool(size=1)
+    first = await pool.acquire()
+    pool.release(first, reusable=True)  # reset spawned, not yet run
+
+    await pool.close()
+    await settle()
+
+    assert pool.stats().idle == 0
+    assert first.closed
