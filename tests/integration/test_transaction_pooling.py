@@ -32,7 +32,8 @@ def _superuser(cluster: Any) -> psycopg.Connection:
 def _server_connections(cluster: Any) -> int:
     with _superuser(cluster) as admin:
         row = admin.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'pos_proxy' AND backend_type = 'client backend'"
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE usename = 'pos_proxy' AND backend_type = 'client backend'"
         ).fetchone()
     assert row is not None
     return int(row[0])
