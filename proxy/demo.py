@@ -22,10 +22,13 @@ from proxy import certs, eventloop
 from proxy.config import load_config
 from proxy.localpg import LocalPostgres, LocalPostgresError, LocalPostgresTLS, free_port
 from proxy.oplog import configure_logging
+from proxy.protocols.postgres.session import Route
 from proxy.server import ProxyServer
 
 DEMO_STORE = "store-001"
 DEMO_TERMINALS = (("till-01", "cashier"), ("office-01", "manager"))
+# Extra tills for the rush-hour part of the demo: many terminals, few server connections.
+DEMO_RUSH_TILLS = tuple(f"till-{number:02d}" for number in range(2, 13))
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +59,7 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
     terminal_pki, db_pki = workdir / "pki", workdir / "db-pki"
     certs.init_ca(terminal_pki, common_name="pos-db-proxy demo terminal CA")
     certs.issue_server(terminal_pki, dns_names=["localhost"], ip_addresses=["127.0.0.1", "::1"])
-    terminals = []
-    for name, role in DEMO_TERMINALS:
-        issued = certs.issue_terminal(terminal_pki, store=DEMO_STORE, terminal=name, role=role)
-        terminals.append(DemoTerminal(name, role, issued.cert_path, issued.key_path))
-        say(f"issued terminal certificate {DEMO_STORE}/{name} role={role} serial={issued.serial_hex}")
+    terminals = [_issue(terminal_pki, name, role) for name, role in DEMO_TERMINALS]
     # The "cloud" database has a CA of its own: the proxy verifies it (verify-full) like a real one.
     certs.init_ca(db_pki, common_name="pos-db-proxy demo database CA")
     certs.issue_server(db_pki, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
@@ -102,6 +101,8 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
 
         cashier = terminals[0]
         await _sample_session(host, proxy_port, terminal_pki / "ca.pem", cashier)
+        rush = [_issue(terminal_pki, name, "cashier", announce=False) for name in DEMO_RUSH_TILLS]
+        await _rush_hour(host, proxy_port, terminal_pki / "ca.pem", [cashier, *rush], server.routes["pos"])
 
         say("try it by hand, one line per role:")
         for terminal in terminals:
@@ -114,13 +115,56 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
     return 0
 
 
-async def _sample_session(host: str, port: int, ca: Path, terminal: DemoTerminal) -> None:
-    """What a till does for one sale: look up, record the sale, decrement stock, read it back."""
+def _issue(pki: Path, name: str, role: str, *, announce: bool = True) -> DemoTerminal:
+    issued = certs.issue_terminal(pki, store=DEMO_STORE, terminal=name, role=role)
+    if announce:
+        say(f"issued terminal certificate {DEMO_STORE}/{name} role={role} serial={issued.serial_hex}")
+    return DemoTerminal(name, role, issued.cert_path, issued.key_path)
+
+
+async def _connect(host: str, port: int, ca: Path, terminal: DemoTerminal) -> asyncpg.Connection:
     context = ssl.create_default_context(cafile=str(ca))
     context.load_cert_chain(terminal.cert, terminal.key)
-    connection = await asyncpg.connect(
+    return await asyncpg.connect(
         host=host, port=port, user=terminal.name, database="pos", ssl=context, timeout=15
     )
+
+
+async def _rush_hour(host: str, port: int, ca: Path, tills: list[DemoTerminal], route: Route) -> None:
+    """Every till rings up sales at once: transaction pooling lends them a few server connections."""
+    connections = await asyncio.gather(*(_connect(host, port, ca, till) for till in tills))
+    try:
+
+        async def ring_up(connection: asyncpg.Connection, till: DemoTerminal) -> None:
+            for _ in range(3):
+                async with connection.transaction():
+                    sale_id = await connection.fetchval(
+                        "INSERT INTO sales (store_id, terminal_id, total_cents) "
+                        "VALUES ($1, $2, 59) RETURNING id",
+                        DEMO_STORE,
+                        till.name,
+                    )
+                    await connection.execute(
+                        "INSERT INTO sale_items (sale_id, sku, quantity, price_cents) VALUES ($1, $2, 1, 59)",
+                        sale_id,
+                        "4311501012345",
+                    )
+
+        await asyncio.gather(*(ring_up(c, t) for c, t in zip(connections, tills, strict=True)))
+        sales = await connections[0].fetchval("SELECT count(*) FROM sales WHERE terminal_id LIKE 'till-%'")
+    finally:
+        await asyncio.gather(*(connection.close() for connection in connections))
+    stats = route.pool.stats()
+    say(
+        f"rush hour: {len(tills)} tills rang up {len(tills) * 3} sales at once over "
+        f"{stats.opened_total} server connection(s) (pool size {stats.size}, "
+        f"{route.config.pool.mode.value} pooling); {sales} till sales on record"
+    )
+
+
+async def _sample_session(host: str, port: int, ca: Path, terminal: DemoTerminal) -> None:
+    """What a till does for one sale: look up, record the sale, decrement stock, read it back."""
+    connection = await _connect(host, port, ca, terminal)
     try:
         say(f"sample POS session as {DEMO_STORE}/{terminal.name} ({terminal.role}):")
         sku = "5000159484695"

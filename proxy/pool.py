@@ -98,6 +98,12 @@ class UpstreamPool(Generic[C]):
                 return await self._open_new()
         return await self._wait_in_line()
 
+    def try_acquire(self) -> C | None:
+        """An idle connection without waiting, if nobody is in line for one (no task, no await)."""
+        if self._closing or self._waiters:
+            return None
+        return self._take_idle()
+
     def release(self, connection: C, *, reusable: bool) -> None:
         """Take a connection back; it is reset off the caller's path before anyone else gets it."""
         if not reusable or not connection.usable or self._closing:

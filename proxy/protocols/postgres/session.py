@@ -389,7 +389,16 @@ class ClientSession(asyncio.Protocol):
         route = self._route
         if route is None or self._state is not _State.READY:
             raise UpstreamLost("lost the connection to the database server")
-        # Between transactions under transaction pooling: hold the messages, borrow a server.
+        # Between transactions under transaction pooling: borrow a server for this one.
+        if not self._stash and self._parameters is not None:
+            idle = route.pool.try_acquire()
+            if idle is not None and not self._parameters.changes_for(idle):
+                self._server = idle
+                idle.attach(self)
+                self._send(chunk, frames)
+                return
+            if idle is not None:
+                route.pool.give_back(idle)
         self._stash += chunk
         if self._connect_task is None or self._connect_task.done():
             self.pause_client_reading()
