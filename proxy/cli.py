@@ -92,6 +92,9 @@ def _add_certs_commands(parser: argparse.ArgumentParser) -> None:
     revoke.add_argument("--serial", required=True, help="serial number in hex")
     revoke.set_defaults(handler=_certs_revoke)
 
+    crl = directory(commands.add_parser("crl", help="re-sign DIR/crl.pem (it is valid for 7 days: run daily)"))
+    crl.set_defaults(handler=_certs_crl)
+
     listing = directory(commands.add_parser("list", help="list issued certificates with their status"))
     listing.set_defaults(handler=_certs_list)
 
@@ -163,6 +166,12 @@ def _certs_revoke(args: argparse.Namespace) -> int:
     issued = certs.revoke(args.dir, certs.parse_serial(args.serial))
     print(f"revoked serial {issued.serial_hex} ({issued.subject}); CRL rewritten: {args.dir / 'crl.pem'}")
     print("reload the proxy (SIGHUP) or restart it so the new CRL takes effect", file=sys.stderr)
+    return EXIT_OK
+
+
+def _certs_crl(args: argparse.Namespace) -> int:
+    path = certs.write_crl(args.dir)
+    print(f"CRL re-signed: {path}")
     return EXIT_OK
 
 

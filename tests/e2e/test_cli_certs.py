@@ -364,3 +364,19 @@ def test_list_shows_revoked_and_valid_certificates(cli: Cli, pki: Pki) -> None:
     )
     assert rows[server_serial]["status"] == "valid"
     assert rows[server_serial]["kind"] == "server"
+
+
+def test_crl_command_re_signs_the_crl_keeping_revocations(cli: Cli, pki: Pki) -> None:
+    serial = issue_terminal(cli, "store-001", "till-01")
+    cli.ok("certs", "revoke", "--dir", "pki", "--serial", serial)
+    before = load_crl(pki.crl)
+
+    result = cli.ok("certs", "crl", "--dir", "pki")
+
+    assert "CRL re-signed" in result.stdout
+    after = load_crl(pki.crl)
+    assert after.is_signature_valid(load_cert(pki.ca).public_key())
+    assert crl_number(after) > crl_number(before)
+    assert after.next_update_utc is not None and before.next_update_utc is not None
+    assert after.next_update_utc >= before.next_update_utc
+    assert [entry.serial_number for entry in after] == [int(serial, 16)]
