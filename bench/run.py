@@ -1,0 +1,1079 @@
+"""Benchmark pos-db-proxy against PgBouncer and a direct connection, from nothing, in one command.
+
+Starts a throwaway PostgreSQL 15 (TLS), PgBouncer (transaction pooling, client certificates,
+verified upstream TLS) and pos-db-proxy (the same), runs pgbench workloads against all three in
+interleaved rounds, measures the memory an idle terminal connection costs the proxy and PgBouncer,
+prints a table, writes JSON, and stops everything it started -- also on Ctrl-C.
+
+    .venv/bin/python bench/run.py --quick           # smoke run, about a minute
+    .venv/bin/python bench/run.py --duration 8 --rounds 3
+
+See bench/README.md for what is measured and how to read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import pwd
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+import yaml
+
+from proxy import certs
+from proxy.localpg import LocalPostgres, LocalPostgresError, LocalPostgresTLS, find_pg_bindir, free_port
+
+BENCH_DIR: Final = Path(__file__).resolve().parent
+REPO_ROOT: Final = BENCH_DIR.parent
+POS_SCRIPT: Final = BENCH_DIR / "pos_sale.sql"
+DEFAULT_OUTPUT: Final = BENCH_DIR / "results" / "latest.json"
+LOGS_ROOT: Final = BENCH_DIR / "results" / "logs"
+
+CONFIGS: Final = ("direct", "pgbouncer", "proxy")
+DB_NAME: Final = "pos"
+DB_ROLE: Final = "bench"
+STORE: Final = "bench"
+TERMINAL: Final = "till-01"
+TERMINAL_CN: Final = f"{STORE}-{TERMINAL}"  # what certs.issue_terminal puts in the subject CN
+TERMINAL_ROLE: Final = "cashier"
+PGBOUNCER_CANDIDATES: Final = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
+SERVICE_OS_USER: Final = "postgres"
+CHURN_CLIENTS: Final = 16
+POS_PRODUCTS: Final = 1000
+POS_STORES: Final = 10
+NOFILE_WANTED: Final = 8192
+START_TIMEOUT: Final = 20.0
+STOP_TIMEOUT: Final = 15.0
+PGBENCH_GRACE: Final = 120.0  # on top of -T: connection set-up, churn, a stuck server
+IDLE_HANDSHAKE_CONCURRENCY: Final = 32
+IDLE_CONNECT_TIMEOUT: Final = 30.0
+IDLE_TOTAL_TIMEOUT: Final = 300.0
+IDLE_SETTLE_SECONDS: Final = 2.0
+PGBOUNCER_PREPARED_NA: Final = "PgBouncer 1.18 has no protocol-level prepared statements in transaction mode"
+
+
+class BenchError(Exception):
+    """Set-up failed in a way the benchmark cannot work around."""
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str
+    description: str
+    args: tuple[str, ...]
+    fixed_clients: tuple[int, ...] | None = None
+    unsupported: Mapping[str, str] = field(default_factory=dict)
+
+    def client_counts(self, requested: Sequence[int]) -> tuple[int, ...]:
+        return self.fixed_clients if self.fixed_clients is not None else tuple(requested)
+
+
+WORKLOADS: Final = {
+    w.name: w
+    for w in (
+        Workload("select-extended", "pgbench -S, extended protocol", ("-S", "-M", "extended")),
+        Workload(
+            "select-prepared",
+            "pgbench -S, named prepared statements",
+            ("-S", "-M", "prepared"),
+            unsupported={"pgbouncer": PGBOUNCER_PREPARED_NA},
+        ),
+        Workload(
+            "pos-sale",
+            "bench/pos_sale.sql: BEGIN; lookup; INSERT sale RETURNING; INSERT item; UPDATE stock; COMMIT",
+            ("-M", "extended", "-f", str(POS_SCRIPT)),
+        ),
+        Workload(
+            "churn",
+            "pgbench -C -S: a new TLS connection per transaction",
+            ("-C", "-S", "-M", "extended"),
+            fixed_clients=(CHURN_CLIENTS,),
+        ),
+    )
+}
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft open-files limit towards NOFILE_WANTED (as far as the hard limit allows)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = NOFILE_WANTED if hard == resource.RLIM_INFINITY else min(NOFILE_WANTED, hard)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def client_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The bench's environment without inherited PG* variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGCONNECT_TIMEOUT"] = "10"
+    env.update(extra)
+    return env
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"{what} exited with {process.returncode}; see {log_path}:\n{tail(log_path)}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"{what} did not listen on 127.0.0.1:{port} within {START_TIMEOUT:.0f}s; see {log_path}")
+
+
+def stop_process(process: subprocess.Popen[bytes], what: str, sig: signal.Signals = signal.SIGTERM) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        log(f"{what} (pid {process.pid}) ignored {sig.name} for {STOP_TIMEOUT:.0f}s: killing it")
+        process.kill()
+        process.wait(5)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def command_version(argv: Sequence[str]) -> str:
+    try:
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    text = (result.stdout or result.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+def git_revision() -> str:
+    """Read-only: the commit and whether the tree had local changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}{'+local-changes' if dirty else ''}" if head else "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceUser:
+    """Who PgBouncer runs as: the postgres OS user when we are root (it refuses root), else us."""
+
+    uid: int
+    gid: int
+    switch: bool
+
+    @classmethod
+    def detect(cls) -> ServiceUser:
+        if os.geteuid() != 0:
+            return cls(os.geteuid(), os.getegid(), switch=False)
+        try:
+            entry = pwd.getpwnam(SERVICE_OS_USER)
+        except KeyError:
+            raise BenchError(f"running as root but there is no {SERVICE_OS_USER!r} OS user") from None
+        return cls(entry.pw_uid, entry.pw_gid, switch=True)
+
+    def own(self, path: Path, mode: int) -> None:
+        os.chmod(path, mode)
+        if self.switch:
+            os.chown(path, self.uid, self.gid)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+@dataclass(frozen=True, slots=True)
+class PKI:
+    db_ca: Path
+    db_cert: Path
+    db_key: Path
+    terminal_ca: Path
+    terminal_crl: Path
+    front_cert: Path  # server certificate of the proxy and of PgBouncer (issued by the terminal CA)
+    front_key: Path
+    terminal_cert: Path
+    terminal_key: Path
+
+
+def make_pki(directory: Path) -> PKI:
+    db_dir = directory / "db-pki"
+    db_ca = certs.init_ca(db_dir, common_name="pos-db-proxy bench database CA")
+    db_server = certs.issue_server(db_dir, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    term_dir = directory / "terminal-pki"
+    terminal_ca = certs.init_ca(term_dir, common_name="pos-db-proxy bench terminal CA")
+    front = certs.issue_server(term_dir, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    terminal = certs.issue_terminal(term_dir, store=STORE, terminal=TERMINAL, role=TERMINAL_ROLE)
+    return PKI(
+        db_ca=db_ca,
+        db_cert=db_server.cert_path,
+        db_key=db_server.key_path,
+        terminal_ca=terminal_ca,
+        terminal_crl=term_dir / "crl.pem",
+        front_cert=front.cert_path,
+        front_key=front.key_path,
+        terminal_cert=terminal.cert_path,
+        terminal_key=terminal.key_path,
+    )
+
+
+def pos_schema_sql() -> str:
+    """The demo's POS tables (proxy/data/demo_schema.sql) with enough rows to spread the writes."""
+    return f"""
+SET ROLE {DB_ROLE};
+CREATE TABLE products (
+    sku         text PRIMARY KEY,
+    name        text NOT NULL,
+    price_cents integer NOT NULL CHECK (price_cents >= 0)
+);
+CREATE TABLE stock (
+    store_id text NOT NULL,
+    sku      text NOT NULL REFERENCES products (sku),
+    quantity integer NOT NULL,
+    PRIMARY KEY (store_id, sku)
+);
+CREATE TABLE sales (
+    id          bigserial PRIMARY KEY,
+    store_id    text NOT NULL,
+    terminal_id text NOT NULL,
+    total_cents integer NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE sale_items (
+    sale_id     bigint NOT NULL REFERENCES sales (id),
+    sku         text NOT NULL REFERENCES products (sku),
+    quantity    integer NOT NULL CHECK (quantity > 0),
+    price_cents integer NOT NULL,
+    PRIMARY KEY (sale_id, sku)
+);
+INSERT INTO products (sku, name, price_cents)
+SELECT lpad(i::text, 13, '0'), 'Product ' || i, 50 + (i * 37) % 2000
+FROM generate_series(1, {POS_PRODUCTS}) AS i;
+INSERT INTO stock (store_id, sku, quantity)
+SELECT 'store-' || lpad(s::text, 3, '0'), p.sku, 1000000
+FROM products AS p CROSS JOIN generate_series(1, {POS_STORES}) AS s;
+RESET ROLE;
+VACUUM ANALYZE products, stock, sales, sale_items;
+"""
+
+
+def start_postgres(work: Path, pki: PKI, password: str, stack: contextlib.ExitStack) -> LocalPostgres:
+    server = LocalPostgres(
+        work / "pg",
+        tls=LocalPostgresTLS(cert=pki.db_cert, key=pki.db_key),
+        settings={"max_connections": "300"},
+    )
+    stack.callback(server.stop)
+    server.start()
+    server.create_role(DB_ROLE, password, method="scram-sha-256")
+    server.create_database(DB_NAME, owner=DB_ROLE)
+    return server
+
+
+@dataclass(slots=True)
+class Target:
+    """One way for pgbench to reach the database."""
+
+    name: str
+    port: int
+    env: dict[str, str]
+    pid: int | None = None  # the process whose RSS the idle test measures
+    log_path: Path | None = None
+    unavailable: str | None = None
+
+
+def direct_target(pg: LocalPostgres, pki: PKI, password: str) -> Target:
+    env = {
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(pg.port),
+        "PGDATABASE": DB_NAME,
+        "PGUSER": DB_ROLE,
+        "PGPASSWORD": password,
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": str(pki.db_ca),
+    }
+    return Target("direct", pg.port, env)
+
+
+def terminal_env(port: int, pki: PKI) -> dict[str, str]:
+    return {
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(port),
+        "PGDATABASE": DB_NAME,
+        # PgBouncer's auth_type=cert wants the certificate's CN; the proxy ignores the name.
+        "PGUSER": TERMINAL_CN,
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": str(pki.terminal_ca),
+        "PGSSLCERT": str(pki.terminal_cert),
+        "PGSSLKEY": str(pki.terminal_key),
+    }
+
+
+def _proxy_preexec() -> None:
+    # Runs in the child between fork and exec: only async-signal-safe-ish work here.
+    raise_nofile_limit()
+
+
+def start_proxy(
+    work: Path,
+    logs: Path,
+    *,
+    pki: PKI,
+    pg: LocalPostgres,
+    password_file: Path,
+    pool_size: int,
+    stack: contextlib.ExitStack,
+) -> Target:
+    port = free_port()
+    config: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": port, "handshake_timeout": "10s", "startup_timeout": "15s"},
+        "tls": {
+            "cert": str(pki.front_cert),
+            "key": str(pki.front_key),
+            "client_ca": str(pki.terminal_ca),
+            "crl": str(pki.terminal_crl),
+        },
+        "roles": {TERMINAL_ROLE: {"description": "benchmark tills"}},
+        "routes": {
+            DB_NAME: {
+                "host": "127.0.0.1",
+                "port": pg.port,
+                "user": DB_ROLE,
+                "password": {"file": str(password_file)},
+                "sslmode": "verify-full",
+                "sslrootcert": str(pki.db_ca),
+                "pool": {
+                    "mode": "transaction",
+                    "size": pool_size,
+                    "max_client_wait": "60s",
+                    "connect_timeout": "5s",
+                },
+            }
+        },
+    }
+    config_path = work / "pos-proxy.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    log_path = logs / "proxy.log"
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(config_path), "--log-level", "warning"],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO_ROOT),
+            env={**client_env({}), "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,  # Ctrl-C reaches us, and we stop the proxy in order
+            preexec_fn=_proxy_preexec,  # noqa: PLW1509 -- no threads exist yet
+        )
+    stack.callback(stop_process, process, "pos-db-proxy")
+    wait_for_port(port, process, "pos-db-proxy", log_path)
+    return Target("proxy", port, terminal_env(port, pki), pid=process.pid, log_path=log_path)
+
+
+def find_pgbouncer() -> Path | None:
+    for candidate in PGBOUNCER_CANDIDATES:
+        if os.access(candidate, os.X_OK):
+            return Path(candidate)
+    found = shutil.which("pgbouncer")
+    return Path(found) if found else None
+
+
+def start_pgbouncer(
+    work: Path,
+    logs: Path,
+    *,
+    pki: PKI,
+    pg: LocalPostgres,
+    password: str,
+    pool_size: int,
+    stack: contextlib.ExitStack,
+) -> Target:
+    port = free_port()
+    target = Target("pgbouncer", port, terminal_env(port, pki))
+    binary = find_pgbouncer()
+    if binary is None:
+        target.unavailable = "pgbouncer not installed (apt-get install pgbouncer)"
+        return target
+    user = ServiceUser.detect()
+    directory = work / "pgbouncer"
+    directory.mkdir(mode=0o700)
+    user.own(directory, 0o700)
+    files: dict[str, Path] = {}
+    for name, source, mode in (
+        ("ca.pem", pki.terminal_ca, 0o644),
+        ("server.pem", pki.front_cert, 0o644),
+        ("server.key", pki.front_key, 0o600),
+        ("db-ca.pem", pki.db_ca, 0o644),
+    ):
+        files[name] = directory / name
+        shutil.copyfile(source, files[name])
+        user.own(files[name], mode)
+    userlist = directory / "userlist.txt"
+    userlist.write_text(f'"{TERMINAL_CN}" ""\n', encoding="utf-8")
+    user.own(userlist, 0o600)
+    ini = directory / "pgbouncer.ini"
+    ini.write_text(
+        f"""[databases]
+{DB_NAME} = host=127.0.0.1 port={pg.port} dbname={DB_NAME} user={DB_ROLE} password={password}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = cert
+auth_file = {userlist}
+pool_mode = transaction
+default_pool_size = {pool_size}
+min_pool_size = 0
+reserve_pool_size = 0
+max_client_conn = 2000
+max_db_connections = 0
+client_tls_sslmode = verify-full
+client_tls_ca_file = {files["ca.pem"]}
+client_tls_cert_file = {files["server.pem"]}
+client_tls_key_file = {files["server.key"]}
+server_tls_sslmode = verify-full
+server_tls_ca_file = {files["db-ca.pem"]}
+ignore_startup_parameters = extra_float_digits
+log_connections = 0
+log_disconnections = 0
+log_pooler_errors = 1
+stats_period = 600
+""",
+        encoding="utf-8",
+    )
+    user.own(ini, 0o600)
+    log_path = logs / "pgbouncer.log"
+    target.log_path = log_path
+    with log_path.open("ab") as log_file:
+        try:
+            process = subprocess.Popen(
+                [str(binary), str(ini)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=str(directory),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+                user=user.uid if user.switch else None,
+                group=user.gid if user.switch else None,
+                extra_groups=[] if user.switch else None,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            target.unavailable = f"pgbouncer could not be started: {exc}"
+            return target
+    # SIGTERM is PgBouncer's immediate shutdown (SIGINT would wait for clients).
+    stack.callback(stop_process, process, "pgbouncer")
+    try:
+        wait_for_port(port, process, "pgbouncer", log_path)
+    except BenchError as exc:
+        target.unavailable = str(exc)
+        return target
+    target.pid = process.pid
+    return target
+
+
+# --------------------------------------------------------------------------- pgbench
+
+
+@dataclass(slots=True)
+class RunResult:
+    round: int
+    workload: str
+    clients: int
+    config: str
+    tps: float | None = None
+    latency_ms: float | None = None
+    transactions: int | None = None
+    failed: int | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+_TPS_RE: Final = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
+_LATENCY_RE: Final = re.compile(r"^latency average = ([0-9.]+) ms", re.MULTILINE)
+_PROCESSED_RE: Final = re.compile(r"^number of transactions actually processed: (\d+)", re.MULTILINE)
+_FAILED_RE: Final = re.compile(r"^number of failed transactions: (\d+)", re.MULTILINE)
+
+
+def parse_pgbench(output: str, result: RunResult) -> None:
+    if match := _TPS_RE.search(output):
+        result.tps = float(match.group(1))
+    if match := _LATENCY_RE.search(output):
+        result.latency_ms = float(match.group(1))
+    if match := _PROCESSED_RE.search(output):
+        result.transactions = int(match.group(1))
+    if match := _FAILED_RE.search(output):
+        result.failed = int(match.group(1))
+
+
+class Pgbench:
+    def __init__(self, binary: Path, logs: Path) -> None:
+        self.binary = binary
+        self.logs = logs
+        self.failure_log = logs / "pgbench-failures.log"
+
+    def run(self, target: Target, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.binary), *args],
+            capture_output=True,
+            text=True,
+            env=client_env(target.env),
+            cwd=str(REPO_ROOT),
+            timeout=timeout,
+            check=False,
+        )
+
+    def measure(
+        self, target: Target, workload: Workload, clients: int, duration: int, round_no: int
+    ) -> RunResult:
+        result = RunResult(round=round_no, workload=workload.name, clients=clients, config=target.name)
+        args = ["-n", "-j", str(min(2, clients)), "-c", str(clients), "-T", str(duration), *workload.args]
+        started = time.monotonic()
+        try:
+            done = self.run(target, args, timeout=duration + PGBENCH_GRACE)
+        except subprocess.TimeoutExpired:
+            result.error = f"pgbench did not finish within {duration + PGBENCH_GRACE:.0f}s"
+            done = None
+        result.seconds = round(time.monotonic() - started, 2)
+        if done is not None:
+            parse_pgbench(done.stdout, result)
+            if done.returncode != 0 or result.tps is None:
+                last = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+                result.error = f"pgbench exit {done.returncode}: {last}"
+            if result.error or (result.failed or 0) > 0:
+                with self.failure_log.open("a", encoding="utf-8") as fh:
+                    fh.write(f"=== round {round_no} {workload.name} c={clients} {target.name}: {args}\n")
+                    fh.write(done.stdout + "\n--- stderr ---\n" + done.stderr + "\n")
+        return result
+
+
+# --------------------------------------------------------------------------- idle connections
+
+
+def _startup_packet(user: str, database: str) -> bytes:
+    body = struct.pack("!i", 196608)
+    for key, value in (("user", user), ("database", database), ("application_name", "bench-idle")):
+        body += key.encode() + b"\0" + value.encode() + b"\0"
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+async def _open_one(
+    port: int, context: ssl.SSLContext, user: str, gate: asyncio.Semaphore
+) -> asyncio.StreamWriter:
+    async with gate:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(struct.pack("!ii", 8, 80877103))  # SSLRequest
+            await writer.drain()
+            if await reader.readexactly(1) != b"S":
+                raise BenchError("server refused TLS")
+            await writer.start_tls(context, server_hostname="localhost")
+            writer.write(_startup_packet(user, DB_NAME))
+            await writer.drain()
+            while True:
+                kind = await reader.readexactly(1)
+                (length,) = struct.unpack("!i", await reader.readexactly(4))
+                payload = await reader.readexactly(length - 4)
+                if kind == b"Z":
+                    return writer
+                if kind == b"E":
+                    fields = dict(
+                        (part[:1].decode(), part[1:].decode("utf-8", "replace"))
+                        for part in payload.split(b"\0")
+                        if part
+                    )
+                    raise BenchError(f"server error: {fields.get('M', payload[:200])}")
+                if kind == b"R" and struct.unpack("!i", payload[:4])[0] != 0:
+                    raise BenchError("server asked for a password: expected certificate authentication")
+        except BaseException:
+            writer.close()
+            raise
+
+
+async def _close_all(writers: Sequence[asyncio.StreamWriter]) -> None:
+    for writer in writers:
+        with contextlib.suppress(Exception):
+            writer.write(b"X\0\0\0\4")  # Terminate
+            writer.close()
+    await asyncio.wait_for(
+        asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True), timeout=30
+    )
+
+
+@dataclass(slots=True)
+class IdleResult:
+    config: str
+    requested: int
+    opened: int = 0
+    rss_before_kib: int | None = None
+    rss_after_kib: int | None = None
+    rss_after_close_kib: int | None = None
+    kib_per_connection: float | None = None
+    open_seconds: float | None = None
+    error: str | None = None
+
+
+async def _idle_test(target: Target, pki: PKI, count: int) -> IdleResult:
+    assert target.pid is not None
+    result = IdleResult(target.name, count)
+    context = ssl.create_default_context(cafile=str(pki.terminal_ca))
+    context.load_cert_chain(pki.terminal_cert, pki.terminal_key)
+    await asyncio.sleep(IDLE_SETTLE_SECONDS)
+    result.rss_before_kib = rss_kib(target.pid)
+    gate = asyncio.Semaphore(IDLE_HANDSHAKE_CONCURRENCY)
+    started = time.monotonic()
+    attempts = [
+        asyncio.ensure_future(asyncio.wait_for(_open_one(target.port, context, TERMINAL_CN, gate), 60))
+        for _ in range(count)
+    ]
+    outcomes = await asyncio.gather(*attempts, return_exceptions=True)
+    result.open_seconds = round(time.monotonic() - started, 2)
+    writers = [o for o in outcomes if isinstance(o, asyncio.StreamWriter)]
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    result.opened = len(writers)
+    if errors:
+        result.error = f"{len(errors)} of {count} connections failed, first: {errors[0]!r}"
+    try:
+        await asyncio.sleep(IDLE_SETTLE_SECONDS)
+        result.rss_after_kib = rss_kib(target.pid)
+        if writers:
+            result.kib_per_connection = round(
+                (result.rss_after_kib - result.rss_before_kib) / len(writers), 2
+            )
+    finally:
+        await _close_all(writers)
+    await asyncio.sleep(IDLE_SETTLE_SECONDS)
+    result.rss_after_close_kib = rss_kib(target.pid)
+    return result
+
+
+def idle_test(target: Target, pki: PKI, count: int) -> IdleResult:
+    if target.unavailable or target.pid is None:
+        return IdleResult(target.name, count, error=target.unavailable or "not running")
+    try:
+        return asyncio.run(asyncio.wait_for(_idle_test(target, pki, count), IDLE_TOTAL_TIMEOUT))
+    except (TimeoutError, OSError, BenchError) as exc:
+        return IdleResult(target.name, count, error=repr(exc))
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+@dataclass(slots=True)
+class Cell:
+    tps: float | None = None
+    latency_ms: float | None = None
+    runs: int = 0
+    errors: int = 0
+    note: str | None = None
+
+
+def summarize(
+    results: Sequence[RunResult], cases: Sequence[tuple[Workload, int]], targets: Mapping[str, Target]
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for workload, clients in cases:
+        row: dict[str, Any] = {"workload": workload.name, "clients": clients}
+        for config in CONFIGS:
+            cell = Cell()
+            target = targets[config]
+            if target.unavailable:
+                cell.note = target.unavailable
+            elif config in workload.unsupported:
+                cell.note = workload.unsupported[config]
+            runs = [
+                r for r in results if (r.workload, r.clients, r.config) == (workload.name, clients, config)
+            ]
+            good = [r for r in runs if r.error is None and r.tps is not None]
+            cell.runs, cell.errors = len(runs), len(runs) - len(good)
+            if good:
+                cell.tps = round(statistics.median(r.tps for r in good if r.tps is not None), 1)
+                lat = [r.latency_ms for r in good if r.latency_ms is not None]
+                cell.latency_ms = round(statistics.median(lat), 3) if lat else None
+            row[config] = asdict(cell)
+        proxy, pgb, direct = (row[c]["tps"] for c in ("proxy", "pgbouncer", "direct"))
+        row["proxy_vs_pgbouncer"] = round(proxy / pgb, 3) if proxy and pgb else None
+        row["proxy_vs_direct"] = round(proxy / direct, 3) if proxy and direct else None
+        rows.append(row)
+    return rows
+
+
+def _fmt_cell(cell: Mapping[str, Any]) -> tuple[str, str]:
+    if cell["tps"] is None:
+        if cell["runs"] and cell["errors"]:
+            return "ERR", "ERR"
+        return "n/a", "n/a"
+    tps = f"{cell['tps']:.0f}"
+    if cell["errors"]:
+        tps += f" ({cell['errors']} err)"
+    lat = f"{cell['latency_ms']:.2f}" if cell["latency_ms"] is not None else "?"
+    return tps, lat
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    header = ["workload", "clients"]
+    for config in CONFIGS:
+        header += [f"{config} tps", f"{config} ms"]
+    header += ["proxy/pgb", "proxy/direct"]
+    body: list[list[str]] = []
+    for row in rows:
+        line = [row["workload"], str(row["clients"])]
+        for config in CONFIGS:
+            line += list(_fmt_cell(row[config]))
+        for key in ("proxy_vs_pgbouncer", "proxy_vs_direct"):
+            line.append(f"{row[key]:.2f}x" if row[key] is not None else "n/a")
+        body.append(line)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def render(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([render(header), rule, *(render(r) for r in body)])
+
+
+def format_idle(results: Sequence[IdleResult]) -> str:
+    lines = []
+    for r in results:
+        if r.kib_per_connection is None:
+            lines.append(f"  {r.config:<10} n/a ({r.error})")
+            continue
+        lines.append(
+            f"  {r.config:<10} {r.kib_per_connection:7.1f} KiB per idle TLS connection "
+            f"({r.opened} open: RSS {r.rss_before_kib} -> {r.rss_after_kib} KiB, "
+            f"{r.rss_after_close_kib} KiB after closing; opened in {r.open_seconds}s)"
+            + (f"  [{r.error}]" if r.error else "")
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark pos-db-proxy vs PgBouncer vs direct PostgreSQL (all over TLS).",
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds per pgbench run (default 10)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; medians reported (default 3)"
+    )
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[16, 64], help="client counts (default 16 64; churn: 16)"
+    )
+    parser.add_argument(
+        "--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS), help="subset to run"
+    )
+    parser.add_argument(
+        "--pool-size", type=int, default=20, help="proxy and PgBouncer pool size (default 20)"
+    )
+    parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per config (default 2)")
+    parser.add_argument("--idle", type=int, default=1000, help="idle connections for the RSS test (0: skip)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: --duration 3 --rounds 1 --clients 16"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds, args.clients, args.warmup = 3, 1, [16], 1
+    if args.duration < 1 or args.rounds < 1 or args.pool_size < 1 or args.scale < 1:
+        parser.error("--duration, --rounds, --pool-size and --scale must be at least 1")
+    if any(c < 1 for c in args.clients) or args.idle < 0 or args.warmup < 0:
+        parser.error("--clients must be positive; --idle and --warmup must not be negative")
+    return args
+
+
+def _sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def workspace() -> Iterator[Path]:
+    work = Path(tempfile.mkdtemp(prefix="pos-bench-"))
+    os.chmod(work, 0o711)  # the postgres OS user must reach its own sub-directories
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    nofile = raise_nofile_limit()
+    if args.idle and nofile < args.idle + 256:
+        log(f"open-files limit is {nofile}: lowering --idle to {max(nofile - 256, 0)}")
+        args.idle = max(nofile - 256, 0)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    logs = LOGS_ROOT / stamp
+    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        bindir = find_pg_bindir()
+    except LocalPostgresError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    pgbench = Pgbench(bindir / "pgbench", logs)
+    workloads = [WORKLOADS[name] for name in args.workloads]
+    cases = [(w, c) for w in workloads for c in w.client_counts(args.clients)]
+    results: list[RunResult] = []
+    idle: list[IdleResult] = []
+    targets: dict[str, Target] = {}
+    interrupted = False
+    with workspace() as work, contextlib.ExitStack() as stack:
+        try:
+            log(f"workspace {work}; logs in {logs}")
+            pki = make_pki(work)
+            password = secrets.token_hex(16)
+            password_file = work / "db-password"
+            password_file.write_text(password + "\n", encoding="utf-8")
+            os.chmod(password_file, 0o600)
+            log("starting PostgreSQL 15 (TLS, max_connections 300)")
+            pg = start_postgres(work, pki, password, stack)
+            stack.callback(_save_pg_log, pg, logs)
+            targets["direct"] = direct_target(pg, pki, password)
+            log(f"pgbench -i -s {args.scale} directly against PostgreSQL; POS tables")
+            init = pgbench.run(targets["direct"], ["-i", "-s", str(args.scale), "-q"], timeout=900)
+            if init.returncode != 0:
+                raise BenchError(f"pgbench -i failed:\n{init.stderr[-2000:]}")
+            pg.execute_script(pos_schema_sql(), dbname=DB_NAME)
+            log(f"starting PgBouncer (transaction pooling, pool {args.pool_size})")
+            targets["pgbouncer"] = start_pgbouncer(
+                work, logs, pki=pki, pg=pg, password=password, pool_size=args.pool_size, stack=stack
+            )
+            if targets["pgbouncer"].unavailable:
+                log(f"PgBouncer n/a: {targets['pgbouncer'].unavailable}")
+            log(f"starting pos-db-proxy (transaction pooling, pool {args.pool_size})")
+            targets["proxy"] = start_proxy(
+                work, logs, pki=pki, pg=pg, password_file=password_file, pool_size=args.pool_size, stack=stack
+            )
+            warm_up(pgbench, targets, args.warmup)
+            results = run_rounds(pgbench, targets, cases, args)
+            if args.idle:
+                for name in ("proxy", "pgbouncer"):
+                    log(f"idle test: {args.idle} TLS connections through {name}")
+                    idle.append(idle_test(targets[name], pki, args.idle))
+        except KeyboardInterrupt:
+            interrupted = True
+            log("interrupted: stopping everything")
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            log("stopping proxy, PgBouncer and PostgreSQL")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if not targets:
+        return 130 if interrupted else 1
+    rows = summarize(results, cases, _complete_targets(targets))
+    report = build_report(
+        args, rows=rows, results=results, idle=idle, targets=targets, logs=logs, interrupted=interrupted
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print()
+    print(
+        f"pgbench -j 2 -T {args.duration} -n, {args.rounds} round(s), median of rounds; "
+        f"pool size {args.pool_size}; tps and avg latency (ms)"
+    )
+    print(format_table(rows))
+    if idle:
+        print()
+        print("Idle TLS terminal connections (process RSS from /proc/PID/status):")
+        print(format_idle(idle))
+    notes = _notes(rows, targets)
+    if notes:
+        print()
+        print("\n".join(notes))
+    print()
+    print(f"JSON: {args.output}")
+    print(f"logs: {logs} (proxy.log, pgbouncer.log, postgresql.log, pgbench-failures.log)")
+    return 130 if interrupted else 0
+
+
+def _complete_targets(targets: Mapping[str, Target]) -> dict[str, Target]:
+    """Every config, with never-started ones marked unavailable (after an early interrupt)."""
+    return {name: targets.get(name) or Target(name, 0, {}, unavailable="not started") for name in CONFIGS}
+
+
+def _save_pg_log(pg: LocalPostgres, logs: Path) -> None:
+    with contextlib.suppress(OSError, LocalPostgresError):
+        shutil.copyfile(pg.log_path, logs / "postgresql.log")
+
+
+def warm_up(pgbench: Pgbench, targets: dict[str, Target], seconds: int) -> None:
+    """A short -S run per config: fills the pools, and marks a config that cannot work as n/a."""
+    for target in targets.values():
+        if target.unavailable:
+            continue
+        args = ["-n", "-j", "2", "-c", "16", "-T", str(max(seconds, 1)), "-S", "-M", "extended"]
+        try:
+            done = pgbench.run(target, args, timeout=seconds + PGBENCH_GRACE)
+        except subprocess.TimeoutExpired:
+            target.unavailable = "warm-up timed out"
+            continue
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["?"])[-1]
+            target.unavailable = f"warm-up failed: {last}"
+            log(f"{target.name} n/a: {target.unavailable}")
+
+
+def run_rounds(
+    pgbench: Pgbench,
+    targets: Mapping[str, Target],
+    cases: Sequence[tuple[Workload, int]],
+    args: argparse.Namespace,
+) -> list[RunResult]:
+    results: list[RunResult] = []
+    for round_no in range(1, args.rounds + 1):
+        # Rotate the config order each round so no config always runs right after another.
+        shift = (round_no - 1) % len(CONFIGS)
+        order = CONFIGS[shift:] + CONFIGS[:shift]
+        for workload, clients in cases:
+            for config in order:
+                target = targets[config]
+                if target.unavailable or config in workload.unsupported:
+                    continue
+                result = pgbench.measure(target, workload, clients, args.duration, round_no)
+                results.append(result)
+                outcome = (
+                    f"{result.tps:.0f} tps, {result.latency_ms} ms"
+                    if result.error is None and result.tps is not None
+                    else f"ERROR {result.error}"
+                )
+                if result.failed:
+                    outcome += f" ({result.failed} failed transactions)"
+                log(f"round {round_no}/{args.rounds} {workload.name} c={clients} {config}: {outcome}")
+    return results
+
+
+def _notes(rows: Sequence[Mapping[str, Any]], targets: Mapping[str, Target]) -> list[str]:
+    notes: list[str] = []
+    seen: set[str] = set()
+    for row in rows:
+        for config in CONFIGS:
+            note = row[config]["note"]
+            if note and note not in seen:
+                seen.add(note)
+                notes.append(f"n/a {config}: {note}")
+    if any(row[c]["errors"] for row in rows for c in CONFIGS):
+        notes.append("ERR: pgbench failed in some runs; see pgbench-failures.log")
+    return notes
+
+
+def build_report(
+    args: argparse.Namespace,
+    *,
+    rows: Sequence[Mapping[str, Any]],
+    results: Sequence[RunResult],
+    idle: Sequence[IdleResult],
+    targets: Mapping[str, Target],
+    logs: Path,
+    interrupted: bool,
+) -> dict[str, Any]:
+    bindir = find_pg_bindir()
+    pgbouncer = find_pgbouncer()
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "interrupted": interrupted,
+        "settings": {
+            "duration": args.duration,
+            "rounds": args.rounds,
+            "clients": args.clients,
+            "workloads": args.workloads,
+            "pool_size": args.pool_size,
+            "scale": args.scale,
+            "warmup": args.warmup,
+            "idle_connections": args.idle,
+            "pgbench_threads": 2,
+        },
+        "environment": {
+            "revision": git_revision(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "postgres": command_version([str(bindir / "postgres"), "--version"]),
+            "pgbench": command_version([str(bindir / "pgbench"), "--version"]),
+            "pgbouncer": command_version([str(pgbouncer), "--version"]) if pgbouncer else None,
+        },
+        "configs": {
+            name: {"unavailable": t.unavailable, "log": str(t.log_path) if t.log_path else None}
+            for name, t in targets.items()
+        },
+        "summary": list(rows),
+        "runs": [asdict(r) for r in results],
+        "idle_memory": [asdict(r) for r in idle],
+        "logs": str(logs),
+    }
+
+
+def run_main(entry: Callable[[Sequence[str] | None], int]) -> None:
+    try:
+        sys.exit(entry(None))
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_main(main)
