@@ -2,8 +2,9 @@
 VENV := .venv
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo bench clean
 
 venv:
 	bash scripts/setup-test-env.sh
@@ -19,6 +20,10 @@ lint: venv
 demo: venv
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e .
 	$(VENV)/bin/pos-proxy demo $(DEMO_ARGS)
+
+# Proxy vs PgBouncer vs direct PostgreSQL; e.g. make bench BENCH_ARGS=--quick (see bench/README.md).
+bench: venv
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info

@@ -428,7 +428,10 @@ def start_proxy(
     return Target("proxy", port, terminal_env(port, pki), pid=process.pid, log_path=log_path)
 
 
-def find_pgbouncer() -> Path | None:
+def find_pgbouncer(override: str | None = None) -> Path | None:
+    """``override``: a path, or "none" to leave PgBouncer out; else the Debian location or PATH."""
+    if override is not None:
+        return Path(override) if override != "none" and os.access(override, os.X_OK) else None
     for candidate in PGBOUNCER_CANDIDATES:
         if os.access(candidate, os.X_OK):
             return Path(candidate)
@@ -445,12 +448,17 @@ def start_pgbouncer(
     password: str,
     pool_size: int,
     stack: contextlib.ExitStack,
+    binary_override: str | None,
 ) -> Target:
     port = free_port()
     target = Target("pgbouncer", port, terminal_env(port, pki))
-    binary = find_pgbouncer()
+    binary = find_pgbouncer(binary_override)
     if binary is None:
-        target.unavailable = "pgbouncer not installed (apt-get install pgbouncer)"
+        target.unavailable = (
+            "left out (--pgbouncer none)"
+            if binary_override == "none"
+            else f"pgbouncer not found ({binary_override or 'apt-get install pgbouncer'})"
+        )
         return target
     user = ServiceUser.detect()
     directory = work / "pgbouncer"
@@ -832,6 +840,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per config (default 2)")
     parser.add_argument("--idle", type=int, default=1000, help="idle connections for the RSS test (0: skip)")
+    parser.add_argument(
+        "--pgbouncer", metavar="PATH", help="PgBouncer binary, or 'none' to leave it out (default: find it)"
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: --duration 3 --rounds 1 --clients 16"
@@ -862,7 +873,10 @@ def workspace() -> Iterator[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Explicitly: a shell without job control starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    signal.signal(signal.SIGHUP, _sigterm_to_interrupt)
     nofile = raise_nofile_limit()
     if args.idle and nofile < args.idle + 256:
         log(f"open-files limit is {nofile}: lowering --idle to {max(nofile - 256, 0)}")
@@ -898,10 +912,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             init = pgbench.run(targets["direct"], ["-i", "-s", str(args.scale), "-q"], timeout=900)
             if init.returncode != 0:
                 raise BenchError(f"pgbench -i failed:\n{init.stderr[-2000:]}")
+            branches = pg.psql("SELECT count(*) FROM pgbench_branches", dbname=DB_NAME).strip()
+            if branches != str(args.scale):
+                raise BenchError(f"pgbench -i left {branches!r} branches, expected {args.scale}")
             pg.execute_script(pos_schema_sql(), dbname=DB_NAME)
             log(f"starting PgBouncer (transaction pooling, pool {args.pool_size})")
             targets["pgbouncer"] = start_pgbouncer(
-                work, logs, pki=pki, pg=pg, password=password, pool_size=args.pool_size, stack=stack
+                work,
+                logs,
+                pki=pki,
+                pg=pg,
+                password=password,
+                pool_size=args.pool_size,
+                stack=stack,
+                binary_override=args.pgbouncer,
             )
             if targets["pgbouncer"].unavailable:
                 log(f"PgBouncer n/a: {targets['pgbouncer'].unavailable}")
@@ -910,10 +934,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work, logs, pki=pki, pg=pg, password_file=password_file, pool_size=args.pool_size, stack=stack
             )
             warm_up(pgbench, targets, args.warmup)
-            results = run_rounds(pgbench, targets, cases, args)
+            run_rounds(pgbench, targets, cases, args, results)
             if args.idle:
                 for name in ("proxy", "pgbouncer"):
-                    log(f"idle test: {args.idle} TLS connections through {name}")
+                    if not targets[name].unavailable:
+                        log(f"idle test: {args.idle} TLS connections through {name}")
                     idle.append(idle_test(targets[name], pki, args.idle))
         except KeyboardInterrupt:
             interrupted = True
@@ -921,6 +946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             log("stopping proxy, PgBouncer and PostgreSQL")
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if not targets:
@@ -932,6 +958,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print()
+    if interrupted:
+        print("INTERRUPTED: partial results below")
     print(
         f"pgbench -j 2 -T {args.duration} -n, {args.rounds} round(s), median of rounds; "
         f"pool size {args.pool_size}; tps and avg latency (ms)"
@@ -983,8 +1011,9 @@ def run_rounds(
     targets: Mapping[str, Target],
     cases: Sequence[tuple[Workload, int]],
     args: argparse.Namespace,
-) -> list[RunResult]:
-    results: list[RunResult] = []
+    results: list[RunResult],
+) -> None:
+    """Run every case against every config, round by round, appending to ``results`` as it goes."""
     for round_no in range(1, args.rounds + 1):
         # Rotate the config order each round so no config always runs right after another.
         shift = (round_no - 1) % len(CONFIGS)
@@ -1004,7 +1033,6 @@ def run_rounds(
                 if result.failed:
                     outcome += f" ({result.failed} failed transactions)"
                 log(f"round {round_no}/{args.rounds} {workload.name} c={clients} {config}: {outcome}")
-    return results
 
 
 def _notes(rows: Sequence[Mapping[str, Any]], targets: Mapping[str, Target]) -> list[str]:
@@ -1032,7 +1060,7 @@ def build_report(
     interrupted: bool,
 ) -> dict[str, Any]:
     bindir = find_pg_bindir()
-    pgbouncer = find_pgbouncer()
+    pgbouncer = find_pgbouncer(args.pgbouncer)
     return {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "interrupted": interrupted,

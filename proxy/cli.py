@@ -11,6 +11,9 @@ from proxy import certs, eventloop
 from proxy.config import ConfigError, load_config
 from proxy.demo import run_demo
 from proxy.oplog import configure_logging
+from proxy.policy.approve import PolicyFileError, approve_statements
+from proxy.policy.engine import judge
+from proxy.policy.learn import read_review
 from proxy.server import serve
 from proxy.tlsconfig import terminal_context
 
@@ -57,7 +60,30 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     _add_certs_commands(commands.add_parser("certs", help="manage the terminal PKI (CA, certs, CRL)"))
+    _add_policy_commands(commands.add_parser("policy", help="review, approve and check role SQL policies"))
     return parser
+
+
+def _add_policy_commands(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(title="policy commands", metavar="COMMAND", required=True)
+    review = commands.add_parser("review", help="show statements learned per role, most frequent first")
+    review.add_argument("file", type=Path, help="the review file (policy.review_file in the config)")
+    review.set_defaults(handler=_policy_review)
+
+    approve = commands.add_parser("approve", help="move learned statements into the role's policy file")
+    approve.add_argument("file", type=Path)
+    approve.add_argument("--role", required=True)
+    chosen = approve.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--all", action="store_true", help="every learned statement of the role")
+    chosen.add_argument("--fingerprint", nargs="+", default=[], metavar="F")
+    approve.add_argument("--policy", type=Path, help="policy file (default: the one recorded while learning)")
+    approve.set_defaults(handler=_policy_approve)
+
+    check = commands.add_parser("check", help="say what enforce mode would decide for a statement")
+    check.add_argument("--config", type=Path, default=Path("/etc/pos-proxy/pos-proxy.yaml"))
+    check.add_argument("--role", required=True)
+    check.add_argument("sql")
+    check.set_defaults(handler=_policy_check)
 
 
 def _add_certs_commands(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +118,9 @@ def _add_certs_commands(parser: argparse.ArgumentParser) -> None:
     revoke.add_argument("--serial", required=True, help="serial number in hex")
     revoke.set_defaults(handler=_certs_revoke)
 
-    crl = directory(commands.add_parser("crl", help="re-sign DIR/crl.pem (it is valid for 7 days: run daily)"))
+    crl = directory(
+        commands.add_parser("crl", help="re-sign DIR/crl.pem (it is valid for 7 days: run daily)")
+    )
     crl.set_defaults(handler=_certs_crl)
 
     listing = directory(commands.add_parser("list", help="list issued certificates with their status"))
@@ -132,6 +160,54 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     return run_demo(port=args.port, wait=not args.no_wait)
+
+
+def _policy_review(args: argparse.Namespace) -> int:
+    entries = read_review(args.file)
+    if not entries:
+        print(f"{args.file}: nothing learned yet")
+        return EXIT_OK
+    for role in sorted({entry.role for entry in entries}):
+        mine = [entry for entry in entries if entry.role == role]
+        policy_file = next((entry.policy_file for entry in mine if entry.policy_file), "-")
+        print(f"role {role} (policy {policy_file}): {len(mine)} statement(s) to review")
+        for entry in mine:
+            print(f"  {entry.fingerprint}  seen {entry.count}x  last {entry.last_seen}  {entry.text}")
+    return EXIT_OK
+
+
+def _policy_approve(args: argparse.Namespace) -> int:
+    try:
+        result = approve_statements(args.file, args.role, set(args.fingerprint) or None, args.policy)
+    except PolicyFileError as exc:
+        print(f"pos-proxy: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"approved {result.approved} statement(s) for role {args.role} into {result.policy_file}")
+    print("reload the proxy (SIGHUP) to apply it", file=sys.stderr)
+    return EXIT_OK
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pos-proxy: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    role = config.roles.get(args.role)
+    if role is None:
+        print(f"pos-proxy: no role {args.role!r} in {args.config}", file=sys.stderr)
+        return EXIT_FAILURE
+    if role.policy is None:
+        print(f"allowed: role {args.role} has no policy, its statements are not filtered")
+        return EXIT_OK
+    decision = judge(role.policy, args.role, args.sql)
+    for fingerprint, text in decision.statements:
+        print(f"statement {fingerprint}: {text}")
+    if decision.allowed:
+        print(f"allowed by rule: {decision.rule}")
+        return EXIT_OK
+    print(f"refused ({decision.sqlstate}, rule: {decision.rule}): {decision.message}")
+    return EXIT_FAILURE
 
 
 def _certs_init_ca(args: argparse.Namespace) -> int:

@@ -18,6 +18,14 @@ from typing import Final, NoReturn, TypeVar
 
 import yaml
 
+from proxy.policy.model import (
+    DENYLIST_NAMES,
+    STATEMENT_KINDS,
+    ApprovedStatement,
+    PolicyMode,
+    RolePolicy,
+)
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -25,6 +33,7 @@ __all__ = [
     "IdentityConfig",
     "IdentitySource",
     "ListenConfig",
+    "PolicySettings",
     "PoolConfig",
     "PoolMode",
     "RoleConfig",
@@ -205,6 +214,17 @@ class IdentityConfig:
 class RoleConfig:
     name: str
     description: str = ""
+    # No policy file: the role's statements are not filtered (logged at startup).
+    policy: RolePolicy | None = None
+    policy_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """Settings shared by all role policies."""
+
+    review_file: Path | None = None
+    cache_size: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +266,7 @@ class Config:
     identity: IdentityConfig
     roles: Mapping[str, RoleConfig]
     routes: Mapping[str, RouteConfig]
+    policy: PolicySettings = PolicySettings()
     source: Path | None = None
 
 
@@ -256,27 +277,33 @@ def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Conf
     """Read and validate the YAML file at ``path``; raises ConfigError listing every problem."""
     path = Path(os.path.abspath(path))
     try:
-        text = _read_file(path).decode("utf-8")
-    except UnicodeDecodeError:
-        raise _file_error(f"{path}: not valid UTF-8") from None
+        data = load_yaml(path)
     except ValueError as exc:
         raise _file_error(str(exc)) from None
+    return parse_config(data, base_dir=path.parent, environ=environ, source=path)
+
+
+def load_yaml(path: Path) -> object:
+    """The YAML document at ``path`` (duplicate keys refused); ValueError says file, line and column."""
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        text = _read_file(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not valid UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise _file_error(f"{where}: invalid YAML: {exc.problem}") from None
+        raise ValueError(f"{where}: invalid YAML: {exc.problem}") from None
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: a scalar like the date 2024-13-01
-        raise _file_error(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
-    return parse_config(data, base_dir=path.parent, environ=environ, source=path)
+        raise ValueError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
 
 
 def _file_error(message: str) -> ConfigError:
     return ConfigError([ConfigProblem("", message)])
 
 
-_SECTIONS: Final = ("listen", "tls", "identity", "roles", "pool", "routes")
+_SECTIONS: Final = ("listen", "tls", "identity", "roles", "pool", "routes", "policy")
 
 
 def parse_config(
@@ -293,9 +320,16 @@ def parse_config(
     tls = _parse_tls(root.child("tls", _keys(TLSConfig)))
     identity = _parse_identity(root.child("identity", _keys(IdentityConfig)))
     roles = {
-        name: RoleConfig(name, section.read("description", _string(allow_empty=True), ""))
-        for name, section in root.named("roles", "role", _matching(_ROLE_NAME), _keys(RoleConfig, "name"))
+        name: _parse_role(name, section)
+        for name, section in root.named("roles", "role", _matching(_ROLE_NAME), ("description", "policy"))
     }
+    policy_section = root.child("policy", _keys(PolicySettings))
+    policy = PolicySettings(
+        review_file=policy_section.read("review_file", ctx.path, None),
+        cache_size=policy_section.read(
+            "cache_size", _in_range(_whole_number, "an integer", minimum=1), PolicySettings().cache_size
+        ),
+    )
     pool_defaults = _parse_pool(root.child("pool", _keys(PoolConfig)), PoolConfig())
     routes = {
         database: _parse_route(database, section, pool_defaults)
@@ -309,6 +343,7 @@ def parse_config(
         identity=identity,
         roles=types.MappingProxyType(roles),
         routes=types.MappingProxyType(routes),
+        policy=policy,
         source=source,
     )
 
@@ -715,6 +750,102 @@ def _parse_identity(section: _Section) -> IdentityConfig:
             "together the patterns must capture store, terminal and role",
         )
     return IdentityConfig(tuple(sources), user_name)
+
+
+def _parse_role(name: str, section: _Section) -> RoleConfig:
+    description = section.read("description", _string(allow_empty=True), "")
+    policy_file = section.read("policy", section.ctx.path, None)
+    if policy_file is None:
+        return RoleConfig(name, description)
+    try:
+        data = load_yaml(policy_file)
+    except ValueError as exc:
+        section.report("policy", str(exc))
+        return RoleConfig(name, description)
+    policy_ctx = _Context(policy_file.parent, section.ctx.environ, section.ctx.problems)
+    policy = _parse_policy(policy_ctx.section(data, section.key_path("policy"), _POLICY_KEYS))
+    return RoleConfig(name, description, policy, policy_file)
+
+
+_POLICY_KEYS: Final = (
+    "mode",
+    "search_path",
+    "stacked_queries",
+    "function_call_message",
+    "housekeeping",
+    "max_violations",
+    "allow",
+    "fingerprints",
+)
+_POLICY_ALLOW_KEYS: Final = ("kinds", "read", "write", "update_without_where", "denylist_exceptions")
+_IDENTIFIER: Final = r"[A-Za-z_][A-Za-z0-9_$]*"
+_TABLE_NAME: Final = rf"{_IDENTIFIER}(\.{_IDENTIFIER})?"
+
+
+def _parse_policy(section: _Section) -> RolePolicy:
+    """A role's policy file (see config/policies/ and the README's policy workflow)."""
+    default = RolePolicy()
+    search_path = tuple(
+        section.read("search_path", _list_of(_matching(_IDENTIFIER)), list(default.search_path))
+    )
+    allow = section.child("allow", _POLICY_ALLOW_KEYS)
+    no_names: list[str] = []
+    qualify = RolePolicy(search_path=search_path or default.search_path).qualify
+    fingerprints: dict[str, ApprovedStatement] = {}
+    raw = section.data.get("fingerprints")
+    if raw is not None and raw != []:
+        for path, item in section.items("fingerprints"):
+            entry = section.ctx.section(item, path, ("fingerprint", "text"))
+            fingerprint = entry.require("fingerprint", _matching(r"[0-9a-f]{16}"), "")
+            fingerprints[fingerprint] = ApprovedStatement(fingerprint, entry.read("text", _string(), ""))
+    return RolePolicy(
+        mode=section.read("mode", _enum(PolicyMode), default.mode),
+        search_path=search_path or default.search_path,
+        kinds=frozenset(allow.read("kinds", _list_of(_one_of_names(STATEMENT_KINDS)), no_names)),
+        read_tables=frozenset(map(qualify, allow.read("read", _list_of(_matching(_TABLE_NAME)), no_names))),
+        write_tables=frozenset(map(qualify, allow.read("write", _list_of(_matching(_TABLE_NAME)), no_names))),
+        update_without_where=allow.read("update_without_where", _boolean, False),
+        stacked_queries=section.read("stacked_queries", _boolean, default.stacked_queries),
+        function_call_message=section.read("function_call_message", _boolean, default.function_call_message),
+        housekeeping=section.read("housekeeping", _boolean, default.housekeeping),
+        denylist_exceptions=frozenset(
+            allow.read("denylist_exceptions", _list_of(_one_of_names(DENYLIST_NAMES)), no_names)
+        ),
+        max_violations=section.read(
+            "max_violations", _in_range(_whole_number, "an integer", minimum=1), default.max_violations
+        ),
+        fingerprints=types.MappingProxyType(fingerprints),
+    )
+
+
+def _list_of(item: Callable[[object], T]) -> Callable[[object], list[T]]:
+    def convert(value: object) -> list[T]:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {_describe(value)}")
+        converted = []
+        for index, element in enumerate(value):
+            try:
+                converted.append(item(element))
+            except ValueError as exc:
+                raise ValueError(f"item {index}: {exc}") from None
+        return converted
+
+    return convert
+
+
+def _one_of_names(names: frozenset[str]) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or value not in names:
+            raise ValueError(f"expected one of: {', '.join(sorted(names))}; got {_describe(value)}")
+        return value
+
+    return convert
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_describe(value)}")
+    return value
 
 
 def _parse_pool(section: _Section, inherited: PoolConfig) -> PoolConfig:

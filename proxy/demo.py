@@ -81,6 +81,10 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         password_file = workdir / "db-password"
         password_file.touch(mode=0o600)
         password_file.write_text(db_password, encoding="utf-8")
+        policies = workdir / "policies"
+        policies.mkdir()
+        for policy in resources.files("proxy").joinpath("data/policies").iterdir():
+            (policies / policy.name).write_text(policy.read_text(encoding="utf-8"), encoding="utf-8")
         config_path = workdir / "pos-proxy.yaml"
         template = resources.files("proxy").joinpath("data/demo-config.yaml").read_text(encoding="utf-8")
         config_path.write_text(
@@ -103,6 +107,7 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         await _sample_session(host, proxy_port, terminal_pki / "ca.pem", cashier)
         rush = [_issue(terminal_pki, name, "cashier", announce=False) for name in DEMO_RUSH_TILLS]
         await _rush_hour(host, proxy_port, terminal_pki / "ca.pem", [cashier, *rush], server.routes["pos"])
+        await _policy_tour(host, proxy_port, terminal_pki / "ca.pem", cashier, terminals[1])
 
         say("try it by hand, one line per role:")
         for terminal in terminals:
@@ -160,6 +165,38 @@ async def _rush_hour(host: str, port: int, ca: Path, tills: list[DemoTerminal], 
         f"{stats.opened_total} server connection(s) (pool size {stats.size}, "
         f"{route.config.pool.mode.value} pooling); {sales} till sales on record"
     )
+
+
+async def _policy_tour(host: str, port: int, ca: Path, cashier: DemoTerminal, manager: DemoTerminal) -> None:
+    """The role policies at work: what a stolen till may not do, and what the office may."""
+    connection = await _connect(host, port, ca, cashier)
+    try:
+        for statement in (
+            "DROP TABLE sales",
+            "SELECT pg_sleep(1)",
+            "SELECT sku, price_cents FROM products; DELETE FROM sales",
+        ):
+            try:
+                await connection.execute(statement)
+                say(f"  cashier ran {statement!r} (unexpected)")
+            except asyncpg.PostgresError as exc:
+                say(f"policy: cashier refused {statement!r}: {exc.sqlstate} {exc}")
+        still = await connection.fetchval("SELECT count(*) FROM products")
+        say(f"policy: the cashier's session goes on ({still} products visible)")
+    finally:
+        await connection.close()
+    connection = await _connect(host, port, ca, manager)
+    try:
+        report = await connection.fetch(
+            "SELECT terminal_id, count(*) AS sales, sum(total_cents) AS total_cents "
+            "FROM sales GROUP BY terminal_id ORDER BY total_cents DESC LIMIT 3"
+        )
+        top = ", ".join(
+            f"{row['terminal_id']} {row['sales']} sales {row['total_cents'] / 100:.2f}" for row in report
+        )
+        say(f"policy: manager ran the sales report: {top}")
+    finally:
+        await connection.close()
 
 
 async def _sample_session(host: str, port: int, ca: Path, terminal: DemoTerminal) -> None:

@@ -56,3 +56,9 @@ class AdminShutdown(ProxyError):
 
 class FeatureNotSupported(ProxyError):
     sqlstate = "0A000"
+
+
+class PolicyViolationLimit(ProxyError):
+    """The terminal kept sending refused statements: its session is ended (42501)."""
+
+    sqlstate = "42501"

@@ -15,6 +15,8 @@ import structlog
 
 from proxy.config import Config, ConfigError, ConfigProblem, RouteConfig, load_config
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
+from proxy.policy.engine import PolicyEngine
+from proxy.policy.learn import ReviewLog
 from proxy.pool import PoolSettings, UpstreamPool
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.session import ClientSession, Route, SessionEnvironment, SessionRegistry
@@ -35,6 +37,15 @@ _PLAINTEXT_REFUSAL = AuthenticationRefused(
     "pos-db-proxy accepts only TLS connections with a terminal certificate",
     hint="connect with sslmode=verify-full and the terminal's sslcert and sslkey",
 )
+
+
+def build_policy_engine(config: Config) -> PolicyEngine:
+    for role in config.roles.values():
+        if role.policy is None:
+            log.warning("role_without_policy", role=role.name, effect="all statements allowed")
+        else:
+            log.info("role_policy", role=role.name, mode=role.policy.mode.value, file=str(role.policy_file))
+    return PolicyEngine({name: role.policy for name, role in config.roles.items()}, config.policy.cache_size)
 
 
 def build_routes(config: Config) -> dict[str, Route]:
@@ -92,7 +103,13 @@ class ProxyServer:
         self._terminal_tls = terminal_context(config.tls)
         self._registry = SessionRegistry()
         self.routes: Mapping[str, Route] = build_routes(config)
-        self._environment = SessionEnvironment(config=config, routes=self.routes, registry=self._registry)
+        self._environment = SessionEnvironment(
+            config=config,
+            routes=self.routes,
+            registry=self._registry,
+            policies=build_policy_engine(config),
+            review=ReviewLog(config.policy.review_file) if config.policy.review_file else None,
+        )
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
@@ -138,7 +155,20 @@ class ProxyServer:
         self.routes = self._rebuild_routes(config)
         self.config = config
         self._terminal_tls = terminal_tls
-        self._environment = dataclasses.replace(self._environment, config=config, routes=self.routes)
+        review = self._environment.review
+        if review is not None:
+            review.flush()
+        if config.policy.review_file is None:
+            review = None
+        elif review is None or review.path != config.policy.review_file:
+            review = ReviewLog(config.policy.review_file)
+        self._environment = dataclasses.replace(
+            self._environment,
+            config=config,
+            routes=self.routes,
+            policies=build_policy_engine(config),
+            review=review,
+        )
         log.info("reload_applied", trigger=trigger, changed=changed)
         if config.tls.crl is not None:
             self._cut_revoked_terminals(revoked_serials(config.tls.crl))
@@ -171,6 +201,15 @@ class ProxyServer:
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
         self._spawn(self.shutdown())
 
+    def _flush_review(self) -> None:
+        review = self._environment.review
+        if review is None:
+            return
+        try:
+            review.flush()
+        except OSError as exc:
+            log.error("review_file_write_failed", path=str(review.path), error=str(exc))
+
     async def shutdown(self) -> None:
         """Stop accepting, end every session with 57P01, close the pools."""
         if self._listener is not None:
@@ -180,6 +219,7 @@ class ProxyServer:
             session.terminate(AdminShutdown("terminating connection: the proxy is shutting down"), "shutdown")
         for route in self.routes.values():
             await route.pool.close()
+        self._flush_review()
         current = asyncio.current_task()
         for task in list(self._tasks) + list(self._registry.tasks):
             if task is not current:
@@ -194,6 +234,7 @@ class ProxyServer:
     async def _recycle_loop(self) -> None:
         while True:
             await asyncio.sleep(_RECYCLE_INTERVAL)
+            self._flush_review()
             for route in self.routes.values():
                 route.pool.recycle()
 

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import pickle
 import re
+import shutil
 import ssl
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from proxy.config import (
     parse_duration,
     parse_size,
 )
+from proxy.policy.model import PolicyMode
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "pos-proxy.example.yaml"
 PASSWORD = "correct horse battery staple"
@@ -282,7 +284,7 @@ def test_unknown_top_level_key(base: Path) -> None:
     data = minimal()
     data["lissen"] = {}
     assert problems(data, base) == [
-        "lissen: unknown key (expected one of: listen, tls, identity, roles, pool, routes)"
+        "lissen: unknown key (expected one of: listen, tls, identity, roles, pool, routes, policy)"
     ]
 
 
@@ -397,7 +399,7 @@ def test_role_names(base: Path) -> None:
     assert problems(data, base) == [
         "roles.Cashier: expected a name matching ^[a-z][a-z0-9_]{0,62}$, got 'Cashier'",
         "roles.shift-lead: expected a name matching ^[a-z][a-z0-9_]{0,62}$, got 'shift-lead'",
-        "roles.ok.descripton: unknown key (expected one of: description)",
+        "roles.ok.descripton: unknown key (expected one of: description, policy)",
     ]
     assert problems({**minimal(), "roles": {}}, base) == ["roles: at least one role is required"]
 
@@ -645,7 +647,7 @@ def test_yaml_merge_keys_may_override(base: Path) -> None:
         load_config(path)
     # The anchor holder is an unknown key, but the merge itself was accepted.
     assert [str(problem) for problem in caught.value.problems] == [
-        "x-route: unknown key (expected one of: listen, tls, identity, roles, pool, routes)"
+        "x-route: unknown key (expected one of: listen, tls, identity, roles, pool, routes, policy)"
     ]
 
 
@@ -678,8 +680,12 @@ def test_example_config_loads(tmp_path: Path) -> None:
     (credentials / "reports-db-password").write_text("reports-password\n")
     path = tmp_path / "pos-proxy.yaml"
     path.write_text(EXAMPLE.read_text().replace("/etc/pos-proxy/tls/", f"{tls}/"))
+    shutil.copytree(EXAMPLE.parent / "policies", tmp_path / "policies")
 
     config = load_config(path, environ={"CREDENTIALS_DIRECTORY": str(credentials)})
+    cashier = config.roles["cashier"].policy
+    assert cashier is not None and cashier.mode is PolicyMode.ENFORCE
+    assert "public.sales" in cashier.write_tables
 
     assert (config.listen.host, config.listen.port) == ("0.0.0.0", 6432)
     assert config.tls.cert == tls / "proxy.crt"
@@ -706,7 +712,7 @@ def test_example_config_loads(tmp_path: Path) -> None:
         (TLSConfig, ()),
         (IdentityConfig, ()),
         (IdentitySource, ()),
-        (RoleConfig, ("name",)),
+        (RoleConfig, ("name", "policy_file")),
         (PoolConfig, ()),
         (RouteConfig, ("database",)),
     ],

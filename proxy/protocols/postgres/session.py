@@ -18,6 +18,7 @@ from proxy.config import Config, PoolMode, RouteConfig, SessionStateAction
 from proxy.errors import (
     AuthenticationRefused,
     FeatureNotSupported,
+    PolicyViolationLimit,
     ProtocolViolation,
     ProxyError,
     UnknownDatabase,
@@ -25,6 +26,9 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.identity import Identity, IdentityError, check_user_name, identify
+from proxy.policy.engine import Decision, PolicyEngine
+from proxy.policy.learn import ReviewLog
+from proxy.policy.model import PolicyMode
 from proxy.pool import UpstreamPool
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.parameters import SessionParameters, StartupParameterError, reported_value
@@ -96,6 +100,8 @@ class SessionEnvironment:
     config: Config
     routes: Mapping[str, Route]
     registry: SessionRegistry
+    policies: PolicyEngine = field(default_factory=lambda: PolicyEngine({}))
+    review: ReviewLog | None = None
     classifier: SessionStateClassifier = field(default_factory=SessionStateClassifier)
     statement_stats: StatementStats = field(default_factory=StatementStats)
 
@@ -129,6 +135,7 @@ class ClientSession(asyncio.Protocol):
         # Whole client messages waiting for a server connection (transaction pooling).
         self._stash = bytearray()
         self._pinned_by: str | None = None
+        self._violations = 0
         self._connect_task: asyncio.Task[None] | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
         self._started_at = time.monotonic()
@@ -154,6 +161,15 @@ class ClientSession(asyncio.Protocol):
             self._transport.abort()
             return
         self._identify(self._transport)
+
+    @property
+    def _role(self) -> str:
+        assert self.identity is not None
+        return self.identity.role
+
+    @property
+    def _policy_mode(self) -> PolicyMode | None:
+        return self._env.policies.mode(self._role)
 
     def _agreed_on_postgres_alpn(self) -> bool:
         assert self._transport is not None
@@ -407,43 +423,97 @@ class ClientSession(asyncio.Protocol):
     def _send(self, chunk: bytes, frames: list[m.Frame]) -> None:
         server = self._server
         assert server is not None
-        refusals = self._check_session_state(chunk, frames, server)
+        refusals = self._check_statements(chunk, frames, server)
         server.send(self._statements.rewrite(chunk, frames, server.state, refusals), frames)
         synthetic = take_ready_synthetics(server.state)
         if synthetic and self._transport is not None:
             self._transport.write(synthetic)
 
-    def _check_session_state(
+    def _check_statements(
         self, chunk: bytes, frames: list[m.Frame], server: ServerConnection
     ) -> dict[int, Refusal] | None:
-        """Pin or refuse statements that would leave state behind in a shared server session."""
-        refusals: dict[int, Refusal] | None = None
-        classify = self._env.classifier.classify
+        """Apply the role's policy, then pin or refuse statements that leave session state behind.
+
+        Returns the refusals, keyed by the offset of the message each one replaces.
+        """
+        refusals: dict[int, Refusal] = {}
         for kind, start, end in frames:
             if kind == m.MSG_QUERY:
                 text = chunk[start + 5 : end - 1]
             elif kind == m.MSG_PARSE:
                 name_end = chunk.find(b"\x00", start + 5, end)
                 text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
+            elif kind == m.MSG_FUNCTION_CALL:
+                self._apply_policy(self._env.policies.decide_function_call(self._role), start, refusals)
+                continue
             else:
                 continue
-            found = classify(text)
-            if found.effect is Effect.NONE:
-                continue
-            if found.effect is Effect.FORGETS_STATEMENTS:
-                server.state.statements.clear()
-            elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
-                if self._route.config.pool.session_state is SessionStateAction.PIN:
-                    self._pinned_by = found.reason
-                    log.info("session_pinned", **self._log_fields(), reason=found.reason)
-                else:
-                    refusals = refusals or {}
-                    refusals[start] = Refusal(
-                        FeatureNotSupported.sqlstate,
-                        f"{found.reason} is not supported under transaction pooling",
-                        hint="use SET LOCAL inside a transaction, or a session-pooling route",
-                    )
-        return refusals
+            if self._policy_mode is not None:
+                self._apply_policy(self._env.policies.decide(self._role, text), start, refusals)
+                if start in refusals:
+                    continue
+            self._check_session_state(text, start, server, refusals)
+        return refusals or None
+
+    def _apply_policy(self, decision: Decision, start: int, refusals: dict[int, Refusal]) -> None:
+        mode = self._policy_mode
+        if decision.allowed:
+            if mode is PolicyMode.LEARN and decision.rule != "housekeeping":
+                self._learn(decision)
+            return
+        fields = self._log_fields()
+        statements = [text for _fingerprint, text in decision.statements]
+        if mode is PolicyMode.MONITOR:
+            log.warning(
+                "policy_would_refuse",
+                **fields,
+                rule=decision.rule,
+                reason=decision.message,
+                statements=statements,
+            )
+            return
+        if mode is PolicyMode.LEARN:
+            self._learn(decision)
+            return
+        self._violations += 1
+        log.warning(
+            "policy_violation", **fields, rule=decision.rule, reason=decision.message, statements=statements
+        )
+        policy = self._env.policies.policy(self._role)
+        limit = policy.max_violations if policy is not None else None
+        if limit is not None and self._violations >= limit:
+            raise PolicyViolationLimit(f"too many refused statements for role {self._role}")
+        refusals[start] = Refusal(decision.sqlstate, decision.message)
+
+    def _learn(self, decision: Decision) -> None:
+        review = self._env.review
+        policy = self._env.policies.policy(self._role)
+        if review is None or policy is None:
+            return
+        policy_file = self._env.config.roles[self._role].policy_file
+        for fingerprint, text in decision.statements:
+            if fingerprint and fingerprint not in policy.fingerprints:
+                review.record(self._role, fingerprint, text, policy_file)
+
+    def _check_session_state(
+        self, text: bytes, start: int, server: ServerConnection, refusals: dict[int, Refusal]
+    ) -> None:
+        """Pin or refuse a statement that would leave state behind in a shared server session."""
+        found = self._env.classifier.classify(text)
+        if found.effect is Effect.NONE:
+            return
+        if found.effect is Effect.FORGETS_STATEMENTS:
+            server.state.statements.clear()
+        elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
+            if self._route.config.pool.session_state is SessionStateAction.PIN:
+                self._pinned_by = found.reason
+                log.info("session_pinned", **self._log_fields(), reason=found.reason)
+            else:
+                refusals[start] = Refusal(
+                    FeatureNotSupported.sqlstate,
+                    f"{found.reason} is not supported under transaction pooling",
+                    hint="use SET LOCAL inside a transaction, or a session-pooling route",
+                )
 
     # --- cancel ---
 

@@ -1,0 +1,133 @@
+"""Policy decisions for statements, per role, cached by exact text so the parser runs once per text."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from proxy.policy.model import DENIED_STATEMENTS, PolicyMode, RolePolicy
+from proxy.policy.postgres import ParseError, StatementFacts, analyze
+
+INSUFFICIENT_PRIVILEGE = "42501"
+SYNTAX_ERROR = "42601"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What enforce mode does with a statement text, and why."""
+
+    allowed: bool
+    rule: str  # the rule class that decided: housekeeping, fingerprint, structural, denylist, ...
+    message: str = ""  # for the client when refused: names the role and the rule class only
+    sqlstate: str = INSUFFICIENT_PRIVILEGE
+    # (fingerprint, normalized text) of each statement, for learn mode and the audit log.
+    statements: tuple[tuple[str, str], ...] = ()
+
+
+_UNRESTRICTED = Decision(True, "no policy")
+
+
+class PolicyEngine:
+    """Decides statements for every role; one instance per loaded configuration."""
+
+    def __init__(self, policies: Mapping[str, RolePolicy | None], cache_size: int = 10_000) -> None:
+        self._policies = policies
+        self._cache: OrderedDict[tuple[str, bytes], Decision] = OrderedDict()
+        self._cache_size = cache_size
+        self.hits = 0
+        self.misses = 0
+
+    def policy(self, role: str) -> RolePolicy | None:
+        return self._policies.get(role)
+
+    def mode(self, role: str) -> PolicyMode | None:
+        policy = self._policies.get(role)
+        return policy.mode if policy is not None else None
+
+    def decide(self, role: str, sql: bytes) -> Decision:
+        """The decision for ``sql`` (UTF-8 from the wire) as run by ``role``."""
+        key = (role, sql)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self.hits += 1
+            self._cache.move_to_end(key)
+            return cached
+        self.misses += 1
+        policy = self._policies.get(role)
+        decision = (
+            _UNRESTRICTED if policy is None else judge(policy, role, sql.decode("utf-8", errors="replace"))
+        )
+        self._cache[key] = decision
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return decision
+
+    def decide_function_call(self, role: str) -> Decision:
+        """The legacy FunctionCall message ('F') bypasses SQL entirely: refused unless allowed."""
+        policy = self._policies.get(role)
+        if policy is None or policy.function_call_message:
+            return Decision(True, "function call message")
+        return Decision(
+            False,
+            "function call message",
+            f"the function call protocol message is not allowed for role {role}",
+        )
+
+
+def judge(policy: RolePolicy, role: str, sql: str) -> Decision:
+    """Enforce-mode decision for a whole query string (all of its statements)."""
+    try:
+        statements = analyze(sql, policy.search_path)
+    except ParseError:
+        return Decision(False, "parse error", "the statement could not be parsed", SYNTAX_ERROR)
+    summary = tuple((facts.fingerprint, facts.normalized) for facts in statements)
+    if len(statements) > 1 and not policy.stacked_queries:
+        return Decision(
+            False, "stacked queries", f"stacked queries are not allowed for role {role}", statements=summary
+        )
+    rules = []
+    for facts in statements:
+        refusal = _refusal(policy, role, facts)
+        if refusal is not None:
+            return Decision(False, refusal[0], refusal[1], statements=summary)
+        rules.append(_allowing_rule(policy, facts))
+    return Decision(True, ", ".join(sorted(set(rules))) or "empty", statements=summary)
+
+
+def _allowing_rule(policy: RolePolicy, facts: StatementFacts) -> str:
+    if policy.housekeeping and facts.housekeeping:
+        return "housekeeping"
+    if facts.fingerprint in policy.fingerprints:
+        return "fingerprint"
+    return "structural"
+
+
+def _refusal(policy: RolePolicy, role: str, facts: StatementFacts) -> tuple[str, str] | None:
+    """(rule class, client message) when this statement is refused, else None."""
+    denied = sorted(facts.denied - policy.denylist_exceptions)
+    if denied:
+        name = denied[0]
+        if name in DENIED_STATEMENTS:
+            return "denylist", f"statement kind {facts.label} is not allowed for role {role}"
+        return "denylist", f"function {name} is not allowed for role {role}"
+    if (policy.housekeeping and facts.housekeeping) or facts.fingerprint in policy.fingerprints:
+        return None
+    for kind in sorted({facts.kind} | facts.kinds_inside):
+        if kind not in policy.kinds:
+            label = facts.label if kind == facts.kind else kind
+            return "statement kind", f"statement kind {label} is not allowed for role {role}"
+    writable = policy.write_tables
+    for table in sorted(facts.writes):
+        if table not in writable:
+            return "table write", f"writing to table {table} is not allowed for role {role}"
+    for table in sorted(facts.locks):
+        if table not in writable:
+            return "row lock", f"locking rows of table {table} is not allowed for role {role}"
+    readable = policy.read_tables | writable
+    for table in sorted(facts.reads):
+        if table not in readable:
+            return "table read", f"reading table {table} is not allowed for role {role}"
+    if facts.unbounded_write and not policy.update_without_where:
+        return "unbounded write", f"UPDATE or DELETE without WHERE is not allowed for role {role}"
+    return None

@@ -1,0 +1,357 @@
+"""What a PostgreSQL statement does, read off PostgreSQL's own parse tree (pglast / libpg_query).
+
+No regexes: comments, case, quoting, ``U&`` escapes, dollar quoting and nesting are resolved by
+the same parser the server uses, so a statement cannot look different to the proxy and to
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pglast import ast, enums, parse_sql, visitors
+from pglast.parser import ParseError, fingerprint, normalize
+
+from proxy.policy.model import DENIED_FUNCTION_PREFIXES, DENIED_FUNCTIONS
+
+__all__ = ["ParseError", "StatementFacts", "analyze"]
+
+# Settings set_config may not touch: they change who the session is or what it can see.
+SENSITIVE_SETTINGS = frozenset(
+    {
+        "role",
+        "session_authorization",
+        "search_path",
+        "default_transaction_read_only",
+        "transaction_read_only",
+        "row_security",
+        "session_replication_role",
+        "lo_compat_privileges",
+        "allow_system_table_mods",
+        "default_tablespace",
+        "temp_tablespaces",
+    }
+)
+_SENSITIVE_SHOW = re.compile(r"file|director|ssl|password|hba|ident|log|preload|archive|command|key|^all$")
+_HOUSEKEEPING_SETTINGS = frozenset({"application_name", "extra_float_digits"})
+_HOUSEKEEPING_LOCAL_SETTINGS = frozenset({"statement_timeout", "lock_timeout"})
+_HOUSEKEEPING_FUNCTIONS = frozenset({"version", "current_database", "current_schema", "pg_backend_pid"})
+_TWO_PHASE = frozenset(
+    {
+        enums.TransactionStmtKind.TRANS_STMT_PREPARE,
+        enums.TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED,
+        enums.TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED,
+    }
+)
+_DDL_LABELS = {
+    "CreateStmt": "CREATE TABLE",
+    "CreateTableAsStmt": "CREATE TABLE AS",
+    "DropStmt": "DROP",
+    "AlterTableStmt": "ALTER TABLE",
+    "TruncateStmt": "TRUNCATE",
+    "IndexStmt": "CREATE INDEX",
+    "ViewStmt": "CREATE VIEW",
+    "CreateFunctionStmt": "CREATE FUNCTION",
+    "RenameStmt": "RENAME",
+    "VacuumStmt": "VACUUM",
+    "CreateRoleStmt": "CREATE ROLE",
+    "AlterRoleStmt": "ALTER ROLE",
+}
+# Statements named by the deny list itself rather than as generic DDL.
+_DENIED_BY_CLASS = {
+    "DoStmt": ("DO", "DO"),
+    "LoadStmt": ("LOAD", "LOAD"),
+    "AlterSystemStmt": ("ALTER SYSTEM", "ALTER SYSTEM"),
+    "CreateExtensionStmt": ("CREATE EXTENSION", "CREATE EXTENSION"),
+    "GrantRoleStmt": ("GRANT", "GRANT ROLE"),
+}
+_ALLOWED_BY_CLASS = {
+    "InsertStmt": "INSERT",
+    "UpdateStmt": "UPDATE",
+    "DeleteStmt": "DELETE",
+    "MergeStmt": "MERGE",
+    "VariableShowStmt": "SHOW",
+    "LockStmt": "LOCK",
+    "ListenStmt": "LISTEN",
+    "UnlistenStmt": "UNLISTEN",
+    "NotifyStmt": "NOTIFY",
+    "PrepareStmt": "PREPARE",
+    "ExecuteStmt": "EXECUTE",
+    "DeallocateStmt": "DEALLOCATE",
+    "DeclareCursorStmt": "DECLARE CURSOR",
+    "FetchStmt": "FETCH",
+    "ClosePortalStmt": "CLOSE CURSOR",
+    "ExplainStmt": "EXPLAIN",
+    "CallStmt": "CALL",
+    "DiscardStmt": "DISCARD",
+    "TransactionStmt": "TRANSACTION",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StatementFacts:
+    """One statement: its kind, what it reads, writes, locks and calls, and its fingerprint."""
+
+    kind: str  # a policy statement kind, e.g. "SELECT", "INSERT", "TRANSACTION"
+    label: str  # what to call it in messages, e.g. "DROP", "BEGIN"
+    denied: frozenset[str]  # deny-list entries it hits (e.g. "DDL", "pg_sleep")
+    reads: frozenset[str]
+    writes: frozenset[str]
+    locks: frozenset[str]
+    kinds_inside: frozenset[str]  # kinds of statements nested in it (CTE writes, EXPLAIN, PREPARE)
+    unbounded_write: bool  # UPDATE or DELETE without WHERE
+    housekeeping: bool
+    fingerprint: str
+    normalized: str
+
+
+def analyze(sql: str, search_path: tuple[str, ...]) -> list[StatementFacts]:
+    """Facts for each statement of ``sql``; raises ParseError when PostgreSQL could not parse it."""
+    raw_statements = parse_sql(sql)
+    encoded = sql.encode()
+    facts = []
+    for raw in raw_statements:
+        if raw.stmt is None:
+            continue
+        start = raw.stmt_location or 0
+        end = start + raw.stmt_len if raw.stmt_len else len(encoded)
+        text = encoded[start:end].decode(errors="replace").strip()
+        facts.append(_facts(raw.stmt, text, search_path))
+    return facts
+
+
+def _facts(statement: ast.Node, text: str, search_path: tuple[str, ...]) -> StatementFacts:
+    collector = _Collector(search_path[0])
+    collector(statement)
+    kind, label, denied = _classify(statement)
+    denied |= collector.denied_functions
+    if collector.select_into:
+        denied |= {"DDL"}
+        label = "SELECT INTO"
+    if kind == "SELECT" and (collector.locks_all_from or collector.locked):
+        kind = label = "SELECT FOR UPDATE"
+    reads = frozenset(collector.tables - collector.written - collector.cte_names)
+    locked = frozenset(collector.locked) | (reads if collector.locks_all_from else frozenset())
+    nested = frozenset(collector.nested_kinds)
+    return StatementFacts(
+        kind=kind,
+        label=label,
+        denied=frozenset(denied),
+        reads=reads,
+        writes=frozenset(collector.written),
+        locks=locked,
+        kinds_inside=nested,
+        unbounded_write=collector.unbounded_write,
+        housekeeping=_is_housekeeping(statement),
+        fingerprint=_fingerprint(text),
+        normalized=_normalized(text),
+    )
+
+
+def _classify(statement: ast.Node) -> tuple[str, str, set[str]]:
+    """(policy kind, label, deny-list hits) of a top-level statement."""
+    name = type(statement).__name__
+    if isinstance(statement, ast.SelectStmt):
+        return "SELECT", "SELECT", set()
+    if isinstance(statement, ast.CopyStmt):
+        if statement.is_program:
+            return "COPY", "COPY PROGRAM", {"COPY PROGRAM"}
+        if statement.filename is not None:
+            return "COPY", "COPY FILE", {"COPY FILE"}
+        return (
+            ("COPY FROM STDIN", "COPY FROM STDIN", set())
+            if statement.is_from
+            else (
+                "COPY TO STDOUT",
+                "COPY TO STDOUT",
+                set(),
+            )
+        )
+    if isinstance(statement, ast.VariableSetStmt):
+        setting = (statement.name or "").lower()
+        if setting == "role":
+            return "SET", "SET ROLE", {"SET ROLE"}
+        if setting == "session_authorization":
+            return "SET", "SET SESSION AUTHORIZATION", {"SET SESSION AUTHORIZATION"}
+        resets = (enums.VariableSetKind.VAR_RESET, enums.VariableSetKind.VAR_RESET_ALL)
+        return ("RESET", "RESET", set()) if statement.kind in resets else ("SET", "SET", set())
+    if isinstance(statement, ast.TransactionStmt):
+        label = (
+            statement.kind.name.removeprefix("TRANS_STMT_").replace("_", " ") if statement.kind else "BEGIN"
+        )
+        return "TRANSACTION", label, {"TWO-PHASE COMMIT"} if statement.kind in _TWO_PHASE else set()
+    if isinstance(statement, ast.GrantStmt):
+        return "GRANT", "GRANT" if statement.is_grant else "REVOKE", {"GRANT"}
+    if name in _DENIED_BY_CLASS:
+        denied, label = _DENIED_BY_CLASS[name]
+        return denied, label, {denied}
+    if name in _ALLOWED_BY_CLASS:
+        kind = _ALLOWED_BY_CLASS[name]
+        return kind, kind, set()
+    return "DDL", _DDL_LABELS.get(name, _label_from_class(name)), {"DDL"}
+
+
+def _label_from_class(name: str) -> str:
+    words = re.findall(r"[A-Z][a-z]*", name.removesuffix("Stmt"))
+    return " ".join(words).upper() or name
+
+
+class _Collector(visitors.Visitor):
+    """Walks one statement's whole tree, subqueries and CTEs included."""
+
+    def __init__(self, default_schema: str) -> None:
+        super().__init__()
+        self._schema = default_schema
+        self.tables: set[str] = set()
+        self.written: set[str] = set()
+        self.locked: set[str] = set()
+        self.cte_names: set[str] = set()
+        self.nested_kinds: set[str] = set()
+        self.denied_functions: set[str] = set()
+        self.select_into = False
+        self.locks_all_from = False
+        self.unbounded_write = False
+        self._write_targets: set[int] = set()
+        self._depth = 0
+
+    def _name(self, relation: ast.RangeVar) -> str:
+        return f"{relation.schemaname or self._schema}.{relation.relname}"
+
+    def visit_RangeVar(self, ancestors: object, node: ast.RangeVar) -> None:
+        name = self._name(node)
+        if id(node) in self._write_targets:
+            self.written.add(name)
+        elif node.schemaname is None and node.relname in self.cte_names:
+            return
+        else:
+            self.tables.add(name)
+
+    def visit_CommonTableExpr(self, ancestors: object, node: ast.CommonTableExpr) -> None:
+        if node.ctename:
+            self.cte_names.add(node.ctename)
+
+    def _target(self, relation: ast.RangeVar | None, kind: str) -> None:
+        if relation is not None:
+            self._write_targets.add(id(relation))
+            self.written.add(self._name(relation))
+        self.nested_kinds.add(kind)
+
+    def visit_InsertStmt(self, ancestors: object, node: ast.InsertStmt) -> None:
+        self._target(node.relation, "INSERT")
+
+    def visit_UpdateStmt(self, ancestors: object, node: ast.UpdateStmt) -> None:
+        self._target(node.relation, "UPDATE")
+        self.unbounded_write |= node.whereClause is None
+
+    def visit_DeleteStmt(self, ancestors: object, node: ast.DeleteStmt) -> None:
+        self._target(node.relation, "DELETE")
+        self.unbounded_write |= node.whereClause is None
+
+    def visit_MergeStmt(self, ancestors: object, node: ast.MergeStmt) -> None:
+        self._target(node.relation, "MERGE")
+
+    def visit_CopyStmt(self, ancestors: object, node: ast.CopyStmt) -> None:
+        if node.is_from:
+            self._target(node.relation, "COPY FROM STDIN")
+
+    def visit_LockStmt(self, ancestors: object, node: ast.LockStmt) -> None:
+        for relation in node.relations or ():
+            if isinstance(relation, ast.RangeVar):
+                self.locked.add(self._name(relation))
+
+    def visit_SelectStmt(self, ancestors: object, node: ast.SelectStmt) -> None:
+        if node.intoClause is not None:
+            self.select_into = True
+        for clause in node.lockingClause or ():
+            if not isinstance(clause, ast.LockingClause):
+                continue
+            if clause.lockedRels:
+                self.locked.update(
+                    self._name(rel) for rel in clause.lockedRels if isinstance(rel, ast.RangeVar)
+                )
+            else:
+                self.locks_all_from = True
+
+    def visit_FuncCall(self, ancestors: object, node: ast.FuncCall) -> None:
+        name = (node.funcname or ())[-1].sval or ""
+        if name in DENIED_FUNCTIONS or name.startswith(DENIED_FUNCTION_PREFIXES):
+            self.denied_functions.add(name)
+        elif name == "set_config" and not _harmless_set_config(node.args or ()):
+            self.denied_functions.add("set_config")
+
+    def visit_PrepareStmt(self, ancestors: object, node: ast.PrepareStmt) -> None:
+        self.nested_kinds.add(_nested_kind(node.query))
+
+    def visit_ExplainStmt(self, ancestors: object, node: ast.ExplainStmt) -> None:
+        self.nested_kinds.add(_nested_kind(node.query))
+
+    def visit_DeclareCursorStmt(self, ancestors: object, node: ast.DeclareCursorStmt) -> None:
+        self.nested_kinds.add(_nested_kind(node.query))
+
+
+def _nested_kind(query: ast.Node | None) -> str:
+    return _classify(query)[0] if query is not None else "SELECT"
+
+
+def _harmless_set_config(arguments: tuple[ast.Node, ...]) -> bool:
+    setting = arguments[0] if arguments else None
+    if isinstance(setting, ast.TypeCast):
+        setting = setting.arg
+    if not (isinstance(setting, ast.A_Const) and isinstance(setting.val, ast.String)):
+        return False  # computed at run time: could name anything
+    return (setting.val.sval or "").lower() not in SENSITIVE_SETTINGS
+
+
+def _is_housekeeping(statement: ast.Node) -> bool:
+    """Connection checks and session setup that drivers and pools send (see README, Policies)."""
+    if isinstance(statement, ast.TransactionStmt):
+        return statement.kind not in _TWO_PHASE
+    if isinstance(statement, ast.DiscardStmt):
+        return statement.target is enums.DiscardMode.DISCARD_ALL
+    if isinstance(statement, ast.VariableShowStmt):
+        return _SENSITIVE_SHOW.search((statement.name or "").lower()) is None
+    if isinstance(statement, ast.VariableSetStmt):
+        setting = (statement.name or "").lower()
+        return setting in _HOUSEKEEPING_SETTINGS or (
+            bool(statement.is_local) and setting in _HOUSEKEEPING_LOCAL_SETTINGS
+        )
+    if isinstance(statement, ast.SelectStmt):
+        plain = (
+            statement.fromClause is None
+            and statement.withClause is None
+            and statement.intoClause is None
+            and statement.lockingClause is None
+            and statement.whereClause is None
+            and statement.valuesLists is None
+            and statement.op is enums.SetOperation.SETOP_NONE
+        )
+        targets = statement.targetList or ()
+        return plain and bool(targets) and all(_is_constant_target(target) for target in targets)
+    return False
+
+
+def _is_constant_target(target: ast.Node) -> bool:
+    value = target.val if isinstance(target, ast.ResTarget) else None
+    while isinstance(value, ast.TypeCast):
+        value = value.arg
+    if isinstance(value, ast.A_Const | ast.SQLValueFunction):
+        return True
+    if not isinstance(value, ast.FuncCall) or value.args:
+        return False
+    names = [part.sval for part in value.funcname or ()]
+    return names[-1] in _HOUSEKEEPING_FUNCTIONS and (len(names) == 1 or names[0] == "pg_catalog")
+
+
+def _fingerprint(text: str) -> str:
+    try:
+        return str(fingerprint(text))
+    except ParseError:
+        return ""
+
+
+def _normalized(text: str) -> str:
+    try:
+        return str(normalize(text))
+    except ParseError:
+        return text
