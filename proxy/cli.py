@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,7 +65,27 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_certs_commands(commands.add_parser("certs", help="manage the terminal PKI (CA, certs, CRL)"))
     _add_policy_commands(commands.add_parser("policy", help="review, approve and check role SQL policies"))
+    _add_admin_commands(commands.add_parser("admin", help="talk to a running proxy's admin API"))
     return parser
+
+
+def _add_admin_commands(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:9187", help="admin listener base URL")
+    parser.add_argument("--token-file", type=Path, help="file holding the admin bearer token")
+    commands = parser.add_subparsers(title="admin commands", metavar="COMMAND", required=True)
+    commands.add_parser("pools", help="pool state per route (like SHOW POOLS)").set_defaults(
+        handler=_admin_call, method="GET", path="/v1/pools"
+    )
+    commands.add_parser("clients", help="live terminal sessions (like SHOW CLIENTS)").set_defaults(
+        handler=_admin_call, method="GET", path="/v1/clients"
+    )
+    commands.add_parser("reload", help="reload the configuration (like SIGHUP)").set_defaults(
+        handler=_admin_call, method="POST", path="/v1/reload"
+    )
+    disconnect = commands.add_parser("disconnect", help="cut a terminal's live sessions now")
+    disconnect.add_argument("store")
+    disconnect.add_argument("terminal")
+    disconnect.set_defaults(handler=_admin_disconnect)
 
 
 def _add_policy_commands(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +232,33 @@ def _policy_check(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"refused ({decision.sqlstate}, rule: {decision.rule}): {decision.message}")
     return EXIT_FAILURE
+
+
+def _admin_disconnect(args: argparse.Namespace) -> int:
+    store, terminal = (urllib.parse.quote(part, safe="") for part in (args.store, args.terminal))
+    args.method, args.path = "POST", f"/v1/terminals/{store}/{terminal}/disconnect"
+    return _admin_call(args)
+
+
+def _admin_call(args: argparse.Namespace) -> int:
+    request = urllib.request.Request(
+        args.url.rstrip("/") + args.path, method=args.method, data=b"" if args.method == "POST" else None
+    )
+    if args.token_file is not None:
+        request.add_header("Authorization", "Bearer " + args.token_file.read_text(encoding="utf-8").strip())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = response.read().decode()
+    except urllib.error.HTTPError as exc:
+        print(
+            f"pos-proxy: {args.path}: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr
+        )
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"pos-proxy: cannot reach the admin API at {args.url}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(json.loads(body), indent=2))
+    return EXIT_OK
 
 
 def _certs_init_ca(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from proxy.policy.model import (
 )
 
 __all__ = [
+    "AdminConfig",
     "Config",
     "ConfigError",
     "ConfigProblem",
@@ -220,6 +221,15 @@ class RoleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin HTTP listener (metrics, health, pools, clients, disconnect, reload)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9187
+    token: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PolicySettings:
     """Settings shared by all role policies."""
 
@@ -267,6 +277,7 @@ class Config:
     roles: Mapping[str, RoleConfig]
     routes: Mapping[str, RouteConfig]
     policy: PolicySettings = PolicySettings()
+    admin: AdminConfig | None = None
     source: Path | None = None
 
 
@@ -303,7 +314,7 @@ def _file_error(message: str) -> ConfigError:
     return ConfigError([ConfigProblem("", message)])
 
 
-_SECTIONS: Final = ("listen", "tls", "identity", "roles", "pool", "routes", "policy")
+_SECTIONS: Final = ("listen", "tls", "identity", "roles", "pool", "routes", "policy", "admin")
 
 
 def parse_config(
@@ -335,6 +346,14 @@ def parse_config(
         database: _parse_route(database, section, pool_defaults)
         for database, section in root.named("routes", "route", _string(), _keys(RouteConfig, "database"))
     }
+    admin = None
+    if root.data.get("admin") is not None:
+        admin_section = root.child("admin", _keys(AdminConfig))
+        admin = AdminConfig(
+            host=admin_section.read("host", _string(), AdminConfig().host),
+            port=admin_section.read("port", _ADMIN_PORT, AdminConfig().port),
+            token=admin_section.read("token", ctx.secret, None),
+        )
     if ctx.problems:
         raise ConfigError(ctx.problems)
     return Config(
@@ -344,6 +363,7 @@ def parse_config(
         roles=types.MappingProxyType(roles),
         routes=types.MappingProxyType(routes),
         policy=policy,
+        admin=admin,
         source=source,
     )
 
@@ -662,6 +682,8 @@ def _enum(kind: type[E]) -> Callable[[object], E]:
 
 
 _PORT: Final = _in_range(_whole_number, "a port number", minimum=1, maximum=65535)
+# 0 lets the system pick a free port (tests, the demo); the chosen one is logged.
+_ADMIN_PORT: Final = _in_range(_whole_number, "a port number", minimum=0, maximum=65535)
 
 _IDENTITY_FIELDS: Final = (
     "san_uri",

@@ -8,11 +8,13 @@ import enum
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import structlog
 
+from proxy.admin import AdminListener, AdminServer
 from proxy.config import Config, ConfigError, ConfigProblem, RouteConfig, load_config
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.policy.engine import PolicyEngine
@@ -25,6 +27,7 @@ from proxy.protocols.postgres.upstream import (
     ServerConnection,
     UpstreamConnectError,
     connect_server,
+    open_socket,
 )
 from proxy.tlsconfig import revoked_serials, terminal_context, upstream_context
 
@@ -86,7 +89,8 @@ def _build_route(route: RouteConfig) -> Route:
     return Route(config=route, pool=pool, tls=context, server_parameters=server_parameters)
 
 
-_RELOADABLE = ("tls", "identity", "roles", "routes")
+_RELOADABLE = ("tls", "identity", "roles", "routes", "policy")
+_READINESS_CACHE = 2.0
 
 
 class _Encryption(enum.Enum):
@@ -113,6 +117,8 @@ class ProxyServer:
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
+        self.admin: AdminServer | None = None
+        self._readiness: tuple[float, bool, dict[str, Any]] | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -127,6 +133,11 @@ class ProxyServer:
         self._listener.setblocking(False)
         self._spawn(self._accept_loop(self._listener))
         self._spawn(self._recycle_loop())
+        admin = self.config.admin
+        if admin is not None:
+            token = admin.token.reveal() if admin.token is not None else None
+            self.admin = AdminServer(self, AdminListener(admin.host, admin.port, token))
+            await self.admin.start()
         log.info("listening", host=self.address[0], port=self.address[1], routes=sorted(self.routes))
 
     async def wait_stopped(self) -> None:
@@ -174,6 +185,47 @@ class ProxyServer:
             self._cut_revoked_terminals(revoked_serials(config.tls.crl))
         return True
 
+    # --- admin API (AdminControl) ---
+
+    def pools(self) -> list[dict[str, Any]]:
+        """Like PgBouncer's SHOW POOLS."""
+        return [
+            {**dataclasses.asdict(route.pool.stats()), "mode": route.config.pool.mode.value}
+            for route in self.routes.values()
+        ]
+
+    def clients(self) -> list[dict[str, Any]]:
+        """Like PgBouncer's SHOW CLIENTS."""
+        return [session.describe() for session in self._registry.live]
+
+    def disconnect_terminal(self, store: str, terminal: str, actor: str) -> int:
+        """Cut a terminal's live sessions now (a stolen till); pair with certs revoke + reload."""
+        cut = 0
+        for session in list(self._registry.live):
+            identity = session.identity
+            if identity is not None and (identity.store, identity.terminal) == (store, terminal):
+                session.terminate(
+                    AdminShutdown("terminating connection due to administrator command"),
+                    f"disconnected by {actor}",
+                )
+                cut += 1
+        log.warning("admin_disconnect", store=store, terminal=terminal, sessions=cut, actor=actor)
+        return cut
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Listener up and every route's server reachable; cached briefly so probes stay cheap."""
+        now = time.monotonic()
+        if self._readiness is not None and now - self._readiness[0] < _READINESS_CACHE:
+            return self._readiness[1], self._readiness[2]
+        routes = {name: await _route_reachable(route) for name, route in self.routes.items()}
+        ready = self._listener is not None and all(status == "reachable" for status in routes.values())
+        details: dict[str, Any] = {"listener": self._listener is not None, "routes": routes}
+        self._readiness = (now, ready, details)
+        return ready, details
+
+    def metrics_text(self) -> bytes:
+        return b""
+
     def _rebuild_routes(self, config: Config) -> dict[str, Route]:
         """Keep the pools of routes whose settings did not change; retire the others."""
         routes: dict[str, Route] = {}
@@ -219,6 +271,8 @@ class ProxyServer:
             session.terminate(AdminShutdown("terminating connection: the proxy is shutting down"), "shutdown")
         for route in self.routes.values():
             await route.pool.close()
+        if self.admin is not None:
+            await self.admin.stop()
         self._flush_review()
         current = asyncio.current_task()
         for task in list(self._tasks) + list(self._registry.tasks):
@@ -326,6 +380,18 @@ class ProxyServer:
         except (OSError, TimeoutError) as exc:
             log.info("tls_handshake_failed", source=source, reason=str(exc) or type(exc).__name__)
             return
+
+
+async def _route_reachable(route: Route) -> str:
+    if route.pool.stats().idle or route.pool.stats().active:
+        return "reachable"
+    try:
+        sock = await open_socket(route.config, min(route.config.pool.connect_timeout, _READINESS_CACHE))
+    except UpstreamConnectError as exc:
+        log.info("route_unreachable", route=route.config.database, error=str(exc))
+        return "unreachable"
+    sock.close()
+    return "reachable"
 
 
 async def _peek_byte(sock: socket.socket) -> int | None:

@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 
 from proxy.config import (
+    AdminConfig,
     Config,
     ConfigError,
     ConfigProblem,
     IdentityConfig,
     IdentitySource,
     ListenConfig,
+    PolicySettings,
     PoolConfig,
     PoolMode,
     RoleConfig,
@@ -284,7 +286,7 @@ def test_unknown_top_level_key(base: Path) -> None:
     data = minimal()
     data["lissen"] = {}
     assert problems(data, base) == [
-        "lissen: unknown key (expected one of: listen, tls, identity, roles, pool, routes, policy)"
+        "lissen: unknown key (expected one of: listen, tls, identity, roles, pool, routes, policy, admin)"
     ]
 
 
@@ -647,7 +649,7 @@ def test_yaml_merge_keys_may_override(base: Path) -> None:
         load_config(path)
     # The anchor holder is an unknown key, but the merge itself was accepted.
     assert [str(problem) for problem in caught.value.problems] == [
-        "x-route: unknown key (expected one of: listen, tls, identity, roles, pool, routes, policy)"
+        "x-route: unknown key (expected one of: listen, tls, identity, roles, pool, routes, policy, admin)"
     ]
 
 
@@ -678,6 +680,7 @@ def test_example_config_loads(tmp_path: Path) -> None:
     credentials.mkdir()
     (credentials / "pos-db-password").write_text("pos-password\n")
     (credentials / "reports-db-password").write_text("reports-password\n")
+    (credentials / "admin-token").write_text("admin-token-value\n")
     path = tmp_path / "pos-proxy.yaml"
     path.write_text(EXAMPLE.read_text().replace("/etc/pos-proxy/tls/", f"{tls}/"))
     shutil.copytree(EXAMPLE.parent / "policies", tmp_path / "policies")
@@ -715,6 +718,8 @@ def test_example_config_loads(tmp_path: Path) -> None:
         (RoleConfig, ("name", "policy_file")),
         (PoolConfig, ()),
         (RouteConfig, ("database",)),
+        (PolicySettings, ()),
+        (AdminConfig, ()),
     ],
 )
 def test_example_config_shows_every_key(schema: type, not_keys: tuple[str, ...]) -> None:

@@ -567,6 +567,17 @@ class ClientSession(asyncio.Protocol):
         """End the session from outside (shutdown, admin disconnect) with a FATAL error."""
         self._fail(error, reason=reason)
 
+    def describe(self) -> dict[str, object]:
+        """This session for the admin API (like a row of PgBouncer's SHOW CLIENTS)."""
+        server = self._server
+        return {
+            **self._log_fields(),
+            "state": self._state.value,
+            "connected_s": round(time.monotonic() - self._started_at, 3),
+            "server_connection": server.id if server is not None else None,
+            "pinned_by": self._pinned_by,
+        }
+
     def _log_fields(self) -> dict[str, object]:
         fields: dict[str, object] = {"source": self.source}
         if self.identity is not None:

@@ -1,0 +1,110 @@
+"""Admin HTTP API (aiohttp): metrics, health, pools, clients, terminal cut-off and reload."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger("pos_proxy.admin")
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class AdminControl(Protocol):
+    """What the admin API needs from the running proxy."""
+
+    def pools(self) -> list[dict[str, Any]]: ...
+
+    def clients(self) -> list[dict[str, Any]]: ...
+
+    def disconnect_terminal(self, store: str, terminal: str, actor: str) -> int: ...
+
+    def reload(self, trigger: str) -> bool: ...
+
+    async def readiness(self) -> tuple[bool, Mapping[str, Any]]: ...
+
+    def metrics_text(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AdminListener:
+    host: str
+    port: int
+    token: str | None  # bearer token every endpoint but /healthz requires, when set
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AdminServer:
+    """Serves the admin API on its own listener, on the proxy's event loop."""
+
+    def __init__(self, control: AdminControl, listener: AdminListener) -> None:
+        self._control = control
+        self._listener = listener
+        self._runner: web.AppRunner | None = None
+        self.port = listener.port
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._authenticate])
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/pools", self._pools)
+        app.router.add_get("/v1/clients", self._clients)
+        app.router.add_post("/v1/terminals/{store}/{terminal}/disconnect", self._disconnect)
+        app.router.add_post("/v1/reload", self._reload)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._listener.host, self._listener.port)
+        await site.start()
+        if self._runner.addresses:
+            self.port = int(self._runner.addresses[0][1])
+        log.info("admin_listening", host=self._listener.host, port=self.port, auth=bool(self._listener.token))
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = self._listener.token
+        if token is None or request.path == "/healthz":
+            return await handler(request)
+        offered = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
+        if not hmac.compare_digest(offered, token.encode()):
+            log.warning(
+                "admin_refused", path=request.path, remote=request.remote, reason="bad or missing token"
+            )
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return await handler(request)
+
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "alive"})
+
+    async def _readyz(self, request: web.Request) -> web.StreamResponse:
+        ready, details = await self._control.readiness()
+        return web.json_response({"ready": ready, **details}, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self._control.metrics_text(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def _pools(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"pools": self._control.pools()})
+
+    async def _clients(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"clients": self._control.clients()})
+
+    async def _disconnect(self, request: web.Request) -> web.StreamResponse:
+        store, terminal = request.match_info["store"], request.match_info["terminal"]
+        count = self._control.disconnect_terminal(store, terminal, actor=f"admin api from {request.remote}")
+        return web.json_response({"store": store, "terminal": terminal, "disconnected": count})
+
+    async def _reload(self, request: web.Request) -> web.StreamResponse:
+        applied = self._control.reload(f"admin api from {request.remote}")
+        return web.json_response({"reloaded": applied}, status=200 if applied else 422)
