@@ -10,6 +10,7 @@ client's messages directly would have sent.
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 from collections.abc import Mapping, Sequence
@@ -237,7 +238,7 @@ class Conn:
         frames, _ = m.scan_frames(data, MAX)
         out: list[bytes] = []
         cuts = sorted({0, len(frames), *(cut for cut in split_after if 0 < cut < len(frames))})
-        for first, last in zip(cuts, cuts[1:], strict=False):
+        for first, last in itertools.pairwise(cuts):
             begin, finish = frames[first][1], frames[last - 1][2]
             chunk = data[begin:finish]
             chunk_frames, _ = m.scan_frames(chunk, MAX)
@@ -529,11 +530,6 @@ def test_server_statements_lru() -> None:
     assert len(statements) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: prepared.py:238-240/281-284: an eviction Close skipped after an error is not undone, "
-    "so the proxy re-Parses a statement the server still has (42P05)",
-)
 def test_eviction_close_skipped_after_an_error_leaves_the_statement_known() -> None:
     conn, client = Conn.new(capacity=2, fail_texts={T4}), Client()
     client.exchange(conn, parse(b"a", T1), parse(b"b", T2), parse(b"c", T3), sync())
@@ -550,11 +546,6 @@ def test_eviction_close_skipped_after_an_error_leaves_the_statement_known() -> N
 # --- ordering of several synthetic replies ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: prepared.py:268 emits at most one synthetic reply per server message ('if' instead of "
-    "'while'): a second one is passed over, the ReadyForQuery goes out before it and stays pending",
-)
 def test_consecutive_synthetic_replies_after_a_forwarded_one() -> None:
     conn, client = Conn.new(), Client()
     client.exchange(conn, parse(b"a", T1), parse(b"b", T2), sync())
@@ -567,11 +558,6 @@ def test_consecutive_synthetic_replies_after_a_forwarded_one() -> None:
 # --- a Query inside an extended-protocol error -----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: prepared.py:281 stops skipping at any ReadyForQuery expectation, but after an extended-"
-    "protocol error the server discards a Query too (55.2.3): the Sync's expectation stays pending",
-)
 def test_query_discarded_after_an_extended_protocol_error() -> None:
     conn, client = Conn.new(fail_texts={T4}), Client()
     messages = [parse(b"", T4), bind(b""), execute(), query(b"SELECT 1"), sync()]
@@ -581,12 +567,6 @@ def test_query_discarded_after_an_extended_protocol_error() -> None:
     assert not conn.state.pending
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: prepared.py:279-284 only skips the replies already pending when the error is read; "
-    "messages the client sends after that and before Sync are discarded by the server too, but "
-    "their expectations stay pending (and their synthetic replies go out)",
-)
 @pytest.mark.parametrize("rest", [[bind(b"a"), execute(), sync()], [close(b"S", b"a"), sync()]])
 def test_messages_sent_after_the_error_was_read_are_skipped_too(rest: list[bytes]) -> None:
     conn, client = Conn.new(fail_texts={T4}), Client()
@@ -596,9 +576,12 @@ def test_messages_sent_after_the_error_was_read_are_skipped_too(rest: list[bytes
     assert kinds(seen) == "E"
     # The rest of the pipeline arrives after the proxy has passed the error on.
     seen += client.send(conn, b"".join(rest)) + conn.deliver()
-    assert seen == reference(parse(b"a", T1), sync(), *first, *rest, server=FakeServer(fail_texts={T4}))[
-        len(reference(parse(b"a", T1), sync())) :
-    ]
+    assert (
+        seen
+        == reference(parse(b"a", T1), sync(), *first, *rest, server=FakeServer(fail_texts={T4}))[
+            len(reference(parse(b"a", T1), sync())) :
+        ]
+    )
     assert kinds(seen) == "EZ"
     assert not conn.state.pending
 
@@ -759,11 +742,15 @@ def kinds_of(replies: list[bytes]) -> str:
     return "".join(kinds(reply) for reply in replies)
 
 
-def run_batch(data: st.DataObject, client: Client, conn: Conn, batch: Batch, *, avoid_known_bugs: bool) -> bytes:
+def run_batch(
+    data: st.DataObject, client: Client, conn: Conn, batch: Batch, *, avoid_known_bugs: bool
+) -> bytes:
     """Send the batch in random whole-message chunks, reading replies at random points."""
     seen: list[bytes] = []
     count = len(batch.messages)
-    cuts = sorted(data.draw(st.sets(st.integers(1, count - 1), max_size=3), label="cuts")) if count > 1 else []
+    cuts = (
+        sorted(data.draw(st.sets(st.integers(1, count - 1), max_size=3), label="cuts")) if count > 1 else []
+    )
     for first, last in zip([0, *cuts], [*cuts, count], strict=True):
         seen.append(client.send(conn, b"".join(batch.messages[first:last])))
         # Reading replies mid-batch after an error: see test_messages_sent_after_the_error_was_read...
@@ -791,17 +778,12 @@ def check_sequences(data: st.DataObject, capacity: int, *, avoid_known_bugs: boo
         assert len(conn.state.statements) <= capacity
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), capacity=st.integers(1, 4))
 def test_client_sees_what_one_server_would_send(data: st.DataObject, capacity: int) -> None:
     check_sequences(data, capacity, avoid_known_bugs=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the four bugs above (prepared.py:268, 238-240/281-284, 281, 279-284) found by the same "
-    "property",
-)
 @settings(
     max_examples=300,
     deadline=None,
@@ -810,5 +792,7 @@ def test_client_sees_what_one_server_would_send(data: st.DataObject, capacity: i
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(data=st.data(), capacity=st.integers(1, 4))
-def test_client_sees_what_one_server_would_send_including_known_bugs(data: st.DataObject, capacity: int) -> None:
+def test_client_sees_what_one_server_would_send_with_errors_anywhere(
+    data: st.DataObject, capacity: int
+) -> None:
     check_sequences(data, capacity, avoid_known_bugs=False)

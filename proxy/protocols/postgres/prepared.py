@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from proxy.errors import ProtocolViolation
@@ -50,6 +50,10 @@ class Expected:
     synthetic: bytes = b""
     # Server-side statement this Parse creates: forgotten again if the server skips or refuses it.
     creates: bytes | None = None
+    # Evicted statement this Close removes: back on the list if the server skips the Close.
+    closes: bytes | None = None
+    # The Sync ending an extended-protocol cycle: where skipping after an error stops (55.2.3).
+    sync: bool = False
 
     @property
     def ends_cycle(self) -> bool:
@@ -108,6 +112,11 @@ class ServerStatements:
     def forget(self, name: bytes) -> None:
         self._names.pop(name, None)
 
+    def restore(self, name: bytes) -> None:
+        """A Close that never ran: the statement is still there (the next add trims the list)."""
+        self._names[name] = None
+        self._names.move_to_end(name, last=False)
+
     def clear(self) -> None:
         self._names.clear()
 
@@ -124,6 +133,9 @@ class ServerState:
 
     statements: ServerStatements
     pending: deque[Expected] = field(default_factory=deque)
+    # An extended-protocol error was seen and its Sync has not been sent yet: until then the
+    # server discards whatever else arrives, and so must the reply queue.
+    skipping: bool = False
 
 
 class ClientStatements:
@@ -139,11 +151,13 @@ class ClientStatements:
         frames: list[m.Frame],
         server: ServerState,
         refusals: Mapping[int, Refusal] | None = None,
+        forget_at: Collection[int] = (),
     ) -> bytes:
         """Turn whole client messages into what the current server connection must receive.
 
         ``refusals`` maps the start offset of a refused Query, Parse or FunctionCall to the
-        refusal that replaces it.
+        refusal that replaces it; ``forget_at`` holds the offsets of messages after which the
+        server has no prepared statements left (DISCARD ALL, DEALLOCATE ALL).
         """
         out: list[bytes] = []
         expect = server.pending.append
@@ -218,8 +232,12 @@ class ClientStatements:
                 run_start = start if run_start < 0 else run_start
                 if kind == 0x45:  # 'E' Execute
                     expect(Expected(_EXPECT_EXECUTE))
+                elif kind == 0x53:  # 'S' Sync
+                    expect(Expected(_EXPECT_READY, sync=True))
                 elif kind in _CYCLE_ENDERS:
                     expect(Expected(_EXPECT_READY))
+                if start in forget_at:
+                    server.statements.clear()
         if frames:
             flush_run(frames[-1][2])
         return b"".join(out)
@@ -237,7 +255,7 @@ class ClientStatements:
         self.stats.misses += 1
         for evicted in statements.add(statement.server_name):
             out.append(m.build_message(b"C", b"S" + evicted + b"\x00"))
-            server.pending.append(Expected(_EXPECT_CLOSE, Reply.DROP))
+            server.pending.append(Expected(_EXPECT_CLOSE, Reply.DROP, closes=evicted))
         out.append(statement.parse_message())
         server.pending.append(Expected(_EXPECT_PARSE, reply, creates=statement.server_name))
         return True
@@ -265,7 +283,9 @@ def filter_server_messages(
             run_start = -1
 
     for kind, start, end in frames:
-        if pending and pending[0].reply is Reply.SYNTHETIC:
+        if server.skipping:
+            _skip_to_sync(server)
+        while pending and pending[0].reply is Reply.SYNTHETIC:
             flush_run(start)
             out.append(_take_synthetic(pending))
         if kind in _ASYNCHRONOUS or not pending:
@@ -276,12 +296,10 @@ def filter_server_messages(
         head = pending[0]
         if kind == _ERROR:
             run_start = start if run_start < 0 else run_start
-            if not head.ends_cycle:
-                # After an error the server skips everything up to Sync (55.2.3).
-                while pending and not pending[0].ends_cycle:
-                    skipped = pending.popleft()
-                    if skipped.creates is not None:
-                        server.statements.forget(skipped.creates)
+            if not (head.ends_cycle and not head.sync):
+                # Not a simple Query's own error: the server now skips everything up to Sync (55.2.3).
+                server.skipping = True
+                _skip_to_sync(server)
             continue
         if head.reply is Reply.DROP:
             flush_run(start)
@@ -297,8 +315,23 @@ def filter_server_messages(
     return b"".join(out), status, parameters
 
 
+def _skip_to_sync(server: ServerState) -> None:
+    """Drop what the server discards after an error, undoing what those messages would have done."""
+    pending = server.pending
+    while pending and not pending[0].sync:
+        skipped = pending.popleft()
+        if skipped.creates is not None:
+            server.statements.forget(skipped.creates)
+        if skipped.closes is not None:
+            server.statements.restore(skipped.closes)
+    if pending:
+        server.skipping = False
+
+
 def take_ready_synthetics(server: ServerState) -> bytes:
     """Answers the proxy can give now because every reply before them has been passed on."""
+    if server.skipping:
+        _skip_to_sync(server)
     pending = server.pending
     out = b""
     while pending and pending[0].reply is Reply.SYNTHETIC:

@@ -423,20 +423,20 @@ class ClientSession(asyncio.Protocol):
     def _send(self, chunk: bytes, frames: list[m.Frame]) -> None:
         server = self._server
         assert server is not None
-        refusals = self._check_statements(chunk, frames, server)
-        server.send(self._statements.rewrite(chunk, frames, server.state, refusals), frames)
+        refusals, forget_at = self._check_statements(chunk, frames)
+        server.send(self._statements.rewrite(chunk, frames, server.state, refusals, forget_at), frames)
         synthetic = take_ready_synthetics(server.state)
         if synthetic and self._transport is not None:
             self._transport.write(synthetic)
 
-    def _check_statements(
-        self, chunk: bytes, frames: list[m.Frame], server: ServerConnection
-    ) -> dict[int, Refusal] | None:
+    def _check_statements(self, chunk: bytes, frames: list[m.Frame]) -> tuple[dict[int, Refusal], list[int]]:
         """Apply the role's policy, then pin or refuse statements that leave session state behind.
 
-        Returns the refusals, keyed by the offset of the message each one replaces.
+        Returns the refusals, keyed by the offset of the message each one replaces, and the
+        offsets of statements that drop the server's prepared statements.
         """
         refusals: dict[int, Refusal] = {}
+        forget_at: list[int] = []
         for kind, start, end in frames:
             if kind == m.MSG_QUERY:
                 text = chunk[start + 5 : end - 1]
@@ -452,8 +452,8 @@ class ClientSession(asyncio.Protocol):
                 self._apply_policy(self._env.policies.decide(self._role, text), start, refusals)
                 if start in refusals:
                     continue
-            self._check_session_state(text, start, server, refusals)
-        return refusals or None
+            self._check_session_state(text, start, refusals, forget_at)
+        return refusals, forget_at
 
     def _apply_policy(self, decision: Decision, start: int, refusals: dict[int, Refusal]) -> None:
         mode = self._policy_mode
@@ -496,14 +496,14 @@ class ClientSession(asyncio.Protocol):
                 review.record(self._role, fingerprint, text, policy_file)
 
     def _check_session_state(
-        self, text: bytes, start: int, server: ServerConnection, refusals: dict[int, Refusal]
+        self, text: bytes, start: int, refusals: dict[int, Refusal], forget_at: list[int]
     ) -> None:
         """Pin or refuse a statement that would leave state behind in a shared server session."""
         found = self._env.classifier.classify(text)
         if found.effect is Effect.NONE:
             return
         if found.effect is Effect.FORGETS_STATEMENTS:
-            server.state.statements.clear()
+            forget_at.append(start)
         elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
             if self._route.config.pool.session_state is SessionStateAction.PIN:
                 self._pinned_by = found.reason

@@ -26,6 +26,8 @@ REPORTED_SETTINGS = frozenset(
         "standard_conforming_strings",
     }
 )
+# SET TRANSACTION ... and SET TRANSACTION SNAPSHOT last only for the transaction.
+_TRANSACTION_SCOPED = frozenset({"transaction", "transaction snapshot"})
 _RESETS = frozenset({enums.VariableSetKind.VAR_RESET, enums.VariableSetKind.VAR_RESET_ALL})
 _SESSION_LOCK_FUNCTIONS = frozenset(
     {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
@@ -36,7 +38,7 @@ _SESSION_LOCK_FUNCTIONS = frozenset(
 _MIGHT_MATTER = re.compile(
     r"/\*|--|u&|advisory|set_config"
     r"|(?:^|;)[\s(]*(?:set|reset)\b"
-    r"|\b(?:prepare|listen|temp|temporary|declare|load|discard|deallocate)\b",
+    r"|\b(?:prepare|listen|temp|temporary|pg_temp|declare|load|discard|deallocate)\b",
     re.IGNORECASE,
 )
 _CACHE_LIMIT = 10_000
@@ -99,16 +101,18 @@ class _EffectFinder(visitors.Visitor):
     def __init__(self) -> None:
         super().__init__()
         self.result = _NO_EFFECT
+        self._dropped_at_commit: set[int] = set()
 
     def _found(self, effect: Effect, reason: str) -> None:
         if self.result.effect is not Effect.SESSION_STATE:
             self.result = Classification(effect, reason)
 
-    def visit_VariableSetStmt(self, ancestors: object, node: ast.VariableSetStmt) -> None:
-        if node.is_local or node.kind in _RESETS:
+    def visit_VariableSetStmt(self, ancestors: visitors.Ancestor, node: ast.VariableSetStmt) -> None:
+        # A SET inside ALTER DATABASE/ROLE/SYSTEM or CREATE FUNCTION is stored in the catalog.
+        if ancestors.node is not None or node.is_local or node.kind in _RESETS:
             return
         name = (node.name or "").lower()
-        if name not in REPORTED_SETTINGS:
+        if name not in REPORTED_SETTINGS and name not in _TRANSACTION_SCOPED:
             self._found(Effect.SESSION_STATE, f"SET {name}")
 
     def visit_PrepareStmt(self, ancestors: object, node: ast.PrepareStmt) -> None:
@@ -120,10 +124,25 @@ class _EffectFinder(visitors.Visitor):
     def visit_LoadStmt(self, ancestors: object, node: ast.LoadStmt) -> None:
         self._found(Effect.SESSION_STATE, "LOAD")
 
+    def visit_CreateStmt(self, ancestors: object, node: ast.CreateStmt) -> None:
+        if node.oncommit is enums.OnCommitAction.ONCOMMIT_DROP and node.relation is not None:
+            self._dropped_at_commit.add(id(node.relation))
+
+    def visit_IntoClause(self, ancestors: object, node: ast.IntoClause) -> None:
+        if node.onCommit is enums.OnCommitAction.ONCOMMIT_DROP and node.rel is not None:
+            self._dropped_at_commit.add(id(node.rel))
+
     def visit_RangeVar(self, ancestors: object, node: ast.RangeVar) -> None:
-        # Catches CREATE TEMP TABLE / SEQUENCE / VIEW and SELECT ... INTO TEMP alike.
-        if node.relpersistence == "t":
+        # Catches CREATE TEMP TABLE / SEQUENCE / VIEW and SELECT ... INTO TEMP alike; a
+        # temporary table dropped at commit cannot outlive the transaction.
+        temporary = node.relpersistence == "t" or node.schemaname == "pg_temp"
+        if temporary and id(node) not in self._dropped_at_commit:
             self._found(Effect.SESSION_STATE, "temporary relation")
+
+    def visit_CreateFunctionStmt(self, ancestors: object, node: ast.CreateFunctionStmt) -> None:
+        names = [part.sval for part in node.funcname or ()]
+        if len(names) > 1 and names[0] == "pg_temp":
+            self._found(Effect.SESSION_STATE, "temporary function")
 
     def visit_DeclareCursorStmt(self, ancestors: object, node: ast.DeclareCursorStmt) -> None:
         if (node.options or 0) & enums.CURSOR_OPT_HOLD:

@@ -1,0 +1,177 @@
+"""Every Prometheus metric, defined once (prometheus-client), low-cardinality labels only."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "Metrics"]
+
+# What render() produces; the admin API sends it as the Content-Type of /metrics.
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+# From a fast LAN round trip (0.5 ms) to a slow WAN statement or handshake (10 s).
+LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pos-db-proxy")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Metrics:
+    """The proxy's metrics in a registry of their own (the server makes one; tests make fresh ones).
+
+    Labels are roles, routes, reasons, decisions and other small fixed sets: never terminal or store
+    identities or statement text, which would make a series per till or per query.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+
+        self.client_connections_active = Gauge(
+            "pos_proxy_client_connections_active", "Client connections open now.", ["role"], registry=registry
+        )
+        self.client_connections_total = Counter(
+            "pos_proxy_client_connections_total", "Client connections accepted.", ["role"], registry=registry
+        )
+        self.client_connections_refused_total = Counter(
+            "pos_proxy_client_connections_refused_total",
+            "Client connections refused before a session started.",
+            ["reason"],
+            registry=registry,
+        )
+        self.tls_handshake_seconds = Histogram(
+            "pos_proxy_tls_handshake_seconds",
+            "Duration of client TLS handshakes that completed.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tls_handshake_failures_total = Counter(
+            "pos_proxy_tls_handshake_failures_total",
+            "Client TLS handshakes that failed.",
+            ["reason"],
+            registry=registry,
+        )
+        self.statements_total = Counter(
+            "pos_proxy_statements_total",
+            "Statements received from clients, by policy decision.",
+            ["role", "decision"],
+            registry=registry,
+        )
+        self.statement_seconds = Histogram(
+            "pos_proxy_statement_seconds",
+            "Time from a statement's arrival to the end of its result.",
+            ["role"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.pool_server_connections = Gauge(
+            "pos_proxy_pool_server_connections",
+            "Server connections of a route's pool, by state (active, idle, opening).",
+            ["route", "state"],
+            registry=registry,
+        )
+        self.pool_clients_waiting = Gauge(
+            "pos_proxy_pool_clients_waiting",
+            "Clients waiting for a server connection.",
+            ["route"],
+            registry=registry,
+        )
+        self.pool_wait_seconds = Histogram(
+            "pos_proxy_pool_wait_seconds",
+            "Time clients waited for a server connection.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.server_connection_errors_total = Counter(
+            "pos_proxy_server_connection_errors_total",
+            "Failed attempts to open a server connection.",
+            ["route"],
+            registry=registry,
+        )
+        self.server_connections_opened_total = Counter(
+            "pos_proxy_server_connections_opened_total",
+            "Server connections opened.",
+            ["route"],
+            registry=registry,
+        )
+        self.limit_hits_total = Counter(
+            "pos_proxy_limit_hits_total",
+            "Connections, statements and results refused by a limit.",
+            ["limit"],
+            registry=registry,
+        )
+        self.prepared_statement_cache_total = Counter(
+            "pos_proxy_prepared_statement_cache_total",
+            "Prepared statement cache lookups, by result (hit, miss).",
+            ["result"],
+            registry=registry,
+        )
+        self.policy_decisions_total = Counter(
+            "pos_proxy_policy_decisions_total",
+            "Policy decisions, by the rule that decided.",
+            ["role", "rule"],
+            registry=registry,
+        )
+        self.audit_records_total = Counter(
+            "pos_proxy_audit_records_total", "Audit records written.", registry=registry
+        )
+        self.audit_write_errors_total = Counter(
+            "pos_proxy_audit_write_errors_total",
+            "Audit records that could not be written.",
+            registry=registry,
+        )
+        self.config_reloads_total = Counter(
+            "pos_proxy_config_reloads_total",
+            "Configuration reloads, by result (ok, failed).",
+            ["result"],
+            registry=registry,
+        )
+        self.sessions_pinned_total = Counter(
+            "pos_proxy_sessions_pinned_total",
+            "Client sessions pinned to one server connection (session state the pool cannot reset).",
+            ["route"],
+            registry=registry,
+        )
+        self.build_info = Info("pos_proxy_build", "The running proxy's version.", registry=registry)
+        self.build_info.info({"version": _version()})
+
+        # Series of the fixed label sets exist from the start at 0, so rate() and alerts see the
+        # first event instead of a series appearing out of nowhere.
+        for result in ("ok", "failed"):
+            self.config_reloads_total.labels(result=result)
+        for result in ("hit", "miss"):
+            self.prepared_statement_cache_total.labels(result=result)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric, served as CONTENT_TYPE."""
+        return generate_latest(self.registry)

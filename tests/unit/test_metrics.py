@@ -1,0 +1,168 @@
+"""proxy.metrics: values move, render() shows them, instances are independent, labels as documented."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import pytest
+from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.metrics import CONTENT_TYPE, LATENCY_BUCKETS, Metrics
+
+# attribute -> (type, label names), exactly as documented for the lead's wiring.
+DOCUMENTED: dict[str, tuple[type, tuple[str, ...]]] = {
+    "client_connections_active": (Gauge, ("role",)),
+    "client_connections_total": (Counter, ("role",)),
+    "client_connections_refused_total": (Counter, ("reason",)),
+    "tls_handshake_seconds": (Histogram, ()),
+    "tls_handshake_failures_total": (Counter, ("reason",)),
+    "statements_total": (Counter, ("role", "decision")),
+    "statement_seconds": (Histogram, ("role",)),
+    "pool_server_connections": (Gauge, ("route", "state")),
+    "pool_clients_waiting": (Gauge, ("route",)),
+    "pool_wait_seconds": (Histogram, ("route",)),
+    "server_connection_errors_total": (Counter, ("route",)),
+    "server_connections_opened_total": (Counter, ("route",)),
+    "limit_hits_total": (Counter, ("limit",)),
+    "prepared_statement_cache_total": (Counter, ("result",)),
+    "policy_decisions_total": (Counter, ("role", "rule")),
+    "audit_records_total": (Counter, ()),
+    "audit_write_errors_total": (Counter, ()),
+    "config_reloads_total": (Counter, ("result",)),
+    "sessions_pinned_total": (Counter, ("route",)),
+    "build_info": (Info, ()),
+}
+FORBIDDEN_LABELS = {"terminal", "store", "query", "fingerprint", "sql"}
+
+
+def families(metrics: Metrics) -> dict[str, list[tuple[str, dict[str, str], float]]]:
+    """From the registry: family name -> [(sample name, labels, value)]."""
+    return {
+        family.name: [(sample.name, sample.labels, sample.value) for sample in family.samples]
+        for family in metrics.registry.collect()
+    }
+
+
+def value(metrics: Metrics, sample_name: str, **labels: str) -> float | None:
+    """A sample's value as render() shows it, None if it is not shown."""
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == sample_name and sample.labels == labels:
+                return sample.value
+    return None
+
+
+def touch_everything(metrics: Metrics) -> None:
+    """One observation on every metric, through exactly its documented label names."""
+    for attribute, (kind, label_names) in DOCUMENTED.items():
+        metric = getattr(metrics, attribute)
+        if kind is Info:
+            continue
+        child = metric.labels(**{name: "x" for name in label_names}) if label_names else metric
+        if kind is Gauge:
+            child.set(1)
+        elif kind is Counter:
+            child.inc()
+        else:
+            child.observe(0.01)
+
+
+def test_values_move_and_render_shows_them() -> None:
+    metrics = Metrics()
+    metrics.client_connections_active.labels(role="cashier").inc()
+    metrics.client_connections_active.labels(role="cashier").inc()
+    metrics.client_connections_active.labels(role="cashier").dec()
+    metrics.statements_total.labels(role="cashier", decision="allowed").inc(3)
+    metrics.limit_hits_total.labels(limit="statements per terminal").inc()
+    metrics.pool_server_connections.labels(route="pos", state="idle").set(4)
+    metrics.tls_handshake_seconds.observe(0.003)
+    metrics.audit_records_total.inc(2)
+
+    assert value(metrics, "pos_proxy_client_connections_active", role="cashier") == 1
+    assert value(metrics, "pos_proxy_statements_total", role="cashier", decision="allowed") == 3
+    assert value(metrics, "pos_proxy_limit_hits_total", limit="statements per terminal") == 1
+    assert value(metrics, "pos_proxy_pool_server_connections", route="pos", state="idle") == 4
+    assert value(metrics, "pos_proxy_tls_handshake_seconds_count") == 1
+    assert value(metrics, "pos_proxy_tls_handshake_seconds_bucket", le="0.005") == 1
+    assert value(metrics, "pos_proxy_tls_handshake_seconds_bucket", le="0.0025") == 0
+    assert value(metrics, "pos_proxy_audit_records_total") == 2
+    assert b'pos_proxy_statements_total{decision="allowed",role="cashier"} 3.0' in metrics.render()
+
+
+def test_fixed_label_sets_start_at_zero() -> None:
+    metrics = Metrics()
+    for result in ("ok", "failed"):
+        assert value(metrics, "pos_proxy_config_reloads_total", result=result) == 0
+    for result in ("hit", "miss"):
+        assert value(metrics, "pos_proxy_prepared_statement_cache_total", result=result) == 0
+
+
+def test_build_info_carries_the_package_version() -> None:
+    try:
+        expected = metadata.version("pos-db-proxy")
+    except metadata.PackageNotFoundError:
+        expected = "unknown"
+    assert value(Metrics(), "pos_proxy_build_info", version=expected) == 1
+
+
+def test_every_metric_is_prefixed() -> None:
+    metrics = Metrics()
+    touch_everything(metrics)
+    assert len(families(metrics)) == len(DOCUMENTED)
+    samples = [line for line in metrics.render().decode().splitlines() if not line.startswith("#")]
+    assert samples
+    assert all(line.startswith("pos_proxy_") for line in samples)
+
+
+def test_two_instances_do_not_clash() -> None:
+    first, second = Metrics(), Metrics()
+    first.client_connections_total.labels(role="cashier").inc()
+    first.config_reloads_total.labels(result="ok").inc()
+    assert value(first, "pos_proxy_client_connections_total", role="cashier") == 1
+    assert value(second, "pos_proxy_client_connections_total", role="cashier") is None
+    assert value(second, "pos_proxy_config_reloads_total", result="ok") == 0
+
+
+def test_label_sets_are_exactly_as_documented() -> None:
+    metrics = Metrics()
+    touch_everything(metrics)
+    by_family = families(metrics)
+    for attribute, (kind, label_names) in DOCUMENTED.items():
+        assert isinstance(getattr(metrics, attribute), kind), attribute
+        family = getattr(metrics, attribute).describe()[0].name
+        if kind is Info:
+            expected = {"version"}
+        else:
+            expected = set(label_names) | ({"le"} if kind is Histogram else set())
+        seen = {frozenset(labels) for name, labels, _ in by_family[family] if not name.endswith("_created")}
+        # Every sample carries exactly these labels, except a histogram's _sum and _count (no "le").
+        assert frozenset(expected) in seen, attribute
+        assert all(labels <= expected for labels in seen), attribute
+
+
+def test_no_metric_is_labelled_by_terminal_store_or_statement() -> None:
+    metrics = Metrics()
+    touch_everything(metrics)
+    labels = {
+        name
+        for samples in families(metrics).values()
+        for _, sample_labels, _ in samples
+        for name in sample_labels
+    }
+    assert not labels & FORBIDDEN_LABELS
+
+
+def test_wrong_label_names_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Metrics().statements_total.labels(role="cashier", terminal="till-01")
+
+
+def test_latency_buckets_cover_lan_to_wan() -> None:
+    assert LATENCY_BUCKETS[0] == 0.0005
+    assert LATENCY_BUCKETS[-1] == 10.0
+    assert list(LATENCY_BUCKETS) == sorted(LATENCY_BUCKETS)
+
+
+def test_content_type_is_the_text_exposition_format() -> None:
+    assert CONTENT_TYPE.startswith("text/plain")

@@ -1,0 +1,357 @@
+"""proxy.protocols.postgres.sessionstate: which statements leave state in a server session."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pglast import parse_sql
+from pglast.parser import ParseError
+
+from proxy.protocols.postgres import sessionstate
+from proxy.protocols.postgres.sessionstate import (
+    Classification,
+    Effect,
+    SessionStateClassifier,
+    _EffectFinder,
+    classify,
+)
+
+NONE, STATE, FORGETS = Effect.NONE, Effect.SESSION_STATE, Effect.FORGETS_STATEMENTS
+
+CASES: list[tuple[str, Effect]] = [
+    # Plain statements
+    ("SELECT 1", NONE),
+    ("select * from orders where note = 'set work_mem = 1'", NONE),
+    ("INSERT INTO t (a) VALUES (1) RETURNING a", NONE),
+    ("UPDATE settings SET value = 1 WHERE name = 'temp'", NONE),
+    ("BEGIN", NONE),
+    ("COMMIT", NONE),
+    ("", NONE),
+    ("   ", NONE),
+    # SET and friends
+    ("SET work_mem = '64MB'", STATE),
+    ("set Work_Mem TO '64MB'", STATE),
+    ("SET SESSION work_mem = '64MB'", STATE),
+    ("SET LOCAL work_mem = '64MB'", NONE),
+    ("  \n\tSET search_path TO pos, public", STATE),
+    ("SET SCHEMA 'pos'", STATE),
+    ("SET ROLE cashier", STATE),
+    ("SET SESSION AUTHORIZATION cashier", STATE),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", STATE),
+    ("SET myapp.till = '7'", STATE),
+    ("SET TIME ZONE 'Europe/Berlin'", NONE),
+    ("SET timezone = 'UTC'", NONE),
+    ("SET \"TimeZone\" = 'UTC'", NONE),
+    ("SET application_name = 'till 7'", NONE),
+    ("SET client_encoding TO 'UTF8'", NONE),
+    ("SET NAMES 'UTF8'", NONE),
+    ("SET DateStyle = 'ISO, DMY'", NONE),
+    ("SET IntervalStyle = iso_8601", NONE),
+    ("SET standard_conforming_strings = on", NONE),
+    ("RESET work_mem", NONE),
+    ("RESET ALL", NONE),
+    ("SET work_mem TO DEFAULT", STATE),
+    ("BEGIN; SET LOCAL statement_timeout = '5s'; SELECT 1; COMMIT", NONE),
+    # Comments and case tricks
+    ("/* SET work_mem = 1 */ SELECT 1", NONE),
+    ("-- SET work_mem = 1\nSELECT 1", NONE),
+    ("/* outer /* nested */ still comment; SET x.y = 1 */ SELECT 1", NONE),
+    ("/* outer /* nested */ still */ SET x.y = 1", STATE),
+    ("/**/SET work_mem = 1", STATE),
+    ("SELECT 1 -- ; SET work_mem = 1", NONE),
+    ("SELECT 1; -- note\nSET work_mem = 1", STATE),
+    ("sElEcT 1;SeT wOrK_mEm = 1", STATE),
+    ("(SELECT 1); SET work_mem = 1", STATE),
+    # PREPARE, LISTEN, LOAD
+    ("PREPARE q AS SELECT 1", STATE),
+    ("prepare q(int) as select $1", STATE),
+    ("EXECUTE q", NONE),
+    ("PREPARE TRANSACTION 'tx1'", NONE),
+    ("LISTEN orders", STATE),
+    ('LISTEN "Orders"', STATE),
+    ("UNLISTEN orders", NONE),
+    ("UNLISTEN *", NONE),
+    ("NOTIFY orders, 'x'", NONE),
+    ("LOAD 'auto_explain'", STATE),
+    # Temporary relations
+    ("CREATE TEMP TABLE scratch (id int)", STATE),
+    ("CREATE TEMPORARY TABLE scratch (id int)", STATE),
+    ("create local temporary table scratch (id int)", STATE),
+    ("CREATE GLOBAL TEMP TABLE scratch (id int)", STATE),
+    ("CREATE TEMP TABLE scratch AS SELECT 1 AS id", STATE),
+    ("SELECT 1 AS id INTO TEMP scratch", STATE),
+    ("SELECT 1 AS id INTO TEMPORARY TABLE scratch", STATE),
+    ("SELECT 1 AS id INTO scratch", NONE),
+    ("CREATE TEMP VIEW v AS SELECT 1", STATE),
+    ("CREATE TEMP SEQUENCE s", STATE),
+    ("CREATE TABLE temp (id int)", NONE),
+    ("CREATE UNLOGGED TABLE u (id int)", NONE),
+    ("SELECT * FROM temp", NONE),
+    # Cursors
+    ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", STATE),
+    ("declare c no scroll cursor with hold for select 1", STATE),
+    ("DECLARE c CURSOR FOR SELECT 1", NONE),
+    ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", NONE),
+    ("DECLARE c SCROLL CURSOR FOR SELECT 1", NONE),
+    # Advisory locks
+    ("SELECT pg_advisory_lock(42)", STATE),
+    ("SELECT pg_try_advisory_lock(42)", STATE),
+    ("SELECT pg_advisory_lock_shared(1, 2)", STATE),
+    ("SELECT pg_try_advisory_lock_shared(42)", STATE),
+    ("SELECT pg_catalog.pg_advisory_lock(42)", STATE),
+    ('SELECT "pg_advisory_lock"(42)', STATE),
+    ('SELECT pg_catalog."pg_advisory_lock"(42)', STATE),
+    ('SELECT U&"pg_advisory_\\006cock"(42)', STATE),
+    ("SELECT U&\"pg_advisory_!006cock\" UESCAPE '!' (42)", STATE),
+    ("SELECT PG_ADVISORY_LOCK(42)", STATE),
+    ("SELECT * FROM orders WHERE pg_try_advisory_lock(id)", STATE),
+    ("SELECT pg_advisory_xact_lock(42)", NONE),
+    ("SELECT pg_try_advisory_xact_lock(42)", NONE),
+    ("SELECT pg_advisory_unlock(42)", NONE),
+    ("SELECT 'pg_advisory_lock(42)'", NONE),
+    ("SELECT 1 /* pg_advisory_lock(42) */", NONE),
+    # set_config
+    ("SELECT set_config('work_mem', '64MB', false)", STATE),
+    ("SELECT set_config('work_mem', '64MB', true)", NONE),
+    ("SELECT pg_catalog.set_config('work_mem', '64MB', TRUE)", NONE),
+    ("SELECT set_config('work_mem', '64MB', true::boolean)", NONE),
+    ("SELECT set_config('work_mem', '64MB', $1)", STATE),
+    ("SELECT set_config('work_mem', '64MB', is_local) FROM flags", STATE),
+    ("SELECT set_config('work_mem', '64MB', NOT false)", STATE),
+    ("SELECT set_config('work_mem', '64MB', 1 = 1)", STATE),
+    ("SELECT current_setting('work_mem')", NONE),
+    # DISCARD and DEALLOCATE
+    ("DISCARD ALL", FORGETS),
+    ("discard all", FORGETS),
+    ("DISCARD PLANS", NONE),
+    ("DISCARD SEQUENCES", NONE),
+    ("DISCARD TEMP", NONE),
+    ("DEALLOCATE q", NONE),
+    ("DEALLOCATE PREPARE q", NONE),
+    ("DEALLOCATE ALL", FORGETS),
+    ("DEALLOCATE PREPARE ALL", FORGETS),
+    # Several statements in one string
+    ("SELECT 1; SET work_mem = '1MB'", STATE),
+    ("SELECT 1; LISTEN orders", STATE),
+    ("SELECT 1; CREATE TEMP TABLE t (i int)", STATE),
+    ("SELECT 1; SELECT pg_advisory_lock(1)", STATE),
+    ("SELECT 1; DISCARD ALL", FORGETS),
+    ("DISCARD ALL; LISTEN orders", STATE),
+    ("LISTEN orders; DISCARD ALL", STATE),
+    ("SELECT 1; SELECT 2", NONE),
+    # Unparsable
+    ("SET work_mem =", NONE),
+    ("SELEC pg_advisory_lock(1)", NONE),
+    ("LISTEN", NONE),
+    ("/* unterminated SET work_mem = 1", NONE),
+    ("CREATE TEMP TABLE (", NONE),
+]
+
+
+@pytest.mark.parametrize(("sql", "effect"), CASES, ids=[sql[:50] for sql, _ in CASES])
+def test_classify(sql: str, effect: Effect) -> None:
+    found = classify(sql)
+    assert found.effect is effect, found
+    assert bool(found.reason) == (effect is not NONE)
+    # The parse tree alone agrees whenever the statement matters.
+    if effect is not NONE:
+        assert parse_only(sql) == found
+
+
+def test_table_is_large_and_covers_every_effect() -> None:
+    assert len(CASES) >= 60
+    assert {effect for _, effect in CASES} == set(Effect)
+
+
+def test_reasons_name_what_was_found() -> None:
+    assert classify("SET work_mem = 1").reason == "SET work_mem"
+    assert classify("LISTEN x").reason == "LISTEN"
+    assert classify("PREPARE q AS SELECT 1").reason == "PREPARE"
+    assert classify("CREATE TEMP TABLE t (i int)").reason == "temporary relation"
+    assert classify("DECLARE c CURSOR WITH HOLD FOR SELECT 1").reason == "WITH HOLD cursor"
+    assert "pg_advisory_lock" in classify("SELECT pg_advisory_lock(1)").reason
+    assert classify("DISCARD ALL").reason == "DISCARD ALL"
+    assert classify("DEALLOCATE ALL").reason == "DEALLOCATE ALL"
+
+
+# --- known false answers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER SYSTEM SET work_mem = '1MB'",
+        "ALTER DATABASE pos SET work_mem = '1MB'",
+        "ALTER ROLE cashier SET search_path = pos",
+        "ALTER FUNCTION f() SET search_path = pos",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = pos AS 'SELECT 1'",
+    ],
+)
+def test_settings_stored_in_the_catalog_are_not_session_state(sql: str) -> None:
+    assert classify(sql).effect is NONE
+    assert classify("/* migration */ " + sql).effect is NONE
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "BEGIN; SET TRANSACTION READ ONLY; SELECT 1; COMMIT",
+        "SET TRANSACTION SNAPSHOT '00000003-0000001B-1'",
+    ],
+)
+def test_set_transaction_is_not_session_state(sql: str) -> None:
+    assert classify(sql).effect is NONE
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE pg_temp.scratch (id int)",
+        "CREATE VIEW pg_temp.v AS SELECT 1",
+        "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    ],
+)
+def test_objects_in_pg_temp_are_session_state(sql: str) -> None:
+    assert classify(sql).effect is STATE
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TEMP TABLE scratch (id int) ON COMMIT DROP",
+        "CREATE TEMP TABLE scratch ON COMMIT DROP AS SELECT 1 AS id",
+    ],
+)
+def test_temp_tables_dropped_at_commit_are_not_session_state(sql: str) -> None:
+    assert classify(sql).effect is NONE
+
+
+# --- the pre-filter never hides what the parser would find --------------------------------------------
+
+
+def parse_only(sql: str) -> Classification:
+    """classify() without the textual pre-filter: the parse tree's answer alone."""
+    try:
+        statements = parse_sql(sql)
+    except ParseError:
+        return Classification(NONE)
+    finder = _EffectFinder()
+    for raw in statements:
+        if raw.stmt is not None:
+            finder(raw.stmt)
+        if finder.result.effect is STATE:
+            break
+    return finder.result
+
+
+FRAGMENTS = [
+    "SELECT 1",
+    "SELECT * FROM orders",
+    "UPDATE t SET a = 1",
+    "SET work_mem = 1",
+    "SET LOCAL work_mem = 1",
+    "set time zone 'UTC'",
+    "RESET work_mem",
+    "SET x.y TO 'z'",
+    "PREPARE q AS SELECT 1",
+    "LISTEN ch",
+    "UNLISTEN ch",
+    "LOAD 'x'",
+    "CREATE TEMP TABLE t (i int)",
+    "CREATE TEMPORARY VIEW v AS SELECT 1",
+    "SELECT 1 INTO TEMP t",
+    "CREATE TABLE t (i int)",
+    "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+    "DECLARE c CURSOR FOR SELECT 1",
+    "SELECT pg_advisory_lock(1)",
+    "SELECT pg_catalog.pg_try_advisory_lock_shared(1)",
+    'SELECT "pg_advisory_lock"(1)',
+    'SELECT U&"pg_advisory_\\006cock"(1)',
+    "SELECT U&\"set\\005fconfig\"('a', 'b', false)",
+    "SELECT pg_advisory_xact_lock(1)",
+    "SELECT set_config('a', 'b', false)",
+    "SELECT set_config('a', 'b', true)",
+    "SELECT set_config('a', 'b', $1)",
+    "DISCARD ALL",
+    "DISCARD PLANS",
+    "DEALLOCATE ALL",
+    "DEALLOCATE q",
+    "BEGIN",
+    "COMMIT",
+    "(SELECT 1)",
+]
+SPACES = ["", " ", "  ", "\n", "\t", "\r\n", "\f", "/* c */", "/* a /* nested */ b */", "-- c\n"]
+
+
+def _mixed_case(text: str, flips: list[bool]) -> str:
+    return "".join(char.swapcase() if flips[index % len(flips)] else char for index, char in enumerate(text))
+
+
+@st.composite
+def statements(draw: st.DrawFn) -> str:
+    parts = draw(st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=3))
+    text = ""
+    for index, part in enumerate(parts):
+        if index:
+            text += draw(st.sampled_from(["", " ", "\n"])) + ";"
+        text += draw(st.sampled_from(SPACES)) + part
+    text += draw(st.sampled_from(["", ";", " ;", "; ", "\n"]))
+    flips = draw(st.lists(st.booleans(), min_size=1, max_size=8))
+    # Case changes keep keywords and identifiers meaningful; quoted names may change, on both sides alike.
+    return _mixed_case(text, flips) if draw(st.booleans()) else text
+
+
+@settings(max_examples=200, deadline=None)
+@given(statements())
+def test_prefilter_has_no_false_negatives(sql: str) -> None:
+    full = parse_only(sql)
+    if full.effect is not NONE:
+        assert sessionstate._MIGHT_MATTER.search(sql) is not None, sql
+        assert classify(sql) == full
+    else:
+        assert classify(sql).effect is NONE
+
+
+# --- the cache -----------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(statements(), min_size=1, max_size=8))
+def test_cached_answers_equal_fresh_ones(texts: list[str]) -> None:
+    classifier = SessionStateClassifier()
+    for text in texts + texts:
+        assert classifier.classify(text.encode()) == classify(text)
+
+
+def test_cache_returns_the_same_object_for_the_same_text() -> None:
+    classifier = SessionStateClassifier()
+    first = classifier.classify(b"SET work_mem = 1")
+    assert classifier.classify(b"SET work_mem = 1") is first
+    assert first.effect is STATE
+
+
+def test_cache_decodes_invalid_utf8_without_failing() -> None:
+    classifier = SessionStateClassifier()
+    assert classifier.classify(b"SELECT '\xff\xfe'").effect is NONE
+    assert classifier.classify(b"SET work_mem = '\xff'").effect is STATE
+
+
+def test_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sessionstate, "_CACHE_LIMIT", 8)
+    classifier = SessionStateClassifier()
+    for number in range(50):
+        sql = f"SET work_mem = {number}" if number % 2 else f"SELECT {number}"
+        assert classifier.classify(sql.encode()).effect is (STATE if number % 2 else NONE)
+        assert len(classifier._cache) <= 8
+    # Answers stay right after the cache starts over.
+    assert classifier.classify(b"SELECT 3").effect is NONE
+    assert classifier.classify(b"SET work_mem = 3").effect is STATE
+
+
+def test_default_cache_limit_is_bounded() -> None:
+    classifier = SessionStateClassifier()
+    for number in range(sessionstate._CACHE_LIMIT + 5):
+        classifier.classify(b"SELECT %d" % number)
+    assert len(classifier._cache) <= sessionstate._CACHE_LIMIT
