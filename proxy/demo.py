@@ -90,6 +90,7 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         config_path.write_text(
             Template(template).substitute(
                 proxy_port=port or free_port(),
+                admin_port=free_port(),
                 pki=terminal_pki,
                 db_port=database.port,
                 db_password_file=password_file,
@@ -102,6 +103,8 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         stack.push_async_callback(server.shutdown)
         host, proxy_port = server.address
         say(f"proxy listening on {host}:{proxy_port} (config {config_path}, log {workdir / 'proxy.log'})")
+        if server.admin is not None:
+            say(f"metrics: http://127.0.0.1:{server.admin.port}/metrics")
 
         cashier = terminals[0]
         await _sample_session(host, proxy_port, terminal_pki / "ca.pem", cashier)

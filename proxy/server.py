@@ -10,6 +10,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from importlib import metadata
 from typing import Any
 
 import structlog
@@ -17,11 +18,13 @@ import structlog
 from proxy.admin import AdminListener, AdminServer
 from proxy.config import Config, ConfigError, ConfigProblem, RouteConfig, load_config
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
+from proxy.metrics import Metrics
 from proxy.policy.engine import PolicyEngine
 from proxy.policy.learn import ReviewLog
 from proxy.pool import PoolSettings, UpstreamPool
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.session import ClientSession, Route, SessionEnvironment, SessionRegistry
+from proxy.protocols.postgres.startup import UpstreamRefused
 from proxy.protocols.postgres.upstream import (
     InternalQueryFailed,
     ServerConnection,
@@ -51,18 +54,23 @@ def build_policy_engine(config: Config) -> PolicyEngine:
     return PolicyEngine({name: role.policy for name, role in config.roles.items()}, config.policy.cache_size)
 
 
-def build_routes(config: Config) -> dict[str, Route]:
-    return {name: _build_route(route) for name, route in config.routes.items()}
+def build_routes(config: Config, metrics: Metrics) -> dict[str, Route]:
+    return {name: _build_route(route, metrics) for name, route in config.routes.items()}
 
 
-def _build_route(route: RouteConfig) -> Route:
+def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
     context = upstream_context(route)
     server_parameters: dict[str, str] = {}
 
     async def connect(on_closed: Callable[[ServerConnection], None]) -> ServerConnection:
-        connection = await connect_server(
-            route, context, on_closed, {"application_name": SERVER_APPLICATION_NAME}
-        )
+        try:
+            connection = await connect_server(
+                route, context, on_closed, {"application_name": SERVER_APPLICATION_NAME}
+            )
+        except (UpstreamConnectError, UpstreamRefused, ProtocolViolation):
+            metrics.server_connection_errors_total.labels(route.database).inc()
+            raise
+        metrics.server_connections_opened_total.labels(route.database).inc()
         if not server_parameters:
             server_parameters.update(connection.reported)
         return connection
@@ -106,11 +114,14 @@ class ProxyServer:
         self.config = config
         self._terminal_tls = terminal_context(config.tls)
         self._registry = SessionRegistry()
-        self.routes: Mapping[str, Route] = build_routes(config)
+        self.metrics = Metrics()
+        self.routes: Mapping[str, Route] = build_routes(config, self.metrics)
+        self.metrics.build_info.info({"version": _version()})
         self._environment = SessionEnvironment(
             config=config,
             routes=self.routes,
             registry=self._registry,
+            metrics=self.metrics,
             policies=build_policy_engine(config),
             review=ReviewLog(config.policy.review_file) if config.policy.review_file else None,
         )
@@ -118,6 +129,7 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self.admin: AdminServer | None = None
+        self._reported_hits = self._reported_misses = 0
         self._readiness: tuple[float, bool, dict[str, Any]] | None = None
 
     @property
@@ -158,6 +170,7 @@ class ProxyServer:
             config = load_config(source)
             terminal_tls = terminal_context(config.tls)
         except (ConfigError, OSError, ValueError) as exc:
+            self.metrics.config_reloads_total.labels("failed").inc()
             log.error("reload_failed", trigger=trigger, config=str(source), error=str(exc))
             return False
         changed = [name for name in _RELOADABLE if getattr(config, name) != getattr(self.config, name)]
@@ -180,6 +193,7 @@ class ProxyServer:
             policies=build_policy_engine(config),
             review=review,
         )
+        self.metrics.config_reloads_total.labels("ok").inc()
         log.info("reload_applied", trigger=trigger, changed=changed)
         if config.tls.crl is not None:
             self._cut_revoked_terminals(revoked_serials(config.tls.crl))
@@ -224,7 +238,20 @@ class ProxyServer:
         return ready, details
 
     def metrics_text(self) -> bytes:
-        return b""
+        """Gauges sampled now from the pools and caches, then everything rendered."""
+        metrics = self.metrics
+        for name, route in self.routes.items():
+            stats = route.pool.stats()
+            metrics.pool_server_connections.labels(name, "active").set(stats.active)
+            metrics.pool_server_connections.labels(name, "idle").set(stats.idle)
+            metrics.pool_server_connections.labels(name, "opening").set(stats.opening)
+            metrics.pool_clients_waiting.labels(name).set(stats.waiting)
+        statements = self._environment.statement_stats
+        cache = metrics.prepared_statement_cache_total
+        cache.labels("hit").inc(statements.hits - self._reported_hits)
+        cache.labels("miss").inc(statements.misses - self._reported_misses)
+        self._reported_hits, self._reported_misses = statements.hits, statements.misses
+        return metrics.render()
 
     def _rebuild_routes(self, config: Config) -> dict[str, Route]:
         """Keep the pools of routes whose settings did not change; retire the others."""
@@ -234,7 +261,7 @@ class ProxyServer:
             routes[name] = (
                 current
                 if current is not None and current.config == route_config
-                else _build_route(route_config)
+                else _build_route(route_config, self.metrics)
             )
         for name, route in self.routes.items():
             if routes.get(name) is not route:
@@ -369,17 +396,30 @@ class ProxyServer:
     ) -> None:
         loop = asyncio.get_running_loop()
         session = ClientSession(self._environment, source, direct_tls=direct)
+        started = time.monotonic()
         try:
             await loop.connect_accepted_socket(
                 lambda: session, sock, ssl=self._terminal_tls, ssl_handshake_timeout=timeout
             )
         except ssl.SSLError as exc:
             reason = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else exc.reason
+            self.metrics.tls_handshake_failures_total.labels(
+                "certificate" if isinstance(exc, ssl.SSLCertVerificationError) else "tls"
+            ).inc()
             log.warning("tls_handshake_failed", source=source, reason=reason or str(exc))
             return
         except (OSError, TimeoutError) as exc:
+            self.metrics.tls_handshake_failures_total.labels("network").inc()
             log.info("tls_handshake_failed", source=source, reason=str(exc) or type(exc).__name__)
             return
+        self.metrics.tls_handshake_seconds.observe(time.monotonic() - started)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pos-db-proxy")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 async def _route_reachable(route: Route) -> str:

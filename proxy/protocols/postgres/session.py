@@ -26,6 +26,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.identity import Identity, IdentityError, check_user_name, identify
+from proxy.metrics import Metrics
 from proxy.policy.engine import Decision, PolicyEngine
 from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
@@ -100,10 +101,23 @@ class SessionEnvironment:
     config: Config
     routes: Mapping[str, Route]
     registry: SessionRegistry
+    metrics: Metrics = field(default_factory=Metrics)
     policies: PolicyEngine = field(default_factory=lambda: PolicyEngine({}))
     review: ReviewLog | None = None
     classifier: SessionStateClassifier = field(default_factory=SessionStateClassifier)
     statement_stats: StatementStats = field(default_factory=StatementStats)
+
+
+# Low-cardinality reasons for refused connections, by the SQLSTATE the client was given.
+_REFUSAL_REASONS = {
+    "28000": "authentication",
+    "3D000": "unknown database",
+    "0A000": "unsupported startup",
+    "53300": "pool timeout",
+    "08001": "upstream unavailable",
+    "08P01": "protocol violation",
+    "57P01": "shutdown",
+}
 
 
 class _State(enum.Enum):
@@ -201,6 +215,7 @@ class ClientSession(asyncio.Protocol):
             self._env.registry.unregister(self.process_id)
         self._release_server()
         if self._started:
+            self._env.metrics.client_connections_active.labels(self._role).dec()
             log.info(
                 "session_end", **self._log_fields(), duration_s=round(time.monotonic() - self._started_at, 3)
             )
@@ -325,7 +340,11 @@ class ClientSession(asyncio.Protocol):
         """Get a server connection in step with this client's settings, then go on."""
         assert self._parameters is not None
         try:
+            waited_from = time.monotonic()
             server = await route.pool.acquire()
+            self._env.metrics.pool_wait_seconds.labels(route.config.database).observe(
+                time.monotonic() - waited_from
+            )
             self._server = server
             await self._parameters.apply(server, route.config.pool.connect_timeout)
         except ProxyError as exc:
@@ -368,6 +387,9 @@ class ClientSession(asyncio.Protocol):
         self._transport.write(b"".join(reply))
         self._state = _State.READY
         self._started = True
+        metrics = self._env.metrics
+        metrics.client_connections_total.labels(self._role).inc()
+        metrics.client_connections_active.labels(self._role).inc()
         log.info("session_start", **self._log_fields(), server_connection=server_id)
 
     # --- ready: forwarding ---
@@ -457,6 +479,10 @@ class ClientSession(asyncio.Protocol):
 
     def _apply_policy(self, decision: Decision, start: int, refusals: dict[int, Refusal]) -> None:
         mode = self._policy_mode
+        metrics = self._env.metrics
+        metrics.policy_decisions_total.labels(self._role, decision.rule).inc()
+        enforced = decision.allowed or mode is not PolicyMode.ENFORCE
+        metrics.statements_total.labels(self._role, "allowed" if enforced else "refused").inc()
         if decision.allowed:
             if mode is PolicyMode.LEARN and decision.rule != "housekeeping":
                 self._learn(decision)
@@ -507,6 +533,7 @@ class ClientSession(asyncio.Protocol):
         elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
             if self._route.config.pool.session_state is SessionStateAction.PIN:
                 self._pinned_by = found.reason
+                self._env.metrics.sessions_pinned_total.labels(self._route.config.database).inc()
                 log.info("session_pinned", **self._log_fields(), reason=found.reason)
             else:
                 refusals[start] = Refusal(
@@ -540,6 +567,10 @@ class ClientSession(asyncio.Protocol):
             self._route.pool.release(server, reusable=server.is_clean)
 
     def _fail(self, error: ProxyError, *, reason: str) -> None:
+        if not self._started:
+            self._env.metrics.client_connections_refused_total.labels(
+                _REFUSAL_REASONS.get(error.sqlstate, "other")
+            ).inc()
         log.warning(
             "session_refused" if self._state is not _State.READY else "session_error",
             **self._log_fields(),

@@ -1,0 +1,589 @@
+"""Tamper-evident audit log: records built cheaply on the data path,
+then rendered, chained and written in batches off it.
+
+Format: one JSON object per line in canonical form (keys sorted, no spaces, ASCII), structlog-style
+``event`` and ``timestamp`` (UTC, microseconds, ``2026-11-25T04:14:47.123456Z``) plus ``component``,
+``host``, ``seq`` (1, 2, ... continuing across the files of one log), ``prev`` (hex SHA-256 of the
+previous record's line as written, newline included, so ``sed -n Np FILE | sha256sum`` reproduces it;
+``"0" * 64`` before the first record of a log) and ``hmac`` (hex HMAC-SHA256 under the key file over the
+canonical JSON of the record without ``hmac``). Every file starts with an ``audit_file_start`` record whose
+``prev`` is the chain anchor (the hash of the previous file's last line) and whose ``previous_file`` names
+that file (null for a new log). ``audit_started`` and ``audit_stopped`` mark the log being started and
+stopped; ``audit_chain_break`` says why a log had to start a new chain (a damaged tail, a changed key).
+
+Durability: ``record`` only appends to an in-memory queue. The queue is unbounded -- nothing is dropped --
+and ``pending`` and ``backlog_warnings`` show a writer falling behind. Every ``flush_interval`` one writer
+thread renders the queue and hands the lines to the OS with ``os.write``, so a crash of the process loses
+only what was still queued (normally the last ``flush_interval``); a crash of the machine can also lose what
+the OS had not yet written to disk, because files are fsynced only at rotation and at ``close``. A failed
+write is counted in ``write_errors`` and its unwritten bytes are retried on the next batch; nothing is
+raised into the data path. ``close`` writes everything recorded before it, retrying until its timeout, and
+raises AuditError if it could not. The stdout copy is best effort: a failed stdout write is counted, not
+retried.
+
+Limits: the chain exposes an altered, inserted, removed or reordered record anywhere except at the very end
+of the newest file, where cutting off whole lines leaves a shorter valid chain (a clean shutdown ends with
+``audit_stopped``, and the stdout copy to journald is a second witness). ``verify`` trusts the anchor of the
+first file it is given, so a retained window of a log verifies; a complete log starts at seq 1, prev zeros.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+
+import structlog
+
+__all__ = [
+    "BACKLOG_WARNING",
+    "FILE_START",
+    "GENESIS",
+    "MIN_KEY_BYTES",
+    "AuditError",
+    "AuditLog",
+    "AuditSettings",
+    "VerifyReport",
+    "load_key",
+    "verify",
+]
+
+log = structlog.get_logger("pos_proxy.audit")
+
+FILE_START = "audit_file_start"
+GENESIS = "0" * 64
+MIN_KEY_BYTES = 32
+BACKLOG_WARNING = 1_000_000
+
+# Fields the log itself sets; a caller's field of the same name is kept with a trailing underscore.
+_RESERVED = frozenset({"event", "timestamp", "component", "host", "seq", "prev", "hmac"})
+# Deeper structures are rendered with str(): it bounds the work and ends cycles.
+_MAX_DEPTH = 4
+# Write within a long batch too, so a backlog is not held in memory a second time as rendered lines.
+_CHUNK_BYTES = 1 << 20
+_READ_BYTES = 1 << 16
+# close() waits this much beyond its timeout for the writer's last fsync.
+_CLOSE_GRACE = 1.0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# One encoder for every record: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    file: Path | None  # None: no file sink
+    key_file: Path  # HMAC key: raw bytes, at least MIN_KEY_BYTES of them
+    stdout: bool = False  # also write each line to stdout (journald)
+    rotate_bytes: int = 100 * 1024 * 1024
+    rotate_interval: float = 86400.0  # seconds; rotate when the current file is older
+    flush_interval: float = 0.2  # seconds between batch writes
+
+    def __post_init__(self) -> None:
+        if self.rotate_bytes <= 0 or self.rotate_interval <= 0 or self.flush_interval <= 0:
+            raise AuditError("audit rotate_bytes, rotate_interval and flush_interval must be positive")
+
+
+class AuditError(Exception):
+    """The audit log cannot be opened, its key cannot be used, or close() could not write everything."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    ok: bool
+    records: int  # records that verified before the first problem (all of them when ok)
+    problem: str | None = None
+    file: Path | None = None
+    line: int | None = None  # 1-based
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What verification needs of one parsed line."""
+
+    seq: int
+    prev: str
+    event: str
+    authentic: bool  # its HMAC matches
+
+
+def load_key(path: Path) -> bytes:
+    """The HMAC key: the file's raw bytes, at least MIN_KEY_BYTES long and not accessible to other users."""
+    try:
+        mode = path.stat().st_mode
+        key = path.read_bytes()
+    except OSError as exc:
+        raise AuditError(f"cannot read audit key file {path}: {exc.strerror}") from exc
+    # Anyone who can read the key can forge records that verify.
+    if mode & stat.S_IRWXO:
+        raise AuditError(f"audit key file {path} is accessible to other users; chmod o-rwx it")
+    if len(key) < MIN_KEY_BYTES:
+        raise AuditError(f"audit key file {path} holds {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
+    return key
+
+
+class AuditLog:
+    """One chained audit log: ``record`` from any thread; one writer thread renders, chains and writes."""
+
+    def __init__(
+        self, settings: AuditSettings, *, component: str = "pos-db-proxy", host: str | None = None
+    ) -> None:
+        self._settings = settings
+        self._component = component
+        self._host = socket.gethostname() if host is None else host
+        # deque.append and popleft are atomic, so record() takes no lock and never waits for the writer.
+        self._queue: deque[tuple[int, object, dict[str, object]]] = deque()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._deadline = 0.0
+        # A plain flag rather than an Event: setting it takes no lock, so a signal handler may call reopen().
+        self._reopen_requested = False
+        self._written = 0
+        self._write_errors = 0
+        self._backlog_warnings = 0
+        self._backlogged = False
+        # Writer state: used by start() before the thread exists, then only by the thread.
+        self._key = b""
+        self._fd: int | None = None  # None with a file sink: the next flush opens the configured path
+        self._out = bytearray()  # rendered lines the file has not taken yet
+        self._stdout_lines: list[str] = []
+        self._size = 0  # of the current file, counting lines still in _out
+        self._file_started_ns = 0
+        self._seq = 0
+        self._prev = GENESIS
+
+    @property
+    def written(self) -> int:
+        """Records handed to the OS by the file sink (by stdout when there is no file)."""
+        return self._written
+
+    @property
+    def write_errors(self) -> int:
+        return self._write_errors
+
+    @property
+    def pending(self) -> int:
+        """Records recorded but not yet rendered by the writer."""
+        return len(self._queue)
+
+    @property
+    def backlog_warnings(self) -> int:
+        """How often the queue grew past BACKLOG_WARNING records."""
+        return self._backlog_warnings
+
+    def start(self) -> None:
+        """Open or continue the log, write its opening records, and start the writer thread."""
+        if self._thread is not None:
+            raise AuditError("audit log already started")
+        settings = self._settings
+        if settings.file is None and not settings.stdout:
+            raise AuditError("audit log has no sink: configure a file, stdout, or both")
+        self._key = load_key(settings.key_file)
+        resumed = False
+        if settings.file is None:
+            self._start_file(None)
+        else:
+            resumed = self._open(settings.file)
+        self._emit(time.time_ns(), "audit_started", {"pid": os.getpid(), "resumed": resumed})
+        if not self._flush():
+            self._close_file()
+            raise AuditError(f"cannot write audit log {settings.file}")
+        self._thread = threading.Thread(target=self._run, name="pos-proxy-audit-writer", daemon=False)
+        self._thread.start()
+
+    def record(self, event: str, /, **fields: object) -> None:
+        """Queue one audit event; O(1), never blocks, never raises.
+
+        The writer renders the fields later (JSON types as they are, anything else with str()), so pass
+        values that are not changed afterwards. Fields named like the log's own keys get a trailing ``_``.
+        """
+        self._queue.append((time.time_ns(), event, fields))
+
+    def reopen(self) -> None:
+        """After logrotate moved the file (SIGHUP): the next batch starts a new one at the configured path."""
+        self._reopen_requested = True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write everything recorded so far, fsync, and stop the writer thread."""
+        thread = self._thread
+        if thread is None or self._stop.is_set():
+            return
+        self.record("audit_stopped")
+        self._deadline = time.monotonic() + timeout
+        self._stop.set()
+        thread.join(timeout + _CLOSE_GRACE)
+        if thread.is_alive():
+            raise AuditError(f"audit writer did not finish within {timeout} s")
+        unwritten = len(self._queue) + self._out.count(b"\n")
+        if unwritten:
+            raise AuditError(
+                f"{unwritten} audit records could not be written ({self._write_errors} write errors)"
+            )
+
+    # --- writer ---------------------------------------------------------------------------------
+
+    def _open(self, path: Path) -> bool:
+        """Open the configured file at start; True when an intact existing chain is continued."""
+        if not path.parent.is_dir():
+            raise AuditError(f"audit log directory {path.parent} does not exist")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            size = os.fstat(fd).st_size
+            tail = _last_line(fd, size) if size else b""
+        except OSError as exc:
+            raise AuditError(f"cannot open audit log {path}: {exc.strerror}") from exc
+        if not size:
+            self._fd = fd
+            self._start_file(None)
+            return False
+        entry = _tail_entry(tail, self._key)
+        if isinstance(entry, _Entry):
+            self._fd, self._size, self._seq = fd, size, entry.seq
+            self._prev = hashlib.sha256(tail).hexdigest()
+            self._file_started_ns = _file_started_ns(fd)
+            return True
+        # The damaged file is kept for the reviewer, and the new chain says why it could not continue it.
+        os.close(fd)
+        damaged = _rotated_path(path)
+        try:
+            os.rename(path, damaged)
+        except OSError as exc:
+            raise AuditError(f"cannot move damaged audit log {path} aside: {exc.strerror}") from exc
+        log.error("audit_chain_break", file=str(damaged), reason=entry)
+        self._start_file(damaged.name)
+        self._emit(time.time_ns(), "audit_chain_break", {"previous_file": damaged.name, "reason": entry})
+        return False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._settings.flush_interval):
+            self._write_batch()
+        self._write_batch()
+        while (self._queue or self._out) and (remaining := self._deadline - time.monotonic()) > 0:
+            time.sleep(min(self._settings.flush_interval, remaining))
+            self._write_batch()
+        self._close_file()
+
+    def _write_batch(self) -> None:
+        if self._reopen_requested and self._fd is not None:
+            self._reopen_requested = False
+            if not self._is_current() and not self._next_file(rename=False):
+                self._reopen_requested = True
+        # Only what is queued now: a busy data path must not keep one batch from ever being written.
+        backlog = len(self._queue)
+        if backlog > BACKLOG_WARNING and not self._backlogged:
+            self._backlog_warnings += 1
+            log.warning("audit_backlog", pending=backlog)
+        self._backlogged = backlog > BACKLOG_WARNING
+        may_rotate = True
+        for _ in range(backlog):
+            t_ns, event, fields = self._queue.popleft()
+            if may_rotate and self._rotation_due(t_ns):
+                # One failed attempt per batch is enough; the next batch tries again.
+                may_rotate = self._next_file(rename=True)
+            self._emit(t_ns, event, fields)
+            if len(self._out) >= _CHUNK_BYTES:
+                self._flush()
+        self._flush()
+
+    def _rotation_due(self, t_ns: int) -> bool:
+        settings = self._settings
+        return settings.file is not None and (
+            self._size >= settings.rotate_bytes
+            or t_ns - self._file_started_ns >= settings.rotate_interval * 1_000_000_000
+        )
+
+    def _is_current(self) -> bool:
+        """Whether the configured path is still the file being written."""
+        assert self._settings.file is not None and self._fd is not None
+        try:
+            there, ours = os.stat(self._settings.file), os.fstat(self._fd)
+        except OSError:
+            return False
+        return (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def _next_file(self, *, rename: bool) -> bool:
+        """End the current file (renamed aside if asked and still in place); chain a new one at the path."""
+        assert self._settings.file is not None
+        path = self._settings.file
+        previous = path.name
+        # Lines already rendered carry the current file's chain position, so they must land in it.
+        if not self._flush():
+            return False
+        if rename and self._is_current():
+            target = _rotated_path(path)
+            try:
+                os.rename(path, target)
+            except OSError as exc:
+                self._failed(exc)
+                return False
+            previous = target.name
+        self._close_file()
+        self._start_file(previous)
+        return True
+
+    def _start_file(self, previous_file: str | None) -> None:
+        self._size = 0
+        self._file_started_ns = time.time_ns()
+        self._emit(self._file_started_ns, FILE_START, {"previous_file": previous_file})
+
+    def _emit(self, t_ns: int, event: object, fields: Mapping[str, object]) -> None:
+        """Render one record into the chain and the sinks' buffers."""
+        record = {f"{name}_" if name in _RESERVED else name: _field(value) for name, value in fields.items()}
+        self._seq += 1
+        record.update(
+            event=_text(event),
+            timestamp=_timestamp(t_ns),
+            component=self._component,
+            host=self._host,
+            seq=self._seq,
+            prev=self._prev,
+        )
+        record["hmac"] = _mac(self._key, _canonical(record))
+        text = _canonical(record) + "\n"
+        line = text.encode("ascii")
+        self._prev = hashlib.sha256(line).hexdigest()
+        self._size += len(line)
+        if self._settings.file is not None:
+            self._out += line
+        if self._settings.stdout:
+            self._stdout_lines.append(text)
+
+    def _flush(self) -> bool:
+        """Hand rendered lines to the OS; False when the file did not take them all (kept for retry)."""
+        if self._stdout_lines:
+            text = "".join(self._stdout_lines)
+            count = len(self._stdout_lines)
+            self._stdout_lines.clear()
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except (OSError, ValueError) as exc:
+                self._failed(exc)
+            else:
+                if self._settings.file is None:
+                    self._written += count
+        if not self._out:
+            return True
+        assert self._settings.file is not None
+        try:
+            if self._fd is None:
+                self._fd = os.open(
+                    self._settings.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            while self._out:
+                # A short write leaves the rest for the retry, so no byte is written twice.
+                taken = os.write(self._fd, self._out)
+                self._written += self._out.count(b"\n", 0, taken)
+                del self._out[:taken]
+        except OSError as exc:
+            self._failed(exc)
+            return False
+        return True
+
+    def _close_file(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._failed(exc)
+        with suppress(OSError):
+            os.close(self._fd)
+        self._fd = None
+
+    def _failed(self, exc: Exception) -> None:
+        self._write_errors += 1
+        # The 1st, 2nd, 4th, 8th... error: an outage is visible in the operational log without flooding it.
+        if self._write_errors & (self._write_errors - 1) == 0:
+            log.error("audit_write_failed", error=str(exc), write_errors=self._write_errors)
+
+
+def verify(paths: Sequence[Path], key: bytes) -> VerifyReport:
+    """Check the files of one log, oldest first, and report the first problem found."""
+    records = 0
+    last_hash: str | None = None
+    next_seq: int | None = None
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return VerifyReport(False, records, f"cannot read file: {exc.strerror}", path, None)
+        lines = data.split(b"\n")
+        tail = lines.pop()  # empty when the file ends with a newline
+        entries = [_parse(line, key) for line in lines]
+        for index, entry in enumerate(entries):
+            problem = _problem(entries, index, last_hash, next_seq)
+            if problem is not None:
+                return VerifyReport(False, records, problem, path, index + 1)
+            assert isinstance(entry, _Entry)
+            records += 1
+            last_hash = hashlib.sha256(lines[index] + b"\n").hexdigest()
+            next_seq = entry.seq + 1
+        if tail:
+            problem = "truncated tail: the last line is not newline-terminated"
+            return VerifyReport(False, records, problem, path, len(lines) + 1)
+        if not lines:
+            return VerifyReport(False, records, f"empty file: no {FILE_START} record", path, None)
+    return VerifyReport(True, records)
+
+
+def _problem(
+    entries: list[_Entry | str], index: int, last_hash: str | None, next_seq: int | None
+) -> str | None:
+    entry = entries[index]
+    if isinstance(entry, str):
+        return (
+            f"truncated tail: the last line is {entry}" if index == len(entries) - 1 else f"line is {entry}"
+        )
+    if not entry.authentic:
+        following = entries[index + 1] if index + 1 < len(entries) else None
+        if isinstance(following, _Entry) and not following.authentic:
+            return "HMAC mismatch here and on the next record: wrong key, or several records altered"
+        if isinstance(following, _Entry) and following.prev == last_hash:
+            return "inserted record: HMAC mismatch, and the next record chains to the one before it"
+        return "altered record: HMAC mismatch"
+    if index == 0 and entry.event != FILE_START:
+        return f"file starts with {entry.event!r}, not {FILE_START}: its first record was removed"
+    if next_seq is not None and entry.seq != next_seq:
+        if entry.seq < next_seq:
+            return f"reordered or replayed record: seq goes back from {next_seq - 1} to {entry.seq}"
+        if any(isinstance(later, _Entry) and later.seq == next_seq for later in entries[index + 1 :]):
+            return f"reordered records: seq {entry.seq} where {next_seq} was expected, which comes later"
+        if index == 0:
+            return f"removed records: seq jumps from {next_seq - 1} to {entry.seq} between files"
+        return f"removed record: seq jumps from {next_seq - 1} to {entry.seq}"
+    if last_hash is not None and entry.prev != last_hash:
+        if index == 0:
+            return "chain broken: the file's anchor is not the hash of the previous file's last record"
+        return "chain broken: prev is not the hash of the previous line"
+    return None
+
+
+def _parse(line: bytes, key: bytes) -> _Entry | str:
+    """A line as an entry, or what is wrong with its form."""
+    try:
+        record = json.loads(line)
+        canonical = isinstance(record, dict) and _canonical(record).encode() == line
+    except (ValueError, RecursionError):
+        return "not JSON"
+    if not canonical:
+        return "not a record in canonical form"
+    seq, prev, event, mac = (record.get(name) for name in ("seq", "prev", "event", "hmac"))
+    if type(seq) is not int or not isinstance(prev, str) or not isinstance(event, str):
+        return "a record without seq, prev or event"
+    record.pop("hmac", None)
+    authentic = isinstance(mac, str) and hmac.compare_digest(
+        mac.encode(), _mac(key, _canonical(record)).encode()
+    )
+    return _Entry(seq, prev, event, authentic)
+
+
+def _tail_entry(tail: bytes, key: bytes) -> _Entry | str:
+    """The last line of an existing file as an entry to continue from, or why the chain cannot continue."""
+    if not tail.endswith(b"\n"):
+        return "the last line is not newline-terminated (an interrupted write)"
+    entry = _parse(tail[:-1], key)
+    if isinstance(entry, str):
+        return f"the last line is {entry}"
+    if not entry.authentic:
+        return "the last record fails the HMAC check (altered, or the key changed)"
+    return entry
+
+
+def _last_line(fd: int, size: int) -> bytes:
+    """The file's last line, newline included when it has one."""
+    chunks: list[bytes] = []
+    end = size
+    while end > 0:
+        start = max(0, end - _READ_BYTES)
+        chunk = os.pread(fd, end - start, start)
+        # The file's final byte may be the last line's own newline, which does not end an earlier line.
+        cut = chunk.rfind(b"\n", 0, len(chunk) - 1 if end == size else len(chunk))
+        if cut >= 0:
+            chunks.append(chunk[cut + 1 :])
+            break
+        chunks.append(chunk)
+        end = start
+    return b"".join(reversed(chunks))
+
+
+def _file_started_ns(fd: int) -> int:
+    """When a continued file was started (its first record), so rotate_interval survives restarts."""
+    first = os.pread(fd, _READ_BYTES, 0).split(b"\n", 1)[0]
+    try:
+        started = datetime.strptime(json.loads(first)["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    except (ValueError, KeyError, TypeError):
+        return time.time_ns()
+    return (started.replace(tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def _rotated_path(path: Path) -> Path:
+    stamp = datetime.now(UTC)
+    # os.rename replaces an existing target, so never pick a name that is taken.
+    while (target := path.with_name(f"{path.name}.{stamp:%Y%m%dT%H%M%S%f}")).exists():
+        stamp += timedelta(microseconds=1)
+    return target
+
+
+def _timestamp(t_ns: int) -> str:
+    seconds, nanos = divmod(t_ns, 1_000_000_000)
+    return f"{_second(seconds)}.{nanos // 1000:06d}Z"
+
+
+@lru_cache(maxsize=4)
+def _second(seconds: int) -> str:
+    # Formatting the date is most of a timestamp's cost, and a batch's records share few seconds.
+    return f"{datetime.fromtimestamp(seconds, UTC):%Y-%m-%dT%H:%M:%S}"
+
+
+def _canonical(record: Mapping[str, object]) -> str:
+    return _ENCODER.encode(record)
+
+
+def _mac(key: bytes, body: str) -> str:
+    return hmac.new(key, body.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def _field(value: object) -> object:
+    # Odd containers (a mapping whose items() raises) fall back to their text rather than stop the writer.
+    try:
+        return _plain(value, 0)
+    except Exception:
+        return _text(value)
+
+
+def _plain(value: object, depth: int) -> object:
+    """The value as JSON-ready data that json.dumps cannot fail on."""
+    if value is None or isinstance(value, str | bool):
+        return value
+    if isinstance(value, int):
+        # Larger ints cannot always be printed (sys.set_int_max_str_digits) and rarely parse back exactly.
+        return int(value) if -(2**63) <= value < 2**64 else _text(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else _text(value)
+    if depth < _MAX_DEPTH:
+        if isinstance(value, Mapping):
+            return {_text(k): _plain(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [_plain(v, depth + 1) for v in value]
+    return _text(value)
+
+
+def _text(value: object) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"

@@ -1,0 +1,161 @@
+"""The admin API and metrics of a running proxy, driven over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from proxy.localpg import free_port
+from tests.integration.proxyproc import ProxyProcess, TerminalPKI
+
+StartProxy = Callable[..., ProxyProcess]
+TOKEN = "admin-test-token-0123456789"
+
+
+def _call(port: int, path: str, *, method: str = "GET", token: str | None = TOKEN) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", method=method, data=b"" if method == "POST" else None
+    )
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture
+def admin_proxy(start_proxy: StartProxy, tmp_path: Path) -> tuple[ProxyProcess, int]:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    port = free_port()
+    proxy = start_proxy(
+        admin={"host": "127.0.0.1", "port": port, "token": {"file": str(token_file)}},
+        routes={"pos": {"pool": {"mode": "transaction", "size": 2}}},
+    )
+    proxy.wait_for_event("admin_listening")
+    return proxy, port
+
+
+def test_health_needs_no_token_but_everything_else_does(admin_proxy: tuple[ProxyProcess, int]) -> None:
+    _proxy, port = admin_proxy
+    assert _call(port, "/healthz", token=None) == (200, b'{"status": "alive"}')
+    assert _call(port, "/metrics", token=None)[0] == 401
+    assert _call(port, "/v1/pools", token="wrong")[0] == 401
+    assert _call(port, "/v1/pools")[0] == 200
+
+
+def test_metrics_move_with_sessions_and_statements(
+    admin_proxy: tuple[ProxyProcess, int], terminal_pki: TerminalPKI
+) -> None:
+    proxy, port = admin_proxy
+    with psycopg.connect(
+        **proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True
+    ) as connection:
+        for _ in range(3):
+            connection.execute("SELECT 1")
+        status, body = _call(port, "/metrics")
+        text = body.decode()
+        assert status == 200
+        assert 'pos_proxy_client_connections_active{role="cashier"} 1.0' in text
+        assert 'pos_proxy_client_connections_total{role="cashier"} 1.0' in text
+        assert 'pos_proxy_server_connections_opened_total{route="pos"}' in text
+        assert 'pos_proxy_pool_server_connections{route="pos",state="idle"}' in text
+        assert "pos_proxy_build_info" in text
+        assert "till-01" not in text and "store-001" not in text  # no per-terminal series
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(**proxy.conninfo(None, terminal_pki.ca)).close()
+    text = _call(port, "/metrics")[1].decode()
+    assert 'pos_proxy_client_connections_active{role="cashier"} 0.0' in text
+    assert 'pos_proxy_client_connections_refused_total{reason="authentication"} 1.0' in text
+
+
+def test_pools_and_clients_describe_live_state(
+    admin_proxy: tuple[ProxyProcess, int], terminal_pki: TerminalPKI
+) -> None:
+    proxy, port = admin_proxy
+    with psycopg.connect(
+        **proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True
+    ) as connection:
+        connection.execute("SELECT 1")
+        pools = json.loads(_call(port, "/v1/pools")[1])["pools"]
+        assert [(pool["name"], pool["mode"], pool["size"]) for pool in pools] == [("pos", "transaction", 2)]
+        clients = json.loads(_call(port, "/v1/clients")[1])["clients"]
+        assert [(c["store"], c["terminal"], c["role"], c["state"]) for c in clients] == [
+            ("store-001", "office-01", "manager", "ready")
+        ]
+
+
+def test_disconnect_cuts_a_terminal_off_now(
+    admin_proxy: tuple[ProxyProcess, int], terminal_pki: TerminalPKI
+) -> None:
+    proxy, port = admin_proxy
+    stolen = psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True)
+    other = psycopg.connect(**proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True)
+    try:
+        stolen.execute("SELECT 1")
+        status, body = _call(port, "/v1/terminals/store-001/till-01/disconnect", method="POST")
+        assert status == 200
+        assert json.loads(body) == {"store": "store-001", "terminal": "till-01", "disconnected": 1}
+        with pytest.raises(psycopg.OperationalError):
+            stolen.execute("SELECT 1")
+        assert other.execute("SELECT 'still here'").fetchone() == ("still here",)
+    finally:
+        stolen.close()
+        other.close()
+    record = proxy.wait_for_event("admin_disconnect", terminal="till-01")
+    assert record["sessions"] == 1
+
+
+def test_reload_and_readiness(admin_proxy: tuple[ProxyProcess, int]) -> None:
+    proxy, port = admin_proxy
+    status, body = _call(port, "/v1/reload", method="POST")
+    assert (status, json.loads(body)) == (200, {"reloaded": True})
+    proxy.wait_for_event("reload_applied")
+    status, body = _call(port, "/readyz")
+    assert status == 200
+    assert json.loads(body)["routes"] == {"pos": "reachable"}
+    assert 'pos_proxy_config_reloads_total{result="ok"} 1.0' in _call(port, "/metrics")[1].decode()
+
+
+def test_admin_cli_talks_to_the_api(admin_proxy: tuple[ProxyProcess, int], tmp_path: Path) -> None:
+    _proxy, port = admin_proxy
+    token_file = tmp_path / "cli-token"
+    token_file.write_text(TOKEN, encoding="utf-8")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "admin",
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--token-file",
+            str(token_file),
+            "pools",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["pools"][0]["name"] == "pos"
+    denied = subprocess.run(
+        [sys.executable, "-m", "proxy", "admin", "--url", f"http://127.0.0.1:{port}", "clients"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert denied.returncode == 1
+    assert "HTTP 401" in denied.stderr
