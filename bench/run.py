@@ -881,6 +881,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.idle and nofile < args.idle + 256:
         log(f"open-files limit is {nofile}: lowering --idle to {max(nofile - 256, 0)}")
         args.idle = max(nofile - 256, 0)
+    revision = git_revision()  # at start: other people may commit while the bench runs
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     logs = LOGS_ROOT / stamp
     logs.mkdir(parents=True, exist_ok=True)
@@ -953,7 +954,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130 if interrupted else 1
     rows = summarize(results, cases, _complete_targets(targets))
     report = build_report(
-        args, rows=rows, results=results, idle=idle, targets=targets, logs=logs, interrupted=interrupted
+        args,
+        revision=revision,
+        rows=rows,
+        results=results,
+        idle=idle,
+        targets=targets,
+        logs=logs,
+        interrupted=interrupted,
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -1052,6 +1060,7 @@ def _notes(rows: Sequence[Mapping[str, Any]], targets: Mapping[str, Target]) -> 
 def build_report(
     args: argparse.Namespace,
     *,
+    revision: str,
     rows: Sequence[Mapping[str, Any]],
     results: Sequence[RunResult],
     idle: Sequence[IdleResult],
@@ -1076,7 +1085,7 @@ def build_report(
             "pgbench_threads": 2,
         },
         "environment": {
-            "revision": git_revision(),
+            "revision": revision,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "kernel": platform.release(),

@@ -83,6 +83,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
+class AuditError(Exception):
+    """The audit log cannot be opened, its key cannot be used, or close() could not write everything."""
+
+
 @dataclass(frozen=True, slots=True)
 class AuditSettings:
     file: Path | None  # None: no file sink
@@ -95,10 +99,6 @@ class AuditSettings:
     def __post_init__(self) -> None:
         if self.rotate_bytes <= 0 or self.rotate_interval <= 0 or self.flush_interval <= 0:
             raise AuditError("audit rotate_bytes, rotate_interval and flush_interval must be positive")
-
-
-class AuditError(Exception):
-    """The audit log cannot be opened, its key cannot be used, or close() could not write everything."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +413,8 @@ class AuditLog:
 
 def verify(paths: Sequence[Path], key: bytes) -> VerifyReport:
     """Check the files of one log, oldest first, and report the first problem found."""
+    if not paths:
+        return VerifyReport(False, 0, "no files to verify")
     records = 0
     last_hash: str | None = None
     next_seq: int | None = None

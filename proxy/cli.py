@@ -17,7 +17,7 @@ from proxy.demo import run_demo
 from proxy.oplog import configure_logging
 from proxy.policy.approve import PolicyFileError, approve_statements
 from proxy.policy.engine import judge
-from proxy.policy.learn import read_review
+from proxy.policy.learn import ReviewFileError, read_review
 from proxy.server import serve
 from proxy.tlsconfig import terminal_context
 
@@ -187,7 +187,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _policy_review(args: argparse.Namespace) -> int:
-    entries = read_review(args.file)
+    try:
+        entries = read_review(args.file)
+    except ReviewFileError as exc:
+        print(f"pos-proxy: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     if not entries:
         print(f"{args.file}: nothing learned yet")
         return EXIT_OK

@@ -18,6 +18,7 @@ from typing import Final, NoReturn, TypeVar
 
 import yaml
 
+from proxy.limits import LimitSettings, Rate
 from proxy.policy.model import (
     DENYLIST_NAMES,
     STATEMENT_KINDS,
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigProblem",
     "IdentityConfig",
     "IdentitySource",
+    "LimitsConfig",
     "ListenConfig",
     "PolicySettings",
     "PoolConfig",
@@ -192,6 +194,8 @@ class IdentitySource:
 
 
 _ROLE_NAME: Final = r"[a-z][a-z0-9_]{0,62}"
+# Store and terminal ids, as `pos-proxy certs` issues them.
+_ID_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}"
 
 # Matches the certificates that `pos-proxy certs` issues.
 _DEFAULT_IDENTITY_SOURCES: Final = (
@@ -215,9 +219,19 @@ class IdentityConfig:
 class RoleConfig:
     name: str
     description: str = ""
+    limits: LimitSettings = field(default_factory=LimitSettings)
     # No policy file: the role's statements are not filtered (logged at startup).
     policy: RolePolicy | None = None
     policy_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Overrides of the roles' limits per store and per terminal, and the pre-TLS source limit."""
+
+    source_connections: Rate | None = None  # new connections per second per source address
+    stores: Mapping[str, LimitSettings] = field(default_factory=lambda: types.MappingProxyType({}))
+    terminals: Mapping[str, LimitSettings] = field(default_factory=lambda: types.MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +292,7 @@ class Config:
     routes: Mapping[str, RouteConfig]
     policy: PolicySettings = PolicySettings()
     admin: AdminConfig | None = None
+    limits: LimitsConfig = LimitsConfig()
     source: Path | None = None
 
 
@@ -314,7 +329,7 @@ def _file_error(message: str) -> ConfigError:
     return ConfigError([ConfigProblem("", message)])
 
 
-_SECTIONS: Final = ("listen", "tls", "identity", "roles", "pool", "routes", "policy", "admin")
+_SECTIONS: Final = ("listen", "tls", "identity", "roles", "pool", "routes", "policy", "admin", "limits")
 
 
 def parse_config(
@@ -332,7 +347,9 @@ def parse_config(
     identity = _parse_identity(root.child("identity", _keys(IdentityConfig)))
     roles = {
         name: _parse_role(name, section)
-        for name, section in root.named("roles", "role", _matching(_ROLE_NAME), ("description", "policy"))
+        for name, section in root.named(
+            "roles", "role", _matching(_ROLE_NAME), ("description", "policy", "limits")
+        )
     }
     policy_section = root.child("policy", _keys(PolicySettings))
     policy = PolicySettings(
@@ -346,6 +363,7 @@ def parse_config(
         database: _parse_route(database, section, pool_defaults)
         for database, section in root.named("routes", "route", _string(), _keys(RouteConfig, "database"))
     }
+    limits = _parse_limits(root.child("limits", ("source_connections", "stores", "terminals")))
     admin = None
     if root.data.get("admin") is not None:
         admin_section = root.child("admin", _keys(AdminConfig))
@@ -364,6 +382,7 @@ def parse_config(
         routes=types.MappingProxyType(routes),
         policy=policy,
         admin=admin,
+        limits=limits,
         source=source,
     )
 
@@ -776,9 +795,10 @@ def _parse_identity(section: _Section) -> IdentityConfig:
 
 def _parse_role(name: str, section: _Section) -> RoleConfig:
     description = section.read("description", _string(allow_empty=True), "")
+    limits = _parse_limit_settings(section.child("limits", _keys(LimitSettings)))
     policy_file = section.read("policy", section.ctx.path, None)
     if policy_file is None:
-        return RoleConfig(name, description)
+        return RoleConfig(name, description, limits)
     try:
         data = load_yaml(policy_file)
     except ValueError as exc:
@@ -786,7 +806,56 @@ def _parse_role(name: str, section: _Section) -> RoleConfig:
         return RoleConfig(name, description)
     policy_ctx = _Context(policy_file.parent, section.ctx.environ, section.ctx.problems)
     policy = _parse_policy(policy_ctx.section(data, section.key_path("policy"), _POLICY_KEYS))
-    return RoleConfig(name, description, policy, policy_file)
+    return RoleConfig(name, description, limits, policy, policy_file)
+
+
+def _parse_limits(section: _Section) -> LimitsConfig:
+    overrides: dict[str, dict[str, LimitSettings]] = {"stores": {}, "terminals": {}}
+    for key, pattern in (("stores", _ID_PATTERN), ("terminals", rf"{_ID_PATTERN}/{_ID_PATTERN}")):
+        path = section.key_path(key)
+        for name, value in section.ctx.mapping(section.data.get(key), path).items():
+            entry_path = _join(path, name)
+            if section.ctx.convert(name, entry_path, _matching(pattern), None) is not None:
+                overrides[key][name] = _parse_limit_settings(
+                    section.ctx.section(value, entry_path, _keys(LimitSettings))
+                )
+    return LimitsConfig(
+        source_connections=_read_rate(section, "source_connections"),
+        stores=types.MappingProxyType(overrides["stores"]),
+        terminals=types.MappingProxyType(overrides["terminals"]),
+    )
+
+
+def _parse_limit_settings(section: _Section) -> LimitSettings:
+    count = _in_range(_whole_number, "an integer", minimum=1)
+    return LimitSettings(
+        statements=_read_rate(section, "statements"),
+        role_statements=_read_rate(section, "role_statements"),
+        store_statements=_read_rate(section, "store_statements"),
+        connections_per_terminal=section.read("connections_per_terminal", count, None),
+        connections_per_store=section.read("connections_per_store", count, None),
+        connections_per_role=section.read("connections_per_role", count, None),
+        max_rows_per_statement=section.read("max_rows_per_statement", count, None),
+        max_bytes_per_statement=section.read("max_bytes_per_statement", parse_size, None),
+        max_rows_per_minute=section.read("max_rows_per_minute", count, None),
+        max_bytes_per_minute=section.read("max_bytes_per_minute", parse_size, None),
+    )
+
+
+def _read_rate(section: _Section, key: str) -> Rate | None:
+    """A token bucket: {per_second: 20, burst: 40}."""
+    if section.data.get(key) is None:
+        return None
+    rate = section.child(key, ("per_second", "burst"))
+    per_second = rate.require("per_second", _positive_number, 1.0)
+    burst = rate.require("burst", _in_range(_whole_number, "an integer", minimum=1), 1)
+    return Rate(per_second, burst)
+
+
+def _positive_number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"expected a positive number, got {_describe(value)}")
+    return float(value)
 
 
 _POLICY_KEYS: Final = (

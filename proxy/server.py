@@ -169,6 +169,7 @@ class ProxyServer:
                 raise ConfigError([ConfigProblem("", "the configuration was not loaded from a file")])
             config = load_config(source)
             terminal_tls = terminal_context(config.tls)
+            review = self._review_log_for(config)
         except (ConfigError, OSError, ValueError) as exc:
             self.metrics.config_reloads_total.labels("failed").inc()
             log.error("reload_failed", trigger=trigger, config=str(source), error=str(exc))
@@ -179,13 +180,7 @@ class ProxyServer:
         self.routes = self._rebuild_routes(config)
         self.config = config
         self._terminal_tls = terminal_tls
-        review = self._environment.review
-        if review is not None:
-            review.flush()
-        if config.policy.review_file is None:
-            review = None
-        elif review is None or review.path != config.policy.review_file:
-            review = ReviewLog(config.policy.review_file)
+        self._flush_review()
         self._environment = dataclasses.replace(
             self._environment,
             config=config,
@@ -193,11 +188,21 @@ class ProxyServer:
             policies=build_policy_engine(config),
             review=review,
         )
+        for session in list(self._registry.live):
+            session.use_environment(self._environment)
         self.metrics.config_reloads_total.labels("ok").inc()
         log.info("reload_applied", trigger=trigger, changed=changed)
         if config.tls.crl is not None:
             self._cut_revoked_terminals(revoked_serials(config.tls.crl))
         return True
+
+    def _review_log_for(self, config: Config) -> ReviewLog | None:
+        current = self._environment.review
+        if config.policy.review_file is None:
+            return None
+        if current is not None and current.path == config.policy.review_file:
+            return current
+        return ReviewLog(config.policy.review_file)
 
     # --- admin API (AdminControl) ---
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from proxy.config import load_yaml
-from proxy.policy.learn import read_review, write_review
+from proxy.policy.learn import ReviewFileError, read_review, write_review
 
 
 class PolicyFileError(Exception):
@@ -25,7 +25,10 @@ def approve_statements(
     review_file: Path, role: str, fingerprints: set[str] | None, policy_file: Path | None
 ) -> Approval:
     """Append the chosen learned statements of ``role`` to its policy and drop them from the review."""
-    entries = read_review(review_file)
+    try:
+        entries = read_review(review_file)
+    except ReviewFileError as exc:
+        raise PolicyFileError(str(exc)) from None
     chosen = [
         entry
         for entry in entries

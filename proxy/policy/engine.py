@@ -11,6 +11,7 @@ from proxy.policy.postgres import ParseError, StatementFacts, analyze
 
 INSUFFICIENT_PRIVILEGE = "42501"
 SYNTAX_ERROR = "42601"
+CHARACTER_NOT_IN_REPERTOIRE = "22021"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +56,16 @@ class PolicyEngine:
             return cached
         self.misses += 1
         policy = self._policies.get(role)
-        decision = (
-            _UNRESTRICTED if policy is None else judge(policy, role, sql.decode("utf-8", errors="replace"))
-        )
+        if policy is None:
+            decision = _UNRESTRICTED
+        else:
+            try:
+                decision = judge(policy, role, sql.decode("utf-8"))
+            except UnicodeDecodeError:
+                # The server could split such bytes differently from the proxy's parser.
+                decision = Decision(
+                    False, "encoding", "the statement is not valid UTF-8", CHARACTER_NOT_IN_REPERTOIRE
+                )
         self._cache[key] = decision
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -1,8 +1,8 @@
 """Learn mode's review file: statements seen per role that the policy does not list yet.
 
-The file is JSON, rewritten atomically; counts and first/last seen times accumulate across
-restarts. ``pos-proxy policy review`` reads it; ``policy approve`` moves entries into a role's
-policy file.
+The file is JSON, rewritten atomically. The proxy only adds to it: each flush re-reads the file
+and merges what was seen since the last flush, so entries that ``pos-proxy policy approve``
+removed in the meantime stay removed unless the statement is seen again.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from pathlib import Path
 _VERSION = 1
 
 
+class ReviewFileError(ValueError):
+    """The review file exists but is not one this proxy wrote."""
+
+
 @dataclass(slots=True)
 class ReviewEntry:
     role: str
@@ -29,38 +33,52 @@ class ReviewEntry:
 
 
 class ReviewLog:
-    """In-memory tally of learned statements, flushed to ``path`` off the data path."""
+    """What learn mode saw since the last flush, merged into ``path`` off the data path."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._entries: dict[tuple[str, str], ReviewEntry] = {
-            (entry.role, entry.fingerprint): entry for entry in read_review(path)
-        }
-        self._dirty = False
+        read_review(path)  # refuse a malformed file now, not at the first flush
+        self._seen: dict[tuple[str, str], ReviewEntry] = {}
 
     def record(self, role: str, fingerprint: str, text: str, policy_file: Path | None) -> None:
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        entry = self._entries.get((role, fingerprint))
+        entry = self._seen.get((role, fingerprint))
         if entry is None:
-            self._entries[(role, fingerprint)] = ReviewEntry(
+            self._seen[(role, fingerprint)] = ReviewEntry(
                 role, fingerprint, text, 1, now, now, str(policy_file) if policy_file else None
             )
         else:
             entry.count += 1
             entry.last_seen = now
-        self._dirty = True
 
     def flush(self) -> None:
-        if self._dirty:
-            write_review(self.path, list(self._entries.values()))
-            self._dirty = False
+        if not self._seen:
+            return
+        merged = {(entry.role, entry.fingerprint): entry for entry in read_review(self.path)}
+        for key, seen in self._seen.items():
+            known = merged.get(key)
+            if known is None:
+                merged[key] = seen
+            else:
+                known.count += seen.count
+                known.last_seen = seen.last_seen
+        write_review(self.path, list(merged.values()))
+        self._seen.clear()
 
 
 def read_review(path: Path) -> list[ReviewEntry]:
-    if not path.exists():
+    """The entries of a review file; a missing or empty file has none."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return []
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return [ReviewEntry(**entry) for entry in data.get("statements", [])]
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+        return [ReviewEntry(**entry) for entry in data["statements"]]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ReviewFileError(f"{path}: not a pos-db-proxy review file ({exc})") from None
 
 
 def write_review(path: Path, entries: list[ReviewEntry]) -> None:

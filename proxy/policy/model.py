@@ -59,6 +59,9 @@ DENIED_STATEMENTS = frozenset(
         "CREATE EXTENSION",
         "SET ROLE",
         "SET SESSION AUTHORIZATION",
+        # SET of search_path, standard_conforming_strings, client_encoding and the other
+        # settings that change who the session is, what names mean or how strings are read.
+        "SET SECURITY SETTING",
         "TWO-PHASE COMMIT",
     }
 )
@@ -67,23 +70,34 @@ DENIED_FUNCTIONS = frozenset(
         "pg_sleep",
         "pg_sleep_for",
         "pg_sleep_until",
-        "pg_read_file",
-        "pg_read_binary_file",
-        "pg_ls_dir",
         "pg_stat_file",
-        "lo_import",
-        "lo_export",
         "pg_terminate_backend",
         "pg_cancel_backend",
         "pg_reload_conf",
         "pg_rotate_logfile",
+        # These run SQL or read whole tables given by name, out of the policy's sight.
         "query_to_xml",
+        "query_to_xmlschema",
         "query_to_xml_and_xmlschema",
         "cursor_to_xml",
+        "cursor_to_xmlschema",
+        "table_to_xml",
+        "table_to_xmlschema",
+        "table_to_xml_and_xmlschema",
+        "schema_to_xml",
+        "schema_to_xmlschema",
+        "schema_to_xml_and_xmlschema",
+        "database_to_xml",
+        "database_to_xmlschema",
+        "database_to_xml_and_xmlschema",
+        "ts_stat",
+        "ts_rewrite",
     }
 )
-# Any function whose name starts with one of these is denied too (dblink, dblink_exec, ...).
-DENIED_FUNCTION_PREFIXES = ("dblink",)
+# Any function whose name starts with one of these is denied too: dblink*, server-side file
+# access (pg_read_file, pg_read_binary_file, pg_ls_dir, pg_ls_logdir, ...; adminpack's
+# pg_file_*), large objects (lo_import, lo_export, lo_get, lo_put, ...).
+DENIED_FUNCTION_PREFIXES = ("dblink", "pg_read_", "pg_ls_", "pg_file_", "lo_")
 # set_config is denied only for security-relevant settings (see policy.postgres.SENSITIVE_SETTINGS).
 DENYLIST_NAMES = DENIED_STATEMENTS | DENIED_FUNCTIONS | frozenset((*DENIED_FUNCTION_PREFIXES, "set_config"))
 

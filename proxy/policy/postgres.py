@@ -31,9 +31,17 @@ SENSITIVE_SETTINGS = frozenset(
         "allow_system_table_mods",
         "default_tablespace",
         "temp_tablespaces",
+        # These change how the server splits string literals: after them the server and the
+        # proxy's parser could read one statement text differently.
+        "standard_conforming_strings",
+        "backslash_quote",
+        "client_encoding",
+        "escape_string_warning",
     }
 )
-_SENSITIVE_SHOW = re.compile(r"file|director|ssl|password|hba|ident|log|preload|archive|command|key|^all$")
+_SENSITIVE_SHOW = re.compile(
+    r"file|director|ssl|password|hba|ident|log|preload|archive|command|key|conninfo|^all$"
+)
 _HOUSEKEEPING_SETTINGS = frozenset({"application_name", "extra_float_digits"})
 _HOUSEKEEPING_LOCAL_SETTINGS = frozenset({"statement_timeout", "lock_timeout"})
 _HOUSEKEEPING_FUNCTIONS = frozenset({"version", "current_database", "current_schema", "pg_backend_pid"})
@@ -109,15 +117,14 @@ class StatementFacts:
 def analyze(sql: str, search_path: tuple[str, ...]) -> list[StatementFacts]:
     """Facts for each statement of ``sql``; raises ParseError when PostgreSQL could not parse it."""
     raw_statements = parse_sql(sql)
-    encoded = sql.encode()
     facts = []
     for raw in raw_statements:
         if raw.stmt is None:
             continue
+        # pglast reports statement positions in characters of the str it was given.
         start = raw.stmt_location or 0
-        end = start + raw.stmt_len if raw.stmt_len else len(encoded)
-        text = encoded[start:end].decode(errors="replace").strip()
-        facts.append(_facts(raw.stmt, text, search_path))
+        end = start + raw.stmt_len if raw.stmt_len else len(sql)
+        facts.append(_facts(raw.stmt, sql[start:end].strip(), search_path))
     return facts
 
 
@@ -131,7 +138,7 @@ def _facts(statement: ast.Node, text: str, search_path: tuple[str, ...]) -> Stat
         label = "SELECT INTO"
     if kind == "SELECT" and (collector.locks_all_from or collector.locked):
         kind = label = "SELECT FOR UPDATE"
-    reads = frozenset(collector.tables - collector.written - collector.cte_names)
+    reads = frozenset(collector.tables - collector.written)
     locked = frozenset(collector.locked) | (reads if collector.locks_all_from else frozenset())
     nested = frozenset(collector.nested_kinds)
     return StatementFacts(
@@ -143,7 +150,7 @@ def _facts(statement: ast.Node, text: str, search_path: tuple[str, ...]) -> Stat
         locks=locked,
         kinds_inside=nested,
         unbounded_write=collector.unbounded_write,
-        housekeeping=_is_housekeeping(statement),
+        housekeeping=_is_housekeeping(statement) and not (reads or collector.written or locked or nested),
         fingerprint=_fingerprint(text),
         normalized=_normalized(text),
     )
@@ -174,6 +181,8 @@ def _classify(statement: ast.Node) -> tuple[str, str, set[str]]:
             return "SET", "SET ROLE", {"SET ROLE"}
         if setting == "session_authorization":
             return "SET", "SET SESSION AUTHORIZATION", {"SET SESSION AUTHORIZATION"}
+        if setting in SENSITIVE_SETTINGS:
+            return "SET", f"SET {setting}", {"SET SECURITY SETTING"}
         resets = (enums.VariableSetKind.VAR_RESET, enums.VariableSetKind.VAR_RESET_ALL)
         return ("RESET", "RESET", set()) if statement.kind in resets else ("SET", "SET", set())
     if isinstance(statement, ast.TransactionStmt):
@@ -206,7 +215,6 @@ class _Collector(visitors.Visitor):
         self.tables: set[str] = set()
         self.written: set[str] = set()
         self.locked: set[str] = set()
-        self.cte_names: set[str] = set()
         self.nested_kinds: set[str] = set()
         self.denied_functions: set[str] = set()
         self.select_into = False
@@ -218,18 +226,14 @@ class _Collector(visitors.Visitor):
     def _name(self, relation: ast.RangeVar) -> str:
         return f"{relation.schemaname or self._schema}.{relation.relname}"
 
-    def visit_RangeVar(self, ancestors: object, node: ast.RangeVar) -> None:
+    def visit_RangeVar(self, ancestors: visitors.Ancestor, node: ast.RangeVar) -> None:
         name = self._name(node)
         if id(node) in self._write_targets:
             self.written.add(name)
-        elif node.schemaname is None and node.relname in self.cte_names:
+        elif node.schemaname is None and _names_a_visible_cte(node.relname or "", ancestors):
             return
         else:
             self.tables.add(name)
-
-    def visit_CommonTableExpr(self, ancestors: object, node: ast.CommonTableExpr) -> None:
-        if node.ctename:
-            self.cte_names.add(node.ctename)
 
     def _target(self, relation: ast.RangeVar | None, kind: str) -> None:
         if relation is not None:
@@ -290,6 +294,31 @@ class _Collector(visitors.Visitor):
         self.nested_kinds.add(_nested_kind(node.query))
 
 
+def _names_a_visible_cte(name: str, ancestors: visitors.Ancestor) -> bool:
+    """Whether ``name`` at this point refers to a CTE rather than a table.
+
+    Walks out through the enclosing statements: a WITH clause's CTEs are visible to the
+    statement body, and inside the clause only the CTEs before the current one are (all of
+    them under WITH RECURSIVE), so a CTE cannot hide a same-named table anywhere else.
+    """
+    chain: list[tuple[object, object]] = []
+    step: visitors.Ancestor | None = ancestors
+    while step is not None and step.node is not None:
+        chain.append((step.node, step.member))
+        step = step.parent
+    for index, (holder, member) in enumerate(chain):
+        clause = getattr(holder, "withClause", None) if isinstance(holder, ast.Node) else None
+        if not isinstance(clause, ast.WithClause):
+            continue
+        names = [cte.ctename for cte in clause.ctes or () if isinstance(cte, ast.CommonTableExpr)]
+        if member == "withClause" and not clause.recursive and index >= 2:
+            position = chain[index - 2][1]
+            names = names[: position if isinstance(position, int) else 0]
+        if name in names:
+            return True
+    return False
+
+
 def _nested_kind(query: ast.Node | None) -> str:
     return _classify(query)[0] if query is not None else "SELECT"
 
@@ -325,6 +354,13 @@ def _is_housekeeping(statement: ast.Node) -> bool:
             and statement.whereClause is None
             and statement.valuesLists is None
             and statement.op is enums.SetOperation.SETOP_NONE
+            and statement.limitCount is None
+            and statement.limitOffset is None
+            and statement.sortClause is None
+            and statement.groupClause is None
+            and statement.havingClause is None
+            and statement.distinctClause is None
+            and statement.windowClause is None
         )
         targets = statement.targetList or ()
         return plain and bool(targets) and all(_is_constant_target(target) for target in targets)

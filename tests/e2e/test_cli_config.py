@@ -160,6 +160,7 @@ def test_check_config_rejects_a_crl_that_does_not_belong_to_the_client_ca(
 
 def test_example_config_only_lacks_its_files_and_credentials(cli: Cli, tmp_path: Path) -> None:
     shutil.copy(EXAMPLE_CONFIG, tmp_path / "example.yaml")
+    shutil.copytree(EXAMPLE_CONFIG.parent / "policies", tmp_path / "policies")
 
     result = cli.fails("check-config", "example.yaml")
 
@@ -169,7 +170,7 @@ def test_example_config_only_lacks_its_files_and_credentials(cli: Cli, tmp_path:
         assert "unknown key" not in line
         assert re.fullmatch(
             r"(tls\.(cert|key|client_ca|crl)|routes\.\w+\.sslrootcert): file not found: /etc/pos-proxy/\S+"
-            r"|routes\.\w+\.password: credential [\w-]+ needs CREDENTIALS_DIRECTORY.*",
+            r"|(routes\.\w+\.password|admin\.token): credential [\w-]+ needs CREDENTIALS_DIRECTORY.*",
             line,
         ), line
 
@@ -190,6 +191,8 @@ def test_example_config_passes_with_real_files_and_credentials(cli: Cli, pki: Pk
     credentials.mkdir()
     (credentials / "pos-db-password").write_text(DB_PASSWORD + "\n", encoding="utf-8")
     (credentials / "reports-db-password").write_text(DB_PASSWORD + "-reports\n", encoding="utf-8")
+    (credentials / "admin-token").write_text("admin-token-for-the-test\n", encoding="utf-8")
+    shutil.copytree(EXAMPLE_CONFIG.parent / "policies", tmp_path / "policies")
 
     text = EXAMPLE_CONFIG.read_text(encoding="utf-8")
     assert text.count("/etc/pos-proxy/tls/") >= 5

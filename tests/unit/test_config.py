@@ -20,6 +20,7 @@ from proxy.config import (
     ConfigProblem,
     IdentityConfig,
     IdentitySource,
+    LimitsConfig,
     ListenConfig,
     PolicySettings,
     PoolConfig,
@@ -36,6 +37,7 @@ from proxy.config import (
     parse_duration,
     parse_size,
 )
+from proxy.limits import LimitSettings
 from proxy.policy.model import PolicyMode
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "pos-proxy.example.yaml"
@@ -286,7 +288,8 @@ def test_unknown_top_level_key(base: Path) -> None:
     data = minimal()
     data["lissen"] = {}
     assert problems(data, base) == [
-        "lissen: unknown key (expected one of: listen, tls, identity, roles, pool, routes, policy, admin)"
+        "lissen: unknown key (expected one of: "
+        "listen, tls, identity, roles, pool, routes, policy, admin, limits)"
     ]
 
 
@@ -401,7 +404,7 @@ def test_role_names(base: Path) -> None:
     assert problems(data, base) == [
         "roles.Cashier: expected a name matching ^[a-z][a-z0-9_]{0,62}$, got 'Cashier'",
         "roles.shift-lead: expected a name matching ^[a-z][a-z0-9_]{0,62}$, got 'shift-lead'",
-        "roles.ok.descripton: unknown key (expected one of: description, policy)",
+        "roles.ok.descripton: unknown key (expected one of: description, policy, limits)",
     ]
     assert problems({**minimal(), "roles": {}}, base) == ["roles: at least one role is required"]
 
@@ -649,7 +652,8 @@ def test_yaml_merge_keys_may_override(base: Path) -> None:
         load_config(path)
     # The anchor holder is an unknown key, but the merge itself was accepted.
     assert [str(problem) for problem in caught.value.problems] == [
-        "x-route: unknown key (expected one of: listen, tls, identity, roles, pool, routes, policy, admin)"
+        "x-route: unknown key (expected one of: "
+        "listen, tls, identity, roles, pool, routes, policy, admin, limits)"
     ]
 
 
@@ -720,6 +724,8 @@ def test_example_config_loads(tmp_path: Path) -> None:
         (RouteConfig, ("database",)),
         (PolicySettings, ()),
         (AdminConfig, ()),
+        (LimitsConfig, ()),
+        (LimitSettings, ()),
     ],
 )
 def test_example_config_shows_every_key(schema: type, not_keys: tuple[str, ...]) -> None:

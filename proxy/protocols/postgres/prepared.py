@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections import OrderedDict, deque
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from proxy.errors import ProtocolViolation
@@ -175,11 +175,7 @@ class ClientStatements:
                 flush_run(start)
                 refusal = refusals[start]
                 if kind == 0x50:
-                    # The raising block runs as Parse, Bind, Execute: only its error is the client's.
-                    out.append(refusal.as_extended())
-                    expect(Expected(_EXPECT_PARSE, Reply.DROP))
-                    expect(Expected(_EXPECT_BIND, Reply.DROP))
-                    expect(Expected(_EXPECT_EXECUTE))
+                    _raise_in_place(refusal, out, expect)
                 else:
                     out.append(refusal.as_query())
                     expect(Expected(_EXPECT_READY))
@@ -199,6 +195,10 @@ class ClientStatements:
                 portal_end = _cstring_end(source, body_start, end)
                 name_end = _cstring_end(source, portal_end + 1, end)
                 statement = self._named(source, portal_end + 1, name_end)
+                if statement is None and name_end > portal_end + 1:
+                    flush_run(start)
+                    self._refuse_unknown(bytes(source[portal_end + 1 : name_end]), out, expect)
+                    continue
                 if statement is None:
                     run_start = start if run_start < 0 else run_start
                 else:
@@ -221,6 +221,10 @@ class ClientStatements:
                     expect(Expected(_EXPECT_CLOSE, Reply.SYNTHETIC, _CLOSE_COMPLETE))
                     continue
                 statement = self._named(source, body_start + 1, name_end) if named else None
+                if statement is None and named:
+                    flush_run(start)
+                    self._refuse_unknown(bytes(source[body_start + 1 : name_end]), out, expect)
+                    continue
                 if statement is None:
                     run_start = start if run_start < 0 else run_start
                 else:
@@ -242,6 +246,18 @@ class ClientStatements:
             flush_run(frames[-1][2])
         return b"".join(out)
 
+    def _refuse_unknown(self, name: bytes, out: list[bytes], expect: Callable[[Expected], None]) -> None:
+        """A Bind or Describe of a name this client never prepared gets the server's own error.
+
+        Forwarding the name could reach a server-side statement someone else prepared (server
+        names are derived from the statement text), so the client could run a statement its
+        role's policy never allowed.
+        """
+        label = name.decode("utf-8", errors="replace")
+        _raise_in_place(
+            Refusal(_UNDEFINED_STATEMENT, f'prepared statement "{label}" does not exist'), out, expect
+        )
+
     def _named(self, source: bytes | bytearray, start: int, end: int) -> Statement | None:
         return self.by_name.get(bytes(source[start:end])) if end > start else None
 
@@ -261,6 +277,7 @@ class ClientStatements:
         return True
 
 
+_UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
 _CYCLE_ENDERS = frozenset(b"SQF")  # Sync, Query, FunctionCall: each gets one ReadyForQuery
 _DESCRIBE_OR_CLOSE = frozenset(b"DC")
 
@@ -313,6 +330,14 @@ def filter_server_messages(
         flush_run(frames[-1][2])
     out.append(take_ready_synthetics(server))
     return b"".join(out), status, parameters
+
+
+def _raise_in_place(refusal: Refusal, out: list[bytes], expect: Callable[[Expected], None]) -> None:
+    """The raising block runs as Parse, Bind, Execute: only its error is the client's."""
+    out.append(refusal.as_extended())
+    expect(Expected(_EXPECT_PARSE, Reply.DROP))
+    expect(Expected(_EXPECT_BIND, Reply.DROP))
+    expect(Expected(_EXPECT_EXECUTE))
 
 
 def _skip_to_sync(server: ServerState) -> None:

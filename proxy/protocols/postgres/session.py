@@ -367,7 +367,11 @@ class ClientSession(asyncio.Protocol):
         if self._stash and self._server is server:
             stash, self._stash = bytes(self._stash), bytearray()
             frames, _ = m.scan_frames(stash, self._max_message)
-            self._send(stash, frames)
+            try:
+                self._send(stash, frames)
+            except ProxyError as exc:
+                self._fail(exc, reason=str(exc))
+                return
         self.resume_client_reading()
         if self._buffer:
             # Bytes that came right behind the startup packet.
@@ -597,6 +601,10 @@ class ClientSession(asyncio.Protocol):
     def terminate(self, error: ProxyError, reason: str) -> None:
         """End the session from outside (shutdown, admin disconnect) with a FATAL error."""
         self._fail(error, reason=reason)
+
+    def use_environment(self, environment: SessionEnvironment) -> None:
+        """A reload: policies, roles and limits apply to this live session from now on."""
+        self._env = environment
 
     def describe(self) -> dict[str, object]:
         """This session for the admin API (like a row of PgBouncer's SHOW CLIENTS)."""

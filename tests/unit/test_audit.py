@@ -1,0 +1,454 @@
+"""proxy.audit: the chained, HMAC'd audit log against real files and a real writer thread."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import json
+import re
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.audit import (
+    FILE_START,
+    GENESIS,
+    AuditError,
+    AuditLog,
+    AuditSettings,
+    VerifyReport,
+    load_key,
+    verify,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "audit.key"
+    path.write_bytes(secrets.token_bytes(32))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    return directory / "audit.log"
+
+
+def settings(log_path: Path, key_file: Path, **overrides: Any) -> AuditSettings:
+    return AuditSettings(**{"file": log_path, "key_file": key_file, "flush_interval": 0.01, **overrides})
+
+
+def write_log(config: AuditSettings, count: int) -> None:
+    audit = AuditLog(config, host="test-host")
+    audit.start()
+    for n in range(count):
+        audit.record("sale", terminal="till-01", n=n)
+    audit.close()
+
+
+def files_of(path: Path) -> list[Path]:
+    """A log's files oldest first: rotated names sort by their timestamp; the current file is last."""
+    return [*sorted(path.parent.glob(f"{path.name}.*")), path]
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def canonical(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
+def line_hash(line: str) -> str:
+    return hashlib.sha256(f"{line}\n".encode()).hexdigest()
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met within 5 s"
+        time.sleep(0.01)
+
+
+def test_records_round_trip(log_path: Path, key_file: Path) -> None:
+    audit = AuditLog(settings(log_path, key_file), component="proxy-test", host="store-001")
+    audit.start()
+    audit.record("session_opened", terminal="till-01", amount=12.5, ok=True, note=None, tags={"a": [1, 2]})
+    audit.close()
+
+    lines = log_path.read_text().splitlines()
+    parsed = [json.loads(line) for line in lines]
+    assert [r["event"] for r in parsed] == [FILE_START, "audit_started", "session_opened", "audit_stopped"]
+    assert [r["seq"] for r in parsed] == [1, 2, 3, 4]
+    assert parsed[0]["prev"] == GENESIS
+    assert parsed[0]["previous_file"] is None
+    for line, record in zip(lines, parsed, strict=True):
+        assert line == canonical(record)  # keys sorted, one object per line
+        assert TIMESTAMP.match(record["timestamp"])
+        assert record["component"] == "proxy-test"
+        assert record["host"] == "store-001"
+        body = canonical({k: v for k, v in record.items() if k != "hmac"}).encode()
+        assert record["hmac"] == hmac.new(load_key(key_file), body, hashlib.sha256).hexdigest()
+    for before, after in zip(lines, parsed[1:], strict=False):
+        assert after["prev"] == line_hash(before)
+    fields = {name: parsed[2][name] for name in ("terminal", "amount", "ok", "note", "tags")}
+    assert fields == {"terminal": "till-01", "amount": 12.5, "ok": True, "note": None, "tags": {"a": [1, 2]}}
+    assert audit.written == 4
+    assert audit.write_errors == 0
+    assert stat.S_IMODE(log_path.stat().st_mode) == 0o600
+    assert verify([log_path], load_key(key_file)) == VerifyReport(ok=True, records=4)
+
+
+def test_rotation_by_size_chains_files(log_path: Path, key_file: Path) -> None:
+    write_log(settings(log_path, key_file, rotate_bytes=1500), 40)
+
+    files = files_of(log_path)
+    assert len(files) >= 4
+    report = verify(files, load_key(key_file))
+    assert report.ok, report
+    every = [record for path in files for record in records(path)]
+    assert report.records == len(every)
+    assert [r["seq"] for r in every] == list(range(1, len(every) + 1))
+    assert [r["n"] for r in every if r["event"] == "sale"] == list(range(40))
+    for previous, current in itertools.pairwise(files):
+        start = records(current)[0]
+        assert start["event"] == FILE_START
+        assert start["previous_file"] == previous.name
+        assert start["prev"] == line_hash(previous.read_text().splitlines()[-1])
+        assert stat.S_IMODE(previous.stat().st_mode) == 0o600
+        assert previous.stat().st_size < 1500 + 400  # rotated at the first record past the limit
+
+
+def test_rotation_by_age(log_path: Path, key_file: Path) -> None:
+    audit = AuditLog(settings(log_path, key_file, rotate_interval=0.05))
+    audit.start()
+    audit.record("early")
+    time.sleep(0.2)
+    audit.record("late")
+    audit.close()
+
+    files = files_of(log_path)
+    assert len(files) >= 2
+    assert verify(files, load_key(key_file)).ok
+    assert "late" not in files[0].read_text()
+
+
+def _alter(lines: list[str]) -> str:
+    record = json.loads(lines[4])
+    record["n"] = 999
+    lines[4] = canonical(record)
+    return "\n".join(lines) + "\n"
+
+
+def _remove(lines: list[str]) -> str:
+    del lines[4]
+    return "\n".join(lines) + "\n"
+
+
+def _swap(lines: list[str]) -> str:
+    lines[4], lines[5] = lines[5], lines[4]
+    return "\n".join(lines) + "\n"
+
+
+def _forged_after_line_5(lines: list[str]) -> dict[str, Any]:
+    original = json.loads(lines[4])
+    return original | {"n": 12345, "seq": original["seq"] + 1, "prev": line_hash(lines[4])}
+
+
+def _insert_with_copied_hmac(lines: list[str]) -> str:
+    forged = _forged_after_line_5(lines) | {"hmac": json.loads(lines[5])["hmac"]}
+    lines.insert(5, canonical(forged))
+    return "\n".join(lines) + "\n"
+
+
+def _insert_with_own_key(lines: list[str]) -> str:
+    forged = _forged_after_line_5(lines)
+    del forged["hmac"]
+    mac = hmac.new(secrets.token_bytes(32), canonical(forged).encode(), hashlib.sha256).hexdigest()
+    lines.insert(5, canonical(forged | {"hmac": mac}))
+    return "\n".join(lines) + "\n"
+
+
+def _truncate_tail(lines: list[str]) -> str:
+    return "\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "named", "line"),
+    [
+        (_alter, "altered record", 5),
+        (_remove, "removed record", 5),
+        (_swap, "reordered records", 5),
+        (_insert_with_copied_hmac, "inserted record", 6),
+        (_insert_with_own_key, "inserted record", 6),
+        (_truncate_tail, "truncated tail", 23),
+    ],
+)
+def test_verify_names_the_tampering(
+    log_path: Path, key_file: Path, tamper: Callable[[list[str]], str], named: str, line: int
+) -> None:
+    write_log(settings(log_path, key_file), 20)  # file_start, audit_started, 20 sales, audit_stopped
+    key = load_key(key_file)
+    assert verify([log_path], key).ok
+
+    log_path.write_text(tamper(log_path.read_text().splitlines()))
+
+    report = verify([log_path], key)
+    assert not report.ok
+    assert report.problem is not None and report.problem.startswith(named), report.problem
+    assert (report.file, report.line, report.records) == (log_path, line, line - 1)
+
+
+def test_verify_detects_a_removed_middle_file(log_path: Path, key_file: Path) -> None:
+    write_log(settings(log_path, key_file, rotate_bytes=1500), 40)
+    files = files_of(log_path)
+    assert len(files) >= 3
+
+    report = verify([files[0], *files[2:]], load_key(key_file))
+
+    assert not report.ok
+    assert report.problem is not None and report.problem.startswith("removed records"), report.problem
+    assert (report.file, report.line) == (files[2], 1)
+
+
+def test_verify_with_the_wrong_key_fails(log_path: Path, key_file: Path) -> None:
+    write_log(settings(log_path, key_file), 3)
+
+    report = verify([log_path], secrets.token_bytes(32))
+
+    assert not report.ok
+    assert report.problem is not None and "wrong key" in report.problem
+    assert (report.line, report.records) == (1, 0)
+
+
+def test_verify_of_nothing_is_not_ok() -> None:
+    assert not verify([], secrets.token_bytes(32)).ok
+
+
+def test_restart_continues_the_chain_in_the_same_file(log_path: Path, key_file: Path) -> None:
+    write_log(settings(log_path, key_file), 2)
+    write_log(settings(log_path, key_file), 2)
+
+    assert files_of(log_path) == [log_path]
+    assert verify([log_path], load_key(key_file)).ok
+    parsed = records(log_path)
+    assert [r["event"] for r in parsed].count(FILE_START) == 1
+    assert [r["resumed"] for r in parsed if r["event"] == "audit_started"] == [False, True]
+    assert [r["seq"] for r in parsed] == list(range(1, len(parsed) + 1))
+
+
+def _cut_last_line(log_path: Path, key_file: Path) -> None:
+    text = log_path.read_text()
+    log_path.write_text(text[: len(text) - 20])
+
+
+def _change_key(log_path: Path, key_file: Path) -> None:
+    key_file.write_bytes(secrets.token_bytes(32))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [(_cut_last_line, "not newline-terminated"), (_change_key, "fails the HMAC check")],
+)
+def test_restart_after_a_damaged_tail_starts_a_new_chain(
+    log_path: Path, key_file: Path, damage: Callable[[Path, Path], None], reason: str
+) -> None:
+    write_log(settings(log_path, key_file), 2)
+    damage(log_path, key_file)
+
+    write_log(settings(log_path, key_file), 2)
+
+    damaged, current = files_of(log_path)
+    start, chain_break = records(current)[:2]
+    assert (start["event"], start["previous_file"], start["prev"], start["seq"]) == (
+        FILE_START,
+        damaged.name,
+        GENESIS,
+        1,
+    )
+    assert chain_break["event"] == "audit_chain_break"
+    assert chain_break["previous_file"] == damaged.name
+    assert reason in chain_break["reason"]
+    key = load_key(key_file)
+    assert verify([current], key).ok
+    assert not verify([damaged, current], key).ok
+
+
+def test_reopen_after_logrotate_moved_the_file(log_path: Path, key_file: Path) -> None:
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    audit.record("before_rotation")
+    wait_until(lambda: audit.written == 3)
+    moved = log_path.with_name("audit.log.1")
+    log_path.rename(moved)
+    audit.reopen()
+    audit.record("after_rotation")
+    audit.close()
+
+    assert verify([moved, log_path], load_key(key_file)).ok
+    start = records(log_path)[0]
+    assert start["event"] == FILE_START
+    assert start["prev"] == line_hash(moved.read_text().splitlines()[-1])
+    assert "after_rotation" in log_path.read_text()
+    assert stat.S_IMODE(log_path.stat().st_mode) == 0o600
+
+
+def test_reopen_without_a_move_keeps_the_file(log_path: Path, key_file: Path) -> None:
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    audit.reopen()
+    audit.record("after_reopen")
+    audit.close()
+
+    assert files_of(log_path) == [log_path]
+    assert [r["event"] for r in records(log_path)].count(FILE_START) == 1
+
+
+def test_write_errors_are_counted_and_retried(tmp_path: Path, log_path: Path, key_file: Path) -> None:
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    moved = tmp_path / "audit.log.1"
+    log_path.rename(moved)
+    log_path.parent.rmdir()  # the new file cannot be created until the directory is back
+    audit.reopen()
+    audit.record("during_outage")
+    wait_until(lambda: audit.write_errors > 0)
+    assert audit.written == 2
+
+    log_path.parent.mkdir()
+    wait_until(lambda: audit.written == 4)  # the new file's start and the retried record
+    audit.close()
+
+    assert "during_outage" in log_path.read_text()
+    assert verify([moved, log_path], load_key(key_file)).ok
+
+
+def test_close_raises_when_records_cannot_be_written(tmp_path: Path, log_path: Path, key_file: Path) -> None:
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    log_path.rename(tmp_path / "audit.log.1")
+    log_path.parent.rmdir()
+    audit.reopen()
+    audit.record("lost")
+
+    with pytest.raises(AuditError, match="3 audit records could not be written"):
+        audit.close(timeout=0.1)  # the new file's start, "lost" and audit_stopped
+    audit.close()  # once is enough: a second close does nothing
+
+
+def test_close_writes_everything_recorded_by_concurrent_threads(log_path: Path, key_file: Path) -> None:
+    # A flush interval longer than the test: only close() can have written the records.
+    audit = AuditLog(settings(log_path, key_file, flush_interval=60.0))
+    audit.start()
+
+    def worker(thread: int) -> None:
+        for n in range(2500):
+            audit.record("sale", thread=thread, n=n)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    audit.close()
+
+    parsed = records(log_path)
+    assert len(parsed) == 10_000 + 3  # audit_file_start, audit_started, audit_stopped
+    assert audit.written == len(parsed)
+    assert audit.pending == 0
+    for thread in range(4):
+        assert [r["n"] for r in parsed if r.get("thread") == thread] == list(range(2500))
+    assert verify([log_path], load_key(key_file)).ok
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_record_never_raises_on_odd_values(log_path: Path, key_file: Path) -> None:
+    cyclic: list[object] = []
+    cyclic.append(cyclic)
+    audit = AuditLog(settings(log_path, key_file), host="store-001")
+    audit.start()
+    audit.record(
+        "odd",
+        data=b"\x00\xff",
+        path=Path("/srv/pos"),
+        error=ValueError("bad input"),
+        nan=float("nan"),
+        huge=10**5000,
+        cyclic=cyclic,
+        unprintable=Unprintable(),
+        mapping={1: "one", (2, 3): {4}},
+        seq="mine",
+        host="till-01",
+    )
+    audit.record(42)  # type: ignore[arg-type]
+    audit.close()
+
+    odd = records(log_path)[2]
+    assert odd["data"] == "b'\\x00\\xff'"
+    assert odd["path"] == "/srv/pos"
+    assert odd["error"] == "bad input"
+    assert odd["nan"] == "nan"
+    assert odd["huge"] == "<unprintable int>"
+    assert isinstance(odd["cyclic"], list)
+    assert odd["unprintable"] == "<unprintable Unprintable>"
+    assert odd["mapping"] == {"1": "one", "(2, 3)": "{4}"}
+    assert (odd["seq"], odd["seq_"], odd["host"], odd["host_"]) == (3, "mine", "store-001", "till-01")
+    assert records(log_path)[3]["event"] == "42"
+    assert audit.write_errors == 0
+    assert verify([log_path], load_key(key_file)).ok
+
+
+def test_stdout_sink_without_a_file(
+    tmp_path: Path, key_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    audit = AuditLog(AuditSettings(file=None, key_file=key_file, stdout=True, flush_interval=0.01))
+    audit.start()
+    audit.record("sale", n=1)
+    audit.close()
+
+    copy = tmp_path / "journal.log"
+    copy.write_text(capsys.readouterr().out)
+    assert [r["event"] for r in records(copy)] == [FILE_START, "audit_started", "sale", "audit_stopped"]
+    assert audit.written == 4
+    assert verify([copy], load_key(key_file)).ok
+
+
+def test_short_key_is_refused(log_path: Path, key_file: Path) -> None:
+    key_file.write_bytes(b"k" * 31)
+    with pytest.raises(AuditError, match="at least 32"):
+        AuditLog(settings(log_path, key_file)).start()
+    assert not log_path.exists()
+
+
+def test_key_readable_by_others_is_refused(log_path: Path, key_file: Path) -> None:
+    key_file.chmod(0o644)
+    with pytest.raises(AuditError, match="other users"):
+        AuditLog(settings(log_path, key_file)).start()
+
+
+def test_missing_directory_is_refused(tmp_path: Path, key_file: Path) -> None:
+    with pytest.raises(AuditError, match="does not exist"):
+        AuditLog(settings(tmp_path / "nowhere" / "audit.log", key_file)).start()
+
+
+def test_a_log_needs_a_sink(key_file: Path) -> None:
+    with pytest.raises(AuditError, match="no sink"):
+        AuditLog(AuditSettings(file=None, key_file=key_file)).start()
