@@ -58,7 +58,9 @@ class FeatureNotSupported(ProxyError):
     sqlstate = "0A000"
 
 
-class PolicyViolationLimit(ProxyError):
-    """The terminal kept sending refused statements: its session is ended (42501)."""
-
+class InsufficientPrivilege(ProxyError):
     sqlstate = "42501"
+
+
+class PolicyViolationLimit(InsufficientPrivilege):
+    """The terminal kept sending refused statements: its session is ended."""

@@ -861,3 +861,33 @@ def test_without_housekeeping_even_select_1_is_refused(
     ], result.stderr
     assert result.stdout == ""
     proxy.wait_for_event("policy_violation", rule="statement kind", statements=["SELECT $1"])
+
+
+async def test_startup_settings_cannot_change_how_names_or_strings_are_read(
+    start_proxy: Callable[..., ProxyProcess], terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    policy = tmp_path / "cashier-startup.yaml"
+    policy.write_text("mode: enforce\nallow:\n  kinds: [SELECT]\n  read: [products]\n", encoding="utf-8")
+    proxy = start_proxy(roles={"cashier": {"policy": str(policy)}})
+    context = proxy.ssl_context(terminal_pki.cashier, terminal_pki.ca)
+
+    async def connect(**settings: str) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            host="127.0.0.1",
+            port=proxy.port,
+            user="till-01",
+            database="pos",
+            ssl=context,
+            timeout=10,
+            server_settings=settings,
+        )
+
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="search_path must match"):
+        await connect(search_path="evil, public")
+    with pytest.raises(asyncpg.PostgresError, match="standard_conforming_strings must be on"):
+        await connect(standard_conforming_strings="off")
+    connection = await connect(search_path="public")
+    try:
+        assert await connection.fetchval("SELECT 1") == 1
+    finally:
+        await connection.close()

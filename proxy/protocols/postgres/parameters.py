@@ -56,6 +56,7 @@ class SessionParameters:
             canonical = SESSION_PARAMETERS.get(name.lower())
             if canonical is None:
                 raise StartupParameterError(f"unsupported startup parameter: {name}")
+            _check_lexing(canonical, value)
             wanted[canonical] = value
         return cls(wanted)
 
@@ -85,6 +86,25 @@ class SessionParameters:
         )
         await server.run_internal(f"SELECT {calls}", timeout)
         server.applied.update(changes)
+
+
+# Client encodings in which a multibyte character's trailing byte can be a backslash or quote:
+# the server would then split string literals differently from the proxy's (UTF-8) parser.
+_UNSAFE_ENCODINGS = frozenset(
+    {"SJIS", "SHIFTJIS", "BIG5", "GBK", "GB18030", "UHC", "JOHAB", "WIN932", "WIN936", "WIN950"}
+)
+
+
+def _check_lexing(name: str, value: str) -> None:
+    if name == "standard_conforming_strings" and value.strip().lower() not in ("on", "true", "yes", "1"):
+        raise StartupParameterError("standard_conforming_strings must be on")
+    if name == "client_encoding" and value.upper().replace("-", "").replace("_", "") in _UNSAFE_ENCODINGS:
+        raise StartupParameterError(f"client_encoding {value} is not supported: use UTF8")
+
+
+def search_path_entries(value: str) -> tuple[str, ...]:
+    """The schemas of a search_path value, unquoted and in order."""
+    return tuple(part.strip().strip('"') for part in value.split(",") if part.strip())
 
 
 def reported_value(name: str, value: str) -> str:

@@ -18,6 +18,7 @@ from proxy.config import Config, PoolMode, RouteConfig, SessionStateAction
 from proxy.errors import (
     AuthenticationRefused,
     FeatureNotSupported,
+    InsufficientPrivilege,
     PolicyViolationLimit,
     ProtocolViolation,
     ProxyError,
@@ -32,7 +33,12 @@ from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
 from proxy.pool import UpstreamPool
 from proxy.protocols.postgres import messages as m
-from proxy.protocols.postgres.parameters import SessionParameters, StartupParameterError, reported_value
+from proxy.protocols.postgres.parameters import (
+    SessionParameters,
+    StartupParameterError,
+    reported_value,
+    search_path_entries,
+)
 from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, take_ready_synthetics
 from proxy.protocols.postgres.refusal import Refusal
 from proxy.protocols.postgres.sessionstate import Effect, SessionStateClassifier
@@ -324,6 +330,16 @@ class ClientSession(asyncio.Protocol):
             self._parameters = SessionParameters.from_startup(startup.parameters)
         except StartupParameterError as exc:
             self._fail(FeatureNotSupported(str(exc)), reason=str(exc))
+            return
+        policy = self._env.policies.policy(self._role)
+        asked = self._parameters.wanted.get("search_path")
+        if policy is not None and asked is not None and search_path_entries(asked) != policy.search_path:
+            # Table names in the policy resolve through its search_path; another one would
+            # make "products" mean a different table to the server than to the policy.
+            self._fail(
+                InsufficientPrivilege("search_path must match the role's policy"),
+                reason=f"startup search_path {asked!r} differs from the policy's",
+            )
             return
         self._route = route
         if route.transaction_pooling and route.server_parameters:
