@@ -438,7 +438,7 @@ class SourceRateLimiter:
         *,
         max_addresses: int = 65_536,
     ) -> None:
-        self._rate = rate
+        self.rate = rate
         self._clock = clock
         self._max_addresses = max_addresses
         # Insertion order is recency order: allow() moves an address to the end.
@@ -447,7 +447,7 @@ class SourceRateLimiter:
 
     def allow(self, address: str) -> float:
         """0.0 if a connection from ``address`` may proceed, else seconds until one may."""
-        if self._rate is None:
+        if self.rate is None:
             return 0.0
         now = self._clock()
         self._operations += 1
@@ -458,7 +458,7 @@ class SourceRateLimiter:
         if bucket is None:
             if len(self._buckets) >= self._max_addresses:
                 del self._buckets[next(iter(self._buckets))]
-            bucket = TokenBucket(self._rate, now)
+            bucket = TokenBucket(self.rate, now)
         self._buckets[address] = bucket
         return bucket.take(now)
 

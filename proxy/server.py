@@ -18,6 +18,7 @@ import structlog
 from proxy.admin import AdminListener, AdminServer
 from proxy.config import Config, ConfigError, ConfigProblem, RouteConfig, load_config
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
+from proxy.limits import SourceRateLimiter
 from proxy.metrics import Metrics
 from proxy.policy.engine import PolicyEngine
 from proxy.policy.learn import ReviewLog
@@ -97,7 +98,7 @@ def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
     return Route(config=route, pool=pool, tls=context, server_parameters=server_parameters)
 
 
-_RELOADABLE = ("tls", "identity", "roles", "routes", "policy")
+_RELOADABLE = ("tls", "identity", "roles", "routes", "policy", "limits", "admin")
 _READINESS_CACHE = 2.0
 
 
@@ -130,6 +131,7 @@ class ProxyServer:
         self._stopped = asyncio.Event()
         self.admin: AdminServer | None = None
         self._reported_hits = self._reported_misses = 0
+        self._source_limiter = SourceRateLimiter(config.limits.source_connections)
         self._readiness: tuple[float, bool, dict[str, Any]] | None = None
 
     @property
@@ -180,6 +182,8 @@ class ProxyServer:
         self.routes = self._rebuild_routes(config)
         self.config = config
         self._terminal_tls = terminal_tls
+        if config.limits.source_connections != self._source_limiter.rate:
+            self._source_limiter = SourceRateLimiter(config.limits.source_connections)
         self._flush_review()
         self._environment = dataclasses.replace(
             self._environment,
@@ -335,6 +339,12 @@ class ProxyServer:
                 # Out of file descriptors or similar: back off instead of spinning.
                 log.error("accept_failed", error=str(exc))
                 await asyncio.sleep(0.1)
+                continue
+            if self._source_limiter.allow(address[0]) > 0:
+                # A handshake flood is turned away before any TLS work is spent on it.
+                sock.close()
+                self.metrics.client_connections_refused_total.labels("source rate").inc()
+                self.metrics.limit_hits_total.labels("connections per source address").inc()
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

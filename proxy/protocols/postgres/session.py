@@ -22,11 +22,13 @@ from proxy.errors import (
     PolicyViolationLimit,
     ProtocolViolation,
     ProxyError,
+    TooManyConnections,
     UnknownDatabase,
     UpstreamLost,
     UpstreamUnavailable,
 )
 from proxy.identity import Identity, IdentityError, check_user_name, identify
+from proxy.limits import Limiter, LimitHit, LimitPolicy, resolve
 from proxy.metrics import Metrics
 from proxy.policy.engine import Decision, PolicyEngine
 from proxy.policy.learn import ReviewLog
@@ -108,11 +110,16 @@ class SessionEnvironment:
     routes: Mapping[str, Route]
     registry: SessionRegistry
     metrics: Metrics = field(default_factory=Metrics)
+    limiter: Limiter = field(default_factory=Limiter)
     policies: PolicyEngine = field(default_factory=lambda: PolicyEngine({}))
     review: ReviewLog | None = None
     classifier: SessionStateClassifier = field(default_factory=SessionStateClassifier)
     statement_stats: StatementStats = field(default_factory=StatementStats)
 
+
+# Messages that each run a statement (simple Query, Parse of an extended one, FunctionCall).
+_STATEMENT_MESSAGES = frozenset((m.MSG_QUERY, m.MSG_PARSE, m.MSG_FUNCTION_CALL))
+CONFIGURATION_LIMIT_EXCEEDED = "53400"
 
 # Low-cardinality reasons for refused connections, by the SQLSTATE the client was given.
 _REFUSAL_REASONS = {
@@ -156,6 +163,8 @@ class ClientSession(asyncio.Protocol):
         self._stash = bytearray()
         self._pinned_by: str | None = None
         self._violations = 0
+        self._limits = LimitPolicy()
+        self._counted_connection = False
         self._connect_task: asyncio.Task[None] | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
         self._started_at = time.monotonic()
@@ -217,6 +226,9 @@ class ClientSession(asyncio.Protocol):
         if self._connect_task is not None:
             self._connect_task.cancel()
         self._env.registry.live.discard(self)
+        if self._counted_connection and self.identity is not None:
+            identity = self.identity
+            self._env.limiter.close_connection(identity.store, identity.terminal, identity.role)
         if self.process_id:
             self._env.registry.unregister(self.process_id)
         self._release_server()
@@ -341,6 +353,8 @@ class ClientSession(asyncio.Protocol):
                 reason=f"startup search_path {asked!r} differs from the policy's",
             )
             return
+        if not self._admit_connection():
+            return
         self._route = route
         if route.transaction_pooling and route.server_parameters:
             # No server connection is needed just to say hello.
@@ -351,6 +365,30 @@ class ClientSession(asyncio.Protocol):
         self._state = _State.CONNECTING
         self.pause_client_reading()
         self._connect_task = self._env.registry.spawn(self._lease_server(route))
+
+    def _admit_connection(self) -> bool:
+        """Resolve this terminal's limits and count the connection, or refuse it (53300)."""
+        identity = self.identity
+        assert identity is not None
+        config = self._env.config
+        self._limits = resolve(
+            config.roles[identity.role].limits,
+            config.limits.stores.get(identity.store),
+            config.limits.terminals.get(identity.terminal_key),
+        )
+        hit = self._env.limiter.open_connection(
+            identity.store, identity.terminal, identity.role, self._limits
+        )
+        if hit is not None:
+            self._limit_hit(hit)
+            self._fail(TooManyConnections(hit.message), reason=hit.limit)
+            return False
+        self._counted_connection = True
+        return True
+
+    def _limit_hit(self, hit: LimitHit) -> None:
+        self._env.metrics.limit_hits_total.labels(hit.limit).inc()
+        log.warning("limit_hit", **self._log_fields(), limit=hit.limit, retry_after_s=hit.retry_after)
 
     async def _lease_server(self, route: Route) -> None:
         """Get a server connection in step with this client's settings, then go on."""
@@ -479,7 +517,10 @@ class ClientSession(asyncio.Protocol):
         """
         refusals: dict[int, Refusal] = {}
         forget_at: list[int] = []
+        limited = self._limits.statements or self._limits.role_statements or self._limits.store_statements
         for kind, start, end in frames:
+            if limited and kind in _STATEMENT_MESSAGES and self._over_statement_rate(start, refusals):
+                continue
             if kind == m.MSG_QUERY:
                 text = chunk[start + 5 : end - 1]
             elif kind == m.MSG_PARSE:
@@ -496,6 +537,16 @@ class ClientSession(asyncio.Protocol):
                     continue
             self._check_session_state(text, start, refusals, forget_at)
         return refusals, forget_at
+
+    def _over_statement_rate(self, start: int, refusals: dict[int, Refusal]) -> bool:
+        identity = self.identity
+        assert identity is not None
+        hit = self._env.limiter.statement(identity.store, identity.terminal, identity.role, self._limits)
+        if hit is None:
+            return False
+        self._limit_hit(hit)
+        refusals[start] = Refusal(CONFIGURATION_LIMIT_EXCEEDED, hit.message)
+        return True
 
     def _apply_policy(self, decision: Decision, start: int, refusals: dict[int, Refusal]) -> None:
         mode = self._policy_mode
