@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import certs, eventloop
+from proxy.audit import AuditError, load_key, verify
 from proxy.config import ConfigError, load_config
 from proxy.demo import run_demo
 from proxy.oplog import configure_logging
@@ -66,7 +67,30 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_certs_commands(commands.add_parser("certs", help="manage the terminal PKI (CA, certs, CRL)"))
     _add_policy_commands(commands.add_parser("policy", help="review, approve and check role SQL policies"))
     _add_admin_commands(commands.add_parser("admin", help="talk to a running proxy's admin API"))
+    audit = commands.add_parser("audit", help="work with the tamper-evident audit log")
+    audit_commands = audit.add_subparsers(title="audit commands", metavar="COMMAND", required=True)
+    verify = audit_commands.add_parser("verify", help="check the hash chain and HMACs of audit log files")
+    verify.add_argument("--key", required=True, type=Path, help="the HMAC key file (audit.key_file)")
+    verify.add_argument(
+        "files", nargs="+", type=Path, help="log files, oldest first (rotated ones, then the live one)"
+    )
+    verify.set_defaults(handler=_audit_verify)
     return parser
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    try:
+        key = load_key(args.key)
+    except (OSError, AuditError) as exc:
+        print(f"pos-proxy: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    report = verify(args.files, key)
+    if report.ok:
+        print(f"OK: {report.records} records in {len(args.files)} file(s), chain and HMACs intact")
+        return EXIT_OK
+    where = f"{report.file}:{report.line}" if report.file is not None else "the log"
+    print(f"TAMPERED: {where}: {report.problem} ({report.records} records verified before it)")
+    return EXIT_FAILURE
 
 
 def _add_admin_commands(parser: argparse.ArgumentParser) -> None:

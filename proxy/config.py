@@ -18,6 +18,7 @@ from typing import Final, NoReturn, TypeVar
 
 import yaml
 
+from proxy.audit import AuditSettings
 from proxy.limits import LimitSettings, Rate
 from proxy.policy.model import (
     DENYLIST_NAMES,
@@ -29,6 +30,7 @@ from proxy.policy.model import (
 
 __all__ = [
     "AdminConfig",
+    "AuditConfig",
     "Config",
     "ConfigError",
     "ConfigProblem",
@@ -235,6 +237,22 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The tamper-evident audit log (see proxy.audit)."""
+
+    settings: AuditSettings
+    # Share of allowed statements written as statement events, per role (1.0: all, 0: none).
+    # Refused statements, connection, limit, cancel, reload and admin events are always written.
+    allowed_statements: float = 1.0
+    allowed_statements_by_role: Mapping[str, float] = field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
+
+    def statement_share(self, role: str) -> float:
+        return self.allowed_statements_by_role.get(role, self.allowed_statements)
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     """The admin HTTP listener (metrics, health, pools, clients, disconnect, reload)."""
 
@@ -293,6 +311,7 @@ class Config:
     policy: PolicySettings = PolicySettings()
     admin: AdminConfig | None = None
     limits: LimitsConfig = LimitsConfig()
+    audit: AuditConfig | None = None
     source: Path | None = None
 
 
@@ -329,7 +348,28 @@ def _file_error(message: str) -> ConfigError:
     return ConfigError([ConfigProblem("", message)])
 
 
-_SECTIONS: Final = ("listen", "tls", "identity", "roles", "pool", "routes", "policy", "admin", "limits")
+_SECTIONS: Final = (
+    "listen",
+    "tls",
+    "identity",
+    "roles",
+    "pool",
+    "routes",
+    "policy",
+    "admin",
+    "limits",
+    "audit",
+)
+_AUDIT_KEYS: Final = (
+    "file",
+    "key_file",
+    "stdout",
+    "rotate_bytes",
+    "rotate_interval",
+    "flush_interval",
+    "allowed_statements",
+    "allowed_statements_by_role",
+)
 
 
 def parse_config(
@@ -364,6 +404,7 @@ def parse_config(
         for database, section in root.named("routes", "route", _string(), _keys(RouteConfig, "database"))
     }
     limits = _parse_limits(root.child("limits", ("source_connections", "stores", "terminals")))
+    audit = _parse_audit(root.child("audit", _AUDIT_KEYS)) if root.data.get("audit") is not None else None
     admin = None
     if root.data.get("admin") is not None:
         admin_section = root.child("admin", _keys(AdminConfig))
@@ -383,6 +424,7 @@ def parse_config(
         policy=policy,
         admin=admin,
         limits=limits,
+        audit=audit,
         source=source,
     )
 
@@ -807,6 +849,48 @@ def _parse_role(name: str, section: _Section) -> RoleConfig:
     policy_ctx = _Context(policy_file.parent, section.ctx.environ, section.ctx.problems)
     policy = _parse_policy(policy_ctx.section(data, section.key_path("policy"), _POLICY_KEYS))
     return RoleConfig(name, description, limits, policy, policy_file)
+
+
+def _parse_audit(section: _Section) -> AuditConfig:
+    share = _in_range_float(0.0, 1.0)
+    by_role = {
+        role: value
+        for role, raw in section.ctx.mapping(
+            section.data.get("allowed_statements_by_role"), section.key_path("allowed_statements_by_role")
+        ).items()
+        if (
+            value := section.ctx.convert(
+                raw, _join(section.key_path("allowed_statements_by_role"), role), share, None
+            )
+        )
+        is not None
+    }
+    default = AuditSettings(file=None, key_file=Path())
+    key_file = section.require("key_file", section.ctx.readable_file, Path())
+    settings = AuditSettings(
+        file=section.read("file", section.ctx.path, None),
+        key_file=key_file,
+        stdout=section.read("stdout", _boolean, default.stdout),
+        rotate_bytes=section.read("rotate_bytes", parse_size, default.rotate_bytes),
+        rotate_interval=section.read("rotate_interval", _positive_duration, default.rotate_interval),
+        flush_interval=section.read("flush_interval", _positive_duration, default.flush_interval),
+    )
+    if settings.file is not None and not settings.file.parent.is_dir():
+        section.report("file", f"directory not found: {settings.file.parent}")
+    return AuditConfig(
+        settings=settings,
+        allowed_statements=section.read("allowed_statements", share, 1.0),
+        allowed_statements_by_role=types.MappingProxyType(by_role),
+    )
+
+
+def _in_range_float(low: float, high: float) -> Callable[[object], float]:
+    def convert(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            raise ValueError(f"expected a number from {low:g} to {high:g}, got {_describe(value)}")
+        return float(value)
+
+    return convert
 
 
 def _parse_limits(section: _Section) -> LimitsConfig:

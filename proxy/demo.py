@@ -85,12 +85,19 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         policies.mkdir()
         for policy in resources.files("proxy").joinpath("data/policies").iterdir():
             (policies / policy.name).write_text(policy.read_text(encoding="utf-8"), encoding="utf-8")
+        audit_dir = workdir / "audit"
+        audit_dir.mkdir(mode=0o700)
+        audit_key = workdir / "audit.key"
+        audit_key.touch(mode=0o600)
+        audit_key.write_bytes(secrets.token_bytes(32))
         config_path = workdir / "pos-proxy.yaml"
         template = resources.files("proxy").joinpath("data/demo-config.yaml").read_text(encoding="utf-8")
         config_path.write_text(
             Template(template).substitute(
                 proxy_port=port or free_port(),
                 admin_port=free_port(),
+                audit_file=audit_dir / "audit.log",
+                audit_key=audit_key,
                 pki=terminal_pki,
                 db_port=database.port,
                 db_password_file=password_file,
@@ -105,6 +112,8 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         say(f"proxy listening on {host}:{proxy_port} (config {config_path}, log {workdir / 'proxy.log'})")
         if server.admin is not None:
             say(f"metrics: http://127.0.0.1:{server.admin.port}/metrics")
+        say(f"audit log: {audit_dir / 'audit.log'}")
+        say(f"audit key: {audit_key}")
 
         cashier = terminals[0]
         await _sample_session(host, proxy_port, terminal_pki / "ca.pem", cashier)
@@ -112,6 +121,7 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         await _rush_hour(host, proxy_port, terminal_pki / "ca.pem", [cashier, *rush], server.routes["pos"])
         await _policy_tour(host, proxy_port, terminal_pki / "ca.pem", cashier, terminals[1])
 
+        say(f"check the audit log: pos-proxy audit verify --key {audit_key} {audit_dir / 'audit.log'}")
         say("try it by hand, one line per role:")
         for terminal in terminals:
             say(f"  {terminal.role} ({DEMO_STORE}/{terminal.name}):")

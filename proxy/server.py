@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from proxy.admin import AdminListener, AdminServer
+from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, ConfigProblem, RouteConfig, load_config
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.limits import SourceRateLimiter
@@ -118,6 +119,7 @@ class ProxyServer:
         self.metrics = Metrics()
         self.routes: Mapping[str, Route] = build_routes(config, self.metrics)
         self.metrics.build_info.info({"version": _version()})
+        self.audit = AuditLog(config.audit.settings) if config.audit is not None else None
         self._environment = SessionEnvironment(
             config=config,
             routes=self.routes,
@@ -125,6 +127,7 @@ class ProxyServer:
             metrics=self.metrics,
             policies=build_policy_engine(config),
             review=ReviewLog(config.policy.review_file) if config.policy.review_file else None,
+            audit=self.audit,
         )
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -141,6 +144,8 @@ class ProxyServer:
         return str(host), int(port)
 
     async def start(self) -> None:
+        if self.audit is not None:
+            self.audit.start()
         listen = self.config.listen
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         self._listener = socket.create_server((listen.host, listen.port), family=family, backlog=1024)
@@ -175,6 +180,7 @@ class ProxyServer:
         except (ConfigError, OSError, ValueError) as exc:
             self.metrics.config_reloads_total.labels("failed").inc()
             log.error("reload_failed", trigger=trigger, config=str(source), error=str(exc))
+            self._audit("config_reload", "failure", trigger=trigger, error=str(exc))
             return False
         changed = [name for name in _RELOADABLE if getattr(config, name) != getattr(self.config, name)]
         if config.listen != self.config.listen:
@@ -196,9 +202,17 @@ class ProxyServer:
             session.use_environment(self._environment)
         self.metrics.config_reloads_total.labels("ok").inc()
         log.info("reload_applied", trigger=trigger, changed=changed)
+        self._audit("config_reload", "success", trigger=trigger, changed=changed)
+        if self.audit is not None:
+            # logrotate moved the file away before signalling: write to a fresh one.
+            self.audit.reopen()
         if config.tls.crl is not None:
             self._cut_revoked_terminals(revoked_serials(config.tls.crl))
         return True
+
+    def _audit(self, event: str, outcome: str, **fields: object) -> None:
+        if self.audit is not None:
+            self.audit.record(event, outcome=outcome, **fields)
 
     def _review_log_for(self, config: Config) -> ReviewLog | None:
         current = self._environment.review
@@ -233,6 +247,7 @@ class ProxyServer:
                 )
                 cut += 1
         log.warning("admin_disconnect", store=store, terminal=terminal, sessions=cut, actor=actor)
+        self._audit("admin_disconnect", "success", store=store, terminal=terminal, sessions=cut, actor=actor)
         return cut
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -310,6 +325,9 @@ class ProxyServer:
         if self.admin is not None:
             await self.admin.stop()
         self._flush_review()
+        if self.audit is not None:
+            # Everything recorded so far reaches the file before the process exits.
+            self.audit.close()
         current = asyncio.current_task()
         for task in list(self._tasks) + list(self._registry.tasks):
             if task is not current:
@@ -422,6 +440,7 @@ class ProxyServer:
                 "certificate" if isinstance(exc, ssl.SSLCertVerificationError) else "tls"
             ).inc()
             log.warning("tls_handshake_failed", source=source, reason=reason or str(exc))
+            self._audit("connection_refused", "failure", source=source, reason=f"TLS: {reason or exc}")
             return
         except (OSError, TimeoutError) as exc:
             self.metrics.tls_handshake_failures_total.labels("network").inc()
@@ -485,7 +504,11 @@ async def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 async def serve(config: Config) -> int:
     """Run the proxy until SIGTERM or SIGINT; return the process exit code."""
     server = ProxyServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.shutdown()  # stops the audit writer, which would keep the process alive
+        raise
     server.install_signal_handlers()
     await server.wait_stopped()
     return 0

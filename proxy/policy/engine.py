@@ -139,3 +139,28 @@ def _refusal(policy: RolePolicy, role: str, facts: StatementFacts) -> tuple[str,
     if facts.unbounded_write and not policy.update_without_where:
         return "unbounded write", f"UPDATE or DELETE without WHERE is not allowed for role {role}"
     return None
+
+
+class StatementSummaries:
+    """(fingerprint, normalized text) per statement of a text, for the audit log of roles without a
+    policy; cached by text like decisions, so the parser runs once per text."""
+
+    def __init__(self, cache_size: int = 10_000) -> None:
+        self._cache: OrderedDict[bytes, tuple[tuple[str, str], ...]] = OrderedDict()
+        self._cache_size = cache_size
+
+    def summarize(self, sql: bytes) -> tuple[tuple[str, str], ...]:
+        cached = self._cache.get(sql)
+        if cached is not None:
+            self._cache.move_to_end(sql)
+            return cached
+        try:
+            summary = tuple(
+                (facts.fingerprint, facts.normalized) for facts in analyze(sql.decode("utf-8"), ("public",))
+            )
+        except (ParseError, UnicodeDecodeError):
+            summary = (("", "(not parsable)"),)
+        self._cache[sql] = summary
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import hmac
+import random
 import secrets
 import ssl
 import time
@@ -14,6 +15,7 @@ from typing import Any, cast
 
 import structlog
 
+from proxy.audit import AuditLog
 from proxy.config import Config, PoolMode, RouteConfig, SessionStateAction
 from proxy.errors import (
     AuthenticationRefused,
@@ -30,7 +32,7 @@ from proxy.errors import (
 from proxy.identity import Identity, IdentityError, check_user_name, identify
 from proxy.limits import Limiter, LimitHit, LimitPolicy, resolve
 from proxy.metrics import Metrics
-from proxy.policy.engine import Decision, PolicyEngine
+from proxy.policy.engine import Decision, PolicyEngine, StatementSummaries
 from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
 from proxy.pool import UpstreamPool
@@ -111,6 +113,8 @@ class SessionEnvironment:
     registry: SessionRegistry
     metrics: Metrics = field(default_factory=Metrics)
     limiter: Limiter = field(default_factory=Limiter)
+    audit: AuditLog | None = None
+    summaries: StatementSummaries = field(default_factory=StatementSummaries)
     policies: PolicyEngine = field(default_factory=lambda: PolicyEngine({}))
     review: ReviewLog | None = None
     classifier: SessionStateClassifier = field(default_factory=SessionStateClassifier)
@@ -165,6 +169,12 @@ class ClientSession(asyncio.Protocol):
         self._violations = 0
         self._limits = LimitPolicy()
         self._counted_connection = False
+        self._statements_run = 0
+        # Statement texts by prepared-statement and portal name, so executions can be audited.
+        self._parsed_texts: dict[bytes, bytes] = {}
+        self._portal_texts: dict[bytes, bytes] = {}
+        self._bytes_in = 0
+        self._bytes_out = 0
         self._connect_task: asyncio.Task[None] | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
         self._started_at = time.monotonic()
@@ -234,6 +244,14 @@ class ClientSession(asyncio.Protocol):
         self._release_server()
         if self._started:
             self._env.metrics.client_connections_active.labels(self._role).dec()
+            self._audit(
+                "session_end",
+                "success",
+                duration_s=round(time.monotonic() - self._started_at, 3),
+                statements=self._statements_run,
+                bytes_from_terminal=self._bytes_in,
+                bytes_to_terminal=self._bytes_out,
+            )
             log.info(
                 "session_end", **self._log_fields(), duration_s=round(time.monotonic() - self._started_at, 3)
             )
@@ -250,6 +268,7 @@ class ClientSession(asyncio.Protocol):
     # --- ServerPeer: what the lent server connection calls ---
 
     def server_data(self, data: bytes) -> None:
+        self._bytes_out += len(data)
         if self._transport is not None:
             self._transport.write(data)
 
@@ -389,6 +408,7 @@ class ClientSession(asyncio.Protocol):
     def _limit_hit(self, hit: LimitHit) -> None:
         self._env.metrics.limit_hits_total.labels(hit.limit).inc()
         log.warning("limit_hit", **self._log_fields(), limit=hit.limit, retry_after_s=hit.retry_after)
+        self._audit("limit_hit", "failure", limit=hit.limit, retry_after_s=hit.retry_after)
 
     async def _lease_server(self, route: Route) -> None:
         """Get a server connection in step with this client's settings, then go on."""
@@ -448,11 +468,13 @@ class ClientSession(asyncio.Protocol):
         metrics = self._env.metrics
         metrics.client_connections_total.labels(self._role).inc()
         metrics.client_connections_active.labels(self._role).inc()
+        self._audit("connection_accepted", "success", **self._tls_fields())
         log.info("session_start", **self._log_fields(), server_connection=server_id)
 
     # --- ready: forwarding ---
 
     def _forward(self, data: bytes) -> None:
+        self._bytes_in += len(data)
         source: bytes | bytearray
         if self._buffer:
             self._buffer += data
@@ -518,6 +540,8 @@ class ClientSession(asyncio.Protocol):
         refusals: dict[int, Refusal] = {}
         forget_at: list[int] = []
         limited = self._limits.statements or self._limits.role_statements or self._limits.store_statements
+        auditing = self._env.audit is not None
+        policies = self._env.policies
         for kind, start, end in frames:
             if limited and kind in _STATEMENT_MESSAGES and self._over_statement_rate(start, refusals):
                 continue
@@ -526,13 +550,33 @@ class ClientSession(asyncio.Protocol):
             elif kind == m.MSG_PARSE:
                 name_end = chunk.find(b"\x00", start + 5, end)
                 text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
+                if auditing:
+                    self._parsed_texts[chunk[start + 5 : name_end]] = text
             elif kind == m.MSG_FUNCTION_CALL:
-                self._apply_policy(self._env.policies.decide_function_call(self._role), start, refusals)
+                self._apply_policy(policies.decide_function_call(self._role), start, refusals)
+                continue
+            elif auditing and kind == m.MSG_BIND:
+                portal_end = chunk.find(b"\x00", start + 5, end)
+                statement = chunk[portal_end + 1 : chunk.find(b"\x00", portal_end + 1, end)]
+                self._portal_texts[chunk[start + 5 : portal_end]] = self._parsed_texts.get(statement, b"")
+                continue
+            elif auditing and kind == m.MSG_EXECUTE:
+                # Each execution is audited, also of a statement prepared long before.
+                executed = self._portal_texts.get(chunk[start + 5 : chunk.find(b"\x00", start + 5, end)], b"")
+                self._statements_run += 1
+                mode = self._policy_mode
+                self._audit_statement(policies.decide(self._role, executed) if mode else None, mode, executed)
                 continue
             else:
                 continue
-            if self._policy_mode is not None:
-                self._apply_policy(self._env.policies.decide(self._role, text), start, refusals)
+            decision = policies.decide(self._role, text) if self._policy_mode is not None else None
+            if kind == m.MSG_QUERY:
+                self._statements_run += 1
+                self._audit_statement(decision, self._policy_mode, text)
+            elif decision is not None and not decision.allowed:
+                self._audit_statement(decision, self._policy_mode, text)
+            if decision is not None:
+                self._apply_policy(decision, start, refusals)
                 if start in refusals:
                     continue
             self._check_session_state(text, start, refusals, forget_at)
@@ -573,6 +617,9 @@ class ClientSession(asyncio.Protocol):
             self._learn(decision)
             return
         self._violations += 1
+        self._audit(
+            "policy_violation", "failure", rule=decision.rule, reason=decision.message, statements=statements
+        )
         log.warning(
             "policy_violation", **fields, rule=decision.rule, reason=decision.message, statements=statements
         )
@@ -581,6 +628,30 @@ class ClientSession(asyncio.Protocol):
         if limit is not None and self._violations >= limit:
             raise PolicyViolationLimit(f"too many refused statements for role {self._role}")
         refusals[start] = Refusal(decision.sqlstate, decision.message)
+
+    def _audit_statement(self, decision: Decision | None, mode: PolicyMode | None, text: bytes) -> None:
+        """Refused statements always; allowed ones as the role's sampling share says."""
+        audit, config = self._env.audit, self._env.config.audit
+        if audit is None or config is None:
+            return
+        refused = decision is not None and not decision.allowed and mode is PolicyMode.ENFORCE
+        share = config.statement_share(self._role)
+        if not refused and (share <= 0.0 or (share < 1.0 and random.random() >= share)):
+            return
+        statements = decision.statements if decision is not None and decision.statements else None
+        if statements is None:
+            statements = self._env.summaries.summarize(text)
+        audit.record(
+            "statement",
+            outcome="failure" if refused else "success",
+            **self._audit_identity(),
+            decision="refused" if refused else "allowed",
+            rule=decision.rule if decision is not None else "no policy",
+            policy_mode=mode.value if mode is not None else None,
+            fingerprints=[fingerprint for fingerprint, _text in statements],
+            statement=" ; ".join(normalized for _fingerprint, normalized in statements),
+            server_connection=self._server.id if self._server is not None else None,
+        )
 
     def _learn(self, decision: Decision) -> None:
         review = self._env.review
@@ -620,8 +691,10 @@ class ClientSession(asyncio.Protocol):
         if server is None or route is None or self._state is not _State.READY:
             # Between transactions there is nothing to cancel, and nobody else's query may be.
             log.info("cancel_ignored", **self._log_fields(), reason="no server connection")
+            self._audit("cancel", "failure", from_source=source, reason="no server connection")
             return
         log.info("cancel_forwarded", **self._log_fields(), from_source=source, server_connection=server.id)
+        self._audit("cancel", "success", from_source=source, server_connection=server.id)
         server.cancel_requested = True
         self._env.registry.spawn(_deliver_cancel(route, server.backend_key))
 
@@ -639,6 +712,9 @@ class ClientSession(asyncio.Protocol):
 
     def _fail(self, error: ProxyError, *, reason: str) -> None:
         if not self._started:
+            self._audit(
+                "connection_refused", "failure", reason=reason, sqlstate=error.sqlstate, **self._tls_fields()
+            )
             self._env.metrics.client_connections_refused_total.labels(
                 _REFUSAL_REASONS.get(error.sqlstate, "other")
             ).inc()
@@ -668,6 +744,39 @@ class ClientSession(asyncio.Protocol):
     def terminate(self, error: ProxyError, reason: str) -> None:
         """End the session from outside (shutdown, admin disconnect) with a FATAL error."""
         self._fail(error, reason=reason)
+
+    def _audit(self, event: str, outcome: str, **fields: object) -> None:
+        audit = self._env.audit
+        if audit is not None:
+            audit.record(event, outcome=outcome, **self._audit_identity(), **fields)
+
+    def _audit_identity(self) -> dict[str, object]:
+        """PCI DSS 10.2.2: who (terminal identity), from where, and which resource."""
+        fields: dict[str, object] = {"source": self.source}
+        identity = self.identity
+        if identity is not None:
+            fields.update(
+                store=identity.store,
+                terminal=identity.terminal,
+                role=identity.role,
+                serial=identity.serial_hex,
+            )
+        if self._route is not None:
+            fields["route"] = self._route.config.database
+        return fields
+
+    def _tls_fields(self) -> dict[str, object]:
+        ssl_object = self._transport.get_extra_info("ssl_object") if self._transport is not None else None
+        if ssl_object is None:
+            return {}
+        cipher = ssl_object.cipher()
+        fields: dict[str, object] = {
+            "tls_version": ssl_object.version(),
+            "cipher": cipher[0] if cipher else None,
+        }
+        if self.identity is not None:
+            fields.update(subject=self.identity.subject, fingerprint_sha256=self.identity.fingerprint_sha256)
+        return fields
 
     def use_environment(self, environment: SessionEnvironment) -> None:
         """A reload: policies, roles and limits apply to this live session from now on."""

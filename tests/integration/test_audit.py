@@ -1,0 +1,143 @@
+"""The audit log a real proxy writes: required fields, every execution, rotation, SIGTERM, tampering."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.integration.proxyproc import ProxyProcess, TerminalPKI
+
+StartProxy = Callable[..., ProxyProcess]
+
+
+def _audit_files(directory: Path) -> list[Path]:
+    return [*sorted(directory.glob("audit.log.*")), directory / "audit.log"]
+
+
+def _records(directory: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for path in _audit_files(directory) for line in path.read_text().splitlines()]
+
+
+def _verify(key: Path, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "audit", "verify", "--key", str(key), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def audited(start_proxy: StartProxy, tmp_path: Path) -> tuple[ProxyProcess, Path, Path]:
+    directory = tmp_path / "audit"
+    directory.mkdir()
+    key = tmp_path / "audit.key"
+    key.touch(mode=0o600)
+    key.write_bytes(secrets.token_bytes(32))
+    proxy = start_proxy(
+        audit={"file": str(directory / "audit.log"), "key_file": str(key), "rotate_bytes": "64KiB"},
+        routes={"pos": {"pool": {"mode": "transaction", "size": 3, "max_client_wait": "30s"}}},
+    )
+    return proxy, directory, key
+
+
+async def test_every_execution_is_audited_across_rotation_and_sigterm(
+    audited: tuple[ProxyProcess, Path, Path], terminal_pki: TerminalPKI
+) -> None:
+    proxy, directory, key = audited
+    clients, rounds = 10, 30
+
+    async def till(number: int) -> None:
+        connection = await asyncpg.connect(
+            host="127.0.0.1",
+            port=proxy.port,
+            user="till-01",
+            database="pos",
+            ssl=proxy.ssl_context(terminal_pki.cashier, terminal_pki.ca),
+            timeout=15,
+        )
+        try:
+            for value in range(rounds):
+                # asyncpg prepares once and then only binds and executes: each run is audited.
+                assert await connection.fetchval("SELECT $1::int + 0", value) == value
+        finally:
+            await connection.close()
+
+    await asyncio.wait_for(asyncio.gather(*(till(n) for n in range(clients))), 120)
+    assert proxy.stop() == 0
+    statements = [r for r in _records(directory) if r["event"] == "statement"]
+    assert len(statements) == clients * rounds
+    assert len(_audit_files(directory)) > 1, "rotation happened"
+    sample = statements[0]
+    for key_name in (
+        "timestamp",
+        "seq",
+        "prev",
+        "hmac",
+        "component",
+        "host",
+        "outcome",
+        "source",
+        "store",
+        "terminal",
+        "role",
+        "serial",
+        "route",
+        "decision",
+        "fingerprints",
+        "statement",
+    ):
+        assert key_name in sample, key_name
+    assert sample["statement"] == "SELECT $1::int + $2"  # literals normalized away
+    result = _verify(key, _audit_files(directory))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK:" in result.stdout
+
+
+def test_connection_events_carry_pci_fields_and_tampering_is_detected(
+    audited: tuple[ProxyProcess, Path, Path], terminal_pki: TerminalPKI
+) -> None:
+    proxy, directory, key = audited
+    with psycopg.connect(
+        **proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True
+    ) as connection:
+        connection.execute("SELECT 4111111111111111 AS card")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(**proxy.conninfo(terminal_pki.unmapped_role, terminal_pki.ca)).close()
+    assert proxy.stop() == 0
+    records = _records(directory)
+    accepted = next(r for r in records if r["event"] == "connection_accepted")
+    assert accepted["outcome"] == "success"
+    assert accepted["tls_version"] in ("TLSv1.2", "TLSv1.3")
+    assert accepted["cipher"] and len(accepted["fingerprint_sha256"]) == 64
+    assert accepted["terminal"] == "office-01" and accepted["role"] == "manager"
+    refused = next(r for r in records if r["event"] == "connection_refused")
+    assert refused["outcome"] == "failure" and "auditor" in refused["reason"]
+    ended = next(r for r in records if r["event"] == "session_end")
+    assert ended["statements"] == 1 and ended["bytes_to_terminal"] > 0
+    assert "4111111111111111" not in (directory / "audit.log").read_text()  # literals never reach the log
+
+    live = directory / "audit.log"
+    lines = live.read_text().splitlines(keepends=True)
+    assert _verify(key, [live]).returncode == 0
+    altered = [line.replace('"success"', '"failure"', 1) if i == 2 else line for i, line in enumerate(lines)]
+    live.write_text("".join(altered))
+    result = _verify(key, [live])
+    assert result.returncode == 1 and "altered" in result.stdout
+    live.write_text("".join(lines[:2] + lines[3:]))
+    result = _verify(key, [live])
+    assert result.returncode == 1 and "removed" in result.stdout
+    live.write_text("".join(lines)[:-10])
+    result = _verify(key, [live])
+    assert result.returncode == 1 and "truncated" in result.stdout
