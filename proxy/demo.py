@@ -106,8 +106,8 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
             encoding="utf-8",
         )
         server = ProxyServer(load_config(config_path))
-        await server.start()
         stack.push_async_callback(server.shutdown)
+        await server.start()
         host, proxy_port = server.address
         say(f"proxy listening on {host}:{proxy_port} (config {config_path}, log {workdir / 'proxy.log'})")
         if server.admin is not None:
