@@ -14,7 +14,6 @@ __all__ = [
     "PRUNE_EVERY_OPERATIONS",
     "WINDOW_SECONDS",
     "LimitHit",
-    "LimitPolicy",
     "LimitSettings",
     "Limiter",
     "Rate",
@@ -59,7 +58,12 @@ class Rate:
 
 @dataclass(frozen=True, slots=True)
 class LimitSettings:
-    """One level of limits (a role's defaults, or a store or terminal override); None: not set here."""
+    """Limits: one level of them (a role's defaults, or a store or terminal override, None: not
+    set here), or, after ``resolve``, those in force for one terminal (None: unlimited).
+
+    ``statements`` is per terminal, ``role_statements`` the aggregate over all terminals of the role,
+    ``store_statements`` the aggregate over the store's terminals; row and byte limits are per terminal.
+    """
 
     statements: Rate | None = None
     role_statements: Rate | None = None
@@ -79,35 +83,17 @@ class LimitSettings:
                 raise ValueError(f"{item.name} must not be negative, not {value}")
 
 
-@dataclass(frozen=True, slots=True)
-class LimitPolicy:
-    """The limits in force for one terminal; None: unlimited.
-
-    ``statements`` is per terminal, ``role_statements`` the aggregate over all terminals of the role,
-    ``store_statements`` the aggregate over the store's terminals; row and byte limits are per terminal.
-    """
-
-    statements: Rate | None = None
-    role_statements: Rate | None = None
-    store_statements: Rate | None = None
-    connections_per_terminal: int | None = None
-    connections_per_store: int | None = None
-    connections_per_role: int | None = None
-    max_rows_per_statement: int | None = None
-    max_bytes_per_statement: int | None = None
-    max_rows_per_minute: int | None = None
-    max_bytes_per_minute: int | None = None
-
-
-def resolve(role: LimitSettings, store: LimitSettings | None, terminal: LimitSettings | None) -> LimitPolicy:
+def resolve(
+    role: LimitSettings, store: LimitSettings | None, terminal: LimitSettings | None
+) -> LimitSettings:
     """Field by field, the terminal override wins over the store override, which wins over the role."""
     levels = [level for level in (terminal, store, role) if level is not None]
     values: dict[str, Any] = {}
-    for item in fields(LimitPolicy):
+    for item in fields(LimitSettings):
         values[item.name] = next(
             (value for level in levels if (value := getattr(level, item.name)) is not None), None
         )
-    return LimitPolicy(**values)
+    return LimitSettings(**values)
 
 
 class TokenBucket:
@@ -225,7 +211,7 @@ class _MinuteWindows:
         self._windows: dict[tuple[str, str], _SlidingSum] = {}
 
     def admit(
-        self, now: float, terminal: str, policy: LimitPolicy, rows: int, nbytes: int
+        self, now: float, terminal: str, policy: LimitSettings, rows: int, nbytes: int
     ) -> LimitHit | None:
         """Record the batch, or refuse it (recording nothing) if it would cross a per-minute limit."""
         checks = [
@@ -278,7 +264,7 @@ class Limiter:
         self._minute = _MinuteWindows()
         self._operations = 0
 
-    def open_connection(self, store: str, terminal: str, role: str, policy: LimitPolicy) -> LimitHit | None:
+    def open_connection(self, store: str, terminal: str, role: str, policy: LimitSettings) -> LimitHit | None:
         """Count a new client connection, or refuse it (counting nothing) if a connection limit is reached."""
         checks = (
             ("terminal", f"{store}/{terminal}", policy.connections_per_terminal),
@@ -311,7 +297,7 @@ class Limiter:
         """Open connections by "terminal:<store>/<terminal>", "store:<store>" and "role:<role>"."""
         return dict(self._connections)
 
-    def statement(self, store: str, terminal: str, role: str, policy: LimitPolicy) -> LimitHit | None:
+    def statement(self, store: str, terminal: str, role: str, policy: LimitSettings) -> LimitHit | None:
         """Take a token from each applicable bucket, or from none if any of them is empty."""
         now = self._tick()
         checks = [
@@ -339,7 +325,7 @@ class Limiter:
             bucket.take(now)
         return None
 
-    def result_guard(self, store: str, terminal: str, policy: LimitPolicy) -> ResultGuard:
+    def result_guard(self, store: str, terminal: str, policy: LimitSettings) -> ResultGuard:
         """A guard for one statement's result."""
         self._tick()
         return ResultGuard(self._clock, self._minute, f"{store}/{terminal}", policy)
@@ -375,7 +361,7 @@ class ResultGuard:
     __slots__ = ("_clock", "_hit", "_minute", "_nbytes", "_per_minute", "_policy", "_rows", "_terminal")
 
     def __init__(
-        self, clock: Callable[[], float], minute: _MinuteWindows, terminal: str, policy: LimitPolicy
+        self, clock: Callable[[], float], minute: _MinuteWindows, terminal: str, policy: LimitSettings
     ) -> None:
         self._clock = clock
         self._minute = minute

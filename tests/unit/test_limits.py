@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -13,7 +12,6 @@ from proxy.limits import (
     IDLE_STATE_SECONDS,
     PRUNE_EVERY_OPERATIONS,
     Limiter,
-    LimitPolicy,
     LimitSettings,
     Rate,
     SourceRateLimiter,
@@ -128,12 +126,6 @@ def test_waiting_the_announced_retry_after_always_succeeds(
 # --- resolve ------------------------------------------------------------------------------------
 
 
-def test_settings_and_policy_have_the_same_fields() -> None:
-    assert [f.name for f in dataclasses.fields(LimitSettings)] == [
-        f.name for f in dataclasses.fields(LimitPolicy)
-    ]
-
-
 def test_negative_limits_are_rejected() -> None:
     with pytest.raises(ValueError, match="connections_per_store"):
         LimitSettings(connections_per_store=-1)
@@ -141,7 +133,7 @@ def test_negative_limits_are_rejected() -> None:
 
 def test_resolve_takes_role_defaults_without_overrides() -> None:
     role = LimitSettings(statements=Rate(5, 10), connections_per_terminal=2)
-    assert resolve(role, None, None) == LimitPolicy(statements=Rate(5, 10), connections_per_terminal=2)
+    assert resolve(role, None, None) == LimitSettings(statements=Rate(5, 10), connections_per_terminal=2)
 
 
 def test_resolve_terminal_beats_store_beats_role_field_by_field() -> None:
@@ -153,7 +145,7 @@ def test_resolve_terminal_beats_store_beats_role_field_by_field() -> None:
     )
     store = LimitSettings(statements=Rate(10, 20), connections_per_store=40)
     terminal = LimitSettings(statements=Rate(1, 1), max_bytes_per_minute=1_000_000)
-    assert resolve(role, store, terminal) == LimitPolicy(
+    assert resolve(role, store, terminal) == LimitSettings(
         statements=Rate(1, 1),
         connections_per_terminal=2,
         connections_per_store=40,
@@ -169,7 +161,7 @@ def test_resolve_terminal_beats_store_beats_role_field_by_field() -> None:
 
 def test_connections_per_terminal_counted_refused_and_freed() -> None:
     limiter = Limiter(FakeClock())
-    policy = LimitPolicy(connections_per_terminal=2)
+    policy = LimitSettings(connections_per_terminal=2)
     assert limiter.open_connection(STORE, TILL, "cashier", policy) is None
     assert limiter.open_connection(STORE, TILL, "cashier", policy) is None
     hit = limiter.open_connection(STORE, TILL, "cashier", policy)
@@ -194,7 +186,7 @@ def test_connections_per_terminal_counted_refused_and_freed() -> None:
 
 def test_connections_per_store_across_terminals() -> None:
     limiter = Limiter(FakeClock())
-    policy = LimitPolicy(connections_per_store=2)
+    policy = LimitSettings(connections_per_store=2)
     assert limiter.open_connection(STORE, "till-01", "cashier", policy) is None
     assert limiter.open_connection(STORE, "till-02", "manager", policy) is None
     hit = limiter.open_connection(STORE, "till-03", "cashier", policy)
@@ -208,7 +200,7 @@ def test_connections_per_store_across_terminals() -> None:
 
 def test_connections_per_role_across_stores() -> None:
     limiter = Limiter(FakeClock())
-    policy = LimitPolicy(connections_per_role=1)
+    policy = LimitSettings(connections_per_role=1)
     assert limiter.open_connection("store-001", TILL, "cashier", policy) is None
     hit = limiter.open_connection("store-002", TILL, "cashier", policy)
     assert hit is not None
@@ -220,7 +212,7 @@ def test_connections_per_role_across_stores() -> None:
 def test_closing_everything_leaves_no_entries() -> None:
     limiter = Limiter(FakeClock())
     for terminal in ("till-01", "till-02", "till-01"):
-        assert limiter.open_connection(STORE, terminal, "cashier", LimitPolicy()) is None
+        assert limiter.open_connection(STORE, terminal, "cashier", LimitSettings()) is None
     for terminal in ("till-01", "till-02", "till-01"):
         limiter.close_connection(STORE, terminal, "cashier")
     assert limiter.connections() == {}
@@ -235,7 +227,7 @@ def test_closing_everything_leaves_no_entries() -> None:
 def test_statement_rate_per_terminal_and_its_message() -> None:
     clock = FakeClock()
     limiter = Limiter(clock)
-    policy = LimitPolicy(statements=Rate(5, 10))
+    policy = LimitSettings(statements=Rate(5, 10))
     assert all(limiter.statement(STORE, TILL, "cashier", policy) is None for _ in range(10))
     hit = limiter.statement(STORE, TILL, "cashier", policy)
     assert hit is not None
@@ -251,7 +243,7 @@ def test_statement_rate_per_terminal_and_its_message() -> None:
 
 def test_statement_rate_per_role_is_shared_by_all_its_terminals() -> None:
     limiter = Limiter(FakeClock())
-    policy = LimitPolicy(role_statements=Rate(1, 3))
+    policy = LimitSettings(role_statements=Rate(1, 3))
     for store, terminal in (("store-001", "till-01"), ("store-002", "till-01"), ("store-003", "till-09")):
         assert limiter.statement(store, terminal, "cashier", policy) is None
     hit = limiter.statement("store-004", "till-01", "cashier", policy)
@@ -263,7 +255,7 @@ def test_statement_rate_per_role_is_shared_by_all_its_terminals() -> None:
 
 def test_statement_rate_per_store_is_shared_by_its_terminals() -> None:
     limiter = Limiter(FakeClock())
-    policy = LimitPolicy(store_statements=Rate(0.5, 2))
+    policy = LimitSettings(store_statements=Rate(0.5, 2))
     assert limiter.statement(STORE, "till-01", "cashier", policy) is None
     assert limiter.statement(STORE, "till-02", "manager", policy) is None
     hit = limiter.statement(STORE, "till-03", "cashier", policy)
@@ -279,7 +271,7 @@ def test_a_refused_statement_spends_no_token_anywhere() -> None:
     clock = FakeClock()
     limiter = Limiter(clock)
     # Each terminal may send two statements in the test's time; the store refills once a second.
-    policy = LimitPolicy(statements=Rate(0.001, 2), store_statements=Rate(1, 1))
+    policy = LimitSettings(statements=Rate(0.001, 2), store_statements=Rate(1, 1))
     assert limiter.statement(STORE, "till-01", "cashier", policy) is None
     # till-02's own bucket has tokens but the store's is empty: nothing is taken from till-02.
     assert limiter.statement(STORE, "till-02", "cashier", policy) is not None
@@ -292,7 +284,7 @@ def test_a_refused_statement_spends_no_token_anywhere() -> None:
 
 def test_the_longest_wait_is_reported() -> None:
     limiter = Limiter(FakeClock())
-    policy = LimitPolicy(statements=Rate(10, 1), role_statements=Rate(0.25, 1))
+    policy = LimitSettings(statements=Rate(10, 1), role_statements=Rate(0.25, 1))
     assert limiter.statement(STORE, TILL, "cashier", policy) is None
     hit = limiter.statement(STORE, TILL, "cashier", policy)
     assert hit is not None
@@ -302,15 +294,15 @@ def test_the_longest_wait_is_reported() -> None:
 
 def test_no_rates_means_no_limit_and_no_state() -> None:
     limiter = Limiter(FakeClock())
-    assert all(limiter.statement(STORE, TILL, "cashier", LimitPolicy()) is None for _ in range(1000))
+    assert all(limiter.statement(STORE, TILL, "cashier", LimitSettings()) is None for _ in range(1000))
     assert limiter.state_size() == 0
 
 
 def test_a_changed_rate_gets_a_fresh_bucket() -> None:
     limiter = Limiter(FakeClock())
-    assert limiter.statement(STORE, TILL, "cashier", LimitPolicy(statements=Rate(1, 1))) is None
-    assert limiter.statement(STORE, TILL, "cashier", LimitPolicy(statements=Rate(1, 1))) is not None
-    assert limiter.statement(STORE, TILL, "cashier", LimitPolicy(statements=Rate(2, 1))) is None
+    assert limiter.statement(STORE, TILL, "cashier", LimitSettings(statements=Rate(1, 1))) is None
+    assert limiter.statement(STORE, TILL, "cashier", LimitSettings(statements=Rate(1, 1))) is not None
+    assert limiter.statement(STORE, TILL, "cashier", LimitSettings(statements=Rate(2, 1))) is None
 
 
 # --- results ----------------------------------------------------------------------------------------
@@ -318,7 +310,7 @@ def test_a_changed_rate_gets_a_fresh_bucket() -> None:
 
 def test_rows_per_statement() -> None:
     limiter = Limiter(FakeClock())
-    guard = limiter.result_guard(STORE, TILL, LimitPolicy(max_rows_per_statement=100))
+    guard = limiter.result_guard(STORE, TILL, LimitSettings(max_rows_per_statement=100))
     assert guard.add(60, 6000) is None
     assert guard.add(40, 4000) is None
     hit = guard.add(1, 100)
@@ -333,12 +325,12 @@ def test_rows_per_statement() -> None:
     assert guard.add(0, 0) is hit
     assert (guard.rows, guard.nbytes) == (100, 10_000)
     # The next statement starts from zero.
-    assert limiter.result_guard(STORE, TILL, LimitPolicy(max_rows_per_statement=100)).add(100, 0) is None
+    assert limiter.result_guard(STORE, TILL, LimitSettings(max_rows_per_statement=100)).add(100, 0) is None
 
 
 def test_bytes_per_statement() -> None:
     limiter = Limiter(FakeClock())
-    guard = limiter.result_guard(STORE, TILL, LimitPolicy(max_bytes_per_statement=1024))
+    guard = limiter.result_guard(STORE, TILL, LimitSettings(max_bytes_per_statement=1024))
     assert guard.add(1000, 1024) is None
     hit = guard.add(1, 1)
     assert hit is not None
@@ -349,7 +341,7 @@ def test_bytes_per_statement() -> None:
 def test_rows_per_minute_across_statements_with_a_sliding_window() -> None:
     clock = FakeClock(1000.0)
     limiter = Limiter(clock)
-    policy = LimitPolicy(max_rows_per_minute=100)
+    policy = LimitSettings(max_rows_per_minute=100)
     assert limiter.result_guard(STORE, TILL, policy).add(80, 0) is None
     clock.advance(10)
     second = limiter.result_guard(STORE, TILL, policy)
@@ -375,7 +367,7 @@ def test_rows_per_minute_across_statements_with_a_sliding_window() -> None:
 def test_retry_after_waits_only_for_as_much_as_is_needed() -> None:
     clock = FakeClock(1000.0)
     limiter = Limiter(clock)
-    policy = LimitPolicy(max_bytes_per_minute=1000)
+    policy = LimitSettings(max_bytes_per_minute=1000)
     for _ in range(4):
         assert limiter.result_guard(STORE, TILL, policy).add(1, 250) is None
         clock.advance(10)
@@ -389,7 +381,7 @@ def test_retry_after_waits_only_for_as_much_as_is_needed() -> None:
 
 def test_a_batch_bigger_than_the_minute_limit_is_not_retryable() -> None:
     limiter = Limiter(FakeClock())
-    hit = limiter.result_guard(STORE, TILL, LimitPolicy(max_bytes_per_minute=100)).add(1, 101)
+    hit = limiter.result_guard(STORE, TILL, LimitSettings(max_bytes_per_minute=100)).add(1, 101)
     assert hit is not None
     assert hit.retry_after is None
     assert "by a single batch; retrying will not help" in hit.message
@@ -397,7 +389,7 @@ def test_a_batch_bigger_than_the_minute_limit_is_not_retryable() -> None:
 
 def test_refused_minute_batches_are_not_counted() -> None:
     limiter = Limiter(FakeClock())
-    policy = LimitPolicy(max_rows_per_minute=10, max_bytes_per_minute=100)
+    policy = LimitSettings(max_rows_per_minute=10, max_bytes_per_minute=100)
     # Within the row limit, over the byte limit: neither is recorded.
     assert limiter.result_guard(STORE, TILL, policy).add(5, 101) is not None
     assert limiter.result_guard(STORE, TILL, policy).add(10, 100) is None
@@ -405,7 +397,7 @@ def test_refused_minute_batches_are_not_counted() -> None:
 
 def test_statement_limits_are_checked_before_minute_limits() -> None:
     limiter = Limiter(FakeClock())
-    policy = LimitPolicy(max_rows_per_statement=5, max_rows_per_minute=5)
+    policy = LimitSettings(max_rows_per_statement=5, max_rows_per_minute=5)
     hit = limiter.result_guard(STORE, TILL, policy).add(6, 0)
     assert hit is not None
     assert hit.limit == "rows per statement"
@@ -417,7 +409,7 @@ def test_statement_limits_are_checked_before_minute_limits() -> None:
 def test_pruning_drops_idle_full_buckets_of_ten_thousand_terminals() -> None:
     clock = FakeClock()
     limiter = Limiter(clock)
-    policy = LimitPolicy(statements=Rate(5, 10), store_statements=Rate(100, 100), max_rows_per_minute=1000)
+    policy = LimitSettings(statements=Rate(5, 10), store_statements=Rate(100, 100), max_rows_per_minute=1000)
     for number in range(10_000):
         terminal = f"till-{number:05}"
         assert limiter.statement(STORE, terminal, "cashier", policy) is None
@@ -426,7 +418,7 @@ def test_pruning_drops_idle_full_buckets_of_ten_thousand_terminals() -> None:
     assert limiter.state_size() > 10_000
     clock.advance(IDLE_STATE_SECONDS + 1)
     for _ in range(PRUNE_EVERY_OPERATIONS):
-        limiter.statement(STORE, TILL, "cashier", LimitPolicy(statements=Rate(1000, 1000)))
+        limiter.statement(STORE, TILL, "cashier", LimitSettings(statements=Rate(1000, 1000)))
     # Only the bucket in use is left.
     assert limiter.state_size() == 1
 
@@ -434,11 +426,11 @@ def test_pruning_drops_idle_full_buckets_of_ten_thousand_terminals() -> None:
 def test_pruning_keeps_buckets_that_are_still_refilling() -> None:
     clock = FakeClock()
     limiter = Limiter(clock)
-    slow = LimitPolicy(statements=Rate(0.001, 1))
+    slow = LimitSettings(statements=Rate(0.001, 1))
     assert limiter.statement(STORE, TILL, "cashier", slow) is None
     clock.advance(IDLE_STATE_SECONDS + 1)
     for _ in range(PRUNE_EVERY_OPERATIONS):
-        limiter.result_guard(STORE, TILL, LimitPolicy())
+        limiter.result_guard(STORE, TILL, LimitSettings())
     # Dropping it would hand out a token early.
     assert limiter.state_size() == 1
     assert limiter.statement(STORE, TILL, "cashier", slow) is not None
@@ -447,10 +439,10 @@ def test_pruning_keeps_buckets_that_are_still_refilling() -> None:
 def test_pruning_keeps_recently_used_buckets() -> None:
     clock = FakeClock()
     limiter = Limiter(clock)
-    policy = LimitPolicy(statements=Rate(1, 1))
+    policy = LimitSettings(statements=Rate(1, 1))
     assert limiter.statement(STORE, TILL, "cashier", policy) is None
     for _ in range(PRUNE_EVERY_OPERATIONS):
-        limiter.result_guard(STORE, TILL, LimitPolicy())
+        limiter.result_guard(STORE, TILL, LimitSettings())
     assert limiter.statement(STORE, TILL, "cashier", policy) is not None
 
 

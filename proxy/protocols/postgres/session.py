@@ -30,7 +30,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.identity import Identity, IdentityError, check_user_name, identify
-from proxy.limits import Limiter, LimitHit, LimitPolicy, resolve
+from proxy.limits import Limiter, LimitHit, LimitSettings, resolve
 from proxy.metrics import Metrics
 from proxy.policy.engine import Decision, PolicyEngine, StatementSummaries
 from proxy.policy.learn import ReviewLog
@@ -167,7 +167,7 @@ class ClientSession(asyncio.Protocol):
         self._stash = bytearray()
         self._pinned_by: str | None = None
         self._violations = 0
-        self._limits = LimitPolicy()
+        self._limits = LimitSettings()
         self._counted_connection = False
         self._statements_run = 0
         # Statement texts by prepared-statement and portal name, so executions can be audited.
