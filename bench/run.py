@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -51,7 +52,17 @@ POS_SCRIPT: Final = BENCH_DIR / "pos_sale.sql"
 DEFAULT_OUTPUT: Final = BENCH_DIR / "results" / "latest.json"
 LOGS_ROOT: Final = BENCH_DIR / "results" / "logs"
 
-CONFIGS: Final = ("direct", "pgbouncer", "proxy")
+ALL_CONFIGS: Final = ("direct", "pgbouncer", "proxy", "proxy-enforce", "proxy-full")
+DEFAULT_CONFIGS: Final = ("direct", "pgbouncer", "proxy")
+# pos-db-proxy variants: plain; + the cashier SQL policy in enforce mode; + audit log and admin/metrics.
+PROXY_VARIANTS: Final = ("proxy", "proxy-enforce", "proxy-full")
+# (column label, JSON key, numerator config, denominator config): ratios of median TPS.
+RATIOS: Final = (
+    ("proxy/pgb", "proxy_vs_pgbouncer", "proxy", "pgbouncer"),
+    ("proxy/direct", "proxy_vs_direct", "proxy", "direct"),
+    ("enforce/proxy", "enforce_vs_proxy", "proxy-enforce", "proxy"),
+    ("full/proxy", "full_vs_proxy", "proxy-full", "proxy"),
+)
 DB_NAME: Final = "pos"
 DB_ROLE: Final = "bench"
 STORE: Final = "bench"
@@ -71,6 +82,13 @@ IDLE_HANDSHAKE_CONCURRENCY: Final = 32
 IDLE_CONNECT_TIMEOUT: Final = 30.0
 IDLE_TOTAL_TIMEOUT: Final = 300.0
 IDLE_SETTLE_SECONDS: Final = 2.0
+AUDIT_KEY_BYTES: Final = 32
+AUDIT_VERIFY_TIMEOUT: Final = 600.0
+METRICS_TIMEOUT: Final = 10.0
+# The tables the workloads touch: pgbench's (pgbench -S reads pgbench_accounts) and the POS demo's.
+PGBENCH_TABLES: Final = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")
+POS_READ_TABLES: Final = ("products",)
+POS_WRITE_TABLES: Final = ("sales", "sale_items", "stock")
 PGBOUNCER_PREPARED_NA: Final = "PgBouncer 1.18 has no protocol-level prepared statements in transaction mode"
 
 
@@ -338,6 +356,9 @@ class Target:
     pid: int | None = None  # the process whose RSS the idle test measures
     log_path: Path | None = None
     unavailable: str | None = None
+    admin_port: int | None = None  # proxy-full: the admin listener (/metrics)
+    audit_file: Path | None = None  # proxy-full: the live audit log (rotated ones sit next to it)
+    audit_key: Path | None = None
 
 
 def direct_target(pg: LocalPostgres, pki: PKI, password: str) -> Target:
@@ -372,17 +393,49 @@ def _proxy_preexec() -> None:
     raise_nofile_limit()
 
 
+def bench_policy() -> dict[str, Any]:
+    """The cashier policy for proxy-enforce and proxy-full: exactly what the workloads run.
+
+    Statement kinds SELECT, INSERT and UPDATE; BEGIN and COMMIT are housekeeping (allowed by
+    default). pgbench's tables are read-only (the workloads only read pgbench_accounts); the POS
+    script reads products and writes sales, sale_items and stock (writable tables are readable).
+    """
+    return {
+        "mode": "enforce",
+        "search_path": ["public"],
+        "stacked_queries": False,
+        "allow": {
+            "kinds": ["SELECT", "INSERT", "UPDATE"],
+            "read": [*PGBENCH_TABLES, *POS_READ_TABLES],
+            "write": list(POS_WRITE_TABLES),
+            "update_without_where": False,
+        },
+        "fingerprints": [],
+    }
+
+
 def start_proxy(
     work: Path,
     logs: Path,
     *,
+    variant: str,
     pki: PKI,
     pg: LocalPostgres,
     password_file: Path,
     pool_size: int,
     stack: contextlib.ExitStack,
 ) -> Target:
+    """One pos-db-proxy process for ``variant`` (one of PROXY_VARIANTS), with its own config and log."""
+    if variant not in PROXY_VARIANTS:
+        raise BenchError(f"unknown proxy variant {variant!r}")
     port = free_port()
+    directory = work / variant
+    directory.mkdir(mode=0o700)
+    role: dict[str, Any] = {"description": "benchmark tills"}
+    if variant in ("proxy-enforce", "proxy-full"):
+        policy_path = directory / "cashier-policy.yaml"
+        policy_path.write_text(yaml.safe_dump(bench_policy(), sort_keys=False), encoding="utf-8")
+        role["policy"] = str(policy_path)
     config: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": port, "handshake_timeout": "10s", "startup_timeout": "15s"},
         "tls": {
@@ -391,7 +444,7 @@ def start_proxy(
             "client_ca": str(pki.terminal_ca),
             "crl": str(pki.terminal_crl),
         },
-        "roles": {TERMINAL_ROLE: {"description": "benchmark tills"}},
+        "roles": {TERMINAL_ROLE: role},
         "routes": {
             DB_NAME: {
                 "host": "127.0.0.1",
@@ -409,9 +462,22 @@ def start_proxy(
             }
         },
     }
-    config_path = work / "pos-proxy.yaml"
+    target = Target(variant, port, terminal_env(port, pki))
+    if variant == "proxy-full":
+        audit_dir = directory / "audit"
+        audit_dir.mkdir(mode=0o700)
+        key_path = directory / "audit.key"
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as key_file:
+            key_file.write(secrets.token_bytes(AUDIT_KEY_BYTES))
+        target.audit_file, target.audit_key = audit_dir / "audit.log", key_path
+        # allowed_statements 1.0 (the default, spelled out): every allowed statement is audited.
+        config["audit"] = {"file": str(target.audit_file), "key_file": str(key_path), "allowed_statements": 1.0}
+        target.admin_port = free_port()
+        config["admin"] = {"host": "127.0.0.1", "port": target.admin_port}
+    config_path = directory / "pos-proxy.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    log_path = logs / "proxy.log"
+    log_path = logs / f"{variant}.log"
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "proxy", "run", "--config", str(config_path), "--log-level", "warning"],
@@ -423,9 +489,12 @@ def start_proxy(
             start_new_session=True,  # Ctrl-C reaches us, and we stop the proxy in order
             preexec_fn=_proxy_preexec,  # noqa: PLW1509 -- no threads exist yet
         )
-    stack.callback(stop_process, process, "pos-db-proxy")
-    wait_for_port(port, process, "pos-db-proxy", log_path)
-    return Target("proxy", port, terminal_env(port, pki), pid=process.pid, log_path=log_path)
+    stack.callback(stop_process, process, variant)
+    wait_for_port(port, process, variant, log_path)
+    if target.admin_port is not None:
+        wait_for_port(target.admin_port, process, f"{variant} admin listener", log_path)
+    target.pid, target.log_path = process.pid, log_path
+    return target
 
 
 def find_pgbouncer(override: str | None = None) -> Path | None:
@@ -724,6 +793,104 @@ def idle_test(target: Target, pki: PKI, count: int) -> IdleResult:
         return IdleResult(target.name, count, error=repr(exc))
 
 
+# --------------------------------------------------------------------------- audit, metrics, logs
+
+
+def audit_files(live: Path) -> list[Path]:
+    """The audit log files oldest first: rotated ``audit.log.<UTC stamp>`` by name, then ``audit.log``."""
+    rotated = sorted(p for p in live.parent.glob(f"{live.name}.*") if p.is_file())
+    return [*rotated, *([live] if live.is_file() else [])]
+
+
+def verify_audit(target: Target, into: dict[str, Any]) -> None:
+    """``python -m proxy audit verify`` over the variant's audit files; the verdict goes into ``into``.
+
+    Runs after the proxy has stopped (so the log is closed), before the workspace is removed.
+    """
+    if target.audit_file is None or target.audit_key is None:
+        return
+    files = audit_files(target.audit_file)
+    into.update(
+        config=target.name,
+        files=[p.name for p in files],
+        bytes=sum(p.stat().st_size for p in files),
+        lines=sum(_count_lines(p) for p in files),
+    )
+    if not files:
+        into.update(ok=False, verdict="no audit log file was written")
+        return
+    argv = [sys.executable, "-m", "proxy", "audit", "verify", "--key", str(target.audit_key)]
+    try:
+        done = subprocess.run(
+            [*argv, *map(str, files)],
+            capture_output=True,
+            text=True,
+            cwd=str(REPO_ROOT),
+            env=client_env({}),
+            timeout=AUDIT_VERIFY_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        into.update(ok=False, verdict=f"audit verify did not finish within {AUDIT_VERIFY_TIMEOUT:.0f}s")
+        return
+    output = (done.stdout.strip() or done.stderr.strip() or "(no output)").splitlines()[-1]
+    into.update(ok=done.returncode == 0, returncode=done.returncode, verdict=output)
+
+
+def _count_lines(path: Path) -> int:
+    count = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            count += chunk.count(b"\n")
+    return count
+
+
+_METRICS_WANTED: Final = (
+    "pos_proxy_policy_decisions_total",
+    "pos_proxy_audit_records_total",
+    "pos_proxy_audit_write_errors_total",
+    "pos_proxy_statements_total",
+)
+
+
+def scrape_metrics(target: Target) -> dict[str, float] | str:
+    """The proxy-full counters the bench reports (summed per metric and label set), or an error."""
+    if target.admin_port is None or target.unavailable:
+        return "no admin listener"
+    url = f"http://127.0.0.1:{target.admin_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT) as response:  # noqa: S310 -- loopback
+            text = response.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"GET {url} failed: {exc!r}"
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(_METRICS_WANTED):
+            continue
+        name, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            found[name] = float(value)
+    return found
+
+
+def scan_log(path: Path | None) -> dict[str, int]:
+    """``level event`` -> count for the JSON lines of a proxy log; non-JSON lines count as ``raw``."""
+    counts: dict[str, int] = {}
+    if path is None or not path.is_file():
+        return counts
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                key = f"{entry.get('level', '?')} {entry.get('event', '?')}"
+            except (ValueError, AttributeError):
+                key = f"raw {line.strip()[:120]}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -736,13 +903,21 @@ class Cell:
     note: str | None = None
 
 
+def active_ratios(configs: Sequence[str]) -> list[tuple[str, str, str, str]]:
+    """The RATIOS whose two configurations are both being run."""
+    return [r for r in RATIOS if r[2] in configs and r[3] in configs]
+
+
 def summarize(
-    results: Sequence[RunResult], cases: Sequence[tuple[Workload, int]], targets: Mapping[str, Target]
+    results: Sequence[RunResult],
+    cases: Sequence[tuple[Workload, int]],
+    targets: Mapping[str, Target],
+    configs: Sequence[str],
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for workload, clients in cases:
         row: dict[str, Any] = {"workload": workload.name, "clients": clients}
-        for config in CONFIGS:
+        for config in configs:
             cell = Cell()
             target = targets[config]
             if target.unavailable:
@@ -759,9 +934,9 @@ def summarize(
                 lat = [r.latency_ms for r in good if r.latency_ms is not None]
                 cell.latency_ms = round(statistics.median(lat), 3) if lat else None
             row[config] = asdict(cell)
-        proxy, pgb, direct = (row[c]["tps"] for c in ("proxy", "pgbouncer", "direct"))
-        row["proxy_vs_pgbouncer"] = round(proxy / pgb, 3) if proxy and pgb else None
-        row["proxy_vs_direct"] = round(proxy / direct, 3) if proxy and direct else None
+        for _label, key, numerator, denominator in active_ratios(configs):
+            top, bottom = row[numerator]["tps"], row[denominator]["tps"]
+            row[key] = round(top / bottom, 3) if top and bottom else None
         rows.append(row)
     return rows
 
@@ -778,17 +953,18 @@ def _fmt_cell(cell: Mapping[str, Any]) -> tuple[str, str]:
     return tps, lat
 
 
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+def format_table(rows: Sequence[Mapping[str, Any]], configs: Sequence[str]) -> str:
+    ratios = active_ratios(configs)
     header = ["workload", "clients"]
-    for config in CONFIGS:
+    for config in configs:
         header += [f"{config} tps", f"{config} ms"]
-    header += ["proxy/pgb", "proxy/direct"]
+    header += [label for label, *_ in ratios]
     body: list[list[str]] = []
     for row in rows:
         line = [row["workload"], str(row["clients"])]
-        for config in CONFIGS:
+        for config in configs:
             line += list(_fmt_cell(row[config]))
-        for key in ("proxy_vs_pgbouncer", "proxy_vs_direct"):
+        for _label, key, *_ in ratios:
             line.append(f"{row[key]:.2f}x" if row[key] is not None else "n/a")
         body.append(line)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]

@@ -191,47 +191,37 @@ class ClientStatements:
                 self.by_name[bytes(source[body_start:name_end])] = parsed
                 if not self._prepare(parsed, server, out, Reply.FORWARD):
                     expect(Expected(_EXPECT_PARSE, Reply.SYNTHETIC, _PARSE_COMPLETE))
-            elif kind == 0x42:  # 'B' Bind: portal name, then statement name
-                portal_end = _cstring_end(source, body_start, end)
-                name_end = _cstring_end(source, portal_end + 1, end)
-                statement = self._named(source, portal_end + 1, name_end)
-                if statement is None and name_end > portal_end + 1:
-                    flush_run(start)
-                    self._refuse_unknown(bytes(source[portal_end + 1 : name_end]), out, expect)
-                    continue
-                if statement is None:
+            elif kind in _NAMING_MESSAGES:
+                if kind == 0x42:  # Bind: portal name, then statement name
+                    name_start = _cstring_end(source, body_start, end) + 1
+                elif end > body_start and source[body_start] == 0x53:  # Describe/Close 'S' + name
+                    name_start = body_start + 1
+                else:  # of a portal: nothing to rename
+                    name_start = -1
+                name_end = _cstring_end(source, name_start, end) if name_start > 0 else name_start
+                answer = _EXPECT_BIND if kind == 0x42 else _EXPECT_DESCRIBE if kind == 0x44 else _EXPECT_CLOSE
+                if name_end <= name_start:  # a portal or the unnamed statement
                     run_start = start if run_start < 0 else run_start
-                else:
-                    flush_run(start)
-                    self._prepare(statement, server, out, Reply.DROP)
-                    head = bytes(source[body_start : portal_end + 1])
-                    out.append(
-                        m.build_message(b"B", head + statement.server_name + bytes(source[name_end:end]))
-                    )
-                expect(Expected(_EXPECT_BIND))
-            elif kind in _DESCRIBE_OR_CLOSE:
-                is_statement = end > body_start and source[body_start] == 0x53  # 'S'
-                name_end = _cstring_end(source, body_start + 1, end)
-                named = is_statement and name_end > body_start + 1
-                if kind == 0x43 and named:
+                    expect(Expected(answer))
+                    continue
+                flush_run(start)
+                name = bytes(source[name_start:name_end])
+                if kind == 0x43:
                     # Closing a named statement only forgets the client's name: the server-side
                     # statement stays for others. Closing an unknown name is no error (55.7 Close).
-                    flush_run(start)
-                    self.by_name.pop(bytes(source[body_start + 1 : name_end]), None)
+                    self.by_name.pop(name, None)
                     expect(Expected(_EXPECT_CLOSE, Reply.SYNTHETIC, _CLOSE_COMPLETE))
                     continue
-                statement = self._named(source, body_start + 1, name_end) if named else None
-                if statement is None and named:
-                    flush_run(start)
-                    self._refuse_unknown(bytes(source[body_start + 1 : name_end]), out, expect)
-                    continue
+                statement = self.by_name.get(name)
                 if statement is None:
-                    run_start = start if run_start < 0 else run_start
-                else:
-                    flush_run(start)
-                    self._prepare(statement, server, out, Reply.DROP)
-                    out.append(m.build_message(b"D", b"S" + statement.server_name + b"\x00"))
-                expect(Expected(_EXPECT_DESCRIBE if kind == 0x44 else _EXPECT_CLOSE))
+                    self._refuse_unknown(name, out, expect)
+                    continue
+                self._prepare(statement, server, out, Reply.DROP)
+                renamed = (
+                    bytes(source[body_start:name_start]) + statement.server_name + bytes(source[name_end:end])
+                )
+                out.append(m.build_message(bytes((kind,)), renamed))
+                expect(Expected(answer))
             else:
                 run_start = start if run_start < 0 else run_start
                 if kind == 0x45:  # 'E' Execute
@@ -258,9 +248,6 @@ class ClientStatements:
             Refusal(_UNDEFINED_STATEMENT, f'prepared statement "{label}" does not exist'), out, expect
         )
 
-    def _named(self, source: bytes | bytearray, start: int, end: int) -> Statement | None:
-        return self.by_name.get(bytes(source[start:end])) if end > start else None
-
     def _prepare(self, statement: Statement, server: ServerState, out: list[bytes], reply: Reply) -> bool:
         """Add a Parse for ``statement`` unless the server has it; return whether one was added."""
         statements = server.statements
@@ -279,7 +266,8 @@ class ClientStatements:
 
 _UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
 _CYCLE_ENDERS = frozenset(b"SQF")  # Sync, Query, FunctionCall: each gets one ReadyForQuery
-_DESCRIBE_OR_CLOSE = frozenset(b"DC")
+# Bind, Describe and Close name a prepared statement the proxy may have to rename.
+_NAMING_MESSAGES = frozenset(b"BDC")
 
 
 def filter_server_messages(
