@@ -472,7 +472,11 @@ def start_proxy(
             key_file.write(secrets.token_bytes(AUDIT_KEY_BYTES))
         target.audit_file, target.audit_key = audit_dir / "audit.log", key_path
         # allowed_statements 1.0 (the default, spelled out): every allowed statement is audited.
-        config["audit"] = {"file": str(target.audit_file), "key_file": str(key_path), "allowed_statements": 1.0}
+        config["audit"] = {
+            "file": str(target.audit_file),
+            "key_file": str(key_path),
+            "allowed_statements": 1.0,
+        }
         target.admin_port = free_port()
         config["admin"] = {"host": "127.0.0.1", "port": target.admin_port}
     config_path = directory / "pos-proxy.yaml"
@@ -837,6 +841,17 @@ def verify_audit(target: Target, into: dict[str, Any]) -> None:
     into.update(ok=done.returncode == 0, returncode=done.returncode, verdict=output)
 
 
+def verify_audit_of(targets: Mapping[str, Target], name: str, into: dict[str, Any]) -> None:
+    """A clean-up callback: verify_audit when ``name`` was started; a failure is recorded, not raised."""
+    target = targets.get(name)
+    if target is None:
+        return
+    try:
+        verify_audit(target, into)
+    except OSError as exc:
+        into.update(config=name, ok=False, verdict=f"could not verify: {exc!r}")
+
+
 def _count_lines(path: Path) -> int:
     count = 0
     with path.open("rb") as fh:
@@ -859,7 +874,7 @@ def scrape_metrics(target: Target) -> dict[str, float] | str:
         return "no admin listener"
     url = f"http://127.0.0.1:{target.admin_port}/metrics"
     try:
-        with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT) as response:  # noqa: S310 -- loopback
+        with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT) as response:
             text = response.read().decode("utf-8", "replace")
     except OSError as exc:
         return f"GET {url} failed: {exc!r}"
@@ -1011,6 +1026,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS), help="subset to run"
     )
     parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(ALL_CONFIGS),
+        default=list(DEFAULT_CONFIGS),
+        help="configurations to run (default: direct pgbouncer proxy)",
+    )
+    parser.add_argument(
         "--pool-size", type=int, default=20, help="proxy and PgBouncer pool size (default 20)"
     )
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default 10)")
@@ -1030,6 +1052,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--duration, --rounds, --pool-size and --scale must be at least 1")
     if any(c < 1 for c in args.clients) or args.idle < 0 or args.warmup < 0:
         parser.error("--clients must be positive; --idle and --warmup must not be negative")
+    # Table order, whatever order they were given in; each configuration once.
+    args.configs = [c for c in ALL_CONFIGS if c in args.configs]
     return args
 
 
@@ -1072,6 +1096,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[RunResult] = []
     idle: list[IdleResult] = []
     targets: dict[str, Target] = {}
+    configs: list[str] = args.configs
+    audit_verdict: dict[str, Any] = {}
+    metrics: dict[str, float] | str | None = None
     interrupted = False
     with workspace() as work, contextlib.ExitStack() as stack:
         try:
@@ -1084,36 +1111,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("starting PostgreSQL 15 (TLS, max_connections 300)")
             pg = start_postgres(work, pki, password, stack)
             stack.callback(_save_pg_log, pg, logs)
-            targets["direct"] = direct_target(pg, pki, password)
+            direct = direct_target(pg, pki, password)
+            if "direct" in configs:
+                targets["direct"] = direct
             log(f"pgbench -i -s {args.scale} directly against PostgreSQL; POS tables")
-            init = pgbench.run(targets["direct"], ["-i", "-s", str(args.scale), "-q"], timeout=900)
+            init = pgbench.run(direct, ["-i", "-s", str(args.scale), "-q"], timeout=900)
             if init.returncode != 0:
                 raise BenchError(f"pgbench -i failed:\n{init.stderr[-2000:]}")
             branches = pg.psql("SELECT count(*) FROM pgbench_branches", dbname=DB_NAME).strip()
             if branches != str(args.scale):
                 raise BenchError(f"pgbench -i left {branches!r} branches, expected {args.scale}")
             pg.execute_script(pos_schema_sql(), dbname=DB_NAME)
-            log(f"starting PgBouncer (transaction pooling, pool {args.pool_size})")
-            targets["pgbouncer"] = start_pgbouncer(
-                work,
-                logs,
-                pki=pki,
-                pg=pg,
-                password=password,
-                pool_size=args.pool_size,
-                stack=stack,
-                binary_override=args.pgbouncer,
-            )
-            if targets["pgbouncer"].unavailable:
-                log(f"PgBouncer n/a: {targets['pgbouncer'].unavailable}")
-            log(f"starting pos-db-proxy (transaction pooling, pool {args.pool_size})")
-            targets["proxy"] = start_proxy(
-                work, logs, pki=pki, pg=pg, password_file=password_file, pool_size=args.pool_size, stack=stack
-            )
+            if "pgbouncer" in configs:
+                log(f"starting PgBouncer (transaction pooling, pool {args.pool_size})")
+                targets["pgbouncer"] = start_pgbouncer(
+                    work,
+                    logs,
+                    pki=pki,
+                    pg=pg,
+                    password=password,
+                    pool_size=args.pool_size,
+                    stack=stack,
+                    binary_override=args.pgbouncer,
+                )
+                if targets["pgbouncer"].unavailable:
+                    log(f"PgBouncer n/a: {targets['pgbouncer'].unavailable}")
+            for variant in (v for v in PROXY_VARIANTS if v in configs):
+                log(f"starting pos-db-proxy as {variant} (transaction pooling, pool {args.pool_size})")
+                if variant == "proxy-full":
+                    # Registered before the proxy's stop, so it runs after it: the log is closed then.
+                    stack.callback(verify_audit_of, targets, "proxy-full", audit_verdict)
+                targets[variant] = start_proxy(
+                    work,
+                    logs,
+                    variant=variant,
+                    pki=pki,
+                    pg=pg,
+                    password_file=password_file,
+                    pool_size=args.pool_size,
+                    stack=stack,
+                )
             warm_up(pgbench, targets, args.warmup)
             run_rounds(pgbench, targets, cases, args, results)
+            if "proxy-full" in targets:
+                metrics = scrape_metrics(targets["proxy-full"])
             if args.idle:
                 for name in ("proxy", "pgbouncer"):
+                    if name not in targets:
+                        continue
                     if not targets[name].unavailable:
                         log(f"idle test: {args.idle} TLS connections through {name}")
                     idle.append(idle_test(targets[name], pki, args.idle))
@@ -1124,11 +1169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            log("stopping proxy, PgBouncer and PostgreSQL")
+            log("stopping the proxies, PgBouncer and PostgreSQL (then verifying the audit log)")
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if not targets:
         return 130 if interrupted else 1
-    rows = summarize(results, cases, _complete_targets(targets))
+    rows = summarize(results, cases, _complete_targets(targets, configs), configs)
+    log_scan = {name: scan_log(t.log_path) for name, t in targets.items() if name in PROXY_VARIANTS}
     report = build_report(
         args,
         revision=revision,
@@ -1139,6 +1185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs=logs,
         interrupted=interrupted,
     )
+    report.update(audit_verify=audit_verdict or None, proxy_full_metrics=metrics, proxy_logs=log_scan)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print()
@@ -1148,24 +1195,59 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"pgbench -j 2 -T {args.duration} -n, {args.rounds} round(s), median of rounds; "
         f"pool size {args.pool_size}; tps and avg latency (ms)"
     )
-    print(format_table(rows))
+    print(format_table(rows, configs))
+    overall = overall_ratios(rows, configs)
+    if overall:
+        print()
+        print("Median TPS ratios over all rows: " + ", ".join(f"{k} {v:.2f}x" for k, v in overall.items()))
+    if audit_verdict:
+        print()
+        files = audit_verdict.get("files", [])
+        print(
+            f"Audit log ({audit_verdict.get('config')}): {len(files)} file(s) {' '.join(files)}, "
+            f"{audit_verdict.get('lines', '?')} lines, {audit_verdict.get('bytes', 0) / 1e6:.1f} MB"
+        )
+        print(f"  python -m proxy audit verify: {audit_verdict.get('verdict', '(not run)')}")
+    if metrics is not None:
+        print()
+        print("proxy-full /metrics at the end of the rounds:")
+        if isinstance(metrics, str):
+            print(f"  {metrics}")
+        else:
+            print("\n".join(f"  {name} {value:g}" for name, value in sorted(metrics.items())))
+    if log_scan:
+        print()
+        print("Proxy logs (level event: count):")
+        for name, counts in log_scan.items():
+            summary = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) or "empty"
+            print(f"  {name}: {summary}")
     if idle:
         print()
         print("Idle TLS terminal connections (process RSS from /proc/PID/status):")
         print(format_idle(idle))
-    notes = _notes(rows, targets)
+    notes = _notes(rows, configs)
     if notes:
         print()
         print("\n".join(notes))
     print()
     print(f"JSON: {args.output}")
-    print(f"logs: {logs} (proxy.log, pgbouncer.log, postgresql.log, pgbench-failures.log)")
+    print(f"logs: {logs} (proxy*.log, pgbouncer.log, postgresql.log, pgbench-failures.log)")
     return 130 if interrupted else 0
 
 
-def _complete_targets(targets: Mapping[str, Target]) -> dict[str, Target]:
-    """Every config, with never-started ones marked unavailable (after an early interrupt)."""
-    return {name: targets.get(name) or Target(name, 0, {}, unavailable="not started") for name in CONFIGS}
+def _complete_targets(targets: Mapping[str, Target], configs: Sequence[str]) -> dict[str, Target]:
+    """Every selected config, with never-started ones marked unavailable (after an early interrupt)."""
+    return {name: targets.get(name) or Target(name, 0, {}, unavailable="not started") for name in configs}
+
+
+def overall_ratios(rows: Sequence[Mapping[str, Any]], configs: Sequence[str]) -> dict[str, float]:
+    """Per ratio column: the median of the per-row ratios (rows where both medians exist)."""
+    overall: dict[str, float] = {}
+    for label, key, *_ in active_ratios(configs):
+        values = [row[key] for row in rows if row.get(key) is not None]
+        if values:
+            overall[label] = round(statistics.median(values), 3)
+    return overall
 
 
 def _save_pg_log(pg: LocalPostgres, logs: Path) -> None:
@@ -1200,8 +1282,9 @@ def run_rounds(
     """Run every case against every config, round by round, appending to ``results`` as it goes."""
     for round_no in range(1, args.rounds + 1):
         # Rotate the config order each round so no config always runs right after another.
-        shift = (round_no - 1) % len(CONFIGS)
-        order = CONFIGS[shift:] + CONFIGS[:shift]
+        configs = list(targets)
+        shift = (round_no - 1) % len(configs)
+        order = configs[shift:] + configs[:shift]
         for workload, clients in cases:
             for config in order:
                 target = targets[config]
@@ -1219,16 +1302,16 @@ def run_rounds(
                 log(f"round {round_no}/{args.rounds} {workload.name} c={clients} {config}: {outcome}")
 
 
-def _notes(rows: Sequence[Mapping[str, Any]], targets: Mapping[str, Target]) -> list[str]:
+def _notes(rows: Sequence[Mapping[str, Any]], configs: Sequence[str]) -> list[str]:
     notes: list[str] = []
     seen: set[str] = set()
     for row in rows:
-        for config in CONFIGS:
+        for config in configs:
             note = row[config]["note"]
             if note and note not in seen:
                 seen.add(note)
                 notes.append(f"n/a {config}: {note}")
-    if any(row[c]["errors"] for row in rows for c in CONFIGS):
+    if any(row[c]["errors"] for row in rows for c in configs):
         notes.append("ERR: pgbench failed in some runs; see pgbench-failures.log")
     return notes
 
@@ -1254,6 +1337,7 @@ def build_report(
             "rounds": args.rounds,
             "clients": args.clients,
             "workloads": args.workloads,
+            "configs": args.configs,
             "pool_size": args.pool_size,
             "scale": args.scale,
             "warmup": args.warmup,
@@ -1273,6 +1357,7 @@ def build_report(
             name: {"unavailable": t.unavailable, "log": str(t.log_path) if t.log_path else None}
             for name, t in targets.items()
         },
+        "policy": bench_policy() if {"proxy-enforce", "proxy-full"} & set(targets) else None,
         "summary": list(rows),
         "runs": [asdict(r) for r in results],
         "idle_memory": [asdict(r) for r in idle],

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 import psycopg
@@ -88,3 +89,28 @@ def test_new_connections_per_source_address_are_slowed_before_tls(
     # The readiness probe of start_proxy used one token already.
     assert accepted <= 2
     assert refused >= 3
+
+
+def test_result_size_guard_cuts_a_bulk_read_and_cancels_it_on_the_server(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, pg_cluster: Any
+) -> None:
+    proxy = start_proxy(roles={"cashier": {"limits": {"max_rows_per_statement": 100}}})
+    with psycopg.connect(
+        **proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True
+    ) as connection:
+        assert len(connection.execute("SELECT g FROM generate_series(1, 100) AS g").fetchall()) == 100
+        with pytest.raises(psycopg.errors.ConfigurationLimitExceeded) as raised:
+            # A slow, endless producer: only the cancel on the server ends it in time.
+            connection.execute("SELECT g, pg_sleep(0.001) FROM generate_series(1, 1000000) AS g").fetchall()
+        assert "rows per statement" in str(raised.value) or "row" in str(raised.value)
+        assert connection.execute("SELECT 'still usable'").fetchone() == ("still usable",)
+    record = proxy.wait_for_event("cancel_forwarded", from_source="result-size guard")
+    assert record["terminal"] == "till-01"
+    with psycopg.connect(
+        **pg_cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True
+    ) as admin:
+        running = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%generate_series(1, 1000000)%' "
+            "AND state = 'active' AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert running == (0,)

@@ -45,6 +45,7 @@ from proxy.protocols.postgres.parameters import (
 )
 from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, take_ready_synthetics
 from proxy.protocols.postgres.refusal import Refusal
+from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.sessionstate import Effect, SessionStateClassifier
 from proxy.protocols.postgres.upstream import (
     InternalQueryFailed,
@@ -169,6 +170,7 @@ class ClientSession(asyncio.Protocol):
         self._violations = 0
         self._limits = LimitSettings()
         self._counted_connection = False
+        self._result_watch: ResultWatch | None = None
         self._statements_run = 0
         # Statement texts by prepared-statement and portal name, so executions can be audited.
         self._parsed_texts: dict[bytes, bytes] = {}
@@ -403,7 +405,24 @@ class ClientSession(asyncio.Protocol):
             self._fail(TooManyConnections(hit.message), reason=hit.limit)
             return False
         self._counted_connection = True
+        limits = self._limits
+        if (
+            limits.max_rows_per_statement
+            or limits.max_bytes_per_statement
+            or limits.max_rows_per_minute
+            or limits.max_bytes_per_minute
+        ):
+            limiter = self._env.limiter
+            self._result_watch = ResultWatch(
+                lambda: limiter.result_guard(identity.store, identity.terminal, limits),
+                self._result_limit_hit,
+            )
         return True
+
+    def _result_limit_hit(self, hit: LimitHit) -> None:
+        """Too many rows or bytes: stop the statement on the server; the rest is cut off."""
+        self._limit_hit(hit)
+        self.cancel_current_query("result-size guard")
 
     def _limit_hit(self, hit: LimitHit) -> None:
         self._env.metrics.limit_hits_total.labels(hit.limit).inc()
@@ -433,6 +452,7 @@ class ClientSession(asyncio.Protocol):
         if self._transport is None or self._state is _State.CLOSED:
             return
         server.attach(self)
+        server.result_watch = self._result_watch
         if self._state is _State.CONNECTING:
             self._answer_startup(server.reported, server.id)
             if route.transaction_pooling and not self._stash:
@@ -513,6 +533,7 @@ class ClientSession(asyncio.Protocol):
             if idle is not None and not self._parameters.changes_for(idle):
                 self._server = idle
                 idle.attach(self)
+                idle.result_watch = self._result_watch
                 self._send(chunk, frames)
                 return
             if idle is not None:

@@ -17,6 +17,7 @@ from proxy.config import RouteConfig
 from proxy.errors import ProtocolViolation, ProxyError
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.prepared import ServerState, ServerStatements, filter_server_messages
+from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.startup import UpstreamHandshake, UpstreamRefused
 
 log = structlog.get_logger("pos_proxy.upstream")
@@ -79,6 +80,8 @@ class ServerConnection(asyncio.Protocol):
         # A cancel was sent for this connection: it may still land, so never lend it again.
         self.cancel_requested = False
         self.state = ServerState(ServerStatements(route.pool.max_prepared_statements))
+        # The attached client's result-size guard, when its limits have one.
+        self.result_watch: ResultWatch | None = None
         self.closed = False
         self._on_closed = on_closed
         self._transport: asyncio.Transport | None = None
@@ -172,6 +175,8 @@ class ServerConnection(asyncio.Protocol):
 
     def _pass_on(self, peer: ServerPeer, buffer: bytes | bytearray, frames: list[m.Frame]) -> None:
         """Give the client what it must see of these messages, following state on the way."""
+        if self.result_watch is not None:
+            buffer, frames = self.result_watch.apply(buffer, frames)
         out, status, parameters = filter_server_messages(buffer, frames, self.state)
         for payload in parameters:
             name, value = m.parse_parameter_status(payload)
@@ -264,6 +269,7 @@ class ServerConnection(asyncio.Protocol):
 
     def detach(self) -> None:
         self._peer = None
+        self.result_watch = None
         self.idle_since = time.monotonic()
         if self._transport is not None and not self.closed:
             self._transport.resume_reading()
