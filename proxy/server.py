@@ -134,6 +134,7 @@ class ProxyServer:
         self._stopped = asyncio.Event()
         self.admin: AdminServer | None = None
         self._reported_hits = self._reported_misses = 0
+        self._reported_audit = (0, 0)
         self._source_limiter = SourceRateLimiter(config.limits.source_connections)
         self._readiness: tuple[float, bool, dict[str, Any]] | None = None
 
@@ -275,6 +276,11 @@ class ProxyServer:
         cache.labels("hit").inc(statements.hits - self._reported_hits)
         cache.labels("miss").inc(statements.misses - self._reported_misses)
         self._reported_hits, self._reported_misses = statements.hits, statements.misses
+        if self.audit is not None:
+            written, errors = self.audit.written, self.audit.write_errors
+            metrics.audit_records_total.inc(written - self._reported_audit[0])
+            metrics.audit_write_errors_total.inc(errors - self._reported_audit[1])
+            self._reported_audit = (written, errors)
         return metrics.render()
 
     def _rebuild_routes(self, config: Config) -> dict[str, Route]:

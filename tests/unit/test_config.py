@@ -289,7 +289,7 @@ def test_unknown_top_level_key(base: Path) -> None:
     data["lissen"] = {}
     assert problems(data, base) == [
         "lissen: unknown key (expected one of: "
-        "listen, tls, identity, roles, pool, routes, policy, admin, limits)"
+        "listen, tls, identity, roles, pool, routes, policy, admin, limits, audit)"
     ]
 
 
@@ -653,7 +653,7 @@ def test_yaml_merge_keys_may_override(base: Path) -> None:
     # The anchor holder is an unknown key, but the merge itself was accepted.
     assert [str(problem) for problem in caught.value.problems] == [
         "x-route: unknown key (expected one of: "
-        "listen, tls, identity, roles, pool, routes, policy, admin, limits)"
+        "listen, tls, identity, roles, pool, routes, policy, admin, limits, audit)"
     ]
 
 
