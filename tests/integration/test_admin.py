@@ -71,6 +71,7 @@ def test_metrics_move_with_sessions_and_statements(
         assert 'pos_proxy_server_connections_opened_total{route="pos"}' in text
         assert 'pos_proxy_pool_server_connections{route="pos",state="idle"}' in text
         assert "pos_proxy_build_info" in text
+        assert 'pos_proxy_statement_seconds_count{role="cashier"} 3.0' in text
         assert "till-01" not in text and "store-001" not in text  # no per-terminal series
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(**proxy.conninfo(None, terminal_pki.ca)).close()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
+from prometheus_client import Histogram
 
 from proxy.audit import AuditLog
 from proxy.config import Config, PoolMode, RouteConfig, SessionStateAction
@@ -171,6 +172,8 @@ class ClientSession(asyncio.Protocol):
         self._limits = LimitSettings()
         self._counted_connection = False
         self._result_watch: ResultWatch | None = None
+        self._cycle_started = 0.0
+        self._latency: Histogram | None = None
         self._statements_run = 0
         # Statement texts by prepared-statement and portal name, so executions can be audited.
         self._parsed_texts: dict[bytes, bytes] = {}
@@ -277,6 +280,12 @@ class ClientSession(asyncio.Protocol):
     def server_parameter(self, name: str, value: str) -> None:
         if self._parameters is not None:
             self._parameters.note_reported(name, value)
+
+    def server_ready(self) -> None:
+        """A ReadyForQuery: the statements sent since the server was last ready are done."""
+        if self._cycle_started and self._latency is not None:
+            self._latency.observe(time.perf_counter() - self._cycle_started)
+            self._cycle_started = 0.0
 
     def server_idle(self) -> None:
         """The server finished everything asked of it outside a transaction: lend it back."""
@@ -488,6 +497,7 @@ class ClientSession(asyncio.Protocol):
         metrics = self._env.metrics
         metrics.client_connections_total.labels(self._role).inc()
         metrics.client_connections_active.labels(self._role).inc()
+        self._latency = metrics.statement_seconds.labels(self._role)
         self._audit("connection_accepted", "success", **self._tls_fields())
         log.info("session_start", **self._log_fields(), server_connection=server_id)
 
@@ -546,6 +556,8 @@ class ClientSession(asyncio.Protocol):
     def _send(self, chunk: bytes, frames: list[m.Frame]) -> None:
         server = self._server
         assert server is not None
+        if not self._cycle_started:
+            self._cycle_started = time.perf_counter()
         refusals, forget_at = self._check_statements(chunk, frames)
         server.send(self._statements.rewrite(chunk, frames, server.state, refusals, forget_at), frames)
         synthetic = take_ready_synthetics(server.state)

@@ -53,6 +53,8 @@ class ServerPeer(Protocol):
 
     def server_parameter(self, name: str, value: str) -> None: ...
 
+    def server_ready(self) -> None: ...
+
     def server_idle(self) -> None: ...
 
     def server_lost(self, reason: str) -> None: ...
@@ -187,6 +189,7 @@ class ServerConnection(asyncio.Protocol):
             peer.server_data(out)
         if status is not None:
             self.transaction_status = status
+            peer.server_ready()
             if self.is_clean and self._peer is peer:
                 peer.server_idle()
 
