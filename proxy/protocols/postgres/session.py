@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from proxy.audit import AuditLog
 from proxy.config import Config, PoolMode, RouteConfig, SessionStateAction
@@ -174,6 +174,7 @@ class ClientSession(asyncio.Protocol):
         self._result_watch: ResultWatch | None = None
         self._cycle_started = 0.0
         self._latency: Histogram | None = None
+        self._decision_counters: dict[tuple[str, bool], tuple[Counter, Counter]] = {}
         self._statements_run = 0
         # Statement texts by prepared-statement and portal name, so executions can be audited.
         self._parsed_texts: dict[bytes, bytes] = {}
@@ -627,10 +628,17 @@ class ClientSession(asyncio.Protocol):
 
     def _apply_policy(self, decision: Decision, start: int, refusals: dict[int, Refusal]) -> None:
         mode = self._policy_mode
-        metrics = self._env.metrics
-        metrics.policy_decisions_total.labels(self._role, decision.rule).inc()
-        enforced = decision.allowed or mode is not PolicyMode.ENFORCE
-        metrics.statements_total.labels(self._role, "allowed" if enforced else "refused").inc()
+        allowed = decision.allowed or mode is not PolicyMode.ENFORCE
+        counters = self._decision_counters.get((decision.rule, allowed))
+        if counters is None:
+            # labels() looks the child up under a lock: once per session and outcome is enough.
+            metrics = self._env.metrics
+            counters = self._decision_counters[(decision.rule, allowed)] = (
+                metrics.policy_decisions_total.labels(self._role, decision.rule),
+                metrics.statements_total.labels(self._role, "allowed" if allowed else "refused"),
+            )
+        for counter in counters:
+            counter.inc()
         if decision.allowed:
             if mode is PolicyMode.LEARN and decision.rule != "housekeeping":
                 self._learn(decision)
