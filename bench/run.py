@@ -37,6 +37,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final
@@ -294,40 +295,18 @@ def make_pki(directory: Path) -> PKI:
 
 
 def pos_schema_sql() -> str:
-    """The demo's POS tables (proxy/data/demo_schema.sql) with enough rows to spread the writes."""
+    """The demo's POS schema (proxy/data/demo_schema.sql) plus enough rows to spread the writes."""
+    schema = resources.files("proxy").joinpath("data/demo_schema.sql").read_text(encoding="utf-8")
     return f"""
 SET ROLE {DB_ROLE};
-CREATE TABLE products (
-    sku         text PRIMARY KEY,
-    name        text NOT NULL,
-    price_cents integer NOT NULL CHECK (price_cents >= 0)
-);
-CREATE TABLE stock (
-    store_id text NOT NULL,
-    sku      text NOT NULL REFERENCES products (sku),
-    quantity integer NOT NULL,
-    PRIMARY KEY (store_id, sku)
-);
-CREATE TABLE sales (
-    id          bigserial PRIMARY KEY,
-    store_id    text NOT NULL,
-    terminal_id text NOT NULL,
-    total_cents integer NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE sale_items (
-    sale_id     bigint NOT NULL REFERENCES sales (id),
-    sku         text NOT NULL REFERENCES products (sku),
-    quantity    integer NOT NULL CHECK (quantity > 0),
-    price_cents integer NOT NULL,
-    PRIMARY KEY (sale_id, sku)
-);
+{schema}
 INSERT INTO products (sku, name, price_cents)
 SELECT lpad(i::text, 13, '0'), 'Product ' || i, 50 + (i * 37) % 2000
 FROM generate_series(1, {POS_PRODUCTS}) AS i;
 INSERT INTO stock (store_id, sku, quantity)
 SELECT 'store-' || lpad(s::text, 3, '0'), p.sku, 1000000
-FROM products AS p CROSS JOIN generate_series(1, {POS_STORES}) AS s;
+FROM products AS p CROSS JOIN generate_series(1, {POS_STORES}) AS s
+ON CONFLICT DO NOTHING;
 RESET ROLE;
 VACUUM ANALYZE products, stock, sales, sale_items;
 """
