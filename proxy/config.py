@@ -176,6 +176,8 @@ class ListenConfig:
     startup_timeout: float = 15.0
     """Time a terminal gets to finish TLS and its startup packet."""
     max_message_size: int = 16 * 2**20
+    # On SIGTERM, how long transactions in flight may take to finish before sessions are cut.
+    drain_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -794,6 +796,7 @@ def _parse_listen(section: _Section) -> ListenConfig:
             _in_range(parse_size, "a size in bytes", minimum=1024, maximum=2**31 - 1),
             default.max_message_size,
         ),
+        drain_timeout=section.read("drain_timeout", _positive_duration, default.drain_timeout),
     )
 
 

@@ -34,6 +34,7 @@ from proxy.protocols.postgres.upstream import (
     connect_server,
     open_socket,
 )
+from proxy.sdnotify import Notifier
 from proxy.tlsconfig import revoked_serials, terminal_context, upstream_context
 
 log = structlog.get_logger("pos_proxy.server")
@@ -135,6 +136,9 @@ class ProxyServer:
         self.admin: AdminServer | None = None
         self._reported_hits = self._reported_misses = 0
         self._reported_audit = (0, 0)
+        self._draining = False
+        self._drain_cut = asyncio.Event()
+        self._notifier = Notifier()
         self._source_limiter = SourceRateLimiter(config.limits.source_connections)
         self._readiness: tuple[float, bool, dict[str, Any]] | None = None
 
@@ -159,6 +163,9 @@ class ProxyServer:
             self.admin = AdminServer(self, AdminListener(admin.host, admin.port, token))
             await self.admin.start()
         log.info("listening", host=self.address[0], port=self.address[1], routes=sorted(self.routes))
+        self._notifier.ready(f"serving on {self.address[0]}:{self.address[1]}")
+        if self._notifier.watchdog_interval is not None:
+            self._spawn(self._watchdog_loop(self._notifier.watchdog_interval))
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -171,6 +178,13 @@ class ProxyServer:
 
     def reload(self, trigger: str) -> bool:
         """Re-read the config file; apply it to new connections, or keep the old one whole."""
+        self._notifier.reloading()
+        try:
+            return self._reload(trigger)
+        finally:
+            self._notifier.ready(f"serving; last reload by {trigger}")
+
+    def _reload(self, trigger: str) -> bool:
         source = self.config.source
         try:
             if source is None:
@@ -308,7 +322,11 @@ class ProxyServer:
 
     def _on_stop_signal(self, signum: int) -> None:
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
-        self._spawn(self.shutdown())
+        if self._draining:
+            # The second signal: no more waiting for transactions.
+            self._drain_cut.set()
+            return
+        self._spawn(self.shutdown(drain=self.config.listen.drain_timeout))
 
     def _flush_review(self) -> None:
         review = self._environment.review
@@ -319,11 +337,24 @@ class ProxyServer:
         except OSError as exc:
             log.error("review_file_write_failed", path=str(review.path), error=str(exc))
 
-    async def shutdown(self) -> None:
-        """Stop accepting, end every session with 57P01, close the pools."""
+    async def shutdown(self, drain: float = 0.0) -> None:
+        """Stop accepting; end idle sessions with 57P01 at once and the others when their
+        transaction is over, for up to ``drain`` seconds; close the pools; flush the audit log."""
+        self._draining = True
+        self._notifier.stopping("draining sessions")
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        for session in list(self._registry.live):
+            session.drain()
+        if drain > 0 and self._registry.live:
+            waits = [
+                asyncio.ensure_future(self._registry.wait_until_empty()),
+                asyncio.ensure_future(self._drain_cut.wait()),
+            ]
+            await asyncio.wait(waits, timeout=drain, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
         for session in list(self._registry.live):
             session.terminate(AdminShutdown("terminating connection: the proxy is shutting down"), "shutdown")
         for route in self.routes.values():
@@ -344,6 +375,12 @@ class ProxyServer:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        """WatchdogSec=: a stuck event loop stops these pings and systemd restarts the service."""
+        while True:
+            self._notifier.watchdog()
+            await asyncio.sleep(interval)
 
     async def _recycle_loop(self) -> None:
         while True:

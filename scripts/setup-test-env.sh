@@ -21,7 +21,8 @@ is_installed() {
 
 # ------------------------------------------------------------------ Debian packages
 required=(postgresql-15 postgresql-client-15)
-optional=(pgbouncer)
+# pgbouncer: the benchmark; systemd: systemd-analyze checks of the unit file (no systemd runs).
+optional=(pgbouncer systemd)
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     required+=(python3-venv)
 fi

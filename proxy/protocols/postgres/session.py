@@ -19,6 +19,7 @@ from prometheus_client import Counter, Histogram
 from proxy.audit import AuditLog
 from proxy.config import Config, PoolMode, RouteConfig, SessionStateAction
 from proxy.errors import (
+    AdminShutdown,
     AuthenticationRefused,
     FeatureNotSupported,
     InsufficientPrivilege,
@@ -78,6 +79,7 @@ class SessionRegistry:
 
     sessions: dict[int, ClientSession] = field(default_factory=dict)
     live: set[ClientSession] = field(default_factory=set)
+    _emptied: asyncio.Event | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def register(self, session: ClientSession) -> tuple[int, int]:
@@ -90,6 +92,16 @@ class SessionRegistry:
 
     def unregister(self, process_id: int) -> None:
         self.sessions.pop(process_id, None)
+
+    def session_closed(self, session: ClientSession) -> None:
+        self.live.discard(session)
+        if not self.live and self._emptied is not None:
+            self._emptied.set()
+
+    async def wait_until_empty(self) -> None:
+        if self.live:
+            self._emptied = asyncio.Event()
+            await self._emptied.wait()
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -122,6 +134,10 @@ class SessionEnvironment:
     classifier: SessionStateClassifier = field(default_factory=SessionStateClassifier)
     statement_stats: StatementStats = field(default_factory=StatementStats)
 
+
+_SHUTTING_DOWN = AdminShutdown(
+    "terminating connection due to administrator command: the proxy is shutting down"
+)
 
 # Messages that each run a statement (simple Query, Parse of an extended one, FunctionCall).
 _STATEMENT_MESSAGES = frozenset((m.MSG_QUERY, m.MSG_PARSE, m.MSG_FUNCTION_CALL))
@@ -186,6 +202,7 @@ class ClientSession(asyncio.Protocol):
         self._started_at = time.monotonic()
         self._max_message = environment.config.listen.max_message_size
         self._reading_paused = False
+        self._draining = False
 
     # --- asyncio.Protocol: terminal side ---
 
@@ -241,7 +258,7 @@ class ClientSession(asyncio.Protocol):
             self._startup_timer.cancel()
         if self._connect_task is not None:
             self._connect_task.cancel()
-        self._env.registry.live.discard(self)
+        self._env.registry.session_closed(self)
         if self._counted_connection and self.identity is not None:
             identity = self.identity
             self._env.limiter.close_connection(identity.store, identity.terminal, identity.role)
@@ -287,6 +304,8 @@ class ClientSession(asyncio.Protocol):
         if self._cycle_started and self._latency is not None:
             self._latency.observe(time.perf_counter() - self._cycle_started)
             self._cycle_started = 0.0
+        if self._draining and not self.in_transaction:
+            self.terminate(_SHUTTING_DOWN, "shutdown: transaction finished")
 
     def server_idle(self) -> None:
         """The server finished everything asked of it outside a transaction: lend it back."""
@@ -781,6 +800,17 @@ class ClientSession(asyncio.Protocol):
     def _close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    @property
+    def in_transaction(self) -> bool:
+        """Work in flight on the server that a graceful shutdown lets finish."""
+        return self._server is not None and not self._server.is_clean
+
+    def drain(self) -> None:
+        """Shutdown: end the session now if it is idle, else when its transaction is over."""
+        self._draining = True
+        if not self.in_transaction:
+            self.terminate(_SHUTTING_DOWN, "shutdown")
 
     def terminate(self, error: ProxyError, reason: str) -> None:
         """End the session from outside (shutdown, admin disconnect) with a FATAL error."""

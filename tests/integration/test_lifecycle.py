@@ -1,0 +1,86 @@
+"""Service lifecycle: systemd notifications and the graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.integration.proxyproc import ProxyProcess, TerminalPKI
+
+StartProxy = Callable[..., ProxyProcess]
+
+
+def _messages(sock: socket.socket, until: str, timeout: float = 15.0) -> list[str]:
+    """Notifications received until one contains ``until`` (bounded)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            seen.append(sock.recv(4096).decode())
+        except TimeoutError:
+            break
+        if until in seen[-1]:
+            return seen
+    raise AssertionError(f"no {until!r} among {seen}")
+
+
+def test_ready_reloading_and_stopping_reach_the_notify_socket(
+    start_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "400000")
+        proxy = start_proxy()
+        ready = _messages(sock, "READY=1")
+        assert any("STATUS=serving on 127.0.0.1:" in message for message in ready)
+        assert "WATCHDOG=1" in "".join(_messages(sock, "WATCHDOG=1"))
+        proxy._process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        reload = _messages(sock, "READY=1")
+        assert any("RELOADING=1" in message and "MONOTONIC_USEC=" in message for message in reload)
+        proxy._process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert any("STOPPING=1" in message for message in _messages(sock, "STOPPING=1"))
+        assert proxy.stop() == 0
+
+
+def test_sigterm_lets_an_open_transaction_commit_and_ends_idle_sessions_at_once(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, pg_cluster: Any
+) -> None:
+    with psycopg.connect(
+        **pg_cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True
+    ) as admin:
+        admin.execute("CREATE TABLE IF NOT EXISTS public.drained (id int)")
+        admin.execute("ALTER TABLE public.drained OWNER TO pos_proxy")
+        admin.execute("TRUNCATE public.drained")
+    proxy = start_proxy(listen={"drain_timeout": "10s"}, routes={"pos": {"pool": {"mode": "transaction"}}})
+    busy = psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True)
+    idle = psycopg.connect(**proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True)
+    try:
+        idle.execute("SELECT 1")
+        busy.execute("BEGIN")
+        busy.execute("INSERT INTO public.drained VALUES (1)")
+        proxy._process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        time.sleep(0.5)
+        with pytest.raises(psycopg.OperationalError, match="shutting down"):
+            idle.execute("SELECT 1")
+        busy.execute("INSERT INTO public.drained VALUES (2)")
+        busy.execute("COMMIT")
+        with pytest.raises(psycopg.OperationalError):
+            busy.execute("SELECT 1")
+    finally:
+        busy.close()
+        idle.close()
+    assert proxy.stop() == 0
+    with psycopg.connect(
+        **pg_cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True
+    ) as admin:
+        assert admin.execute("SELECT count(*) FROM public.drained").fetchone() == (2,)
