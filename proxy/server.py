@@ -11,6 +11,7 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -138,6 +139,8 @@ class ProxyServer:
         self._reported_audit = (0, 0)
         self._draining = False
         self._drain_cut = asyncio.Event()
+        # The CRL file as the TLS context loaded it, to notice when it is replaced.
+        self._crl_stamp = _modified(config.tls.crl)
         self._notifier = Notifier()
         self._source_limiter = SourceRateLimiter(config.limits.source_connections)
         self._readiness: tuple[float, bool, dict[str, Any]] | None = None
@@ -203,6 +206,7 @@ class ProxyServer:
         self.routes = self._rebuild_routes(config)
         self.config = config
         self._terminal_tls = terminal_tls
+        self._crl_stamp = _modified(config.tls.crl)
         if config.limits.source_connections != self._source_limiter.rate:
             self._source_limiter = SourceRateLimiter(config.limits.source_connections)
         self._flush_review()
@@ -386,8 +390,28 @@ class ProxyServer:
         while True:
             await asyncio.sleep(_RECYCLE_INTERVAL)
             self._flush_review()
+            self._follow_crl()
             for route in self.routes.values():
                 route.pool.recycle()
+
+    def _follow_crl(self) -> None:
+        """A new CRL file takes effect without waiting for an operator's reload."""
+        crl = self.config.tls.crl
+        if crl is None:
+            return
+        stamp = _modified(crl)
+        if stamp is None or stamp == self._crl_stamp:
+            return
+        self._crl_stamp = stamp
+        try:
+            self._terminal_tls = terminal_context(self.config.tls)
+        except (OSError, ValueError) as exc:
+            # A half-written or foreign CRL: keep enforcing the previous one.
+            log.error("crl_reload_failed", path=str(crl), error=str(exc))
+            return
+        log.info("crl_reloaded", path=str(crl))
+        self._audit("config_reload", "success", trigger="CRL file changed", changed=["tls.crl"])
+        self._cut_revoked_terminals(revoked_serials(crl))
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -490,6 +514,13 @@ class ProxyServer:
             log.info("tls_handshake_failed", source=source, reason=str(exc) or type(exc).__name__)
             return
         self.metrics.tls_handshake_seconds.observe(time.monotonic() - started)
+
+
+def _modified(path: Path | None) -> int | None:
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except OSError:
+        return None
 
 
 def _version() -> str:

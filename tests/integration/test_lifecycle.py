@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from proxy import certs
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 
 StartProxy = Callable[..., ProxyProcess]
@@ -84,3 +85,40 @@ def test_sigterm_lets_an_open_transaction_commit_and_ends_idle_sessions_at_once(
         **pg_cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True
     ) as admin:
         assert admin.execute("SELECT count(*) FROM public.drained").fetchone() == (2,)
+
+
+def test_a_new_crl_file_cuts_the_revoked_terminal_without_a_reload(
+    start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    pki = tmp_path / "own-pki"
+    certs.init_ca(pki)
+    certs.issue_server(pki, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    stolen = certs.issue_terminal(pki, store="store-009", terminal="till-07", role="cashier")
+    proxy = start_proxy(
+        tls={
+            "cert": str(pki / "server.pem"),
+            "key": str(pki / "server.key"),
+            "client_ca": str(pki / "ca.pem"),
+            "crl": str(pki / "crl.pem"),
+        }
+    )
+    conninfo = {
+        "host": "127.0.0.1",
+        "port": proxy.port,
+        "dbname": "pos",
+        "user": "till-07",
+        "sslmode": "verify-full",
+        "sslrootcert": str(pki / "ca.pem"),
+        "sslcert": str(stolen.cert_path),
+        "sslkey": str(stolen.key_path),
+        "connect_timeout": 10,
+    }
+    with psycopg.connect(**conninfo, autocommit=True) as connection:
+        assert connection.execute("SELECT 1").fetchone() == (1,)
+        certs.revoke(pki, stolen.serial)
+        proxy.wait_for_event("crl_reloaded")
+        with pytest.raises(psycopg.OperationalError, match="revoked"):
+            connection.execute("SELECT 1")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(**conninfo).close()
+    proxy.wait_for_event("tls_handshake_failed", reason="certificate revoked")
