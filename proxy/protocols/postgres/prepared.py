@@ -159,20 +159,13 @@ class ClientStatements:
         refusal that replaces it; ``forget_at`` holds the offsets of messages after which the
         server has no prepared statements left (DISCARD ALL, DEALLOCATE ALL).
         """
-        out: list[bytes] = []
+        splice = _Splice(source)
+        out = splice.parts
         expect = server.pending.append
-        run_start = -1  # start of a run of messages passed on unchanged
-
-        def flush_run(until: int) -> None:
-            nonlocal run_start
-            if run_start >= 0:
-                out.append(bytes(source[run_start:until]))
-                run_start = -1
-
         for kind, start, end in frames:
             body_start = start + 5
             if refusals and start in refusals:
-                flush_run(start)
+                splice.cut(start)
                 refusal = refusals[start]
                 if kind == 0x50:
                     _raise_in_place(refusal, out, expect)
@@ -183,10 +176,10 @@ class ClientStatements:
             if kind == 0x50:  # 'P' Parse
                 name_end = _cstring_end(source, body_start, end)
                 if name_end == body_start:
-                    run_start = start if run_start < 0 else run_start
+                    splice.keep(start)
                     expect(Expected(_EXPECT_PARSE))
                     continue
-                flush_run(start)
+                splice.cut(start)
                 parsed = Statement.from_parse_body(bytes(source[name_end + 1 : end]))
                 self.by_name[bytes(source[body_start:name_end])] = parsed
                 if not self._prepare(parsed, server, out, Reply.FORWARD):
@@ -201,10 +194,10 @@ class ClientStatements:
                 name_end = _cstring_end(source, name_start, end) if name_start > 0 else name_start
                 answer = _EXPECT_BIND if kind == 0x42 else _EXPECT_DESCRIBE if kind == 0x44 else _EXPECT_CLOSE
                 if name_end <= name_start:  # a portal or the unnamed statement
-                    run_start = start if run_start < 0 else run_start
+                    splice.keep(start)
                     expect(Expected(answer))
                     continue
-                flush_run(start)
+                splice.cut(start)
                 name = bytes(source[name_start:name_end])
                 if kind == 0x43:
                     # Closing a named statement only forgets the client's name: the server-side
@@ -223,7 +216,7 @@ class ClientStatements:
                 out.append(m.build_message(bytes((kind,)), renamed))
                 expect(Expected(answer))
             else:
-                run_start = start if run_start < 0 else run_start
+                splice.keep(start)
                 if kind == 0x45:  # 'E' Execute
                     expect(Expected(_EXPECT_EXECUTE))
                 elif kind == 0x53:  # 'S' Sync
@@ -232,8 +225,7 @@ class ClientStatements:
                     expect(Expected(_EXPECT_READY))
                 if start in forget_at:
                     server.statements.clear()
-        if frames:
-            flush_run(frames[-1][2])
+        splice.finish(frames)
         return b"".join(out)
 
     def _refuse_unknown(self, name: bytes, out: list[bytes], expect: Callable[[Expected], None]) -> None:
@@ -276,48 +268,67 @@ def filter_server_messages(
     """What the client must see of the server's messages, the last ReadyForQuery status,
     and the ParameterStatus payloads among them."""
     pending = server.pending
-    out: list[bytes] = []
+    splice = _Splice(source)
+    out = splice.parts
     status: bytes | None = None
     parameters: list[bytes] = []
-    run_start = -1
-
-    def flush_run(until: int) -> None:
-        nonlocal run_start
-        if run_start >= 0:
-            out.append(bytes(source[run_start:until]))
-            run_start = -1
-
     for kind, start, end in frames:
         if server.skipping:
             _skip_to_sync(server)
         while pending and pending[0].reply is Reply.SYNTHETIC:
-            flush_run(start)
+            splice.cut(start)
             out.append(_take_synthetic(pending))
         if kind in _ASYNCHRONOUS or not pending:
-            run_start = start if run_start < 0 else run_start
+            splice.keep(start)
             if kind == 0x53:  # 'S' ParameterStatus
                 parameters.append(bytes(source[start + 5 : end]))
             continue
         head = pending[0]
         if kind == _ERROR:
-            run_start = start if run_start < 0 else run_start
+            splice.keep(start)
             if not (head.ends_cycle and not head.sync):
                 # Not a simple Query's own error: the server now skips everything up to Sync (55.2.3).
                 server.skipping = True
                 _skip_to_sync(server)
             continue
         if head.reply is Reply.DROP:
-            flush_run(start)
+            splice.cut(start)
         else:
-            run_start = start if run_start < 0 else run_start
+            splice.keep(start)
         if kind in head.ends_with:
             pending.popleft()
             if kind == 0x5A:  # 'Z'
                 status = bytes(source[end - 1 : end])
-    if frames:
-        flush_run(frames[-1][2])
+    splice.finish(frames)
     out.append(take_ready_synthetics(server))
     return b"".join(out), status, parameters
+
+
+class _Splice:
+    """Output built from a buffer of whole messages: runs of them passed on as they are, with
+    messages of the proxy's own put in, or the buffer's left out, between the runs."""
+
+    __slots__ = ("_run_start", "_source", "parts")
+
+    def __init__(self, source: bytes | bytearray) -> None:
+        self._source = source
+        self._run_start = -1
+        self.parts: list[bytes] = []
+
+    def keep(self, start: int) -> None:
+        """The message at ``start`` goes on unchanged, with the run it continues."""
+        if self._run_start < 0:
+            self._run_start = start
+
+    def cut(self, at: int) -> None:
+        """End the current run before ``at``: what follows is added to ``parts`` or left out."""
+        if self._run_start >= 0:
+            self.parts.append(bytes(self._source[self._run_start : at]))
+            self._run_start = -1
+
+    def finish(self, frames: list[m.Frame]) -> None:
+        if frames:
+            self.cut(frames[-1][2])
 
 
 def _raise_in_place(refusal: Refusal, out: list[bytes], expect: Callable[[Expected], None]) -> None:
