@@ -13,7 +13,7 @@ from pathlib import Path
 
 from proxy import certs, eventloop
 from proxy.audit import AuditError, load_key, verify
-from proxy.config import ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config
 from proxy.demo import run_demo
 from proxy.oplog import configure_logging
 from proxy.policy.approve import PolicyFileError, approve_statements
@@ -177,10 +177,8 @@ def _add_certs_commands(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     configure_logging(json=args.log_format == "json", level=args.log_level)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"pos-proxy: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
+    config = _load_or_report(args.config, prefix="pos-proxy: invalid configuration ")
+    if config is None:
         return EXIT_FAILURE
     try:
         return eventloop.run(serve(config))
@@ -189,13 +187,20 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
-def _check_config(args: argparse.Namespace) -> int:
+def _load_or_report(path: Path, *, prefix: str = "") -> Config | None:
+    """The configuration, or None after printing every problem with its key path."""
     try:
-        config = load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
-        print(f"{args.config}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        print(f"{prefix}{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config)
+    if config is None:
         return EXIT_FAILURE
     try:
         terminal_context(config.tls)
@@ -240,10 +245,8 @@ def _policy_approve(args: argparse.Namespace) -> int:
 
 
 def _policy_check(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"pos-proxy: invalid configuration {args.config}:\n{exc}", file=sys.stderr)
+    config = _load_or_report(args.config, prefix="pos-proxy: invalid configuration ")
+    if config is None:
         return EXIT_FAILURE
     role = config.roles.get(args.role)
     if role is None:
