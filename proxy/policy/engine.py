@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from proxy.policy.model import DENIED_STATEMENTS, PolicyMode, RolePolicy
 from proxy.policy.postgres import ParseError, StatementFacts, analyze
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 INSUFFICIENT_PRIVILEGE = "42501"
 SYNTAX_ERROR = "42601"
@@ -29,13 +33,34 @@ class Decision:
 _UNRESTRICTED = Decision(True, "no policy")
 
 
+class _LRU(Generic[K, V]):
+    """At most ``size`` entries; the least recently used one goes first."""
+
+    def __init__(self, size: int) -> None:
+        self._entries: OrderedDict[K, V] = OrderedDict()
+        self._size = size
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: K) -> V | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._entries[key] = value
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
 class PolicyEngine:
     """Decides statements for every role; one instance per loaded configuration."""
 
     def __init__(self, policies: Mapping[str, RolePolicy | None], cache_size: int = 10_000) -> None:
         self._policies = policies
-        self._cache: OrderedDict[tuple[str, bytes], Decision] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache: _LRU[tuple[str, bytes], Decision] = _LRU(cache_size)
         self.hits = 0
         self.misses = 0
 
@@ -52,7 +77,6 @@ class PolicyEngine:
         cached = self._cache.get(key)
         if cached is not None:
             self.hits += 1
-            self._cache.move_to_end(key)
             return cached
         self.misses += 1
         policy = self._policies.get(role)
@@ -66,9 +90,7 @@ class PolicyEngine:
                 decision = Decision(
                     False, "encoding", "the statement is not valid UTF-8", CHARACTER_NOT_IN_REPERTOIRE
                 )
-        self._cache[key] = decision
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache.put(key, decision)
         return decision
 
     def decide_function_call(self, role: str) -> Decision:
@@ -146,13 +168,11 @@ class StatementSummaries:
     policy; cached by text like decisions, so the parser runs once per text."""
 
     def __init__(self, cache_size: int = 10_000) -> None:
-        self._cache: OrderedDict[bytes, tuple[tuple[str, str], ...]] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache: _LRU[bytes, tuple[tuple[str, str], ...]] = _LRU(cache_size)
 
     def summarize(self, sql: bytes) -> tuple[tuple[str, str], ...]:
         cached = self._cache.get(sql)
         if cached is not None:
-            self._cache.move_to_end(sql)
             return cached
         try:
             summary = tuple(
@@ -160,7 +180,5 @@ class StatementSummaries:
             )
         except (ParseError, UnicodeDecodeError):
             summary = (("", "(not parsable)"),)
-        self._cache[sql] = summary
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache.put(sql, summary)
         return summary
