@@ -595,6 +595,7 @@ class ClientSession(asyncio.Protocol):
         limited = self._limits.statements or self._limits.role_statements or self._limits.store_statements
         auditing = self._env.audit is not None
         policies = self._env.policies
+        mode = self._policy_mode
         for kind, start, end in frames:
             if limited and kind in _STATEMENT_MESSAGES and self._over_statement_rate(start, refusals):
                 continue
@@ -617,17 +618,16 @@ class ClientSession(asyncio.Protocol):
                 # Each execution is audited, also of a statement prepared long before.
                 executed = self._portal_texts.get(chunk[start + 5 : chunk.find(b"\x00", start + 5, end)], b"")
                 self._statements_run += 1
-                mode = self._policy_mode
                 self._audit_statement(policies.decide(self._role, executed) if mode else None, mode, executed)
                 continue
             else:
                 continue
-            decision = policies.decide(self._role, text) if self._policy_mode is not None else None
+            decision = policies.decide(self._role, text) if mode is not None else None
             if kind == m.MSG_QUERY:
                 self._statements_run += 1
-                self._audit_statement(decision, self._policy_mode, text)
+                self._audit_statement(decision, mode, text)
             elif decision is not None and not decision.allowed:
-                self._audit_statement(decision, self._policy_mode, text)
+                self._audit_statement(decision, mode, text)
             if decision is not None:
                 self._apply_policy(decision, start, refusals)
                 if start in refusals:
