@@ -130,6 +130,15 @@ class ProxyProcess:
                 self._process.wait(5)
         return self._process.returncode
 
+    def signal(self, signum: int) -> None:
+        assert self._process is not None
+        self._process.send_signal(signum)
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        """The exit code of a proxy that was told to stop (a second signal would end it hard)."""
+        assert self._process is not None
+        return self._process.wait(timeout)
+
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 

@@ -45,12 +45,12 @@ def test_ready_reloading_and_stopping_reach_the_notify_socket(
         ready = _messages(sock, "READY=1")
         assert any("STATUS=serving on 127.0.0.1:" in message for message in ready)
         assert "WATCHDOG=1" in "".join(_messages(sock, "WATCHDOG=1"))
-        proxy._process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        proxy.signal(signal.SIGHUP)
         reload = _messages(sock, "READY=1")
         assert any("RELOADING=1" in message and "MONOTONIC_USEC=" in message for message in reload)
-        proxy._process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        proxy.signal(signal.SIGTERM)
         assert any("STOPPING=1" in message for message in _messages(sock, "STOPPING=1"))
-        assert proxy.stop() == 0
+        assert proxy.wait_exit() == 0
 
 
 def test_sigterm_lets_an_open_transaction_commit_and_ends_idle_sessions_at_once(
@@ -69,7 +69,7 @@ def test_sigterm_lets_an_open_transaction_commit_and_ends_idle_sessions_at_once(
         idle.execute("SELECT 1")
         busy.execute("BEGIN")
         busy.execute("INSERT INTO public.drained VALUES (1)")
-        proxy._process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        proxy.signal(signal.SIGTERM)
         time.sleep(0.5)
         with pytest.raises(psycopg.OperationalError, match="shutting down"):
             idle.execute("SELECT 1")
@@ -80,7 +80,7 @@ def test_sigterm_lets_an_open_transaction_commit_and_ends_idle_sessions_at_once(
     finally:
         busy.close()
         idle.close()
-    assert proxy.stop() == 0
+    assert proxy.wait_exit() == 0
     with psycopg.connect(
         **pg_cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True
     ) as admin:
