@@ -12,6 +12,7 @@ import asyncio
 import json
 import secrets
 import signal
+import socket
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -247,3 +248,21 @@ async def test_trusted_sources_follow_a_reload(balanced: tuple[ProxyProcess, int
         if record["event"] == "proxy_header_refused"
     }
     assert refused_from == {NOT_A_BALANCER, BALANCER}
+
+
+async def test_a_header_split_across_packets_is_reassembled_and_only_it_is_consumed(
+    balanced: tuple[ProxyProcess, int, Path],
+) -> None:
+    proxy, _admin_port, _audit = balanced
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", proxy.port), TIMEOUT)
+    writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        header = build.v2("203.0.113.10", 44000, tlvs=build.tlv(0x01, b"postgresql"))
+        for piece in (header[:5], header[5:14], header[14:30], header[30:] + SSL_REQUEST[:3]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(SSL_REQUEST[3:])
+        assert await asyncio.wait_for(reader.read(1), TIMEOUT) == b"S"
+    finally:
+        writer.close()
