@@ -37,7 +37,6 @@ from proxy.protocols.postgres.upstream import (
 )
 from proxy.protocols.proxyheader import (
     FIRST_BYTES,
-    MAX_HEADER_LENGTH,
     HeaderProblem,
     ProxyHeader,
     ProxyHeaderError,
@@ -109,6 +108,8 @@ def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
     return Route(config=route, pool=pool, tls=context, server_parameters=server_parameters)
 
 
+# proxy-protocol.txt section 2: senders fit the header in one 536-byte segment; longer ones take more rounds.
+_HEADER_PEEK_SIZE = 536
 _RELOADABLE = ("tls", "identity", "roles", "routes", "policy", "limits", "admin")
 _READINESS_CACHE = 2.0
 
@@ -510,7 +511,7 @@ class ProxyServer:
                 return _Encryption.NONE
             if first in FIRST_BYTES:
                 # Only listen.proxy_protocol.trusted_sources may say where a connection comes from.
-                self._refuse_proxy_header(source, "untrusted", "PROXY header from a peer that is not trusted")
+                self._refuse_proxy_header(source, "untrusted", "PROXY header from an untrusted peer")
                 return _Encryption.NONE
             if first == m.TLS_HANDSHAKE_RECORD:
                 return _Encryption.DIRECT
@@ -616,7 +617,7 @@ async def _receive_proxy_header(sock: socket.socket) -> ProxyHeader | None:
     received = bytearray()
     while True:
         await _readable(sock)
-        waiting = sock.recv(MAX_HEADER_LENGTH - len(received), socket.MSG_PEEK)
+        waiting = sock.recv(_HEADER_PEEK_SIZE, socket.MSG_PEEK)
         if not waiting:
             if not received:
                 return None

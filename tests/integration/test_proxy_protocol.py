@@ -266,3 +266,12 @@ async def test_a_header_split_across_packets_is_reassembled_and_only_it_is_consu
         assert await asyncio.wait_for(reader.read(1), TIMEOUT) == b"S"
     finally:
         writer.close()
+
+
+async def test_a_v2_header_longer_than_one_segment_is_read_whole(
+    balanced: tuple[ProxyProcess, int, Path],
+) -> None:
+    proxy, _admin_port, _audit = balanced
+    # Large TLVs (a balancer's certificate details, say) exceed the 536 bytes peeked per round.
+    header = build.v2("203.0.113.11", 45000, tlvs=build.tlv(0x20, bytes(3000)))
+    assert await _first_answer(proxy, header + SSL_REQUEST) == b"S"
