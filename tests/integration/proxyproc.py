@@ -11,7 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -87,9 +87,10 @@ def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, 
 class ProxyProcess:
     """One proxy subprocess with its own config file and JSON log."""
 
-    def __init__(self, directory: Path, config: Mapping[str, Any]) -> None:
+    def __init__(self, directory: Path, config: Mapping[str, Any], arguments: Sequence[str] = ()) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
+        self.arguments = list(arguments)  # extra `pos-proxy run` options, e.g. --workers 2
         self.port = free_port()
         self.config = deep_merge(dict(config), {"listen": {"host": "127.0.0.1", "port": self.port}})
         self.config_path = directory / "pos-proxy.yaml"
@@ -100,7 +101,17 @@ class ProxyProcess:
         self.config_path.write_text(yaml.safe_dump(self.config), encoding="utf-8")
         log = self.log_path.open("ab")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", str(self.config_path), "--log-level", "debug"],
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "run",
+                "--config",
+                str(self.config_path),
+                "--log-level",
+                "debug",
+                *self.arguments,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -129,6 +140,11 @@ class ProxyProcess:
                 self._process.kill()
                 self._process.wait(5)
         return self._process.returncode
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
 
     def signal(self, signum: int) -> None:
         assert self._process is not None

@@ -1,0 +1,248 @@
+"""`pos-proxy run --workers 2`: both workers serve one port, a killed worker comes back, SIGHUP and
+SIGTERM reach every worker, the admin API and /metrics add the workers up, only the supervisor
+talks to systemd, and each worker keeps its own audit chain."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.localpg import free_port
+from tests.integration.proxyproc import ProxyProcess, TerminalPKI, deep_merge
+
+WORKERS = 2
+# Enough connections that the kernel's hash puts some on each worker (all on one: 2**-15).
+CLIENTS = 16
+
+StartWorkers = Callable[..., ProxyProcess]
+
+
+@pytest.fixture
+def start_workers(base_config: dict[str, Any], tmp_path: Path) -> Iterator[StartWorkers]:
+    """Start `pos-proxy run --workers 2` with config overrides; waits until every worker is up."""
+    started: list[ProxyProcess] = []
+
+    def start(**overrides: Any) -> ProxyProcess:
+        config = deep_merge(
+            base_config,
+            {
+                "admin": {"port": free_port()},
+                "routes": {"pos": {"pool": {"mode": "transaction", "size": 4}}},
+                **overrides,
+            },
+        )
+        process = ProxyProcess(tmp_path / f"proxy-{len(started)}", config, ["--workers", str(WORKERS)])
+        started.append(process)
+        process.start()
+        process.wait_for_event("workers_ready", timeout=30)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def _admin(proxy: ProxyProcess, path: str, method: str = "GET") -> Any:
+    url = f"http://127.0.0.1:{proxy.config['admin']['port']}{path}"
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(request, timeout=15) as response:
+        body = response.read().decode()
+    return body if path == "/metrics" else json.loads(body)
+
+
+def _metric(proxy: ProxyProcess, name: str, **labels: str) -> float:
+    """The value of one series on the supervisor's /metrics (0 when absent)."""
+    for family in text_string_to_metric_families(_admin(proxy, "/metrics")):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+@contextmanager
+def _clients(proxy: ProxyProcess, pki: TerminalPKI, count: int = CLIENTS) -> Iterator[list[psycopg.Connection]]:
+    with ExitStack() as stack:
+        connections = [
+            stack.enter_context(psycopg.connect(**proxy.conninfo(pki.cashier, pki.ca), autocommit=True))
+            for _ in range(count)
+        ]
+        for connection in connections:
+            assert connection.execute("SELECT 1").fetchone() == (1,)
+        yield connections
+
+
+def _serving_workers(proxy: ProxyProcess) -> set[int]:
+    return {client["worker"] for client in _admin(proxy, "/v1/clients")["clients"]}
+
+
+def _worker_pids(proxy: ProxyProcess) -> dict[int, int]:
+    """Worker number -> pid of its latest start, from the supervisor's log."""
+    return {
+        record["worker"]: record["pid"]
+        for record in proxy.log_events()
+        if record.get("event") == "worker_started"
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_both_workers_serve_and_the_admin_api_and_metrics_add_them_up(
+    start_workers: StartWorkers, terminal_pki: TerminalPKI
+) -> None:
+    proxy = start_workers()
+    pools = _admin(proxy, "/v1/pools")["pools"]
+    # The route's pool of 4 is divided: 2 server connections per worker.
+    assert sorted((pool["worker"], pool["size"]) for pool in pools) == [(1, 2), (2, 2)]
+    with _clients(proxy, terminal_pki):
+        clients = _admin(proxy, "/v1/clients")["clients"]
+        assert len(clients) == CLIENTS
+        assert {client["worker"] for client in clients} == {1, 2}
+        assert _metric(proxy, "pos_proxy_client_connections_active", role="cashier") == CLIENTS
+        ready = _admin(proxy, "/readyz")
+        assert ready["ready"] is True and set(ready["workers"]) == {"1", "2"}
+    assert _metric(proxy, "pos_proxy_client_connections_total", role="cashier") == CLIENTS
+    assert _metric(proxy, "pos_proxy_workers_alive") == WORKERS
+
+
+def test_a_killed_worker_is_restarted_and_service_carries_on(
+    start_workers: StartWorkers, terminal_pki: TerminalPKI
+) -> None:
+    proxy = start_workers()
+    killed = _worker_pids(proxy)[1]
+    os.kill(killed, signal.SIGKILL)
+    proxy.wait_for_event("worker_died", worker=1, pid=killed)
+    # Worker 2 alone takes every new connection while worker 1 is down.
+    with _clients(proxy, terminal_pki, count=4):
+        pass
+    proxy.wait_for_event("worker_ready", worker=1, timeout=20)
+    assert _worker_pids(proxy)[1] != killed
+    with _clients(proxy, terminal_pki):
+        assert _serving_workers(proxy) == {1, 2}
+    assert _metric(proxy, "pos_proxy_worker_restarts_total") == 1
+    # The dead worker's counters still count.
+    assert _metric(proxy, "pos_proxy_client_connections_total", role="cashier") == 4 + CLIENTS
+
+
+def test_sighup_reloads_the_policy_in_every_worker(
+    start_workers: StartWorkers, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    policy = tmp_path / "cashier.yaml"
+    policy.write_text("mode: enforce\nallow:\n  kinds: [SELECT]\n", encoding="utf-8")
+    proxy = start_workers(roles={"cashier": {"policy": str(policy)}})
+    # Not the housekeeping `SELECT 1` that every policy allows.
+    statement = "SELECT 1 WHERE true"
+    with _clients(proxy, terminal_pki) as connections:
+        assert _serving_workers(proxy) == {1, 2}
+        for connection in connections:
+            connection.execute(statement)
+        policy.write_text("mode: enforce\nallow:\n  kinds: [INSERT]\n", encoding="utf-8")
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_event("workers_reloaded", trigger="SIGHUP")
+        assert {
+            record["worker"] for record in proxy.log_events() if record.get("event") == "reload_applied"
+        } == {1, 2}
+        for connection in connections:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="statement kind"):
+                connection.execute(statement)
+
+
+def test_sigterm_drains_every_worker_and_each_keeps_its_own_audit_chain(
+    start_workers: StartWorkers, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    key = tmp_path / "audit.key"
+    key.touch(mode=0o600)
+    key.write_bytes(secrets.token_bytes(32))
+    audit = tmp_path / "audit" / "audit.log"
+    audit.parent.mkdir()
+    proxy = start_workers(audit={"file": str(audit), "key_file": str(key)})
+    pids = _worker_pids(proxy)
+    with _clients(proxy, terminal_pki) as connections:
+        assert _serving_workers(proxy) == {1, 2}
+        proxy.signal(signal.SIGTERM)
+        for worker in (1, 2):
+            proxy.wait_for_event("shutdown_requested", worker=worker)
+        time.sleep(0.5)
+        for connection in connections:
+            with pytest.raises(psycopg.OperationalError, match="shutting down"):
+                connection.execute("SELECT 1")
+        assert proxy.wait_exit(timeout=30) == 0
+    assert not any(_alive(pid) for pid in pids.values())
+    exits = {record["worker"]: record["exit"] for record in proxy.log_events() if record.get("event") == "worker_exited"}
+    assert exits == {1: 0, 2: 0}
+    files = sorted(audit.parent.iterdir())
+    assert [path.name for path in files] == ["audit-w1.log", "audit-w2.log"]
+    for path in files:
+        verified = subprocess.run(
+            [sys.executable, "-m", "proxy", "audit", "verify", "--key", str(key), str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert "chain and HMACs intact" in verified.stdout
+
+
+def _notifications(sock: socket.socket, until: str, timeout: float = 20.0) -> list[tuple[int, str]]:
+    """(sender pid, message) received until a message contains ``until`` (bounded)."""
+    seen: list[tuple[int, str]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("iII")))
+        except TimeoutError:
+            break
+        pids = [
+            struct.unpack("iII", payload)[0]
+            for level, kind, payload in ancillary
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+        ]
+        seen.append((pids[0], data.decode()))
+        if until in seen[-1][1]:
+            return seen
+    raise AssertionError(f"no {until!r} among {seen}")
+
+
+def test_only_the_supervisor_talks_to_systemd(
+    start_workers: StartWorkers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "600000")
+        proxy = start_workers()
+        seen = _notifications(sock, "READY=1")
+        assert any(f"with {WORKERS} workers" in message for _, message in seen)
+        seen += _notifications(sock, "WATCHDOG=1")
+        proxy.signal(signal.SIGHUP)
+        seen += _notifications(sock, "READY=1")
+        assert any("RELOADING=1" in message for _, message in seen)
+        proxy.signal(signal.SIGTERM)
+        seen += _notifications(sock, "STOPPING=1")
+        assert proxy.wait_exit(timeout=30) == 0
+        assert {pid for pid, _ in seen} == {proxy.pid}
