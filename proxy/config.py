@@ -754,11 +754,10 @@ def parse_workers(value: object) -> int:
     if value == "auto":
         # The affinity mask, not cpu_count(): systemd's CPUAffinity= and containers narrow it.
         return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
-    if isinstance(value, str):
-        if not value.isdigit():
-            raise ValueError(f'expected a worker count or "auto", got {_describe(value)}')
-        value = int(value)
-    return _in_range(_whole_number, 'a worker count (or "auto")', minimum=1, maximum=MAX_WORKERS)(value)
+    number = int(value) if isinstance(value, str) and value.isdigit() else value
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_WORKERS:
+        raise ValueError(f'expected a worker count from 1 to {MAX_WORKERS} or "auto", got {_describe(value)}')
+    return number
 
 
 _PORT: Final = _in_range(_whole_number, "a port number", minimum=1, maximum=65535)

@@ -52,6 +52,11 @@ _START_POLL = 0.05
 _SUPERVISOR_ONLY_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
+def restart_delay(quick_deaths: int) -> float:
+    """Seconds before restarting a worker that died ``quick_deaths`` times in a row soon after starting."""
+    return min(_RESTART_DELAY_MAX, _RESTART_DELAY_FIRST * 2.0 ** min(quick_deaths - 1, 16))
+
+
 @dataclass(slots=True)
 class _Worker:
     slot: WorkerSlot
@@ -65,7 +70,6 @@ class Supervisor:
 
     def __init__(self, config: Config, count: int, runtime_dir: Path, worker_options: Sequence[str]) -> None:
         self.config = config
-        self._runtime_dir = runtime_dir
         self._worker_options = list(worker_options)
         metrics_dir = runtime_dir / "metrics"
         metrics_dir.mkdir(mode=0o700)
@@ -96,19 +100,13 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._spawn_reload, "SIGHUP")
         for worker in self._workers:
             await self._start_process(worker)
-        started = all(await asyncio.gather(*(self._wait_up(worker) for worker in self._workers)))
-        if not started and not self._stop_requested.is_set():
-            log.error("workers_failed_to_start", workers=len(self._workers))
-            self._start_failed = True
-            self._stop("a worker failed to start")
+        if not all(await asyncio.gather(*(self._wait_up(worker) for worker in self._workers))):
+            self._abandon_start("a worker failed to start")
+        elif not await self._start_admin():
+            self._abandon_start("the admin listener failed to start")
         if self._stop_requested.is_set():
             await self._stopped.wait()
             return self._exit_code
-        admin = self.config.admin
-        if admin is not None:
-            token = admin.token.reveal() if admin.token is not None else None
-            self.admin = AdminServer(self, AdminListener(admin.host, admin.port, token))
-            await self.admin.start()
         for worker in self._workers:
             self._spawn(self._keep_running(worker))
         log.info(
@@ -122,6 +120,27 @@ class Supervisor:
             self._spawn(self._watchdog_loop(self._notifier.watchdog_interval))
         await self._stopped.wait()
         return self._exit_code
+
+    async def _start_admin(self) -> bool:
+        admin = self.config.admin
+        if admin is None:
+            return True
+        token = admin.token.reveal() if admin.token is not None else None
+        server = AdminServer(self, AdminListener(admin.host, admin.port, token))
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error("admin_listen_failed", host=admin.host, port=admin.port, error=str(exc))
+            return False
+        self.admin = server
+        return True
+
+    def _abandon_start(self, reason: str) -> None:
+        if self._stop_requested.is_set():
+            return  # a signal stopped the start, which is no failure
+        log.error("start_failed", reason=reason, workers=len(self._workers))
+        self._start_failed = True
+        self._stop(reason)
 
     # --- workers ---
 
@@ -171,7 +190,7 @@ class Supervisor:
             if self._stop_requested.is_set():
                 return
             quick_deaths = quick_deaths + 1 if time.monotonic() - worker.started < _STABLE_AFTER else 1
-            delay = min(_RESTART_DELAY_MAX, _RESTART_DELAY_FIRST * 2 ** (quick_deaths - 1))
+            delay = restart_delay(quick_deaths)
             index = worker.slot.index
             log.error("worker_died", worker=index, pid=process.pid, exit=code, restart_in_s=delay)
             if quick_deaths >= _CRASH_LOOP_DEATHS:

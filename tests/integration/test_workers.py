@@ -4,6 +4,7 @@ talks to systemd, and each worker keeps its own audit chain."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +78,9 @@ def _metric(proxy: ProxyProcess, name: str, **labels: str) -> float:
 
 
 @contextmanager
-def _clients(proxy: ProxyProcess, pki: TerminalPKI, count: int = CLIENTS) -> Iterator[list[psycopg.Connection]]:
+def _clients(
+    proxy: ProxyProcess, pki: TerminalPKI, count: int = CLIENTS
+) -> Iterator[list[psycopg.Connection]]:
     with ExitStack() as stack:
         connections = [
             stack.enter_context(psycopg.connect(**proxy.conninfo(pki.cashier, pki.ca), autocommit=True))
@@ -122,8 +126,19 @@ def test_both_workers_serve_and_the_admin_api_and_metrics_add_them_up(
         assert _metric(proxy, "pos_proxy_client_connections_active", role="cashier") == CLIENTS
         ready = _admin(proxy, "/readyz")
         assert ready["ready"] is True and set(ready["workers"]) == {"1", "2"}
+        assert _admin(proxy, "/v1/reload", "POST") == {"reloaded": True}
+        # The terminal's sessions are cut in both workers, and the count is their sum.
+        cut = _admin(proxy, "/v1/terminals/store-001/till-01/disconnect", "POST")
+        assert cut["disconnected"] == CLIENTS
+        assert {
+            record["worker"] for record in proxy.log_events() if record.get("event") == "admin_disconnect"
+        } == {
+            1,
+            2,
+        }
     assert _metric(proxy, "pos_proxy_client_connections_total", role="cashier") == CLIENTS
     assert _metric(proxy, "pos_proxy_workers_alive") == WORKERS
+    assert _metric(proxy, "pos_proxy_config_reloads_total", result="ok") == WORKERS
 
 
 def test_a_killed_worker_is_restarted_and_service_carries_on(
@@ -189,7 +204,11 @@ def test_sigterm_drains_every_worker_and_each_keeps_its_own_audit_chain(
                 connection.execute("SELECT 1")
         assert proxy.wait_exit(timeout=30) == 0
     assert not any(_alive(pid) for pid in pids.values())
-    exits = {record["worker"]: record["exit"] for record in proxy.log_events() if record.get("event") == "worker_exited"}
+    exits = {
+        record["worker"]: record["exit"]
+        for record in proxy.log_events()
+        if record.get("event") == "worker_exited"
+    }
     assert exits == {1: 0, 2: 0}
     files = sorted(audit.parent.iterdir())
     assert [path.name for path in files] == ["audit-w1.log", "audit-w2.log"]
@@ -246,3 +265,44 @@ def test_only_the_supervisor_talks_to_systemd(
         seen += _notifications(sock, "STOPPING=1")
         assert proxy.wait_exit(timeout=30) == 0
         assert {pid for pid, _ in seen} == {proxy.pid}
+
+
+def _started_at(proxy: ProxyProcess, worker: int) -> list[float]:
+    return [
+        datetime.fromisoformat(record["timestamp"]).timestamp()
+        for record in proxy.log_events()
+        if record.get("event") == "worker_started" and record.get("worker") == worker
+    ]
+
+
+def test_a_crash_looping_worker_is_reported_restarted_ever_more_slowly_and_recovers(
+    start_workers: StartWorkers, terminal_pki: TerminalPKI
+) -> None:
+    proxy = start_workers()
+    good_config = proxy.config_path.read_text(encoding="utf-8")
+    # A worker started now cannot load its configuration and exits at once.
+    proxy.config_path.write_text("listen: [not, a, mapping\n", encoding="utf-8")
+    os.kill(_worker_pids(proxy)[1], signal.SIGKILL)
+    looping = proxy.wait_for_event("worker_crash_loop", worker=1, timeout=30)
+    assert looping["quick_deaths"] == 3
+    with _clients(proxy, terminal_pki, count=4):
+        pass  # worker 2 carries on
+    proxy.config_path.write_text(good_config, encoding="utf-8")
+    proxy.wait_for_event("worker_ready", worker=1, timeout=30)
+    starts = _started_at(proxy, 1)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts[1:])]
+    # Each restart waited longer than the one before: 0.5 s, 1 s, 2 s (plus the failed start).
+    assert len(gaps) >= 2 and gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps
+    with _clients(proxy, terminal_pki):
+        assert _serving_workers(proxy) == {1, 2}
+
+
+def test_workers_that_cannot_start_end_the_supervisor_with_an_error(
+    base_config: dict[str, Any], tmp_path: Path
+) -> None:
+    proxy = ProxyProcess(tmp_path / "proxy", base_config, ["--workers", str(WORKERS)])
+    with socket.create_server(("127.0.0.1", proxy.port)):  # taken, and without SO_REUSEPORT
+        proxy.start()
+        assert proxy.wait_exit(timeout=40) == 1
+    proxy.wait_for_event("start_failed", reason="a worker failed to start")
+    assert "Address already in use" in proxy.log_text()
