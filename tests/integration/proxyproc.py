@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -221,3 +222,29 @@ def proxy_config(pki: TerminalPKI, cluster: Any, password_file: Path, **route: A
         "roles": {"cashier": {"description": "tills"}, "manager": None},
         "routes": {"pos": deep_merge(route_config, route)},
     }
+
+
+def receive_notifications(
+    sock: socket.socket, until: str, timeout: float = 15.0
+) -> list[tuple[int | None, str]]:
+    """sd_notify datagrams on a test NOTIFY_SOCKET as (sender pid, text), until one contains ``until``.
+
+    The pid is known when the socket has SO_PASSCRED set (the kernel then attaches SCM_CREDENTIALS).
+    """
+    seen: list[tuple[int | None, str]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("iII")))
+        except TimeoutError:
+            break
+        pids = [
+            struct.unpack("iII", payload)[0]
+            for level, kind, payload in ancillary
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+        ]
+        seen.append((pids[0] if pids else None, data.decode()))
+        if until in seen[-1][1]:
+            return seen
+    raise AssertionError(f"no {until!r} among {seen}")

@@ -10,7 +10,6 @@ import os
 import secrets
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.localpg import free_port
-from tests.integration.proxyproc import ProxyProcess, TerminalPKI, deep_merge
+from tests.integration.proxyproc import ProxyProcess, TerminalPKI, deep_merge, receive_notifications
 
 WORKERS = 2
 # Enough connections that the kernel's hash puts some on each worker (all on one: 2**-15).
@@ -224,27 +223,6 @@ def test_sigterm_drains_every_worker_and_each_keeps_its_own_audit_chain(
         assert "chain and HMACs intact" in verified.stdout
 
 
-def _notifications(sock: socket.socket, until: str, timeout: float = 20.0) -> list[tuple[int, str]]:
-    """(sender pid, message) received until a message contains ``until`` (bounded)."""
-    seen: list[tuple[int, str]] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.1, deadline - time.monotonic()))
-        try:
-            data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("iII")))
-        except TimeoutError:
-            break
-        pids = [
-            struct.unpack("iII", payload)[0]
-            for level, kind, payload in ancillary
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
-        ]
-        seen.append((pids[0], data.decode()))
-        if until in seen[-1][1]:
-            return seen
-    raise AssertionError(f"no {until!r} among {seen}")
-
-
 def test_only_the_supervisor_talks_to_systemd(
     start_workers: StartWorkers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -255,14 +233,14 @@ def test_only_the_supervisor_talks_to_systemd(
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
         monkeypatch.setenv("WATCHDOG_USEC", "600000")
         proxy = start_workers()
-        seen = _notifications(sock, "READY=1")
+        seen = receive_notifications(sock, "READY=1")
         assert any(f"with {WORKERS} workers" in message for _, message in seen)
-        seen += _notifications(sock, "WATCHDOG=1")
+        seen += receive_notifications(sock, "WATCHDOG=1")
         proxy.signal(signal.SIGHUP)
-        seen += _notifications(sock, "READY=1")
+        seen += receive_notifications(sock, "READY=1")
         assert any("RELOADING=1" in message for _, message in seen)
         proxy.signal(signal.SIGTERM)
-        seen += _notifications(sock, "STOPPING=1")
+        seen += receive_notifications(sock, "STOPPING=1")
         assert proxy.wait_exit(timeout=30) == 0
         assert {pid for pid, _ in seen} == {proxy.pid}
 
