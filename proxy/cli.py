@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import urllib.error
@@ -73,6 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--index", required=True, type=int)
     worker.add_argument("--count", required=True, type=int)
     worker.add_argument("--runtime-dir", required=True, type=Path)
+    worker.add_argument("--supervisor-pid", required=True, type=int)
     _add_log_options(worker)
     worker.set_defaults(handler=_worker)
 
@@ -223,13 +223,15 @@ def _run(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     # Ctrl-C in a terminal reaches the whole process group: the supervisor turns it into SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Held until the server's handler is in place: a stop during start-up then drains, not kills.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     configure_logging(json=args.log_format == "json", level=args.log_level)
     structlog.contextvars.bind_contextvars(worker=args.index)
     config = _load_or_report(args.config, prefix="pos-proxy: invalid configuration ")
     if config is None:
         return EXIT_FAILURE
     return _serve_until_stopped(
-        serve(config, WorkerSlot(args.index, args.count, args.runtime_dir, os.getppid()))
+        serve(config, WorkerSlot(args.index, args.count, args.runtime_dir, args.supervisor_pid))
     )
 
 

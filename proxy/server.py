@@ -199,6 +199,8 @@ class ProxyServer:
         for signum in stop_signals:
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+        if self._worker is not None:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by `pos-proxy worker`
 
     def reload(self, trigger: str) -> bool:
         """Re-read the config file; apply it to new connections, or keep the old one whole."""

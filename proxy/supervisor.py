@@ -62,7 +62,13 @@ class _Worker:
     slot: WorkerSlot
     process: asyncio.subprocess.Process | None = None
     started: float = 0.0
+    serving: bool = False  # answered on its admin socket since its last start
     exit_code: int | None = None  # how it ended once the supervisor stopped it
+
+    @property
+    def drained(self) -> bool:
+        """Exited cleanly, or was stopped while still starting (it had no sessions to drain)."""
+        return self.exit_code in (0, None) or (self.exit_code == -signal.SIGTERM and not self.serving)
 
 
 class Supervisor:
@@ -159,10 +165,14 @@ class Supervisor:
             str(slot.count),
             "--runtime-dir",
             str(slot.runtime_dir),
+            # Named, not read with getppid() in the worker: the supervisor may die while it starts.
+            "--supervisor-pid",
+            str(slot.supervisor_pid),
             *self._worker_options,
             env=self._environment,
         )
         worker.started = time.monotonic()
+        worker.serving = False
         log.info("worker_started", worker=slot.index, pid=worker.process.pid)
 
     async def _wait_up(self, worker: _Worker) -> bool:
@@ -173,6 +183,7 @@ class Supervisor:
             if process is None or process.returncode is not None:
                 return False
             if worker.slot.admin_socket.exists() and await self._call(worker, "GET", "/healthz", quiet=True):
+                worker.serving = True
                 return True
             await asyncio.sleep(_START_POLL)
         if not self._stop_requested.is_set():
@@ -239,7 +250,7 @@ class Supervisor:
         if self.admin is not None:
             await self.admin.stop()
         codes = {worker.slot.index: worker.exit_code for worker in self._workers}
-        drained = all(code in (0, None) for code in codes.values())
+        drained = all(worker.drained for worker in self._workers)
         self._exit_code = EXIT_OK if drained and not self._start_failed else EXIT_FAILURE
         log.info("workers_stopped", exit_codes=codes)
         current = asyncio.current_task()

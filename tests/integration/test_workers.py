@@ -104,11 +104,12 @@ def _worker_pids(proxy: ProxyProcess) -> dict[int, int]:
 
 
 def _alive(pid: int) -> bool:
+    """Running (an exited process may stay a zombie until whoever adopted it reaps it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
         return False
-    return True
+    return state != "Z"
 
 
 def test_both_workers_serve_and_the_admin_api_and_metrics_add_them_up(
@@ -284,3 +285,21 @@ def test_workers_that_cannot_start_end_the_supervisor_with_an_error(
         assert proxy.wait_exit(timeout=40) == 1
     proxy.wait_for_event("start_failed", reason="a worker failed to start")
     assert "Address already in use" in proxy.log_text()
+
+
+def test_orphaned_workers_drain_and_exit(
+    start_workers: StartWorkers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # systemd's RuntimeDirectory=: the sockets and metrics go there (and stay, as the supervisor is killed).
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    proxy = start_workers()
+    pids = _worker_pids(proxy)
+    sockets = sorted(path.name for path in tmp_path.glob("pos-proxy-*/worker-*.sock"))
+    assert sockets == ["worker-1.sock", "worker-2.sock"]
+    os.kill(proxy.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids.values())
+    gone = [record["worker"] for record in proxy.log_events() if record.get("event") == "supervisor_gone"]
+    assert sorted(gone) == [1, 2]
