@@ -20,7 +20,7 @@ ACTOR_HEADER = "X-Pos-Proxy-Actor"
 
 class AdminControl(Protocol):
     """What the admin API needs from the running proxy: one process (proxy.server.ProxyServer)
-    or the supervisor of several workers (proxy.supervisor.WorkerFleet)."""
+    or the supervisor of several workers (proxy.supervisor.Supervisor)."""
 
     async def pools(self) -> list[dict[str, Any]]: ...
 
