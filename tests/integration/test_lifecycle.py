@@ -13,24 +13,13 @@ import psycopg
 import pytest
 
 from proxy import certs
-from tests.integration.proxyproc import ProxyProcess, TerminalPKI
+from tests.integration.proxyproc import ProxyProcess, TerminalPKI, receive_notifications
 
 StartProxy = Callable[..., ProxyProcess]
 
 
-def _messages(sock: socket.socket, until: str, timeout: float = 15.0) -> list[str]:
-    """Notifications received until one contains ``until`` (bounded)."""
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.1, deadline - time.monotonic()))
-        try:
-            seen.append(sock.recv(4096).decode())
-        except TimeoutError:
-            break
-        if until in seen[-1]:
-            return seen
-    raise AssertionError(f"no {until!r} among {seen}")
+def _messages(sock: socket.socket, until: str) -> list[str]:
+    return [text for _, text in receive_notifications(sock, until)]
 
 
 def test_ready_reloading_and_stopping_reach_the_notify_socket(
