@@ -52,6 +52,9 @@ log = structlog.get_logger("pos_proxy.server")
 # Shown in pg_stat_activity for pooled connections until a client sets its own name.
 SERVER_APPLICATION_NAME = "pos-db-proxy"
 _RECYCLE_INTERVAL = 1.0
+# How long a closing session waits for the terminal's TLS close_notify: one that never reads
+# never sends it, and must not hold a drain (or its socket) for the default 30 s.
+_TLS_SHUTDOWN_TIMEOUT = 2.0
 # How often a worker checks that its supervisor is still there.
 _SUPERVISOR_CHECK_INTERVAL = 1.0
 _PLAINTEXT_REFUSAL = AuthenticationRefused(
@@ -592,7 +595,11 @@ class ProxyServer:
         started = time.monotonic()
         try:
             await loop.connect_accepted_socket(
-                lambda: session, sock, ssl=self._terminal_tls, ssl_handshake_timeout=timeout
+                lambda: session,
+                sock,
+                ssl=self._terminal_tls,
+                ssl_handshake_timeout=timeout,
+                ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
             )
         except ssl.SSLError as exc:
             reason = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else exc.reason

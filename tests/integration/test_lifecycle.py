@@ -76,6 +76,23 @@ def test_sigterm_lets_an_open_transaction_commit_and_ends_idle_sessions_at_once(
         assert admin.execute("SELECT count(*) FROM public.drained").fetchone() == (2,)
 
 
+def test_drain_does_not_wait_for_an_idle_terminal_that_never_reads(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    # The terminal is told 57P01 and sent TLS close_notify; one that never reads never answers
+    # that close_notify, which must not hold the drain for the whole drain_timeout.
+    proxy = start_proxy(listen={"drain_timeout": "20s"})
+    silent = psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True)
+    try:
+        silent.execute("SELECT 1")
+        started = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait_exit() == 0
+        assert time.monotonic() - started < 8
+    finally:
+        silent.close()
+
+
 def test_a_new_crl_file_cuts_the_revoked_terminal_without_a_reload(
     start_proxy: StartProxy, tmp_path: Path
 ) -> None:
