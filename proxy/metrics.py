@@ -162,6 +162,23 @@ class Metrics:
             ["route"],
             registry=registry,
         )
+        self.shared_limits_available = Gauge(
+            "pos_proxy_shared_limits_available",
+            "1 while the shared limit store (Redis, limits.shared) answers; 0 while its fallback applies.",
+            registry=registry,
+        )
+        self.shared_limit_lease_refills_total = Counter(
+            "pos_proxy_shared_limit_lease_refills_total",
+            "Token leases refilled from the shared store, by result (granted; short: bucket empty).",
+            ["result"],
+            registry=registry,
+        )
+        self.shared_limit_store_failures_total = Counter(
+            "pos_proxy_shared_limit_store_failures_total",
+            "Shared limit store calls that failed or timed out, by operation (lease, connection, sync).",
+            ["operation"],
+            registry=registry,
+        )
         self.build_info = Info("pos_proxy_build", "The running proxy's version.", registry=registry)
         self.build_info.info({"version": _version()})
 
@@ -171,6 +188,10 @@ class Metrics:
             self.config_reloads_total.labels(result=result)
         for result in ("hit", "miss"):
             self.prepared_statement_cache_total.labels(result=result)
+        for result in ("granted", "short"):
+            self.shared_limit_lease_refills_total.labels(result=result)
+        for operation in ("lease", "connection", "sync"):
+            self.shared_limit_store_failures_total.labels(operation=operation)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric, served as CONTENT_TYPE."""

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -20,7 +20,7 @@ from proxy.admin import AdminListener, AdminServer
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, ConfigProblem, RouteConfig, load_config
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
-from proxy.limits import SourceRateLimiter
+from proxy.limits import Limiter, SourceRateLimiter
 from proxy.metrics import Metrics
 from proxy.policy.engine import PolicyEngine
 from proxy.policy.learn import ReviewLog
@@ -37,6 +37,9 @@ from proxy.protocols.postgres.upstream import (
 )
 from proxy.sdnotify import Notifier
 from proxy.tlsconfig import revoked_serials, terminal_context, upstream_context
+
+if TYPE_CHECKING:
+    from proxy.sharedlimits import RedisSharedLimits
 
 log = structlog.get_logger("pos_proxy.server")
 
@@ -122,11 +125,13 @@ class ProxyServer:
         self.routes: Mapping[str, Route] = build_routes(config, self.metrics)
         self.metrics.build_info.info({"version": _version()})
         self.audit = AuditLog(config.audit.settings) if config.audit is not None else None
+        self._shared_limits = _shared_limit_store(config, self.metrics)
         self._environment = SessionEnvironment(
             config=config,
             routes=self.routes,
             registry=self._registry,
             metrics=self.metrics,
+            limiter=Limiter(shared=self._shared_limits),
             policies=build_policy_engine(config),
             review=ReviewLog(config.policy.review_file) if config.policy.review_file else None,
             audit=self.audit,
@@ -154,6 +159,8 @@ class ProxyServer:
     async def start(self) -> None:
         if self.audit is not None:
             self.audit.start()
+        if self._shared_limits is not None:
+            await self._shared_limits.start()
         listen = self.config.listen
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         self._listener = socket.create_server((listen.host, listen.port), family=family, backlog=1024)
@@ -203,6 +210,8 @@ class ProxyServer:
         changed = [name for name in _RELOADABLE if getattr(config, name) != getattr(self.config, name)]
         if config.listen != self.config.listen:
             log.warning("reload_listen_unchanged", reason="listen settings take effect at restart")
+        if config.limits.shared != self.config.limits.shared:
+            log.warning("reload_shared_limits_unchanged", reason="limits.shared takes effect at restart")
         self.routes = self._rebuild_routes(config)
         self.config = config
         self._terminal_tls = terminal_tls
@@ -365,6 +374,8 @@ class ProxyServer:
             await route.pool.close()
         if self.admin is not None:
             await self.admin.stop()
+        if self._shared_limits is not None:
+            await self._shared_limits.close()
         self._flush_review()
         if self.audit is not None:
             # Everything recorded so far reaches the file before the process exits.
@@ -514,6 +525,15 @@ class ProxyServer:
             log.info("tls_handshake_failed", source=source, reason=str(exc) or type(exc).__name__)
             return
         self.metrics.tls_handshake_seconds.observe(time.monotonic() - started)
+
+
+def _shared_limit_store(config: Config, metrics: Metrics) -> RedisSharedLimits | None:
+    if config.limits.shared is None:
+        return None
+    # Imported only when configured: the redis package is an optional extra.
+    from proxy.sharedlimits import RedisSharedLimits  # noqa: PLC0415
+
+    return RedisSharedLimits(config.limits.shared, metrics)
 
 
 def _modified(path: Path | None) -> int | None:

@@ -406,9 +406,30 @@ class ClientSession(asyncio.Protocol):
         if not self._admit_connection():
             return
         self._route = route
+        if self._env.limiter.shares_connections(self._limits):
+            self._state = _State.CONNECTING
+            self.pause_client_reading()
+            self._connect_task = self._env.registry.spawn(self._claim_shared_connection(route))
+            return
+        self._connect(route)
+
+    async def _claim_shared_connection(self, route: Route) -> None:
+        """Count the connection against the limits shared with other proxies (limits.shared)."""
+        assert self.identity is not None
+        hit = await self._env.limiter.claim_shared_connection(self.identity.store, self._role, self._limits)
+        if self._state is not _State.CONNECTING:
+            return
+        if hit is not None:
+            self._limit_hit(hit)
+            self._fail(TooManyConnections(hit.message), reason=hit.limit)
+            return
+        self._connect(route)
+
+    def _connect(self, route: Route) -> None:
         if route.transaction_pooling and route.server_parameters:
             # No server connection is needed just to say hello.
             self._answer_startup(route.server_parameters, None)
+            self.resume_client_reading()
             if self._buffer:
                 self.data_received(b"")
             return
