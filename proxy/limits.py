@@ -6,7 +6,7 @@ import enum
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import Any, Final, Protocol
 
@@ -410,8 +410,9 @@ class SharedLimitStore(Protocol):
     def connections_changed(self, scope: str, name: str, count: int) -> None:
         """This proxy's open connections of a store or role are now ``count``: publish that soon."""
 
-    async def claim_connection(self, scope: str, name: str, limit: int, count: int) -> LimitHit | None:
-        """Publish ``count`` (with a new connection) unless all proxies' together would pass ``limit``."""
+    def claim_connections(self, claims: list[tuple[str, str, int]]) -> Awaitable[LimitHit | None]:
+        """Count a new connection for each (scope, name, limit) unless all proxies' together would
+        pass the limit; stops at the first refusal. Started at once, settled even if not awaited."""
 
 
 def unavailable_hit(what: str, retry_after: float | None) -> LimitHit:
@@ -468,29 +469,26 @@ class Limiter:
         for scope, name in (("terminal", f"{store}/{terminal}"), ("store", store), ("role", role)):
             self._count_connection(scope, name, -1)
 
-    def shares_connections(self, policy: LimitSettings) -> bool:
-        """Whether a new connection under ``policy`` must also be claimed from the shared store."""
-        return self._shared is not None and (
-            policy.connections_per_store is not None or policy.connections_per_role is not None
-        )
+    def shared_admission(
+        self, store: str, role: str, policy: LimitSettings
+    ) -> Awaitable[LimitHit | None] | None:
+        """Right after open_connection() let a connection in: its claim on the store's and role's
+        connection limits over all proxies, or None if none applies.
 
-    async def claim_shared_connection(self, store: str, role: str, policy: LimitSettings) -> LimitHit | None:
-        """After open_connection(): check the store's and role's limits over all proxies.
-
-        A refused connection is uncounted by close_connection() as usual, which also corrects the
-        shared count.
+        The claim starts at once; the connection waits for its answer before it starts. A refused
+        connection is uncounted by close_connection() as usual.
         """
-        assert self._shared is not None
-        for scope, name, limit in (
-            ("store", store, policy.connections_per_store),
-            ("role", role, policy.connections_per_role),
-        ):
-            if limit is not None:
-                count = self._connections.get(f"{scope}:{name}", 0)
-                hit = await self._shared.claim_connection(scope, name, limit, count)
-                if hit is not None:
-                    return hit
-        return None
+        claims = [
+            (scope, name, limit)
+            for scope, name, limit in (
+                ("store", store, policy.connections_per_store),
+                ("role", role, policy.connections_per_role),
+            )
+            if limit is not None
+        ]
+        if self._shared is None or not claims:
+            return None
+        return self._shared.claim_connections(claims)
 
     def _count_connection(self, scope: str, name: str, change: int) -> None:
         key = f"{scope}:{name}"

@@ -1,9 +1,9 @@
 """Per-store and per-role limits counted together by several proxies in Redis (the I/O around LeaseBook).
 
 Statements: each proxy leases small batches of tokens from one token bucket per store or role, kept in
-Redis and taken by an atomic Lua script (``_TAKE``); the Limiter spends them without a round trip.
+Redis and taken by an atomic Lua script (TAKE_SCRIPT); the Limiter spends them without a round trip.
 Connections: one Redis hash per store or role holds each live proxy's open connections; a new one is
-admitted by an atomic script (``_CLAIM``) that sums the proxies whose heartbeat key has not expired,
+admitted by an atomic script (CLAIM_SCRIPT) that sums the proxies whose heartbeat key has not expired,
 so a crashed proxy's connections stop counting ``instance_ttl`` after its last heartbeat.
 
 Keys use Lua with keys it computes (the heartbeats), so Redis Cluster is not supported: use one
@@ -18,7 +18,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
 import structlog
@@ -37,14 +37,14 @@ from proxy.limits import (
 )
 from proxy.metrics import Metrics
 
-__all__ = ["RedisSharedLimits"]
+__all__ = ["CLAIM_SCRIPT", "TAKE_SCRIPT", "RedisSharedLimits"]
 
 log = structlog.get_logger("pos_proxy.sharedlimits")
 
 # Take ARGV[3] tokens (as many as there are, whole) from the bucket at KEYS[1], refilled at ARGV[1]
 # per second up to ARGV[2]; a negative amount gives tokens back. Redis's own clock times the refill,
 # so the proxies' clocks need not agree. Returns {granted, seconds until the next whole token}.
-_TAKE: Final = """
+TAKE_SCRIPT: Final = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local amount = tonumber(ARGV[3])
@@ -72,28 +72,26 @@ end
 return {granted, string.format('%.17g', wait)}
 """
 
-# KEYS[1]: hash of proxy instance -> its open connections of one store or role. Set this proxy's
-# count to ARGV[3] unless, with the other live proxies' (heartbeat key ARGV[1]..instance exists),
-# it would pass the limit ARGV[4]; a dead proxy's entry is deleted. Returns {admitted, others}.
-_CLAIM: Final = """
-local others = 0
+# KEYS[1]: hash of proxy instance -> its open connections of one store or role. Count one more
+# for instance ARGV[2] unless, with the live proxies' (heartbeat key ARGV[1]..instance exists),
+# that would pass the limit ARGV[3]; a dead proxy's entry is deleted. Returns {admitted, open}.
+CLAIM_SCRIPT: Final = """
+local open = 0
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
   local instance = entries[i]
-  if instance ~= ARGV[2] then
-    if redis.call('EXISTS', ARGV[1] .. instance) == 1 then
-      others = others + tonumber(entries[i + 1])
-    else
-      redis.call('HDEL', KEYS[1], instance)
-    end
+  if instance == ARGV[2] or redis.call('EXISTS', ARGV[1] .. instance) == 1 then
+    open = open + tonumber(entries[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], instance)
   end
 end
-if others + tonumber(ARGV[3]) > tonumber(ARGV[4]) then
-  return {0, others}
+if open + 1 > tonumber(ARGV[3]) then
+  return {0, open}
 end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return {1, others}
+redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {1, open}
 """
 
 # Failures a Redis call can end in: the server is down, slow, or answers with an error.
@@ -138,13 +136,18 @@ class RedisSharedLimits:
             retry=Retry(NoBackoff(), 0),
             decode_responses=True,
         )
-        self._take = self._redis.register_script(_TAKE)
-        self._claim = self._redis.register_script(_CLAIM)
+        self._take = self._redis.register_script(TAKE_SCRIPT)
+        self._claim = self._redis.register_script(CLAIM_SCRIPT)
         self._ttl_ms = math.ceil(settings.instance_ttl * 1000)
-        # This proxy's open connections per (scope, name), and those not yet published.
+        # This proxy's open connections per (scope, name), those whose count changed since it was
+        # last published, and the claims on their way (each adds one in Redis when admitted).
         self._counts: dict[tuple[str, str], int] = {}
         self._dirty: set[tuple[str, str]] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._claiming: dict[tuple[str, str], int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Checked by the loops too: on Python 3.11 a cancel that meets an expiring asyncio.timeout
+        # can come out as the TimeoutError the loops handle, and be lost.
+        self._closed = False
 
     @property
     def _heartbeat_key(self) -> str:
@@ -169,9 +172,11 @@ class RedisSharedLimits:
 
     async def close(self) -> None:
         """Stop; withdraw this proxy's connections and unused tokens: the others need not wait the TTL."""
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2 * self.settings.timeout)
         if self.leases.available:
             try:
                 async with asyncio.timeout(self.settings.timeout):
@@ -192,15 +197,44 @@ class RedisSharedLimits:
         self._dirty.add((scope, name))
         self._sync_wanted.set()
 
-    async def claim_connection(self, scope: str, name: str, limit: int, count: int) -> LimitHit | None:
+    def claim_connections(self, claims: list[tuple[str, str, int]]) -> Awaitable[LimitHit | None]:
+        # Marked as on their way at once: until each claim is settled, no sync may publish a count
+        # that already includes the new connection (the claim adds it in Redis).
+        for scope, name, _limit in claims:
+            self._claiming[(scope, name)] = self._claiming.get((scope, name), 0) + 1
+        # Owned here, not by the session: a client that goes away mid-claim must not leave the
+        # bookkeeping half done.
+        task = asyncio.get_running_loop().create_task(self._claim_all(claims))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return asyncio.shield(task)
+
+    async def _claim_all(self, claims: list[tuple[str, str, int]]) -> LimitHit | None:
+        hit = None
+        for scope, name, limit in claims:
+            try:
+                if hit is None:
+                    hit = await self._claim_one(scope, name, limit)
+            finally:
+                key = (scope, name)
+                self._claiming[key] -= 1
+                if not self._claiming[key]:
+                    del self._claiming[key]
+                # A refused claim changed nothing in Redis; any other outcome (even a cancel after
+                # Redis counted it) is corrected by publishing the true count.
+                if hit is None or hit.limit != f"connections per {scope}":
+                    self.connections_changed(scope, name, self._counts.get(key, 0))
+        return hit
+
+    async def _claim_one(self, scope: str, name: str, limit: int) -> LimitHit | None:
         what = f"connections per {scope}"
         if not self.leases.available:
             return self._fallback_hit(what, None)
         try:
             async with asyncio.timeout(self.settings.timeout):
-                admitted, others = await self._claim(
+                admitted, _open = await self._claim(
                     keys=[self._connections_key(scope, name)],
-                    args=[f"{self.settings.key_prefix}:instance:", self.instance, count, limit, self._ttl_ms],
+                    args=[f"{self.settings.key_prefix}:instance:", self.instance, limit, self._ttl_ms],
                 )
         except _FAILURES as exc:
             self._failed("connection", exc)
@@ -210,8 +244,8 @@ class RedisSharedLimits:
         return LimitHit(
             what,
             None,
-            f"connection limit for {scope} {name} reached ({limit} open over all proxies, "
-            f"{int(others) + count - 1} now); retry when one of its connections has closed",
+            f"connection limit for {scope} {name} reached ({limit} open over all proxies); "
+            "retry when one of its connections has closed",
         )
 
     # --- background ---
@@ -232,7 +266,7 @@ class RedisSharedLimits:
 
     async def _refill_loop(self) -> None:
         """Send the refills the leases ask for, all at once, as soon as they ask."""
-        while True:
+        while not self._closed:
             await self._refills_wanted.wait()
             self._refills_wanted.clear()
             refills = self.leases.refills()
@@ -261,14 +295,15 @@ class RedisSharedLimits:
 
     async def _sync_loop(self) -> None:
         """Publish connection counts when they change; heartbeat and full republish every ttl/3."""
+        loop = asyncio.get_running_loop()
         interval = self.settings.instance_ttl / 3
         next_heartbeat = self._clock() + interval
-        while True:
+        while not self._closed:
+            alarm = loop.call_later(max(0.0, next_heartbeat - self._clock()), self._sync_wanted.set)
             try:
-                async with asyncio.timeout(max(0.0, next_heartbeat - self._clock())):
-                    await self._sync_wanted.wait()
-            except TimeoutError:
-                pass
+                await self._sync_wanted.wait()
+            finally:
+                alarm.cancel()
             self._sync_wanted.clear()
             heartbeat = self._clock() >= next_heartbeat
             if heartbeat:
@@ -278,8 +313,11 @@ class RedisSharedLimits:
                 await self._sync(heartbeat=heartbeat)
 
     async def _sync(self, *, heartbeat: bool) -> None:
-        scopes = set(self._counts) if heartbeat else set(self._dirty)
-        self._dirty.clear()
+        # A count is published whole only while no claim of its scope is on its way: a claim adds
+        # one in Redis, which the count (that already includes its connection) must not overwrite.
+        candidates = set(self._counts) if heartbeat else self._dirty
+        scopes = {scope for scope in candidates if scope not in self._claiming}
+        self._dirty -= scopes
         surplus = self.leases.surplus(self._clock()) if self.leases.available else []
         try:
             async with asyncio.timeout(self.settings.timeout):

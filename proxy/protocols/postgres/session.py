@@ -9,7 +9,7 @@ import random
 import secrets
 import ssl
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -406,17 +406,17 @@ class ClientSession(asyncio.Protocol):
         if not self._admit_connection():
             return
         self._route = route
-        if self._env.limiter.shares_connections(self._limits):
+        admission = self._env.limiter.shared_admission(self.identity.store, self._role, self._limits)
+        if admission is not None:
             self._state = _State.CONNECTING
             self.pause_client_reading()
-            self._connect_task = self._env.registry.spawn(self._claim_shared_connection(route))
+            self._connect_task = self._env.registry.spawn(self._await_shared_admission(admission, route))
             return
         self._connect(route)
 
-    async def _claim_shared_connection(self, route: Route) -> None:
-        """Count the connection against the limits shared with other proxies (limits.shared)."""
-        assert self.identity is not None
-        hit = await self._env.limiter.claim_shared_connection(self.identity.store, self._role, self._limits)
+    async def _await_shared_admission(self, admission: Awaitable[LimitHit | None], route: Route) -> None:
+        """The connection limits shared with other proxies (limits.shared) let it in, or not."""
+        hit = await admission
         if self._state is not _State.CONNECTING:
             return
         if hit is not None:
