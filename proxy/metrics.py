@@ -162,9 +162,11 @@ class Metrics:
             ["route"],
             registry=registry,
         )
+        # Only a proxy with limits.shared has the series; the label is its on_unavailable setting.
         self.shared_limits_available = Gauge(
             "pos_proxy_shared_limits_available",
             "1 while the shared limit store (Redis, limits.shared) answers; 0 while its fallback applies.",
+            ["fallback"],
             registry=registry,
         )
         self.shared_limit_lease_refills_total = Counter(

@@ -122,6 +122,7 @@ class RedisSharedLimits:
         self.settings = settings
         self.instance = instance or _instance_name()
         self._metrics = metrics
+        self._available = metrics.shared_limits_available.labels(settings.on_unavailable.value)
         self._clock = clock
         self._refills_wanted = asyncio.Event()
         self._sync_wanted = asyncio.Event()
@@ -163,7 +164,7 @@ class RedisSharedLimits:
 
     async def start(self) -> None:
         """Announce this proxy (a store that does not answer is logged, not fatal), then keep at it."""
-        self._metrics.shared_limits_available.set(1)
+        self._available.set(1)
         await self._sync(heartbeat=True)
         if self.leases.available:
             log.info("shared_limits_connected", instance=self.instance, fallback=self._fallback)
@@ -341,7 +342,7 @@ class RedisSharedLimits:
             if not self._counts.get(published):
                 self._counts.pop(published, None)
         if self.leases.set_available(True):
-            self._metrics.shared_limits_available.set(1)
+            self._available.set(1)
             log.info("shared_limits_available_again", instance=self.instance)
 
     async def _give_back(self, surplus: list[tuple[BucketKey, int]]) -> None:
@@ -355,7 +356,7 @@ class RedisSharedLimits:
     def _failed(self, operation: str, exc: BaseException) -> None:
         self._metrics.shared_limit_store_failures_total.labels(operation).inc()
         if self.leases.set_available(False):
-            self._metrics.shared_limits_available.set(0)
+            self._available.set(0)
             log.error(
                 "shared_limits_unavailable",
                 instance=self.instance,

@@ -196,8 +196,10 @@ async def test_a_crashed_proxys_connections_stop_counting_after_its_ttl(redis_se
             await doomed.wait()
 
 
-def available(metrics: Metrics) -> float | None:
-    return metrics.registry.get_sample_value("pos_proxy_shared_limits_available")
+def available(metrics: Metrics, fallback: SharedLimitFallback) -> float | None:
+    return metrics.registry.get_sample_value(
+        "pos_proxy_shared_limits_available", {"fallback": fallback.value}
+    )
 
 
 @pytest.mark.parametrize("fallback", list(SharedLimitFallback), ids=lambda fallback: fallback.value)
@@ -218,11 +220,11 @@ async def test_redis_outage_applies_the_fallback_and_sharing_resumes_after_it(
         assert limiter.statement(STORE, "till-01", "cashier", policy) is None
         assert await connect(limiter, "till-01", policy)
         await eventually(bucket_in_redis)
-        assert available(metrics) == 1
+        assert available(metrics, fallback) == 1
 
         redis_server.stop()
         connected = await connect(limiter, "till-02", policy)
-        assert available(metrics) == 0
+        assert available(metrics, fallback) == 0
         assert metrics.registry.get_sample_value(
             "pos_proxy_shared_limit_store_failures_total", {"operation": "connection"}
         )
@@ -249,7 +251,7 @@ async def test_redis_outage_applies_the_fallback_and_sharing_resumes_after_it(
         redis_server.start()
 
         async def recovered() -> bool:
-            return available(metrics) == 1
+            return available(metrics, fallback) == 1
 
         await eventually(recovered)
         assert await connect(limiter, "till-03", policy)
