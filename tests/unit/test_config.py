@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from proxy.config import (
     AdminConfig,
@@ -687,7 +688,6 @@ def test_example_config_loads(tmp_path: Path) -> None:
     (credentials / "pos-db-password").write_text("pos-password\n")
     (credentials / "reports-db-password").write_text("reports-password\n")
     (credentials / "admin-token").write_text("admin-token-value\n")
-    (credentials / "redis-password").write_text("redis-password\n")
     path = tmp_path / "pos-proxy.yaml"
     path.write_text(EXAMPLE.read_text().replace("/etc/pos-proxy/tls/", f"{tls}/"))
     shutil.copytree(EXAMPLE.parent / "policies", tmp_path / "policies")
@@ -736,7 +736,24 @@ def test_example_config_shows_every_key(schema: type, not_keys: tuple[str, ...])
     text = EXAMPLE.read_text()
     for field in dataclasses.fields(schema):
         if field.name not in not_keys:
-            assert re.search(rf"^\s*(- )?{field.name}:", text, re.MULTILINE), field.name
+            # Optional sections the example leaves commented out (limits.shared) count as shown.
+            assert re.search(rf"^\s*(#\s*)?(- )?{field.name}:", text, re.MULTILINE), field.name
+
+
+def test_example_shared_limits_section_parses_once_uncommented(base: Path) -> None:
+    lines = EXAMPLE.read_text().splitlines()
+    start = lines.index("  # shared:")
+    end = next(index for index in range(start, len(lines)) if not lines[index].startswith("  #"))
+    section = "\n".join("  " + line[4:] for line in lines[start:end])
+    credentials = base / "credentials"
+    credentials.mkdir()
+    (credentials / "redis-password").write_text("redis-password\n")
+    data = minimal()
+    data["limits"] = yaml.safe_load(section)
+    shared = parse(data, base, {"CREDENTIALS_DIRECTORY": str(credentials)}).limits.shared
+    assert shared is not None
+    assert shared.redis_url == "redis://redis.example.internal:6379/0"
+    assert shared.password == Secret("redis-password")
 
 
 def test_impossible_yaml_scalar_is_a_file_problem(tmp_path: Path) -> None:
