@@ -55,16 +55,21 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
     raise AssertionError(f"not within {timeout} s")
 
 
-async def connect(limiter: Limiter, terminal: str, policy: LimitSettings) -> bool:
+async def connect(limiter: Limiter, terminal: str, policy: LimitSettings, store: str = STORE) -> bool:
     """A connection's startup as the session does it: local count, then the shared claim."""
-    if limiter.open_connection(STORE, terminal, "cashier", policy) is not None:
+    if limiter.open_connection(store, terminal, "cashier", policy) is not None:
         return False
-    admission = limiter.shared_admission(STORE, "cashier", policy)
+    admission = limiter.shared_admission(store, "cashier", policy)
     assert admission is not None
     if await admission is not None:
-        limiter.close_connection(STORE, terminal, "cashier")
+        limiter.close_connection(store, terminal, "cashier")
         return False
     return True
+
+
+# Per scope: the policy shape, and the store each of two proxies' terminals belong to (a role's
+# limit spans stores; a store's spans its terminals, whichever proxy they reach).
+SCOPES = {"store": (STORE, STORE), "role": (STORE, "store-002")}
 
 
 async def test_the_take_script_never_overdraws_under_concurrent_takers(redis_server: RedisServer) -> None:
@@ -88,23 +93,27 @@ async def test_the_take_script_never_overdraws_under_concurrent_takers(redis_ser
         await asyncio.gather(*(client.aclose() for client in clients))
 
 
-async def test_two_proxies_enforce_one_store_statement_budget(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("scope", SCOPES)
+async def test_two_proxies_enforce_one_statement_budget(redis_server: RedisServer, scope: str) -> None:
     # Alone, each proxy's local bucket would admit 100 at once: 200 together.
-    policy = LimitSettings(store_statements=Rate(2, 100))
+    policy = LimitSettings(**{f"{scope}_statements": Rate(2, 100)})
     lease_size = 10
     settings = shared_settings(redis_server, lease_size=lease_size)
 
-    async def run(limiter: Limiter, until: float) -> int:
+    async def run(limiter: Limiter, store: str, until: float) -> int:
         admitted = 0
         while time.monotonic() < until:
             for _ in range(20):
-                admitted += limiter.statement(STORE, "till-01", "cashier", policy) is None
+                admitted += limiter.statement(store, "till-01", "cashier", policy) is None
             await asyncio.sleep(0.002)
         return admitted
 
+    stores = SCOPES[scope]
     async with proxy_limits(settings, "a") as (one, _, metrics), proxy_limits(settings, "b") as (two, _, _):
         started = time.monotonic()
-        admitted = await asyncio.gather(run(one, started + 1.5), run(two, started + 1.5))
+        admitted = await asyncio.gather(
+            run(one, stores[0], started + 1.5), run(two, stores[1], started + 1.5)
+        )
         elapsed = time.monotonic() - started
     # One bucket: its burst plus what it refilled, give or take one lease per proxy (TokenLease).
     assert min(admitted) > 0
@@ -114,31 +123,39 @@ async def test_two_proxies_enforce_one_store_statement_budget(redis_server: Redi
     )
 
 
-async def test_connection_limits_hold_across_two_proxies(redis_server: RedisServer) -> None:
-    policy = LimitSettings(connections_per_store=3)
+@pytest.mark.parametrize("scope", SCOPES)
+async def test_connection_limits_hold_across_two_proxies(redis_server: RedisServer, scope: str) -> None:
+    policy = LimitSettings(**{f"connections_per_{scope}": 3})
     settings = shared_settings(redis_server)
     async with proxy_limits(settings, "a") as (one, _, _), proxy_limits(settings, "b") as (two, _, _):
+        # Proxy one serves the odd attempts (with the first store), proxy two the even ones.
+        proxies = {one: SCOPES[scope][0], two: SCOPES[scope][1]}
         admitted = await asyncio.gather(
-            *(connect(one if n % 2 else two, f"till-{n:02}", policy) for n in range(10))
+            *(
+                connect(proxy, f"till-{n:02}", policy, proxies[proxy])
+                for n in range(10)
+                for proxy in [one if n % 2 else two]
+            )
         )
         assert sum(admitted) == 3
-        assert two.open_connection(STORE, "till-99", "cashier", policy) is None
-        admission = two.shared_admission(STORE, "cashier", policy)
+        assert two.open_connection(proxies[two], "till-99", "cashier", policy) is None
+        admission = two.shared_admission(proxies[two], "cashier", policy)
         assert admission is not None
         hit = await admission
-        assert hit is not None and "(3 open over all proxies)" in hit.message
-        two.close_connection(STORE, "till-99", "cashier")
+        assert hit is not None and hit.limit == f"connections per {scope}"
+        assert "(3 open over all proxies)" in hit.message
+        two.close_connection(proxies[two], "till-99", "cashier")
 
         # One closes on its proxy: the other proxy may open one, once the close is published.
         holder, other = (one, two) if any(admitted[1::2]) else (two, one)
         terminal = next(f"till-{n:02}" for n in range(10) if admitted[n] and (n % 2 == 1) == (holder is one))
-        holder.close_connection(STORE, terminal, "cashier")
+        holder.close_connection(proxies[holder], terminal, "cashier")
 
         async def other_connects() -> bool:
-            return await connect(other, "till-new", policy)
+            return await connect(other, "till-new", policy, proxies[other])
 
         await eventually(other_connects, timeout=3.0)
-        assert not await connect(other, "till-newer", policy)
+        assert not await connect(other, "till-newer", policy, proxies[other])
 
     # A proxy that stops cleanly withdraws its counts at once: a fresh one may use all three.
     async with proxy_limits(settings, "c") as (three, _, _):
