@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 
 from proxy.config import SharedLimitsConfig
 from proxy.limits import (
+    LEASE_RETURN_AFTER,
     BucketKey,
     LeaseBook,
     LimitHit,
@@ -295,12 +296,17 @@ class RedisSharedLimits:
                 self._metrics.shared_limit_lease_refills_total.labels(result).inc()
 
     async def _sync_loop(self) -> None:
-        """Publish connection counts when they change; heartbeat and full republish every ttl/3."""
+        """Publish connection counts when they change, and unused leased tokens; heartbeat and full
+        republish every ttl/3."""
         loop = asyncio.get_running_loop()
         interval = self.settings.instance_ttl / 3
         next_heartbeat = self._clock() + interval
         while not self._closed:
-            alarm = loop.call_later(max(0.0, next_heartbeat - self._clock()), self._sync_wanted.set)
+            wake_at = next_heartbeat
+            if self.leases.size():
+                # Unused leased tokens go back within about LEASE_RETURN_AFTER of their last use.
+                wake_at = min(wake_at, self._clock() + LEASE_RETURN_AFTER)
+            alarm = loop.call_later(max(0.0, wake_at - self._clock()), self._sync_wanted.set)
             try:
                 await self._sync_wanted.wait()
             finally:

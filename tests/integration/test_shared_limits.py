@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import sys
 import time
@@ -121,6 +122,31 @@ async def test_two_proxies_enforce_one_statement_budget(redis_server: RedisServe
     assert metrics.registry.get_sample_value(
         "pos_proxy_shared_limit_lease_refills_total", {"result": "short"}
     )
+
+
+async def test_unused_leased_tokens_go_back_to_the_shared_bucket(redis_server: RedisServer) -> None:
+    policy = LimitSettings(store_statements=Rate(0.001, 20))
+
+    async def tokens_in_redis() -> float:
+        async with Redis.from_url(redis_server.url) as check:
+            value = await check.hget("test:statements:store:store-001:0.001:20", "tokens")
+            return float(value) if value is not None else math.nan
+
+    async with proxy_limits(shared_settings(redis_server, lease_size=10), "a") as (limiter, _, _):
+        assert limiter.statement(STORE, "till-01", "cashier", policy) is None
+
+        async def leased() -> bool:
+            return await tokens_in_redis() == pytest.approx(10, abs=0.01)
+
+        # One statement on credit made the proxy lease a full batch: 10 of 20 are away...
+        await eventually(leased)
+
+        async def returned() -> bool:
+            return await tokens_in_redis() == pytest.approx(19, abs=0.01)
+
+        # ...and the 9 it did not spend go back after a second unused.
+        waited = await eventually(returned, timeout=4.0)
+        assert waited > 0.5
 
 
 @pytest.mark.parametrize("scope", SCOPES)
@@ -352,3 +378,23 @@ def test_fail_closed_refuses_with_the_sqlstates_while_redis_is_down(
         assert connection.execute("SELECT 'back'").fetchone() == ("back",)
     with psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca)) as again:
         assert again.execute("SELECT 2").fetchone() == (2,)
+
+
+async def test_a_proxy_starts_while_redis_is_down_and_joins_when_it_is_up(redis_server: RedisServer) -> None:
+    redis_server.stop()
+    policy = LimitSettings(store_statements=Rate(0.001, 2))
+    settings = shared_settings(redis_server, on_unavailable=SharedLimitFallback.FAIL_OPEN)
+    async with proxy_limits(settings, "early") as (limiter, shared, metrics):
+        assert not shared.leases.available
+        assert available(metrics, SharedLimitFallback.FAIL_OPEN) == 0
+        # Local limits meanwhile.
+        hits = [limiter.statement(STORE, "till-01", "cashier", policy) for _ in range(3)]
+        assert hits[:2] == [None, None] and hits[2] is not None
+
+        redis_server.start()
+
+        async def joined() -> bool:
+            return available(metrics, SharedLimitFallback.FAIL_OPEN) == 1
+
+        await eventually(joined)
+        assert limiter.statement(STORE, "till-01", "cashier", policy) is None
