@@ -163,11 +163,13 @@ class Metrics:
             registry=registry,
         )
         # Only a proxy with limits.shared has the series; the label is its on_unavailable setting.
+        # Over several worker processes: 0 as soon as one live worker cannot reach the store.
         self.shared_limits_available = Gauge(
             "pos_proxy_shared_limits_available",
             "1 while the shared limit store (Redis, limits.shared) answers; 0 while its fallback applies.",
             ["fallback"],
             registry=registry,
+            multiprocess_mode="livemin",
         )
         self.shared_limit_lease_refills_total = Counter(
             "pos_proxy_shared_limit_lease_refills_total",
