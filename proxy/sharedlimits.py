@@ -25,6 +25,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.config import SharedLimitsConfig
@@ -134,8 +135,11 @@ class RedisSharedLimits:
             password=password,
             socket_timeout=settings.timeout,
             socket_connect_timeout=settings.timeout,
-            # A retry would only stretch the wait past `timeout`; the heartbeat is the retry.
-            retry=Retry(NoBackoff(), 0),
+            # One retry, on a fresh connection, for a pooled one that a Redis restart left dead. A
+            # call that did reach Redis may so run twice: a take then wastes tokens and a claim
+            # counts one too many until the next sync, both on the safe side. Timeouts are not
+            # retried: the heartbeat is the retry.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             decode_responses=True,
         )
         self._take = self._redis.register_script(TAKE_SCRIPT)
@@ -328,6 +332,9 @@ class RedisSharedLimits:
         surplus = self.leases.surplus(self._clock()) if self.leases.available else []
         try:
             async with asyncio.timeout(self.settings.timeout):
+                if not self.leases.available:
+                    # Connections from before the outage are most likely dead: start afresh.
+                    await self._redis.connection_pool.disconnect()
                 async with self._redis.pipeline(transaction=False) as pipe:
                     if heartbeat:
                         pipe.set(self._heartbeat_key, "1", px=self._ttl_ms)
