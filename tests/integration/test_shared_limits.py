@@ -398,3 +398,19 @@ async def test_a_proxy_starts_while_redis_is_down_and_joins_when_it_is_up(redis_
 
         await eventually(joined)
         assert limiter.statement(STORE, "till-01", "cashier", policy) is None
+
+
+async def test_a_redis_restart_between_calls_is_not_an_outage(redis_server: RedisServer) -> None:
+    policy = LimitSettings(connections_per_store=10)
+    # A long TTL keeps the heartbeat out of the way: only the claims meet the restarted Redis.
+    settings = shared_settings(redis_server, instance_ttl=30.0)
+    async with proxy_limits(settings, "a") as (limiter, _, metrics):
+        assert await connect(limiter, "till-01", policy)
+        redis_server.stop()
+        redis_server.start()
+        # The pooled connection died with the old server; the claim retries on a fresh one.
+        assert await connect(limiter, "till-02", policy)
+        assert available(metrics, SharedLimitFallback.FAIL_OPEN) == 1
+        assert not metrics.registry.get_sample_value(
+            "pos_proxy_shared_limit_store_failures_total", {"operation": "connection"}
+        )
