@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hmac
+import importlib.util
 import ipaddress
 import os
 import re
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Final, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
 from proxy.audit import AuditSettings
-from proxy.limits import LimitSettings, Rate
+from proxy.limits import LimitSettings, Rate, SharedLimitFallback
 from proxy.policy.model import (
     DENYLIST_NAMES,
     STATEMENT_KINDS,
@@ -48,6 +50,7 @@ __all__ = [
     "SSLMode",
     "Secret",
     "SessionStateAction",
+    "SharedLimitsConfig",
     "TLSConfig",
     "TLSVersionName",
     "UserNameRule",
@@ -258,12 +261,29 @@ class RoleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedLimitsConfig:
+    """Per-store and per-role limits counted together by several proxies in one Redis (proxy.sharedlimits)."""
+
+    redis_url: str
+    password: Secret | None = None
+    key_prefix: str = "pos-proxy"
+    on_unavailable: SharedLimitFallback = SharedLimitFallback.FAIL_OPEN
+    # Tokens a proxy takes from a shared statement bucket at a time (see TokenLease).
+    lease_size: int = 10
+    # Bound on every Redis call.
+    timeout: float = 0.5
+    # A proxy that stops heartbeating stops counting after this long (it heartbeats every third of it).
+    instance_ttl: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """Overrides of the roles' limits per store and per terminal, and the pre-TLS source limit."""
 
     source_connections: Rate | None = None  # new connections per second per source address
     stores: Mapping[str, LimitSettings] = field(default_factory=lambda: types.MappingProxyType({}))
     terminals: Mapping[str, LimitSettings] = field(default_factory=lambda: types.MappingProxyType({}))
+    shared: SharedLimitsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +453,7 @@ def parse_config(
         database: _parse_route(database, section, pool_defaults)
         for database, section in root.named("routes", "route", _string(), _keys(RouteConfig, "database"))
     }
-    limits = _parse_limits(root.child("limits", ("source_connections", "stores", "terminals")))
+    limits = _parse_limits(root.child("limits", _keys(LimitsConfig)))
     audit = _parse_audit(root.child("audit", _AUDIT_KEYS)) if root.data.get("audit") is not None else None
     admin = None
     if root.data.get("admin") is not None:
@@ -974,11 +994,60 @@ def _parse_limits(section: _Section) -> LimitsConfig:
                 overrides[key][name] = _parse_limit_settings(
                     section.ctx.section(value, entry_path, _keys(LimitSettings))
                 )
+    shared = None
+    if section.data.get("shared") is not None:
+        shared = _parse_shared_limits(section.child("shared", _keys(SharedLimitsConfig)))
     return LimitsConfig(
         source_connections=_read_rate(section, "source_connections"),
         stores=types.MappingProxyType(overrides["stores"]),
         terminals=types.MappingProxyType(overrides["terminals"]),
+        shared=shared,
     )
+
+
+def _redis_url(value: object) -> str:
+    url = _string()(value)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if parts.scheme not in ("redis", "unix"):
+        raise ValueError(
+            "expected redis://HOST:PORT/DB or unix:///PATH?db=DB (TLS to Redis is not supported: "
+            "keep Redis on a private network or the local host)"
+        )
+    if parts.password is not None:
+        # The URL is logged and shown in errors; the password belongs in a secret reference.
+        raise ValueError(
+            "put the password in limits.shared.password as {env: ...}, {file: ...} or {credential: ...}"
+        )
+    return url
+
+
+_LEASE_SIZE: Final = _in_range(_whole_number, "an integer", minimum=1, maximum=10_000)
+
+
+def _parse_shared_limits(section: _Section) -> SharedLimitsConfig:
+    default = SharedLimitsConfig(redis_url="")
+    if importlib.util.find_spec("redis") is None:
+        section.ctx.report(section.path, "needs the Python package redis: pip install 'pos-db-proxy[redis]'")
+    shared = SharedLimitsConfig(
+        redis_url=section.require("redis_url", _redis_url, ""),
+        password=section.read("password", section.ctx.secret, None),
+        key_prefix=section.read("key_prefix", _matching(r"[A-Za-z0-9_.:-]{1,64}"), default.key_prefix),
+        on_unavailable=section.read("on_unavailable", _enum(SharedLimitFallback), default.on_unavailable),
+        lease_size=section.read("lease_size", _LEASE_SIZE, default.lease_size),
+        timeout=section.read("timeout", _positive_duration, default.timeout),
+        instance_ttl=section.read("instance_ttl", _positive_duration, default.instance_ttl),
+    )
+    # The heartbeat, every third of the TTL, must be able to time out and still come again in time.
+    if shared.instance_ttl < 3 * shared.timeout:
+        section.report(
+            "instance_ttl",
+            f"must be at least 3 times timeout ({shared.timeout:g} s), not {shared.instance_ttl:g} s",
+        )
+    return shared
 
 
 def _parse_limit_settings(section: _Section) -> LimitSettings:

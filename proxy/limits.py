@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 __all__ = [
     "IDLE_STATE_SECONDS",
+    "LEASE_REFILL_RETRY_AFTER",
+    "LEASE_RETURN_AFTER",
     "PRUNE_EVERY_OPERATIONS",
+    "UNAVAILABLE_RETRY_AFTER",
     "WINDOW_SECONDS",
+    "LeaseBook",
     "LimitHit",
     "LimitSettings",
     "Limiter",
     "Rate",
     "ResultGuard",
+    "SharedLimitFallback",
+    "SharedLimitStore",
     "SourceRateLimiter",
     "TokenBucket",
+    "TokenLease",
     "resolve",
+    "unavailable_hit",
 ]
 
 # A bucket untouched this long and full again is dropped (a per-minute window as soon as it is empty):
@@ -248,14 +257,186 @@ class _MinuteWindows:
         return len(self._windows)
 
 
+# --- Shared limits: several proxies, one budget per store and per role ---------------------------------
+
+
+class SharedLimitFallback(enum.Enum):
+    """What the shared per-store and per-role limits do while the shared store (Redis) is unreachable."""
+
+    FAIL_OPEN = "fail_open"  # each proxy enforces the same limits on its own (N proxies: up to N times)
+    FAIL_CLOSED = "fail_closed"  # refuse what the shared limits would have counted
+
+
+# A statement that finds its lease's credit used up while a refill is on its way is told to retry
+# after this long: about one round trip to the shared store, rounded up to what a client is told.
+LEASE_REFILL_RETRY_AFTER: Final = 0.1
+# Leased tokens unused this long go back to the shared bucket, where other proxies can use them.
+LEASE_RETURN_AFTER: Final = 1.0
+# What a client refused under fail_closed is told to wait: about how soon an outage is noticed to end.
+UNAVAILABLE_RETRY_AFTER: Final = 1.0
+
+# (scope, name, rate): a shared bucket, keyed as the Limiter keys its local ones.
+BucketKey = tuple[str, str, Rate]
+
+
+class TokenLease:
+    """Tokens one proxy took ahead of need from a token bucket shared with other proxies.
+
+    Statements spend leased tokens without a round trip. When the lease runs low a refill tops it up
+    to ``size`` in the background; until the shared bucket has said it is empty, a statement that
+    finds the lease empty is let through on credit (down to ``-size``), repaid by the next refill.
+    So, against one global bucket, a proxy admits at most ``size`` statements too early (on credit)
+    and holds back at most ``size`` (leased, not yet spent), and tokens are never created.
+    """
+
+    __slots__ = ("exhausted_until", "rate", "refilling", "size", "tokens", "used_at")
+
+    def __init__(self, rate: Rate, size: int, now: float) -> None:
+        self.rate = rate
+        self.size = size
+        self.tokens = 0
+        # Until then the shared bucket is known to be empty: no credit, no refill.
+        self.exhausted_until = -math.inf
+        self.refilling = False
+        self.used_at = now
+
+    def wait(self, now: float) -> float:
+        """Seconds until a statement may spend a token (0.0: now), taking nothing."""
+        if self.tokens >= 1:
+            return 0.0
+        if now < self.exhausted_until:
+            return self.exhausted_until - now
+        if self.tokens > -self.size:
+            return 0.0
+        return LEASE_REFILL_RETRY_AFTER
+
+    def take(self, now: float) -> float:
+        """Spend one token and return 0.0, or spend nothing and return the retry-after in seconds."""
+        retry_after = self.wait(now)
+        if retry_after == 0.0:
+            self.tokens -= 1
+            self.used_at = now
+        return retry_after
+
+    def refill_wanted(self, now: float) -> int:
+        """How many tokens to ask the shared bucket for now (0: none); marks the refill as started."""
+        if self.refilling or now < self.exhausted_until or self.tokens > self.size // 2:
+            return 0
+        self.refilling = True
+        return self.size - self.tokens
+
+    def refilled(self, granted: int, wanted: int, retry_after: float, now: float) -> None:
+        """The shared bucket gave ``granted`` of ``wanted``; if fewer, it is empty for ``retry_after`` s."""
+        self.refilling = False
+        self.tokens += granted
+        if granted < wanted:
+            self.exhausted_until = now + retry_after
+
+    def surplus(self, now: float) -> int:
+        """Leased tokens unused for LEASE_RETURN_AFTER, handed over to go back to the shared bucket."""
+        if self.tokens <= 0 or self.refilling or now - self.used_at < LEASE_RETURN_AFTER:
+            return 0
+        unused, self.tokens = self.tokens, 0
+        return unused
+
+    def idle(self, now: float) -> bool:
+        """Unused for IDLE_STATE_SECONDS, nothing leased or owed, no refill on its way: forgettable."""
+        return now - self.used_at > IDLE_STATE_SECONDS and self.tokens == 0 and not self.refilling
+
+
+class LeaseBook:
+    """One proxy's leases on the shared per-role and per-store buckets (pure bookkeeping).
+
+    The shared store's client drains ``refills()`` and answers with ``TokenLease.refilled``; it says
+    whether the store answers with ``set_available``: while it does not, the Limiter applies
+    ``fallback`` and the leases are dropped (a lease taken before an outage starts afresh after it).
+    """
+
+    def __init__(
+        self, lease_size: int, fallback: SharedLimitFallback, wake: Callable[[], None] = lambda: None
+    ) -> None:
+        self.lease_size = lease_size
+        self.fallback = fallback
+        self.available = True
+        self.wake = wake
+        self._leases: dict[BucketKey, TokenLease] = {}
+        self._refills: list[tuple[BucketKey, TokenLease, int]] = []
+
+    def lease(self, key: BucketKey, now: float) -> TokenLease:
+        lease = self._leases.get(key)
+        if lease is None:
+            # A lease never holds more than the bucket itself can.
+            lease = self._leases[key] = TokenLease(key[2], min(self.lease_size, key[2].burst), now)
+        return lease
+
+    def replenish(self, key: BucketKey, lease: TokenLease, now: float) -> None:
+        """Queue a refill of ``lease`` if it runs low, and wake the client that sends it."""
+        wanted = lease.refill_wanted(now)
+        if wanted:
+            self._refills.append((key, lease, wanted))
+            self.wake()
+
+    def refills(self) -> list[tuple[BucketKey, TokenLease, int]]:
+        """The refills to send now: (bucket, lease, tokens wanted)."""
+        refills, self._refills = self._refills, []
+        return refills
+
+    def surplus(self, now: float) -> list[tuple[BucketKey, int]]:
+        """Unused leased tokens to give back: (bucket, tokens)."""
+        return [(key, amount) for key, lease in self._leases.items() if (amount := lease.surplus(now))]
+
+    def set_available(self, available: bool) -> bool:
+        """Record whether the shared store answers; True if that changed."""
+        if available == self.available:
+            return False
+        self.available = available
+        self._leases.clear()
+        self._refills.clear()
+        return True
+
+    def prune(self, now: float) -> None:
+        for key in [key for key, lease in self._leases.items() if lease.idle(now)]:
+            del self._leases[key]
+
+    def size(self) -> int:
+        return len(self._leases)
+
+
+class SharedLimitStore(Protocol):
+    """Where several proxies count per-store and per-role limits together (proxy.sharedlimits: Redis)."""
+
+    leases: LeaseBook
+
+    def connections_changed(self, scope: str, name: str, count: int) -> None:
+        """This proxy's open connections of a store or role are now ``count``: publish that soon."""
+
+    def claim_connections(self, claims: list[tuple[str, str, int]]) -> Awaitable[LimitHit | None]:
+        """Count a new connection for each (scope, name, limit) unless all proxies' together would
+        pass the limit; stops at the first refusal. Started at once, settled even if not awaited."""
+
+
+def unavailable_hit(what: str, retry_after: float | None) -> LimitHit:
+    """The refusal while the shared limit store is unreachable and the fallback is fail_closed."""
+    wait = f"; retry in {_seconds(retry_after)}" if retry_after is not None else "; retry later"
+    return LimitHit(
+        f"{what} (shared store unavailable)",
+        retry_after,
+        f"the shared limit store is unavailable, so the {what} limit cannot be checked{wait}",
+    )
+
+
 class Limiter:
     """All limit state for one proxy process.
 
     Every method is synchronous, so within one event loop each check-and-count is atomic.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, shared: SharedLimitStore | None = None
+    ) -> None:
         self._clock = clock
+        # Per-store and per-role limits counted together with other proxies, when configured.
+        self._shared = shared
         # Keys as in connections(); entries at zero are deleted, so the dict holds open connections only.
         self._connections: dict[str, int] = {}
         # Keyed by (scope, name, rate): terminals share an aggregate bucket only if their policies agree
@@ -280,18 +461,44 @@ class Limiter:
                     "retry when one of its connections has closed",
                 )
         for scope, name, _limit in checks:
-            key = f"{scope}:{name}"
-            self._connections[key] = self._connections.get(key, 0) + 1
+            self._count_connection(scope, name, +1)
         return None
 
     def close_connection(self, store: str, terminal: str, role: str) -> None:
         """Uncount a connection that open_connection() let in."""
-        for key in (f"terminal:{store}/{terminal}", f"store:{store}", f"role:{role}"):
-            count = self._connections.get(key, 0)
-            if count > 1:
-                self._connections[key] = count - 1
-            else:
-                self._connections.pop(key, None)
+        for scope, name in (("terminal", f"{store}/{terminal}"), ("store", store), ("role", role)):
+            self._count_connection(scope, name, -1)
+
+    def shared_admission(
+        self, store: str, role: str, policy: LimitSettings
+    ) -> Awaitable[LimitHit | None] | None:
+        """Right after open_connection() let a connection in: its claim on the store's and role's
+        connection limits over all proxies, or None if none applies.
+
+        The claim starts at once; the connection waits for its answer before it starts. A refused
+        connection is uncounted by close_connection() as usual.
+        """
+        claims = [
+            (scope, name, limit)
+            for scope, name, limit in (
+                ("store", store, policy.connections_per_store),
+                ("role", role, policy.connections_per_role),
+            )
+            if limit is not None
+        ]
+        if self._shared is None or not claims:
+            return None
+        return self._shared.claim_connections(claims)
+
+    def _count_connection(self, scope: str, name: str, change: int) -> None:
+        key = f"{scope}:{name}"
+        count = self._connections.get(key, 0) + change
+        if count > 0:
+            self._connections[key] = count
+        else:
+            self._connections.pop(key, None)
+        if self._shared is not None and scope != "terminal":
+            self._shared.connections_changed(scope, name, max(count, 0))
 
     def connections(self) -> dict[str, int]:
         """Open connections by "terminal:<store>/<terminal>", "store:<store>" and "role:<role>"."""
@@ -300,15 +507,27 @@ class Limiter:
     def statement(self, store: str, terminal: str, role: str, policy: LimitSettings) -> LimitHit | None:
         """Take a token from each applicable bucket, or from none if any of them is empty."""
         now = self._tick()
-        checks = [
-            (scope, name, rate, self._bucket(scope, name, rate, now))
-            for scope, name, rate in (
-                ("terminal", f"{store}/{terminal}", policy.statements),
-                ("role", role, policy.role_statements),
-                ("store", store, policy.store_statements),
-            )
-            if rate is not None
-        ]
+        leases = self._shared.leases if self._shared is not None else None
+        checks: list[tuple[str, str, Rate, TokenBucket | TokenLease]] = []
+        for scope, name, rate in (
+            ("terminal", f"{store}/{terminal}", policy.statements),
+            ("role", role, policy.role_statements),
+            ("store", store, policy.store_statements),
+        ):
+            if rate is None:
+                continue
+            # A terminal sticks to one connection, so to one proxy: its bucket is always local.
+            if leases is None or scope == "terminal":
+                checks.append((scope, name, rate, self._bucket(scope, name, rate, now)))
+            elif leases.available:
+                key = (scope, name, rate)
+                lease = leases.lease(key, now)
+                leases.replenish(key, lease, now)
+                checks.append((scope, name, rate, lease))
+            elif leases.fallback is SharedLimitFallback.FAIL_OPEN:
+                checks.append((scope, name, rate, self._bucket(scope, name, rate, now)))
+            else:
+                return unavailable_hit(f"statements per {scope}", UNAVAILABLE_RETRY_AFTER)
         # All or nothing: a statement refused by the store's bucket must not spend the terminal's token,
         # and the client is told the longest wait, after which every bucket has a token again.
         waits = [(bucket.wait(now), scope, name, rate) for scope, name, rate, bucket in checks]
@@ -332,7 +551,8 @@ class Limiter:
 
     def state_size(self) -> int:
         """How many buckets and windows are kept: bounded by the terminals active lately."""
-        return len(self._buckets) + self._minute.size()
+        leases = self._shared.leases.size() if self._shared is not None else 0
+        return len(self._buckets) + self._minute.size() + leases
 
     def _bucket(self, scope: str, name: str, rate: Rate, now: float) -> TokenBucket:
         key = (scope, name, rate)
@@ -348,6 +568,8 @@ class Limiter:
             self._operations = 0
             _prune_idle_buckets(self._buckets, now)
             self._minute.prune(now)
+            if self._shared is not None:
+                self._shared.leases.prune(now)
         return now
 
 

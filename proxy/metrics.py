@@ -170,6 +170,27 @@ class Metrics:
             ["route"],
             registry=registry,
         )
+        # Only a proxy with limits.shared has the series; the label is its on_unavailable setting.
+        # Over several worker processes: 0 as soon as one live worker cannot reach the store.
+        self.shared_limits_available = Gauge(
+            "pos_proxy_shared_limits_available",
+            "1 while the shared limit store (Redis, limits.shared) answers; 0 while its fallback applies.",
+            ["fallback"],
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.shared_limit_lease_refills_total = Counter(
+            "pos_proxy_shared_limit_lease_refills_total",
+            "Token leases refilled from the shared store, by result (granted; short: bucket empty).",
+            ["result"],
+            registry=registry,
+        )
+        self.shared_limit_store_failures_total = Counter(
+            "pos_proxy_shared_limit_store_failures_total",
+            "Shared limit store calls that failed or timed out, by operation (lease, connection, sync).",
+            ["operation"],
+            registry=registry,
+        )
         self.build_info = Info("pos_proxy_build", "The running proxy's version.", registry=registry)
         self.build_info.info({"version": _version()})
 
@@ -179,6 +200,10 @@ class Metrics:
             self.config_reloads_total.labels(result=result)
         for result in ("hit", "miss"):
             self.prepared_statement_cache_total.labels(result=result)
+        for result in ("granted", "short"):
+            self.shared_limit_lease_refills_total.labels(result=result)
+        for operation in ("lease", "connection", "sync"):
+            self.shared_limit_store_failures_total.labels(operation=operation)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric, served as CONTENT_TYPE."""

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -21,7 +21,7 @@ from proxy.admin import AdminListener, AdminServer
 from proxy.audit import AuditLog
 from proxy.config import Config, ConfigError, ConfigProblem, RouteConfig, load_config
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
-from proxy.limits import SourceRateLimiter
+from proxy.limits import Limiter, SourceRateLimiter
 from proxy.metrics import Metrics
 from proxy.policy.engine import PolicyEngine
 from proxy.policy.learn import ReviewLog
@@ -46,6 +46,9 @@ from proxy.protocols.proxyheader import (
 from proxy.sdnotify import Notifier
 from proxy.tlsconfig import revoked_serials, terminal_context, upstream_context
 from proxy.workers import WorkerSlot
+
+if TYPE_CHECKING:
+    from proxy.sharedlimits import RedisSharedLimits
 
 log = structlog.get_logger("pos_proxy.server")
 
@@ -145,11 +148,13 @@ class ProxyServer:
         self.routes: Mapping[str, Route] = build_routes(config, self.metrics)
         self.metrics.build_info.info({"version": _version()})
         self.audit = AuditLog(config.audit.settings) if config.audit is not None else None
+        self._shared_limits = _shared_limit_store(config, self.metrics)
         self._environment = SessionEnvironment(
             config=config,
             routes=self.routes,
             registry=self._registry,
             metrics=self.metrics,
+            limiter=Limiter(shared=self._shared_limits),
             policies=build_policy_engine(config),
             review=ReviewLog(config.policy.review_file) if config.policy.review_file else None,
             audit=self.audit,
@@ -178,6 +183,8 @@ class ProxyServer:
     async def start(self) -> None:
         if self.audit is not None:
             self.audit.start()
+        if self._shared_limits is not None:
+            await self._shared_limits.start()
         listen = self.config.listen
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         self._listener = socket.create_server(
@@ -242,6 +249,8 @@ class ProxyServer:
         listen_rest = dataclasses.replace(config.listen, proxy_protocol=self.config.listen.proxy_protocol)
         if listen_rest != self.config.listen:
             log.warning("reload_listen_unchanged", reason="listen settings take effect at restart")
+        if config.limits.shared != self.config.limits.shared:
+            log.warning("reload_shared_limits_unchanged", reason="limits.shared takes effect at restart")
         self.routes = self._rebuild_routes(config)
         self.config = config
         self._terminal_tls = terminal_tls
@@ -410,6 +419,8 @@ class ProxyServer:
             await route.pool.close()
         if self.admin is not None:
             await self.admin.stop()
+        if self._shared_limits is not None:
+            await self._shared_limits.close()
         self._flush_review()
         if self.audit is not None:
             # Everything recorded so far reaches the file before the process exits.
@@ -614,6 +625,15 @@ class ProxyServer:
             log.info("tls_handshake_failed", source=source, reason=str(exc) or type(exc).__name__)
             return
         self.metrics.tls_handshake_seconds.observe(time.monotonic() - started)
+
+
+def _shared_limit_store(config: Config, metrics: Metrics) -> RedisSharedLimits | None:
+    if config.limits.shared is None:
+        return None
+    # Imported only when configured: the redis package is an optional extra.
+    from proxy.sharedlimits import RedisSharedLimits  # noqa: PLC0415
+
+    return RedisSharedLimits(config.limits.shared, metrics)
 
 
 def _modified(path: Path | None) -> int | None:

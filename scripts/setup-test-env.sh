@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a machine to run the test suite.  Idempotent; quick when everything is in place.
 #
-#  * Debian packages: postgresql-15 and postgresql-client-15 (required), pgbouncer (optional,
+#  * Debian packages: postgresql-15, postgresql-client-15 and redis-server (required; the tests of
+#    the Redis-shared limits start their own redis-server), pgbouncer (optional,
 #    benchmarks only), python3-venv (only if `python3 -m venv` cannot work).  Only missing
 #    packages are installed -- never `apt-get install` something already installed, since that
 #    can upgrade it.  Service auto-start is blocked with policy-rc.d while installing (no
@@ -20,7 +21,7 @@ is_installed() {
 }
 
 # ------------------------------------------------------------------ Debian packages
-required=(postgresql-15 postgresql-client-15)
+required=(postgresql-15 postgresql-client-15 redis-server)
 # pgbouncer: the benchmark; systemd: systemd-analyze checks of the unit file (no systemd runs).
 optional=(pgbouncer systemd)
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import running_in_ci
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI, deep_merge, proxy_config
+from tests.integration.redisproc import RedisServer, find_redis_server
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +52,17 @@ def start_proxy(base_config: dict[str, Any], tmp_path: Path) -> Iterator[Callabl
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own (Debian's redis-server package), stopped after the test."""
+    binary = find_redis_server()
+    if binary is None:
+        message = "redis-server is not installed (scripts/setup-test-env.sh installs it)"
+        if running_in_ci():
+            pytest.fail(f"{message}; CI is set: a missing redis-server is an error here, not a skip")
+        pytest.skip(message)
+    server = RedisServer(binary, tmp_path / "redis").start()
+    yield server
+    server.stop()

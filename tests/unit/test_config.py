@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import pickle
 import re
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from proxy.config import (
     AdminConfig,
@@ -29,6 +31,7 @@ from proxy.config import (
     RoleConfig,
     RouteConfig,
     Secret,
+    SharedLimitsConfig,
     SSLMode,
     TLSConfig,
     TLSVersionName,
@@ -38,7 +41,7 @@ from proxy.config import (
     parse_duration,
     parse_size,
 )
-from proxy.limits import LimitSettings
+from proxy.limits import LimitSettings, SharedLimitFallback
 from proxy.policy.model import PolicyMode
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "pos-proxy.example.yaml"
@@ -727,6 +730,7 @@ def test_example_config_loads(tmp_path: Path) -> None:
         (PolicySettings, ()),
         (AdminConfig, ()),
         (LimitsConfig, ()),
+        (SharedLimitsConfig, ()),
         (LimitSettings, ()),
     ],
 )
@@ -734,7 +738,24 @@ def test_example_config_shows_every_key(schema: type, not_keys: tuple[str, ...])
     text = EXAMPLE.read_text()
     for field in dataclasses.fields(schema):
         if field.name not in not_keys:
-            assert re.search(rf"^\s*(- )?{field.name}:", text, re.MULTILINE), field.name
+            # Optional sections the example leaves commented out (limits.shared) count as shown.
+            assert re.search(rf"^\s*(#\s*)?(- )?{field.name}:", text, re.MULTILINE), field.name
+
+
+def test_example_shared_limits_section_parses_once_uncommented(base: Path) -> None:
+    lines = EXAMPLE.read_text().splitlines()
+    start = lines.index("  # shared:")
+    end = next(index for index in range(start, len(lines)) if not lines[index].startswith("  #"))
+    section = "\n".join("  " + line[4:] for line in lines[start:end])
+    credentials = base / "credentials"
+    credentials.mkdir()
+    (credentials / "redis-password").write_text("redis-password\n")
+    data = minimal()
+    data["limits"] = yaml.safe_load(section)
+    shared = parse(data, base, {"CREDENTIALS_DIRECTORY": str(credentials)}).limits.shared
+    assert shared is not None
+    assert shared.redis_url == "redis://redis.example.internal:6379/0"
+    assert shared.password == Secret("redis-password")
 
 
 def test_impossible_yaml_scalar_is_a_file_problem(tmp_path: Path) -> None:
@@ -809,3 +830,97 @@ def test_bad_proxy_protocol_settings_name_the_key(base: Path, proxy_protocol: ob
     data["listen"] = {"proxy_protocol": proxy_protocol}
     [problem] = problems(data, base)
     assert problem.startswith(expected)
+# --- limits.shared ----------------------------------------------------------------------------------------
+
+
+def with_shared(**shared: object) -> dict[str, Any]:
+    data = minimal()
+    data["limits"] = {"shared": {"redis_url": "redis://127.0.0.1:6379/0", **shared}}
+    return data
+
+
+def test_shared_limits_defaults(base: Path) -> None:
+    shared = parse(with_shared(), base).limits.shared
+    assert shared == SharedLimitsConfig(redis_url="redis://127.0.0.1:6379/0")
+    assert shared.on_unavailable is SharedLimitFallback.FAIL_OPEN
+    assert parse(minimal(), base).limits.shared is None
+
+
+def test_shared_limits_every_key(base: Path) -> None:
+    (base / "redis-password").write_text("s3cret\n")
+    shared = parse(
+        with_shared(
+            password={"file": "redis-password"},
+            key_prefix="fleet-eu",
+            on_unavailable="fail_closed",
+            lease_size=25,
+            timeout="200ms",
+            instance_ttl="3s",
+        ),
+        base,
+    ).limits.shared
+    assert shared is not None
+    assert shared.password == Secret("s3cret")
+    assert (shared.key_prefix, shared.on_unavailable, shared.lease_size) == (
+        "fleet-eu",
+        SharedLimitFallback.FAIL_CLOSED,
+        25,
+    )
+    assert (shared.timeout, shared.instance_ttl) == (0.2, 3.0)
+
+
+def test_shared_limits_problems_name_their_keys(base: Path) -> None:
+    found = problems(
+        with_shared(
+            redis_url="rediss://redis:6380/0",
+            password="plain",
+            key_prefix="has space",
+            on_unavailable="ignore",
+            lease_size=0,
+            timeout="2s",
+            instance_ttl="3s",
+            port=6379,
+        ),
+        base,
+    )
+    assert found[0] == (
+        "limits.shared.port: unknown key (expected one of: redis_url, password, key_prefix, "
+        "on_unavailable, lease_size, timeout, instance_ttl)"
+    )
+    assert [problem.split(":", 1)[0] for problem in found[1:]] == [
+        "limits.shared.redis_url",
+        "limits.shared.password",
+        "limits.shared.key_prefix",
+        "limits.shared.on_unavailable",
+        "limits.shared.lease_size",
+        "limits.shared.instance_ttl",
+    ]
+    assert "TLS to Redis is not supported" in found[1]
+    assert "not in the config file" in found[2]
+    assert "at least 3 times timeout (2 s)" in found[6]
+
+
+def test_shared_limits_refuse_a_password_in_the_url_without_echoing_it(base: Path) -> None:
+    found = problems(with_shared(redis_url="redis://proxy:hunter2@127.0.0.1:6379/0"), base)
+    assert len(found) == 1
+    assert found[0].startswith("limits.shared.redis_url: put the password in limits.shared.password")
+    assert "hunter2" not in found[0]
+
+
+def test_shared_limits_need_a_redis_url(base: Path) -> None:
+    data = minimal()
+    data["limits"] = {"shared": {"lease_size": 5}}
+    assert problems(data, base) == ["limits.shared.redis_url: required"]
+
+
+def test_shared_limits_without_the_redis_package_is_a_config_error(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Simulates an install without the [redis] extra: the import system reports no such module.
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "redis" else real_find_spec(name, *a)
+    )
+    assert problems(with_shared(), base) == [
+        "limits.shared: needs the Python package redis: pip install 'pos-db-proxy[redis]'"
+    ]

@@ -10,12 +10,19 @@ from hypothesis import strategies as st
 
 from proxy.limits import (
     IDLE_STATE_SECONDS,
+    LEASE_REFILL_RETRY_AFTER,
+    LEASE_RETURN_AFTER,
     PRUNE_EVERY_OPERATIONS,
+    UNAVAILABLE_RETRY_AFTER,
+    LeaseBook,
     Limiter,
+    LimitHit,
     LimitSettings,
     Rate,
+    SharedLimitFallback,
     SourceRateLimiter,
     TokenBucket,
+    TokenLease,
     resolve,
 )
 
@@ -486,3 +493,197 @@ def test_source_addresses_are_capped_forgetting_the_least_recently_seen() -> Non
     assert limiter.allow("a") > 0.0
     assert limiter.allow("c") > 0.0
     assert limiter.allow("b") == 0.0
+
+
+# --- shared limits: token leases (pure logic; tests/integration/test_shared_limits.py uses Redis) ----------
+
+
+def test_an_empty_lease_lends_on_credit_until_the_shared_bucket_says_it_is_empty() -> None:
+    lease = TokenLease(Rate(10, 100), size=4, now=0.0)
+    # Nothing leased yet: up to `size` statements pass on credit while the first refill is on its way.
+    assert lease.refill_wanted(0.0) == 4
+    assert [lease.take(0.0) for _ in range(4)] == [0.0] * 4
+    assert lease.take(0.0) == LEASE_REFILL_RETRY_AFTER
+    # A refill in flight is not asked for twice.
+    assert lease.refill_wanted(0.0) == 0
+    lease.refilled(4, 4, 0.0, now=0.05)
+    # The grant repaid the credit: still empty, and the next refill asks for the debt and a full lease.
+    assert lease.tokens == 0
+    assert lease.refill_wanted(0.05) == 4
+    lease.refilled(4, 4, 0.0, now=0.06)
+    assert [lease.take(0.06) for _ in range(4)] == [0.0] * 4
+
+
+def test_a_short_refill_means_the_shared_bucket_is_empty_until_its_retry_after() -> None:
+    lease = TokenLease(Rate(2, 10), size=4, now=0.0)
+    assert lease.refill_wanted(0.0) == 4
+    lease.refilled(1, 4, retry_after=0.5, now=0.0)
+    assert lease.take(0.0) == 0.0
+    # No credit now that the shared bucket is known to be empty, and no refill before it has a token.
+    assert lease.take(0.1) == pytest.approx(0.4)
+    assert lease.refill_wanted(0.1) == 0
+    assert lease.tokens == 0
+    assert lease.refill_wanted(0.5) == 4
+    assert lease.take(0.5) == 0.0
+
+
+def test_refills_are_asked_for_when_the_lease_runs_low() -> None:
+    lease = TokenLease(Rate(100, 100), size=10, now=0.0)
+    lease.refill_wanted(0.0)
+    lease.refilled(10, 10, 0.0, now=0.0)
+    for _ in range(4):
+        lease.take(0.0)
+    assert lease.refill_wanted(0.0) == 0
+    lease.take(0.0)
+    # Down to half: top it up to full, ahead of need.
+    assert lease.refill_wanted(0.0) == 5
+
+
+def test_unused_leased_tokens_go_back_after_a_while() -> None:
+    lease = TokenLease(Rate(100, 100), size=10, now=0.0)
+    lease.refill_wanted(0.0)
+    lease.refilled(10, 10, 0.0, now=0.0)
+    lease.take(0.0)
+    assert lease.surplus(LEASE_RETURN_AFTER / 2) == 0
+    assert lease.surplus(LEASE_RETURN_AFTER) == 9
+    assert lease.tokens == 0
+    assert lease.surplus(10 * LEASE_RETURN_AFTER) == 0
+    assert not lease.idle(IDLE_STATE_SECONDS)
+    assert lease.idle(IDLE_STATE_SECONDS + 1)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("take"), st.floats(0, 5)),
+            st.tuples(st.just("refill"), st.floats(0, 1)),
+        ),
+        max_size=200,
+    ),
+    st.integers(1, 20),
+)
+def test_a_lease_never_spends_more_than_it_was_granted_plus_its_size(
+    operations: list[tuple[str, float]], size: int
+) -> None:
+    lease = TokenLease(Rate(1, 1000), size=size, now=0.0)
+    now, spent, granted_total = 0.0, 0, 0
+    pending = 0
+    for operation, value in operations:
+        if operation == "take":
+            now += value / 10
+            spent += lease.take(now) == 0.0
+            wanted = lease.refill_wanted(now)
+            pending = wanted or pending
+        elif pending:
+            # The shared bucket grants some share of what was asked for.
+            granted = int(pending * value)
+            lease.refilled(granted, pending, 0.5, now)
+            granted_total += granted
+            pending = 0
+        assert spent <= granted_total + size
+        assert lease.tokens >= -size
+
+
+def test_lease_book_caps_leases_at_the_burst_and_queues_each_refill_once() -> None:
+    woken: list[bool] = []
+    book = LeaseBook(50, SharedLimitFallback.FAIL_OPEN, wake=lambda: woken.append(True))
+    key = ("store", STORE, Rate(1, 8))
+    lease = book.lease(key, 0.0)
+    assert lease.size == 8
+    book.replenish(key, lease, 0.0)
+    book.replenish(key, lease, 0.0)
+    assert book.refills() == [(key, lease, 8)]
+    assert book.refills() == []
+    assert woken == [True]
+    # An outage drops the leases: afterwards they start afresh.
+    assert book.set_available(False)
+    assert not book.set_available(False)
+    assert book.set_available(True)
+    assert book.lease(key, 0.0) is not lease
+
+
+class InMemorySharedStore:
+    """The SharedLimitStore protocol over one process's memory: the Limiter's side of it, without Redis."""
+
+    def __init__(self, fallback: SharedLimitFallback = SharedLimitFallback.FAIL_OPEN) -> None:
+        self.leases = LeaseBook(4, fallback)
+        self.published: dict[tuple[str, str], int] = {}
+        self.claims: list[tuple[str, str, int]] = []
+
+    def connections_changed(self, scope: str, name: str, count: int) -> None:
+        self.published[(scope, name)] = count
+
+    async def claim_connections(self, claims: list[tuple[str, str, int]]) -> LimitHit | None:
+        self.claims += claims
+        for scope, name, limit in claims:
+            if self.published[(scope, name)] > limit:
+                return LimitHit(f"connections per {scope}", None, "full")
+        return None
+
+
+def test_shared_store_and_role_statements_spend_leases_and_terminal_ones_stay_local() -> None:
+    clock = FakeClock()
+    shared = InMemorySharedStore()
+    limiter = Limiter(clock, shared=shared)
+    policy = LimitSettings(statements=Rate(1, 2), store_statements=Rate(100, 100))
+    assert limiter.statement(STORE, TILL, "cashier", policy) is None
+    assert limiter.statement(STORE, TILL, "cashier", policy) is None
+    # The terminal's own bucket (local) is empty; the store's lease was not touched by the refusal.
+    hit = limiter.statement(STORE, TILL, "cashier", policy)
+    assert hit is not None and hit.limit == "statements per terminal"
+    ((key, lease, wanted),) = shared.leases.refills()
+    assert key == ("store", STORE, Rate(100, 100))
+    assert (lease.tokens, wanted) == (-2, 4)
+    lease.refilled(0, wanted, retry_after=0.25, now=clock.now)
+    hit = limiter.statement(STORE, "till-02", "cashier", policy)
+    assert hit is not None and hit.limit == "statements per store"
+    assert hit.retry_after == pytest.approx(0.25)
+
+
+def test_shared_statements_fall_back_to_local_buckets_when_failing_open() -> None:
+    shared = InMemorySharedStore(SharedLimitFallback.FAIL_OPEN)
+    limiter = Limiter(FakeClock(), shared=shared)
+    shared.leases.set_available(False)
+    policy = LimitSettings(role_statements=Rate(0.001, 2))
+    assert limiter.statement(STORE, TILL, "cashier", policy) is None
+    assert limiter.statement(STORE, TILL, "cashier", policy) is None
+    hit = limiter.statement(STORE, TILL, "cashier", policy)
+    assert hit is not None and hit.limit == "statements per role"
+    assert shared.leases.refills() == []
+
+
+def test_shared_statements_are_refused_when_failing_closed() -> None:
+    shared = InMemorySharedStore(SharedLimitFallback.FAIL_CLOSED)
+    limiter = Limiter(FakeClock(), shared=shared)
+    shared.leases.set_available(False)
+    hit = limiter.statement(STORE, TILL, "cashier", LimitSettings(store_statements=Rate(100, 100)))
+    assert hit is not None
+    assert hit.limit == "statements per store (shared store unavailable)"
+    assert hit.retry_after == UNAVAILABLE_RETRY_AFTER
+    assert hit.message == (
+        "the shared limit store is unavailable, so the statements per store limit cannot be checked; "
+        "retry in 1.0 s"
+    )
+    # Limits that are not shared still work as usual.
+    assert limiter.statement(STORE, TILL, "cashier", LimitSettings(statements=Rate(1, 1))) is None
+
+
+async def test_connections_are_published_per_store_and_role_and_claimed_where_limited() -> None:
+    shared = InMemorySharedStore()
+    limiter = Limiter(FakeClock(), shared=shared)
+    policy = LimitSettings(connections_per_store=1, connections_per_role=5)
+    assert limiter.shared_admission(STORE, "cashier", LimitSettings(connections_per_terminal=1)) is None
+    assert Limiter(FakeClock()).shared_admission(STORE, "cashier", policy) is None
+    assert limiter.open_connection(STORE, TILL, "cashier", LimitSettings()) is None
+    assert shared.published == {("store", STORE): 1, ("role", "cashier"): 1}
+    admission = limiter.shared_admission(STORE, "cashier", policy)
+    assert admission is not None and await admission is None
+    assert limiter.open_connection(STORE, "till-02", "cashier", LimitSettings()) is None
+    admission = limiter.shared_admission(STORE, "cashier", policy)
+    assert admission is not None
+    hit = await admission
+    assert hit is not None and hit.limit == "connections per store"
+    assert shared.claims == [("store", STORE, 1), ("role", "cashier", 5)] * 2
+    limiter.close_connection(STORE, "till-02", "cashier")
+    limiter.close_connection(STORE, TILL, "cashier")
+    assert shared.published == {("store", STORE): 0, ("role", "cashier"): 0}

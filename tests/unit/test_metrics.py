@@ -31,6 +31,9 @@ DOCUMENTED: dict[str, tuple[type, tuple[str, ...]]] = {
     "audit_write_errors_total": (Counter, ()),
     "config_reloads_total": (Counter, ("result",)),
     "sessions_pinned_total": (Counter, ("route",)),
+    "shared_limits_available": (Gauge, ("fallback",)),
+    "shared_limit_lease_refills_total": (Counter, ("result",)),
+    "shared_limit_store_failures_total": (Counter, ("operation",)),
     "build_info": (Info, ()),
 }
 FORBIDDEN_LABELS = {"terminal", "store", "query", "fingerprint", "sql"}

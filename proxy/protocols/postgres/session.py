@@ -9,7 +9,7 @@ import random
 import secrets
 import ssl
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -416,9 +416,30 @@ class ClientSession(asyncio.Protocol):
             return
         self._route = route
         self._pool_wait = self._env.metrics.pool_wait_seconds.labels(route.config.database)
+        admission = self._env.limiter.shared_admission(self.identity.store, self._role, self._limits)
+        if admission is not None:
+            self._state = _State.CONNECTING
+            self.pause_client_reading()
+            self._connect_task = self._env.registry.spawn(self._await_shared_admission(admission, route))
+            return
+        self._connect(route)
+
+    async def _await_shared_admission(self, admission: Awaitable[LimitHit | None], route: Route) -> None:
+        """The connection limits shared with other proxies (limits.shared) let it in, or not."""
+        hit = await admission
+        if self._state is not _State.CONNECTING:
+            return
+        if hit is not None:
+            self._limit_hit(hit)
+            self._fail(TooManyConnections(hit.message), reason=hit.limit)
+            return
+        self._connect(route)
+
+    def _connect(self, route: Route) -> None:
         if route.transaction_pooling and route.server_parameters:
             # No server connection is needed just to say hello.
             self._answer_startup(route.server_parameters, None)
+            self.resume_client_reading()
             if self._buffer:
                 self.data_received(b"")
             return
