@@ -124,6 +124,18 @@ class Metrics:
             ["route"],
             registry=registry,
         )
+        self.upstream_up = Gauge(
+            "pos_proxy_upstream_up",
+            "1 while a route's server is reachable, 0 from a failed connect until one succeeds again.",
+            ["route"],
+            registry=registry,
+        )
+        self.upstream_down_total = Counter(
+            "pos_proxy_upstream_down_total",
+            "Times a route's server became unreachable (connects failing for a transient reason).",
+            ["route"],
+            registry=registry,
+        )
         self.limit_hits_total = Counter(
             "pos_proxy_limit_hits_total",
             "Connections, statements and results refused by a limit.",
@@ -154,6 +166,16 @@ class Metrics:
             "pos_proxy_config_reloads_total",
             "Configuration reloads, by result (ok, failed).",
             ["result"],
+            registry=registry,
+        )
+        self.crl_expired = Gauge(
+            "pos_proxy_crl_expired",
+            "1 while the terminal CRL in force is past its nextUpdate and no fresh one has been loaded.",
+            registry=registry,
+        )
+        self.crl_next_update_timestamp_seconds = Gauge(
+            "pos_proxy_crl_next_update_timestamp_seconds",
+            "The nextUpdate of the terminal CRL in force (Unix time); alert well before it passes.",
             registry=registry,
         )
         self.sessions_pinned_total = Counter(

@@ -24,7 +24,7 @@ from proxy.limits import SourceRateLimiter
 from proxy.metrics import Metrics
 from proxy.policy.engine import PolicyEngine
 from proxy.policy.learn import ReviewLog
-from proxy.pool import PoolSettings, UpstreamPool
+from proxy.pool import PoolSettings, ServerUnreachable, UpstreamPool
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.session import ClientSession, Route, SessionEnvironment, SessionRegistry
 from proxy.protocols.postgres.startup import UpstreamRefused
@@ -36,6 +36,7 @@ from proxy.protocols.postgres.upstream import (
     open_socket,
 )
 from proxy.sdnotify import Notifier
+from proxy.tcp import tune_socket
 from proxy.tlsconfig import revoked_serials, terminal_context, upstream_context
 
 log = structlog.get_logger("pos_proxy.server")
@@ -71,7 +72,7 @@ def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
             connection = await connect_server(
                 route, context, on_closed, {"application_name": SERVER_APPLICATION_NAME}
             )
-        except (UpstreamConnectError, UpstreamRefused, ProtocolViolation):
+        except (ServerUnreachable, UpstreamConnectError, UpstreamRefused, ProtocolViolation):
             metrics.server_connection_errors_total.labels(route.database).inc()
             raise
         metrics.server_connections_opened_total.labels(route.database).inc()
@@ -96,8 +97,20 @@ def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
         idle_timeout=route.pool.server_idle_timeout,
         lifetime=route.pool.server_lifetime,
         connect_timeout=route.pool.connect_timeout,
+        retry_delay=route.pool.connect_retry_delay,
+        retry_max_delay=route.pool.connect_retry_max_delay,
     )
-    pool: UpstreamPool[ServerConnection] = UpstreamPool(route.database, settings, connect, reset)
+
+    def upstream_changed(up: bool) -> None:
+        metrics.upstream_up.labels(route.database).set(1 if up else 0)
+        if not up:
+            metrics.upstream_down_total.labels(route.database).inc()
+
+    metrics.upstream_up.labels(route.database).set(1)
+    metrics.upstream_down_total.labels(route.database)
+    pool: UpstreamPool[ServerConnection] = UpstreamPool(
+        route.database, settings, connect, reset, upstream_changed
+    )
     return Route(config=route, pool=pool, tls=context, server_parameters=server_parameters)
 
 
@@ -143,7 +156,8 @@ class ProxyServer:
         self._crl_stamp = _modified(config.tls.crl)
         self._notifier = Notifier()
         self._source_limiter = SourceRateLimiter(config.limits.source_connections)
-        self._readiness: tuple[float, bool, dict[str, Any]] | None = None
+        # Per route: when its server was last probed with a TCP connect, and the answer.
+        self._probes: dict[str, tuple[float, str]] = {}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -270,15 +284,27 @@ class ProxyServer:
         return cut
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Listener up and every route's server reachable; cached briefly so probes stay cheap."""
-        now = time.monotonic()
-        if self._readiness is not None and now - self._readiness[0] < _READINESS_CACHE:
-            return self._readiness[1], self._readiness[2]
-        routes = {name: await _route_reachable(route) for name, route in self.routes.items()}
+        """Listener up and every route's server reachable.
+
+        A route whose pool has seen its server go down (the breaker) is unready at once, and ready again
+        as soon as a connect succeeds; otherwise live connections say it is reachable, and a route with
+        none is probed with a TCP connect, cached briefly so probes stay cheap.
+        """
+        routes = {name: await self._route_status(name, route) for name, route in self.routes.items()}
         ready = self._listener is not None and all(status == "reachable" for status in routes.values())
-        details: dict[str, Any] = {"listener": self._listener is not None, "routes": routes}
-        self._readiness = (now, ready, details)
-        return ready, details
+        return ready, {"listener": self._listener is not None, "routes": routes}
+
+    async def _route_status(self, name: str, route: Route) -> str:
+        stats = route.pool.stats()
+        if not stats.upstream_up:
+            return "unreachable"
+        if stats.idle or stats.active:
+            return "reachable"
+        now = time.monotonic()
+        probed = self._probes.get(name)
+        if probed is None or now - probed[0] >= _READINESS_CACHE:
+            probed = self._probes[name] = (now, await _route_reachable(route))
+        return probed[1]
 
     def metrics_text(self) -> bytes:
         """Gauges sampled now from the pools and caches, then everything rendered."""
@@ -431,8 +457,7 @@ class ProxyServer:
                 self.metrics.client_connections_refused_total.labels("source rate").inc()
                 self.metrics.limit_hits_total.labels("connections per source address").inc()
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            tune_socket(sock, self.config.listen.tcp_keepalive)
             self._spawn(self._negotiate(sock, f"{address[0]}:{address[1]}"))
 
     async def _negotiate(self, sock: socket.socket, source: str) -> None:
@@ -531,8 +556,6 @@ def _version() -> str:
 
 
 async def _route_reachable(route: Route) -> str:
-    if route.pool.stats().idle or route.pool.stats().active:
-        return "reachable"
     try:
         sock = await open_socket(route.config, min(route.config.pool.connect_timeout, _READINESS_CACHE))
     except UpstreamConnectError as exc:

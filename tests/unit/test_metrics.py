@@ -31,6 +31,10 @@ DOCUMENTED: dict[str, tuple[type, tuple[str, ...]]] = {
     "audit_write_errors_total": (Counter, ()),
     "config_reloads_total": (Counter, ("result",)),
     "sessions_pinned_total": (Counter, ("route",)),
+    "upstream_up": (Gauge, ("route",)),
+    "upstream_down_total": (Counter, ("route",)),
+    "crl_expired": (Gauge, ()),
+    "crl_next_update_timestamp_seconds": (Gauge, ()),
     "build_info": (Info, ()),
 }
 FORBIDDEN_LABELS = {"terminal", "store", "query", "fingerprint", "sql"}
