@@ -20,7 +20,7 @@ from proxy.policy.approve import PolicyFileError, approve_statements
 from proxy.policy.engine import judge
 from proxy.policy.learn import ReviewFileError, read_review
 from proxy.server import serve
-from proxy.tlsconfig import terminal_context
+from proxy.tlsconfig import load_terminal_tls
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -203,7 +203,7 @@ def _check_config(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_FAILURE
     try:
-        terminal_context(config.tls)
+        load_terminal_tls(config.tls)
     except (OSError, ValueError) as exc:
         print(f"{args.config}: tls: cannot load the certificates: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -87,38 +90,123 @@ def test_sigterm_lets_an_open_transaction_commit_and_ends_idle_sessions_at_once(
         assert admin.execute("SELECT count(*) FROM public.drained").fetchone() == (2,)
 
 
+@dataclass(frozen=True, slots=True)
+class OwnPKI:
+    """A CA of the test's own (its CRL can be rewritten at will) and a proxy that trusts it."""
+
+    directory: Path
+    proxy: ProxyProcess
+    honest: certs.IssuedCert
+    stolen: certs.IssuedCert
+
+    @property
+    def crl(self) -> Path:
+        return self.directory / "crl.pem"
+
+    def conninfo(self, terminal: certs.IssuedCert) -> dict[str, Any]:
+        return {
+            "host": "127.0.0.1",
+            "port": self.proxy.port,
+            "dbname": "pos",
+            "user": "till",
+            "sslmode": "verify-full",
+            "sslrootcert": str(self.directory / "ca.pem"),
+            "sslcert": str(terminal.cert_path),
+            "sslkey": str(terminal.key_path),
+            "connect_timeout": 10,
+        }
+
+    def select(self, terminal: certs.IssuedCert) -> object:
+        with psycopg.connect(**self.conninfo(terminal), autocommit=True) as connection:
+            row = connection.execute("SELECT 'sold'").fetchone()
+            return row[0] if row else None
+
+
+def _own_pki(start_proxy: StartProxy, directory: Path, **tls: object) -> OwnPKI:
+    certs.init_ca(directory)
+    certs.issue_server(directory, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    honest = certs.issue_terminal(directory, store="store-009", terminal="till-01", role="cashier")
+    stolen = certs.issue_terminal(directory, store="store-009", terminal="till-07", role="cashier")
+    certs.write_crl(directory)
+    proxy = start_proxy(
+        tls={
+            "cert": str(directory / "server.pem"),
+            "key": str(directory / "server.key"),
+            "client_ca": str(directory / "ca.pem"),
+            "crl": str(directory / "crl.pem"),
+            **tls,
+        }
+    )
+    return OwnPKI(directory, proxy, honest, stolen)
+
+
 def test_a_new_crl_file_cuts_the_revoked_terminal_without_a_reload(
     start_proxy: StartProxy, tmp_path: Path
 ) -> None:
-    pki = tmp_path / "own-pki"
-    certs.init_ca(pki)
-    certs.issue_server(pki, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
-    stolen = certs.issue_terminal(pki, store="store-009", terminal="till-07", role="cashier")
-    proxy = start_proxy(
-        tls={
-            "cert": str(pki / "server.pem"),
-            "key": str(pki / "server.key"),
-            "client_ca": str(pki / "ca.pem"),
-            "crl": str(pki / "crl.pem"),
-        }
-    )
-    conninfo = {
-        "host": "127.0.0.1",
-        "port": proxy.port,
-        "dbname": "pos",
-        "user": "till-07",
-        "sslmode": "verify-full",
-        "sslrootcert": str(pki / "ca.pem"),
-        "sslcert": str(stolen.cert_path),
-        "sslkey": str(stolen.key_path),
-        "connect_timeout": 10,
-    }
-    with psycopg.connect(**conninfo, autocommit=True) as connection:
+    pki = _own_pki(start_proxy, tmp_path / "own-pki")
+    with psycopg.connect(**pki.conninfo(pki.stolen), autocommit=True) as connection:
         assert connection.execute("SELECT 1").fetchone() == (1,)
-        certs.revoke(pki, stolen.serial)
-        proxy.wait_for_event("crl_reloaded")
+        certs.revoke(pki.directory, pki.stolen.serial)
+        pki.proxy.wait_for_event("crl_reloaded")
         with pytest.raises(psycopg.OperationalError, match="revoked"):
             connection.execute("SELECT 1")
     with pytest.raises(psycopg.OperationalError):
-        psycopg.connect(**conninfo).close()
-    proxy.wait_for_event("tls_handshake_failed", reason="certificate revoked")
+        psycopg.connect(**pki.conninfo(pki.stolen)).close()
+    pki.proxy.wait_for_event("tls_handshake_failed", reason="certificate revoked")
+
+
+def test_an_expired_crl_is_kept_until_a_fresh_one_replaces_it_in_place_with_the_same_mtime(
+    start_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CRLs signed now are current for 8 s only: the proxy sees this one pass its nextUpdate.
+    monkeypatch.setattr(certs, "_CRL_VALIDITY", timedelta(seconds=8))
+    pki = _own_pki(start_proxy, tmp_path / "own-pki")
+    certs.revoke(pki.directory, pki.stolen.serial)
+    pki.proxy.wait_for_event("crl_reloaded")
+    assert pki.select(pki.honest) == "sold"
+    with pytest.raises(psycopg.OperationalError):
+        pki.select(pki.stolen)
+
+    expired = pki.proxy.wait_for_event("crl_expired", timeout=15, action="keep-last")
+    assert "enforced by the proxy" in expired["effect"]
+    # OpenSSL alone would now fail every terminal (CRL has expired); the till keeps selling...
+    assert pki.select(pki.honest) == "sold"
+    # ... and the stolen one stays out, refused by the proxy from the kept CRL.
+    with pytest.raises(psycopg.OperationalError, match="revoked"):
+        pki.select(pki.stolen)
+    pki.proxy.wait_for_event("tls_handshake_failed", reason="certificate revoked (expired CRL kept)")
+
+    # The CRL job finally runs and puts the file back with its old mtime (cp -p, rsync -t).
+    before = pki.crl.stat()
+    monkeypatch.setattr(certs, "_CRL_VALIDITY", timedelta(days=7))
+    certs.write_crl(pki.directory)
+    os.utime(pki.crl, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert pki.crl.stat().st_mtime_ns == before.st_mtime_ns
+    reloads = sum(1 for record in pki.proxy.log_events() if record.get("event") == "crl_reloaded")
+    _wait_until(
+        lambda: sum(1 for r in pki.proxy.log_events() if r.get("event") == "crl_reloaded") > reloads, 10
+    )
+    assert pki.select(pki.honest) == "sold"
+    with pytest.raises(psycopg.OperationalError):
+        pki.select(pki.stolen)
+    pki.proxy.wait_for_event("tls_handshake_failed", reason="certificate revoked")
+
+
+def test_an_expired_crl_refuses_every_terminal_with_expired_crl_refuse(
+    start_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(certs, "_CRL_VALIDITY", timedelta(seconds=6))
+    pki = _own_pki(start_proxy, tmp_path / "own-pki", expired_crl="refuse")
+    assert pki.select(pki.honest) == "sold"
+    expired = pki.proxy.wait_for_event("crl_expired", timeout=15, action="refuse")
+    assert "every terminal is refused" in expired["effect"]
+    with pytest.raises(psycopg.OperationalError):
+        pki.select(pki.honest)
+    pki.proxy.wait_for_event("tls_handshake_failed", reason="CRL has expired")
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
