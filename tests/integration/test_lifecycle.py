@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -14,8 +16,11 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
+from cryptography import x509
 
 from proxy import certs
+from proxy.protocols.postgres import messages as m
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 
 StartProxy = Callable[..., ProxyProcess]
@@ -122,7 +127,9 @@ class OwnPKI:
             return row[0] if row else None
 
 
-def _own_pki(start_proxy: StartProxy, directory: Path, **tls: object) -> OwnPKI:
+def _own_pki(
+    start_proxy: StartProxy, directory: Path, tls: Mapping[str, object] | None = None, **overrides: Any
+) -> OwnPKI:
     certs.init_ca(directory)
     certs.issue_server(directory, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
     honest = certs.issue_terminal(directory, store="store-009", terminal="till-01", role="cashier")
@@ -134,8 +141,9 @@ def _own_pki(start_proxy: StartProxy, directory: Path, **tls: object) -> OwnPKI:
             "key": str(directory / "server.key"),
             "client_ca": str(directory / "ca.pem"),
             "crl": str(directory / "crl.pem"),
-            **tls,
-        }
+            **(tls or {}),
+        },
+        **overrides,
     )
     return OwnPKI(directory, proxy, honest, stolen)
 
@@ -196,7 +204,7 @@ def test_an_expired_crl_refuses_every_terminal_with_expired_crl_refuse(
     start_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(certs, "_CRL_VALIDITY", timedelta(seconds=6))
-    pki = _own_pki(start_proxy, tmp_path / "own-pki", expired_crl="refuse")
+    pki = _own_pki(start_proxy, tmp_path / "own-pki", {"expired_crl": "refuse"})
     assert pki.select(pki.honest) == "sold"
     expired = pki.proxy.wait_for_event("crl_expired", timeout=15, action="refuse")
     assert "every terminal is refused" in expired["effect"]
@@ -210,3 +218,108 @@ def _wait_until(predicate: Callable[[], bool], timeout: float) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.1)
+
+
+def _served_certificate(pki: OwnPKI) -> bytes:
+    """The DER certificate the proxy presents now (SSLRequest, then a TLS handshake as a terminal)."""
+    context = ssl.create_default_context(cafile=str(pki.directory / "ca.pem"))
+    context.load_cert_chain(pki.honest.cert_path, pki.honest.key_path)
+    with socket.create_connection(("127.0.0.1", pki.proxy.port), timeout=10) as raw:
+        raw.sendall(m.build_ssl_request())
+        assert raw.recv(1) == b"S"
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            certificate = tls.getpeercert(binary_form=True)
+    assert certificate is not None
+    return certificate
+
+
+def _sales_policy(*readable: str) -> dict[str, Any]:
+    return {
+        "mode": "enforce",
+        "search_path": ["public"],
+        "allow": {"kinds": ["SELECT", "INSERT"], "read": list(readable), "write": ["reload_sales"]},
+    }
+
+
+def test_sighup_under_load_swaps_certificate_crl_and_policy_with_zero_client_errors(
+    start_proxy: StartProxy, tmp_path: Path, pg_cluster: Any
+) -> None:
+    with psycopg.connect(
+        **pg_cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True
+    ) as admin:
+        admin.execute(
+            "CREATE TABLE IF NOT EXISTS public.reload_sales (till int, seq int, PRIMARY KEY (till, seq))"
+        )
+        admin.execute("CREATE TABLE IF NOT EXISTS public.reload_stock (item int)")
+        for table in ("reload_sales", "reload_stock"):
+            admin.execute(f"ALTER TABLE public.{table} OWNER TO pos_proxy")
+        admin.execute("TRUNCATE public.reload_sales")
+    policy = tmp_path / "cashier-policy.yaml"
+    policy.write_text(yaml.safe_dump(_sales_policy()), encoding="utf-8")
+    pki = _own_pki(
+        start_proxy,
+        tmp_path / "own-pki",
+        roles={"cashier": {"policy": str(policy)}},
+        routes={"pos": {"pool": {"mode": "transaction", "size": 4}}},
+    )
+    first_certificate = _served_certificate(pki)
+    errors: list[str] = []
+    committed = [0] * 4
+    stop = threading.Event()
+
+    def till(number: int, reconnect_each_time: bool) -> None:
+        connection: psycopg.Connection | None = None
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            try:
+                if connection is None:
+                    connection = psycopg.connect(**pki.conninfo(pki.honest), autocommit=True)
+                with connection.transaction():
+                    connection.execute("INSERT INTO reload_sales (till, seq) VALUES (%s, %s)", (number, seq))
+                    connection.execute("SELECT count(*) FROM reload_sales WHERE till = %s", (number,))
+                committed[number] += 1
+            except psycopg.Error as exc:
+                errors.append(f"till {number}: {exc.sqlstate}: {exc}")
+            if reconnect_each_time and connection is not None:
+                connection.close()
+                connection = None
+            time.sleep(0.01)
+        if connection is not None:
+            connection.close()
+
+    tills = [threading.Thread(target=till, args=(n, n % 2 == 0), daemon=True) for n in range(4)]
+    for thread in tills:
+        thread.start()
+    rounds = 4
+    try:
+        for round_number in range(rounds):
+            time.sleep(1)
+            # A new server certificate (the old one revoked: that rewrites the CRL too) and a new policy.
+            served = x509.load_der_x509_certificate(_served_certificate(pki))
+            certs.revoke(pki.directory, served.serial_number, reason=x509.ReasonFlags.superseded)
+            certs.issue_server(pki.directory, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+            readable = ("reload_stock",) if round_number % 2 == 0 else ()
+            policy.write_text(yaml.safe_dump(_sales_policy(*readable)), encoding="utf-8")
+            pki.proxy.signal(signal.SIGHUP)
+            _wait_until(
+                lambda done=round_number: (
+                    sum(1 for r in pki.proxy.log_events() if r.get("event") == "reload_applied") > done
+                ),
+                10,
+            )
+        time.sleep(1)
+    finally:
+        stop.set()
+        for thread in tills:
+            thread.join(20)
+    assert not any(thread.is_alive() for thread in tills)
+    assert errors == []
+    assert all(count > 10 for count in committed), committed
+    assert not [r for r in pki.proxy.log_events() if r.get("event") == "reload_failed"]
+    # The new certificate is the one presented, and the last policy (no reload_stock) is in force.
+    assert _served_certificate(pki) != first_certificate
+    with psycopg.connect(**pki.conninfo(pki.honest), autocommit=True) as connection:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            connection.execute("SELECT item FROM reload_stock")
+        assert connection.execute("SELECT count(*) FROM reload_sales").fetchone() == (sum(committed),)
