@@ -281,12 +281,13 @@ class UpstreamPool(Generic[C]):
 
     async def _attempt(self) -> C:
         """One connect; a transient failure raises ServerUnreachable, any other UpstreamUnavailable."""
+        probe = self._down_since is not None
         try:
             async with asyncio.timeout(self.settings.connect_timeout * 2):
                 connection = await self._connect(self._connection_closed)
         except (ServerUnreachable, TimeoutError) as exc:
             self._connect_failures += 1
-            self._note_unreachable(str(exc) or "connect timed out")
+            self._note_unreachable(str(exc) or "connect timed out", probe=probe)
             raise ServerUnreachable(str(exc)) from exc
         except Exception as exc:
             self._connect_failures += 1
@@ -297,8 +298,20 @@ class UpstreamPool(Generic[C]):
         self._note_reachable()
         return connection
 
-    def _note_unreachable(self, error: str) -> None:
+    def _note_unreachable(self, error: str, *, probe: bool) -> None:
+        """A transient failure. ``probe``: the attempt began while the server was known down, so it
+        lengthens the backoff; attempts that were in flight when it went away count once together."""
         now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            self._failed_attempts = 0
+            log.error("upstream_down", pool=self.name, error=error)
+            if self._on_upstream_change is not None:
+                self._on_upstream_change(False)
+        elif not probe:
+            return
+        else:
+            log.info("server_connect_failed", pool=self.name, error=error, attempts=self._failed_attempts + 1)
         self._failed_attempts += 1
         delay = min(
             self.settings.retry_max_delay, self.settings.retry_delay * 2 ** min(self._failed_attempts - 1, 30)
@@ -306,13 +319,6 @@ class UpstreamPool(Generic[C]):
         # Equal jitter: never sooner than half the delay, and the proxies of a fleet that lost the same
         # server do not knock on it in step when it comes back.
         self._next_attempt_at = now + delay / 2 + random.uniform(0, delay / 2)
-        if self._down_since is None:
-            self._down_since = now
-            log.error("upstream_down", pool=self.name, error=error)
-            if self._on_upstream_change is not None:
-                self._on_upstream_change(False)
-        else:
-            log.info("server_connect_failed", pool=self.name, error=error, attempts=self._failed_attempts)
 
     def _note_reachable(self) -> None:
         self._failed_attempts = 0

@@ -719,6 +719,20 @@ async def test_retries_back_off_exponentially_up_to_the_maximum(
         assert delay / 2 - 0.002 <= gap <= delay + 0.05
 
 
+async def test_connects_failing_together_as_the_server_goes_away_count_as_one_for_the_backoff(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=5, max_client_wait=2.0, retry_delay=0.02, retry_max_delay=1.0)
+    backend.unreachable_next = 6  # the five opened at once, then one retry
+
+    connections = await asyncio.wait_for(asyncio.gather(*(pool.acquire() for _ in range(5))), 3)
+
+    assert len(set(connections)) == 5
+    first_round_end, retry = backend.attempted_at[4], backend.attempted_at[5]
+    # One step of backoff (10-20 ms), not five (160-320 ms).
+    assert retry - first_round_end < 0.1
+
+
 async def test_a_refusal_that_is_not_transient_fails_at_once_without_retry(
     make_pool: MakePool, backend: Backend
 ) -> None:
