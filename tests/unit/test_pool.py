@@ -723,14 +723,15 @@ async def test_connects_failing_together_as_the_server_goes_away_count_as_one_fo
     make_pool: MakePool, backend: Backend
 ) -> None:
     pool = make_pool(size=5, max_client_wait=2.0, retry_delay=0.02, retry_max_delay=1.0)
-    backend.unreachable_next = 6  # the five opened at once, then one retry
+    backend.unreachable_next = 7  # the five opened at once, then two retries
 
     connections = await asyncio.wait_for(asyncio.gather(*(pool.acquire() for _ in range(5))), 3)
 
     assert len(set(connections)) == 5
-    first_round_end, retry = backend.attempted_at[4], backend.attempted_at[5]
-    # One step of backoff (10-20 ms), not five (160-320 ms).
-    assert retry - first_round_end < 0.1
+    first_retry, second_retry, third_retry = backend.attempted_at[5:8]
+    # Two steps of backoff (20-40 ms), not six (320-640 ms).
+    assert third_retry - second_retry < 0.1
+    assert second_retry - first_retry < 0.1
 
 
 async def test_a_refusal_that_is_not_transient_fails_at_once_without_retry(
