@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -229,3 +230,46 @@ def test_a_failed_certificate_check_is_not_retried(
     assert time.monotonic() - started < 5  # fails fast, not after max_client_wait
     events = [record["event"] for record in proxy.log_events()]
     assert "upstream_down" not in events
+
+
+def _keepalive_timers(*, local_port: int | None = None, remote_port: int | None = None) -> list[float]:
+    """Seconds until the next keepalive probe of each established IPv4 socket on these ports, from
+    /proc/net/tcp (timer kind 2 is keepalive; the time is in USER_HZ ticks, 100 a second)."""
+    timers: list[float] = []
+    for line in Path("/proc/net/tcp").read_text(encoding="ascii").splitlines()[1:]:
+        fields = line.split()
+        local, remote, state, timer = fields[1], fields[2], fields[3], fields[5]
+        if state != "01":  # ESTABLISHED
+            continue
+        if local_port is not None and int(local.split(":")[1], 16) != local_port:
+            continue
+        if remote_port is not None and int(remote.split(":")[1], 16) != remote_port:
+            continue
+        kind, when = timer.split(":")
+        if int(kind, 16) == 2:
+            timers.append(int(when, 16) / 100)
+    return timers
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+def test_terminal_and_server_connections_use_the_configured_keepalive_intervals(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, own_cluster: OwnCluster
+) -> None:
+    route = own_cluster.route(tcp_keepalive={"idle": "50s", "interval": "5s", "count": 3})
+    proxy = start_proxy(listen={"tcp_keepalive": {"idle": "40s"}}, routes={"pos": route})
+    with psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True) as till:
+        till.execute("SELECT 1")
+        # Until the client acknowledges the reply, the socket shows a retransmit timer instead.
+        _wait_for(
+            lambda: bool(
+                _keepalive_timers(local_port=proxy.port)
+                and _keepalive_timers(remote_port=own_cluster.server.port)
+            ),
+            5,
+            "idle sockets on both sides",
+        )
+        # The kernel's default would be 7200 s; ours count down from 40 s and 50 s.
+        terminal_side = _keepalive_timers(local_port=proxy.port)
+        server_side = _keepalive_timers(remote_port=own_cluster.server.port)
+    assert terminal_side and all(30 < seconds <= 40 for seconds in terminal_side), terminal_side
+    assert server_side and all(40 < seconds <= 50 for seconds in server_side), server_side
