@@ -175,7 +175,7 @@ class Metrics:
         )
         self.crl_next_update_timestamp_seconds = Gauge(
             "pos_proxy_crl_next_update_timestamp_seconds",
-            "The nextUpdate of the terminal CRL in force (Unix time); alert well before it passes.",
+            "The nextUpdate of the terminal CRL in force (Unix time; 0 without a CRL).",
             registry=registry,
         )
         self.sessions_pinned_total = Counter(

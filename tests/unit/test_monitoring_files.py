@@ -31,6 +31,7 @@ EXPECTED_ALERTS = {
     "PosProxyAuditWriteErrors",
     "PosProxyConfigReloadFailed",
     "PosProxyLimitHits",
+    "PosProxyTerminalCRLStale",
 }
 SEVERITIES = {"critical", "warning", "info"}
 DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
