@@ -154,6 +154,31 @@ def raise_nofile_limit() -> int:
     return wanted
 
 
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its live descendants (a supervisor's workers too)."""
+    total, pending, seen = 0.0, [pid], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue  # exited meanwhile
+        # Fields after the command name, which may itself hold spaces: utime and stime are 14 and 15.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        for task in tasks:
+            with contextlib.suppress(OSError):
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+    return total
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -606,6 +631,8 @@ class RunResult:
     failed: int | None = None
     error: str | None = None
     seconds: float = 0.0
+    # CPU time the pooler process (proxy or PgBouncer) spent per transaction: robust to machine noise.
+    cpu_us_per_txn: float | None = None
 
 
 _TPS_RE: Final = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
@@ -648,6 +675,7 @@ class Pgbench:
         result = RunResult(round=round_no, workload=workload.name, clients=clients, config=target.name)
         args = ["-n", "-j", str(min(2, clients)), "-c", str(clients), "-T", str(duration), *workload.args]
         started = time.monotonic()
+        cpu_before = process_tree_cpu_seconds(target.pid) if target.pid is not None else None
         try:
             done = self.run(target, args, timeout=duration + PGBENCH_GRACE)
         except subprocess.TimeoutExpired:
@@ -656,6 +684,9 @@ class Pgbench:
         result.seconds = round(time.monotonic() - started, 2)
         if done is not None:
             parse_pgbench(done.stdout, result)
+            if cpu_before is not None and target.pid is not None and result.transactions:
+                cpu = process_tree_cpu_seconds(target.pid) - cpu_before
+                result.cpu_us_per_txn = round(cpu * 1e6 / result.transactions, 1)
             if done.returncode != 0 or result.tps is None:
                 last = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
                 result.error = f"pgbench exit {done.returncode}: {last}"
@@ -892,6 +923,7 @@ def scan_log(path: Path | None) -> dict[str, int]:
 class Cell:
     tps: float | None = None
     latency_ms: float | None = None
+    cpu_us_per_txn: float | None = None
     runs: int = 0
     errors: int = 0
     note: str | None = None
@@ -927,6 +959,8 @@ def summarize(
                 cell.tps = round(statistics.median(r.tps for r in good if r.tps is not None), 1)
                 lat = [r.latency_ms for r in good if r.latency_ms is not None]
                 cell.latency_ms = round(statistics.median(lat), 3) if lat else None
+                cpu = [r.cpu_us_per_txn for r in good if r.cpu_us_per_txn is not None]
+                cell.cpu_us_per_txn = round(statistics.median(cpu), 1) if cpu else None
             row[config] = asdict(cell)
         for _label, key, numerator, denominator in active_ratios(configs):
             top, bottom = row[numerator]["tps"], row[denominator]["tps"]
@@ -970,6 +1004,29 @@ def format_table(rows: Sequence[Mapping[str, Any]], configs: Sequence[str]) -> s
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([render(header), rule, *(render(r) for r in body)])
+
+
+def format_cpu_table(rows: Sequence[Mapping[str, Any]], configs: Sequence[str]) -> str:
+    """CPU microseconds the pooler process spent per transaction (median of rounds): unlike TPS,
+    barely moved by other jobs on the machine, so it shows the data path's own cost."""
+    poolers = [c for c in configs if c != "direct"]
+    header = ["workload", "clients", *(f"{c} us/txn" for c in poolers)]
+    if "pgbouncer" in poolers and "proxy" in poolers:
+        header.append("proxy/pgb cpu")
+    body: list[list[str]] = []
+    for row in rows:
+        cells = {c: row[c]["cpu_us_per_txn"] for c in poolers}
+        line = [row["workload"], str(row["clients"])]
+        line += [f"{cells[c]:.1f}" if cells[c] is not None else "n/a" for c in poolers]
+        if len(header) > len(line):
+            proxy, pgb = cells["proxy"], cells["pgbouncer"]
+            line.append(f"{proxy / pgb:.2f}x" if proxy and pgb else "n/a")
+        body.append(line)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in [header, ["-" * w for w in widths], *body]
+    )
 
 
 def format_idle(results: Sequence[IdleResult]) -> str:
@@ -1175,6 +1232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"pool size {args.pool_size}; tps and avg latency (ms)"
     )
     print(format_table(rows, configs))
+    if any(c != "direct" for c in configs):
+        print()
+        print("Pooler process CPU per transaction (us, median of rounds; lower is better):")
+        print(format_cpu_table(rows, configs))
     overall = overall_ratios(rows, configs)
     if overall:
         print()

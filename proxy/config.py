@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hmac
+import ipaddress
 import os
 import re
 import ssl
@@ -41,6 +42,7 @@ __all__ = [
     "PolicySettings",
     "PoolConfig",
     "PoolMode",
+    "ProxyProtocolConfig",
     "RoleConfig",
     "RouteConfig",
     "SSLMode",
@@ -168,6 +170,29 @@ _SSL_VERSIONS: Final = {
 # --- Settings ---------------------------------------------------------------------------------------------
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyProtocolConfig:
+    """PROXY protocol headers from load balancers: who may send one, and how long they get."""
+
+    enabled: bool = False
+    # Peers inside these networks must start with a header; nobody else may send one.
+    trusted_sources: tuple[IPNetwork, ...] = ()
+    header_timeout: float = 5.0
+
+    def trusts(self, host: str) -> bool:
+        """Whether a connection from ``host`` (a socket peer address) must start with a PROXY header."""
+        if not self.enabled:
+            return False
+        address = ipaddress.ip_address(host)
+        # A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted_sources)
+
+
 class ExpiredCRLAction(enum.Enum):
     """What the proxy does while the loaded CRL is past its nextUpdate and no fresh one has arrived."""
 
@@ -199,6 +224,7 @@ class ListenConfig:
     # On SIGTERM, how long transactions in flight may take to finish before sessions are cut.
     drain_timeout: float = 30.0
     tcp_keepalive: TCPKeepalive = TCPKeepalive()
+    proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -824,6 +850,7 @@ def _parse_listen(section: _Section) -> ListenConfig:
         ),
         drain_timeout=section.read("drain_timeout", _positive_duration, default.drain_timeout),
         tcp_keepalive=_parse_keepalive(section.child("tcp_keepalive", _keys(TCPKeepalive)), TCPKeepalive()),
+        proxy_protocol=_parse_proxy_protocol(section.child("proxy_protocol", _keys(ProxyProtocolConfig))),
     )
 
 
@@ -841,6 +868,30 @@ def _parse_keepalive(section: _Section, inherited: TCPKeepalive) -> TCPKeepalive
             "count", _in_range(_whole_number, "an integer", minimum=1, maximum=127), inherited.count
         ),
     )
+
+
+def _parse_proxy_protocol(section: _Section) -> ProxyProtocolConfig:
+    default = ProxyProtocolConfig()
+    enabled = section.read("enabled", _boolean, default.enabled)
+    trusted: list[IPNetwork] = section.read("trusted_sources", _list_of(_network), [])
+    if enabled and section.data.get("trusted_sources") in (None, []):
+        # There is no "trust everybody": that would let any terminal claim any address.
+        section.report(
+            "trusted_sources", "at least one network is required when enabled is true (the balancers)"
+        )
+    return ProxyProtocolConfig(
+        enabled=enabled,
+        trusted_sources=tuple(trusted),
+        header_timeout=section.read("header_timeout", _positive_duration, default.header_timeout),
+    )
+
+
+def _network(value: object) -> IPNetwork:
+    text = _string()(value)
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError as exc:
+        raise ValueError(f"expected an address or CIDR network such as 10.0.0.0/8: {exc}") from None
 
 
 def _parse_tls(section: _Section) -> TLSConfig:

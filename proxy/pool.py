@@ -14,7 +14,7 @@ from typing import Generic, Protocol, TypeVar
 
 import structlog
 
-from proxy.errors import TooManyConnections, UpstreamUnavailable
+from proxy.errors import ProxyError, TooManyConnections, UpstreamUnavailable
 
 log = structlog.get_logger("pos_proxy.pool")
 
@@ -91,7 +91,9 @@ class UpstreamPool(Generic[C]):
         self._reset = reset
         # Most recently used last: reusing the warmest connection lets cold ones reach idle_timeout.
         self._idle: deque[C] = deque()
-        self._waiters: deque[asyncio.Future[C]] = deque()
+        # Clients in line for a connection, with their deadlines; only live futures are kept.
+        self._waiters: deque[tuple[float, asyncio.Future[C]]] = deque()
+        self._expiry: asyncio.TimerHandle | None = None
         self._members: set[C] = set()
         self._opening = 0
         # Of ``_opening``: opens whose connection goes to the first waiter (``_open_for_waiter``), so a
@@ -121,15 +123,71 @@ class UpstreamPool(Generic[C]):
 
     async def acquire(self) -> C:
         """A clean server connection, waiting up to max_client_wait behind earlier clients."""
+        waiter = self.request()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self.withdraw(waiter)
+            raise
+
+    def request(self) -> asyncio.Future[C]:
+        """Join the line for a connection; the future gets one, or after max_client_wait
+        TooManyConnections (08001 UpstreamUnavailable while the server is down). For callers on the
+        data path, which add a callback instead of a task."""
+        waiter: asyncio.Future[C] = asyncio.get_running_loop().create_future()
         if self._closing:
-            raise UpstreamUnavailable("the proxy is shutting down")
-        if not self._waiters:
-            connection = self._take_idle()
-            if connection is not None:
-                return connection
-        # A new connection is opened for the first waiter in line (this one, if nobody was before it), so
-        # one deadline covers the connect, its retries while the server is unreachable, and the queue.
-        return await self._wait_in_line()
+            waiter.set_exception(UpstreamUnavailable("the proxy is shutting down"))
+            return waiter
+        connection = self.try_acquire()
+        if connection is not None:
+            waiter.set_result(connection)
+            return waiter
+        self._waiters.append((time.monotonic() + self.settings.max_client_wait, waiter))
+        if self._expiry is None:
+            self._arm_expiry()
+        self._serve_waiters()
+        return waiter
+
+    def withdraw(self, waiter: asyncio.Future[C]) -> None:
+        """The client behind ``waiter`` is gone: leave the line, passing on a connection it was handed."""
+        if waiter.done() and not waiter.cancelled():
+            if waiter.exception() is None:
+                self._hand_over(waiter.result())
+            return
+        waiter.cancel()
+        for index, (_deadline, queued) in enumerate(self._waiters):
+            if queued is waiter:
+                del self._waiters[index]
+                break
+
+    def _arm_expiry(self) -> None:
+        """One timer per pool: every wait is max_client_wait long, so the head of the line
+        always has the earliest deadline."""
+        self._expiry = None
+        if self._waiters:
+            delay = max(0.0, self._waiters[0][0] - time.monotonic())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expire_waiters)
+
+    def _expire_waiters(self) -> None:
+        now = time.monotonic()
+        while self._waiters and self._waiters[0][0] <= now:
+            _deadline, waiter = self._waiters.popleft()
+            if waiter.done():
+                continue
+            waiter.set_exception(self._wait_over())
+        self._arm_expiry()
+
+    def _wait_over(self) -> ProxyError:
+        if self._down_since is not None:
+            # The wait was for a server that did not come back in time, not for a busy pool.
+            return UpstreamUnavailable(
+                "could not connect to the database server",
+                hint="the database server is unreachable; try again shortly",
+            )
+        return TooManyConnections(
+            f"no server connection became free within {self.settings.max_client_wait:g} s",
+            hint="the pool is saturated; try again shortly",
+        )
 
     def try_acquire(self) -> C | None:
         """An idle connection without waiting, if nobody is in line for one (no task, no await)."""
@@ -173,7 +231,7 @@ class UpstreamPool(Generic[C]):
 
     def _hand_over(self, connection: C) -> None:
         while self._waiters:
-            waiter = self._waiters.popleft()
+            _deadline, waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(connection)
                 return
@@ -188,33 +246,6 @@ class UpstreamPool(Generic[C]):
             connection.close()
         return None
 
-    async def _wait_in_line(self) -> C:
-        waiter: asyncio.Future[C] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._serve_waiters()
-        try:
-            async with asyncio.timeout(self.settings.max_client_wait):
-                return await waiter
-        except BaseException as exc:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                # Handed a connection just as we timed out or were cancelled: pass it on.
-                self._hand_over(waiter.result())
-            waiter.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
-            if isinstance(exc, TimeoutError):
-                if self._down_since is not None:
-                    # The wait was for a server that did not come back in time, not for a busy pool.
-                    raise UpstreamUnavailable(
-                        "could not connect to the database server",
-                        hint="the database server is unreachable; try again shortly",
-                    ) from None
-                raise TooManyConnections(
-                    f"no server connection became free within {self.settings.max_client_wait:g} s",
-                    hint="the pool is saturated; try again shortly",
-                ) from None
-            raise
-
     def _serve_waiters(self) -> None:
         """Open connections for waiters that have none coming, while there is room in the pool."""
         if self._closing:
@@ -222,7 +253,7 @@ class UpstreamPool(Generic[C]):
         self._start_opens(min(self._live_waiters() - self._opening_for_waiters, self._room()))
 
     def _live_waiters(self) -> int:
-        return sum(1 for waiter in self._waiters if not waiter.done())
+        return len(self._waiters)  # only live futures are kept
 
     def _room(self) -> int:
         room = self.settings.size - len(self._members) - self._opening
@@ -331,7 +362,7 @@ class UpstreamPool(Generic[C]):
 
     def _fail_first_waiter(self, error: Exception) -> None:
         while self._waiters:
-            waiter = self._waiters.popleft()
+            _deadline, waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
                 return
@@ -377,7 +408,10 @@ class UpstreamPool(Generic[C]):
 
     async def close(self) -> None:
         self._closing = True
-        for waiter in self._waiters:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        while self._waiters:
+            _deadline, waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(UpstreamUnavailable("the proxy is shutting down"))
         while self._idle:

@@ -35,6 +35,13 @@ from proxy.protocols.postgres.upstream import (
     connect_server,
     open_socket,
 )
+from proxy.protocols.proxyheader import (
+    FIRST_BYTES,
+    HeaderProblem,
+    ProxyHeader,
+    ProxyHeaderError,
+    parse_proxy_header,
+)
 from proxy.sdnotify import Notifier
 from proxy.tcp import tune_socket
 from proxy.tlsconfig import CRLExpired, load_terminal_tls, upstream_context
@@ -114,6 +121,8 @@ def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
     return Route(config=route, pool=pool, tls=context, server_parameters=server_parameters)
 
 
+# proxy-protocol.txt section 2: senders fit the header in one 536-byte segment; longer ones take more rounds.
+_HEADER_PEEK_SIZE = 536
 _RELOADABLE = ("tls", "identity", "roles", "routes", "policy", "limits", "admin")
 _READINESS_CACHE = 2.0
 _EXPIRED_CRL_ALARM_INTERVAL = 60.0
@@ -219,7 +228,11 @@ class ProxyServer:
             self._audit("config_reload", "failure", trigger=trigger, error=str(exc))
             return False
         changed = [name for name in _RELOADABLE if getattr(config, name) != getattr(self.config, name)]
-        if config.listen != self.config.listen:
+        # The trusted balancers apply to the next accepted connection; the socket itself stays.
+        if config.listen.proxy_protocol != self.config.listen.proxy_protocol:
+            changed.append("listen.proxy_protocol")
+        listen_rest = dataclasses.replace(config.listen, proxy_protocol=self.config.listen.proxy_protocol)
+        if listen_rest != self.config.listen:
             log.warning("reload_listen_unchanged", reason="listen settings take effect at restart")
         self.routes = self._rebuild_routes(config)
         self.config = config
@@ -508,19 +521,33 @@ class ProxyServer:
                 log.error("accept_failed", error=str(exc))
                 await asyncio.sleep(0.1)
                 continue
-            if self._source_limiter.allow(address[0]) > 0:
-                # A handshake flood is turned away before any TLS work is spent on it.
+            # A balancer's own address says nothing about the terminal: its connections are
+            # counted by the address in their PROXY header instead.
+            proxied = self.config.listen.proxy_protocol.trusts(address[0])
+            if not proxied and not self._admit_source(address[0]):
                 sock.close()
-                self.metrics.client_connections_refused_total.labels("source rate").inc()
-                self.metrics.limit_hits_total.labels("connections per source address").inc()
                 continue
             tune_socket(sock, self.config.listen.tcp_keepalive)
-            self._spawn(self._negotiate(sock, f"{address[0]}:{address[1]}"))
+            self._spawn(self._negotiate(sock, (address[0], address[1]), proxied=proxied))
 
-    async def _negotiate(self, sock: socket.socket, source: str) -> None:
+    def _admit_source(self, host: str) -> bool:
+        if self._source_limiter.allow(host) > 0:
+            # A handshake flood is turned away before any TLS work is spent on it.
+            self.metrics.client_connections_refused_total.labels("source rate").inc()
+            self.metrics.limit_hits_total.labels("connections per source address").inc()
+            return False
+        return True
+
+    async def _negotiate(self, sock: socket.socket, peer: tuple[str, int], *, proxied: bool) -> None:
         """Pre-TLS phase (55.2.10, 55.2.11): SSLRequest, GSSENCRequest, direct TLS, or a refusal."""
         timeout = self.config.listen.handshake_timeout
+        source: str | None = f"{peer[0]}:{peer[1]}"
         try:
+            if proxied:
+                source = await self._proxied_source(sock, peer)
+            if source is None:
+                sock.close()
+                return
             async with asyncio.timeout(timeout):
                 encryption = await self._negotiate_encryption(sock, source)
             if encryption is not _Encryption.NONE:
@@ -535,11 +562,38 @@ class ProxyServer:
         if sock.fileno() != -1:
             sock.close()
 
+    async def _proxied_source(self, sock: socket.socket, peer: tuple[str, int]) -> str | None:
+        """The terminal's address from the PROXY header a trusted balancer sends first; None: refused."""
+        settings = self.config.listen.proxy_protocol
+        balancer = f"{peer[0]}:{peer[1]}"
+        try:
+            async with asyncio.timeout(settings.header_timeout):
+                header = await _receive_proxy_header(sock)
+        except TimeoutError:
+            self._refuse_proxy_header(balancer, "timeout", f"no header within {settings.header_timeout:g}s")
+            return None
+        except ProxyHeaderError as exc:
+            self._refuse_proxy_header(balancer, exc.problem.value, str(exc))
+            return None
+        if header is None:
+            return None  # closed before a byte: a balancer's plain TCP health check
+        host, port = header.source or peer
+        return f"{host}:{port}" if self._admit_source(host) else None
+
+    def _refuse_proxy_header(self, peer: str, reason: str, error: str) -> None:
+        log.warning("proxy_header_refused", source=peer, reason=reason, error=error)
+        self.metrics.client_connections_refused_total.labels(f"proxy header {reason}").inc()
+        self._audit("connection_refused", "failure", source=peer, reason=f"PROXY header: {error}")
+
     async def _negotiate_encryption(self, sock: socket.socket, source: str) -> _Encryption:
         loop = asyncio.get_running_loop()
         while True:
             first = await _peek_byte(sock)
             if first is None:
+                return _Encryption.NONE
+            if first in FIRST_BYTES:
+                # Only listen.proxy_protocol.trusted_sources may say where a connection comes from.
+                self._refuse_proxy_header(source, "untrusted", "PROXY header from an untrusted peer")
                 return _Encryption.NONE
             if first == m.TLS_HANDSHAKE_RECORD:
                 return _Encryption.DIRECT
@@ -639,6 +693,34 @@ async def _peek_byte(sock: socket.socket) -> int | None:
     We must look before reading: a PostgreSQL 17 direct-TLS client starts with a TLS
     record that the TLS layer has to see from its first byte.
     """
+    await _readable(sock)
+    data = sock.recv(1, socket.MSG_PEEK)
+    return data[0] if data else None
+
+
+async def _receive_proxy_header(sock: socket.socket) -> ProxyHeader | None:
+    """Consume exactly the PROXY header at the start of ``sock``; None at EOF before its first byte.
+
+    Peeks, so the bytes after the header stay for the TLS layer. Bytes the codec wants more after are
+    all part of the header, so they are consumed as they come (a level-triggered reader on bytes left
+    waiting would spin); each round consumes at least one byte, and the header is at most 64 KiB.
+    """
+    received = bytearray()
+    while True:
+        await _readable(sock)
+        waiting = sock.recv(_HEADER_PEEK_SIZE, socket.MSG_PEEK)
+        if not waiting:
+            if not received:
+                return None
+            raise ProxyHeaderError(HeaderProblem.MALFORMED, "the connection closed inside the header")
+        header = parse_proxy_header(received + waiting)
+        if header is not None:
+            await _recv_exactly(sock, header.length - len(received))
+            return header
+        received += await _recv_exactly(sock, len(waiting))
+
+
+async def _readable(sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     readable: asyncio.Future[None] = loop.create_future()
 
@@ -651,8 +733,6 @@ async def _peek_byte(sock: socket.socket) -> int | None:
         await readable
     finally:
         loop.remove_reader(sock.fileno())
-    data = sock.recv(1, socket.MSG_PEEK)
-    return data[0] if data else None
 
 
 async def _recv_exactly(sock: socket.socket, size: int) -> bytes:

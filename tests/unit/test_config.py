@@ -26,6 +26,7 @@ from proxy.config import (
     PolicySettings,
     PoolConfig,
     PoolMode,
+    ProxyProtocolConfig,
     RoleConfig,
     RouteConfig,
     Secret,
@@ -763,6 +764,7 @@ def test_example_config_loads(tmp_path: Path) -> None:
     ("schema", "not_keys"),
     [
         (ListenConfig, ()),
+        (ProxyProtocolConfig, ()),
         (TLSConfig, ()),
         (IdentityConfig, ()),
         (IdentitySource, ()),
@@ -796,3 +798,61 @@ def test_config_file_must_be_utf8(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert str(caught.value) == f"{path}: not valid UTF-8"
+
+
+# --- listen.proxy_protocol ----------------------------------------------------------------------------------
+
+
+def test_proxy_protocol_is_off_unless_enabled(base: Path) -> None:
+    config = parse(minimal(), base)
+    assert config.listen.proxy_protocol == ProxyProtocolConfig()
+    assert not config.listen.proxy_protocol.trusts("127.0.0.1")
+
+
+def test_proxy_protocol_trusts_only_the_listed_networks(base: Path) -> None:
+    data = minimal()
+    data["listen"] = {
+        "proxy_protocol": {
+            "enabled": True,
+            "trusted_sources": ["10.0.1.0/24", "192.0.2.9", "2001:db8::/32"],
+            "header_timeout": "1500ms",
+        }
+    }
+    settings = parse(data, base).listen.proxy_protocol
+    assert settings.header_timeout == 1.5
+    assert [settings.trusts(host) for host in ("10.0.1.77", "192.0.2.9", "2001:db8::5")] == [True] * 3
+    assert [settings.trusts(host) for host in ("10.0.2.1", "192.0.2.10", "2001:db9::5")] == [False] * 3
+    # How a dual-stack listener reports an IPv4 peer.
+    assert settings.trusts("::ffff:10.0.1.77")
+
+
+@pytest.mark.parametrize(
+    ("proxy_protocol", "expected"),
+    [
+        ({"enabled": True}, "listen.proxy_protocol.trusted_sources: at least one network is required"),
+        (
+            {"enabled": True, "trusted_sources": []},
+            "listen.proxy_protocol.trusted_sources: at least one network is required",
+        ),
+        (
+            {"enabled": True, "trusted_sources": ["10.0.1.1/24"]},
+            "listen.proxy_protocol.trusted_sources: item 0: expected an address or CIDR network such as "
+            "10.0.0.0/8: 10.0.1.1/24 has host bits set",
+        ),
+        (
+            {"trusted_sources": ["10.0.0.0/8", "balancer.internal"]},
+            "listen.proxy_protocol.trusted_sources: item 1: expected an address or CIDR network",
+        ),
+        ({"enabled": "yes"}, "listen.proxy_protocol.enabled: expected true or false, got 'yes'"),
+        (
+            {"header_timeout": 0},
+            "listen.proxy_protocol.header_timeout: expected a duration above zero, got 0",
+        ),
+        ({"trusted": ["10.0.0.0/8"]}, "listen.proxy_protocol.trusted: unknown key"),
+    ],
+)
+def test_bad_proxy_protocol_settings_name_the_key(base: Path, proxy_protocol: object, expected: str) -> None:
+    data = minimal()
+    data["listen"] = {"proxy_protocol": proxy_protocol}
+    [problem] = problems(data, base)
+    assert problem.startswith(expected)

@@ -789,6 +789,7 @@ async def test_stats_reports_the_pool_state(make_pool: MakePool, backend: Backen
     await eventually(lambda: pool.stats().opening == 1)
     waiter = await queue_waiter(pool)
 
+    # Both wait: the opener for the connection being opened, the other for any.
     assert counts(pool) == (2, 0, 1, 2, 2, 1)
 
     backend.gate.set()

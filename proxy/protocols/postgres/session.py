@@ -139,6 +139,8 @@ _SHUTTING_DOWN = AdminShutdown(
     "terminating connection due to administrator command: the proxy is shutting down"
 )
 
+# Bytes a client may send while waiting for a server connection before it is no longer read.
+_STASH_HIGH_WATER = 256 * 1024
 # Messages that each run a statement (simple Query, Parse of an extended one, FunctionCall).
 _STATEMENT_MESSAGES = frozenset((m.MSG_QUERY, m.MSG_PARSE, m.MSG_FUNCTION_CALL))
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
@@ -198,6 +200,10 @@ class ClientSession(asyncio.Protocol):
         self._bytes_in = 0
         self._bytes_out = 0
         self._connect_task: asyncio.Task[None] | None = None
+        # In line for a server connection under transaction pooling (a future, not a task).
+        self._waiting: asyncio.Future[ServerConnection] | None = None
+        self._waiting_since = 0.0
+        self._pool_wait: Histogram | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
         self._started_at = time.monotonic()
         self._max_message = environment.config.listen.max_message_size
@@ -258,6 +264,9 @@ class ClientSession(asyncio.Protocol):
             self._startup_timer.cancel()
         if self._connect_task is not None:
             self._connect_task.cancel()
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None and self._route is not None:
+            self._route.pool.withdraw(waiting)
         self._env.registry.session_closed(self)
         if self._counted_connection and self.identity is not None:
             identity = self.identity
@@ -406,6 +415,7 @@ class ClientSession(asyncio.Protocol):
         if not self._admit_connection():
             return
         self._route = route
+        self._pool_wait = self._env.metrics.pool_wait_seconds.labels(route.config.database)
         if route.transaction_pooling and route.server_parameters:
             # No server connection is needed just to say hello.
             self._answer_startup(route.server_parameters, None)
@@ -458,15 +468,14 @@ class ClientSession(asyncio.Protocol):
         log.warning("limit_hit", **self._log_fields(), limit=hit.limit, retry_after_s=hit.retry_after)
         self._audit("limit_hit", "failure", limit=hit.limit, retry_after_s=hit.retry_after)
 
-    async def _lease_server(self, route: Route) -> None:
-        """Get a server connection in step with this client's settings, then go on."""
+    async def _lease_server(self, route: Route, server: ServerConnection | None = None) -> None:
+        """Get a server connection (unless handed one) in step with this client's settings, then go on."""
         assert self._parameters is not None
         try:
-            waited_from = time.monotonic()
-            server = await route.pool.acquire()
-            self._env.metrics.pool_wait_seconds.labels(route.config.database).observe(
-                time.monotonic() - waited_from
-            )
+            if server is None:
+                waited_from = time.monotonic()
+                server = await route.pool.acquire()
+                self._observe_wait(waited_from)
             self._server = server
             await self._parameters.apply(server, route.config.pool.connect_timeout)
         except ProxyError as exc:
@@ -480,6 +489,39 @@ class ClientSession(asyncio.Protocol):
             return
         if self._transport is None or self._state is _State.CLOSED:
             return
+        self._start_on(route, server)
+
+    def _server_granted(self, waiter: asyncio.Future[ServerConnection]) -> None:
+        """The pool handed this waiting client a server connection (or gave up): go on without a task."""
+        if waiter is not self._waiting:
+            return  # withdrawn: the session closed and the pool took the connection back
+        self._waiting = None
+        route = self._route
+        assert route is not None
+        error = waiter.exception()
+        if error is not None:
+            failure = error if isinstance(error, ProxyError) else UpstreamUnavailable(str(error))
+            self._fail(failure, reason=str(error.__cause__ or error))
+            return
+        server = waiter.result()
+        if self._transport is None or self._transport.is_closing():
+            route.pool.give_back(server)
+            return
+        self._observe_wait(self._waiting_since)
+        assert self._parameters is not None
+        if self._parameters.changes_for(server):
+            # Setting them takes a round trip to the server: the one case that needs a task.
+            self._connect_task = self._env.registry.spawn(self._lease_server(route, server))
+            return
+        self._start_on(route, server)
+
+    def _observe_wait(self, waited_from: float) -> None:
+        if self._pool_wait is not None:
+            self._pool_wait.observe(time.monotonic() - waited_from)
+
+    def _start_on(self, route: Route, server: ServerConnection) -> None:
+        """Attach ``server`` and send it what the client sent while it had none."""
+        self._server = server
         server.attach(self)
         server.result_watch = self._result_watch
         if self._state is _State.CONNECTING:
@@ -569,9 +611,13 @@ class ClientSession(asyncio.Protocol):
             if idle is not None:
                 route.pool.give_back(idle)
         self._stash += chunk
-        if self._connect_task is None or self._connect_task.done():
+        if len(self._stash) > _STASH_HIGH_WATER:
+            # A client that keeps sending while it waits is held off until a server is lent.
             self.pause_client_reading()
-            self._connect_task = self._env.registry.spawn(self._lease_server(route))
+        if self._waiting is None and (self._connect_task is None or self._connect_task.done()):
+            self._waiting_since = time.monotonic()
+            self._waiting = route.pool.request()
+            self._waiting.add_done_callback(self._server_granted)
 
     def _send(self, chunk: bytes, frames: list[m.Frame]) -> None:
         server = self._server
