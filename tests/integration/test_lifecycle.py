@@ -170,12 +170,16 @@ def test_an_expired_crl_is_kept_until_a_fresh_one_replaces_it_in_place_with_the_
     monkeypatch.setattr(certs, "_CRL_VALIDITY", timedelta(seconds=8))
     pki = _own_pki(start_proxy, tmp_path / "own-pki")
     certs.revoke(pki.directory, pki.stolen.serial)
+    next_update = x509.load_pem_x509_crl(pki.crl.read_bytes()).next_update_utc
+    assert next_update is not None
     pki.proxy.wait_for_event("crl_reloaded")
     assert pki.select(pki.honest) == "sold"
     with pytest.raises(psycopg.OperationalError):
         pki.select(pki.stolen)
 
-    expired = pki.proxy.wait_for_event("crl_expired", timeout=15, action="keep-last")
+    expired = pki.proxy.wait_for_event(
+        "crl_expired", timeout=15, action="keep-last", next_update=next_update.isoformat()
+    )
     assert "enforced by the proxy" in expired["effect"]
     # OpenSSL alone would now fail every terminal (CRL has expired); the till keeps selling...
     assert pki.select(pki.honest) == "sold"
@@ -203,7 +207,8 @@ def test_an_expired_crl_is_kept_until_a_fresh_one_replaces_it_in_place_with_the_
 def test_an_expired_crl_refuses_every_terminal_with_expired_crl_refuse(
     start_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(certs, "_CRL_VALIDITY", timedelta(seconds=6))
+    # Long enough for the proxy to start on a busy machine: with refuse, an expired CRL stops it.
+    monkeypatch.setattr(certs, "_CRL_VALIDITY", timedelta(seconds=10))
     pki = _own_pki(start_proxy, tmp_path / "own-pki", {"expired_crl": "refuse"})
     assert pki.select(pki.honest) == "sold"
     expired = pki.proxy.wait_for_event("crl_expired", timeout=15, action="refuse")

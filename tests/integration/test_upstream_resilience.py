@@ -157,10 +157,16 @@ def test_terminals_ride_out_a_database_restart_with_clean_errors_and_no_lost_sal
     for terminal in terminals:
         for seq in terminal.committed:
             assert stored.get((terminal.number, seq)) == seq * 100 + terminal.number
-    # One upstream_down and one upstream_up for the outage, not one per failed attempt.
-    events = [record["event"] for record in proxy.log_events()]
-    assert events.count("upstream_down") == 1
-    assert events.count("upstream_up") == 1
+    # upstream_down and upstream_up once per transition, not once per failed attempt: they alternate,
+    # and the outage is one (two if a connect squeezed in as the server began to shut down).
+    transitions = [
+        record["event"]
+        for record in proxy.log_events()
+        if record.get("event") in ("upstream_down", "upstream_up")
+    ]
+    assert transitions in (["upstream_down", "upstream_up"], ["upstream_down", "upstream_up"] * 2)
+    failed_attempts = [r for r in proxy.log_events() if r.get("event") == "server_connect_failed"]
+    assert len(failed_attempts) > len(transitions)
 
 
 def test_a_terminal_connecting_while_the_database_is_down_is_served_when_it_returns(
