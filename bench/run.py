@@ -53,14 +53,16 @@ POS_SCRIPT: Final = BENCH_DIR / "pos_sale.sql"
 DEFAULT_OUTPUT: Final = BENCH_DIR / "results" / "latest.json"
 LOGS_ROOT: Final = BENCH_DIR / "results" / "logs"
 
-ALL_CONFIGS: Final = ("direct", "pgbouncer", "proxy", "proxy-enforce", "proxy-full")
+ALL_CONFIGS: Final = ("direct", "pgbouncer", "proxy", "proxy-workers", "proxy-enforce", "proxy-full")
 DEFAULT_CONFIGS: Final = ("direct", "pgbouncer", "proxy")
-# pos-db-proxy variants: plain; + the cashier SQL policy in enforce mode; + audit log and admin/metrics.
-PROXY_VARIANTS: Final = ("proxy", "proxy-enforce", "proxy-full")
+# pos-db-proxy variants: plain; plain with --proxy-workers worker processes; + the cashier SQL
+# policy in enforce mode; + audit log and admin/metrics.
+PROXY_VARIANTS: Final = ("proxy", "proxy-workers", "proxy-enforce", "proxy-full")
 # (column label, JSON key, numerator config, denominator config): ratios of median TPS.
 RATIOS: Final = (
     ("proxy/pgb", "proxy_vs_pgbouncer", "proxy", "pgbouncer"),
     ("proxy/direct", "proxy_vs_direct", "proxy", "direct"),
+    ("workers/proxy", "workers_vs_proxy", "proxy-workers", "proxy"),
     ("enforce/proxy", "enforce_vs_proxy", "proxy-enforce", "proxy"),
     ("full/proxy", "full_vs_proxy", "proxy-full", "proxy"),
 )
@@ -428,8 +430,10 @@ def start_proxy(
     password_file: Path,
     pool_size: int,
     stack: contextlib.ExitStack,
+    workers: int = 1,
 ) -> Target:
-    """One pos-db-proxy process for ``variant`` (one of PROXY_VARIANTS), with its own config and log."""
+    """One pos-db-proxy process (a supervisor and ``workers`` processes when more than 1) for
+    ``variant`` (one of PROXY_VARIANTS), with its own config and log."""
     if variant not in PROXY_VARIANTS:
         raise BenchError(f"unknown proxy variant {variant!r}")
     port = free_port()
@@ -483,12 +487,20 @@ def start_proxy(
         }
         target.admin_port = free_port()
         config["admin"] = {"host": "127.0.0.1", "port": target.admin_port}
+    if workers > 1:
+        # The supervisor opens its admin listener once every worker is up: waiting for it below
+        # means all of them listen before the first round.
+        target.admin_port = free_port()
+        config["admin"] = {"host": "127.0.0.1", "port": target.admin_port}
     config_path = directory / "pos-proxy.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     log_path = logs / f"{variant}.log"
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", str(config_path), "--log-level", "warning"],
+            [
+                *(sys.executable, "-m", "proxy", "run", "--config", str(config_path)),
+                *("--log-level", "warning", "--workers", str(workers)),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -1071,6 +1083,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pool-size", type=int, default=20, help="proxy and PgBouncer pool size (default 20)"
     )
+    parser.add_argument(
+        "--proxy-workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="worker processes of the proxy-workers configuration (default 2; its pool size is shared)",
+    )
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per config (default 2)")
     parser.add_argument("--idle", type=int, default=1000, help="idle connections for the RSS test (0: skip)")
@@ -1086,6 +1105,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.duration, args.rounds, args.clients, args.warmup = 3, 1, [16], 1
     if args.duration < 1 or args.rounds < 1 or args.pool_size < 1 or args.scale < 1:
         parser.error("--duration, --rounds, --pool-size and --scale must be at least 1")
+    if args.proxy_workers < 2:
+        parser.error("--proxy-workers must be at least 2 (the proxy configuration is the 1-worker one)")
     if any(c < 1 for c in args.clients) or args.idle < 0 or args.warmup < 0:
         parser.error("--clients must be positive; --idle and --warmup must not be negative")
     # Table order, whatever order they were given in; each configuration once.
@@ -1173,7 +1194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if targets["pgbouncer"].unavailable:
                     log(f"PgBouncer n/a: {targets['pgbouncer'].unavailable}")
             for variant in (v for v in PROXY_VARIANTS if v in configs):
-                log(f"starting pos-db-proxy as {variant} (transaction pooling, pool {args.pool_size})")
+                workers = args.proxy_workers if variant == "proxy-workers" else 1
+                log(
+                    f"starting pos-db-proxy as {variant} (transaction pooling, pool {args.pool_size}, "
+                    f"{workers} worker process(es))"
+                )
                 if variant == "proxy-full":
                     # Registered before the proxy's stop, so it runs after it: the log is closed then.
                     stack.callback(verify_audit_of, targets, "proxy-full", audit_verdict)
@@ -1186,6 +1211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     password_file=password_file,
                     pool_size=args.pool_size,
                     stack=stack,
+                    workers=workers,
                 )
             warm_up(pgbench, targets, args.warmup)
             run_rounds(pgbench, targets, cases, args, results)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -13,22 +14,25 @@ from aiohttp import web
 log = structlog.get_logger("pos_proxy.admin")
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Who asked the supervisor (an address, or SIGHUP), passed on to a worker's admin socket for its log.
+ACTOR_HEADER = "X-Pos-Proxy-Actor"
 
 
 class AdminControl(Protocol):
-    """What the admin API needs from the running proxy."""
+    """What the admin API needs from the running proxy: one process (proxy.server.ProxyServer)
+    or the supervisor of several workers (proxy.supervisor.Supervisor)."""
 
-    def pools(self) -> list[dict[str, Any]]: ...
+    async def pools(self) -> list[dict[str, Any]]: ...
 
-    def clients(self) -> list[dict[str, Any]]: ...
+    async def clients(self) -> list[dict[str, Any]]: ...
 
-    def disconnect_terminal(self, store: str, terminal: str, actor: str) -> int: ...
+    async def disconnect_terminal(self, store: str, terminal: str, actor: str) -> int: ...
 
-    def reload(self, trigger: str) -> bool: ...
+    async def request_reload(self, trigger: str) -> bool: ...
 
     async def readiness(self) -> tuple[bool, Mapping[str, Any]]: ...
 
-    def metrics_text(self) -> bytes: ...
+    async def metrics_text(self) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,8 @@ class AdminListener:
     host: str
     port: int
     token: str | None  # bearer token every endpoint but /healthz requires, when set
+    # A Unix socket instead of host:port: a worker's API, for its supervisor only.
+    unix_path: Path | None = None
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,8 +67,16 @@ class AdminServer:
         app.router.add_post("/v1/reload", self._reload)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._listener.host, self._listener.port)
+        unix_path = self._listener.unix_path
+        site: web.BaseSite = (
+            web.TCPSite(self._runner, self._listener.host, self._listener.port)
+            if unix_path is None
+            else web.UnixSite(self._runner, str(unix_path))
+        )
         await site.start()
+        if unix_path is not None:
+            log.info("admin_listening", socket=str(unix_path))
+            return
         if self._runner.addresses:
             self.port = int(self._runner.addresses[0][1])
         log.info("admin_listening", host=self._listener.host, port=self.port, auth=bool(self._listener.token))
@@ -92,19 +106,28 @@ class AdminServer:
         return web.json_response({"ready": ready, **details}, status=200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=self._control.metrics_text(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+        return web.Response(
+            body=await self._control.metrics_text(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        )
 
     async def _pools(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"pools": self._control.pools()})
+        return web.json_response({"pools": await self._control.pools()})
 
     async def _clients(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"clients": self._control.clients()})
+        return web.json_response({"clients": await self._control.clients()})
 
     async def _disconnect(self, request: web.Request) -> web.StreamResponse:
         store, terminal = request.match_info["store"], request.match_info["terminal"]
-        count = self._control.disconnect_terminal(store, terminal, actor=f"admin api from {request.remote}")
+        count = await self._control.disconnect_terminal(store, terminal, actor=self._actor(request))
         return web.json_response({"store": store, "terminal": terminal, "disconnected": count})
 
     async def _reload(self, request: web.Request) -> web.StreamResponse:
-        applied = self._control.reload(f"admin api from {request.remote}")
+        applied = await self._control.request_reload(self._actor(request))
         return web.json_response({"reloaded": applied}, status=200 if applied else 422)
+
+    def _actor(self, request: web.Request) -> str:
+        forwarded = request.headers.get(ACTOR_HEADER)
+        if forwarded and self._listener.unix_path is not None:
+            # Only the supervisor can reach a worker's socket (0700 directory): it says who asked.
+            return forwarded
+        return f"admin api from {request.remote}"

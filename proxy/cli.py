@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from proxy import certs, eventloop
 from proxy.audit import AuditError, load_key, verify
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config, parse_workers
 from proxy.demo import run_demo
 from proxy.oplog import configure_logging
 from proxy.policy.approve import PolicyFileError, approve_statements
 from proxy.policy.engine import judge
 from proxy.policy.learn import ReviewFileError, read_review
 from proxy.server import serve
+from proxy.supervisor import supervise
 from proxy.tlsconfig import load_terminal_tls
+from proxy.workers import WorkerSlot
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -51,9 +57,24 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the proxy with a configuration file")
     run.add_argument("--config", required=True, type=Path, help="YAML configuration file")
-    run.add_argument("--log-format", choices=("json", "console"), default="json")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    run.add_argument(
+        "--workers",
+        type=_worker_count,
+        metavar="N",
+        help='worker processes sharing the port: a number, or "auto" (the cores); default: listen.workers',
+    )
+    _add_log_options(run)
     run.set_defaults(handler=_run)
+
+    # Started by `run --workers N`, one per worker; not for people, so not listed.
+    worker = commands.add_parser("worker")
+    worker.add_argument("--config", required=True, type=Path)
+    worker.add_argument("--index", required=True, type=int)
+    worker.add_argument("--count", required=True, type=int)
+    worker.add_argument("--runtime-dir", required=True, type=Path)
+    worker.add_argument("--supervisor-pid", required=True, type=int)
+    _add_log_options(worker)
+    worker.set_defaults(handler=_worker)
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config", type=Path)
@@ -175,13 +196,48 @@ def _add_certs_commands(parser: argparse.ArgumentParser) -> None:
     listing.set_defaults(handler=_certs_list)
 
 
+def _add_log_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=("json", "console"), default="json")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+
+def _worker_count(text: str) -> int:
+    try:
+        return parse_workers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _run(args: argparse.Namespace) -> int:
     configure_logging(json=args.log_format == "json", level=args.log_level)
     config = _load_or_report(args.config, prefix="pos-proxy: invalid configuration ")
     if config is None:
         return EXIT_FAILURE
+    workers = args.workers if args.workers is not None else config.listen.workers
+    if workers == 1:
+        return _serve_until_stopped(serve(config))
+    log_options = ["--log-format", args.log_format, "--log-level", args.log_level]
+    return _serve_until_stopped(supervise(config, workers, log_options))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    # Ctrl-C in a terminal reaches the whole process group: the supervisor turns it into SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Held until the server's handler is in place: a stop during start-up then drains, not kills.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    configure_logging(json=args.log_format == "json", level=args.log_level)
+    structlog.contextvars.bind_contextvars(worker=args.index)
+    config = _load_or_report(args.config, prefix="pos-proxy: invalid configuration ")
+    if config is None:
+        return EXIT_FAILURE
+    return _serve_until_stopped(
+        serve(config, WorkerSlot(args.index, args.count, args.runtime_dir, args.supervisor_pid))
+    )
+
+
+def _serve_until_stopped(main: Coroutine[Any, Any, int]) -> int:
     try:
-        return eventloop.run(serve(config))
+        return eventloop.run(main)
     except (OSError, ValueError) as exc:
         print(f"pos-proxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -225,6 +225,8 @@ class ListenConfig:
     drain_timeout: float = 30.0
     tcp_keepalive: TCPKeepalive = TCPKeepalive()
     proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
+    # Worker processes sharing the port (SO_REUSEPORT) under a supervisor; 1: one plain process.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -796,6 +798,20 @@ def _enum(kind: type[E]) -> Callable[[object], E]:
     return _one_of({member.value: member for member in kind})
 
 
+MAX_WORKERS: Final = 64
+
+
+def parse_workers(value: object) -> int:
+    """A worker count: a whole number from 1 to MAX_WORKERS, or "auto" for the cores this process may use."""
+    if value == "auto":
+        # The affinity mask, not cpu_count(): systemd's CPUAffinity= and containers narrow it.
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    number = int(value) if isinstance(value, str) and value.isdigit() else value
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_WORKERS:
+        raise ValueError(f'expected a worker count from 1 to {MAX_WORKERS} or "auto", got {_describe(value)}')
+    return number
+
+
 _PORT: Final = _in_range(_whole_number, "a port number", minimum=1, maximum=65535)
 # 0 lets the system pick a free port (tests, the demo); the chosen one is logged.
 _ADMIN_PORT: Final = _in_range(_whole_number, "a port number", minimum=0, maximum=65535)
@@ -851,6 +867,7 @@ def _parse_listen(section: _Section) -> ListenConfig:
         drain_timeout=section.read("drain_timeout", _positive_duration, default.drain_timeout),
         tcp_keepalive=_parse_keepalive(section.child("tcp_keepalive", _keys(TCPKeepalive)), TCPKeepalive()),
         proxy_protocol=_parse_proxy_protocol(section.child("proxy_protocol", _keys(ProxyProtocolConfig))),
+        workers=section.read("workers", parse_workers, default.workers),
     )
 
 

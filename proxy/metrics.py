@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib import metadata
+from pathlib import Path
 from typing import Final
 
 from prometheus_client import (
@@ -14,8 +15,9 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "Metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "FleetMetrics", "Metrics"]
 
 # What render() produces; the admin API sends it as the Content-Type of /metrics.
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
@@ -57,7 +59,11 @@ class Metrics:
         registry = self.registry
 
         self.client_connections_active = Gauge(
-            "pos_proxy_client_connections_active", "Client connections open now.", ["role"], registry=registry
+            "pos_proxy_client_connections_active",
+            "Client connections open now.",
+            ["role"],
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.client_connections_total = Counter(
             "pos_proxy_client_connections_total", "Client connections accepted.", ["role"], registry=registry
@@ -98,12 +104,14 @@ class Metrics:
             "Server connections of a route's pool, by state (active, idle, opening).",
             ["route", "state"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.pool_clients_waiting = Gauge(
             "pos_proxy_pool_clients_waiting",
             "Clients waiting for a server connection.",
             ["route"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.pool_wait_seconds = Histogram(
             "pos_proxy_pool_wait_seconds",
@@ -196,4 +204,37 @@ class Metrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric, served as CONTENT_TYPE."""
+        return generate_latest(self.registry)
+
+
+class FleetMetrics:
+    """The supervisor's /metrics with several workers: every worker's metrics, summed, plus its own.
+
+    Workers run with PROMETHEUS_MULTIPROC_DIR set, so each value of ``Metrics`` lives in a file per
+    process there: counters and histograms of dead workers still count (their totals do not go back),
+    and the gauges above are ``livesum``: the sum over the workers alive (``mark_process_dead`` drops a
+    dead worker's). ``pos_proxy_build`` (an Info, which multiprocess mode cannot hold) is the supervisor's.
+    """
+
+    def __init__(self, multiprocess_dir: Path) -> None:
+        self.registry = CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir
+        # prometheus-client's multiprocess module has no type hints.
+        MultiProcessCollector(self.registry, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+        self.workers_alive = Gauge(
+            "pos_proxy_workers_alive", "Worker processes running now.", registry=self.registry
+        )
+        self.worker_restarts_total = Counter(
+            "pos_proxy_worker_restarts_total",
+            "Worker processes the supervisor restarted after they died.",
+            registry=self.registry,
+        )
+        self.build_info = Info("pos_proxy_build", "The running proxy's version.", registry=self.registry)
+        self.build_info.info({"version": _version()})
+
+    def forget_worker(self, pid: int) -> None:
+        """A worker died: its live gauges no longer count (its counters still do)."""
+        mark_process_dead(pid, str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+
+    def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import os
 import signal
 import socket
 import ssl
@@ -45,12 +46,18 @@ from proxy.protocols.proxyheader import (
 from proxy.sdnotify import Notifier
 from proxy.tcp import tune_socket
 from proxy.tlsconfig import CRLExpired, load_terminal_tls, upstream_context
+from proxy.workers import WorkerSlot
 
 log = structlog.get_logger("pos_proxy.server")
 
 # Shown in pg_stat_activity for pooled connections until a client sets its own name.
 SERVER_APPLICATION_NAME = "pos-db-proxy"
 _RECYCLE_INTERVAL = 1.0
+# How long a closing session waits for the terminal's TLS close_notify: one that never reads
+# never sends it, and must not hold a drain (or its socket) for the default 30 s.
+_TLS_SHUTDOWN_TIMEOUT = 2.0
+# How often a worker checks that its supervisor is still there.
+_SUPERVISOR_CHECK_INTERVAL = 1.0
 _PLAINTEXT_REFUSAL = AuthenticationRefused(
     "pos-db-proxy accepts only TLS connections with a terminal certificate",
     hint="connect with sslmode=verify-full and the terminal's sslcert and sslkey",
@@ -135,9 +142,16 @@ class _Encryption(enum.Enum):
 
 
 class ProxyServer:
-    """Owns the listening socket, the sessions and the pools for one configuration."""
+    """Owns the listening socket, the sessions and the pools for one configuration.
 
-    def __init__(self, config: Config) -> None:
+    With a ``worker`` slot it is one of several processes under a supervisor (proxy.supervisor):
+    it shares the port through SO_REUSEPORT, runs its slice of the configuration and serves its
+    admin API on a private Unix socket for the supervisor only.
+    """
+
+    def __init__(self, config: Config, worker: WorkerSlot | None = None) -> None:
+        self._worker = worker
+        config = self._shape(config)
         self.config = config
         self._terminal_tls = load_terminal_tls(config.tls)
         self._registry = SessionRegistry()
@@ -166,7 +180,8 @@ class ProxyServer:
         self._crl_stamp = _file_stamp(config.tls.crl)
         # While an expired CRL is in force: when to re-read it and log crl_expired again.
         self._crl_alarm_at = 0.0
-        self._notifier = Notifier()
+        # Only the supervisor talks to systemd when there are workers (NotifyAccess=main).
+        self._notifier = Notifier({}) if worker is not None else Notifier()
         self._source_limiter = SourceRateLimiter(config.limits.source_connections)
         # Per route: when its server was last probed with a TCP connect, and the answer.
         self._probes: dict[str, tuple[float, str]] = {}
@@ -183,12 +198,18 @@ class ProxyServer:
             self.audit.start()
         listen = self.config.listen
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        self._listener = socket.create_server((listen.host, listen.port), family=family, backlog=1024)
+        self._listener = socket.create_server(
+            (listen.host, listen.port), family=family, backlog=1024, reuse_port=self._worker is not None
+        )
         self._listener.setblocking(False)
         self._spawn(self._accept_loop(self._listener))
         self._spawn(self._recycle_loop())
         admin = self.config.admin
-        if admin is not None:
+        if self._worker is not None:
+            self.admin = AdminServer(self, AdminListener("", 0, None, unix_path=self._worker.admin_socket))
+            await self.admin.start()
+            self._spawn(self._watch_supervisor(self._worker.supervisor_pid))
+        elif admin is not None:
             token = admin.token.reveal() if admin.token is not None else None
             self.admin = AdminServer(self, AdminListener(admin.host, admin.port, token))
             await self.admin.start()
@@ -202,9 +223,14 @@ class ProxyServer:
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        # A supervised worker leaves SIGINT (a terminal's Ctrl-C reaches the whole process group)
+        # to the supervisor, which turns it into one SIGTERM per worker.
+        stop_signals = (signal.SIGTERM,) if self._worker is not None else (signal.SIGTERM, signal.SIGINT)
+        for signum in stop_signals:
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+        if self._worker is not None:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by `pos-proxy worker`
 
     def reload(self, trigger: str) -> bool:
         """Re-read the config file; apply it to new connections, or keep the old one whole."""
@@ -219,7 +245,7 @@ class ProxyServer:
         try:
             if source is None:
                 raise ConfigError([ConfigProblem("", "the configuration was not loaded from a file")])
-            config = load_config(source)
+            config = self._shape(load_config(source))
             terminal_tls = load_terminal_tls(config.tls)
             review = self._review_log_for(config)
         except (ConfigError, OSError, ValueError) as exc:
@@ -275,18 +301,18 @@ class ProxyServer:
 
     # --- admin API (AdminControl) ---
 
-    def pools(self) -> list[dict[str, Any]]:
+    async def pools(self) -> list[dict[str, Any]]:
         """Like PgBouncer's SHOW POOLS."""
         return [
             {**dataclasses.asdict(route.pool.stats()), "mode": route.config.pool.mode.value}
             for route in self.routes.values()
         ]
 
-    def clients(self) -> list[dict[str, Any]]:
+    async def clients(self) -> list[dict[str, Any]]:
         """Like PgBouncer's SHOW CLIENTS."""
         return [session.describe() for session in self._registry.live]
 
-    def disconnect_terminal(self, store: str, terminal: str, actor: str) -> int:
+    async def disconnect_terminal(self, store: str, terminal: str, actor: str) -> int:
         """Cut a terminal's live sessions now (a stolen till); pair with certs revoke + reload."""
         cut = 0
         for session in list(self._registry.live):
@@ -300,6 +326,9 @@ class ProxyServer:
         log.warning("admin_disconnect", store=store, terminal=terminal, sessions=cut, actor=actor)
         self._audit("admin_disconnect", "success", store=store, terminal=terminal, sessions=cut, actor=actor)
         return cut
+
+    async def request_reload(self, trigger: str) -> bool:
+        return self.reload(trigger)
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Listener up and every route's server reachable.
@@ -324,7 +353,7 @@ class ProxyServer:
             probed = self._probes[name] = (now, await _route_reachable(route))
         return probed[1]
 
-    def metrics_text(self) -> bytes:
+    async def metrics_text(self) -> bytes:
         """Gauges sampled now from the pools and caches, then everything rendered."""
         metrics = self.metrics
         for name, route in self.routes.items():
@@ -344,6 +373,9 @@ class ProxyServer:
             metrics.audit_write_errors_total.inc(errors - self._reported_audit[1])
             self._reported_audit = (written, errors)
         return metrics.render()
+
+    def _shape(self, config: Config) -> Config:
+        return self._worker.shape(config) if self._worker is not None else config
 
     def _rebuild_routes(self, config: Config) -> dict[str, Route]:
         """Keep the pools of routes whose settings did not change; retire the others."""
@@ -429,6 +461,16 @@ class ProxyServer:
         while True:
             self._notifier.watchdog()
             await asyncio.sleep(interval)
+
+    async def _watch_supervisor(self, supervisor_pid: int) -> None:
+        """A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of living on alone."""
+        # An orphan is adopted by init (or a subreaper), so its parent changes; nothing signals that.
+        while True:
+            await asyncio.sleep(_SUPERVISOR_CHECK_INTERVAL)
+            if os.getppid() != supervisor_pid:
+                break
+        log.error("supervisor_gone", supervisor_pid=supervisor_pid)
+        self._on_stop_signal(signal.SIGTERM)
 
     async def _recycle_loop(self) -> None:
         while True:
@@ -635,7 +677,11 @@ class ProxyServer:
         started = time.monotonic()
         try:
             await loop.connect_accepted_socket(
-                lambda: session, sock, ssl=self._terminal_tls.context, ssl_handshake_timeout=timeout
+                lambda: session,
+                sock,
+                ssl=self._terminal_tls.context,
+                ssl_handshake_timeout=timeout,
+                ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
             )
         except ssl.SSLError as exc:
             reason = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else exc.reason
@@ -746,9 +792,9 @@ async def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(chunks)
 
 
-async def serve(config: Config) -> int:
-    """Run the proxy until SIGTERM or SIGINT; return the process exit code."""
-    server = ProxyServer(config)
+async def serve(config: Config, worker: WorkerSlot | None = None) -> int:
+    """Run the proxy (or one supervised worker) until SIGTERM or SIGINT; return the exit code."""
+    server = ProxyServer(config, worker)
     try:
         await server.start()
     except BaseException:

@@ -1,15 +1,19 @@
 """Learn mode's review file: statements seen per role that the policy does not list yet.
 
 The file is JSON, rewritten atomically. The proxy only adds to it: each flush re-reads the file
-and merges what was seen since the last flush, so entries that ``pos-proxy policy approve``
-removed in the meantime stay removed unless the statement is seen again.
+(under a lock: worker processes share it) and merges what was seen since the last flush, so
+entries that ``pos-proxy policy approve`` removed in the meantime stay removed unless the
+statement is seen again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,16 +58,29 @@ class ReviewLog:
     def flush(self) -> None:
         if not self._seen:
             return
-        merged = {(entry.role, entry.fingerprint): entry for entry in read_review(self.path)}
-        for key, seen in self._seen.items():
-            known = merged.get(key)
-            if known is None:
-                merged[key] = seen
-            else:
-                known.count += seen.count
-                known.last_seen = seen.last_seen
-        write_review(self.path, list(merged.values()))
+        with _locked(self.path):
+            merged = {(entry.role, entry.fingerprint): entry for entry in read_review(self.path)}
+            for key, seen in self._seen.items():
+                known = merged.get(key)
+                if known is None:
+                    merged[key] = seen
+                else:
+                    known.count += seen.count
+                    known.last_seen = seen.last_seen
+            write_review(self.path, list(merged.values()))
         self._seen.clear()
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Held across read-merge-write: worker processes (run --workers N) flush into one file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path.with_name(f".{path.name}.lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def read_review(path: Path) -> list[ReviewEntry]:

@@ -8,10 +8,11 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -87,9 +88,10 @@ def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, 
 class ProxyProcess:
     """One proxy subprocess with its own config file and JSON log."""
 
-    def __init__(self, directory: Path, config: Mapping[str, Any]) -> None:
+    def __init__(self, directory: Path, config: Mapping[str, Any], arguments: Sequence[str] = ()) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
+        self.arguments = list(arguments)  # extra `pos-proxy run` options, e.g. --workers 2
         self.port = free_port()
         self.config = deep_merge(dict(config), {"listen": {"host": "127.0.0.1", "port": self.port}})
         self.config_path = directory / "pos-proxy.yaml"
@@ -100,7 +102,17 @@ class ProxyProcess:
         self.config_path.write_text(yaml.safe_dump(self.config), encoding="utf-8")
         log = self.log_path.open("ab")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", str(self.config_path), "--log-level", "debug"],
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "run",
+                "--config",
+                str(self.config_path),
+                "--log-level",
+                "debug",
+                *self.arguments,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -129,6 +141,11 @@ class ProxyProcess:
                 self._process.kill()
                 self._process.wait(5)
         return self._process.returncode
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
 
     def signal(self, signum: int) -> None:
         assert self._process is not None
@@ -205,3 +222,29 @@ def proxy_config(pki: TerminalPKI, cluster: Any, password_file: Path, **route: A
         "roles": {"cashier": {"description": "tills"}, "manager": None},
         "routes": {"pos": deep_merge(route_config, route)},
     }
+
+
+def receive_notifications(
+    sock: socket.socket, until: str, timeout: float = 15.0
+) -> list[tuple[int | None, str]]:
+    """sd_notify datagrams on a test NOTIFY_SOCKET as (sender pid, text), until one contains ``until``.
+
+    The pid is known when the socket has SO_PASSCRED set (the kernel then attaches SCM_CREDENTIALS).
+    """
+    seen: list[tuple[int | None, str]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("iII")))
+        except TimeoutError:
+            break
+        pids = [
+            struct.unpack("iII", payload)[0]
+            for level, kind, payload in ancillary
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+        ]
+        seen.append((pids[0] if pids else None, data.decode()))
+        if until in seen[-1][1]:
+            return seen
+    raise AssertionError(f"no {until!r} among {seen}")

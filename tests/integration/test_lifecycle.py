@@ -21,24 +21,13 @@ from cryptography import x509
 
 from proxy import certs
 from proxy.protocols.postgres import messages as m
-from tests.integration.proxyproc import ProxyProcess, TerminalPKI
+from tests.integration.proxyproc import ProxyProcess, TerminalPKI, receive_notifications
 
 StartProxy = Callable[..., ProxyProcess]
 
 
-def _messages(sock: socket.socket, until: str, timeout: float = 15.0) -> list[str]:
-    """Notifications received until one contains ``until`` (bounded)."""
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.1, deadline - time.monotonic()))
-        try:
-            seen.append(sock.recv(4096).decode())
-        except TimeoutError:
-            break
-        if until in seen[-1]:
-            return seen
-    raise AssertionError(f"no {until!r} among {seen}")
+def _messages(sock: socket.socket, until: str) -> list[str]:
+    return [text for _, text in receive_notifications(sock, until)]
 
 
 def test_ready_reloading_and_stopping_reach_the_notify_socket(
@@ -93,6 +82,23 @@ def test_sigterm_lets_an_open_transaction_commit_and_ends_idle_sessions_at_once(
         **pg_cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True
     ) as admin:
         assert admin.execute("SELECT count(*) FROM public.drained").fetchone() == (2,)
+
+
+def test_drain_does_not_wait_for_an_idle_terminal_that_never_reads(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    # The terminal is told 57P01 and sent TLS close_notify; one that never reads never answers
+    # that close_notify, which must not hold the drain for the whole drain_timeout.
+    proxy = start_proxy(listen={"drain_timeout": "20s"})
+    silent = psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True)
+    try:
+        silent.execute("SELECT 1")
+        started = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait_exit() == 0
+        assert time.monotonic() - started < 8
+    finally:
+        silent.close()
 
 
 @dataclass(frozen=True, slots=True)

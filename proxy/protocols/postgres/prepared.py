@@ -41,9 +41,17 @@ class Reply(enum.Enum):
     SYNTHETIC = 3  # nothing was sent: the proxy answers in the server's place
 
 
-@dataclass(slots=True)
+# Module globals: looked up once per message on the reply path, cheaper than the enum attribute.
+_DROP = Reply.DROP
+_SYNTHETIC = Reply.SYNTHETIC
+
+
+@dataclass(frozen=True, slots=True)
 class Expected:
-    """The reply one request will get: which message types end it, and what to do with it."""
+    """The reply one request will get: which message types end it, and what to do with it.
+
+    Immutable, so the common ones are shared constants instead of one object per message.
+    """
 
     ends_with: bytes
     reply: Reply = Reply.FORWARD
@@ -66,6 +74,15 @@ _EXPECT_CLOSE = b"3"
 _EXPECT_DESCRIBE = b"Tn"
 _EXPECT_EXECUTE = b"CIs"
 _EXPECT_READY = b"Z"
+# The replies of the client's own messages, passed on as they come.
+_PARSED = Expected(_EXPECT_PARSE)
+_BOUND = Expected(_EXPECT_BIND)
+_CLOSED = Expected(_EXPECT_CLOSE)
+_DESCRIBED = Expected(_EXPECT_DESCRIBE)
+_EXECUTED = Expected(_EXPECT_EXECUTE)
+_READY = Expected(_EXPECT_READY)
+_SYNCED = Expected(_EXPECT_READY, sync=True)
+_ANSWERS = {0x42: _BOUND, 0x44: _DESCRIBED, 0x43: _CLOSED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,13 +188,13 @@ class ClientStatements:
                     _raise_in_place(refusal, out, expect)
                 else:
                     out.append(refusal.as_query())
-                    expect(Expected(_EXPECT_READY))
+                    expect(_READY)
                 continue
             if kind == 0x50:  # 'P' Parse
                 name_end = _cstring_end(source, body_start, end)
                 if name_end == body_start:
                     splice.keep(start)
-                    expect(Expected(_EXPECT_PARSE))
+                    expect(_PARSED)
                     continue
                 splice.cut(start)
                 parsed = Statement.from_parse_body(bytes(source[name_end + 1 : end]))
@@ -192,10 +209,10 @@ class ClientStatements:
                 else:  # of a portal: nothing to rename
                     name_start = -1
                 name_end = _cstring_end(source, name_start, end) if name_start > 0 else name_start
-                answer = _EXPECT_BIND if kind == 0x42 else _EXPECT_DESCRIBE if kind == 0x44 else _EXPECT_CLOSE
+                answer = _ANSWERS[kind]
                 if name_end <= name_start:  # a portal or the unnamed statement
                     splice.keep(start)
-                    expect(Expected(answer))
+                    expect(answer)
                     continue
                 splice.cut(start)
                 name = bytes(source[name_start:name_end])
@@ -214,15 +231,15 @@ class ClientStatements:
                     bytes(source[body_start:name_start]) + statement.server_name + bytes(source[name_end:end])
                 )
                 out.append(m.build_message(bytes((kind,)), renamed))
-                expect(Expected(answer))
+                expect(answer)
             else:
                 splice.keep(start)
                 if kind == 0x45:  # 'E' Execute
-                    expect(Expected(_EXPECT_EXECUTE))
+                    expect(_EXECUTED)
                 elif kind == 0x53:  # 'S' Sync
-                    expect(Expected(_EXPECT_READY, sync=True))
+                    expect(_SYNCED)
                 elif kind in _CYCLE_ENDERS:
-                    expect(Expected(_EXPECT_READY))
+                    expect(_READY)
                 if start in forget_at:
                     server.statements.clear()
         splice.finish(frames)
@@ -270,38 +287,41 @@ def filter_server_messages(
     pending = server.pending
     splice = _Splice(source)
     out = splice.parts
-    status: bytes | None = None
+    keep, cut = splice.keep, splice.cut
+    status: bytes | bytearray | None = None
     parameters: list[bytes] = []
     for kind, start, end in frames:
         if server.skipping:
             _skip_to_sync(server)
-        while pending and pending[0].reply is Reply.SYNTHETIC:
-            splice.cut(start)
-            out.append(_take_synthetic(pending))
-        if kind in _ASYNCHRONOUS or not pending:
-            splice.keep(start)
+        head = pending[0] if pending else None
+        if head is not None and head.reply is _SYNTHETIC:
+            cut(start)
+            out.append(take_ready_synthetics(server))
+            head = pending[0] if pending else None
+        if head is None or kind in _ASYNCHRONOUS:
+            keep(start)
             if kind == 0x53:  # 'S' ParameterStatus
                 parameters.append(bytes(source[start + 5 : end]))
             continue
-        head = pending[0]
         if kind == _ERROR:
-            splice.keep(start)
+            keep(start)
             if not (head.ends_cycle and not head.sync):
                 # Not a simple Query's own error: the server now skips everything up to Sync (55.2.3).
                 server.skipping = True
                 _skip_to_sync(server)
             continue
-        if head.reply is Reply.DROP:
-            splice.cut(start)
+        if head.reply is _DROP:
+            cut(start)
         else:
-            splice.keep(start)
+            keep(start)
         if kind in head.ends_with:
             pending.popleft()
             if kind == 0x5A:  # 'Z'
-                status = bytes(source[end - 1 : end])
+                status = source[end - 1 : end]
     splice.finish(frames)
-    out.append(take_ready_synthetics(server))
-    return b"".join(out), status, parameters
+    if pending and pending[0].reply is _SYNTHETIC:
+        out.append(take_ready_synthetics(server))
+    return out[0] if len(out) == 1 else b"".join(out), bytes(status) if status else None, parameters
 
 
 class _Splice:
@@ -336,7 +356,7 @@ def _raise_in_place(refusal: Refusal, out: list[bytes], expect: Callable[[Expect
     out.append(refusal.as_extended())
     expect(Expected(_EXPECT_PARSE, Reply.DROP))
     expect(Expected(_EXPECT_BIND, Reply.DROP))
-    expect(Expected(_EXPECT_EXECUTE))
+    expect(_EXECUTED)
 
 
 def _skip_to_sync(server: ServerState) -> None:
@@ -358,13 +378,9 @@ def take_ready_synthetics(server: ServerState) -> bytes:
         _skip_to_sync(server)
     pending = server.pending
     out = b""
-    while pending and pending[0].reply is Reply.SYNTHETIC:
-        out += _take_synthetic(pending)
+    while pending and pending[0].reply is _SYNTHETIC:
+        out += pending.popleft().synthetic
     return out
-
-
-def _take_synthetic(pending: deque[Expected]) -> bytes:
-    return pending.popleft().synthetic
 
 
 def _cstring_end(source: bytes | bytearray, start: int, end: int) -> int:
