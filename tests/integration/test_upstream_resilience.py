@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -16,6 +17,7 @@ from proxy.localpg import free_port
 from tests.integration.conftest import OwnCluster
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 from tests.integration.test_admin import TOKEN, _call
+from tests.integration.test_postgres_robustness import data_row_values, raw_session, run_query
 
 StartProxy = Callable[..., ProxyProcess]
 
@@ -279,3 +281,22 @@ def test_terminal_and_server_connections_use_the_configured_keepalive_intervals(
         server_side = _keepalive_timers(remote_port=own_cluster.server.port)
     assert terminal_side and all(30 < seconds <= 40 for seconds in terminal_side), terminal_side
     assert server_side and all(40 < seconds <= 50 for seconds in server_side), server_side
+
+
+def test_a_server_fatal_reaches_the_terminal_once_and_alone(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, pg_cluster: Any
+) -> None:
+    # PostgreSQL ends a backend with FATAL 57P01 (pg_terminate_backend, or every backend on a fast
+    # shutdown). The terminal must see that error and then the end of the connection: a second FATAL
+    # from the proxy after it reads to libpq as "received 2 results from command 'BEGIN'".
+    proxy = start_proxy(routes={"pos": {"pool": {"mode": "session"}}})
+    with raw_session(proxy, terminal_pki, terminal_pki.cashier) as client:
+        rows = [payload for kind, payload in run_query(client, "SELECT pg_backend_pid()") if kind == b"D"]
+        backend_pid = int(data_row_values(rows[0])[0] or b"0")
+        with psycopg.connect(
+            **pg_cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True
+        ) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend_pid,))
+        fields = client.expect_fatal("57P01")
+    assert "terminating connection" in fields["M"]
+    proxy.wait_for_event("session_error", sqlstate="08006")

@@ -100,6 +100,8 @@ class ServerConnection(asyncio.Protocol):
         self.state = ServerState(ServerStatements(route.pool.max_prepared_statements))
         # The attached client's result-size guard, when its limits have one.
         self.result_watch: ResultWatch | None = None
+        # The server's FATAL (57P01 on shutdown, ...) was passed on to the client: nothing may follow it.
+        self.fatal_passed_on = False
         self.closed = False
         self._on_closed = on_closed
         self._transport: asyncio.Transport | None = None
@@ -204,6 +206,11 @@ class ServerConnection(asyncio.Protocol):
             peer.server_parameter(name, value)
         if out:
             peer.server_data(out)
+        if frames and frames[-1][0] == m.MSG_ERROR_RESPONSE:
+            # A FATAL is the last message a server sends before it closes: only a batch's last one can be.
+            _kind, start, end = frames[-1]
+            severity = m.parse_error_fields(bytes(buffer[start + 5 : end])).get("S")
+            self.fatal_passed_on = severity in ("FATAL", "PANIC")
         if status is not None:
             self.transaction_status = status
             peer.server_ready()
