@@ -137,6 +137,8 @@ class Metrics:
             "1 while a route's server is reachable, 0 from a failed connect until one succeeds again.",
             ["route"],
             registry=registry,
+            # With --workers: up only while every live worker reaches it.
+            multiprocess_mode="livemin",
         )
         self.upstream_down_total = Counter(
             "pos_proxy_upstream_down_total",
@@ -180,11 +182,13 @@ class Metrics:
             "pos_proxy_crl_expired",
             "1 while the terminal CRL in force is past its nextUpdate and no fresh one has been loaded.",
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.crl_next_update_timestamp_seconds = Gauge(
             "pos_proxy_crl_next_update_timestamp_seconds",
             "The nextUpdate of the terminal CRL in force (Unix time; 0 without a CRL).",
             registry=registry,
+            multiprocess_mode="livemin",
         )
         self.sessions_pinned_total = Counter(
             "pos_proxy_sessions_pinned_total",
