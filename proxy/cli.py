@@ -25,7 +25,7 @@ from proxy.policy.engine import judge
 from proxy.policy.learn import ReviewFileError, read_review
 from proxy.server import serve
 from proxy.supervisor import supervise
-from proxy.tlsconfig import terminal_context
+from proxy.tlsconfig import load_terminal_tls
 from proxy.workers import WorkerSlot
 
 EXIT_OK = 0
@@ -259,10 +259,12 @@ def _check_config(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_FAILURE
     try:
-        terminal_context(config.tls)
+        terminal_tls = load_terminal_tls(config.tls)
     except (OSError, ValueError) as exc:
         print(f"{args.config}: tls: cannot load the certificates: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    if terminal_tls.kept:
+        print(f"{args.config}: warning: tls.crl has expired; install a fresh CRL", file=sys.stderr)
     print(f"{args.config}: OK ({len(config.routes)} route(s), {len(config.roles)} role(s))")
     return EXIT_OK
 

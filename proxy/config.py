@@ -196,6 +196,26 @@ class ProxyProtocolConfig:
         return any(address in network for network in self.trusted_sources)
 
 
+class ExpiredCRLAction(enum.Enum):
+    """What the proxy does while the loaded CRL is past its nextUpdate and no fresh one has arrived."""
+
+    # Keep enforcing the last CRL's revocations (the proxy checks serials itself) and alert: a fleet's
+    # tills keep selling when the CRL job fails at 3 a.m.
+    KEEP_LAST = "keep-last"
+    # Fail closed like OpenSSL (X509_V_ERR_CRL_HAS_EXPIRED): every terminal is refused until a fresh CRL.
+    REFUSE = "refuse"
+
+
+@dataclass(frozen=True, slots=True)
+class TCPKeepalive:
+    """Keepalive probes on a TCP connection: a WAN link or NAT that drops idle flows silently is noticed
+    after about idle + interval * count instead of the kernel's two hours."""
+
+    idle: int = 60
+    interval: int = 10
+    count: int = 6
+
+
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
     host: str = "127.0.0.1"
@@ -206,6 +226,7 @@ class ListenConfig:
     max_message_size: int = 16 * 2**20
     # On SIGTERM, how long transactions in flight may take to finish before sessions are cut.
     drain_timeout: float = 30.0
+    tcp_keepalive: TCPKeepalive = TCPKeepalive()
     proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
     # Worker processes sharing the port (SO_REUSEPORT) under a supervisor; 1: one plain process.
     workers: int = 1
@@ -218,6 +239,7 @@ class TLSConfig:
     client_ca: Path
     crl: Path | None = None
     min_version: TLSVersionName = TLSVersionName.TLS1_2
+    expired_crl: ExpiredCRLAction = ExpiredCRLAction.KEEP_LAST
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +350,10 @@ class PoolConfig:
     server_idle_timeout: float = 600.0
     server_lifetime: float = 3600.0
     connect_timeout: float = 5.0
+    # Backoff between connect attempts while the server is unreachable (doubling, with jitter).
+    connect_retry_delay: float = 0.25
+    connect_retry_max_delay: float = 5.0
+    tcp_keepalive: TCPKeepalive = TCPKeepalive()
     session_state: SessionStateAction = SessionStateAction.PIN
     max_prepared_statements: int = 250
 
@@ -859,8 +885,25 @@ def _parse_listen(section: _Section) -> ListenConfig:
             default.max_message_size,
         ),
         drain_timeout=section.read("drain_timeout", _positive_duration, default.drain_timeout),
+        tcp_keepalive=_parse_keepalive(section.child("tcp_keepalive", _keys(TCPKeepalive)), TCPKeepalive()),
         proxy_protocol=_parse_proxy_protocol(section.child("proxy_protocol", _keys(ProxyProtocolConfig))),
         workers=section.read("workers", parse_workers, default.workers),
+    )
+
+
+# Linux's limits for TCP_KEEPIDLE / TCP_KEEPINTVL (seconds) and TCP_KEEPCNT.
+_KEEPALIVE_SECONDS: Final = _in_range(
+    lambda value: round(_positive_duration(value)), "a duration in whole seconds", minimum=1, maximum=32767
+)
+
+
+def _parse_keepalive(section: _Section, inherited: TCPKeepalive) -> TCPKeepalive:
+    return TCPKeepalive(
+        idle=section.read("idle", _KEEPALIVE_SECONDS, inherited.idle),
+        interval=section.read("interval", _KEEPALIVE_SECONDS, inherited.interval),
+        count=section.read(
+            "count", _in_range(_whole_number, "an integer", minimum=1, maximum=127), inherited.count
+        ),
     )
 
 
@@ -896,6 +939,7 @@ def _parse_tls(section: _Section) -> TLSConfig:
         client_ca=section.require("client_ca", file, Path()),
         crl=section.read("crl", file, None),
         min_version=section.read("min_version", _enum(TLSVersionName), TLSVersionName.TLS1_2),
+        expired_crl=section.read("expired_crl", _enum(ExpiredCRLAction), ExpiredCRLAction.KEEP_LAST),
     )
 
 
@@ -1174,6 +1218,11 @@ def _parse_pool(section: _Section, inherited: PoolConfig) -> PoolConfig:
         server_idle_timeout=read("server_idle_timeout", duration, inherited.server_idle_timeout),
         server_lifetime=read("server_lifetime", duration, inherited.server_lifetime),
         connect_timeout=read("connect_timeout", duration, inherited.connect_timeout),
+        connect_retry_delay=read("connect_retry_delay", duration, inherited.connect_retry_delay),
+        connect_retry_max_delay=read("connect_retry_max_delay", duration, inherited.connect_retry_max_delay),
+        tcp_keepalive=_parse_keepalive(
+            section.child("tcp_keepalive", _keys(TCPKeepalive)), inherited.tcp_keepalive
+        ),
         session_state=read("session_state", _enum(SessionStateAction), inherited.session_state),
         max_prepared_statements=read(
             "max_prepared_statements",
@@ -1181,6 +1230,15 @@ def _parse_pool(section: _Section, inherited: PoolConfig) -> PoolConfig:
             inherited.max_prepared_statements,
         ),
     )
+    if pool.connect_retry_delay > pool.connect_retry_max_delay and section.data.keys() & {
+        "connect_retry_delay",
+        "connect_retry_max_delay",
+    }:
+        section.report(
+            "connect_retry_delay",
+            f"connect_retry_delay ({pool.connect_retry_delay:g}s) cannot exceed "
+            f"connect_retry_max_delay ({pool.connect_retry_max_delay:g}s)",
+        )
     # Blame the section that set one of the pair; a clash purely inherited was reported where it was made.
     if pool.min_idle > pool.size and section.data.keys() & {"size", "min_idle"}:
         key = "min_idle" if "min_idle" in section.data else "size"

@@ -132,6 +132,20 @@ class Metrics:
             ["route"],
             registry=registry,
         )
+        self.upstream_up = Gauge(
+            "pos_proxy_upstream_up",
+            "1 while a route's server is reachable, 0 from a failed connect until one succeeds again.",
+            ["route"],
+            registry=registry,
+            # With --workers: up only while every live worker reaches it.
+            multiprocess_mode="livemin",
+        )
+        self.upstream_down_total = Counter(
+            "pos_proxy_upstream_down_total",
+            "Times a route's server became unreachable (connects failing for a transient reason).",
+            ["route"],
+            registry=registry,
+        )
         self.limit_hits_total = Counter(
             "pos_proxy_limit_hits_total",
             "Connections, statements and results refused by a limit.",
@@ -163,6 +177,18 @@ class Metrics:
             "Configuration reloads, by result (ok, failed).",
             ["result"],
             registry=registry,
+        )
+        self.crl_expired = Gauge(
+            "pos_proxy_crl_expired",
+            "1 while the terminal CRL in force is past its nextUpdate and no fresh one has been loaded.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.crl_next_update_timestamp_seconds = Gauge(
+            "pos_proxy_crl_next_update_timestamp_seconds",
+            "The nextUpdate of the terminal CRL in force (Unix time; 0 without a CRL).",
+            registry=registry,
+            multiprocess_mode="livemin",
         )
         self.sessions_pinned_total = Counter(
             "pos_proxy_sessions_pinned_total",

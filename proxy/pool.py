@@ -1,9 +1,11 @@
-"""Protocol-agnostic upstream pool: acquire, release, FIFO wait queue, reset, idle and lifetime recycling."""
+"""Protocol-agnostic upstream pool: acquire, release, FIFO wait queue, reset, idle and lifetime recycling,
+and a small circuit breaker that retries an unreachable server with backoff while clients wait."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -12,7 +14,7 @@ from typing import Generic, Protocol, TypeVar
 
 import structlog
 
-from proxy.errors import TooManyConnections, UpstreamUnavailable
+from proxy.errors import ProxyError, TooManyConnections, UpstreamUnavailable
 
 log = structlog.get_logger("pos_proxy.pool")
 
@@ -38,6 +40,13 @@ Connector = Callable[[Callable[[C], None]], Awaitable[C]]
 Resetter = Callable[[C], Awaitable[bool]]
 
 
+class ServerUnreachable(Exception):
+    """The connector could not reach the server for a reason that may pass (refused, timed out, reset,
+    unreachable, starting up): the pool retries with backoff while clients wait. Any other exception
+    from the connector (a wrong password, a failed certificate check) fails the waiting client at once.
+    The text is for the operator's log only."""
+
+
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
     size: int
@@ -46,6 +55,10 @@ class PoolSettings:
     idle_timeout: float
     lifetime: float
     connect_timeout: float
+    # Backoff between attempts while the server is unreachable: doubles from retry_delay up to
+    # retry_max_delay, with jitter.
+    retry_delay: float = 0.25
+    retry_max_delay: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +71,20 @@ class PoolStats:
     waiting: int
     opened_total: int
     connect_failures_total: int
+    upstream_up: bool = True
 
 
 class UpstreamPool(Generic[C]):
     """Server connections for one route. Waiting clients are served strictly first come, first served."""
 
-    def __init__(self, name: str, settings: PoolSettings, connect: Connector[C], reset: Resetter[C]) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: PoolSettings,
+        connect: Connector[C],
+        reset: Resetter[C],
+        on_upstream_change: Callable[[bool], None] | None = None,
+    ) -> None:
         self.name = name
         self.settings = settings
         self._connect = connect
@@ -85,6 +106,18 @@ class UpstreamPool(Generic[C]):
         self._connect_failures = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        # The breaker: up, or down since a monotonic time. While down, one open at a time probes the
+        # server (a single retrying task while clients wait, else the maintenance tick) after a backoff.
+        self._down_since: float | None = None
+        self._failed_attempts = 0
+        self._next_attempt_at = 0.0
+        self._probing = False
+        self._on_upstream_change = on_upstream_change
+
+    @property
+    def upstream_up(self) -> bool:
+        """False from a failed connect for a transient reason until a connect succeeds again."""
+        return self._down_since is None
 
     # --- acquire / release ---
 
@@ -98,8 +131,9 @@ class UpstreamPool(Generic[C]):
             raise
 
     def request(self) -> asyncio.Future[C]:
-        """Join the line for a connection; the future gets one, or TooManyConnections after
-        max_client_wait. For callers on the data path, which add a callback instead of a task."""
+        """Join the line for a connection; the future gets one, or after max_client_wait
+        TooManyConnections (08001 UpstreamUnavailable while the server is down). For callers on the
+        data path, which add a callback instead of a task."""
         waiter: asyncio.Future[C] = asyncio.get_running_loop().create_future()
         if self._closing:
             waiter.set_exception(UpstreamUnavailable("the proxy is shutting down"))
@@ -140,13 +174,20 @@ class UpstreamPool(Generic[C]):
             _deadline, waiter = self._waiters.popleft()
             if waiter.done():
                 continue
-            waiter.set_exception(
-                TooManyConnections(
-                    f"no server connection became free within {self.settings.max_client_wait:g} s",
-                    hint="the pool is saturated; try again shortly",
-                )
-            )
+            waiter.set_exception(self._wait_over())
         self._arm_expiry()
+
+    def _wait_over(self) -> ProxyError:
+        if self._down_since is not None:
+            # The wait was for a server that did not come back in time, not for a busy pool.
+            return UpstreamUnavailable(
+                "could not connect to the database server",
+                hint="the database server is unreachable; try again shortly",
+            )
+        return TooManyConnections(
+            f"no server connection became free within {self.settings.max_client_wait:g} s",
+            hint="the pool is saturated; try again shortly",
+        )
 
     def try_acquire(self) -> C | None:
         """An idle connection without waiting, if nobody is in line for one (no task, no await)."""
@@ -205,29 +246,23 @@ class UpstreamPool(Generic[C]):
             connection.close()
         return None
 
-    async def _open_connection(self) -> C:
-        """Open one connection; the caller has already counted it in ``_opening``."""
-        try:
-            async with asyncio.timeout(self.settings.connect_timeout * 2):
-                connection = await self._connect(self._connection_closed)
-        except Exception as exc:
-            self._connect_failures += 1
-            log.warning("server_connect_failed", pool=self.name, error=str(exc) or type(exc).__name__)
-            raise UpstreamUnavailable("could not connect to the database server") from exc
-        finally:
-            self._opening -= 1
-        self._members.add(connection)
-        self._opened_total += 1
-        return connection
-
     def _serve_waiters(self) -> None:
         """Open connections for waiters that have none coming, while there is room in the pool."""
         if self._closing:
             return
-        room = self.settings.size - len(self._members) - self._opening
-        self._start_opens_for_waiters(min(len(self._waiters) - self._opening_for_waiters, room))
+        self._start_opens(min(self._live_waiters() - self._opening_for_waiters, self._room()))
 
-    def _start_opens_for_waiters(self, count: int) -> None:
+    def _live_waiters(self) -> int:
+        return len(self._waiters)  # only live futures are kept
+
+    def _room(self) -> int:
+        room = self.settings.size - len(self._members) - self._opening
+        if self._down_since is not None:
+            # No thundering herd on a server that is down: one attempt at a time probes it.
+            room = min(room, 1 - self._opening)
+        return room
+
+    def _start_opens(self, count: int) -> None:
         for _ in range(max(0, count)):
             self._opening += 1
             self._opening_for_waiters += 1
@@ -236,17 +271,94 @@ class UpstreamPool(Generic[C]):
     async def _open_for_waiter(self) -> None:
         """Open one connection for the first waiter (or the idle list); counted by the caller."""
         try:
-            try:
-                connection = await self._open_connection()
-            finally:
-                self._opening_for_waiters -= 1
-        except UpstreamUnavailable as exc:
-            self._fail_first_waiter(exc)
-            # The waiters behind the failed one get an attempt of their own rather than sitting out
-            # max_client_wait in a pool that has room (the server may well be back).
-            self._serve_waiters()
+            outcome = await self._open_retrying()
+        finally:
+            self._opening -= 1
+            self._opening_for_waiters -= 1
+        if isinstance(outcome, UpstreamUnavailable):
+            self._fail_first_waiter(outcome)
+        elif outcome is not None:
+            self._members.add(outcome)
+            self._opened_total += 1
+            self._hand_over(outcome)
+        # After a failure the waiters behind get an attempt of their own rather than sitting out
+        # max_client_wait in a pool that has room; after a recovery every waiter gets one.
+        self._serve_waiters()
+
+    async def _open_retrying(self) -> C | UpstreamUnavailable | None:
+        """A connection, or the error for the first waiter; transient failures are retried with backoff
+        while a client still waits and no other task already probes. None: given up (the waiters stay
+        in line: the probing task or a connection coming back serves them)."""
+        probing = False
+        try:
+            while True:
+                delay = self._next_attempt_at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    if probing and not self._live_waiters():
+                        return None
+                try:
+                    return await self._attempt()
+                except ServerUnreachable:
+                    pass
+                except UpstreamUnavailable as exc:
+                    return exc
+                if self._closing or (self._probing and not probing) or not self._live_waiters():
+                    return None
+                probing = self._probing = True
+        finally:
+            if probing:
+                self._probing = False
+
+    async def _attempt(self) -> C:
+        """One connect; a transient failure raises ServerUnreachable, any other UpstreamUnavailable."""
+        probe = self._down_since is not None
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout * 2):
+                connection = await self._connect(self._connection_closed)
+        except (ServerUnreachable, TimeoutError) as exc:
+            self._connect_failures += 1
+            self._note_unreachable(str(exc) or "connect timed out", probe=probe)
+            raise ServerUnreachable(str(exc)) from exc
+        except Exception as exc:
+            self._connect_failures += 1
+            log.warning("server_connect_failed", pool=self.name, error=str(exc) or type(exc).__name__)
+            # The server answered (it refused us): it is up, only this route cannot use it.
+            self._note_reachable()
+            raise UpstreamUnavailable("could not connect to the database server") from exc
+        self._note_reachable()
+        return connection
+
+    def _note_unreachable(self, error: str, *, probe: bool) -> None:
+        """A transient failure. ``probe``: the attempt began while the server was known down, so it
+        lengthens the backoff; attempts that were in flight when it went away count once together."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            self._failed_attempts = 0
+            log.error("upstream_down", pool=self.name, error=error)
+            if self._on_upstream_change is not None:
+                self._on_upstream_change(False)
+        elif not probe:
             return
-        self._hand_over(connection)
+        else:
+            log.info("server_connect_failed", pool=self.name, error=error, attempts=self._failed_attempts + 1)
+        self._failed_attempts += 1
+        delay = min(
+            self.settings.retry_max_delay, self.settings.retry_delay * 2 ** min(self._failed_attempts - 1, 30)
+        )
+        # Equal jitter: never sooner than half the delay, and the proxies of a fleet that lost the same
+        # server do not knock on it in step when it comes back.
+        self._next_attempt_at = now + delay / 2 + random.uniform(0, delay / 2)
+
+    def _note_reachable(self) -> None:
+        self._failed_attempts = 0
+        self._next_attempt_at = 0.0
+        if self._down_since is not None:
+            log.warning("upstream_up", pool=self.name, down_s=round(time.monotonic() - self._down_since, 3))
+            self._down_since = None
+            if self._on_upstream_change is not None:
+                self._on_upstream_change(True)
 
     def _fail_first_waiter(self, error: Exception) -> None:
         while self._waiters:
@@ -273,12 +385,13 @@ class UpstreamPool(Generic[C]):
             stale = now - connection.idle_since > self.settings.idle_timeout
             if expired or (stale and len(self._idle) > self.settings.min_idle):
                 connection.close()
-        missing = min(
-            self.settings.min_idle - len(self._idle) - self._opening,
-            self.settings.size - len(self._members) - self._opening,
-        )
+        missing = self.settings.min_idle - len(self._idle) - self._opening
+        if self._down_since is not None and time.monotonic() >= self._next_attempt_at:
+            # Perhaps nobody is asking for a connection: probe anyway, so the pool (and readyz) see the
+            # server come back; the connection then waits in the idle list.
+            missing = max(missing, 1)
         if not self._closing:
-            self._start_opens_for_waiters(missing)
+            self._start_opens(min(missing, self._room()))
 
     def stats(self) -> PoolStats:
         return PoolStats(
@@ -287,9 +400,10 @@ class UpstreamPool(Generic[C]):
             active=len(self._members) - len(self._idle),
             idle=len(self._idle),
             opening=self._opening,
-            waiting=len(self._waiters),
+            waiting=self._live_waiters(),
             opened_total=self._opened_total,
             connect_failures_total=self._connect_failures,
+            upstream_up=self._down_since is None,
         )
 
     async def close(self) -> None:

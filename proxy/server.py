@@ -19,13 +19,13 @@ import structlog
 
 from proxy.admin import AdminListener, AdminServer
 from proxy.audit import AuditLog
-from proxy.config import Config, ConfigError, ConfigProblem, RouteConfig, load_config
+from proxy.config import Config, ConfigError, ConfigProblem, ExpiredCRLAction, RouteConfig, load_config
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.limits import Limiter, SourceRateLimiter
 from proxy.metrics import Metrics
 from proxy.policy.engine import PolicyEngine
 from proxy.policy.learn import ReviewLog
-from proxy.pool import PoolSettings, UpstreamPool
+from proxy.pool import PoolSettings, ServerUnreachable, UpstreamPool
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.session import ClientSession, Route, SessionEnvironment, SessionRegistry
 from proxy.protocols.postgres.startup import UpstreamRefused
@@ -44,7 +44,8 @@ from proxy.protocols.proxyheader import (
     parse_proxy_header,
 )
 from proxy.sdnotify import Notifier
-from proxy.tlsconfig import revoked_serials, terminal_context, upstream_context
+from proxy.tcp import tune_socket
+from proxy.tlsconfig import CRLExpired, load_terminal_tls, upstream_context
 from proxy.workers import WorkerSlot
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
             connection = await connect_server(
                 route, context, on_closed, {"application_name": SERVER_APPLICATION_NAME}
             )
-        except (UpstreamConnectError, UpstreamRefused, ProtocolViolation):
+        except (ServerUnreachable, UpstreamConnectError, UpstreamRefused, ProtocolViolation):
             metrics.server_connection_errors_total.labels(route.database).inc()
             raise
         metrics.server_connections_opened_total.labels(route.database).inc()
@@ -113,8 +114,20 @@ def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
         idle_timeout=route.pool.server_idle_timeout,
         lifetime=route.pool.server_lifetime,
         connect_timeout=route.pool.connect_timeout,
+        retry_delay=route.pool.connect_retry_delay,
+        retry_max_delay=route.pool.connect_retry_max_delay,
     )
-    pool: UpstreamPool[ServerConnection] = UpstreamPool(route.database, settings, connect, reset)
+
+    def upstream_changed(up: bool) -> None:
+        metrics.upstream_up.labels(route.database).set(1 if up else 0)
+        if not up:
+            metrics.upstream_down_total.labels(route.database).inc()
+
+    metrics.upstream_up.labels(route.database).set(1)
+    metrics.upstream_down_total.labels(route.database)
+    pool: UpstreamPool[ServerConnection] = UpstreamPool(
+        route.database, settings, connect, reset, upstream_changed
+    )
     return Route(config=route, pool=pool, tls=context, server_parameters=server_parameters)
 
 
@@ -122,6 +135,7 @@ def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
 _HEADER_PEEK_SIZE = 536
 _RELOADABLE = ("tls", "identity", "roles", "routes", "policy", "limits", "admin")
 _READINESS_CACHE = 2.0
+_EXPIRED_CRL_ALARM_INTERVAL = 60.0
 
 
 class _Encryption(enum.Enum):
@@ -142,7 +156,7 @@ class ProxyServer:
         self._worker = worker
         config = self._shape(config)
         self.config = config
-        self._terminal_tls = terminal_context(config.tls)
+        self._terminal_tls = load_terminal_tls(config.tls)
         self._registry = SessionRegistry()
         self.metrics = Metrics()
         self.routes: Mapping[str, Route] = build_routes(config, self.metrics)
@@ -168,11 +182,15 @@ class ProxyServer:
         self._draining = False
         self._drain_cut = asyncio.Event()
         # The CRL file as the TLS context loaded it, to notice when it is replaced.
-        self._crl_stamp = _modified(config.tls.crl)
+        self._crl_stamp = _file_stamp(config.tls.crl)
+        # While an expired CRL is in force: when to re-read it and log crl_expired again.
+        self._crl_alarm_at = 0.0
         # Only the supervisor talks to systemd when there are workers (NotifyAccess=main).
         self._notifier = Notifier({}) if worker is not None else Notifier()
         self._source_limiter = SourceRateLimiter(config.limits.source_connections)
-        self._readiness: tuple[float, bool, dict[str, Any]] | None = None
+        # Per route: when its server was last probed with a TCP connect, and the answer.
+        self._probes: dict[str, tuple[float, str]] = {}
+        self._note_crl()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -235,7 +253,7 @@ class ProxyServer:
             if source is None:
                 raise ConfigError([ConfigProblem("", "the configuration was not loaded from a file")])
             config = self._shape(load_config(source))
-            terminal_tls = terminal_context(config.tls)
+            terminal_tls = load_terminal_tls(config.tls)
             review = self._review_log_for(config)
         except (ConfigError, OSError, ValueError) as exc:
             self.metrics.config_reloads_total.labels("failed").inc()
@@ -254,7 +272,8 @@ class ProxyServer:
         self.routes = self._rebuild_routes(config)
         self.config = config
         self._terminal_tls = terminal_tls
-        self._crl_stamp = _modified(config.tls.crl)
+        self._crl_stamp = _file_stamp(config.tls.crl)
+        self._note_crl()
         if config.limits.source_connections != self._source_limiter.rate:
             self._source_limiter = SourceRateLimiter(config.limits.source_connections)
         self._flush_review()
@@ -273,8 +292,8 @@ class ProxyServer:
         if self.audit is not None:
             # logrotate moved the file away before signalling: write to a fresh one.
             self.audit.reopen()
-        if config.tls.crl is not None:
-            self._cut_revoked_terminals(revoked_serials(config.tls.crl))
+        if terminal_tls.crl is not None:
+            self._cut_revoked_terminals(terminal_tls.crl.revoked)
         return True
 
     def _audit(self, event: str, outcome: str, **fields: object) -> None:
@@ -321,15 +340,27 @@ class ProxyServer:
         return self.reload(trigger)
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Listener up and every route's server reachable; cached briefly so probes stay cheap."""
-        now = time.monotonic()
-        if self._readiness is not None and now - self._readiness[0] < _READINESS_CACHE:
-            return self._readiness[1], self._readiness[2]
-        routes = {name: await _route_reachable(route) for name, route in self.routes.items()}
+        """Listener up and every route's server reachable.
+
+        A route whose pool has seen its server go down (the breaker) is unready at once, and ready again
+        as soon as a connect succeeds; otherwise live connections say it is reachable, and a route with
+        none is probed with a TCP connect, cached briefly so probes stay cheap.
+        """
+        routes = {name: await self._route_status(name, route) for name, route in self.routes.items()}
         ready = self._listener is not None and all(status == "reachable" for status in routes.values())
-        details: dict[str, Any] = {"listener": self._listener is not None, "routes": routes}
-        self._readiness = (now, ready, details)
-        return ready, details
+        return ready, {"listener": self._listener is not None, "routes": routes}
+
+    async def _route_status(self, name: str, route: Route) -> str:
+        stats = route.pool.stats()
+        if not stats.upstream_up:
+            return "unreachable"
+        if stats.idle or stats.active:
+            return "reachable"
+        now = time.monotonic()
+        probed = self._probes.get(name)
+        if probed is None or now - probed[0] >= _READINESS_CACHE:
+            probed = self._probes[name] = (now, await _route_reachable(route))
+        return probed[1]
 
     async def metrics_text(self) -> bytes:
         """Gauges sampled now from the pools and caches, then everything rendered."""
@@ -461,23 +492,75 @@ class ProxyServer:
                 route.pool.recycle()
 
     def _follow_crl(self) -> None:
-        """A new CRL file takes effect without waiting for an operator's reload."""
-        crl = self.config.tls.crl
-        if crl is None:
+        """Re-read the CRL when its file changes, and when the one in force passes its nextUpdate (it may
+        have been replaced unnoticed; if not, tls.expired_crl decides), without an operator's reload."""
+        path = self.config.tls.crl
+        if path is None:
             return
-        stamp = _modified(crl)
-        if stamp is None or stamp == self._crl_stamp:
-            return
+        stamp = _file_stamp(path)
+        changed = stamp is not None and stamp != self._crl_stamp
+        if not changed:
+            in_force = self._terminal_tls.crl
+            if in_force is None or not in_force.expired() or time.monotonic() < self._crl_alarm_at:
+                return
         self._crl_stamp = stamp
         try:
-            self._terminal_tls = terminal_context(self.config.tls)
+            terminal_tls = load_terminal_tls(self.config.tls)
+        except CRLExpired:
+            # tls.expired_crl: refuse. The expired CRL stays with OpenSSL, which refuses every terminal.
+            self._note_crl()
+            return
         except (OSError, ValueError) as exc:
             # A half-written or foreign CRL: keep enforcing the previous one.
-            log.error("crl_reload_failed", path=str(crl), error=str(exc))
+            log.error("crl_reload_failed", path=str(path), error=str(exc))
+            self._keep_expired_crl()
             return
-        log.info("crl_reloaded", path=str(crl))
-        self._audit("config_reload", "success", trigger="CRL file changed", changed=["tls.crl"])
-        self._cut_revoked_terminals(revoked_serials(crl))
+        self._terminal_tls = terminal_tls
+        self._note_crl()
+        if changed:
+            log.info("crl_reloaded", path=str(path))
+            self._audit("config_reload", "success", trigger="CRL file changed", changed=["tls.crl"])
+        if terminal_tls.crl is not None:
+            self._cut_revoked_terminals(terminal_tls.crl.revoked)
+
+    def _note_crl(self) -> None:
+        """Export the CRL's nextUpdate; while the CRL in force is expired, say so loudly once a minute."""
+        crl = self._terminal_tls.crl
+        expired = crl is not None and crl.expired()
+        self.metrics.crl_expired.set(1 if expired else 0)
+        if crl is None or crl.next_update is None:
+            return
+        self.metrics.crl_next_update_timestamp_seconds.set(crl.next_update.timestamp())
+        if not expired or time.monotonic() < self._crl_alarm_at:
+            return
+        self._crl_alarm_at = time.monotonic() + _EXPIRED_CRL_ALARM_INTERVAL
+        log.error(
+            "crl_expired",
+            path=str(self.config.tls.crl),
+            next_update=crl.next_update.isoformat(),
+            action=self.config.tls.expired_crl.value,
+            effect=(
+                "the expired CRL's revocations are enforced by the proxy; install a fresh CRL"
+                if self._terminal_tls.kept
+                else "every terminal is refused until a fresh CRL is installed"
+            ),
+        )
+
+    def _keep_expired_crl(self) -> None:
+        """The CRL file could not be re-read: with keep-last, an expired CRL in force is kept by the
+        proxy rather than left to OpenSSL, which would refuse every terminal."""
+        in_force = self._terminal_tls.crl
+        if (
+            self.config.tls.expired_crl is ExpiredCRLAction.KEEP_LAST
+            and in_force is not None
+            and in_force.expired()
+            and not self._terminal_tls.kept
+        ):
+            try:
+                self._terminal_tls = load_terminal_tls(self.config.tls, kept=in_force)
+            except (OSError, ValueError) as exc:
+                log.error("crl_keep_failed", path=str(self.config.tls.crl), error=str(exc))
+        self._note_crl()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -497,8 +580,7 @@ class ProxyServer:
             if not proxied and not self._admit_source(address[0]):
                 sock.close()
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            tune_socket(sock, self.config.listen.tcp_keepalive)
             self._spawn(self._negotiate(sock, (address[0], address[1]), proxied=proxied))
 
     def _admit_source(self, host: str) -> bool:
@@ -608,7 +690,7 @@ class ProxyServer:
             await loop.connect_accepted_socket(
                 lambda: session,
                 sock,
-                ssl=self._terminal_tls,
+                ssl=self._terminal_tls.context,
                 ssl_handshake_timeout=timeout,
                 ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
             )
@@ -625,6 +707,14 @@ class ProxyServer:
             log.info("tls_handshake_failed", source=source, reason=str(exc) or type(exc).__name__)
             return
         self.metrics.tls_handshake_seconds.observe(time.monotonic() - started)
+        if session.identity is not None and self._terminal_tls.revokes(session.identity.serial):
+            # An expired CRL is kept (tls.expired_crl: keep-last): OpenSSL does not see it, we do.
+            log.warning(
+                "tls_handshake_failed", source=source, reason="certificate revoked (expired CRL kept)"
+            )
+            session.terminate(
+                AuthenticationRefused("the terminal certificate has been revoked"), "certificate revoked"
+            )
 
 
 def _shared_limit_store(config: Config, metrics: Metrics) -> RedisSharedLimits | None:
@@ -636,11 +726,14 @@ def _shared_limit_store(config: Config, metrics: Metrics) -> RedisSharedLimits |
     return RedisSharedLimits(config.limits.shared, metrics)
 
 
-def _modified(path: Path | None) -> int | None:
+def _file_stamp(path: Path | None) -> tuple[int, int, int, int] | None:
+    """What changes whenever a file is replaced or rewritten, even with its old mtime put back
+    (cp -p, rsync -t): the change time cannot be set from user space."""
     try:
-        return path.stat().st_mtime_ns if path is not None else None
+        info = path.stat() if path is not None else None
     except OSError:
         return None
+    return (info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino) if info is not None else None
 
 
 def _version() -> str:
@@ -651,8 +744,6 @@ def _version() -> str:
 
 
 async def _route_reachable(route: Route) -> str:
-    if route.pool.stats().idle or route.pool.stats().active:
-        return "reachable"
     try:
         sock = await open_socket(route.config, min(route.config.pool.connect_timeout, _READINESS_CACHE))
     except UpstreamConnectError as exc:

@@ -3,19 +3,50 @@
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
 
-from proxy.config import RouteConfig, SSLMode, TLSConfig
+from proxy.config import ExpiredCRLAction, RouteConfig, SSLMode, TLSConfig
 
 # PostgreSQL 17 clients using sslnegotiation=direct insist on this ALPN protocol.
 POSTGRES_ALPN = "postgresql"
 
 
-def terminal_context(tls: TLSConfig) -> ssl.SSLContext:
+@dataclass(frozen=True, slots=True)
+class LoadedCRL:
+    """The terminal CRL as loaded: what it revokes and until when it is current."""
+
+    revoked: frozenset[int]
+    next_update: datetime | None
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.next_update is not None and self.next_update <= (now or datetime.now(UTC))
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalTLS:
+    """The server-side TLS context for terminals, with the CRL it enforces."""
+
+    context: ssl.SSLContext
+    crl: LoadedCRL | None
+    # An expired CRL kept (tls.expired_crl: keep-last): OpenSSL is not given it, since it would refuse
+    # every terminal (X509_V_ERR_CRL_HAS_EXPIRED), so the proxy refuses its serials after the handshake.
+    kept: bool = False
+
+    def revokes(self, serial: int) -> bool:
+        """Whether the proxy itself must refuse this certificate (OpenSSL checks a current CRL)."""
+        return self.kept and self.crl is not None and serial in self.crl.revoked
+
+
+def load_terminal_tls(
+    tls: TLSConfig, now: datetime | None = None, *, kept: LoadedCRL | None = None
+) -> TerminalTLS:
     """Server-side context for terminal connections.
+
+    ``kept``: an expired CRL to go on enforcing instead of reading tls.crl (which could not be read).
 
     CERT_OPTIONAL rather than CERT_REQUIRED: OpenSSL still fails the handshake on any
     certificate that is presented and does not verify (wrong CA, expired, revoked), but a
@@ -27,22 +58,38 @@ def terminal_context(tls: TLSConfig) -> ssl.SSLContext:
     context.load_cert_chain(tls.cert, tls.key)
     context.load_verify_locations(cafile=str(tls.client_ca))
     context.verify_mode = ssl.CERT_OPTIONAL
-    if tls.crl is not None:
-        check_crl(tls.crl, tls.client_ca)
-        context.load_verify_locations(cafile=str(tls.crl))
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    crl = kept
+    if crl is None and tls.crl is not None:
+        crl = load_crl(tls.crl, tls.client_ca)
+    if tls.crl is not None and crl is not None:
+        if not crl.expired(now):
+            context.load_verify_locations(cafile=str(tls.crl))
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        elif tls.expired_crl is ExpiredCRLAction.KEEP_LAST:
+            kept = crl
+        else:
+            assert crl.next_update is not None
+            raise CRLExpired(
+                f"tls.crl: {tls.crl} expired at {crl.next_update:%Y-%m-%d %H:%M:%S} UTC: re-sign it "
+                "(pos-proxy certs revoke, or your CA's CRL job); with tls.expired_crl: refuse every "
+                "terminal is refused until then"
+            )
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.set_alpn_protocols([POSTGRES_ALPN])
-    return context
+    return TerminalTLS(context, crl, kept=kept is not None)
 
 
 class CRLError(ValueError):
-    """The CRL would make OpenSSL refuse every terminal: say so before it does."""
+    """The CRL cannot be used: not a PEM CRL, or not signed by the terminal CA."""
 
 
-def check_crl(crl_path: Path, ca_path: Path, now: datetime | None = None) -> None:
-    """The CRL must be signed by a CA in the terminal CA bundle and still be current."""
+class CRLExpired(CRLError):
+    """The CRL is past its nextUpdate and tls.expired_crl says to refuse rather than keep it."""
+
+
+def load_crl(crl_path: Path, ca_path: Path) -> LoadedCRL:
+    """The CRL, which must be signed by a CA in the terminal CA bundle."""
     try:
         crl = x509.load_pem_x509_crl(crl_path.read_bytes())
     except ValueError as exc:
@@ -51,17 +98,7 @@ def check_crl(crl_path: Path, ca_path: Path, now: datetime | None = None) -> Non
     issuers = [ca for ca in authorities if ca.subject == crl.issuer]
     if not any(crl.is_signature_valid(ca.public_key()) for ca in issuers):  # type: ignore[arg-type]
         raise CRLError(f"tls.crl: {crl_path} is not signed by a CA in tls.client_ca ({ca_path})")
-    next_update = crl.next_update_utc
-    if next_update is not None and next_update < (now or datetime.now(UTC)):
-        raise CRLError(
-            f"tls.crl: {crl_path} expired at {next_update:%Y-%m-%d %H:%M} UTC: re-sign it "
-            "(pos-proxy certs revoke, or your CA's CRL job), or every terminal is refused"
-        )
-
-
-def revoked_serials(crl_path: Path) -> frozenset[int]:
-    crl = x509.load_pem_x509_crl(crl_path.read_bytes())
-    return frozenset(entry.serial_number for entry in crl)
+    return LoadedCRL(frozenset(entry.serial_number for entry in crl), crl.next_update_utc)
 
 
 def upstream_context(route: RouteConfig) -> ssl.SSLContext | None:

@@ -7,10 +7,12 @@ import re
 import shutil
 import signal
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from proxy import certs
 from tests.e2e.conftest import (
     DB_PASSWORD,
     PASSWORD_ENV,
@@ -153,6 +155,32 @@ def test_check_config_rejects_a_crl_that_does_not_belong_to_the_client_ca(
 
     assert result.returncode == 1, result.describe()
     assert "crl" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("expired_crl", "outcome"),
+    [("keep-last", (0, "warning: tls.crl has expired")), ("refuse", (1, "expired at"))],
+)
+def test_check_config_on_an_expired_crl_follows_tls_expired_crl(
+    cli: Cli,
+    valid_config: ValidConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    expired_crl: str,
+    outcome: tuple[int, str],
+) -> None:
+    returncode, message = outcome
+    monkeypatch.setattr(certs, "_CRL_VALIDITY", timedelta(seconds=-1))  # signed already past nextUpdate
+    certs.write_crl(valid_config.path.parent.parent / "pki")
+    text = valid_config.path.read_text(encoding="utf-8")
+    valid_config.path.write_text(
+        text.replace("crl: ../pki/crl.pem", f"crl: ../pki/crl.pem\n  expired_crl: {expired_crl}"),
+        encoding="utf-8",
+    )
+
+    result = cli("check-config", valid_config.path, env=valid_config.env)
+
+    assert result.returncode == returncode, result.describe()
+    assert message in result.stderr
 
 
 # --- the shipped example ----------------------------------------------------------------------------------

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from proxy.localpg import LocalPostgres, LocalPostgresTLS
 from tests.conftest import running_in_ci
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI, deep_merge, proxy_config
 from tests.integration.redisproc import RedisServer, find_redis_server
@@ -66,3 +69,35 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(binary, tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class OwnCluster:
+    """A PostgreSQL cluster of one test's own, which it may stop and start."""
+
+    server: LocalPostgres
+    password_file: Path
+
+    def route(self, **pool: object) -> dict[str, Any]:
+        """Overrides of the `pos` route that point it at this cluster, with these pool settings."""
+        return {"port": self.server.port, "password": {"file": str(self.password_file)}, "pool": pool}
+
+
+@pytest.fixture
+def own_cluster(pg_cluster: Any, tmp_path: Path) -> Iterator[OwnCluster]:
+    """A second cluster (role pos_proxy owning database pos) that a test may stop and start without
+    disturbing the others; same server certificate as the shared one."""
+    password = secrets.token_urlsafe(12)
+    password_file = tmp_path / "own-pg-password"
+    password_file.write_text(password, encoding="utf-8")
+    server = LocalPostgres(
+        tmp_path / "own-pg",
+        tls=LocalPostgresTLS(cert=pg_cluster.server.tls.cert, key=pg_cluster.server.tls.key),
+    )
+    server.start()
+    try:
+        server.create_role("pos_proxy", password)
+        server.create_database("pos", owner="pos_proxy")
+        yield OwnCluster(server, password_file)
+    finally:
+        server.stop()

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import ssl
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import yaml
+from cryptography import x509
 
 from proxy import certs
+from proxy.protocols.postgres import messages as m
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI, receive_notifications
 
 StartProxy = Callable[..., ProxyProcess]
@@ -93,38 +101,236 @@ def test_drain_does_not_wait_for_an_idle_terminal_that_never_reads(
         silent.close()
 
 
+@dataclass(frozen=True, slots=True)
+class OwnPKI:
+    """A CA of the test's own (its CRL can be rewritten at will) and a proxy that trusts it."""
+
+    directory: Path
+    proxy: ProxyProcess
+    honest: certs.IssuedCert
+    stolen: certs.IssuedCert
+
+    @property
+    def crl(self) -> Path:
+        return self.directory / "crl.pem"
+
+    def conninfo(self, terminal: certs.IssuedCert) -> dict[str, Any]:
+        return {
+            "host": "127.0.0.1",
+            "port": self.proxy.port,
+            "dbname": "pos",
+            "user": "till",
+            "sslmode": "verify-full",
+            "sslrootcert": str(self.directory / "ca.pem"),
+            "sslcert": str(terminal.cert_path),
+            "sslkey": str(terminal.key_path),
+            "connect_timeout": 10,
+        }
+
+    def select(self, terminal: certs.IssuedCert) -> object:
+        with psycopg.connect(**self.conninfo(terminal), autocommit=True) as connection:
+            row = connection.execute("SELECT 'sold'").fetchone()
+            return row[0] if row else None
+
+
+def _own_pki(
+    start_proxy: StartProxy, directory: Path, tls: Mapping[str, object] | None = None, **overrides: Any
+) -> OwnPKI:
+    certs.init_ca(directory)
+    certs.issue_server(directory, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    honest = certs.issue_terminal(directory, store="store-009", terminal="till-01", role="cashier")
+    stolen = certs.issue_terminal(directory, store="store-009", terminal="till-07", role="cashier")
+    certs.write_crl(directory)
+    proxy = start_proxy(
+        tls={
+            "cert": str(directory / "server.pem"),
+            "key": str(directory / "server.key"),
+            "client_ca": str(directory / "ca.pem"),
+            "crl": str(directory / "crl.pem"),
+            **(tls or {}),
+        },
+        **overrides,
+    )
+    return OwnPKI(directory, proxy, honest, stolen)
+
+
 def test_a_new_crl_file_cuts_the_revoked_terminal_without_a_reload(
     start_proxy: StartProxy, tmp_path: Path
 ) -> None:
-    pki = tmp_path / "own-pki"
-    certs.init_ca(pki)
-    certs.issue_server(pki, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
-    stolen = certs.issue_terminal(pki, store="store-009", terminal="till-07", role="cashier")
-    proxy = start_proxy(
-        tls={
-            "cert": str(pki / "server.pem"),
-            "key": str(pki / "server.key"),
-            "client_ca": str(pki / "ca.pem"),
-            "crl": str(pki / "crl.pem"),
-        }
-    )
-    conninfo = {
-        "host": "127.0.0.1",
-        "port": proxy.port,
-        "dbname": "pos",
-        "user": "till-07",
-        "sslmode": "verify-full",
-        "sslrootcert": str(pki / "ca.pem"),
-        "sslcert": str(stolen.cert_path),
-        "sslkey": str(stolen.key_path),
-        "connect_timeout": 10,
-    }
-    with psycopg.connect(**conninfo, autocommit=True) as connection:
+    pki = _own_pki(start_proxy, tmp_path / "own-pki")
+    with psycopg.connect(**pki.conninfo(pki.stolen), autocommit=True) as connection:
         assert connection.execute("SELECT 1").fetchone() == (1,)
-        certs.revoke(pki, stolen.serial)
-        proxy.wait_for_event("crl_reloaded")
+        certs.revoke(pki.directory, pki.stolen.serial)
+        pki.proxy.wait_for_event("crl_reloaded")
         with pytest.raises(psycopg.OperationalError, match="revoked"):
             connection.execute("SELECT 1")
     with pytest.raises(psycopg.OperationalError):
-        psycopg.connect(**conninfo).close()
-    proxy.wait_for_event("tls_handshake_failed", reason="certificate revoked")
+        psycopg.connect(**pki.conninfo(pki.stolen)).close()
+    pki.proxy.wait_for_event("tls_handshake_failed", reason="certificate revoked")
+
+
+def test_an_expired_crl_is_kept_until_a_fresh_one_replaces_it_in_place_with_the_same_mtime(
+    start_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CRLs signed now are current for 8 s only: the proxy sees this one pass its nextUpdate.
+    monkeypatch.setattr(certs, "_CRL_VALIDITY", timedelta(seconds=8))
+    pki = _own_pki(start_proxy, tmp_path / "own-pki")
+    certs.revoke(pki.directory, pki.stolen.serial)
+    next_update = x509.load_pem_x509_crl(pki.crl.read_bytes()).next_update_utc
+    assert next_update is not None
+    pki.proxy.wait_for_event("crl_reloaded")
+    assert pki.select(pki.honest) == "sold"
+    with pytest.raises(psycopg.OperationalError):
+        pki.select(pki.stolen)
+
+    expired = pki.proxy.wait_for_event(
+        "crl_expired", timeout=15, action="keep-last", next_update=next_update.isoformat()
+    )
+    assert "enforced by the proxy" in expired["effect"]
+    # OpenSSL alone would now fail every terminal (CRL has expired); the till keeps selling...
+    assert pki.select(pki.honest) == "sold"
+    # ... and the stolen one stays out, refused by the proxy from the kept CRL.
+    with pytest.raises(psycopg.OperationalError, match="revoked"):
+        pki.select(pki.stolen)
+    pki.proxy.wait_for_event("tls_handshake_failed", reason="certificate revoked (expired CRL kept)")
+
+    # The CRL job finally runs and puts the file back with its old mtime (cp -p, rsync -t).
+    before = pki.crl.stat()
+    monkeypatch.setattr(certs, "_CRL_VALIDITY", timedelta(days=7))
+    certs.write_crl(pki.directory)
+    os.utime(pki.crl, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert pki.crl.stat().st_mtime_ns == before.st_mtime_ns
+    reloads = sum(1 for record in pki.proxy.log_events() if record.get("event") == "crl_reloaded")
+    _wait_until(
+        lambda: sum(1 for r in pki.proxy.log_events() if r.get("event") == "crl_reloaded") > reloads, 10
+    )
+    assert pki.select(pki.honest) == "sold"
+    with pytest.raises(psycopg.OperationalError):
+        pki.select(pki.stolen)
+    pki.proxy.wait_for_event("tls_handshake_failed", reason="certificate revoked")
+
+
+def test_an_expired_crl_refuses_every_terminal_with_expired_crl_refuse(
+    start_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Long enough for the proxy to start on a busy machine: with refuse, an expired CRL stops it.
+    monkeypatch.setattr(certs, "_CRL_VALIDITY", timedelta(seconds=10))
+    pki = _own_pki(start_proxy, tmp_path / "own-pki", {"expired_crl": "refuse"})
+    assert pki.select(pki.honest) == "sold"
+    expired = pki.proxy.wait_for_event("crl_expired", timeout=15, action="refuse")
+    assert "every terminal is refused" in expired["effect"]
+    with pytest.raises(psycopg.OperationalError):
+        pki.select(pki.honest)
+    pki.proxy.wait_for_event("tls_handshake_failed", reason="CRL has expired")
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def _served_certificate(pki: OwnPKI) -> bytes:
+    """The DER certificate the proxy presents now (SSLRequest, then a TLS handshake as a terminal)."""
+    context = ssl.create_default_context(cafile=str(pki.directory / "ca.pem"))
+    context.load_cert_chain(pki.honest.cert_path, pki.honest.key_path)
+    with socket.create_connection(("127.0.0.1", pki.proxy.port), timeout=10) as raw:
+        raw.sendall(m.build_ssl_request())
+        assert raw.recv(1) == b"S"
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            certificate = tls.getpeercert(binary_form=True)
+    assert certificate is not None
+    return certificate
+
+
+def _sales_policy(*readable: str) -> dict[str, Any]:
+    return {
+        "mode": "enforce",
+        "search_path": ["public"],
+        "allow": {"kinds": ["SELECT", "INSERT"], "read": list(readable), "write": ["reload_sales"]},
+    }
+
+
+def test_sighup_under_load_swaps_certificate_crl_and_policy_with_zero_client_errors(
+    start_proxy: StartProxy, tmp_path: Path, pg_cluster: Any
+) -> None:
+    with psycopg.connect(
+        **pg_cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True
+    ) as admin:
+        admin.execute(
+            "CREATE TABLE IF NOT EXISTS public.reload_sales (till int, seq int, PRIMARY KEY (till, seq))"
+        )
+        admin.execute("CREATE TABLE IF NOT EXISTS public.reload_stock (item int)")
+        for table in ("reload_sales", "reload_stock"):
+            admin.execute(f"ALTER TABLE public.{table} OWNER TO pos_proxy")
+        admin.execute("TRUNCATE public.reload_sales")
+    policy = tmp_path / "cashier-policy.yaml"
+    policy.write_text(yaml.safe_dump(_sales_policy()), encoding="utf-8")
+    pki = _own_pki(
+        start_proxy,
+        tmp_path / "own-pki",
+        roles={"cashier": {"policy": str(policy)}},
+        routes={"pos": {"pool": {"mode": "transaction", "size": 4}}},
+    )
+    first_certificate = _served_certificate(pki)
+    errors: list[str] = []
+    committed = [0] * 4
+    stop = threading.Event()
+
+    def till(number: int, reconnect_each_time: bool) -> None:
+        connection: psycopg.Connection | None = None
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            try:
+                if connection is None:
+                    connection = psycopg.connect(**pki.conninfo(pki.honest), autocommit=True)
+                with connection.transaction():
+                    connection.execute("INSERT INTO reload_sales (till, seq) VALUES (%s, %s)", (number, seq))
+                    connection.execute("SELECT count(*) FROM reload_sales WHERE till = %s", (number,))
+                committed[number] += 1
+            except psycopg.Error as exc:
+                errors.append(f"till {number}: {exc.sqlstate}: {exc}")
+            if reconnect_each_time and connection is not None:
+                connection.close()
+                connection = None
+            time.sleep(0.01)
+        if connection is not None:
+            connection.close()
+
+    tills = [threading.Thread(target=till, args=(n, n % 2 == 0), daemon=True) for n in range(4)]
+    for thread in tills:
+        thread.start()
+    rounds = 4
+    try:
+        for round_number in range(rounds):
+            time.sleep(1)
+            # A new server certificate (the old one revoked: that rewrites the CRL too) and a new policy.
+            served = x509.load_der_x509_certificate(_served_certificate(pki))
+            certs.revoke(pki.directory, served.serial_number, reason=x509.ReasonFlags.superseded)
+            certs.issue_server(pki.directory, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+            readable = ("reload_stock",) if round_number % 2 == 0 else ()
+            policy.write_text(yaml.safe_dump(_sales_policy(*readable)), encoding="utf-8")
+            pki.proxy.signal(signal.SIGHUP)
+            _wait_until(
+                lambda done=round_number: (
+                    sum(1 for r in pki.proxy.log_events() if r.get("event") == "reload_applied") > done
+                ),
+                10,
+            )
+        time.sleep(1)
+    finally:
+        stop.set()
+        for thread in tills:
+            thread.join(20)
+    assert not any(thread.is_alive() for thread in tills)
+    assert errors == []
+    assert all(count > 10 for count in committed), committed
+    assert not [r for r in pki.proxy.log_events() if r.get("event") == "reload_failed"]
+    # The new certificate is the one presented, and the last policy (no reload_stock) is in force.
+    assert _served_certificate(pki) != first_certificate
+    with psycopg.connect(**pki.conninfo(pki.honest), autocommit=True) as connection:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            connection.execute("SELECT item FROM reload_stock")
+        assert connection.execute("SELECT count(*) FROM reload_sales").fetchone() == (sum(committed),)

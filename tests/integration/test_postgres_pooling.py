@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.localpg import LocalPostgres, LocalPostgresTLS
+from tests.integration.conftest import OwnCluster
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 
 StartProxy = Callable[..., ProxyProcess]
@@ -154,45 +153,21 @@ def test_server_certificate_that_does_not_verify_is_refused(
     assert "certificate verify failed" in proxy.wait_for_event("server_connect_failed")["error"]
 
 
-@pytest.fixture
-def own_cluster(pg_cluster: Any, tmp_path: Path) -> Iterator[tuple[LocalPostgres, str]]:
-    """A second cluster that a test may stop and start without disturbing the others."""
-    password = secrets.token_urlsafe(12)
-    server = LocalPostgres(
-        tmp_path / "own-pg",
-        tls=LocalPostgresTLS(cert=pg_cluster.server.tls.cert, key=pg_cluster.server.tls.key),
-    )
-    server.start()
-    try:
-        server.create_role("pos_proxy", password)
-        server.create_database("pos", owner="pos_proxy")
-        yield server, password
-    finally:
-        server.stop()
-
-
 def test_upstream_down_gives_a_clean_error_and_the_pool_recovers(
-    start_proxy: StartProxy, terminal_pki: TerminalPKI, own_cluster: tuple[LocalPostgres, str], tmp_path: Path
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, own_cluster: OwnCluster
 ) -> None:
-    server, password = own_cluster
-    password_file = tmp_path / "own-password"
-    password_file.write_text(password, encoding="utf-8")
-    proxy = start_proxy(
-        routes={
-            "pos": {
-                "port": server.port,
-                "password": {"file": str(password_file)},
-                "pool": {"connect_timeout": "1s"},
-            }
-        }
-    )
+    server = own_cluster.server
+    proxy = start_proxy(routes={"pos": own_cluster.route(connect_timeout="1s", max_client_wait="1s")})
     with _connect(proxy, terminal_pki) as connection:
         assert connection.execute("SELECT 1").fetchone() == (1,)
         server.stop_server_only()
         with pytest.raises(psycopg.OperationalError):
             connection.execute("SELECT 1")
+    # A new client waits max_client_wait for the server to come back, then gets 08001.
+    started = time.monotonic()
     with pytest.raises(psycopg.OperationalError) as raised:
         _connect(proxy, terminal_pki).close()
+    assert time.monotonic() - started >= 0.9
     assert "could not connect to the database server" in str(raised.value)
     assert str(server.port) not in str(raised.value)
     server.start_server_only()

@@ -20,6 +20,7 @@ from proxy.config import (
     Config,
     ConfigError,
     ConfigProblem,
+    ExpiredCRLAction,
     IdentityConfig,
     IdentitySource,
     LimitsConfig,
@@ -33,6 +34,7 @@ from proxy.config import (
     Secret,
     SharedLimitsConfig,
     SSLMode,
+    TCPKeepalive,
     TLSConfig,
     TLSVersionName,
     UserNameRule,
@@ -268,6 +270,50 @@ def test_pool_section_gives_defaults_that_routes_override_key_by_key(base: Path)
     assert routes["reports"].pool == dataclasses.replace(shared, mode=PoolMode.SESSION, size=3)
 
 
+def test_keepalives_and_connect_retries_have_defaults_and_routes_inherit_them_key_by_key(base: Path) -> None:
+    data = minimal()
+    data["listen"] = {"tcp_keepalive": {"idle": "2m"}}
+    data["pool"] = {"tcp_keepalive": {"idle": "30s", "count": 3}, "connect_retry_max_delay": "20s"}
+    data["routes"]["reports"] = {
+        "host": "db",
+        "user": "reports",
+        "sslmode": "disable",
+        "pool": {"tcp_keepalive": {"interval": 5}, "connect_retry_delay": "1s"},
+    }
+    config = parse(data, base)
+    assert config.listen.tcp_keepalive == TCPKeepalive(idle=120, interval=10, count=6)
+    assert config.routes["pos"].pool.tcp_keepalive == TCPKeepalive(idle=30, interval=10, count=3)
+    assert config.routes["reports"].pool.tcp_keepalive == TCPKeepalive(idle=30, interval=5, count=3)
+    assert (
+        config.routes["reports"].pool.connect_retry_delay,
+        config.routes["reports"].pool.connect_retry_max_delay,
+    ) == (
+        1.0,
+        20.0,
+    )
+    assert config.tls.expired_crl is ExpiredCRLAction.KEEP_LAST
+
+
+def test_bad_keepalive_retry_and_expired_crl_settings_name_their_keys(base: Path) -> None:
+    data = with_route(
+        pool={
+            "tcp_keepalive": {"idle": "0.2s", "count": 500, "intervall": 3},
+            "connect_retry_delay": "10s",
+            "connect_retry_max_delay": "1s",
+        }
+    )
+    data["tls"]["expired_crl"] = "ignore"
+    assert problems(data, base) == [
+        "tls.expired_crl: expected one of: keep-last, refuse; got 'ignore'",
+        "routes.pos.pool.tcp_keepalive.intervall: unknown key (expected one of: idle, interval, count)",
+        "routes.pos.pool.tcp_keepalive.idle: "
+        "expected a duration in whole seconds between 1 and 32767, got '0.2s'",
+        "routes.pos.pool.tcp_keepalive.count: expected an integer between 1 and 127, got 500",
+        "routes.pos.pool.connect_retry_delay: "
+        "connect_retry_delay (10s) cannot exceed connect_retry_max_delay (1s)",
+    ]
+
+
 @pytest.mark.parametrize("sslmode", ["require", "disable"])
 def test_sslrootcert_optional_without_verification(base: Path, sslmode: str) -> None:
     data = with_route(sslmode=sslmode)
@@ -301,7 +347,8 @@ def test_unknown_nested_key_names_its_full_path(base: Path) -> None:
     data = with_route(pool={"sise": 5})
     assert problems(data, base) == [
         "routes.pos.pool.sise: unknown key (expected one of: mode, size, min_idle, max_client_wait, "
-        "server_idle_timeout, server_lifetime, connect_timeout, session_state, max_prepared_statements)"
+        "server_idle_timeout, server_lifetime, connect_timeout, connect_retry_delay, "
+        "connect_retry_max_delay, tcp_keepalive, session_state, max_prepared_statements)"
     ]
 
 
@@ -830,6 +877,8 @@ def test_bad_proxy_protocol_settings_name_the_key(base: Path, proxy_protocol: ob
     data["listen"] = {"proxy_protocol": proxy_protocol}
     [problem] = problems(data, base)
     assert problem.startswith(expected)
+
+
 # --- limits.shared ----------------------------------------------------------------------------------------
 
 

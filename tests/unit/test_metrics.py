@@ -34,6 +34,10 @@ DOCUMENTED: dict[str, tuple[type, tuple[str, ...]]] = {
     "shared_limits_available": (Gauge, ("fallback",)),
     "shared_limit_lease_refills_total": (Counter, ("result",)),
     "shared_limit_store_failures_total": (Counter, ("operation",)),
+    "upstream_up": (Gauge, ("route",)),
+    "upstream_down_total": (Counter, ("route",)),
+    "crl_expired": (Gauge, ()),
+    "crl_next_update_timestamp_seconds": (Gauge, ()),
     "build_info": (Info, ()),
 }
 FORBIDDEN_LABELS = {"terminal", "store", "query", "fingerprint", "sql"}

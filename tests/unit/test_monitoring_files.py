@@ -32,6 +32,7 @@ EXPECTED_ALERTS = {
     "PosProxyConfigReloadFailed",
     "PosProxyLimitHits",
     "PosProxySharedLimitsUnavailable",
+    "PosProxyTerminalCRLStale",
 }
 SEVERITIES = {"critical", "warning", "info"}
 DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")

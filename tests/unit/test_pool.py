@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from proxy.errors import TooManyConnections, UpstreamUnavailable
-from proxy.pool import PoolSettings, PoolStats, UpstreamPool
+from proxy.pool import PoolSettings, PoolStats, ServerUnreachable, UpstreamPool
 
 pytestmark = pytest.mark.timeout(5)
 
@@ -57,15 +57,29 @@ class Backend:
         self.resets: list[FakeConnection] = []
         self.connect_attempts = 0
         self.fail_next = 0
+        # Connects that fail as if the server were down (retried by the pool), and when they happened.
+        self.unreachable_next = 0
+        self.attempted_at: list[float] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
         self.gate: asyncio.Event | None = None
         self.reset_result: bool | Exception = True
         self.break_during_reset = False
 
     async def connect(self, on_closed: Callable[[FakeConnection], None]) -> FakeConnection:
         self.connect_attempts += 1
-        if self.gate is not None:
-            await self.gate.wait()
-        await asyncio.sleep(0)
+        self.attempted_at.append(time.monotonic())
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            await asyncio.sleep(0)
+        finally:
+            self.in_flight -= 1
+        if self.unreachable_next:
+            self.unreachable_next -= 1
+            raise ServerUnreachable("connect to 10.0.0.5:5432 refused")
         if self.fail_next:
             self.fail_next -= 1
             raise ConnectionRefusedError("connect to 10.0.0.5:5432 refused")
@@ -97,7 +111,7 @@ def backend() -> Backend:
 async def make_pool(backend: Backend) -> AsyncIterator[MakePool]:
     pools: list[Pool] = []
 
-    def make(**overrides: float) -> Pool:
+    def make(on_upstream_change: Callable[[bool], None] | None = None, **overrides: float) -> Pool:
         values: dict[str, float] = {
             "size": 2,
             "min_idle": 0,
@@ -105,6 +119,8 @@ async def make_pool(backend: Backend) -> AsyncIterator[MakePool]:
             "idle_timeout": 60.0,
             "lifetime": 3600.0,
             "connect_timeout": 0.25,
+            "retry_delay": 0.01,
+            "retry_max_delay": 0.04,
         }
         values.update(overrides)
         settings = PoolSettings(
@@ -114,8 +130,10 @@ async def make_pool(backend: Backend) -> AsyncIterator[MakePool]:
             idle_timeout=values["idle_timeout"],
             lifetime=values["lifetime"],
             connect_timeout=values["connect_timeout"],
+            retry_delay=values["retry_delay"],
+            retry_max_delay=values["retry_max_delay"],
         )
-        pool: Pool = UpstreamPool("pos", settings, backend.connect, backend.reset)
+        pool: Pool = UpstreamPool("pos", settings, backend.connect, backend.reset, on_upstream_change)
         pools.append(pool)
         return pool
 
@@ -401,8 +419,10 @@ async def test_connect_that_hangs_fails_as_upstream_unavailable(
     with pytest.raises(UpstreamUnavailable):
         await asyncio.wait_for(pool.acquire(), 2)
 
-    assert pool.stats().opening == 0
-    assert pool.stats().connect_failures_total == 1
+    # A hung connect counts as the server being unreachable: retried until the client's wait is over.
+    assert pool.stats().connect_failures_total >= 1
+    assert not pool.stats().upstream_up
+    await eventually(lambda: pool.stats().opening == 0, 1)
     backend.gate.set()
     assert await pool.acquire() in backend.opened
 
@@ -614,6 +634,141 @@ async def test_recycle_replaces_idle_past_lifetime_even_below_min_idle(
     assert await pool.acquire() is backend.opened[1]
 
 
+# --- the server unreachable: retries, backoff, breaker ----------------------------------------------
+
+
+async def test_client_waits_while_the_server_is_unreachable_and_is_served_when_it_returns(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    changes: list[bool] = []
+    pool = make_pool(size=2, max_client_wait=2.0, on_upstream_change=changes.append)
+    backend.unreachable_next = 4
+
+    connection = await asyncio.wait_for(pool.acquire(), 3)
+
+    assert connection is backend.opened[0]
+    assert backend.connect_attempts == 5
+    assert changes == [False, True]  # one transition each way, not one per attempt
+    assert pool.stats().upstream_up
+    assert pool.stats().connect_failures_total == 4
+
+
+async def test_client_gets_08001_when_the_server_stays_unreachable_past_its_wait(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=2, max_client_wait=0.2)
+    backend.unreachable_next = 1_000
+
+    started = time.monotonic()
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await pool.acquire()
+
+    assert 0.19 <= time.monotonic() - started < 1
+    assert caught.value.sqlstate == "08001"
+    assert "10.0.0.5" not in caught.value.message
+    assert not pool.stats().upstream_up
+    assert pool.stats().waiting == 0
+    # The retrying task notices nobody waits any more and stops.
+    await eventually(lambda: pool.stats().opening == 0)
+    attempts = backend.connect_attempts
+    await asyncio.sleep(0.1)
+    assert backend.connect_attempts == attempts
+
+
+async def test_one_connect_at_a_time_probes_a_server_that_is_down(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=5, max_client_wait=2.0, retry_delay=0.005, retry_max_delay=0.01)
+    backend.unreachable_next = 1
+    first = await asyncio.wait_for(pool.acquire(), 1)  # the server is marked down, then back
+    pool.give_back(first)
+    backend.unreachable_next = 1_000
+    (await pool.acquire()).lose()  # from idle; then the server goes away
+    # Five clients queue; each gets a connect (the pool does not know yet), all five fail...
+    waiters = [asyncio.ensure_future(pool.acquire()) for _ in range(5)]
+    await eventually(lambda: not pool.stats().upstream_up)
+    await settle()
+    backend.most_in_flight = 0
+    attempts = backend.connect_attempts
+    # ... and from then on one attempt at a time probes the server.
+    await eventually(lambda: backend.connect_attempts > attempts + 5)
+    assert backend.most_in_flight == 1
+    assert pool.stats().opening == 1
+    assert not pool.stats().upstream_up
+    assert pool.stats().waiting == 5
+
+    backend.unreachable_next = 0
+    connections = await asyncio.wait_for(asyncio.gather(*waiters), 2)
+
+    # Once the probe got through, every waiter got a connect of its own.
+    assert len(set(connections)) == 5
+    assert pool.stats().upstream_up
+
+
+async def test_retries_back_off_exponentially_up_to_the_maximum(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=1, max_client_wait=1.0, retry_delay=0.02, retry_max_delay=0.08)
+    backend.unreachable_next = 6
+
+    await asyncio.wait_for(pool.acquire(), 3)
+
+    gaps = [later - earlier for earlier, later in itertools.pairwise(backend.attempted_at)]
+    # Equal jitter: each gap is between half and all of 0.02, 0.04, 0.08, 0.08, ... seconds.
+    for gap, delay in zip(gaps, (0.02, 0.04, 0.08, 0.08, 0.08, 0.08), strict=True):
+        assert delay / 2 - 0.002 <= gap <= delay + 0.05
+
+
+async def test_connects_failing_together_as_the_server_goes_away_count_as_one_for_the_backoff(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=5, max_client_wait=2.0, retry_delay=0.02, retry_max_delay=1.0)
+    backend.unreachable_next = 7  # the five opened at once, then two retries
+
+    connections = await asyncio.wait_for(asyncio.gather(*(pool.acquire() for _ in range(5))), 3)
+
+    assert len(set(connections)) == 5
+    first_retry, second_retry, third_retry = backend.attempted_at[5:8]
+    # Two steps of backoff (20-40 ms), not six (320-640 ms).
+    assert third_retry - second_retry < 0.1
+    assert second_retry - first_retry < 0.1
+
+
+async def test_a_refusal_that_is_not_transient_fails_at_once_without_retry(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    pool = make_pool(size=1, max_client_wait=2.0)
+    backend.fail_next = 1  # like a wrong password: retrying cannot help
+
+    started = time.monotonic()
+    with pytest.raises(UpstreamUnavailable):
+        await pool.acquire()
+
+    assert time.monotonic() - started < 0.5
+    assert backend.connect_attempts == 1
+    assert pool.stats().upstream_up
+
+
+async def test_maintenance_probes_a_down_server_that_nobody_waits_for(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    changes: list[bool] = []
+    pool = make_pool(size=2, max_client_wait=0.05, on_upstream_change=changes.append)
+    backend.unreachable_next = 1_000
+    with pytest.raises(UpstreamUnavailable):
+        await pool.acquire()
+    await eventually(lambda: pool.stats().opening == 0)
+    backend.unreachable_next = 0
+
+    await asyncio.sleep(0.05)  # past the backoff
+    pool.recycle()
+    await eventually(lambda: pool.stats().upstream_up)
+
+    assert changes == [False, True]
+    assert pool.stats().idle == 1  # the probe's connection waits for the next client
+    assert await pool.acquire() is backend.opened[0]
+
+
 # --- stats and close ---------------------------------------------------------------------------------------
 
 
@@ -630,7 +785,7 @@ async def test_stats_reports_the_pool_state(make_pool: MakePool, backend: Backen
 
     backend.gate = asyncio.Event()
     assert await pool.acquire() is b  # from idle
-    opener = asyncio.ensure_future(pool.acquire())  # opens the third, held at the gate
+    opener = asyncio.ensure_future(pool.acquire())  # waits in line for the third, held at the gate
     await eventually(lambda: pool.stats().opening == 1)
     waiter = await queue_waiter(pool)
 

@@ -326,8 +326,11 @@ class ClientSession(asyncio.Protocol):
         route.pool.give_back(server)
 
     def server_lost(self, reason: str) -> None:
-        self._server = None
-        self._fail(UpstreamLost("lost the connection to the database server"), reason=reason)
+        server, self._server = self._server, None
+        # After the server's own FATAL the client expects the end of the connection: a second
+        # ErrorResponse would read to libpq as two results for its one command.
+        told = server is not None and server.fatal_passed_on
+        self._fail(UpstreamLost("lost the connection to the database server"), reason=reason, tell=not told)
 
     def pause_client_reading(self) -> None:
         if self._transport is not None and not self._reading_paused:
@@ -837,7 +840,7 @@ class ClientSession(asyncio.Protocol):
         else:
             self._route.pool.release(server, reusable=server.is_clean)
 
-    def _fail(self, error: ProxyError, *, reason: str) -> None:
+    def _fail(self, error: ProxyError, *, reason: str, tell: bool = True) -> None:
         if not self._started:
             self._audit(
                 "connection_refused", "failure", reason=reason, sqlstate=error.sqlstate, **self._tls_fields()
@@ -852,7 +855,7 @@ class ClientSession(asyncio.Protocol):
             client_message=error.message,
             reason=reason,
         )
-        if self._transport is not None and not self._transport.is_closing():
+        if tell and self._transport is not None and not self._transport.is_closing():
             self._transport.write(
                 m.build_error_response(
                     "FATAL" if error.fatal else "ERROR",

@@ -18,6 +18,11 @@ from proxy.protocols.postgres import messages as m
 class UpstreamRefused(Exception):
     """The server refused the proxy's startup or credentials; the text is for the operator's log."""
 
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        # The server's SQLSTATE when it answered with an ErrorResponse (28P01, 57P03, ...).
+        self.sqlstate = sqlstate
+
 
 class UpstreamHandshake:
     """State machine from StartupMessage to the first ReadyForQuery of a server connection."""
@@ -52,7 +57,9 @@ class UpstreamHandshake:
             self.done = True
         elif kind == m.MSG_ERROR_RESPONSE:
             fields = m.parse_error_fields(payload)
-            raise UpstreamRefused(f"server refused startup: {fields.get('C', '?')} {fields.get('M', '')}")
+            raise UpstreamRefused(
+                f"server refused startup: {fields.get('C', '?')} {fields.get('M', '')}", fields.get("C")
+            )
         elif kind != m.MSG_NOTICE_RESPONSE:
             raise UpstreamRefused(f"unexpected message {chr(kind)!r} during startup")
         return None

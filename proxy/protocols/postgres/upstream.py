@@ -15,10 +15,12 @@ import structlog
 
 from proxy.config import RouteConfig
 from proxy.errors import ProtocolViolation, ProxyError
+from proxy.pool import ServerUnreachable
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.prepared import ServerState, ServerStatements, filter_server_messages
 from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.startup import UpstreamHandshake, UpstreamRefused
+from proxy.tcp import tune_socket
 
 log = structlog.get_logger("pos_proxy.upstream")
 
@@ -28,7 +30,21 @@ _connection_ids = itertools.count(1)
 
 
 class UpstreamConnectError(Exception):
-    """A server connection could not be opened or used; the text is for the operator's log only."""
+    """A server connection could not be opened or used; the text is for the operator's log only.
+
+    ``transient``: the server could not be reached or went away (refused, timed out, reset, starting
+    up), so trying again later may work; False for what a retry cannot fix (a wrong password, a failed
+    certificate check, a server that will not do TLS).
+    """
+
+    def __init__(self, reason: str, *, transient: bool = True) -> None:
+        super().__init__(reason)
+        self.transient = transient
+
+
+# Startup refusals that pass by themselves (PostgreSQL's errcodes.txt): the server is starting up,
+# shutting down or in recovery (57P03), was shut down (57P01, 57P02), or is out of connection slots.
+_TRANSIENT_STARTUP_REFUSALS = frozenset({"57P01", "57P02", "57P03", "53300", "08006"})
 
 
 class InternalQueryFailed(Exception):
@@ -84,6 +100,8 @@ class ServerConnection(asyncio.Protocol):
         self.state = ServerState(ServerStatements(route.pool.max_prepared_statements))
         # The attached client's result-size guard, when its limits have one.
         self.result_watch: ResultWatch | None = None
+        # The server's FATAL (57P01 on shutdown, ...) was passed on to the client: nothing may follow it.
+        self.fatal_passed_on = False
         self.closed = False
         self._on_closed = on_closed
         self._transport: asyncio.Transport | None = None
@@ -153,7 +171,8 @@ class ServerConnection(asyncio.Protocol):
             log.warning(
                 "server_protocol_error", server_connection=self.id, route=self.route.database, error=str(exc)
             )
-            self._fail_waiter(str(exc))
+            transient = isinstance(exc, UpstreamRefused) and exc.sqlstate in _TRANSIENT_STARTUP_REFUSALS
+            self._fail_waiter(str(exc), transient=transient)
             if self._transport is not None:
                 self._transport.abort()
 
@@ -187,6 +206,11 @@ class ServerConnection(asyncio.Protocol):
             peer.server_parameter(name, value)
         if out:
             peer.server_data(out)
+        if frames and frames[-1][0] == m.MSG_ERROR_RESPONSE:
+            # A FATAL is the last message a server sends before it closes: only a batch's last one can be.
+            _kind, start, end = frames[-1]
+            severity = m.parse_error_fields(bytes(buffer[start + 5 : end])).get("S")
+            self.fatal_passed_on = severity in ("FATAL", "PANIC")
         if status is not None:
             self.transaction_status = status
             peer.server_ready()
@@ -225,10 +249,10 @@ class ServerConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _fail_waiter(self, reason: str) -> None:
+    def _fail_waiter(self, reason: str, *, transient: bool = True) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_exception(UpstreamConnectError(reason))
+            waiter.set_exception(UpstreamConnectError(reason, transient=transient))
 
     async def _wait_ready(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -307,7 +331,11 @@ _SYNC_POINT_TYPES = frozenset(b"QSF")
 
 
 async def open_socket(route: RouteConfig, timeout: float) -> socket.socket:
-    """TCP connect with keepalives, since store-to-cloud links drop idle flows silently."""
+    """TCP connect with keepalives, since store-to-cloud links drop idle flows silently.
+
+    Every failure here is transient (UpstreamConnectError.transient): a name that does not resolve
+    now may resolve in a minute on a flaky WAN, and a refused port is a server not started yet.
+    """
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
@@ -322,8 +350,7 @@ async def open_socket(route: RouteConfig, timeout: float) -> socket.socket:
                     sock.close()
                     last_error = exc
                     continue
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                tune_socket(sock, route.pool.tcp_keepalive)
                 return sock
     except TimeoutError as exc:
         raise UpstreamConnectError(
@@ -345,9 +372,12 @@ async def _negotiate_tls(sock: socket.socket, route: RouteConfig, timeout: float
         raise UpstreamConnectError("server did not answer the SSLRequest in time") from exc
     except OSError as exc:
         raise UpstreamConnectError(f"SSLRequest failed: {exc}") from exc
+    if not answer:
+        raise UpstreamConnectError("server closed the connection after the SSLRequest")
     if answer != b"S":
         raise UpstreamConnectError(
-            f"server refused TLS (answered {answer!r}) but sslmode is {route.sslmode.value}"
+            f"server refused TLS (answered {answer!r}) but sslmode is {route.sslmode.value}",
+            transient=False,
         )
 
 
@@ -371,7 +401,11 @@ async def _open_transport(
         )
     except ssl.SSLError as exc:
         sock.close()
-        raise UpstreamConnectError(f"TLS to {route.host}:{route.port} failed: {exc}") from exc
+        # The server going away mid-handshake is transient; a certificate or protocol mismatch is not.
+        transient = isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError)
+        raise UpstreamConnectError(
+            f"TLS to {route.host}:{route.port} failed: {exc}", transient=transient
+        ) from exc
     except (OSError, TimeoutError) as exc:
         sock.close()
         raise UpstreamConnectError(f"connection to {route.host}:{route.port} failed: {exc}") from exc
@@ -387,14 +421,23 @@ async def connect_server(
     on_closed: Callable[[ServerConnection], None],
     parameters: Mapping[str, str],
 ) -> ServerConnection:
-    """Open, secure and authenticate a new server connection for ``route``."""
+    """Open, secure and authenticate a new server connection for ``route``.
+
+    A failure that may pass raises the pool's ServerUnreachable, so the pool retries it while clients
+    wait; any other failure raises UpstreamConnectError and fails the waiting client at once.
+    """
     timeout = route.pool.connect_timeout
     connection = ServerConnection(route, on_closed)
-    await _open_transport(route, context, timeout, lambda: connection)
     try:
-        await connection.authenticate(timeout, parameters)
-    except BaseException:
-        connection.close()
+        await _open_transport(route, context, timeout, lambda: connection)
+        try:
+            await connection.authenticate(timeout, parameters)
+        except BaseException:
+            connection.close()
+            raise
+    except UpstreamConnectError as exc:
+        if exc.transient:
+            raise ServerUnreachable(str(exc)) from exc
         raise
     return connection
 

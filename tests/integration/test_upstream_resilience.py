@@ -1,0 +1,302 @@
+"""The upstream link failing under load: PostgreSQL stopped and started again while terminals work."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from proxy.localpg import free_port
+from tests.integration.conftest import OwnCluster
+from tests.integration.proxyproc import ProxyProcess, TerminalPKI
+from tests.integration.test_admin import TOKEN, _call
+from tests.integration.test_postgres_robustness import data_row_values, raw_session, run_query
+
+StartProxy = Callable[..., ProxyProcess]
+
+# What a terminal may see while its database restarts, and why each is clean:
+#   57P01 admin_shutdown: PostgreSQL's own goodbye to the backend serving it (pg_ctl stop -m fast);
+#   08006 connection_failure: the proxy lost the server connection mid-transaction;
+#   08001 unable_to_establish: the server stayed down for longer than max_client_wait;
+#   53300 too_many_connections: the pool stayed saturated for longer than max_client_wait.
+# Each one ends that session with a FATAL error, and the terminal reconnects.
+CLEAN_SQLSTATES = frozenset({"57P01", "08006", "08001", "53300"})
+# Errors at connect time carry no SQLSTATE in libpq: the proxy's messages for the same conditions.
+CLEAN_CONNECT_MESSAGES = (
+    "could not connect to the database server",
+    "no server connection became free",
+    "lost the connection to the database server",
+    "terminating connection",
+)
+MAX_CLIENT_WAIT = 6.0
+CONNECT_TIMEOUT = 1.0
+# Nothing a terminal does may take longer than waiting its turn plus one connect, plus slack for a
+# loaded two-core test machine.
+OPERATION_BOUND = MAX_CLIENT_WAIT + 2 * CONNECT_TIMEOUT + 4.0
+
+
+@dataclass
+class Terminal:
+    """One till doing small transactions in a loop, recording what happened to each."""
+
+    number: int
+    committed: list[int] = field(default_factory=list)
+    succeeded_at: list[float] = field(default_factory=list)
+    clean_errors: list[str] = field(default_factory=list)
+    unclean_errors: list[str] = field(default_factory=list)
+    slowest: float = 0.0
+
+
+def _is_clean(error: psycopg.Error) -> bool:
+    if error.sqlstate is not None:
+        return error.sqlstate in CLEAN_SQLSTATES
+    return any(message in str(error) for message in CLEAN_CONNECT_MESSAGES)
+
+
+def _work(terminal: Terminal, conninfo: dict[str, object], until: float) -> None:
+    connection: psycopg.Connection | None = None
+    sequence = 0
+    while time.monotonic() < until:
+        sequence += 1
+        started = time.monotonic()
+        try:
+            if connection is None or connection.closed:
+                connection = psycopg.connect(**conninfo, autocommit=True)
+            with connection.transaction():
+                connection.execute(
+                    "INSERT INTO public.sales (till, seq, amount) VALUES (%s, %s, %s)",
+                    (terminal.number, sequence, sequence * 100 + terminal.number),
+                )
+            terminal.committed.append(sequence)
+            terminal.succeeded_at.append(time.monotonic())
+        except psycopg.Error as exc:
+            (terminal.clean_errors if _is_clean(exc) else terminal.unclean_errors).append(
+                f"{exc.sqlstate}: {exc}"
+            )
+            if connection is not None:
+                connection.close()
+            connection = None
+            time.sleep(0.05)
+        terminal.slowest = max(terminal.slowest, time.monotonic() - started)
+        time.sleep(0.01)
+    if connection is not None:
+        connection.close()
+
+
+def _start_proxy(start_proxy: StartProxy, cluster: OwnCluster, **overrides: object) -> ProxyProcess:
+    return start_proxy(
+        routes={
+            "pos": cluster.route(
+                mode="transaction",
+                size=4,
+                max_client_wait=f"{MAX_CLIENT_WAIT:g}s",
+                connect_timeout=f"{CONNECT_TIMEOUT:g}s",
+                connect_retry_delay="100ms",
+                connect_retry_max_delay="1s",
+            )
+        },
+        **overrides,
+    )
+
+
+def _metric(port: int, sample: str) -> float | None:
+    for line in _call(port, "/metrics")[1].decode().splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
+        time.sleep(0.1)
+
+
+def test_terminals_ride_out_a_database_restart_with_clean_errors_and_no_lost_sales(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, own_cluster: OwnCluster
+) -> None:
+    server = own_cluster.server
+    server.execute_script(
+        "CREATE TABLE public.sales (till int, seq int, amount int NOT NULL, PRIMARY KEY (till, seq));"
+        "ALTER TABLE public.sales OWNER TO pos_proxy;",
+        dbname="pos",
+    )
+    proxy = _start_proxy(start_proxy, own_cluster)
+    conninfo = proxy.conninfo(terminal_pki.cashier, terminal_pki.ca)
+    terminals = [Terminal(number) for number in range(6)]
+    load_seconds = 16.0
+    until = time.monotonic() + load_seconds
+    threads = [threading.Thread(target=_work, args=(t, conninfo, until), daemon=True) for t in terminals]
+    for thread in threads:
+        thread.start()
+
+    time.sleep(3)
+    server.stop_server_only(mode="fast")
+    time.sleep(3)
+    server.start_server_only()
+    restarted = time.monotonic()
+
+    for thread in threads:
+        thread.join(load_seconds + OPERATION_BOUND)
+        assert not thread.is_alive(), "a terminal hung"
+    for terminal in terminals:
+        assert not terminal.unclean_errors, terminal.unclean_errors
+        assert terminal.slowest < OPERATION_BOUND, f"till {terminal.number} waited {terminal.slowest:.1f}s"
+        # The pool recovered by itself: every till sold again after the restart.
+        assert any(moment > restarted for moment in terminal.succeeded_at), terminal
+    assert sum(len(t.committed) for t in terminals) > 6 * 10
+    with psycopg.connect(**conninfo, autocommit=True) as check:
+        rows = check.execute("SELECT till, seq, amount FROM public.sales").fetchall()
+    stored = {(till, seq): amount for till, seq, amount in rows}
+    for terminal in terminals:
+        for seq in terminal.committed:
+            assert stored.get((terminal.number, seq)) == seq * 100 + terminal.number
+    # upstream_down and upstream_up once per transition, not once per failed attempt: they alternate,
+    # and the outage is one (two if a connect squeezed in as the server began to shut down).
+    transitions = [
+        record["event"]
+        for record in proxy.log_events()
+        if record.get("event") in ("upstream_down", "upstream_up")
+    ]
+    assert transitions in (["upstream_down", "upstream_up"], ["upstream_down", "upstream_up"] * 2)
+    failed_attempts = [r for r in proxy.log_events() if r.get("event") == "server_connect_failed"]
+    assert len(failed_attempts) > len(transitions)
+
+
+def test_a_terminal_connecting_while_the_database_is_down_is_served_when_it_returns(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, own_cluster: OwnCluster
+) -> None:
+    server = own_cluster.server
+    token_file = own_cluster.password_file.with_name("admin-token")
+    token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    admin_port = free_port()
+    proxy = _start_proxy(
+        start_proxy,
+        own_cluster,
+        admin={"host": "127.0.0.1", "port": admin_port, "token": {"file": str(token_file)}},
+    )
+    proxy.wait_for_event("admin_listening")
+    assert _call(admin_port, "/readyz")[0] == 200
+    assert _metric(admin_port, 'pos_proxy_upstream_up{route="pos"}') == 1.0
+
+    server.stop_server_only(mode="fast")
+    outcome: dict[str, object] = {}
+
+    def terminal() -> None:
+        started = time.monotonic()
+        try:
+            with psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca)) as connection:
+                outcome["row"] = connection.execute("SELECT 'served'").fetchone()
+        except psycopg.Error as exc:
+            outcome["error"] = str(exc)
+        outcome["took"] = time.monotonic() - started
+
+    waiting = threading.Thread(target=terminal, daemon=True)
+    waiting.start()
+    proxy.wait_for_event("upstream_down", pool="pos")
+    # readyz turns unready at once (the pool's breaker), and says which route.
+    status, body = _call(admin_port, "/readyz")
+    assert status == 503
+    assert json.loads(body)["routes"] == {"pos": "unreachable"}
+    assert _metric(admin_port, 'pos_proxy_upstream_up{route="pos"}') == 0.0
+    pools = json.loads(_call(admin_port, "/v1/pools")[1])["pools"]
+    assert pools[0]["upstream_up"] is False
+    assert pools[0]["waiting"] == 1
+
+    time.sleep(1.5)
+    server.start_server_only()
+    waiting.join(MAX_CLIENT_WAIT + 5)
+    assert not waiting.is_alive()
+    assert outcome.get("row") == ("served",), outcome
+    assert 1.5 <= float(outcome["took"]) < MAX_CLIENT_WAIT + 2  # type: ignore[arg-type]
+    _wait_for(lambda: _call(admin_port, "/readyz")[0] == 200, 5, "readyz ready again")
+    assert json.loads(_call(admin_port, "/readyz")[1])["routes"] == {"pos": "reachable"}
+    assert _metric(admin_port, 'pos_proxy_upstream_up{route="pos"}') == 1.0
+    assert _metric(admin_port, 'pos_proxy_upstream_down_total{route="pos"}') == 1.0
+    errors = _metric(admin_port, 'pos_proxy_server_connection_errors_total{route="pos"}')
+    assert errors is not None and errors >= 2  # retried
+
+
+def test_a_failed_certificate_check_is_not_retried(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, own_cluster: OwnCluster
+) -> None:
+    # The terminal CA did not sign the database's certificate: verify-full fails; retrying cannot help.
+    route = own_cluster.route(max_client_wait="10s", connect_timeout="1s")
+    route["sslrootcert"] = str(terminal_pki.ca)
+    proxy = start_proxy(routes={"pos": route})
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError, match="could not connect to the database server"):
+        psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca)).close()
+    assert time.monotonic() - started < 5  # fails fast, not after max_client_wait
+    events = [record["event"] for record in proxy.log_events()]
+    assert "upstream_down" not in events
+
+
+def _keepalive_timers(*, local_port: int | None = None, remote_port: int | None = None) -> list[float]:
+    """Seconds until the next keepalive probe of each established IPv4 socket on these ports, from
+    /proc/net/tcp (timer kind 2 is keepalive; the time is in USER_HZ ticks, 100 a second)."""
+    timers: list[float] = []
+    for line in Path("/proc/net/tcp").read_text(encoding="ascii").splitlines()[1:]:
+        fields = line.split()
+        local, remote, state, timer = fields[1], fields[2], fields[3], fields[5]
+        if state != "01":  # ESTABLISHED
+            continue
+        if local_port is not None and int(local.split(":")[1], 16) != local_port:
+            continue
+        if remote_port is not None and int(remote.split(":")[1], 16) != remote_port:
+            continue
+        kind, when = timer.split(":")
+        if int(kind, 16) == 2:
+            timers.append(int(when, 16) / 100)
+    return timers
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+def test_terminal_and_server_connections_use_the_configured_keepalive_intervals(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, own_cluster: OwnCluster
+) -> None:
+    route = own_cluster.route(tcp_keepalive={"idle": "50s", "interval": "5s", "count": 3})
+    proxy = start_proxy(listen={"tcp_keepalive": {"idle": "40s"}}, routes={"pos": route})
+    with psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True) as till:
+        till.execute("SELECT 1")
+        # Until the client acknowledges the reply, the socket shows a retransmit timer instead.
+        _wait_for(
+            lambda: bool(
+                _keepalive_timers(local_port=proxy.port)
+                and _keepalive_timers(remote_port=own_cluster.server.port)
+            ),
+            5,
+            "idle sockets on both sides",
+        )
+        # The kernel's default would be 7200 s; ours count down from 40 s and 50 s.
+        terminal_side = _keepalive_timers(local_port=proxy.port)
+        server_side = _keepalive_timers(remote_port=own_cluster.server.port)
+    assert terminal_side and all(30 < seconds <= 40 for seconds in terminal_side), terminal_side
+    assert server_side and all(40 < seconds <= 50 for seconds in server_side), server_side
+
+
+def test_a_server_fatal_reaches_the_terminal_once_and_alone(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, pg_cluster: Any
+) -> None:
+    # PostgreSQL ends a backend with FATAL 57P01 (pg_terminate_backend, or every backend on a fast
+    # shutdown). The terminal must see that error and then the end of the connection: a second FATAL
+    # from the proxy after it reads to libpq as "received 2 results from command 'BEGIN'".
+    proxy = start_proxy(routes={"pos": {"pool": {"mode": "session"}}})
+    with raw_session(proxy, terminal_pki, terminal_pki.cashier) as client:
+        rows = [payload for kind, payload in run_query(client, "SELECT pg_backend_pid()") if kind == b"D"]
+        backend_pid = int(data_row_values(rows[0])[0] or b"0")
+        with psycopg.connect(
+            **pg_cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True
+        ) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend_pid,))
+        fields = client.expect_fatal("57P01")
+    assert "terminating connection" in fields["M"]
+    proxy.wait_for_event("session_error", sqlstate="08006")
