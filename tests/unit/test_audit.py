@@ -9,6 +9,7 @@ import json
 import re
 import secrets
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -452,3 +453,84 @@ def test_missing_directory_is_refused(tmp_path: Path, key_file: Path) -> None:
 def test_a_log_needs_a_sink(key_file: Path) -> None:
     with pytest.raises(AuditError, match="no sink"):
         AuditLog(AuditSettings(file=None, key_file=key_file)).start()
+
+
+@pytest.mark.parametrize("key_length", [32, 63, 64, 65, 200])
+def test_hmac_is_hmac_sha256_of_the_line_without_it_for_any_key_length(
+    log_path: Path, key_file: Path, key_length: int
+) -> None:
+    key_file.write_bytes(secrets.token_bytes(key_length))
+    write_log(settings(log_path, key_file), 3)
+
+    key = load_key(key_file)
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        body = canonical({k: v for k, v in record.items() if k != "hmac"}).encode()
+        assert record["hmac"] == hmac.new(key, body, hashlib.sha256).hexdigest()
+    assert verify([log_path], key).ok
+
+
+def test_record_with_merges_shared_fields_and_fields_win(log_path: Path, key_file: Path) -> None:
+    shared = {"terminal": "till-01", "store": "store-001", "seq": "theirs", "amount": 1}
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    audit.record_with(shared, "sale", amount=2)
+    audit.record_with(shared, "refund", amount=3, note="returned")
+    audit.close()
+
+    sale, refund = records(log_path)[2:4]
+    assert (sale["event"], sale["terminal"], sale["store"], sale["amount"]) == (
+        "sale",
+        "till-01",
+        "store-001",
+        2,
+    )
+    assert (refund["event"], refund["amount"], refund["note"]) == ("refund", 3, "returned")
+    assert sale["seq_"] == refund["seq_"] == "theirs"  # shared fields are renamed like any other
+    assert shared == {"terminal": "till-01", "store": "store-001", "seq": "theirs", "amount": 1}
+    assert verify([log_path], load_key(key_file)).ok
+
+
+def test_values_that_look_like_the_hmac_field_do_not_confuse_the_line(log_path: Path, key_file: Path) -> None:
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    audit.record("sale", a=',"hmac":"x"', nested={"hmac": "0" * 64, "z": [',"hmac":"']}, hmac_="mine")
+    audit.close()
+
+    sale = records(log_path)[2]
+    assert (sale["a"], sale["nested"], sale["hmac_"]) == (
+        ',"hmac":"x"',
+        {"hmac": "0" * 64, "z": [',"hmac":"']},
+        "mine",
+    )
+    assert verify([log_path], load_key(key_file)).ok
+
+
+def test_the_writer_lets_other_threads_run_while_it_renders_a_backlog(
+    key_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With a 1 s switch interval the interpreter itself would leave this thread waiting for the GIL
+    # until the writer is done with its batch (stdout only: no file write releases the GIL midway).
+    # The writer pauses for others during the first half of its flush interval: 1 s, far more than the
+    # batch takes to render.
+    audit = AuditLog(AuditSettings(file=None, key_file=key_file, stdout=True, flush_interval=2.0))
+    audit.start()
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        for n in range(20_000):
+            audit.record("sale", terminal="till-01", n=n)
+        longest_gap = 0.0
+        deadline = time.monotonic() + 20
+        before = time.monotonic()
+        while audit.pending and time.monotonic() < deadline:
+            time.sleep(0.0005)
+            now = time.monotonic()
+            longest_gap, before = max(longest_gap, now - before), now
+    finally:
+        sys.setswitchinterval(switch_interval)
+    audit.close()
+
+    assert audit.written == 20_003
+    assert longest_gap < 0.1, f"this thread waited {longest_gap:.3f} s for the GIL"
+    capsys.readouterr()
