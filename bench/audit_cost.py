@@ -1,6 +1,6 @@
 """What the audit log costs the data path, measured without PostgreSQL or a network.
 
-    .venv/bin/python bench/audit_cost.py                    # 5 rounds, about a minute
+    .venv/bin/python bench/audit_cost.py                    # 5 rounds, about 40 s
     .venv/bin/python bench/audit_cost.py --rounds 3 --rate 4000
     git show main:proxy/audit.py > /tmp/audit_main.py      # against another version, interleaved:
     .venv/bin/python bench/audit_cost.py --compare /tmp/audit_main.py
@@ -15,7 +15,9 @@ Four figures, medians of rounds (with --compare, the two versions alternate with
   ``close()``, with nothing else running.
 * ``kept``: a CPU-bound pure-Python loop on the main thread that also makes ``--rate`` statement
   records a second, against the same loop without them: the share of its throughput it keeps
-  while the writer thread renders (GIL contention). Stretches with and without records alternate.
+  while the writer thread renders (GIL contention). Stretches with and without records alternate;
+  an audited stretch runs on until the writer has written its records, so all of the writer's
+  work for them is counted, whenever it ran.
 * ``kept-io``: the same with a round trip through a ``cat`` child process in every work unit:
   the main thread gives up the GIL in system calls, as the proxy's event loop does, and has to
   get it back from the writer each time.
@@ -120,33 +122,35 @@ class Echo:
         self._process.wait(5)
 
 
-def busy_loop(seconds: float, rate: float, on_tick: Callable[[], None] | None, echo: Echo | None) -> int:
-    """Work units done in `seconds`, calling on_tick `rate` times a second (when given)."""
+def busy_loop(
+    done: Callable[[], bool], rate: float, on_tick: Callable[[], None] | None, echo: Echo | None
+) -> tuple[int, float]:
+    """Work units done until done(), and the seconds that took; on_tick is called `rate` times a second."""
     units = 0
     interval = 1.0 / rate
-    started = time.perf_counter()
-    next_tick = started
-    end = started + seconds
-    while (now := time.perf_counter()) < end:
+    started = next_tick = time.perf_counter()
+    while not done():
         total = 0
         for i in range(WORK_UNIT):
             total += i * i
         if echo is not None:
             echo.round_trip()
         units += 1
+        now = time.perf_counter()
         while on_tick is not None and now >= next_tick:
             on_tick()
             next_tick += interval
-    return units
+    return units, time.perf_counter() - started
 
 
 def measure_contention(
     version: ModuleType, directory: Path, seconds: float, rate: float, *, io: bool
 ) -> float:
-    """Share of the main thread's work units kept with the audit log on, against it off.
+    """The main thread's work rate with the audit log on, as a share of its rate with it off.
 
-    Short stretches with and without records alternate, so a change in the machine's load hits
-    both alike; after each audited stretch the writer finishes before the next one without.
+    Stretches with and without records alternate, so a change in the machine's load hits both
+    alike. An audited stretch goes on, without new records, until the writer has written all of
+    its records: the writer's work for them falls inside the stretch, however it was scheduled.
     """
     echo = Echo() if io else None
     audit = new_log(version, directory, flush_interval=0.2)
@@ -159,23 +163,35 @@ def measure_contention(
         record_statement()
         recorded += 1
 
+    def for_seconds(length: float) -> Callable[[], bool]:
+        end = time.perf_counter() + length
+        return lambda: time.perf_counter() >= end
+
+    deadline = 0.0
+
+    def caught_up() -> bool:
+        # The log's opening records (audit_file_start, audit_started) come before the statements.
+        if time.monotonic() > deadline:
+            raise RuntimeError("the audit writer did not catch up within 60 s")
+        return bool(audit.written >= recorded + 2)
+
+    plain_units = audited_units = 0
+    plain_seconds = audited_seconds = 0.0
     try:
-        plain_units = audited_units = 0
         stretch = seconds / STRETCHES
         for _ in range(STRETCHES):
-            plain_units += busy_loop(stretch, rate, None, echo)
-            audited_units += busy_loop(stretch, rate, tick, echo)
+            units, elapsed = busy_loop(for_seconds(stretch), rate, None, echo)
+            plain_units, plain_seconds = plain_units + units, plain_seconds + elapsed
+            units, elapsed = busy_loop(for_seconds(stretch), rate, tick, echo)
+            audited_units, audited_seconds = audited_units + units, audited_seconds + elapsed
             deadline = time.monotonic() + 60
-            # The log's opening records (audit_file_start, audit_started) come before the statements.
-            while audit.written < recorded + 2:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the audit writer did not catch up within 60 s")
-                time.sleep(0.01)
+            units, elapsed = busy_loop(caught_up, rate, None, echo)
+            audited_units, audited_seconds = audited_units + units, audited_seconds + elapsed
     finally:
         audit.close(timeout=120)
         if echo is not None:
             echo.close()
-    return audited_units / plain_units
+    return (audited_units / audited_seconds) / (plain_units / plain_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
