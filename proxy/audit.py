@@ -13,19 +13,20 @@ stopped; ``audit_chain_break`` says why a log had to start a new chain (a damage
 
 Cost: ``record`` and ``record_with`` only append a tuple to an in-memory queue on the caller's thread;
 the writer encodes each record once (the HMAC input is that text without the ``hmac`` field, which is
-then spliced in) and renders in slices of a fraction of a millisecond, pausing between them so that the
-event loop gets the GIL back at once instead of after the interpreter's 5 ms switch interval.
-``bench/audit_cost.py`` measures both sides.
+then spliced in). It renders in slices of a fraction of a millisecond with short sleeps between them, so
+that the event loop gets the GIL back at once rather than after the interpreter's 5 ms switch interval;
+half a flush interval into a batch it stops pausing, so it keeps up however long the sleeps take on a
+busy machine. ``bench/audit_cost.py`` measures both sides.
 
 Durability: ``record`` only appends to an in-memory queue. The queue is unbounded -- nothing is dropped --
 and ``pending`` and ``backlog_warnings`` show a writer falling behind. Every ``flush_interval`` one writer
 thread renders the queue and hands the lines to the OS with ``os.write``, so a crash of the process loses
-only what was still queued (normally the last ``flush_interval``); a crash of the machine can also lose what
-the OS had not yet written to disk, because files are fsynced only at rotation and at ``close``. A failed
-write is counted in ``write_errors`` and its unwritten bytes are retried on the next batch; nothing is
-raised into the data path. ``close`` writes everything recorded before it, retrying until its timeout, and
-raises AuditError if it could not. The stdout copy is best effort: a failed stdout write is counted, not
-retried.
+only what was still queued (normally the last ``flush_interval``, up to two while a large batch renders);
+a crash of the machine can also lose what the OS had not yet written to disk, because files are fsynced
+only at rotation and at ``close``. A failed write is counted in ``write_errors`` and its unwritten bytes
+are retried on the next batch; nothing is raised into the data path. ``close`` writes everything recorded
+before it, retrying until its timeout, and raises AuditError if it could not. The stdout copy is best
+effort: a failed stdout write is counted, not retried.
 
 Limits: the chain exposes an altered, inserted, removed or reordered record anywhere except at the very end
 of the newest file, where cutting off whole lines leaves a shorter valid chain (a clean shutdown ends with
