@@ -11,12 +11,13 @@ canonical JSON of the record without ``hmac``). Every file starts with an ``audi
 that file (null for a new log). ``audit_started`` and ``audit_stopped`` mark the log being started and
 stopped; ``audit_chain_break`` says why a log had to start a new chain (a damaged tail, a changed key).
 
-Cost: ``record`` and ``record_with`` only append a tuple to an in-memory queue on the caller's thread;
-the writer encodes each record once (the HMAC input is that text without the ``hmac`` field, which is
-then spliced in). It renders in slices of a fraction of a millisecond with short sleeps between them, so
-that the event loop gets the GIL back at once rather than after the interpreter's 5 ms switch interval;
-half a flush interval into a batch it stops pausing, so it keeps up however long the sleeps take on a
-busy machine. ``bench/audit_cost.py`` measures both sides.
+Cost: ``record`` and ``record_with`` only append a tuple to an in-memory queue on the caller's thread.
+The writer renders each record once, from a layout kept per kind of record (shared mapping, event, field
+names) that holds the sorted keys and the fixed fields already as JSON; the HMAC input is that text
+without the ``hmac`` field, which is then spliced in. It renders in slices of a fraction of a millisecond
+with short sleeps between them, so that the event loop gets the GIL back at once rather than after the
+interpreter's 5 ms switch interval; half a flush interval into a batch it stops pausing, so it keeps up
+however long the sleeps take on a busy machine. ``bench/audit_cost.py`` measures both sides.
 
 Durability: ``record`` only appends to an in-memory queue. The queue is unbounded -- nothing is dropped --
 and ``pending`` and ``backlog_warnings`` show a writer falling behind. Every ``flush_interval`` one writer
@@ -48,7 +49,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -95,6 +96,9 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=
 # Ints outside this range are rendered as text (see _plain).
 _INT_MIN, _INT_END = -(2**63), 2**64
 _NO_FIELDS: Mapping[str, object] = {}
+_ESCAPE = json.encoder.encode_basestring_ascii  # a str as JSON text, as _ENCODER writes it
+# Record layouts the writer keeps (see _Layout); it forgets them all when there are more.
+_MAX_LAYOUTS = 4096
 
 
 class AuditError(Exception):
@@ -171,6 +175,7 @@ class AuditLog:
         self._backlogged = False
         # Writer state: used by start() before the thread exists, then only by the thread.
         self._signer = _Signer(b"")
+        self._layouts: dict[tuple[int, str, tuple[str, ...]], _Layout] = {}
         # The hmac field while a record is encoded; see _emit.
         self._hmac_mark = secrets.token_hex(16)
         self._hmac_field = f',"hmac":"{self._hmac_mark}"'
@@ -382,21 +387,26 @@ class AuditLog:
         shared: Mapping[str, object] = _NO_FIELDS,
     ) -> None:
         """Render one record into the chain and the sinks' buffers."""
-        record = _record_fields(shared, fields)
         self._seq += 1
-        record.update(
-            event=event if type(event) is str else _text(event),
-            timestamp=_timestamp(t_ns),
-            component=self._component,
-            host=self._host,
-            seq=self._seq,
-            prev=self._prev,
-            hmac=self._hmac_mark,
-        )
-        # One encoding serves both forms: without the hmac field it is the HMAC's input, and the line
-        # is the same text with the digest in place of the mark. The mark is random and known only to
-        # this object, so it cannot come from a caller's values and occurs once, where the field goes.
-        text = _ENCODER.encode(record)
+        name = event if type(event) is str else _text(event)
+        key = (id(shared), name, tuple(fields))
+        layout = self._layouts.get(key)
+        if layout is None or layout.shared is not shared:
+            if len(self._layouts) >= _MAX_LAYOUTS:
+                self._layouts.clear()
+            layout = _Layout(
+                shared, name, fields, component=self._component, host=self._host, hmac_mark=self._hmac_mark
+            )
+            self._layouts[key] = layout
+        own = (f'"{_timestamp(t_ns)}"', str(self._seq), f'"{self._prev}"')
+        parts = [layout.start]
+        for slot, after in layout.slots:
+            parts.append(own[slot] if isinstance(slot, int) else _json_value(fields[slot]))
+            parts.append(after)
+        # One text serves both forms: without the hmac field it is the HMAC's input, and the line is the
+        # same text with the digest in place of the mark. The mark is random and known only to this
+        # object, so it cannot come from a caller's values and occurs once, where the field goes.
+        text = "".join(parts)
         cut = text.index(self._hmac_field)
         head, tail = text[:cut], text[cut + len(self._hmac_field) :]
         digest = self._signer.hexdigest(f"{head}{tail}".encode("ascii"))
@@ -629,20 +639,65 @@ class _Signer:
         return outer.hexdigest()
 
 
-def _record_fields(shared: Mapping[str, object], fields: Mapping[str, object]) -> dict[str, object]:
-    """A new record of the caller's fields: JSON-ready values, names of the log's own keys renamed."""
-    record = {**shared, **fields} if shared else dict(fields)
-    if not _RESERVED.isdisjoint(record):
-        record = {f"{name}_" if name in _RESERVED else name: value for name, value in record.items()}
-    for name, value in record.items():
-        # Most values are plain already; only the others pay for _field.
-        kind = type(value)
-        if kind is str or value is None or kind is bool:
-            continue
-        if type(value) is int and _INT_MIN <= value < _INT_END:
-            continue
-        record[name] = _field(value)
-    return record
+class _Layout:
+    """The canonical JSON of one kind of record (the same shared mapping, event and field names): its keys
+    in sorted order as fixed text -- shared fields, event, component, host, the hmac mark -- around slots
+    filled per record: a field's name, or an index into (timestamp, seq, prev)."""
+
+    __slots__ = ("shared", "slots", "start")
+
+    def __init__(
+        self,
+        shared: Mapping[str, object],
+        event: str,
+        field_names: Iterable[str],
+        *,
+        component: str,
+        host: str,
+        hmac_mark: str,
+    ) -> None:
+        self.shared = shared  # also keeps its id, part of the cache key, from being reused
+        # As in {**shared, **fields} and then renaming the log's own keys: the later of two names wins.
+        merged: dict[str, str | None] = dict.fromkeys(shared)
+        merged.update((name, name) for name in field_names)
+        fixed: dict[str, str] = {}
+        filled: dict[str, str | int] = {}
+        for name, field_name in merged.items():
+            key = f"{name}_" if name in _RESERVED else name
+            if field_name is None:
+                fixed[key] = _json_value(shared[name])
+                filled.pop(key, None)
+            else:
+                filled[key] = field_name
+                fixed.pop(key, None)
+        own_fixed = {"event": event, "component": component, "host": host, "hmac": hmac_mark}
+        fixed.update((key, _ENCODER.encode(value)) for key, value in own_fixed.items())
+        filled.update(timestamp=0, seq=1, prev=2)
+        segments = ["{"]
+        slots: list[str | int] = []
+        for index, key in enumerate(sorted(fixed.keys() | filled.keys())):
+            segments[-1] += f"{',' if index else ''}{_ENCODER.encode(key)}:"
+            if key in fixed:
+                segments[-1] += fixed[key]
+            else:
+                slots.append(filled[key])
+                segments.append("")
+        segments[-1] += "}"
+        self.start = segments[0]
+        self.slots = list(zip(slots, segments[1:], strict=True))
+
+
+def _json_value(value: object) -> str:
+    """The canonical JSON of one field's value: JSON types as they are, anything else as text."""
+    if isinstance(value, str):
+        return _ESCAPE(value)
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int) and _INT_MIN <= value < _INT_END:
+        return int.__repr__(value)
+    return _ENCODER.encode(_field(value))
 
 
 def _field(value: object) -> object:

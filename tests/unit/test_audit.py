@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from proxy.audit import (
     FILE_START,
@@ -534,3 +537,50 @@ def test_the_writer_lets_other_threads_run_while_it_renders_a_backlog(
     assert audit.written == 20_003
     assert longest_gap < 0.1, f"this thread waited {longest_gap:.3f} s for the GIL"
     capsys.readouterr()
+
+
+_NAMES = st.sampled_from(["a", "seq", "seq_", "hmac", "host", "outcome", "zz", "é", "role", "prev"])
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=6,
+)
+_FIELDS = st.dictionaries(_NAMES, _VALUES, max_size=6)
+
+
+@hypothesis_settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(shared=_FIELDS, records=st.lists(_FIELDS, min_size=1, max_size=3))
+def test_every_line_is_the_canonical_json_of_its_record_with_its_hmac(
+    tmp_path: Path, key_file: Path, shared: dict[str, Any], records: list[dict[str, Any]]
+) -> None:
+    log_path = tmp_path / f"audit-{secrets.token_hex(4)}.log"
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    for fields in records:
+        audit.record_with(shared, "sale", **fields)
+        audit.record("refund", **fields)
+    audit.close()
+
+    key = load_key(key_file)
+    lines = log_path.read_text().splitlines()
+    for line in lines:
+        record = json.loads(line)
+        assert line == canonical(record)
+        body = canonical({k: v for k, v in record.items() if k != "hmac"}).encode()
+        assert record["hmac"] == hmac.new(key, body, hashlib.sha256).hexdigest()
+    sales = [json.loads(line) for line in lines if json.loads(line)["event"] == "sale"]
+    for fields, sale in zip(records, sales, strict=True):
+        merged = {**shared, **fields}  # fields win over shared ones
+        # The log's own keys keep theirs; the caller's value gets a trailing underscore.
+        written_as = {
+            name: f"{name}_" if name in ("seq", "hmac", "host", "prev") else name for name in merged
+        }
+        for name, value in merged.items():
+            assert written_as[name] in sale
+            plain = value is None or type(value) in (str, bool) or (type(value) is int and abs(value) < 2**63)
+            # "seq" and "seq_" both end up as "seq_": the later one wins.
+            if plain and list(written_as.values()).count(written_as[name]) == 1:
+                assert sale[written_as[name]] == value
+    assert verify([log_path], key).ok
