@@ -714,7 +714,7 @@ def _plain(value: object, depth: int) -> object:
         return value
     if isinstance(value, int):
         # Larger ints cannot always be printed (sys.set_int_max_str_digits) and rarely parse back exactly.
-        return int(value) if -(2**63) <= value < 2**64 else _text(value)
+        return int(value) if _INT_MIN <= value < _INT_END else _text(value)
     if isinstance(value, float):
         return float(value) if math.isfinite(value) else _text(value)
     if depth < _MAX_DEPTH:
