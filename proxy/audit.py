@@ -11,15 +11,23 @@ canonical JSON of the record without ``hmac``). Every file starts with an ``audi
 that file (null for a new log). ``audit_started`` and ``audit_stopped`` mark the log being started and
 stopped; ``audit_chain_break`` says why a log had to start a new chain (a damaged tail, a changed key).
 
+Cost: ``record`` and ``record_with`` only append a tuple to an in-memory queue on the caller's thread.
+The writer renders each record once, from a layout kept per kind of record (shared mapping, event, field
+names) that holds the sorted keys and the fixed fields already as JSON; the HMAC input is that text
+without the ``hmac`` field, which is then spliced in. It renders in slices of a fraction of a millisecond
+with short sleeps between them, so that the event loop gets the GIL back at once rather than after the
+interpreter's 5 ms switch interval; half a flush interval into a batch it stops pausing, so it keeps up
+however long the sleeps take on a busy machine. ``bench/audit_cost.py`` measures both sides.
+
 Durability: ``record`` only appends to an in-memory queue. The queue is unbounded -- nothing is dropped --
 and ``pending`` and ``backlog_warnings`` show a writer falling behind. Every ``flush_interval`` one writer
 thread renders the queue and hands the lines to the OS with ``os.write``, so a crash of the process loses
-only what was still queued (normally the last ``flush_interval``); a crash of the machine can also lose what
-the OS had not yet written to disk, because files are fsynced only at rotation and at ``close``. A failed
-write is counted in ``write_errors`` and its unwritten bytes are retried on the next batch; nothing is
-raised into the data path. ``close`` writes everything recorded before it, retrying until its timeout, and
-raises AuditError if it could not. The stdout copy is best effort: a failed stdout write is counted, not
-retried.
+only what was still queued (normally the last ``flush_interval``, up to two while a large batch renders);
+a crash of the machine can also lose what the OS had not yet written to disk, because files are fsynced
+only at rotation and at ``close``. A failed write is counted in ``write_errors`` and its unwritten bytes
+are retried on the next batch; nothing is raised into the data path. ``close`` writes everything recorded
+before it, retrying until its timeout, and raises AuditError if it could not. The stdout copy is best
+effort: a failed stdout write is counted, not retried.
 
 Limits: the chain exposes an altered, inserted, removed or reordered record anywhere except at the very end
 of the newest file, where cutting off whole lines leaves a shorter valid chain (a clean shutdown ends with
@@ -34,13 +42,14 @@ import hmac
 import json
 import math
 import os
+import secrets
 import socket
 import stat
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -76,11 +85,20 @@ _MAX_DEPTH = 4
 # Write within a long batch too, so a backlog is not held in memory a second time as rendered lines.
 _CHUNK_BYTES = 1 << 20
 _READ_BYTES = 1 << 16
+# The writer renders for _GIL_SLICE seconds at a time, then lets other threads run (see _write_batch).
+_GIL_SLICE = 0.0002
+_GIL_PAUSE = 0.00005
 # close() waits this much beyond its timeout for the writer's last fsync.
 _CLOSE_GRACE = 1.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # One encoder for every record: json.dumps with options builds a new one per call.
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+# Ints outside this range are rendered as text (see _plain).
+_INT_MIN, _INT_END = -(2**63), 2**64
+_NO_FIELDS: Mapping[str, object] = {}
+_ESCAPE = json.encoder.encode_basestring_ascii  # a str as JSON text, as _ENCODER writes it
+# Record layouts the writer keeps (see _Layout); it forgets them all when there are more.
+_MAX_LAYOUTS = 4096
 
 
 class AuditError(Exception):
@@ -145,7 +163,7 @@ class AuditLog:
         self._component = component
         self._host = socket.gethostname() if host is None else host
         # deque.append and popleft are atomic, so record() takes no lock and never waits for the writer.
-        self._queue: deque[tuple[int, object, dict[str, object]]] = deque()
+        self._queue: deque[tuple[int, object, Mapping[str, object], dict[str, object]]] = deque()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._deadline = 0.0
@@ -156,7 +174,11 @@ class AuditLog:
         self._backlog_warnings = 0
         self._backlogged = False
         # Writer state: used by start() before the thread exists, then only by the thread.
-        self._key = b""
+        self._signer = _Signer(b"")
+        self._layouts: dict[tuple[int, str, tuple[str, ...]], _Layout] = {}
+        # The hmac field while a record is encoded; see _emit.
+        self._hmac_mark = secrets.token_hex(16)
+        self._hmac_field = f',"hmac":"{self._hmac_mark}"'
         self._fd: int | None = None  # None with a file sink: the next flush opens the configured path
         self._out = bytearray()  # rendered lines the file has not taken yet
         self._stdout_lines: list[str] = []
@@ -191,12 +213,13 @@ class AuditLog:
         settings = self._settings
         if settings.file is None and not settings.stdout:
             raise AuditError("audit log has no sink: configure a file, stdout, or both")
-        self._key = load_key(settings.key_file)
+        key = load_key(settings.key_file)
+        self._signer = _Signer(key)
         resumed = False
         if settings.file is None:
             self._start_file(None)
         else:
-            resumed = self._open(settings.file)
+            resumed = self._open(settings.file, key)
         self._emit(time.time_ns(), "audit_started", {"pid": os.getpid(), "resumed": resumed})
         if not self._flush():
             self._close_file()
@@ -210,7 +233,12 @@ class AuditLog:
         The writer renders the fields later (JSON types as they are, anything else with str()), so pass
         values that are not changed afterwards. Fields named like the log's own keys get a trailing ``_``.
         """
-        self._queue.append((time.time_ns(), event, fields))
+        self._queue.append((time.time_ns(), event, _NO_FIELDS, fields))
+
+    def record_with(self, shared: Mapping[str, object], event: str, /, **fields: object) -> None:
+        """``record`` for a caller whose records repeat the same fields (a session's identity): ``shared``
+        is passed by reference, merged by the writer (``fields`` win), and must not be changed afterwards."""
+        self._queue.append((time.time_ns(), event, shared, fields))
 
     def reopen(self) -> None:
         """After logrotate moved the file (SIGHUP): the next batch starts a new one at the configured path."""
@@ -235,7 +263,7 @@ class AuditLog:
 
     # --- writer ---------------------------------------------------------------------------------
 
-    def _open(self, path: Path) -> bool:
+    def _open(self, path: Path, key: bytes) -> bool:
         """Open the configured file at start; True when an intact existing chain is continued."""
         if not path.parent.is_dir():
             raise AuditError(f"audit log directory {path.parent} does not exist")
@@ -249,7 +277,7 @@ class AuditLog:
             self._fd = fd
             self._start_file(None)
             return False
-        entry = _tail_entry(tail, self._key)
+        entry = _tail_entry(tail, key)
         if isinstance(entry, _Entry):
             self._fd, self._size, self._seq = fd, size, entry.seq
             self._prev = hashlib.sha256(tail).hexdigest()
@@ -288,14 +316,26 @@ class AuditLog:
             log.warning("audit_backlog", pending=backlog)
         self._backlogged = backlog > BACKLOG_WARNING
         may_rotate = True
+        started = time.perf_counter()
+        next_pause = started + _GIL_SLICE
+        # Pauses end half a flush interval into the batch: a batch they would stretch further is rendered
+        # straight on, so the writer keeps up even when a busy machine makes each pause last long.
+        pausing_until = started + self._settings.flush_interval / 2
         for _ in range(backlog):
-            t_ns, event, fields = self._queue.popleft()
+            t_ns, event, shared, fields = self._queue.popleft()
             if may_rotate and self._rotation_due(t_ns):
                 # One failed attempt per batch is enough; the next batch tries again.
                 may_rotate = self._next_file(rename=True)
-            self._emit(t_ns, event, fields)
+            self._emit(t_ns, event, fields, shared)
             if len(self._out) >= _CHUNK_BYTES:
                 self._flush()
+            if next_pause <= time.perf_counter() < pausing_until and not self._stop.is_set():
+                # Rendering holds the GIL. Left to the interpreter, a thread that wants it back (the event
+                # loop, back from a system call) waits sys.getswitchinterval() (5 ms) each time; a sleep hands
+                # it over now and lasts long enough for that thread to wake up and take it. close() wants
+                # the rest written soon, and comes after the data path has stopped.
+                time.sleep(_GIL_PAUSE)
+                next_pause = time.perf_counter() + _GIL_SLICE
         self._flush()
 
     def _rotation_due(self, t_ns: int) -> bool:
@@ -339,27 +379,45 @@ class AuditLog:
         self._file_started_ns = time.time_ns()
         self._emit(self._file_started_ns, FILE_START, {"previous_file": previous_file})
 
-    def _emit(self, t_ns: int, event: object, fields: Mapping[str, object]) -> None:
+    def _emit(
+        self,
+        t_ns: int,
+        event: object,
+        fields: Mapping[str, object],
+        shared: Mapping[str, object] = _NO_FIELDS,
+    ) -> None:
         """Render one record into the chain and the sinks' buffers."""
-        record = {f"{name}_" if name in _RESERVED else name: _field(value) for name, value in fields.items()}
         self._seq += 1
-        record.update(
-            event=_text(event),
-            timestamp=_timestamp(t_ns),
-            component=self._component,
-            host=self._host,
-            seq=self._seq,
-            prev=self._prev,
-        )
-        record["hmac"] = _mac(self._key, _canonical(record))
-        text = _canonical(record) + "\n"
-        line = text.encode("ascii")
+        name = event if type(event) is str else _text(event)
+        key = (id(shared), name, tuple(fields))
+        layout = self._layouts.get(key)
+        if layout is None or layout.shared is not shared:
+            if len(self._layouts) >= _MAX_LAYOUTS:
+                self._layouts.clear()
+            layout = _Layout(
+                shared, name, fields, component=self._component, host=self._host, hmac_mark=self._hmac_mark
+            )
+            self._layouts[key] = layout
+        own = (f'"{_timestamp(t_ns)}"', str(self._seq), f'"{self._prev}"')
+        parts = [layout.start]
+        for slot, after in layout.slots:
+            parts.append(own[slot] if isinstance(slot, int) else _json_value(fields[slot]))
+            parts.append(after)
+        # One text serves both forms: without the hmac field it is the HMAC's input, and the line is the
+        # same text with the digest in place of the mark. The mark is random and known only to this
+        # object, so it cannot come from a caller's values and occurs once, where the field goes.
+        text = "".join(parts)
+        cut = text.index(self._hmac_field)
+        head, tail = text[:cut], text[cut + len(self._hmac_field) :]
+        digest = self._signer.hexdigest(f"{head}{tail}".encode("ascii"))
+        rendered = f'{head},"hmac":"{digest}"{tail}\n'
+        line = rendered.encode("ascii")
         self._prev = hashlib.sha256(line).hexdigest()
         self._size += len(line)
         if self._settings.file is not None:
             self._out += line
         if self._settings.stdout:
-            self._stdout_lines.append(text)
+            self._stdout_lines.append(rendered)
 
     def _flush(self) -> bool:
         """Hand rendered lines to the OS; False when the file did not take them all (kept for retry)."""
@@ -559,6 +617,89 @@ def _mac(key: bytes, body: str) -> str:
     return hmac.new(key, body.encode("ascii"), hashlib.sha256).hexdigest()
 
 
+class _Signer:
+    """HMAC-SHA256 (RFC 2104) under one key, its padded key blocks hashed once rather than per record:
+    the digests of ``hmac.new(key, body, hashlib.sha256)`` (which ``verify`` uses) at half the cost."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        block = hashlib.sha256().block_size
+        if len(key) > block:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(block, b"\0")
+        self._inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in key))
+        self._outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in key))
+
+    def hexdigest(self, body: bytes) -> str:
+        inner = self._inner.copy()
+        inner.update(body)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+
+class _Layout:
+    """The canonical JSON of one kind of record (the same shared mapping, event and field names): its keys
+    in sorted order as fixed text -- shared fields, event, component, host, the hmac mark -- around slots
+    filled per record: a field's name, or an index into (timestamp, seq, prev)."""
+
+    __slots__ = ("shared", "slots", "start")
+
+    def __init__(
+        self,
+        shared: Mapping[str, object],
+        event: str,
+        field_names: Iterable[str],
+        *,
+        component: str,
+        host: str,
+        hmac_mark: str,
+    ) -> None:
+        self.shared = shared  # also keeps its id, part of the cache key, from being reused
+        # As in {**shared, **fields} and then renaming the log's own keys: the later of two names wins.
+        merged: dict[str, str | None] = dict.fromkeys(shared)
+        merged.update((name, name) for name in field_names)
+        fixed: dict[str, str] = {}
+        filled: dict[str, str | int] = {}
+        for name, field_name in merged.items():
+            key = f"{name}_" if name in _RESERVED else name
+            if field_name is None:
+                fixed[key] = _json_value(shared[name])
+                filled.pop(key, None)
+            else:
+                filled[key] = field_name
+                fixed.pop(key, None)
+        own_fixed = {"event": event, "component": component, "host": host, "hmac": hmac_mark}
+        fixed.update((key, _ENCODER.encode(value)) for key, value in own_fixed.items())
+        filled.update(timestamp=0, seq=1, prev=2)
+        segments = ["{"]
+        slots: list[str | int] = []
+        for index, key in enumerate(sorted(fixed.keys() | filled.keys())):
+            segments[-1] += f"{',' if index else ''}{_ENCODER.encode(key)}:"
+            if key in fixed:
+                segments[-1] += fixed[key]
+            else:
+                slots.append(filled[key])
+                segments.append("")
+        segments[-1] += "}"
+        self.start = segments[0]
+        self.slots = list(zip(slots, segments[1:], strict=True))
+
+
+def _json_value(value: object) -> str:
+    """The canonical JSON of one field's value: JSON types as they are, anything else as text."""
+    if isinstance(value, str):
+        return _ESCAPE(value)
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int) and _INT_MIN <= value < _INT_END:
+        return int.__repr__(value)
+    return _ENCODER.encode(_field(value))
+
+
 def _field(value: object) -> object:
     # Odd containers (a mapping whose items() raises) fall back to their text rather than stop the writer.
     try:
@@ -573,7 +714,7 @@ def _plain(value: object, depth: int) -> object:
         return value
     if isinstance(value, int):
         # Larger ints cannot always be printed (sys.set_int_max_str_digits) and rarely parse back exactly.
-        return int(value) if -(2**63) <= value < 2**64 else _text(value)
+        return int(value) if _INT_MIN <= value < _INT_END else _text(value)
     if isinstance(value, float):
         return float(value) if math.isfinite(value) else _text(value)
     if depth < _MAX_DEPTH:

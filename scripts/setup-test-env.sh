@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Prepare a machine to run the test suite.  Idempotent; quick when everything is in place.
 #
-#  * Debian packages: postgresql-15, postgresql-client-15 and redis-server (required; the tests of
-#    the Redis-shared limits start their own redis-server), pgbouncer (optional,
-#    benchmarks only), python3-venv (only if `python3 -m venv` cannot work).  Only missing
+#  * Debian packages: postgresql-15, postgresql-client-15, redis-server (required; the tests of
+#    the Redis-shared limits start their own redis-server) and prometheus (required for its
+#    promtool, which checks config/prometheus/alerts.yml: about 20 MB, 10 s to install; its
+#    service is not started), pgbouncer (optional, benchmarks only), python3-venv (only if
+#    `python3 -m venv` cannot work).  Only missing
 #    packages are installed -- never `apt-get install` something already installed, since that
 #    can upgrade it.  Service auto-start is blocked with policy-rc.d while installing (no
 #    systemd in CI); the test suite runs its own throwaway clusters.
@@ -21,7 +23,8 @@ is_installed() {
 }
 
 # ------------------------------------------------------------------ Debian packages
-required=(postgresql-15 postgresql-client-15 redis-server)
+# prometheus: promtool checks the alert rules (tests/unit/test_monitoring_files.py; fails without it under CI).
+required=(postgresql-15 postgresql-client-15 redis-server prometheus)
 # pgbouncer: the benchmark; systemd: systemd-analyze checks of the unit file (no systemd runs).
 optional=(pgbouncer systemd)
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then

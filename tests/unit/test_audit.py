@@ -9,6 +9,7 @@ import json
 import re
 import secrets
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from proxy.audit import (
     FILE_START,
@@ -452,3 +456,131 @@ def test_missing_directory_is_refused(tmp_path: Path, key_file: Path) -> None:
 def test_a_log_needs_a_sink(key_file: Path) -> None:
     with pytest.raises(AuditError, match="no sink"):
         AuditLog(AuditSettings(file=None, key_file=key_file)).start()
+
+
+@pytest.mark.parametrize("key_length", [32, 63, 64, 65, 200])
+def test_hmac_is_hmac_sha256_of_the_line_without_it_for_any_key_length(
+    log_path: Path, key_file: Path, key_length: int
+) -> None:
+    key_file.write_bytes(secrets.token_bytes(key_length))
+    write_log(settings(log_path, key_file), 3)
+
+    key = load_key(key_file)
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        body = canonical({k: v for k, v in record.items() if k != "hmac"}).encode()
+        assert record["hmac"] == hmac.new(key, body, hashlib.sha256).hexdigest()
+    assert verify([log_path], key).ok
+
+
+def test_record_with_merges_shared_fields_and_fields_win(log_path: Path, key_file: Path) -> None:
+    shared = {"terminal": "till-01", "store": "store-001", "seq": "theirs", "amount": 1}
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    audit.record_with(shared, "sale", amount=2)
+    audit.record_with(shared, "refund", amount=3, note="returned")
+    audit.close()
+
+    sale, refund = records(log_path)[2:4]
+    assert (sale["event"], sale["terminal"], sale["store"], sale["amount"]) == (
+        "sale",
+        "till-01",
+        "store-001",
+        2,
+    )
+    assert (refund["event"], refund["amount"], refund["note"]) == ("refund", 3, "returned")
+    assert sale["seq_"] == refund["seq_"] == "theirs"  # shared fields are renamed like any other
+    assert shared == {"terminal": "till-01", "store": "store-001", "seq": "theirs", "amount": 1}
+    assert verify([log_path], load_key(key_file)).ok
+
+
+def test_values_that_look_like_the_hmac_field_do_not_confuse_the_line(log_path: Path, key_file: Path) -> None:
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    audit.record("sale", a=',"hmac":"x"', nested={"hmac": "0" * 64, "z": [',"hmac":"']}, hmac_="mine")
+    audit.close()
+
+    sale = records(log_path)[2]
+    assert (sale["a"], sale["nested"], sale["hmac_"]) == (
+        ',"hmac":"x"',
+        {"hmac": "0" * 64, "z": [',"hmac":"']},
+        "mine",
+    )
+    assert verify([log_path], load_key(key_file)).ok
+
+
+def test_the_writer_lets_other_threads_run_while_it_renders_a_backlog(
+    key_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With a 1 s switch interval the interpreter itself would leave this thread waiting for the GIL
+    # until the writer is done with its batch (stdout only: no file write releases the GIL midway).
+    # The writer pauses for others during the first half of its flush interval: 1 s, far more than the
+    # batch takes to render.
+    audit = AuditLog(AuditSettings(file=None, key_file=key_file, stdout=True, flush_interval=2.0))
+    audit.start()
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        for n in range(20_000):
+            audit.record("sale", terminal="till-01", n=n)
+        longest_gap = 0.0
+        deadline = time.monotonic() + 20
+        before = time.monotonic()
+        while audit.pending and time.monotonic() < deadline:
+            time.sleep(0.0005)
+            now = time.monotonic()
+            longest_gap, before = max(longest_gap, now - before), now
+    finally:
+        sys.setswitchinterval(switch_interval)
+    audit.close()
+
+    assert audit.written == 20_003
+    assert longest_gap < 0.1, f"this thread waited {longest_gap:.3f} s for the GIL"
+    capsys.readouterr()
+
+
+_NAMES = st.sampled_from(["a", "seq", "seq_", "hmac", "host", "outcome", "zz", "é", "role", "prev"])
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=6,
+)
+_FIELDS = st.dictionaries(_NAMES, _VALUES, max_size=6)
+
+
+@hypothesis_settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(shared=_FIELDS, records=st.lists(_FIELDS, min_size=1, max_size=3))
+def test_every_line_is_the_canonical_json_of_its_record_with_its_hmac(
+    tmp_path: Path, key_file: Path, shared: dict[str, Any], records: list[dict[str, Any]]
+) -> None:
+    log_path = tmp_path / f"audit-{secrets.token_hex(4)}.log"
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    for fields in records:
+        audit.record_with(shared, "sale", **fields)
+        audit.record("refund", **fields)
+    audit.close()
+
+    key = load_key(key_file)
+    lines = log_path.read_text().splitlines()
+    for line in lines:
+        record = json.loads(line)
+        assert line == canonical(record)
+        body = canonical({k: v for k, v in record.items() if k != "hmac"}).encode()
+        assert record["hmac"] == hmac.new(key, body, hashlib.sha256).hexdigest()
+    sales = [json.loads(line) for line in lines if json.loads(line)["event"] == "sale"]
+    for fields, sale in zip(records, sales, strict=True):
+        merged = {**shared, **fields}  # fields win over shared ones
+        # The log's own keys keep theirs; the caller's value gets a trailing underscore.
+        written_as = {
+            name: f"{name}_" if name in ("seq", "hmac", "host", "prev") else name for name in merged
+        }
+        for name, value in merged.items():
+            assert written_as[name] in sale
+            plain = value is None or type(value) in (str, bool) or (type(value) is int and abs(value) < 2**63)
+            # "seq" and "seq_" both end up as "seq_": the later one wins.
+            if plain and list(written_as.values()).count(written_as[name]) == 1:
+                assert sale[written_as[name]] == value
+    assert verify([log_path], key).ok

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from proxy.metrics import Metrics
+from tests.conftest import running_in_ci
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "config" / "prometheus" / "alerts.yml"
@@ -195,7 +196,10 @@ def test_dashboard_uses_a_datasource_input(dashboard: dict[str, Any]) -> None:
 def test_promtool_accepts_the_rules() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool is not on PATH")
+        missing = "promtool is not on PATH (Debian package prometheus; scripts/setup-test-env.sh installs it)"
+        if running_in_ci():
+            pytest.fail(f"{missing}; CI is set: a missing promtool is an error here, not a skip")
+        pytest.skip(missing)
     result = subprocess.run(
         [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
     )

@@ -209,6 +209,7 @@ class ClientSession(asyncio.Protocol):
         self._max_message = environment.config.listen.max_message_size
         self._reading_paused = False
         self._draining = False
+        self._audit_who: Mapping[str, object] | None = None  # see _audit_identity
 
     # --- asyncio.Protocol: terminal side ---
 
@@ -771,10 +772,10 @@ class ClientSession(asyncio.Protocol):
         statements = decision.statements if decision is not None and decision.statements else None
         if statements is None:
             statements = self._env.summaries.summarize(text)
-        audit.record(
+        audit.record_with(
+            self._audit_identity(),
             "statement",
             outcome="failure" if refused else "success",
-            **self._audit_identity(),
             decision="refused" if refused else "allowed",
             rule=decision.rule if decision is not None else "no policy",
             policy_mode=mode.value if mode is not None else None,
@@ -889,10 +890,15 @@ class ClientSession(asyncio.Protocol):
     def _audit(self, event: str, outcome: str, **fields: object) -> None:
         audit = self._env.audit
         if audit is not None:
-            audit.record(event, outcome=outcome, **self._audit_identity(), **fields)
+            audit.record_with(self._audit_identity(), event, outcome=outcome, **fields)
 
-    def _audit_identity(self) -> dict[str, object]:
-        """PCI DSS 10.2.2: who (terminal identity), from where, and which resource."""
+    def _audit_identity(self) -> Mapping[str, object]:
+        """PCI DSS 10.2.2: who (terminal identity), from where, and which resource.
+
+        Built once both identity and route are known (neither changes afterwards), then shared by every
+        record of the session, so a statement record does not copy them on the data path."""
+        if self._audit_who is not None:
+            return self._audit_who
         fields: dict[str, object] = {"source": self.source}
         identity = self.identity
         if identity is not None:
@@ -904,6 +910,8 @@ class ClientSession(asyncio.Protocol):
             )
         if self._route is not None:
             fields["route"] = self._route.config.database
+            if identity is not None:
+                self._audit_who = fields
         return fields
 
     def _tls_fields(self) -> dict[str, object]:
