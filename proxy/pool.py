@@ -33,6 +33,21 @@ class PooledConnection(Protocol):
 
 
 C = TypeVar("C", bound=PooledConnection)
+C_contra = TypeVar("C_contra", contravariant=True)
+
+
+class Waiter(Protocol[C_contra]):
+    """One place in the line: an asyncio.Future, or an object of a client session's that acts on
+    the answer at once, so a connection given back goes straight on to the next client."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: C_contra, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+    def cancel(self) -> bool: ...
+
 
 # The pool hands its "this connection has closed" callback to the connector, so a connection
 # that dies on its own (server restart, network loss) frees its slot exactly once.
@@ -91,8 +106,8 @@ class UpstreamPool(Generic[C]):
         self._reset = reset
         # Most recently used last: reusing the warmest connection lets cold ones reach idle_timeout.
         self._idle: deque[C] = deque()
-        # Clients in line for a connection, with their deadlines; only live futures are kept.
-        self._waiters: deque[tuple[float, asyncio.Future[C]]] = deque()
+        # Clients in line for a connection, with their deadlines; only live waiters are kept.
+        self._waiters: deque[tuple[float, Waiter[C]]] = deque()
         self._expiry: asyncio.TimerHandle | None = None
         self._members: set[C] = set()
         self._opening = 0
@@ -123,34 +138,34 @@ class UpstreamPool(Generic[C]):
 
     async def acquire(self) -> C:
         """A clean server connection, waiting up to max_client_wait behind earlier clients."""
-        waiter = self.request()
+        waiter: asyncio.Future[C] = asyncio.get_running_loop().create_future()
+        self.request(waiter)
         try:
             return await waiter
         except asyncio.CancelledError:
             self.withdraw(waiter)
             raise
 
-    def request(self) -> asyncio.Future[C]:
-        """Join the line for a connection; the future gets one, or after max_client_wait
-        TooManyConnections (08001 UpstreamUnavailable while the server is down). For callers on the
-        data path, which add a callback instead of a task."""
-        waiter: asyncio.Future[C] = asyncio.get_running_loop().create_future()
+    def request(self, waiter: Waiter[C]) -> None:
+        """Join the line for a connection: ``waiter`` gets one, or after max_client_wait
+        TooManyConnections (08001 UpstreamUnavailable while the server is down). The data path
+        passes a waiter that acts at once: no task, no extra turn of the event loop."""
         if self._closing:
             waiter.set_exception(UpstreamUnavailable("the proxy is shutting down"))
-            return waiter
+            return
         connection = self.try_acquire()
         if connection is not None:
             waiter.set_result(connection)
-            return waiter
+            return
         self._waiters.append((time.monotonic() + self.settings.max_client_wait, waiter))
         if self._expiry is None:
             self._arm_expiry()
         self._serve_waiters()
-        return waiter
 
-    def withdraw(self, waiter: asyncio.Future[C]) -> None:
-        """The client behind ``waiter`` is gone: leave the line, passing on a connection it was handed."""
-        if waiter.done() and not waiter.cancelled():
+    def withdraw(self, waiter: Waiter[C]) -> None:
+        """The client behind ``waiter`` is gone: leave the line, passing on a connection a future
+        was handed but nobody took (a waiter that acts at once has already taken its own)."""
+        if isinstance(waiter, asyncio.Future) and waiter.done() and not waiter.cancelled():
             if waiter.exception() is None:
                 self._hand_over(waiter.result())
             return
@@ -253,7 +268,7 @@ class UpstreamPool(Generic[C]):
         self._start_opens(min(self._live_waiters() - self._opening_for_waiters, self._room()))
 
     def _live_waiters(self) -> int:
-        return len(self._waiters)  # only live futures are kept
+        return len(self._waiters)  # only live waiters are kept
 
     def _room(self) -> int:
         room = self.settings.size - len(self._members) - self._opening

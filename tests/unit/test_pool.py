@@ -293,6 +293,58 @@ async def test_connection_dirty_by_the_end_of_its_reset_is_closed(
 # --- waiting -----------------------------------------------------------------------------------------------
 
 
+class RecordingWaiter:
+    """A waiter that acts when answered, as a client session does under transaction pooling."""
+
+    def __init__(self) -> None:
+        self.result: FakeConnection | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None or self.cancelled
+
+    def set_result(self, result: FakeConnection, /) -> None:
+        self.result = result
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.error = exception
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+async def test_a_connection_given_back_reaches_the_next_waiter_in_the_same_call(make_pool: MakePool) -> None:
+    pool = make_pool(size=1, max_client_wait=0.5)
+    held = await pool.acquire()
+    first, second = RecordingWaiter(), RecordingWaiter()
+    pool.request(first)
+    pool.request(second)
+    assert pool.stats().waiting == 2
+
+    pool.give_back(held)  # no await between giving back and the waiter holding it
+
+    assert first.result is held and second.result is None
+    assert pool.stats().waiting == 1
+    pool.withdraw(second)
+    assert second.cancelled and pool.stats().waiting == 0
+    pool.give_back(held)
+    assert pool.stats().idle == 1  # the withdrawn waiter got nothing
+
+
+async def test_a_waiter_that_acts_at_once_times_out_like_a_future(make_pool: MakePool) -> None:
+    pool = make_pool(size=1, max_client_wait=0.05)
+    held = await pool.acquire()
+    waiter = RecordingWaiter()
+    pool.request(waiter)
+    await eventually(waiter.done)
+    assert isinstance(waiter.error, TooManyConnections)
+    assert pool.stats().waiting == 0
+    pool.give_back(held)
+    assert pool.stats().idle == 1
+
+
 async def test_waiters_are_served_first_come_first_served(make_pool: MakePool, backend: Backend) -> None:
     pool = make_pool(size=1, max_client_wait=0.5)
     held = await pool.acquire()

@@ -200,8 +200,8 @@ class ClientSession(asyncio.Protocol):
         self._bytes_in = 0
         self._bytes_out = 0
         self._connect_task: asyncio.Task[None] | None = None
-        # In line for a server connection under transaction pooling (a future, not a task).
-        self._waiting: asyncio.Future[ServerConnection] | None = None
+        # In line for a server connection under transaction pooling (no task: the pool calls back).
+        self._waiting: _ServerRequest | None = None
         self._waiting_since = 0.0
         self._pool_wait: Histogram | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
@@ -516,29 +516,25 @@ class ClientSession(asyncio.Protocol):
             return
         self._start_on(route, server)
 
-    def _server_granted(self, waiter: asyncio.Future[ServerConnection]) -> None:
-        """The pool handed this waiting client a server connection (or gave up): go on without a task."""
-        if waiter is not self._waiting:
-            return  # withdrawn: the session closed and the pool took the connection back
+    def _server_granted(self, server: ServerConnection) -> None:
+        """The pool handed this waiting client a server connection, in the call that freed it."""
         self._waiting = None
         route = self._route
-        assert route is not None
-        error = waiter.exception()
-        if error is not None:
-            failure = error if isinstance(error, ProxyError) else UpstreamUnavailable(str(error))
-            self._fail(failure, reason=str(error.__cause__ or error))
-            return
-        server = waiter.result()
+        assert route is not None and self._parameters is not None
         if self._transport is None or self._transport.is_closing():
             route.pool.give_back(server)
             return
         self._observe_wait(self._waiting_since)
-        assert self._parameters is not None
         if self._parameters.changes_for(server):
             # Setting them takes a round trip to the server: the one case that needs a task.
             self._connect_task = self._env.registry.spawn(self._lease_server(route, server))
             return
         self._start_on(route, server)
+
+    def _server_refused(self, error: BaseException) -> None:
+        self._waiting = None
+        failure = error if isinstance(error, ProxyError) else UpstreamUnavailable(str(error))
+        self._fail(failure, reason=str(error.__cause__ or error))
 
     def _observe_wait(self, waited_from: float) -> None:
         if self._pool_wait is not None:
@@ -599,22 +595,26 @@ class ClientSession(asyncio.Protocol):
         else:
             source = data
         frames, consumed = m.scan_frames(source, self._max_message)
-        if frames:
-            for index, (kind, start, _end) in enumerate(frames):
-                if kind not in m.FRONTEND_TYPES:
-                    raise ProtocolViolation(f"invalid frontend message type {kind}")
-                if kind == m.MSG_TERMINATE:
-                    if index:
-                        self._dispatch(bytes(source[:start]), frames[:index])
-                    self._close()
-                    return
-            self._dispatch(
-                data if source is data and consumed == len(data) else bytes(source[:consumed]), frames
-            )
+        # The whole messages leave the buffer before they are acted on: a server connection the
+        # pool grants during _dispatch feeds the buffer's rest back in (_start_on).
+        chunk: bytes
         if source is self._buffer:
+            chunk = bytes(source[:consumed])
             del self._buffer[:consumed]
-        elif consumed < len(data):
-            self._buffer += data[consumed:]
+        else:
+            chunk = data if consumed == len(data) else data[:consumed]
+            if consumed < len(data):
+                self._buffer += data[consumed:]
+        for index, (kind, start, _end) in enumerate(frames):
+            if kind not in m.FRONTEND_TYPES:
+                raise ProtocolViolation(f"invalid frontend message type {kind}")
+            if kind == m.MSG_TERMINATE:
+                if index:
+                    self._dispatch(chunk[:start], frames[:index])
+                self._close()
+                return
+        if frames:
+            self._dispatch(chunk, frames)
 
     def _dispatch(self, chunk: bytes, frames: list[m.Frame]) -> None:
         """Send whole client messages to the server connection, leasing one first if needed."""
@@ -641,8 +641,8 @@ class ClientSession(asyncio.Protocol):
             self.pause_client_reading()
         if self._waiting is None and (self._connect_task is None or self._connect_task.done()):
             self._waiting_since = time.monotonic()
-            self._waiting = route.pool.request()
-            self._waiting.add_done_callback(self._server_granted)
+            self._waiting = _ServerRequest(self)
+            route.pool.request(self._waiting)
 
     def _send(self, chunk: bytes, frames: list[m.Frame]) -> None:
         server = self._server
@@ -954,6 +954,33 @@ class ClientSession(asyncio.Protocol):
         if self._route is not None:
             fields["route"] = self._route.config.database
         return fields
+
+
+class _ServerRequest:
+    """A client's place in its pool's line under transaction pooling. The pool answers it in the
+    call that frees a connection, so the connection goes on to this client's stashed messages
+    at once instead of sitting idle until the event loop's next turn."""
+
+    __slots__ = ("_answered", "_session")
+
+    def __init__(self, session: ClientSession) -> None:
+        self._session = session
+        self._answered = False
+
+    def done(self) -> bool:
+        return self._answered
+
+    def set_result(self, server: ServerConnection, /) -> None:
+        self._answered = True
+        self._session._server_granted(server)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self._answered = True
+        self._session._server_refused(exception)
+
+    def cancel(self) -> bool:
+        answered, self._answered = self._answered, True
+        return not answered
 
 
 async def _deliver_cancel(route: Route, backend_key: tuple[int, int]) -> None:
