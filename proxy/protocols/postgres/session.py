@@ -972,7 +972,14 @@ class _ServerRequest:
 
     def set_result(self, server: ServerConnection, /) -> None:
         self._answered = True
-        self._session._server_granted(server)
+        try:
+            self._session._server_granted(server)
+        except Exception:
+            # This runs inside whichever session freed the connection: a fault in this client's
+            # handling must end this client (and the connection, in an unknown state), not that one.
+            log.exception("server_grant_failed", server_connection=server.id)
+            server.close()
+            self._session.terminate(ProxyError("internal error in the proxy"), "internal error")
 
     def set_exception(self, exception: BaseException, /) -> None:
         self._answered = True
