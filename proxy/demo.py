@@ -120,6 +120,7 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         rush = [_issue(terminal_pki, name, "cashier", announce=False) for name in DEMO_RUSH_TILLS]
         await _rush_hour(host, proxy_port, terminal_pki / "ca.pem", [cashier, *rush], server.routes["pos"])
         await _policy_tour(host, proxy_port, terminal_pki / "ca.pem", cashier, terminals[1])
+        await _outage(host, proxy_port, terminal_pki / "ca.pem", cashier, database)
 
         say(f"check the audit log: pos-proxy audit verify --key {audit_key} {audit_dir / 'audit.log'}")
         say("try it by hand, one line per role:")
@@ -210,6 +211,35 @@ async def _policy_tour(host: str, port: int, ca: Path, cashier: DemoTerminal, ma
         say(f"policy: manager ran the sales report: {top}")
     finally:
         await connection.close()
+
+
+async def _outage(host: str, port: int, ca: Path, till: DemoTerminal, database: LocalPostgres) -> None:
+    """The cloud database goes away for a moment: a till's sale waits for it instead of failing."""
+    connection = await _connect(host, port, ca, till)
+    try:
+        # pg_ctl blocks for a moment, and this event loop also runs the proxy.
+        await asyncio.to_thread(database.stop_server_only)
+        say(f"outage: the database is down; {DEMO_STORE}/{till.name} rings up a sale anyway")
+        sale = asyncio.ensure_future(
+            connection.fetchval(
+                "INSERT INTO sales (store_id, terminal_id, total_cents) VALUES ($1, $2, 99) RETURNING id",
+                DEMO_STORE,
+                till.name,
+            )
+        )
+        await asyncio.sleep(_OUTAGE_SECONDS)
+        await asyncio.to_thread(database.start_server_only)
+        sale_id = await asyncio.wait_for(sale, 30)
+        say(
+            f"outage: the database was back after {_OUTAGE_SECONDS:g} s; the waiting sale went through "
+            f"as sale {sale_id}, no error (the proxy retried the connection with backoff)"
+        )
+    finally:
+        await connection.close()
+
+
+# Shorter than the demo route's max_client_wait (10 s): the till waits, it is not refused.
+_OUTAGE_SECONDS = 2.0
 
 
 async def _sample_session(host: str, port: int, ca: Path, terminal: DemoTerminal) -> None:

@@ -88,6 +88,9 @@ class DemoOutput:
 def check_sample_session_and_psql_lines(output: DemoOutput) -> dict[str, dict[str, str]]:
     text = output.text
     assert re.search(r"^  recorded sale \d+: 2 x ", text, re.MULTILINE), text
+    # The database stopped and started again under a waiting till: the sale went through.
+    outage = r"^outage: .* the waiting sale went through as sale \d+, no error"
+    assert re.search(outage, text, re.MULTILINE), text
     assert re.search(r"^  read back: sale \d+ total ", text, re.MULTILINE), text
 
     proxy_port = output.port_of(PROXY_LINE)
