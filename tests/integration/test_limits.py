@@ -68,6 +68,24 @@ def test_statement_rate_refuses_with_53400_and_the_session_goes_on(
         assert connection.execute("SELECT 'after waiting'").fetchone() == ("after waiting",)
 
 
+async def test_statement_rate_counts_executions_of_a_prepared_statement(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    # asyncpg prepares once and then only binds and executes: each execution is a statement.
+    proxy = start_proxy(roles={"cashier": {"limits": {"statements": {"per_second": 2, "burst": 3}}}})
+    connection = await _connect(proxy, terminal_pki)
+    try:
+        statement = await connection.prepare("SELECT 1")
+        for _ in range(3):
+            await statement.fetchval()
+        with pytest.raises(asyncpg.ConfigurationLimitExceededError, match="statement rate limit"):
+            await statement.fetchval()
+        await asyncio.sleep(0.6)
+        assert await statement.fetchval() == 1  # the prepared statement survived the refusal
+    finally:
+        await connection.close()
+
+
 def test_new_connections_per_source_address_are_slowed_before_tls(
     start_proxy: StartProxy, terminal_pki: TerminalPKI
 ) -> None:

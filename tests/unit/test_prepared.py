@@ -660,6 +660,20 @@ def test_refused_parse_after_other_messages() -> None:
     assert not conn.state.pending
 
 
+def test_execute_over_the_rate_limit_fails_in_its_cycle_and_the_statement_stays_usable() -> None:
+    # Executions of a statement prepared long before are statements too: the rate limit refuses
+    # the Execute itself, inside the client's cycle, and the prepared statement survives.
+    conn, client = Conn.new(), Client()
+    client.exchange(conn, parse(b"a", T1), sync())
+    over = Refusal("53400", "statement rate limit for terminal till-01 exceeded")
+    seen = client.exchange(conn, bind(b"a"), execute(), sync(), refusals={1: over})
+    assert kinds(seen) == "2EZ"
+    assert sqlstates(seen) == ["53400"]
+    assert m.parse_error_fields(frames_of(seen)[1][1])["M"] == over.message
+    assert not conn.state.pending
+    assert kinds(client.exchange(conn, bind(b"a"), execute(), sync())) == "2DCZ"
+
+
 def test_refused_query_is_replaced_by_a_query() -> None:
     conn, client = Conn.new(), Client()
     seen = client.exchange(conn, query(b"LISTEN x"), query(b"SELECT 1"), refusals={0: REFUSAL})

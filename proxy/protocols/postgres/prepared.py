@@ -184,7 +184,7 @@ class ClientStatements:
             if refusals and start in refusals:
                 splice.cut(start)
                 refusal = refusals[start]
-                if kind == 0x50:
+                if kind in _EXTENDED_REFUSABLE:
                     _raise_in_place(refusal, out, expect)
                 else:
                     out.append(refusal.as_query())
@@ -274,6 +274,9 @@ class ClientStatements:
 
 
 _UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
+# Parse (a refused statement) and Execute (an execution over a rate limit) are refused inside the
+# client's extended-protocol cycle; a Query or FunctionCall is replaced by a Query.
+_EXTENDED_REFUSABLE = frozenset(b"PE")
 _CYCLE_ENDERS = frozenset(b"SQF")  # Sync, Query, FunctionCall: each gets one ReadyForQuery
 # Bind, Describe and Close name a prepared statement the proxy may have to rename.
 _NAMING_MESSAGES = frozenset(b"BDC")

@@ -41,7 +41,7 @@ class Refusal:
         return m.build_query(self.raising_block())
 
     def as_extended(self) -> bytes:
-        """Replacement for a Parse: unnamed Parse, Bind and Execute of the raising block."""
+        """Replacement for a Parse or an Execute: unnamed Parse, Bind and Execute of the raising block."""
         parse = m.build_message(b"P", b"\x00" + self.raising_block().encode() + b"\x00" + _INT16.pack(0))
         bind = m.build_message(b"B", b"\x00\x00" + _INT16.pack(0) + _INT16.pack(0) + _INT16.pack(0))
         execute = m.build_message(b"E", b"\x00" + b"\x00\x00\x00\x00")

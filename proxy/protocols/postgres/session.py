@@ -141,8 +141,9 @@ _SHUTTING_DOWN = AdminShutdown(
 
 # Bytes a client may send while waiting for a server connection before it is no longer read.
 _STASH_HIGH_WATER = 256 * 1024
-# Messages that each run a statement (simple Query, Parse of an extended one, FunctionCall).
-_STATEMENT_MESSAGES = frozenset((m.MSG_QUERY, m.MSG_PARSE, m.MSG_FUNCTION_CALL))
+# Messages that each run a statement, for the statement rate: a simple Query, an Execute (also of
+# a statement prepared long before, which a Parse count would miss) and a FunctionCall.
+_STATEMENT_MESSAGES = frozenset((m.MSG_QUERY, m.MSG_EXECUTE, m.MSG_FUNCTION_CALL))
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 
 # Low-cardinality reasons for refused connections, by the SQLSTATE the client was given.
