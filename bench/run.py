@@ -1007,15 +1007,16 @@ def format_table(rows: Sequence[Mapping[str, Any]], configs: Sequence[str]) -> s
         for _label, key, *_ in ratios:
             line.append(f"{row[key]:.2f}x" if row[key] is not None else "n/a")
         body.append(line)
+    return render_table(header, body)
+
+
+def render_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell: the first two (workload, clients) left, the rest right."""
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-
-    def render(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([render(header), rule, *(render(r) for r in body)])
+    return "\n".join(
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in [header, ["-" * w for w in widths], *body]
+    )
 
 
 def format_cpu_table(rows: Sequence[Mapping[str, Any]], configs: Sequence[str]) -> str:
@@ -1034,11 +1035,7 @@ def format_cpu_table(rows: Sequence[Mapping[str, Any]], configs: Sequence[str]) 
             proxy, pgb = cells["proxy"], cells["pgbouncer"]
             line.append(f"{proxy / pgb:.2f}x" if proxy and pgb else "n/a")
         body.append(line)
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in [header, ["-" * w for w in widths], *body]
-    )
+    return render_table(header, body)
 
 
 def format_idle(results: Sequence[IdleResult]) -> str:

@@ -245,12 +245,19 @@ class UpstreamPool(Generic[C]):
             connection.close()
 
     def _hand_over(self, connection: C) -> None:
+        waiter = self._next_waiter()
+        if waiter is None:
+            self._idle.append(connection)
+        else:
+            waiter.set_result(connection)
+
+    def _next_waiter(self) -> Waiter[C] | None:
+        """Take the first client in line that still waits (a cancelled future may linger)."""
         while self._waiters:
             _deadline, waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(connection)
-                return
-        self._idle.append(connection)
+                return waiter
+        return None
 
     def _take_idle(self) -> C | None:
         now = time.monotonic()
@@ -376,11 +383,9 @@ class UpstreamPool(Generic[C]):
                 self._on_upstream_change(True)
 
     def _fail_first_waiter(self, error: Exception) -> None:
-        while self._waiters:
-            _deadline, waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(error)
-                return
+        waiter = self._next_waiter()
+        if waiter is not None:
+            waiter.set_exception(error)
 
     def _connection_closed(self, connection: C) -> None:
         if connection not in self._members:
@@ -425,10 +430,8 @@ class UpstreamPool(Generic[C]):
         self._closing = True
         if self._expiry is not None:
             self._expiry.cancel()
-        while self._waiters:
-            _deadline, waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(UpstreamUnavailable("the proxy is shutting down"))
+        while (waiter := self._next_waiter()) is not None:
+            waiter.set_exception(UpstreamUnavailable("the proxy is shutting down"))
         while self._idle:
             self._idle.pop().close()
         for task in list(self._tasks):
