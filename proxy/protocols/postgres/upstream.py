@@ -128,6 +128,10 @@ class ServerConnection(asyncio.Protocol):
             and not self.state.pending
             and not self.unsynced
             and self.transaction_status == b"I"
+            # A FATAL after the last ReadyForQuery (a server shutting down sends one to idle
+            # backends): the connection is about to close, so it must not carry another client's
+            # messages, which would be lost with it.
+            and not self.fatal_passed_on
         )
 
     def close(self) -> None:
