@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/audit_cost.py                    # 5 rounds, about 40 s
     .venv/bin/python bench/audit_cost.py --rounds 3 --rate 4000
-    git show main:proxy/audit.py > /tmp/audit_main.py      # against another version, interleaved:
+    git show main:proxy/auditwriter.py > /tmp/audit_main.py  # against another version, interleaved:
     .venv/bin/python bench/audit_cost.py --compare /tmp/audit_main.py
+    (a version from before the writer process: git show fee2754:proxy/audit.py > /tmp/audit_old.py)
 
 Four figures, medians of rounds (with --compare, the two versions alternate within each round):
 
@@ -11,13 +12,13 @@ Four figures, medians of rounds (with --compare, the two versions alternate with
   PostgreSQL sessions make it: ``record_with`` and the session's identity fields built once, or,
   for a version without ``record_with``, ``record`` with those fields built for every call. The
   writer is idle meanwhile.
-* ``render``: writer time per record (render, chain, HMAC, write) for a backlog rendered by
-  ``close()``, with nothing else running.
+* ``render``: time per record for ``close()`` to write a backlog (ship, render, chain, HMAC,
+  write), with nothing else running.
 * ``kept``: a CPU-bound pure-Python loop on the main thread that also makes ``--rate`` statement
   records a second, against the same loop without them: the share of its throughput it keeps
-  while the writer thread renders (GIL contention). Stretches with and without records alternate;
-  an audited stretch runs on until the writer has written its records, so all of the writer's
-  work for them is counted, whenever it ran.
+  while the log ships and writes them (GIL contention with its threads). Stretches with and
+  without records alternate; an audited stretch runs on until the writer has written its
+  records, so all of the writer's work for them is counted, whenever it ran.
 * ``kept-io``: the same with a round trip through a ``cat`` child process in every work unit:
   the main thread gives up the GIL in system calls, as the proxy's event loop does, and has to
   get it back from the writer each time.
@@ -40,6 +41,7 @@ from types import ModuleType
 from typing import Any
 
 import proxy.audit
+import proxy.auditwriter
 
 # What PostgresSession._audit_statement records for one allowed statement.
 IDENTITY = {
@@ -63,7 +65,8 @@ STRETCHES = 8  # alternations of no audit and audit within one measurement
 
 
 def load_version(path: Path) -> ModuleType:
-    """Another version of proxy/audit.py (it needs only the standard library and structlog)."""
+    """Another version of the module with AuditLog and AuditSettings (proxy/auditwriter.py, or
+    proxy/audit.py from before the writer process)."""
     spec = importlib.util.spec_from_file_location(f"audit_{path.stem}", path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
@@ -200,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=50_000, help="records for record/render")
     parser.add_argument("--rate", type=float, default=10_000.0, help="records per second in the loop")
     parser.add_argument("--seconds", type=float, default=2.0, help="length of each loop measurement")
-    parser.add_argument("--compare", type=Path, help="another version of proxy/audit.py to measure too")
+    parser.add_argument("--compare", type=Path, help="another version of the audit log to measure too")
     args = parser.parse_args(argv)
 
-    versions = {"current": proxy.audit}
+    versions: dict[str, ModuleType] = {"current": proxy.auditwriter}
     if args.compare is not None:
         versions[str(args.compare)] = load_version(args.compare)
     figures = ("record", "render", "kept", "kept-io")

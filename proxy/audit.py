@@ -11,23 +11,10 @@ canonical JSON of the record without ``hmac``). Every file starts with an ``audi
 that file (null for a new log). ``audit_started`` and ``audit_stopped`` mark the log being started and
 stopped; ``audit_chain_break`` says why a log had to start a new chain (a damaged tail, a changed key).
 
-Cost: ``record`` and ``record_with`` only append a tuple to an in-memory queue on the caller's thread.
-The writer renders each record once, from a layout kept per kind of record (shared mapping, event, field
-names) that holds the sorted keys and the fixed fields already as JSON; the HMAC input is that text
-without the ``hmac`` field, which is then spliced in. It renders in slices of a fraction of a millisecond
-with short sleeps between them, so that the event loop gets the GIL back at once rather than after the
-interpreter's 5 ms switch interval; half a flush interval into a batch it stops pausing, so it keeps up
-however long the sleeps take on a busy machine. ``bench/audit_cost.py`` measures both sides.
-
-Durability: ``record`` only appends to an in-memory queue. The queue is unbounded -- nothing is dropped --
-and ``pending`` and ``backlog_warnings`` show a writer falling behind. Every ``flush_interval`` one writer
-thread renders the queue and hands the lines to the OS with ``os.write``, so a crash of the process loses
-only what was still queued (normally the last ``flush_interval``, up to two while a large batch renders);
-a crash of the machine can also lose what the OS had not yet written to disk, because files are fsynced
-only at rotation and at ``close``. A failed write is counted in ``write_errors`` and its unwritten bytes
-are retried on the next batch; nothing is raised into the data path. ``close`` writes everything recorded
-before it, retrying until its timeout, and raises AuditError if it could not. The stdout copy is best
-effort: a failed stdout write is counted, not retried.
+Writing: ``proxy.auditwriter.AuditLog`` queues records on the data path and ships them to a writer
+process, where ``ChainWriter`` renders each record once, from a layout kept per kind of record (shared
+mapping, event, field names) that holds the sorted keys and the fixed fields already as JSON; the HMAC
+input is that text without the ``hmac`` field, which is then spliced in. Durability is described there.
 
 Limits: the chain exposes an altered, inserted, removed or reordered record anywhere except at the very end
 of the newest file, where cutting off whole lines leaves a shorter valid chain (a clean shutdown ends with
@@ -43,12 +30,9 @@ import json
 import math
 import os
 import secrets
-import socket
 import stat
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -56,27 +40,23 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 
-import structlog
-
 __all__ = [
-    "BACKLOG_WARNING",
     "FILE_START",
     "GENESIS",
     "MIN_KEY_BYTES",
     "AuditError",
-    "AuditLog",
     "AuditSettings",
+    "ChainWriter",
+    "Record",
     "VerifyReport",
+    "json_ready",
     "load_key",
     "verify",
 ]
 
-log = structlog.get_logger("pos_proxy.audit")
-
 FILE_START = "audit_file_start"
 GENESIS = "0" * 64
 MIN_KEY_BYTES = 32
-BACKLOG_WARNING = 1_000_000
 
 # Fields the log itself sets; a caller's field of the same name is kept with a trailing underscore.
 _RESERVED = frozenset({"event", "timestamp", "component", "host", "seq", "prev", "hmac"})
@@ -85,17 +65,14 @@ _MAX_DEPTH = 4
 # Write within a long batch too, so a backlog is not held in memory a second time as rendered lines.
 _CHUNK_BYTES = 1 << 20
 _READ_BYTES = 1 << 16
-# The writer renders for _GIL_SLICE seconds at a time, then lets other threads run (see _write_batch).
-_GIL_SLICE = 0.0002
-_GIL_PAUSE = 0.00005
-# close() waits this much beyond its timeout for the writer's last fsync.
-_CLOSE_GRACE = 1.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # One encoder for every record: json.dumps with options builds a new one per call.
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 # Ints outside this range are rendered as text (see _plain).
 _INT_MIN, _INT_END = -(2**63), 2**64
 _NO_FIELDS: Mapping[str, object] = {}
+# One record as recorded: time.time_ns(), event, fields shared with other records, its own fields.
+Record = tuple[int, object, Mapping[str, object], Mapping[str, object]]
 _ESCAPE = json.encoder.encode_basestring_ascii  # a str as JSON text, as _ENCODER writes it
 # Record layouts the writer keeps (see _Layout); it forgets them all when there are more.
 _MAX_LAYOUTS = 4096
@@ -153,27 +130,23 @@ def load_key(path: Path) -> bytes:
     return key
 
 
-class AuditLog:
-    """One chained audit log: ``record`` from any thread; one writer thread renders, chains and writes."""
+class ChainWriter:
+    """Renders records into one hash chain and writes them to the sinks; used by one thread at a time
+    (the audit writer process, see proxy.auditwriter).
 
-    def __init__(
-        self, settings: AuditSettings, *, component: str = "pos-db-proxy", host: str | None = None
-    ) -> None:
+    Operational events (a write failure, a broken chain) are collected in ``notices`` for the caller to
+    log, so that this class writes nothing but audit lines to stdout."""
+
+    def __init__(self, settings: AuditSettings, *, component: str, host: str) -> None:
+        if settings.file is None and not settings.stdout:
+            raise AuditError("audit log has no sink: configure a file, stdout, or both")
         self._settings = settings
         self._component = component
-        self._host = socket.gethostname() if host is None else host
-        # deque.append and popleft are atomic, so record() takes no lock and never waits for the writer.
-        self._queue: deque[tuple[int, object, Mapping[str, object], dict[str, object]]] = deque()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._deadline = 0.0
-        # A plain flag rather than an Event: setting it takes no lock, so a signal handler may call reopen().
-        self._reopen_requested = False
-        self._written = 0
-        self._write_errors = 0
-        self._backlog_warnings = 0
-        self._backlogged = False
-        # Writer state: used by start() before the thread exists, then only by the thread.
+        self._host = host
+        self.written = 0  # records handed to the OS by the file sink (by stdout when there is no file)
+        self.write_errors = 0
+        self.notices: list[tuple[str, dict[str, object]]] = []
+        self._reopen_pending = False
         self._signer = _Signer(b"")
         self._layouts: dict[tuple[int, str, tuple[str, ...]], _Layout] = {}
         # The hmac field while a record is encoded; see _emit.
@@ -188,83 +161,41 @@ class AuditLog:
         self._prev = GENESIS
 
     @property
-    def written(self) -> int:
-        """Records handed to the OS by the file sink (by stdout when there is no file)."""
-        return self._written
+    def unwritten(self) -> int:
+        """Rendered records the file has not taken yet."""
+        return self._out.count(b"\n")
 
-    @property
-    def write_errors(self) -> int:
-        return self._write_errors
-
-    @property
-    def pending(self) -> int:
-        """Records recorded but not yet rendered by the writer."""
-        return len(self._queue)
-
-    @property
-    def backlog_warnings(self) -> int:
-        """How often the queue grew past BACKLOG_WARNING records."""
-        return self._backlog_warnings
-
-    def start(self) -> None:
-        """Open or continue the log, write its opening records, and start the writer thread."""
-        if self._thread is not None:
-            raise AuditError("audit log already started")
-        settings = self._settings
-        if settings.file is None and not settings.stdout:
-            raise AuditError("audit log has no sink: configure a file, stdout, or both")
-        key = load_key(settings.key_file)
+    def open(self) -> bool:
+        """Load the key and open or continue the log; True when an intact existing chain is continued."""
+        key = load_key(self._settings.key_file)
         self._signer = _Signer(key)
-        resumed = False
-        if settings.file is None:
+        if self._settings.file is None:
             self._start_file(None)
-        else:
-            resumed = self._open(settings.file, key)
-        self._emit(time.time_ns(), "audit_started", {"pid": os.getpid(), "resumed": resumed})
-        if not self._flush():
-            self._close_file()
-            raise AuditError(f"cannot write audit log {settings.file}")
-        self._thread = threading.Thread(target=self._run, name="pos-proxy-audit-writer", daemon=False)
-        self._thread.start()
+            return False
+        return self._open(self._settings.file, key)
 
-    def record(self, event: str, /, **fields: object) -> None:
-        """Queue one audit event; O(1), never blocks, never raises.
+    def write(self, records: Iterable[Record], *, reopen: bool = False) -> bool:
+        """Render records in order and hand them to the OS; False when the file did not take them all
+        (they are kept and retried by the next call)."""
+        if (reopen or self._reopen_pending) and self._fd is not None:
+            self._reopen_pending = not self._is_current() and not self._next_file(rename=False)
+        may_rotate = True
+        for t_ns, event, shared, fields in records:
+            if may_rotate and self._rotation_due(t_ns):
+                # One failed attempt per call is enough; the next call tries again.
+                may_rotate = self._next_file(rename=True)
+            self._emit(t_ns, event, fields, shared)
+            if len(self._out) >= _CHUNK_BYTES:
+                self._flush()
+        return self._flush()
 
-        The writer renders the fields later (JSON types as they are, anything else with str()), so pass
-        values that are not changed afterwards. Fields named like the log's own keys get a trailing ``_``.
-        """
-        self._queue.append((time.time_ns(), event, _NO_FIELDS, fields))
-
-    def record_with(self, shared: Mapping[str, object], event: str, /, **fields: object) -> None:
-        """``record`` for a caller whose records repeat the same fields (a session's identity): ``shared``
-        is passed by reference, merged by the writer (``fields`` win), and must not be changed afterwards."""
-        self._queue.append((time.time_ns(), event, shared, fields))
-
-    def reopen(self) -> None:
-        """After logrotate moved the file (SIGHUP): the next batch starts a new one at the configured path."""
-        self._reopen_requested = True
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Write everything recorded so far, fsync, and stop the writer thread."""
-        thread = self._thread
-        if thread is None or self._stop.is_set():
-            return
-        self.record("audit_stopped")
-        self._deadline = time.monotonic() + timeout
-        self._stop.set()
-        thread.join(timeout + _CLOSE_GRACE)
-        if thread.is_alive():
-            raise AuditError(f"audit writer did not finish within {timeout} s")
-        unwritten = len(self._queue) + self._out.count(b"\n")
-        if unwritten:
-            raise AuditError(
-                f"{unwritten} audit records could not be written ({self._write_errors} write errors)"
-            )
-
-    # --- writer ---------------------------------------------------------------------------------
+    def close(self, deadline: float) -> None:
+        """Retry what is unwritten until ``deadline`` (time.monotonic()), then fsync and close the file."""
+        while self._out and not self._flush() and (remaining := deadline - time.monotonic()) > 0:
+            time.sleep(min(self._settings.flush_interval, remaining))
+        self._close_file()
 
     def _open(self, path: Path, key: bytes) -> bool:
-        """Open the configured file at start; True when an intact existing chain is continued."""
         if not path.parent.is_dir():
             raise AuditError(f"audit log directory {path.parent} does not exist")
         try:
@@ -290,53 +221,10 @@ class AuditLog:
             os.rename(path, damaged)
         except OSError as exc:
             raise AuditError(f"cannot move damaged audit log {path} aside: {exc.strerror}") from exc
-        log.error("audit_chain_break", file=str(damaged), reason=entry)
+        self.notices.append(("audit_chain_break", {"file": str(damaged), "reason": entry}))
         self._start_file(damaged.name)
         self._emit(time.time_ns(), "audit_chain_break", {"previous_file": damaged.name, "reason": entry})
         return False
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._settings.flush_interval):
-            self._write_batch()
-        self._write_batch()
-        while (self._queue or self._out) and (remaining := self._deadline - time.monotonic()) > 0:
-            time.sleep(min(self._settings.flush_interval, remaining))
-            self._write_batch()
-        self._close_file()
-
-    def _write_batch(self) -> None:
-        if self._reopen_requested and self._fd is not None:
-            self._reopen_requested = False
-            if not self._is_current() and not self._next_file(rename=False):
-                self._reopen_requested = True
-        # Only what is queued now: a busy data path must not keep one batch from ever being written.
-        backlog = len(self._queue)
-        if backlog > BACKLOG_WARNING and not self._backlogged:
-            self._backlog_warnings += 1
-            log.warning("audit_backlog", pending=backlog)
-        self._backlogged = backlog > BACKLOG_WARNING
-        may_rotate = True
-        started = time.perf_counter()
-        next_pause = started + _GIL_SLICE
-        # Pauses end half a flush interval into the batch: a batch they would stretch further is rendered
-        # straight on, so the writer keeps up even when a busy machine makes each pause last long.
-        pausing_until = started + self._settings.flush_interval / 2
-        for _ in range(backlog):
-            t_ns, event, shared, fields = self._queue.popleft()
-            if may_rotate and self._rotation_due(t_ns):
-                # One failed attempt per batch is enough; the next batch tries again.
-                may_rotate = self._next_file(rename=True)
-            self._emit(t_ns, event, fields, shared)
-            if len(self._out) >= _CHUNK_BYTES:
-                self._flush()
-            if next_pause <= time.perf_counter() < pausing_until and not self._stop.is_set():
-                # Rendering holds the GIL. Left to the interpreter, a thread that wants it back (the event
-                # loop, back from a system call) waits sys.getswitchinterval() (5 ms) each time; a sleep hands
-                # it over now and lasts long enough for that thread to wake up and take it. close() wants
-                # the rest written soon, and comes after the data path has stopped.
-                time.sleep(_GIL_PAUSE)
-                next_pause = time.perf_counter() + _GIL_SLICE
-        self._flush()
 
     def _rotation_due(self, t_ns: int) -> bool:
         settings = self._settings
@@ -432,7 +320,7 @@ class AuditLog:
                 self._failed(exc)
             else:
                 if self._settings.file is None:
-                    self._written += count
+                    self.written += count
         if not self._out:
             return True
         assert self._settings.file is not None
@@ -444,7 +332,7 @@ class AuditLog:
             while self._out:
                 # A short write leaves the rest for the retry, so no byte is written twice.
                 taken = os.write(self._fd, self._out)
-                self._written += self._out.count(b"\n", 0, taken)
+                self.written += self._out.count(b"\n", 0, taken)
                 del self._out[:taken]
         except OSError as exc:
             self._failed(exc)
@@ -463,10 +351,11 @@ class AuditLog:
         self._fd = None
 
     def _failed(self, exc: Exception) -> None:
-        self._write_errors += 1
+        self.write_errors += 1
         # The 1st, 2nd, 4th, 8th... error: an outage is visible in the operational log without flooding it.
-        if self._write_errors & (self._write_errors - 1) == 0:
-            log.error("audit_write_failed", error=str(exc), write_errors=self._write_errors)
+        if self.write_errors & (self.write_errors - 1) == 0:
+            failure = {"error": str(exc), "write_errors": self.write_errors}
+            self.notices.append(("audit_write_failed", failure))
 
 
 def verify(paths: Sequence[Path], key: bytes) -> VerifyReport:
@@ -697,10 +586,14 @@ def _json_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int) and _INT_MIN <= value < _INT_END:
         return int.__repr__(value)
-    return _ENCODER.encode(_field(value))
+    if value.__class__ is list and all(item.__class__ is str for item in value):
+        # A statement's fingerprints: the common case, in a fifth of the encoder's time.
+        return f"[{','.join(map(_ESCAPE, value))}]"
+    return _ENCODER.encode(json_ready(value))
 
 
-def _field(value: object) -> object:
+def json_ready(value: object) -> object:
+    """The value as data the JSON encoder cannot fail on: JSON types as they are, anything else as text."""
     # Odd containers (a mapping whose items() raises) fall back to their text rather than stop the writer.
     try:
         return _plain(value, 0)

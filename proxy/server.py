@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from proxy.admin import AdminListener, AdminServer
-from proxy.audit import AuditLog
+from proxy.auditwriter import AuditLog
 from proxy.config import Config, ConfigError, ConfigProblem, ExpiredCRLAction, RouteConfig, load_config
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.limits import Limiter, SourceRateLimiter

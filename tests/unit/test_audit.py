@@ -1,4 +1,4 @@
-"""proxy.audit: the chained, HMAC'd audit log against real files and a real writer thread."""
+"""proxy.audit and proxy.auditwriter: the chained, HMAC'd audit log, real files, a real writer process."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import hashlib
 import hmac
 import itertools
 import json
+import os
 import re
 import secrets
+import signal
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -25,12 +28,12 @@ from proxy.audit import (
     FILE_START,
     GENESIS,
     AuditError,
-    AuditLog,
     AuditSettings,
     VerifyReport,
     load_key,
     verify,
 )
+from proxy.auditwriter import AuditLog
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -421,7 +424,7 @@ def test_record_never_raises_on_odd_values(log_path: Path, key_file: Path) -> No
 
 
 def test_stdout_sink_without_a_file(
-    tmp_path: Path, key_file: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, key_file: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     audit = AuditLog(AuditSettings(file=None, key_file=key_file, stdout=True, flush_interval=0.01))
     audit.start()
@@ -429,7 +432,7 @@ def test_stdout_sink_without_a_file(
     audit.close()
 
     copy = tmp_path / "journal.log"
-    copy.write_text(capsys.readouterr().out)
+    copy.write_text(capfd.readouterr().out)
     assert [r["event"] for r in records(copy)] == [FILE_START, "audit_started", "sale", "audit_stopped"]
     assert audit.written == 4
     assert verify([copy], load_key(key_file)).ok
@@ -509,13 +512,12 @@ def test_values_that_look_like_the_hmac_field_do_not_confuse_the_line(log_path: 
     assert verify([log_path], load_key(key_file)).ok
 
 
-def test_the_writer_lets_other_threads_run_while_it_renders_a_backlog(
-    key_file: Path, capsys: pytest.CaptureFixture[str]
+def test_recording_threads_are_not_held_up_while_a_backlog_is_written(
+    key_file: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    # With a 1 s switch interval the interpreter itself would leave this thread waiting for the GIL
-    # until the writer is done with its batch (stdout only: no file write releases the GIL midway).
-    # The writer pauses for others during the first half of its flush interval: 1 s, far more than the
-    # batch takes to render.
+    # With a 1 s switch interval this thread gets the GIL back only when another thread gives it up.
+    # The records are rendered in the writer process; the shipping thread holds the GIL only while it
+    # pickles them, in chunks, before it sends them.
     audit = AuditLog(AuditSettings(file=None, key_file=key_file, stdout=True, flush_interval=2.0))
     audit.start()
     switch_interval = sys.getswitchinterval()
@@ -536,7 +538,87 @@ def test_the_writer_lets_other_threads_run_while_it_renders_a_backlog(
 
     assert audit.written == 20_003
     assert longest_gap < 0.1, f"this thread waited {longest_gap:.3f} s for the GIL"
-    capsys.readouterr()
+    capfd.readouterr()
+
+
+def writer_pid(audit: AuditLog) -> int:
+    writer = audit._writer
+    assert writer is not None
+    return writer._process.pid
+
+
+def test_a_killed_writer_process_is_replaced_and_nothing_is_lost(log_path: Path, key_file: Path) -> None:
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    audit.record("sale", n=1)
+    wait_until(lambda: audit.written == 3)
+    first = writer_pid(audit)
+    os.kill(first, signal.SIGKILL)
+    for n in range(2, 500):
+        audit.record("sale", n=n)
+    wait_until(lambda: audit.written >= 3 + 1 + 498)  # the new writer's opening record too
+    assert audit.write_errors == 1
+    assert writer_pid(audit) != first
+    audit.close()
+
+    parsed = records(log_path)
+    assert [r["n"] for r in parsed if r["event"] == "sale"] == list(range(1, 500))
+    assert [r["event"] for r in parsed].count("audit_writer_restarted") == 1
+    assert verify([log_path], load_key(key_file)).ok
+
+
+def test_the_writer_outlives_signals_to_the_process_group(log_path: Path, key_file: Path) -> None:
+    # Ctrl-C in a terminal, or a service manager's SIGTERM to the whole unit, reaches the writer too:
+    # the log ends when the proxy closes it, with everything the proxy recorded.
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        os.kill(writer_pid(audit), signum)
+    audit.record("sale", n=1)
+    audit.close()
+    assert [r["event"] for r in records(log_path)][-2:] == ["sale", "audit_stopped"]
+    assert audit.write_errors == 0
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited; whoever adopted it reaps it
+
+
+_PROXY_THAT_DIES = """
+import os, sys, time
+from pathlib import Path
+from proxy.audit import AuditSettings
+from proxy.auditwriter import AuditLog
+
+audit = AuditLog(AuditSettings(file=Path(sys.argv[1]), key_file=Path(sys.argv[2]), flush_interval=0.01))
+audit.start()
+print(audit._writer._process.pid, flush=True)
+for n in range(1000):
+    audit.record("sale", n=n)
+deadline = time.monotonic() + 10
+while audit.written < 1002 and time.monotonic() < deadline:
+    time.sleep(0.01)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_writer_whose_proxy_died_finishes_its_file_and_exits(log_path: Path, key_file: Path) -> None:
+    dying = subprocess.run(
+        [sys.executable, "-c", _PROXY_THAT_DIES, str(log_path), str(key_file)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert dying.returncode == -signal.SIGKILL, dying.stderr
+    writer = int(dying.stdout)
+    wait_until(lambda: not running(writer))
+    assert [r["n"] for r in records(log_path) if r["event"] == "sale"] == list(range(1000))
+    assert verify([log_path], load_key(key_file)).ok
 
 
 _NAMES = st.sampled_from(["a", "seq", "seq_", "hmac", "host", "outcome", "zz", "é", "role", "prev"])

@@ -16,7 +16,7 @@ from typing import Any, cast
 import structlog
 from prometheus_client import Counter, Histogram
 
-from proxy.audit import AuditLog
+from proxy.auditwriter import AuditLog
 from proxy.config import Config, PoolMode, RouteConfig, SessionStateAction
 from proxy.errors import (
     AdminShutdown,
