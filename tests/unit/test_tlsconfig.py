@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -82,3 +83,34 @@ def test_a_crl_from_another_ca_is_refused(pki: tuple[Path, int], tmp_path: Path)
     certs.init_ca(tmp_path / "other")
     with pytest.raises(CRLError, match=r"not signed by a CA in tls\.client_ca"):
         load_terminal_tls(_tls(directory, crl=tmp_path / "other" / "crl.pem"))
+
+
+def _pump(source: ssl.MemoryBIO, target: ssl.MemoryBIO) -> None:
+    if source.pending:
+        target.write(source.read())
+
+
+def test_terminals_get_no_session_tickets(pki: tuple[Path, int]) -> None:
+    # libpq never resumes; a ticket would cost each handshake and each idle connection for nothing.
+    directory, _ = pki
+    till = certs.issue_terminal(directory, store="store-001", terminal="till-01", role="cashier")
+    server_context = load_terminal_tls(_tls(directory)).context
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_context.load_verify_locations(directory / "ca.pem")
+    client_context.load_cert_chain(till.cert_path, till.key_path)
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    from_server, from_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_context.wrap_bio(to_server, from_server, server_side=True)
+    client = client_context.wrap_bio(to_client, from_client, server_hostname="localhost")
+    for _ in range(10):
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        _pump(from_client, to_server)
+        _pump(from_server, to_client)
+    assert client.version() == "TLSv1.3"
+    server.write(b"ready")  # a TLS 1.3 server sends its tickets after the handshake, before this
+    _pump(from_server, to_client)
+    assert client.read(5) == b"ready"
+    assert client.session is not None and not client.session.has_ticket
+    assert server.getpeercert() is not None  # the terminal's certificate was verified in full
