@@ -143,6 +143,12 @@ class AuditLog:
         self._stop.set()
         thread.join(timeout + _CLOSE_GRACE)
         if thread.is_alive():
+            # A writer stuck (a hung disk, a stopped process) would keep the shipping thread, and with it
+            # the process, from ever ending: stop it, which ends the thread's wait for its answer.
+            writer = self._writer
+            if writer is not None:
+                writer.kill()
+            thread.join(_CLOSE_GRACE)
             raise AuditError(f"audit writer did not finish within {timeout} s")
         if self._unwritten:
             raise AuditError(
@@ -281,6 +287,9 @@ class _WriterProcess:
     def receive(self, timeout: float | None) -> tuple[Any, ...]:
         self._channel.settimeout(timeout)
         return _receive(self._channel)
+
+    def kill(self) -> None:
+        self._process.kill()
 
     def stop(self) -> int | None:
         """Close the channel (a live writer then finishes and exits) and reap the process."""

@@ -588,6 +588,20 @@ def running(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; whoever adopted it reaps it
 
 
+def test_close_gives_up_on_a_writer_that_hangs(log_path: Path, key_file: Path) -> None:
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    writer = writer_pid(audit)
+    os.kill(writer, signal.SIGSTOP)  # as a writer stuck on a hung disk
+    audit.record("sale", n=1)
+    started = time.monotonic()
+    with pytest.raises(AuditError, match=r"did not finish within 0\.2 s"):
+        audit.close(timeout=0.2)
+    assert time.monotonic() - started < 5
+    assert audit._thread is not None and not audit._thread.is_alive()
+    wait_until(lambda: not running(writer))
+
+
 _PROXY_THAT_DIES = """
 import os, sys, time
 from pathlib import Path
