@@ -24,6 +24,7 @@ first file it is given, so a retained window of a log verifies; a complete log s
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -159,20 +160,29 @@ class ChainWriter:
         self._file_started_ns = 0
         self._seq = 0
         self._prev = GENESIS
+        self._lock_fd: int | None = None
 
     @property
     def unwritten(self) -> int:
         """Rendered records the file has not taken yet."""
         return self._out.count(b"\n")
 
-    def open(self) -> bool:
-        """Load the key and open or continue the log; True when an intact existing chain is continued."""
+    def open(self, lock_wait: float = 0.0) -> bool:
+        """Load the key and open or continue the log; True when an intact existing chain is continued.
+
+        The log's lock file (``.audit.log.lock`` next to ``audit.log``) is held until the process ends:
+        a writer left over from a proxy that died may still be finishing its last batch, and two writers
+        must never extend one chain. ``lock_wait``: seconds to wait for such a writer to finish."""
         key = load_key(self._settings.key_file)
         self._signer = _Signer(key)
-        if self._settings.file is None:
+        path = self._settings.file
+        if path is None:
             self._start_file(None)
             return False
-        return self._open(self._settings.file, key)
+        if not path.parent.is_dir():
+            raise AuditError(f"audit log directory {path.parent} does not exist")
+        self._lock(path, lock_wait)
+        return self._open(path, key)
 
     def write(self, records: Iterable[Record], *, reopen: bool = False) -> bool:
         """Render records in order and hand them to the OS; False when the file did not take them all
@@ -184,7 +194,14 @@ class ChainWriter:
             if may_rotate and self._rotation_due(t_ns):
                 # One failed attempt per call is enough; the next call tries again.
                 may_rotate = self._next_file(rename=True)
-            self._emit(t_ns, event, fields, shared)
+            try:
+                self._emit(t_ns, event, fields, shared)
+            except Exception as exc:
+                # A record that cannot be rendered (a caller's mapping with keys that do not sort) is
+                # replaced by one that says so, rather than stopping the log.
+                problem: dict[str, object] = {"event_name": _text(event), "error": repr(exc)}
+                self.notices.append(("audit_record_unrenderable", problem))
+                self._emit(t_ns, "audit_record_unrenderable", problem)
             if len(self._out) >= _CHUNK_BYTES:
                 self._flush()
         return self._flush()
@@ -194,10 +211,29 @@ class ChainWriter:
         while self._out and not self._flush() and (remaining := deadline - time.monotonic()) > 0:
             time.sleep(min(self._settings.flush_interval, remaining))
         self._close_file()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with it
+            self._lock_fd = None
+
+    def _lock(self, path: Path, wait: float) -> None:
+        lock_path = path.with_name(f".{path.name}.lock")
+        try:
+            self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise AuditError(f"cannot open audit lock file {lock_path}: {exc.strerror}") from exc
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise AuditError(
+                        f"audit log {path} is in use by another writer process (lock file {lock_path})"
+                    ) from None
+                time.sleep(0.05)
 
     def _open(self, path: Path, key: bytes) -> bool:
-        if not path.parent.is_dir():
-            raise AuditError(f"audit log directory {path.parent} does not exist")
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             size = os.fstat(fd).st_size
@@ -274,8 +310,8 @@ class ChainWriter:
         fields: Mapping[str, object],
         shared: Mapping[str, object] = _NO_FIELDS,
     ) -> None:
-        """Render one record into the chain and the sinks' buffers."""
-        self._seq += 1
+        """Render one record into the chain and the sinks' buffers (nothing, when it raises)."""
+        seq = self._seq + 1
         name = event if type(event) is str else _text(event)
         key = (id(shared), name, tuple(fields))
         layout = self._layouts.get(key)
@@ -286,7 +322,7 @@ class ChainWriter:
                 shared, name, fields, component=self._component, host=self._host, hmac_mark=self._hmac_mark
             )
             self._layouts[key] = layout
-        own = (f'"{_timestamp(t_ns)}"', str(self._seq), f'"{self._prev}"')
+        own = (f'"{_timestamp(t_ns)}"', str(seq), f'"{self._prev}"')
         parts = [layout.start]
         for slot, after in layout.slots:
             parts.append(own[slot] if isinstance(slot, int) else _json_value(fields[slot]))
@@ -300,6 +336,7 @@ class ChainWriter:
         digest = self._signer.hexdigest(f"{head}{tail}".encode("ascii"))
         rendered = f'{head},"hmac":"{digest}"{tail}\n'
         line = rendered.encode("ascii")
+        self._seq = seq
         self._prev = hashlib.sha256(line).hexdigest()
         self._size += len(line)
         if self._settings.file is not None:

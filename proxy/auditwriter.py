@@ -9,17 +9,19 @@ record, in C, in chunks so the event loop never waits long for the GIL).
 
 Durability: ``record`` only appends to an in-memory queue. The queue is unbounded -- nothing is dropped --
 and ``pending`` and ``backlog_warnings`` show a writer falling behind. Every ``flush_interval`` the
-shipping thread sends what is queued to the writer process and waits for its acknowledgement, which
-comes once the lines are handed to the OS with ``os.write``. So a crash of the proxy loses only what was
-still queued (normally the last ``flush_interval``); the writer, seeing its parent gone, writes what it
-was sent and exits. A crash of the machine can also lose what the OS had not yet written to disk, because
-files are fsynced only at rotation and at ``close``. A failed write is counted in ``write_errors`` and
-retried by the writer on the next batch. If the writer process dies, the proxy starts a new one (which
-continues the chain, or starts a new one with ``audit_chain_break`` if the file's last line was cut)
-and sends the unacknowledged batch again: a batch that was partly written before the crash then appears
-twice, each record with its own ``seq``; nothing is lost. Nothing is raised into the data path. ``close``
-writes everything recorded before it, retrying until its timeout, and raises AuditError if it could
-not. The stdout copy is best effort: a failed stdout write is counted, not retried.
+shipping thread sends what is queued to the writer process and waits for its answer; the proxy lets go
+of a batch only once the writer reports every line it has rendered handed to the OS with ``os.write``.
+So a crash of the proxy loses what was still queued or on its way (normally the last one or two
+``flush_interval``); the writer, seeing its parent gone, writes what it was sent and exits. A crash of
+the machine can also lose what the OS had not yet written to disk, because files are fsynced only at
+rotation and at ``close``. A failed write is counted in ``write_errors`` and retried by the writer on
+the next batch. If the writer process dies, the proxy starts a new one (with backoff while that fails;
+it continues the chain, or starts a new one with ``audit_chain_break`` if the file's last line was cut)
+and sends the batches not yet known written again: records the old writer had written before it died
+then appear twice, each with its own ``seq``; nothing is lost. A lock file keeps two writers (one left
+from a proxy that died, one of its successor) off one chain. Nothing is raised into the data path.
+``close`` writes everything recorded before it, retrying until its timeout, and raises AuditError if it
+could not. The stdout copy is best effort: a failed stdout write is counted, not retried.
 
 Run as ``python -m proxy.auditwriter FD`` by ``AuditLog`` only: FD is its end of a socket pair.
 """
@@ -30,6 +32,7 @@ import io
 import os
 import pickle
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -51,14 +54,21 @@ log = structlog.get_logger("pos_proxy.audit")
 BACKLOG_WARNING = 1_000_000
 # Records per pickle call: the shipping thread holds the GIL for one call (well under a millisecond).
 _CHUNK_RECORDS = 1024
-# A new writer process must have opened the log by then.
+# A new writer process must have opened the log by then; it waits up to _LOCK_WAIT of it for the lock.
 _START_TIMEOUT = 20.0
+_LOCK_WAIT = 10.0
+# Restarts of a writer that cannot be started back off up to this many seconds apart.
+_RESTART_MAX_DELAY = 30.0
 # close() waits this much beyond its timeout for the writer's last fsync and exit.
 _CLOSE_GRACE = 1.0
-# The directory holding the proxy package, for the writer process to import it from.
+# The directory holding the proxy package, for a writer process started from a source checkout.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-_LENGTH_BYTES = 4
+_HEADER_BYTES, _PAYLOAD_BYTES = 4, 8
 _NO_FIELDS: Mapping[str, object] = {}
+# What _RecordPickler reduces other objects to: these must themselves pickle by reference.
+_REDUCTION_TYPES = (str, int, float, bool, dict, list)
+# What a broken channel to the writer process raises on this side.
+_CHANNEL_ERRORS = (OSError, EOFError, ValueError, pickle.UnpicklingError)
 
 
 class AuditLog:
@@ -72,17 +82,22 @@ class AuditLog:
         self._host = socket.gethostname() if host is None else host
         # deque.append and popleft are atomic, so record() takes no lock and never waits for the shipper.
         self._queue: deque[Record] = deque()
-        # Batches taken from the queue and not yet acknowledged by a writer: (records, pickled chunks).
+        # Batches taken from the queue (record count, pickled chunks): not yet sent to the current writer,
+        # and sent but not yet known written (resent to the next writer if this one dies).
         self._unsent: list[tuple[int, bytes]] = []
+        self._unconfirmed: list[tuple[int, bytes]] = []
         self._thread: threading.Thread | None = None
         self._writer: _WriterProcess | None = None
         self._stop = threading.Event()
         self._deadline = 0.0
-        # A plain flag rather than an Event: setting it takes no lock, so a signal handler may call reopen().
-        self._reopen_requested = False
-        # Counts of writer processes that have ended, and of the current one.
-        self._ended_written = self._ended_errors = 0
-        self._writer_written = self._writer_errors = 0
+        # reopen() may be called from a signal handler: it only counts, the shipping thread compares.
+        self._reopens_requested = 0
+        self._reopens_sent = 0
+        # (written, write_errors) of the log, replaced whole so a reader never sees half an update.
+        self._counts = (0, 0)
+        self._ended_counts = (0, 0)  # of writer processes that have ended
+        self._next_restart_at = 0.0
+        self._failed_restarts = 0
         self._unwritten = 0  # known after close()
         self._backlog_warnings = 0
         self._backlogged = False
@@ -90,17 +105,18 @@ class AuditLog:
     @property
     def written(self) -> int:
         """Records handed to the OS by the file sink (by stdout when there is no file)."""
-        return self._ended_written + self._writer_written
+        return self._counts[0]
 
     @property
     def write_errors(self) -> int:
         """Failed writes, and writer processes that died or could not be started."""
-        return self._ended_errors + self._writer_errors
+        return self._counts[1]
 
     @property
     def pending(self) -> int:
-        """Records recorded but not yet acknowledged by the writer."""
-        return len(self._queue) + sum(count for count, _payload in self._unsent)
+        """Records recorded but not yet known written."""
+        batches = [*self._unsent, *self._unconfirmed]
+        return len(self._queue) + sum(count for count, _payload in batches)
 
     @property
     def backlog_warnings(self) -> int:
@@ -112,7 +128,7 @@ class AuditLog:
         and the shipping thread; AuditError says why the log cannot be used."""
         if self._thread is not None:
             raise AuditError("audit log already started")
-        self._writer = self._start_writer("audit_started")
+        self._writer = self._start_writer("audit_started", _START_TIMEOUT)
         self._thread = threading.Thread(target=self._run, name="pos-proxy-audit-shipper", daemon=False)
         self._thread.start()
 
@@ -131,7 +147,7 @@ class AuditLog:
 
     def reopen(self) -> None:
         """After logrotate moved the file (SIGHUP): the next batch starts a new one at the configured path."""
-        self._reopen_requested = True
+        self._reopens_requested += 1
 
     def close(self, timeout: float = 5.0) -> None:
         """Write everything recorded so far, fsync, and stop the writer process and the shipping thread."""
@@ -159,9 +175,17 @@ class AuditLog:
 
     def _run(self) -> None:
         while not self._stop.wait(self._settings.flush_interval):
-            self._take_batch()
-            self._send_batches()
-        self._finish()
+            try:
+                self._take_batch()
+                self._send_batches(None)
+            except Exception:
+                # A bug here must not stop the log: what is queued stays queued for the next round.
+                log.exception("audit_shipping_failed", pending=self.pending)
+        try:
+            self._finish()
+        except Exception:
+            log.exception("audit_shipping_failed", pending=self.pending)
+            self._unwritten = self.pending
 
     def _take_batch(self) -> None:
         # Only what is queued now: a busy data path must not keep one batch from ever being sent.
@@ -172,90 +196,123 @@ class AuditLog:
         self._backlogged = backlog > BACKLOG_WARNING
         if backlog:
             records = [self._queue.popleft() for _ in range(backlog)]
-            self._unsent.append((backlog, _pickled(records)))
+            try:
+                payload = _pickled(records)
+            except BaseException:
+                self._queue.extendleft(reversed(records))  # back in front, in order, for the next round
+                raise
+            self._unsent.append((backlog, payload))
 
-    def _send_batches(self) -> bool:
-        """Send the unacknowledged batches (or an empty one, which lets the writer retry a failed write
-        and report its counts); False when the writer died or cannot be started."""
-        writer = self._writer or self._restart_writer()
+    def _send_batches(self, deadline: float | None) -> bool:
+        """Send the unsent batches (or an empty one, which lets the writer retry a failed write and
+        report its counts); False when the writer died or cannot be (re)started before ``deadline``."""
+        writer = self._writer or self._restart_writer(deadline)
         if writer is None:
             return False
-        reopen, self._reopen_requested = self._reopen_requested, False
+        reopens = self._reopens_requested
         try:
             for count, payload in list(self._unsent) or [(0, b"")]:
-                writer.send(("batch", reopen, payload))
-                self._acknowledged(writer.receive(None))
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + _CLOSE_GRACE
+                reply = writer.exchange(("batch", reopens != self._reopens_sent), payload, timeout)
+                self._reopens_sent = reopens
                 if count:
-                    self._unsent.pop(0)
-                reopen = False
-        except (OSError, EOFError, pickle.UnpicklingError) as exc:
-            self._reopen_requested |= reopen
+                    self._unconfirmed.append(self._unsent.pop(0))
+                if not self._acknowledged(reply):
+                    self._unconfirmed.clear()  # the writer has handed every line it rendered to the OS
+        except _CHANNEL_ERRORS as exc:
             self._writer_died(writer, exc)
             return False
         return True
 
     def _finish(self) -> None:
         self._take_batch()
-        while not self._send_batches():
+        while not self._send_batches(self._deadline):
             remaining = self._deadline - time.monotonic()
             if remaining <= 0:
                 break
             time.sleep(min(self._settings.flush_interval, remaining))
         writer = self._writer
-        self._unwritten = sum(count for count, _payload in self._unsent)
+        self._unwritten = self.pending
         if writer is None:
             return
         try:
-            writer.send(("close", max(0.0, self._deadline - time.monotonic())))
-            self._unwritten += self._acknowledged(writer.receive(self._deadline - time.monotonic() + 1))
-        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            remaining = max(0.0, self._deadline - time.monotonic())
+            reply = writer.exchange(("close", remaining), b"", remaining + _CLOSE_GRACE)
+        except _CHANNEL_ERRORS as exc:
             self._writer_died(writer, exc)
-            self._unwritten += 1  # at least audit_stopped, sent with the last batch, is not known written
-        else:
-            writer.stop()
-            self._writer = None
+            return
+        writer.stop()
+        self._writer = None
+        # The writer knows what it could not write of all it was sent (its own records included);
+        # anything recorded since the last batch was not sent at all.
+        self._unwritten = len(self._queue) + self._acknowledged(reply)
+        if not self._unwritten:
+            self._unconfirmed.clear()
 
     def _acknowledged(self, reply: tuple[Any, ...]) -> int:
-        """Take a writer's counts and notices from its reply; the records it could not write yet."""
-        _kind, self._writer_written, self._writer_errors, unwritten, notices = reply
+        """Take a writer's counts and notices from its reply; the records it has not written yet."""
+        _kind, written, errors, unwritten, notices = reply
+        ended_written, ended_errors = self._ended_counts
+        self._counts = (ended_written + written, ended_errors + errors)
         _log_notices(notices)
         return int(unwritten)
 
-    def _restart_writer(self) -> _WriterProcess | None:
+    def _restart_writer(self, deadline: float | None) -> _WriterProcess | None:
+        now = time.monotonic()
+        if now < self._next_restart_at or (deadline is not None and now >= deadline):
+            return None
+        timeout = _START_TIMEOUT if deadline is None else min(_START_TIMEOUT, deadline - now)
         try:
-            self._writer = self._start_writer("audit_writer_restarted")
+            self._writer = self._start_writer("audit_writer_restarted", timeout)
         except AuditError as exc:
-            self._ended_errors += 1
-            log.error("audit_writer_start_failed", error=str(exc), pending=self.pending)
-        # A new writer opens the configured path, which is what a reopen asks for.
-        self._reopen_requested = False
+            self._failed_restarts += 1
+            delay = min(_RESTART_MAX_DELAY, self._settings.flush_interval * 2**self._failed_restarts)
+            self._next_restart_at = time.monotonic() + delay
+            self._add_errors(1)
+            log.error("audit_writer_start_failed", error=str(exc), pending=self.pending, retry_in_s=delay)
+            return None
+        self._failed_restarts = 0
+        # What the old writer may not have written goes to the new one first, in order.
+        self._unsent[:0] = self._unconfirmed
+        self._unconfirmed.clear()
         return self._writer
 
     def _writer_died(self, writer: _WriterProcess, exc: BaseException) -> None:
         returncode = writer.stop()
-        self._ended_written += self._writer_written
-        self._ended_errors += self._writer_errors + 1
-        self._writer_written = self._writer_errors = 0
         self._writer = None
+        self._add_errors(1)
+        self._ended_counts = self._counts
         log.error("audit_writer_died", error=repr(exc), returncode=returncode, pending=self.pending)
 
-    def _start_writer(self, event: str) -> _WriterProcess:
+    def _add_errors(self, count: int) -> None:
+        written, errors = self._counts
+        self._counts = (written, errors + count)
+        ended_written, ended_errors = self._ended_counts
+        self._ended_counts = (ended_written, ended_errors + count)
+
+    def _start_writer(self, event: str, timeout: float) -> _WriterProcess:
         writer = _WriterProcess.spawn()
+        # Known to close() while it starts, so a start that hangs can be cut short.
+        self._writer = writer
+        # A new writer opens the configured path, which is what any reopen asked for.
+        self._reopens_sent = self._reopens_requested
+        start = ("start", self._settings, self._component, self._host, event, os.getpid(), _LOCK_WAIT)
         try:
-            writer.send(("start", self._settings, self._component, self._host, event, os.getpid()))
-            kind, detail, notices = writer.receive(_START_TIMEOUT)
-        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            kind, detail, notices = writer.exchange(start, b"", timeout)
+        except _CHANNEL_ERRORS as exc:
             writer.stop()
+            self._writer = None
             raise AuditError(f"audit writer process did not start: {exc!r}") from exc
         _log_notices(notices)
         if kind != "started":
             writer.stop()
+            self._writer = None
             raise AuditError(str(detail))
         return writer
 
 
 class _WriterProcess:
-    """A running writer process and this side of its socket pair: length-prefixed pickled messages."""
+    """A running writer process and this side of its socket pair."""
 
     def __init__(self, process: subprocess.Popen[bytes], channel: socket.socket) -> None:
         self._process = process
@@ -265,7 +322,8 @@ class _WriterProcess:
     def spawn(cls) -> _WriterProcess:
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        if _PACKAGE_ROOT not in site.getsitepackages():
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         try:
             # -P: nothing from the working directory shadows the package.
             process = subprocess.Popen(
@@ -281,12 +339,12 @@ class _WriterProcess:
             theirs.close()
         return cls(process, ours)
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        _send(self._channel, message)
-
-    def receive(self, timeout: float | None) -> tuple[Any, ...]:
+    def exchange(self, message: tuple[Any, ...], payload: bytes, timeout: float | None) -> tuple[Any, ...]:
+        """Send a message and wait up to ``timeout`` seconds (None: as long as it takes) for the reply."""
         self._channel.settimeout(timeout)
-        return _receive(self._channel)
+        _send(self._channel, message, payload)
+        reply, _payload = _receive(self._channel)
+        return reply
 
     def kill(self) -> None:
         self._process.kill()
@@ -307,8 +365,8 @@ class _RecordPickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         # Not called for exact str, int, float, bytes, list, tuple, dict, set and the like.
-        if getattr(obj, "__module__", None) == "builtins" and (isinstance(obj, type) or callable(obj)):
-            return NotImplemented  # str, list, dict...: also what the reductions below call
+        if type(obj) is type and obj in _REDUCTION_TYPES:
+            return NotImplemented  # the callables of the reductions below
         plain = json_ready(obj)
         if isinstance(plain, str):
             return str, (str.__str__(plain),)  # a str subclass: its exact text
@@ -316,6 +374,15 @@ class _RecordPickler(pickle.Pickler):
 
 
 def _pickled(records: list[Record]) -> bytes:
+    try:
+        return _dumped(records)
+    except Exception:
+        # Values pickle cannot take (nested past the recursion limit...): such a record goes as the text
+        # the writer would have rendered of each of its fields.
+        return _dumped([_encodable(record) for record in records])
+
+
+def _dumped(records: list[Record]) -> bytes:
     buffer = io.BytesIO()
     # One pickler for the batch: a session's shared fields are pickled once, and the writer gets them
     # back as one object, which keeps its layout cache effective.
@@ -323,6 +390,26 @@ def _pickled(records: list[Record]) -> bytes:
     for start in range(0, len(records), _CHUNK_RECORDS):
         pickler.dump(records[start : start + _CHUNK_RECORDS])
     return buffer.getvalue()
+
+
+def _encodable(record: Record) -> Record:
+    try:
+        _dumped([record])
+        return record
+    except Exception:
+        pass
+    t_ns, event, shared, fields = record
+    try:
+        plain: Record = (
+            t_ns,
+            json_ready(event),
+            {str(json_ready(name)): json_ready(value) for name, value in dict(shared).items()},
+            {name: json_ready(value) for name, value in fields.items()},
+        )
+        _dumped([plain])
+    except Exception as exc:
+        return t_ns, "audit_record_unencodable", _NO_FIELDS, {"event_name": repr(event), "error": repr(exc)}
+    return plain
 
 
 def _unpickled(payload: bytes) -> Iterator[Record]:
@@ -337,18 +424,23 @@ def _log_notices(notices: list[tuple[str, dict[str, object]]]) -> None:
         log.error(event, **fields)
 
 
-def _send(channel: socket.socket, message: tuple[Any, ...]) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    channel.sendall(len(data).to_bytes(_LENGTH_BYTES, "big"))
-    channel.sendall(data)
+def _send(channel: socket.socket, message: tuple[Any, ...], payload: bytes = b"") -> None:
+    """A frame: header and payload lengths, the pickled message, then the payload as it is."""
+    header = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    channel.sendall(len(header).to_bytes(_HEADER_BYTES, "big") + len(payload).to_bytes(_PAYLOAD_BYTES, "big"))
+    channel.sendall(header)
+    if payload:
+        channel.sendall(payload)
 
 
-def _receive(channel: socket.socket) -> tuple[Any, ...]:
-    length = int.from_bytes(_receive_exactly(channel, _LENGTH_BYTES), "big")
-    message = pickle.loads(_receive_exactly(channel, length))
+def _receive(channel: socket.socket) -> tuple[tuple[Any, ...], bytes]:
+    lengths = _receive_exactly(channel, _HEADER_BYTES + _PAYLOAD_BYTES)
+    header = _receive_exactly(channel, int.from_bytes(lengths[:_HEADER_BYTES], "big"))
+    payload = _receive_exactly(channel, int.from_bytes(lengths[_HEADER_BYTES:], "big"))
+    message = pickle.loads(header)
     if not isinstance(message, tuple) or not message:
         raise pickle.UnpicklingError(f"not a message: {type(message).__name__}")
-    return message
+    return message, payload
 
 
 def _receive_exactly(channel: socket.socket, size: int) -> bytes:
@@ -376,11 +468,11 @@ def main(argv: list[str]) -> int:
 
 
 def _serve(channel: socket.socket) -> int:
-    _kind, settings, component, host, event, proxy_pid = _receive(channel)
+    (_kind, settings, component, host, event, proxy_pid, lock_wait), _payload = _receive(channel)
     writer: ChainWriter | None = None
     try:
         writer = ChainWriter(settings, component=component, host=host)
-        resumed = writer.open()
+        resumed = writer.open(lock_wait)
         opening: Record = (time.time_ns(), event, _NO_FIELDS, {"pid": proxy_pid, "resumed": resumed})
         if not writer.write([opening]):
             raise AuditError(f"cannot write audit log {settings.file}")
@@ -390,22 +482,36 @@ def _serve(channel: socket.socket) -> int:
         _send(channel, ("failed", str(exc), _take_notices(writer)))
         return 1
     _send(channel, ("started", resumed, _take_notices(writer)))
+    try:
+        return _write_until_closed(channel, writer)
+    finally:
+        # The proxy is gone (or closed the log): what it sent is written, and nothing more will come.
+        writer.close(deadline=time.monotonic() + settings.flush_interval)
+
+
+def _write_until_closed(channel: socket.socket, writer: ChainWriter) -> int:
     while True:
         try:
-            message = _receive(channel)
-        except EOFError:
-            # The proxy is gone: what it sent is written, and nothing more will come.
-            writer.close(deadline=time.monotonic() + settings.flush_interval)
+            message, payload = _receive(channel)
+        except _CHANNEL_ERRORS:
             return 0
         if message[0] == "batch":
-            _kind, reopen, payload = message
-            writer.write(_unpickled(payload), reopen=reopen)
-            _send(channel, ("ack", writer.written, writer.write_errors, 0, _take_notices(writer)))
+            _kind, reopen = message
+            try:
+                writer.write(_unpickled(payload), reopen=reopen)
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+                # The proxy pickles builtin types only; should a batch still not decode, the log says so.
+                problem = {"error": repr(exc)}
+                writer.write([(time.time_ns(), "audit_records_undecodable", _NO_FIELDS, problem)])
         else:
             _kind, seconds = message
             writer.close(deadline=time.monotonic() + seconds)
-            unwritten = writer.unwritten
-            _send(channel, ("closed", writer.written, writer.write_errors, unwritten, _take_notices(writer)))
+        reply = ("ack", writer.written, writer.write_errors, writer.unwritten, _take_notices(writer))
+        try:
+            _send(channel, reply)
+        except OSError:
+            return 0
+        if message[0] != "batch":
             return 0
 
 

@@ -378,6 +378,8 @@ class ProxyServer:
         self._reported_hits, self._reported_misses = statements.hits, statements.misses
         if self.audit is not None:
             written, errors = self.audit.written, self.audit.write_errors
+            # Never below what was reported: a counter cannot go back.
+            written, errors = max(written, self._reported_audit[0]), max(errors, self._reported_audit[1])
             metrics.audit_records_total.inc(written - self._reported_audit[0])
             metrics.audit_write_errors_total.inc(errors - self._reported_audit[1])
             self._reported_audit = (written, errors)

@@ -10,7 +10,9 @@ import os
 import re
 import secrets
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -33,7 +35,7 @@ from proxy.audit import (
     load_key,
     verify,
 )
-from proxy.auditwriter import AuditLog
+from proxy.auditwriter import AuditLog, _pickled, _receive, _send, _WriterProcess
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -82,6 +84,12 @@ def canonical(record: dict[str, Any]) -> str:
 
 def line_hash(line: str) -> str:
     return hashlib.sha256(f"{line}\n".encode()).hexdigest()
+
+
+def remove_log_directory(log_path: Path) -> None:
+    """An outage of the log's directory; the writer keeps its lock by the open descriptor."""
+    log_path.with_name(f".{log_path.name}.lock").unlink()
+    log_path.parent.rmdir()
 
 
 def wait_until(condition: Callable[[], bool]) -> None:
@@ -330,7 +338,7 @@ def test_write_errors_are_counted_and_retried(tmp_path: Path, log_path: Path, ke
     audit.start()
     moved = tmp_path / "audit.log.1"
     log_path.rename(moved)
-    log_path.parent.rmdir()  # the new file cannot be created until the directory is back
+    remove_log_directory(log_path)  # the new file cannot be created until the directory is back
     audit.reopen()
     audit.record("during_outage")
     wait_until(lambda: audit.write_errors > 0)
@@ -348,7 +356,7 @@ def test_close_raises_when_records_cannot_be_written(tmp_path: Path, log_path: P
     audit = AuditLog(settings(log_path, key_file))
     audit.start()
     log_path.rename(tmp_path / "audit.log.1")
-    log_path.parent.rmdir()
+    remove_log_directory(log_path)
     audit.reopen()
     audit.record("lost")
 
@@ -602,11 +610,128 @@ def test_close_gives_up_on_a_writer_that_hangs(log_path: Path, key_file: Path) -
     wait_until(lambda: not running(writer))
 
 
+class ModuleLookupFails:
+    def __getattribute__(self, name: str) -> Any:
+        if name == "__module__":
+            raise RuntimeError("no module")
+        return object.__getattribute__(self, name)
+
+
+def test_values_pickle_cannot_take_are_written_as_text(log_path: Path, key_file: Path) -> None:
+    deep: list[object] = []
+    for _ in range(5000):
+        deep = [deep]
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    audit.record("odd", deep=deep)
+    audit.record("odd", kind=type(lambda: 0), iterator=type(iter([])), module=type(os))
+    audit.record("odd", lookup=ModuleLookupFails())
+    audit.record("sale", n=1)
+    wait_until(lambda: audit.pending == 0)
+    audit.record("sale", n=2)
+    audit.close()
+
+    parsed = records(log_path)
+    odd = [r for r in parsed if r["event"] == "odd"]
+    assert len(odd) == 3
+    assert isinstance(odd[0]["deep"], list)
+    assert odd[1]["kind"] == "<class 'function'>"
+    assert odd[2]["lookup"].startswith("<tests.unit.test_audit.ModuleLookupFails object")
+    assert [r["n"] for r in parsed if r["event"] == "sale"] == [1, 2]
+    assert audit.write_errors == 0
+    assert verify([log_path], load_key(key_file)).ok
+
+
+def test_a_record_that_cannot_be_rendered_is_replaced_and_the_log_goes_on(
+    log_path: Path, key_file: Path
+) -> None:
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    audit.record_with({"store": "store-001", 7: "keys that do not sort"}, "sale", n=1)
+    audit.record("sale", n=2)
+    audit.close()
+    events = [(r["event"], r.get("n")) for r in records(log_path)]
+    assert ("audit_record_unrenderable", None) in events
+    assert ("sale", 2) in events
+    assert verify([log_path], load_key(key_file)).ok
+
+
+def test_records_the_writer_could_not_write_yet_survive_its_death(
+    tmp_path: Path, log_path: Path, key_file: Path
+) -> None:
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    moved = tmp_path / "audit.log.1"
+    log_path.rename(moved)
+    remove_log_directory(log_path)
+    audit.reopen()
+    audit.record("during_outage")
+    wait_until(lambda: audit.write_errors > 0)  # the writer has it, and could not write it
+    os.kill(writer_pid(audit), signal.SIGKILL)
+    log_path.parent.mkdir()
+    wait_until(lambda: audit.pending == 0)  # a new writer has written it
+    audit.close()
+    assert "during_outage" in [r["event"] for r in records(log_path)]
+
+
+def test_a_second_writer_cannot_extend_the_same_chain(
+    log_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("proxy.auditwriter._LOCK_WAIT", 0.2)
+    first = AuditLog(settings(log_path, key_file))
+    first.start()
+    second = AuditLog(settings(log_path, key_file))
+    with pytest.raises(AuditError, match="in use by another writer process"):
+        second.start()
+    first.record("sale", n=1)
+    first.close()
+    # Once the first has closed the log, a successor continues its chain.
+    second.start()
+    second.close()
+    assert verify([log_path], load_key(key_file)).ok
+
+
+def test_a_writer_that_cannot_be_restarted_is_retried_with_backoff(
+    tmp_path: Path, log_path: Path, key_file: Path
+) -> None:
+    audit = AuditLog(settings(log_path, key_file))  # flush_interval 10 ms
+    audit.start()
+    hidden = tmp_path / "key-away"
+    key_file.rename(hidden)
+    try:
+        os.kill(writer_pid(audit), signal.SIGKILL)
+        audit.record("sale", n=1)
+        time.sleep(1.5)
+        # Without backoff: a new process every 10 ms. With it: 20, 40, 80... ms apart.
+        assert 1 <= audit.write_errors <= 10, audit.write_errors
+    finally:
+        hidden.rename(key_file)
+        wait_until(lambda: audit.pending == 0)
+        audit.close()
+    assert [r["n"] for r in records(log_path) if r["event"] == "sale"] == [1]
+
+
+def test_a_writer_whose_proxy_vanishes_mid_reply_still_closes_its_file(
+    log_path: Path, key_file: Path
+) -> None:
+    writer = _WriterProcess.spawn()
+    channel = writer._channel
+    _send(channel, ("start", settings(log_path, key_file), "test", "test-host", "audit_started", 1, 1.0))
+    assert _receive(channel)[0][0] == "started"
+    _send(channel, ("batch", False), _pickled([(time.time_ns(), "sale", {}, {"n": 1})]))
+    # Gone without reading the answer: the writer's send fails with ECONNRESET rather than EOF.
+    channel.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    channel.close()
+    assert writer._process.wait(5) == 0
+    assert [r["event"] for r in records(log_path)][-1] == "sale"
+    assert verify([log_path], load_key(key_file)).ok
+
+
 _PROXY_THAT_DIES = """
 import os, sys, time
 from pathlib import Path
 from proxy.audit import AuditSettings
-from proxy.auditwriter import AuditLog
+from proxy.auditwriter import AuditLog, _pickled, _receive, _send, _WriterProcess
 
 audit = AuditLog(AuditSettings(file=Path(sys.argv[1]), key_file=Path(sys.argv[2]), flush_interval=0.01))
 audit.start()
