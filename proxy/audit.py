@@ -170,9 +170,11 @@ class ChainWriter:
     def open(self, lock_wait: float = 0.0) -> bool:
         """Load the key and open or continue the log; True when an intact existing chain is continued.
 
-        The log's lock file (``.audit.log.lock`` next to ``audit.log``) is held until the process ends:
-        a writer left over from a proxy that died may still be finishing its last batch, and two writers
-        must never extend one chain. ``lock_wait``: seconds to wait for such a writer to finish."""
+        The log's lock file (``.audit.log.lock`` next to ``audit.log``) is locked until ``close``: a
+        writer left over from a proxy that died may still be finishing its last batch, and two writers
+        must never extend one chain. ``lock_wait``: seconds to wait for such a writer to finish. The
+        file stays: removing it would let a writer that already opened it and one that makes a new one
+        both hold "the" lock."""
         key = load_key(self._settings.key_file)
         self._signer = _Signer(key)
         path = self._settings.file
