@@ -161,6 +161,7 @@ class ChainWriter:
         self._seq = 0
         self._prev = GENESIS
         self._lock_fd: int | None = None
+        self._closed = False
 
     @property
     def unwritten(self) -> int:
@@ -209,7 +210,11 @@ class ChainWriter:
         return self._flush()
 
     def close(self, deadline: float) -> None:
-        """Retry what is unwritten until ``deadline`` (time.monotonic()), then fsync and close the file."""
+        """Retry what is unwritten until ``deadline`` (time.monotonic()), then fsync and close the file
+        and let go of the lock; once closed, nothing more is written."""
+        if self._closed:
+            return
+        self._closed = True
         while self._out and not self._flush() and (remaining := deadline - time.monotonic()) > 0:
             time.sleep(min(self._settings.flush_interval, remaining))
         self._close_file()

@@ -28,6 +28,7 @@ Run as ``python -m proxy.auditwriter FD`` by ``AuditLog`` only: FD is its end of
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -57,8 +58,10 @@ _CHUNK_RECORDS = 1024
 # A new writer process must have opened the log by then; it waits up to _LOCK_WAIT of it for the lock.
 _START_TIMEOUT = 20.0
 _LOCK_WAIT = 10.0
-# Restarts of a writer that cannot be started back off up to this many seconds apart.
+# Restarts of a writer that cannot be started back off up to this many seconds apart; while closing,
+# a start is tried only with at least _MIN_START_TIME left (a Python process takes a while to start).
 _RESTART_MAX_DELAY = 30.0
+_MIN_START_TIME = 1.0
 # close() waits this much beyond its timeout for the writer's last fsync and exit.
 _CLOSE_GRACE = 1.0
 # The directory holding the proxy package, for a writer process started from a source checkout.
@@ -177,7 +180,8 @@ class AuditLog:
         while not self._stop.wait(self._settings.flush_interval):
             try:
                 self._take_batch()
-                self._send_batches(None)
+                # close() may come while this round runs: from then on its deadline bounds every wait.
+                self._send_batches(self._deadline if self._stop.is_set() else None)
             except Exception:
                 # A bug here must not stop the log: what is queued stays queued for the next round.
                 log.exception("audit_shipping_failed", pending=self.pending)
@@ -217,6 +221,7 @@ class AuditLog:
                 self._reopens_sent = reopens
                 if count:
                     self._unconfirmed.append(self._unsent.pop(0))
+                    self._failed_restarts = 0  # a writer that takes a batch is a writer that works
                 if not self._acknowledged(reply):
                     self._unconfirmed.clear()  # the writer has handed every line it rendered to the OS
         except _CHANNEL_ERRORS as exc:
@@ -258,24 +263,34 @@ class AuditLog:
         return int(unwritten)
 
     def _restart_writer(self, deadline: float | None) -> _WriterProcess | None:
+        """A new writer, unless the last ones failed too recently; while closing (``deadline``), one
+        attempt whatever the backoff, if there is time left for a process to start."""
         now = time.monotonic()
-        if now < self._next_restart_at or (deadline is not None and now >= deadline):
+        if deadline is None and now < self._next_restart_at:
+            return None
+        if deadline is not None and deadline - now < _MIN_START_TIME:
             return None
         timeout = _START_TIMEOUT if deadline is None else min(_START_TIMEOUT, deadline - now)
         try:
             self._writer = self._start_writer("audit_writer_restarted", timeout)
         except AuditError as exc:
-            self._failed_restarts += 1
-            delay = min(_RESTART_MAX_DELAY, self._settings.flush_interval * 2**self._failed_restarts)
-            self._next_restart_at = time.monotonic() + delay
-            self._add_errors(1)
-            log.error("audit_writer_start_failed", error=str(exc), pending=self.pending, retry_in_s=delay)
+            self._restart_failed(str(exc))
             return None
-        self._failed_restarts = 0
+        # The backoff goes on until a batch is acknowledged: a writer that dies on what it is sent
+        # is restarted no faster than one that cannot start.
+        self._restart_failed(None)
         # What the old writer may not have written goes to the new one first, in order.
         self._unsent[:0] = self._unconfirmed
         self._unconfirmed.clear()
         return self._writer
+
+    def _restart_failed(self, error: str | None) -> None:
+        self._failed_restarts += 1
+        delay = min(_RESTART_MAX_DELAY, self._settings.flush_interval * 2 ** min(self._failed_restarts, 16))
+        self._next_restart_at = time.monotonic() + delay
+        if error is not None:
+            self._add_errors(1)
+            log.error("audit_writer_start_failed", error=error, pending=self.pending, retry_in_s=delay)
 
     def _writer_died(self, writer: _WriterProcess, exc: BaseException) -> None:
         returncode = writer.stop()
@@ -300,7 +315,7 @@ class AuditLog:
         try:
             kind, detail, notices = writer.exchange(start, b"", timeout)
         except _CHANNEL_ERRORS as exc:
-            writer.stop()
+            writer.kill()
             self._writer = None
             raise AuditError(f"audit writer process did not start: {exc!r}") from exc
         _log_notices(notices)
@@ -320,7 +335,10 @@ class _WriterProcess:
 
     @classmethod
     def spawn(cls) -> _WriterProcess:
-        ours, theirs = socket.socketpair()
+        try:
+            ours, theirs = socket.socketpair()
+        except OSError as exc:
+            raise AuditError(f"cannot start the audit writer process: {exc.strerror}") from exc
         env = dict(os.environ)
         if _PACKAGE_ROOT not in site.getsitepackages():
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
@@ -347,16 +365,25 @@ class _WriterProcess:
         return reply
 
     def kill(self) -> None:
+        """Stop the process now; the channel is shut too, so a wait for its answer ends even while the
+        process cannot die yet (stuck in the kernel on a hung disk)."""
         self._process.kill()
+        with contextlib.suppress(OSError):
+            self._channel.shutdown(socket.SHUT_RDWR)
+        self.stop()
 
     def stop(self) -> int | None:
-        """Close the channel (a live writer then finishes and exits) and reap the process."""
+        """Close the channel (a live writer then finishes and exits) and reap the process; None when it
+        has not exited even after a kill."""
         self._channel.close()
         try:
             return self._process.wait(_CLOSE_GRACE)
         except subprocess.TimeoutExpired:
             self._process.kill()
-            return self._process.wait()
+        try:
+            return self._process.wait(_CLOSE_GRACE)
+        except subprocess.TimeoutExpired:
+            return None
 
 
 class _RecordPickler(pickle.Pickler):
@@ -481,9 +508,11 @@ def _serve(channel: socket.socket) -> int:
             writer.close(deadline=0.0)
         _send(channel, ("failed", str(exc), _take_notices(writer)))
         return 1
-    _send(channel, ("started", resumed, _take_notices(writer)))
     try:
+        _send(channel, ("started", resumed, _take_notices(writer)))
         return _write_until_closed(channel, writer)
+    except OSError:
+        return 0  # the proxy gave up waiting for this start
     finally:
         # The proxy is gone (or closed the log): what it sent is written, and nothing more will come.
         writer.close(deadline=time.monotonic() + settings.flush_interval)
@@ -498,11 +527,12 @@ def _write_until_closed(channel: socket.socket, writer: ChainWriter) -> int:
         if message[0] == "batch":
             _kind, reopen = message
             try:
-                writer.write(_unpickled(payload), reopen=reopen)
-            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+                records = list(_unpickled(payload))
+            except Exception as exc:
                 # The proxy pickles builtin types only; should a batch still not decode, the log says so.
                 problem = {"error": repr(exc)}
-                writer.write([(time.time_ns(), "audit_records_undecodable", _NO_FIELDS, problem)])
+                records = [(time.time_ns(), "audit_records_undecodable", _NO_FIELDS, problem)]
+            writer.write(records, reopen=reopen)
         else:
             _kind, seconds = message
             writer.close(deadline=time.monotonic() + seconds)

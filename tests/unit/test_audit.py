@@ -31,6 +31,7 @@ from proxy.audit import (
     GENESIS,
     AuditError,
     AuditSettings,
+    ChainWriter,
     VerifyReport,
     load_key,
     verify,
@@ -709,6 +710,35 @@ def test_a_writer_that_cannot_be_restarted_is_retried_with_backoff(
         wait_until(lambda: audit.pending == 0)
         audit.close()
     assert [r["n"] for r in records(log_path) if r["event"] == "sale"] == [1]
+
+
+def test_close_starts_a_writer_even_while_restarts_back_off(
+    tmp_path: Path, log_path: Path, key_file: Path
+) -> None:
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    hidden = tmp_path / "key-away"
+    key_file.rename(hidden)
+    os.kill(writer_pid(audit), signal.SIGKILL)
+    audit.record("sale", n=1)
+    wait_until(lambda: audit.write_errors >= 2)
+    audit._next_restart_at = time.monotonic() + 60  # as after many failed starts
+    hidden.rename(key_file)
+    audit.close(timeout=5)
+    assert [r["n"] for r in records(log_path) if r["event"] == "sale"] == [1]
+
+
+def test_a_closed_chain_writes_nothing_more(tmp_path: Path, log_path: Path, key_file: Path) -> None:
+    writer = ChainWriter(settings(log_path, key_file), component="test", host="test-host")
+    writer.open()
+    log_path.rename(tmp_path / "audit.log.1")
+    remove_log_directory(log_path)
+    writer.write([(time.time_ns(), "sale", {}, {"n": 1})], reopen=True)
+    writer.close(deadline=0.0)
+    assert writer.unwritten == 2  # the new file's start and the sale
+    log_path.parent.mkdir()
+    writer.close(deadline=time.monotonic() + 1)  # the proxy was told they were not written: they stay so
+    assert not log_path.exists()
 
 
 def test_a_writer_whose_proxy_vanishes_mid_reply_still_closes_its_file(
