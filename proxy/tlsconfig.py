@@ -77,7 +77,7 @@ def load_terminal_tls(
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     # No TLS 1.3 session tickets: libpq never resumes a session, issuing them costs every handshake
-    # CPU and every idle connection about 5 KiB (bench/idle_tls_floor.py), and without resumption
+    # CPU and every idle connection 2-5 KiB (bench/idle_tls_floor.py, bench/run.py), and without resumption
     # each connection's certificate is verified in full, against the CRL loaded at that moment.
     context.num_tickets = 0
     context.set_alpn_protocols([POSTGRES_ALPN])
