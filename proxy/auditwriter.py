@@ -274,17 +274,18 @@ class AuditLog:
         try:
             self._writer = self._start_writer("audit_writer_restarted", timeout)
         except AuditError as exc:
-            self._restart_failed(str(exc))
+            self._back_off(str(exc))
             return None
         # The backoff goes on until a batch is acknowledged: a writer that dies on what it is sent
         # is restarted no faster than one that cannot start.
-        self._restart_failed(None)
+        self._back_off(None)
         # What the old writer may not have written goes to the new one first, in order.
         self._unsent[:0] = self._unconfirmed
         self._unconfirmed.clear()
         return self._writer
 
-    def _restart_failed(self, error: str | None) -> None:
+    def _back_off(self, error: str | None) -> None:
+        """Put off the next restart (longer each time); ``error``: this start failed, counted and logged."""
         self._failed_restarts += 1
         delay = min(_RESTART_MAX_DELAY, self._settings.flush_interval * 2 ** min(self._failed_restarts, 16))
         self._next_restart_at = time.monotonic() + delay
