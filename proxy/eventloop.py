@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from proxy import allocator
+
 T = TypeVar("T")
 
 
@@ -19,5 +21,6 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
+    allocator.keep_read_buffers_on_heap()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(main)
