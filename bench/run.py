@@ -53,7 +53,7 @@ POS_SCRIPT: Final = BENCH_DIR / "pos_sale.sql"
 DEFAULT_OUTPUT: Final = BENCH_DIR / "results" / "latest.json"
 LOGS_ROOT: Final = BENCH_DIR / "results" / "logs"
 
-ALL_CONFIGS: Final = ("direct", "pgbouncer", "proxy", "proxy-workers", "proxy-enforce", "proxy-full")
+ALL_CONFIGS: Final = ("direct", "pgbouncer", "lean", "proxy", "proxy-workers", "proxy-enforce", "proxy-full")
 DEFAULT_CONFIGS: Final = ("direct", "pgbouncer", "proxy")
 # pos-db-proxy variants: plain; plain with --proxy-workers worker processes; + the cashier SQL
 # policy in enforce mode; + audit log and admin/metrics.
@@ -61,6 +61,7 @@ PROXY_VARIANTS: Final = ("proxy", "proxy-workers", "proxy-enforce", "proxy-full"
 # (column label, JSON key, numerator config, denominator config): ratios of median TPS.
 RATIOS: Final = (
     ("proxy/pgb", "proxy_vs_pgbouncer", "proxy", "pgbouncer"),
+    ("proxy/lean", "proxy_vs_lean", "proxy", "lean"),
     ("proxy/direct", "proxy_vs_direct", "proxy", "direct"),
     ("workers/proxy", "workers_vs_proxy", "proxy-workers", "proxy"),
     ("enforce/proxy", "enforce_vs_proxy", "proxy-enforce", "proxy"),
@@ -93,6 +94,7 @@ PGBENCH_TABLES: Final = ("pgbench_accounts", "pgbench_branches", "pgbench_teller
 POS_READ_TABLES: Final = ("products",)
 POS_WRITE_TABLES: Final = ("sales", "sale_items", "stock")
 PGBOUNCER_PREPARED_NA: Final = "PgBouncer 1.18 has no protocol-level prepared statements in transaction mode"
+LEAN_PREPARED_NA: Final = "bench/lean_pooler.py does not track prepared statements"
 
 
 class BenchError(Exception):
@@ -122,7 +124,7 @@ WORKLOADS: Final = {
             "select-prepared",
             "pgbench -S, named prepared statements",
             ("-S", "-M", "prepared"),
-            unsupported={"pgbouncer": PGBOUNCER_PREPARED_NA},
+            unsupported={"pgbouncer": PGBOUNCER_PREPARED_NA, "lean": LEAN_PREPARED_NA},
         ),
         Workload(
             "pos-sale",
@@ -513,6 +515,42 @@ def start_proxy(
     wait_for_port(port, process, variant, log_path)
     if target.admin_port is not None:
         wait_for_port(target.admin_port, process, f"{variant} admin listener", log_path)
+    target.pid, target.log_path = process.pid, log_path
+    return target
+
+
+def start_lean_pooler(
+    logs: Path,
+    *,
+    pki: PKI,
+    pg: LocalPostgres,
+    password_file: Path,
+    pool_size: int,
+    stack: contextlib.ExitStack,
+) -> Target:
+    """bench/lean_pooler.py with the proxy's TLS set-up: the floor of a Python data path."""
+    port = free_port()
+    log_path = logs / "lean.log"
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, str(BENCH_DIR / "lean_pooler.py"), "--port", str(port)),
+                *("--upstream-port", str(pg.port), "--database", DB_NAME, "--user", DB_ROLE),
+                *("--password-file", str(password_file), "--pool-size", str(pool_size)),
+                *("--cert", str(pki.front_cert), "--key", str(pki.front_key)),
+                *("--client-ca", str(pki.terminal_ca), "--upstream-ca", str(pki.db_ca)),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO_ROOT),
+            env={**client_env({}), "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+            preexec_fn=_proxy_preexec,  # noqa: PLW1509 -- no threads exist yet
+        )
+    stack.callback(stop_process, process, "lean")
+    wait_for_port(port, process, "lean", log_path)
+    target = Target("lean", port, terminal_env(port, pki))
     target.pid, target.log_path = process.pid, log_path
     return target
 
@@ -1190,6 +1228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 if targets["pgbouncer"].unavailable:
                     log(f"PgBouncer n/a: {targets['pgbouncer'].unavailable}")
+            if "lean" in configs:
+                log(f"starting bench/lean_pooler.py (pool {args.pool_size})")
+                targets["lean"] = start_lean_pooler(
+                    logs, pki=pki, pg=pg, password_file=password_file, pool_size=args.pool_size, stack=stack
+                )
             for variant in (v for v in PROXY_VARIANTS if v in configs):
                 workers = args.proxy_workers if variant == "proxy-workers" else 1
                 log(
@@ -1215,7 +1258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "proxy-full" in targets:
                 metrics = scrape_metrics(targets["proxy-full"])
             if args.idle:
-                for name in ("proxy", "pgbouncer"):
+                for name in ("proxy", "pgbouncer", "lean"):
                     if name not in targets:
                         continue
                     if not targets[name].unavailable:
