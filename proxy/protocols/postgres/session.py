@@ -186,6 +186,7 @@ class ClientSession(asyncio.Protocol):
         self._statements = ClientStatements(environment.statement_stats)
         # Whole client messages waiting for a server connection (transaction pooling).
         self._stash = bytearray()
+        self._stash_frames: list[m.Frame] = []  # the stash's messages, found when they came
         self._pinned_by: str | None = None
         self._violations = 0
         self._limits = LimitSettings()
@@ -552,8 +553,8 @@ class ClientSession(asyncio.Protocol):
                 # The startup only needed the server's parameters: lend it back at once.
                 self.server_idle()
         if self._stash and self._server is server:
-            stash, self._stash = bytes(self._stash), bytearray()
-            frames, _ = m.scan_frames(stash, self._max_message)
+            stash, frames = bytes(self._stash), self._stash_frames
+            self._stash, self._stash_frames = bytearray(), []
             try:
                 self._send(stash, frames)
             except ProxyError as exc:
@@ -636,6 +637,11 @@ class ClientSession(asyncio.Protocol):
                 return
             if idle is not None:
                 route.pool.give_back(idle)
+        if self._stash:
+            offset = len(self._stash)
+            self._stash_frames += [(kind, start + offset, end + offset) for kind, start, end in frames]
+        else:
+            self._stash_frames = frames
         self._stash += chunk
         if len(self._stash) > _STASH_HIGH_WATER:
             # A client that keeps sending while it waits is held off until a server is lent.
