@@ -16,7 +16,9 @@ import psycopg
 import pytest
 
 from proxy.localpg import find_pg_bindir
+from proxy.protocols.postgres import messages as m
 from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI
+from tests.integration.test_postgres_robustness import data_row_values, raw_session
 
 StartProxy = Callable[..., ProxyProcess]
 
@@ -264,6 +266,30 @@ def test_cancel_for_a_client_between_transactions_does_nothing(
     finally:
         idle.close()
         busy.close()
+
+
+def test_messages_sent_in_pieces_while_waiting_reach_the_server_whole(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    """A client in line for the only server connection keeps writing: a Parse and half a Bind,
+    then the rest of the Bind with Execute and Sync. When the connection is handed over, the
+    waiting messages go out as one cycle and the answers come back in order."""
+    proxy = _transaction_proxy(start_proxy, size=1)
+    parse = m.build_message(b"P", b"\x00SELECT 41 + 1\x00\x00\x00")
+    bind = m.build_message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
+    execute_sync = m.build_message(b"E", b"\x00\x00\x00\x00\x00") + m.build_message(b"S", b"")
+    with psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca)) as holder:
+        holder.execute("SELECT 1")  # inside a transaction: the only server connection stays taken
+        with raw_session(proxy, terminal_pki, terminal_pki.cashier) as waiting:
+            waiting.send(parse + bind[:7])
+            time.sleep(0.2)
+            waiting.send(bind[7:] + execute_sync)
+            time.sleep(0.2)
+            holder.commit()
+            received = waiting.read_until_ready()
+    assert [kind for kind, _ in received] == [b"1", b"2", b"D", b"C", b"Z"], received
+    assert data_row_values(received[2][1]) == [b"42"]
+    assert received[-1] == (b"Z", b"I")
 
 
 async def test_vanishing_mid_transaction_leaves_no_lock_behind(
