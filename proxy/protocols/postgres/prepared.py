@@ -182,7 +182,7 @@ class ClientStatements:
         for kind, start, end in frames:
             body_start = start + 5
             if refusals and start in refusals:
-                splice.cut(start)
+                splice.drop(start, end)
                 refusal = refusals[start]
                 if kind in _EXTENDED_REFUSABLE:
                     _raise_in_place(refusal, out, expect)
@@ -193,10 +193,9 @@ class ClientStatements:
             if kind == 0x50:  # 'P' Parse
                 name_end = _cstring_end(source, body_start, end)
                 if name_end == body_start:
-                    splice.keep(start)
                     expect(_PARSED)
                     continue
-                splice.cut(start)
+                splice.drop(start, end)
                 parsed = Statement.from_parse_body(bytes(source[name_end + 1 : end]))
                 self.by_name[bytes(source[body_start:name_end])] = parsed
                 if not self._prepare(parsed, server, out, Reply.FORWARD):
@@ -211,10 +210,9 @@ class ClientStatements:
                 name_end = _cstring_end(source, name_start, end) if name_start > 0 else name_start
                 answer = _ANSWERS[kind]
                 if name_end <= name_start:  # a portal or the unnamed statement
-                    splice.keep(start)
                     expect(answer)
                     continue
-                splice.cut(start)
+                splice.drop(start, end)
                 name = bytes(source[name_start:name_end])
                 if kind == 0x43:
                     # Closing a named statement only forgets the client's name: the server-side
@@ -233,7 +231,6 @@ class ClientStatements:
                 out.append(m.build_message(bytes((kind,)), renamed))
                 expect(answer)
             else:
-                splice.keep(start)
                 if kind == 0x45:  # 'E' Execute
                     expect(_EXECUTED)
                 elif kind == 0x53:  # 'S' Sync
@@ -290,7 +287,6 @@ def filter_server_messages(
     pending = server.pending
     splice = _Splice(source)
     out = splice.parts
-    keep, cut = splice.keep, splice.cut
     status: bytes | bytearray | None = None
     parameters: list[bytes] = []
     for kind, start, end in frames:
@@ -298,25 +294,21 @@ def filter_server_messages(
             _skip_to_sync(server)
         head = pending[0] if pending else None
         if head is not None and head.reply is _SYNTHETIC:
-            cut(start)
+            splice.flush(start)
             out.append(take_ready_synthetics(server))
             head = pending[0] if pending else None
         if head is None or kind in _ASYNCHRONOUS:
-            keep(start)
             if kind == 0x53:  # 'S' ParameterStatus
                 parameters.append(bytes(source[start + 5 : end]))
             continue
         if kind == _ERROR:
-            keep(start)
             if not (head.ends_cycle and not head.sync):
                 # Not a simple Query's own error: the server now skips everything up to Sync (55.2.3).
                 server.skipping = True
                 _skip_to_sync(server)
             continue
         if head.reply is _DROP:
-            cut(start)
-        else:
-            keep(start)
+            splice.drop(start, end)
         if kind in head.ends_with:
             pending.popleft()
             if kind == 0x5A:  # 'Z'
@@ -328,30 +320,31 @@ def filter_server_messages(
 
 
 class _Splice:
-    """Output built from a buffer of whole messages: runs of them passed on as they are, with
-    messages of the proxy's own put in, or the buffer's left out, between the runs."""
+    """Output built from a buffer of whole messages: the buffer passes on in runs as it is, with
+    messages of the proxy's own put in between, or some of the buffer's left out. A message
+    that passes on costs nothing: only the places where something changes are named."""
 
     __slots__ = ("_run_start", "_source", "parts")
 
     def __init__(self, source: bytes | bytearray) -> None:
         self._source = source
-        self._run_start = -1
+        self._run_start = 0
         self.parts: list[bytes] = []
 
-    def keep(self, start: int) -> None:
-        """The message at ``start`` goes on unchanged, with the run it continues."""
-        if self._run_start < 0:
-            self._run_start = start
-
-    def cut(self, at: int) -> None:
-        """End the current run before ``at``: what follows is added to ``parts`` or left out."""
-        if self._run_start >= 0:
+    def flush(self, at: int) -> None:
+        """Pass on the buffer up to ``at``: what goes into ``parts`` next comes after it."""
+        if at > self._run_start:
             self.parts.append(bytes(self._source[self._run_start : at]))
-            self._run_start = -1
+        self._run_start = at
+
+    def drop(self, start: int, end: int) -> None:
+        """Leave out the message from ``start`` to ``end``."""
+        self.flush(start)
+        self._run_start = end
 
     def finish(self, frames: list[m.Frame]) -> None:
         if frames:
-            self.cut(frames[-1][2])
+            self.flush(frames[-1][2])
 
 
 def _raise_in_place(refusal: Refusal, out: list[bytes], expect: Callable[[Expected], None]) -> None:
