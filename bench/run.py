@@ -401,6 +401,30 @@ def _proxy_preexec() -> None:
     raise_nofile_limit()
 
 
+def spawn_python_service(
+    argv: Sequence[str],
+    name: str,
+    log_path: Path,
+    stack: contextlib.ExitStack,
+    extra_env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """A Python process of the bench (a proxy, the lean pooler) logging to ``log_path``, stopped
+    when ``stack`` unwinds."""
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO_ROOT),
+            env={**client_env(extra_env or {}), "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,  # Ctrl-C reaches us, and we stop the process in order
+            preexec_fn=_proxy_preexec,  # noqa: PLW1509 -- no threads exist yet
+        )
+    stack.callback(stop_process, process, name)
+    return process
+
+
 def bench_policy() -> dict[str, Any]:
     """The cashier policy for proxy-enforce and proxy-full: exactly what the workloads run.
 
@@ -497,21 +521,15 @@ def start_proxy(
     config_path = directory / "pos-proxy.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     log_path = logs / f"{variant}.log"
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "proxy", "run", "--config", str(config_path)),
-                *("--log-level", "warning", "--workers", str(workers)),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=str(REPO_ROOT),
-            env={**client_env({}), "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,  # Ctrl-C reaches us, and we stop the proxy in order
-            preexec_fn=_proxy_preexec,  # noqa: PLW1509 -- no threads exist yet
-        )
-    stack.callback(stop_process, process, variant)
+    process = spawn_python_service(
+        [
+            *(sys.executable, "-m", "proxy", "run", "--config", str(config_path)),
+            *("--log-level", "warning", "--workers", str(workers)),
+        ],
+        variant,
+        log_path,
+        stack,
+    )
     wait_for_port(port, process, variant, log_path)
     if target.admin_port is not None:
         wait_for_port(target.admin_port, process, f"{variant} admin listener", log_path)
@@ -531,24 +549,19 @@ def start_lean_pooler(
     """bench/lean_pooler.py with the proxy's TLS set-up: the floor of a Python data path."""
     port = free_port()
     log_path = logs / "lean.log"
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            [
-                *(sys.executable, str(BENCH_DIR / "lean_pooler.py"), "--port", str(port)),
-                *("--upstream-port", str(pg.port), "--database", DB_NAME, "--user", DB_ROLE),
-                *("--password-file", str(password_file), "--pool-size", str(pool_size)),
-                *("--cert", str(pki.front_cert), "--key", str(pki.front_key)),
-                *("--client-ca", str(pki.terminal_ca), "--upstream-ca", str(pki.db_ca)),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=str(REPO_ROOT),
-            env={**client_env({}), "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-            preexec_fn=_proxy_preexec,  # noqa: PLW1509 -- no threads exist yet
-        )
-    stack.callback(stop_process, process, "lean")
+    process = spawn_python_service(
+        [
+            *(sys.executable, str(BENCH_DIR / "lean_pooler.py"), "--port", str(port)),
+            *("--upstream-port", str(pg.port), "--database", DB_NAME, "--user", DB_ROLE),
+            *("--password-file", str(password_file), "--pool-size", str(pool_size)),
+            *("--cert", str(pki.front_cert), "--key", str(pki.front_key)),
+            *("--client-ca", str(pki.terminal_ca), "--upstream-ca", str(pki.db_ca)),
+        ],
+        "lean",
+        log_path,
+        stack,
+        extra_env={"PYTHONPATH": str(REPO_ROOT)},  # it imports the proxy's codec from the checkout
+    )
     wait_for_port(port, process, "lean", log_path)
     target = Target("lean", port, terminal_env(port, pki))
     target.pid, target.log_path = process.pid, log_path

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from codec_cost import CLIENT, SERVER  # bench/ is on sys.path when this runs as a script
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -36,21 +37,6 @@ from proxy.protocols.postgres.session import ClientSession
 from proxy.protocols.postgres.upstream import ServerConnection
 from proxy.server import ProxyServer
 
-CLIENT = (
-    m.build_message(b"P", b"\x00SELECT abalance FROM pgbench_accounts WHERE aid = $1;\x00\x00\x00")
-    + m.build_message(b"B", b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x0512345\x00\x00")
-    + m.build_message(b"D", b"P\x00")
-    + m.build_message(b"E", b"\x00\x00\x00\x00\x00")
-    + m.build_message(b"S", b"")
-)
-SERVER = (
-    m.build_message(b"1", b"")
-    + m.build_message(b"2", b"")
-    + m.build_message(b"T", b"\x00\x01abalance\x00" + b"\x00" * 18)
-    + m.build_message(b"D", b"\x00\x01\x00\x00\x00\x010")
-    + m.build_message(b"C", b"SELECT 1\x00")
-    + m.build_message(b"Z", b"I")
-)
 SERVER_PARAMETERS = {"server_version": "15.0", "client_encoding": "UTF8", "DateStyle": "ISO, MDY"}
 TERMINALS = 2
 ROUNDS = 5_000  # each round is one transaction per terminal
