@@ -322,7 +322,8 @@ def filter_server_messages(
 class _Splice:
     """Output built from a buffer of whole messages: the buffer passes on in runs as it is, with
     messages of the proxy's own put in between, or some of the buffer's left out. A message
-    that passes on costs nothing: only the places where something changes are named."""
+    that passes on costs nothing: only the places where something changes are named. The
+    messages start at the buffer's first byte and follow each other (as scan_frames finds them)."""
 
     __slots__ = ("_run_start", "_source", "parts")
 

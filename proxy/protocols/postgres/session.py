@@ -503,8 +503,13 @@ class ClientSession(asyncio.Protocol):
                 waited_from = time.monotonic()
                 server = await route.pool.acquire()
                 self._observe_wait(waited_from)
-            self._server = server
-            await self._parameters.apply(server, route.config.pool.connect_timeout)
+            # Not this session's server until its settings match: what the client sends in the
+            # meantime joins the stash behind what already waits there, instead of overtaking it.
+            try:
+                await self._parameters.apply(server, route.config.pool.connect_timeout)
+            except BaseException:
+                self._server = server  # released when the session ends: to the pool only if clean
+                raise
         except ProxyError as exc:
             self._fail(exc, reason=str(exc.__cause__ or exc))
             return
@@ -515,6 +520,8 @@ class ClientSession(asyncio.Protocol):
             self._fail(UpstreamUnavailable("could not prepare a database connection"), reason=str(exc))
             return
         if self._transport is None or self._state is _State.CLOSED:
+            self._server = server
+            self._release_server()
             return
         self._start_on(route, server)
 
@@ -641,7 +648,7 @@ class ClientSession(asyncio.Protocol):
             offset = len(self._stash)
             self._stash_frames += [(kind, start + offset, end + offset) for kind, start, end in frames]
         else:
-            self._stash_frames = frames
+            self._stash_frames = list(frames)  # its own list: later chunks extend it
         self._stash += chunk
         if len(self._stash) > _STASH_HIGH_WATER:
             # A client that keeps sending while it waits is held off until a server is lent.
