@@ -5,7 +5,8 @@ uvloop, asyncio Protocols and the same TLS as the proxy on both sides (client ce
 verified, verify-full to PostgreSQL). Per message it does only what any transaction pooler must:
 find message boundaries, count the ReadyForQuery each Sync or Query is owed, and lend the server
 connection to the next waiting client when the server is idle. No policy, audit, limits, metrics,
-prepared-statement tracking, parameter sync, cancel or error handling beyond closing: it is a
+prepared-statement tracking, parameter sync, cancel or error handling beyond closing, and it
+recognises Terminate only as the last message of a read (as pgbench and psql send it): it is a
 measuring stick, not a product. If the proxy costs about what this costs, the gap to PgBouncer is
 in the stack (interpreter, uvloop's TLS), not in the proxy's own code.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import uvloop
 
+from proxy import allocator
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.startup import UpstreamHandshake
 
@@ -64,6 +66,7 @@ class Pool:
         self.idle: list[ServerSide] = []
         self.waiting: deque[ClientSide] = deque()
         self.parameters: dict[str, str] = {}
+        self._reopening: set[asyncio.Task[None]] = set()
 
     async def fill(self) -> None:
         for _ in range(self.size):
@@ -76,6 +79,8 @@ class Pool:
             self.waiting.append(client)
 
     def give_back(self, server: ServerSide) -> None:
+        if server.closed:
+            return
         while self.waiting:
             client = self.waiting.popleft()
             if not client.closed:
@@ -88,9 +93,11 @@ class Pool:
             self.idle.remove(server)
 
         async def reopen() -> None:
-            self.give_back(await self.connect(self))
+            self.give_back(await self.connect(self))  # a failure shows in the log and the pool stays smaller
 
-        asyncio.get_running_loop().create_task(reopen())
+        task = asyncio.get_running_loop().create_task(reopen())
+        self._reopening.add(task)
+        task.add_done_callback(self._reopening.discard)
 
 
 class ServerSide(asyncio.Protocol):
@@ -99,6 +106,7 @@ class ServerSide(asyncio.Protocol):
         self.handshake: UpstreamHandshake | None = handshake
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.client: ClientSide | None = None
+        self.closed = False
         self.owed = 0  # ReadyForQuery messages the server still owes
         self.in_transaction = False
         self.buffer = bytearray()
@@ -108,6 +116,7 @@ class ServerSide(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"server connection lost: {exc}"))
         if self.client is not None:
@@ -317,4 +326,5 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
+    allocator.keep_read_buffers_on_heap()  # as the proxy's event loop does
     uvloop.run(main(parse_args()))

@@ -31,11 +31,13 @@ TRIM_THRESHOLD: Final = 4 * 1024 * 1024
 
 
 def keep_read_buffers_on_heap() -> bool:
-    """Set glibc's mmap and trim thresholds for this process; False where libc is not glibc."""
+    """Set glibc's mmap and trim thresholds for this process; False where that cannot be done."""
     if platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL(None)
-    mallopt = libc.mallopt
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # a static build need not export it: run with the defaults
+        return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     # mallopt answers 1 when it took the value; setting either also stops glibc's own

@@ -35,13 +35,24 @@ _PROBE = textwrap.dedent(
                 return fields[5] if len(fields) > 5 else "anonymous mapping"
         return "unmapped"
 
+    def probe():
+        buffers = [bytes(256 * 1024 + 64) for _ in range(3)]
+        print(*sorted({region(id(b)) for b in buffers}))
+        grown = heap_end()
+        del buffers
+        print(heap_end() == grown)
+
     if sys.argv[1] == "tuned":
         assert allocator.keep_read_buffers_on_heap()
-    buffers = [bytes(256 * 1024 + 64) for _ in range(3)]
-    print(*sorted({region(id(b)) for b in buffers}))
-    grown = heap_end()
-    del buffers
-    print(heap_end() == grown)
+    if sys.argv[1] == "event loop":
+        from proxy import eventloop
+
+        async def main():
+            probe()
+
+        eventloop.run(main())
+    else:
+        probe()
     """
 )
 
@@ -59,8 +70,10 @@ def test_untuned_process_maps_each_read_buffer_separately() -> None:
     assert placement == "anonymous mapping"
 
 
-def test_tuned_process_serves_read_buffers_from_the_heap_and_keeps_it() -> None:
-    placement, kept = _run("tuned")[:2]
+@pytest.mark.parametrize("mode", ["tuned", "event loop"])
+def test_tuned_process_serves_read_buffers_from_the_heap_and_keeps_it(mode: str) -> None:
+    """Set directly, or by the proxy's event loop runner before anything runs on the loop."""
+    placement, kept = _run(mode)[:2]
     assert placement == "[heap]"
     # Freed buffers stay with the heap for the next record instead of going back to the kernel.
     assert kept == "True"
