@@ -8,9 +8,9 @@ the proxy runs it, driven by pgbench's `-S -M extended` messages.
 Two terminals share one server connection, as when 64 pgbench clients share 20: the first
 borrows the idle connection, the second waits in line and gets it handed over when the first's
 ReadyForQuery comes back. Transports are stand-ins that keep what is written (tests/sockless.py,
-shared with the unit tests); the rest is the
-real ProxyServer, ClientSession, UpstreamPool and ServerConnection. What bench/run.py measures
-on top of this is the event loop, TLS and the kernel (bench/lean_pooler.py shows that floor).
+shared with the unit tests); the rest is the real ProxyServer, ClientSession, UpstreamPool and
+ServerConnection. What bench/run.py measures on top of this is the event loop, TLS and the
+kernel (bench/lean_pooler.py shows that floor).
 """
 
 from __future__ import annotations
