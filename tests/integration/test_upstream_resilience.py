@@ -35,6 +35,12 @@ CLEAN_CONNECT_MESSAGES = (
     "lost the connection to the database server",
     "terminating connection",
 )
+# Inside a transaction the terminal holds its server connection between statements. PostgreSQL's
+# FATAL 57P01 can reach it there right behind the ReadyForQuery of the statement before, and
+# libpq then reads it while idle, as a notice, and reports only the closed connection, without an
+# SQLSTATE: it does the same connected straight to PostgreSQL. Between transactions the proxy
+# holds the connection instead, so there the terminal sees nothing (or a clean error at BEGIN).
+IDLE_IN_TRANSACTION_LOSS = "SSL connection has been closed unexpectedly"
 MAX_CLIENT_WAIT = 6.0
 CONNECT_TIMEOUT = 1.0
 # Nothing a terminal does may take longer than waiting its turn plus one connect, plus slack for a
@@ -54,9 +60,11 @@ class Terminal:
     slowest: float = 0.0
 
 
-def _is_clean(error: psycopg.Error) -> bool:
+def _is_clean(error: psycopg.Error, *, in_transaction: bool) -> bool:
     if error.sqlstate is not None:
         return error.sqlstate in CLEAN_SQLSTATES
+    if in_transaction and IDLE_IN_TRANSACTION_LOSS in str(error):
+        return True
     return any(message in str(error) for message in CLEAN_CONNECT_MESSAGES)
 
 
@@ -66,10 +74,12 @@ def _work(terminal: Terminal, conninfo: dict[str, object], until: float) -> None
     while time.monotonic() < until:
         sequence += 1
         started = time.monotonic()
+        in_transaction = False
         try:
             if connection is None or connection.closed:
                 connection = psycopg.connect(**conninfo, autocommit=True)
             with connection.transaction():
+                in_transaction = True  # BEGIN answered: the terminal holds a server connection
                 connection.execute(
                     "INSERT INTO public.sales (till, seq, amount) VALUES (%s, %s, %s)",
                     (terminal.number, sequence, sequence * 100 + terminal.number),
@@ -77,9 +87,8 @@ def _work(terminal: Terminal, conninfo: dict[str, object], until: float) -> None
             terminal.committed.append(sequence)
             terminal.succeeded_at.append(time.monotonic())
         except psycopg.Error as exc:
-            (terminal.clean_errors if _is_clean(exc) else terminal.unclean_errors).append(
-                f"{exc.sqlstate}: {exc}"
-            )
+            clean = _is_clean(exc, in_transaction=in_transaction)
+            (terminal.clean_errors if clean else terminal.unclean_errors).append(f"{exc.sqlstate}: {exc}")
             if connection is not None:
                 connection.close()
             connection = None
@@ -300,3 +309,29 @@ def test_a_server_fatal_reaches_the_terminal_once_and_alone(
         fields = client.expect_fatal("57P01")
     assert "terminating connection" in fields["M"]
     proxy.wait_for_event("session_error", sqlstate="08006")
+
+
+def test_a_backend_ended_between_transactions_costs_the_terminal_nothing(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, pg_cluster: Any
+) -> None:
+    # Under transaction pooling the terminal holds no server connection between transactions: a
+    # backend that ends then (pg_terminate_backend here, a fast shutdown in production) is the
+    # pool's loss, and the terminal's next statement runs on another connection without an error.
+    proxy = start_proxy(routes={"pos": {"pool": {"mode": "transaction", "size": 1}}})
+    with psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True) as till:
+        first = till.execute("SELECT pg_backend_pid()").fetchone()
+        assert first is not None
+        with psycopg.connect(
+            **pg_cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True
+        ) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", first)
+            _wait_for(
+                lambda: (
+                    admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", first).fetchone()
+                    == (0,)
+                ),
+                10,
+                "the terminated backend gone",
+            )
+        second = till.execute("SELECT pg_backend_pid()").fetchone()
+    assert second is not None and second != first

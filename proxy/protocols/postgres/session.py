@@ -319,11 +319,18 @@ class ClientSession(asyncio.Protocol):
         if self._draining and not self.in_transaction:
             self.terminate(_SHUTTING_DOWN, "shutdown: transaction finished")
 
+    @property
+    def lets_go_between_transactions(self) -> bool:
+        route = self._route
+        return route is not None and route.transaction_pooling and self._pinned_by is None
+
     def server_idle(self) -> None:
         """The server finished everything asked of it outside a transaction: lend it back."""
-        route, server = self._route, self._server
-        if route is None or server is None or not route.transaction_pooling or self._pinned_by is not None:
+        server = self._server
+        if server is None or not self.lets_go_between_transactions:
             return
+        route = self._route
+        assert route is not None
         self._server = None
         server.detach()
         route.pool.give_back(server)

@@ -73,6 +73,11 @@ class ServerPeer(Protocol):
 
     def server_idle(self) -> None: ...
 
+    @property
+    def lets_go_between_transactions(self) -> bool:
+        """Transaction pooling, not pinned: it takes another connection for its next transaction."""
+        ...
+
     def server_lost(self, reason: str) -> None: ...
 
     def pause_client_reading(self) -> None: ...
@@ -102,6 +107,8 @@ class ServerConnection(asyncio.Protocol):
         self.result_watch: ResultWatch | None = None
         # The server's FATAL (57P01 on shutdown, ...) was passed on to the client: nothing may follow it.
         self.fatal_passed_on = False
+        # The server said FATAL while no client's work was in flight: it is closing, lend it to nobody.
+        self.saying_goodbye = False
         self.closed = False
         self._on_closed = on_closed
         self._transport: asyncio.Transport | None = None
@@ -116,7 +123,7 @@ class ServerConnection(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        return not self.closed and self._transport is not None
+        return not self.closed and self._transport is not None and not self.saying_goodbye
 
     @property
     def is_clean(self) -> bool:
@@ -208,18 +215,34 @@ class ServerConnection(asyncio.Protocol):
             self.reported[name] = value
             self.applied.pop(name, None)
             peer.server_parameter(name, value)
-        if out:
-            peer.server_data(out)
         if frames and frames[-1][0] == m.MSG_ERROR_RESPONSE:
             # A FATAL is the last message a server sends before it closes: only a batch's last one can be.
             _kind, start, end = frames[-1]
             severity = m.parse_error_fields(bytes(buffer[start + 5 : end])).get("S")
-            self.fatal_passed_on = severity in ("FATAL", "PANIC")
+            if severity in ("FATAL", "PANIC"):
+                goodbye = bytes(buffer[start:end])
+                if (
+                    status == b"I"
+                    and not self.state.pending
+                    and peer.lets_go_between_transactions
+                    and out.endswith(goodbye)
+                ):
+                    # Right behind the ReadyForQuery that ended the client's transaction (a fast
+                    # shutdown reaches every idle backend): the goodbye is this connection's, not
+                    # the client's, which takes another connection for its next transaction. libpq
+                    # would read it while idle as a notice and then report the lost connection
+                    # without an SQLSTATE.
+                    out = out[: len(out) - len(goodbye)]
+                    self.saying_goodbye = True
+                else:
+                    self.fatal_passed_on = True
+        if out:
+            peer.server_data(out)
         if status is not None:
             self.transaction_status = status
             peer.server_ready()
-            if self.is_clean and self._peer is peer:
-                peer.server_idle()
+            if (self.is_clean or self.saying_goodbye) and self._peer is peer:
+                peer.server_idle()  # the pool closes a connection saying goodbye instead of lending it
 
     def _receive_detached(self, buffer: bytes | bytearray, frames: list[m.Frame]) -> None:
         for kind, start, end in frames:
@@ -241,6 +264,7 @@ class ServerConnection(asyncio.Protocol):
                 fields = m.parse_error_fields(payload)
                 self._internal_error = (fields.get("C", "XX000"), fields.get("M", ""))
                 if fields.get("S") in ("FATAL", "PANIC"):
+                    self.saying_goodbye = True
                     log.info("server_closing", server_connection=self.id, reason=fields.get("M", ""))
             elif kind == m.MSG_READY_FOR_QUERY:
                 self.transaction_status = payload
