@@ -31,7 +31,8 @@ class Transport:
 class Peer:
     """The client session a server connection is lent to, recording what it is told."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, lets_go_between_transactions: bool = False) -> None:
+        self.lets_go_between_transactions = lets_go_between_transactions
         self.events: list[str] = []
         self.data = b""
 
@@ -57,7 +58,7 @@ class Peer:
         pass
 
 
-def _lent_connection_after_a_query() -> tuple[ServerConnection, Peer]:
+def _lent_connection_after_a_query(*, transaction_pooling: bool = False) -> tuple[ServerConnection, Peer]:
     route = RouteConfig(
         database="pos", host="127.0.0.1", port=5432, dbname="pos", user="pos_proxy",
         sslmode=SSLMode.DISABLE, pool=PoolConfig(),
@@ -65,7 +66,7 @@ def _lent_connection_after_a_query() -> tuple[ServerConnection, Peer]:
     server = ServerConnection(route, on_closed=lambda _connection: None)
     transport: Any = Transport()
     server.connection_made(transport)
-    peer = Peer()
+    peer = Peer(lets_go_between_transactions=transaction_pooling)
     server.attach(peer)
     query = m.build_query("SELECT 1")
     frames, _ = m.scan_frames(query, MAX)
@@ -92,3 +93,32 @@ def test_a_fatal_right_after_ready_for_query_keeps_the_connection_from_the_next_
     assert peer.events == ["ready"]
     assert not server.is_clean
     assert peer.data.endswith(fatal)  # the client sees why its connection ends
+
+
+def test_a_fatal_right_after_the_last_ready_for_query_stays_with_a_transaction_pooled_connection() -> None:
+    # The client's transaction is over and its next one takes another connection: the goodbye is the
+    # server connection's. Passed on, libpq would read it while idle as a notice, then report the
+    # closed connection without an SQLSTATE.
+    server, peer = _lent_connection_after_a_query(transaction_pooling=True)
+    fatal = m.build_error_response("FATAL", "57P01", "terminating connection due to administrator command")
+    server.data_received(REPLY + fatal)
+    assert peer.data == REPLY
+    assert peer.events == ["ready", "idle"]  # let go: the pool closes it instead of lending it
+    assert not server.usable and not server.is_clean and not server.fatal_passed_on
+
+
+def test_a_fatal_with_the_client_s_work_in_flight_reaches_the_client_under_transaction_pooling() -> None:
+    server, peer = _lent_connection_after_a_query(transaction_pooling=True)
+    fatal = m.build_error_response("FATAL", "57P01", "terminating connection due to administrator command")
+    server.data_received(fatal)  # before the reply to its query
+    assert peer.data == fatal
+    assert server.fatal_passed_on
+    assert peer.events == []
+
+
+def test_a_fatal_to_an_idle_connection_in_the_pool_keeps_it_from_the_next_client() -> None:
+    server, _peer = _lent_connection_after_a_query(transaction_pooling=True)
+    server.data_received(REPLY)
+    server.detach()
+    server.data_received(m.build_error_response("FATAL", "57P01", "terminating connection"))
+    assert not server.usable
