@@ -218,8 +218,8 @@ class ServerConnection(asyncio.Protocol):
         if frames and frames[-1][0] == m.MSG_ERROR_RESPONSE:
             # A FATAL is the last message a server sends before it closes: only a batch's last one can be.
             _kind, start, end = frames[-1]
-            severity = m.parse_error_fields(bytes(buffer[start + 5 : end])).get("S")
-            if severity in ("FATAL", "PANIC"):
+            fields = m.parse_error_fields(bytes(buffer[start + 5 : end]))
+            if fields.get("S") in ("FATAL", "PANIC"):
                 goodbye = bytes(buffer[start:end])
                 if (
                     status == b"I"
@@ -234,6 +234,7 @@ class ServerConnection(asyncio.Protocol):
                     # without an SQLSTATE.
                     out = out[: len(out) - len(goodbye)]
                     self.saying_goodbye = True
+                    log.info("server_closing", server_connection=self.id, reason=fields.get("M", ""))
                 else:
                     self.fatal_passed_on = True
         if out:
