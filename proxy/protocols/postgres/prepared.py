@@ -176,9 +176,19 @@ class ClientStatements:
         refusal that replaces it; ``forget_at`` holds the offsets of messages after which the
         server has no prepared statements left (DISCARD ALL, DEALLOCATE ALL).
         """
+        pending = server.pending
+        if not (refusals or forget_at or server.skipping) and (
+            not pending or pending[-1].ends_with == _EXPECT_READY
+        ):
+            readies = _untouched_readies(source, frames)
+            if readies:
+                # Nothing to rename, answer or drop: each cycle's replies pass on whole up to its
+                # ReadyForQuery, so one expectation per cycle is all the reply filter needs.
+                pending.extend([_READY] * readies)
+                return bytes(source)
         splice = _Splice(source)
         out = splice.parts
-        expect = server.pending.append
+        expect = pending.append
         for kind, start, end in frames:
             body_start = start + 5
             if refusals and start in refusals:
@@ -270,6 +280,42 @@ class ClientStatements:
         return True
 
 
+def _untouched_readies(source: bytes | bytearray, frames: list[m.Frame]) -> int:
+    """The ReadyForQuery count of client messages that reach the server as they are (only the
+    unnamed statement, ending with a cycle's end); 0 for any the proxy must look at closer.
+
+    A Query or FunctionCall inside an extended-protocol cycle gets no ReadyForQuery when an
+    earlier message of the cycle fails (the server skips to Sync): such batches take the
+    general path, which follows the skipping message by message.
+    """
+    readies = 0
+    in_cycle = False
+    for kind, start, end in frames:
+        if kind == 0x53:  # 'S' Sync
+            readies += 1
+            in_cycle = False
+            continue
+        if kind in _CYCLE_ENDERS:
+            if in_cycle:
+                return 0
+            readies += 1
+            continue
+        in_cycle = True
+        # A statement name, or a message too short or odd to tell: the general path decides.
+        if kind == 0x50:  # 'P' Parse: the statement name comes first
+            named = end == start + 5 or source[start + 5] != 0
+        elif kind == 0x42:  # 'B' Bind: portal name, then statement name
+            portal_end = source.find(b"\x00", start + 5, end)
+            named = portal_end < 0 or portal_end + 1 >= end or source[portal_end + 1] != 0
+        elif kind in _DESCRIBE_CLOSE:  # 'S' + a statement's name, or 'P' + a portal's
+            named = end < start + 7 or (source[start + 5] == 0x53 and source[start + 6] != 0)
+        else:
+            named = False
+        if named:
+            return 0
+    return readies if frames and frames[-1][0] in _CYCLE_ENDERS else 0
+
+
 _UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
 # Parse (a refused statement) and Execute (an execution over a rate limit) are refused inside the
 # client's extended-protocol cycle; a Query or FunctionCall is replaced by a Query.
@@ -277,6 +323,7 @@ _EXTENDED_REFUSABLE = frozenset(b"PE")
 _CYCLE_ENDERS = frozenset(b"SQF")  # Sync, Query, FunctionCall: each gets one ReadyForQuery
 # Bind, Describe and Close name a prepared statement the proxy may have to rename.
 _NAMING_MESSAGES = frozenset(b"BDC")
+_DESCRIBE_CLOSE = frozenset(b"DC")
 
 
 def filter_server_messages(
@@ -289,7 +336,18 @@ def filter_server_messages(
     out = splice.parts
     status: bytes | bytearray | None = None
     parameters: list[bytes] = []
+    head = pending[0] if pending else None
     for kind, start, end in frames:
+        if head is _READY and not server.skipping:
+            # The reply to a cycle passed on untouched (see ClientStatements.rewrite): only its
+            # end and the server's reports matter.
+            if kind == 0x5A:  # 'Z'
+                pending.popleft()
+                status = source[end - 1 : end]
+                head = pending[0] if pending else None
+            elif kind == 0x53:  # 'S' ParameterStatus
+                parameters.append(bytes(source[start + 5 : end]))
+            continue
         if server.skipping:
             _skip_to_sync(server)
         head = pending[0] if pending else None
@@ -306,6 +364,7 @@ def filter_server_messages(
                 # Not a simple Query's own error: the server now skips everything up to Sync (55.2.3).
                 server.skipping = True
                 _skip_to_sync(server)
+                head = pending[0] if pending else None
             continue
         if head.reply is _DROP:
             splice.drop(start, end)
@@ -313,6 +372,7 @@ def filter_server_messages(
             pending.popleft()
             if kind == 0x5A:  # 'Z'
                 status = source[end - 1 : end]
+            head = pending[0] if pending else None
     splice.finish(frames)
     if pending and pending[0].reply is _SYNTHETIC:
         out.append(take_ready_synthetics(server))
