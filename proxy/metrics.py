@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from importlib import metadata
 from pathlib import Path
 from typing import Final
@@ -17,7 +18,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "FleetMetrics", "Metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "BatchedHistogram", "FleetMetrics", "Metrics"]
 
 # What render() produces; the admin API sends it as the Content-Type of /metrics.
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
@@ -231,9 +232,56 @@ class Metrics:
         for operation in ("lease", "connection", "sync"):
             self.shared_limit_store_failures_total.labels(operation=operation)
 
+        self._batched: dict[tuple[int, tuple[str, ...]], BatchedHistogram] = {}
+
+    def batched(self, histogram: Histogram, *labels: str) -> BatchedHistogram:
+        """The data path's way to observe ``histogram`` with ``labels`` (one per label set)."""
+        key = (id(histogram), labels)
+        batched = self._batched.get(key)
+        if batched is None:
+            batched = self._batched[key] = BatchedHistogram(histogram.labels(*labels))
+        return batched
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric, served as CONTENT_TYPE."""
+        for batched in self._batched.values():
+            batched.fold()
         return generate_latest(self.registry)
+
+
+class BatchedHistogram:
+    """Observations of one histogram child counted in plain Python and folded into it when the
+    metrics are rendered (by this process: with --workers each one renders into the shared
+    directory when the supervisor asks).
+
+    ``Histogram.observe`` takes a lock twice and walks the buckets, about 1.1 us, once per
+    statement on the data path; this is a bisect and two additions. The fold writes to the
+    child's bucket and sum values, prometheus-client's own attributes: tests/unit/test_metrics.py
+    checks that the exposition is the one ``observe`` gives.
+    """
+
+    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        self._bounds: list[float] = child._upper_bounds
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose upper bound is at least ``amount``, as Histogram.observe counts.
+        self._counts[bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+
+    def fold(self) -> None:
+        child = self._child
+        for index, count in enumerate(self._counts):
+            if count:
+                child._buckets[index].inc(count)
+                self._counts[index] = 0
+        if self._sum:
+            child._sum.inc(self._sum)
+            self._sum = 0.0
 
 
 class FleetMetrics:

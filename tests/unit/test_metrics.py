@@ -173,3 +173,45 @@ def test_latency_buckets_cover_lan_to_wan() -> None:
 
 def test_content_type_is_the_text_exposition_format() -> None:
     assert CONTENT_TYPE.startswith("text/plain")
+
+
+def exposed(metrics: Metrics) -> list[str]:
+    """render()'s lines without creation times, which differ between two Metrics."""
+    return [line for line in metrics.render().decode().splitlines() if "_created" not in line]
+
+
+LATENCIES = [0.0, 0.0001, 0.0005, 0.00051, 0.003, 0.25, 0.2500001, 10.0, 10.5, 3600.0]
+
+
+def test_batched_observations_render_as_observe_would_have_them() -> None:
+    direct, batched = Metrics(), Metrics()
+    for seconds in LATENCIES:
+        direct.statement_seconds.labels("cashier").observe(seconds)
+        batched.batched(batched.statement_seconds, "cashier").observe(seconds)
+    # Counted, not folded in yet.
+    assert value(direct, "pos_proxy_statement_seconds_count", role="cashier") == len(LATENCIES)
+    assert {
+        sample[2]
+        for sample in families(batched)["pos_proxy_statement_seconds"]
+        if not sample[0].endswith("_created")
+    } == {0.0}
+    assert exposed(batched) == exposed(direct)
+    # Folded once: rendering again adds nothing; later observations add to what is there.
+    assert exposed(batched) == exposed(direct)
+    direct.statement_seconds.labels("cashier").observe(0.002)
+    batched.batched(batched.statement_seconds, "cashier").observe(0.002)
+    assert exposed(batched) == exposed(direct)
+
+
+def test_one_batched_histogram_per_metric_and_label_set() -> None:
+    metrics = Metrics()
+    cashier = metrics.batched(metrics.statement_seconds, "cashier")
+    assert metrics.batched(metrics.statement_seconds, "cashier") is cashier
+    assert metrics.batched(metrics.statement_seconds, "manager") is not cashier
+    assert metrics.batched(metrics.pool_wait_seconds, "cashier") is not cashier
+    cashier.observe(0.002)
+    metrics.batched(metrics.pool_wait_seconds, "pos").observe(0.5)
+    assert value(metrics, "pos_proxy_statement_seconds_count", role="cashier") == 1.0
+    assert value(metrics, "pos_proxy_statement_seconds_count", role="manager") == 0.0
+    assert value(metrics, "pos_proxy_pool_wait_seconds_bucket", route="pos", le="0.25") == 0.0
+    assert value(metrics, "pos_proxy_pool_wait_seconds_bucket", route="pos", le="0.5") == 1.0
