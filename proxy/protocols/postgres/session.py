@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 
 from proxy.auditwriter import AuditLog
 from proxy.config import Config, PoolMode, RouteConfig, SessionStateAction
@@ -33,7 +33,7 @@ from proxy.errors import (
 )
 from proxy.identity import Identity, IdentityError, check_user_name, identify
 from proxy.limits import Limiter, LimitHit, LimitSettings, resolve
-from proxy.metrics import Metrics
+from proxy.metrics import BatchedHistogram, Metrics
 from proxy.policy.engine import Decision, PolicyEngine, StatementSummaries
 from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
@@ -144,6 +144,12 @@ _STASH_HIGH_WATER = 256 * 1024
 # Messages that each run a statement, for the statement rate: a simple Query, an Execute (also of
 # a statement prepared long before, which a Parse count would miss) and a FunctionCall.
 _STATEMENT_MESSAGES = frozenset((m.MSG_QUERY, m.MSG_EXECUTE, m.MSG_FUNCTION_CALL))
+# What _check_statements looks at: statement texts and function calls; with audit or statement
+# limits also each Bind (which statement a portal runs) and Execute.
+_CHECKED_MESSAGES = frozenset((m.MSG_QUERY, m.MSG_PARSE, m.MSG_FUNCTION_CALL))
+_CHECKED_MESSAGES_COUNTING = _CHECKED_MESSAGES | {m.MSG_BIND, m.MSG_EXECUTE}
+# Frontend messages that go on to the server (Terminate ends the session instead).
+_PASSED_ON = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 
 # Low-cardinality reasons for refused connections, by the SQLSTATE the client was given.
@@ -193,7 +199,7 @@ class ClientSession(asyncio.Protocol):
         self._counted_connection = False
         self._result_watch: ResultWatch | None = None
         self._cycle_started = 0.0
-        self._latency: Histogram | None = None
+        self._latency: BatchedHistogram | None = None
         self._decision_counters: dict[tuple[str, bool], tuple[Counter, Counter]] = {}
         self._statements_run = 0
         # Statement texts by prepared-statement and portal name, so executions can be audited.
@@ -205,7 +211,7 @@ class ClientSession(asyncio.Protocol):
         # In line for a server connection under transaction pooling (no task: the pool calls back).
         self._waiting: _ServerRequest | None = None
         self._waiting_since = 0.0
-        self._pool_wait: Histogram | None = None
+        self._pool_wait: BatchedHistogram | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
         self._started_at = time.monotonic()
         self._max_message = environment.config.listen.max_message_size
@@ -428,7 +434,8 @@ class ClientSession(asyncio.Protocol):
         if not self._admit_connection():
             return
         self._route = route
-        self._pool_wait = self._env.metrics.pool_wait_seconds.labels(route.config.database)
+        metrics = self._env.metrics
+        self._pool_wait = metrics.batched(metrics.pool_wait_seconds, route.config.database)
         admission = self._env.limiter.shared_admission(self.identity.store, self._role, self._limits)
         if admission is not None:
             self._state = _State.CONNECTING
@@ -596,7 +603,7 @@ class ClientSession(asyncio.Protocol):
         metrics = self._env.metrics
         metrics.client_connections_total.labels(self._role).inc()
         metrics.client_connections_active.labels(self._role).inc()
-        self._latency = metrics.statement_seconds.labels(self._role)
+        self._latency = metrics.batched(metrics.statement_seconds, self._role)
         self._audit("connection_accepted", "success", **self._tls_fields())
         log.info("session_start", **self._log_fields(), server_connection=server_id)
 
@@ -622,13 +629,14 @@ class ClientSession(asyncio.Protocol):
             if consumed < len(data):
                 self._buffer += data[consumed:]
         for index, (kind, start, _end) in enumerate(frames):
-            if kind not in m.FRONTEND_TYPES:
+            if kind in _PASSED_ON:
+                continue
+            if kind != m.MSG_TERMINATE:
                 raise ProtocolViolation(f"invalid frontend message type {kind}")
-            if kind == m.MSG_TERMINATE:
-                if index:
-                    self._dispatch(chunk[:start], frames[:index])
-                self._close()
-                return
+            if index:
+                self._dispatch(chunk[:start], frames[:index])
+            self._close()
+            return
         if frames:
             self._dispatch(chunk, frames)
 
@@ -688,7 +696,10 @@ class ClientSession(asyncio.Protocol):
         auditing = self._env.audit is not None
         policies = self._env.policies
         mode = self._policy_mode
+        checked = _CHECKED_MESSAGES_COUNTING if limited or auditing else _CHECKED_MESSAGES
         for kind, start, end in frames:
+            if kind not in checked:
+                continue
             if limited and kind in _STATEMENT_MESSAGES and self._over_statement_rate(start, refusals):
                 continue
             if kind == m.MSG_QUERY:

@@ -332,11 +332,14 @@ class ServerConnection(asyncio.Protocol):
 
     def send(self, data: bytes, frames: list[m.Frame]) -> None:
         """Send client messages (already rewritten), noting whether an extended cycle is open."""
-        for kind, _start, _end in frames:
+        # The last message that opens or ends an extended-protocol cycle decides.
+        for kind, _start, _end in reversed(frames):
             if kind in _SYNC_POINT_TYPES:
                 self.unsynced = False
-            elif kind in _EXTENDED_QUERY_TYPES:
+                break
+            if kind in _EXTENDED_QUERY_TYPES:
                 self.unsynced = True
+                break
         assert self._transport is not None
         self._transport.write(data)
 
