@@ -1,9 +1,11 @@
 """CPU cost of the proxy's own Python per transaction, without sockets or TLS: the whole data
 path (client session, transaction pooling hand-over, server connection, codec, metrics) as
-the proxy runs it, driven by pgbench's `-S -M extended` messages.
+the proxy runs it, driven by pgbench's `-S -M extended` messages, or with `--workload pos-sale`
+by the six extended-protocol cycles of bench/pos_sale.sql (BEGIN, four statements, COMMIT).
 
     .venv/bin/python bench/session_cost.py               # median of 7 runs, in microseconds
     .venv/bin/python bench/session_cost.py --profile     # plus where the time goes (cProfile)
+    .venv/bin/python bench/session_cost.py --workload pos-sale
 
 Two terminals share one server connection, as when 64 pgbench clients share 20: the first
 borrows the idle connection, the second waits in line and gets it handed over when the first's
@@ -29,6 +31,7 @@ from codec_cost import CLIENT, SERVER  # bench/ is on sys.path when this runs as
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.sockless
 from proxy.oplog import configure_logging
+from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.session import ClientSession
 from proxy.protocols.postgres.upstream import ServerConnection
 from tests.sockless import (
@@ -54,12 +57,74 @@ async def build(directory: Path) -> tuple[list[ClientSession], list[RecordingTra
     return [session for session, _ in opened], [transport for _, transport in opened], server
 
 
+def extended_cycle(sql: bytes, parameters: int) -> bytes:
+    """pgbench -M extended's messages for one statement: unnamed Parse, Bind, Describe, Execute, Sync."""
+    values = b"".join(b"\x00\x00\x00\x0212" for _ in range(parameters))
+    bind = b"\x00\x00\x00\x00" + parameters.to_bytes(2, "big") + values + b"\x00\x00"
+    return (
+        m.build_message(b"P", b"\x00" + sql + b"\x00\x00\x00")
+        + m.build_message(b"B", bind)
+        + m.build_message(b"D", b"P\x00")
+        + m.build_message(b"E", b"\x00\x00\x00\x00\x00")
+        + m.build_message(b"S", b"")
+    )
+
+
+def reply(tag: bytes, status: bytes, *, rows: bool) -> bytes:
+    described = (
+        m.build_message(b"T", b"\x00\x01id\x00" + b"\x00" * 18)
+        + m.build_message(b"D", b"\x00\x01\x00\x00\x00\x0142")
+        if rows
+        else m.build_message(b"n", b"")
+    )
+    return (
+        m.build_message(b"1", b"")
+        + m.build_message(b"2", b"")
+        + described
+        + m.build_message(b"C", tag + b"\x00")
+        + m.build_message(b"Z", status)
+    )
+
+
+BEGIN = extended_cycle(b"BEGIN;", 0)
+COMMIT = extended_cycle(b"COMMIT;", 0)
+POS_STATEMENTS = [
+    extended_cycle(b"SELECT sku AS item_sku, price_cents AS price FROM products WHERE sku = $1", 1),
+    extended_cycle(
+        b"INSERT INTO sales (store_id, terminal_id, total_cents) VALUES ($1, $2, $3) RETURNING id", 3
+    ),
+    extended_cycle(
+        b"INSERT INTO sale_items (sale_id, sku, quantity, price_cents) VALUES ($1, $2, $3, $4)", 4
+    ),
+    extended_cycle(b"UPDATE stock SET quantity = quantity - $1 WHERE store_id = $2 AND sku = $3", 3),
+]
+BEGUN = reply(b"BEGIN", b"T", rows=False)
+IN_TRANSACTION = reply(b"SELECT 1", b"T", rows=True)
+COMMITTED = reply(b"COMMIT", b"I", rows=False)
+
+
 def run_rounds(sessions: list[ClientSession], server: ServerConnection, rounds: int) -> None:
     for _ in range(rounds):
         for session in sessions:
             session.data_received(CLIENT)  # the first borrows the connection, the rest wait
         for _ in sessions:
             server.data_received(SERVER)  # each reply lends the connection to the next in line
+
+
+def run_pos_rounds(sessions: list[ClientSession], server: ServerConnection, rounds: int) -> None:
+    for _ in range(rounds):
+        for session in sessions:
+            session.data_received(BEGIN)  # the first borrows the connection, the rest wait
+        for session in sessions:  # in the order they get the connection
+            server.data_received(BEGUN)
+            for statement in POS_STATEMENTS:
+                session.data_received(statement)
+                server.data_received(IN_TRANSACTION)
+            session.data_received(COMMIT)
+            server.data_received(COMMITTED)  # lends the connection to the next in line
+
+
+WORKLOADS = {"select-extended": run_rounds, "pos-sale": run_pos_rounds}
 
 
 def check(transports: list[RecordingTransport], server: ServerConnection, rounds: int) -> None:
@@ -73,24 +138,25 @@ def check(transports: list[RecordingTransport], server: ServerConnection, rounds
     server_transport.written.clear()
 
 
-async def measure(profile: bool) -> None:
+async def measure(workload: str, profile: bool) -> None:
+    run = WORKLOADS[workload]
     with tempfile.TemporaryDirectory(prefix="pos-session-cost-") as work:
         sessions, transports, server = await build(Path(work))
-        run_rounds(sessions, server, 500)  # warm caches (policy decisions, statement classes)
+        run(sessions, server, 500)  # warm caches (policy decisions, statement classes)
         check(transports, server, 500)
         costs = []
         for _ in range(RUNS):
             started = time.perf_counter()
-            run_rounds(sessions, server, ROUNDS)
+            run(sessions, server, ROUNDS)
             costs.append((time.perf_counter() - started) / (ROUNDS * TERMINALS) * 1e6)
             check(transports, server, ROUNDS)
         print(
-            f"proxy Python per select-extended transaction: {statistics.median(costs):.2f} us "
+            f"proxy Python per {workload} transaction: {statistics.median(costs):.2f} us "
             f"(median of {RUNS} runs of {ROUNDS * TERMINALS:,})"
         )
         if profile:
             profiler = cProfile.Profile()
-            profiler.runcall(run_rounds, sessions, server, ROUNDS)
+            profiler.runcall(run, sessions, server, ROUNDS)
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
@@ -99,8 +165,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of one run")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="select-extended")
+    args = parser.parse_args()
     configure_logging(json=False, level="error")  # session_start lines would only get in the way
-    asyncio.run(measure(parser.parse_args().profile))
+    asyncio.run(measure(args.workload, args.profile))
     return 0
 
 
