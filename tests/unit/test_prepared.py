@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import re
 import struct
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from proxy.protocols.postgres.prepared import (
     Statement,
     StatementStats,
     filter_server_messages,
+    pass_untouched_replies,
     take_ready_synthetics,
 )
 from proxy.protocols.postgres.refusal import Refusal
@@ -220,6 +222,25 @@ class FakeServer:
 # --- the proxy side: a server connection and a client, as the session code drives them -------------------
 
 
+def read_replies(chunk: bytes, state: ServerState) -> bytes:
+    """What the client sees of whole server messages. Where ServerConnection reads them in one
+    pass (pass_untouched_replies), that pass must give what the message-by-message path gives
+    and leave the reply queue as that does."""
+    shadow = ServerState(state.statements, deque(state.pending), state.skipping)
+    untouched = pass_untouched_replies(chunk, shadow, MAX)
+    frames, _ = m.scan_frames(chunk, MAX)
+    visible, status, parameters = filter_server_messages(chunk, frames, state)
+    if untouched is not None:
+        assert (chunk[: untouched.consumed], untouched.status, untouched.parameters) == (
+            visible,
+            status,
+            parameters,
+        )
+        assert (list(shadow.pending), shadow.skipping) == (list(state.pending), state.skipping)
+        assert untouched.last_start == (frames[-1][1] if frames else 0)
+    return visible
+
+
 @dataclass
 class Conn:
     """One pooled server connection: the fake server and the proxy's state for it."""
@@ -241,9 +262,7 @@ class Conn:
         for first, last in itertools.pairwise(cuts):
             begin, finish = frames[first][1], frames[last - 1][2]
             chunk = data[begin:finish]
-            chunk_frames, _ = m.scan_frames(chunk, MAX)
-            visible, _status, _parameters = filter_server_messages(chunk, chunk_frames, self.state)
-            out.append(visible)
+            out.append(read_replies(chunk, self.state))
         if not frames:
             visible, _status, _parameters = filter_server_messages(b"", [], self.state)
             out.append(visible)
@@ -303,7 +322,8 @@ def test_unnamed_statements_and_portals_pass_unchanged() -> None:
     frames, _ = m.scan_frames(data, MAX)
     assert client.statements.rewrite(data, frames, conn.state) == data
     # Nothing to change: the reply filter only waits for the cycle's ReadyForQuery.
-    assert [(expected.reply, expected.ends_with) for expected in conn.state.pending] == [(Reply.FORWARD, b"Z")]
+    expectations = [(expected.reply, expected.ends_with) for expected in conn.state.pending]
+    assert expectations == [(Reply.FORWARD, b"Z")]
     conn.undelivered = conn.server.feed(data)
     assert conn.deliver() == reference(*messages, sync())
     assert not conn.state.pending

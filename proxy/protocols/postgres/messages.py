@@ -73,15 +73,17 @@ def scan_frames(buffer: bytes | bytearray, max_size: int) -> tuple[list[Frame], 
     while available - position >= 5:
         (length,) = unpack(buffer, position + 1)
         if length < 4 or length > max_size:
-            raise ProtocolViolation(
-                f"invalid message length {length} for message type {chr(buffer[position])!r}"
-            )
+            raise invalid_length(buffer, position, length)
         end = position + 1 + length
         if end > available:
             break
         frames.append((buffer[position], position, end))
         position = end
     return frames, position
+
+
+def invalid_length(buffer: bytes | bytearray, position: int, length: int) -> ProtocolViolation:
+    return ProtocolViolation(f"invalid message length {length} for message type {chr(buffer[position])!r}")
 
 
 # --- Startup phase (55.2.1, 55.7 "StartupMessage", "SSLRequest", "CancelRequest") ---

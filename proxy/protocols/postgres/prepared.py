@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from proxy.errors import ProtocolViolation
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.refusal import Refusal
 
+_LENGTH = struct.Struct("!I")
 _PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 _CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
 # Messages the server may send at any time, outside any request's reply (55.2.7).
@@ -377,6 +380,58 @@ def filter_server_messages(
     if pending and pending[0].reply is _SYNTHETIC:
         out.append(take_ready_synthetics(server))
     return out[0] if len(out) == 1 else b"".join(out), bytes(status) if status else None, parameters
+
+
+class UntouchedReplies(NamedTuple):
+    consumed: int  # bytes of whole messages, all passed on as they are
+    status: bytes | None  # of the last ReadyForQuery among them
+    parameters: list[bytes]  # ParameterStatus payloads among them
+    last_start: int  # where the last of them starts
+
+
+def pass_untouched_replies(
+    source: bytes | bytearray, server: ServerState, max_size: int
+) -> UntouchedReplies | None:
+    """The whole server messages at the start of ``source`` in one pass, when every one of them
+    answers a cycle the proxy changed nothing in (ClientStatements.rewrite) or nothing at all;
+    None when the proxy must look at them message by message (scan_frames and
+    filter_server_messages, which give the same result in this case at twice the cost).
+    """
+    pending = server.pending
+    if server.skipping or (pending and pending[0] is not _READY):
+        return None
+    parameters: list[bytes] = []
+    position = readies = last_start = 0
+    status_at = -1
+    available = len(source)
+    unpack = _LENGTH.unpack_from
+    while available - position >= 5:
+        (length,) = unpack(source, position + 1)
+        if length < 4 or length > max_size:
+            raise m.invalid_length(source, position, length)
+        end = position + 1 + length
+        if end > available:
+            break
+        kind = source[position]
+        if kind == 0x5A:  # 'Z'
+            readies += 1
+            status_at = end - 1
+        elif kind == 0x53:  # 'S' ParameterStatus
+            parameters.append(bytes(source[position + 5 : end]))
+        last_start = position
+        position = end
+    if readies > len(pending) or (readies > 1 and any(pending[i] is not _READY for i in range(1, readies))):
+        return None
+    following = pending[readies] if readies < len(pending) else None
+    if following is not None and following is not _READY:
+        # What follows the last ReadyForQuery answers a message the proxy changed, or the proxy
+        # answers one itself right behind it.
+        if position > status_at + 1 or following.reply is _SYNTHETIC:
+            return None
+    for _ in range(readies):
+        pending.popleft()
+    status = bytes(source[status_at : status_at + 1]) if readies else None
+    return UntouchedReplies(position, status, parameters, last_start)
 
 
 class _Splice:

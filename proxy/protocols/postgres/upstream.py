@@ -17,7 +17,12 @@ from proxy.config import RouteConfig
 from proxy.errors import ProtocolViolation, ProxyError
 from proxy.pool import ServerUnreachable
 from proxy.protocols.postgres import messages as m
-from proxy.protocols.postgres.prepared import ServerState, ServerStatements, filter_server_messages
+from proxy.protocols.postgres.prepared import (
+    ServerState,
+    ServerStatements,
+    filter_server_messages,
+    pass_untouched_replies,
+)
 from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.startup import UpstreamHandshake, UpstreamRefused
 from proxy.tcp import tune_socket
@@ -194,12 +199,27 @@ class ServerConnection(asyncio.Protocol):
             buffer = self._buffer
         else:
             buffer = data
-        frames, consumed = m.scan_frames(buffer, MAX_BACKEND_MESSAGE)
         peer = self._peer
-        if peer is not None:
-            self._pass_on(peer, buffer, frames)
-        elif frames:
-            self._receive_detached(buffer, frames)
+        untouched = (
+            pass_untouched_replies(buffer, self.state, MAX_BACKEND_MESSAGE)
+            if peer is not None and self.result_watch is None
+            else None
+        )
+        if untouched is not None:
+            assert peer is not None
+            consumed = untouched.consumed
+            if consumed:
+                out = bytes(buffer if consumed == len(buffer) else buffer[:consumed])
+                last = (buffer[untouched.last_start], untouched.last_start, consumed)
+                self._deliver(
+                    peer, buffer, out, status=untouched.status, parameters=untouched.parameters, last=last
+                )
+        else:
+            frames, consumed = m.scan_frames(buffer, MAX_BACKEND_MESSAGE)
+            if peer is not None:
+                self._pass_on(peer, buffer, frames)
+            elif frames:
+                self._receive_detached(buffer, frames)
         if buffer is self._buffer:
             del self._buffer[:consumed]
         elif consumed < len(data):
@@ -210,14 +230,29 @@ class ServerConnection(asyncio.Protocol):
         if self.result_watch is not None:
             buffer, frames = self.result_watch.apply(buffer, frames)
         out, status, parameters = filter_server_messages(buffer, frames, self.state)
+        last = frames[-1] if frames else None
+        self._deliver(peer, buffer, out, status=status, parameters=parameters, last=last)
+
+    def _deliver(
+        self,
+        peer: ServerPeer,
+        buffer: bytes | bytearray,
+        out: bytes,
+        *,
+        status: bytes | None,
+        parameters: list[bytes],
+        last: m.Frame | None,
+    ) -> None:
+        """Give the client ``out``, what it must see of the server's messages, noting the reported
+        parameters, the transaction status and a FATAL as the ``last`` message of ``buffer``."""
         for payload in parameters:
             name, value = m.parse_parameter_status(payload)
             self.reported[name] = value
             self.applied.pop(name, None)
             peer.server_parameter(name, value)
-        if frames and frames[-1][0] == m.MSG_ERROR_RESPONSE:
+        if last is not None and last[0] == m.MSG_ERROR_RESPONSE:
             # A FATAL is the last message a server sends before it closes: only a batch's last one can be.
-            _kind, start, end = frames[-1]
+            _kind, start, end = last
             fields = m.parse_error_fields(bytes(buffer[start + 5 : end]))
             if fields.get("S") in ("FATAL", "PANIC"):
                 goodbye = bytes(buffer[start:end])
@@ -242,7 +277,7 @@ class ServerConnection(asyncio.Protocol):
         if status is not None:
             self.transaction_status = status
             peer.server_ready()
-            if (self.is_clean or self.saying_goodbye) and self._peer is peer:
+            if (self.saying_goodbye or (status == b"I" and self.is_clean)) and self._peer is peer:
                 peer.server_idle()  # the pool closes a connection saying goodbye instead of lending it
 
     def _receive_detached(self, buffer: bytes | bytearray, frames: list[m.Frame]) -> None:
