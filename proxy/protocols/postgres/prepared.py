@@ -422,12 +422,11 @@ def pass_untouched_replies(
         position = end
     if readies > len(pending) or (readies > 1 and any(pending[i] is not _READY for i in range(1, readies))):
         return None
-    following = pending[readies] if readies < len(pending) else None
-    if following is not None and following is not _READY:
-        # What follows the last ReadyForQuery answers a message the proxy changed, or the proxy
-        # answers one itself right behind it.
-        if position > status_at + 1 or following.reply is _SYNTHETIC:
-            return None
+    # What follows the last ReadyForQuery must not answer a message the proxy changed, nor may
+    # the proxy answer one itself right behind it.
+    following = pending[readies] if readies < len(pending) else _READY
+    if following is not _READY and (position > status_at + 1 or following.reply is _SYNTHETIC):
+        return None
     for _ in range(readies):
         pending.popleft()
     status = bytes(source[status_at : status_at + 1]) if readies else None
