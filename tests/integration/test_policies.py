@@ -804,6 +804,23 @@ def test_sighup_with_a_broken_policy_keeps_the_old_one(
     assert _events(proxy, "reload_applied") == []
 
 
+def test_a_reload_that_changes_the_mode_applies_to_open_sessions(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, pos_schema: None, tmp_path: Path
+) -> None:
+    proxy = _policy_proxy(start_proxy, tmp_path, cashier={**CASHIER_POLICY, "mode": "monitor"})
+    policy_file = _policy_path(tmp_path, "cashier")
+    with _connect(proxy, terminal_pki) as connection:
+        connection.execute("DELETE FROM sales WHERE id = 0")  # monitor: logged, not refused
+        assert proxy.wait_for_event("policy_would_refuse")["rule"] == "statement kind"
+        _write_policy(policy_file, {**CASHIER_POLICY, "mode": "enforce"})
+        assert _sighup(proxy)["event"] == "reload_applied"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="statement kind DELETE"):
+            connection.execute("DELETE FROM sales WHERE id = 0")
+        _write_policy(policy_file, {**CASHIER_POLICY, "mode": "monitor"})
+        assert _sighup(proxy)["event"] == "reload_applied"
+        connection.execute("DELETE FROM sales WHERE id = 0")
+
+
 # --- housekeeping ---
 
 

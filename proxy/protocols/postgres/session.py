@@ -11,7 +11,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import structlog
 from prometheus_client import Counter
@@ -48,7 +48,7 @@ from proxy.protocols.postgres.parameters import (
 from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, take_ready_synthetics
 from proxy.protocols.postgres.refusal import Refusal
 from proxy.protocols.postgres.results import ResultWatch
-from proxy.protocols.postgres.sessionstate import Effect, SessionStateClassifier
+from proxy.protocols.postgres.sessionstate import Classification, Effect, SessionStateClassifier
 from proxy.protocols.postgres.upstream import (
     InternalQueryFailed,
     ServerConnection,
@@ -148,6 +148,7 @@ _STATEMENT_MESSAGES = frozenset((m.MSG_QUERY, m.MSG_EXECUTE, m.MSG_FUNCTION_CALL
 # limits also each Bind (which statement a portal runs) and Execute.
 _CHECKED_MESSAGES = frozenset((m.MSG_QUERY, m.MSG_PARSE, m.MSG_FUNCTION_CALL))
 _CHECKED_MESSAGES_COUNTING = _CHECKED_MESSAGES | {m.MSG_BIND, m.MSG_EXECUTE}
+_NO_SESSION_EFFECT = Effect.NONE
 # Frontend messages that go on to the server (Terminate ends the session instead).
 _PASSED_ON = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
@@ -169,6 +170,12 @@ class _State(enum.Enum):
     CONNECTING = "connecting"
     READY = "ready"
     CLOSED = "closed"
+
+
+class _StatementChecks(NamedTuple):
+    mode: PolicyMode | None  # the role's policy mode; None: no policy for the role
+    auditing: bool
+    limited: bool  # statements per second limits
 
 
 class ClientSession(asyncio.Protocol):
@@ -196,6 +203,7 @@ class ClientSession(asyncio.Protocol):
         self._pinned_by: str | None = None
         self._violations = 0
         self._limits = LimitSettings()
+        self._statement_checks = _StatementChecks(None, environment.audit is not None, False)
         self._counted_connection = False
         self._result_watch: ResultWatch | None = None
         self._cycle_started = 0.0
@@ -243,10 +251,6 @@ class ClientSession(asyncio.Protocol):
     def _role(self) -> str:
         assert self.identity is not None
         return self.identity.role
-
-    @property
-    def _policy_mode(self) -> PolicyMode | None:
-        return self._env.policies.mode(self._role)
 
     def _agreed_on_postgres_alpn(self) -> bool:
         assert self._transport is not None
@@ -477,6 +481,7 @@ class ClientSession(asyncio.Protocol):
             config.limits.stores.get(identity.store),
             config.limits.terminals.get(identity.terminal_key),
         )
+        self._note_statement_checks()
         hit = self._env.limiter.open_connection(
             identity.store, identity.terminal, identity.role, self._limits
         )
@@ -692,50 +697,53 @@ class ClientSession(asyncio.Protocol):
         """
         refusals: dict[int, Refusal] = {}
         forget_at: list[int] = []
-        limited = self._limits.statements or self._limits.role_statements or self._limits.store_statements
-        auditing = self._env.audit is not None
+        mode, auditing, limited = self._statement_checks
         policies = self._env.policies
-        mode = self._policy_mode
+        classify = self._env.classifier.classify
         checked = _CHECKED_MESSAGES_COUNTING if limited or auditing else _CHECKED_MESSAGES
         for kind, start, end in frames:
             if kind not in checked:
                 continue
             if limited and kind in _STATEMENT_MESSAGES and self._over_statement_rate(start, refusals):
                 continue
-            if kind == m.MSG_QUERY:
-                text = chunk[start + 5 : end - 1]
-            elif kind == m.MSG_PARSE:
+            if kind == m.MSG_PARSE:
                 name_end = chunk.find(b"\x00", start + 5, end)
                 text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
                 if auditing:
                     self._parsed_texts[chunk[start + 5 : name_end]] = text
+            elif kind == m.MSG_QUERY:
+                text = chunk[start + 5 : end - 1]
+                self._statements_run += 1
             elif kind == m.MSG_FUNCTION_CALL:
                 self._apply_policy(policies.decide_function_call(self._role), start, refusals)
                 continue
-            elif auditing and kind == m.MSG_BIND:
-                portal_end = chunk.find(b"\x00", start + 5, end)
-                statement = chunk[portal_end + 1 : chunk.find(b"\x00", portal_end + 1, end)]
-                self._portal_texts[chunk[start + 5 : portal_end]] = self._parsed_texts.get(statement, b"")
+            elif kind == m.MSG_BIND:  # only with audit or statement limits
+                if auditing:
+                    portal_end = chunk.find(b"\x00", start + 5, end)
+                    statement = chunk[portal_end + 1 : chunk.find(b"\x00", portal_end + 1, end)]
+                    self._portal_texts[chunk[start + 5 : portal_end]] = self._parsed_texts.get(statement, b"")
                 continue
-            elif auditing and kind == m.MSG_EXECUTE:
-                # Each execution is audited, also of a statement prepared long before.
-                executed = self._portal_texts.get(chunk[start + 5 : chunk.find(b"\x00", start + 5, end)], b"")
-                self._statements_run += 1
-                self._audit_statement(policies.decide(self._role, executed) if mode else None, mode, executed)
+            else:  # Execute, only with audit or statement limits
+                if auditing:
+                    # Each execution is audited, also of a statement prepared long before.
+                    portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
+                    executed = self._portal_texts.get(portal, b"")
+                    self._statements_run += 1
+                    decision = policies.decide(self._role, executed) if mode else None
+                    self._audit_statement(decision, mode, executed)
                 continue
-            else:
-                continue
-            decision = policies.decide(self._role, text) if mode is not None else None
-            if kind == m.MSG_QUERY:
-                self._statements_run += 1
-                self._audit_statement(decision, mode, text)
-            elif decision is not None and not decision.allowed:
-                self._audit_statement(decision, mode, text)
-            if decision is not None:
+            if mode is not None:
+                decision = policies.decide(self._role, text)
+                if kind == m.MSG_QUERY or not decision.allowed:
+                    self._audit_statement(decision, mode, text)
                 self._apply_policy(decision, start, refusals)
                 if start in refusals:
                     continue
-            self._check_session_state(text, start, refusals, forget_at)
+            elif auditing and kind == m.MSG_QUERY:
+                self._audit_statement(None, None, text)
+            found = classify(text)
+            if found.effect is not _NO_SESSION_EFFECT:
+                self._check_session_state(found, start, refusals, forget_at)
         return refusals, forget_at
 
     def _over_statement_rate(self, start: int, refusals: dict[int, Refusal]) -> bool:
@@ -749,7 +757,7 @@ class ClientSession(asyncio.Protocol):
         return True
 
     def _apply_policy(self, decision: Decision, start: int, refusals: dict[int, Refusal]) -> None:
-        mode = self._policy_mode
+        mode = self._statement_checks.mode
         allowed = decision.allowed or mode is not PolicyMode.ENFORCE
         counters = self._decision_counters.get((decision.rule, allowed))
         if counters is None:
@@ -827,12 +835,9 @@ class ClientSession(asyncio.Protocol):
                 review.record(self._role, fingerprint, text, policy_file)
 
     def _check_session_state(
-        self, text: bytes, start: int, refusals: dict[int, Refusal], forget_at: list[int]
+        self, found: Classification, start: int, refusals: dict[int, Refusal], forget_at: list[int]
     ) -> None:
         """Pin or refuse a statement that would leave state behind in a shared server session."""
-        found = self._env.classifier.classify(text)
-        if found.effect is Effect.NONE:
-            return
         if found.effect is Effect.FORGETS_STATEMENTS:
             forget_at.append(start)
         elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
@@ -962,6 +967,16 @@ class ClientSession(asyncio.Protocol):
     def use_environment(self, environment: SessionEnvironment) -> None:
         """A reload: policies, roles and limits apply to this live session from now on."""
         self._env = environment
+        self._note_statement_checks()
+
+    def _note_statement_checks(self) -> None:
+        """What _check_statements must do for each statement, worked out once, not per message."""
+        limits = self._limits
+        self._statement_checks = _StatementChecks(
+            self._env.policies.mode(self.identity.role) if self.identity is not None else None,
+            auditing=self._env.audit is not None,
+            limited=bool(limits.statements or limits.role_statements or limits.store_statements),
+        )
 
     def describe(self) -> dict[str, object]:
         """This session for the admin API (like a row of PgBouncer's SHOW CLIENTS)."""
