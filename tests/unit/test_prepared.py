@@ -231,13 +231,10 @@ def read_replies(chunk: bytes, state: ServerState) -> bytes:
     frames, _ = m.scan_frames(chunk, MAX)
     visible, status, parameters = filter_server_messages(chunk, frames, state)
     if untouched is not None:
-        assert (chunk[: untouched.consumed], untouched.status, untouched.parameters) == (
-            visible,
-            status,
-            parameters,
-        )
+        consumed, one_pass_status, one_pass_parameters, last_start = untouched
+        assert (chunk[:consumed], one_pass_status, one_pass_parameters) == (visible, status, parameters)
         assert (list(shadow.pending), shadow.skipping) == (list(state.pending), state.skipping)
-        assert untouched.last_start == (frames[-1][1] if frames else 0)
+        assert last_start == (frames[-1][1] if frames else 0)
     return visible
 
 

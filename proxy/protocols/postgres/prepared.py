@@ -24,7 +24,6 @@ import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from proxy.errors import ProtocolViolation
 from proxy.protocols.postgres import messages as m
@@ -382,11 +381,10 @@ def filter_server_messages(
     return out[0] if len(out) == 1 else b"".join(out), bytes(status) if status else None, parameters
 
 
-class UntouchedReplies(NamedTuple):
-    consumed: int  # bytes of whole messages, all passed on as they are
-    status: bytes | None  # of the last ReadyForQuery among them
-    parameters: list[bytes]  # ParameterStatus payloads among them
-    last_start: int  # where the last of them starts
+# Whole server messages read in one pass: the bytes they span (all passed on as they are), the
+# status of the last ReadyForQuery among them, their ParameterStatus payloads, and where the
+# last of them starts. A plain tuple: a NamedTuple costs a Python-level call per read.
+UntouchedReplies = tuple[int, bytes | None, list[bytes], int]
 
 
 def pass_untouched_replies(
@@ -430,7 +428,7 @@ def pass_untouched_replies(
     for _ in range(readies):
         pending.popleft()
     status = bytes(source[status_at : status_at + 1]) if readies else None
-    return UntouchedReplies(position, status, parameters, last_start)
+    return position, status, parameters, last_start
 
 
 class _Splice:

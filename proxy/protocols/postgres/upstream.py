@@ -207,13 +207,11 @@ class ServerConnection(asyncio.Protocol):
         )
         if untouched is not None:
             assert peer is not None
-            consumed = untouched.consumed
+            consumed, status, parameters, last_start = untouched
             if consumed:
                 out = bytes(buffer if consumed == len(buffer) else buffer[:consumed])
-                last = (buffer[untouched.last_start], untouched.last_start, consumed)
-                self._deliver(
-                    peer, buffer, out, status=untouched.status, parameters=untouched.parameters, last=last
-                )
+                last = (buffer[last_start], last_start, consumed)
+                self._deliver(peer, buffer, out, status=status, parameters=parameters, last=last)
         else:
             frames, consumed = m.scan_frames(buffer, MAX_BACKEND_MESSAGE)
             if peer is not None:
