@@ -262,6 +262,10 @@ class ClientSession(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, ssl.SSLError):
+            # A record that failed to decrypt or verify after the handshake: tampering on the way, or
+            # a broken terminal TLS stack.
+            log.warning("tls_error", **self._log_fields(), reason=exc.reason or str(exc))
         self._state = _State.CLOSED
         if self._startup_timer is not None:
             self._startup_timer.cancel()
