@@ -1,10 +1,14 @@
 """What an idle TLS connection costs a bare uvloop server, without any proxy code: the floor
-under the proxy's per-connection memory (bench/run.py's idle test measures the proxy itself).
+under the proxy's per-connection memory (bench/run.py's idle test measures the proxy itself),
+on uvloop's TLS layer and on the proxy's own (proxy.tlstransport, used for terminals).
 
-    .venv/bin/python bench/idle_tls_floor.py            # 1000 connections, with and without client certs
+    .venv/bin/python bench/idle_tls_floor.py            # 1000 connections, 3 interleaved rounds
 
-A throwaway CA, server and terminal certificate are made with proxy.certs; the clients run in a
-separate process so only the server's RSS is measured. Loopback only.
+Every measurement is a fresh server process (memory freed by an earlier one would be reused and
+hide part of the cost), with proxy.allocator's settings as the proxy runs with them. A throwaway
+CA, server and terminal certificate are made with proxy.certs; the clients run in a separate
+process so only the server's RSS is measured. Printed: KiB per idle connection, median of the
+rounds, with and without client certificates verified. Loopback only.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ import argparse
 import asyncio
 import resource
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import uvloop
+from tls_layers import LAYERS, listen, make_pki, server_context, terminal_files
 
-from proxy import certs
+from proxy import allocator
 
 CLIENT = """
 import asyncio, ssl, sys
@@ -59,16 +65,11 @@ class Idle(asyncio.Protocol):
         self.transport.write(b"ok")  # type: ignore[attr-defined]
 
 
-async def measure(pki: Path, count: int, client_certs: bool) -> float:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki / "server.pem", pki / "server.key")
-    context.load_verify_locations(cafile=str(pki / "ca.pem"))
-    context.verify_mode = ssl.CERT_OPTIONAL if client_certs else ssl.CERT_NONE
+async def measure(pki: Path, layer: str, count: int, client_certs: bool) -> float:
+    context = server_context(pki, ssl.CERT_OPTIONAL if client_certs else ssl.CERT_NONE)
+    port, stop = await listen(layer, Idle, context)
+    cert, key = (str(path) for path in terminal_files(pki)) if client_certs else ("-", "-")
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Idle, "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
-    terminal = next((pki / "terminals").glob("*.pem"))
-    cert, key = (str(terminal), str(terminal.with_suffix(".key"))) if client_certs else ("-", "-")
     before = rss_kib()
     # Started once per measurement, before the clients connect: nothing else on the loop to block.
     with subprocess.Popen(  # noqa: ASYNC220
@@ -82,8 +83,16 @@ async def measure(pki: Path, count: int, client_certs: bool) -> float:
         await asyncio.sleep(1)
         per_connection = (rss_kib() - before) / count
         clients.kill()
-    server.close()
+    stop()
     return per_connection
+
+
+def measure_in_fresh_process(pki: Path, layer: str, count: int, client_certs: bool) -> float:
+    argv = [sys.executable, __file__, "--measure", layer, str(pki), "--connections", str(count)]
+    if client_certs:
+        argv.append("--client-certs")
+    done = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=300)
+    return float(done.stdout)
 
 
 def main() -> int:
@@ -91,18 +100,36 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--measure", nargs=2, metavar=("LAYER", "PKI"), help=argparse.SUPPRESS)
+    parser.add_argument("--client-certs", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.connections)), hard))
+    if args.measure:
+        layer, pki = args.measure
+        allocator.keep_read_buffers_on_heap()
+        print(uvloop.run(measure(Path(pki), layer, args.connections, args.client_certs)))
+        return 0
+    kib: dict[tuple[bool, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="pos-idle-floor-") as work:
-        pki = Path(work)
-        certs.init_ca(pki)
-        certs.issue_server(pki, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
-        certs.issue_terminal(pki, store="bench", terminal="till-01", role="cashier")
-        for client_certs in (False, True):
-            kib = uvloop.run(measure(pki, args.connections, client_certs))
-            label = "with client certificates verified" if client_certs else "without client certificates"
-            print(f"bare uvloop TLS server, {label}: {kib:.1f} KiB per idle connection")
+        pki = make_pki(Path(work))
+        for round_number in range(args.rounds):
+            # Alternating the order spreads a noisy neighbour over both layers.
+            for layer in LAYERS if round_number % 2 == 0 else reversed(LAYERS):
+                for client_certs in (False, True):
+                    cost = measure_in_fresh_process(pki, layer, args.connections, client_certs)
+                    kib.setdefault((client_certs, layer), []).append(cost)
+                    print(
+                        f"round {round_number + 1}/{args.rounds} {layer} TLS layer, client certs "
+                        f"{'verified' if client_certs else 'none'}: {cost:.1f} KiB per idle connection"
+                    )
+    for client_certs in (False, True):
+        label = "with client certificates verified" if client_certs else "without client certificates"
+        medians = ", ".join(
+            f"{layer}'s TLS layer {statistics.median(kib[client_certs, layer]):.1f}" for layer in LAYERS
+        )
+        print(f"median KiB per idle connection {label}: {medians}")
     return 0
 
 

@@ -46,6 +46,7 @@ from proxy.protocols.proxyheader import (
 from proxy.sdnotify import Notifier
 from proxy.tcp import tune_socket
 from proxy.tlsconfig import CRLExpired, load_terminal_tls, upstream_context
+from proxy.tlstransport import accept_tls
 from proxy.workers import WorkerSlot
 
 if TYPE_CHECKING:
@@ -56,8 +57,8 @@ log = structlog.get_logger("pos_proxy.server")
 # Shown in pg_stat_activity for pooled connections until a client sets its own name.
 SERVER_APPLICATION_NAME = "pos-db-proxy"
 _RECYCLE_INTERVAL = 1.0
-# How long a closing session waits for the terminal's TLS close_notify: one that never reads
-# never sends it, and must not hold a drain (or its socket) for the default 30 s.
+# How long a closing session may take to flush its last bytes: a terminal that never reads would
+# otherwise hold a drain (or its socket) open.
 _TLS_SHUTDOWN_TIMEOUT = 2.0
 # How often a worker checks that its supervisor is still there.
 _SUPERVISOR_CHECK_INTERVAL = 1.0
@@ -685,16 +686,15 @@ class ProxyServer:
     async def _start_tls_session(
         self, sock: socket.socket, source: str, timeout: float, *, direct: bool
     ) -> None:
-        loop = asyncio.get_running_loop()
         session = ClientSession(self._environment, source, direct_tls=direct)
         started = time.monotonic()
         try:
-            await loop.connect_accepted_socket(
-                lambda: session,
+            await accept_tls(
                 sock,
-                ssl=self._terminal_tls.context,
-                ssl_handshake_timeout=timeout,
-                ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
+                session,
+                self._terminal_tls.context,
+                handshake_timeout=timeout,
+                shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
             )
         except ssl.SSLError as exc:
             reason = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else exc.reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import struct
@@ -422,6 +423,20 @@ def test_direct_tls_without_the_postgresql_alpn_gets_no_session(
     finally:
         client.close()
     assert b"Z" not in [kind for kind, _ in received], f"direct TLS without ALPN got a session: {received}"
+
+
+def test_a_tampered_tls_record_ends_the_session_and_is_logged(
+    proxy: ProxyProcess, terminal_pki: TerminalPKI
+) -> None:
+    with raw_session(proxy, terminal_pki, terminal_pki.cashier) as client:
+        # An application-data record (TLS 1.3 outer header) whose tag cannot verify.
+        os.write(client.sock.fileno(), b"\x17\x03\x03\x00\x20" + os.urandom(32))
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            client.sock.recv(4096)  # the proxy's alert, or a reset
+    logged = proxy.wait_for_event("tls_error", source=client.source, terminal="till-01")
+    assert logged["reason"] == "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+    proxy.wait_for_event("session_end", source=client.source)
+    assert_proxy_serves(proxy, terminal_pki)
 
 
 def test_plaintext_pipelined_after_ssl_request_is_not_accepted(

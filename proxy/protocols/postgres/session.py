@@ -181,6 +181,51 @@ class _StatementChecks(NamedTuple):
 class ClientSession(asyncio.Protocol):
     """The terminal side of the protocol; message framing is sans-IO in ``messages``."""
 
+    # One per terminal, thousands of them idle: slots rather than a dict of some 40 attributes.
+    __slots__ = (
+        "_audit_who",
+        "_buffer",
+        "_bytes_in",
+        "_bytes_out",
+        "_connect_task",
+        "_counted_connection",
+        "_cycle_started",
+        "_decision_counters",
+        "_direct_tls",
+        "_draining",
+        "_env",
+        "_latency",
+        "_limits",
+        "_max_message",
+        "_parameters",
+        "_parsed_texts",
+        "_pinned_by",
+        "_pool_wait",
+        "_portal_texts",
+        "_reading_paused",
+        "_refusal",
+        "_result_watch",
+        "_route",
+        "_server",
+        "_started",
+        "_started_at",
+        "_startup_timer",
+        "_stash",
+        "_stash_frames",
+        "_state",
+        "_statement_checks",
+        "_statements",
+        "_statements_run",
+        "_transport",
+        "_violations",
+        "_waiting",
+        "_waiting_since",
+        "identity",
+        "process_id",
+        "secret_key",
+        "source",
+    )
+
     def __init__(self, environment: SessionEnvironment, source: str, *, direct_tls: bool = False) -> None:
         self._env = environment
         self.source = source
@@ -272,6 +317,10 @@ class ClientSession(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, ssl.SSLError):
+            # A record that failed to decrypt or verify after the handshake: tampering on the way, or
+            # a broken terminal TLS stack.
+            log.warning("tls_error", **self._log_fields(), reason=exc.reason or str(exc))
         self._state = _State.CLOSED
         if self._startup_timer is not None:
             self._startup_timer.cancel()
@@ -403,6 +452,7 @@ class ClientSession(asyncio.Protocol):
     def _begin(self, startup: m.StartupMessage) -> None:
         if self._startup_timer is not None:
             self._startup_timer.cancel()
+            self._startup_timer = None  # a cancelled handle an idle session would keep for nothing
         if self._refusal is not None:
             reason, error = self._refusal
             self._fail(error, reason=reason)

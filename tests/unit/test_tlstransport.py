@@ -1,0 +1,689 @@
+"""The terminals' TLS layer (proxy.tlstransport) on real loopback sockets, under uvloop and asyncio's loop.
+
+The client is an ``ssl.SSLObject`` over its own memory BIOs, driven by hand, so that a test can tell
+a close_notify from a bare TCP EOF, send a tampered record, or hold back the end of its handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import ssl
+import weakref
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import closing, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import uvloop
+
+from proxy import certs
+from proxy.tlsconfig import POSTGRES_ALPN
+from proxy.tlstransport import TLSTransport, accept_tls
+
+pytestmark = pytest.mark.timeout(60)
+
+T = TypeVar("T")
+# Every wait on a peer in these tests is bounded by this.
+IO_TIMEOUT = 5.0
+BIG = 200 * 1024  # over 64 KiB: many records, and more than one plain read or write
+
+
+@dataclass(frozen=True, slots=True)
+class PKI:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    terminal: certs.IssuedCert
+    foreign: certs.IssuedCert  # a terminal certificate from another CA
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    directory = tmp_path_factory.mktemp("tls-pki")
+    ca = certs.init_ca(directory)
+    server = certs.issue_server(directory, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    terminal = certs.issue_terminal(directory, store="store-001", terminal="till-01", role="cashier")
+    foreign_directory = directory / "foreign"
+    certs.init_ca(foreign_directory, common_name="someone else's CA")
+    foreign = certs.issue_terminal(foreign_directory, store="store-001", terminal="till-01", role="cashier")
+    return PKI(ca, server.cert_path, server.key_path, terminal, foreign)
+
+
+def server_context(pki: PKI, verify_mode: ssl.VerifyMode = ssl.CERT_REQUIRED) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    context.load_verify_locations(cafile=str(pki.ca))
+    context.verify_mode = verify_mode
+    context.num_tickets = 0
+    context.set_alpn_protocols([POSTGRES_ALPN])
+    return context
+
+
+def client_context(
+    pki: PKI, terminal: certs.IssuedCert | None, maximum_version: ssl.TLSVersion | None = None
+) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(pki.ca))
+    if terminal is not None:
+        context.load_cert_chain(terminal.cert_path, terminal.key_path)
+    if maximum_version is not None:
+        context.maximum_version = maximum_version
+    context.set_alpn_protocols([POSTGRES_ALPN])
+    return context
+
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
+}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, T]], T]:
+    """Run a test's scenario on a fresh loop of the kind the parameter names."""
+
+    def run_scenario(scenario: Coroutine[Any, Any, T]) -> T:
+        with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
+            return runner.run(asyncio.wait_for(scenario, 30))
+
+    return run_scenario
+
+
+class App(asyncio.Protocol):
+    """Records what the TLS layer tells the application."""
+
+    def __init__(self, *, pause_on_data: bool = False) -> None:
+        self.transport: TLSTransport | None = None
+        self.received = bytearray()
+        self.chunks = 0
+        self.events: list[str] = []
+        self.lost: list[Exception | None] = []
+        self._pause_on_data = pause_on_data
+        self._changed = asyncio.Event()
+
+    async def until(self, condition: Callable[[], bool], what: str) -> None:
+        """Wait (bounded) for the callbacks to bring ``condition`` about."""
+        async with asyncio.timeout(IO_TIMEOUT):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+        assert condition(), what
+
+    def _note(self, event: str) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, TLSTransport)
+        self.transport = transport
+        self._note("connection_made")
+
+    def data_received(self, data: bytes) -> None:
+        assert "eof_received" not in self.events and not self.lost, "data after the end"
+        self.received += data
+        self.chunks += 1
+        self._changed.set()
+        if self._pause_on_data:
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._note("eof_received")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+        self._note("connection_lost")
+
+    def pause_writing(self) -> None:
+        self._note("pause_writing")
+
+    def resume_writing(self) -> None:
+        self._note("resume_writing")
+
+
+class Client:
+    """A TLS client over a non-blocking loopback socket: every wait is bounded by IO_TIMEOUT."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    async def handshake(self, *, send_finished: bool = True) -> None:
+        """The client's side; with TLS 1.3 its last flight stays unsent unless ``send_finished``."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self.send_pending()
+                if not await self._receive():
+                    raise ConnectionResetError(
+                        "the server closed the connection during the handshake"
+                    ) from None
+        if send_finished:
+            await self.send_pending()
+
+    async def send_pending(self) -> None:
+        if self.outgoing.pending:
+            await self.send_raw(self.outgoing.read())
+
+    async def send_raw(self, data: bytes) -> None:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(self.sock, data), IO_TIMEOUT)
+
+    async def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        await self.send_pending()
+
+    async def _receive(self) -> bool:
+        """More bytes from the server into the incoming BIO; False at TCP EOF."""
+        loop = asyncio.get_running_loop()
+        data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), IO_TIMEOUT)
+        if not data:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(data)
+        return True
+
+    async def receive(self) -> bytes:
+        """Decrypted bytes; b"" at the server's close_notify; ssl.SSLEOFError at a TCP EOF without it."""
+        while True:
+            try:
+                return self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                await self.send_pending()
+                await self._receive()
+            except ssl.SSLZeroReturnError:
+                return b""
+
+    async def receive_exactly(self, size: int) -> bytes:
+        received = bytearray()
+        while len(received) < size:
+            chunk = await self.receive()
+            assert chunk, f"the server closed after {len(received)} of {size} bytes"
+            received += chunk
+        return bytes(received)
+
+    async def close_notify(self) -> None:
+        with suppress(ssl.SSLWantReadError):
+            self.tls.unwrap()
+        await self.send_pending()
+
+    async def raw_end_of_stream(self) -> bytes:
+        """Everything the server sends until its TCP EOF, undecrypted."""
+        loop = asyncio.get_running_loop()
+        received = bytearray()
+        while chunk := await asyncio.wait_for(loop.sock_recv(self.sock, 65536), IO_TIMEOUT):
+            received += chunk
+        return bytes(received)
+
+
+@dataclass
+class Connection:
+    client: Client
+    server_sock: socket.socket
+    app: App
+
+
+@dataclass
+class Established:
+    client: Client
+    transport: TLSTransport
+    app: App
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    with closing(socket.create_server(("127.0.0.1", 0))) as sock:
+        sock.setblocking(False)
+        yield sock
+
+
+async def open_connection(listener: socket.socket, context: ssl.SSLContext, app: App) -> Connection:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.wait_for(loop.sock_connect(sock, listener.getsockname()), IO_TIMEOUT)
+    server_sock, _ = await asyncio.wait_for(loop.sock_accept(listener), IO_TIMEOUT)
+    return Connection(Client(sock, context), server_sock, app)
+
+
+def accept(
+    connection: Connection, context: ssl.SSLContext, *, handshake_timeout: float = IO_TIMEOUT
+) -> asyncio.Task[TLSTransport]:
+    return asyncio.ensure_future(
+        accept_tls(
+            connection.server_sock,
+            connection.app,
+            context,
+            handshake_timeout=handshake_timeout,
+            shutdown_timeout=1.0,
+        )
+    )
+
+
+async def establish(
+    listener: socket.socket, pki: PKI, app: App | None = None, *, client: ssl.SSLContext | None = None
+) -> Established:
+    app = app or App()
+    connection = await open_connection(listener, client or client_context(pki, pki.terminal), app)
+    accepting = accept(connection, server_context(pki))
+    await connection.client.handshake()
+    transport = await asyncio.wait_for(accepting, IO_TIMEOUT)
+    return Established(connection.client, transport, app)
+
+
+# --- handshake ---
+
+
+def test_a_terminal_with_a_certificate_gets_a_transport_that_reports_the_tls_session(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        established = await establish(listener, pki)
+        transport, client = established.transport, established.client
+        assert established.app.events == ["connection_made"]
+        assert established.app.transport is transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        assert isinstance(ssl_object, ssl.SSLObject)
+        assert ssl_object.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(
+            pki.terminal.cert_path.read_text()
+        )
+        assert ssl_object.selected_alpn_protocol() == POSTGRES_ALPN
+        assert ssl_object.version() == "TLSv1.3"
+        assert transport.get_extra_info("cipher") == ssl_object.cipher()
+        assert dict(transport.get_extra_info("peercert")["subject"][0])  # decoded on request
+        assert isinstance(transport.get_extra_info("sslcontext"), ssl.SSLContext)
+        assert transport.get_extra_info("peername") == client.sock.getsockname()
+        assert transport.get_extra_info("sockname") == client.sock.getpeername()
+        assert transport.get_extra_info("socket").fileno() >= 0
+        assert transport.get_extra_info("no such thing", "default") == "default"
+        assert not transport.is_closing() and transport.is_reading()
+        assert not transport.can_write_eof()
+        assert transport.get_protocol() is established.app
+        transport.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_messages_over_64_kib_cross_intact_both_ways(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+    listener: socket.socket,
+    pki: PKI,
+    version: ssl.TLSVersion,
+) -> None:
+    async def scenario() -> None:
+        client_tls = client_context(pki, pki.terminal, maximum_version=version)
+        established = await establish(listener, pki, client=client_tls)
+        client, transport, app = established.client, established.transport, established.app
+        assert transport.get_extra_info("ssl_object").version() == version.name.replace("v1_", "v1.")
+        upload, download = os.urandom(BIG), os.urandom(BIG)
+        await client.send(upload)
+        await app.until(lambda: len(app.received) >= BIG, "the whole upload")
+        assert app.received == upload
+        transport.write(download)
+        assert await client.receive_exactly(BIG) == download
+        transport.close()
+
+    run(scenario())
+
+
+def test_the_first_message_sent_with_the_clients_finished_arrives_after_connection_made(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        app = App()
+        connection = await open_connection(listener, client_context(pki, pki.terminal), app)
+
+        async def accept_and_look() -> tuple[TLSTransport, bytes]:
+            transport = await accept_tls(
+                connection.server_sock,
+                app,
+                server_context(pki),
+                handshake_timeout=IO_TIMEOUT,
+                shutdown_timeout=1.0,
+            )
+            return transport, bytes(app.received)
+
+        accepting = asyncio.ensure_future(accept_and_look())
+        await connection.client.handshake(send_finished=False)
+        connection.client.tls.write(b"startup packet")
+        await connection.client.send_pending()  # Finished and the first record in one segment
+        transport, seen_on_return = await asyncio.wait_for(accepting, IO_TIMEOUT)
+        assert seen_on_return == b""  # the task awaiting the handshake ran first
+        await app.until(lambda: app.received == b"startup packet", "the first message")
+        transport.close()
+
+    run(scenario())
+
+
+def test_a_terminal_without_a_certificate_is_refused_with_an_ssl_error(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        app = App()
+        connection = await open_connection(listener, client_context(pki, None), app)
+        accepting = accept(connection, server_context(pki))
+        await connection.client.handshake()  # TLS 1.3: the client is done before the server decides
+        with pytest.raises(ssl.SSLError) as refused:
+            await asyncio.wait_for(accepting, IO_TIMEOUT)
+        assert refused.value.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+        assert app.events == []
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+            await connection.client.receive()  # the alert came before the close
+        assert await connection.client.raw_end_of_stream() == b""
+        assert connection.server_sock.fileno() == -1
+
+    run(scenario())
+
+
+def test_a_terminal_certificate_from_another_ca_is_refused_with_the_verify_message(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        app = App()
+        connection = await open_connection(listener, client_context(pki, pki.foreign), app)
+        accepting = accept(connection, server_context(pki, ssl.CERT_OPTIONAL))
+        await connection.client.handshake()
+        with pytest.raises(ssl.SSLCertVerificationError) as refused:
+            await asyncio.wait_for(accepting, IO_TIMEOUT)
+        assert refused.value.verify_message == "unable to get local issuer certificate"
+        assert app.events == []
+        with pytest.raises(ssl.SSLError, match="UNKNOWN_CA"):
+            await connection.client.receive()
+        assert await connection.client.raw_end_of_stream() == b""
+        assert connection.server_sock.fileno() == -1
+
+    run(scenario())
+
+
+def test_a_handshake_that_does_not_finish_in_time_raises_timeout_error(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        app = App()
+        connection = await open_connection(listener, client_context(pki, pki.terminal), app)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError, match=r"within 0\.3s"):
+            await accept(connection, server_context(pki), handshake_timeout=0.3)
+        assert 0.25 <= loop.time() - started < IO_TIMEOUT
+        assert app.events == []
+        assert await connection.client.raw_end_of_stream() == b""
+        assert connection.server_sock.fileno() == -1
+
+    run(scenario())
+
+
+def test_a_peer_that_leaves_during_the_handshake_raises_connection_error(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        app = App()
+        connection = await open_connection(listener, client_context(pki, pki.terminal), app)
+        accepting = accept(connection, server_context(pki))
+        with suppress(ssl.SSLWantReadError):
+            connection.client.tls.do_handshake()
+        hello = connection.client.outgoing.read()
+        await connection.client.send_raw(hello[: len(hello) // 2])
+        connection.client.sock.close()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(accepting, IO_TIMEOUT)
+        assert app.events == []
+        await asyncio.sleep(0.05)  # the event loop closes the socket in a callback of its own
+        assert connection.server_sock.fileno() == -1
+
+    run(scenario())
+
+
+def test_cancelling_the_handshake_closes_the_socket(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        app = App()
+        connection = await open_connection(listener, client_context(pki, pki.terminal), app)
+        accepting = accept(connection, server_context(pki))
+        await asyncio.sleep(0.05)
+        accepting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await accepting
+        assert await connection.client.raw_end_of_stream() == b""
+        assert app.events == []
+
+    run(scenario())
+
+
+# --- reading ---
+
+
+def test_paused_reading_holds_data_and_resuming_delivers_it_in_order(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        established = await establish(listener, pki, App(pause_on_data=True))
+        client, transport, app = established.client, established.transport, established.app
+        messages = [bytes([index]) * 1000 for index in range(50)]
+        await client.send(messages[0])
+        await app.until(lambda: app.chunks == 1, "the first message")
+        assert not transport.is_reading()
+        for message in messages[1:]:
+            await client.send(message)  # a record each, read by the plain transport as they come
+        await asyncio.sleep(0.2)
+        assert app.chunks == 1, "data delivered while paused"
+        transport.resume_reading()
+        await app.until(lambda: app.chunks == 2, "the held data after resume_reading")
+        assert app.received == b"".join(messages)
+        await client.send(b"after")
+        await asyncio.sleep(0.1)
+        assert app.chunks == 2, "paused again by the held data"
+        transport.resume_reading()
+        await app.until(lambda: app.received.endswith(b"after"), "data sent after the resume")
+        transport.close()
+
+    run(scenario())
+
+
+def test_the_peers_close_notify_is_eof_received_then_connection_lost(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        established = await establish(listener, pki)
+        client, app = established.client, established.app
+        await client.send(b"last words")
+        await client.close_notify()
+        await app.until(lambda: app.lost == [None], "connection_lost")
+        assert app.received == b"last words"
+        assert app.events == ["connection_made", "eof_received", "connection_lost"]
+        assert await client.receive() == b""  # the server's close_notify in answer
+        assert established.transport.is_closing()
+
+    run(scenario())
+
+
+def test_a_tcp_eof_without_close_notify_is_eof_received_then_connection_lost(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        established = await establish(listener, pki)
+        await established.client.send(b"last words")
+        established.client.sock.shutdown(socket.SHUT_WR)
+        app = established.app
+        await app.until(lambda: app.lost == [None], "connection_lost")
+        assert app.received == b"last words"
+        assert app.events == ["connection_made", "eof_received", "connection_lost"]
+
+    run(scenario())
+
+
+def test_records_held_while_paused_come_before_the_eof(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        established = await establish(listener, pki)
+        client, transport, app = established.client, established.transport, established.app
+        transport.pause_reading()
+        await client.send(b"held")
+        client.sock.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.2)
+        assert app.events == ["connection_made"] and app.received == b""
+        transport.resume_reading()
+        await app.until(lambda: app.lost == [None], "connection_lost")
+        assert app.received == b"held"
+        assert app.events == ["connection_made", "eof_received", "connection_lost"]
+
+    run(scenario())
+
+
+def test_a_tampered_record_after_the_handshake_ends_the_connection_with_an_ssl_error(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        established = await establish(listener, pki)
+        client, app = established.client, established.app
+        client.tls.write(b"SELECT 1")
+        record = bytearray(client.outgoing.read())
+        record[-1] ^= 0x01  # the AEAD tag no longer matches
+        await client.send_raw(bytes(record))
+        await app.until(lambda: len(app.lost) == 1, "connection_lost")
+        assert isinstance(app.lost[0], ssl.SSLError)
+        assert app.lost[0].reason == "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+        assert app.received == b""
+        assert app.events == ["connection_made", "connection_lost"]
+        with pytest.raises(ssl.SSLError, match="BAD_RECORD_MAC"):
+            await client.receive()  # told why by an alert
+
+    run(scenario())
+
+
+# --- writing and closing ---
+
+
+def test_the_plain_transports_flow_control_reaches_the_application(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        established = await establish(listener, pki)
+        client, transport, app = established.client, established.transport, established.app
+        transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
+        assert transport.get_write_buffer_limits() in ((16 * 1024, 64 * 1024), (64 * 1024, 16 * 1024))
+        sent = bytearray()
+        for _ in range(400):  # more than the kernel's socket buffers take: the client is not reading
+            chunk = os.urandom(16 * 1024)
+            transport.write(chunk)
+            sent += chunk
+            if "pause_writing" in app.events:
+                break
+        assert app.events == ["connection_made", "pause_writing"]
+        assert transport.get_write_buffer_size() > 64 * 1024
+        assert await client.receive_exactly(len(sent)) == sent
+        await app.until(lambda: "resume_writing" in app.events, "resume_writing")
+        assert transport.get_write_buffer_size() == 0
+        transport.close()
+
+    run(scenario())
+
+
+def test_close_sends_close_notify_after_what_was_written(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        established = await establish(listener, pki)
+        client, transport, app = established.client, established.transport, established.app
+        transport.write(b"goodbye")
+        transport.close()
+        assert transport.is_closing()
+        transport.write(b"dropped")  # after close: ignored, as asyncio's transports do
+        transport.close()
+        assert await client.receive_exactly(7) == b"goodbye"
+        assert await client.receive() == b""  # close_notify, not a bare TCP EOF
+        assert await client.raw_end_of_stream() == b""
+        await app.until(lambda: app.lost == [None], "connection_lost")
+        assert app.events == ["connection_made", "connection_lost"]
+
+    run(scenario())
+
+
+def test_a_close_to_a_peer_that_does_not_read_ends_after_the_shutdown_timeout(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        established = await establish(listener, pki)
+        transport, app = established.transport, established.app
+        while "pause_writing" not in app.events:
+            transport.write(bytes(64 * 1024))
+        loop = asyncio.get_running_loop()
+        closed_at = loop.time()
+        transport.close()
+        await app.until(lambda: len(app.lost) == 1, "connection_lost after the shutdown timeout")
+        assert loop.time() - closed_at >= 0.9  # shutdown_timeout=1.0, not at once
+        assert app.events[-1] == "connection_lost"
+
+    run(scenario())
+
+
+def test_abort_ends_the_connection_without_close_notify(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        established = await establish(listener, pki)
+        client, transport, app = established.client, established.transport, established.app
+        transport.abort()
+        transport.abort()
+        transport.close()
+        assert transport.is_closing()
+        with pytest.raises((ssl.SSLEOFError, ConnectionResetError)):
+            await client.receive()
+        await app.until(lambda: app.lost == [None], "connection_lost")
+        await asyncio.sleep(0.05)
+        assert app.events == ["connection_made", "connection_lost"]
+
+    run(scenario())
+
+
+def test_a_peer_that_resets_the_connection_is_connection_lost_once(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    async def scenario() -> None:
+        established = await establish(listener, pki)
+        client, transport, app = established.client, established.transport, established.app
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.sock.close()  # linger 0: RST
+        await app.until(lambda: len(app.lost) == 1, "connection_lost")
+        transport.write(b"too late")
+        transport.close()
+        await asyncio.sleep(0.05)
+        assert app.events.count("connection_lost") == 1
+
+    run(scenario())
+
+
+def test_a_lost_connection_is_freed_without_the_garbage_collector(
+    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+) -> None:
+    """No reference cycle through the TLS layer: a closed session's OpenSSL state goes with it."""
+
+    async def close_one() -> weakref.ref[App]:
+        established = await establish(listener, pki)
+        app = established.app
+        established.transport.close()
+        await app.until(lambda: app.lost == [None], "connection_lost")
+        await asyncio.sleep(0.05)  # the event loop lets go of its own references
+        return weakref.ref(app)
+
+    async def scenario() -> None:
+        gone = await close_one()
+        assert gone() is None
+
+    gc.disable()
+    try:
+        run(scenario())
+    finally:
+        gc.enable()
