@@ -1,15 +1,16 @@
 """Keep the TLS layer's read buffers on glibc's heap instead of a fresh mapping per record.
 
-uvloop's TLS transport (and asyncio's, which is a port of it) decrypts every record into a
-new 256 KiB bytes object, then shrinks it to the record's size. glibc serves an allocation
-that large with mmap, the shrink with mremap and the free with munmap: three system calls, page
-faults and TLB flushes per record received: half of a bare uvloop TLS echo server's CPU on our
-2-core machines (`perf`). glibc raises its thresholds by itself once a process frees a large
-mapped block, and the proxy's start-up happens to do that today (`strace` under load shows no
-mmap), but whether it does depends on what start-up reads and imports. Set here, the buffer
-comes from the heap and goes back to it, and the heap keeps a few MiB free at its top instead of
-trimming after each record: `bench/tls_read_cost.py` measured 27.8 -> 13.8 us of server CPU per
-TLS round trip.
+uvloop's TLS transport (and asyncio's, which is a port of it), which upstream connections use,
+decrypts every record into a new 256 KiB bytes object, then shrinks it to the record's size
+(terminal connections have proxy.tlstransport, which reads a record's size at a time). glibc
+serves an allocation that large with mmap, the shrink with mremap and the free with munmap:
+three system calls, page faults and TLB flushes per record received: half of a bare uvloop TLS
+echo server's CPU on our 2-core machines (`perf`). glibc raises its thresholds by itself once a
+process frees a large mapped block, and the proxy's start-up happens to do that today (`strace`
+under load shows no mmap), but whether it does depends on what start-up reads and imports. Set
+here, the buffer comes from the heap and goes back to it, and the heap keeps a few MiB free at
+its top instead of trimming after each record: `bench/tls_read_cost.py --modes default tuned`
+measured 27.8 -> 13.8 us of server CPU per TLS round trip.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ a close_notify from a bare TCP EOF, send a tampered record, or hold back the end
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
+import inspect
 import os
 import socket
 import ssl
@@ -16,7 +18,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple
 
 import pytest
 import uvloop
@@ -27,7 +29,6 @@ from proxy.tlstransport import TLSTransport, accept_tls
 
 pytestmark = pytest.mark.timeout(60)
 
-T = TypeVar("T")
 # Every wait on a peer in these tests is bounded by this.
 IO_TIMEOUT = 5.0
 BIG = 200 * 1024  # over 64 KiB: many records, and more than one plain read or write
@@ -83,15 +84,23 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 }
 
 
-@pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, T]], T]:
-    """Run a test's scenario on a fresh loop of the kind the parameter names."""
+def on_each_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test on a fresh loop of each kind: uvloop, which the proxy runs on, and asyncio's own."""
 
-    def run_scenario(scenario: Coroutine[Any, Any, T]) -> T:
-        with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
-            return runner.run(asyncio.wait_for(scenario, 30))
+    @functools.wraps(test)
+    def run(loop_factory: Callable[[], asyncio.AbstractEventLoop], **fixtures: Any) -> None:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(asyncio.wait_for(test(**fixtures), 30))
 
-    return run_scenario
+    # What pytest reads to pass fixtures and parameters: the test's own, and the loop.
+    loop_parameter = inspect.Parameter("loop_factory", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    run.__signature__ = inspect.signature(test).replace(  # type: ignore[attr-defined]
+        parameters=[loop_parameter, *inspect.signature(test).parameters.values()]
+    )
+    on_each: Callable[..., None] = pytest.mark.parametrize(
+        "loop_factory", list(LOOPS.values()), ids=list(LOOPS)
+    )(run)
+    return on_each
 
 
 class App(asyncio.Protocol):
@@ -233,7 +242,19 @@ class Connection:
 
 
 @dataclass
-class Established:
+class Handshake(Connection):
+    """A connection whose server side is in accept_tls."""
+
+    accepting: asyncio.Task[TLSTransport]
+
+    async def expect_closed_without_a_session(self) -> None:
+        """connection_made never came, and the server's socket is closed: the client reads TCP EOF."""
+        assert self.app.events == []
+        assert await self.client.raw_end_of_stream() == b""
+        assert self.server_sock.fileno() == -1
+
+
+class Established(NamedTuple):
     client: Client
     transport: TLSTransport
     app: App
@@ -255,418 +276,371 @@ async def open_connection(listener: socket.socket, context: ssl.SSLContext, app:
     return Connection(Client(sock, context), server_sock, app)
 
 
-def accept(
-    connection: Connection, context: ssl.SSLContext, *, handshake_timeout: float = IO_TIMEOUT
-) -> asyncio.Task[TLSTransport]:
-    return asyncio.ensure_future(
+async def start_handshake(
+    listener: socket.socket,
+    pki: PKI,
+    app: App | None = None,
+    *,
+    client: ssl.SSLContext | None = None,
+    verify_mode: ssl.VerifyMode = ssl.CERT_REQUIRED,
+    handshake_timeout: float = IO_TIMEOUT,
+) -> Handshake:
+    """A connection from a client (by default the PKI's terminal) with accept_tls running on it."""
+    connection = await open_connection(listener, client or client_context(pki, pki.terminal), app or App())
+    accepting = asyncio.ensure_future(
         accept_tls(
             connection.server_sock,
             connection.app,
-            context,
+            server_context(pki, verify_mode),
             handshake_timeout=handshake_timeout,
             shutdown_timeout=1.0,
         )
     )
+    return Handshake(connection.client, connection.server_sock, connection.app, accepting)
 
 
 async def establish(
     listener: socket.socket, pki: PKI, app: App | None = None, *, client: ssl.SSLContext | None = None
 ) -> Established:
-    app = app or App()
-    connection = await open_connection(listener, client or client_context(pki, pki.terminal), app)
-    accepting = accept(connection, server_context(pki))
-    await connection.client.handshake()
-    transport = await asyncio.wait_for(accepting, IO_TIMEOUT)
-    return Established(connection.client, transport, app)
+    handshake = await start_handshake(listener, pki, app, client=client)
+    await handshake.client.handshake()
+    transport = await asyncio.wait_for(handshake.accepting, IO_TIMEOUT)
+    return Established(handshake.client, transport, handshake.app)
 
 
 # --- handshake ---
 
 
-def test_a_terminal_with_a_certificate_gets_a_transport_that_reports_the_tls_session(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+@on_each_loop
+async def test_a_terminal_with_a_certificate_gets_a_transport_that_reports_the_tls_session(
+    listener: socket.socket, pki: PKI
 ) -> None:
-    async def scenario() -> None:
-        established = await establish(listener, pki)
-        transport, client = established.transport, established.client
-        assert established.app.events == ["connection_made"]
-        assert established.app.transport is transport
-        ssl_object = transport.get_extra_info("ssl_object")
-        assert isinstance(ssl_object, ssl.SSLObject)
-        assert ssl_object.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(
-            pki.terminal.cert_path.read_text()
+    client, transport, app = await establish(listener, pki)
+    assert app.events == ["connection_made"]
+    assert app.transport is transport
+    ssl_object = transport.get_extra_info("ssl_object")
+    assert isinstance(ssl_object, ssl.SSLObject)
+    assert ssl_object.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(
+        pki.terminal.cert_path.read_text()
+    )
+    assert ssl_object.selected_alpn_protocol() == POSTGRES_ALPN
+    assert ssl_object.version() == "TLSv1.3"
+    assert transport.get_extra_info("cipher") == ssl_object.cipher()
+    assert dict(transport.get_extra_info("peercert")["subject"][0])  # decoded on request
+    assert isinstance(transport.get_extra_info("sslcontext"), ssl.SSLContext)
+    assert transport.get_extra_info("peername") == client.sock.getsockname()
+    assert transport.get_extra_info("sockname") == client.sock.getpeername()
+    assert transport.get_extra_info("socket").fileno() >= 0
+    assert transport.get_extra_info("no such thing", "default") == "default"
+    assert not transport.is_closing() and transport.is_reading()
+    assert not transport.can_write_eof()
+    assert transport.get_protocol() is app
+    transport.close()
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["TLSv1.2", "TLSv1.3"]
+)
+@on_each_loop
+async def test_messages_over_64_kib_cross_intact_both_ways(
+    listener: socket.socket, pki: PKI, version: ssl.TLSVersion
+) -> None:
+    client_tls = client_context(pki, pki.terminal, maximum_version=version)
+    client, transport, app = await establish(listener, pki, client=client_tls)
+    assert transport.get_extra_info("ssl_object").version() == version.name.replace("v1_", "v1.")
+    upload, download = os.urandom(BIG), os.urandom(BIG)
+    await client.send(upload)
+    await app.until(lambda: len(app.received) >= BIG, "the whole upload")
+    assert app.received == upload
+    transport.write(download)
+    assert await client.receive_exactly(BIG) == download
+    transport.close()
+
+
+@on_each_loop
+async def test_the_first_message_sent_with_the_clients_finished_arrives_after_connection_made(
+    listener: socket.socket, pki: PKI
+) -> None:
+    app = App()
+    connection = await open_connection(listener, client_context(pki, pki.terminal), app)
+
+    async def accept_and_look() -> tuple[TLSTransport, bytes]:
+        transport = await accept_tls(
+            connection.server_sock,
+            app,
+            server_context(pki),
+            handshake_timeout=IO_TIMEOUT,
+            shutdown_timeout=1.0,
         )
-        assert ssl_object.selected_alpn_protocol() == POSTGRES_ALPN
-        assert ssl_object.version() == "TLSv1.3"
-        assert transport.get_extra_info("cipher") == ssl_object.cipher()
-        assert dict(transport.get_extra_info("peercert")["subject"][0])  # decoded on request
-        assert isinstance(transport.get_extra_info("sslcontext"), ssl.SSLContext)
-        assert transport.get_extra_info("peername") == client.sock.getsockname()
-        assert transport.get_extra_info("sockname") == client.sock.getpeername()
-        assert transport.get_extra_info("socket").fileno() >= 0
-        assert transport.get_extra_info("no such thing", "default") == "default"
-        assert not transport.is_closing() and transport.is_reading()
-        assert not transport.can_write_eof()
-        assert transport.get_protocol() is established.app
-        transport.close()
+        return transport, bytes(app.received)
 
-    run(scenario())
+    accepting = asyncio.ensure_future(accept_and_look())
+    await connection.client.handshake(send_finished=False)
+    connection.client.tls.write(b"startup packet")
+    await connection.client.send_pending()  # Finished and the first record in one segment
+    transport, seen_on_return = await asyncio.wait_for(accepting, IO_TIMEOUT)
+    assert seen_on_return == b""  # the task awaiting the handshake ran first
+    await app.until(lambda: app.received == b"startup packet", "the first message")
+    transport.close()
 
 
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
-def test_messages_over_64_kib_cross_intact_both_ways(
-    run: Callable[[Coroutine[Any, Any, None]], None],
-    listener: socket.socket,
-    pki: PKI,
-    version: ssl.TLSVersion,
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    terminal: str | None  # the PKI's certificate the client presents
+    verify_mode: ssl.VerifyMode
+    error: type[ssl.SSLError]  # what accept_tls raises,
+    why: str  # with this reason or verify message,
+    alert: str  # and what the alert tells the client
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        Refusal(
+            None, ssl.CERT_REQUIRED, ssl.SSLError, "PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"
+        ),
+        Refusal(
+            "foreign",
+            ssl.CERT_OPTIONAL,
+            ssl.SSLCertVerificationError,
+            "unable to get local issuer certificate",
+            "UNKNOWN_CA",
+        ),
+    ],
+    ids=["no certificate", "another CA"],
+)
+@on_each_loop
+async def test_a_refused_terminal_gets_an_alert_and_the_server_the_reason(
+    listener: socket.socket, pki: PKI, refusal: Refusal
 ) -> None:
-    async def scenario() -> None:
-        client_tls = client_context(pki, pki.terminal, maximum_version=version)
-        established = await establish(listener, pki, client=client_tls)
-        client, transport, app = established.client, established.transport, established.app
-        assert transport.get_extra_info("ssl_object").version() == version.name.replace("v1_", "v1.")
-        upload, download = os.urandom(BIG), os.urandom(BIG)
-        await client.send(upload)
-        await app.until(lambda: len(app.received) >= BIG, "the whole upload")
-        assert app.received == upload
-        transport.write(download)
-        assert await client.receive_exactly(BIG) == download
-        transport.close()
+    terminal = getattr(pki, refusal.terminal) if refusal.terminal is not None else None
+    handshake = await start_handshake(
+        listener, pki, client=client_context(pki, terminal), verify_mode=refusal.verify_mode
+    )
+    await handshake.client.handshake()  # TLS 1.3: the client is done before the server decides
+    with pytest.raises(refusal.error) as refused:
+        await asyncio.wait_for(handshake.accepting, IO_TIMEOUT)
+    error = refused.value
+    # As server.py reads it for its log line and audit record.
+    assert (
+        error.verify_message if isinstance(error, ssl.SSLCertVerificationError) else error.reason
+    ) == refusal.why
+    with pytest.raises(ssl.SSLError, match=refusal.alert):
+        await handshake.client.receive()  # the alert came before the close
+    await handshake.expect_closed_without_a_session()
 
-    run(scenario())
 
-
-def test_the_first_message_sent_with_the_clients_finished_arrives_after_connection_made(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+@on_each_loop
+async def test_a_handshake_that_does_not_finish_in_time_raises_timeout_error(
+    listener: socket.socket, pki: PKI
 ) -> None:
-    async def scenario() -> None:
-        app = App()
-        connection = await open_connection(listener, client_context(pki, pki.terminal), app)
-
-        async def accept_and_look() -> tuple[TLSTransport, bytes]:
-            transport = await accept_tls(
-                connection.server_sock,
-                app,
-                server_context(pki),
-                handshake_timeout=IO_TIMEOUT,
-                shutdown_timeout=1.0,
-            )
-            return transport, bytes(app.received)
-
-        accepting = asyncio.ensure_future(accept_and_look())
-        await connection.client.handshake(send_finished=False)
-        connection.client.tls.write(b"startup packet")
-        await connection.client.send_pending()  # Finished and the first record in one segment
-        transport, seen_on_return = await asyncio.wait_for(accepting, IO_TIMEOUT)
-        assert seen_on_return == b""  # the task awaiting the handshake ran first
-        await app.until(lambda: app.received == b"startup packet", "the first message")
-        transport.close()
-
-    run(scenario())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    handshake = await start_handshake(listener, pki, handshake_timeout=0.3)
+    with pytest.raises(TimeoutError, match=r"within 0\.3s"):
+        await handshake.accepting
+    assert 0.25 <= loop.time() - started < IO_TIMEOUT
+    await handshake.expect_closed_without_a_session()
 
 
-def test_a_terminal_without_a_certificate_is_refused_with_an_ssl_error(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+@on_each_loop
+async def test_a_peer_that_leaves_during_the_handshake_raises_connection_error(
+    listener: socket.socket, pki: PKI
 ) -> None:
-    async def scenario() -> None:
-        app = App()
-        connection = await open_connection(listener, client_context(pki, None), app)
-        accepting = accept(connection, server_context(pki))
-        await connection.client.handshake()  # TLS 1.3: the client is done before the server decides
-        with pytest.raises(ssl.SSLError) as refused:
-            await asyncio.wait_for(accepting, IO_TIMEOUT)
-        assert refused.value.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE"
-        assert app.events == []
-        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
-            await connection.client.receive()  # the alert came before the close
-        assert await connection.client.raw_end_of_stream() == b""
-        assert connection.server_sock.fileno() == -1
-
-    run(scenario())
+    handshake = await start_handshake(listener, pki)
+    with suppress(ssl.SSLWantReadError):
+        handshake.client.tls.do_handshake()
+    hello = handshake.client.outgoing.read()
+    await handshake.client.send_raw(hello[: len(hello) // 2])
+    handshake.client.sock.close()
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(handshake.accepting, IO_TIMEOUT)
+    assert handshake.app.events == []
+    await asyncio.sleep(0.05)  # the event loop closes the socket in a callback of its own
+    assert handshake.server_sock.fileno() == -1
 
 
-def test_a_terminal_certificate_from_another_ca_is_refused_with_the_verify_message(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
-) -> None:
-    async def scenario() -> None:
-        app = App()
-        connection = await open_connection(listener, client_context(pki, pki.foreign), app)
-        accepting = accept(connection, server_context(pki, ssl.CERT_OPTIONAL))
-        await connection.client.handshake()
-        with pytest.raises(ssl.SSLCertVerificationError) as refused:
-            await asyncio.wait_for(accepting, IO_TIMEOUT)
-        assert refused.value.verify_message == "unable to get local issuer certificate"
-        assert app.events == []
-        with pytest.raises(ssl.SSLError, match="UNKNOWN_CA"):
-            await connection.client.receive()
-        assert await connection.client.raw_end_of_stream() == b""
-        assert connection.server_sock.fileno() == -1
-
-    run(scenario())
-
-
-def test_a_handshake_that_does_not_finish_in_time_raises_timeout_error(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
-) -> None:
-    async def scenario() -> None:
-        app = App()
-        connection = await open_connection(listener, client_context(pki, pki.terminal), app)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        with pytest.raises(TimeoutError, match=r"within 0\.3s"):
-            await accept(connection, server_context(pki), handshake_timeout=0.3)
-        assert 0.25 <= loop.time() - started < IO_TIMEOUT
-        assert app.events == []
-        assert await connection.client.raw_end_of_stream() == b""
-        assert connection.server_sock.fileno() == -1
-
-    run(scenario())
-
-
-def test_a_peer_that_leaves_during_the_handshake_raises_connection_error(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
-) -> None:
-    async def scenario() -> None:
-        app = App()
-        connection = await open_connection(listener, client_context(pki, pki.terminal), app)
-        accepting = accept(connection, server_context(pki))
-        with suppress(ssl.SSLWantReadError):
-            connection.client.tls.do_handshake()
-        hello = connection.client.outgoing.read()
-        await connection.client.send_raw(hello[: len(hello) // 2])
-        connection.client.sock.close()
-        with pytest.raises(ConnectionError):
-            await asyncio.wait_for(accepting, IO_TIMEOUT)
-        assert app.events == []
-        await asyncio.sleep(0.05)  # the event loop closes the socket in a callback of its own
-        assert connection.server_sock.fileno() == -1
-
-    run(scenario())
-
-
-def test_cancelling_the_handshake_closes_the_socket(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
-) -> None:
-    async def scenario() -> None:
-        app = App()
-        connection = await open_connection(listener, client_context(pki, pki.terminal), app)
-        accepting = accept(connection, server_context(pki))
-        await asyncio.sleep(0.05)
-        accepting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await accepting
-        assert await connection.client.raw_end_of_stream() == b""
-        assert app.events == []
-
-    run(scenario())
+@on_each_loop
+async def test_cancelling_the_handshake_closes_the_socket(listener: socket.socket, pki: PKI) -> None:
+    handshake = await start_handshake(listener, pki)
+    await asyncio.sleep(0.05)
+    handshake.accepting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handshake.accepting
+    await handshake.expect_closed_without_a_session()
 
 
 # --- reading ---
 
 
-def test_paused_reading_holds_data_and_resuming_delivers_it_in_order(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+@on_each_loop
+async def test_paused_reading_holds_data_and_resuming_delivers_it_in_order(
+    listener: socket.socket, pki: PKI
 ) -> None:
-    async def scenario() -> None:
-        established = await establish(listener, pki, App(pause_on_data=True))
-        client, transport, app = established.client, established.transport, established.app
-        messages = [bytes([index]) * 1000 for index in range(50)]
-        await client.send(messages[0])
-        await app.until(lambda: app.chunks == 1, "the first message")
-        assert not transport.is_reading()
-        for message in messages[1:]:
-            await client.send(message)  # a record each, read by the plain transport as they come
-        await asyncio.sleep(0.2)
-        assert app.chunks == 1, "data delivered while paused"
-        transport.resume_reading()
-        await app.until(lambda: app.chunks == 2, "the held data after resume_reading")
-        assert app.received == b"".join(messages)
-        await client.send(b"after")
-        await asyncio.sleep(0.1)
-        assert app.chunks == 2, "paused again by the held data"
-        transport.resume_reading()
-        await app.until(lambda: app.received.endswith(b"after"), "data sent after the resume")
-        transport.close()
-
-    run(scenario())
+    client, transport, app = await establish(listener, pki, App(pause_on_data=True))
+    messages = [bytes([index]) * 1000 for index in range(50)]
+    await client.send(messages[0])
+    await app.until(lambda: app.chunks == 1, "the first message")
+    assert not transport.is_reading()
+    for message in messages[1:]:
+        await client.send(message)  # a record each, read by the plain transport as they come
+    await asyncio.sleep(0.2)
+    assert app.chunks == 1, "data delivered while paused"
+    transport.resume_reading()
+    await app.until(lambda: app.chunks == 2, "the held data after resume_reading")
+    assert app.received == b"".join(messages)
+    await client.send(b"after")
+    await asyncio.sleep(0.1)
+    assert app.chunks == 2, "paused again by the held data"
+    transport.resume_reading()
+    await app.until(lambda: app.received.endswith(b"after"), "data sent after the resume")
+    transport.close()
 
 
-def test_the_peers_close_notify_is_eof_received_then_connection_lost(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+@on_each_loop
+async def test_the_peers_close_notify_is_eof_received_then_connection_lost(
+    listener: socket.socket, pki: PKI
 ) -> None:
-    async def scenario() -> None:
-        established = await establish(listener, pki)
-        client, app = established.client, established.app
-        await client.send(b"last words")
-        await client.close_notify()
-        await app.until(lambda: app.lost == [None], "connection_lost")
-        assert app.received == b"last words"
-        assert app.events == ["connection_made", "eof_received", "connection_lost"]
-        assert await client.receive() == b""  # the server's close_notify in answer
-        assert established.transport.is_closing()
-
-    run(scenario())
+    client, transport, app = await establish(listener, pki)
+    await client.send(b"last words")
+    await client.close_notify()
+    await app.until(lambda: app.lost == [None], "connection_lost")
+    assert app.received == b"last words"
+    assert app.events == ["connection_made", "eof_received", "connection_lost"]
+    assert await client.receive() == b""  # the server's close_notify in answer
+    assert transport.is_closing()
 
 
-def test_a_tcp_eof_without_close_notify_is_eof_received_then_connection_lost(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+@on_each_loop
+async def test_a_tcp_eof_without_close_notify_is_eof_received_then_connection_lost(
+    listener: socket.socket, pki: PKI
 ) -> None:
-    async def scenario() -> None:
-        established = await establish(listener, pki)
-        await established.client.send(b"last words")
-        established.client.sock.shutdown(socket.SHUT_WR)
-        app = established.app
-        await app.until(lambda: app.lost == [None], "connection_lost")
-        assert app.received == b"last words"
-        assert app.events == ["connection_made", "eof_received", "connection_lost"]
-
-    run(scenario())
+    client, _, app = await establish(listener, pki)
+    await client.send(b"last words")
+    client.sock.shutdown(socket.SHUT_WR)
+    await app.until(lambda: app.lost == [None], "connection_lost")
+    assert app.received == b"last words"
+    assert app.events == ["connection_made", "eof_received", "connection_lost"]
 
 
-def test_records_held_while_paused_come_before_the_eof(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+@on_each_loop
+async def test_records_held_while_paused_come_before_the_eof(listener: socket.socket, pki: PKI) -> None:
+    client, transport, app = await establish(listener, pki)
+    transport.pause_reading()
+    await client.send(b"held")
+    client.sock.shutdown(socket.SHUT_WR)
+    await asyncio.sleep(0.2)
+    assert app.events == ["connection_made"] and app.received == b""
+    transport.resume_reading()
+    await app.until(lambda: app.lost == [None], "connection_lost")
+    assert app.received == b"held"
+    assert app.events == ["connection_made", "eof_received", "connection_lost"]
+
+
+@on_each_loop
+async def test_a_tampered_record_after_the_handshake_ends_the_connection_with_an_ssl_error(
+    listener: socket.socket, pki: PKI
 ) -> None:
-    async def scenario() -> None:
-        established = await establish(listener, pki)
-        client, transport, app = established.client, established.transport, established.app
-        transport.pause_reading()
-        await client.send(b"held")
-        client.sock.shutdown(socket.SHUT_WR)
-        await asyncio.sleep(0.2)
-        assert app.events == ["connection_made"] and app.received == b""
-        transport.resume_reading()
-        await app.until(lambda: app.lost == [None], "connection_lost")
-        assert app.received == b"held"
-        assert app.events == ["connection_made", "eof_received", "connection_lost"]
-
-    run(scenario())
-
-
-def test_a_tampered_record_after_the_handshake_ends_the_connection_with_an_ssl_error(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
-) -> None:
-    async def scenario() -> None:
-        established = await establish(listener, pki)
-        client, app = established.client, established.app
-        client.tls.write(b"SELECT 1")
-        record = bytearray(client.outgoing.read())
-        record[-1] ^= 0x01  # the AEAD tag no longer matches
-        await client.send_raw(bytes(record))
-        await app.until(lambda: len(app.lost) == 1, "connection_lost")
-        assert isinstance(app.lost[0], ssl.SSLError)
-        assert app.lost[0].reason == "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
-        assert app.received == b""
-        assert app.events == ["connection_made", "connection_lost"]
-        with pytest.raises(ssl.SSLError, match="BAD_RECORD_MAC"):
-            await client.receive()  # told why by an alert
-
-    run(scenario())
+    client, _, app = await establish(listener, pki)
+    client.tls.write(b"SELECT 1")
+    record = bytearray(client.outgoing.read())
+    record[-1] ^= 0x01  # the AEAD tag no longer matches
+    await client.send_raw(bytes(record))
+    await app.until(lambda: len(app.lost) == 1, "connection_lost")
+    assert isinstance(app.lost[0], ssl.SSLError)
+    assert app.lost[0].reason == "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+    assert app.received == b""
+    assert app.events == ["connection_made", "connection_lost"]
+    with pytest.raises(ssl.SSLError, match="BAD_RECORD_MAC"):
+        await client.receive()  # told why by an alert
 
 
 # --- writing and closing ---
 
 
-def test_the_plain_transports_flow_control_reaches_the_application(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+@on_each_loop
+async def test_the_plain_transports_flow_control_reaches_the_application(
+    listener: socket.socket, pki: PKI
 ) -> None:
-    async def scenario() -> None:
-        established = await establish(listener, pki)
-        client, transport, app = established.client, established.transport, established.app
-        transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
-        assert transport.get_write_buffer_limits() in ((16 * 1024, 64 * 1024), (64 * 1024, 16 * 1024))
-        sent = bytearray()
-        for _ in range(400):  # more than the kernel's socket buffers take: the client is not reading
-            chunk = os.urandom(16 * 1024)
-            transport.write(chunk)
-            sent += chunk
-            if "pause_writing" in app.events:
-                break
-        assert app.events == ["connection_made", "pause_writing"]
-        assert transport.get_write_buffer_size() > 64 * 1024
-        assert await client.receive_exactly(len(sent)) == sent
-        await app.until(lambda: "resume_writing" in app.events, "resume_writing")
-        assert transport.get_write_buffer_size() == 0
-        transport.close()
-
-    run(scenario())
+    client, transport, app = await establish(listener, pki)
+    transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
+    assert transport.get_write_buffer_limits() in ((16 * 1024, 64 * 1024), (64 * 1024, 16 * 1024))
+    sent = bytearray()
+    for _ in range(400):  # more than the kernel's socket buffers take: the client is not reading
+        chunk = os.urandom(16 * 1024)
+        transport.write(chunk)
+        sent += chunk
+        if "pause_writing" in app.events:
+            break
+    assert app.events == ["connection_made", "pause_writing"]
+    assert transport.get_write_buffer_size() > 64 * 1024
+    assert await client.receive_exactly(len(sent)) == sent
+    await app.until(lambda: "resume_writing" in app.events, "resume_writing")
+    assert transport.get_write_buffer_size() == 0
+    transport.close()
 
 
-def test_close_sends_close_notify_after_what_was_written(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+@on_each_loop
+async def test_close_sends_close_notify_after_what_was_written(listener: socket.socket, pki: PKI) -> None:
+    client, transport, app = await establish(listener, pki)
+    transport.write(b"goodbye")
+    transport.close()
+    assert transport.is_closing()
+    transport.write(b"dropped")  # after close: ignored, as asyncio's transports do
+    transport.close()
+    assert await client.receive_exactly(7) == b"goodbye"
+    assert await client.receive() == b""  # close_notify, not a bare TCP EOF
+    assert await client.raw_end_of_stream() == b""
+    await app.until(lambda: app.lost == [None], "connection_lost")
+    assert app.events == ["connection_made", "connection_lost"]
+
+
+@on_each_loop
+async def test_a_close_to_a_peer_that_does_not_read_ends_after_the_shutdown_timeout(
+    listener: socket.socket, pki: PKI
 ) -> None:
-    async def scenario() -> None:
-        established = await establish(listener, pki)
-        client, transport, app = established.client, established.transport, established.app
-        transport.write(b"goodbye")
-        transport.close()
-        assert transport.is_closing()
-        transport.write(b"dropped")  # after close: ignored, as asyncio's transports do
-        transport.close()
-        assert await client.receive_exactly(7) == b"goodbye"
-        assert await client.receive() == b""  # close_notify, not a bare TCP EOF
-        assert await client.raw_end_of_stream() == b""
-        await app.until(lambda: app.lost == [None], "connection_lost")
-        assert app.events == ["connection_made", "connection_lost"]
-
-    run(scenario())
+    _, transport, app = await establish(listener, pki)
+    while "pause_writing" not in app.events:
+        transport.write(bytes(64 * 1024))
+    loop = asyncio.get_running_loop()
+    closed_at = loop.time()
+    transport.close()
+    await app.until(lambda: len(app.lost) == 1, "connection_lost after the shutdown timeout")
+    assert loop.time() - closed_at >= 0.9  # shutdown_timeout=1.0, not at once
+    assert app.events[-1] == "connection_lost"
 
 
-def test_a_close_to_a_peer_that_does_not_read_ends_after_the_shutdown_timeout(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+@on_each_loop
+async def test_abort_ends_the_connection_without_close_notify(listener: socket.socket, pki: PKI) -> None:
+    client, transport, app = await establish(listener, pki)
+    transport.abort()
+    transport.abort()
+    transport.close()
+    assert transport.is_closing()
+    with pytest.raises((ssl.SSLEOFError, ConnectionResetError)):
+        await client.receive()
+    await app.until(lambda: app.lost == [None], "connection_lost")
+    await asyncio.sleep(0.05)
+    assert app.events == ["connection_made", "connection_lost"]
+
+
+@on_each_loop
+async def test_a_peer_that_resets_the_connection_is_connection_lost_once(
+    listener: socket.socket, pki: PKI
 ) -> None:
-    async def scenario() -> None:
-        established = await establish(listener, pki)
-        transport, app = established.transport, established.app
-        while "pause_writing" not in app.events:
-            transport.write(bytes(64 * 1024))
-        loop = asyncio.get_running_loop()
-        closed_at = loop.time()
-        transport.close()
-        await app.until(lambda: len(app.lost) == 1, "connection_lost after the shutdown timeout")
-        assert loop.time() - closed_at >= 0.9  # shutdown_timeout=1.0, not at once
-        assert app.events[-1] == "connection_lost"
-
-    run(scenario())
+    client, transport, app = await establish(listener, pki)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    client.sock.close()  # linger 0: RST
+    await app.until(lambda: len(app.lost) == 1, "connection_lost")
+    transport.write(b"too late")
+    transport.close()
+    await asyncio.sleep(0.05)
+    assert app.events.count("connection_lost") == 1
 
 
-def test_abort_ends_the_connection_without_close_notify(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
-) -> None:
-    async def scenario() -> None:
-        established = await establish(listener, pki)
-        client, transport, app = established.client, established.transport, established.app
-        transport.abort()
-        transport.abort()
-        transport.close()
-        assert transport.is_closing()
-        with pytest.raises((ssl.SSLEOFError, ConnectionResetError)):
-            await client.receive()
-        await app.until(lambda: app.lost == [None], "connection_lost")
-        await asyncio.sleep(0.05)
-        assert app.events == ["connection_made", "connection_lost"]
-
-    run(scenario())
-
-
-def test_a_peer_that_resets_the_connection_is_connection_lost_once(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
-) -> None:
-    async def scenario() -> None:
-        established = await establish(listener, pki)
-        client, transport, app = established.client, established.transport, established.app
-        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        client.sock.close()  # linger 0: RST
-        await app.until(lambda: len(app.lost) == 1, "connection_lost")
-        transport.write(b"too late")
-        transport.close()
-        await asyncio.sleep(0.05)
-        assert app.events.count("connection_lost") == 1
-
-    run(scenario())
-
-
-def test_a_lost_connection_is_freed_without_the_garbage_collector(
-    run: Callable[[Coroutine[Any, Any, None]], None], listener: socket.socket, pki: PKI
+@on_each_loop
+async def test_a_lost_connection_is_freed_without_the_garbage_collector(
+    listener: socket.socket, pki: PKI
 ) -> None:
     """No reference cycle through the TLS layer: a closed session's OpenSSL state goes with it."""
 
@@ -678,12 +652,9 @@ def test_a_lost_connection_is_freed_without_the_garbage_collector(
         await asyncio.sleep(0.05)  # the event loop lets go of its own references
         return weakref.ref(app)
 
-    async def scenario() -> None:
-        gone = await close_one()
-        assert gone() is None
-
     gc.disable()
     try:
-        run(scenario())
+        gone = await close_one()
+        assert gone() is None
     finally:
         gc.enable()
