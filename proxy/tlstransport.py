@@ -174,7 +174,7 @@ class TLSServerProtocol(asyncio.Protocol):
         self._reading = False
         self._cancel_timer()
         if self._waiter is not None:
-            self._fail_handshake(
+            self._give_up_handshake(
                 exc or ConnectionResetError("the connection was lost during the TLS handshake")
             )
         elif self._connected:
@@ -225,12 +225,16 @@ class TLSServerProtocol(asyncio.Protocol):
         self._timer = None
         self._fail_handshake(TimeoutError(f"TLS handshake not finished within {self._handshake_timeout:g}s"))
 
-    def _fail_handshake(self, exc: BaseException) -> None:
+    def _give_up_handshake(self, exc: BaseException) -> None:
+        """The handshake will not finish: the task awaiting it learns why (unless it was cancelled)."""
         self._cancel_timer()
         self.closing = True
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
+
+    def _fail_handshake(self, exc: BaseException) -> None:
+        self._give_up_handshake(exc)
         if self._outgoing.pending:
             # OpenSSL's alert says why (certificate expired, unknown CA): flushed before the close.
             self._flush()
