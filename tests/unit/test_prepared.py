@@ -587,6 +587,19 @@ def test_query_discarded_after_an_extended_protocol_error() -> None:
     assert not conn.state.pending
 
 
+def test_a_sync_read_on_its_own_still_ends_the_skipping_after_a_query_inside_the_cycle() -> None:
+    # The Sync alone is an untouched batch, but the cycle it ends was opened by the earlier read:
+    # it must stay where the server's skipping ends, or the next answers of the proxy's own vanish.
+    conn, client = Conn.new(fail_texts={T4}), Client()
+    seen = client.send(conn, parse(b"", T4) + bind(b"") + execute() + query(b"SELECT 1"))
+    seen += client.send(conn, sync())
+    seen += conn.deliver()
+    assert kinds(seen) == "EZ"
+    assert not conn.state.pending
+    assert not conn.state.skipping
+    assert kinds(client.exchange(conn, close(b"S", b"a"), sync())) == "3Z"
+
+
 @pytest.mark.parametrize("rest", [[bind(b"a"), execute(), sync()], [close(b"S", b"a"), sync()]])
 def test_messages_sent_after_the_error_was_read_are_skipped_too(rest: list[bytes]) -> None:
     conn, client = Conn.new(fail_texts={T4}), Client()

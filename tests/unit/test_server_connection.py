@@ -84,6 +84,23 @@ def test_an_idle_connection_is_lent_back_after_its_ready_for_query() -> None:
     assert server.is_clean
 
 
+def test_a_sync_sent_apart_from_a_failed_cycle_still_lends_the_connection_back() -> None:
+    server, peer = _lent_connection_after_a_query(transaction_pooling=True)
+    server.data_received(REPLY)
+    server.attach(peer)
+    peer.events.clear()
+    statements = ClientStatements(StatementStats())
+    failing = m.build_message(b"P", b"\x00SELEC oops\x00\x00\x00")
+    for part in (failing + m.build_message(b"B", b"\x00" * 8) + m.build_message(b"E", b"\x00" * 5)
+                 + m.build_query("SELECT 1"), m.build_message(b"S", b"")):  # fmt: skip
+        frames, _ = m.scan_frames(part, MAX)
+        server.send(statements.rewrite(part, frames, server.state), frames)
+    error = m.build_error_response("ERROR", "42601", "syntax error")
+    server.data_received(error + m.build_ready_for_query(b"I"))
+    assert peer.events == ["ready", "idle"]
+    assert server.is_clean
+
+
 def test_a_fatal_right_after_ready_for_query_keeps_the_connection_from_the_next_client() -> None:
     # A server shutting down sends FATAL 57P01 to idle backends, possibly in the same read as the
     # last reply: lending the connection on would send another client's messages to a closing socket.

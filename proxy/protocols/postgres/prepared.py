@@ -182,11 +182,11 @@ class ClientStatements:
         if not (refusals or forget_at or server.skipping) and (
             not pending or pending[-1].ends_with == _EXPECT_READY
         ):
-            readies = _untouched_readies(source, frames)
-            if readies:
+            cycle_ends = _untouched_cycle_ends(source, frames)
+            if cycle_ends:
                 # Nothing to rename, answer or drop: each cycle's replies pass on whole up to its
-                # ReadyForQuery, so one expectation per cycle is all the reply filter needs.
-                pending.extend([_READY] * readies)
+                # ReadyForQuery, so the expectation of its end is all the reply filter needs.
+                pending.extend(cycle_ends)
                 return bytes(source)
         splice = _Splice(source)
         out = splice.parts
@@ -282,25 +282,27 @@ class ClientStatements:
         return True
 
 
-def _untouched_readies(source: bytes | bytearray, frames: list[m.Frame]) -> int:
-    """The ReadyForQuery count of client messages that reach the server as they are (only the
-    unnamed statement, ending with a cycle's end); 0 for any the proxy must look at closer.
+def _untouched_cycle_ends(source: bytes | bytearray, frames: list[m.Frame]) -> list[Expected]:
+    """The reply expectations of client messages that reach the server as they are (only the
+    unnamed statement, ending with a cycle's end): one per Sync, Query or FunctionCall, as the
+    general path has them; empty for messages the proxy must look at closer.
 
     A Query or FunctionCall inside an extended-protocol cycle gets no ReadyForQuery when an
     earlier message of the cycle fails (the server skips to Sync): such batches take the
-    general path, which follows the skipping message by message.
+    general path, which follows the skipping message by message. A Sync keeps its mark
+    (_SYNCED): it is where that skipping ends, also for a cycle opened by an earlier batch.
     """
-    readies = 0
+    cycle_ends: list[Expected] = []
     in_cycle = False
     for kind, start, end in frames:
         if kind == 0x53:  # 'S' Sync
-            readies += 1
+            cycle_ends.append(_SYNCED)
             in_cycle = False
             continue
         if kind in _CYCLE_ENDERS:
             if in_cycle:
-                return 0
-            readies += 1
+                return []
+            cycle_ends.append(_READY)
             continue
         in_cycle = True
         # A statement name, or a message too short or odd to tell: the general path decides.
@@ -314,8 +316,8 @@ def _untouched_readies(source: bytes | bytearray, frames: list[m.Frame]) -> int:
         else:
             named = False
         if named:
-            return 0
-    return readies if frames and frames[-1][0] in _CYCLE_ENDERS else 0
+            return []
+    return cycle_ends if frames and frames[-1][0] in _CYCLE_ENDERS else []
 
 
 _UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
@@ -340,9 +342,10 @@ def filter_server_messages(
     parameters: list[bytes] = []
     head = pending[0] if pending else None
     for kind, start, end in frames:
-        if head is _READY and not server.skipping:
-            # The reply to a cycle passed on untouched (see ClientStatements.rewrite): only its
-            # end and the server's reports matter.
+        if (head is _READY or head is _SYNCED) and not server.skipping:
+            # The reply to a cycle passed on as it was (as ClientStatements.rewrite passes on
+            # untouched cycles): only its end and the server's reports matter. An error changes
+            # nothing here: with a Sync at the head, skipping to it has nothing to skip.
             if kind == 0x5A:  # 'Z'
                 pending.popleft()
                 status = source[end - 1 : end]
@@ -396,7 +399,7 @@ def pass_untouched_replies(
     filter_server_messages, which give the same result in this case at twice the cost).
     """
     pending = server.pending
-    if server.skipping or (pending and pending[0] is not _READY):
+    if server.skipping or (pending and pending[0] is not _READY and pending[0] is not _SYNCED):
         return None
     parameters: list[bytes] = []
     position = readies = last_start = 0
@@ -418,17 +421,24 @@ def pass_untouched_replies(
             parameters.append(bytes(source[position + 5 : end]))
         last_start = position
         position = end
-    if readies > len(pending) or (readies > 1 and any(pending[i] is not _READY for i in range(1, readies))):
+    if readies > len(pending):
+        return None
+    if readies > 1 and not all(_ends_untouched(pending[index]) for index in range(1, readies)):
         return None
     # What follows the last ReadyForQuery must not answer a message the proxy changed, nor may
     # the proxy answer one itself right behind it.
     following = pending[readies] if readies < len(pending) else _READY
-    if following is not _READY and (position > status_at + 1 or following.reply is _SYNTHETIC):
+    if not _ends_untouched(following) and (position > status_at + 1 or following.reply is _SYNTHETIC):
         return None
     for _ in range(readies):
         pending.popleft()
     status = bytes(source[status_at : status_at + 1]) if readies else None
     return position, status, parameters, last_start
+
+
+def _ends_untouched(expected: Expected) -> bool:
+    """The end of a cycle whose replies all pass on as they are."""
+    return expected is _READY or expected is _SYNCED
 
 
 class _Splice:
