@@ -242,17 +242,22 @@ class Metrics:
             batched = self._batched[key] = BatchedHistogram(histogram.labels(*labels))
         return batched
 
-    def render(self) -> bytes:
-        """The Prometheus text exposition of every metric, served as CONTENT_TYPE."""
+    def fold_batched(self) -> None:
+        """Fold what the data path counted into the histograms (at each render, and at shutdown)."""
         for batched in self._batched.values():
             batched.fold()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric, served as CONTENT_TYPE."""
+        self.fold_batched()
         return generate_latest(self.registry)
 
 
 class BatchedHistogram:
     """Observations of one histogram child counted in plain Python and folded into it when the
     metrics are rendered (by this process: with --workers each one renders into the shared
-    directory when the supervisor asks).
+    directory when the supervisor asks) and when the proxy shuts down; a process that dies
+    loses what it counted since.
 
     ``Histogram.observe`` takes a lock twice and walks the buckets, about 1.1 us, once per
     statement on the data path; this is a bisect and two additions. The fold writes to the

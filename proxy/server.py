@@ -456,6 +456,8 @@ class ProxyServer:
         if self._shared_limits is not None:
             await self._shared_limits.close()
         self._flush_review()
+        # Observations since the last scrape: with --workers the shared files keep them after exit.
+        self.metrics.fold_batched()
         if self.audit is not None:
             # Everything recorded so far reaches the file before the process exits.
             self.audit.close()

@@ -215,3 +215,14 @@ def test_one_batched_histogram_per_metric_and_label_set() -> None:
     assert value(metrics, "pos_proxy_statement_seconds_count", role="manager") == 0.0
     assert value(metrics, "pos_proxy_pool_wait_seconds_bucket", route="pos", le="0.25") == 0.0
     assert value(metrics, "pos_proxy_pool_wait_seconds_bucket", route="pos", le="0.5") == 1.0
+
+
+def test_fold_batched_puts_the_counts_into_the_histogram_without_a_render() -> None:
+    metrics = Metrics()
+    metrics.batched(metrics.pool_wait_seconds, "pos").observe(0.5)
+    child = metrics.pool_wait_seconds.labels("pos")
+    assert child._sum.get() == 0.0
+    metrics.fold_batched()
+    assert child._sum.get() == 0.5
+    metrics.fold_batched()
+    assert child._sum.get() == 0.5
