@@ -23,8 +23,9 @@ READ_SIZE = 2**14
 # A memory BIO keeps, for the connection's life, the largest buffer it ever needed (OpenSSL's BUF_MEM
 # grows, never shrinks): a 256 KiB result or upload passed through whole would stay resident in the
 # connection, idle or not. So larger plain reads and application writes go through OpenSSL a slice
-# at a time and a BIO holds about one at most. A read slice that ends inside a record costs an
-# SSLWantReadError (about 1.4 us): 2-4 % more server CPU on 256 KiB echoes (bench/tls_read_cost.py).
+# at a time, and a BIO keeps about 22 KiB at most. A read slice that ends inside a record, nearly
+# each one, costs an SSLWantReadError (about 1.4 us): a few per cent of a bulk upload's CPU, within
+# the noise of bench/tls_read_cost.py with 64 and 256 KiB messages (0.93-1.12x against no slicing).
 SLICE = 2**14
 
 # What a protocol points at once its connection is lost, instead of the application: the application
