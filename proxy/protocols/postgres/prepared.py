@@ -187,7 +187,8 @@ class ClientStatements:
                 # Nothing to rename, answer or drop: each cycle's replies pass on whole up to its
                 # ReadyForQuery, so the expectation of its end is all the reply filter needs.
                 pending.extend(cycle_ends)
-                return bytes(source)
+                end = frames[-1][2]
+                return bytes(source if end == len(source) else source[:end])
         splice = _Splice(source)
         out = splice.parts
         expect = pending.append
