@@ -62,8 +62,8 @@ async def accept_tls(
         shutdown_timeout=shutdown_timeout,
     )
     transport = tls.transport  # the protocol lets go of it once the application has it
-    await loop.connect_accepted_socket(lambda: tls, sock)
     try:
+        await loop.connect_accepted_socket(lambda: tls, sock)
         await handshake
     except BaseException:
         tls.abort()  # cancelled while waiting: the handshake's own failures have closed it already
@@ -213,14 +213,24 @@ class TLSServerProtocol(asyncio.Protocol):
         waiter, self._waiter = self._waiter, None
         assert waiter is not None
         self._connected = True
-        self._reading = True
-        self._app.connection_made(transport)
+        try:
+            self._app.connection_made(transport)
+        except Exception as exc:
+            # The awaiting task learns it (as with uvloop's TLS layer) instead of waiting forever.
+            waiter.set_exception(exc)
+            self._fail(exc)
+            return
         waiter.set_result(None)
-        if self._reading and self._incoming.pending:
-            # The client's first records came with its last handshake flight. They are read after
-            # the awaiting task has run, so that it sees the connection before its first data, as
-            # with uvloop's TLS layer.
-            self._loop.call_soon(self._read_held)
+        # Nothing reaches the application before the awaiting task has run: it may still turn the
+        # terminal away (a revoked certificate under an expired CRL kept in force). Records that
+        # come meanwhile, also in further reads of this loop pass, wait in the incoming BIO.
+        self._loop.call_soon(self._begin_reading)
+
+    def _begin_reading(self) -> None:
+        if self.closing or self._paused:
+            return  # resume_reading starts reading, if the application wants more
+        self._reading = True
+        self._read_held()
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
@@ -386,7 +396,12 @@ class TLSServerProtocol(asyncio.Protocol):
         self.closing = True
         self._reading = False
         self._cancel_timer()
-        self._plain.abort()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.cancel()  # nobody awaits it any more
+        plain: asyncio.Transport | None = getattr(self, "_plain", None)
+        if plain is not None:  # None: cancelled before the event loop connected it
+            plain.abort()
 
     def _fail(self, exc: Exception) -> None:
         """End the connection because of ``exc``, which the application's connection_lost gets."""

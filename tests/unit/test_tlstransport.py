@@ -357,12 +357,18 @@ async def test_messages_over_64_kib_cross_intact_both_ways(
     transport.close()
 
 
+@pytest.mark.parametrize("size", [14, 600_000])
 @on_each_loop
 async def test_the_first_message_sent_with_the_clients_finished_arrives_after_connection_made(
-    listener: socket.socket, pki: PKI
+    listener: socket.socket, pki: PKI, size: int
 ) -> None:
+    # Also when it fills more than one read of the event loop's buffer in the same loop pass: the
+    # task awaiting the handshake may still turn the terminal away (a revoked certificate).
     app = App()
     connection = await open_connection(listener, client_context(pki, pki.terminal), app)
+    connection.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    connection.server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    first = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
 
     async def accept_and_look() -> tuple[TLSTransport, bytes]:
         transport = await accept_tls(
@@ -376,12 +382,30 @@ async def test_the_first_message_sent_with_the_clients_finished_arrives_after_co
 
     accepting = asyncio.ensure_future(accept_and_look())
     await connection.client.handshake(send_finished=False)
-    connection.client.tls.write(b"startup packet")
-    await connection.client.send_pending()  # Finished and the first record in one segment
+    connection.client.tls.write(first)
+    await connection.client.send_pending()  # Finished and the first records in one send
     transport, seen_on_return = await asyncio.wait_for(accepting, IO_TIMEOUT)
     assert seen_on_return == b""  # the task awaiting the handshake ran first
-    await app.until(lambda: app.received == b"startup packet", "the first message")
+    await app.until(lambda: app.received == first, "the first message")
     transport.close()
+
+
+class FailingApp(App):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        raise ValueError("the application could not start")
+
+
+@on_each_loop
+async def test_an_application_that_fails_to_start_fails_the_accept_instead_of_hanging_it(
+    listener: socket.socket, pki: PKI
+) -> None:
+    handshake = await start_handshake(listener, pki, FailingApp())
+    await handshake.client.handshake()
+    with pytest.raises(ValueError, match="could not start"):
+        await asyncio.wait_for(handshake.accepting, IO_TIMEOUT)
+    await handshake.app.until(lambda: len(handshake.app.lost) == 1, "connection_lost")
+    assert isinstance(handshake.app.lost[0], ValueError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -701,6 +725,7 @@ async def test_reads_and_writes_larger_than_a_slice_pass_whole(pki: PKI) -> None
                 client.tls.do_handshake()
             tls.data_received(client.outgoing.read())
             client.incoming.write(plain.take())
+        await asyncio.sleep(0)  # reading starts once the task awaiting the handshake has run
         upload, download = os.urandom(5 * SLICE), os.urandom(5 * SLICE)
         client.tls.write(upload)
         tls.data_received(client.outgoing.read())
