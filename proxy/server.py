@@ -710,6 +710,12 @@ class ProxyServer:
             self.metrics.tls_handshake_failures_total.labels("network").inc()
             log.info("tls_handshake_failed", source=source, reason=str(exc) or type(exc).__name__)
             return
+        except Exception as exc:
+            # The session could not start on a finished handshake (say a certificate OpenSSL
+            # verified that the identity code cannot read): the connection is already closed.
+            log.error("session_start_failed", source=source, error=repr(exc))
+            self._audit("connection_refused", "failure", source=source, reason=f"session start: {exc}")
+            return
         self.metrics.tls_handshake_seconds.observe(time.monotonic() - started)
         if session.identity is not None and self._terminal_tls.revokes(session.identity.serial):
             # An expired CRL is kept (tls.expired_crl: keep-last): OpenSSL does not see it, we do.
