@@ -341,19 +341,7 @@ def filter_server_messages(
     out = splice.parts
     status: bytes | bytearray | None = None
     parameters: list[bytes] = []
-    head = pending[0] if pending else None
     for kind, start, end in frames:
-        if (head is _READY or head is _SYNCED) and not server.skipping:
-            # The reply to a cycle passed on as it was (as ClientStatements.rewrite passes on
-            # untouched cycles): only its end and the server's reports matter. An error changes
-            # nothing here: with a Sync at the head, skipping to it has nothing to skip.
-            if kind == 0x5A:  # 'Z'
-                pending.popleft()
-                status = source[end - 1 : end]
-                head = pending[0] if pending else None
-            elif kind == 0x53:  # 'S' ParameterStatus
-                parameters.append(bytes(source[start + 5 : end]))
-            continue
         if server.skipping:
             _skip_to_sync(server)
         head = pending[0] if pending else None
@@ -370,7 +358,6 @@ def filter_server_messages(
                 # Not a simple Query's own error: the server now skips everything up to Sync (55.2.3).
                 server.skipping = True
                 _skip_to_sync(server)
-                head = pending[0] if pending else None
             continue
         if head.reply is _DROP:
             splice.drop(start, end)
@@ -378,7 +365,6 @@ def filter_server_messages(
             pending.popleft()
             if kind == 0x5A:  # 'Z'
                 status = source[end - 1 : end]
-            head = pending[0] if pending else None
     splice.finish(frames)
     if pending and pending[0].reply is _SYNTHETIC:
         out.append(take_ready_synthetics(server))
@@ -400,7 +386,7 @@ def pass_untouched_replies(
     filter_server_messages, which give the same result in this case at twice the cost).
     """
     pending = server.pending
-    if server.skipping or (pending and pending[0] is not _READY and pending[0] is not _SYNCED):
+    if server.skipping or (pending and not _ends_untouched(pending[0])):
         return None
     parameters: list[bytes] = []
     position = readies = last_start = 0
