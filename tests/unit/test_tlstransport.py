@@ -14,7 +14,7 @@ import os
 import socket
 import ssl
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ import uvloop
 
 from proxy import certs
 from proxy.tlsconfig import POSTGRES_ALPN
-from proxy.tlstransport import SLICE, TLSServerProtocol, TLSTransport, accept_tls
+from proxy.tlstransport import TLSTransport, accept_tls
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -319,7 +319,7 @@ async def test_a_terminal_with_a_certificate_gets_a_transport_that_reports_the_t
     assert app.events == ["connection_made"]
     assert app.transport is transport
     ssl_object = transport.get_extra_info("ssl_object")
-    assert isinstance(ssl_object, ssl.SSLObject)
+    assert isinstance(ssl_object, ssl.SSLSocket)
     assert ssl_object.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(
         pki.terminal.cert_path.read_text()
     )
@@ -682,62 +682,3 @@ async def test_a_lost_connection_is_freed_without_the_garbage_collector(
         assert gone() is None
     finally:
         gc.enable()
-
-
-class PlainTransport(asyncio.Transport):
-    """A plain transport that keeps what the TLS layer writes, for tests that need no socket."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[list[bytes]] = []  # each call's pieces: one for write, several for writelines
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes.append([bytes(data)])
-
-    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        self.writes.append([bytes(data) for data in list_of_data])
-
-    def abort(self) -> None:
-        pass
-
-    def take(self) -> bytes:
-        written = b"".join(b"".join(pieces) for pieces in self.writes)
-        self.writes.clear()
-        return written
-
-
-@on_each_loop
-async def test_reads_and_writes_larger_than_a_slice_pass_whole(pki: PKI) -> None:
-    """One plain read of many records reaches the application in one piece, and one large write
-    leaves in one plain writelines, though OpenSSL gets both a slice at a time."""
-    loop = asyncio.get_running_loop()
-    app = App()
-    handshake: asyncio.Future[None] = loop.create_future()
-    tls = TLSServerProtocol(
-        loop, app, server_context(pki), handshake, handshake_timeout=IO_TIMEOUT, shutdown_timeout=1.0
-    )
-    plain = PlainTransport()
-    tls.connection_made(plain)
-    client = Client(socket.socket(), client_context(pki, pki.terminal))
-    with closing(client.sock):
-        while not handshake.done():
-            with suppress(ssl.SSLWantReadError):
-                client.tls.do_handshake()
-            tls.data_received(client.outgoing.read())
-            client.incoming.write(plain.take())
-        await asyncio.sleep(0)  # reading starts once the task awaiting the handshake has run
-        upload, download = os.urandom(5 * SLICE), os.urandom(5 * SLICE)
-        client.tls.write(upload)
-        tls.data_received(client.outgoing.read())
-        assert (app.chunks, bytes(app.received)) == (1, upload)
-        assert app.transport is not None
-        app.transport.write(download)
-        assert [len(pieces) for pieces in plain.writes] == [len(download) // SLICE]
-        client.incoming.write(plain.take())
-        received = bytearray()
-        while len(received) < len(download):
-            received += client.tls.read(SLICE)
-        assert received == download
-        app.transport.abort()
-        tls.connection_lost(None)
-        assert app.lost == [None]
