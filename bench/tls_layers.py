@@ -1,6 +1,8 @@
 """What the bare TLS benchmarks share: a throwaway PKI, the server context, and a loopback server on
 either TLS layer the proxy has known: uvloop's (``create_server(ssl=)``, still used upstream) or its
-own for terminals (proxy.tlstransport).
+own for terminals (proxy.tlstransport). The proxy's layer is imported from the tree the script
+runs in only with PYTHONPATH set to it (``PYTHONPATH=. .venv/bin/python bench/...``): otherwise from
+wherever the virtualenv has the package installed.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 uvloop's TLS transport (and asyncio's, which is a port of it), which upstream connections use,
 decrypts every record into a new 256 KiB bytes object, then shrinks it to the record's size
-(terminal connections have proxy.tlstransport, which reads a record's size at a time). glibc
+(terminal connections have proxy.tlstransport, where OpenSSL reads a record at a time itself). glibc
 serves an allocation that large with mmap, the shrink with mremap and the free with munmap:
 three system calls, page faults and TLB flushes per record received: half of a bare uvloop TLS
 echo server's CPU on our 2-core machines (`perf`). glibc raises its thresholds by itself once a

@@ -1,37 +1,53 @@
-"""Server-side TLS for terminal connections: OpenSSL through memory BIOs over a plain event-loop transport.
+"""Server-side TLS for terminal connections: a non-blocking ``ssl.SSLSocket`` driven by the event loop.
 
-uvloop's TLS layer (``connect_accepted_socket(..., ssl=)``) gives every connection a 256 KiB read
-buffer, whose first pages stay resident once a handshake has been read into them, and a dozen
-objects more; this layer keeps an ``ssl.SSLObject``, its two ``ssl.MemoryBIO`` and two small objects
-(docs/performance.md, "Idle memory without uvloop's TLS layer"). Upstream connections keep uvloop's TLS.
+OpenSSL reads and writes the socket itself; the event loop only says when the socket is readable
+(``add_reader``) or, while something waits to be sent, writable (``add_writer``). An idle connection
+keeps the ``SSLSocket`` with its OpenSSL state and one transport object: neither uvloop's TLS layer
+(a 256 KiB read buffer per connection and a dozen objects more) nor memory BIOs, which keep the largest
+buffer they ever held for the connection's life, nor a plain event-loop transport (docs/performance.md,
+"Idle memory without uvloop's TLS layer"). Upstream connections keep uvloop's TLS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import os
 import socket
 import ssl
+from asyncio import trsock
+from collections.abc import Callable
 from typing import Any
 
 # RFC 8446 5.1 (RFC 5246 6.2.1 for TLS 1.2): a record carries at most 2**14 bytes of plaintext, and
 # OpenSSL's SSL_read returns at most one record. Reading that much takes a whole record every time,
-# so the incoming BIO alone says whether more are waiting (a smaller read could leave part of a
-# record decrypted inside OpenSSL, unseen). The buffer lives only during the call: CPython shrinks it
-# to the record's size. bench/tls_read_cost.py measured 64 KiB and 256 KiB reads no cheaper.
+# so nothing decrypted is left inside OpenSSL after a read. The buffer lives only during the call:
+# CPython shrinks it to the record's size.
 READ_SIZE = 2**14
 
-# A memory BIO keeps, for the connection's life, the largest buffer it ever needed (OpenSSL's BUF_MEM
-# grows, never shrinks): a 256 KiB result or upload passed through whole would stay resident in the
-# connection, idle or not. So larger plain reads and application writes go through OpenSSL a slice
-# at a time, and a BIO keeps about 22 KiB at most. A read slice that ends inside a record, nearly
-# each one, costs an SSLWantReadError (about 1.4 us): a few per cent of a bulk upload's CPU, within
-# the noise of bench/tls_read_cost.py with 64 and 256 KiB messages (0.93-1.12x against no slicing).
+# What one readable event decrypts at most before handing it on (uvloop's read buffer is as large): a
+# peer that sends faster than the proxy reads cannot keep the event loop in one callback.
+READ_BUDGET = 2**18
+
+# What one SSL_write gets at most: one record. When the socket is full OpenSSL keeps that record,
+# partly sent, and the retry must pass the same bytes again, so the unsent rest waits here in pieces
+# of this size, and OpenSSL never holds more than a record of it.
 SLICE = 2**14
 
-# What a protocol points at once its connection is lost, instead of the application: the application
+# asyncio's defaults for a transport's write buffer.
+HIGH_WATER = 64 * 1024
+LOW_WATER = HIGH_WATER // 4
+
+# What a transport points at once its connection is lost, instead of the application: the application
 # holds the transport, which holds the protocol, and a cycle back would keep a closed session and its
 # OpenSSL state alive until the garbage collector's next full pass.
 _DETACHED = asyncio.Protocol()
+
+# How much unread input a closing socket discards at most: close() on a socket with unread data
+# sends a reset, which can overtake the alert or close_notify just written.
+_DISCARD_READS = 4
+
+Data = bytes | bytearray | memoryview
 
 
 async def accept_tls(
@@ -52,453 +68,518 @@ async def accept_tls(
     flush what it wrote to a peer that does not read.
     """
     loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # As asyncio's and uvloop's TCP transports do: a response's last record must not wait for
+        # the ACK of the one before it.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # The SSLSocket takes over the descriptor: ``sock`` is detached from it.
+    sslsock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     handshake: asyncio.Future[None] = loop.create_future()
-    tls = TLSServerProtocol(
-        loop,
-        protocol,
-        context,
-        handshake,
-        handshake_timeout=handshake_timeout,
-        shutdown_timeout=shutdown_timeout,
-    )
-    transport = tls.transport  # the protocol lets go of it once the application has it
+    transport = TLSTransport(loop, sslsock, protocol, handshake, shutdown_timeout)
     try:
-        await loop.connect_accepted_socket(lambda: tls, sock)
+        transport.start_handshake(handshake_timeout)
         await handshake
     except BaseException:
-        tls.abort()  # cancelled while waiting: the handshake's own failures have closed it already
+        transport.abort()  # cancelled while waiting: the handshake's own failures have closed it already
         raise
     return transport
 
 
-class TLSServerProtocol(asyncio.Protocol):
-    """The TLS connection: plain transport events in, decrypted data and protocol callbacks out.
+class TLSTransport(asyncio.Transport):
+    """The TLS connection, as the application protocol sees it.
 
-    The records that came in one read of the socket reach the application in one data_received, as
-    with uvloop's TLS layer. While the application has paused reading, nothing is decrypted: records
-    wait in the incoming BIO, and the plain transport is paused too.
+    Full records read in a row (a large write of the peer's) reach the application in one
+    data_received, up to the first shorter one, which usually ends what the peer wrote. While the
+    application has paused reading nothing is read: records wait in the kernel's socket buffer,
+    and TCP's window slows the peer down.
     """
 
     __slots__ = (
         "_app",
+        "_backlog",
+        "_buffered",
+        "_closing",
         "_connected",
-        "_error",
-        "_handshake_timeout",
-        "_incoming",
+        "_fd",
+        "_high_water",
+        "_in_flight",
         "_input_ended",
         "_loop",
-        "_outgoing",
+        "_low_water",
         "_paused",
         "_peer_done",
-        "_plain",
-        "_reading",
+        "_read_wants_write",
+        "_reader",
         "_shutdown_timeout",
         "_sslobj",
+        "_sslsock",
+        "_started",
         "_timer",
-        "_transport",
         "_waiter",
-        "closing",
+        "_write_paused",
+        "_writer",
     )
-
-    # Set by connection_made, which the event loop calls before anything else.
-    _plain: asyncio.Transport
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        sslsock: ssl.SSLSocket,
         app: asyncio.Protocol,
-        context: ssl.SSLContext,
         waiter: asyncio.Future[None],
-        *,
-        handshake_timeout: float,
         shutdown_timeout: float,
     ) -> None:
+        # Not BaseTransport.__init__: it gives every connection a dict for extra info, which
+        # get_extra_info here looks up on the socket instead.
         self._loop = loop
+        self._sslsock = sslsock
+        # The C object under the SSLSocket: its read and write skip the Python wrapper's checks on
+        # every record (the socket's state is this transport's to keep).
+        self._sslobj: Any = sslsock._sslobj  # type: ignore[attr-defined]
+        self._fd = sslsock.fileno()  # -1 once closed
         self._app = app
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        self._handshake_timeout = handshake_timeout
+        self._waiter: asyncio.Future[None] | None = waiter  # until the handshake is over
         self._shutdown_timeout = shutdown_timeout
-        # Until the handshake is over: then the application holds the transport, and nothing is waited for.
-        self._transport: TLSTransport | None = TLSTransport(self)
-        self._waiter: asyncio.Future[None] | None = waiter
         self._timer: asyncio.TimerHandle | None = None  # the handshake's deadline, then a close's
-        # The application's transport was closed or aborted, or the connection failed or was lost:
-        # the application gets nothing more but its connection_lost.
-        self.closing = False
-        self._connected = False  # connection_made called, connection_lost not yet
+        self._reader = False  # registered with the event loop for readability
+        self._writer = False  # and for writability
+        # Closed or aborted by the application, or failed or lost: the application gets nothing
+        # more but its connection_lost.
+        self._closing = False
+        self._connected = False  # connection_made called, connection_lost not yet scheduled
+        self._started = False  # the task awaiting the handshake has run: reading may begin
         self._paused = False  # the application paused reading
-        self._reading = False  # decrypted data goes to the application now: connected, open, not paused
         self._peer_done = False  # the peer's close_notify or TCP EOF came (maybe while paused)
         self._input_ended = False  # the application has had its eof_received
-        self._error: Exception | None = None  # what connection_lost reports, over the plain transport's
-
-    @property
-    def transport(self) -> TLSTransport:
-        assert self._transport is not None, "the application has the transport"
-        return self._transport
-
-    # --- asyncio.Protocol: the plain transport's side ---
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self._plain = transport  # type: ignore[assignment]
-        self._timer = self._loop.call_later(self._handshake_timeout, self._handshake_timed_out)
-
-    def data_received(self, data: bytes) -> None:
-        if self._reading and len(data) > SLICE:
-            self._read_records(memoryview(data))
-            return
-        self._incoming.write(data)
-        if self._reading:
-            self._read_records()
-        elif self._handshaking():
-            self._continue_handshake()
-        # Paused: the records wait in the incoming BIO for resume_reading. Closing: they are never read.
-
-    def eof_received(self) -> bool:
-        if self._waiter is not None:
-            self._fail_handshake(
-                ConnectionResetError("the peer closed the connection during the TLS handshake")
-            )
-            return False
-        self._peer_done = True
-        if self._reading:
-            self._end_input()
-        # While paused, the records held come first: _read_held ends the input after them. The plain
-        # transport stays open either way: closing it is this layer's job (after close_notify).
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        self._reading = False
-        self._cancel_timer()
-        if self._waiter is not None:
-            self._give_up_handshake(
-                exc or ConnectionResetError("the connection was lost during the TLS handshake")
-            )
-        elif self._connected:
-            self._connected = False
-            app, self._app = self._app, _DETACHED
-            app.connection_lost(self._error or exc)
-
-    def pause_writing(self) -> None:
-        # The plain transport's buffer is over its high-water mark, so the application's writes are.
-        if self._connected:
-            self._app.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._connected:
-            self._app.resume_writing()
+        self._read_wants_write = (
+            False  # SSL_read must write first (a KeyUpdate answer) and the socket is full
+        )
+        # Unsent data: the record OpenSSL was last refused (it must be offered again as it was),
+        # then what was written after it. Both None while nothing waits.
+        self._in_flight: bytes | memoryview | None = None
+        self._backlog: collections.deque[bytes | memoryview] | None = None
+        self._buffered = 0
+        self._high_water = HIGH_WATER
+        self._low_water = LOW_WATER
+        self._write_paused = False
 
     # --- handshake ---
 
-    def _handshaking(self) -> bool:
-        """The handshake is on and its awaiting task still waits (it may have been cancelled)."""
-        return self._waiter is not None and not self._waiter.done()
+    def start_handshake(self, timeout: float) -> None:
+        self._timer = self._loop.call_later(timeout, self._handshake_timed_out, timeout)
+        self._handshake_step()  # the ClientHello may be there already
 
-    def _continue_handshake(self) -> None:
+    def _handshake_step(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self.abort()  # the awaiting task was cancelled; it aborts too when it runs
+            return
         try:
             self._sslobj.do_handshake()
         except ssl.SSLWantReadError:
-            self._flush()
+            self._unwatch_write()
+            self._watch_read(self._handshake_step)
             return
-        except ssl.SSLError as exc:
+        except ssl.SSLWantWriteError:
+            self._watch_write(self._handshake_step)
+            return
+        except ssl.SSLEOFError as exc:
+            gone = ConnectionResetError("the peer closed the connection during the TLS handshake")
+            gone.__cause__ = exc
+            self._fail_handshake(gone)
+            return
+        except (ssl.SSLError, OSError) as exc:
             self._fail_handshake(exc)
             return
-        self._flush()  # TLS 1.2's last flight is the server's
+        self._unwatch_read()
+        self._unwatch_write()
         self._cancel_timer()
-        transport, self._transport = self.transport, None
-        waiter, self._waiter = self._waiter, None
-        assert waiter is not None
+        self._waiter = None
         self._connected = True
         try:
-            self._app.connection_made(transport)
+            self._app.connection_made(self)
         except Exception as exc:
             # The awaiting task learns it (as with uvloop's TLS layer) instead of waiting forever.
             waiter.set_exception(exc)
-            self._fail(exc)
+            self._finish(exc)
             return
         waiter.set_result(None)
         # Nothing reaches the application before the awaiting task has run: it may still turn the
         # terminal away (a revoked certificate under an expired CRL kept in force). Records that
-        # come meanwhile, also in further reads of this loop pass, wait in the incoming BIO.
+        # come meanwhile wait in the socket.
         self._loop.call_soon(self._begin_reading)
 
-    def _begin_reading(self) -> None:
-        if self.closing or self._paused:
-            return  # resume_reading starts reading, if the application wants more
-        self._reading = True
-        self._read_held()
-
-    def _handshake_timed_out(self) -> None:
+    def _handshake_timed_out(self, timeout: float) -> None:
         self._timer = None
-        self._fail_handshake(TimeoutError(f"TLS handshake not finished within {self._handshake_timeout:g}s"))
+        self._fail_handshake(TimeoutError(f"TLS handshake not finished within {timeout:g}s"))
 
-    def _give_up_handshake(self, exc: BaseException) -> None:
-        """The handshake will not finish: the task awaiting it learns why (unless it was cancelled)."""
-        self._cancel_timer()
-        self.closing = True
+    def _fail_handshake(self, exc: BaseException) -> None:
+        """The handshake will not finish: close the socket (after OpenSSL's alert, which it has
+        written already) and tell the awaiting task why."""
         waiter, self._waiter = self._waiter, None
+        self._finish(None)
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    def _fail_handshake(self, exc: BaseException) -> None:
-        self._give_up_handshake(exc)
-        if self._outgoing.pending:
-            # OpenSSL's alert says why (certificate expired, unknown CA): flushed before the close.
-            self._flush()
-            self._close_plain()
-        else:
-            self._plain.abort()
+    def _begin_reading(self) -> None:
+        self._started = True
+        if self._wants_data():
+            self._watch_read(self._on_readable)
+            self._on_readable()  # records that came with the client's Finished may be read already
 
     # --- reading ---
 
-    def _read_records(self, unfed: memoryview | None = None) -> None:
-        """Decrypt the records the incoming BIO holds, and those in ``unfed`` a slice at a time, and
-        hand the plaintext on in one call."""
+    def _wants_data(self) -> bool:
+        return self._started and not (self._paused or self._closing or self._input_ended)
+
+    def _on_readable(self) -> None:
         read = self._sslobj.read
-        incoming = self._incoming
         data = b""
-        more: list[bytes] | None = None  # several records in one read, as pipelined messages come
+        more: list[bytes] | None = None  # several records at once, as pipelined messages come
+        budget = READ_BUDGET
         try:
-            while True:
-                if unfed is not None:
-                    incoming.write(unfed[:SLICE])
-                    unfed = unfed[SLICE:] if len(unfed) > SLICE else None
-                try:
-                    while chunk := read(READ_SIZE):
-                        if not data:
-                            data = chunk
-                        elif more is None:
-                            more = [data, chunk]
-                        else:
-                            more.append(chunk)
-                        if not incoming.pending:
-                            break
-                    else:
-                        self._peer_done = True  # close_notify
-                        break
-                except ssl.SSLWantReadError:
-                    pass  # the rest of a record is still on its way
-                if unfed is None:
+            while chunk := read(READ_SIZE):
+                if not data:
+                    data = chunk
+                elif more is None:
+                    more = [data, chunk]
+                else:
+                    more.append(chunk)
+                budget -= len(chunk)
+                # A record shorter than the most a record holds is the end of what the peer wrote,
+                # nearly always: reading on would end in SSLWantReadError (about 1.9 us, and asking
+                # the kernel with FIONREAD 1.2 us, a tenth of a small round trip). Records that
+                # do follow it are still on the socket, and the event loop reports it readable
+                # again (add_reader watches the level, not the edge).
+                if budget <= 0 or len(chunk) < READ_SIZE:
                     break
-        except ssl.SSLZeroReturnError:
-            self._peer_done = True
-        except ssl.SSLError as exc:
-            # A record that does not decrypt or verify: tampering or a broken peer; never resumable.
-            self._fail(exc)
+            else:
+                self._peer_done = True  # close_notify
+        except ssl.SSLWantReadError:
+            pass  # nothing more on the socket, or the rest of a record is still on its way
+        except ssl.SSLWantWriteError:
+            # OpenSSL must answer first (a TLS 1.3 KeyUpdate) and the socket is full: read again
+            # once it can write.
+            self._read_wants_write = True
+            self._unwatch_read()
+            self._watch_write(self._on_writable)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            self._peer_done = True  # close_notify, or a TCP EOF without it
+        except (ssl.SSLError, OSError) as exc:
+            # A record that does not decrypt or verify (tampering or a broken peer; OpenSSL has sent
+            # its alert), or the connection reset: never resumable.
+            self._finish(exc)
             return
         if data:
-            self._app.data_received(data if more is None else b"".join(more))
-        if self._peer_done and self._reading:
-            self._end_input()  # if what it just got paused the application, _read_held does it on resume
-        if self._outgoing.pending:
-            # What reading made OpenSSL write: a KeyUpdate answer (TLS 1.3 post-handshake messages).
-            self._flush()
+            try:
+                self._app.data_received(data if more is None else b"".join(more))
+            except Exception as exc:
+                # As asyncio's transports do: the connection ends, and the event loop's handler logs it.
+                self._finish(exc)
+                raise
+        if self._peer_done:
+            self._unwatch_read()
+            if self._wants_data():
+                self._end_input()  # if what it just got paused the application: on resume
+        elif budget <= 0 and self._sslobj.pending():
+            # Only with reads smaller than a record: no readable event will come for the rest.
+            self._loop.call_soon(self._read_held)
 
     def _read_held(self) -> None:
-        """Records that waited while the application was paused, or came with the handshake."""
-        if not self._reading:
+        """What OpenSSL decrypted but did not hand on, or the peer's end, after a pause."""
+        if not self._wants_data():
             return
-        try:
-            if self._incoming.pending:
-                self._read_records()
-            if self._reading and self._peer_done:
-                self._end_input()
-        except Exception as exc:
-            # Outside a transport callback nobody else would end the connection; the loop logs exc.
-            self._fail(exc)
-            raise
+        if self._sslobj.pending():
+            self._on_readable()
+        elif self._peer_done:
+            self._end_input()
 
     def _end_input(self) -> None:
         """The peer sends nothing more (close_notify or TCP EOF): tell the application, once."""
-        if self._input_ended:
-            return
         self._input_ended = True
-        self._reading = False
-        if not self._app.eof_received():
+        self._unwatch_read()
+        try:
+            keep_open = self._app.eof_received()
+        except Exception as exc:
+            self._finish(exc)
+            raise
+        if not keep_open:
             self.close()
 
     def pause_reading(self) -> None:
-        if self._paused or self.closing:
+        if self._closing or self._paused:
             return
         self._paused = True
-        self._reading = False
-        # The plain transport may still deliver what it has read: that waits, encrypted, in the BIO.
-        self._plain.pause_reading()
+        self._unwatch_read()
 
     def resume_reading(self) -> None:
-        if not self._paused or self.closing:
+        if self._closing or not self._paused:
             return
         self._paused = False
-        self._reading = not self._input_ended
-        self._plain.resume_reading()
+        if not self._wants_data():
+            return  # _begin_reading starts it
+        if not (self._peer_done or self._read_wants_write):
+            self._watch_read(self._on_readable)
         # Not in this call: the application may be inside its own data_received.
         self._loop.call_soon(self._read_held)
 
+    def is_reading(self) -> bool:
+        return not (self._paused or self._closing)
+
     # --- writing ---
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.closing or not data:
+    def write(self, data: Data) -> None:
+        if self._closing or not data:
             return
+        if self._in_flight is not None:
+            # Behind what waits already; a copy, since the caller may reuse a bytearray.
+            piece = data if isinstance(data, bytes) else bytes(data)
+            if self._backlog is None:
+                self._backlog = collections.deque()
+            self._backlog.append(piece)
+            self._buffered += len(piece)
+            self._maybe_pause_writing()
+            return
+        # Nothing waits: straight to the socket, as asyncio's transports do.
+        write = self._sslobj.write
+        size = len(data)
+        offset = 0
         try:
-            if len(data) <= SLICE:
-                self._sslobj.write(data)  # a record (OpenSSL makes more of a larger write)
-            else:
-                self._write_slices(memoryview(data))
+            if size <= SLICE:
+                write(data)
                 return
-        except ssl.SSLError as exc:
-            self._fail(exc)
+            view = memoryview(data)
+            while offset < size:
+                write(view[offset : offset + SLICE])
+                offset += SLICE
             return
-        self._plain.write(self._outgoing.read())
+        except ssl.SSLWantWriteError:
+            pass
+        except (ssl.SSLError, OSError) as exc:
+            self._finish(exc)
+            return
+        self._hold(data, offset)
 
-    def _write_slices(self, data: memoryview) -> None:
-        encrypted = []
-        for start in range(0, len(data), SLICE):
-            self._sslobj.write(data[start : start + SLICE])
-            encrypted.append(self._outgoing.read())
-        self._plain.writelines(encrypted)  # one system call (writev) for all of them
+    def _hold(self, data: Data, offset: int) -> None:
+        """OpenSSL took the record at ``offset`` but the socket is full: keep it and the rest."""
+        rest = memoryview(data)[offset:]
+        if not isinstance(data, bytes):
+            rest = memoryview(bytes(rest))  # the caller may reuse a bytearray
+        self._in_flight = rest[:SLICE]  # the same bytes as refused: OpenSSL may have sent part
+        if len(rest) > SLICE:
+            self._backlog = collections.deque([rest[SLICE:]])
+        self._buffered = len(rest)
+        self._watch_write(self._on_writable)
+        self._maybe_pause_writing()
+
+    def _on_writable(self) -> None:
+        if self._read_wants_write:
+            self._read_wants_write = False
+            if self._wants_data() and not self._peer_done:
+                self._watch_read(self._on_readable)
+                self._on_readable()
+        if self._in_flight is not None and self._fd >= 0:
+            self._flush()
+        if self._in_flight is None and not self._read_wants_write and self._fd >= 0:
+            self._unwatch_write()
+            if self._closing:
+                self._shut_down()
 
     def _flush(self) -> None:
-        self._plain.write(self._outgoing.read())
+        """Send what waits, a record at a time, until the socket is full again."""
+        write = self._sslobj.write
+        chunk = self._in_flight
+        backlog = self._backlog
+        try:
+            while chunk is not None:
+                write(chunk)
+                self._buffered -= len(chunk)
+                chunk = _next_record(backlog) if backlog else None
+        except ssl.SSLWantWriteError:
+            pass
+        except (ssl.SSLError, OSError) as exc:
+            self._finish(exc)
+            return
+        self._in_flight = chunk
+        if chunk is None:
+            self._backlog = None
+        if self._write_paused and self._buffered <= self._low_water:
+            self._write_paused = False
+            self._call_app_flow_control("resume_writing")
+
+    def _maybe_pause_writing(self) -> None:
+        if not self._write_paused and self._buffered > self._high_water:
+            self._write_paused = True
+            self._call_app_flow_control("pause_writing")
+
+    def _call_app_flow_control(self, name: str) -> None:
+        try:
+            getattr(self._app, name)()
+        except Exception as exc:
+            # As asyncio's transports do: the writer's own call (write) must not fail for it.
+            self._loop.call_exception_handler(
+                {"message": f"protocol.{name}() failed", "exception": exc, "transport": self}
+            )
+
+    def get_write_buffer_size(self) -> int:
+        return self._buffered
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low_water, self._high_water)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high_water = high
+        self._low_water = low
+        self._maybe_pause_writing()
+
+    def can_write_eof(self) -> bool:
+        return False  # TLS has close_notify (close()), not a half-close of the write side
 
     # --- closing ---
 
     def close(self) -> None:
-        """Send close_notify, then close the plain transport once its buffer is flushed.
+        """Send close_notify after what waits to be sent, then close the socket.
 
         The peer's close_notify is not waited for (RFC 8446 6.1 lets the closing side go). A peer
-        that does not read could keep the buffer from draining: ``shutdown_timeout`` ends that.
+        that does not read could keep what waits from leaving: ``shutdown_timeout`` ends that.
         """
-        if self.closing:
+        if self._closing:
             return
-        self.closing = True
-        self._reading = False
-        try:
-            self._sslobj.unwrap()
-        except ssl.SSLWantReadError:
-            pass  # close_notify written; the peer's own is not awaited
-        except ssl.SSLError:
-            pass  # OpenSSL sends no close_notify after a fatal alert; the plain close still ends it
-        if self._outgoing.pending:
-            self._flush()
-        self._close_plain()
+        self._closing = True
+        self._unwatch_read()
+        if self._in_flight is None:
+            self._shut_down()
+        else:
+            self._timer = self._loop.call_later(self._shutdown_timeout, self.abort)
+            # _on_writable shuts down once it has sent the rest.
 
-    def _close_plain(self) -> None:
-        plain = self._plain
-        plain.close()
-        if plain.get_write_buffer_size():
-            self._timer = self._loop.call_later(self._shutdown_timeout, plain.abort)
+    def _shut_down(self) -> None:
+        try:
+            self._sslobj.shutdown()
+        except ssl.SSLWantReadError:
+            pass  # close_notify sent; the peer's own is not awaited
+        except ssl.SSLWantWriteError:
+            # The socket is full (a KeyUpdate answer waits in OpenSSL): close_notify goes when it can.
+            if self._timer is None:
+                self._timer = self._loop.call_later(self._shutdown_timeout, self.abort)
+            self._watch_write(self._shut_down)
+            return
+        except (ssl.SSLError, OSError):
+            pass  # no close_notify after a fatal alert or a lost connection; closing ends it
+        self._finish(None)
 
     def abort(self) -> None:
-        self.closing = True
-        self._reading = False
-        self._cancel_timer()
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.cancel()  # nobody awaits it any more
-        plain: asyncio.Transport | None = getattr(self, "_plain", None)
-        if plain is not None:  # None: cancelled before the event loop connected it
-            plain.abort()
+        self._finish(None)
 
-    def _fail(self, exc: Exception) -> None:
-        """End the connection because of ``exc``, which the application's connection_lost gets."""
-        if self._error is None:
-            self._error = exc
-        if self._outgoing.pending and not self.closing:
-            self._flush()  # OpenSSL's alert, so that the peer learns why
-        self.abort()
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def _finish(self, exc: Exception | None) -> None:
+        """Close the socket now; the application's connection_lost gets ``exc`` soon after."""
+        self._closing = True
+        if self._fd < 0:
+            return
+        self._unwatch_read()
+        self._unwatch_write()
+        self._cancel_timer()
+        self._in_flight = self._backlog = None
+        self._buffered = 0
+        self._discard_unread()
+        self._fd = -1
+        self._sslsock.close()
+        if self._connected:
+            self._connected = False
+            self._loop.call_soon(self._lost, exc)
+
+    def _discard_unread(self) -> None:
+        try:
+            for _ in range(_DISCARD_READS):
+                if not os.read(self._fd, 65536):
+                    return
+        except OSError:
+            return  # nothing more to read (EAGAIN), or the connection is gone already
+
+    def _lost(self, exc: Exception | None) -> None:
+        app, self._app = self._app, _DETACHED
+        app.connection_lost(exc)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
+    # --- the event loop's watch on the socket ---
+
+    def _watch_read(self, callback: Callable[[], None]) -> None:
+        self._loop.add_reader(self._fd, callback)
+        self._reader = True
+
+    def _unwatch_read(self) -> None:
+        if self._reader:
+            self._reader = False
+            self._loop.remove_reader(self._fd)
+
+    def _watch_write(self, callback: Callable[[], None]) -> None:
+        self._loop.add_writer(self._fd, callback)
+        self._writer = True
+
+    def _unwatch_write(self) -> None:
+        if self._writer:
+            self._writer = False
+            self._loop.remove_writer(self._fd)
+
     # --- what the transport reports ---
 
-    def extra_info(self, name: str, default: Any) -> Any:
-        sslobj = self._sslobj
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        sslsock = self._sslsock
         match name:
             case "ssl_object":
-                return sslobj
+                return sslsock
             case "sslcontext":
-                return sslobj.context
+                return sslsock.context
             case "peercert":
-                return sslobj.getpeercert()
+                return sslsock.getpeercert()
             case "cipher":
-                return sslobj.cipher()
+                return sslsock.cipher()
             case "compression":
-                return sslobj.compression()
-        return self._plain.get_extra_info(name, default)
-
-    @property
-    def plain(self) -> asyncio.Transport:
-        return self._plain
-
-    @property
-    def app(self) -> asyncio.Protocol:
-        return self._app
-
-    @app.setter
-    def app(self, protocol: asyncio.Protocol) -> None:
-        self._app = protocol
-
-    @property
-    def paused(self) -> bool:
-        return self._paused
-
-
-class TLSTransport(asyncio.Transport):
-    """What the application protocol writes to and controls; the TLS work is its protocol's."""
-
-    __slots__ = ("_tls",)
-
-    def __init__(self, tls: TLSServerProtocol) -> None:
-        super().__init__()
-        self._tls = tls
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._tls.write(data)
-
-    def close(self) -> None:
-        self._tls.close()
-
-    def abort(self) -> None:
-        self._tls.abort()
-
-    def is_closing(self) -> bool:
-        return self._tls.closing
-
-    def pause_reading(self) -> None:
-        self._tls.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._tls.resume_reading()
-
-    def is_reading(self) -> bool:
-        return not self._tls.paused and not self._tls.closing
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._tls.extra_info(name, default)
-
-    def get_write_buffer_size(self) -> int:
-        # Every write leaves the outgoing BIO at once: only the plain transport buffers.
-        return self._tls.plain.get_write_buffer_size()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._tls.plain.get_write_buffer_limits()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._tls.plain.set_write_buffer_limits(high, low)
-
-    def can_write_eof(self) -> bool:
-        return False  # TLS has close_notify (close()), not a half-close of the write side
+                return sslsock.compression()
+            case "socket":
+                return trsock.TransportSocket(sslsock)
+            case "peername" | "sockname":
+                try:
+                    return sslsock.getpeername() if name == "peername" else sslsock.getsockname()
+                except OSError:
+                    return default  # closed
+        return default
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._tls.app
+        return self._app
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         assert isinstance(protocol, asyncio.Protocol)
-        self._tls.app = protocol
+        self._app = protocol
+
+
+def _next_record(backlog: collections.deque[bytes | memoryview]) -> bytes | memoryview:
+    """The next SSL_write's bytes from the backlog: a record's worth, small writes joined."""
+    head = backlog.popleft()
+    if len(head) >= SLICE:
+        view = memoryview(head)
+        if len(view) > SLICE:
+            backlog.appendleft(view[SLICE:])
+        return view[:SLICE]
+    if not backlog or len(head) + len(backlog[0]) > SLICE:
+        return head
+    pieces = [head]
+    size = len(head)
+    while backlog and size + len(backlog[0]) <= SLICE:
+        piece = backlog.popleft()
+        pieces.append(piece)
+        size += len(piece)
+    return b"".join(pieces)

@@ -14,7 +14,7 @@ import os
 import socket
 import ssl
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +23,9 @@ from typing import Any, NamedTuple
 import pytest
 import uvloop
 
-from proxy import certs
+from proxy import certs, tlstransport
 from proxy.tlsconfig import POSTGRES_ALPN
-from proxy.tlstransport import SLICE, TLSServerProtocol, TLSTransport, accept_tls
+from proxy.tlstransport import TLSTransport, accept_tls
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -89,8 +89,12 @@ def on_each_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[...
 
     @functools.wraps(test)
     def run(loop_factory: Callable[[], asyncio.AbstractEventLoop], **fixtures: Any) -> None:
+        unhandled: list[dict[str, Any]] = []
         with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.get_loop().set_exception_handler(lambda _, context: unhandled.append(context))
             runner.run(asyncio.wait_for(test(**fixtures), 30))
+        # Expected network errors end a connection; none reaches the event loop's handler.
+        assert unhandled == []
 
     # What pytest reads to pass fixtures and parameters: the test's own, and the loop.
     loop_parameter = inspect.Parameter("loop_factory", inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -319,7 +323,7 @@ async def test_a_terminal_with_a_certificate_gets_a_transport_that_reports_the_t
     assert app.events == ["connection_made"]
     assert app.transport is transport
     ssl_object = transport.get_extra_info("ssl_object")
-    assert isinstance(ssl_object, ssl.SSLObject)
+    assert isinstance(ssl_object, ssl.SSLSocket)
     assert ssl_object.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(
         pki.terminal.cert_path.read_text()
     )
@@ -510,12 +514,16 @@ async def test_paused_reading_holds_data_and_resuming_delivers_it_in_order(
         await client.send(message)  # a record each, read by the plain transport as they come
     await asyncio.sleep(0.2)
     assert app.chunks == 1, "data delivered while paused"
-    transport.resume_reading()
-    await app.until(lambda: app.chunks == 2, "the held data after resume_reading")
+    # Each resume delivers what comes next (at least one record), and the application pauses again.
+    for chunks in range(2, len(messages) + 1):
+        transport.resume_reading()
+        await app.until(lambda: app.chunks == chunks, "the held data after resume_reading")  # noqa: B023
+        await asyncio.sleep(0.01)
+        assert app.chunks == chunks, "data delivered while paused again"
+        if len(app.received) == 1000 * len(messages):
+            break
     assert app.received == b"".join(messages)
     await client.send(b"after")
-    await asyncio.sleep(0.1)
-    assert app.chunks == 2, "paused again by the held data"
     transport.resume_reading()
     await app.until(lambda: app.received.endswith(b"after"), "data sent after the resume")
     transport.close()
@@ -583,12 +591,14 @@ async def test_a_tampered_record_after_the_handshake_ends_the_connection_with_an
 
 
 @on_each_loop
-async def test_the_plain_transports_flow_control_reaches_the_application(
+async def test_writes_to_a_peer_that_does_not_read_are_buffered_with_flow_control(
     listener: socket.socket, pki: PKI
 ) -> None:
     client, transport, app = await establish(listener, pki)
+    assert transport.get_write_buffer_limits() == (16 * 1024, 64 * 1024)  # asyncio's defaults
+    transport.set_write_buffer_limits(high=128 * 1024)
+    assert transport.get_write_buffer_limits() == (32 * 1024, 128 * 1024)
     transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
-    assert transport.get_write_buffer_limits() in ((16 * 1024, 64 * 1024), (64 * 1024, 16 * 1024))
     sent = bytearray()
     for _ in range(400):  # more than the kernel's socket buffers take: the client is not reading
         chunk = os.urandom(16 * 1024)
@@ -684,60 +694,84 @@ async def test_a_lost_connection_is_freed_without_the_garbage_collector(
         gc.enable()
 
 
-class PlainTransport(asyncio.Transport):
-    """A plain transport that keeps what the TLS layer writes, for tests that need no socket."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[list[bytes]] = []  # each call's pieces: one for write, several for writelines
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes.append([bytes(data)])
-
-    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        self.writes.append([bytes(data) for data in list_of_data])
-
-    def abort(self) -> None:
-        pass
-
-    def take(self) -> bytes:
-        written = b"".join(b"".join(pieces) for pieces in self.writes)
-        self.writes.clear()
-        return written
+@on_each_loop
+async def test_small_writes_buffered_behind_a_full_socket_arrive_in_order_then_close_notify(
+    listener: socket.socket, pki: PKI
+) -> None:
+    client, transport, app = await establish(listener, pki)
+    while transport.get_write_buffer_size() == 0:  # the client is not reading: the kernel fills up
+        transport.write(os.urandom(32 * 1024))
+    held = transport.get_write_buffer_size()
+    messages = [b"%06d;" % index for index in range(20_000)]  # 140 KB of small writes, in the buffer
+    for message in messages:
+        transport.write(bytearray(message))  # copied: the caller may reuse a bytearray
+    assert transport.get_write_buffer_size() == held + sum(map(len, messages))
+    assert app.events == ["connection_made", "pause_writing"]
+    transport.close()  # after what waits
+    received = bytearray()
+    while (chunk := await client.receive()) != b"":
+        received += chunk
+    assert received.endswith(b"".join(messages))
+    await app.until(lambda: app.lost == [None], "connection_lost")
+    assert app.events == ["connection_made", "pause_writing", "resume_writing", "connection_lost"]
 
 
 @on_each_loop
-async def test_reads_and_writes_larger_than_a_slice_pass_whole(pki: PKI) -> None:
-    """One plain read of many records reaches the application in one piece, and one large write
-    leaves in one plain writelines, though OpenSSL gets both a slice at a time."""
-    loop = asyncio.get_running_loop()
-    app = App()
-    handshake: asyncio.Future[None] = loop.create_future()
-    tls = TLSServerProtocol(
-        loop, app, server_context(pki), handshake, handshake_timeout=IO_TIMEOUT, shutdown_timeout=1.0
-    )
-    plain = PlainTransport()
-    tls.connection_made(plain)
-    client = Client(socket.socket(), client_context(pki, pki.terminal))
-    with closing(client.sock):
-        while not handshake.done():
-            with suppress(ssl.SSLWantReadError):
-                client.tls.do_handshake()
-            tls.data_received(client.outgoing.read())
-            client.incoming.write(plain.take())
-        await asyncio.sleep(0)  # reading starts once the task awaiting the handshake has run
-        upload, download = os.urandom(5 * SLICE), os.urandom(5 * SLICE)
-        client.tls.write(upload)
-        tls.data_received(client.outgoing.read())
-        assert (app.chunks, bytes(app.received)) == (1, upload)
-        assert app.transport is not None
-        app.transport.write(download)
-        assert [len(pieces) for pieces in plain.writes] == [len(download) // SLICE]
-        client.incoming.write(plain.take())
-        received = bytearray()
-        while len(received) < len(download):
-            received += client.tls.read(SLICE)
-        assert received == download
-        app.transport.abort()
-        tls.connection_lost(None)
-        assert app.lost == [None]
+async def test_a_write_of_several_mib_arrives_intact(listener: socket.socket, pki: PKI) -> None:
+    client, transport, app = await establish(listener, pki)
+    big = os.urandom(6 * 1024 * 1024 + 123)
+    transport.write(memoryview(big))
+    assert transport.get_write_buffer_size() > 0  # more than the kernel takes at once
+    assert await client.receive_exactly(len(big)) == big
+    await app.until(lambda: transport.get_write_buffer_size() == 0, "the buffer drained")
+    transport.write(b"and after")
+    assert await client.receive_exactly(9) == b"and after"
+    transport.close()
+
+
+class PausesOnce(App):
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.chunks == 1:
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+
+@on_each_loop
+async def test_resuming_delivers_what_openssl_decrypted_before_the_pause(
+    listener: socket.socket, pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reads smaller than a record, and a budget of one read per event: the rest of the record is
+    # decrypted inside OpenSSL, and no readable event will come for it.
+    monkeypatch.setattr(tlstransport, "READ_SIZE", 100)
+    monkeypatch.setattr(tlstransport, "READ_BUDGET", 100)
+    client, transport, app = await establish(listener, pki, PausesOnce())
+    message = os.urandom(1000)
+    await client.send(message)  # one record
+    await app.until(lambda: app.chunks == 1, "the first read")
+    assert app.received == message[:100]
+    await asyncio.sleep(0.1)
+    assert app.chunks == 1, "data delivered while paused"
+    transport.resume_reading()
+    assert app.chunks == 1, "delivered from inside resume_reading"
+    await app.until(lambda: len(app.received) == len(message), "the rest of the record")
+    assert app.received == message
+    transport.close()
+
+
+@on_each_loop
+async def test_a_peer_that_resets_during_a_buffered_write_is_connection_lost_with_the_error(
+    listener: socket.socket, pki: PKI
+) -> None:
+    client, transport, app = await establish(listener, pki)
+    while "pause_writing" not in app.events:
+        transport.write(bytes(64 * 1024))
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    client.sock.close()  # linger 0: RST, with the server's records unread
+    await app.until(lambda: len(app.lost) == 1, "connection_lost")
+    assert isinstance(app.lost[0], OSError)
+    assert transport.is_closing() and transport.get_write_buffer_size() == 0
+    transport.write(b"too late")
+    transport.close()
+    await asyncio.sleep(0.05)
+    assert app.events.count("connection_lost") == 1
