@@ -68,13 +68,31 @@ async def accept_tls(
     flush what it wrote to a peer that does not read.
     """
     loop = asyncio.get_running_loop()
-    sock.setblocking(False)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        # As asyncio's and uvloop's TCP transports do: a response's last record must not wait for
-        # the ACK of the one before it.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # OpenSSL reads the socket itself, so it sees a TCP EOF: without this option one that comes
+    # without close_notify is a fatal error (UNEXPECTED_EOF_WHILE_READING), and every later write
+    # and the close_notify fail with it, dropping what waits to be sent to a terminal that only
+    # half-closed. The application is told eof_received either way. (The memory-BIO layer never
+    # fed the EOF to OpenSSL.) Options are copied into each connection's SSL object at wrap time.
+    if not context.options & ssl.OP_IGNORE_UNEXPECTED_EOF:
+        context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    try:
+        # A socket reset already is not connected: wrap_socket would detach it and then either
+        # raise (leaving the new SSLSocket to the garbage collector) or make one without an SSL
+        # object.
+        sock.getpeername()
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # As asyncio's and uvloop's TCP transports do: a response's last record must not wait
+            # for the ACK of the one before it.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        sock.close()
+        raise ConnectionResetError("the peer reset the connection before the TLS handshake") from exc
     # The SSLSocket takes over the descriptor: ``sock`` is detached from it.
     sslsock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    if sslsock._sslobj is None:  # type: ignore[attr-defined]  # reset since getpeername()
+        sslsock.close()
+        raise ConnectionResetError("the peer reset the connection before the TLS handshake")
     handshake: asyncio.Future[None] = loop.create_future()
     transport = TLSTransport(loop, sslsock, protocol, handshake, shutdown_timeout)
     try:
@@ -183,7 +201,8 @@ class TLSTransport(asyncio.Transport):
         except ssl.SSLWantWriteError:
             self._watch_write(self._handshake_step)
             return
-        except ssl.SSLEOFError as exc:
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+            # SSLZeroReturnError: a TCP EOF under OP_IGNORE_UNEXPECTED_EOF, or a close_notify.
             gone = ConnectionResetError("the peer closed the connection during the TLS handshake")
             gone.__cause__ = exc
             self._fail_handshake(gone)
@@ -254,7 +273,7 @@ class TLSTransport(asyncio.Transport):
                 if budget <= 0 or len(chunk) < READ_SIZE:
                     break
             else:
-                self._peer_done = True  # close_notify
+                self._peer_done = True  # close_notify, or a TCP EOF (OP_IGNORE_UNEXPECTED_EOF)
         except ssl.SSLWantReadError:
             pass  # nothing more on the socket, or the rest of a record is still on its way
         except ssl.SSLWantWriteError:
