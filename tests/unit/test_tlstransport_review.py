@@ -153,3 +153,39 @@ async def test_a_connection_reset_before_the_handshake_raises_connection_error_a
     with pytest.raises(OSError):
         os.fstat(fd)  # closed by accept_tls, not left to the garbage collector
     assert connection.app.events == []
+
+
+@pytest.mark.parametrize("size", [14, 600_000])
+@on_each_loop
+async def test_a_terminal_turned_away_by_the_awaiting_task_never_has_its_first_records_delivered(
+    listener: socket.socket,  # noqa: F811 (the fixture)
+    pki: PKI,  # noqa: F811
+    size: int,
+) -> None:
+    """As server.py does for a certificate revoked under a kept expired CRL: the task awaiting
+    accept_tls closes the session; records sent with the client's Finished must never reach it."""
+    app = App()
+    connection = await open_connection(listener, client_context(pki, pki.terminal), app)
+    connection.server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    connection.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+
+    async def accept_and_turn_away() -> None:
+        transport = await accept_tls(
+            connection.server_sock,
+            app,
+            server_context(pki),
+            handshake_timeout=IO_TIMEOUT,
+            shutdown_timeout=1.0,
+        )
+        transport.write(b"refused")
+        transport.close()
+
+    accepting = asyncio.ensure_future(accept_and_turn_away())
+    await connection.client.handshake(send_finished=False)
+    connection.client.tls.write(os.urandom(size))
+    await connection.client.send_pending()  # Finished and the first records together
+    await asyncio.wait_for(accepting, IO_TIMEOUT)
+    await app.until(lambda: len(app.lost) == 1, "connection_lost")
+    await asyncio.sleep(0.05)
+    assert app.received == b""
+    assert app.events == ["connection_made", "connection_lost"]
