@@ -294,15 +294,34 @@ async def start_handshake(
     """A connection from a client (by default the PKI's terminal) with accept_tls running on it."""
     connection = await open_connection(listener, client or client_context(pki, pki.terminal), app or App())
     accepting = asyncio.ensure_future(
-        accept_tls(
-            connection.server_sock,
-            connection.app,
-            server_context(pki, verify_mode),
-            handshake_timeout=handshake_timeout,
-            shutdown_timeout=1.0,
-        )
+        accept(connection, pki, verify_mode=verify_mode, handshake_timeout=handshake_timeout)
     )
     return Handshake(connection.client, connection.server_sock, connection.app, accepting)
+
+
+async def accept(
+    connection: Connection,
+    pki: PKI,
+    *,
+    verify_mode: ssl.VerifyMode = ssl.CERT_REQUIRED,
+    handshake_timeout: float = IO_TIMEOUT,
+) -> TLSTransport:
+    """accept_tls on the server side of ``connection``, as server.py runs it (shorter timeouts)."""
+    return await accept_tls(
+        connection.server_sock,
+        connection.app,
+        server_context(pki, verify_mode),
+        handshake_timeout=handshake_timeout,
+        shutdown_timeout=1.0,
+    )
+
+
+async def open_with_room(listener: socket.socket, pki: PKI, app: App) -> Connection:
+    """A terminal's connection whose socket buffers hold a burst sent right behind its Finished."""
+    connection = await open_connection(listener, client_context(pki, pki.terminal), app)
+    connection.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    connection.server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    return connection
 
 
 async def establish(
@@ -371,19 +390,11 @@ async def test_the_first_message_sent_with_the_clients_finished_arrives_after_co
     # Also when it fills more than one read of the event loop's buffer in the same loop pass: the
     # task awaiting the handshake may still turn the terminal away (a revoked certificate).
     app = App()
-    connection = await open_connection(listener, client_context(pki, pki.terminal), app)
-    connection.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    connection.server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    connection = await open_with_room(listener, pki, app)
     first = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
 
     async def accept_and_look() -> tuple[TLSTransport, bytes]:
-        transport = await accept_tls(
-            connection.server_sock,
-            app,
-            server_context(pki),
-            handshake_timeout=IO_TIMEOUT,
-            shutdown_timeout=1.0,
-        )
+        transport = await accept(connection, pki)
         return transport, bytes(app.received)
 
     accepting = asyncio.ensure_future(accept_and_look())
@@ -631,13 +642,21 @@ async def test_close_sends_close_notify_after_what_was_written(listener: socket.
     assert app.events == ["connection_made", "connection_lost"]
 
 
+def fill_until_paused(transport: TLSTransport, app: App) -> None:
+    """Write until the transport asks the application to pause: the peer does not read."""
+    for _ in range(1024):  # 64 MiB at most; the kernel's buffers take a few
+        if "pause_writing" in app.events:
+            return
+        transport.write(bytes(64 * 1024))
+    raise AssertionError("pause_writing never came")
+
+
 @on_each_loop
 async def test_a_close_to_a_peer_that_does_not_read_ends_after_the_shutdown_timeout(
     listener: socket.socket, pki: PKI
 ) -> None:
     _, transport, app = await establish(listener, pki)
-    while "pause_writing" not in app.events:
-        transport.write(bytes(64 * 1024))
+    fill_until_paused(transport, app)
     loop = asyncio.get_running_loop()
     closed_at = loop.time()
     transport.close()
@@ -766,8 +785,7 @@ async def test_a_peer_that_resets_during_a_buffered_write_is_connection_lost_wit
     listener: socket.socket, pki: PKI
 ) -> None:
     client, transport, app = await establish(listener, pki)
-    while "pause_writing" not in app.events:
-        transport.write(bytes(64 * 1024))
+    fill_until_paused(transport, app)
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     client.sock.close()  # linger 0: RST, with the server's records unread
     await app.until(lambda: len(app.lost) == 1, "connection_lost")
@@ -893,13 +911,7 @@ async def test_a_connection_reset_before_the_handshake_raises_connection_error_a
             server_sock.recv(1, socket.MSG_PEEK)
     fd = server_sock.fileno()
     with pytest.raises(ConnectionError) as raised:
-        await accept_tls(
-            server_sock,
-            connection.app,
-            server_context(pki),
-            handshake_timeout=IO_TIMEOUT,
-            shutdown_timeout=1.0,
-        )
+        await accept(connection, pki)
     assert raised.value is not None  # its traceback keeps the frames (and their sockets) alive
     with pytest.raises(OSError):
         os.fstat(fd)  # closed by accept_tls, not left to the garbage collector
@@ -916,18 +928,10 @@ async def test_a_terminal_turned_away_by_the_awaiting_task_never_has_its_first_r
     """As server.py does for a certificate revoked under a kept expired CRL: the task awaiting
     accept_tls closes the session; records sent with the client's Finished must never reach it."""
     app = App()
-    connection = await open_connection(listener, client_context(pki, pki.terminal), app)
-    connection.server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    connection.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    connection = await open_with_room(listener, pki, app)
 
     async def accept_and_turn_away() -> None:
-        transport = await accept_tls(
-            connection.server_sock,
-            app,
-            server_context(pki),
-            handshake_timeout=IO_TIMEOUT,
-            shutdown_timeout=1.0,
-        )
+        transport = await accept(connection, pki)
         transport.write(b"refused")
         transport.close()
 
