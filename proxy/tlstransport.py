@@ -169,9 +169,8 @@ class TLSTransport(asyncio.Transport):
         self._paused = False  # the application paused reading
         self._peer_done = False  # the peer's close_notify or TCP EOF came (maybe while paused)
         self._input_ended = False  # the application has had its eof_received
-        self._read_wants_write = (
-            False  # SSL_read must write first (a KeyUpdate answer) and the socket is full
-        )
+        # SSL_read must write first (a KeyUpdate answer) and the socket is full.
+        self._read_wants_write = False
         # Unsent data: the record OpenSSL was last refused (it must be offered again as it was),
         # then what was written after it. Both None while nothing waits.
         self._in_flight: bytes | memoryview | None = None
