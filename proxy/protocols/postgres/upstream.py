@@ -507,18 +507,28 @@ async def connect_server(
     return connection
 
 
+class _CancelProtocol(asyncio.Protocol):
+    """Resolves ``closed`` when the server closes the CancelRequest connection.
+
+    At module level (not inside send_cancel) so that mypyc can compile this module.
+    """
+
+    def __init__(self, closed: asyncio.Future[None]) -> None:
+        self._closed = closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+
 async def send_cancel(
     route: RouteConfig, context: ssl.SSLContext | None, backend_key: tuple[int, int]
 ) -> None:
     """Deliver a CancelRequest for the given real backend key on a fresh connection (55.2.7)."""
     closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    class _CancelProtocol(asyncio.Protocol):
-        def connection_lost(self, exc: Exception | None) -> None:
-            if not closed.done():
-                closed.set_result(None)
-
-    transport = await _open_transport(route, context, route.pool.connect_timeout, _CancelProtocol)
+    transport = await _open_transport(
+        route, context, route.pool.connect_timeout, lambda: _CancelProtocol(closed)
+    )
     cast(asyncio.WriteTransport, transport).write(m.build_cancel_request(*backend_key))
     try:
         # The server closes the connection once it has read the request.
