@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+import pytest
 
 from proxy.config import PoolConfig, RouteConfig, SSLMode
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.prepared import ClientStatements, StatementStats
-from proxy.protocols.postgres.upstream import ServerConnection
+from proxy.protocols.postgres.upstream import InternalQueryFailed, ServerConnection
 
 MAX = 1 << 24
 
@@ -139,3 +142,24 @@ def test_a_fatal_to_an_idle_connection_in_the_pool_keeps_it_from_the_next_client
     server.detach()
     server.data_received(m.build_error_response("FATAL", "57P01", "terminating connection"))
     assert not server.usable
+
+
+async def test_a_refused_internal_query_raises_the_servers_error() -> None:
+    # The error arrives while run_internal awaits; a compiled build once read the attribute as
+    # the None it had set before the await (tests/integration: an invalid startup setting hung).
+    server, _peer = _lent_connection_after_a_query()
+    server.data_received(REPLY)
+    server.detach()
+    running = asyncio.ensure_future(server.run_internal("SELECT set_config('x', 'y', false)", 1.0))
+    await asyncio.sleep(0)
+    server.data_received(
+        m.build_error_response("ERROR", "22023", 'invalid value for parameter "client_encoding"')
+        + m.build_ready_for_query(b"I")
+    )
+    with pytest.raises(InternalQueryFailed) as raised:
+        await running
+    assert (raised.value.sqlstate, raised.value.message) == (
+        "22023",
+        'invalid value for parameter "client_encoding"',
+    )
+    assert server.usable

@@ -348,8 +348,15 @@ class ServerConnection(asyncio.Protocol):
             self.close()
             raise
         self._internal_busy = False
-        if self._internal_error is not None:
-            raise InternalQueryFailed(*self._internal_error)
+        # Through a method: here mypy would take the attribute for the None assigned above (it
+        # does not see data_received set it during the await), and mypyc compiles it that way.
+        error = self._take_internal_error()
+        if error is not None:
+            raise InternalQueryFailed(*error)
+
+    def _take_internal_error(self) -> tuple[str, str] | None:
+        error, self._internal_error = self._internal_error, None
+        return error
 
     # --- lending to a client session ---
 
