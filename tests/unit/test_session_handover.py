@@ -8,6 +8,7 @@ server ahead of them or before the internal query's answer is in.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,18 @@ async def test_messages_sent_while_settings_are_applied_wait_their_turn(tmp_path
     server.data_received(CYCLE_REPLY)
     assert tokyo_transport.written[-1] == CYCLE_REPLY
     assert first_transport.written[-1] == CYCLE_REPLY
+
+
+async def test_a_tls_error_without_a_reason_still_ends_the_session(tmp_path: Path) -> None:
+    # ssl.SSLError.reason is typed str but may be missing or None (mypyc raised TypeError on it).
+    proxy = proxy_without_listener(tmp_path)
+    server, upstream = add_server(proxy.routes["pos"], SERVER_PARAMETERS)
+    session, _transport = open_session(proxy, terminal_certificate(tmp_path), 40001)
+    session.data_received(PARSE_BIND_EXECUTE + SYNC)
+    server.data_received(CYCLE_REPLY)
+    assert upstream.written == [PARSE_BIND_EXECUTE + SYNC]
+    assert session in proxy._environment.registry.live
+
+    session.connection_lost(ssl.SSLError("decryption failed"))  # raised in Python: no reason
+
+    assert session not in proxy._environment.registry.live

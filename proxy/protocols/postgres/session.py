@@ -320,7 +320,10 @@ class ClientSession(asyncio.Protocol):
         if isinstance(exc, ssl.SSLError):
             # A record that failed to decrypt or verify after the handshake: tampering on the way, or
             # a broken terminal TLS stack.
-            log.warning("tls_error", **self._log_fields(), reason=exc.reason or str(exc))
+            # typeshed says str, but reason is None when the error did not come from OpenSSL
+            # (compiled with mypyc, reading it as a str would raise TypeError right here).
+            reason: str | None = getattr(exc, "reason", None)
+            log.warning("tls_error", **self._log_fields(), reason=reason or str(exc))
         self._state = _State.CLOSED
         if self._startup_timer is not None:
             self._startup_timer.cancel()
