@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import importlib.machinery
 import pstats
 import statistics
 import sys
@@ -27,11 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
+# This tree's proxy (not an installed one) and tests.sockless, before anything imports proxy.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from codec_cost import CLIENT, SERVER  # bench/ is on sys.path when this runs as a script
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.sockless
 from proxy.oplog import configure_logging
 from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres import session as session_module
 from proxy.protocols.postgres.session import ClientSession
 from proxy.protocols.postgres.upstream import ServerConnection
 from tests.sockless import (
@@ -43,6 +46,8 @@ from tests.sockless import (
     terminal_certificate,
 )
 
+# scripts/compiled-tree.sh puts a copy of bench/ beside the mypyc-compiled package.
+BUILD = "mypyc" if session_module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)) else "pure"
 SERVER_PARAMETERS = {"server_version": "15.0", "client_encoding": "UTF8", "DateStyle": "ISO, MDY"}
 TERMINALS = 2
 ROUNDS = 5_000  # each round is one transaction per terminal
@@ -152,7 +157,7 @@ async def measure(workload: str, profile: bool) -> None:
             check(transports, server, ROUNDS)
         print(
             f"proxy Python per {workload} transaction: {statistics.median(costs):.2f} us "
-            f"(median of {RUNS} runs of {ROUNDS * TERMINALS:,})"
+            f"(median of {RUNS} runs of {ROUNDS * TERMINALS:,}; {BUILD})"
         )
         if profile:
             profiler = cProfile.Profile()
