@@ -46,7 +46,7 @@ from tests.sockless import (
     terminal_certificate,
 )
 
-# scripts/compiled-tree.sh puts a copy of bench/ beside the mypyc-compiled package.
+# Whether the data path runs compiled by mypyc (docs/performance.md, "Latest") or as Python.
 BUILD = "mypyc" if session_module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)) else "pure"
 SERVER_PARAMETERS = {"server_version": "15.0", "client_encoding": "UTF8", "DateStyle": "ISO, MDY"}
 TERMINALS = 2
