@@ -642,13 +642,16 @@ async def test_close_sends_close_notify_after_what_was_written(listener: socket.
     assert app.events == ["connection_made", "connection_lost"]
 
 
-def fill_until_paused(transport: TLSTransport, app: App) -> None:
-    """Write until the transport asks the application to pause: the peer does not read."""
-    for _ in range(1024):  # 64 MiB at most; the kernel's buffers take a few
-        if "pause_writing" in app.events:
-            return
-        transport.write(bytes(64 * 1024))
-    raise AssertionError("pause_writing never came")
+def write_until(transport: TLSTransport, done: Callable[[], bool]) -> bytes:
+    """Write random 32 KiB pieces to a peer that does not read until ``done()``; return them all."""
+    written = bytearray()
+    for _ in range(2048):  # 64 MiB at most; the kernel's buffers take a few
+        if done():
+            return bytes(written)
+        piece = os.urandom(32 * 1024)
+        transport.write(piece)
+        written += piece
+    raise AssertionError("the peer's socket never filled up")
 
 
 @on_each_loop
@@ -656,7 +659,7 @@ async def test_a_close_to_a_peer_that_does_not_read_ends_after_the_shutdown_time
     listener: socket.socket, pki: PKI
 ) -> None:
     _, transport, app = await establish(listener, pki)
-    fill_until_paused(transport, app)
+    write_until(transport, lambda: "pause_writing" in app.events)
     loop = asyncio.get_running_loop()
     closed_at = loop.time()
     transport.close()
@@ -720,8 +723,8 @@ async def test_small_writes_buffered_behind_a_full_socket_arrive_in_order_then_c
     listener: socket.socket, pki: PKI
 ) -> None:
     client, transport, app = await establish(listener, pki)
-    while transport.get_write_buffer_size() == 0:  # the client is not reading: the kernel fills up
-        transport.write(os.urandom(32 * 1024))
+    # The kernel's buffers full, ours in use.
+    write_until(transport, lambda: transport.get_write_buffer_size() > 0)
     held = transport.get_write_buffer_size()
     messages = [b"%06d;" % index for index in range(20_000)]  # 140 KB of small writes, in the buffer
     for message in messages:
@@ -785,7 +788,7 @@ async def test_a_peer_that_resets_during_a_buffered_write_is_connection_lost_wit
     listener: socket.socket, pki: PKI
 ) -> None:
     client, transport, app = await establish(listener, pki)
-    fill_until_paused(transport, app)
+    write_until(transport, lambda: "pause_writing" in app.events)
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     client.sock.close()  # linger 0: RST, with the server's records unread
     await app.until(lambda: len(app.lost) == 1, "connection_lost")
@@ -834,11 +837,8 @@ async def test_a_key_update_while_a_write_waits_for_the_socket_keeps_the_connect
     terminal reads slower than the proxy writes. A KeyUpdate (update_requested) from the terminal
     then makes SSL_read write the answer while an application-data record is half sent."""
     client, transport, app = await establish(listener, pki)
-    sent = bytearray()
-    while transport.get_write_buffer_size() == 0:  # the client is not reading: the socket fills up
-        chunk = os.urandom(32 * 1024)
-        transport.write(chunk)
-        sent += chunk
+    # The socket full, a record half sent.
+    sent = write_until(transport, lambda: transport.get_write_buffer_size() > 0)
     _request_key_update(client.tls)
     await client.send_pending()
     await asyncio.sleep(0.2)  # the server reads the KeyUpdate
@@ -868,11 +868,7 @@ async def test_what_waits_to_be_sent_goes_out_before_close_notify_when_the_peer_
     client, transport, app = await establish(
         listener, pki, client=client_context(pki, pki.terminal, maximum_version=version)
     )
-    sent = bytearray()
-    while transport.get_write_buffer_size() == 0:
-        chunk = os.urandom(32 * 1024)
-        transport.write(chunk)
-        sent += chunk
+    sent = write_until(transport, lambda: transport.get_write_buffer_size() > 0)
     if ending == "close_notify":
         await client.close_notify()
     else:
