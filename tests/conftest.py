@@ -23,6 +23,19 @@ import pytest
 
 from proxy import certs
 from proxy.localpg import LocalPostgres, LocalPostgresError, LocalPostgresTLS, find_pg_bindir
+from tests import compiled
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # scripts/compiled-tree.sh: a run meant for the mypyc build must not test the .py modules.
+    if compiled.expected() and (wrong := compiled.not_compiled()):
+        pytest.exit("POS_PROXY_EXPECT_COMPILED is set but these are not compiled: " + ", ".join(wrong), 4)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if compiled.expected():
+        return f"mypyc-compiled data path: {len(compiled.compiled_modules())} modules"
+    return None
 
 
 def running_in_ci() -> bool:

@@ -1,0 +1,49 @@
+"""Optional mypyc compilation of the data path.
+
+``pip install .`` builds the usual pure-Python package (everything else is in pyproject.toml).
+``POS_PROXY_COMPILE=1 pip install .`` also compiles the modules below with mypyc into C
+extensions that sit next to their .py files in the wheel (an extension module is imported in
+preference to the .py of the same name).  Needs a C compiler and the Python headers; mypy is
+fetched as a build requirement (or, with ``--no-build-isolation``, taken from the environment).
+See docs/performance.md.  This is the pattern black and mypy use for their compiled wheels.
+"""
+
+from __future__ import annotations
+
+import os
+
+from setuptools import setup
+
+# The per-transaction data path (bench/session_cost.py); each must compile under mypyc.
+# Not sessionstate.py: its pglast Visitor finds its visit_* methods with inspect.ismethod, which
+# is false for compiled methods, so a compiled classifier silently finds nothing.
+MYPYC_MODULES = [
+    "proxy/protocols/postgres/messages.py",
+    "proxy/protocols/postgres/parameters.py",
+    "proxy/protocols/postgres/prepared.py",
+    "proxy/protocols/postgres/session.py",
+    "proxy/protocols/postgres/upstream.py",
+    "proxy/pool.py",
+]
+MYPY_REQUIREMENT = "mypy>=1.10"
+
+
+def _compile_requested() -> bool:
+    return os.environ.get("POS_PROXY_COMPILE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+if _compile_requested():
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        # Under PEP 517 build isolation setuptools turns setup_requires into build requirements
+        # (get_requires_for_build_wheel): the frontend installs mypy and runs this file again.
+        setup(setup_requires=[MYPY_REQUIREMENT])
+    else:
+        opt_level = os.environ.get("MYPYC_OPT_LEVEL", "3")
+        setup(
+            setup_requires=[MYPY_REQUIREMENT],
+            ext_modules=mypycify(["--config-file", "pyproject.toml", *MYPYC_MODULES], opt_level=opt_level),
+        )
+else:
+    setup()
