@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def caused_by(error: _E, cause: BaseException) -> _E:
+    """``raise caused_by(X(...), exc) from exc``: sets ``__cause__`` even when compiled.
+
+    mypyc ignores the ``from`` clause of a raise statement, and the session logs the cause of
+    upstream failures (``exc.__cause__``).  The modules setup.py compiles chain their
+    exceptions through this (tests/unit/test_compiled_build.py checks); the ``from`` stays for
+    readers, linters and the pure-Python build.
+    """
+    error.__cause__ = cause
+    return error
+
 
 class ProxyError(Exception):
     """A failure the client is told about.

@@ -14,7 +14,7 @@ from typing import Generic, Protocol, TypeVar
 
 import structlog
 
-from proxy.errors import ProxyError, TooManyConnections, UpstreamUnavailable
+from proxy.errors import ProxyError, TooManyConnections, UpstreamUnavailable, caused_by
 
 log = structlog.get_logger("pos_proxy.pool")
 
@@ -341,13 +341,13 @@ class UpstreamPool(Generic[C]):
         except (ServerUnreachable, TimeoutError) as exc:
             self._connect_failures += 1
             self._note_unreachable(str(exc) or "connect timed out", probe=probe)
-            raise ServerUnreachable(str(exc)) from exc
+            raise caused_by(ServerUnreachable(str(exc)), exc) from exc
         except Exception as exc:
             self._connect_failures += 1
             log.warning("server_connect_failed", pool=self.name, error=str(exc) or type(exc).__name__)
             # The server answered (it refused us): it is up, only this route cannot use it.
             self._note_reachable()
-            raise UpstreamUnavailable("could not connect to the database server") from exc
+            raise caused_by(UpstreamUnavailable("could not connect to the database server"), exc) from exc
         self._note_reachable()
         return connection
 

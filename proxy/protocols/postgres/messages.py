@@ -10,7 +10,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.errors import ProtocolViolation
+from proxy.errors import ProtocolViolation, caused_by
 
 PROTOCOL_3_0 = 196608
 SSL_REQUEST_CODE = 80877103
@@ -169,7 +169,7 @@ def _parse_startup_parameters(body: bytes) -> dict[str, str]:
                 raise ProtocolViolation("startup packet has an empty parameter name")
             parameters[name] = fields[index + 1].decode()
     except UnicodeDecodeError as exc:
-        raise ProtocolViolation("startup packet is not valid UTF-8") from exc
+        raise caused_by(ProtocolViolation("startup packet is not valid UTF-8"), exc) from exc
     return parameters
 
 
@@ -268,7 +268,7 @@ def parse_sasl_mechanisms(data: bytes) -> list[str]:
     try:
         return [name.decode() for name in data.split(b"\x00") if name]
     except UnicodeDecodeError as exc:
-        raise ProtocolViolation("malformed SASL mechanism list") from exc
+        raise caused_by(ProtocolViolation("malformed SASL mechanism list"), exc) from exc
 
 
 def parse_parameter_status(payload: bytes) -> tuple[str, str]:

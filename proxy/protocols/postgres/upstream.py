@@ -14,7 +14,7 @@ from typing import Protocol, cast
 import structlog
 
 from proxy.config import RouteConfig
-from proxy.errors import ProtocolViolation, ProxyError
+from proxy.errors import ProtocolViolation, ProxyError, caused_by
 from proxy.pool import ServerUnreachable
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.prepared import (
@@ -323,7 +323,7 @@ class ServerConnection(asyncio.Protocol):
             async with asyncio.timeout(timeout):
                 await self._waiter
         except TimeoutError as exc:
-            raise UpstreamConnectError(f"server did not answer within {timeout:g}s") from exc
+            raise caused_by(UpstreamConnectError(f"server did not answer within {timeout:g}s"), exc) from exc
 
     async def authenticate(self, timeout: float, parameters: Mapping[str, str]) -> None:
         password = self.route.password.reveal() if self.route.password is not None else None
@@ -425,11 +425,11 @@ async def open_socket(route: RouteConfig, timeout: float) -> socket.socket:
                 tune_socket(sock, route.pool.tcp_keepalive)
                 return sock
     except TimeoutError as exc:
-        raise UpstreamConnectError(
-            f"connect to {route.host}:{route.port} timed out after {timeout:g}s"
+        raise caused_by(
+            UpstreamConnectError(f"connect to {route.host}:{route.port} timed out after {timeout:g}s"), exc
         ) from exc
     except OSError as exc:
-        raise UpstreamConnectError(f"cannot resolve {route.host}: {exc}") from exc
+        raise caused_by(UpstreamConnectError(f"cannot resolve {route.host}: {exc}"), exc) from exc
     raise UpstreamConnectError(f"connect to {route.host}:{route.port} failed: {last_error}")
 
 
@@ -441,9 +441,9 @@ async def _negotiate_tls(sock: socket.socket, route: RouteConfig, timeout: float
             await loop.sock_sendall(sock, m.build_ssl_request())
             answer = await loop.sock_recv(sock, 1)
     except TimeoutError as exc:
-        raise UpstreamConnectError("server did not answer the SSLRequest in time") from exc
+        raise caused_by(UpstreamConnectError("server did not answer the SSLRequest in time"), exc) from exc
     except OSError as exc:
-        raise UpstreamConnectError(f"SSLRequest failed: {exc}") from exc
+        raise caused_by(UpstreamConnectError(f"SSLRequest failed: {exc}"), exc) from exc
     if not answer:
         raise UpstreamConnectError("server closed the connection after the SSLRequest")
     if answer != b"S":
@@ -475,12 +475,14 @@ async def _open_transport(
         sock.close()
         # The server going away mid-handshake is transient; a certificate or protocol mismatch is not.
         transient = isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError)
-        raise UpstreamConnectError(
-            f"TLS to {route.host}:{route.port} failed: {exc}", transient=transient
+        raise caused_by(
+            UpstreamConnectError(f"TLS to {route.host}:{route.port} failed: {exc}", transient=transient), exc
         ) from exc
     except (OSError, TimeoutError) as exc:
         sock.close()
-        raise UpstreamConnectError(f"connection to {route.host}:{route.port} failed: {exc}") from exc
+        raise caused_by(
+            UpstreamConnectError(f"connection to {route.host}:{route.port} failed: {exc}"), exc
+        ) from exc
     except BaseException:
         sock.close()
         raise
@@ -509,7 +511,7 @@ async def connect_server(
             raise
     except UpstreamConnectError as exc:
         if exc.transient:
-            raise ServerUnreachable(str(exc)) from exc
+            raise caused_by(ServerUnreachable(str(exc)), exc) from exc
         raise
     return connection
 
