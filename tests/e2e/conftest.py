@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.logcheck import assert_no_unhandled_errors
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLI_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -157,7 +159,7 @@ StartCli = Callable[..., subprocess.Popen[str]]
 @pytest.fixture
 def start_cli(tmp_path: Path) -> Iterator[StartCli]:
     """Starts ``python -m proxy ARGS`` (stdout piped, stderr to a file); stops whatever is left."""
-    started: list[subprocess.Popen[str]] = []
+    started: list[tuple[subprocess.Popen[str], Path]] = []
 
     def start(
         *args: str | os.PathLike[str], env: Mapping[str, str] | None = None, stderr_name: str = "stderr.txt"
@@ -177,14 +179,16 @@ def start_cli(tmp_path: Path) -> Iterator[StartCli]:
             )
         finally:
             stderr.close()
-        started.append(proc)
+        started.append((proc, tmp_path / stderr_name))
         return proc
 
     yield start
-    for proc in started:
+    for proc, _ in started:
         stop_process(proc)
         if proc.stdout is not None:
             proc.stdout.close()
+    for proc, stderr_path in started:
+        assert_no_unhandled_errors(stderr_path.read_text(encoding="utf-8"), f"pos-proxy {proc.args[3:]}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import yaml
 
 from proxy import certs
 from proxy.localpg import free_port
+from tests.logcheck import assert_no_unhandled_errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,7 @@ class ProxyProcess:
         raise RuntimeError(f"proxy did not listen within {timeout}s:\n{self.log_text()}")
 
     def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM and wait; fails if the proxy logged an unhandled error (tests/logcheck.py)."""
         if self._process is None:
             return None
         if self._process.poll() is None:
@@ -140,6 +142,7 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait(5)
+        assert_no_unhandled_errors(self.log_text(), f"the proxy in {self.directory}")
         return self._process.returncode
 
     @property
