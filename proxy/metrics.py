@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from importlib import metadata
+from importlib import machinery, metadata, util
 from pathlib import Path
 from typing import Final
 
@@ -41,11 +41,20 @@ LATENCY_BUCKETS: Final = (
 )
 
 
-def _version() -> str:
+# One of the modules a compiled build (setup.py, POS_PROXY_COMPILE=1) ships as a C extension.
+_COMPILED_WITNESS: Final = "proxy.protocols.postgres.session"
+
+
+def build_labels() -> dict[str, str]:
+    """``version`` of the package and ``build``: ``mypyc`` when the data path runs compiled."""
     try:
-        return metadata.version("pos-db-proxy")
+        version = metadata.version("pos-db-proxy")
     except metadata.PackageNotFoundError:
-        return "unknown"
+        version = "unknown"
+    spec = util.find_spec(_COMPILED_WITNESS)
+    origin = (spec.origin if spec is not None else None) or ""
+    build = "mypyc" if origin.endswith(tuple(machinery.EXTENSION_SUFFIXES)) else "pure"
+    return {"version": version, "build": build}
 
 
 class Metrics:
@@ -218,8 +227,10 @@ class Metrics:
             ["operation"],
             registry=registry,
         )
-        self.build_info = Info("pos_proxy_build", "The running proxy's version.", registry=registry)
-        self.build_info.info({"version": _version()})
+        self.build_info = Info(
+            "pos_proxy_build", "The running proxy's version and build (pure or mypyc).", registry=registry
+        )
+        self.build_info.info(build_labels())
 
         # Series of the fixed label sets exist from the start at 0, so rate() and alerts see the
         # first event instead of a series appearing out of nowhere.
@@ -311,8 +322,12 @@ class FleetMetrics:
             "Worker processes the supervisor restarted after they died.",
             registry=self.registry,
         )
-        self.build_info = Info("pos_proxy_build", "The running proxy's version.", registry=self.registry)
-        self.build_info.info({"version": _version()})
+        self.build_info = Info(
+            "pos_proxy_build",
+            "The running proxy's version and build (pure or mypyc).",
+            registry=self.registry,
+        )
+        self.build_info.info(build_labels())
 
     def forget_worker(self, pid: int) -> None:
         """A worker died: its live gauges no longer count (its counters still do)."""

@@ -11,7 +11,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,7 @@ from proxy.auditwriter import AuditLog
 from proxy.config import Config, ConfigError, ConfigProblem, ExpiredCRLAction, RouteConfig, load_config
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.limits import Limiter, SourceRateLimiter
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, build_labels
 from proxy.policy.engine import PolicyEngine
 from proxy.policy.learn import ReviewLog
 from proxy.pool import PoolSettings, ServerUnreachable, UpstreamPool
@@ -161,7 +160,6 @@ class ProxyServer:
         self._registry = SessionRegistry()
         self.metrics = Metrics()
         self.routes: Mapping[str, Route] = build_routes(config, self.metrics)
-        self.metrics.build_info.info({"version": _version()})
         self.audit = AuditLog(config.audit.settings) if config.audit is not None else None
         self._shared_limits = _shared_limit_store(config, self.metrics)
         self._environment = SessionEnvironment(
@@ -221,7 +219,13 @@ class ProxyServer:
             token = admin.token.reveal() if admin.token is not None else None
             self.admin = AdminServer(self, AdminListener(admin.host, admin.port, token))
             await self.admin.start()
-        log.info("listening", host=self.address[0], port=self.address[1], routes=sorted(self.routes))
+        log.info(
+            "listening",
+            host=self.address[0],
+            port=self.address[1],
+            routes=sorted(self.routes),
+            **build_labels(),
+        )
         self._notifier.ready(f"serving on {self.address[0]}:{self.address[1]}")
         if self._notifier.watchdog_interval is not None:
             self._spawn(self._watchdog_loop(self._notifier.watchdog_interval))
@@ -744,13 +748,6 @@ def _file_stamp(path: Path | None) -> tuple[int, int, int, int] | None:
     except OSError:
         return None
     return (info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino) if info is not None else None
-
-
-def _version() -> str:
-    try:
-        return metadata.version("pos-db-proxy")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 async def _route_reachable(route: Route) -> str:

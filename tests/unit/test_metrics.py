@@ -9,6 +9,7 @@ from prometheus_client import Counter, Gauge, Histogram, Info
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import CONTENT_TYPE, LATENCY_BUCKETS, Metrics
+from tests import compiled
 
 # attribute -> (type, label names), exactly as documented for the lead's wiring.
 DOCUMENTED: dict[str, tuple[type, tuple[str, ...]]] = {
@@ -105,12 +106,13 @@ def test_fixed_label_sets_start_at_zero() -> None:
         assert value(metrics, "pos_proxy_prepared_statement_cache_total", result=result) == 0
 
 
-def test_build_info_carries_the_package_version() -> None:
+def test_build_info_carries_the_package_version_and_build() -> None:
     try:
         expected = metadata.version("pos-db-proxy")
     except metadata.PackageNotFoundError:
         expected = "unknown"
-    assert value(Metrics(), "pos_proxy_build_info", version=expected) == 1
+    build = "mypyc" if compiled.expected() else "pure"
+    assert value(Metrics(), "pos_proxy_build_info", version=expected, build=build) == 1
 
 
 def test_every_metric_is_prefixed() -> None:
@@ -139,7 +141,7 @@ def test_label_sets_are_exactly_as_documented() -> None:
         assert isinstance(getattr(metrics, attribute), kind), attribute
         family = getattr(metrics, attribute).describe()[0].name
         if kind is Info:
-            expected = {"version"}
+            expected = {"version", "build"}
         else:
             expected = set(label_names) | ({"le"} if kind is Histogram else set())
         seen = {frozenset(labels) for name, labels, _ in by_family[family] if not name.endswith("_created")}
