@@ -24,14 +24,11 @@ is_installed() {
 
 # ------------------------------------------------------------------ Debian packages
 # prometheus: promtool checks the alert rules (tests/unit/test_monitoring_files.py; fails without it under CI).
-required=(postgresql-15 postgresql-client-15 redis-server prometheus)
+# gcc, python3-dev: scripts/run-tests.sh also tests the mypyc-compiled build (a C compiler and
+# the headers of the Python the venv is made from).
+required=(postgresql-15 postgresql-client-15 redis-server prometheus gcc python3-dev)
 # pgbouncer: the benchmark; systemd: systemd-analyze checks of the unit file (no systemd runs).
 optional=(pgbouncer systemd)
-# POS_PROXY_TEST_COMPILED=1 (scripts/run-tests.sh) also tests the mypyc-compiled build: a C
-# compiler and the headers of the Python the venv is made from.
-if [ "${POS_PROXY_TEST_COMPILED:-0}" = 1 ]; then
-    required+=(gcc python3-dev)
-fi
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     required+=(python3-venv)
 fi
