@@ -53,16 +53,28 @@ POS_SCRIPT: Final = BENCH_DIR / "pos_sale.sql"
 DEFAULT_OUTPUT: Final = BENCH_DIR / "results" / "latest.json"
 LOGS_ROOT: Final = BENCH_DIR / "results" / "logs"
 
-ALL_CONFIGS: Final = ("direct", "pgbouncer", "lean", "proxy", "proxy-workers", "proxy-enforce", "proxy-full")
+ALL_CONFIGS: Final = (
+    "direct",
+    "pgbouncer",
+    "lean",
+    "proxy",
+    "proxy-mypyc",
+    "proxy-workers",
+    "proxy-enforce",
+    "proxy-full",
+)
 DEFAULT_CONFIGS: Final = ("direct", "pgbouncer", "proxy")
-# pos-db-proxy variants: plain; plain with --proxy-workers worker processes; + the cashier SQL
+# pos-db-proxy variants: plain; plain from the mypyc-compiled build (POS_PROXY_COMPILE=1, built
+# by scripts/compiled-tree.sh); plain with --proxy-workers worker processes; + the cashier SQL
 # policy in enforce mode; + audit log and admin/metrics.
-PROXY_VARIANTS: Final = ("proxy", "proxy-workers", "proxy-enforce", "proxy-full")
+PROXY_VARIANTS: Final = ("proxy", "proxy-mypyc", "proxy-workers", "proxy-enforce", "proxy-full")
 # (column label, JSON key, numerator config, denominator config): ratios of median TPS.
 RATIOS: Final = (
     ("proxy/pgb", "proxy_vs_pgbouncer", "proxy", "pgbouncer"),
     ("proxy/lean", "proxy_vs_lean", "proxy", "lean"),
     ("proxy/direct", "proxy_vs_direct", "proxy", "direct"),
+    ("mypyc/pgb", "mypyc_vs_pgbouncer", "proxy-mypyc", "pgbouncer"),
+    ("mypyc/proxy", "mypyc_vs_proxy", "proxy-mypyc", "proxy"),
     ("workers/proxy", "workers_vs_proxy", "proxy-workers", "proxy"),
     ("enforce/proxy", "enforce_vs_proxy", "proxy-enforce", "proxy"),
     ("full/proxy", "full_vs_proxy", "proxy-full", "proxy"),
@@ -406,17 +418,19 @@ def spawn_python_service(
     name: str,
     log_path: Path,
     stack: contextlib.ExitStack,
+    *,
     extra_env: Mapping[str, str] | None = None,
+    cwd: Path = REPO_ROOT,
 ) -> subprocess.Popen[bytes]:
     """A Python process of the bench (a proxy, the lean pooler) logging to ``log_path``, stopped
-    when ``stack`` unwinds."""
+    when ``stack`` unwinds.  ``python -m`` imports from ``cwd`` first."""
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            cwd=str(REPO_ROOT),
+            cwd=str(cwd),
             env={**client_env(extra_env or {}), "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # Ctrl-C reaches us, and we stop the process in order
             preexec_fn=_proxy_preexec,  # noqa: PLW1509 -- no threads exist yet
@@ -457,9 +471,11 @@ def start_proxy(
     pool_size: int,
     stack: contextlib.ExitStack,
     workers: int = 1,
+    tree: Path = REPO_ROOT,
 ) -> Target:
     """One pos-db-proxy process (a supervisor and ``workers`` processes when more than 1) for
-    ``variant`` (one of PROXY_VARIANTS), with its own config and log."""
+    ``variant`` (one of PROXY_VARIANTS), with its own config and log, run from ``tree`` (the
+    sources, or a compiled tree)."""
     if variant not in PROXY_VARIANTS:
         raise BenchError(f"unknown proxy variant {variant!r}")
     port = free_port()
@@ -529,12 +545,35 @@ def start_proxy(
         variant,
         log_path,
         stack,
+        extra_env={"PYTHONPATH": str(tree)},  # not an inherited one: the tree's proxy is measured
+        cwd=tree,
     )
     wait_for_port(port, process, variant, log_path)
     if target.admin_port is not None:
         wait_for_port(target.admin_port, process, f"{variant} admin listener", log_path)
     target.pid, target.log_path = process.pid, log_path
     return target
+
+
+def build_compiled_tree(work: Path, logs: Path) -> Path:
+    """The mypyc-compiled build laid out by scripts/compiled-tree.sh (about a minute); it checks
+    that every module setup.py compiles imports from its extension there."""
+    tree = work / "compiled"
+    log_path = logs / "compiled-build.log"
+    log("building the mypyc-compiled proxy (scripts/compiled-tree.sh)")
+    with log_path.open("wb") as build_log:
+        built = subprocess.run(
+            ["bash", str(REPO_ROOT / "scripts" / "compiled-tree.sh"), str(tree)],
+            stdin=subprocess.DEVNULL,
+            stdout=build_log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHON": sys.executable},
+            timeout=900,
+            check=False,
+        )
+    if built.returncode != 0:
+        raise BenchError(f"the mypyc build failed (exit {built.returncode}):\n{tail(log_path)}")
+    return tree
 
 
 def start_lean_pooler(
@@ -1074,17 +1113,17 @@ def format_cpu_table(rows: Sequence[Mapping[str, Any]], configs: Sequence[str]) 
     """CPU microseconds the pooler process spent per transaction (median of rounds): unlike TPS,
     barely moved by other jobs on the machine, so it shows the data path's own cost."""
     poolers = [c for c in configs if c != "direct"]
+    against_pgb = [c for c in ("proxy", "proxy-mypyc") if c in poolers and "pgbouncer" in poolers]
     header = ["workload", "clients", *(f"{c} us/txn" for c in poolers)]
-    if "pgbouncer" in poolers and "proxy" in poolers:
-        header.append("proxy/pgb cpu")
+    header += [f"{c}/pgb cpu" for c in against_pgb]
     body: list[list[str]] = []
     for row in rows:
         cells = {c: row[c]["cpu_us_per_txn"] for c in poolers}
         line = [row["workload"], str(row["clients"])]
         line += [f"{cells[c]:.1f}" if cells[c] is not None else "n/a" for c in poolers]
-        if len(header) > len(line):
-            proxy, pgb = cells["proxy"], cells["pgbouncer"]
-            line.append(f"{proxy / pgb:.2f}x" if proxy and pgb else "n/a")
+        for config in against_pgb:
+            mine, pgb = cells[config], cells["pgbouncer"]
+            line.append(f"{mine / pgb:.2f}x" if mine and pgb else "n/a")
         body.append(line)
     return render_table(header, body)
 
@@ -1246,8 +1285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 targets["lean"] = start_lean_pooler(
                     logs, pki=pki, pg=pg, password_file=password_file, pool_size=args.pool_size, stack=stack
                 )
+            compiled_tree = build_compiled_tree(work, logs) if "proxy-mypyc" in configs else None
             for variant in (v for v in PROXY_VARIANTS if v in configs):
                 workers = args.proxy_workers if variant == "proxy-workers" else 1
+                tree = compiled_tree if variant == "proxy-mypyc" and compiled_tree else REPO_ROOT
                 log(
                     f"starting pos-db-proxy as {variant} (transaction pooling, pool {args.pool_size}, "
                     f"{workers} worker process(es))"
@@ -1265,13 +1306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     pool_size=args.pool_size,
                     stack=stack,
                     workers=workers,
+                    tree=tree,
                 )
             warm_up(pgbench, targets, args.warmup)
             run_rounds(pgbench, targets, cases, args, results)
             if "proxy-full" in targets:
                 metrics = scrape_metrics(targets["proxy-full"])
             if args.idle:
-                for name in ("proxy", "pgbouncer", "lean"):
+                for name in ("proxy", "proxy-mypyc", "pgbouncer", "lean"):
                     if name not in targets:
                         continue
                     if not targets[name].unavailable:
