@@ -11,6 +11,7 @@ See docs/performance.md.  This is the pattern black and mypy use for their compi
 from __future__ import annotations
 
 import os
+import tomllib
 
 from setuptools import setup
 
@@ -34,17 +35,26 @@ def _compile_requested() -> bool:
     return os.environ.get("POS_PROXY_COMPILE", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _build_requirements() -> list[str]:
+    """mypy, and what it type-checks the compiled modules against: the runtime dependencies
+    (pyproject.toml) and PyYAML's stubs.  Under build isolation a fresh environment has none of
+    them yet (pip installs dependencies after building), and mypy fails on a missing import."""
+    with open("pyproject.toml", "rb") as pyproject:
+        dependencies: list[str] = tomllib.load(pyproject)["project"]["dependencies"]
+    return [MYPY_REQUIREMENT, "types-PyYAML", *dependencies]
+
+
 if _compile_requested():
     try:
         from mypyc.build import mypycify
     except ImportError:
         # Under PEP 517 build isolation setuptools turns setup_requires into build requirements
         # (get_requires_for_build_wheel): the frontend installs mypy and runs this file again.
-        setup(setup_requires=[MYPY_REQUIREMENT])
+        setup(setup_requires=_build_requirements())
     else:
         opt_level = os.environ.get("MYPYC_OPT_LEVEL", "3")
         setup(
-            setup_requires=[MYPY_REQUIREMENT],
+            setup_requires=_build_requirements(),
             ext_modules=mypycify(["--config-file", "pyproject.toml", *MYPYC_MODULES], opt_level=opt_level),
         )
 else:

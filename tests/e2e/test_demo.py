@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -367,21 +367,59 @@ def test_pip_install_from_a_source_copy_ships_the_demo(pg_bindir: Path, tmp_path
     )
     assert install.returncode == 0, install.stdout + install.stderr
 
-    where = subprocess.run(
-        [str(python), "-c", "import proxy; print(proxy.__file__)"],
+    assert installed_build(venv, env, site_packages) == "pure"
+    run_installed_demo(venv, env)
+
+
+@pytest.mark.timeout(600)
+def test_compiled_pip_install_in_a_fresh_venv_runs_the_demo(pg_bindir: Path, tmp_path: Path) -> None:
+    """What an operator runs: ``POS_PROXY_COMPILE=1 pip install .`` into an empty venv.  pip builds
+    in isolation before it installs any dependency, so mypy must get them as build requirements."""
+    source = _copy_source_tree(tmp_path / "pos-db-proxy")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, cwd=tmp_path)
+    (site_packages,) = (venv / "lib").glob("python3*/site-packages")
+    env = cli_env({"PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "POS_PROXY_COMPILE": "1"})
+    install = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", str(source)],
         env=env,
         cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-6000:]
+
+    assert installed_build(venv, env, site_packages) == "mypyc"
+    run_installed_demo(venv, env)
+
+
+def installed_build(venv: Path, env: Mapping[str, str], site_packages: Path) -> str:
+    """The build label of the proxy ``venv`` imports, after checking it is the installed copy."""
+    where = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import proxy, proxy.metrics as m; print(proxy.__file__); print(m.build_labels()['build'])",
+        ],
+        env=env,
+        cwd=venv.parent,
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    assert Path(where.stdout.strip()).is_relative_to(site_packages), "must run the installed copy"
+    location, build = where.stdout.split()
+    assert Path(location).is_relative_to(site_packages), "must run the installed copy"
+    return build
 
+
+def run_installed_demo(venv: Path, env: Mapping[str, str]) -> None:
     demo = subprocess.run(
         [str(venv / "bin" / "pos-proxy"), "demo", "--port", "0", "--no-wait"],
         env=env,
-        cwd=tmp_path,
+        cwd=venv.parent,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
