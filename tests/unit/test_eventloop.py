@@ -1,4 +1,5 @@
-"""proxy.eventloop: an error nothing handled becomes one JSON ``internal_error`` event."""
+"""proxy.eventloop and proxy.oplog: an error nothing handled becomes one JSON ``internal_error``
+event, and a logged exception keeps its traceback."""
 
 from __future__ import annotations
 
@@ -79,3 +80,21 @@ def test_the_log_check_sees_plain_text_tracebacks_and_ignores_other_events() -> 
         'Traceback (most recent call last):\n  File "x.py", line 1',
         "Exception in callback Foo()",
     ]
+
+
+def test_a_logged_exception_keeps_its_traceback_in_json() -> None:
+    stream = io.StringIO()
+    configure_logging(json=True, level="info", stream=stream)
+    try:
+        logger = structlog.get_logger("pos_proxy.test")
+        try:
+            raise ValueError("lost before")
+        except ValueError:
+            logger.exception("server_grant_failed", server_connection=7)
+    finally:
+        structlog.reset_defaults()
+    (event,) = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert event["event"] == "server_grant_failed"
+    assert "exc_info" not in event
+    assert "Traceback (most recent call last)" in event["exception"]
+    assert "ValueError: lost before" in event["exception"]
