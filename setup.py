@@ -51,6 +51,9 @@ if _compile_requested():
         # Under PEP 517 build isolation setuptools turns setup_requires into build requirements
         # (get_requires_for_build_wheel): the frontend installs mypy and runs this file again.
         setup(setup_requires=_build_requirements())
+        # Reached only when setup() built something (pip asking for the build requirements stops
+        # inside it): without mypy, e.g. --no-build-isolation, that was a pure wheel.
+        raise SystemExit("POS_PROXY_COMPILE is set but mypy (mypyc) is not installed: not compiled")
     else:
         opt_level = os.environ.get("MYPYC_OPT_LEVEL", "3")
         setup(

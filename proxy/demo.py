@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import shlex
 import shutil
@@ -43,7 +44,8 @@ def run_demo(*, port: int, wait: bool) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pos-proxy-demo-"))
     configure_logging(json=True, level="info", stream=(workdir / "proxy.log").open("a", encoding="utf-8"))
     try:
-        return eventloop.run(_demo(workdir, port, wait))
+        code = eventloop.run(_demo(workdir, port, wait))
+        return _report_internal_errors(workdir / "proxy.log") or code
     except LocalPostgresError as exc:
         print(f"pos-proxy demo: cannot start the demo database: {exc}", file=sys.stderr)
         return 1
@@ -52,6 +54,24 @@ def run_demo(*, port: int, wait: bool) -> int:
         return 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _report_internal_errors(log_path: Path) -> int:
+    """1 after printing them if the proxy logged ``internal_error`` events (bugs), else 0: the
+    log goes with the work directory, and a demo that passed over a bug would hide it."""
+    errors = []
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "internal_error":
+            errors.append(f"  {event.get('message')}: {event.get('error')}\n{event.get('traceback', '')}")
+    if errors:
+        print(f"pos-proxy demo: the proxy logged {len(errors)} internal error(s):", file=sys.stderr)
+        print("\n".join(errors), file=sys.stderr)
+        return 1
+    return 0
 
 
 async def _demo(workdir: Path, port: int, wait: bool) -> int:

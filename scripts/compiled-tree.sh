@@ -18,8 +18,17 @@
 set -euo pipefail
 
 dest=${1:?usage: scripts/compiled-tree.sh DEST}
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-python=${PYTHON:-.venv/bin/python}
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-$repo/.venv/bin/python}
+# Both relative to the caller's directory; not realpath for the interpreter (it would resolve a
+# venv's python to the base interpreter and leave the venv).
+[[ $dest = /* ]] || dest=$PWD/$dest
+[[ $python = /* ]] || [[ $python != */* ]] || python=$PWD/$python
+dest=$(realpath -m "$dest")
+case "$dest/" in
+"$repo"/*) echo "compiled-tree.sh: DEST must be outside the repository ($repo): it is wiped" >&2; exit 2 ;;
+esac
+cd "$repo"
 
 wheels=$(mktemp -d)
 trap 'rm -rf "$wheels"' EXIT

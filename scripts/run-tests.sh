@@ -42,6 +42,7 @@ fi
 # POS_PROXY_TEST_COMPILED=0 skips it; POS_PROXY_COMPILED_TESTS picks other tests.
 if [ "${POS_PROXY_TEST_COMPILED:-1}" = 1 ]; then
     compiled_tree="$(mktemp -d)"
+    trap 'rm -rf "$compiled_tree"' EXIT
     printf '\n==> mypyc-compiled build in %s\n' "$compiled_tree"
     venv_python="$PWD/.venv/bin/python"
     if PYTHON="$venv_python" bash scripts/compiled-tree.sh "$compiled_tree"; then

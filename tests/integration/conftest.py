@@ -12,7 +12,7 @@ import pytest
 
 from proxy.localpg import LocalPostgres, LocalPostgresTLS
 from tests.conftest import running_in_ci
-from tests.integration.proxyproc import ProxyProcess, TerminalPKI, deep_merge, proxy_config
+from tests.integration.proxyproc import ProxyProcess, TerminalPKI, deep_merge, proxy_config, stop_all
 from tests.integration.redisproc import RedisServer, find_redis_server
 
 
@@ -53,8 +53,7 @@ def start_proxy(base_config: dict[str, Any], tmp_path: Path) -> Iterator[Callabl
         return process.start()
 
     yield start
-    for process in started:
-        process.stop()
+    stop_all(started)
 
 
 @pytest.fixture

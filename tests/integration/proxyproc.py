@@ -22,6 +22,7 @@ import yaml
 
 from proxy import certs
 from proxy.localpg import free_port
+from tests import compiled
 from tests.logcheck import assert_no_unhandled_errors
 
 
@@ -125,14 +126,20 @@ class ProxyProcess:
                 raise RuntimeError(f"proxy exited with {self._process.returncode}:\n{self.log_text()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
             except OSError:
                 time.sleep(0.05)
+                continue
+            if compiled.expected():
+                # The compiled run imports the compiled tree only from its working directory.
+                build = self.wait_for_event("listening").get("build")
+                assert build == "mypyc", f"this proxy runs the {build} build"
+            return self
         self.stop()
         raise RuntimeError(f"proxy did not listen within {timeout}s:\n{self.log_text()}")
 
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM and wait; fails if the proxy logged an unhandled error (tests/logcheck.py)."""
+    def stop(self, timeout: float = 15.0, *, check: bool = True) -> int | None:
+        """SIGTERM and wait; with ``check``, fails if the proxy logged an unhandled error
+        (tests/logcheck.py)."""
         if self._process is None:
             return None
         if self._process.poll() is None:
@@ -142,8 +149,12 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait(5)
-        assert_no_unhandled_errors(self.log_text(), f"the proxy in {self.directory}")
+        if check:
+            self.check_log()
         return self._process.returncode
+
+    def check_log(self) -> None:
+        assert_no_unhandled_errors(self.log_text(), f"the proxy in {self.directory}")
 
     @property
     def pid(self) -> int:
@@ -201,6 +212,14 @@ class ProxyProcess:
         if terminal is not None:
             context.load_cert_chain(terminal.cert, terminal.key)
         return context
+
+
+def stop_all(processes: Sequence[ProxyProcess]) -> None:
+    """Stop every one before checking any log: a failed check must not leave the rest running."""
+    for process in processes:
+        process.stop(check=False)
+    for process in processes:
+        process.check_log()
 
 
 def proxy_config(pki: TerminalPKI, cluster: Any, password_file: Path, **route: Any) -> dict[str, Any]:

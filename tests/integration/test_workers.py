@@ -25,7 +25,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.localpg import free_port
-from tests.integration.proxyproc import ProxyProcess, TerminalPKI, deep_merge, receive_notifications
+from tests.integration.proxyproc import (
+    ProxyProcess,
+    TerminalPKI,
+    deep_merge,
+    receive_notifications,
+    stop_all,
+)
 
 WORKERS = 2
 # Enough connections that the kernel's hash puts some on each worker (all on one: 2**-15).
@@ -55,8 +61,7 @@ def start_workers(base_config: dict[str, Any], tmp_path: Path) -> Iterator[Start
         return process
 
     yield start
-    for process in started:
-        process.stop()
+    stop_all(started)
 
 
 def _admin(proxy: ProxyProcess, path: str, method: str = "GET") -> Any:

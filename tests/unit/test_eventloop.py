@@ -7,11 +7,12 @@ import asyncio
 import gc
 import io
 import json
+from pathlib import Path
 
 import pytest
 import structlog
 
-from proxy import eventloop
+from proxy import demo, eventloop
 from proxy.oplog import configure_logging
 from tests.logcheck import unhandled_errors
 
@@ -98,3 +99,17 @@ def test_a_logged_exception_keeps_its_traceback_in_json() -> None:
     assert "exc_info" not in event
     assert "Traceback (most recent call last)" in event["exception"]
     assert "ValueError: lost before" in event["exception"]
+
+
+def test_the_demo_fails_when_its_proxy_logged_an_internal_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_path = tmp_path / "proxy.log"
+    clean = json.dumps({"event": "session_end", "level": "info"})
+    log_path.write_text(clean + "\n", encoding="utf-8")
+    assert demo._report_internal_errors(log_path) == 0
+
+    bug = {"event": "internal_error", "message": "Exception in callback", "error": "KeyError: 'x'"}
+    log_path.write_text(clean + "\nnot json\n" + json.dumps(bug) + "\n", encoding="utf-8")
+    assert demo._report_internal_errors(log_path) == 1
+    assert "logged 1 internal error(s)" in capsys.readouterr().err
