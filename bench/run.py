@@ -556,7 +556,7 @@ def start_proxy(
 
 
 def build_compiled_tree(work: Path, logs: Path) -> Path:
-    """The mypyc-compiled build laid out by scripts/compiled-tree.sh (about a minute); it checks
+    """The mypyc-compiled build laid out by scripts/compiled-tree.sh (about 45 s); it checks
     that every module setup.py compiles imports from its extension there."""
     tree = work / "compiled"
     log_path = logs / "compiled-build.log"

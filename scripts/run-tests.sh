@@ -40,7 +40,7 @@ fi
 # as proxy-mypyc: built into a throwaway tree (scripts/compiled-tree.sh) and tested there, the
 # unit and integration tests (the e2e tests run the installed CLI, which is the pure build).
 # POS_PROXY_TEST_COMPILED=0 skips it; POS_PROXY_COMPILED_TESTS picks other tests.
-if [ "${POS_PROXY_TEST_COMPILED:-1}" = 1 ]; then
+if [ "${POS_PROXY_TEST_COMPILED:-1}" != 0 ]; then
     compiled_tree="$(mktemp -d)"
     trap 'rm -rf "$compiled_tree"' EXIT
     printf '\n==> mypyc-compiled build in %s\n' "$compiled_tree"
