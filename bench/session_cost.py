@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import importlib.machinery
 import pstats
 import statistics
 import sys
@@ -32,9 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from codec_cost import CLIENT, SERVER  # bench/ is on sys.path when this runs as a script
 
+from proxy.metrics import build_labels
 from proxy.oplog import configure_logging
 from proxy.protocols.postgres import messages as m
-from proxy.protocols.postgres import session as session_module
 from proxy.protocols.postgres.session import ClientSession
 from proxy.protocols.postgres.upstream import ServerConnection
 from tests.sockless import (
@@ -46,8 +45,6 @@ from tests.sockless import (
     terminal_certificate,
 )
 
-# Whether the data path runs compiled by mypyc (docs/performance.md, "Latest") or as Python.
-BUILD = "mypyc" if session_module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)) else "pure"
 SERVER_PARAMETERS = {"server_version": "15.0", "client_encoding": "UTF8", "DateStyle": "ISO, MDY"}
 TERMINALS = 2
 ROUNDS = 5_000  # each round is one transaction per terminal
@@ -157,7 +154,7 @@ async def measure(workload: str, profile: bool) -> None:
             check(transports, server, ROUNDS)
         print(
             f"proxy Python per {workload} transaction: {statistics.median(costs):.2f} us "
-            f"(median of {RUNS} runs of {ROUNDS * TERMINALS:,}; {BUILD})"
+            f"(median of {RUNS} runs of {ROUNDS * TERMINALS:,}; {build_labels()['build']})"
         )
         if profile:
             profiler = cProfile.Profile()
