@@ -9,46 +9,47 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from proxy.errors import ProtocolViolation, caused_by
 
-PROTOCOL_3_0 = 196608
-SSL_REQUEST_CODE = 80877103
-GSSENC_REQUEST_CODE = 80877104
-CANCEL_REQUEST_CODE = 80877102
+PROTOCOL_3_0: Final = 196608
+SSL_REQUEST_CODE: Final = 80877103
+GSSENC_REQUEST_CODE: Final = 80877104
+CANCEL_REQUEST_CODE: Final = 80877102
 # PostgreSQL's own MAX_STARTUP_PACKET_LENGTH (src/include/libpq/pqcomm.h).
-MAX_STARTUP_PACKET = 10000
+MAX_STARTUP_PACKET: Final = 10000
 # A TLS record starts with content type 22 (handshake): PostgreSQL 17's sslnegotiation=direct.
-TLS_HANDSHAKE_RECORD = 0x16
+TLS_HANDSHAKE_RECORD: Final = 0x16
 
-_INT32 = struct.Struct("!i")
-_UINT32 = struct.Struct("!I")
-_HEADER = struct.Struct("!cI")
-_TWO_INT32 = struct.Struct("!ii")
+_INT32: Final = struct.Struct("!i")
+_UINT32: Final = struct.Struct("!I")
+_HEADER: Final = struct.Struct("!cI")
+_TWO_INT32: Final = struct.Struct("!ii")
 
 # Frontend message types (55.7): anything else from a client is a protocol violation.
-FRONTEND_TYPES = frozenset(b"BCdcfDEHFPpQSX")
+FRONTEND_TYPES: Final = frozenset(b"BCdcfDEHFPpQSX")
 
 # Type bytes used by the session code, named for readability.
-MSG_AUTHENTICATION = ord("R")
-MSG_BACKEND_KEY_DATA = ord("K")
-MSG_PARAMETER_STATUS = ord("S")
-MSG_READY_FOR_QUERY = ord("Z")
-MSG_ERROR_RESPONSE = ord("E")
-MSG_NOTICE_RESPONSE = ord("N")
-MSG_TERMINATE = ord("X")
-MSG_QUERY = ord("Q")
-MSG_PARSE = ord("P")
-MSG_FUNCTION_CALL = ord("F")
-MSG_BIND = ord("B")
-MSG_EXECUTE = ord("E")
+MSG_AUTHENTICATION: Final = ord("R")
+MSG_BACKEND_KEY_DATA: Final = ord("K")
+MSG_PARAMETER_STATUS: Final = ord("S")
+MSG_READY_FOR_QUERY: Final = ord("Z")
+MSG_ERROR_RESPONSE: Final = ord("E")
+MSG_NOTICE_RESPONSE: Final = ord("N")
+MSG_TERMINATE: Final = ord("X")
+MSG_QUERY: Final = ord("Q")
+MSG_PARSE: Final = ord("P")
+MSG_FUNCTION_CALL: Final = ord("F")
+MSG_BIND: Final = ord("B")
+MSG_EXECUTE: Final = ord("E")
 
-AUTH_OK = 0
-AUTH_CLEARTEXT = 3
-AUTH_MD5 = 5
-AUTH_SASL = 10
-AUTH_SASL_CONTINUE = 11
-AUTH_SASL_FINAL = 12
+AUTH_OK: Final = 0
+AUTH_CLEARTEXT: Final = 3
+AUTH_MD5: Final = 5
+AUTH_SASL: Final = 10
+AUTH_SASL_CONTINUE: Final = 11
+AUTH_SASL_FINAL: Final = 12
 
 
 # One whole message inside a buffer: (type byte, start offset, end offset). A plain tuple
@@ -70,6 +71,7 @@ def scan_frames(buffer: bytes | bytearray, max_size: int) -> tuple[list[Frame], 
     position = 0
     available = len(buffer)
     unpack = _UINT32.unpack_from
+    length: int  # declared: the compiled build then compares and adds machine integers
     while available - position >= 5:
         (length,) = unpack(buffer, position + 1)
         if length < 4 or length > max_size:

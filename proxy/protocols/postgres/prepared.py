@@ -24,17 +24,18 @@ import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from proxy.errors import ProtocolViolation
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.refusal import Refusal
 
-_LENGTH = struct.Struct("!I")
-_PARSE_COMPLETE = b"1\x00\x00\x00\x04"
-_CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
+_LENGTH: Final = struct.Struct("!I")
+_PARSE_COMPLETE: Final = b"1\x00\x00\x00\x04"
+_CLOSE_COMPLETE: Final = b"3\x00\x00\x00\x04"
 # Messages the server may send at any time, outside any request's reply (55.2.7).
-_ASYNCHRONOUS = frozenset(b"NAS")
-_ERROR = ord("E")
+_ASYNCHRONOUS: Final = frozenset(b"NAS")
+_ERROR: Final = ord("E")
 
 
 class Reply(enum.Enum):
@@ -44,8 +45,8 @@ class Reply(enum.Enum):
 
 
 # Module globals: looked up once per message on the reply path, cheaper than the enum attribute.
-_DROP = Reply.DROP
-_SYNTHETIC = Reply.SYNTHETIC
+_DROP: Final = Reply.DROP
+_SYNTHETIC: Final = Reply.SYNTHETIC
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,21 +71,21 @@ class Expected:
         return self.ends_with == b"Z"
 
 
-_EXPECT_PARSE = b"1"
-_EXPECT_BIND = b"2"
-_EXPECT_CLOSE = b"3"
-_EXPECT_DESCRIBE = b"Tn"
-_EXPECT_EXECUTE = b"CIs"
-_EXPECT_READY = b"Z"
+_EXPECT_PARSE: Final = b"1"
+_EXPECT_BIND: Final = b"2"
+_EXPECT_CLOSE: Final = b"3"
+_EXPECT_DESCRIBE: Final = b"Tn"
+_EXPECT_EXECUTE: Final = b"CIs"
+_EXPECT_READY: Final = b"Z"
 # The replies of the client's own messages, passed on as they come.
-_PARSED = Expected(_EXPECT_PARSE)
-_BOUND = Expected(_EXPECT_BIND)
-_CLOSED = Expected(_EXPECT_CLOSE)
-_DESCRIBED = Expected(_EXPECT_DESCRIBE)
-_EXECUTED = Expected(_EXPECT_EXECUTE)
-_READY = Expected(_EXPECT_READY)
-_SYNCED = Expected(_EXPECT_READY, sync=True)
-_ANSWERS = {0x42: _BOUND, 0x44: _DESCRIBED, 0x43: _CLOSED}
+_PARSED: Final = Expected(_EXPECT_PARSE)
+_BOUND: Final = Expected(_EXPECT_BIND)
+_CLOSED: Final = Expected(_EXPECT_CLOSE)
+_DESCRIBED: Final = Expected(_EXPECT_DESCRIBE)
+_EXECUTED: Final = Expected(_EXPECT_EXECUTE)
+_READY: Final = Expected(_EXPECT_READY)
+_SYNCED: Final = Expected(_EXPECT_READY, sync=True)
+_ANSWERS: Final = {0x42: _BOUND, 0x44: _DESCRIBED, 0x43: _CLOSED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,14 +322,14 @@ def _untouched_cycle_ends(source: bytes | bytearray, frames: list[m.Frame]) -> l
     return cycle_ends if frames and frames[-1][0] in _CYCLE_ENDERS else []
 
 
-_UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
+_UNDEFINED_STATEMENT: Final = "26000"  # invalid_sql_statement_name
 # Parse (a refused statement) and Execute (an execution over a rate limit) are refused inside the
 # client's extended-protocol cycle; a Query or FunctionCall is replaced by a Query.
-_EXTENDED_REFUSABLE = frozenset(b"PE")
-_CYCLE_ENDERS = frozenset(b"SQF")  # Sync, Query, FunctionCall: each gets one ReadyForQuery
+_EXTENDED_REFUSABLE: Final = frozenset(b"PE")
+_CYCLE_ENDERS: Final = frozenset(b"SQF")  # Sync, Query, FunctionCall: each gets one ReadyForQuery
 # Bind, Describe and Close name a prepared statement the proxy may have to rename.
-_NAMING_MESSAGES = frozenset(b"BDC")
-_DESCRIBE_CLOSE = frozenset(b"DC")
+_NAMING_MESSAGES: Final = frozenset(b"BDC")
+_DESCRIBE_CLOSE: Final = frozenset(b"DC")
 
 
 def filter_server_messages(
@@ -393,6 +394,7 @@ def pass_untouched_replies(
     status_at = -1
     available = len(source)
     unpack = _LENGTH.unpack_from
+    length: int  # declared: the compiled build then compares and adds machine integers
     while available - position >= 5:
         (length,) = unpack(source, position + 1)
         if length < 4 or length > max_size:

@@ -11,7 +11,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import Any, Final, NamedTuple, cast
 
 import structlog
 from prometheus_client import Counter
@@ -67,10 +67,11 @@ class Route:
     tls: ssl.SSLContext | None
     # What the server reported at startup, for answering terminals without a server connection.
     server_parameters: dict[str, str] = field(default_factory=dict)
+    # Read on every hand-over: an attribute of its own, not three lookups into the configuration.
+    transaction_pooling: bool = field(init=False)
 
-    @property
-    def transaction_pooling(self) -> bool:
-        return self.config.pool.mode is PoolMode.TRANSACTION
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "transaction_pooling", self.config.pool.mode is PoolMode.TRANSACTION)
 
 
 @dataclass(slots=True)
@@ -140,17 +141,17 @@ _SHUTTING_DOWN = AdminShutdown(
 )
 
 # Bytes a client may send while waiting for a server connection before it is no longer read.
-_STASH_HIGH_WATER = 256 * 1024
+_STASH_HIGH_WATER: Final = 256 * 1024
 # Messages that each run a statement, for the statement rate: a simple Query, an Execute (also of
 # a statement prepared long before, which a Parse count would miss) and a FunctionCall.
-_STATEMENT_MESSAGES = frozenset((m.MSG_QUERY, m.MSG_EXECUTE, m.MSG_FUNCTION_CALL))
+_STATEMENT_MESSAGES: Final = frozenset((m.MSG_QUERY, m.MSG_EXECUTE, m.MSG_FUNCTION_CALL))
 # What _check_statements looks at: statement texts and function calls; with audit or statement
 # limits also each Bind (which statement a portal runs) and Execute.
-_CHECKED_MESSAGES = frozenset((m.MSG_QUERY, m.MSG_PARSE, m.MSG_FUNCTION_CALL))
-_CHECKED_MESSAGES_COUNTING = _CHECKED_MESSAGES | {m.MSG_BIND, m.MSG_EXECUTE}
-_NO_SESSION_EFFECT = Effect.NONE
+_CHECKED_MESSAGES: Final = frozenset((m.MSG_QUERY, m.MSG_PARSE, m.MSG_FUNCTION_CALL))
+_CHECKED_MESSAGES_COUNTING: Final = _CHECKED_MESSAGES | {m.MSG_BIND, m.MSG_EXECUTE}
+_NO_SESSION_EFFECT: Final = Effect.NONE
 # Frontend messages that go on to the server (Terminate ends the session instead).
-_PASSED_ON = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
+_PASSED_ON: Final = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 
 # Low-cardinality reasons for refused connections, by the SQLSTATE the client was given.

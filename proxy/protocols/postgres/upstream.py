@@ -9,7 +9,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import structlog
 
@@ -30,7 +30,7 @@ from proxy.tcp import tune_socket
 log = structlog.get_logger("pos_proxy.upstream")
 
 # A backend message cannot exceed PostgreSQL's 1 GiB allocation limit (MaxAllocSize).
-MAX_BACKEND_MESSAGE = 1 << 30
+MAX_BACKEND_MESSAGE: Final = 1 << 30
 _connection_ids = itertools.count(1)
 
 
@@ -115,6 +115,7 @@ class ServerConnection(asyncio.Protocol):
         # The server said FATAL while no client's work was in flight: it is closing, lend it to nobody.
         self.saying_goodbye = False
         self.closed = False
+        self._reading_paused = False  # by pause_reading: a terminal reads slower than this server sends
         self._on_closed = on_closed
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -367,8 +368,7 @@ class ServerConnection(asyncio.Protocol):
         self._peer = None
         self.result_watch = None
         self.idle_since = time.monotonic()
-        if self._transport is not None and not self.closed:
-            self._transport.resume_reading()
+        self.resume_reading()
 
     def send(self, data: bytes, frames: list[m.Frame]) -> None:
         """Send client messages (already rewritten), noting whether an extended cycle is open."""
@@ -389,17 +389,20 @@ class ServerConnection(asyncio.Protocol):
         self.state.statements.clear()
 
     def pause_reading(self) -> None:
-        if self._transport is not None:
+        if self._transport is not None and not self.closed:
+            self._reading_paused = True
             self._transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._transport is not None:
+        # Known here rather than asked of the transport: every hand-over back to the pool resumes.
+        if self._reading_paused and self._transport is not None and not self.closed:
+            self._reading_paused = False
             self._transport.resume_reading()
 
 
-_EXTENDED_QUERY_TYPES = frozenset(b"PBDECH")
+_EXTENDED_QUERY_TYPES: Final = frozenset(b"PBDECH")
 # Messages after which the server owes one ReadyForQuery (Query, Sync, FunctionCall).
-_SYNC_POINT_TYPES = frozenset(b"QSF")
+_SYNC_POINT_TYPES: Final = frozenset(b"QSF")
 
 
 async def open_socket(route: RouteConfig, timeout: float) -> socket.socket:
