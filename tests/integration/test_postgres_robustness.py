@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import ssl
@@ -315,6 +316,18 @@ def test_large_query_below_the_message_limit_passes(proxy: ProxyProcess, termina
     filler = "x" * (900 * 1024)  # 1 MiB is the configured max_message_size
     with raw_session(proxy, terminal_pki, terminal_pki.cashier) as client:
         assert_single_value(run_query(client, f"SELECT length('{filler}')"), str(len(filler)).encode())
+
+
+def test_large_replies_reach_the_client_whole(proxy: ProxyProcess, terminal_pki: TerminalPKI) -> None:
+    """A value of several MiB arrives in many reads, kept as a partial message until its last part;
+    a long result mixes whole and partial messages in every read. Both come through byte for byte."""
+    with psycopg_session(proxy, terminal_pki, terminal_pki.cashier) as connection:
+        big = connection.execute("SELECT repeat('ab', 3000000) || 'end'").fetchone()
+        assert big == ("ab" * 3_000_000 + "end",)
+        rows = connection.execute("SELECT g, md5(g::text) FROM generate_series(1, 50000) AS g").fetchall()
+        assert len(rows) == 50_000
+        assert rows[-1] == (50_000, hashlib.md5(b"50000").hexdigest())
+        assert all(number == index + 1 for index, (number, _digest) in enumerate(rows))
 
 
 def test_query_just_above_the_message_limit_is_refused(

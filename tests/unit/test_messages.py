@@ -65,14 +65,24 @@ def test_scan_frames_needs_a_whole_header_before_reporting_anything(size: int) -
     assert m.scan_frames(b"Q\x00\x00\x00\x10"[:size], MAX) == ([], 0)
 
 
-def test_scan_frames_accepts_bytearray_buffers() -> None:
-    buffer = bytearray(message(b"Z", b"I"))
+def test_a_kept_partial_message_comes_back_as_bytes_once_it_is_whole() -> None:
+    whole = message(b"D", b"x" * 100) + message(b"Z", b"I")
+    partial = bytearray(whole[:3])  # not even the header yet
 
-    frames, consumed = m.scan_frames(buffer, MAX)
+    assert m.take_whole_messages(partial, whole[3:50], MAX) == b""
+    assert partial == whole[:50]  # all kept
+    ready = m.take_whole_messages(partial, whole[50:106], MAX)
 
-    assert frames == [(ord("Z"), 0, 6)]
-    assert consumed == 6
-    assert m.frame_payload(buffer, frames[0]) == b"I"
+    assert type(ready) is bytes and ready == whole[:106]
+    assert partial == b""
+    assert m.scan_frames(ready, MAX) == ([(ord("D"), 0, 105)], 105)
+
+
+def test_a_kept_partial_message_with_an_invalid_length_is_refused_as_soon_as_its_header_is_in() -> None:
+    partial = bytearray(b"D")
+
+    with pytest.raises(ProtocolViolation, match="invalid message length 2147483647"):
+        m.take_whole_messages(partial, b"\x7f\xff\xff\xff", MAX)
 
 
 @pytest.mark.parametrize("length", [0, 1, 2, 3])
@@ -121,14 +131,14 @@ STREAM = (
 
 def _feed_incrementally(chunks: list[bytes]) -> list[tuple[int, bytes]]:
     """Feed chunks the way the protocol code does: keep the unconsumed tail, append, rescan."""
-    buffer = bytearray()
+    kept = bytearray()
     seen: list[tuple[int, bytes]] = []
     for chunk in chunks:
-        buffer += chunk
+        buffer = m.take_whole_messages(kept, chunk, MAX) if kept else chunk
         frames, consumed = m.scan_frames(buffer, MAX)
         seen.extend((frame[0], m.frame_payload(buffer, frame)) for frame in frames)
-        del buffer[:consumed]
-    assert not buffer
+        kept += buffer[consumed:]
+    assert not kept
     return seen
 
 

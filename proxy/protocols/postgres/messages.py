@@ -61,11 +61,14 @@ def frame_payload(buffer: bytes | bytearray, frame: Frame) -> bytes:
     return bytes(buffer[frame[1] + 5 : frame[2]])
 
 
-def scan_frames(buffer: bytes | bytearray, max_size: int) -> tuple[list[Frame], int]:
+def scan_frames(buffer: bytes, max_size: int) -> tuple[list[Frame], int]:
     """Find the whole messages at the start of ``buffer``; return them and the bytes they span.
 
     Only headers are read. A length field below 4 or above ``max_size`` is refused
     before anything of that size is buffered, so a lying client cannot make us allocate it.
+    ``buffer`` is bytes, never a bytearray (take_whole_messages turns a connection's kept partial
+    message into bytes): the compiled build indexes bytes directly, a union of the two only through
+    generic operations.
     """
     frames: list[Frame] = []
     position = 0
@@ -82,6 +85,27 @@ def scan_frames(buffer: bytes | bytearray, max_size: int) -> tuple[list[Frame], 
         frames.append((buffer[position], position, end))
         position = end
     return frames, position
+
+
+def take_whole_messages(partial: bytearray, data: bytes, max_size: int) -> bytes:
+    """Add ``data`` to the start of a message kept from earlier reads; return everything as bytes
+    once the first message is whole (``partial`` is then emptied), else b"" and keep it all.
+
+    A large message is thus copied once, when its last part arrives, not on every read. Its length
+    is checked as scan_frames checks it, as soon as its header is in.
+    """
+    partial += data
+    if len(partial) < 5:
+        return b""
+    length: int
+    (length,) = _UINT32.unpack_from(partial, 1)
+    if length < 4 or length > max_size:
+        raise invalid_length(partial, 0, length)
+    if len(partial) < 1 + length:
+        return b""
+    whole = bytes(partial)
+    partial.clear()
+    return whole
 
 
 def invalid_length(buffer: bytes | bytearray, position: int, length: int) -> ProtocolViolation:

@@ -167,7 +167,7 @@ class ClientStatements:
 
     def rewrite(
         self,
-        source: bytes | bytearray,
+        source: bytes,
         frames: list[m.Frame],
         server: ServerState,
         refusals: Mapping[int, Refusal] | None = None,
@@ -284,7 +284,7 @@ class ClientStatements:
         return True
 
 
-def _untouched_cycle_ends(source: bytes | bytearray, frames: list[m.Frame]) -> list[Expected]:
+def _untouched_cycle_ends(source: bytes, frames: list[m.Frame]) -> list[Expected]:
     """The reply expectations of client messages that reach the server as they are (only the
     unnamed statement, ending with a cycle's end): one per Sync, Query or FunctionCall, as the
     general path has them; empty for messages the proxy must look at closer.
@@ -333,14 +333,14 @@ _DESCRIBE_CLOSE: Final = frozenset(b"DC")
 
 
 def filter_server_messages(
-    source: bytes | bytearray, frames: list[m.Frame], server: ServerState
+    source: bytes, frames: list[m.Frame], server: ServerState
 ) -> tuple[bytes, bytes | None, list[bytes]]:
     """What the client must see of the server's messages, the last ReadyForQuery status,
     and the ParameterStatus payloads among them."""
     pending = server.pending
     splice = _Splice(source)
     out = splice.parts
-    status: bytes | bytearray | None = None
+    status: bytes | None = None
     parameters: list[bytes] = []
     for kind, start, end in frames:
         if server.skipping:
@@ -369,7 +369,7 @@ def filter_server_messages(
     splice.finish(frames)
     if pending and pending[0].reply is _SYNTHETIC:
         out.append(take_ready_synthetics(server))
-    return out[0] if len(out) == 1 else b"".join(out), bytes(status) if status else None, parameters
+    return out[0] if len(out) == 1 else b"".join(out), status, parameters
 
 
 # Whole server messages read in one pass: the bytes they span (all passed on as they are), the
@@ -378,9 +378,7 @@ def filter_server_messages(
 UntouchedReplies = tuple[int, bytes | None, list[bytes], int]
 
 
-def pass_untouched_replies(
-    source: bytes | bytearray, server: ServerState, max_size: int
-) -> UntouchedReplies | None:
+def pass_untouched_replies(source: bytes, server: ServerState, max_size: int) -> UntouchedReplies | None:
     """The whole server messages at the start of ``source`` in one pass, when every one of them
     answers a cycle the proxy changed nothing in (ClientStatements.rewrite) or nothing at all;
     None when the proxy must look at them message by message (scan_frames and
@@ -421,7 +419,7 @@ def pass_untouched_replies(
         return None
     for _ in range(readies):
         pending.popleft()
-    status = bytes(source[status_at : status_at + 1]) if readies else None
+    status = source[status_at : status_at + 1] if readies else None
     return position, status, parameters, last_start
 
 
@@ -438,7 +436,7 @@ class _Splice:
 
     __slots__ = ("_run_start", "_source", "parts")
 
-    def __init__(self, source: bytes | bytearray) -> None:
+    def __init__(self, source: bytes) -> None:
         self._source = source
         self._run_start = 0
         self.parts: list[bytes] = []
@@ -491,7 +489,7 @@ def take_ready_synthetics(server: ServerState) -> bytes:
     return out
 
 
-def _cstring_end(source: bytes | bytearray, start: int, end: int) -> int:
+def _cstring_end(source: bytes, start: int, end: int) -> int:
     position = source.find(b"\x00", start, end)
     if position < 0:
         raise ProtocolViolation("malformed message: missing string terminator")

@@ -29,9 +29,7 @@ class ResultWatch:
         self._guard: ResultGuard | None = None
         self._cutting: LimitHit | None = None
 
-    def apply(
-        self, buffer: bytes | bytearray, frames: list[m.Frame]
-    ) -> tuple[bytes | bytearray, list[m.Frame]]:
+    def apply(self, buffer: bytes, frames: list[m.Frame]) -> tuple[bytes, list[m.Frame]]:
         """The messages to pass on: the same ones unless a statement is over its limits."""
         first = 0 if self._cutting is not None else self._first_row_over(buffer, frames)
         if first is None:
@@ -53,9 +51,9 @@ class ResultWatch:
                     self._cutting = None
             kept.append((passed_kind, len(out), len(out) + len(message)))
             out += message
-        return out, kept
+        return bytes(out), kept
 
-    def _first_row_over(self, buffer: bytes | bytearray, frames: list[m.Frame]) -> int | None:
+    def _first_row_over(self, buffer: bytes, frames: list[m.Frame]) -> int | None:
         """Count the batch's rows; the index of the first one over the limits, if any."""
         for index, (kind, start, end) in enumerate(frames):
             if kind == _DATA_ROW:

@@ -670,23 +670,17 @@ class ClientSession(asyncio.Protocol):
 
     def _forward(self, data: bytes) -> None:
         self._bytes_in += len(data)
-        source: bytes | bytearray
         if self._buffer:
-            self._buffer += data
-            source = self._buffer
-        else:
-            source = data
-        frames, consumed = m.scan_frames(source, self._max_message)
+            data = m.take_whole_messages(self._buffer, data, self._max_message)
+            if not data:
+                return
+        frames, consumed = m.scan_frames(data, self._max_message)
         # The whole messages leave the buffer before they are acted on: a server connection the
         # pool grants during _dispatch feeds the buffer's rest back in (_start_on).
-        chunk: bytes
-        if source is self._buffer:
-            chunk = bytes(source[:consumed])
-            del self._buffer[:consumed]
-        else:
-            chunk = data if consumed == len(data) else data[:consumed]
-            if consumed < len(data):
-                self._buffer += data[consumed:]
+        chunk = data
+        if consumed < len(data):
+            chunk = data[:consumed]
+            self._buffer += memoryview(data)[consumed:]
         for index, (kind, start, _end) in enumerate(frames):
             if kind in _PASSED_ON:
                 continue

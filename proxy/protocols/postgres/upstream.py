@@ -193,13 +193,11 @@ class ServerConnection(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.abort()
 
-    def _receive(self, data: bytes) -> None:
-        buffer: bytes | bytearray
+    def _receive(self, buffer: bytes) -> None:
         if self._buffer:
-            self._buffer += data
-            buffer = self._buffer
-        else:
-            buffer = data
+            buffer = m.take_whole_messages(self._buffer, buffer, MAX_BACKEND_MESSAGE)
+            if not buffer:
+                return
         peer = self._peer
         untouched = (
             pass_untouched_replies(buffer, self.state, MAX_BACKEND_MESSAGE)
@@ -219,12 +217,10 @@ class ServerConnection(asyncio.Protocol):
                 self._pass_on(peer, buffer, frames)
             elif frames:
                 self._receive_detached(buffer, frames)
-        if buffer is self._buffer:
-            del self._buffer[:consumed]
-        elif consumed < len(data):
-            self._buffer += data[consumed:]
+        if consumed < len(buffer):
+            self._buffer += memoryview(buffer)[consumed:]
 
-    def _pass_on(self, peer: ServerPeer, buffer: bytes | bytearray, frames: list[m.Frame]) -> None:
+    def _pass_on(self, peer: ServerPeer, buffer: bytes, frames: list[m.Frame]) -> None:
         """Give the client what it must see of these messages, following state on the way."""
         if self.result_watch is not None:
             buffer, frames = self.result_watch.apply(buffer, frames)
@@ -235,7 +231,7 @@ class ServerConnection(asyncio.Protocol):
     def _deliver(
         self,
         peer: ServerPeer,
-        buffer: bytes | bytearray,
+        buffer: bytes,
         out: bytes,
         *,
         status: bytes | None,
@@ -279,7 +275,7 @@ class ServerConnection(asyncio.Protocol):
             if (self.saying_goodbye or (status == b"I" and self.is_clean)) and self._peer is peer:
                 peer.server_idle()  # the pool closes a connection saying goodbye instead of lending it
 
-    def _receive_detached(self, buffer: bytes | bytearray, frames: list[m.Frame]) -> None:
+    def _receive_detached(self, buffer: bytes, frames: list[m.Frame]) -> None:
         for kind, start, end in frames:
             payload = bytes(buffer[start + 5 : end])
             if self._handshake is not None:
