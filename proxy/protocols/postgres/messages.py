@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from librt.strings import read_i32_be
+
 from proxy.errors import ProtocolViolation, caused_by
 
 PROTOCOL_3_0: Final = 196608
@@ -73,10 +75,9 @@ def scan_frames(buffer: bytes, max_size: int) -> tuple[list[Frame], int]:
     frames: list[Frame] = []
     position = 0
     available = len(buffer)
-    unpack = _UINT32.unpack_from
-    length: int  # declared: the compiled build then compares and adds machine integers
     while available - position >= 5:
-        (length,) = unpack(buffer, position + 1)
+        # Int32, as PostgreSQL reads it: one C call, inlined by the compiled build.
+        length = read_i32_be(buffer, position + 1)
         if length < 4 or length > max_size:
             raise invalid_length(buffer, position, length)
         end = position + 1 + length
@@ -98,7 +99,7 @@ def take_whole_messages(partial: bytearray, data: bytes, max_size: int) -> bytes
     if len(partial) < 5:
         return b""
     length: int
-    (length,) = _UINT32.unpack_from(partial, 1)
+    (length,) = _INT32.unpack_from(partial, 1)  # a bytearray: read_i32_be takes bytes only
     if length < 4 or length > max_size:
         raise invalid_length(partial, 0, length)
     if len(partial) < 1 + length:

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from librt.strings import read_i32_be
+
 from proxy.errors import ProtocolViolation
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.refusal import Refusal
 
-_LENGTH: Final = struct.Struct("!I")
 _PARSE_COMPLETE: Final = b"1\x00\x00\x00\x04"
 _CLOSE_COMPLETE: Final = b"3\x00\x00\x00\x04"
 # Messages the server may send at any time, outside any request's reply (55.2.7).
@@ -189,7 +189,7 @@ class ClientStatements:
                 # ReadyForQuery, so the expectation of its end is all the reply filter needs.
                 pending.extend(cycle_ends)
                 end = frames[-1][2]
-                return bytes(source if end == len(source) else source[:end])
+                return source if end == len(source) else source[:end]
         splice = _Splice(source)
         out = splice.parts
         expect = pending.append
@@ -210,8 +210,8 @@ class ClientStatements:
                     expect(_PARSED)
                     continue
                 splice.drop(start, end)
-                parsed = Statement.from_parse_body(bytes(source[name_end + 1 : end]))
-                self.by_name[bytes(source[body_start:name_end])] = parsed
+                parsed = Statement.from_parse_body(source[name_end + 1 : end])
+                self.by_name[source[body_start:name_end]] = parsed
                 if not self._prepare(parsed, server, out, Reply.FORWARD):
                     expect(Expected(_EXPECT_PARSE, Reply.SYNTHETIC, _PARSE_COMPLETE))
             elif kind in _NAMING_MESSAGES:
@@ -227,7 +227,7 @@ class ClientStatements:
                     expect(answer)
                     continue
                 splice.drop(start, end)
-                name = bytes(source[name_start:name_end])
+                name = source[name_start:name_end]
                 if kind == 0x43:
                     # Closing a named statement only forgets the client's name: the server-side
                     # statement stays for others. Closing an unknown name is no error (55.7 Close).
@@ -239,9 +239,7 @@ class ClientStatements:
                     self._refuse_unknown(name, out, expect)
                     continue
                 self._prepare(statement, server, out, Reply.DROP)
-                renamed = (
-                    bytes(source[body_start:name_start]) + statement.server_name + bytes(source[name_end:end])
-                )
+                renamed = source[body_start:name_start] + statement.server_name + source[name_end:end]
                 out.append(m.build_message(bytes((kind,)), renamed))
                 expect(answer)
             else:
@@ -352,7 +350,7 @@ def filter_server_messages(
             head = pending[0] if pending else None
         if head is None or kind in _ASYNCHRONOUS:
             if kind == 0x53:  # 'S' ParameterStatus
-                parameters.append(bytes(source[start + 5 : end]))
+                parameters.append(source[start + 5 : end])
             continue
         if kind == _ERROR:
             if not (head.ends_cycle and not head.sync):
@@ -391,10 +389,8 @@ def pass_untouched_replies(source: bytes, server: ServerState, max_size: int) ->
     position = readies = last_start = 0
     status_at = -1
     available = len(source)
-    unpack = _LENGTH.unpack_from
-    length: int  # declared: the compiled build then compares and adds machine integers
     while available - position >= 5:
-        (length,) = unpack(source, position + 1)
+        length = read_i32_be(source, position + 1)
         if length < 4 or length > max_size:
             raise m.invalid_length(source, position, length)
         end = position + 1 + length
@@ -405,7 +401,7 @@ def pass_untouched_replies(source: bytes, server: ServerState, max_size: int) ->
             readies += 1
             status_at = end - 1
         elif kind == 0x53:  # 'S' ParameterStatus
-            parameters.append(bytes(source[position + 5 : end]))
+            parameters.append(source[position + 5 : end])
         last_start = position
         position = end
     if readies > len(pending):

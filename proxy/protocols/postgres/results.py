@@ -37,7 +37,7 @@ class ResultWatch:
         out = bytearray(buffer[: frames[first][1]])
         kept = list(frames[:first])
         for kind, start, end in frames[first:]:
-            message, passed_kind = bytes(buffer[start:end]), kind
+            message, passed_kind = buffer[start:end], kind
             if kind == _DATA_ROW:
                 if self._cutting is not None or self._row_crosses(end - start):
                     continue

@@ -208,7 +208,7 @@ class ServerConnection(asyncio.Protocol):
             assert peer is not None
             consumed, status, parameters, last_start = untouched
             if consumed:
-                out = bytes(buffer if consumed == len(buffer) else buffer[:consumed])
+                out = buffer if consumed == len(buffer) else buffer[:consumed]
                 last = (buffer[last_start], last_start, consumed)
                 self._deliver(peer, buffer, out, status=status, parameters=parameters, last=last)
         else:
@@ -248,9 +248,9 @@ class ServerConnection(asyncio.Protocol):
         if last is not None and last[0] == m.MSG_ERROR_RESPONSE:
             # A FATAL is the last message a server sends before it closes: only a batch's last one can be.
             _kind, start, end = last
-            fields = m.parse_error_fields(bytes(buffer[start + 5 : end]))
+            fields = m.parse_error_fields(buffer[start + 5 : end])
             if fields.get("S") in ("FATAL", "PANIC"):
-                goodbye = bytes(buffer[start:end])
+                goodbye = buffer[start:end]
                 if (
                     status == b"I"
                     and not self.state.pending
@@ -277,7 +277,7 @@ class ServerConnection(asyncio.Protocol):
 
     def _receive_detached(self, buffer: bytes, frames: list[m.Frame]) -> None:
         for kind, start, end in frames:
-            payload = bytes(buffer[start + 5 : end])
+            payload = buffer[start + 5 : end]
             if self._handshake is not None:
                 reply = self._handshake.receive(kind, payload)
                 if reply is not None and self._transport is not None:
