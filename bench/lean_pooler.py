@@ -166,9 +166,10 @@ class ServerSide(asyncio.Protocol):
     def _startup(self, data: bytes) -> None:
         assert self.handshake is not None
         self.buffer += data
-        frames, consumed = m.scan_frames(self.buffer, 1 << 20)
+        received = bytes(self.buffer)  # scan_frames reads bytes
+        frames, consumed = m.scan_frames(received, 1 << 20)
         for kind, start, end in frames:
-            reply = self.handshake.receive(kind, bytes(self.buffer[start + 5 : end]))
+            reply = self.handshake.receive(kind, received[start + 5 : end])
             if reply is not None:
                 self.transport.write(reply)
         del self.buffer[:consumed]
