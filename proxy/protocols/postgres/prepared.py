@@ -309,7 +309,8 @@ def _untouched_cycle_ends(source: bytes, frames: list[m.Frame]) -> list[Expected
         if kind == 0x50:  # 'P' Parse: the statement name comes first
             named = end == start + 5 or source[start + 5] != 0
         elif kind == 0x42:  # 'B' Bind: portal name, then statement name
-            portal_end = source.find(b"\x00", start + 5, end)
+            unnamed_portal = end > start + 5 and source[start + 5] == 0
+            portal_end = start + 5 if unnamed_portal else source.find(b"\x00", start + 5, end)
             named = portal_end < 0 or portal_end + 1 >= end or source[portal_end + 1] != 0
         elif kind in _DESCRIBE_CLOSE:  # 'S' + a statement's name, or 'P' + a portal's
             named = end < start + 7 or (source[start + 5] == 0x53 and source[start + 6] != 0)

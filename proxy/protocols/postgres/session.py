@@ -213,6 +213,7 @@ class ClientSession(asyncio.Protocol):
         "_startup_timer",
         "_stash",
         "_stash_frames",
+        "_stash_size",
         "_state",
         "_statement_checks",
         "_statements",
@@ -244,8 +245,9 @@ class ClientSession(asyncio.Protocol):
         self._server: ServerConnection | None = None
         self._statements = ClientStatements(environment.statement_stats)
         # Whole client messages waiting for a server connection (transaction pooling).
-        self._stash = bytearray()
+        self._stash: list[bytes] = []  # as they came: mostly one read, sent on without a copy
         self._stash_frames: list[m.Frame] = []  # the stash's messages, found when they came
+        self._stash_size = 0
         self._pinned_by: str | None = None
         self._violations = 0
         self._limits = LimitSettings()
@@ -633,8 +635,9 @@ class ClientSession(asyncio.Protocol):
                 # The startup only needed the server's parameters: lend it back at once.
                 self.server_idle()
         if self._stash and self._server is server:
-            stash, frames = bytes(self._stash), self._stash_frames
-            self._stash, self._stash_frames = bytearray(), []
+            stash = self._stash[0] if len(self._stash) == 1 else b"".join(self._stash)
+            frames = self._stash_frames
+            self._stash, self._stash_frames, self._stash_size = [], [], 0
             try:
                 self._send(stash, frames)
             except ProxyError as exc:
@@ -713,12 +716,13 @@ class ClientSession(asyncio.Protocol):
             if idle is not None:
                 route.pool.give_back(idle)
         if self._stash:
-            offset = len(self._stash)
+            offset = self._stash_size
             self._stash_frames += [(kind, start + offset, end + offset) for kind, start, end in frames]
         else:
-            self._stash_frames = list(frames)  # its own list: later chunks extend it
-        self._stash += chunk
-        if len(self._stash) > _STASH_HIGH_WATER:
+            self._stash_frames = frames  # made for this read by scan_frames: the stash's to extend
+        self._stash.append(chunk)
+        self._stash_size += len(chunk)
+        if self._stash_size > _STASH_HIGH_WATER:
             # A client that keeps sending while it waits is held off until a server is lent.
             self.pause_client_reading()
         if self._waiting is None and (self._connect_task is None or self._connect_task.done()):
@@ -755,7 +759,9 @@ class ClientSession(asyncio.Protocol):
             if limited and kind in _STATEMENT_MESSAGES and self._over_statement_rate(start, refusals):
                 continue
             if kind == m.MSG_PARSE:
-                name_end = chunk.find(b"\x00", start + 5, end)
+                # Drivers mostly use the unnamed statement: no search for the end of an empty name.
+                empty_name = end > start + 5 and chunk[start + 5] == 0
+                name_end = start + 5 if empty_name else chunk.find(b"\x00", start + 5, end)
                 text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
                 if auditing:
                     self._parsed_texts[chunk[start + 5 : name_end]] = text
