@@ -19,6 +19,7 @@ from setuptools import setup
 # Not sessionstate.py: its pglast Visitor finds its visit_* methods with inspect.ismethod, which
 # is false for compiled methods, so a compiled classifier silently finds nothing.
 MYPYC_MODULES = [
+    "proxy/protocols/postgres/classifiercache.py",
     "proxy/protocols/postgres/messages.py",
     "proxy/protocols/postgres/parameters.py",
     "proxy/protocols/postgres/prepared.py",

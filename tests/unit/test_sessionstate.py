@@ -9,10 +9,10 @@ from pglast import parse_sql
 from pglast.parser import ParseError
 
 from proxy.protocols.postgres import sessionstate
+from proxy.protocols.postgres.classifiercache import CACHE_LIMIT, SessionStateClassifier
 from proxy.protocols.postgres.sessionstate import (
     Classification,
     Effect,
-    SessionStateClassifier,
     _EffectFinder,
     classify,
 )
@@ -338,13 +338,12 @@ def test_cache_decodes_invalid_utf8_without_failing() -> None:
     assert classifier.classify(b"SET work_mem = '\xff'").effect is STATE
 
 
-def test_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sessionstate, "_CACHE_LIMIT", 8)
-    classifier = SessionStateClassifier()
+def test_cache_stays_bounded() -> None:
+    classifier = SessionStateClassifier(limit=8)
     for number in range(50):
         sql = f"SET work_mem = {number}" if number % 2 else f"SELECT {number}"
         assert classifier.classify(sql.encode()).effect is (STATE if number % 2 else NONE)
-        assert len(classifier._cache) <= 8
+        assert len(classifier) <= 8
     # Answers stay right after the cache starts over.
     assert classifier.classify(b"SELECT 3").effect is NONE
     assert classifier.classify(b"SET work_mem = 3").effect is STATE
@@ -352,6 +351,6 @@ def test_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_default_cache_limit_is_bounded() -> None:
     classifier = SessionStateClassifier()
-    for number in range(sessionstate._CACHE_LIMIT + 5):
+    for number in range(CACHE_LIMIT + 5):
         classifier.classify(b"SELECT %d" % number)
-    assert len(classifier._cache) <= sessionstate._CACHE_LIMIT
+    assert len(classifier) <= CACHE_LIMIT

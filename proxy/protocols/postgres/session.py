@@ -39,6 +39,7 @@ from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
 from proxy.pool import UpstreamPool
 from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.classifiercache import SessionStateClassifier
 from proxy.protocols.postgres.parameters import (
     SessionParameters,
     StartupParameterError,
@@ -48,7 +49,7 @@ from proxy.protocols.postgres.parameters import (
 from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, take_ready_synthetics
 from proxy.protocols.postgres.refusal import Refusal
 from proxy.protocols.postgres.results import ResultWatch
-from proxy.protocols.postgres.sessionstate import Classification, Effect, SessionStateClassifier
+from proxy.protocols.postgres.sessionstate import Classification, Effect
 from proxy.protocols.postgres.upstream import (
     InternalQueryFailed,
     ServerConnection,
@@ -751,7 +752,7 @@ class ClientSession(asyncio.Protocol):
         forget_at: list[int] = []
         mode, auditing, limited = self._statement_checks
         policies = self._env.policies
-        classify = self._env.classifier.classify
+        classifier = self._env.classifier
         checked = _CHECKED_MESSAGES_COUNTING if limited or auditing else _CHECKED_MESSAGES
         for kind, start, end in frames:
             if kind not in checked:
@@ -795,7 +796,7 @@ class ClientSession(asyncio.Protocol):
                     continue
             elif auditing and kind == m.MSG_QUERY:
                 self._audit_statement(None, None, text)
-            found = classify(text)
+            found = classifier.classify(text)
             if found.effect is not _NO_SESSION_EFFECT:
                 self._check_session_state(found, start, refusals, forget_at)
         return refusals, forget_at

@@ -2,7 +2,7 @@
 
 Decided on PostgreSQL's own parse tree (pglast / libpg_query). A cheap textual pre-filter
 sends only statements that could possibly matter to the parser, and answers are cached by
-exact text, so the data path pays a dictionary lookup for statements it has seen.
+exact text (classifiercache.py), so the data path pays a dictionary lookup for statements it has seen.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ _MIGHT_MATTER = re.compile(
     r"|\b(?:prepare|listen|temp|temporary|pg_temp|declare|load|discard|deallocate)\b",
     re.IGNORECASE,
 )
-_CACHE_LIMIT = 10_000
 
 
 class Effect(enum.Enum):
@@ -59,25 +58,6 @@ class Classification:
 
 
 _NO_EFFECT = Classification(Effect.NONE)
-
-
-class SessionStateClassifier:
-    """Classify statement texts, remembering answers for the texts seen most."""
-
-    def __init__(self) -> None:
-        self._cache: dict[bytes, Classification] = {}
-
-    def classify(self, sql: bytes) -> Classification:
-        """Classify statement text as it came off the wire (UTF-8)."""
-        cached = self._cache.get(sql)
-        if cached is not None:
-            return cached
-        result = classify(sql.decode("utf-8", errors="replace"))
-        if len(self._cache) >= _CACHE_LIMIT:
-            # Literal-laden simple-protocol texts rarely repeat: start over rather than track recency.
-            self._cache.clear()
-        self._cache[sql] = result
-        return result
 
 
 def classify(sql: str) -> Classification:
