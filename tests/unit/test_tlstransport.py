@@ -27,7 +27,7 @@ import uvloop
 
 from proxy import certs, tlstransport
 from proxy.tlsconfig import POSTGRES_ALPN
-from proxy.tlstransport import TLSTransport, accept_tls
+from proxy.tlstransport import TLSTransport, accept_tls, connect_tls
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -940,3 +940,57 @@ async def test_a_terminal_turned_away_by_the_awaiting_task_never_has_its_first_r
     await asyncio.sleep(0.05)
     assert app.received == b""
     assert app.events == ["connection_made", "connection_lost"]
+
+
+# --- the client side: connect_tls, as the proxy connects to its database servers ---
+
+
+async def connect_both_ends(
+    listener: socket.socket, pki: PKI, server_hostname: str
+) -> tuple[asyncio.Task[TLSTransport], asyncio.Task[TLSTransport], App, App]:
+    """connect_tls and accept_tls on the two ends of one TCP connection (the server asks for no
+    client certificate, as PostgreSQL here)."""
+    connection = await open_connection(listener, client_context(pki, None), App())
+    client_app = App()
+    connecting = asyncio.ensure_future(
+        connect_tls(
+            connection.client.sock,
+            client_app,
+            client_context(pki, None),
+            server_hostname=server_hostname,
+            handshake_timeout=IO_TIMEOUT,
+            shutdown_timeout=1.0,
+        )
+    )
+    accepting = asyncio.ensure_future(accept(connection, pki, verify_mode=ssl.CERT_NONE))
+    return connecting, accepting, client_app, connection.app
+
+
+@on_each_loop
+async def test_connect_tls_checks_the_server_name_and_carries_data_both_ways(
+    listener: socket.socket, pki: PKI
+) -> None:
+    connecting, accepting, client_app, server_app = await connect_both_ends(listener, pki, "localhost")
+    client, server = await asyncio.wait_for(asyncio.gather(connecting, accepting), IO_TIMEOUT)
+    assert client.get_extra_info("peercert")["subjectAltName"][0] == ("DNS", "localhost")
+    upload, download = os.urandom(BIG), os.urandom(BIG)
+    client.write(upload)
+    server.write(download)
+    await server_app.until(lambda: len(server_app.received) >= BIG, "the whole upload")
+    await client_app.until(lambda: len(client_app.received) >= BIG, "the whole download")
+    assert (server_app.received, client_app.received) == (upload, download)
+    client.close()
+    await server_app.until(lambda: server_app.lost, "the close")
+    assert server_app.events[-2:] == ["eof_received", "connection_lost"]
+
+
+@on_each_loop
+async def test_connect_tls_to_a_server_of_another_name_fails_verification(
+    listener: socket.socket, pki: PKI
+) -> None:
+    connecting, accepting, client_app, _server_app = await connect_both_ends(listener, pki, "db.example")
+    with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+        await asyncio.wait_for(connecting, IO_TIMEOUT)
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # the client's alert, or its closed socket
+        await asyncio.wait_for(accepting, IO_TIMEOUT)
+    assert client_app.events == []

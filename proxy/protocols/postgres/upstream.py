@@ -26,6 +26,7 @@ from proxy.protocols.postgres.prepared import (
 from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.startup import UpstreamHandshake, UpstreamRefused
 from proxy.tcp import tune_socket
+from proxy.tlstransport import connect_tls
 
 log = structlog.get_logger("pos_proxy.upstream")
 
@@ -399,6 +400,8 @@ class ServerConnection(asyncio.Protocol):
 _EXTENDED_QUERY_TYPES: Final = frozenset(b"PBDECH")
 # Messages after which the server owes one ReadyForQuery (Query, Sync, FunctionCall).
 _SYNC_POINT_TYPES: Final = frozenset(b"QSF")
+# How long a closing server connection may take to flush its last writes (Terminate, close_notify).
+_TLS_SHUTDOWN_TIMEOUT: Final = 2.0
 
 
 async def open_socket(route: RouteConfig, timeout: float) -> socket.socket:
@@ -460,15 +463,19 @@ async def _open_transport(
 ) -> asyncio.BaseTransport:
     sock = await open_socket(route, timeout)
     try:
-        if context is not None:
-            await _negotiate_tls(sock, route, timeout)
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_connection(
-            protocol_factory,
-            sock=sock,
-            ssl=context,
-            server_hostname=route.host if context is not None else None,
-            ssl_handshake_timeout=timeout if context is not None else None,
+        if context is None:
+            transport, _ = await asyncio.get_running_loop().create_connection(protocol_factory, sock=sock)
+            return transport
+        await _negotiate_tls(sock, route, timeout)
+        # The proxy's own TLS layer, as for terminals: OpenSSL reads the socket itself, one record
+        # per read and no SSLWantReadError raised per read as on uvloop's memory BIOs.
+        return await connect_tls(
+            sock,
+            protocol_factory(),
+            context,
+            server_hostname=route.host,
+            handshake_timeout=timeout,
+            shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
         )
     except ssl.SSLError as exc:
         sock.close()
@@ -485,7 +492,6 @@ async def _open_transport(
     except BaseException:
         sock.close()
         raise
-    return transport
 
 
 async def connect_server(
