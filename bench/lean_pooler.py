@@ -1,8 +1,9 @@
 """The leanest transaction pooler we can write on the proxy's own stack: the floor of a Python
 data path, for bench/run.py's `lean` configuration.
 
-uvloop, asyncio Protocols and the same TLS as the proxy on both sides (client certificates
-verified, verify-full to PostgreSQL). Per message it does only what any transaction pooler must:
+uvloop, asyncio Protocols and uvloop's TLS layer on both sides (client certificates verified,
+verify-full to PostgreSQL; the proxy has its own TLS layer, proxy/tlstransport.py, on both since
+2026-11-30 late). Per message it does only what any transaction pooler must:
 find message boundaries, count the ReadyForQuery each Sync or Query is owed, and lend the server
 connection to the next waiting client when the server is idle. No policy, audit, limits, metrics,
 prepared-statement tracking, parameter sync, cancel or error handling beyond closing, and it

@@ -5,7 +5,7 @@ verified upstream TLS) and pos-db-proxy (the same), runs pgbench workloads again
 interleaved rounds, measures the memory an idle terminal connection costs the proxy and PgBouncer,
 prints a table, writes JSON, and stops everything it started -- also on Ctrl-C.
 
-    .venv/bin/python bench/run.py --quick           # smoke run, about a minute
+    .venv/bin/python bench/run.py --quick           # smoke run, about 2 min (45 s: building proxy-mypyc)
     .venv/bin/python bench/run.py --duration 8 --rounds 3
 
 See bench/README.md for what is measured and how to read it.
@@ -63,7 +63,7 @@ ALL_CONFIGS: Final = (
     "proxy-enforce",
     "proxy-full",
 )
-DEFAULT_CONFIGS: Final = ("direct", "pgbouncer", "proxy")
+DEFAULT_CONFIGS: Final = ("direct", "pgbouncer", "proxy", "proxy-mypyc")
 # pos-db-proxy variants: plain; plain from the mypyc-compiled build (POS_PROXY_COMPILE=1, built
 # by scripts/compiled-tree.sh); plain with --proxy-workers worker processes; + the cashier SQL
 # policy in enforce mode; + audit log and admin/metrics.
@@ -1165,7 +1165,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=list(ALL_CONFIGS),
         default=list(DEFAULT_CONFIGS),
-        help="configurations to run (default: direct pgbouncer proxy)",
+        help="configurations to run (default: direct pgbouncer proxy proxy-mypyc)",
     )
     parser.add_argument(
         "--pool-size", type=int, default=20, help="proxy and PgBouncer pool size (default 20)"

@@ -1,8 +1,9 @@
 """Keep the TLS layer's read buffers on glibc's heap instead of a fresh mapping per record.
 
-uvloop's TLS transport (and asyncio's, which is a port of it), which upstream connections use,
-decrypts every record into a new 256 KiB bytes object, then shrinks it to the record's size
-(terminal connections have proxy.tlstransport, where OpenSSL reads a record at a time itself). glibc
+uvloop's TLS transport (and asyncio's, which is a port of it) decrypts every record into a new
+256 KiB bytes object, then shrinks it to the record's size. Terminal and database server
+connections no longer use it (proxy.tlstransport, where OpenSSL reads a record at a time itself);
+TLS connections of libraries on the proxy's event loop do (redis-py's for a ``rediss://`` URL). glibc
 serves an allocation that large with mmap, the shrink with mremap and the free with munmap:
 three system calls, page faults and TLB flushes per record received: half of a bare uvloop TLS
 echo server's CPU on our 2-core machines (`perf`). glibc raises its thresholds by itself once a

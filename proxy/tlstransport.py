@@ -8,7 +8,7 @@ keeps the ``SSLSocket`` with its OpenSSL state and one transport object: neither
 buffer they ever held for the connection's life, nor a plain event-loop transport (docs/performance.md,
 "Idle memory without uvloop's TLS layer"). On the busy server connections the gain is time: a read
 takes one record off the socket, where uvloop's layer copies through a memory BIO and ends every read
-with an SSLWantReadError (docs/performance.md, "Server connections on the proxy's TLS layer").
+with an SSLWantReadError (docs/performance.md, "server connections on the proxy's TLS layer").
 """
 
 from __future__ import annotations
