@@ -188,7 +188,9 @@ class ProxyProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
     def log_events(self) -> Iterator[dict[str, Any]]:
-        for line in self.log_text().splitlines():
+        text = self.log_text()
+        # A running proxy may be half-way through writing its last line: only ended lines are whole.
+        for line in text[: text.rfind("\n") + 1].splitlines():
             if line.startswith("{"):
                 yield json.loads(line)
 
