@@ -227,6 +227,11 @@ class Metrics:
             ["operation"],
             registry=registry,
         )
+        self.internal_errors_total = Counter(
+            "pos_proxy_internal_errors_total",
+            "Errors in the proxy that nothing handled (each also an internal_error log event): bugs.",
+            registry=registry,
+        )
         self.build_info = Info(
             "pos_proxy_build", "The running proxy's version and build (pure or mypyc).", registry=registry
         )

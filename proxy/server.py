@@ -20,6 +20,7 @@ from proxy.admin import AdminListener, AdminServer
 from proxy.auditwriter import AuditLog
 from proxy.config import Config, ConfigError, ConfigProblem, ExpiredCRLAction, RouteConfig, load_config
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
+from proxy.eventloop import log_unhandled_error
 from proxy.limits import Limiter, SourceRateLimiter
 from proxy.metrics import Metrics, build_labels
 from proxy.policy.engine import PolicyEngine
@@ -198,6 +199,7 @@ class ProxyServer:
         return str(host), int(port)
 
     async def start(self) -> None:
+        asyncio.get_running_loop().set_exception_handler(self._report_unhandled_error)
         if self.audit is not None:
             self.audit.start()
         if self._shared_limits is not None:
@@ -229,6 +231,11 @@ class ProxyServer:
         self._notifier.ready(f"serving on {self.address[0]}:{self.address[1]}")
         if self._notifier.watchdog_interval is not None:
             self._spawn(self._watchdog_loop(self._notifier.watchdog_interval))
+
+    def _report_unhandled_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # Counted as well as logged: ops alert on the counter (PosProxyInternalErrors).
+        self.metrics.internal_errors_total.inc()
+        log_unhandled_error(loop, context)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -4,6 +4,7 @@ event, and a logged exception keeps its traceback."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import io
 import json
@@ -15,6 +16,7 @@ import structlog
 from proxy import demo, eventloop
 from proxy.oplog import configure_logging
 from tests.logcheck import unhandled_errors
+from tests.sockless import proxy_without_listener
 
 
 def run_logged(main: object, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
@@ -113,3 +115,17 @@ def test_the_demo_fails_when_its_proxy_logged_an_internal_error(
     log_path.write_text(clean + "\nnot json\n" + json.dumps(bug) + "\n", encoding="utf-8")
     assert demo._report_internal_errors(log_path) == 1
     assert "logged 1 internal error(s)" in capsys.readouterr().err
+
+
+async def test_a_running_proxy_counts_the_errors_nothing_handled(tmp_path: Path) -> None:
+    server = proxy_without_listener(tmp_path)
+    listen_anywhere = dataclasses.replace(server.config.listen, port=0)
+    server.config = dataclasses.replace(server.config, listen=listen_anywhere)
+    await server.start()
+    try:
+        asyncio.get_running_loop().call_soon(broken_callback)
+        await asyncio.sleep(0.01)
+    finally:
+        await server.shutdown()
+    rendered = server.metrics.render().decode()
+    assert "pos_proxy_internal_errors_total 1.0" in rendered.splitlines()

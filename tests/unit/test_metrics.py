@@ -39,6 +39,7 @@ DOCUMENTED: dict[str, tuple[type, tuple[str, ...]]] = {
     "upstream_down_total": (Counter, ("route",)),
     "crl_expired": (Gauge, ()),
     "crl_next_update_timestamp_seconds": (Gauge, ()),
+    "internal_errors_total": (Counter, ()),
     "build_info": (Info, ()),
 }
 FORBIDDEN_LABELS = {"terminal", "store", "query", "fingerprint", "sql"}

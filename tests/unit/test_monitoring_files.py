@@ -31,6 +31,7 @@ EXPECTED_ALERTS = {
     "PosProxyPolicyViolationSpike",
     "PosProxyAuditWriteErrors",
     "PosProxyConfigReloadFailed",
+    "PosProxyInternalErrors",
     "PosProxyLimitHits",
     "PosProxySharedLimitsUnavailable",
     "PosProxyTerminalCRLStale",

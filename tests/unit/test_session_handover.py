@@ -15,7 +15,16 @@ import pytest
 
 from proxy.oplog import configure_logging
 from proxy.protocols.postgres import messages as m
-from tests.sockless import READY, add_server, open_session, proxy_without_listener, terminal_certificate
+from proxy.protocols.postgres.session import ClientSession
+from tests import compiled
+from tests.sockless import (
+    READY,
+    RecordingTransport,
+    add_server,
+    open_session,
+    proxy_without_listener,
+    terminal_certificate,
+)
 
 SERVER_PARAMETERS = {"server_version": "15.0", "client_encoding": "UTF8", "TimeZone": "UTC"}
 PARSE_BIND_EXECUTE = (
@@ -80,3 +89,37 @@ async def test_a_tls_error_without_a_reason_still_ends_the_session(tmp_path: Pat
     session.connection_lost(ssl.SSLError("decryption failed"))  # raised in Python: no reason
 
     assert session not in proxy._environment.registry.live
+
+
+@pytest.mark.skipif(compiled.expected(), reason="a compiled class cannot be patched to fail")
+async def test_a_fault_handing_a_server_to_a_waiting_client_ends_only_that_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[RecordingTransport] = []
+
+    def record_close(transport: RecordingTransport) -> None:
+        closed.append(transport)
+
+    monkeypatch.setattr(RecordingTransport, "close", record_close)
+    proxy = proxy_without_listener(tmp_path)
+    server, upstream = add_server(proxy.routes["pos"], SERVER_PARAMETERS)
+    certificate = terminal_certificate(tmp_path)
+    first, first_transport = open_session(proxy, certificate, 40001)
+    waiting, waiting_transport = open_session(proxy, certificate, 40002)
+    first.data_received(PARSE_BIND_EXECUTE + SYNC)  # takes the only server connection
+    waiting.data_received(PARSE_BIND_EXECUTE + SYNC)  # waits in line for it
+
+    def fault(self: ClientSession, server: object) -> None:
+        raise RuntimeError("a bug in the hand-over")
+
+    monkeypatch.setattr(ClientSession, "_server_granted", fault)
+    server.data_received(CYCLE_REPLY)  # the connection is handed to the waiting client
+
+    assert first_transport.written[-1] == CYCLE_REPLY
+    assert first in proxy._environment.registry.live
+    refusal = waiting_transport.written[-1]
+    assert refusal.startswith(b"E") and b"internal error" in refusal
+    # The server connection is in an unknown state: closed, never back in the pool.
+    assert server.closed and upstream in closed
+    assert waiting_transport in closed and first_transport not in closed
+    assert b"pos_proxy_internal_errors_total 1.0" in proxy.metrics.render()

@@ -1080,6 +1080,7 @@ class _ServerRequest:
             # This runs inside whichever session freed the connection: a fault in this client's
             # handling must end this client (and the connection, in an unknown state), not that one.
             log.exception("server_grant_failed", server_connection=server.id)
+            self._session._env.metrics.internal_errors_total.inc()
             server.close()
             self._session.terminate(ProxyError("internal error in the proxy"), "internal error")
 
