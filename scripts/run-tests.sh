@@ -38,7 +38,7 @@ fi
 
 # The mypyc-compiled data path (setup.py, docs/performance.md), the build bench/run.py measures
 # as proxy-mypyc: built into a throwaway tree (scripts/compiled-tree.sh) and tested there, the
-# unit and integration tests (the e2e tests run the installed CLI, which is the pure build).
+# unit, integration and security tests (the e2e tests run the installed CLI, which is the pure build).
 # POS_PROXY_TEST_COMPILED=0 skips it; POS_PROXY_COMPILED_TESTS picks other tests.
 if [ "${POS_PROXY_TEST_COMPILED:-1}" != 0 ]; then
     compiled_tree="$(mktemp -d)"
@@ -46,7 +46,7 @@ if [ "${POS_PROXY_TEST_COMPILED:-1}" != 0 ]; then
     printf '\n==> mypyc-compiled build in %s\n' "$compiled_tree"
     venv_python="$PWD/.venv/bin/python"
     if PYTHON="$venv_python" bash scripts/compiled-tree.sh "$compiled_tree"; then
-        read -r -a compiled_tests <<<"${POS_PROXY_COMPILED_TESTS:-tests/unit tests/integration}"
+        read -r -a compiled_tests <<<"${POS_PROXY_COMPILED_TESTS:-tests/unit tests/integration tests/security}"
         printf '\n==> (compiled) .venv/bin/python -m pytest -q -ra %s\n' "${compiled_tests[*]}"
         rc=0
         (cd "$compiled_tree" && POS_PROXY_EXPECT_COMPILED=1 "$venv_python" -m pytest -q -ra \
