@@ -110,5 +110,16 @@ def search_path_entries(value: str) -> tuple[str, ...]:
 
 
 def quote_literal(text: str) -> str:
-    """An E'' string literal: backslashes and quotes escaped, whatever standard_conforming_strings is."""
-    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+    """An E'' string literal, whatever standard_conforming_strings is, in ASCII only: other characters
+    as Unicode escapes, so it reads the same in every client encoding the server may be in."""
+    escaped = text.replace("\\", "\\\\").replace("'", "''")
+    if not escaped.isascii():
+        escaped = "".join(
+            char
+            if char.isascii()
+            else f"\\u{ord(char):04x}"
+            if ord(char) < 0x10000
+            else f"\\U{ord(char):08x}"
+            for char in escaped
+        )
+    return "E'" + escaped + "'"
