@@ -10,11 +10,16 @@ policy mode and for a role without one, and the cashier's table is checked uncha
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 import yaml
@@ -308,3 +313,50 @@ def test_server_reporting_a_refused_encoding_ends_the_session(
     mode_proxy.process.wait_for_event("session_error", reason="server reported client_encoding SJIS")
     with _connect(mode_proxy, terminal_pki, "manager") as conn:
         assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
+
+
+def test_other_drivers_are_refused_a_splitting_encoding_too(
+    mode_proxy: ModeProxy, terminal_pki: TerminalPKI, pg_cluster: Any
+) -> None:
+    """asyncpg sends its client_encoding in the startup packet, psql from PGCLIENTENCODING."""
+    if mode_proxy.mode != "enforce":
+        pytest.skip("the startup check does not depend on the policy mode (psycopg covers all modes)")
+    process = mode_proxy.process
+    cashier = terminal_pki.cashier
+
+    async def asyncpg_connect(encoding: str) -> str:
+        conn = await asyncpg.connect(
+            host="127.0.0.1",
+            port=process.port,
+            user=cashier.terminal,
+            database="pos",
+            ssl=process.ssl_context(cashier, terminal_pki.ca),
+            server_settings={"client_encoding": encoding},
+            timeout=15,
+        )
+        try:
+            return str(await conn.fetchval("SHOW client_encoding"))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(asyncpg_connect("utf-8")) == "UTF8"
+    with pytest.raises(asyncpg.FeatureNotSupportedError, match="SJIS is not supported"):
+        asyncio.run(asyncpg_connect("Shift_JIS"))
+    if shutil.which("psql") is not None:
+        conninfo = " ".join(
+            f"{key}={value}" for key, value in process.conninfo(cashier, terminal_pki.ca).items()
+        )
+        for encoding, refused in (("BIG5", True), ("WIN1252", False)):
+            result = subprocess.run(
+                ["psql", conninfo, "-X", "-A", "-t", "-c", "SHOW client_encoding"],
+                env={**os.environ, "PGCLIENTENCODING": encoding},
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if refused:
+                assert result.returncode != 0 and "BIG5 is not supported" in result.stderr, result
+            else:
+                assert result.returncode == 0 and result.stdout.strip() == encoding, result
+    assert _sales(pg_cluster) == 2
