@@ -227,6 +227,7 @@ SWITCHES = (
     "SELECT set_config('client_encoding', 'win 932', false)",
     "SELECT pg_catalog.set_config('CLIENT_ENCODING'::text, 'GBK', true)",
     "SET client_encoding TO 'UTF8'; SET client_encoding TO 'SJIS'",
+    "SELECT set_config(lower('CLIENT_ENCODING'), 'SJIS', false)",
 )
 
 
@@ -244,6 +245,11 @@ def test_switching_to_a_refused_encoding_is_refused(
             for encoding in SPLITTING:
                 # Read in UTF-8 by proxy and server alike: one harmless string.
                 assert conn.execute(payload(encoding)).fetchone() is not None
+        # Name and value bound as parameters (extended protocol): the proxy cannot see them.
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute("SELECT set_config(%s, %s, false)", ("client_encoding", "SJIS"))
+        assert refused.value.sqlstate in ("0A000", "42501")
+        assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
     assert _sales(pg_cluster) == 2
 
 

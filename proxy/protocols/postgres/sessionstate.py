@@ -155,7 +155,11 @@ class _EffectFinder(visitors.Visitor):
         if name in _SESSION_LOCK_FUNCTIONS:
             self._found(Effect.SESSION_STATE, f"session advisory lock ({name})")
         elif name == "set_config":
-            if arguments and (_constant_text(arguments[0]) or "").lower() == "client_encoding":
+            setting = _constant_text(arguments[0]) if arguments else None
+            if setting is None:
+                # A name computed at run time (or bound as a parameter) could be client_encoding.
+                self._found(Effect.UNSUPPORTED_ENCODING, "set_config needs a constant setting name")
+            elif setting.lower() == "client_encoding":
                 self._check_encoding(arguments[1:2])
             if not (len(arguments) == 3 and _is_true_constant(arguments[2])):
                 self._found(Effect.SESSION_STATE, "set_config(..., false)")
