@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from proxy.policy import encodings
 from proxy.policy.engine import CHARACTER_NOT_IN_REPERTOIRE, PolicyEngine
 from proxy.policy.model import RolePolicy
-from proxy.protocols.postgres.parameters import SessionParameters, StartupParameterError
+from proxy.protocols.postgres.parameters import SessionParameters, StartupParameterError, quote_literal
 
 # What PostgreSQL 15's pg_encoding_to_char(pg_char_to_encoding(name)) says for each name; the
 # security test checks the same table against the running server.
@@ -152,3 +152,9 @@ def test_reset_all_is_refused_while_the_client_encoding_is_not_the_servers_defau
         assert engine.decide("cashier", statement, "UTF8").allowed
         refused = engine.decide("cashier", statement, "LATIN1")
         assert not refused.allowed and "LATIN1" in refused.message
+
+
+def test_quoted_literals_are_ascii_so_every_client_encoding_reads_them_alike() -> None:
+    # Refusal messages and synced settings are sent in whatever encoding the session is in.
+    assert quote_literal("café 😀 it's \\") == "E'caf\\u00e9 \\U0001f600 it''s \\\\'"
+    assert quote_literal("plain").isascii()
