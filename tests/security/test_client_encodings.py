@@ -15,8 +15,9 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -366,3 +367,30 @@ def test_other_drivers_are_refused_a_splitting_encoding_too(
             else:
                 assert result.returncode == 0 and result.stdout.strip() == encoding, result
     assert _sales(pg_cluster) == 2
+
+
+def test_a_pooled_server_connection_never_keeps_the_last_terminals_encoding(
+    start_proxy: Callable[..., ProxyProcess], terminal_pki: TerminalPKI, tmp_path: Path, schema: None
+) -> None:
+    """Transaction pooling, one server connection: a LATIN1 terminal uses it, then a terminal that
+    asked for no encoding (UTF8) gets it back in UTF8, and its UTF-8 bytes are read as UTF-8."""
+    policy_file = tmp_path / "cashier.yaml"
+    policy_file.write_text(yaml.safe_dump({**CASHIER_POLICY, "mode": "enforce"}), encoding="utf-8")
+    process = start_proxy(
+        roles={"cashier": {"policy": str(policy_file)}},
+        routes={"pos": {"pool": {"mode": "transaction", "size": 1}}},
+    )
+    proxy = ModeProxy("enforce", process)
+    with _connect(proxy, terminal_pki, "manager", client_encoding="LATIN1") as latin1:
+        assert latin1.execute("SELECT 'é'").fetchone() == ("é",)
+        assert latin1.execute("SHOW client_encoding").fetchone() == ("LATIN1",)
+        with _connect(proxy, terminal_pki, "cashier") as utf8:
+            assert utf8.info.parameter_status("client_encoding") == "UTF8"
+            assert utf8.execute("SHOW client_encoding").fetchone() == ("UTF8",)
+            found = utf8.execute("SELECT price_cents FROM enc_prices WHERE name = 'Crème brûlée'").fetchone()
+            assert found == (450,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match=r"public\.enc_tarifé"):
+                utf8.execute('SELECT what FROM "enc_tarifé"')
+        # And back: the LATIN1 terminal's next transaction is in LATIN1 again.
+        assert latin1.execute("SHOW client_encoding").fetchone() == ("LATIN1",)
+        assert latin1.execute("SELECT name FROM enc_prices").fetchone() == ("Crème brûlée",)
