@@ -23,6 +23,7 @@ from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.eventloop import log_unhandled_error
 from proxy.limits import Limiter, SourceRateLimiter
 from proxy.metrics import Metrics, build_labels
+from proxy.policy.encodings import DEFAULT_ENCODING
 from proxy.policy.engine import PolicyEngine
 from proxy.policy.learn import ReviewLog
 from proxy.pool import PoolSettings, ServerUnreachable, UpstreamPool
@@ -87,8 +88,12 @@ def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
 
     async def connect(on_closed: Callable[[ServerConnection], None]) -> ServerConnection:
         try:
+            # A fixed client_encoding: what RESET ALL and DISCARD ALL return a session to.
             connection = await connect_server(
-                route, context, on_closed, {"application_name": SERVER_APPLICATION_NAME}
+                route,
+                context,
+                on_closed,
+                {"application_name": SERVER_APPLICATION_NAME, "client_encoding": DEFAULT_ENCODING},
             )
         except (ServerUnreachable, UpstreamConnectError, UpstreamRefused, ProtocolViolation):
             metrics.server_connection_errors_total.labels(route.database).inc()

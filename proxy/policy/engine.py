@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from proxy.policy.encodings import DEFAULT_ENCODING, python_codec
 from proxy.policy.model import DENIED_STATEMENTS, PolicyMode, RolePolicy
 from proxy.policy.postgres import ParseError, StatementFacts, analyze
 
@@ -60,7 +61,7 @@ class PolicyEngine:
 
     def __init__(self, policies: Mapping[str, RolePolicy | None], cache_size: int = 10_000) -> None:
         self._policies = policies
-        self._cache: _LRU[tuple[str, bytes], Decision] = _LRU(cache_size)
+        self._cache: _LRU[tuple[str, bytes, str], Decision] = _LRU(cache_size)
         self.hits = 0
         self.misses = 0
 
@@ -71,9 +72,10 @@ class PolicyEngine:
         policy = self._policies.get(role)
         return policy.mode if policy is not None else None
 
-    def decide(self, role: str, sql: bytes) -> Decision:
-        """The decision for ``sql`` (UTF-8 from the wire) as run by ``role``."""
-        key = (role, sql)
+    def decide(self, role: str, sql: bytes, encoding: str = DEFAULT_ENCODING) -> Decision:
+        """The decision for ``sql`` as run by ``role``, read from the bytes in the session's client
+        ``encoding`` (an accepted encoding's canonical name) as the server reads them."""
+        key = (role, sql, encoding)
         cached = self._cache.get(key)
         if cached is not None:
             self.hits += 1
@@ -84,12 +86,14 @@ class PolicyEngine:
             decision = _UNRESTRICTED
         else:
             try:
-                decision = judge(policy, role, sql.decode("utf-8"))
+                text = sql.decode(python_codec(encoding))
             except UnicodeDecodeError:
-                # The server could split such bytes differently from the proxy's parser.
+                # Bytes the proxy cannot read as the server does are not judged at all.
                 decision = Decision(
-                    False, "encoding", "the statement is not valid UTF-8", CHARACTER_NOT_IN_REPERTOIRE
+                    False, "encoding", f"the statement is not valid {encoding}", CHARACTER_NOT_IN_REPERTOIRE
                 )
+            else:
+                decision = judge(policy, role, text, encoding)
         self._cache.put(key, decision)
         return decision
 
@@ -105,8 +109,8 @@ class PolicyEngine:
         )
 
 
-def judge(policy: RolePolicy, role: str, sql: str) -> Decision:
-    """Enforce-mode decision for a whole query string (all of its statements)."""
+def judge(policy: RolePolicy, role: str, sql: str, encoding: str = DEFAULT_ENCODING) -> Decision:
+    """Enforce-mode decision for a whole query string (all of its statements), sent in ``encoding``."""
     try:
         statements = analyze(sql, policy.search_path)
     except ParseError:
@@ -115,6 +119,17 @@ def judge(policy: RolePolicy, role: str, sql: str) -> Decision:
     if len(statements) > 1 and not policy.stacked_queries:
         return Decision(
             False, "stacked queries", f"stacked queries are not allowed for role {role}", statements=summary
+        )
+    if python_codec(encoding) != python_codec(DEFAULT_ENCODING) and any(
+        facts.resets_settings for facts in statements
+    ):
+        # The server connection's own encoding would come back while the proxy still reads the
+        # client's next (maybe already pipelined) statements in the client's encoding.
+        return Decision(
+            False,
+            "encoding",
+            f"RESET ALL and DISCARD ALL are not allowed with client_encoding {encoding}",
+            statements=summary,
         )
     rules = []
     for facts in statements:
@@ -168,17 +183,17 @@ class StatementSummaries:
     policy; cached by text like decisions, so the parser runs once per text."""
 
     def __init__(self, cache_size: int = 10_000) -> None:
-        self._cache: _LRU[bytes, tuple[tuple[str, str], ...]] = _LRU(cache_size)
+        self._cache: _LRU[tuple[bytes, str], tuple[tuple[str, str], ...]] = _LRU(cache_size)
 
-    def summarize(self, sql: bytes) -> tuple[tuple[str, str], ...]:
-        cached = self._cache.get(sql)
+    def summarize(self, sql: bytes, encoding: str = DEFAULT_ENCODING) -> tuple[tuple[str, str], ...]:
+        key = (sql, encoding)
+        cached = self._cache.get(key)
         if cached is not None:
             return cached
         try:
-            summary = tuple(
-                (facts.fingerprint, facts.normalized) for facts in analyze(sql.decode("utf-8"), ("public",))
-            )
+            text = sql.decode(python_codec(encoding))
+            summary = tuple((facts.fingerprint, facts.normalized) for facts in analyze(text, ("public",)))
         except (ParseError, UnicodeDecodeError):
             summary = (("", "(not parsable)"),)
-        self._cache.put(sql, summary)
+        self._cache.put(key, summary)
         return summary

@@ -110,6 +110,7 @@ class StatementFacts:
     kinds_inside: frozenset[str]  # kinds of statements nested in it (CTE writes, EXPLAIN, PREPARE)
     unbounded_write: bool  # UPDATE or DELETE without WHERE
     housekeeping: bool
+    resets_settings: bool  # RESET ALL or DISCARD ALL: client_encoding too returns to its reset value
     fingerprint: str
     normalized: str
 
@@ -151,6 +152,7 @@ def _facts(statement: ast.Node, text: str, search_path: tuple[str, ...]) -> Stat
         kinds_inside=nested,
         unbounded_write=collector.unbounded_write,
         housekeeping=_is_housekeeping(statement) and not (reads or collector.written or locked or nested),
+        resets_settings=_resets_settings(statement),
         fingerprint=_fingerprint(text),
         normalized=_normalized(text),
     )
@@ -330,6 +332,14 @@ def _harmless_set_config(arguments: tuple[ast.Node, ...]) -> bool:
     if not (isinstance(setting, ast.A_Const) and isinstance(setting.val, ast.String)):
         return False  # computed at run time: could name anything
     return (setting.val.sval or "").lower() not in SENSITIVE_SETTINGS
+
+
+def _resets_settings(statement: ast.Node) -> bool:
+    if isinstance(statement, ast.DiscardStmt):
+        return statement.target is enums.DiscardMode.DISCARD_ALL
+    return (
+        isinstance(statement, ast.VariableSetStmt) and statement.kind is enums.VariableSetKind.VAR_RESET_ALL
+    )
 
 
 def _is_housekeeping(statement: ast.Node) -> bool:

@@ -18,6 +18,7 @@ from proxy.protocols.postgres.sessionstate import (
 )
 
 NONE, STATE, FORGETS = Effect.NONE, Effect.SESSION_STATE, Effect.FORGETS_STATEMENTS
+ENCODING = Effect.UNSUPPORTED_ENCODING
 
 CASES: list[tuple[str, Effect]] = [
     # Plain statements
@@ -46,6 +47,24 @@ CASES: list[tuple[str, Effect]] = [
     ("SET application_name = 'till 7'", NONE),
     ("SET client_encoding TO 'UTF8'", NONE),
     ("SET NAMES 'UTF8'", NONE),
+    ("SET client_encoding TO 'iso-8859-1'", NONE),
+    ("SET client_encoding TO DEFAULT", NONE),
+    # Encodings the proxy cannot read as the server does, in every spelling and statement
+    ("SET client_encoding TO 'SJIS'", ENCODING),
+    ("SET NAMES 'Shift-JIS'", ENCODING),
+    ("SET SESSION client_encoding = 'ms_kanji'", ENCODING),
+    ("SET LOCAL client_encoding = 'win 932'", ENCODING),
+    ("SET client_encoding TO big5", ENCODING),
+    ("SET work_mem = '1MB'; SET NAMES 'GBK'", ENCODING),
+    ("SET client_encoding TO 'no such encoding'", ENCODING),
+    ("SET client_encoding TO 6", ENCODING),
+    ("SELECT set_config('client_encoding', 'GB18030', false)", ENCODING),
+    ("SELECT pg_catalog.set_config('client_encoding'::text, 'UHC', true)", ENCODING),
+    ("SELECT set_config('CLIENT_ENCODING', value, false) FROM t", ENCODING),
+    ("SELECT set_config('client_encoding', 'LATIN1', false)", STATE),
+    ("SELECT set_config($1, $2, false)", ENCODING),
+    ("SELECT set_config(lower('CLIENT_ENCODING'), 'SJIS', true)", ENCODING),
+    ("SELECT set_config('client_encoding', $1, false)", ENCODING),
     ("SET DateStyle = 'ISO, DMY'", NONE),
     ("SET IntervalStyle = iso_8601", NONE),
     ("SET standard_conforming_strings = on", NONE),
@@ -241,7 +260,7 @@ def parse_only(sql: str) -> Classification:
     for raw in statements:
         if raw.stmt is not None:
             finder(raw.stmt)
-        if finder.result.effect is STATE:
+        if finder.result.effect is ENCODING:
             break
     return finder.result
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, refusal_message
+
 if TYPE_CHECKING:  # upstream imports the statement rewriting, which quotes with this module
     from proxy.protocols.postgres.upstream import ServerConnection
 
@@ -56,8 +58,9 @@ class SessionParameters:
             canonical = SESSION_PARAMETERS.get(name.lower())
             if canonical is None:
                 raise StartupParameterError(f"unsupported startup parameter: {name}")
-            _check_lexing(canonical, value)
-            wanted[canonical] = value
+            wanted[canonical] = _checked_value(canonical, value)
+        # Always carried: a pooled server connection may still have another client's encoding.
+        wanted.setdefault("client_encoding", DEFAULT_ENCODING)
         return cls(wanted)
 
     def note_reported(self, name: str, value: str) -> None:
@@ -88,18 +91,17 @@ class SessionParameters:
         server.applied.update(changes)
 
 
-# Client encodings in which a multibyte character's trailing byte can be a backslash or quote:
-# the server would then split string literals differently from the proxy's (UTF-8) parser.
-_UNSAFE_ENCODINGS = frozenset(
-    {"SJIS", "SHIFTJIS", "BIG5", "GBK", "GB18030", "UHC", "JOHAB", "WIN932", "WIN936", "WIN950"}
-)
-
-
-def _check_lexing(name: str, value: str) -> None:
+def _checked_value(name: str, value: str) -> str:
+    """``value`` as the session carries it, or StartupParameterError when the proxy cannot honour it."""
     if name == "standard_conforming_strings" and value.strip().lower() not in ("on", "true", "yes", "1"):
         raise StartupParameterError("standard_conforming_strings must be on")
-    if name == "client_encoding" and value.upper().replace("-", "").replace("_", "") in _UNSAFE_ENCODINGS:
-        raise StartupParameterError(f"client_encoding {value} is not supported: use UTF8")
+    if name == "client_encoding":
+        # Carried under the server's own name, so it compares equal to what the server reports.
+        encoding = accepted_encoding(value)
+        if encoding is None:
+            raise StartupParameterError(refusal_message(value))
+        return encoding
+    return value
 
 
 def search_path_entries(value: str) -> tuple[str, ...]:
@@ -107,14 +109,17 @@ def search_path_entries(value: str) -> tuple[str, ...]:
     return tuple(part.strip().strip('"') for part in value.split(",") if part.strip())
 
 
-def reported_value(name: str, value: str) -> str:
-    """How the server would report ``value`` for ``name``: it names encodings canonically."""
-    if name == "client_encoding":
-        canonical = value.upper().replace("-", "").replace("_", "")
-        return {"UTF8": "UTF8", "UNICODE": "UTF8", "SQLASCII": "SQL_ASCII"}.get(canonical, value.upper())
-    return value
-
-
 def quote_literal(text: str) -> str:
-    """An E'' string literal: backslashes and quotes escaped, whatever standard_conforming_strings is."""
-    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+    """An E'' string literal, whatever standard_conforming_strings is, in ASCII only: other characters
+    as Unicode escapes, so it reads the same in every client encoding the server may be in."""
+    escaped = text.replace("\\", "\\\\").replace("'", "''")
+    if not escaped.isascii():
+        escaped = "".join(
+            char
+            if char.isascii()
+            else f"\\u{ord(char):04x}"
+            if ord(char) < 0x10000
+            else f"\\U{ord(char):08x}"
+            for char in escaped
+        )
+    return "E'" + escaped + "'"

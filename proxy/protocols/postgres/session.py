@@ -34,6 +34,7 @@ from proxy.errors import (
 from proxy.identity import Identity, IdentityError, check_user_name, identify
 from proxy.limits import Limiter, LimitHit, LimitSettings, resolve
 from proxy.metrics import BatchedHistogram, Metrics
+from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, refusal_message
 from proxy.policy.engine import Decision, PolicyEngine, StatementSummaries
 from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
@@ -43,7 +44,6 @@ from proxy.protocols.postgres.classifiercache import SessionStateClassifier
 from proxy.protocols.postgres.parameters import (
     SessionParameters,
     StartupParameterError,
-    reported_value,
     search_path_entries,
 )
 from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, take_ready_synthetics
@@ -195,6 +195,7 @@ class ClientSession(asyncio.Protocol):
         "_decision_counters",
         "_direct_tls",
         "_draining",
+        "_encoding",
         "_env",
         "_latency",
         "_limits",
@@ -243,6 +244,8 @@ class ClientSession(asyncio.Protocol):
         self._refusal: tuple[str, ProxyError] | None = None
         self._route: Route | None = None
         self._parameters: SessionParameters | None = None
+        # The client_encoding the server reads this client's statements in: the proxy reads them so.
+        self._encoding = DEFAULT_ENCODING
         self._server: ServerConnection | None = None
         self._statements = ClientStatements(environment.statement_stats)
         # Whole client messages waiting for a server connection (transaction pooling).
@@ -370,12 +373,38 @@ class ClientSession(asyncio.Protocol):
 
     def server_data(self, data: bytes) -> None:
         self._bytes_out += len(data)
-        if self._transport is not None:
+        if self._transport is not None and self._state is not _State.CLOSED:
             self._transport.write(data)
 
     def server_parameter(self, name: str, value: str) -> None:
         if self._parameters is not None:
             self._parameters.note_reported(name, value)
+        if name == "client_encoding":
+            self._client_encoding_reported(value)
+
+    def _client_encoding_reported(self, value: str) -> None:
+        """The server now reads this client's statements in ``value``: so does the proxy, or, for an
+        encoding it cannot read as the server does (switched to where the proxy could not see, say
+        inside a function), the session ends before the client sends another statement in it."""
+        encoding = accepted_encoding(value)
+        if encoding is not None:
+            self._encoding = encoding
+            return
+        server, self._server = self._server, None
+        if server is not None:
+            # Its session now reads statements in that encoding: it serves nobody else.
+            server.detach()
+            server.close()
+        self._audit(
+            "unsupported_client_encoding",
+            "failure",
+            client_encoding=value,
+            server_connection=server.id if server is not None else None,
+        )
+        self._fail(
+            FeatureNotSupported(refusal_message(value)), reason=f"server reported client_encoding {value}"
+        )
+        self._state = _State.CLOSED  # nothing more of this server's output reaches the client
 
     def server_ready(self) -> None:
         """A ReadyForQuery: the statements sent since the server was last ready are done."""
@@ -482,6 +511,7 @@ class ClientSession(asyncio.Protocol):
         except StartupParameterError as exc:
             self._fail(FeatureNotSupported(str(exc)), reason=str(exc))
             return
+        self._encoding = self._parameters.wanted["client_encoding"]
         policy = self._env.policies.policy(self._role)
         asked = self._parameters.wanted.get("search_path")
         if policy is not None and asked is not None and search_path_entries(asked) != policy.search_path:
@@ -655,7 +685,7 @@ class ClientSession(asyncio.Protocol):
         reported = dict(server_parameters)
         for name, value in self._parameters.wanted.items():
             if name in reported:
-                reported[name] = reported_value(name, value)
+                reported[name] = value
         reply = [m.build_authentication_ok()]
         reply += [m.build_parameter_status(name, value) for name, value in reported.items()]
         reply.append(m.build_backend_key_data(self.process_id, self.secret_key))
@@ -784,11 +814,11 @@ class ClientSession(asyncio.Protocol):
                     portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
                     executed = self._portal_texts.get(portal, b"")
                     self._statements_run += 1
-                    decision = policies.decide(self._role, executed) if mode else None
+                    decision = policies.decide(self._role, executed, self._encoding) if mode else None
                     self._audit_statement(decision, mode, executed)
                 continue
             if mode is not None:
-                decision = policies.decide(self._role, text)
+                decision = policies.decide(self._role, text, self._encoding)
                 if kind == m.MSG_QUERY or not decision.allowed:
                     self._audit_statement(decision, mode, text)
                 self._apply_policy(decision, start, refusals)
@@ -866,7 +896,7 @@ class ClientSession(asyncio.Protocol):
             return
         statements = decision.statements if decision is not None and decision.statements else None
         if statements is None:
-            statements = self._env.summaries.summarize(text)
+            statements = self._env.summaries.summarize(text, self._encoding)
         audit.record_with(
             self._audit_identity(),
             "statement",
@@ -892,8 +922,13 @@ class ClientSession(asyncio.Protocol):
     def _check_session_state(
         self, found: Classification, start: int, refusals: dict[int, Refusal], forget_at: list[int]
     ) -> None:
-        """Pin or refuse a statement that would leave state behind in a shared server session."""
-        if found.effect is Effect.FORGETS_STATEMENTS:
+        """Pin or refuse a statement that would leave state behind in a shared server session, and
+        refuse one that would switch to a client encoding the proxy cannot read, whatever the role."""
+        if found.effect is Effect.UNSUPPORTED_ENCODING:
+            log.warning("client_encoding_refused", **self._log_fields(), reason=found.reason)
+            self._audit("unsupported_client_encoding", "failure", reason=found.reason)
+            refusals[start] = Refusal(FeatureNotSupported.sqlstate, found.reason)
+        elif found.effect is Effect.FORGETS_STATEMENTS:
             forget_at.append(start)
         elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
             if self._route.config.pool.session_state is SessionStateAction.PIN:

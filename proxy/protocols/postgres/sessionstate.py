@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pglast import ast, enums, parse_sql, visitors
 from pglast.parser import ParseError
 
+from proxy.policy.encodings import accepted_encoding, refusal_message
+
 # Settings the server reports with ParameterStatus: the proxy sees every change to them and
 # carries them to the next server connection, so SET of these needs no pinning.
 REPORTED_SETTINGS = frozenset(
@@ -49,6 +51,9 @@ class Effect(enum.Enum):
     SESSION_STATE = "session state"
     # Drops the server's prepared statements (DISCARD ALL, DEALLOCATE ALL).
     FORGETS_STATEMENTS = "forgets prepared statements"
+    # Would switch the client encoding to one the proxy cannot read as the server does (refused
+    # for every role and policy mode); the reason is the client's error message.
+    UNSUPPORTED_ENCODING = "unsupported client encoding"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +77,7 @@ def classify(sql: str) -> Classification:
     for raw in statements:
         if raw.stmt is not None:
             finder(raw.stmt)
-        if finder.result.effect is Effect.SESSION_STATE:
+        if finder.result.effect is Effect.UNSUPPORTED_ENCODING:
             break
     return finder.result
 
@@ -84,14 +89,21 @@ class _EffectFinder(visitors.Visitor):
         self._dropped_at_commit: set[int] = set()
 
     def _found(self, effect: Effect, reason: str) -> None:
-        if self.result.effect is not Effect.SESSION_STATE:
+        # An unsupported encoding outranks session state, which outranks forgetting statements.
+        if self.result.effect is Effect.UNSUPPORTED_ENCODING:
+            return
+        if effect is Effect.UNSUPPORTED_ENCODING or self.result.effect is not Effect.SESSION_STATE:
             self.result = Classification(effect, reason)
 
     def visit_VariableSetStmt(self, ancestors: visitors.Ancestor, node: ast.VariableSetStmt) -> None:
+        name = (node.name or "").lower()
+        # SET NAMES is SET client_encoding in the parse tree. Refused wherever it stands, SET LOCAL
+        # and ALTER ROLE/DATABASE ... SET included: no stored default may name such an encoding either.
+        if name == "client_encoding" and node.kind is enums.VariableSetKind.VAR_SET_VALUE:
+            self._check_encoding(node.args or ())
         # A SET inside ALTER DATABASE/ROLE/SYSTEM or CREATE FUNCTION is stored in the catalog.
         if ancestors.node is not None or node.is_local or node.kind in _RESETS:
             return
-        name = (node.name or "").lower()
         if name not in REPORTED_SETTINGS and name not in _TRANSACTION_SCOPED:
             self._found(Effect.SESSION_STATE, f"SET {name}")
 
@@ -142,8 +154,33 @@ class _EffectFinder(visitors.Visitor):
         arguments = node.args or ()
         if name in _SESSION_LOCK_FUNCTIONS:
             self._found(Effect.SESSION_STATE, f"session advisory lock ({name})")
-        elif name == "set_config" and not (len(arguments) == 3 and _is_true_constant(arguments[2])):
-            self._found(Effect.SESSION_STATE, "set_config(..., false)")
+        elif name == "set_config":
+            setting = _constant_text(arguments[0]) if arguments else None
+            if setting is None:
+                # A name computed at run time (or bound as a parameter) could be client_encoding.
+                self._found(Effect.UNSUPPORTED_ENCODING, "set_config needs a constant setting name")
+            elif setting.lower() == "client_encoding":
+                self._check_encoding(arguments[1:2])
+            if not (len(arguments) == 3 and _is_true_constant(arguments[2])):
+                self._found(Effect.SESSION_STATE, "set_config(..., false)")
+
+    def _check_encoding(self, values: tuple[ast.Node, ...]) -> None:
+        """A new client_encoding must be one constant naming an accepted encoding (a value computed
+        at run time could name any; the server's report of it is the backstop, see session.py)."""
+        value = _constant_text(values[0]) if len(values) == 1 else None
+        if value is None:
+            self._found(Effect.UNSUPPORTED_ENCODING, "client_encoding may only be set to a constant name")
+        elif accepted_encoding(value) is None:
+            self._found(Effect.UNSUPPORTED_ENCODING, refusal_message(value))
+
+
+def _constant_text(node: object) -> str | None:
+    """The text of a string constant (also cast), else None."""
+    if isinstance(node, ast.TypeCast):
+        node = node.arg
+    if isinstance(node, ast.A_Const) and isinstance(node.val, ast.String):
+        return node.val.sval or ""
+    return None
 
 
 def _is_true_constant(node: object) -> bool:

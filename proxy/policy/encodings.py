@@ -1,0 +1,177 @@
+"""Client encodings as PostgreSQL names them, and the few the proxy can read exactly as the server does.
+
+PostgreSQL converts a statement from the client encoding to the server encoding before it parses
+it. In the client-only encodings (SJIS, BIG5, GBK, UHC, JOHAB, GB18030, SHIFT_JIS_2004) a
+multibyte character can end in the byte of a backslash or a quote, so the same bytes split into
+literals differently for the server and for a reader that decodes them any other way. The proxy
+therefore accepts only encodings in which every ASCII byte always means that ASCII character and
+for which Python has a codec that maps the other bytes as PostgreSQL's conversion does (checked
+against the server in tests/security/test_client_encodings.py); everything else is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# PostgreSQL's names for the encodings, as it reports them (pg_encoding_to_char), by every
+# spelling its name table accepts once cleaned (src/common/encnames.c, pg_encname_tbl).
+_ALIASES: Final = {
+    "abc": "WIN1258",
+    "alt": "WIN866",
+    "big5": "BIG5",
+    "euccn": "EUC_CN",
+    "eucjis2004": "EUC_JIS_2004",
+    "eucjp": "EUC_JP",
+    "euckr": "EUC_KR",
+    "euctw": "EUC_TW",
+    "gb18030": "GB18030",
+    "gbk": "GBK",
+    "iso88591": "LATIN1",
+    "iso885910": "LATIN6",
+    "iso885913": "LATIN7",
+    "iso885914": "LATIN8",
+    "iso885915": "LATIN9",
+    "iso885916": "LATIN10",
+    "iso88592": "LATIN2",
+    "iso88593": "LATIN3",
+    "iso88594": "LATIN4",
+    "iso88595": "ISO_8859_5",
+    "iso88596": "ISO_8859_6",
+    "iso88597": "ISO_8859_7",
+    "iso88598": "ISO_8859_8",
+    "iso88599": "LATIN5",
+    "johab": "JOHAB",
+    "koi8": "KOI8R",
+    "koi8r": "KOI8R",
+    "koi8u": "KOI8U",
+    "latin1": "LATIN1",
+    "latin10": "LATIN10",
+    "latin2": "LATIN2",
+    "latin3": "LATIN3",
+    "latin4": "LATIN4",
+    "latin5": "LATIN5",
+    "latin6": "LATIN6",
+    "latin7": "LATIN7",
+    "latin8": "LATIN8",
+    "latin9": "LATIN9",
+    "mskanji": "SJIS",
+    "muleinternal": "MULE_INTERNAL",
+    "shiftjis": "SJIS",
+    "shiftjis2004": "SHIFT_JIS_2004",
+    "sjis": "SJIS",
+    "sqlascii": "SQL_ASCII",
+    "tcvn": "WIN1258",
+    "tcvn5712": "WIN1258",
+    "uhc": "UHC",
+    "unicode": "UTF8",
+    "utf8": "UTF8",
+    "vscii": "WIN1258",
+    "win": "WIN1251",
+    "win1250": "WIN1250",
+    "win1251": "WIN1251",
+    "win1252": "WIN1252",
+    "win1253": "WIN1253",
+    "win1254": "WIN1254",
+    "win1255": "WIN1255",
+    "win1256": "WIN1256",
+    "win1257": "WIN1257",
+    "win1258": "WIN1258",
+    "win866": "WIN866",
+    "win874": "WIN874",
+    "win932": "SJIS",
+    "win936": "GBK",
+    "win949": "UHC",
+    "win950": "BIG5",
+    "windows1250": "WIN1250",
+    "windows1251": "WIN1251",
+    "windows1252": "WIN1252",
+    "windows1253": "WIN1253",
+    "windows1254": "WIN1254",
+    "windows1255": "WIN1255",
+    "windows1256": "WIN1256",
+    "windows1257": "WIN1257",
+    "windows1258": "WIN1258",
+    "windows866": "WIN866",
+    "windows874": "WIN874",
+    "windows932": "SJIS",
+    "windows936": "GBK",
+    "windows949": "UHC",
+    "windows950": "BIG5",
+}
+ALIASES: Final = tuple(_ALIASES)
+
+# The accepted client encodings and the Python codec that reads each one as the server does.
+# SQL_ASCII means "no conversion": the server checks the bytes as its own encoding, UTF-8
+# (server_encoding must be UTF8, see README "Client encodings").
+_CODECS: Final = {
+    "UTF8": "utf-8",
+    "SQL_ASCII": "utf-8",
+    "LATIN1": "iso8859_1",
+    "LATIN2": "iso8859_2",
+    "LATIN3": "iso8859_3",
+    "LATIN4": "iso8859_4",
+    "LATIN5": "iso8859_9",
+    "LATIN6": "iso8859_10",
+    "LATIN7": "iso8859_13",
+    "LATIN8": "iso8859_14",
+    "LATIN9": "iso8859_15",
+    "LATIN10": "iso8859_16",
+    "ISO_8859_5": "iso8859_5",
+    "ISO_8859_6": "iso8859_6",
+    "ISO_8859_7": "iso8859_7",
+    "ISO_8859_8": "iso8859_8",
+    "WIN866": "cp866",
+    "WIN874": "cp874",
+    "WIN1250": "cp1250",
+    "WIN1251": "cp1251",
+    "WIN1252": "cp1252",
+    "WIN1253": "cp1253",
+    "WIN1254": "cp1254",
+    "WIN1255": "cp1255",
+    "WIN1256": "cp1256",
+    "WIN1257": "cp1257",
+    "WIN1258": "cp1258",
+    "KOI8R": "koi8_r",
+    "KOI8U": "koi8_u",
+    "EUC_CN": "gb2312",
+    "EUC_KR": "euc_kr",
+}
+# Left out: EUC_JP and EUC_JIS_2004 (Python's codecs map about 200 and 6,000 of their characters
+# to other code points than the server), EUC_TW and MULE_INTERNAL (no Python codec), and the
+# client-only encodings, whose trailing bytes can be ASCII.
+ACCEPTED: Final = frozenset(_CODECS)
+SUPPORTED_LIST: Final = ", ".join(sorted(ACCEPTED))
+# What the proxy's server connections use, so RESET ALL and DISCARD ALL return to it.
+DEFAULT_ENCODING: Final = "UTF8"
+# pg_char_to_encoding gives up on names of NAMEDATALEN bytes or more.
+_NAMEDATALEN: Final = 64
+
+
+def canonical_name(name: str) -> str | None:
+    """The name PostgreSQL reports for the encoding ``name`` stands for, or None if it knows none.
+
+    PostgreSQL keeps only the letters and digits of a name, lower-cased (clean_encoding_name).
+    A name with any non-ASCII character is unknown here: whether the server keeps such a
+    character depends on its locale, and an unknown name is refused.
+    """
+    if not name or not name.isascii() or len(name) >= _NAMEDATALEN:
+        return None
+    return _ALIASES.get("".join(char for char in name.lower() if char.isalnum()))
+
+
+def accepted_encoding(name: str) -> str | None:
+    """The canonical name of ``name`` when the proxy accepts that encoding, else None."""
+    canonical = canonical_name(name)
+    return canonical if canonical in ACCEPTED else None
+
+
+def python_codec(encoding: str) -> str:
+    """The Python codec for an accepted encoding's canonical name."""
+    return _CODECS[encoding]
+
+
+def refusal_message(name: str) -> str:
+    """What the client is told when it asks for an encoding the proxy does not accept."""
+    canonical = canonical_name(name)
+    shown = canonical if canonical is not None else repr(name[:_NAMEDATALEN])
+    return f"client_encoding {shown} is not supported by the proxy; supported: {SUPPORTED_LIST}"
