@@ -348,7 +348,8 @@ def test_unknown_nested_key_names_its_full_path(base: Path) -> None:
     assert problems(data, base) == [
         "routes.pos.pool.sise: unknown key (expected one of: mode, size, min_idle, max_client_wait, "
         "server_idle_timeout, server_lifetime, connect_timeout, connect_retry_delay, "
-        "connect_retry_max_delay, tcp_keepalive, session_state, max_prepared_statements)"
+        "connect_retry_max_delay, tcp_keepalive, session_state, max_prepared_statements, "
+        "idle_transaction_timeout)"
     ]
 
 
@@ -455,7 +456,7 @@ def test_role_names(base: Path) -> None:
     assert problems(data, base) == [
         "roles.Cashier: expected a name matching ^[a-z][a-z0-9_]{0,62}$, got 'Cashier'",
         "roles.shift-lead: expected a name matching ^[a-z][a-z0-9_]{0,62}$, got 'shift-lead'",
-        "roles.ok.descripton: unknown key (expected one of: description, policy, limits)",
+        "roles.ok.descripton: unknown key (expected one of: description, policy, limits, statement_timeout)",
     ]
     assert problems({**minimal(), "roles": {}}, base) == ["roles: at least one role is required"]
 
