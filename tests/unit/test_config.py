@@ -974,3 +974,37 @@ def test_shared_limits_without_the_redis_package_is_a_config_error(
     assert problems(with_shared(), base) == [
         "limits.shared: needs the Python package redis: pip install 'pos-db-proxy[redis]'"
     ]
+
+
+def test_starvation_settings_parse_with_secure_defaults(base: Path) -> None:
+    defaults = parse(minimal(), base)
+    assert (defaults.listen.max_pending_handshakes, defaults.listen.max_pending_handshakes_per_source) == (
+        1024,
+        64,
+    )
+    assert defaults.routes["pos"].pool.idle_transaction_timeout == 60.0
+    data = with_route(pool={"idle_transaction_timeout": 0})
+    data["listen"] = {"max_pending_handshakes": 200, "max_pending_handshakes_per_source": 8}
+    data["roles"] = {
+        "cashier": {"statement_timeout": "30s", "limits": {"max_server_connections_per_terminal": 2}}
+    }
+    config = parse(data, base)
+    assert (config.listen.max_pending_handshakes, config.listen.max_pending_handshakes_per_source) == (200, 8)
+    assert config.routes["pos"].pool.idle_transaction_timeout is None
+    assert config.roles["cashier"].statement_timeout == 30.0
+    assert config.roles["cashier"].limits.max_server_connections_per_terminal == 2
+
+
+def test_starvation_settings_are_checked(base: Path) -> None:
+    data = with_route(pool={"idle_transaction_timeout": "-1s"})
+    data["listen"] = {"max_pending_handshakes": 0}
+    data["roles"] = {
+        "cashier": {"statement_timeout": 0, "limits": {"max_server_connections_per_terminal": 0}}
+    }
+    assert problems(data, base) == [
+        "listen.max_pending_handshakes: expected an integer of at least 1, got 0",
+        "roles.cashier.limits.max_server_connections_per_terminal: expected an integer of at least 1, got 0",
+        "roles.cashier.statement_timeout: expected a duration above zero, got 0",
+        "routes.pos.pool.idle_transaction_timeout: expected a duration such as 30, 2.5, '250ms', "
+        "'5m' or '1h', got '-1s'",
+    ]
