@@ -12,11 +12,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
+import yaml
 
 from proxy import certs
 from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI
@@ -241,3 +243,46 @@ async def test_the_role_statement_timeout_applies_and_a_terminal_cannot_raise_it
             assert await connection.fetchval("SELECT 1") == 1  # the session goes on
         finally:
             await connection.close()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SET LOCAL statement_timeout = '1h'",
+        "SET LOCAL statement_timeout = 0",
+        "SET LOCAL statement_timeout TO DEFAULT",
+        'SET LOCAL "STATEMENT_TIMEOUT" = 5000',
+        'SET LOCAL U&"statement\\005ftimeout" = 0',
+        "SET statement_timeout = 0",
+        "SELECT set_config('statement_timeout', '0', true)",
+        "RESET statement_timeout",
+        "RESET ALL",
+        "DISCARD ALL",
+    ],
+)
+async def test_a_policy_role_cannot_raise_or_reset_its_statement_timeout(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, statement: str
+) -> None:
+    # Housekeeping allows SET LOCAL statement_timeout and DISCARD ALL to every policy role; this
+    # one may also SET and RESET settings in general, so only the ceiling stands in the way.
+    policy = tmp_path / "cashier.yaml"
+    kinds = ["SELECT", "SET", "RESET", "SHOW", "DISCARD"]
+    policy.write_text(yaml.safe_dump({"mode": "enforce", "allow": {"kinds": kinds, "read": []}}))
+    proxy = start_proxy(
+        routes={"pos": {"pool": _DEMO_POOL}},
+        roles={"cashier": {"policy": str(policy), "statement_timeout": "700ms"}},
+    )
+    async with _connections(proxy, terminal_pki, terminal_pki.cashier, 1) as (till,):
+        await till.execute("BEGIN")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
+            await till.execute(statement)
+        # (set_config may meet a refusal of the function itself first, which is as good.)
+        assert "statement_timeout may only be lowered for role cashier" in str(refused.value) or (
+            "set_config" in statement and "set_config" in str(refused.value)
+        )
+        await till.execute("ROLLBACK")
+        await till.execute("BEGIN")
+        await till.execute("SET LOCAL statement_timeout = '300ms'")  # lowering it is fine
+        assert await (await till.execute("SHOW statement_timeout")).fetchone() == ("300ms",)
+        await till.execute("COMMIT")
+        assert await (await till.execute("SHOW statement_timeout")).fetchone() == ("700ms",)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from proxy.pool import ServerShares, default_share_cap
-from proxy.protocols.postgres.timeouts import capped_statement_timeout, milliseconds
+from proxy.protocols.postgres.timeouts import (
+    UNBOUNDED,
+    StatementTimeoutChanges,
+    capped_statement_timeout,
+    milliseconds,
+)
 
 
 class _Waiter:
@@ -88,3 +93,32 @@ def test_a_client_may_lower_the_roles_statement_timeout_never_raise_or_disable_i
     asked: str | None, expected: str
 ) -> None:
     assert capped_statement_timeout(asked, 0.7) == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "longest"),
+    [
+        ("SELECT 1", None),
+        ("SET lock_timeout = 0", None),
+        ("SET LOCAL statement_timeout TO '5s'", 5000),
+        ("SET statement_timeout = 1.5", 2),
+        ('SET "STATEMENT_TIMEOUT" = 100', 100),
+        ('SET U&"statement\\005ftimeout" = 0', UNBOUNDED),
+        ("SET statement_timeout = -1", UNBOUNDED),
+        ("SET statement_timeout TO DEFAULT", UNBOUNDED),
+        ("RESET statement_timeout", UNBOUNDED),
+        ("RESET ALL", UNBOUNDED),
+        ("DISCARD ALL", UNBOUNDED),
+        ("SELECT set_config('statement_timeout', '0'::text, true)", UNBOUNDED),
+        ("SELECT set_config(E'statement\\137timeout', '100', true)", 100),
+        ("SELECT set_config(lower('STATEMENT_TIMEOUT'), '100', true)", 100),  # whatever it names
+        ("SELECT set_config('statement_timeout', current_setting('x.y'), true)", UNBOUNDED),
+        ("SELECT set_config('application_name', 'x', false)", None),
+        ("SET statement_timeout = '100'; SET LOCAL statement_timeout = '1min'", 60_000),
+        ("ALTER ROLE x SET statement_timeout = 0", None),
+    ],
+)
+def test_what_a_statement_does_to_statement_timeout_is_read_off_the_parse_tree(
+    sql: str, longest: int | None
+) -> None:
+    assert StatementTimeoutChanges().longest(sql.encode()) == longest

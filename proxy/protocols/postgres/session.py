@@ -52,7 +52,12 @@ from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, 
 from proxy.protocols.postgres.refusal import Refusal
 from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.sessionstate import Classification, Effect
-from proxy.protocols.postgres.timeouts import capped_statement_timeout
+from proxy.protocols.postgres.timeouts import (
+    UNBOUNDED,
+    StatementTimeoutChanges,
+    capped_statement_timeout,
+    ceiling_milliseconds,
+)
 from proxy.protocols.postgres.upstream import (
     InternalQueryFailed,
     ServerConnection,
@@ -142,6 +147,7 @@ class SessionEnvironment:
     statement_stats: StatementStats = field(default_factory=StatementStats)
     # Records of connections refused before they started (the server's pre-TLS ones too).
     preauth_records: RecordThrottle = field(default_factory=lambda: RecordThrottle(20))
+    timeout_changes: StatementTimeoutChanges = field(default_factory=StatementTimeoutChanges)
 
 
 _SHUTTING_DOWN = AdminShutdown(
@@ -233,6 +239,7 @@ class ClientSession(asyncio.Protocol):
         "_statement_checks",
         "_statements",
         "_statements_run",
+        "_timeout_ceiling",
         "_transport",
         "_violations",
         "_waiting",
@@ -306,6 +313,8 @@ class ClientSession(asyncio.Protocol):
         self._idle_transaction_timeout: float | None = None
         self._idle_transaction_since = 0.0
         self._idle_transaction_timer: asyncio.TimerHandle | None = None
+        # The role's statement_timeout in ms when its policy keeps clients from raising it; 0: none.
+        self._timeout_ceiling = 0
 
     # --- asyncio.Protocol: terminal side ---
 
@@ -966,12 +975,29 @@ class ClientSession(asyncio.Protocol):
                 self._apply_policy(decision, start, refusals)
                 if start in refusals:
                     continue
+                if self._timeout_ceiling and self._raises_statement_timeout(text, start, refusals):
+                    continue
             elif auditing and kind == m.MSG_QUERY:
                 self._audit_statement(None, None, text)
             found = classifier.classify(text)
             if found.effect is not _NO_SESSION_EFFECT:
                 self._check_session_state(found, start, refusals, forget_at)
         return refusals, forget_at
+
+    def _raises_statement_timeout(self, text: bytes, start: int, refusals: dict[int, Refusal]) -> bool:
+        """The role's statement_timeout is a ceiling: SET, set_config, RESET and DISCARD ALL may
+        not leave a longer one (or none) in force."""
+        longest = self._env.timeout_changes.longest(text)
+        if longest is None or (longest != UNBOUNDED and longest <= self._timeout_ceiling):
+            return False
+        message = (
+            f"statement_timeout may only be lowered for role {self._role} "
+            f"(at most {self._timeout_ceiling} ms, and not reset)"
+        )
+        log.warning("policy_violation", **self._log_fields(), rule="statement_timeout", reason=message)
+        self._audit("policy_violation", "failure", rule="statement_timeout", reason=message)
+        refusals[start] = Refusal(InsufficientPrivilege.sqlstate, message)
+        return True
 
     def _over_statement_rate(self, start: int, refusals: dict[int, Refusal]) -> bool:
         identity = self.identity
@@ -1213,6 +1239,10 @@ class ClientSession(asyncio.Protocol):
             auditing=self._env.audit is not None,
             limited=bool(limits.statements or limits.role_statements or limits.store_statements),
         )
+        role = self._env.config.roles.get(self.identity.role) if self.identity is not None else None
+        enforced = self._statement_checks.mode is PolicyMode.ENFORCE
+        ceiling = role.statement_timeout if role is not None and enforced else None
+        self._timeout_ceiling = ceiling_milliseconds(ceiling) if ceiling is not None else 0
 
     def describe(self) -> dict[str, object]:
         """This session for the admin API (like a row of PgBouncer's SHOW CLIENTS)."""
