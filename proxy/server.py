@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import os
 import signal
 import socket
@@ -641,6 +642,7 @@ class ProxyServer:
             )
             self._drop_pending(dropped)
             task = self._spawn(self._negotiate(sock, (address[0], address[1]), pending, proxied=proxied))
+            task.add_done_callback(functools.partial(_close_unless_handed_over, sock))
             pending.drop = task.cancel
 
     def _admit_source(self, host: str) -> bool:
@@ -827,6 +829,13 @@ def _file_stamp(path: Path | None) -> tuple[int, int, int, int] | None:
     except OSError:
         return None
     return (info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino) if info is not None else None
+
+
+def _close_unless_handed_over(sock: socket.socket, _task: asyncio.Task[None]) -> None:
+    """A negotiation task cancelled before its first step (dropped by the pre-authentication caps
+    in the same burst of accepts) never reached the code that closes its socket."""
+    if sock.fileno() != -1:
+        sock.close()
 
 
 async def _route_reachable(route: Route) -> str:
