@@ -220,9 +220,17 @@ class TCPKeepalive:
 class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 6432
+    # The pre-authentication phase, from accept: the TLS handshake (with SSLRequest and PROXY header)
+    # must end within handshake_timeout, and the startup packet must be in within startup_timeout.
     handshake_timeout: float = 10.0
     startup_timeout: float = 15.0
-    """Time a terminal gets to finish TLS and its startup packet."""
+    # Connections not through that phase yet: beyond these caps the oldest are dropped first, so a
+    # flood of half-open connections cannot use up the descriptors legitimate terminals need.
+    max_pending_handshakes: int = 1024
+    max_pending_handshakes_per_source: int = 64
+    # Pre-authentication log and audit records (refusals, failed handshakes) per event and second;
+    # the rest are counted and reported once a second as preauth_records_suppressed.
+    preauth_records_per_second: int = 20
     max_message_size: int = 16 * 2**20
     # On SIGTERM, how long transactions in flight may take to finish before sessions are cut.
     drain_timeout: float = 30.0
@@ -277,6 +285,8 @@ class RoleConfig:
     name: str
     description: str = ""
     limits: LimitSettings = field(default_factory=LimitSettings)
+    # Applied to the role's server sessions (seconds); a client may lower it, never raise it.
+    statement_timeout: float | None = None
     # No policy file: the role's statements are not filtered (logged at startup).
     policy: RolePolicy | None = None
     policy_file: Path | None = None
@@ -356,6 +366,9 @@ class PoolConfig:
     tcp_keepalive: TCPKeepalive = TCPKeepalive()
     session_state: SessionStateAction = SessionStateAction.PIN
     max_prepared_statements: int = 250
+    # A client idle inside a transaction this long is cut off (FATAL 25P03) and its server connection
+    # closed, as PgBouncer's idle_transaction_timeout; None: never.
+    idle_transaction_timeout: float | None = 60.0
 
 
 _DEFAULT_UPSTREAM_PORT: Final = 5432
@@ -464,7 +477,7 @@ def parse_config(
     roles = {
         name: _parse_role(name, section)
         for name, section in root.named(
-            "roles", "role", _matching(_ROLE_NAME), ("description", "policy", "limits")
+            "roles", "role", _matching(_ROLE_NAME), ("description", "policy", "limits", "statement_timeout")
         )
     }
     policy_section = root.child("policy", _keys(PolicySettings))
@@ -801,6 +814,13 @@ def _positive_duration(value: object) -> float:
     return seconds
 
 
+def _duration_or_off(value: object) -> float | None:
+    """A positive duration, or 0 / "off": never."""
+    if value in (0, "off"):
+        return None
+    return _positive_duration(value)
+
+
 def _one_of(choices: Mapping[str, T]) -> Callable[[object], T]:
     expected = ", ".join(choices)
 
@@ -871,6 +891,9 @@ def _identity_pattern(value: object) -> re.Pattern[str]:
 # --- Section parsers --------------------------------------------------------------------------------------
 
 
+_COUNT: Final = _in_range(_whole_number, "an integer", minimum=1)
+
+
 def _parse_listen(section: _Section) -> ListenConfig:
     default = ListenConfig()
     return ListenConfig(
@@ -885,6 +908,13 @@ def _parse_listen(section: _Section) -> ListenConfig:
             default.max_message_size,
         ),
         drain_timeout=section.read("drain_timeout", _positive_duration, default.drain_timeout),
+        max_pending_handshakes=section.read("max_pending_handshakes", _COUNT, default.max_pending_handshakes),
+        max_pending_handshakes_per_source=section.read(
+            "max_pending_handshakes_per_source", _COUNT, default.max_pending_handshakes_per_source
+        ),
+        preauth_records_per_second=section.read(
+            "preauth_records_per_second", _COUNT, default.preauth_records_per_second
+        ),
         tcp_keepalive=_parse_keepalive(section.child("tcp_keepalive", _keys(TCPKeepalive)), TCPKeepalive()),
         proxy_protocol=_parse_proxy_protocol(section.child("proxy_protocol", _keys(ProxyProtocolConfig))),
         workers=section.read("workers", parse_workers, default.workers),
@@ -973,9 +1003,10 @@ def _parse_identity(section: _Section) -> IdentityConfig:
 def _parse_role(name: str, section: _Section) -> RoleConfig:
     description = section.read("description", _string(allow_empty=True), "")
     limits = _parse_limit_settings(section.child("limits", _keys(LimitSettings)))
+    statement_timeout = section.read("statement_timeout", _positive_duration, None)
     policy_file = section.read("policy", section.ctx.path, None)
     if policy_file is None:
-        return RoleConfig(name, description, limits)
+        return RoleConfig(name, description, limits, statement_timeout=statement_timeout)
     try:
         data = load_yaml(policy_file)
     except ValueError as exc:
@@ -983,7 +1014,7 @@ def _parse_role(name: str, section: _Section) -> RoleConfig:
         return RoleConfig(name, description)
     policy_ctx = _Context(policy_file.parent, section.ctx.environ, section.ctx.problems)
     policy = _parse_policy(policy_ctx.section(data, section.key_path("policy"), _POLICY_KEYS))
-    return RoleConfig(name, description, limits, policy, policy_file)
+    return RoleConfig(name, description, limits, statement_timeout, policy, policy_file)
 
 
 def _parse_audit(section: _Section) -> AuditConfig:
@@ -1103,6 +1134,7 @@ def _parse_limit_settings(section: _Section) -> LimitSettings:
         connections_per_terminal=section.read("connections_per_terminal", count, None),
         connections_per_store=section.read("connections_per_store", count, None),
         connections_per_role=section.read("connections_per_role", count, None),
+        max_server_connections_per_terminal=section.read("max_server_connections_per_terminal", count, None),
         max_rows_per_statement=section.read("max_rows_per_statement", count, None),
         max_bytes_per_statement=section.read("max_bytes_per_statement", parse_size, None),
         max_rows_per_minute=section.read("max_rows_per_minute", count, None),
@@ -1228,6 +1260,9 @@ def _parse_pool(section: _Section, inherited: PoolConfig) -> PoolConfig:
             "max_prepared_statements",
             _in_range(_whole_number, "an integer", minimum=1),
             inherited.max_prepared_statements,
+        ),
+        idle_transaction_timeout=read(
+            "idle_transaction_timeout", _duration_or_off, inherited.idle_transaction_timeout
         ),
     )
     if pool.connect_retry_delay > pool.connect_retry_max_delay and section.data.keys() & {

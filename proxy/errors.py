@@ -80,3 +80,7 @@ class InsufficientPrivilege(ProxyError):
 
 class PolicyViolationLimit(InsufficientPrivilege):
     """The terminal kept sending refused statements: its session is ended."""
+
+
+class IdleInTransactionTimeout(ProxyError):
+    sqlstate = "25P03"

@@ -80,6 +80,9 @@ class LimitSettings:
     connections_per_terminal: int | None = None
     connections_per_store: int | None = None
     connections_per_role: int | None = None
+    # Server connections one terminal may hold at once under transaction pooling (open transactions,
+    # pinned sessions, places in the pool's line); unset: half the pool (see UpstreamPool.share_cap).
+    max_server_connections_per_terminal: int | None = None
     max_rows_per_statement: int | None = None
     max_bytes_per_statement: int | None = None
     max_rows_per_minute: int | None = None

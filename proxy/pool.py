@@ -62,6 +62,76 @@ class ServerUnreachable(Exception):
     The text is for the operator's log only."""
 
 
+class ShareWaiter(Protocol):
+    """A client session in its terminal's line for a share of a pool (see ServerShares)."""
+
+    def share_granted(self) -> None: ...
+
+
+class ServerShares:
+    """How many of one pool's server connections each owner (a terminal) holds, capped, so that one
+    terminal cannot take the pool from the rest of its store.
+
+    A share is taken before a client asks the pool for a connection and given back when the
+    connection goes back, so a place in the pool's line counts as well as a connection held. An
+    owner at its cap waits in a line of its own; a share given back goes straight to the owner's
+    first waiter. Pure bookkeeping: no clock, no I/O.
+    """
+
+    __slots__ = ("_held", "_waiting")
+
+    def __init__(self) -> None:
+        # Owners at zero are deleted, so the dicts hold only terminals with work in flight.
+        self._held: dict[str, int] = {}
+        self._waiting: dict[str, deque[ShareWaiter]] = {}
+
+    def take(self, owner: str, cap: int, waiter: ShareWaiter) -> bool:
+        """Take a share now (True), or put ``waiter`` in the owner's line (False)."""
+        held = self._held.get(owner, 0)
+        if held < cap and owner not in self._waiting:
+            self._held[owner] = held + 1
+            return True
+        self._waiting.setdefault(owner, deque()).append(waiter)
+        return False
+
+    def give_back(self, owner: str) -> None:
+        """A share comes back: to the owner's first waiter if it has one, else to the free stock."""
+        line = self._waiting.get(owner)
+        if line:
+            waiter = line.popleft()
+            if not line:
+                del self._waiting[owner]
+            waiter.share_granted()
+            return
+        held = self._held.get(owner, 0) - 1
+        if held > 0:
+            self._held[owner] = held
+        else:
+            self._held.pop(owner, None)
+
+    def withdraw(self, owner: str, waiter: ShareWaiter) -> None:
+        """``waiter`` leaves its owner's line without a share (its client is gone)."""
+        line = self._waiting.get(owner)
+        if line is None:
+            return
+        with contextlib.suppress(ValueError):
+            line.remove(waiter)
+        if not line:
+            del self._waiting[owner]
+
+    def held(self, owner: str) -> int:
+        return self._held.get(owner, 0)
+
+    def waiting(self, owner: str) -> int:
+        return len(self._waiting.get(owner, ()))
+
+
+def default_share_cap(pool_size: int) -> int:
+    """Server connections one terminal may hold when its limits do not say: half the pool (at least
+    one), so a single terminal never holds the whole pool."""
+    return max(1, pool_size // 2)
+
+
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
     size: int

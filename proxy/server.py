@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ from proxy.policy.encodings import DEFAULT_ENCODING
 from proxy.policy.engine import PolicyEngine
 from proxy.policy.learn import ReviewLog
 from proxy.pool import PoolSettings, ServerUnreachable, UpstreamPool
+from proxy.preauth import PendingStartup, PendingStartups, RecordThrottle
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.session import ClientSession, Route, SessionEnvironment, SessionRegistry
 from proxy.protocols.postgres.startup import UpstreamRefused
@@ -168,6 +170,11 @@ class ProxyServer:
         self.routes: Mapping[str, Route] = build_routes(config, self.metrics)
         self.audit = AuditLog(config.audit.settings) if config.audit is not None else None
         self._shared_limits = _shared_limit_store(config, self.metrics)
+        listen = config.listen
+        self._pending = PendingStartups(
+            listen.max_pending_handshakes, listen.max_pending_handshakes_per_source
+        )
+        self._preauth_records = RecordThrottle(listen.preauth_records_per_second)
         self._environment = SessionEnvironment(
             config=config,
             routes=self.routes,
@@ -177,6 +184,7 @@ class ProxyServer:
             policies=build_policy_engine(config),
             review=ReviewLog(config.policy.review_file) if config.policy.review_file else None,
             audit=self.audit,
+            preauth_records=self._preauth_records,
         )
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -483,10 +491,11 @@ class ProxyServer:
                 task.cancel()
         self._stopped.set()
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _watchdog_loop(self, interval: float) -> None:
         """WatchdogSec=: a stuck event loop stops these pings and systemd restarts the service."""
@@ -507,6 +516,7 @@ class ProxyServer:
     async def _recycle_loop(self) -> None:
         while True:
             await asyncio.sleep(_RECYCLE_INTERVAL)
+            self._report_suppressed_records()
             self._flush_review()
             self._follow_crl()
             for route in self.routes.values():
@@ -583,6 +593,34 @@ class ProxyServer:
                 log.error("crl_keep_failed", path=str(self.config.tls.crl), error=str(exc))
         self._note_crl()
 
+    def _report_suppressed_records(self) -> None:
+        """Once a second, how many pre-authentication records the throttle held back, by event."""
+        suppressed = self._preauth_records.take_suppressed()
+        if suppressed:
+            log.warning("preauth_records_suppressed", suppressed=suppressed)
+            self._audit("preauth_records_suppressed", "failure", suppressed=suppressed)
+
+    def _preauth_log(self, event: str, *, warning: bool = False, **fields: object) -> bool:
+        """Log an event of the pre-authentication phase, which anyone can cause, unless its kind is
+        over listen.preauth_records_per_second (then only counted); True if it was logged."""
+        if not self._preauth_records.allow(event):
+            return False
+        (log.warning if warning else log.info)(event, **fields)
+        return True
+
+    def _drop_pending(self, dropped: list[PendingStartup]) -> None:
+        """The caps on connections in the pre-authentication phase were reached: end the oldest."""
+        for pending in dropped:
+            self.metrics.client_connections_refused_total.labels("pending startups").inc()
+            self._preauth_log(
+                "pending_startup_dropped",
+                warning=True,
+                source=pending.source,
+                pending=len(self._pending),
+                reason="too many connections have not finished startup",
+            )
+            pending.drop()
+
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -601,8 +639,16 @@ class ProxyServer:
             if not proxied and not self._admit_source(address[0]):
                 sock.close()
                 continue
-            tune_socket(sock, self.config.listen.tcp_keepalive)
-            self._spawn(self._negotiate(sock, (address[0], address[1]), proxied=proxied))
+            listen = self.config.listen
+            tune_socket(sock, listen.tcp_keepalive)
+            # A balancer's connection counts towards its terminal's source once the header says which.
+            pending, dropped = self._pending.admit(
+                None if proxied else address[0], loop.time() + listen.startup_timeout
+            )
+            self._drop_pending(dropped)
+            task = self._spawn(self._negotiate(sock, (address[0], address[1]), pending, proxied=proxied))
+            task.add_done_callback(functools.partial(_close_unless_handed_over, sock))
+            pending.drop = task.cancel
 
     def _admit_source(self, host: str) -> bool:
         if self._source_limiter.allow(host) > 0:
@@ -612,36 +658,51 @@ class ProxyServer:
             return False
         return True
 
-    async def _negotiate(self, sock: socket.socket, peer: tuple[str, int], *, proxied: bool) -> None:
-        """Pre-TLS phase (55.2.10, 55.2.11): SSLRequest, GSSENCRequest, direct TLS, or a refusal."""
+    async def _negotiate(
+        self, sock: socket.socket, peer: tuple[str, int], pending: PendingStartup, *, proxied: bool
+    ) -> None:
+        """Pre-TLS phase (55.2.10, 55.2.11): SSLRequest, GSSENCRequest, direct TLS, or a refusal.
+
+        The PROXY header, the negotiation and the TLS handshake together must end within
+        listen.handshake_timeout of accept (and the startup packet follow within startup_timeout of
+        it, the session's timer): a peer trickling bytes gets no fresh budget at each step."""
         timeout = self.config.listen.handshake_timeout
+        deadline = min(asyncio.get_running_loop().time() + timeout, pending.startup_deadline)
         source: str | None = f"{peer[0]}:{peer[1]}"
+        started = False
         try:
             if proxied:
-                source = await self._proxied_source(sock, peer)
+                source = await self._proxied_source(sock, peer, pending, deadline)
             if source is None:
-                sock.close()
                 return
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 encryption = await self._negotiate_encryption(sock, source)
             if encryption is not _Encryption.NONE:
-                await self._start_tls_session(sock, source, timeout, direct=encryption is _Encryption.DIRECT)
-                return
+                started = await self._start_tls_session(
+                    sock, source, pending, deadline, direct=encryption is _Encryption.DIRECT
+                )
         except TimeoutError:
-            log.info("handshake_timeout", source=source, timeout_s=timeout)
+            self._preauth_log("handshake_timeout", source=source, timeout_s=timeout)
         except ProtocolViolation as exc:
-            log.info("handshake_protocol_error", source=source, error=str(exc))
+            self._preauth_log("handshake_protocol_error", source=source, error=str(exc))
         except OSError as exc:
-            log.info("handshake_failed", source=source, error=str(exc))
-        if sock.fileno() != -1:
-            sock.close()
+            self._preauth_log("handshake_failed", source=source, error=str(exc))
+        finally:
+            # Cancelled (dropped by the caps, or shutdown) included; a started session owns both.
+            if not started:
+                pending.finish()
+            if sock.fileno() != -1:
+                sock.close()
 
-    async def _proxied_source(self, sock: socket.socket, peer: tuple[str, int]) -> str | None:
+    async def _proxied_source(
+        self, sock: socket.socket, peer: tuple[str, int], pending: PendingStartup, deadline: float
+    ) -> str | None:
         """The terminal's address from the PROXY header a trusted balancer sends first; None: refused."""
         settings = self.config.listen.proxy_protocol
         balancer = f"{peer[0]}:{peer[1]}"
+        header_deadline = min(asyncio.get_running_loop().time() + settings.header_timeout, deadline)
         try:
-            async with asyncio.timeout(settings.header_timeout):
+            async with asyncio.timeout_at(header_deadline):
                 header = await _receive_proxy_header(sock)
         except TimeoutError:
             self._refuse_proxy_header(balancer, "timeout", f"no header within {settings.header_timeout:g}s")
@@ -652,15 +713,19 @@ class ProxyServer:
         if header is None:
             return None  # closed before a byte: a balancer's plain TCP health check
         host, port = header.source or peer
-        return f"{host}:{port}" if self._admit_source(host) else None
+        if not self._admit_source(host):
+            return None
+        self._drop_pending(self._pending.move(pending, host))
+        return f"{host}:{port}"
 
     def _refuse_proxy_header(self, peer: str, reason: str, error: str) -> None:
-        log.warning("proxy_header_refused", source=peer, reason=reason, error=error)
         self.metrics.client_connections_refused_total.labels(f"proxy header {reason}").inc()
-        self._audit("connection_refused", "failure", source=peer, reason=f"PROXY header: {error}")
+        if self._preauth_log("proxy_header_refused", warning=True, source=peer, reason=reason, error=error):
+            self._audit("connection_refused", "failure", source=peer, reason=f"PROXY header: {error}")
 
     async def _negotiate_encryption(self, sock: socket.socket, source: str) -> _Encryption:
         loop = asyncio.get_running_loop()
+        gssenc_refused = False
         while True:
             first = await _peek_byte(sock)
             if first is None:
@@ -679,13 +744,18 @@ class ProxyServer:
                 await loop.sock_sendall(sock, b"S")
                 return _Encryption.NEGOTIATED
             if isinstance(packet, m.GSSENCRequest):
+                # libpq asks once and goes on with an SSLRequest or startup; asking again is a loop.
+                if gssenc_refused:
+                    raise ProtocolViolation("GSSENCRequest repeated after it was refused")
+                gssenc_refused = True
                 await loop.sock_sendall(sock, b"N")
                 continue
             if isinstance(packet, m.CancelRequest):
                 self._registry.cancel(packet, source)
                 return _Encryption.NONE
-            log.warning(
+            self._preauth_log(
                 "session_refused",
+                warning=True,
                 source=source,
                 sqlstate=_PLAINTEXT_REFUSAL.sqlstate,
                 reason="plaintext startup",
@@ -702,16 +772,18 @@ class ProxyServer:
             return _Encryption.NONE
 
     async def _start_tls_session(
-        self, sock: socket.socket, source: str, timeout: float, *, direct: bool
-    ) -> None:
-        session = ClientSession(self._environment, source, direct_tls=direct)
+        self, sock: socket.socket, source: str, pending: PendingStartup, deadline: float, *, direct: bool
+    ) -> bool:
+        """The TLS handshake, by ``deadline`` (loop time); True once the session owns the connection
+        (and ``pending``) from then on."""
+        session = ClientSession(self._environment, source, direct_tls=direct, pending=pending)
         started = time.monotonic()
         try:
             await accept_tls(
                 sock,
                 session,
                 self._terminal_tls.context,
-                handshake_timeout=timeout,
+                handshake_timeout=max(0.0, deadline - asyncio.get_running_loop().time()),
                 shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
             )
         except ssl.SSLError as exc:
@@ -719,19 +791,20 @@ class ProxyServer:
             self.metrics.tls_handshake_failures_total.labels(
                 "certificate" if isinstance(exc, ssl.SSLCertVerificationError) else "tls"
             ).inc()
-            log.warning("tls_handshake_failed", source=source, reason=reason or str(exc))
-            self._audit("connection_refused", "failure", source=source, reason=f"TLS: {reason or exc}")
-            return
+            reason = reason or str(exc)
+            if self._preauth_log("tls_handshake_failed", warning=True, source=source, reason=reason):
+                self._audit("connection_refused", "failure", source=source, reason=f"TLS: {reason}")
+            return False
         except (OSError, TimeoutError) as exc:
             self.metrics.tls_handshake_failures_total.labels("network").inc()
-            log.info("tls_handshake_failed", source=source, reason=str(exc) or type(exc).__name__)
-            return
+            self._preauth_log("tls_handshake_failed", source=source, reason=str(exc) or type(exc).__name__)
+            return False
         except Exception as exc:
             # The session could not start on a finished handshake (say a certificate OpenSSL
             # verified that the identity code cannot read): the connection is already closed.
             log.error("session_start_failed", source=source, error=repr(exc))
             self._audit("connection_refused", "failure", source=source, reason=f"session start: {exc}")
-            return
+            return False
         self.metrics.tls_handshake_seconds.observe(time.monotonic() - started)
         if session.identity is not None and self._terminal_tls.revokes(session.identity.serial):
             # An expired CRL is kept (tls.expired_crl: keep-last): OpenSSL does not see it, we do.
@@ -741,6 +814,7 @@ class ProxyServer:
             session.terminate(
                 AuthenticationRefused("the terminal certificate has been revoked"), "certificate revoked"
             )
+        return True
 
 
 def _shared_limit_store(config: Config, metrics: Metrics) -> RedisSharedLimits | None:
@@ -760,6 +834,13 @@ def _file_stamp(path: Path | None) -> tuple[int, int, int, int] | None:
     except OSError:
         return None
     return (info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino) if info is not None else None
+
+
+def _close_unless_handed_over(sock: socket.socket, _task: asyncio.Task[None]) -> None:
+    """A negotiation task cancelled before its first step (dropped by the pre-authentication caps
+    in the same burst of accepts) never reached the code that closes its socket."""
+    if sock.fileno() != -1:
+        sock.close()
 
 
 async def _route_reachable(route: Route) -> str:

@@ -348,7 +348,8 @@ def test_unknown_nested_key_names_its_full_path(base: Path) -> None:
     assert problems(data, base) == [
         "routes.pos.pool.sise: unknown key (expected one of: mode, size, min_idle, max_client_wait, "
         "server_idle_timeout, server_lifetime, connect_timeout, connect_retry_delay, "
-        "connect_retry_max_delay, tcp_keepalive, session_state, max_prepared_statements)"
+        "connect_retry_max_delay, tcp_keepalive, session_state, max_prepared_statements, "
+        "idle_transaction_timeout)"
     ]
 
 
@@ -455,7 +456,7 @@ def test_role_names(base: Path) -> None:
     assert problems(data, base) == [
         "roles.Cashier: expected a name matching ^[a-z][a-z0-9_]{0,62}$, got 'Cashier'",
         "roles.shift-lead: expected a name matching ^[a-z][a-z0-9_]{0,62}$, got 'shift-lead'",
-        "roles.ok.descripton: unknown key (expected one of: description, policy, limits)",
+        "roles.ok.descripton: unknown key (expected one of: description, policy, limits, statement_timeout)",
     ]
     assert problems({**minimal(), "roles": {}}, base) == ["roles: at least one role is required"]
 
@@ -972,4 +973,38 @@ def test_shared_limits_without_the_redis_package_is_a_config_error(
     )
     assert problems(with_shared(), base) == [
         "limits.shared: needs the Python package redis: pip install 'pos-db-proxy[redis]'"
+    ]
+
+
+def test_starvation_settings_parse_with_secure_defaults(base: Path) -> None:
+    defaults = parse(minimal(), base)
+    assert (defaults.listen.max_pending_handshakes, defaults.listen.max_pending_handshakes_per_source) == (
+        1024,
+        64,
+    )
+    assert defaults.routes["pos"].pool.idle_transaction_timeout == 60.0
+    data = with_route(pool={"idle_transaction_timeout": 0})
+    data["listen"] = {"max_pending_handshakes": 200, "max_pending_handshakes_per_source": 8}
+    data["roles"] = {
+        "cashier": {"statement_timeout": "30s", "limits": {"max_server_connections_per_terminal": 2}}
+    }
+    config = parse(data, base)
+    assert (config.listen.max_pending_handshakes, config.listen.max_pending_handshakes_per_source) == (200, 8)
+    assert config.routes["pos"].pool.idle_transaction_timeout is None
+    assert config.roles["cashier"].statement_timeout == 30.0
+    assert config.roles["cashier"].limits.max_server_connections_per_terminal == 2
+
+
+def test_starvation_settings_are_checked(base: Path) -> None:
+    data = with_route(pool={"idle_transaction_timeout": "-1s"})
+    data["listen"] = {"max_pending_handshakes": 0}
+    data["roles"] = {
+        "cashier": {"statement_timeout": 0, "limits": {"max_server_connections_per_terminal": 0}}
+    }
+    assert problems(data, base) == [
+        "listen.max_pending_handshakes: expected an integer of at least 1, got 0",
+        "roles.cashier.limits.max_server_connections_per_terminal: expected an integer of at least 1, got 0",
+        "roles.cashier.statement_timeout: expected a duration above zero, got 0",
+        "routes.pos.pool.idle_transaction_timeout: expected a duration such as 30, 2.5, '250ms', "
+        "'5m' or '1h', got '-1s'",
     ]

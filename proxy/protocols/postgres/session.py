@@ -22,6 +22,7 @@ from proxy.errors import (
     AdminShutdown,
     AuthenticationRefused,
     FeatureNotSupported,
+    IdleInTransactionTimeout,
     InsufficientPrivilege,
     PolicyViolationLimit,
     ProtocolViolation,
@@ -38,7 +39,8 @@ from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, refusal_
 from proxy.policy.engine import Decision, PolicyEngine, StatementSummaries
 from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
-from proxy.pool import UpstreamPool
+from proxy.pool import ServerShares, UpstreamPool, default_share_cap
+from proxy.preauth import PendingStartup, RecordThrottle
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.classifiercache import SessionStateClassifier
 from proxy.protocols.postgres.parameters import (
@@ -50,6 +52,12 @@ from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, 
 from proxy.protocols.postgres.refusal import Refusal
 from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.sessionstate import Classification, Effect
+from proxy.protocols.postgres.timeouts import (
+    UNBOUNDED,
+    StatementTimeoutChanges,
+    capped_statement_timeout,
+    ceiling_milliseconds,
+)
 from proxy.protocols.postgres.upstream import (
     InternalQueryFailed,
     ServerConnection,
@@ -70,6 +78,8 @@ class Route:
     server_parameters: dict[str, str] = field(default_factory=dict)
     # Read on every hand-over: an attribute of its own, not three lookups into the configuration.
     transaction_pooling: bool = field(init=False)
+    # The server connections of this pool each terminal holds (limits.max_server_connections_per_terminal).
+    shares: ServerShares = field(default_factory=ServerShares)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transaction_pooling", self.config.pool.mode is PoolMode.TRANSACTION)
@@ -135,6 +145,9 @@ class SessionEnvironment:
     review: ReviewLog | None = None
     classifier: SessionStateClassifier = field(default_factory=SessionStateClassifier)
     statement_stats: StatementStats = field(default_factory=StatementStats)
+    # Records of connections refused before they started (the server's pre-TLS ones too).
+    preauth_records: RecordThrottle = field(default_factory=lambda: RecordThrottle(20))
+    timeout_changes: StatementTimeoutChanges = field(default_factory=StatementTimeoutChanges)
 
 
 _SHUTTING_DOWN = AdminShutdown(
@@ -197,11 +210,15 @@ class ClientSession(asyncio.Protocol):
         "_draining",
         "_encoding",
         "_env",
+        "_idle_transaction_since",
+        "_idle_transaction_timeout",
+        "_idle_transaction_timer",
         "_latency",
         "_limits",
         "_max_message",
         "_parameters",
         "_parsed_texts",
+        "_pending",
         "_pinned_by",
         "_pool_wait",
         "_portal_texts",
@@ -210,6 +227,9 @@ class ClientSession(asyncio.Protocol):
         "_result_watch",
         "_route",
         "_server",
+        "_share_held",
+        "_share_timer",
+        "_share_waiting",
         "_started",
         "_started_at",
         "_startup_timer",
@@ -220,6 +240,7 @@ class ClientSession(asyncio.Protocol):
         "_statement_checks",
         "_statements",
         "_statements_run",
+        "_timeout_ceiling",
         "_transport",
         "_violations",
         "_waiting",
@@ -230,7 +251,14 @@ class ClientSession(asyncio.Protocol):
         "source",
     )
 
-    def __init__(self, environment: SessionEnvironment, source: str, *, direct_tls: bool = False) -> None:
+    def __init__(
+        self,
+        environment: SessionEnvironment,
+        source: str,
+        *,
+        direct_tls: bool = False,
+        pending: PendingStartup | None = None,
+    ) -> None:
         self._env = environment
         self.source = source
         self._direct_tls = direct_tls
@@ -278,6 +306,18 @@ class ClientSession(asyncio.Protocol):
         self._reading_paused = False
         self._draining = False
         self._audit_who: Mapping[str, object] | None = None  # see _audit_identity
+        # This connection's entry among those not through startup yet (server.py's caps and deadline).
+        self._pending = pending
+        # A share of the pool for this terminal (Route.shares): held, or waited for until _share_timer.
+        self._share_held = False
+        self._share_waiting = False
+        self._share_timer: asyncio.TimerHandle | None = None
+        # Idle inside a transaction since (monotonic; 0.0: not idle), checked by one timer at a time.
+        self._idle_transaction_timeout: float | None = None
+        self._idle_transaction_since = 0.0
+        self._idle_transaction_timer: asyncio.TimerHandle | None = None
+        # The role's statement_timeout in ms when its policy keeps clients from raising it; 0: none.
+        self._timeout_ceiling = 0
 
     # --- asyncio.Protocol: terminal side ---
 
@@ -286,9 +326,14 @@ class ClientSession(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         self._env.registry.live.add(self)
         loop = asyncio.get_running_loop()
-        self._startup_timer = loop.call_later(
-            self._env.config.listen.startup_timeout, self._startup_timed_out
-        )
+        if self._pending is not None:
+            # The deadline runs from accept, not from here: the whole pre-authentication phase is bounded.
+            self._pending.drop = self._drop_unstarted
+            self._startup_timer = loop.call_at(self._pending.startup_deadline, self._startup_timed_out)
+        else:
+            self._startup_timer = loop.call_later(
+                self._env.config.listen.startup_timeout, self._startup_timed_out
+            )
         if self._direct_tls and not self._agreed_on_postgres_alpn():
             # As PostgreSQL 17: direct TLS without ALPN "postgresql" may be another protocol's
             # traffic replayed at us (a cross-protocol attack), so no PostgreSQL bytes are sent.
@@ -312,6 +357,7 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             if self._state is _State.READY:
+                self._idle_transaction_since = 0.0
                 self._forward(data)
                 return
             self._buffer += data
@@ -332,13 +378,18 @@ class ClientSession(asyncio.Protocol):
             reason: str | None = getattr(exc, "reason", None)
             log.warning("tls_error", **self._log_fields(), reason=reason or str(exc))
         self._state = _State.CLOSED
-        if self._startup_timer is not None:
-            self._startup_timer.cancel()
+        self._startup_over()
+        for timer in (self._startup_timer, self._share_timer, self._idle_transaction_timer):
+            if timer is not None:
+                timer.cancel()
         if self._connect_task is not None:
             self._connect_task.cancel()
         waiting, self._waiting = self._waiting, None
         if waiting is not None and self._route is not None:
             self._route.pool.withdraw(waiting)
+        if self._share_waiting and self._route is not None and self.identity is not None:
+            self._share_waiting = False
+            self._route.shares.withdraw(self.identity.terminal_key, self)
         self._env.registry.session_closed(self)
         if self._counted_connection and self.identity is not None:
             identity = self.identity
@@ -346,6 +397,7 @@ class ClientSession(asyncio.Protocol):
         if self.process_id:
             self._env.registry.unregister(self.process_id)
         self._release_server()
+        self._give_back_share()
         if self._started:
             self._env.metrics.client_connections_active.labels(self._role).dec()
             self._audit(
@@ -413,6 +465,43 @@ class ClientSession(asyncio.Protocol):
             self._cycle_started = 0.0
         if self._draining and not self.in_transaction:
             self.terminate(_SHUTTING_DOWN, "shutdown: transaction finished")
+            return
+        server = self._server
+        if (
+            self._idle_transaction_timeout is not None
+            and server is not None
+            and server.transaction_status != b"I"
+            and not server.state.pending
+            and not server.unsynced
+        ):
+            # Everything sent is answered and a transaction is open: the server waits on the client.
+            self._idle_transaction_since = time.monotonic()
+            if self._idle_transaction_timer is None:
+                self._idle_transaction_timer = asyncio.get_running_loop().call_later(
+                    self._idle_transaction_timeout, self._check_idle_transaction
+                )
+
+    def _check_idle_transaction(self) -> None:
+        """PgBouncer's idle_transaction_timeout: a client that opened a transaction and went quiet
+        holds a server connection (and its locks) from everyone else; cut it off and close that
+        connection, which rolls the transaction back."""
+        self._idle_transaction_timer = None
+        timeout, since, server = self._idle_transaction_timeout, self._idle_transaction_since, self._server
+        if timeout is None or not since or server is None or server.transaction_status == b"I":
+            return  # busy again, or the transaction ended: the next idle ReadyForQuery re-arms
+        remaining = since + timeout - time.monotonic()
+        if remaining > 0:
+            self._idle_transaction_timer = asyncio.get_running_loop().call_later(
+                remaining, self._check_idle_transaction
+            )
+            return
+        # Closed now rather than when the terminal's TLS connection is gone: the pool gets it back at once.
+        self._release_server()
+        self._give_back_share()
+        self._fail(
+            IdleInTransactionTimeout("terminating connection due to idle-in-transaction timeout"),
+            reason=f"idle in transaction for {timeout:g} s",
+        )
 
     @property
     def lets_go_between_transactions(self) -> bool:
@@ -429,6 +518,7 @@ class ClientSession(asyncio.Protocol):
         self._server = None
         server.detach()
         route.pool.give_back(server)
+        self._give_back_share()
 
     def server_lost(self, reason: str) -> None:
         server, self._server = self._server, None
@@ -471,6 +561,17 @@ class ClientSession(asyncio.Protocol):
         if self._state is _State.STARTUP:
             self._fail(ProtocolViolation("startup did not complete in time"), reason="startup timeout")
 
+    def _startup_over(self) -> None:
+        """Out of the pre-authentication phase (through it, or ended): no longer counted by its caps."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.finish()
+
+    def _drop_unstarted(self) -> None:
+        """Dropped by the pre-authentication caps to make room for a newer connection."""
+        if self._transport is not None:
+            self._transport.abort()
+
     def _read_startup(self) -> None:
         length = m.startup_packet_length(self._buffer)
         if length is None or len(self._buffer) < length:
@@ -486,6 +587,7 @@ class ClientSession(asyncio.Protocol):
             raise ProtocolViolation("encryption is already negotiated on this connection")
 
     def _begin(self, startup: m.StartupMessage) -> None:
+        self._startup_over()
         if self._startup_timer is not None:
             self._startup_timer.cancel()
             self._startup_timer = None  # a cancelled handle an idle session would keep for nothing
@@ -522,9 +624,18 @@ class ClientSession(asyncio.Protocol):
                 reason=f"startup search_path {asked!r} differs from the policy's",
             )
             return
+        role_timeout = self._env.config.roles[self._role].statement_timeout
+        if role_timeout is not None:
+            # The role's statement_timeout travels with the client's settings to every server
+            # connection it uses; one the client asked for at startup may only be lower.
+            wanted = self._parameters.wanted
+            wanted["statement_timeout"] = capped_statement_timeout(
+                wanted.get("statement_timeout"), role_timeout
+            )
         if not self._admit_connection():
             return
         self._route = route
+        self._idle_transaction_timeout = route.config.pool.idle_transaction_timeout
         metrics = self._env.metrics
         self._pool_wait = metrics.batched(metrics.pool_wait_seconds, route.config.database)
         admission = self._env.limiter.shared_admission(self.identity.store, self._role, self._limits)
@@ -735,8 +846,10 @@ class ClientSession(asyncio.Protocol):
         route = self._route
         if route is None or self._state is not _State.READY:
             raise UpstreamLost("lost the connection to the database server")
-        # Between transactions under transaction pooling: borrow a server for this one.
-        if not self._stash and self._parameters is not None:
+        # Between transactions under transaction pooling: borrow a server for this one, if this
+        # terminal is within its share of the pool.
+        has_share = self._share_held or self._take_share(route)
+        if has_share and not self._stash and self._parameters is not None:
             idle = route.pool.try_acquire()
             if idle is not None and not self._parameters.changes_for(idle):
                 self._server = idle
@@ -756,10 +869,78 @@ class ClientSession(asyncio.Protocol):
         if self._stash_size > _STASH_HIGH_WATER:
             # A client that keeps sending while it waits is held off until a server is lent.
             self.pause_client_reading()
-        if self._waiting is None and (self._connect_task is None or self._connect_task.done()):
-            self._waiting_since = time.monotonic()
-            self._waiting = _ServerRequest(self)
-            route.pool.request(self._waiting)
+        if has_share and self._waiting is None and (self._connect_task is None or self._connect_task.done()):
+            self._join_pool_line(route)
+
+    def _join_pool_line(self, route: Route) -> None:
+        self._waiting_since = time.monotonic()
+        self._waiting = _ServerRequest(self)
+        route.pool.request(self._waiting)
+
+    # --- this terminal's share of the pool ---
+
+    def _take_share(self, route: Route) -> bool:
+        """Take one of the server connections this terminal may hold, or wait in its line for one."""
+        if self._share_waiting:
+            return False
+        identity = self.identity
+        assert identity is not None
+        cap = self._limits.max_server_connections_per_terminal or default_share_cap(route.config.pool.size)
+        if route.shares.take(identity.terminal_key, cap, self):
+            self._share_held = True
+            return True
+        self._share_waiting = True
+        self._share_timer = asyncio.get_running_loop().call_later(
+            route.config.pool.max_client_wait, self._share_wait_over, cap
+        )
+        log.info(
+            "server_share_wait", **self._log_fields(), held=route.shares.held(identity.terminal_key), cap=cap
+        )
+        return False
+
+    def share_granted(self) -> None:
+        """Another session of this terminal gave its share back (in that session's call): go on."""
+        self._share_waiting = False
+        self._share_held = True
+        if self._share_timer is not None:
+            self._share_timer.cancel()
+            self._share_timer = None
+        route = self._route
+        if route is None or self._state is not _State.READY:
+            self._give_back_share()
+            return
+        if self._stash and self._server is None and self._waiting is None:
+            try:
+                self._join_pool_line(route)
+            except Exception:
+                # This runs inside the session that gave the share back: a fault here ends this one.
+                log.exception("server_share_grant_failed", **self._log_fields())
+                self._env.metrics.internal_errors_total.inc()
+                self.terminate(ProxyError("internal error in the proxy"), "internal error")
+
+    def _share_wait_over(self, cap: int) -> None:
+        self._share_timer = None
+        route, identity = self._route, self.identity
+        if not self._share_waiting or route is None or identity is None:
+            return
+        self._share_waiting = False
+        route.shares.withdraw(identity.terminal_key, self)
+        hit = LimitHit(
+            "server connections per terminal",
+            None,
+            f"terminal {identity.terminal_key} already holds {cap} server connection(s), its limit, "
+            f"and none was given back within {route.config.pool.max_client_wait:g} s",
+        )
+        self._limit_hit(hit)
+        self._fail(
+            TooManyConnections(hit.message, hint="end open transactions on the terminal's other connections"),
+            reason=hit.limit,
+        )
+
+    def _give_back_share(self) -> None:
+        if self._share_held and self._route is not None and self.identity is not None:
+            self._share_held = False
+            self._route.shares.give_back(self.identity.terminal_key)
 
     def _send(self, chunk: bytes, frames: list[m.Frame]) -> None:
         server = self._server
@@ -824,12 +1005,29 @@ class ClientSession(asyncio.Protocol):
                 self._apply_policy(decision, start, refusals)
                 if start in refusals:
                     continue
+                if self._timeout_ceiling and self._raises_statement_timeout(text, start, refusals):
+                    continue
             elif auditing and kind == m.MSG_QUERY:
                 self._audit_statement(None, None, text)
             found = classifier.classify(text)
             if found.effect is not _NO_SESSION_EFFECT:
                 self._check_session_state(found, start, refusals, forget_at)
         return refusals, forget_at
+
+    def _raises_statement_timeout(self, text: bytes, start: int, refusals: dict[int, Refusal]) -> bool:
+        """The role's statement_timeout is a ceiling: SET, set_config, RESET and DISCARD ALL may
+        not leave a longer one (or none) in force."""
+        longest = self._env.timeout_changes.longest(text)
+        if longest is None or (longest != UNBOUNDED and longest <= self._timeout_ceiling):
+            return False
+        message = (
+            f"statement_timeout may only be lowered for role {self._role} "
+            f"(at most {self._timeout_ceiling} ms, and not reset)"
+        )
+        log.warning("policy_violation", **self._log_fields(), rule="statement_timeout", reason=message)
+        self._audit("policy_violation", "failure", rule="statement_timeout", reason=message)
+        refusals[start] = Refusal(InsufficientPrivilege.sqlstate, message)
+        return True
 
     def _over_statement_rate(self, start: int, refusals: dict[int, Refusal]) -> bool:
         identity = self.identity
@@ -969,20 +1167,29 @@ class ClientSession(asyncio.Protocol):
             self._route.pool.release(server, reusable=server.is_clean)
 
     def _fail(self, error: ProxyError, *, reason: str, tell: bool = True) -> None:
+        recorded = True
         if not self._started:
-            self._audit(
-                "connection_refused", "failure", reason=reason, sqlstate=error.sqlstate, **self._tls_fields()
-            )
             self._env.metrics.client_connections_refused_total.labels(
                 _REFUSAL_REASONS.get(error.sqlstate, "other")
             ).inc()
-        log.warning(
-            "session_refused" if self._state is not _State.READY else "session_error",
-            **self._log_fields(),
-            sqlstate=error.sqlstate,
-            client_message=error.message,
-            reason=reason,
-        )
+            # Anyone who can open a TLS connection can cause these: throttled (counts reported).
+            recorded = self._env.preauth_records.allow("connection_refused")
+            if recorded:
+                self._audit(
+                    "connection_refused",
+                    "failure",
+                    reason=reason,
+                    sqlstate=error.sqlstate,
+                    **self._tls_fields(),
+                )
+        if recorded:
+            log.warning(
+                "session_refused" if self._state is not _State.READY else "session_error",
+                **self._log_fields(),
+                sqlstate=error.sqlstate,
+                client_message=error.message,
+                reason=reason,
+            )
         if tell and self._transport is not None and not self._transport.is_closing():
             self._transport.write(
                 m.build_error_response(
@@ -1067,6 +1274,10 @@ class ClientSession(asyncio.Protocol):
             auditing=self._env.audit is not None,
             limited=bool(limits.statements or limits.role_statements or limits.store_statements),
         )
+        role = self._env.config.roles.get(self.identity.role) if self.identity is not None else None
+        enforced = self._statement_checks.mode is PolicyMode.ENFORCE
+        ceiling = role.statement_timeout if role is not None and enforced else None
+        self._timeout_ceiling = ceiling_milliseconds(ceiling) if ceiling is not None else 0
 
     def describe(self) -> dict[str, object]:
         """This session for the admin API (like a row of PgBouncer's SHOW CLIENTS)."""
