@@ -29,6 +29,7 @@ import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,10 @@ ENCODINGS: Mapping[str, str] = {
 }
 DRIVERS = ("psql", "psycopg", "psycopg-extended", "asyncpg", "asyncpg-extended", "raw")
 DEFAULT_DRIVERS = ("psql", "psycopg", "psycopg-extended", "asyncpg", "asyncpg-extended")
-# Cases of the unit policy corpus go through fewer drivers: they test the policy, not the wire.
+# Cases of the unit policy corpus go through fewer drivers and encodings (one single-byte, one
+# multibyte besides UTF-8): they test the policy more than the wire.
 POLICY_CORPUS_DRIVERS = ("psycopg", "psycopg-extended")
+POLICY_CORPUS_ENCODINGS = ("UTF8", "LATIN1", "EUC_JP")
 # Monitor and learn passes: the statements really run there, as a server role with no privileges.
 MONITOR_RUNS = (
     ("monitor", "psycopg", "UTF8"),
@@ -76,6 +79,9 @@ MONITOR_RUNS = (
     ("monitor", "psycopg-extended", "UTF8"),
     ("learn", "psql", "LATIN1"),
 )
+
+# Within the route's pool of 3 server connections (tests/integration/proxyproc.py proxy_config).
+CONCURRENT_RUNS = 3
 
 SERVER_USER = "pos_proxy"
 MONITOR_SERVER_USER = "xcheck_monitor"
@@ -203,7 +209,7 @@ def _load_entries() -> list[Entry]:
                 expect="allowed" if case["expect"] == "allow" else "refused",
                 params=None,
                 drivers=POLICY_CORPUS_DRIVERS,
-                encodings=tuple(ENCODINGS),
+                encodings=POLICY_CORPUS_ENCODINGS,
                 # Session-level SETs would change how the rest of the run is read.
                 isolate=bool(re.match(r"\s*(SET|RESET|DISCARD)\b|.*set_config", case["sql"], re.I | re.S)),
                 monitor=False,
@@ -815,13 +821,17 @@ def crosscheck(
         ("enforce", driver, encoding) for encoding in (*ENCODINGS, *extra_encodings) for driver in DRIVERS
     ]
     runs = [Run(number, *pattern) for number, pattern in enumerate([*patterns, *MONITOR_RUNS])]
-    items: dict[int, list[Item]] = {}
-    sent: dict[int, dict[int, Sent]] = {}
+    items = {run.number: items_for(run, ENTRIES) for run in runs}
+    # Runs are independent sessions (both logs are cut per client and per server session), so a
+    # few at once: most of the time is round trips, not CPU.
     try:
-        for run in runs:
-            items[run.number] = items_for(run, ENTRIES)
-            if items[run.number]:
-                sent[run.number] = RUNNERS[run.driver](targets[run.mode], run, items[run.number])
+        with ThreadPoolExecutor(CONCURRENT_RUNS) as executor:
+            futures = {
+                run.number: executor.submit(RUNNERS[run.driver], targets[run.mode], run, items[run.number])
+                for run in runs
+                if items[run.number]
+            }
+            sent = {number: future.result() for number, future in futures.items()}
     finally:
         proxy.stop()
     result = Crosscheck(runs, items, sent)
