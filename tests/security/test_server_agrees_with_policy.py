@@ -41,10 +41,13 @@ import yaml
 from pglast import split
 from pglast.parser import ParseError, fingerprint
 
-from proxy.localpg import LocalPostgres, LocalPostgresTLS
+from proxy import certs
+from proxy.config import load_config
+from proxy.localpg import LocalPostgres, LocalPostgresTLS, find_pg_bindir
+from proxy.policy.engine import judge
+from proxy.policy.model import RolePolicy
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.parameters import SESSION_PARAMETERS
-from tests.conftest import PgCluster, _server_pki
 from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI, proxy_config
 from tests.integration.test_postgres_robustness import PeerClosed, RawClient, tls_client
 
@@ -184,6 +187,9 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
         texts = tuple(sql) if isinstance(sql, list) else (sql,)
         drivers = tuple(raw.get("drivers", DEFAULT_DRIVERS))
     assert set(drivers) <= set(DRIVERS), raw
+    assert not ("sql_escaped" in raw and any(d.startswith("asyncpg") for d in drivers)), (
+        f"{raw['id']}: asyncpg cannot send chosen bytes (it writes every query in UTF-8)"
+    )
     return Entry(
         id=raw["id"],
         texts=texts,
@@ -278,7 +284,7 @@ class Target:
         )
 
 
-def _chunks(run: Run, items: Sequence[Item]) -> Iterator[list[Item]]:
+def _chunks(items: Sequence[Item]) -> Iterator[list[Item]]:
     """Consecutive items that share one connection; an isolated item gets one of its own."""
     chunk: list[Item] = []
     for item in items:
@@ -301,9 +307,13 @@ def run_psql(target: Target, run: Run, items: Sequence[Item]) -> dict[int, Sent]
     sent: dict[int, Sent] = {}
     info = target.conninfo(run.encoding, run)
     conninfo = " ".join(f"{key}='{value}'" for key, value in info.items() if key != "client_encoding")
-    for chunk in _chunks(run, items):
+    for chunk in _chunks(items):
+        if any(b"\x00" in payload for item in chunk for payload in item.payloads):
+            for item in chunk:
+                sent[item.number] = Sent(connection_refused="psql cannot send NUL bytes")
+            continue
         argv: list[str | bytes] = [
-            shutil.which("psql") or "psql",
+            shutil.which("psql") or str(find_pg_bindir() / "psql"),
             "-X",
             "-q",
             "-v",
@@ -316,10 +326,6 @@ def run_psql(target: Target, run: Run, items: Sequence[Item]) -> dict[int, Sent]
             for payload in item.payloads:
                 argv += ["-c", payload]
             argv += ["-c", "ROLLBACK"]
-        if any(b"\x00" in payload for item in chunk for payload in item.payloads):
-            for item in chunk:
-                sent[item.number] = Sent(connection_refused="psql cannot send NUL bytes")
-            continue
         result = subprocess.run(
             argv,
             env={"PGCLIENTENCODING": run.encoding, "PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "10"},
@@ -345,7 +351,7 @@ def _psycopg_connect(target: Target, run: Run) -> psycopg.Connection[Any]:
 def run_psycopg(target: Target, run: Run, items: Sequence[Item]) -> dict[int, Sent]:
     extended = run.driver == "psycopg-extended"
     sent: dict[int, Sent] = {}
-    for chunk in _chunks(run, items):
+    for chunk in _chunks(items):
         try:
             connection = _psycopg_connect(target, run)
         except psycopg.OperationalError as exc:
@@ -410,7 +416,7 @@ async def _run_asyncpg(target: Target, run: Run, items: Sequence[Item]) -> dict[
             server_settings={"client_encoding": run.encoding, "application_name": f"xcheck-{run.number}"},
         )
 
-    for chunk in _chunks(run, items):
+    for chunk in _chunks(items):
         try:
             connection = await connect()
         except (OSError, asyncpg.PostgresError) as exc:
@@ -481,7 +487,7 @@ def run_raw(target: Target, run: Run, items: Sequence[Item]) -> dict[int, Sent]:
             raise PeerClosed(str(m.parse_error_fields(received[-1][1])))
         return client
 
-    for chunk in _chunks(run, items):
+    for chunk in _chunks(items):
         try:
             client: RawClient | None = connect()
         except (OSError, PeerClosed) as exc:
@@ -595,8 +601,13 @@ class Crosscheck:
     """Both logs, cut into windows per (run, item), and the problems found in them."""
 
     def __init__(
-        self, runs: Sequence[Run], items: Mapping[int, list[Item]], sent: Mapping[int, dict[int, Sent]]
+        self,
+        runs: Sequence[Run],
+        items: Mapping[int, list[Item]],
+        sent: Mapping[int, dict[int, Sent]],
+        cashier_policy: RolePolicy | None,
     ):
+        self.cashier_policy = cashier_policy
         self.runs = {run.number: run for run in runs}
         self.items = items
         self.sent = sent
@@ -708,6 +719,15 @@ class Crosscheck:
                     f"the server ran what the proxy did not allow: {statement.how}: {statement.text!r} "
                     f"(fingerprints {unallowed}); the proxy audited {window.audited}; {context}"
                 )
+            # Fingerprints ignore constants (set_config('search_path', ...) prints as any other
+            # set_config): the cashier's policy must also allow the text as the server read it.
+            if run.mode == "enforce" and self.cashier_policy is not None:
+                decision = judge(self.cashier_policy, "cashier", statement.text)
+                if not decision.allowed:
+                    yield (
+                        f"the cashier's policy refuses the server's reading ({decision.message}): "
+                        f"{statement.how}: {statement.text!r}; {context}"
+                    )
         if refusals > window.refused + window.driver_refusals:
             yield f"{refusals} refusal blocks ran but the proxy refused {window.refused} statements"
         if run.mode != "enforce":
@@ -738,17 +758,33 @@ def _known_settings(text: str) -> bool:
 # --- fixtures ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class LoggedCluster:
+    """What proxy_config needs of a cluster (port, user, ca), and the monitor role's password."""
+
+    server: LocalPostgres
+    ca: Path
+    password: str
+    monitor_password: str
+    user: str = SERVER_USER
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
 @pytest.fixture(scope="module")
 def logged_cluster(
     terminal_pki: TerminalPKI, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PgCluster]:
+) -> Iterator[LoggedCluster]:
     """A cluster of this module's own with statement logging, holding the demo schema and more."""
     directory = tmp_path_factory.mktemp("xcheck-pg")
-    ca, cert, key = _server_pki(directory / "pki")
+    ca = certs.init_ca(directory / "pki", common_name="cross-check database CA")
+    issued = certs.issue_server(directory / "pki", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
     password, monitor_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
     server = LocalPostgres(
         directory / "cluster",
-        tls=LocalPostgresTLS(cert=cert, key=key, ca=ca),
+        tls=LocalPostgresTLS(cert=issued.cert_path, key=issued.key_path, ca=ca),
         superuser_password=password,
         settings=SERVER_LOG_SETTINGS,
     )
@@ -758,15 +794,7 @@ def logged_cluster(
         server.create_role(MONITOR_SERVER_USER, monitor_password)
         server.create_database("pos", owner="postgres")
         server.execute_script(DEMO_SCHEMA.read_text(encoding="utf-8") + EXTRA_SCHEMA, dbname="pos")
-        yield PgCluster(
-            host=server.host,
-            port=server.port,
-            ca=ca,
-            password=password,
-            md5_password=monitor_password,
-            superuser_password=password,
-            server=server,
-        )
+        yield LoggedCluster(server, ca, password, monitor_password)
     finally:
         server.stop()
 
@@ -781,13 +809,13 @@ def _policy(mode: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def crosscheck(
-    logged_cluster: PgCluster, terminal_pki: TerminalPKI, tmp_path_factory: pytest.TempPathFactory
+    logged_cluster: LoggedCluster, terminal_pki: TerminalPKI, tmp_path_factory: pytest.TempPathFactory
 ) -> Crosscheck:
     directory = tmp_path_factory.mktemp("xcheck-proxy")
     password_file = directory / "db-password"
     password_file.write_text(logged_cluster.password, encoding="utf-8")
     monitor_password_file = directory / "monitor-password"
-    monitor_password_file.write_text(logged_cluster.md5_password, encoding="utf-8")
+    monitor_password_file.write_text(logged_cluster.monitor_password, encoding="utf-8")
     audit_key = directory / "audit.key"
     audit_key.touch(mode=0o600)
     audit_key.write_bytes(secrets.token_bytes(32))
@@ -834,14 +862,16 @@ def crosscheck(
             sent = {number: future.result() for number, future in futures.items()}
     finally:
         proxy.stop()
-    result = Crosscheck(runs, items, sent)
+    cashier_policy = load_config(proxy.config_path).roles["cashier"].policy
+    assert cashier_policy is not None
+    result = Crosscheck(runs, items, sent, cashier_policy)
     result.read_audit(json.loads(line) for line in (directory / "audit.log").read_text().splitlines())
     result.read_server(server_statements(_server_log(logged_cluster), {SERVER_USER, MONITOR_SERVER_USER}))
     result.check()
     return result
 
 
-def _server_log(cluster: PgCluster) -> Path:
+def _server_log(cluster: LoggedCluster) -> Path:
     """The JSON log, once the collector has written everything up to a sentinel logged now."""
     sentinel = f"xcheck sentinel {secrets.token_hex(8)}"
     cluster.server.psql(f"SELECT '{sentinel}';")
@@ -898,7 +928,7 @@ def test_the_check_reports_what_the_proxy_did_not_allow() -> None:
     entry = _entry({"id": "probe", "sql": "SELECT 1", "expect": "allowed"})
     run = Run(0, "enforce", "psql", "UTF8")
     item = Item(0, entry, (b"SELECT 1",))
-    check = Crosscheck([run], {0: [item]}, {0: {0: Sent()}})
+    check = Crosscheck([run], {0: [item]}, {0: {0: Sent()}}, None)
     check.read_audit(
         [
             {
