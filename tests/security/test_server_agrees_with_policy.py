@@ -155,6 +155,7 @@ class Entry:
     isolate: bool
     monitor: bool
     xfail_reason: str | None
+    startup: Mapping[str, str] = field(default_factory=dict)  # extra startup parameters (raw driver)
 
     def payloads(self, codec: str) -> tuple[bytes, ...] | None:
         """The entry's statements in this codec, or None where one cannot be written in it."""
@@ -166,7 +167,7 @@ class Entry:
 
 _ENTRY_KEYS = frozenset(
     {"id", "sql", "sql_escaped", "expect", "params", "drivers", "encodings", "isolate", "monitor", "note"}
-    | {"xfail_reason"}
+    | {"xfail_reason", "startup"}
 )
 
 
@@ -190,6 +191,9 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
     assert not ("sql_escaped" in raw and any(d.startswith("asyncpg") for d in drivers)), (
         f"{raw['id']}: asyncpg cannot send chosen bytes (it writes every query in UTF-8)"
     )
+    assert "startup" not in raw or set(drivers) == {"raw"}, (
+        f"{raw['id']}: startup parameters need the raw driver"
+    )
     return Entry(
         id=raw["id"],
         texts=texts,
@@ -197,9 +201,10 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
         params=tuple(raw["params"]) if "params" in raw else None,
         drivers=drivers,
         encodings=tuple(raw.get("encodings", ENCODINGS)),
-        isolate=bool(raw.get("isolate", False)),
+        isolate=bool(raw.get("isolate", "startup" in raw)),
         monitor=bool(raw.get("monitor", True)),
         xfail_reason=raw.get("xfail_reason"),
+        startup={str(name): str(value) for name, value in raw.get("startup", {}).items()},
     )
 
 
@@ -472,13 +477,14 @@ def _raw_query(client: RawClient, payload: bytes) -> tuple[list[str], bytes]:
 def run_raw(target: Target, run: Run, items: Sequence[Item]) -> dict[int, Sent]:
     sent: dict[int, Sent] = {}
 
-    def connect() -> RawClient:
+    def connect(extra: Mapping[str, str]) -> RawClient:
         client = tls_client(target.proxy, target.pki, target.terminal)
         startup = {
             "user": target.terminal.terminal,
             "database": target.database,
             "client_encoding": run.encoding,
             "application_name": f"xcheck-{run.number}",
+            **extra,
         }
         client.send(m.build_startup_message(startup))
         received = client.read_until_ready()
@@ -489,7 +495,7 @@ def run_raw(target: Target, run: Run, items: Sequence[Item]) -> dict[int, Sent]:
 
     for chunk in _chunks(items):
         try:
-            client: RawClient | None = connect()
+            client: RawClient | None = connect(chunk[0].entry.startup)
         except (OSError, PeerClosed) as exc:
             for item in chunk:
                 sent[item.number] = Sent(connection_refused=str(exc))
@@ -498,7 +504,7 @@ def run_raw(target: Target, run: Run, items: Sequence[Item]) -> dict[int, Sent]:
             for item in chunk:
                 outcome = sent[item.number] = Sent()
                 if client is None:
-                    client = connect()
+                    client = connect(item.entry.startup)
                 try:
                     _raw_query(client, _marker(run, item).encode())
                     status = b"I"
