@@ -47,7 +47,6 @@ from proxy.localpg import LocalPostgres, LocalPostgresTLS, find_pg_bindir
 from proxy.policy.engine import judge
 from proxy.policy.model import RolePolicy
 from proxy.protocols.postgres import messages as m
-from proxy.protocols.postgres.parameters import SESSION_PARAMETERS
 from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI, proxy_config
 from tests.integration.test_postgres_robustness import PeerClosed, RawClient, tls_client
 
@@ -82,6 +81,14 @@ MONITOR_RUNS = (
     ("monitor", "psycopg-extended", "UTF8"),
     ("learn", "psql", "LATIN1"),
 )
+# Under transaction pooling a client's statements land on whichever server connection is free,
+# after the proxy synced its settings there: the cashier again, on a route of its own.
+TRANSACTION_RUNS = (
+    ("enforce", "psycopg-extended", "UTF8", "transaction"),
+    ("enforce", "asyncpg-extended", "LATIN1", "transaction"),
+    ("enforce", "psql", "EUC_JP", "transaction"),
+    ("enforce", "raw", "KOI8R", "transaction"),
+)
 
 # Within the route's pool of 3 server connections (tests/integration/proxyproc.py proxy_config).
 CONCURRENT_RUNS = 3
@@ -89,6 +96,8 @@ CONCURRENT_RUNS = 3
 SERVER_USER = "pos_proxy"
 MONITOR_SERVER_USER = "xcheck_monitor"
 MONITOR_DATABASE = "pos_monitor"
+TRANSACTION_SERVER_USER = "xcheck_transaction"
+TRANSACTION_DATABASE = "pos_transaction"
 # The tables the policy names besides the demo schema's (see the corpus header).
 LONG_ALLOWED = "long_allowed_" + "x" * 50
 LONG_SECRET = "long_secret_" + "x" * 51
@@ -102,8 +111,8 @@ CREATE TABLE "catégories" (id int);
 CREATE TABLE "catÃ©gories" (secret text);
 CREATE TABLE "{MULTIBYTE_TABLE}" (id int);
 INSERT INTO "catÃ©gories" VALUES ('the secret twin');
-GRANT ALL ON ALL TABLES IN SCHEMA public TO {SERVER_USER};
-GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {SERVER_USER};
+GRANT ALL ON ALL TABLES IN SCHEMA public TO {SERVER_USER}, {TRANSACTION_SERVER_USER};
+GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {SERVER_USER}, {TRANSACTION_SERVER_USER};
 ALTER ROLE {MONITOR_SERVER_USER} SET statement_timeout = '2s';
 """
 # log_statement = all, one JSON object per record in <datadir>/log/server.json.
@@ -123,6 +132,8 @@ SERVER_LOG_SETTINGS = {
 DRIVER_STATEMENTS: Mapping[str, frozenset[str]] = {"psycopg-extended": frozenset({"DEALLOCATE ALL"})}
 
 MARKER = "SELECT 1 AS xcheck_{run}_{item}"
+APPLICATION_NAME = "xcheck-{run}"
+_APPLICATION_NAME = re.compile(r"xcheck-\d+")
 _MARKER_TEXT = re.compile(r"SELECT (?:1|\$1) AS xcheck_(\d+)_(\d+)")
 # What quote_literal (proxy/protocols/postgres/parameters.py) produces: E'...' with \\ and ''.
 _E_LITERAL = r"E'((?:[^'\\]|''|\\\\)*)'"
@@ -246,10 +257,12 @@ class Run:
     mode: str  # enforce | monitor | learn
     driver: str
     encoding: str
+    pooling: str = "session"  # or "transaction"
 
     @property
     def label(self) -> str:
-        return f"{self.mode}/{self.driver}/{self.encoding}"
+        pooling = "" if self.pooling == "session" else f"/{self.pooling} pooling"
+        return f"{self.mode}/{self.driver}/{self.encoding}{pooling}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +298,7 @@ class Target:
             self.pki.ca,
             dbname=self.database,
             client_encoding=encoding,
-            application_name=f"xcheck-{run.number}",
+            application_name=APPLICATION_NAME.format(run=run.number),
         )
 
 
@@ -418,7 +431,10 @@ async def _run_asyncpg(target: Target, run: Run, items: Sequence[Item]) -> dict[
             database=target.database,
             ssl=context,
             timeout=10,
-            server_settings={"client_encoding": run.encoding, "application_name": f"xcheck-{run.number}"},
+            server_settings={
+                "client_encoding": run.encoding,
+                "application_name": APPLICATION_NAME.format(run=run.number),
+            },
         )
 
     for chunk in _chunks(items):
@@ -483,7 +499,7 @@ def run_raw(target: Target, run: Run, items: Sequence[Item]) -> dict[int, Sent]:
             "user": target.terminal.terminal,
             "database": target.database,
             "client_encoding": run.encoding,
-            "application_name": f"xcheck-{run.number}",
+            "application_name": APPLICATION_NAME.format(run=run.number),
             **extra,
         }
         client.send(m.build_startup_message(startup))
@@ -542,6 +558,8 @@ def items_for(run: Run, entries: Iterable[Entry]) -> list[Item]:
             continue
         if run.mode != "enforce" and not entry.monitor:
             continue
+        if run.pooling == "transaction" and entry.isolate:
+            continue  # session-level changes: pinned under transaction pooling, covered by session runs
         payloads = entry.payloads(codec)
         if payloads is None:
             continue
@@ -575,14 +593,23 @@ class Window:
     audited: list[str] = field(default_factory=list)  # normalized texts, for the report
 
 
-def server_statements(log_file: Path, users: Collection[str]) -> Iterator[ServerStatement]:
-    """Executed statements of the proxy's server connections, in log order."""
+def server_statements(log_file: Path) -> Iterator[ServerStatement]:
+    """Executed statements of the proxy's server connections, in log order, each with the key of the
+    client stream it belongs to: the server session under session pooling; under transaction pooling
+    the application_name the proxy synced for its client (each run names itself), since one client's
+    transactions move between server sessions (a sequential client's statements are logged in order)."""
     for line in log_file.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
-        if record.get("user") not in users or record.get("error_severity") != "LOG":
+        user = record.get("user")
+        if user not in (SERVER_USER, MONITOR_SERVER_USER, TRANSACTION_SERVER_USER):
+            continue
+        if record.get("error_severity") != "LOG":
             continue
         message = record.get("message", "")
-        session = str(record.get("session_id"))
+        if user == TRANSACTION_SERVER_USER:
+            session = f"application {record.get('application_name')}"
+        else:
+            session = f"session {record.get('session_id')}"
         if message.startswith("statement: "):
             yield ServerStatement(session, message.removeprefix("statement: "), "statement")
         elif executed := _EXECUTE_MESSAGE.fullmatch(message):
@@ -612,8 +639,12 @@ class Crosscheck:
         items: Mapping[int, list[Item]],
         sent: Mapping[int, dict[int, Sent]],
         cashier_policy: RolePolicy | None,
+        client_encodings: Collection[str],
     ):
         self.cashier_policy = cashier_policy
+        # Every spelling of the runs' client encodings the proxy may sync: as the clients named
+        # them and as the server reports them.
+        self.client_encodings = client_encodings
         self.runs = {run.number: run for run in runs}
         self.items = items
         self.sent = sent
@@ -664,12 +695,24 @@ class Crosscheck:
                 continue
             where = current.get(statement.session)
             if where is None:
-                if _PARAMETER_SYNC.fullmatch(statement.text) is None or not _known_settings(statement.text):
-                    self.unattributed.append(
-                        f"session {statement.session}: {statement.how}: {statement.text!r}"
-                    )
+                if not self._is_proxy_sync(statement.text):
+                    self.unattributed.append(f"{statement.session}: {statement.how}: {statement.text!r}")
                 continue
             self.windows[where].server.append(statement)
+
+    def _is_proxy_sync(self, text: str) -> bool:
+        """The proxy's parameter sync (proxy/protocols/postgres/parameters.py), setting only what
+        this test's clients asked for at startup: their application_name and client encoding."""
+        if _PARAMETER_SYNC.fullmatch(text) is None:
+            return False
+        for quoted_name, quoted_value in _SET_CONFIG_CALL.findall(text):
+            name, value = _unquote(quoted_name), _unquote(quoted_value)
+            if name == "application_name":
+                if _APPLICATION_NAME.fullmatch(value) is None:
+                    return False
+            elif name != "client_encoding" or value not in self.client_encodings:
+                return False
+        return True
 
     def check(self) -> None:
         for run_number, items in self.items.items():
@@ -690,20 +733,19 @@ class Crosscheck:
             yield f"the server never logged this item's marker; {context}"
             return
         statements = window.server
-        # The proxy's own statements close a lease: DISCARD ALL, then parameter syncs for the next.
-        tail = len(statements)
-        while (
-            tail > 0
-            and _PARAMETER_SYNC.fullmatch(statements[tail - 1].text)
-            and _known_settings(statements[tail - 1].text)
-        ):
-            tail -= 1
-        if tail > 0 and statements[tail - 1].text == "DISCARD ALL":
-            tail -= 1
-        elif tail != len(statements):
-            tail = len(statements)  # a sync not after a reset is not the proxy's: check it as the client's
+        if run.pooling == "transaction":
+            # Before any transaction, on whichever server connection it lands (logged under that
+            # connection's previous application_name: possibly in another run's window).
+            statements = [statement for statement in statements if not self._is_proxy_sync(statement.text)]
+        else:
+            # The proxy's own statements close a lease: DISCARD ALL, then the syncs for the next.
+            tail = len(statements)
+            while tail > 0 and self._is_proxy_sync(statements[tail - 1].text):
+                tail -= 1
+            if tail > 0 and statements[tail - 1].text == "DISCARD ALL":
+                statements = statements[: tail - 1]
         refusals = 0
-        for statement in statements[:tail]:
+        for statement in statements:
             block = _REFUSAL_BLOCK.fullmatch(statement.text)
             if block is not None:
                 refusals += 1
@@ -755,12 +797,6 @@ def _raises_a_reason(message: str, reasons: Collection[str], encoding: str) -> b
     return any(message in (reason, reason.encode().decode(codec, "replace")) for reason in reasons)
 
 
-def _known_settings(text: str) -> bool:
-    return all(
-        _unquote(name).lower() in SESSION_PARAMETERS for name, _value in _SET_CONFIG_CALL.findall(text)
-    )
-
-
 # --- fixtures ---------------------------------------------------------------------------------------
 
 
@@ -798,6 +834,7 @@ def logged_cluster(
     try:
         server.create_role(SERVER_USER, password)
         server.create_role(MONITOR_SERVER_USER, monitor_password)
+        server.create_role(TRANSACTION_SERVER_USER, password)
         server.create_database("pos", owner="postgres")
         server.execute_script(DEMO_SCHEMA.read_text(encoding="utf-8") + EXTRA_SCHEMA, dbname="pos")
         yield LoggedCluster(server, ca, password, monitor_password)
@@ -836,6 +873,12 @@ def crosscheck(
         "user": MONITOR_SERVER_USER,
         "password": {"file": str(monitor_password_file)},
     }
+    config["routes"][TRANSACTION_DATABASE] = {
+        **config["routes"]["pos"],
+        "dbname": "pos",
+        "user": TRANSACTION_SERVER_USER,
+        "pool": {**config["routes"]["pos"]["pool"], "mode": "transaction"},
+    }
     config["roles"] = {role: {"policy": str(path)} for role, path in policies.items()}
     config["policy"] = {"review_file": str(directory / "review.json")}
     config["audit"] = {
@@ -846,22 +889,27 @@ def crosscheck(
     proxy = ProxyProcess(directory / "proxy", config).start()
 
     targets = {
-        "enforce": Target(proxy, terminal_pki, terminal_pki.cashier, "pos"),
-        "monitor": Target(proxy, terminal_pki, terminal_pki.manager, MONITOR_DATABASE),
-        "learn": Target(proxy, terminal_pki, terminal_pki.unmapped_role, MONITOR_DATABASE),
+        ("enforce", "session"): Target(proxy, terminal_pki, terminal_pki.cashier, "pos"),
+        ("enforce", "transaction"): Target(proxy, terminal_pki, terminal_pki.cashier, TRANSACTION_DATABASE),
+        ("monitor", "session"): Target(proxy, terminal_pki, terminal_pki.manager, MONITOR_DATABASE),
+        ("learn", "session"): Target(proxy, terminal_pki, terminal_pki.unmapped_role, MONITOR_DATABASE),
     }
     extra_encodings = sorted({encoding for entry in ENTRIES for encoding in entry.encodings} - set(ENCODINGS))
     patterns = [
         ("enforce", driver, encoding) for encoding in (*ENCODINGS, *extra_encodings) for driver in DRIVERS
     ]
-    runs = [Run(number, *pattern) for number, pattern in enumerate([*patterns, *MONITOR_RUNS])]
+    runs = [
+        Run(number, *pattern) for number, pattern in enumerate([*patterns, *MONITOR_RUNS, *TRANSACTION_RUNS])
+    ]
     items = {run.number: items_for(run, ENTRIES) for run in runs}
     # Runs are independent sessions (both logs are cut per client and per server session), so a
     # few at once: most of the time is round trips, not CPU.
     try:
         with ThreadPoolExecutor(CONCURRENT_RUNS) as executor:
             futures = {
-                run.number: executor.submit(RUNNERS[run.driver], targets[run.mode], run, items[run.number])
+                run.number: executor.submit(
+                    RUNNERS[run.driver], targets[run.mode, run.pooling], run, items[run.number]
+                )
                 for run in runs
                 if items[run.number]
             }
@@ -870,11 +918,18 @@ def crosscheck(
         proxy.stop()
     cashier_policy = load_config(proxy.config_path).roles["cashier"].policy
     assert cashier_policy is not None
-    result = Crosscheck(runs, items, sent, cashier_policy)
+    result = Crosscheck(runs, items, sent, cashier_policy, _encoding_spellings(logged_cluster, runs))
     result.read_audit(json.loads(line) for line in (directory / "audit.log").read_text().splitlines())
-    result.read_server(server_statements(_server_log(logged_cluster), {SERVER_USER, MONITOR_SERVER_USER}))
+    result.read_server(server_statements(_server_log(logged_cluster)))
     result.check()
     return result
+
+
+def _encoding_spellings(cluster: LoggedCluster, runs: Iterable[Run]) -> set[str]:
+    """The runs' client encodings as named, and as the server reports each (its canonical name)."""
+    names = sorted({run.encoding for run in runs})
+    query = " UNION ALL ".join(f"SELECT pg_encoding_to_char(pg_char_to_encoding('{name}'))" for name in names)
+    return set(names) | set(cluster.server.psql(query + ";").split())
 
 
 def _server_log(cluster: LoggedCluster) -> Path:
@@ -934,7 +989,7 @@ def test_the_check_reports_what_the_proxy_did_not_allow() -> None:
     entry = _entry({"id": "probe", "sql": "SELECT 1", "expect": "allowed"})
     run = Run(0, "enforce", "psql", "UTF8")
     item = Item(0, entry, (b"SELECT 1",))
-    check = Crosscheck([run], {0: [item]}, {0: {0: Sent()}}, None)
+    check = Crosscheck([run], {0: [item]}, {0: {0: Sent()}}, None, ["UTF8"])
     check.read_audit(
         [
             {
