@@ -4,17 +4,22 @@ A PostgreSQL 15 cluster of this module's own logs every statement it executes (`
 all``, JSON log). The corpus (crosscheck_corpus.yaml plus the cashier cases of
 tests/unit/policy_corpus.yaml) goes through the real proxy with psql, psycopg (simple and
 extended, prepared statements re-used), asyncpg (simple and extended) and a raw protocol client,
-in every client encoding the proxy accepts, as a cashier whose policy is in enforce mode; a
-monitor-mode and a learn-mode pass send the corpus again so that also statements the policy
-refuses reach the server and the two readings can be compared.
+in every client encoding the proxy accepts (and, for encoding attacks, in client-only encodings
+it should refuse), as a cashier whose policy is in enforce mode, under session and transaction
+pooling; a monitor-mode and a learn-mode pass send the corpus again, so that statements the policy
+refuses reach the server too and the two readings can be compared.
 
-Every statement the server logged on the proxy's server connections is read the way PostgreSQL
-reads it (the server's log is in the server encoding, after conversion from the client's) and
-fingerprinted with libpg_query; it must be among the fingerprints the proxy recorded as allowed
-(audit log ``statement`` records) for the same corpus entry. The proxy's own statements (parameter
-sync, ``DISCARD ALL``, the ``DO`` blocks that raise a refusal on the server) are recognised by
-their exact text and position, never by loose matching. Each client sends a marker statement
-(``SELECT 1 AS xcheck_<run>_<entry>``) before each entry, so both logs can be cut into entries.
+Every statement the server logged as executed on the proxy's server connections is read as
+PostgreSQL read it (the log is in the server encoding, after conversion from the client's) and
+fingerprinted with libpg_query; each fingerprint must be among those the proxy audited as allowed
+(audit log ``statement`` records) for the same corpus entry, and in enforce mode the cashier's
+policy must allow the text as the server read it (fingerprints ignore constants). The proxy's own
+statements are recognised by their exact text and place, never by loose matching: parameter syncs
+(only the settings and values this test's clients asked for), ``DISCARD ALL`` closing a lease,
+and the ``DO`` blocks that raise a refusal on the server, which must raise nothing but one of the
+entry's refusal reasons and never count as allowed. Re-prepared statements are Parse messages,
+which the server does not log as executed; the proxy runs no health checks. Each client sends a
+marker (``SELECT 1 AS xcheck_<run>_<item>``) before each entry, so both logs can be cut per entry.
 """
 
 from __future__ import annotations
@@ -431,6 +436,7 @@ async def _run_asyncpg(target: Target, run: Run, items: Sequence[Item]) -> dict[
             database=target.database,
             ssl=context,
             timeout=10,
+            command_timeout=30,
             server_settings={
                 "client_encoding": run.encoding,
                 "application_name": APPLICATION_NAME.format(run=run.number),
