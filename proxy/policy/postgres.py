@@ -246,11 +246,11 @@ class _Collector(visitors.Visitor):
 
     def visit_UpdateStmt(self, ancestors: object, node: ast.UpdateStmt) -> None:
         self._target(node.relation, "UPDATE")
-        self.unbounded_write |= node.whereClause is None
+        self.unbounded_write |= not _restricts_rows(node.whereClause, node.relation)
 
     def visit_DeleteStmt(self, ancestors: object, node: ast.DeleteStmt) -> None:
         self._target(node.relation, "DELETE")
-        self.unbounded_write |= node.whereClause is None
+        self.unbounded_write |= not _restricts_rows(node.whereClause, node.relation)
 
     def visit_MergeStmt(self, ancestors: object, node: ast.MergeStmt) -> None:
         self._target(node.relation, "MERGE")
@@ -317,6 +317,86 @@ def _names_a_visible_cte(name: str, ancestors: visitors.Ancestor) -> bool:
         if name in names:
             return True
     return False
+
+
+def _restricts_rows(where: ast.Node | None, target: ast.RangeVar | None) -> bool:
+    """Whether an UPDATE's or DELETE's WHERE clause can leave some rows of its table alone.
+
+    The clause is read as AND/OR/NOT of conditions, with NOT pushed inward: an AND restricts
+    when one of its parts does, an OR only when all of its branches do. A condition restricts
+    when it refers to a column of the target table and does not compare an expression with
+    itself (``id = id``). A condition without such a column (``true``, ``1=1``, ``'a'='a'``,
+    ``$1``, ``now() > '2000-01-01'``) is the same for every row: it selects all of them or
+    none. ``WHERE CURRENT OF cursor`` selects one row. This catches the constant-true clauses
+    that stand in for "every row"; a tautology that needs the column's meaning to see
+    (``id >= 0``) still counts as a restriction.
+    """
+    if where is None or target is None:
+        return False
+    names = {target.alias.aliasname if target.alias is not None else target.relname}
+    return _condition_restricts(where, frozenset(name for name in names if name), negated=False)
+
+
+def _condition_restricts(node: ast.Node, target_names: frozenset[str], *, negated: bool) -> bool:
+    if isinstance(node, ast.BoolExpr):
+        parts = node.args or ()
+        if node.boolop is enums.BoolExprType.NOT_EXPR:
+            return _condition_restricts(parts[0], target_names, negated=not negated)
+        # De Morgan: NOT (a AND b) is NOT a OR NOT b, and NOT (a OR b) is NOT a AND NOT b.
+        conjunction = (node.boolop is enums.BoolExprType.AND_EXPR) != negated
+        restricting = [_condition_restricts(part, target_names, negated=negated) for part in parts]
+        return any(restricting) if conjunction else all(restricting)
+    if isinstance(node, ast.CurrentOfExpr):
+        return True  # the grammar allows CURRENT OF only as the whole clause
+    finder = _TargetColumnFinder(target_names)
+    finder(node)
+    return finder.found and not _compares_with_itself(node)
+
+
+class _TargetColumnFinder(visitors.Visitor):
+    """Finds a reference to a column of the target table: an unqualified column outside any
+    subquery, or a column qualified with the target's name (or alias) anywhere, subqueries
+    included (a correlated subquery restricts the outer rows)."""
+
+    def __init__(self, target_names: frozenset[str]) -> None:
+        super().__init__()
+        self._target_names = target_names
+        self.found = False
+
+    def visit_ColumnRef(self, ancestors: visitors.Ancestor, node: ast.ColumnRef) -> None:
+        fields = node.fields or ()
+        qualifier = fields[-2] if len(fields) >= 2 else None
+        if isinstance(qualifier, ast.String):
+            self.found |= qualifier.sval in self._target_names
+        elif qualifier is None:
+            self.found |= not _inside_subquery(ancestors)
+
+
+def _inside_subquery(ancestors: visitors.Ancestor) -> bool:
+    step: visitors.Ancestor | None = ancestors
+    while step is not None and step.node is not None:
+        if isinstance(step.node, ast.SubLink) and step.member == "subselect":
+            return True
+        step = step.parent
+    return False
+
+
+_ALWAYS_TRUE_FOR_EQUAL_SIDES = frozenset({"=", "<=", ">="})
+
+
+def _compares_with_itself(node: ast.Node) -> bool:
+    """``x = x``, ``x >= x``, ``x IS NOT DISTINCT FROM x``: true for every row (where x is not null)."""
+    if not isinstance(node, ast.A_Expr) or node.lexpr is None or node.lexpr != node.rexpr:
+        return False
+    if node.kind is enums.A_Expr_Kind.AEXPR_NOT_DISTINCT:
+        return True
+    operator = (node.name or ())[-1:]
+    return (
+        node.kind is enums.A_Expr_Kind.AEXPR_OP
+        and len(operator) == 1
+        and isinstance(operator[0], ast.String)
+        and operator[0].sval in _ALWAYS_TRUE_FOR_EQUAL_SIDES
+    )
 
 
 def _nested_kind(query: ast.Node | None) -> str:
