@@ -97,7 +97,7 @@ def test_writes_to_every_row_are_refused_and_nothing_changes(
                     with pytest.raises(psycopg.errors.InsufficientPrivilege) as raised:
                         connection.execute(statement, prepare=prepare)
                     assert raised.value.diag.message_primary == (
-                        "UPDATE or DELETE without WHERE is not allowed for role manager"
+                        "UPDATE or DELETE without a WHERE that restricts rows is not allowed for role manager"
                     ), statement
         # The session stays usable, and a write that restricts rows runs.
         assert connection.execute(f"DELETE FROM {TABLE} t WHERE 1=1 AND t.id = 5").rowcount == 1
@@ -117,7 +117,9 @@ async def test_a_boolean_parameter_does_not_bound_a_write(
         timeout=10,
     )
     try:
-        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="without WHERE is not allowed"):
+        with pytest.raises(
+            asyncpg.InsufficientPrivilegeError, match="without a WHERE that restricts rows is not allowed"
+        ):
             await connection.execute(f"DELETE FROM {TABLE} WHERE $1", True)
         assert await connection.execute(f"DELETE FROM {TABLE} WHERE id = $1", 2) == "DELETE 1"
     finally:
