@@ -20,6 +20,7 @@ import psycopg
 import pytest
 import yaml
 
+from proxy.policy.model import BUILTIN_FUNCTIONS
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 
 SETUP = """
@@ -218,3 +219,14 @@ async def test_drivers_housekeeping_and_a_sale_still_work(
             await connection.fetchval("SELECT pg_sleep($1)", 0.1)
     finally:
         await connection.close()
+
+
+def test_every_built_in_of_the_safe_set_is_in_pg_catalog(pg_cluster: Any) -> None:
+    # A name missing from pg_catalog would resolve through the search_path, to whatever function
+    # of that name someone created there: the safe set must name only real built-ins.
+    with _superuser(pg_cluster) as admin:
+        rows = admin.execute(
+            "SELECT DISTINCT proname FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace"
+        ).fetchall()
+    catalog = {row[0] for row in rows}
+    assert sorted(BUILTIN_FUNCTIONS - catalog) == []
