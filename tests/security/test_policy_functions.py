@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from proxy.policy.model import BUILTIN_FUNCTIONS
+from proxy.policy.postgres import analyze
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 
 SETUP = """
@@ -230,3 +231,58 @@ def test_every_built_in_of_the_safe_set_is_in_pg_catalog(pg_cluster: Any) -> Non
         ).fetchall()
     catalog = {row[0] for row in rows}
     assert sorted(BUILTIN_FUNCTIONS - catalog) == []
+
+
+SEQUENCE_SPELLINGS = [
+    "fn_sales_id_seq",
+    "FN_SALES_ID_SEQ",
+    " public . fn_sales_id_seq\t",
+    'public."fn_sales_id_seq"',
+    '"Fn_Sales"',
+    "fn_sales",
+    '"fn_odd.name"',
+    '"fn_odd""quote"',
+    "fn_odd.name",
+    "pg_catalog.pg_class",
+    "fn_sales_id_seq;fn_payroll_seq",
+    "fn_sales_id_seq fn_payroll_seq",
+    "pos.public.fn_sales_id_seq",
+    "16400",
+    "",
+    '""',
+    '"fn_sales_id_seq',
+    "fn_sales_id_seq.",
+]
+
+
+def test_the_proxy_reads_a_sequence_name_as_the_server_does(pg_cluster: Any, schema: None) -> None:
+    # Wherever the proxy reads a name at all (it refuses what it does not read), it must be the
+    # relation the server's regclass input finds for the same text.
+    with _superuser(pg_cluster) as admin:
+        admin.execute('CREATE SEQUENCE public."Fn_Sales"; CREATE SEQUENCE public."fn_odd.name"')
+        admin.execute('CREATE SEQUENCE public."fn_odd""quote"')
+        agreed = 0
+        try:
+            for spelling in SEQUENCE_SPELLINGS:
+                try:
+                    row = admin.execute(
+                        "SELECT n.nspname || '.' || c.relname FROM pg_class c"
+                        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s::regclass",
+                        [spelling],
+                    ).fetchone()
+                    server = None if row is None else row[0]
+                except psycopg.Error:
+                    server = None
+                (facts,) = analyze(f"SELECT nextval({_literal(spelling)})", ("public",))
+                ours = next(iter(facts.sequences), None)
+                assert (ours is None) == bool(facts.unnamed_sequence_calls), spelling
+                if server is not None:  # (a name the server does not find fails there)
+                    assert ours in (None, server), spelling
+                    agreed += ours == server
+        finally:
+            admin.execute('DROP SEQUENCE public."Fn_Sales", public."fn_odd.name", public."fn_odd""quote"')
+    assert agreed == 9  # every spelling the server finds, but the three-part one
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
