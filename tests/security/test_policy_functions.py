@@ -26,6 +26,7 @@ from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 
 SETUP = """
 DROP SCHEMA IF EXISTS fn_evil CASCADE;
+DROP FUNCTION IF EXISTS public.upper(text);
 DROP TABLE IF EXISTS public.fn_sales;
 DROP SEQUENCE IF EXISTS public.fn_payroll_seq;
 CREATE TABLE public.fn_sales (id bigserial PRIMARY KEY, total_cents int NOT NULL);
@@ -39,10 +40,14 @@ CREATE FUNCTION fn_evil.lower(text) RETURNS text LANGUAGE sql
     AS $$ DELETE FROM public.fn_sales RETURNING 'deleted' $$;
 CREATE PROCEDURE fn_evil.wipe() LANGUAGE sql AS $$ DELETE FROM public.fn_sales $$;
 ALTER FUNCTION fn_evil.lower(text) OWNER TO pos_proxy;
+-- A built-in's exact signature in public: pg_catalog comes first, so upper('x') is the built-in.
+CREATE FUNCTION public.upper(text) RETURNS text LANGUAGE sql
+    AS $$ DELETE FROM public.fn_sales RETURNING 'deleted' $$;
 ALTER PROCEDURE fn_evil.wipe() OWNER TO pos_proxy;
 """
 TEARDOWN = """
 DROP SCHEMA fn_evil CASCADE;
+DROP FUNCTION public.upper(text);
 DROP TABLE public.fn_sales;
 DROP SEQUENCE public.fn_payroll_seq;
 """
@@ -73,6 +78,7 @@ ATTACKS = [
     ("SELECT total_cents FROM fn_sales WHERE fn_evil.lower('x') IS NOT NULL", "fn_evil.lower"),
     ("SELECT pos.fn_evil.lower('A')", "fn_evil.lower"),
     ("CALL fn_evil.wipe()", "fn_evil.wipe"),
+    ("SELECT public.upper('a')", "public.upper"),
 ]
 
 
@@ -135,11 +141,13 @@ def test_functions_outside_the_safe_set_are_refused_and_nothing_runs(
                 assert raised.value.diag.message_primary == (
                     f"function {function} is not allowed for role cashier"
                 ), statement
-        # The session goes on, with the built-ins a till uses.
+        # The session goes on, with the built-ins a till uses; an unqualified upper() is the
+        # built-in, not public.upper (the server searches pg_catalog first).
         row = connection.execute(
-            "SELECT lower('A'), pg_catalog.upper('b'), coalesce(NULL, 2), round(2.5), now() IS NOT NULL"
+            "SELECT lower('A'), upper('b'), pg_catalog.upper('c'), coalesce(NULL, 2), round(2.5),"
+            " now() IS NOT NULL"
         ).fetchone()
-        assert row == ("a", "B", 2, 3, True)
+        assert row == ("a", "B", "C", 2, 3, True)
     assert _sequence_state(pg_cluster) == before
     policy_proxy.wait_for_event("policy_violation", rule="function", role="cashier")
 
