@@ -150,9 +150,10 @@ BUILTIN_FUNCTIONS = frozenset(
         # the session's own identity and state, for driver and pool housekeeping
         *("version", "current_database", "current_schema", "current_schemas", "pg_backend_pid"),
         *("pg_is_in_recovery", "pg_typeof"),
-        # sequences: nextval/currval only on a sequence in `allow.sequences` (checked apart);
-        # lastval returns the session's own latest nextval and writes nothing
-        *("nextval", "currval", "lastval"),
+        # sequences: nextval/currval only on a sequence in `allow.sequences` (checked apart).
+        # Not lastval: it names no sequence, and on a pooled server connection its value can
+        # come from another terminal's nextval on any sequence.
+        *("nextval", "currval"),
         # refused on security-relevant settings (a deny-list entry, above)
         "set_config",
     }
