@@ -6,11 +6,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pglast.parser import fingerprint
 
 from proxy.config import ConfigError, parse_config
 from proxy.policy.engine import INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, Decision, PolicyEngine
 from proxy.policy.model import STATEMENT_KINDS, PolicyMode, RolePolicy
+from proxy.policy.postgres import analyze
 
 CASHIER_ALLOW = """\
 allow:
@@ -237,6 +240,17 @@ def test_set_config_on_a_sensitive_setting_is_still_a_deny_list_entry(tmp_path: 
     sql = b"SELECT set_config('row_security', 'off', false)"
     assert policies.decide("cashier", sql).rule == "denylist"
     assert policies.decide("tuner", sql).allowed
+
+
+@given(st.text(alphabet=st.sampled_from("ab_Z9$.\" \t'\\é;"), max_size=24))
+def test_any_sequence_name_text_is_read_or_refused(name: str) -> None:
+    literal = "'" + name.replace("'", "''") + "'"
+    (facts,) = analyze(f"SELECT nextval({literal})", ("public",))
+    # Exactly one outcome: a qualified sequence the policy must list, or a refusal.
+    assert len(facts.sequences) + len(facts.unnamed_sequence_calls) == 1
+    for sequence in facts.sequences:
+        schema, _, relation = sequence.partition(".")
+        assert schema and relation
 
 
 def test_a_function_in_denylist_exceptions_points_to_allow_functions(tmp_path: Path) -> None:
