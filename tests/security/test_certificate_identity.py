@@ -7,7 +7,10 @@ hoping the proxy picks the more powerful one by field order.
 
 from __future__ import annotations
 
+import json
+import secrets
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -131,3 +134,24 @@ def test_a_certificate_with_ambiguous_identity_fields_is_refused(
     # A terminal with an honest certificate is not affected.
     with _connect(proxy, terminal_pki, terminal_pki.cashier) as connection:
         assert connection.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_the_audit_log_records_why_an_ambiguous_certificate_was_refused(
+    start_proxy: Callable[..., ProxyProcess], terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    key = tmp_path / "audit.key"
+    key.touch(mode=0o600)
+    key.write_bytes(secrets.token_bytes(32))
+    audit = tmp_path / "audit.log"
+    proxy = start_proxy(audit={"file": str(audit), "key_file": str(key)})
+    terminal = mint(terminal_pki, tmp_path, "till-audited", ["manager", "cashier"], ["till-audited"])
+    with pytest.raises(psycopg.OperationalError, match="the terminal certificate is not accepted"):
+        _connect(proxy, terminal_pki, terminal).close()
+    assert proxy.stop() == 0
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    (refused,) = [record for record in records if record["event"] == "connection_refused"]
+    assert refused["outcome"] == "failure" and refused["sqlstate"] == "28000"
+    assert refused["reason"] == (
+        "certificate is ambiguous: subject.OU has several matching values: 'manager', 'cashier'"
+    )
+    assert not [record for record in records if record["event"] == "connection_accepted"]
