@@ -11,7 +11,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -320,7 +320,28 @@ def _policy_check(args: argparse.Namespace) -> int:
         print(f"allowed by rule: {decision.rule}")
         return EXIT_OK
     print(f"refused ({decision.sqlstate}, rule: {decision.rule}): {decision.message}")
+    hint = _POLICY_RULE_HINTS.get(decision.rule)
+    if hint is not None:
+        print(f"hint: {hint}")
     return EXIT_FAILURE
+
+
+# What an operator can do about a refusal whose remedy is not obvious from the message.
+_POLICY_RULE_HINTS: Final = {
+    "function": (
+        "functions outside the built-in safe set (README, Functions) run only when the role's policy "
+        "lists them in allow.functions, as name (pg_catalog or the search_path) or schema.name; list "
+        "only functions that read nothing the role may not read and do nothing it may not do"
+    ),
+    "sequence": (
+        "nextval/currval/setval need the sequence in allow.sequences (those of tables in allow.write), "
+        "named by a string constant such as 'sales_id_seq' or 'public.sales_id_seq'::regclass"
+    ),
+    "unbounded write": (
+        "the WHERE clause must restrict rows by a column of the table (README, Structural rules); "
+        "allow.update_without_where: true lifts the rule"
+    ),
+}
 
 
 def _admin_disconnect(args: argparse.Namespace) -> int:

@@ -208,6 +208,7 @@ async def _policy_tour(host: str, port: int, ca: Path, cashier: DemoTerminal, ma
         for statement in (
             "DROP TABLE sales",
             "SELECT pg_sleep(1)",
+            "SELECT setval('sales_id_seq', 1)",
             "SELECT sku, price_cents FROM products; DELETE FROM sales",
         ):
             try:

@@ -49,10 +49,19 @@ def identify(certificate_der: bytes, mapping: IdentityConfig, roles: Collection[
     certificate = x509.load_der_x509_certificate(certificate_der)
     found: dict[str, str] = {}
     for source in mapping.sources:
-        for value in _field_values(certificate, source.field):
-            match = source.pattern.fullmatch(value)
-            if match is None:
-                continue
+        matches = [
+            match
+            for value in _field_values(certificate, source.field)
+            if (match := source.pattern.fullmatch(value)) is not None
+        ]
+        if len(matches) > 1:
+            # Two values fit (two role OUs, two terminal URIs): picking one by its position in
+            # the certificate would let whoever ordered the fields choose the identity.
+            values = ", ".join(repr(match.string) for match in matches)
+            raise IdentityError(
+                f"certificate is ambiguous: {source.field} has several matching values: {values}"
+            )
+        for match in matches:
             for name, captured in match.groupdict().items():
                 if captured is None:
                     continue
@@ -60,7 +69,6 @@ def identify(certificate_der: bytes, mapping: IdentityConfig, roles: Collection[
                     raise IdentityError(
                         f"certificate fields disagree on {name}: {found[name]!r} vs {captured!r}"
                     )
-            break
     missing = [name for name in ("store", "terminal", "role") if name not in found]
     if missing:
         raise IdentityError(f"certificate carries no {', '.join(missing)} under the identity mapping")

@@ -24,7 +24,7 @@ class Decision:
     """What enforce mode does with a statement text, and why."""
 
     allowed: bool
-    rule: str  # the rule class that decided: housekeeping, fingerprint, structural, denylist, ...
+    rule: str  # the rule class that decided: housekeeping, fingerprint, structural, denylist, function, ...
     message: str = ""  # for the client when refused: names the role and the rule class only
     sqlstate: str = INSUFFICIENT_PRIVILEGE
     # (fingerprint, normalized text) of each statement, for learn mode and the audit log.
@@ -156,6 +156,17 @@ def _refusal(policy: RolePolicy, role: str, facts: StatementFacts) -> tuple[str,
         if name in DENIED_STATEMENTS:
             return "denylist", f"statement kind {facts.label} is not allowed for role {role}"
         return "denylist", f"function {name} is not allowed for role {role}"
+    # Functions and sequences come before fingerprints: a fingerprint ignores literals, so it
+    # cannot tell nextval('sales_id_seq') from nextval('payroll_id_seq').
+    for function in sorted(facts.functions):
+        if not policy.allows_function(function):
+            return "function", f"function {function} is not allowed for role {role}"
+    if facts.unnamed_sequence_calls:
+        name = min(facts.unnamed_sequence_calls)
+        return "sequence", f"{name} of a sequence named at run time is not allowed for role {role}"
+    for sequence in sorted(facts.sequences):
+        if sequence not in policy.sequences:
+            return "sequence", f"using sequence {sequence} is not allowed for role {role}"
     if (policy.housekeeping and facts.housekeeping) or facts.fingerprint in policy.fingerprints:
         return None
     for kind in sorted({facts.kind} | facts.kinds_inside):
@@ -174,7 +185,10 @@ def _refusal(policy: RolePolicy, role: str, facts: StatementFacts) -> tuple[str,
         if table not in readable:
             return "table read", f"reading table {table} is not allowed for role {role}"
     if facts.unbounded_write and not policy.update_without_where:
-        return "unbounded write", f"UPDATE or DELETE without WHERE is not allowed for role {role}"
+        return (
+            "unbounded write",
+            f"UPDATE or DELETE without a WHERE that restricts rows is not allowed for role {role}",
+        )
     return None
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pglast import ast, enums, parse_sql, visitors
 from pglast.parser import ParseError, fingerprint, normalize
 
-from proxy.policy.model import DENIED_FUNCTION_PREFIXES, DENIED_FUNCTIONS
+from proxy.policy.model import FunctionName
 
 __all__ = ["ParseError", "StatementFacts", "analyze"]
 
@@ -108,7 +108,10 @@ class StatementFacts:
     writes: frozenset[str]
     locks: frozenset[str]
     kinds_inside: frozenset[str]  # kinds of statements nested in it (CTE writes, EXPLAIN, PREPARE)
-    unbounded_write: bool  # UPDATE or DELETE without WHERE
+    functions: frozenset[FunctionName]  # every function it calls, as spelled (schema "" if unqualified)
+    sequences: frozenset[str]  # sequences it advances or reads (nextval/currval/setval), qualified
+    unnamed_sequence_calls: frozenset[str]  # sequence functions given no constant sequence name
+    unbounded_write: bool  # UPDATE or DELETE without a WHERE that restricts rows
     housekeeping: bool
     resets_settings: bool  # RESET ALL or DISCARD ALL: client_encoding too returns to its reset value
     fingerprint: str
@@ -150,6 +153,9 @@ def _facts(statement: ast.Node, text: str, search_path: tuple[str, ...]) -> Stat
         writes=frozenset(collector.written),
         locks=locked,
         kinds_inside=nested,
+        functions=frozenset(collector.functions),
+        sequences=frozenset(collector.sequences),
+        unnamed_sequence_calls=frozenset(collector.unnamed_sequence_calls),
         unbounded_write=collector.unbounded_write,
         housekeeping=_is_housekeeping(statement) and not (reads or collector.written or locked or nested),
         resets_settings=_resets_settings(statement),
@@ -219,6 +225,9 @@ class _Collector(visitors.Visitor):
         self.locked: set[str] = set()
         self.nested_kinds: set[str] = set()
         self.denied_functions: set[str] = set()
+        self.functions: set[FunctionName] = set()
+        self.sequences: set[str] = set()
+        self.unnamed_sequence_calls: set[str] = set()
         self.select_into = False
         self.locks_all_from = False
         self.unbounded_write = False
@@ -248,11 +257,11 @@ class _Collector(visitors.Visitor):
 
     def visit_UpdateStmt(self, ancestors: object, node: ast.UpdateStmt) -> None:
         self._target(node.relation, "UPDATE")
-        self.unbounded_write |= node.whereClause is None
+        self.unbounded_write |= not _restricts_rows(node.whereClause, node.relation)
 
     def visit_DeleteStmt(self, ancestors: object, node: ast.DeleteStmt) -> None:
         self._target(node.relation, "DELETE")
-        self.unbounded_write |= node.whereClause is None
+        self.unbounded_write |= not _restricts_rows(node.whereClause, node.relation)
 
     def visit_MergeStmt(self, ancestors: object, node: ast.MergeStmt) -> None:
         self._target(node.relation, "MERGE")
@@ -280,10 +289,21 @@ class _Collector(visitors.Visitor):
                 self.locks_all_from = True
 
     def visit_FuncCall(self, ancestors: object, node: ast.FuncCall) -> None:
-        name = (node.funcname or ())[-1].sval or ""
-        if name in DENIED_FUNCTIONS or name.startswith(DENIED_FUNCTION_PREFIXES):
-            self.denied_functions.add(name)
-        elif name == "set_config" and not _harmless_set_config(node.args or ()):
+        # Every call, wherever it is (FROM, CALL, defaults, subqueries): the policy allows or
+        # refuses each one. Operators, casts and expressions such as COALESCE are not calls.
+        parts = [part.sval or "" for part in node.funcname or () if isinstance(part, ast.String)]
+        # A three-part name's first part is the database, which must be the current one.
+        function = FunctionName(parts[-2] if len(parts) > 1 else "", parts[-1] if parts else "")
+        self.functions.add(function)
+        name = function.name
+        if function.schema in ("", "pg_catalog") and name in _SEQUENCE_FUNCTIONS:
+            sequence = _constant_relation_name(node.args[0]) if node.args else None
+            if sequence is None:
+                self.unnamed_sequence_calls.add(name)
+            else:
+                schema, relation = sequence
+                self.sequences.add(f"{schema or self._schema}.{relation}")
+        if name == "set_config" and not _harmless_set_config(node.args or ()):
             self.denied_functions.add("set_config")
 
     def visit_PrepareStmt(self, ancestors: object, node: ast.PrepareStmt) -> None:
@@ -321,8 +341,158 @@ def _names_a_visible_cte(name: str, ancestors: visitors.Ancestor) -> bool:
     return False
 
 
+def _restricts_rows(where: ast.Node | None, target: ast.RangeVar | None) -> bool:
+    """Whether an UPDATE's or DELETE's WHERE clause can leave some rows of its table alone.
+
+    The clause is read as AND/OR/NOT of conditions, with NOT pushed inward: an AND restricts
+    when one of its parts does, an OR only when all of its branches do. A condition restricts
+    when it refers to a column of the target table and does not compare an expression with
+    itself (``id = id``). A condition without such a column (``true``, ``1=1``, ``'a'='a'``,
+    ``$1``, ``now() > '2000-01-01'``) is the same for every row: it selects all of them or
+    none. ``WHERE CURRENT OF cursor`` selects one row. This catches the constant-true clauses
+    that stand in for "every row"; a tautology that needs the column's meaning to see
+    (``id >= 0``) still counts as a restriction.
+    """
+    if where is None or target is None:
+        return False
+    names = {target.alias.aliasname if target.alias is not None else target.relname}
+    return _condition_restricts(where, frozenset(name for name in names if name), negated=False)
+
+
+def _condition_restricts(node: ast.Node, target_names: frozenset[str], *, negated: bool) -> bool:
+    if isinstance(node, ast.BoolExpr):
+        parts = node.args or ()
+        if node.boolop is enums.BoolExprType.NOT_EXPR:
+            return _condition_restricts(parts[0], target_names, negated=not negated)
+        # De Morgan: NOT (a AND b) is NOT a OR NOT b, and NOT (a OR b) is NOT a AND NOT b.
+        conjunction = (node.boolop is enums.BoolExprType.AND_EXPR) != negated
+        restricting = [_condition_restricts(part, target_names, negated=negated) for part in parts]
+        return any(restricting) if conjunction else all(restricting)
+    if isinstance(node, ast.CurrentOfExpr):
+        return True  # the grammar allows CURRENT OF only as the whole clause
+    finder = _TargetColumnFinder(target_names)
+    finder(node)
+    return finder.found and not _compares_with_itself(node)
+
+
+class _TargetColumnFinder(visitors.Visitor):
+    """Finds a reference to a column of the target table: an unqualified column outside any
+    subquery, or a column qualified with the target's name (or alias) anywhere, subqueries
+    included (a correlated subquery restricts the outer rows)."""
+
+    def __init__(self, target_names: frozenset[str]) -> None:
+        super().__init__()
+        self._target_names = target_names
+        self.found = False
+
+    def visit_ColumnRef(self, ancestors: visitors.Ancestor, node: ast.ColumnRef) -> None:
+        fields = node.fields or ()
+        qualifier = fields[-2] if len(fields) >= 2 else None
+        if isinstance(qualifier, ast.String):
+            self.found |= qualifier.sval in self._target_names
+        elif qualifier is None:
+            self.found |= not _inside_subquery(ancestors)
+
+
+def _inside_subquery(ancestors: visitors.Ancestor) -> bool:
+    step: visitors.Ancestor | None = ancestors
+    while step is not None and step.node is not None:
+        if isinstance(step.node, ast.SubLink) and step.member == "subselect":
+            return True
+        step = step.parent
+    return False
+
+
+_ALWAYS_TRUE_FOR_EQUAL_SIDES = frozenset({"=", "<=", ">="})
+
+
+def _compares_with_itself(node: ast.Node) -> bool:
+    """``x = x``, ``x >= x``, ``x IS NOT DISTINCT FROM x``: true for every row (where x is not null)."""
+    if not isinstance(node, ast.A_Expr) or node.lexpr is None or node.lexpr != node.rexpr:
+        return False
+    if node.kind is enums.A_Expr_Kind.AEXPR_NOT_DISTINCT:
+        return True
+    operator = (node.name or ())[-1:]
+    return (
+        node.kind is enums.A_Expr_Kind.AEXPR_OP
+        and len(operator) == 1
+        and isinstance(operator[0], ast.String)
+        and operator[0].sval in _ALWAYS_TRUE_FOR_EQUAL_SIDES
+    )
+
+
 def _nested_kind(query: ast.Node | None) -> str:
     return _classify(query)[0] if query is not None else "SELECT"
+
+
+# The built-in functions that take a sequence (as regclass) and use or change its value.
+_SEQUENCE_FUNCTIONS = frozenset({"nextval", "currval", "setval"})
+# Casts a sequence name may pass through on its way to regclass without changing the text.
+_NAME_CASTS = frozenset({"regclass", "text", "varchar", "name"})
+_UNQUOTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+_NAME_SPACES = " \t\n\r\f"  # PostgreSQL's scanner_isspace
+_NAME_MAX_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL would truncate a longer name
+
+
+def _constant_relation_name(argument: ast.Node) -> tuple[str, str] | None:
+    """(schema or "", name) of a relation given as a string constant (``'sales_id_seq'``,
+    ``'public.sales_id_seq'::regclass``), read as PostgreSQL's regclass input reads it; None for
+    anything computed, a numeric OID or a spelling this reader does not follow."""
+    value: ast.Node | None = argument
+    while isinstance(value, ast.TypeCast):
+        target = value.typeName
+        names = [part.sval for part in target.names or () if isinstance(part, ast.String)] if target else []
+        if (
+            target is None
+            or target.typmods  # varchar(5) would cut the name short
+            or target.arrayBounds
+            or not names
+            or names[-1] not in _NAME_CASTS
+            or names[:-1] not in ([], ["pg_catalog"])
+        ):
+            return None
+        value = value.arg
+    if not (isinstance(value, ast.A_Const) and isinstance(value.val, ast.String)):
+        return None
+    parts = _split_relation_name(value.val.sval or "")
+    if parts is None or len(parts) > 2:
+        return None
+    return (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
+
+
+def _split_relation_name(text: str) -> list[str] | None:
+    """The dotted parts of a relation name as PostgreSQL's SplitIdentifierString reads them:
+    unquoted parts fold to lower case, "quoted" parts keep theirs ("" is a quote)."""
+    parts = []
+    rest = text.lstrip(_NAME_SPACES)
+    while True:
+        if rest.startswith('"'):
+            name, closed, rest = "", False, rest[1:]
+            while rest and not closed:
+                quote = rest.find('"')
+                if quote < 0:
+                    return None
+                name += rest[:quote]
+                if rest[quote + 1 : quote + 2] == '"':
+                    name, rest = name + '"', rest[quote + 2 :]
+                else:
+                    closed, rest = True, rest[quote + 1 :]
+            if not closed:
+                return None
+        else:
+            unquoted = _UNQUOTED_NAME.match(rest)
+            if unquoted is None:
+                return None  # a number would be an OID; anything else is not read here
+            name, rest = unquoted.group().lower(), rest[unquoted.end() :]
+        if not name or len(name.encode()) > _NAME_MAX_BYTES:
+            return None
+        parts.append(name)
+        rest = rest.lstrip(_NAME_SPACES)
+        if not rest:
+            return parts
+        if not rest.startswith("."):
+            return None
+        rest = rest[1:].lstrip(_NAME_SPACES)
 
 
 def _harmless_set_config(arguments: tuple[ast.Node, ...]) -> bool:

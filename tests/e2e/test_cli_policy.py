@@ -103,6 +103,18 @@ def test_check_refused_statement(cli: Cli, tmp_path: Path, role: str, sql: str, 
     assert result.stdout.splitlines()[-1] == verdict, result.describe()
 
 
+def test_check_explains_a_refused_function(cli: Cli, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = cli(
+        "policy", "check", "--config", config, "--role", "cashier", "SELECT setval('sales_id_seq', 1)"
+    )
+    assert result.returncode == 1, result.describe()
+    verdict, hint = result.stdout.splitlines()[-2:]
+    assert verdict == "refused (42501, rule: function): function setval is not allowed for role cashier"
+    assert hint.startswith("hint: functions outside the built-in safe set")
+    assert "allow.functions" in hint
+
+
 def test_check_manager_may_delete_what_a_cashier_may_not(cli: Cli, tmp_path: Path) -> None:
     config = write_config(tmp_path)
     sql = "DELETE FROM sales WHERE id = 1"  # refused for the cashier above

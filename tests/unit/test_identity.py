@@ -154,7 +154,7 @@ def test_role_that_does_not_fit_the_pattern_is_missing() -> None:
         identify(der, IdentityConfig(), ROLES)
 
 
-def test_the_first_matching_value_of_a_field_is_used() -> None:
+def test_values_that_do_not_fit_the_pattern_are_ignored() -> None:
     der = foreign_cert(
         [(NameOID.ORGANIZATIONAL_UNIT_NAME, "Retail Ops"), (NameOID.ORGANIZATIONAL_UNIT_NAME, "cashier")],
         sans=[
@@ -167,6 +167,102 @@ def test_the_first_matching_value_of_a_field_is_used() -> None:
 
     assert (found.store, found.terminal, found.role) == ("s1", "t1", "cashier")
     assert found.serial == 0x1234ABCD
+
+
+TERMINAL_URI = x509.UniformResourceIdentifier("urn:pos-db-proxy:terminal:s1:t1")
+
+
+@pytest.mark.parametrize(
+    ("subject", "sans", "field"),
+    [
+        pytest.param(
+            [(NameOID.ORGANIZATIONAL_UNIT_NAME, "cashier"), (NameOID.ORGANIZATIONAL_UNIT_NAME, "manager")],
+            [TERMINAL_URI],
+            "subject.OU",
+            id="two-role-ous",
+        ),
+        pytest.param(
+            [(NameOID.ORGANIZATIONAL_UNIT_NAME, "manager"), (NameOID.ORGANIZATIONAL_UNIT_NAME, "cashier")],
+            [TERMINAL_URI],
+            "subject.OU",
+            id="two-role-ous-other-order",
+        ),
+        pytest.param(
+            [(NameOID.ORGANIZATIONAL_UNIT_NAME, "cashier"), (NameOID.ORGANIZATIONAL_UNIT_NAME, "cashier")],
+            [TERMINAL_URI],
+            "subject.OU",
+            id="the-same-role-twice",
+        ),
+        pytest.param(
+            [(NameOID.ORGANIZATIONAL_UNIT_NAME, "cashier")],
+            [TERMINAL_URI, x509.UniformResourceIdentifier("urn:pos-db-proxy:terminal:s2:office")],
+            "san_uri",
+            id="two-terminal-uris",
+        ),
+        pytest.param(
+            [(NameOID.ORGANIZATIONAL_UNIT_NAME, "cashier")],
+            [TERMINAL_URI, x509.DNSName("till.example"), TERMINAL_URI],
+            "san_uri",
+            id="the-same-uri-twice",
+        ),
+    ],
+)
+def test_a_field_with_several_matching_values_is_refused(
+    subject: list[tuple[x509.ObjectIdentifier, str]], sans: list[x509.GeneralName], field: str
+) -> None:
+    der = foreign_cert([(NameOID.COMMON_NAME, "s1-t1"), *subject], sans=sans)
+
+    with pytest.raises(IdentityError, match=rf"certificate is ambiguous: {re.escape(field)} has several"):
+        identify(der, IdentityConfig(), ROLES)
+
+
+def test_a_multi_valued_rdn_with_two_roles_is_refused() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.RelativeDistinguishedName(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "cashier"),
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "manager"),
+                ]
+            )
+        ]
+    )
+    now = datetime.now(UTC)
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([TERMINAL_URI]), critical=False)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+
+    with pytest.raises(IdentityError, match=r"ambiguous: subject\.OU has several matching values"):
+        identify(der, IdentityConfig(), ROLES)
+
+
+@pytest.mark.parametrize(
+    "common_names",
+    [pytest.param(["s1-t1", "s1-t2"], id="two-terminals"), pytest.param(["s1-t1", "s2-t1"], id="two-stores")],
+)
+def test_custom_mapping_with_two_matching_common_names_is_refused(
+    tmp_path: Path, common_names: list[str]
+) -> None:
+    mapping = config_identity(tmp_path, {"sources": CN_MAPPING})
+    der = foreign_cert(
+        [
+            *((NameOID.COMMON_NAME, name) for name in common_names),
+            (NameOID.ORGANIZATIONAL_UNIT_NAME, "cashier"),
+        ]
+    )
+
+    with pytest.raises(IdentityError, match=r"ambiguous: subject\.CN has several matching values: 's1-t1', "):
+        identify(der, mapping, ROLES)
 
 
 # --- custom mappings ---------------------------------------------------------------------------------------

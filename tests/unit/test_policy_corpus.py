@@ -30,6 +30,8 @@ ROLES = ("cashier", "manager")
 REFUSING_RULES = frozenset(
     {
         "denylist",
+        "function",
+        "sequence",
         "statement kind",
         "table read",
         "table write",
@@ -142,6 +144,8 @@ def test_corpus_policies_are_the_shipped_files(policies: Mapping[str, RolePolicy
     assert cashier.write_tables == {"public.sales", "public.sale_items", "public.stock"}
     assert "DELETE" in manager.kinds and "COPY TO STDOUT" in manager.kinds
     assert "public.products" in manager.write_tables
+    assert cashier.sequences == manager.sequences == {"public.sales_id_seq"}
+    assert not cashier.functions and not manager.functions
     for policy in (cashier, manager):
         assert not policy.stacked_queries and not policy.update_without_where
         assert policy.housekeeping and not policy.denylist_exceptions and not policy.fingerprints
@@ -162,7 +166,7 @@ def test_corpus(policies: Mapping[str, RolePolicy], case: Case) -> None:
 
 # --- refusal messages: the role and the rule, nothing from the proxy's insides ----------------------------
 
-_NAMED = re.compile(r"\b(?:table|function) (\S+) is not allowed")
+_NAMED = re.compile(r"\b(?:table|function|sequence) (\S+) is not allowed")
 
 
 def _as_postgres_reads_it(sql: str) -> str:
@@ -193,7 +197,9 @@ def test_refusal_message_names_role_and_only_names_from_the_statement(
     policy = policies[case.role]
     seen = _as_postgres_reads_it(case.sql)
     facts = analyze(case.sql, policy.search_path)
-    parsed_names = set().union(*(f.reads | f.writes | f.locks | f.denied for f in facts))
+    parsed_names = set().union(
+        *(f.reads | f.writes | f.locks | f.denied | f.sequences | set(map(str, f.functions)) for f in facts)
+    )
     for name in _NAMED.findall(message):
         assert name in parsed_names, f"{name} is not something the statement uses"
         schema, _, relation = name.rpartition(".")

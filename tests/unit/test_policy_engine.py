@@ -6,11 +6,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pglast.parser import fingerprint
 
 from proxy.config import ConfigError, parse_config
 from proxy.policy.engine import INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, Decision, PolicyEngine
 from proxy.policy.model import STATEMENT_KINDS, PolicyMode, RolePolicy
+from proxy.policy.postgres import analyze
 
 CASHIER_ALLOW = """\
 allow:
@@ -163,25 +166,104 @@ def test_function_call_message_allowed_when_the_policy_says_so(tmp_path: Path) -
 # --- policy options -----------------------------------------------------------------------------------------
 
 
-def test_denylist_exception_lets_a_named_entry_through_for_that_role_only(tmp_path: Path) -> None:
+def test_allow_functions_lets_a_named_function_through_for_that_role_only(tmp_path: Path) -> None:
     policies = engine(
         tmp_path,
         cashier=CASHIER_ALLOW,
-        loadtest=CASHIER_ALLOW + "  denylist_exceptions: [pg_sleep]\n",
+        loadtest=CASHIER_ALLOW + "  functions: [pg_sleep]\n",
     )
     sleep = b"SELECT pg_sleep(0.1)"
-    assert (policies.decide("loadtest", sleep).allowed, policies.decide("loadtest", sleep).rule) == (
-        True,
-        "structural",
-    )
+    loadtest = policies.decide("loadtest", sleep)
+    assert (loadtest.allowed, loadtest.rule) == (True, "structural")
     cashier = policies.decide("cashier", sleep)
-    assert (cashier.allowed, cashier.rule) == (False, "denylist")
-    # Only the named entry: the rest of the deny list and the structural rules still apply.
+    assert (cashier.allowed, cashier.rule, cashier.message) == (
+        False,
+        "function",
+        "function pg_sleep is not allowed for role cashier",
+    )
+    # Only the named function: every other one and the structural rules still apply.
     other = policies.decide("loadtest", b"SELECT pg_sleep(1), pg_read_file('/etc/passwd')")
-    assert (other.allowed, other.rule) == (False, "denylist")
+    assert (other.allowed, other.rule) == (False, "function")
     assert "pg_read_file" in other.message
     unreadable = policies.decide("loadtest", b"SELECT pg_sleep(1) FROM customers")
     assert (unreadable.allowed, unreadable.rule) == (False, "table read")
+
+
+def test_an_unqualified_function_entry_covers_pg_catalog_and_the_search_path_only(tmp_path: Path) -> None:
+    policies = engine(
+        tmp_path,
+        cashier="search_path: [pos, public]\n"
+        + CASHIER_ALLOW
+        + "  functions: [uuid_generate_v4, ext.digest]\n",
+    )
+    for sql in (
+        "SELECT uuid_generate_v4()",
+        "SELECT pos.uuid_generate_v4()",
+        "SELECT public.uuid_generate_v4()",
+        "SELECT pg_catalog.uuid_generate_v4()",
+        "SELECT ext.digest('x', 'sha256')",
+    ):
+        assert policies.decide("cashier", sql.encode()).allowed, sql
+    for sql, named in (
+        ("SELECT evil.uuid_generate_v4()", "evil.uuid_generate_v4"),
+        ("SELECT digest('x', 'sha256')", "digest"),  # the entry names ext's digest only
+        ("SELECT public.digest('x', 'sha256')", "public.digest"),
+    ):
+        decision = policies.decide("cashier", sql.encode())
+        assert (decision.allowed, decision.message) == (
+            False,
+            f"function {named} is not allowed for role cashier",
+        ), sql
+
+
+def test_setval_needs_the_function_and_the_sequence(tmp_path: Path) -> None:
+    policies = engine(
+        tmp_path,
+        sequences_only=CASHIER_ALLOW + "  sequences: [sales_id_seq]\n",
+        both=CASHIER_ALLOW + "  sequences: [sales_id_seq]\n  functions: [setval]\n",
+    )
+    rewind = b"SELECT setval('sales_id_seq', 1)"
+    assert policies.decide("sequences_only", rewind).rule == "function"
+    assert policies.decide("both", rewind).allowed
+    other = policies.decide("both", b"SELECT setval('public.other_seq', 1)")
+    assert (other.allowed, other.rule, other.message) == (
+        False,
+        "sequence",
+        "using sequence public.other_seq is not allowed for role both",
+    )
+
+
+def test_set_config_on_a_sensitive_setting_is_still_a_deny_list_entry(tmp_path: Path) -> None:
+    policies = engine(
+        tmp_path, cashier=CASHIER_ALLOW, tuner=CASHIER_ALLOW + "  denylist_exceptions: [set_config]\n"
+    )
+    sql = b"SELECT set_config('row_security', 'off', false)"
+    assert policies.decide("cashier", sql).rule == "denylist"
+    assert policies.decide("tuner", sql).allowed
+
+
+@given(st.text(alphabet=st.sampled_from("ab_Z9$.\" \t'\\é;"), max_size=24))
+def test_any_sequence_name_text_is_read_or_refused(name: str) -> None:
+    literal = "'" + name.replace("'", "''") + "'"
+    (facts,) = analyze(f"SELECT nextval({literal})", ("public",))
+    # Exactly one outcome: a qualified sequence the policy must list, or a refusal.
+    assert len(facts.sequences) + len(facts.unnamed_sequence_calls) == 1
+    for sequence in facts.sequences:
+        schema, _, relation = sequence.partition(".")
+        assert schema and relation
+
+
+def test_a_function_in_denylist_exceptions_points_to_allow_functions(tmp_path: Path) -> None:
+    (problem,) = problems(tmp_path, cashier=CASHIER_ALLOW + "  denylist_exceptions: [DDL, pg_sleep]\n")
+    assert problem.startswith("roles.cashier.policy.allow.denylist_exceptions: item 1: expected one of: ")
+    assert problem.endswith("got 'pg_sleep' (a function the role may call goes in allow.functions)")
+
+
+def test_pg_catalog_may_only_come_first_in_a_policy_search_path(tmp_path: Path) -> None:
+    assert load(tmp_path, first="search_path: [pg_catalog, public]\n")["first"] is not None
+    assert problems(tmp_path, later="search_path: [public, pg_catalog]\n") == [
+        "roles.later.policy.search_path: pg_catalog may only be listed first"
+    ]
 
 
 def test_ddl_exception_alone_does_not_allow_ddl(tmp_path: Path) -> None:
@@ -229,7 +311,7 @@ def test_fingerprint_allowlist_allows_what_structural_rules_refuse(tmp_path: Pat
         assert (decision.allowed, decision.rule) == (False, rule), sql
 
 
-def test_fingerprint_allowlist_does_not_override_the_deny_list(tmp_path: Path) -> None:
+def test_fingerprint_allowlist_does_not_override_the_deny_list_or_the_functions(tmp_path: Path) -> None:
     policies = engine(
         tmp_path,
         cashier=CASHIER_ALLOW
@@ -237,12 +319,12 @@ def test_fingerprint_allowlist_does_not_override_the_deny_list(tmp_path: Path) -
         + fingerprint_entry("SELECT pg_sleep(1)")
         + fingerprint_entry("TRUNCATE sales"),
     )
-    for sql, message in [
-        (b"SELECT pg_sleep(30)", "function pg_sleep is not allowed for role cashier"),
-        (b"TRUNCATE sales", "statement kind TRUNCATE is not allowed for role cashier"),
+    for sql, rule, message in [
+        (b"SELECT pg_sleep(30)", "function", "function pg_sleep is not allowed for role cashier"),
+        (b"TRUNCATE sales", "denylist", "statement kind TRUNCATE is not allowed for role cashier"),
     ]:
         decision = policies.decide("cashier", sql)
-        assert (decision.allowed, decision.rule, decision.message) == (False, "denylist", message)
+        assert (decision.allowed, decision.rule, decision.message) == (False, rule, message)
 
 
 @pytest.mark.parametrize(
@@ -378,7 +460,8 @@ def test_every_policy_problem_is_reported_with_its_path(tmp_path: Path) -> None:
             allowed: {}
             allow:
               read: [products, "evil; DROP TABLE x"]
-              denylist_exceptions: [pg_sleep, rm_rf]
+              denylist_exceptions: [DDL, rm_rf]
+              functions: [pg_sleep, "evil; DROP"]
               update_without_where: 1
             fingerprints:
               - {fingerprint: NOT-A-FINGERPRINT, text: x}
@@ -396,12 +479,15 @@ def test_every_policy_problem_is_reported_with_its_path(tmp_path: Path) -> None:
     assert by_path["roles.cashier.policy.max_violations"] == "expected an integer of at least 1, got 0"
     assert by_path["roles.cashier.policy.allow.read"].startswith("item 1: expected a name matching ^")
     assert by_path["roles.cashier.policy.allow.denylist_exceptions"].startswith("item 1: expected one of: ")
-    assert by_path["roles.cashier.policy.allow.denylist_exceptions"].endswith("; got 'rm_rf'")
+    assert by_path["roles.cashier.policy.allow.denylist_exceptions"].endswith(
+        "; got 'rm_rf' (a function the role may call goes in allow.functions)"
+    )
+    assert by_path["roles.cashier.policy.allow.functions"].startswith("item 1: expected a name matching ^")
     assert by_path["roles.cashier.policy.allow.update_without_where"] == "expected true or false, got 1"
     assert by_path["roles.cashier.policy.fingerprints[0].fingerprint"].startswith("expected a name matching")
     assert by_path["roles.cashier.policy.fingerprints[1].fingerprint"] == "required"
     assert by_path["roles.manager.policy.search_path"] == "expected a list, got 'public'"
-    assert len(found) == len(by_path) == 10
+    assert len(found) == len(by_path) == 11
 
 
 def test_yaml_syntax_error_in_a_policy_file_names_role_file_and_line(tmp_path: Path) -> None:
