@@ -489,6 +489,11 @@ def parse_config(
             port=admin_section.read("port", _ADMIN_PORT, AdminConfig().port),
             token=admin_section.read("token", ctx.secret, None),
         )
+        if admin.token is None and "token" not in admin_section.data and not _is_loopback(admin.host):
+            # Pools, clients, terminal cut-off and reload must not be open to a whole network.
+            admin_section.report(
+                "token", f"required when admin.host is not a loopback address (host is {admin.host!r})"
+            )
     if ctx.problems:
         raise ConfigError(ctx.problems)
     return Config(
@@ -503,6 +508,16 @@ def parse_config(
         audit=audit,
         source=source,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a listener on ``host`` is reachable from this machine only ("localhost" or 127/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name may resolve to any address
 
 
 def parse_duration(value: object) -> float:

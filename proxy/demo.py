@@ -110,12 +110,16 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         audit_key = workdir / "audit.key"
         audit_key.touch(mode=0o600)
         audit_key.write_bytes(secrets.token_bytes(32))
+        admin_token_file = workdir / "admin-token"
+        admin_token_file.touch(mode=0o600)
+        admin_token_file.write_text(secrets.token_urlsafe(32), encoding="utf-8")
         config_path = workdir / "pos-proxy.yaml"
         template = resources.files("proxy").joinpath("data/demo-config.yaml").read_text(encoding="utf-8")
         config_path.write_text(
             Template(template).substitute(
                 proxy_port=port or free_port(),
                 admin_port=free_port(),
+                admin_token_file=admin_token_file,
                 audit_file=audit_dir / "audit.log",
                 audit_key=audit_key,
                 pki=terminal_pki,
@@ -131,7 +135,12 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         host, proxy_port = server.address
         say(f"proxy listening on {host}:{proxy_port} (config {config_path}, log {workdir / 'proxy.log'})")
         if server.admin is not None:
-            say(f"metrics: http://127.0.0.1:{server.admin.port}/metrics")
+            say(f"metrics: http://127.0.0.1:{server.admin.port}/metrics (admin token in {admin_token_file})")
+            # The token is read by the shell, so it stays out of the terminal's scrollback.
+            token_header = f'"Authorization: Bearer $(cat {shlex.quote(str(admin_token_file))})"'
+            say(
+                f"call the admin API: curl -sS -H {token_header} http://127.0.0.1:{server.admin.port}/v1/pools"
+            )
         say(f"audit log: {audit_dir / 'audit.log'}")
         say(f"audit key: {audit_key}")
 
