@@ -9,6 +9,7 @@ from typing import Generic, TypeVar
 
 from proxy.policy.model import DENIED_STATEMENTS, PolicyMode, RolePolicy
 from proxy.policy.postgres import ParseError, StatementFacts, analyze
+from proxy.policy.redact import unparsable
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -26,7 +27,8 @@ class Decision:
     rule: str  # the rule class that decided: housekeeping, fingerprint, structural, denylist, ...
     message: str = ""  # for the client when refused: names the role and the rule class only
     sqlstate: str = INSUFFICIENT_PRIVILEGE
-    # (fingerprint, normalized text) of each statement, for learn mode and the audit log.
+    # (fingerprint, normalized text) of each statement, for learn mode and the logs: literals and
+    # comments taken out (proxy.policy.redact); ("", size and digest) for text that is not SQL.
     statements: tuple[tuple[str, str], ...] = ()
 
 
@@ -88,7 +90,11 @@ class PolicyEngine:
             except UnicodeDecodeError:
                 # The server could split such bytes differently from the proxy's parser.
                 decision = Decision(
-                    False, "encoding", "the statement is not valid UTF-8", CHARACTER_NOT_IN_REPERTOIRE
+                    False,
+                    "encoding",
+                    "the statement is not valid UTF-8",
+                    CHARACTER_NOT_IN_REPERTOIRE,
+                    statements=(("", unparsable(sql)),),
                 )
         self._cache.put(key, decision)
         return decision
@@ -110,7 +116,13 @@ def judge(policy: RolePolicy, role: str, sql: str) -> Decision:
     try:
         statements = analyze(sql, policy.search_path)
     except ParseError:
-        return Decision(False, "parse error", "the statement could not be parsed", SYNTAX_ERROR)
+        return Decision(
+            False,
+            "parse error",
+            "the statement could not be parsed",
+            SYNTAX_ERROR,
+            statements=(("", unparsable(sql.encode("utf-8", "surrogatepass"))),),
+        )
     summary = tuple((facts.fingerprint, facts.normalized) for facts in statements)
     if len(statements) > 1 and not policy.stacked_queries:
         return Decision(
@@ -179,6 +191,6 @@ class StatementSummaries:
                 (facts.fingerprint, facts.normalized) for facts in analyze(sql.decode("utf-8"), ("public",))
             )
         except (ParseError, UnicodeDecodeError):
-            summary = (("", "(not parsable)"),)
+            summary = (("", unparsable(sql)),)
         self._cache.put(sql, summary)
         return summary
