@@ -445,6 +445,7 @@ _AUDIT_KEYS: Final = (
     "flush_interval",
     "allowed_statements",
     "allowed_statements_by_role",
+    "witness_file",
 )
 
 
@@ -1027,6 +1028,16 @@ def _parse_audit(section: _Section) -> AuditConfig:
     )
     if settings.file is not None and not settings.file.parent.is_dir():
         section.report("file", f"directory not found: {settings.file.parent}")
+    witness = section.read("witness_file", section.ctx.path, None)
+    if witness is not None:
+        if settings.file is None:
+            section.report("witness_file", "needs audit.file: it anchors the end of the log file")
+        elif witness == settings.file:
+            section.report("witness_file", "must be another path than audit.file")
+        elif not witness.parent.is_dir():
+            section.report("witness_file", f"directory not found: {witness.parent}")
+        else:
+            settings = dataclasses.replace(settings, witness_file=witness)
     return AuditConfig(
         settings=settings,
         allowed_statements=section.read("allowed_statements", share, 1.0),

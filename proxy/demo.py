@@ -110,6 +110,9 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         audit_key = workdir / "audit.key"
         audit_key.touch(mode=0o600)
         audit_key.write_bytes(secrets.token_bytes(32))
+        witness_dir = workdir / "witness"
+        witness_dir.mkdir(mode=0o700)
+        audit_witness = witness_dir / "audit.witness"
         admin_token_file = workdir / "admin-token"
         admin_token_file.touch(mode=0o600)
         admin_token_file.write_text(secrets.token_urlsafe(32), encoding="utf-8")
@@ -122,6 +125,7 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
                 admin_token_file=admin_token_file,
                 audit_file=audit_dir / "audit.log",
                 audit_key=audit_key,
+                audit_witness=audit_witness,
                 pki=terminal_pki,
                 db_port=database.port,
                 db_password_file=password_file,
@@ -151,7 +155,8 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         await _policy_tour(host, proxy_port, terminal_pki / "ca.pem", cashier, terminals[1])
         await _outage(host, proxy_port, terminal_pki / "ca.pem", cashier, database)
 
-        say(f"check the audit log: pos-proxy audit verify --key {audit_key} {audit_dir / 'audit.log'}")
+        verify = ["pos-proxy", "audit", "verify", "--key", str(audit_key), "--witness", str(audit_witness)]
+        say(f"check the audit log: {shlex.join([*verify, str(audit_dir / 'audit.log')])}")
         say("try it by hand, one line per role:")
         for terminal in terminals:
             say(f"  {terminal.role} ({DEMO_STORE}/{terminal.name}):")
