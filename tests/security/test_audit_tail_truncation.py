@@ -143,9 +143,19 @@ def test_a_restart_after_the_tail_was_cut_records_a_chain_gap(
     )
 
 
-@pytest.mark.parametrize("problem", ["witness_file: must be another path than audit.file"])
-def test_the_witness_cannot_be_the_log_itself(problem: str, start_proxy: StartProxy, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"witness_file": "LOG"}, "audit.witness_file: must be another path than audit.file"),
+        ({"file": None, "stdout": True}, "audit.witness_file: needs audit.file"),
+        ({"witness_file": "/nonexistent/audit.witness"}, "audit.witness_file: directory not found"),
+    ],
+)
+def test_a_witness_that_anchors_nothing_is_a_config_error(
+    change: dict[str, Any], problem: str, start_proxy: StartProxy, tmp_path: Path
+) -> None:
     audit, log, _witness, _key = _audit_config(tmp_path)
+    changed = {key: str(log) if value == "LOG" else value for key, value in change.items()}
     with pytest.raises(RuntimeError) as failed:
-        start_proxy(audit={**audit, "witness_file": str(log)})
-    assert f"audit.{problem}" in str(failed.value)
+        start_proxy(audit={**audit, **changed})
+    assert problem in str(failed.value)

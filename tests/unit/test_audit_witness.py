@@ -3,6 +3,7 @@ writer; rotation, a log moved away and a damaged witness are handled. ChainWrite
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 
 from proxy.audit import CHAIN_GAP, AuditError, AuditSettings, ChainWriter, Checkpoint, load_key, verify
+from proxy.workers import WorkerSlot
+from tests.unit.test_workers import _config as _worker_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -168,3 +171,16 @@ def test_the_witness_needs_a_log_file_and_a_path_of_its_own(paths: tuple[Path, P
         AuditSettings(file=log, key_file=key_file, witness_file=log)
     with pytest.raises(AuditError):
         AuditSettings(file=None, key_file=key_file, stdout=True, witness_file=log)
+
+
+def test_each_worker_has_a_witness_of_its_own(tmp_path: Path, key_file: Path) -> None:
+    witness = tmp_path / "w" / "audit.witness"
+    settings = AuditSettings(file=tmp_path / "audit.log", key_file=key_file, witness_file=witness)
+    config = _worker_config(tmp_path)
+    assert config.audit is not None
+    config = dataclasses.replace(config, audit=dataclasses.replace(config.audit, settings=settings))
+    shaped = [WorkerSlot(index, 2, tmp_path, 1).shape(config).audit for index in (1, 2)]
+    assert [(a.settings.file, a.settings.witness_file) for a in shaped if a is not None] == [
+        (tmp_path / "audit-w1.log", tmp_path / "w" / "audit-w1.witness"),
+        (tmp_path / "audit-w2.log", tmp_path / "w" / "audit-w2.witness"),
+    ]
