@@ -160,20 +160,20 @@ class ResultWatch:
         """Note the requests in ``data``, what the server receives for the client's ``client``
         messages (the proxy renames prepared statements and replaces refused messages)."""
         for kind, start, end in client_frames:
-            # A named statement the server already has is bound without a Parse in ``data``.
+            # A named statement the server already has is bound without a Parse in ``data``. Its
+            # server-side name comes from its text, so what it does with cursors never changes.
             if kind == _PARSE and end > start + 5 and client[start + 5] != 0:
                 name_end = client.find(b"\x00", start + 5, end)
-                self._note_statement(
-                    Statement.from_parse_body(client[name_end + 1 : end]).server_name,
-                    client,
-                    name_end + 1,
-                    end,
-                )
+                uses = cursor_uses(client[name_end + 1 : client.find(b"\x00", name_end + 1, end)])
+                if uses is not None:
+                    prepared = Statement.from_parse_body(client[name_end + 1 : end])
+                    self._note_statement(prepared.server_name, uses)
         frames, _consumed = m.scan_frames(data, _MAX_MESSAGE)
         for kind, start, end in frames:
             if kind == _PARSE:
                 name_end = data.find(b"\x00", start + 5, end)
-                self._note_statement(data[start + 5 : name_end], data, name_end + 1, end)
+                uses = cursor_uses(data[name_end + 1 : data.find(b"\x00", name_end + 1, end)])
+                self._note_statement(data[start + 5 : name_end], uses)
             elif kind == _SYNC:
                 self._skipping = False
                 self._requests.append(_Request(_SYNC))
@@ -192,9 +192,7 @@ class ResultWatch:
             elif kind == _FUNCTION_CALL:
                 self._requests.append(_Request(_QUERY))
 
-    def _note_statement(self, name: bytes, body: bytes, start: int, end: int) -> None:
-        text_end = body.find(b"\x00", start, end)
-        uses = cursor_uses(body[start:text_end])
+    def _note_statement(self, name: bytes, uses: CursorUses | None) -> None:
         if uses is None:
             self._statements.pop(name, None)
         elif name in self._statements or len(self._statements) < _MAX_NAMED:
