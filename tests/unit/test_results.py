@@ -151,3 +151,14 @@ def test_the_server_is_cancelled_only_while_it_still_sends_the_cut_result() -> N
     assert cancels == [1]
     assert _kinds(_feed(watch, DONE + READY)) == "EZ"
     assert cancels == [1]
+
+
+def test_a_sql_cursor_executed_by_name_shares_the_count_of_its_fetches() -> None:
+    watch, hits = _watch(LimitSettings(max_rows_per_statement=3))
+    _send(watch, m.build_query("DECLARE c CURSOR WITH HOLD FOR SELECT 1; FETCH 2 FROM c"))
+    declared = m.build_message(b"C", b"DECLARE CURSOR\x00")
+    assert _kinds(_feed(watch, declared + ROW * 2 + m.build_message(b"C", b"FETCH 2\x00") + READY)) == "CDDCZ"
+    # The cursor is a portal: Execute names it without a Bind.
+    _send(watch, _execute(b"c", 2) + SYNC)
+    assert _kinds(_feed(watch, ROW * 2 + SUSPENDED + READY)) == "DEZ"
+    assert len(hits) == 1
