@@ -17,9 +17,14 @@ mapping, event, field names) that holds the sorted keys and the fixed fields alr
 input is that text without the ``hmac`` field, which is then spliced in. Durability is described there.
 
 Limits: the chain exposes an altered, inserted, removed or reordered record anywhere except at the very end
-of the newest file, where cutting off whole lines leaves a shorter valid chain (a clean shutdown ends with
-``audit_stopped``, and the stdout copy to journald is a second witness). ``verify`` trusts the anchor of the
-first file it is given, so a retained window of a log verifies; a complete log starts at seq 1, prev zeros.
+of the newest file, where cutting off whole lines leaves a shorter valid chain. That end is anchored outside
+the log: with a witness file (``AuditSettings.witness_file``, best on another filesystem that the log's
+readers cannot write) every flushed batch replaces a signed ``Checkpoint`` of (seq, hash, file) there;
+``verify`` with the witness reports a log that ends before it, and a writer that opens a log shorter than
+the checkpoint writes ``audit_chain_gap`` (which ``verify`` reports) instead of silently going on. A witness
+put back from an older copy goes undetected, as does cutting both. The stdout copy to journald is another
+witness. ``verify`` trusts the anchor of the first file it is given, so a retained window of a log
+verifies; a complete log starts at seq 1, prev zeros.
 """
 
 from __future__ import annotations
@@ -42,12 +47,14 @@ from functools import lru_cache
 from pathlib import Path
 
 __all__ = [
+    "CHAIN_GAP",
     "FILE_START",
     "GENESIS",
     "MIN_KEY_BYTES",
     "AuditError",
     "AuditSettings",
     "ChainWriter",
+    "Checkpoint",
     "Record",
     "VerifyReport",
     "json_ready",
@@ -56,6 +63,7 @@ __all__ = [
 ]
 
 FILE_START = "audit_file_start"
+CHAIN_GAP = "audit_chain_gap"
 GENESIS = "0" * 64
 MIN_KEY_BYTES = 32
 
@@ -91,10 +99,14 @@ class AuditSettings:
     rotate_bytes: int = 100 * 1024 * 1024
     rotate_interval: float = 86400.0  # seconds; rotate when the current file is older
     flush_interval: float = 0.2  # seconds between batch writes
+    # Where a signed checkpoint of the chain's end is kept, outside the log (see Checkpoint).
+    witness_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.rotate_bytes <= 0 or self.rotate_interval <= 0 or self.flush_interval <= 0:
             raise AuditError("audit rotate_bytes, rotate_interval and flush_interval must be positive")
+        if self.witness_file is not None and (self.file is None or self.witness_file == self.file):
+            raise AuditError("the audit witness file needs a log file, and a path of its own")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +116,58 @@ class VerifyReport:
     problem: str | None = None
     file: Path | None = None
     line: int | None = None  # 1-based
+    witnessed: int | None = None  # the witness's seq, when one was checked and matched
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The end of the chain as last written: kept in the witness file, outside the log, replaced after
+    every batch the log took. Cutting the newest records off the log leaves them in the witness: the
+    log then ends before ``seq``. HMAC-signed with the log's key, so it cannot be made to agree."""
+
+    file: str  # the log file being written
+    device: int
+    inode: int
+    seq: int  # of the last record written
+    hash: str  # SHA-256 of that record's line
+    timestamp: str
+
+    def render(self, key: bytes) -> bytes:
+        body = {
+            "file": self.file,
+            "device": self.device,
+            "inode": self.inode,
+            "seq": self.seq,
+            "hash": self.hash,
+            "timestamp": self.timestamp,
+        }
+        return f"{_canonical({**body, 'hmac': _mac(key, _canonical(body))})}\n".encode("ascii")
+
+    @classmethod
+    def read(cls, path: Path, key: bytes) -> Checkpoint | None:
+        """The checkpoint in ``path``; None when there is none yet; AuditError when it cannot be trusted."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise AuditError(f"cannot read audit witness {path}: {exc.strerror}") from exc
+        try:
+            record = json.loads(data)
+            mac = record.pop("hmac")
+            checkpoint = cls(
+                record["file"],
+                record["device"],
+                record["inode"],
+                record["seq"],
+                record["hash"],
+                record["timestamp"],
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise AuditError(f"audit witness {path} is not a checkpoint") from None
+        if not (isinstance(mac, str) and hmac.compare_digest(mac, _mac(key, _canonical(record)))):
+            raise AuditError(f"audit witness {path} fails the HMAC check (altered, or another key)")
+        return checkpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +178,7 @@ class _Entry:
     prev: str
     event: str
     authentic: bool  # its HMAC matches
+    lost: str | None = None  # an audit_chain_gap record: which records the writer found missing
 
 
 def load_key(path: Path) -> bytes:
@@ -162,6 +227,8 @@ class ChainWriter:
         self._prev = GENESIS
         self._lock_fd: int | None = None
         self._closed = False
+        self._key = b""
+        self._witnessed = -1  # the seq the witness file holds
 
     @property
     def unwritten(self) -> int:
@@ -176,7 +243,7 @@ class ChainWriter:
         must never extend one chain. ``lock_wait``: seconds to wait for such a writer to finish. The
         file stays: removing it would let a writer that already opened it and one that makes a new one
         both hold "the" lock."""
-        key = load_key(self._settings.key_file)
+        key = self._key = load_key(self._settings.key_file)
         self._signer = _Signer(key)
         path = self._settings.file
         if path is None:
@@ -207,7 +274,10 @@ class ChainWriter:
                 self._emit(t_ns, "audit_record_unrenderable", problem)
             if len(self._out) >= _CHUNK_BYTES:
                 self._flush()
-        return self._flush()
+        if not self._flush():
+            return False
+        self._checkpoint()
+        return True
 
     def close(self, deadline: float) -> None:
         """Retry what is unwritten until ``deadline`` (time.monotonic()), then fsync and close the file
@@ -217,6 +287,8 @@ class ChainWriter:
         self._closed = True
         while self._out and not self._flush() and (remaining := deadline - time.monotonic()) > 0:
             time.sleep(min(self._settings.flush_interval, remaining))
+        if not self._out:
+            self._checkpoint()
         self._close_file()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # the lock goes with it
@@ -247,15 +319,25 @@ class ChainWriter:
             tail = _last_line(fd, size) if size else b""
         except OSError as exc:
             raise AuditError(f"cannot open audit log {path}: {exc.strerror}") from exc
+        checkpoint = self._last_checkpoint(key)
         if not size:
             self._fd = fd
+            emptied = False
+            if isinstance(checkpoint, Checkpoint):
+                # The file was moved away (rotated by hand) or emptied: the chain goes on from where
+                # the witness saw it end, so the files verify as one log, and an emptied one says so.
+                self._seq, self._prev = checkpoint.seq, checkpoint.hash
+                emptied = (checkpoint.device, checkpoint.inode) == _identity(fd)
+            continued = self._seq
             self._start_file(None)
+            self._check_against(checkpoint, 0 if emptied else continued, emptied)
             return False
         entry = _tail_entry(tail, key)
         if isinstance(entry, _Entry):
             self._fd, self._size, self._seq = fd, size, entry.seq
             self._prev = hashlib.sha256(tail).hexdigest()
             self._file_started_ns = _file_started_ns(fd)
+            self._check_against(checkpoint, entry.seq, False)
             return True
         # The damaged file is kept for the reviewer, and the new chain says why it could not continue it.
         os.close(fd)
@@ -268,6 +350,62 @@ class ChainWriter:
         self._start_file(damaged.name)
         self._emit(time.time_ns(), "audit_chain_break", {"previous_file": damaged.name, "reason": entry})
         return False
+
+    def _last_checkpoint(self, key: bytes) -> Checkpoint | str | None:
+        """The witness's checkpoint, if one is configured and exists; why it cannot be trusted, if not."""
+        witness = self._settings.witness_file
+        if witness is None:
+            return None
+        try:
+            return Checkpoint.read(witness, key)
+        except AuditError as exc:
+            return str(exc)
+
+    def _check_against(self, checkpoint: Checkpoint | str | None, found_seq: int, emptied: bool) -> None:
+        """After the log was opened: records it lost since the witness saw it are a gap in the chain,
+        and a witness that cannot be trusted is said so, rather than the log silently going on."""
+        if isinstance(checkpoint, str):
+            problem: dict[str, object] = {"witness": str(self._settings.witness_file), "reason": checkpoint}
+            self.notices.append(("audit_witness_invalid", problem))
+            self._emit(time.time_ns(), "audit_witness_invalid", problem)
+        elif checkpoint is not None and (emptied or checkpoint.seq > found_seq):
+            reason = "the log file was emptied" if emptied else "the log ends before the witness's checkpoint"
+            self._chain_gap(checkpoint, found_seq, reason)
+
+    def _chain_gap(self, checkpoint: Checkpoint, found_seq: int, reason: str) -> None:
+        """Records were cut off the log since the witness saw it: say so in the chain, not silently go on."""
+        gap: dict[str, object] = {
+            "expected_seq": checkpoint.seq,
+            "found_seq": found_seq,
+            "reason": reason,
+            "witness_file": checkpoint.file,
+            "witness_timestamp": checkpoint.timestamp,
+        }
+        self.notices.append((CHAIN_GAP, gap))
+        self._emit(time.time_ns(), CHAIN_GAP, gap)
+
+    def _checkpoint(self) -> None:
+        """Replace the witness's checkpoint with the chain's end, once the file holds every line."""
+        witness = self._settings.witness_file
+        if witness is None or self._fd is None or self._out or self._seq == self._witnessed:
+            return
+        device, inode = _identity(self._fd)
+        checkpoint = Checkpoint(
+            str(self._settings.file), device, inode, self._seq, self._prev, _timestamp(time.time_ns())
+        )
+        staged = witness.with_name(f".{witness.name}.tmp")
+        try:
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, checkpoint.render(self._key))
+            finally:
+                os.close(fd)
+            # A reader sees the old checkpoint or the new one, never half of one.
+            os.replace(staged, witness)
+        except OSError as exc:
+            self._failed(exc)
+            return
+        self._witnessed = self._seq
 
     def _rotation_due(self, t_ns: int) -> bool:
         settings = self._settings
@@ -402,13 +540,24 @@ class ChainWriter:
             self.notices.append(("audit_write_failed", failure))
 
 
-def verify(paths: Sequence[Path], key: bytes) -> VerifyReport:
-    """Check the files of one log, oldest first, and report the first problem found."""
+def verify(paths: Sequence[Path], key: bytes, witness: Path | None = None) -> VerifyReport:
+    """Check the files of one log, oldest first, and report the first problem found; with ``witness``,
+    also that the log still reaches the checkpoint kept there (its newest records were not cut off)."""
     if not paths:
         return VerifyReport(False, 0, "no files to verify")
+    checkpoint = None
+    if witness is not None:
+        try:
+            checkpoint = Checkpoint.read(witness, key)
+        except AuditError as exc:
+            return VerifyReport(False, 0, str(exc), witness)
+        if checkpoint is None:
+            return VerifyReport(False, 0, f"no audit witness at {witness}", witness)
     records = 0
     last_hash: str | None = None
     next_seq: int | None = None
+    first_seq: int | None = None
+    witnessed_hash: str | None = None
     for path in paths:
         try:
             data = path.read_bytes()
@@ -422,15 +571,54 @@ def verify(paths: Sequence[Path], key: bytes) -> VerifyReport:
             if problem is not None:
                 return VerifyReport(False, records, problem, path, index + 1)
             assert isinstance(entry, _Entry)
+            if entry.lost is not None:
+                return VerifyReport(False, records, entry.lost, path, index + 1)
             records += 1
             last_hash = hashlib.sha256(lines[index] + b"\n").hexdigest()
             next_seq = entry.seq + 1
+            first_seq = entry.seq if first_seq is None else first_seq
+            if checkpoint is not None and entry.seq == checkpoint.seq:
+                witnessed_hash = last_hash
         if tail:
             problem = "truncated tail: the last line is not newline-terminated"
             return VerifyReport(False, records, problem, path, len(lines) + 1)
         if not lines:
             return VerifyReport(False, records, f"empty file: no {FILE_START} record", path, None)
-    return VerifyReport(True, records)
+    if checkpoint is None:
+        return VerifyReport(True, records)
+    assert next_seq is not None and first_seq is not None
+    return _against_checkpoint(
+        checkpoint,
+        witness,
+        records=records,
+        first_seq=first_seq,
+        last_seq=next_seq - 1,
+        witnessed_hash=witnessed_hash,
+    )
+
+
+def _against_checkpoint(
+    checkpoint: Checkpoint,
+    witness: Path | None,
+    *,
+    records: int,
+    first_seq: int,
+    last_seq: int,
+    witnessed_hash: str | None,
+) -> VerifyReport:
+    """Whether an intact chain from ``first_seq`` to ``last_seq`` still holds the witness's checkpoint."""
+    seen = f"the witness {witness} saw seq {checkpoint.seq} in {checkpoint.file} at {checkpoint.timestamp}"
+    if last_seq < checkpoint.seq:
+        missing = checkpoint.seq - last_seq
+        problem = f"cut tail: the log ends at seq {last_seq}, but {seen}: {missing} newest record(s) missing"
+        return VerifyReport(False, records, problem)
+    if checkpoint.seq < first_seq:
+        problem = f"the files start at seq {first_seq}, after {seen}: give the files that hold it"
+        return VerifyReport(False, records, problem)
+    if witnessed_hash != checkpoint.hash:
+        problem = f"seq {checkpoint.seq} is not the record {seen}: the log was replaced from there on"
+        return VerifyReport(False, records, problem)
+    return VerifyReport(True, records, witnessed=checkpoint.seq)
 
 
 def _problem(
@@ -481,7 +669,13 @@ def _parse(line: bytes, key: bytes) -> _Entry | str:
     authentic = isinstance(mac, str) and hmac.compare_digest(
         mac.encode(), _mac(key, _canonical(record)).encode()
     )
-    return _Entry(seq, prev, event, authentic)
+    lost = None
+    if event == CHAIN_GAP:
+        lost = (
+            f"records lost: on restart the log ended at seq {record.get('found_seq')}, but its witness had "
+            f"seen seq {record.get('expected_seq')} ({record.get('reason')})"
+        )
+    return _Entry(seq, prev, event, authentic, lost)
 
 
 def _tail_entry(tail: bytes, key: bytes) -> _Entry | str:
@@ -521,6 +715,12 @@ def _file_started_ns(fd: int) -> int:
     except (ValueError, KeyError, TypeError):
         return time.time_ns()
     return (started.replace(tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    """(device, inode) of an open file: which file it is, whatever its name now."""
+    status = os.fstat(fd)
+    return status.st_dev, status.st_ino
 
 
 def _rotated_path(path: Path) -> Path:

@@ -93,6 +93,11 @@ def _build_parser() -> argparse.ArgumentParser:
     verify = audit_commands.add_parser("verify", help="check the hash chain and HMACs of audit log files")
     verify.add_argument("--key", required=True, type=Path, help="the HMAC key file (audit.key_file)")
     verify.add_argument(
+        "--witness",
+        type=Path,
+        help="the witness file (audit.witness_file): also report newest records cut off the log",
+    )
+    verify.add_argument(
         "files", nargs="+", type=Path, help="log files, oldest first (rotated ones, then the live one)"
     )
     verify.set_defaults(handler=_audit_verify)
@@ -105,9 +110,10 @@ def _audit_verify(args: argparse.Namespace) -> int:
     except (OSError, AuditError) as exc:
         print(f"pos-proxy: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    report = verify(args.files, key)
+    report = verify(args.files, key, args.witness)
     if report.ok:
-        print(f"OK: {report.records} records in {len(args.files)} file(s), chain and HMACs intact")
+        witnessed = "" if report.witnessed is None else f"; reaches the witness's seq {report.witnessed}"
+        print(f"OK: {report.records} records in {len(args.files)} file(s), chain and HMACs intact{witnessed}")
         return EXIT_OK
     where = f"{report.file}:{report.line}" if report.file is not None else "the log"
     print(f"TAMPERED: {where}: {report.problem} ({report.records} records verified before it)")

@@ -458,6 +458,7 @@ _AUDIT_KEYS: Final = (
     "flush_interval",
     "allowed_statements",
     "allowed_statements_by_role",
+    "witness_file",
 )
 
 
@@ -502,6 +503,11 @@ def parse_config(
             port=admin_section.read("port", _ADMIN_PORT, AdminConfig().port),
             token=admin_section.read("token", ctx.secret, None),
         )
+        if admin.token is None and "token" not in admin_section.data and not _is_loopback(admin.host):
+            # Pools, clients, terminal cut-off and reload must not be open to a whole network.
+            admin_section.report(
+                "token", f"required when admin.host is not a loopback address (host is {admin.host!r})"
+            )
     if ctx.problems:
         raise ConfigError(ctx.problems)
     return Config(
@@ -516,6 +522,16 @@ def parse_config(
         audit=audit,
         source=source,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a listener on ``host`` is reachable from this machine only ("localhost" or 127/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name may resolve to any address
 
 
 def parse_duration(value: object) -> float:
@@ -1043,6 +1059,16 @@ def _parse_audit(section: _Section) -> AuditConfig:
     )
     if settings.file is not None and not settings.file.parent.is_dir():
         section.report("file", f"directory not found: {settings.file.parent}")
+    witness = section.read("witness_file", section.ctx.path, None)
+    if witness is not None:
+        if settings.file is None:
+            section.report("witness_file", "needs audit.file: it anchors the end of the log file")
+        elif witness == settings.file:
+            section.report("witness_file", "must be another path than audit.file")
+        elif not witness.parent.is_dir():
+            section.report("witness_file", f"directory not found: {witness.parent}")
+        else:
+            settings = dataclasses.replace(settings, witness_file=witness)
     return AuditConfig(
         settings=settings,
         allowed_statements=section.read("allowed_statements", share, 1.0),

@@ -110,14 +110,22 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         audit_key = workdir / "audit.key"
         audit_key.touch(mode=0o600)
         audit_key.write_bytes(secrets.token_bytes(32))
+        witness_dir = workdir / "witness"
+        witness_dir.mkdir(mode=0o700)
+        audit_witness = witness_dir / "audit.witness"
+        admin_token_file = workdir / "admin-token"
+        admin_token_file.touch(mode=0o600)
+        admin_token_file.write_text(secrets.token_urlsafe(32), encoding="utf-8")
         config_path = workdir / "pos-proxy.yaml"
         template = resources.files("proxy").joinpath("data/demo-config.yaml").read_text(encoding="utf-8")
         config_path.write_text(
             Template(template).substitute(
                 proxy_port=port or free_port(),
                 admin_port=free_port(),
+                admin_token_file=admin_token_file,
                 audit_file=audit_dir / "audit.log",
                 audit_key=audit_key,
+                audit_witness=audit_witness,
                 pki=terminal_pki,
                 db_port=database.port,
                 db_password_file=password_file,
@@ -131,7 +139,12 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         host, proxy_port = server.address
         say(f"proxy listening on {host}:{proxy_port} (config {config_path}, log {workdir / 'proxy.log'})")
         if server.admin is not None:
-            say(f"metrics: http://127.0.0.1:{server.admin.port}/metrics")
+            say(f"metrics: http://127.0.0.1:{server.admin.port}/metrics (admin token in {admin_token_file})")
+            # The token is read by the shell, so it stays out of the terminal's scrollback.
+            token_header = f'"Authorization: Bearer $(cat {shlex.quote(str(admin_token_file))})"'
+            say(
+                f"call the admin API: curl -sS -H {token_header} http://127.0.0.1:{server.admin.port}/v1/pools"
+            )
         say(f"audit log: {audit_dir / 'audit.log'}")
         say(f"audit key: {audit_key}")
 
@@ -142,7 +155,8 @@ async def _demo(workdir: Path, port: int, wait: bool) -> int:
         await _policy_tour(host, proxy_port, terminal_pki / "ca.pem", cashier, terminals[1])
         await _outage(host, proxy_port, terminal_pki / "ca.pem", cashier, database)
 
-        say(f"check the audit log: pos-proxy audit verify --key {audit_key} {audit_dir / 'audit.log'}")
+        verify = ["pos-proxy", "audit", "verify", "--key", str(audit_key), "--witness", str(audit_witness)]
+        say(f"check the audit log: {shlex.join([*verify, str(audit_dir / 'audit.log')])}")
         say("try it by hand, one line per role:")
         for terminal in terminals:
             say(f"  {terminal.role} ({DEMO_STORE}/{terminal.name}):")

@@ -94,7 +94,10 @@ class WorkerSlot:
     def _audit(self, audit: AuditConfig | None) -> AuditConfig | None:
         if audit is None or audit.settings.file is None:
             return audit
+        witness = audit.settings.witness_file
         settings = dataclasses.replace(
-            audit.settings, file=worker_audit_file(audit.settings.file, self.index)
+            audit.settings,
+            file=worker_audit_file(audit.settings.file, self.index),
+            witness_file=None if witness is None else worker_audit_file(witness, self.index),
         )
         return dataclasses.replace(audit, settings=settings)

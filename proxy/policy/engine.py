@@ -10,6 +10,7 @@ from typing import Generic, TypeVar
 from proxy.policy.encodings import DEFAULT_ENCODING, python_codec
 from proxy.policy.model import DENIED_STATEMENTS, PolicyMode, RolePolicy
 from proxy.policy.postgres import ParseError, StatementFacts, analyze
+from proxy.policy.redact import unparsable
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -27,7 +28,8 @@ class Decision:
     rule: str  # the rule class that decided: housekeeping, fingerprint, structural, denylist, function, ...
     message: str = ""  # for the client when refused: names the role and the rule class only
     sqlstate: str = INSUFFICIENT_PRIVILEGE
-    # (fingerprint, normalized text) of each statement, for learn mode and the audit log.
+    # (fingerprint, normalized text) of each statement, for learn mode and the logs: literals and
+    # comments taken out (proxy.policy.redact); ("", size and digest) for text that is not SQL.
     statements: tuple[tuple[str, str], ...] = ()
 
 
@@ -90,7 +92,11 @@ class PolicyEngine:
             except UnicodeDecodeError:
                 # Bytes the proxy cannot read as the server does are not judged at all.
                 decision = Decision(
-                    False, "encoding", f"the statement is not valid {encoding}", CHARACTER_NOT_IN_REPERTOIRE
+                    False,
+                    "encoding",
+                    f"the statement is not valid {encoding}",
+                    CHARACTER_NOT_IN_REPERTOIRE,
+                    statements=(("", unparsable(sql)),),
                 )
             else:
                 decision = judge(policy, role, text, encoding)
@@ -114,7 +120,13 @@ def judge(policy: RolePolicy, role: str, sql: str, encoding: str = DEFAULT_ENCOD
     try:
         statements = analyze(sql, policy.search_path)
     except ParseError:
-        return Decision(False, "parse error", "the statement could not be parsed", SYNTAX_ERROR)
+        return Decision(
+            False,
+            "parse error",
+            "the statement could not be parsed",
+            SYNTAX_ERROR,
+            statements=(("", unparsable(sql.encode("utf-8", "surrogatepass"))),),
+        )
     summary = tuple((facts.fingerprint, facts.normalized) for facts in statements)
     if len(statements) > 1 and not policy.stacked_queries:
         return Decision(
@@ -208,6 +220,6 @@ class StatementSummaries:
             text = sql.decode(python_codec(encoding))
             summary = tuple((facts.fingerprint, facts.normalized) for facts in analyze(text, ("public",)))
         except (ParseError, UnicodeDecodeError):
-            summary = (("", "(not parsable)"),)
+            summary = (("", unparsable(sql)),)
         self._cache.put(key, summary)
         return summary

@@ -11,9 +11,10 @@ import re
 from dataclasses import dataclass
 
 from pglast import ast, enums, parse_sql, visitors
-from pglast.parser import ParseError, fingerprint, normalize
+from pglast.parser import ParseError, fingerprint
 
 from proxy.policy.model import FunctionName
+from proxy.policy.redact import log_text
 
 __all__ = ["ParseError", "StatementFacts", "analyze"]
 
@@ -160,7 +161,7 @@ def _facts(statement: ast.Node, text: str, search_path: tuple[str, ...]) -> Stat
         housekeeping=_is_housekeeping(statement) and not (reads or collector.written or locked or nested),
         resets_settings=_resets_settings(statement),
         fingerprint=_fingerprint(text),
-        normalized=_normalized(text),
+        normalized=log_text(text),
     )
 
 
@@ -564,10 +565,3 @@ def _fingerprint(text: str) -> str:
         return str(fingerprint(text))
     except ParseError:
         return ""
-
-
-def _normalized(text: str) -> str:
-    try:
-        return str(normalize(text))
-    except ParseError:
-        return text

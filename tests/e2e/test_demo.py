@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import queue
 import re
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,6 +296,58 @@ def test_demo_serves_psql_until_sigterm_then_cleans_up(start_cli: StartCli, pg_b
         15,
         "processes started by the demo to exit",
     )
+
+
+def _printed(lines: list[str], prefix: str) -> str:
+    matches = [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
+    assert len(matches) == 1, f"expected one line starting {prefix!r}:\n" + "\n".join(lines)
+    return matches[0]
+
+
+@pytest.mark.timeout(DEMO_TIMEOUT + 60)
+def test_demo_prints_a_verify_command_that_fails_once_the_newest_audit_records_are_cut(
+    start_cli: StartCli, pg_bindir: Path
+) -> None:
+    proc = start_cli("demo", "--port", str(free_port()))
+    assert proc.stdout is not None
+    reader = LineReader(proc.stdout)
+    lines = reader.until(
+        lambda lines: any(line.startswith("press Ctrl-C") for line in lines), timeout=DEMO_TIMEOUT
+    )
+    # The verify command as printed, run the way the installed pos-proxy script would run it.
+    command = shlex.split(_printed(lines, "check the audit log: "))
+    assert command[:3] == ["pos-proxy", "audit", "verify"] and "--witness" in command
+    argv = [sys.executable, "-m", "proxy", *command[1:]]
+    log = Path(command[-1])
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, env=cli_env(), capture_output=True, text=True, timeout=60, check=False)
+
+    # The demo's records are all written and checkpointed within a flush interval or two.
+    wait_until(lambda: verify().returncode == 0, 10, "the demo's audit log to verify")
+    assert "reaches the witness's seq" in verify().stdout
+    kept = log.read_bytes().splitlines(keepends=True)[:-2]
+    with log.open("r+b") as file:  # the newest two records removed in place
+        file.truncate(sum(map(len, kept)))
+    cut = verify()
+    assert cut.returncode == 1, cut.stdout + cut.stderr
+    assert "cut tail: the log ends at seq " in cut.stdout
+    assert "2 newest record(s) missing" in cut.stdout
+
+    # The admin API line, as printed, with the user's own curl: the token goes along.
+    curl = _printed(lines, "call the admin API: ")
+    if shutil.which("curl") is not None:
+        called = subprocess.run(
+            ["bash", "-c", curl], env=cli_env(), capture_output=True, text=True, timeout=30, check=False
+        )
+        assert called.returncode == 0, called.stderr
+        assert [pool["name"] for pool in json.loads(called.stdout)["pools"]] == ["pos"], called.stdout
+    url = shlex.split(curl)[-1]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=10)  # without the token
+    assert refused.value.code == 401
+    assert stop_process(proc, signal.SIGTERM) == 0
+    reader.rest(timeout=10)
 
 
 @pytest.mark.timeout(DEMO_TIMEOUT + 30)

@@ -302,9 +302,17 @@ def test_statements_are_reported_for_each_part_of_a_stacked_query(policies: Mapp
     ]
 
 
-def test_parse_error_reports_no_statements(policies: Mapping[str, RolePolicy]) -> None:
+def test_parse_error_reports_only_the_size_and_a_digest(policies: Mapping[str, RolePolicy]) -> None:
     decision = judge(policies["cashier"], "cashier", f"SELEC '{CARD}'")
-    assert decision == Decision(False, "parse error", "the statement could not be parsed", SYNTAX_ERROR)
+    assert (decision.allowed, decision.rule, decision.message, decision.sqlstate) == (
+        False,
+        "parse error",
+        "the statement could not be parsed",
+        SYNTAX_ERROR,
+    )
+    [(fingerprint, text)] = decision.statements
+    assert fingerprint == ""
+    assert re.fullmatch(r"\(not parsable: \d+ bytes, digest [0-9a-f]{16}\)", text), text
 
 
 def test_empty_query_is_allowed_with_no_statements(policies: Mapping[str, RolePolicy]) -> None:

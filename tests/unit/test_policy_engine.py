@@ -437,7 +437,12 @@ def test_search_path_qualifies_policy_tables(tmp_path: Path) -> None:
 def test_parse_errors_use_the_syntax_error_sqlstate(tmp_path: Path) -> None:
     policies = engine(tmp_path, cashier=CASHIER_ALLOW)
     decision = policies.decide("cashier", b"\\d sales")
-    assert decision == Decision(False, "parse error", "the statement could not be parsed", SYNTAX_ERROR)
+    assert (decision.allowed, decision.rule, decision.message, decision.sqlstate) == (
+        False,
+        "parse error",
+        "the statement could not be parsed",
+        SYNTAX_ERROR,
+    )
 
 
 # --- policy files in the configuration ---------------------------------------------------------------------

@@ -698,13 +698,13 @@ class ClientSession(asyncio.Protocol):
             limiter = self._env.limiter
             self._result_watch = ResultWatch(
                 lambda: limiter.result_guard(identity.store, identity.terminal, limits),
-                self._result_limit_hit,
+                self._limit_hit,
+                self._cancel_cut_result,
             )
         return True
 
-    def _result_limit_hit(self, hit: LimitHit) -> None:
-        """Too many rows or bytes: stop the statement on the server; the rest is cut off."""
-        self._limit_hit(hit)
+    def _cancel_cut_result(self) -> None:
+        """Too many rows or bytes, and the server is still sending more: stop the statement there."""
         self.cancel_current_query("result-size guard")
 
     def _limit_hit(self, hit: LimitHit) -> None:
@@ -948,7 +948,11 @@ class ClientSession(asyncio.Protocol):
         if not self._cycle_started:
             self._cycle_started = time.perf_counter()
         refusals, forget_at = self._check_statements(chunk, frames)
-        server.send(self._statements.rewrite(chunk, frames, server.state, refusals, forget_at), frames)
+        data = self._statements.rewrite(chunk, frames, server.state, refusals, forget_at)
+        if self._result_watch is not None:
+            # Which portal, cursor or statement each result belongs to follows from what the server got.
+            self._result_watch.sent(data, chunk, frames)
+        server.send(data, frames)
         synthetic = take_ready_synthetics(server.state)
         if synthetic and self._transport is not None:
             self._transport.write(synthetic)
