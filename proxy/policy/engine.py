@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from proxy.policy.model import DENIED_STATEMENTS, PolicyMode, RolePolicy
-from proxy.policy.postgres import ParseError, StatementFacts, analyze
+from proxy.policy.postgres import ParseError, PreparedName, StatementFacts, analyze
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -28,6 +28,9 @@ class Decision:
     sqlstate: str = INSUFFICIENT_PRIVILEGE
     # (fingerprint, normalized text) of each statement, for learn mode and the audit log.
     statements: tuple[tuple[str, str], ...] = ()
+    # The SQL-level prepared statements its statements prepare, execute or deallocate, in order:
+    # what an EXECUTE runs depends on the session, so the session decides that part.
+    prepared_names: tuple[PreparedName, ...] = ()
 
 
 _UNRESTRICTED = Decision(True, "no policy")
@@ -122,7 +125,8 @@ def judge(policy: RolePolicy, role: str, sql: str) -> Decision:
         if refusal is not None:
             return Decision(False, refusal[0], refusal[1], statements=summary)
         rules.append(_allowing_rule(policy, facts))
-    return Decision(True, ", ".join(sorted(set(rules))) or "empty", statements=summary)
+    names = tuple(facts.prepared_name for facts in statements if facts.prepared_name is not None)
+    return Decision(True, ", ".join(sorted(set(rules))) or "empty", statements=summary, prepared_names=names)
 
 
 def _allowing_rule(policy: RolePolicy, facts: StatementFacts) -> str:
