@@ -940,3 +940,38 @@ def test_client_sees_what_one_server_would_send_with_errors_anywhere(
     data: st.DataObject, capacity: int
 ) -> None:
     check_sequences(data, capacity, avoid_known_bugs=False)
+
+
+# --- policy generations ---------------------------------------------------------------------------------
+
+
+def test_statements_carry_the_policy_generation_they_were_decided_under() -> None:
+    conn, client = Conn.new(), Client()
+    client.exchange(conn, parse(b"a", T1), parse(b"", T2), sync())
+    statements = client.statements
+    assert (statements.by_name[b"a"].generation, statements.unnamed and statements.unnamed.generation) == (
+        0,
+        0,
+    )
+    assert (statements.by_name[b"a"].text, statements.unnamed and statements.unnamed.text) == (T1, T2)
+    statements.generation = 1  # a reload
+    unnamed = statements.unnamed
+    statements.redecided(b"a", conn.state)
+    statements.redecided(b"", conn.state)
+    assert statements.by_name[b"a"].generation == 1
+    assert statements.unnamed is not None and statements.unnamed.generation == 1
+    assert statements.unnamed is not unnamed and conn.state.unnamed is statements.unnamed
+    # Still the client's own statement on that connection: no second Parse.
+    parses = len(conn.server.parsed_names())
+    assert kinds(client.exchange(conn, bind(b""), execute(), bind(b"a"), execute(), sync())) == "2DC2DCZ"
+    assert len(conn.server.parsed_names()) == parses
+
+
+def test_a_refused_bind_runs_the_raising_block_and_skips_the_rest() -> None:
+    conn, client = Conn.new(), Client()
+    client.exchange(conn, parse(b"a", T1), sync())
+    refused = Refusal("42501", "reading table public.stock is not allowed for role cashier")
+    seen = client.exchange(conn, bind(b"a"), execute(), sync(), refusals={0: refused})
+    assert kinds(seen) == "EZ" and sqlstates(seen) == ["42501"]
+    assert T1 not in seen
+    assert kinds(client.exchange(conn, bind(b"a"), execute(), sync())) == "2DCZ"

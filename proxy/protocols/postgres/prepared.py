@@ -360,17 +360,19 @@ class ClientStatements:
         server.pending.append(Expected(_EXPECT_PARSE, reply, creates=statement.server_name))
         return True
 
-    def redecided(self, statement: Statement, server: ServerState | None) -> None:
-        """``statement`` (named or unnamed) was decided again under the current policy generation."""
-        current = Statement(statement.server_name, statement.body, self.generation)
-        if statement is self.unnamed:
-            self.unnamed = current
-            if server is not None and server.unnamed is statement:
-                server.unnamed = current
+    def redecided(self, name: bytes, server: ServerState | None) -> None:
+        """The statement of ``name`` (empty: the unnamed one) was decided again under the current
+        policy generation."""
+        statement = self.by_name.get(name) if name else self.unnamed
+        if statement is None:
             return
-        for name, known in self.by_name.items():
-            if known is statement:
-                self.by_name[name] = current
+        current = Statement(statement.server_name, statement.body, self.generation)
+        if name:
+            self.by_name[name] = current
+            return
+        self.unnamed = current
+        if server is not None and server.unnamed is statement:
+            server.unnamed = current
 
     def _untouched_cycle_ends(
         self, source: bytes, frames: list[m.Frame], server: ServerState, ready: bool

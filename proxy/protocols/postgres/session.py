@@ -895,7 +895,7 @@ class ClientSession(asyncio.Protocol):
         self._apply_policy(decision, start, refusals, on="bind after policy reload")
         if decision.allowed:
             server = self._server
-            statements.redecided(statement, server.state if server is not None else None)
+            statements.redecided(name, server.state if server is not None else None)
 
     def _refuse_portal_before_reload(
         self, chunk: bytes, start: int, end: int, refusals: dict[int, Refusal]
