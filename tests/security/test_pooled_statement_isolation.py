@@ -250,3 +250,30 @@ def test_a_terminal_reusing_its_unnamed_statement_in_a_later_transaction_runs_it
             received = cashier.read_until_ready()
             assert [kind for kind, _ in received] == [b"2", b"D", b"C", b"Z"], received
             assert data_row_values(received[1][1]) == [b"129"]
+
+
+def test_sql_cannot_name_the_proxys_statements_without_a_policy_either(
+    start_proxy: Any, terminal_pki: TerminalPKI, payroll_schema: None
+) -> None:
+    """A role without a policy may run any SQL, but not another terminal's statement, nor drop it."""
+    proxy = start_proxy(routes={"pos": ONE_CONNECTION})
+    body = PAYROLL.encode() + b"\x00" + struct.pack("!h", 0)
+    server_name = Statement.from_parse_body(body).server_name.decode()
+    with (
+        raw_session(proxy, terminal_pki, terminal_pki.manager) as manager,
+        raw_session(proxy, terminal_pki, terminal_pki.cashier) as cashier,
+    ):
+        manager.send(_parse("salaries", PAYROLL) + SYNC)
+        assert [kind for kind, _ in manager.read_until_ready()] == [b"1", b"Z"]
+        for sql in (
+            f"EXECUTE {server_name}",
+            f"DEALLOCATE {server_name}",
+            "DEALLOCATE PREPARE " + server_name,
+        ):
+            received = run_query(cashier, sql)
+            assert _error(received)["C"] == "42939", (sql, received)
+            assert_nothing_of_the_payroll(received)
+        _assert_serves(cashier)
+        manager.send(_bind("salaries") + EXECUTE + SYNC)
+        received = manager.read_until_ready()
+        assert [data_row_values(p) for kind, p in received if kind == b"D"] == [[b"alice", b"990000"]]
