@@ -390,7 +390,7 @@ class ClientStatements:
         """
         cycle_ends: list[Expected] = []
         in_cycle = False
-        parsed: tuple[int, int] | None = None  # the body of the last unnamed Parse among them
+        parsed = -1  # where the last unnamed Parse among them starts
         dropped = False  # a Query or a Close of the unnamed statement came after it
         for kind, start, end in frames:
             if kind == 0x53:  # 'S' Sync
@@ -403,14 +403,14 @@ class ClientStatements:
                 cycle_ends.append(_READY)
                 ready = False
                 if kind == 0x51:  # 'Q'
-                    parsed, dropped = None, True
+                    parsed, dropped = -1, True
                 continue
             in_cycle = True
             # A statement name, or a message too short or odd to tell: the general path decides.
             if kind == 0x50:  # 'P' Parse: the statement name comes first
                 named = end == start + 5 or source[start + 5] != 0
                 if not named:
-                    parsed, dropped, ready = (start + 6, end), False, True
+                    parsed, dropped, ready = start, False, True
             elif kind == 0x42:  # 'B' Bind: portal name, then statement name
                 unnamed_portal = end > start + 5 and source[start + 5] == 0
                 portal_end = start + 5 if unnamed_portal else source.find(b"\x00", start + 5, end)
@@ -419,7 +419,7 @@ class ClientStatements:
                 named = end < start + 7 or (source[start + 5] == 0x53 and source[start + 6] != 0)
                 if not named and source[start + 5] == 0x53:  # the unnamed statement
                     if kind == 0x43:
-                        parsed, dropped, ready = None, True, False
+                        parsed, dropped, ready = -1, True, False
                     else:
                         named = not ready
             else:
@@ -428,8 +428,8 @@ class ClientStatements:
                 return []
         if not (frames and frames[-1][0] in _CYCLE_ENDERS):
             return []
-        if parsed is not None:
-            self._parsed_unnamed(source, parsed[0], parsed[1], server)
+        if parsed >= 0:
+            self._parsed_unnamed(source, parsed + 6, _message_end(source, parsed), server)
         elif dropped:
             self.unnamed = server.unnamed = None
         return cycle_ends
@@ -607,6 +607,10 @@ def take_ready_synthetics(server: ServerState) -> bytes:
     while pending and pending[0].reply is _SYNTHETIC:
         out += pending.popleft().synthetic
     return out
+
+
+def _message_end(source: bytes, start: int) -> int:
+    return start + 1 + read_i32_be(source, start + 1)
 
 
 def _cstring_end(source: bytes, start: int, end: int) -> int:
