@@ -322,15 +322,11 @@ class ClientStatements:
 
     def _parsed_unnamed(self, source: bytes, body_start: int, end: int, server: ServerState) -> None:
         """The client's Parse of the unnamed statement (its body from ``body_start``) goes to ``server``."""
+        body = source[body_start:end]
         current = self.unnamed
-        if (
-            current is None
-            or current.generation != self.generation
-            or len(current.body) != end - body_start
-            or not source.startswith(current.body, body_start)
-        ):
+        if current is None or current.generation != self.generation or current.body != body:
             # Drivers parse the same few texts over and over: a new object only for a new one.
-            current = self.unnamed = Statement(b"", source[body_start:end], self.generation)
+            current = self.unnamed = Statement(b"", body, self.generation)
         server.unnamed = current
 
     def _refuse_unknown(self, name: bytes, out: list[bytes], server: ServerState) -> None:
