@@ -13,9 +13,10 @@ than the one it prepared its statements on. The proxy therefore:
   used one on the server when a new one needs room;
 * follows each client's unnamed statement itself: a server connection's unnamed statement
   may be another client's (it outlives transactions, 55.2.3), so a Bind or Describe of the
-  unnamed statement reaches the server only right behind the client's own Parse of it, else
-  the proxy parses the client's statement again first, or answers as the server would when
-  the client has none.
+  unnamed statement reaches the server only where the proxy knows the client's own is there
+  (behind its Parse in the same cycle, or on that connection with every reply in and no
+  error since); elsewhere the proxy parses the client's statement again first, or answers as
+  the server would when the client has none.
 
 Responses arrive in the order requests were sent (55.2.3), so a FIFO of expected replies is
 enough to know which server message answers which request.
