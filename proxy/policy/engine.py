@@ -9,7 +9,7 @@ from typing import Generic, TypeVar
 
 from proxy.policy.encodings import DEFAULT_ENCODING, python_codec
 from proxy.policy.model import DENIED_STATEMENTS, PolicyMode, RolePolicy
-from proxy.policy.postgres import ParseError, StatementFacts, analyze
+from proxy.policy.postgres import ParseError, PreparedName, StatementFacts, analyze
 from proxy.policy.redact import unparsable
 
 K = TypeVar("K")
@@ -31,6 +31,9 @@ class Decision:
     # (fingerprint, normalized text) of each statement, for learn mode and the logs: literals and
     # comments taken out (proxy.policy.redact); ("", size and digest) for text that is not SQL.
     statements: tuple[tuple[str, str], ...] = ()
+    # The SQL-level prepared statements its statements prepare, execute or deallocate, in order:
+    # what an EXECUTE runs depends on the session, so the session decides that part.
+    prepared_names: tuple[PreparedName, ...] = ()
 
 
 _UNRESTRICTED = Decision(True, "no policy")
@@ -149,7 +152,8 @@ def judge(policy: RolePolicy, role: str, sql: str, encoding: str = DEFAULT_ENCOD
         if refusal is not None:
             return Decision(False, refusal[0], refusal[1], statements=summary)
         rules.append(_allowing_rule(policy, facts))
-    return Decision(True, ", ".join(sorted(set(rules))) or "empty", statements=summary)
+    names = tuple(facts.prepared_name for facts in statements if facts.prepared_name is not None)
+    return Decision(True, ", ".join(sorted(set(rules))) or "empty", statements=summary, prepared_names=names)
 
 
 def _allowing_rule(policy: RolePolicy, facts: StatementFacts) -> str:

@@ -16,7 +16,7 @@ from pglast.parser import ParseError, fingerprint
 from proxy.policy.model import FunctionName
 from proxy.policy.redact import log_text
 
-__all__ = ["ParseError", "StatementFacts", "analyze"]
+__all__ = ["ParseError", "PreparedName", "StatementFacts", "analyze"]
 
 # Settings set_config may not touch: they change who the session is or what it can see.
 SENSITIVE_SETTINGS = frozenset(
@@ -99,6 +99,17 @@ _ALLOWED_BY_CLASS = {
 
 
 @dataclass(frozen=True, slots=True)
+class PreparedName:
+    """A SQL-level prepared statement a statement names: PREPARE, EXECUTE or DEALLOCATE of it.
+
+    A session follows these to decide each EXECUTE by what it runs (session.py)."""
+
+    action: str  # PREPARE, EXECUTE or DEALLOCATE (DISCARD ALL deallocates all)
+    name: str | None  # as the server reads it; None: every one (DEALLOCATE ALL, DISCARD ALL)
+    text: str = ""  # PREPARE: the whole statement, decided again for each EXECUTE of the name
+
+
+@dataclass(frozen=True, slots=True)
 class StatementFacts:
     """One statement: its kind, what it reads, writes, locks and calls, and its fingerprint."""
 
@@ -117,6 +128,7 @@ class StatementFacts:
     resets_settings: bool  # RESET ALL or DISCARD ALL: client_encoding too returns to its reset value
     fingerprint: str
     normalized: str
+    prepared_name: PreparedName | None = None
 
 
 def analyze(sql: str, search_path: tuple[str, ...]) -> list[StatementFacts]:
@@ -162,7 +174,20 @@ def _facts(statement: ast.Node, text: str, search_path: tuple[str, ...]) -> Stat
         resets_settings=_resets_settings(statement),
         fingerprint=_fingerprint(text),
         normalized=log_text(text),
+        prepared_name=_prepared_name(statement, collector.executes, text),
     )
+
+
+def _prepared_name(statement: ast.Node, executes: str | None, text: str) -> PreparedName | None:
+    if isinstance(statement, ast.PrepareStmt):
+        return PreparedName("PREPARE", statement.name, text)
+    if isinstance(statement, ast.DeallocateStmt):
+        return PreparedName("DEALLOCATE", statement.name)
+    if isinstance(statement, ast.DiscardStmt) and statement.target is enums.DiscardMode.DISCARD_ALL:
+        return PreparedName("DEALLOCATE", None)
+    if executes is not None:  # EXECUTE, also inside EXPLAIN or CREATE TABLE AS
+        return PreparedName("EXECUTE", executes)
+    return None
 
 
 def _classify(statement: ast.Node) -> tuple[str, str, set[str]]:
@@ -230,6 +255,7 @@ class _Collector(visitors.Visitor):
         self.sequences: set[str] = set()
         self.unnamed_sequence_calls: set[str] = set()
         self.select_into = False
+        self.executes: str | None = None  # the prepared statement an EXECUTE in it runs
         self.locks_all_from = False
         self.unbounded_write = False
         self._write_targets: set[int] = set()
@@ -309,6 +335,9 @@ class _Collector(visitors.Visitor):
 
     def visit_PrepareStmt(self, ancestors: object, node: ast.PrepareStmt) -> None:
         self.nested_kinds.add(_nested_kind(node.query))
+
+    def visit_ExecuteStmt(self, ancestors: object, node: ast.ExecuteStmt) -> None:
+        self.executes = node.name
 
     def visit_ExplainStmt(self, ancestors: object, node: ast.ExplainStmt) -> None:
         self.nested_kinds.add(_nested_kind(node.query))

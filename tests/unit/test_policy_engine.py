@@ -525,3 +525,46 @@ def test_policy_file_must_be_a_mapping(tmp_path: Path) -> None:
     assert problems(tmp_path, cashier="- SELECT\n") == [
         "roles.cashier.policy: expected a mapping, got a list"
     ]
+
+
+# --- SQL prepared statements: what a session must follow ---------------------------------------------------
+
+PREPARING = RolePolicy(
+    kinds=frozenset({"SELECT", "PREPARE", "EXECUTE", "DEALLOCATE", "EXPLAIN", "DISCARD"}),
+    read_tables=frozenset({"public.products"}),
+    stacked_queries=True,
+)
+
+
+@pytest.mark.parametrize(
+    ("sql", "names"),
+    [
+        ("SELECT name FROM products", []),
+        ("PREPARE q (text) AS SELECT name FROM products WHERE sku = $1", [("PREPARE", "q")]),
+        ("EXECUTE q ('x')", [("EXECUTE", "q")]),
+        ('EXECUTE "Q"', [("EXECUTE", "Q")]),
+        ("EXPLAIN ANALYZE EXECUTE Q", [("EXECUTE", "q")]),
+        ("DEALLOCATE q", [("DEALLOCATE", "q")]),
+        ("DEALLOCATE ALL", [("DEALLOCATE", None)]),
+        ("DISCARD ALL", [("DEALLOCATE", None)]),
+        (
+            "PREPARE a AS SELECT 1; EXECUTE a; DEALLOCATE a",
+            [("PREPARE", "a"), ("EXECUTE", "a"), ("DEALLOCATE", "a")],
+        ),
+    ],
+)
+def test_decisions_name_the_sql_prepared_statements_they_use(
+    sql: str, names: list[tuple[str, str | None]]
+) -> None:
+    decision = PolicyEngine({"cashier": PREPARING}).decide("cashier", sql.encode())
+    assert decision.allowed, decision
+    assert [(use.action, use.name) for use in decision.prepared_names] == names
+
+
+def test_a_prepare_carries_its_whole_text_to_decide_again() -> None:
+    sql = "PREPARE q (text) AS SELECT name FROM products WHERE sku = $1"
+    (use,) = PolicyEngine({"cashier": PREPARING}).decide("cashier", sql.encode()).prepared_names
+    assert use.text == sql
+    # What the session decides for each EXECUTE of q: here refused, the table is not readable.
+    forbidding = RolePolicy(kinds=PREPARING.kinds, read_tables=frozenset({"public.stock"}))
+    assert not PolicyEngine({"cashier": forbidding}).decide("cashier", use.text.encode()).allowed

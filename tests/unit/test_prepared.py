@@ -151,12 +151,15 @@ class FakeServer:
     def _handle(self, kind: str, body: bytes) -> bytes:
         if kind == "Q":
             text, _ = _cstring(body, 0)
+            self.statements.pop(b"", None)  # exec_simple_query drops the unnamed statement first
             self._check_parses(text)
             self._run(text)
             return m.build_message(b"C", b"SELECT 1\x00") + m.build_ready_for_query(b"I")
         if kind == "P":
             name, position = _cstring(body, 0)
             text, position = _cstring(body, position)
+            if not name:
+                self.statements.pop(b"", None)  # exec_parse_message drops it before parsing
             self._check_parses(text)
             if name and name in self.statements:
                 self.duplicate_parses += 1
@@ -715,6 +718,71 @@ def test_refused_query_is_replaced_by_a_query() -> None:
     assert not conn.state.pending
 
 
+# --- the unnamed statement: a client reaches only its own ----------------------------------------------
+
+PAYROLL = b"SELECT salary FROM payroll"
+
+
+@pytest.mark.parametrize("reuse", [[bind(b""), execute()], [describe(b"S", b"")]])
+def test_unnamed_statement_another_client_left_is_never_reached(reuse: list[bytes]) -> None:
+    conn, manager, cashier = Conn.new(), Client(), Client()
+    manager.exchange(conn, parse(b"", PAYROLL), sync())
+    before = len(conn.server.received)
+    seen = cashier.exchange(conn, *reuse, sync())
+    assert seen == reference(*reuse, sync())  # what the cashier's own server says: 26000
+    assert sqlstates(seen) == ["26000"]
+    # The raising block in place of the cashier's Bind or Describe, which never reach the server.
+    sent = conn.server.received[before:]
+    assert "".join(kind for kind, _ in sent) == "PBE" + kinds(b"".join(reuse[1:])) + "S"
+    assert sent[0][1].startswith(b"\x00DO $refused_")
+    assert b"payroll" not in seen
+
+
+def test_unnamed_statement_is_parsed_again_where_another_client_left_one() -> None:
+    first, second, client, other = Conn.new(), Conn.new(), Client(), Client()
+    client.exchange(first, parse(b"", T1), sync())
+    other.exchange(second, parse(b"", PAYROLL), sync())
+    # The client's next transaction lands on the other connection: it still runs its own statement.
+    seen = client.exchange(second, bind(b""), execute(), sync())
+    assert kinds(seen) == "2DCZ"
+    assert T1 in seen and b"payroll" not in seen
+    assert second.server.parsed_names()[-1] == b""  # parsed again, its ParseComplete dropped
+    # Back on its first connection, where its statement still is: no second Parse.
+    parses = len(first.server.parsed_names())
+    assert kinds(client.exchange(first, bind(b""), execute(), sync())) == "2DCZ"
+    assert len(first.server.parsed_names()) == parses
+
+
+def test_a_parse_skipped_after_an_error_cannot_leave_another_clients_statement_bound() -> None:
+    conn, manager, cashier = Conn.new(), Client(), Client()
+    manager.exchange(conn, parse(b"", PAYROLL), sync())
+    # The cashier's Parse follows an error: the server skips it and keeps the manager's statement.
+    # The next cycle is sent before any reply is read (pipelined) and binds "its" unnamed statement.
+    seen = cashier.send(conn, execute(b"no such portal") + parse(b"", T1) + sync())
+    seen += cashier.send(conn, bind(b"") + execute() + sync())
+    seen += conn.deliver()
+    assert b"payroll" not in seen
+    assert kinds(seen) == "EZ2DCZ"  # 34000, then the cashier's own statement, parsed again
+    assert sqlstates(seen) == ["34000"]
+    assert T1 in seen
+
+
+def test_after_a_simple_query_the_unnamed_statement_is_gone() -> None:
+    conn, client = Conn.new(), Client()
+    messages = [parse(b"", T1), sync(), query(T2), bind(b""), execute(), sync()]
+    seen = client.exchange(conn, *messages[:3]) + client.exchange(conn, *messages[3:])
+    assert seen == reference(*messages)
+    assert sqlstates(seen) == ["26000"]
+
+
+def test_close_of_the_unnamed_statement_ends_it_for_the_client() -> None:
+    conn, client = Conn.new(), Client()
+    messages = [parse(b"", T1), sync(), close(b"S", b""), sync(), bind(b""), execute(), sync()]
+    seen = client.exchange(conn, *messages[:4]) + client.exchange(conn, *messages[4:])
+    assert seen == reference(*messages)
+    assert sqlstates(seen) == ["26000"]
+
+
 # --- property: any sequence of client operations looks like one real server -------------------------------
 
 NAMES = (b"a", b"b", b"c")
@@ -726,7 +794,17 @@ TEXTS: tuple[tuple[bytes, tuple[int, ...]], ...] = (
     (T4, ()),
 )
 BAD = b"SELEC oops"
-OPS = ("parse", "bind", "describe", "close", "unnamed", "query", "flush", "portal")
+OPS = ("parse", "bind", "describe", "close", "unnamed", "query", "flush", "portal", "reuse")
+
+
+@dataclass
+class UnnamedModel:
+    """Where the proxy knowingly differs from one server about a client's unnamed statement: after
+    a Parse of it that failed or was skipped, or a Query or Close skipped after an error, the proxy
+    takes the client's last Parse (or the drop) as done, so reusing it answers differently (never
+    with another client's statement)."""
+
+    unsure: bool = False
 
 
 @dataclass
@@ -735,16 +813,20 @@ class Batch:
     expected: list[bytes] = field(default_factory=list)
 
 
-def draw_batch(data: st.DataObject, ref: FakeServer, *, avoid_known_bugs: bool) -> Batch:
+def draw_batch(
+    data: st.DataObject, ref: FakeServer, *, avoid_known_bugs: bool, unnamed: UnnamedModel | None = None
+) -> Batch:
     """Client messages up to a Sync, each fed to the client's reference server as it is drawn.
 
     Left out, as deliberate differences from a real server rather than what is tested here:
     a Parse of a name the client already has (the proxy replaces it instead of failing with 42P05),
     named Parse or Close while the server discards messages after an error (the proxy applies them
-    anyway), and a named Parse of text that fails (the proxy remembers the name).
+    anyway), a named Parse of text that fails (the proxy remembers the name), and reusing the
+    unnamed statement where the proxy's idea of it differs (UnnamedModel).
     """
     batch = Batch()
     last = ""
+    unnamed = unnamed if unnamed is not None else UnnamedModel()
 
     def add(*messages: bytes) -> None:
         for message in messages:
@@ -772,10 +854,22 @@ def draw_batch(data: st.DataObject, ref: FakeServer, *, avoid_known_bugs: bool) 
             add(close(b"S", name))
         elif op == "unnamed":
             text, types = data.draw(st.sampled_from((*TEXTS, (BAD, ()))), label="text")
+            unnamed.unsure = ref.skipping or text == BAD
             add(parse(b"", text, types), bind(b""), execute())
+        elif op == "reuse":
+            # The unnamed statement again, without parsing it: a later cycle, maybe another connection.
+            if unnamed.unsure:
+                continue
+            what = data.draw(st.sampled_from(("bind", "describe", "close")), label="reuse")
+            if what == "close":
+                unnamed.unsure = ref.skipping
+                add(close(b"S", b""))
+            else:
+                add(*((bind(b""), execute()) if what == "bind" else (describe(b"S", b""),)))
         elif op == "query":
             if avoid_known_bugs and ref.skipping:
                 continue
+            unnamed.unsure = ref.skipping
             add(query(data.draw(st.sampled_from((T1, BAD)), label="query")))
         elif op == "flush":
             add(flush())
@@ -814,10 +908,11 @@ def check_sequences(data: st.DataObject, capacity: int, *, avoid_known_bugs: boo
     conns = [Conn.new(capacity, {BAD}), Conn.new(capacity, {BAD})]
     clients = [Client(), Client()]
     refs = [FakeServer(fail_texts={BAD}), FakeServer(fail_texts={BAD})]
+    models = [UnnamedModel(), UnnamedModel()]
     for _ in range(data.draw(st.integers(1, 8), label="transactions")):
         who = data.draw(st.integers(0, 1), label="client")
         conn = data.draw(st.sampled_from(conns), label="server connection")
-        batch = draw_batch(data, refs[who], avoid_known_bugs=avoid_known_bugs)
+        batch = draw_batch(data, refs[who], avoid_known_bugs=avoid_known_bugs, unnamed=models[who])
         seen = run_batch(data, clients[who], conn, batch, avoid_known_bugs=avoid_known_bugs)
         assert frames_of(seen) == frames_of(b"".join(batch.expected))
         assert not conn.state.pending
@@ -845,3 +940,38 @@ def test_client_sees_what_one_server_would_send_with_errors_anywhere(
     data: st.DataObject, capacity: int
 ) -> None:
     check_sequences(data, capacity, avoid_known_bugs=False)
+
+
+# --- policy generations ---------------------------------------------------------------------------------
+
+
+def test_statements_carry_the_policy_generation_they_were_decided_under() -> None:
+    conn, client = Conn.new(), Client()
+    client.exchange(conn, parse(b"a", T1), parse(b"", T2), sync())
+    statements = client.statements
+    assert (statements.by_name[b"a"].generation, statements.unnamed and statements.unnamed.generation) == (
+        0,
+        0,
+    )
+    assert (statements.by_name[b"a"].text, statements.unnamed and statements.unnamed.text) == (T1, T2)
+    statements.generation = 1  # a reload
+    unnamed = statements.unnamed
+    statements.redecided(b"a", conn.state)
+    statements.redecided(b"", conn.state)
+    assert statements.by_name[b"a"].generation == 1
+    assert statements.unnamed is not None and statements.unnamed.generation == 1
+    assert statements.unnamed is not unnamed and conn.state.unnamed is statements.unnamed
+    # Still the client's own statement on that connection: no second Parse.
+    parses = len(conn.server.parsed_names())
+    assert kinds(client.exchange(conn, bind(b""), execute(), bind(b"a"), execute(), sync())) == "2DC2DCZ"
+    assert len(conn.server.parsed_names()) == parses
+
+
+def test_a_refused_bind_runs_the_raising_block_and_skips_the_rest() -> None:
+    conn, client = Conn.new(), Client()
+    client.exchange(conn, parse(b"a", T1), sync())
+    refused = Refusal("42501", "reading table public.stock is not allowed for role cashier")
+    seen = client.exchange(conn, bind(b"a"), execute(), sync(), refusals={0: refused})
+    assert kinds(seen) == "EZ" and sqlstates(seen) == ["42501"]
+    assert T1 not in seen
+    assert kinds(client.exchange(conn, bind(b"a"), execute(), sync())) == "2DCZ"

@@ -19,6 +19,7 @@ from proxy.protocols.postgres.sessionstate import (
 
 NONE, STATE, FORGETS = Effect.NONE, Effect.SESSION_STATE, Effect.FORGETS_STATEMENTS
 ENCODING = Effect.UNSUPPORTED_ENCODING
+RESERVED = Effect.RESERVED_NAME
 
 CASES: list[tuple[str, Effect]] = [
     # Plain statements
@@ -159,6 +160,21 @@ CASES: list[tuple[str, Effect]] = [
     ("DISCARD ALL; LISTEN orders", STATE),
     ("LISTEN orders; DISCARD ALL", STATE),
     ("SELECT 1; SELECT 2", NONE),
+    # The proxy's own statement names (prepared.SERVER_NAME_PREFIX), as the server reads names
+    ("EXECUTE pdp_0123abcd", RESERVED),
+    ("execute PDP_0123abcd (1, 'a')", RESERVED),
+    ('EXECUTE "pdp_0123abcd"', RESERVED),
+    ('EXECUTE U&"pdp\\005f0123abcd"', RESERVED),
+    ("EXPLAIN ANALYZE EXECUTE pdp_0123abcd", RESERVED),
+    ("CREATE TABLE t AS EXECUTE pdp_0123abcd", RESERVED),
+    ("DEALLOCATE pdp_0123abcd", RESERVED),
+    ("DEALLOCATE PREPARE pdp_0123abcd", RESERVED),
+    ("PREPARE pdp_0123abcd AS SELECT 1", RESERVED),
+    ("LISTEN x; EXECUTE pdp_0123abcd", RESERVED),
+    ("EXECUTE pdp_0123abcd; LISTEN x", RESERVED),
+    ('EXECUTE "PDP_0123abcd"', NONE),  # quoted: another name than the proxy's
+    ("EXECUTE my_statement", NONE),
+    ("SELECT 'pdp_0123abcd'", NONE),
     # Unparsable
     ("SET work_mem =", NONE),
     ("SELEC pg_advisory_lock(1)", NONE),
@@ -260,7 +276,7 @@ def parse_only(sql: str) -> Classification:
     for raw in statements:
         if raw.stmt is not None:
             finder(raw.stmt)
-        if finder.result.effect is ENCODING:
+        if finder.result.effect in (ENCODING, RESERVED):
             break
     return finder.result
 

@@ -10,7 +10,13 @@ than the one it prepared its statements on. The proxy therefore:
   when nothing needs to reach the server, and drops the server's answers to the messages it
   added on its own;
 * keeps at most ``capacity`` statements per server connection, closing the least recently
-  used one on the server when a new one needs room.
+  used one on the server when a new one needs room;
+* follows each client's unnamed statement itself: a server connection's unnamed statement
+  may be another client's (it outlives transactions, 55.2.3), so a Bind or Describe of the
+  unnamed statement reaches the server only where the proxy knows the client's own is there
+  (behind its Parse in the same cycle, or on that connection with every reply in and no
+  error since); elsewhere the proxy parses the client's statement again first, or answers as
+  the server would when the client has none.
 
 Responses arrive in the order requests were sent (55.2.3), so a FIFO of expected replies is
 enough to know which server message answers which request.
@@ -21,7 +27,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -85,20 +91,33 @@ _DESCRIBED: Final = Expected(_EXPECT_DESCRIBE)
 _EXECUTED: Final = Expected(_EXPECT_EXECUTE)
 _READY: Final = Expected(_EXPECT_READY)
 _SYNCED: Final = Expected(_EXPECT_READY, sync=True)
+# A Parse the proxy added: its ParseComplete is not the client's.
+_PARSED_QUIETLY: Final = Expected(_EXPECT_PARSE, Reply.DROP)
 _ANSWERS: Final = {0x42: _BOUND, 0x44: _DESCRIBED, 0x43: _CLOSED}
+
+
+# Server-side names of the proxy's statements start with this: no client may name one in SQL.
+SERVER_NAME_PREFIX: Final = "pdp_"
 
 
 @dataclass(frozen=True, slots=True)
 class Statement:
-    """A client's named statement: its server-side name and the Parse body after the name."""
+    """A client's prepared statement: its server-side name (empty for the unnamed statement), the
+    Parse body after the name, and the policy generation its text was last decided under."""
 
     server_name: bytes
     body: bytes
+    generation: int = 0
 
     @classmethod
-    def from_parse_body(cls, body: bytes) -> Statement:
+    def from_parse_body(cls, body: bytes, generation: int = 0) -> Statement:
         digest = hashlib.blake2b(body, digest_size=12).hexdigest()
-        return cls(f"pdp_{digest}".encode(), body)
+        return cls(f"{SERVER_NAME_PREFIX}{digest}".encode(), body, generation)
+
+    @property
+    def text(self) -> bytes:
+        """The statement text, as the policy decides it."""
+        return self.body[: self.body.find(b"\x00")]
 
     def parse_message(self) -> bytes:
         return m.build_message(b"P", self.server_name + b"\x00" + self.body)
@@ -156,13 +175,26 @@ class ServerState:
     # An extended-protocol error was seen and its Sync has not been sent yet: until then the
     # server discards whatever else arrives, and so must the reply queue.
     skipping: bool = False
+    # The client statement whose Parse last filled the server's unnamed statement; None when the
+    # proxy cannot vouch for what is there. Whether that Parse ran is certain only later in its
+    # cycle, or once every reply is in with no error (an error clears this).
+    unnamed: Statement | None = None
+
+    def forget_unnamed(self) -> None:
+        """The server's unnamed statement is gone or unknown (a simple Query, a reset)."""
+        self.unnamed = None
 
 
 class ClientStatements:
-    """One client's named statements, and the rewriting of its messages for a server connection."""
+    """One client's prepared statements, and the rewriting of its messages for a server connection."""
 
     def __init__(self, stats: StatementStats) -> None:
         self.by_name: dict[bytes, Statement] = {}
+        # The client's unnamed statement (55.2.3): from its Parse to its next unnamed Parse, simple
+        # Query or Close of it; None while it has none.
+        self.unnamed: Statement | None = None
+        # The policy generation the session decides new statements under (it counts reloads).
+        self.generation = 0
         self.stats = stats
 
     def rewrite(
@@ -175,15 +207,18 @@ class ClientStatements:
     ) -> bytes:
         """Turn whole client messages into what the current server connection must receive.
 
-        ``refusals`` maps the start offset of a refused Query, Parse or FunctionCall to the
-        refusal that replaces it; ``forget_at`` holds the offsets of messages after which the
+        ``refusals`` maps the start offset of a refused Query, Parse, Bind, Execute or FunctionCall
+        to the refusal that replaces it; ``forget_at`` holds the offsets of messages after which the
         server has no prepared statements left (DISCARD ALL, DEALLOCATE ALL).
         """
         pending = server.pending
+        # Whether a Bind or Describe of the unnamed statement reaches this client's own: its Parse
+        # went to this server, and every reply is in without an error that could mean it failed.
+        ready = self.unnamed is not None and server.unnamed is self.unnamed and not pending
         if not (refusals or forget_at or server.skipping) and (
             not pending or pending[-1].ends_with == _EXPECT_READY
         ):
-            cycle_ends = _untouched_cycle_ends(source, frames)
+            cycle_ends = self._untouched_cycle_ends(source, frames, server, ready)
             if cycle_ends:
                 # Nothing to rename, answer or drop: each cycle's replies pass on whole up to its
                 # ReadyForQuery, so the expectation of its end is all the reply filter needs.
@@ -199,18 +234,27 @@ class ClientStatements:
                 splice.drop(start, end)
                 refusal = refusals[start]
                 if kind in _EXTENDED_REFUSABLE:
-                    _raise_in_place(refusal, out, expect)
+                    _raise_in_place(refusal, out, server)
+                    if kind == 0x50 and source[body_start] == 0:
+                        # As after a failed Parse of it: the client has no unnamed statement.
+                        self.unnamed = None
                 else:
                     out.append(refusal.as_query())
                     expect(_READY)
+                    server.unnamed = None
+                    if kind == 0x51:  # the client's Query would have dropped it on the server too
+                        self.unnamed = None
+                ready = False
                 continue
             if kind == 0x50:  # 'P' Parse
                 name_end = _cstring_end(source, body_start, end)
                 if name_end == body_start:
+                    self._parsed_unnamed(source, name_end + 1, end, server)
+                    ready = True
                     expect(_PARSED)
                     continue
                 splice.drop(start, end)
-                parsed = Statement.from_parse_body(source[name_end + 1 : end])
+                parsed = Statement.from_parse_body(source[name_end + 1 : end], self.generation)
                 self.by_name[source[body_start:name_end]] = parsed
                 if not self._prepare(parsed, server, out, Reply.FORWARD):
                     expect(Expected(_EXPECT_PARSE, Reply.SYNTHETIC, _PARSE_COMPLETE))
@@ -223,7 +267,25 @@ class ClientStatements:
                     name_start = -1
                 name_end = _cstring_end(source, name_start, end) if name_start > 0 else name_start
                 answer = _ANSWERS[kind]
-                if name_end <= name_start:  # a portal or the unnamed statement
+                if name_start < 0:  # a portal: it ends with its transaction, which no other client shares
+                    expect(answer)
+                    continue
+                if name_end == name_start:  # the unnamed statement
+                    if kind == 0x43:  # Close: gone for the client and from the server
+                        self.unnamed = server.unnamed = None
+                        ready = False
+                    elif not ready:
+                        statement = self.unnamed
+                        if statement is None:
+                            splice.drop(start, end)
+                            _raise_in_place(_NO_UNNAMED_STATEMENT, out, server)
+                            continue
+                        # The server's unnamed statement may be another client's: parse ours again.
+                        splice.flush(start)
+                        out.append(statement.parse_message())
+                        expect(_PARSED_QUIETLY)
+                        server.unnamed = statement
+                        ready = True
                     expect(answer)
                     continue
                 splice.drop(start, end)
@@ -236,7 +298,8 @@ class ClientStatements:
                     continue
                 statement = self.by_name.get(name)
                 if statement is None:
-                    self._refuse_unknown(name, out, expect)
+                    self._refuse_unknown(name, out, server)
+                    ready = False
                     continue
                 self._prepare(statement, server, out, Reply.DROP)
                 renamed = source[body_start:name_start] + statement.server_name + source[name_end:end]
@@ -245,16 +308,29 @@ class ClientStatements:
             else:
                 if kind == 0x45:  # 'E' Execute
                     expect(_EXECUTED)
-                elif kind == 0x53:  # 'S' Sync
+                elif kind == 0x53:  # 'S' Sync: the next cycle cannot tell whether this one's Parse ran
                     expect(_SYNCED)
+                    ready = False
                 elif kind in _CYCLE_ENDERS:
                     expect(_READY)
+                    ready = False
+                    if kind == 0x51:  # 'Q': the server drops the unnamed statement (exec_simple_query)
+                        self.unnamed = server.unnamed = None
                 if start in forget_at:
                     server.statements.clear()
         splice.finish(frames)
         return b"".join(out)
 
-    def _refuse_unknown(self, name: bytes, out: list[bytes], expect: Callable[[Expected], None]) -> None:
+    def _parsed_unnamed(self, source: bytes, body_start: int, end: int, server: ServerState) -> None:
+        """The client's Parse of the unnamed statement (its body from ``body_start``) goes to ``server``."""
+        body = source[body_start:end]
+        current = self.unnamed
+        if current is None or current.generation != self.generation or current.body != body:
+            # Drivers parse the same few texts over and over: a new object only for a new one.
+            current = self.unnamed = Statement(b"", body, self.generation)
+        server.unnamed = current
+
+    def _refuse_unknown(self, name: bytes, out: list[bytes], server: ServerState) -> None:
         """A Bind or Describe of a name this client never prepared gets the server's own error.
 
         Forwarding the name could reach a server-side statement someone else prepared (server
@@ -263,7 +339,7 @@ class ClientStatements:
         """
         label = name.decode("utf-8", errors="replace")
         _raise_in_place(
-            Refusal(_UNDEFINED_STATEMENT, f'prepared statement "{label}" does not exist'), out, expect
+            Refusal(_UNDEFINED_STATEMENT, f'prepared statement "{label}" does not exist'), out, server
         )
 
     def _prepare(self, statement: Statement, server: ServerState, out: list[bytes], reply: Reply) -> bool:
@@ -281,50 +357,87 @@ class ClientStatements:
         server.pending.append(Expected(_EXPECT_PARSE, reply, creates=statement.server_name))
         return True
 
+    def redecided(self, name: bytes, server: ServerState | None) -> None:
+        """The statement of ``name`` (empty: the unnamed one) was decided again under the current
+        policy generation."""
+        statement = self.by_name.get(name) if name else self.unnamed
+        if statement is None:
+            return
+        current = Statement(statement.server_name, statement.body, self.generation)
+        if name:
+            self.by_name[name] = current
+            return
+        self.unnamed = current
+        if server is not None and server.unnamed is statement:
+            server.unnamed = current
 
-def _untouched_cycle_ends(source: bytes, frames: list[m.Frame]) -> list[Expected]:
-    """The reply expectations of client messages that reach the server as they are (only the
-    unnamed statement, ending with a cycle's end): one per Sync, Query or FunctionCall, as the
-    general path has them; empty for messages the proxy must look at closer.
+    def _untouched_cycle_ends(
+        self, source: bytes, frames: list[m.Frame], server: ServerState, ready: bool
+    ) -> list[Expected]:
+        """The reply expectations of client messages that reach the server as they are (only the
+        unnamed statement, ending with a cycle's end): one per Sync, Query or FunctionCall, as the
+        general path has them; empty for messages the proxy must look at closer.
 
-    A Query or FunctionCall inside an extended-protocol cycle gets no ReadyForQuery when an
-    earlier message of the cycle fails (the server skips to Sync): such batches take the
-    general path, which follows the skipping message by message. A Sync keeps its mark
-    (_SYNCED): it is where that skipping ends, also for a cycle opened by an earlier batch.
-    """
-    cycle_ends: list[Expected] = []
-    in_cycle = False
-    for kind, start, end in frames:
-        if kind == 0x53:  # 'S' Sync
-            cycle_ends.append(_SYNCED)
-            in_cycle = False
-            continue
-        if kind in _CYCLE_ENDERS:
-            if in_cycle:
+        A Query or FunctionCall inside an extended-protocol cycle gets no ReadyForQuery when an
+        earlier message of the cycle fails (the server skips to Sync): such batches take the
+        general path, which follows the skipping message by message. A Sync keeps its mark
+        (_SYNCED): it is where that skipping ends, also for a cycle opened by an earlier batch.
+        A Bind or Describe of the unnamed statement that is not ``ready`` (see rewrite) takes the
+        general path too; the unnamed statement the messages leave behind is noted as rewrite does.
+        """
+        cycle_ends: list[Expected] = []
+        in_cycle = False
+        parsed = -1  # where the last unnamed Parse among them starts
+        dropped = False  # a Query or a Close of the unnamed statement came after it
+        for kind, start, end in frames:
+            if kind == 0x53:  # 'S' Sync
+                cycle_ends.append(_SYNCED)
+                in_cycle = ready = False
+                continue
+            if kind in _CYCLE_ENDERS:
+                if in_cycle:
+                    return []
+                cycle_ends.append(_READY)
+                ready = False
+                if kind == 0x51:  # 'Q'
+                    parsed, dropped = -1, True
+                continue
+            in_cycle = True
+            # A statement name, or a message too short or odd to tell: the general path decides.
+            if kind == 0x50:  # 'P' Parse: the statement name comes first
+                named = end == start + 5 or source[start + 5] != 0
+                if not named:
+                    parsed, dropped, ready = start, False, True
+            elif kind == 0x42:  # 'B' Bind: portal name, then statement name
+                unnamed_portal = end > start + 5 and source[start + 5] == 0
+                portal_end = start + 5 if unnamed_portal else source.find(b"\x00", start + 5, end)
+                named = portal_end < 0 or portal_end + 1 >= end or source[portal_end + 1] != 0 or not ready
+            elif kind in _DESCRIBE_CLOSE:  # 'S' + a statement's name, or 'P' + a portal's
+                named = end < start + 7 or (source[start + 5] == 0x53 and source[start + 6] != 0)
+                if not named and source[start + 5] == 0x53:  # the unnamed statement
+                    if kind == 0x43:
+                        parsed, dropped, ready = -1, True, False
+                    else:
+                        named = not ready
+            else:
+                named = False
+            if named:
                 return []
-            cycle_ends.append(_READY)
-            continue
-        in_cycle = True
-        # A statement name, or a message too short or odd to tell: the general path decides.
-        if kind == 0x50:  # 'P' Parse: the statement name comes first
-            named = end == start + 5 or source[start + 5] != 0
-        elif kind == 0x42:  # 'B' Bind: portal name, then statement name
-            unnamed_portal = end > start + 5 and source[start + 5] == 0
-            portal_end = start + 5 if unnamed_portal else source.find(b"\x00", start + 5, end)
-            named = portal_end < 0 or portal_end + 1 >= end or source[portal_end + 1] != 0
-        elif kind in _DESCRIBE_CLOSE:  # 'S' + a statement's name, or 'P' + a portal's
-            named = end < start + 7 or (source[start + 5] == 0x53 and source[start + 6] != 0)
-        else:
-            named = False
-        if named:
+        if not (frames and frames[-1][0] in _CYCLE_ENDERS):
             return []
-    return cycle_ends if frames and frames[-1][0] in _CYCLE_ENDERS else []
+        if parsed >= 0:
+            self._parsed_unnamed(source, parsed + 6, _message_end(source, parsed), server)
+        elif dropped:
+            self.unnamed = server.unnamed = None
+        return cycle_ends
 
 
 _UNDEFINED_STATEMENT: Final = "26000"  # invalid_sql_statement_name
-# Parse (a refused statement) and Execute (an execution over a rate limit) are refused inside the
-# client's extended-protocol cycle; a Query or FunctionCall is replaced by a Query.
-_EXTENDED_REFUSABLE: Final = frozenset(b"PE")
+_NO_UNNAMED_STATEMENT: Final = Refusal(_UNDEFINED_STATEMENT, "unnamed prepared statement does not exist")
+# Parse (a refused statement), Bind (a statement the current policy refuses) and Execute (an
+# execution over a rate limit) are refused inside the client's extended-protocol cycle; a Query or
+# FunctionCall is replaced by a Query.
+_EXTENDED_REFUSABLE: Final = frozenset(b"PBE")
 _CYCLE_ENDERS: Final = frozenset(b"SQF")  # Sync, Query, FunctionCall: each gets one ReadyForQuery
 # Bind, Describe and Close name a prepared statement the proxy may have to rename.
 _NAMING_MESSAGES: Final = frozenset(b"BDC")
@@ -354,6 +467,8 @@ def filter_server_messages(
                 parameters.append(source[start + 5 : end])
             continue
         if kind == _ERROR:
+            # The error may be of the Parse that filled the unnamed statement (or of one before it).
+            server.unnamed = None
             if not (head.ends_cycle and not head.sync):
                 # Not a simple Query's own error: the server now skips everything up to Sync (55.2.3).
                 server.skipping = True
@@ -401,6 +516,8 @@ def pass_untouched_replies(source: bytes, server: ServerState, max_size: int) ->
         if kind == 0x5A:  # 'Z'
             readies += 1
             status_at = end - 1
+        elif kind == _ERROR:  # as in filter_server_messages
+            server.unnamed = None
         elif kind == 0x53:  # 'S' ParameterStatus
             parameters.append(source[position + 5 : end])
         last_start = position
@@ -454,10 +571,13 @@ class _Splice:
             self.flush(frames[-1][2])
 
 
-def _raise_in_place(refusal: Refusal, out: list[bytes], expect: Callable[[Expected], None]) -> None:
-    """The raising block runs as Parse, Bind, Execute: only its error is the client's."""
+def _raise_in_place(refusal: Refusal, out: list[bytes], server: ServerState) -> None:
+    """The raising block runs as Parse, Bind, Execute: only its error is the client's. It takes
+    the server's unnamed statement."""
     out.append(refusal.as_extended())
-    expect(Expected(_EXPECT_PARSE, Reply.DROP))
+    server.unnamed = None
+    expect = server.pending.append
+    expect(_PARSED_QUIETLY)
     expect(Expected(_EXPECT_BIND, Reply.DROP))
     expect(_EXECUTED)
 
@@ -484,6 +604,10 @@ def take_ready_synthetics(server: ServerState) -> bytes:
     while pending and pending[0].reply is _SYNTHETIC:
         out += pending.popleft().synthetic
     return out
+
+
+def _message_end(source: bytes, start: int) -> int:
+    return start + 1 + read_i32_be(source, start + 1)
 
 
 def _cstring_end(source: bytes, start: int, end: int) -> int:

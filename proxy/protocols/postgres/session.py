@@ -160,13 +160,15 @@ _STASH_HIGH_WATER: Final = 256 * 1024
 # a statement prepared long before, which a Parse count would miss) and a FunctionCall.
 _STATEMENT_MESSAGES: Final = frozenset((m.MSG_QUERY, m.MSG_EXECUTE, m.MSG_FUNCTION_CALL))
 # What _check_statements looks at: statement texts and function calls; with audit or statement
-# limits also each Bind (which statement a portal runs) and Execute.
+# limits, or after a policy reload, also each Bind (which statement a portal runs) and Execute.
 _CHECKED_MESSAGES: Final = frozenset((m.MSG_QUERY, m.MSG_PARSE, m.MSG_FUNCTION_CALL))
 _CHECKED_MESSAGES_COUNTING: Final = _CHECKED_MESSAGES | {m.MSG_BIND, m.MSG_EXECUTE}
 _NO_SESSION_EFFECT: Final = Effect.NONE
 # Frontend messages that go on to the server (Terminate ends the session instead).
 _PASSED_ON: Final = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
+UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
+RESERVED_NAME = "42939"  # reserved_name
 
 # Low-cardinality reasons for refused connections, by the SQLSTATE the client was given.
 _REFUSAL_REASONS = {
@@ -191,6 +193,9 @@ class _StatementChecks(NamedTuple):
     mode: PolicyMode | None  # the role's policy mode; None: no policy for the role
     auditing: bool
     limited: bool  # statements per second limits
+    # The policy was reloaded while the client had prepared statements: each Bind is looked at,
+    # to decide a statement prepared under an earlier policy again before it runs.
+    rechecking: bool = False
 
 
 class ClientSession(asyncio.Protocol):
@@ -222,7 +227,10 @@ class ClientSession(asyncio.Protocol):
         "_pinned_by",
         "_pool_wait",
         "_portal_texts",
+        "_portals_before_reload",
         "_reading_paused",
+        "_rebound_portals",
+        "_rechecking",
         "_refusal",
         "_result_watch",
         "_route",
@@ -230,6 +238,7 @@ class ClientSession(asyncio.Protocol):
         "_share_held",
         "_share_timer",
         "_share_waiting",
+        "_sql_prepared",
         "_started",
         "_started_at",
         "_startup_timer",
@@ -293,6 +302,13 @@ class ClientSession(asyncio.Protocol):
         # Statement texts by prepared-statement and portal name, so executions can be audited.
         self._parsed_texts: dict[bytes, bytes] = {}
         self._portal_texts: dict[bytes, bytes] = {}
+        # SQL PREPARE statements by the name they prepare, decided again for each EXECUTE of it.
+        self._sql_prepared: dict[str, bytes] = {}
+        # A reload came while portals were open: until that transaction ends, only portals bound
+        # since (decided under the current policy at their Bind) may run.
+        self._portals_before_reload = False
+        self._rebound_portals: set[bytes] = set()
+        self._rechecking = False  # see _StatementChecks.rechecking
         self._bytes_in = 0
         self._bytes_out = 0
         self._connect_task: asyncio.Task[None] | None = None
@@ -460,6 +476,10 @@ class ClientSession(asyncio.Protocol):
 
     def server_ready(self) -> None:
         """A ReadyForQuery: the statements sent since the server was last ready are done."""
+        if self._portals_before_reload and self._server is not None and self._server.is_clean:
+            # The transaction ended, and every portal with it.
+            self._portals_before_reload = False
+            self._rebound_portals.clear()
         if self._cycle_started and self._latency is not None:
             self._latency.observe(time.perf_counter() - self._cycle_started)
             self._cycle_started = 0.0
@@ -965,10 +985,12 @@ class ClientSession(asyncio.Protocol):
         """
         refusals: dict[int, Refusal] = {}
         forget_at: list[int] = []
-        mode, auditing, limited = self._statement_checks
+        mode, auditing, limited, rechecking = self._statement_checks
         policies = self._env.policies
         classifier = self._env.classifier
-        checked = _CHECKED_MESSAGES_COUNTING if limited or auditing else _CHECKED_MESSAGES
+        checked = _CHECKED_MESSAGES_COUNTING if limited or auditing or rechecking else _CHECKED_MESSAGES
+        # After a reload: statement names parsed earlier in these messages, decided just now.
+        parsed_here: set[bytes] = set()
         for kind, start, end in frames:
             if kind not in checked:
                 continue
@@ -981,19 +1003,30 @@ class ClientSession(asyncio.Protocol):
                 text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
                 if auditing:
                     self._parsed_texts[chunk[start + 5 : name_end]] = text
+                if rechecking:
+                    parsed_here.add(chunk[start + 5 : name_end])
             elif kind == m.MSG_QUERY:
                 text = chunk[start + 5 : end - 1]
                 self._statements_run += 1
+                if rechecking:
+                    parsed_here.add(b"")  # the unnamed statement is gone: rewrite answers for it
             elif kind == m.MSG_FUNCTION_CALL:
                 self._apply_policy(policies.decide_function_call(self._role), start, refusals)
                 continue
-            elif kind == m.MSG_BIND:  # only with audit or statement limits
+            elif kind == m.MSG_BIND:  # only with audit, statement limits or after a reload
+                portal_end = chunk.find(b"\x00", start + 5, end)
+                statement = chunk[portal_end + 1 : chunk.find(b"\x00", portal_end + 1, end)]
                 if auditing:
-                    portal_end = chunk.find(b"\x00", start + 5, end)
-                    statement = chunk[portal_end + 1 : chunk.find(b"\x00", portal_end + 1, end)]
                     self._portal_texts[chunk[start + 5 : portal_end]] = self._parsed_texts.get(statement, b"")
+                if rechecking and mode is not None:
+                    if statement not in parsed_here:
+                        self._recheck_prepared(statement, start, refusals)
+                    if self._portals_before_reload:
+                        self._rebound_portals.add(chunk[start + 5 : portal_end])
                 continue
-            else:  # Execute, only with audit or statement limits
+            else:  # Execute, only with audit, statement limits or after a reload
+                if self._portals_before_reload and mode is not None:
+                    self._refuse_portal_before_reload(chunk, start, end, refusals)
                 if auditing:
                     # Each execution is audited, also of a statement prepared long before.
                     portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
@@ -1004,6 +1037,8 @@ class ClientSession(asyncio.Protocol):
                 continue
             if mode is not None:
                 decision = policies.decide(self._role, text, self._encoding)
+                if decision.prepared_names and decision.allowed:
+                    decision = self._follow_prepared_names(decision)
                 if kind == m.MSG_QUERY or not decision.allowed:
                     self._audit_statement(decision, mode, text)
                 self._apply_policy(decision, start, refusals)
@@ -1043,7 +1078,72 @@ class ClientSession(asyncio.Protocol):
         refusals[start] = Refusal(CONFIGURATION_LIMIT_EXCEEDED, hit.message)
         return True
 
-    def _apply_policy(self, decision: Decision, start: int, refusals: dict[int, Refusal]) -> None:
+    def _follow_prepared_names(self, decision: Decision) -> Decision:
+        """Decide what an EXECUTE runs: the PREPARE this session sent for the name, under the
+        current policy (a reload may forbid it now); note what PREPARE and DEALLOCATE change."""
+        prepared = self._sql_prepared
+        for use in decision.prepared_names:
+            if use.action == "EXECUTE":
+                body = prepared.get(use.name or "")
+                if body is None:
+                    # Not this session's: possibly another terminal's, on a shared server connection.
+                    return Decision(
+                        False,
+                        "prepared statement",
+                        f'prepared statement "{use.name}" does not exist',
+                        UNDEFINED_STATEMENT,
+                        decision.statements,
+                    )
+                # The PREPARE's text as the proxy read it, kept in UTF-8 whatever the client's encoding.
+                executed = self._env.policies.decide(self._role, body, DEFAULT_ENCODING)
+                if not executed.allowed:
+                    return Decision(
+                        False,
+                        f"{executed.rule} on execute",
+                        executed.message,
+                        executed.sqlstate,
+                        decision.statements,
+                    )
+            elif use.action == "PREPARE" and use.name is not None:
+                # The server keeps the first of two PREPAREs of one name (the second fails).
+                prepared.setdefault(use.name, use.text.encode())
+            elif use.name is None:
+                prepared.clear()
+            else:
+                prepared.pop(use.name, None)
+        return decision
+
+    def _recheck_prepared(self, name: bytes, start: int, refusals: dict[int, Refusal]) -> None:
+        """A Bind of a statement prepared under an earlier policy: decide its text again first."""
+        statements = self._statements
+        statement = statements.by_name.get(name) if name else statements.unnamed
+        if statement is None or statement.generation == statements.generation:
+            return  # unknown names and the missing unnamed statement are answered in rewrite
+        text = statement.text
+        decision = self._env.policies.decide(self._role, text, self._encoding)
+        if decision.prepared_names and decision.allowed:
+            decision = self._follow_prepared_names(decision)
+        if not decision.allowed:
+            self._audit_statement(decision, self._statement_checks.mode, text, on="bind after policy reload")
+        self._apply_policy(decision, start, refusals, on="bind after policy reload")
+        if decision.allowed:
+            server = self._server
+            statements.redecided(name, server.state if server is not None else None)
+
+    def _refuse_portal_before_reload(
+        self, chunk: bytes, start: int, end: int, refusals: dict[int, Refusal]
+    ) -> None:
+        portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
+        if portal in self._rebound_portals or self._statement_checks.mode is not PolicyMode.ENFORCE:
+            return
+        reason = "the policy was reloaded after this portal was bound: bind it again"
+        self._audit("policy_violation", "failure", rule="portal before reload", reason=reason)
+        log.warning("policy_violation", **self._log_fields(), rule="portal before reload", reason=reason)
+        refusals[start] = Refusal(InsufficientPrivilege.sqlstate, reason)
+
+    def _apply_policy(
+        self, decision: Decision, start: int, refusals: dict[int, Refusal], on: str | None = None
+    ) -> None:
         mode = self._statement_checks.mode
         allowed = decision.allowed or mode is not PolicyMode.ENFORCE
         counters = self._decision_counters.get((decision.rule, allowed))
@@ -1075,11 +1175,23 @@ class ClientSession(asyncio.Protocol):
             self._learn(decision)
             return
         self._violations += 1
+        # ``on``: refused when it was about to run, not when it came (a statement prepared earlier).
+        where = {"on": on} if on is not None else {}
         self._audit(
-            "policy_violation", "failure", rule=decision.rule, reason=decision.message, statements=statements
+            "policy_violation",
+            "failure",
+            rule=decision.rule,
+            reason=decision.message,
+            statements=statements,
+            **where,
         )
         log.warning(
-            "policy_violation", **fields, rule=decision.rule, reason=decision.message, statements=statements
+            "policy_violation",
+            **fields,
+            rule=decision.rule,
+            reason=decision.message,
+            statements=statements,
+            **where,
         )
         policy = self._env.policies.policy(self._role)
         limit = policy.max_violations if policy is not None else None
@@ -1087,7 +1199,9 @@ class ClientSession(asyncio.Protocol):
             raise PolicyViolationLimit(f"too many refused statements for role {self._role}")
         refusals[start] = Refusal(decision.sqlstate, decision.message)
 
-    def _audit_statement(self, decision: Decision | None, mode: PolicyMode | None, text: bytes) -> None:
+    def _audit_statement(
+        self, decision: Decision | None, mode: PolicyMode | None, text: bytes, on: str | None = None
+    ) -> None:
         """Refused statements always; allowed ones as the role's sampling share says."""
         audit, config = self._env.audit, self._env.config.audit
         if audit is None or config is None:
@@ -1109,6 +1223,7 @@ class ClientSession(asyncio.Protocol):
             fingerprints=[fingerprint for fingerprint, _text in statements],
             statement=" ; ".join(normalized for _fingerprint, normalized in statements),
             server_connection=self._server.id if self._server is not None else None,
+            **({"on": on} if on is not None else {}),
         )
 
     def _learn(self, decision: Decision) -> None:
@@ -1132,6 +1247,8 @@ class ClientSession(asyncio.Protocol):
             refusals[start] = Refusal(FeatureNotSupported.sqlstate, found.reason)
         elif found.effect is Effect.FORGETS_STATEMENTS:
             forget_at.append(start)
+        elif found.effect is Effect.RESERVED_NAME:
+            refusals[start] = Refusal(RESERVED_NAME, found.reason)
         elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
             if self._route.config.pool.session_state is SessionStateAction.PIN:
                 self._pinned_by = found.reason
@@ -1266,7 +1383,18 @@ class ClientSession(asyncio.Protocol):
         return fields
 
     def use_environment(self, environment: SessionEnvironment) -> None:
-        """A reload: policies, roles and limits apply to this live session from now on."""
+        """A reload: policies, roles and limits apply to this live session from now on, also to
+        the statements it prepared before (decided again when next bound or executed)."""
+        if environment.policies is not self._env.policies:
+            statements = self._statements
+            statements.generation += 1
+            if statements.by_name or statements.unnamed is not None:
+                self._rechecking = True
+            server = self._server
+            if server is not None and not server.is_clean:
+                # Portals it bound in its open transaction were decided under the old policy.
+                self._portals_before_reload = self._rechecking = True
+                self._rebound_portals.clear()
         self._env = environment
         self._note_statement_checks()
 
@@ -1277,6 +1405,7 @@ class ClientSession(asyncio.Protocol):
             self._env.policies.mode(self.identity.role) if self.identity is not None else None,
             auditing=self._env.audit is not None,
             limited=bool(limits.statements or limits.role_statements or limits.store_statements),
+            rechecking=self._rechecking,
         )
         role = self._env.config.roles.get(self.identity.role) if self.identity is not None else None
         enforced = self._statement_checks.mode is PolicyMode.ENFORCE

@@ -15,6 +15,7 @@ from pglast import ast, enums, parse_sql, visitors
 from pglast.parser import ParseError
 
 from proxy.policy.encodings import accepted_encoding, refusal_message
+from proxy.protocols.postgres.prepared import SERVER_NAME_PREFIX
 
 # Settings the server reports with ParameterStatus: the proxy sees every change to them and
 # carries them to the next server connection, so SET of these needs no pinning.
@@ -40,7 +41,8 @@ _SESSION_LOCK_FUNCTIONS = frozenset(
 _MIGHT_MATTER = re.compile(
     r"/\*|--|u&|advisory|set_config"
     r"|(?:^|;)[\s(]*(?:set|reset)\b"
-    r"|\b(?:prepare|listen|temp|temporary|pg_temp|declare|load|discard|deallocate)\b",
+    r"|\b(?:prepare|listen|temp|temporary|pg_temp|declare|load|discard|deallocate)\b"
+    r"|" + SERVER_NAME_PREFIX,
     re.IGNORECASE,
 )
 
@@ -54,6 +56,9 @@ class Effect(enum.Enum):
     # Would switch the client encoding to one the proxy cannot read as the server does (refused
     # for every role and policy mode); the reason is the client's error message.
     UNSUPPORTED_ENCODING = "unsupported client encoding"
+    # PREPARE, EXECUTE or DEALLOCATE of a name in the proxy's own namespace (prepared.py): on a
+    # shared server connection that would reach the statements other terminals prepared.
+    RESERVED_NAME = "reserved statement name"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,14 @@ class Classification:
 
 
 _NO_EFFECT = Classification(Effect.NONE)
+_RANK = {
+    Effect.NONE: 0,
+    Effect.FORGETS_STATEMENTS: 1,
+    Effect.SESSION_STATE: 2,
+    Effect.RESERVED_NAME: 3,
+    Effect.UNSUPPORTED_ENCODING: 3,
+}
+_TOP_RANK = max(_RANK.values())
 
 
 def classify(sql: str) -> Classification:
@@ -77,7 +90,7 @@ def classify(sql: str) -> Classification:
     for raw in statements:
         if raw.stmt is not None:
             finder(raw.stmt)
-        if finder.result.effect is Effect.UNSUPPORTED_ENCODING:
+        if _RANK[finder.result.effect] == _TOP_RANK:
             break
     return finder.result
 
@@ -89,11 +102,18 @@ class _EffectFinder(visitors.Visitor):
         self._dropped_at_commit: set[int] = set()
 
     def _found(self, effect: Effect, reason: str) -> None:
-        # An unsupported encoding outranks session state, which outranks forgetting statements.
-        if self.result.effect is Effect.UNSUPPORTED_ENCODING:
-            return
-        if effect is Effect.UNSUPPORTED_ENCODING or self.result.effect is not Effect.SESSION_STATE:
+        # A refusal (an unsupported encoding, a reserved name) outranks session state, which
+        # outranks forgetting statements; between refusals the first found stands.
+        if _RANK[effect] > _RANK[self.result.effect]:
             self.result = Classification(effect, reason)
+
+    def _check_name(self, name: str | None) -> None:
+        # pglast gives the name as the server reads it (folded to lower case unless quoted).
+        if name is not None and name.startswith(SERVER_NAME_PREFIX):
+            self._found(
+                Effect.RESERVED_NAME,
+                f'prepared statement names starting with "{SERVER_NAME_PREFIX}" are reserved for the proxy',
+            )
 
     def visit_VariableSetStmt(self, ancestors: visitors.Ancestor, node: ast.VariableSetStmt) -> None:
         name = (node.name or "").lower()
@@ -109,6 +129,10 @@ class _EffectFinder(visitors.Visitor):
 
     def visit_PrepareStmt(self, ancestors: object, node: ast.PrepareStmt) -> None:
         self._found(Effect.SESSION_STATE, "PREPARE")
+        self._check_name(node.name)
+
+    def visit_ExecuteStmt(self, ancestors: object, node: ast.ExecuteStmt) -> None:
+        self._check_name(node.name)
 
     def visit_ListenStmt(self, ancestors: object, node: ast.ListenStmt) -> None:
         self._found(Effect.SESSION_STATE, "LISTEN")
@@ -145,9 +169,9 @@ class _EffectFinder(visitors.Visitor):
             self._found(Effect.FORGETS_STATEMENTS, "DISCARD ALL")
 
     def visit_DeallocateStmt(self, ancestors: object, node: ast.DeallocateStmt) -> None:
-        # DEALLOCATE of one name cannot reach the proxy's own statement names; ALL can.
         if node.name is None:
             self._found(Effect.FORGETS_STATEMENTS, "DEALLOCATE ALL")
+        self._check_name(node.name)
 
     def visit_FuncCall(self, ancestors: object, node: ast.FuncCall) -> None:
         name = (node.funcname or ())[-1].sval.lower()

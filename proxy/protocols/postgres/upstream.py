@@ -338,6 +338,7 @@ class ServerConnection(asyncio.Protocol):
             raise UpstreamConnectError("server connection is not idle")
         self._internal_error = None
         self._internal_busy = True
+        self.state.forget_unnamed()  # a simple Query drops the server's unnamed statement
         self._transport.write(m.build_query(sql))
         try:
             await self._wait_ready(timeout)
@@ -384,6 +385,7 @@ class ServerConnection(asyncio.Protocol):
         """After DISCARD ALL: nothing the proxy set or prepared on this connection remains."""
         self.applied.clear()
         self.state.statements.clear()
+        self.state.forget_unnamed()
 
     def pause_reading(self) -> None:
         if self._transport is not None and not self.closed:
