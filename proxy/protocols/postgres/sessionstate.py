@@ -36,9 +36,10 @@ _SESSION_LOCK_FUNCTIONS = frozenset(
 )
 # No false negatives allowed: any statement with session effects contains one of these.
 # Comments and U& identifiers could hide a keyword from a regex, so their mere presence sends
-# the statement to the parser.
+# the statement to the parser. A SET inside ALTER ROLE/DATABASE/SYSTEM/FUNCTION or CREATE FUNCTION
+# starts no statement: it is found by the setting's name, which no spelling can avoid.
 _MIGHT_MATTER = re.compile(
-    r"/\*|--|u&|advisory|set_config"
+    r"/\*|--|u&|advisory|set_config|client_encoding"
     r"|(?:^|;)[\s(]*(?:set|reset)\b"
     r"|\b(?:prepare|listen|temp|temporary|pg_temp|declare|load|discard|deallocate)\b",
     re.IGNORECASE,
