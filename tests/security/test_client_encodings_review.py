@@ -397,3 +397,49 @@ def test_a_client_leaving_mid_switch_does_not_leave_its_encoding_to_the_next(
             assert conn.execute(READ_GA).fetchone() == ("allowed table",)
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(f'SELECT what FROM "{FILLER_JAMO}"')
+
+
+# --- the server's own encoding ---
+
+LATIN1_READING = GA.encode().decode("latin-1")  # what a LATIN1 database makes of 가's UTF-8 bytes
+
+
+@pytest.fixture(scope="module")
+def latin1_database(pg_cluster: Any) -> str:
+    """A LATIN1 database holding a forbidden table named as it reads the UTF-8 bytes of 가."""
+    with _superuser(pg_cluster) as admin:
+        if admin.execute("SELECT 1 FROM pg_database WHERE datname = 'rv_latin1'").fetchone() is None:
+            admin.execute(
+                "CREATE DATABASE rv_latin1 ENCODING 'LATIN1' LOCALE 'C' TEMPLATE template0 OWNER pos_proxy"
+            )
+    kwargs = pg_cluster.connect_kwargs(user="postgres", dbname="rv_latin1")
+    with psycopg.connect(**kwargs, autocommit=True) as admin:
+        admin.execute(f'CREATE TABLE IF NOT EXISTS public."{LATIN1_READING}" (what text)')
+        admin.execute(f'ALTER TABLE public."{LATIN1_READING}" OWNER TO pos_proxy')
+        admin.execute(f'TRUNCATE public."{LATIN1_READING}"')
+        admin.execute(f"INSERT INTO public.\"{LATIN1_READING}\" VALUES ('forbidden table')")
+    with psycopg.connect(**kwargs, autocommit=True, client_encoding="SQL_ASCII") as direct:
+        # A SQL_ASCII client's bytes are not converted: this database reads them as LATIN1.
+        assert direct.execute(READ_GA.encode()).fetchone() == (b"forbidden table",)
+    return "rv_latin1"
+
+
+def test_a_database_not_in_utf8_is_not_served(
+    start_proxy: Any, terminal_pki: TerminalPKI, tmp_path: Path, latin1_database: str
+) -> None:
+    """In a LATIN1 database the cashier's approved statement on table 가, sent by a SQL_ASCII
+    client, names another table (and a single-byte database folds non-ASCII identifiers by its
+    locale, which the proxy's parser never does): the proxy serves UTF8 databases only."""
+    policy_file = tmp_path / "cashier.yaml"
+    policy_file.write_text(yaml.safe_dump(CASHIER_POLICY, allow_unicode=True), encoding="utf-8")
+    process = start_proxy(
+        roles={"cashier": {"policy": str(policy_file)}}, routes={"pos": {"dbname": latin1_database}}
+    )
+    with (
+        pytest.raises(psycopg.OperationalError),
+        _connect(process, terminal_pki, "cashier", client_encoding="SQL_ASCII") as conn,
+    ):
+        conn.execute(READ_GA.encode()).fetchone()
+    process.wait_for_event(
+        "server_protocol_error", error="server_encoding is LATIN1: the proxy serves UTF8 databases only"
+    )
