@@ -566,3 +566,27 @@ def test_standard_conforming_strings_turned_off_out_of_sight_ends_the_session(
         client.close()
     assert _sales(pg_cluster) == 2
     assert any(error["S"] == "FATAL" for error in _errors(received)), received
+
+
+def test_resetting_returns_to_on_whatever_the_roles_default(
+    review_proxy: ProxyProcess, terminal_pki: TerminalPKI, pg_cluster: Any
+) -> None:
+    """With the server role's stored default off, RESET and DISCARD ALL still return to on: server
+    connections start with it on, a source the stored defaults do not outrank."""
+    with _superuser(pg_cluster) as admin:
+        admin.execute("ALTER ROLE pos_proxy SET standard_conforming_strings = off")
+    try:
+        with _connect(review_proxy, terminal_pki, "manager") as conn:
+            for statement in (
+                "RESET standard_conforming_strings",
+                "SET standard_conforming_strings TO DEFAULT",
+                "RESET ALL",
+                "DISCARD ALL",
+            ):
+                conn.execute(statement)
+                assert conn.execute("SHOW standard_conforming_strings").fetchone() == ("on",), statement
+                assert conn.execute(DELETE_WITHOUT_CONFORMING_STRINGS).fetchone() is not None
+    finally:
+        with _superuser(pg_cluster) as admin:
+            admin.execute("ALTER ROLE pos_proxy RESET standard_conforming_strings")
+    assert _sales(pg_cluster) == 2

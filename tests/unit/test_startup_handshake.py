@@ -381,3 +381,11 @@ def test_a_utf8_database_is_served() -> None:
     hs.receive(*one_frame(m.build_parameter_status("server_encoding", "UTF8")))
     hs.receive(*one_frame(m.build_ready_for_query(b"I")))
     assert hs.done
+
+
+def test_a_server_session_with_standard_conforming_strings_off_is_refused() -> None:
+    hs = handshake()
+    hs.receive(R, auth(m.AUTH_OK))
+    hs.receive(*one_frame(m.build_parameter_status("standard_conforming_strings", "off")))
+    with pytest.raises(UpstreamRefused, match="standard_conforming_strings is off"):
+        hs.receive(*one_frame(m.build_ready_for_query(b"I")))

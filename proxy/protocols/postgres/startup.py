@@ -65,6 +65,9 @@ class UpstreamHandshake:
                 raise UpstreamRefused(
                     f"server_encoding is {server_encoding}: the proxy serves {served} databases only"
                 )
+            if self.parameters.get("standard_conforming_strings", "on") != "on":
+                # Asked for at startup (server.py); the proxy's parser reads backslashes as literal.
+                raise UpstreamRefused("standard_conforming_strings is off: the proxy needs it on")
             self.done = True
         elif kind == m.MSG_ERROR_RESPONSE:
             fields = m.parse_error_fields(payload)
