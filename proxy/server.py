@@ -90,12 +90,17 @@ def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
 
     async def connect(on_closed: Callable[[ServerConnection], None]) -> ServerConnection:
         try:
-            # A fixed client_encoding: what RESET ALL and DISCARD ALL return a session to.
+            # What RESET ALL and DISCARD ALL return a session to, whatever the role's or database's
+            # defaults: the client encoding and string literals the proxy's parser reads.
             connection = await connect_server(
                 route,
                 context,
                 on_closed,
-                {"application_name": SERVER_APPLICATION_NAME, "client_encoding": DEFAULT_ENCODING},
+                {
+                    "application_name": SERVER_APPLICATION_NAME,
+                    "client_encoding": DEFAULT_ENCODING,
+                    "standard_conforming_strings": "on",
+                },
             )
         except (ServerUnreachable, UpstreamConnectError, UpstreamRefused, ProtocolViolation):
             metrics.server_connection_errors_total.labels(route.database).inc()

@@ -170,6 +170,21 @@ def python_codec(encoding: str) -> str:
     return _CODECS[encoding]
 
 
+def read_statement(sql: bytes, encoding: str) -> str:
+    """``sql`` read as the server reads it in the accepted client ``encoding``.
+
+    Raises UnicodeDecodeError for bytes not valid in it, and for bytes the codec reads other than
+    character by character: those it does not write back the same way. Python's euc_kr reads an
+    8-byte KS X 1001 Annex 3 make-up sequence as one Hangul syllable, where PostgreSQL converts
+    each of its four characters (a filler and jamo): one identifier, two names.
+    """
+    codec = _CODECS[encoding]
+    text = sql.decode(codec)
+    if codec != _CODECS[DEFAULT_ENCODING] and not text.isascii() and text.encode(codec) != sql:
+        raise UnicodeDecodeError(codec, sql, 0, len(sql), "not read character by character")
+    return text
+
+
 def refusal_message(name: str) -> str:
     """What the client is told when it asks for an encoding the proxy does not accept."""
     canonical = canonical_name(name)

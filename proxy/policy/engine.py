@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from proxy.policy.encodings import DEFAULT_ENCODING, python_codec
+from proxy.policy.encodings import DEFAULT_ENCODING, python_codec, read_statement
 from proxy.policy.model import DENIED_STATEMENTS, PolicyMode, RolePolicy
 from proxy.policy.postgres import ParseError, PreparedName, StatementFacts, analyze
 from proxy.policy.redact import unparsable
@@ -91,7 +91,7 @@ class PolicyEngine:
             decision = _UNRESTRICTED
         else:
             try:
-                text = sql.decode(python_codec(encoding))
+                text = read_statement(sql, encoding)
             except UnicodeDecodeError:
                 # Bytes the proxy cannot read as the server does are not judged at all.
                 decision = Decision(
@@ -221,7 +221,7 @@ class StatementSummaries:
         if cached is not None:
             return cached
         try:
-            text = sql.decode(python_codec(encoding))
+            text = read_statement(sql, encoding)
             summary = tuple((facts.fingerprint, facts.normalized) for facts in analyze(text, ("public",)))
         except (ParseError, UnicodeDecodeError):
             summary = (("", unparsable(sql)),)

@@ -158,3 +158,16 @@ def test_quoted_literals_are_ascii_so_every_client_encoding_reads_them_alike() -
     # Refusal messages and synced settings are sent in whatever encoding the session is in.
     assert quote_literal("café 😀 it's \\") == "E'caf\\u00e9 \\U0001f600 it''s \\\\'"
     assert quote_literal("plain").isascii()
+
+
+def test_bytes_a_codec_does_not_read_character_by_character_are_not_judged() -> None:
+    """Python's euc_kr reads a KS X 1001 Annex 3 make-up sequence (filler, three jamo) as one
+    syllable; PostgreSQL converts its four characters one by one. Neither reading is trusted."""
+    make_up = bytes.fromhex("a4d4a4a1a4bfa4d4")
+    assert make_up.decode("euc_kr") == "\uac00"
+    with pytest.raises(UnicodeDecodeError):
+        encodings.read_statement(b'SELECT 1 FROM "' + make_up + b'"', "EUC_KR")
+    assert encodings.read_statement("SELECT '\uac00'".encode("euc_kr"), "EUC_KR") == "SELECT '\uac00'"
+    policy = RolePolicy(kinds=frozenset({"SELECT"}))
+    decision = PolicyEngine({"cashier": policy}).decide("cashier", b"SELECT '" + make_up + b"'", "EUC_KR")
+    assert not decision.allowed and decision.sqlstate == CHARACTER_NOT_IN_REPERTOIRE

@@ -362,3 +362,30 @@ def test_unexpected_message_during_startup_is_refused() -> None:
 def test_malformed_backend_key_data_is_a_protocol_violation() -> None:
     with pytest.raises(ProtocolViolation):
         handshake().receive(ord("K"), b"\x00\x00\x00\x01")
+
+
+@pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII", "EUC_JP"])
+def test_a_database_in_another_encoding_than_utf8_is_refused(encoding: str) -> None:
+    """The proxy reads statements as a UTF8 database does (client bytes, identifier case folding)."""
+    hs = handshake()
+    hs.receive(R, auth(m.AUTH_OK))
+    hs.receive(*one_frame(m.build_parameter_status("server_encoding", encoding)))
+    with pytest.raises(UpstreamRefused, match=f"server_encoding is {encoding}"):
+        hs.receive(*one_frame(m.build_ready_for_query(b"I")))
+    assert not hs.done
+
+
+def test_a_utf8_database_is_served() -> None:
+    hs = handshake()
+    hs.receive(R, auth(m.AUTH_OK))
+    hs.receive(*one_frame(m.build_parameter_status("server_encoding", "UTF8")))
+    hs.receive(*one_frame(m.build_ready_for_query(b"I")))
+    assert hs.done
+
+
+def test_a_server_session_with_standard_conforming_strings_off_is_refused() -> None:
+    hs = handshake()
+    hs.receive(R, auth(m.AUTH_OK))
+    hs.receive(*one_frame(m.build_parameter_status("standard_conforming_strings", "off")))
+    with pytest.raises(UpstreamRefused, match="standard_conforming_strings is off"):
+        hs.receive(*one_frame(m.build_ready_for_query(b"I")))

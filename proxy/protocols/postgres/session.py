@@ -449,6 +449,9 @@ class ClientSession(asyncio.Protocol):
             self._parameters.note_reported(name, value)
         if name == "client_encoding":
             self._client_encoding_reported(value)
+        elif name == "standard_conforming_strings" and value != "on":
+            # Backslashes would escape in string literals, which the proxy's parser reads as on.
+            self._server_reads_otherwise(name, value, "standard_conforming_strings must stay on")
 
     def _client_encoding_reported(self, value: str) -> None:
         """The server now reads this client's statements in ``value``: so does the proxy, or, for an
@@ -458,20 +461,24 @@ class ClientSession(asyncio.Protocol):
         if encoding is not None:
             self._encoding = encoding
             return
+        self._server_reads_otherwise("client_encoding", value, refusal_message(value))
+
+    def _server_reads_otherwise(self, name: str, value: str, message: str) -> None:
+        """The server reported a setting under which it splits statements otherwise than the proxy
+        reads them: the session ends, and that server connection with it."""
         server, self._server = self._server, None
         if server is not None:
-            # Its session now reads statements in that encoding: it serves nobody else.
+            # Its session now reads statements so: it serves nobody else.
             server.detach()
             server.close()
         self._audit(
-            "unsupported_client_encoding",
+            f"unsupported_{name}",
             "failure",
-            client_encoding=value,
+            setting=name,
+            value=value,
             server_connection=server.id if server is not None else None,
         )
-        self._fail(
-            FeatureNotSupported(refusal_message(value)), reason=f"server reported client_encoding {value}"
-        )
+        self._fail(FeatureNotSupported(message), reason=f"server reported {name} {value}")
         self._state = _State.CLOSED  # nothing more of this server's output reaches the client
 
     def server_ready(self) -> None:

@@ -31,15 +31,18 @@ REPORTED_SETTINGS = frozenset(
 )
 # SET TRANSACTION ... and SET TRANSACTION SNAPSHOT last only for the transaction.
 _TRANSACTION_SCOPED = frozenset({"transaction", "transaction snapshot"})
+# What PostgreSQL reads as true (parse_bool takes any prefix of true and yes); anything else may be off.
+_TRUE_WORDS = frozenset({"on", "1", "t", "tr", "tru", "true", "y", "ye", "yes"})
 _RESETS = frozenset({enums.VariableSetKind.VAR_RESET, enums.VariableSetKind.VAR_RESET_ALL})
 _SESSION_LOCK_FUNCTIONS = frozenset(
     {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
 )
 # No false negatives allowed: any statement with session effects contains one of these.
 # Comments and U& identifiers could hide a keyword from a regex, so their mere presence sends
-# the statement to the parser.
+# the statement to the parser. A SET inside ALTER ROLE/DATABASE/SYSTEM/FUNCTION or CREATE FUNCTION
+# starts no statement: it is found by the setting's name, which no spelling can avoid.
 _MIGHT_MATTER = re.compile(
-    r"/\*|--|u&|advisory|set_config"
+    r"/\*|--|u&|advisory|set_config|client_encoding|standard_conforming_strings"
     r"|(?:^|;)[\s(]*(?:set|reset)\b"
     r"|\b(?:prepare|listen|temp|temporary|pg_temp|declare|load|discard|deallocate)\b"
     r"|" + SERVER_NAME_PREFIX,
@@ -53,8 +56,9 @@ class Effect(enum.Enum):
     SESSION_STATE = "session state"
     # Drops the server's prepared statements (DISCARD ALL, DEALLOCATE ALL).
     FORGETS_STATEMENTS = "forgets prepared statements"
-    # Would switch the client encoding to one the proxy cannot read as the server does (refused
-    # for every role and policy mode); the reason is the client's error message.
+    # Would make the server split statements otherwise than the proxy reads them: a client encoding
+    # the proxy cannot read as the server does, or standard_conforming_strings off (refused for
+    # every role and policy mode); the reason is the client's error message.
     UNSUPPORTED_ENCODING = "unsupported client encoding"
     # PREPARE, EXECUTE or DEALLOCATE of a name in the proxy's own namespace (prepared.py): on a
     # shared server connection that would reach the statements other terminals prepared.
@@ -119,8 +123,11 @@ class _EffectFinder(visitors.Visitor):
         name = (node.name or "").lower()
         # SET NAMES is SET client_encoding in the parse tree. Refused wherever it stands, SET LOCAL
         # and ALTER ROLE/DATABASE ... SET included: no stored default may name such an encoding either.
-        if name == "client_encoding" and node.kind is enums.VariableSetKind.VAR_SET_VALUE:
-            self._check_encoding(node.args or ())
+        if node.kind is enums.VariableSetKind.VAR_SET_VALUE:
+            if name == "client_encoding":
+                self._check_encoding(node.args or ())
+            elif name == "standard_conforming_strings":
+                self._check_conforming_strings(node.args or ())
         # A SET inside ALTER DATABASE/ROLE/SYSTEM or CREATE FUNCTION is stored in the catalog.
         if ancestors.node is not None or node.is_local or node.kind in _RESETS:
             return
@@ -185,6 +192,8 @@ class _EffectFinder(visitors.Visitor):
                 self._found(Effect.UNSUPPORTED_ENCODING, "set_config needs a constant setting name")
             elif setting.lower() == "client_encoding":
                 self._check_encoding(arguments[1:2])
+            elif setting.lower() == "standard_conforming_strings":
+                self._check_conforming_strings(arguments[1:2])
             if not (len(arguments) == 3 and _is_true_constant(arguments[2])):
                 self._found(Effect.SESSION_STATE, "set_config(..., false)")
 
@@ -196,6 +205,13 @@ class _EffectFinder(visitors.Visitor):
             self._found(Effect.UNSUPPORTED_ENCODING, "client_encoding may only be set to a constant name")
         elif accepted_encoding(value) is None:
             self._found(Effect.UNSUPPORTED_ENCODING, refusal_message(value))
+
+    def _check_conforming_strings(self, values: tuple[ast.Node, ...]) -> None:
+        """standard_conforming_strings may only be set on: off, backslashes escape in string
+        literals and the server splits statements otherwise than the proxy's parser reads them."""
+        value = _constant_text(values[0]) if len(values) == 1 else None
+        if value is None or value.lower() not in _TRUE_WORDS:
+            self._found(Effect.UNSUPPORTED_ENCODING, "standard_conforming_strings must stay on")
 
 
 def _constant_text(node: object) -> str | None:

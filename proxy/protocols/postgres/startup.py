@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import scramp
 
 from proxy.errors import ProtocolViolation
+from proxy.policy.encodings import DEFAULT_ENCODING
 from proxy.protocols.postgres import messages as m
 
 
@@ -54,6 +55,19 @@ class UpstreamHandshake:
         elif kind == m.MSG_BACKEND_KEY_DATA:
             self.backend_key = m.parse_backend_key_data(payload)
         elif kind == m.MSG_READY_FOR_QUERY:
+            server_encoding = self.parameters.get("server_encoding", DEFAULT_ENCODING)
+            if server_encoding != DEFAULT_ENCODING:
+                # The proxy reads statements as a UTF8 database does (PostgreSQL always reports its
+                # encoding): a SQL_ASCII client's bytes are checked as UTF-8 only there, and a
+                # single-byte database folds the case of non-ASCII identifiers by its locale, which
+                # the proxy's parser never does.
+                served = DEFAULT_ENCODING
+                raise UpstreamRefused(
+                    f"server_encoding is {server_encoding}: the proxy serves {served} databases only"
+                )
+            if self.parameters.get("standard_conforming_strings", "on") != "on":
+                # Asked for at startup (server.py); the proxy's parser reads backslashes as literal.
+                raise UpstreamRefused("standard_conforming_strings is off: the proxy needs it on")
             self.done = True
         elif kind == m.MSG_ERROR_RESPONSE:
             fields = m.parse_error_fields(payload)
