@@ -44,7 +44,6 @@ from proxy.protocols.postgres.parameters import (
     SessionParameters,
     StartupParameterError,
     reported_value,
-    search_path_entries,
 )
 from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, take_ready_synthetics
 from proxy.protocols.postgres.refusal import Refusal
@@ -482,15 +481,10 @@ class ClientSession(asyncio.Protocol):
         except StartupParameterError as exc:
             self._fail(FeatureNotSupported(str(exc)), reason=str(exc))
             return
-        policy = self._env.policies.policy(self._role)
-        asked = self._parameters.wanted.get("search_path")
-        if policy is not None and asked is not None and search_path_entries(asked) != policy.search_path:
-            # Table names in the policy resolve through its search_path; another one would
-            # make "products" mean a different table to the server than to the policy.
-            self._fail(
-                InsufficientPrivilege("search_path must match the role's policy"),
-                reason=f"startup search_path {asked!r} differs from the policy's",
-            )
+        refusal = self._parameters.refusal_for(self._role, self._env.policies)
+        if refusal is not None:
+            # As PostgreSQL refuses a startup setting the role may not SET: FATAL 42501.
+            self._fail(InsufficientPrivilege(refusal), reason=f"startup setting refused: {refusal}")
             return
         if not self._admit_connection():
             return
@@ -610,7 +604,7 @@ class ClientSession(asyncio.Protocol):
             route.pool.give_back(server)
             return
         self._observe_wait(self._waiting_since)
-        if self._parameters.changes_for(server):
+        if self._parameters.needs_sync(server):
             # Setting them takes a round trip to the server: the one case that needs a task.
             self._connect_task = self._env.registry.spawn(self._lease_server(route, server))
             return
@@ -708,7 +702,7 @@ class ClientSession(asyncio.Protocol):
         # Between transactions under transaction pooling: borrow a server for this one.
         if not self._stash and self._parameters is not None:
             idle = route.pool.try_acquire()
-            if idle is not None and not self._parameters.changes_for(idle):
+            if idle is not None and not self._parameters.needs_sync(idle):
                 self._server = idle
                 idle.attach(self)
                 idle.result_watch = self._result_watch
@@ -895,6 +889,9 @@ class ClientSession(asyncio.Protocol):
         """Pin or refuse a statement that would leave state behind in a shared server session."""
         if found.effect is Effect.FORGETS_STATEMENTS:
             forget_at.append(start)
+            if self._server is not None:
+                # DISCARD ALL also resets every setting, if it runs: the proxy no longer knows them.
+                self._server.note_settings_may_have_reset()
         elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
             if self._route.config.pool.session_state is SessionStateAction.PIN:
                 self._pinned_by = found.reason

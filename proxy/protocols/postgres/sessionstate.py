@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pglast import ast, enums, parse_sql, visitors
 from pglast.parser import ParseError
 
+from proxy.protocols.postgres.parameters import SESSION_PARAMETERS
+
 # Settings the server reports with ParameterStatus: the proxy sees every change to them and
 # carries them to the next server connection, so SET of these needs no pinning.
 REPORTED_SETTINGS = frozenset(
@@ -26,6 +28,9 @@ REPORTED_SETTINGS = frozenset(
         "standard_conforming_strings",
     }
 )
+# Settings the proxy sets for clients (startup parameters) that the server does not report: after
+# a RESET of one, the proxy could not tell what the next client on that connection would find.
+_UNREPORTED_CLIENT_SETTINGS = frozenset(SESSION_PARAMETERS) - REPORTED_SETTINGS
 # SET TRANSACTION ... and SET TRANSACTION SNAPSHOT last only for the transaction.
 _TRANSACTION_SCOPED = frozenset({"transaction", "transaction snapshot"})
 _RESETS = frozenset({enums.VariableSetKind.VAR_RESET, enums.VariableSetKind.VAR_RESET_ALL})
@@ -89,9 +94,15 @@ class _EffectFinder(visitors.Visitor):
 
     def visit_VariableSetStmt(self, ancestors: visitors.Ancestor, node: ast.VariableSetStmt) -> None:
         # A SET inside ALTER DATABASE/ROLE/SYSTEM or CREATE FUNCTION is stored in the catalog.
-        if ancestors.node is not None or node.is_local or node.kind in _RESETS:
+        if ancestors.node is not None or node.is_local:
             return
         name = (node.name or "").lower()
+        if node.kind in _RESETS:
+            if node.kind is enums.VariableSetKind.VAR_RESET_ALL:
+                self._found(Effect.SESSION_STATE, "RESET ALL")
+            elif name in _UNREPORTED_CLIENT_SETTINGS:
+                self._found(Effect.SESSION_STATE, f"RESET {name}")
+            return
         if name not in REPORTED_SETTINGS and name not in _TRANSACTION_SCOPED:
             self._found(Effect.SESSION_STATE, f"SET {name}")
 
