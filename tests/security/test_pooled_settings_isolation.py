@@ -285,6 +285,30 @@ async def test_search_path_of_one_terminal_does_not_redirect_the_next_terminals_
         assert await attacker.fetchval("SELECT name FROM price_list") == "shadow pen"
 
 
+async def test_a_schema_named_after_the_route_user_does_not_shadow_the_policys_tables(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None, pg_cluster: Any
+) -> None:
+    """The route's search_path starts with "$user": a schema named after the route's user (which
+    the route's user may create in its database) would shadow public.price_list for the server."""
+    proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
+    with _superuser(pg_cluster) as admin:
+        admin.execute(f"CREATE SCHEMA {pg_cluster.user} AUTHORIZATION {pg_cluster.user}")
+    try:
+        with _superuser(pg_cluster) as admin:
+            admin.execute(f"CREATE TABLE {pg_cluster.user}.price_list (sku text PRIMARY KEY, name text)")
+            admin.execute(f"INSERT INTO {pg_cluster.user}.price_list VALUES ('1', 'user schema pen')")
+            admin.execute(f"ALTER TABLE {pg_cluster.user}.price_list OWNER TO {pg_cluster.user}")
+        with _psycopg(proxy, terminal_pki, terminal_pki.manager) as without_policy:
+            assert without_policy.execute("SELECT name FROM price_list").fetchone() == ("user schema pen",)
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier) as cashier:
+            assert await cashier.fetchval("SELECT name FROM price_list WHERE sku = '1'") == "real pen"
+        with _psycopg(proxy, terminal_pki, terminal_pki.manager) as without_policy:
+            assert without_policy.execute("SELECT name FROM price_list").fetchone() == ("user schema pen",)
+    finally:
+        with _superuser(pg_cluster) as admin:
+            admin.execute(f"DROP SCHEMA {pg_cluster.user} CASCADE")
+
+
 # --- startup settings a role with a policy may not choose ---
 
 

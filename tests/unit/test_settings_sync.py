@@ -235,3 +235,14 @@ def test_monitor_mode_still_refuses_settings_that_change_what_the_policy_decides
         SessionParameters({"default_transaction_read_only": "on"}).refusal_for("cashier", engine) is not None
     )
     assert SessionParameters({"search_path": "evil"}).refusal_for("cashier", engine) is not None
+
+
+def test_a_role_with_a_policy_runs_with_the_policys_search_path() -> None:
+    engine = _engine(search_path=("pos", 'we"ird'))
+    client = SessionParameters({"TimeZone": "UTC"})
+    client.follow_policy("cashier", engine)
+    assert client.wanted == {"TimeZone": "UTC", "search_path": '"pos", "we""ird"'}
+    assert search_path_entries(client.wanted["search_path"]) == ("pos", 'we"ird')
+    unrestricted = SessionParameters({})
+    unrestricted.follow_policy("manager", engine)
+    assert unrestricted.wanted == {}

@@ -111,6 +111,17 @@ class SessionParameters:
                     return f'permission denied to set parameter "{name}": {decision.message}'
         return None
 
+    def follow_policy(self, role: str, policies: PolicyEngine) -> None:
+        """A role with a policy runs with the policy's search_path, not the route's.
+
+        The policy resolves an unqualified table name in its search_path; the route's (by default
+        "$user", public) would let a schema named after the route's user shadow the tables the
+        policy decided on.
+        """
+        policy = policies.policy(role)
+        if policy is not None:
+            self.wanted["search_path"] = ", ".join(quote_identifier(name) for name in policy.search_path)
+
     def note_reported(self, name: str, value: str) -> None:
         """The server reported a new value while serving this client: carry it from now on."""
         canonical = SESSION_PARAMETERS.get(name.lower())
@@ -267,6 +278,11 @@ def reported_value(name: str, value: str) -> str:
         canonical = value.upper().replace("-", "").replace("_", "")
         return {"UTF8": "UTF8", "UNICODE": "UTF8", "SQLASCII": "SQL_ASCII"}.get(canonical, value.upper())
     return value
+
+
+def quote_identifier(name: str) -> str:
+    """A double-quoted identifier: the name exactly, whatever its case or characters."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def quote_literal(text: str) -> str:

@@ -486,6 +486,7 @@ class ClientSession(asyncio.Protocol):
             # As PostgreSQL refuses a startup setting the role may not SET: FATAL 42501.
             self._fail(InsufficientPrivilege(refusal), reason=f"startup setting refused: {refusal}")
             return
+        self._parameters.follow_policy(self._role, self._env.policies)
         if not self._admit_connection():
             return
         self._route = route
