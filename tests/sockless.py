@@ -105,7 +105,7 @@ def add_server(route: Route, parameters: Mapping[str, str]) -> tuple[ServerConne
     server = ServerConnection(route.config, on_closed=lambda _connection: None)
     transport = RecordingTransport()
     server.connection_made(transport)  # type: ignore[arg-type]
-    server.reported.update(parameters)
+    server.note_startup_parameters(parameters)
     # What the pool's _attempt does with a connection once the server is ready.
     route.pool._members.add(server)
     route.pool._idle.append(server)

@@ -91,7 +91,10 @@ CASES: list[tuple[str, Effect]] = [
     ("SET IntervalStyle = iso_8601", NONE),
     ("SET standard_conforming_strings = on", NONE),
     ("RESET work_mem", NONE),
-    ("RESET ALL", NONE),
+    ("RESET ALL", STATE),
+    ("RESET search_path", STATE),
+    ("RESET statement_timeout", STATE),
+    ("RESET DateStyle", NONE),
     ("SET work_mem TO DEFAULT", STATE),
     ("BEGIN; SET LOCAL statement_timeout = '5s'; SELECT 1; COMMIT", NONE),
     # Comments and case tricks

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, refusal_message
+from proxy.policy.engine import PolicyEngine
+from proxy.policy.model import PolicyMode
+from proxy.policy.postgres import SENSITIVE_SETTINGS
 
 if TYPE_CHECKING:  # upstream imports the statement rewriting, which quotes with this module
     from proxy.protocols.postgres.upstream import ServerConnection
@@ -33,6 +36,19 @@ SESSION_PARAMETERS = {
         "bytea_output",
     )
 }
+# What drivers send by themselves at startup (libpq, JDBC, asyncpg, Npgsql): accepted for every
+# role, since they change only how values are shown; the lexing ones are checked by value.
+_DRIVER_SETTINGS = frozenset(
+    {
+        "application_name",
+        "client_encoding",
+        "DateStyle",
+        "TimeZone",
+        "IntervalStyle",
+        "extra_float_digits",
+        "standard_conforming_strings",
+    }
+)
 # Startup packet keys that are not settings (55.7 "StartupMessage").
 _NOT_SETTINGS = frozenset({"user", "database"})
 
@@ -43,7 +59,11 @@ class StartupParameterError(Exception):
 
 @dataclass(slots=True)
 class SessionParameters:
-    """What the client wants set: its startup settings, then whatever it SETs that the server reports."""
+    """What the client wants set: its startup settings, then whatever it SETs that the server reports.
+
+    Every tracked setting not in ``wanted`` is wanted at the route's value: a server connection
+    serves this client only once nothing another client left on it differs from that.
+    """
 
     wanted: dict[str, str]
 
@@ -63,32 +83,100 @@ class SessionParameters:
         wanted.setdefault("client_encoding", DEFAULT_ENCODING)
         return cls(wanted)
 
+    def refusal_for(
+        self, role: str, policies: PolicyEngine, capped: frozenset[str] = frozenset()
+    ) -> str | None:
+        """Why ``role`` may not start with these settings, or None when it may.
+
+        A startup setting is a SET before the first statement: what the role's policy refuses as
+        a SET it refuses here too, so a startup packet cannot do what a statement may not.
+        ``capped`` names settings the session has already held to the role's own ceiling.
+        """
+        policy = policies.policy(role)
+        if policy is None:
+            return None
+        for name, value in self.wanted.items():
+            if name in _DRIVER_SETTINGS or name in capped:
+                continue
+            if name == "search_path":
+                # The policy resolves unqualified table names through its own search_path: the
+                # server must resolve them through the same schemas, whatever else the policy allows.
+                if _search_path_or_none(value) != policy.search_path:
+                    return (
+                        'permission denied to set parameter "search_path": '
+                        "search_path must match the role's policy"
+                    )
+                continue
+            # Settings that change what names mean or what the session may do are refused in every
+            # mode (as SET of them is, unless the policy makes an exception); the rest as enforce
+            # mode would refuse their SET.
+            if name.lower() in SENSITIVE_SETTINGS or policy.mode is PolicyMode.ENFORCE:
+                decision = policies.decide(role, f"SET {name} TO {quote_literal(value)}".encode())
+                if not decision.allowed:
+                    return f'permission denied to set parameter "{name}": {decision.message}'
+        return None
+
+    def follow_policy(self, role: str, policies: PolicyEngine) -> None:
+        """A role with a policy runs with the policy's search_path, not the route's.
+
+        The policy resolves an unqualified table name in its search_path; the route's (by default
+        "$user", public) would let a schema named after the route's user shadow the tables the
+        policy decided on.
+        """
+        policy = policies.policy(role)
+        if policy is not None:
+            self.wanted["search_path"] = ", ".join(quote_identifier(name) for name in policy.search_path)
+
     def note_reported(self, name: str, value: str) -> None:
         """The server reported a new value while serving this client: carry it from now on."""
         canonical = SESSION_PARAMETERS.get(name.lower())
         if canonical is not None:
             self.wanted[canonical] = value
 
-    def changes_for(self, server: ServerConnection) -> dict[str, str]:
-        """The wanted settings this server connection does not have yet."""
-        return {
-            name: value
-            for name, value in self.wanted.items()
-            if server.applied.get(name) != value and server.reported.get(name) != value
-        }
+    def needs_sync(self, server: ServerConnection) -> bool:
+        """Whether ``server`` has a tracked setting other than this client wants: checked on every
+        hand-over, so it only compares two small dictionaries (both empty in the common case)."""
+        wanted = self.wanted
+        changed = server.changed_settings
+        for name in changed:
+            if name not in wanted:
+                return True
+        return not all(server.has_setting(name, value) for name, value in wanted.items())
 
     async def apply(self, server: ServerConnection, timeout: float) -> None:
-        changes = self.changes_for(server)
-        if not changes:
+        """Bring ``server`` to this client's full set: the route's values, overlaid with its own."""
+        wanted = self.wanted
+        changes = {name: value for name, value in wanted.items() if not server.has_setting(name, value)}
+        # Back to the route's value (what RESET gives: the proxy's own startup packet, then the
+        # server's defaults) what the client does not want, and what it wants differently: a
+        # DateStyle of "ISO" keeps the previous order (DMY, MDY), so it must start from the route's.
+        resets = [name for name in server.changed_settings if name not in wanted or name in changes]
+        if not changes and not resets:
             return
-        # set_config parses the value as the server's own config parser does, so list
-        # settings such as search_path keep their meaning; one round trip for all of them.
-        calls = ", ".join(
-            f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
-            for name, value in changes.items()
-        )
-        await server.run_internal(f"SELECT {calls}", timeout)
-        server.applied.update(changes)
+        # set_config parses the value as the server's own config parser does, so list settings
+        # such as search_path keep their meaning; NULL resets. Two statements of one query (one
+        # round trip, one implicit transaction): the resets run before the settings.
+        statements = []
+        if resets:
+            statements.append(_set_config_calls((name, None) for name in resets))
+        if changes:
+            statements.append(_set_config_calls(changes.items()))
+        await server.run_internal("; ".join(statements), timeout)
+        server.note_settings_applied(resets, changes)
+        for name in changes:
+            # As the server reports it from now on ("utf-8" is "UTF8"): compared without another set.
+            reported = server.reported.get(name)
+            if reported is not None:
+                wanted[name] = reported
+
+
+def _set_config_calls(settings: Iterable[tuple[str, str | None]]) -> str:
+    """One SELECT of set_config calls; a None value resets the setting (as RESET does)."""
+    calls = []
+    for name, value in settings:
+        quoted = "NULL" if value is None else quote_literal(value)
+        calls.append(f"pg_catalog.set_config({quote_literal(name)}, {quoted}, false)")
+    return "SELECT " + ", ".join(calls)
 
 
 def _checked_value(name: str, value: str) -> str:
@@ -104,9 +192,93 @@ def _checked_value(name: str, value: str) -> str:
     return value
 
 
+class SearchPathSyntaxError(ValueError):
+    """The server would refuse this search_path value ("List syntax is invalid")."""
+
+
+# scanner_isspace (src/backend/parser/scansup.c): the only whitespace around list items. Not
+# Unicode whitespace: a no-break space is part of a name.
+_LIST_SPACE: Final = " \t\n\r\f"
+# NAMEDATALEN - 1: longer names are cut to this many bytes, at a character boundary.
+_MAX_NAME_BYTES: Final = 63
+
+
 def search_path_entries(value: str) -> tuple[str, ...]:
-    """The schemas of a search_path value, unquoted and in order."""
-    return tuple(part.strip().strip('"') for part in value.split(",") if part.strip())
+    """The schema names of a search_path value as the server reads them.
+
+    PostgreSQL's SplitIdentifierString (src/backend/utils/adt/varlena.c): items separated by
+    commas with ASCII whitespace around them; a double-quoted name keeps its case and may hold
+    commas and doubled quotes; an unquoted one is downcased (ASCII letters only, as
+    downcase_identifier does for a UTF-8 database); every name is cut to 63 bytes. "$user"
+    stays as it is, as the server's own list does until it resolves it.
+    """
+    entries: list[str] = []
+    end = len(value)
+    position = _skip_space(value, 0)
+    if position == end:
+        return ()
+    while True:
+        if value[position] == '"':
+            parts: list[str] = []
+            position += 1
+            while True:
+                quote = value.find('"', position)
+                if quote < 0:
+                    raise SearchPathSyntaxError("unterminated quoted name")
+                parts.append(value[position:quote])
+                position = quote + 1
+                if value.startswith('"', position):
+                    parts.append('"')
+                    position += 1
+                else:
+                    break
+            name = "".join(parts)
+        else:
+            start = position
+            while position < end and value[position] != "," and value[position] not in _LIST_SPACE:
+                position += 1
+            if position == start:
+                raise SearchPathSyntaxError("empty name")
+            name = _downcase(value[start:position])
+        entries.append(_truncate(name))
+        position = _skip_space(value, position)
+        if position == end:
+            return tuple(entries)
+        if value[position] != ",":
+            raise SearchPathSyntaxError("names must be separated by commas")
+        position = _skip_space(value, position + 1)
+        if position == end:
+            raise SearchPathSyntaxError("empty name")
+
+
+def _search_path_or_none(value: str) -> tuple[str, ...] | None:
+    try:
+        return search_path_entries(value)
+    except SearchPathSyntaxError:
+        return None
+
+
+def _skip_space(value: str, position: int) -> int:
+    while position < len(value) and value[position] in _LIST_SPACE:
+        position += 1
+    return position
+
+
+def _downcase(name: str) -> str:
+    return "".join(chr(ord(char) + 32) if "A" <= char <= "Z" else char for char in name)
+
+
+def _truncate(name: str) -> str:
+    encoded = name.encode("utf-8")
+    if len(encoded) <= _MAX_NAME_BYTES:
+        return name
+    # A character cut in two is dropped whole, as pg_mbcliplen does.
+    return encoded[:_MAX_NAME_BYTES].decode("utf-8", "ignore")
+
+
+def quote_identifier(name: str) -> str:
+    """A double-quoted identifier: the name exactly, whatever its case or characters."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def quote_literal(text: str) -> str:

@@ -46,7 +46,6 @@ from proxy.protocols.postgres.classifiercache import SessionStateClassifier
 from proxy.protocols.postgres.parameters import (
     SessionParameters,
     StartupParameterError,
-    search_path_entries,
 )
 from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, take_ready_synthetics
 from proxy.protocols.postgres.refusal import Refusal
@@ -641,16 +640,6 @@ class ClientSession(asyncio.Protocol):
             self._fail(FeatureNotSupported(str(exc)), reason=str(exc))
             return
         self._encoding = self._parameters.wanted["client_encoding"]
-        policy = self._env.policies.policy(self._role)
-        asked = self._parameters.wanted.get("search_path")
-        if policy is not None and asked is not None and search_path_entries(asked) != policy.search_path:
-            # Table names in the policy resolve through its search_path; another one would
-            # make "products" mean a different table to the server than to the policy.
-            self._fail(
-                InsufficientPrivilege("search_path must match the role's policy"),
-                reason=f"startup search_path {asked!r} differs from the policy's",
-            )
-            return
         role_timeout = self._env.config.roles[self._role].statement_timeout
         if role_timeout is not None:
             # The role's statement_timeout travels with the client's settings to every server
@@ -659,6 +648,13 @@ class ClientSession(asyncio.Protocol):
             wanted["statement_timeout"] = capped_statement_timeout(
                 wanted.get("statement_timeout"), role_timeout
             )
+        capped = frozenset({"statement_timeout"}) if role_timeout is not None else frozenset()
+        refusal = self._parameters.refusal_for(self._role, self._env.policies, capped)
+        if refusal is not None:
+            # As PostgreSQL refuses a startup setting the role may not SET: FATAL 42501.
+            self._fail(InsufficientPrivilege(refusal), reason=f"startup setting refused: {refusal}")
+            return
+        self._parameters.follow_policy(self._role, self._env.policies)
         if not self._admit_connection():
             return
         self._route = route
@@ -778,7 +774,7 @@ class ClientSession(asyncio.Protocol):
             route.pool.give_back(server)
             return
         self._observe_wait(self._waiting_since)
-        if self._parameters.changes_for(server):
+        if self._parameters.needs_sync(server):
             # Setting them takes a round trip to the server: the one case that needs a task.
             self._connect_task = self._env.registry.spawn(self._lease_server(route, server))
             return
@@ -878,7 +874,7 @@ class ClientSession(asyncio.Protocol):
         has_share = self._share_held or self._take_share(route)
         if has_share and not self._stash and self._parameters is not None:
             idle = route.pool.try_acquire()
-            if idle is not None and not self._parameters.changes_for(idle):
+            if idle is not None and not self._parameters.needs_sync(idle):
                 self._server = idle
                 idle.attach(self)
                 idle.result_watch = self._result_watch
@@ -1254,6 +1250,9 @@ class ClientSession(asyncio.Protocol):
             refusals[start] = Refusal(FeatureNotSupported.sqlstate, found.reason)
         elif found.effect is Effect.FORGETS_STATEMENTS:
             forget_at.append(start)
+            if self._server is not None:
+                # DISCARD ALL also resets every setting, if it runs: the proxy no longer knows them.
+                self._server.note_settings_may_have_reset()
         elif found.effect is Effect.RESERVED_NAME:
             refusals[start] = Refusal(RESERVED_NAME, found.reason)
         elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:

@@ -15,6 +15,7 @@ from pglast import ast, enums, parse_sql, visitors
 from pglast.parser import ParseError
 
 from proxy.policy.encodings import accepted_encoding, refusal_message
+from proxy.protocols.postgres.parameters import SESSION_PARAMETERS
 from proxy.protocols.postgres.prepared import SERVER_NAME_PREFIX
 
 # Settings the server reports with ParameterStatus: the proxy sees every change to them and
@@ -29,6 +30,9 @@ REPORTED_SETTINGS = frozenset(
         "standard_conforming_strings",
     }
 )
+# Settings the proxy sets for clients (startup parameters) that the server does not report: after
+# a RESET of one, the proxy could not tell what the next client on that connection would find.
+_UNREPORTED_CLIENT_SETTINGS = frozenset(SESSION_PARAMETERS) - REPORTED_SETTINGS
 # SET TRANSACTION ... and SET TRANSACTION SNAPSHOT last only for the transaction.
 _TRANSACTION_SCOPED = frozenset({"transaction", "transaction snapshot"})
 # What PostgreSQL reads as true (parse_bool takes any prefix of true and yes); anything else may be off.
@@ -129,7 +133,13 @@ class _EffectFinder(visitors.Visitor):
             elif name == "standard_conforming_strings":
                 self._check_conforming_strings(node.args or ())
         # A SET inside ALTER DATABASE/ROLE/SYSTEM or CREATE FUNCTION is stored in the catalog.
-        if ancestors.node is not None or node.is_local or node.kind in _RESETS:
+        if ancestors.node is not None or node.is_local:
+            return
+        if node.kind in _RESETS:
+            if node.kind is enums.VariableSetKind.VAR_RESET_ALL:
+                self._found(Effect.SESSION_STATE, "RESET ALL")
+            elif name in _UNREPORTED_CLIENT_SETTINGS:
+                self._found(Effect.SESSION_STATE, f"RESET {name}")
             return
         if name not in REPORTED_SETTINGS and name not in _TRANSACTION_SCOPED:
             self._found(Effect.SESSION_STATE, f"SET {name}")

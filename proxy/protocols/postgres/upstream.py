@@ -8,7 +8,7 @@ import itertools
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final, Protocol, cast
 
 import structlog
@@ -17,6 +17,7 @@ from proxy.config import RouteConfig
 from proxy.errors import ProtocolViolation, ProxyError, caused_by
 from proxy.pool import ServerUnreachable
 from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.parameters import SESSION_PARAMETERS
 from proxy.protocols.postgres.prepared import (
     ServerState,
     ServerStatements,
@@ -33,6 +34,11 @@ log = structlog.get_logger("pos_proxy.upstream")
 # A backend message cannot exceed PostgreSQL's 1 GiB allocation limit (MaxAllocSize).
 MAX_BACKEND_MESSAGE: Final = 1 << 30
 _connection_ids = itertools.count(1)
+# The settings a client may choose, as the server names them in ParameterStatus.
+_TRACKED_SETTINGS: Final = frozenset(SESSION_PARAMETERS.values())
+# A value no client can want (startup and ParameterStatus values end at a NUL): the setting may
+# differ from the route's value, and nobody knows how.
+_UNKNOWN_VALUE: Final = "\x00unknown"
 
 
 class UpstreamConnectError(Exception):
@@ -100,8 +106,12 @@ class ServerConnection(asyncio.Protocol):
         self.created_at = time.monotonic()
         self.idle_since = self.created_at
         self.reported: dict[str, str] = {}
-        # Values the proxy set on behalf of clients, as the clients spelled them.
-        self.applied: dict[str, str] = {}
+        # What the server reported at startup: the route's values, which RESET goes back to.
+        self._startup_reported: dict[str, str] = {}
+        # The tracked settings (SESSION_PARAMETERS) that may differ from the route's values: as the
+        # proxy set them for a client (spelled as the client did) or as the server last reported
+        # them. Empty on a connection no client changed, which is what makes hand-overs free.
+        self.changed_settings: dict[str, str] = {}
         self.backend_key: tuple[int, int] = (0, 0)
         self.transaction_status = b"I"
         # Extended-protocol messages sent since the last Sync: the server is mid-cycle.
@@ -243,8 +253,7 @@ class ServerConnection(asyncio.Protocol):
         parameters, the transaction status and a FATAL as the ``last`` message of ``buffer``."""
         for payload in parameters:
             name, value = m.parse_parameter_status(payload)
-            self.reported[name] = value
-            self.applied.pop(name, None)
+            self._note_reported(name, value)
             peer.server_parameter(name, value)
         if last is not None and last[0] == m.MSG_ERROR_RESPONSE:
             # A FATAL is the last message a server sends before it closes: only a batch's last one can be.
@@ -284,14 +293,13 @@ class ServerConnection(asyncio.Protocol):
                 if reply is not None and self._transport is not None:
                     self._transport.write(reply)
                 if self._handshake.done:
-                    self.reported.update(self._handshake.parameters)
+                    self.note_startup_parameters(self._handshake.parameters)
                     self.backend_key = self._handshake.backend_key or (0, 0)
                     self._handshake = None
                     self._resolve_waiter()
                 continue
             if kind == m.MSG_PARAMETER_STATUS:
-                name, value = m.parse_parameter_status(payload)
-                self.reported[name] = value
+                self._note_reported(*m.parse_parameter_status(payload))
             elif kind == m.MSG_ERROR_RESPONSE:
                 fields = m.parse_error_fields(payload)
                 self._internal_error = (fields.get("C", "XX000"), fields.get("M", ""))
@@ -301,6 +309,48 @@ class ServerConnection(asyncio.Protocol):
             elif kind == m.MSG_READY_FOR_QUERY:
                 self.transaction_status = payload
                 self._resolve_waiter()
+
+    # --- settings ---
+
+    def note_startup_parameters(self, parameters: Mapping[str, str]) -> None:
+        """The ParameterStatus values of the server's startup: the values of the route."""
+        self.reported.update(parameters)
+        self._startup_reported.update(parameters)
+
+    def _note_reported(self, name: str, value: str) -> None:
+        self.reported[name] = value
+        if name in _TRACKED_SETTINGS:
+            if value == self._startup_reported.get(name):
+                self.changed_settings.pop(name, None)
+            else:
+                self.changed_settings[name] = value
+
+    def has_setting(self, name: str, value: str) -> bool:
+        """Whether tracked setting ``name`` is ``value`` here, as spelled or as reported."""
+        changed = self.changed_settings.get(name)
+        if changed is not None and changed == value:
+            return True
+        # A reported setting's last ParameterStatus is its value; an unreported one at the
+        # route's value is unknown to the proxy, so it is set when a client asks for it.
+        return self.reported.get(name) == value
+
+    def note_settings_applied(self, resets: Iterable[str], changes: Mapping[str, str]) -> None:
+        """The proxy's set_config for a client succeeded: ``resets`` went back to the route's values."""
+        for name in resets:
+            self.changed_settings.pop(name, None)
+        for name, value in changes.items():
+            reported = self.reported.get(name)
+            if reported is None:
+                self.changed_settings[name] = value
+            elif reported == self._startup_reported.get(name):
+                self.changed_settings.pop(name, None)
+            else:
+                self.changed_settings[name] = reported
+
+    def note_settings_may_have_reset(self) -> None:
+        """A client ran DISCARD ALL (or DEALLOCATE ALL): whether the settings the proxy set are
+        still there depends on whether it succeeded, so the next client's are set again."""
+        self.changed_settings = dict.fromkeys(self.changed_settings, _UNKNOWN_VALUE)
 
     # --- waiting for the server without a client attached ---
 
@@ -383,7 +433,7 @@ class ServerConnection(asyncio.Protocol):
 
     def forget_session(self) -> None:
         """After DISCARD ALL: nothing the proxy set or prepared on this connection remains."""
-        self.applied.clear()
+        self.changed_settings.clear()
         self.state.statements.clear()
         self.state.forget_unnamed()
 

@@ -1,0 +1,415 @@
+"""A terminal's settings never reach the next terminal on the same server connection.
+
+An attacker holds a valid certificate. Through startup parameters, SET of the settings the server
+reports, set_config or RESET/DISCARD ALL it leaves settings on its server connection, and the next
+terminal served by that connection must find the route's values, or the ones it asked for itself:
+never what the previous one left (a search_path reaching a schema of shadow tables above all). A
+role with a policy may not choose at startup what it may not SET. The proxy reads a search_path
+value as the server does. Real PostgreSQL 15 through the real proxy, pool of one server
+connection so that every terminal lands on the same one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from psycopg import sql
+
+from proxy.protocols.postgres.parameters import (
+    SESSION_PARAMETERS,
+    SearchPathSyntaxError,
+    search_path_entries,
+)
+from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI
+
+StartProxy = Callable[..., ProxyProcess]
+
+# A value other than the route's for every setting a terminal may give at startup.
+# standard_conforming_strings is left out: the proxy accepts only "on" (tested below).
+STARTUP_VALUES = {
+    "application_name": "till-evil",
+    "DateStyle": "SQL, DMY",
+    "TimeZone": "Pacific/Chatham",
+    "IntervalStyle": "iso_8601",
+    "extra_float_digits": "-3",
+    "search_path": "evil, public",
+    "statement_timeout": "4321",
+    "lock_timeout": "4321",
+    "idle_in_transaction_session_timeout": "654321",
+    "default_transaction_isolation": "serializable",
+    "default_transaction_read_only": "on",
+    "bytea_output": "escape",
+}
+# What SHOW says for them (the server's own spelling).
+SHOWN = {
+    "statement_timeout": "4321ms",
+    "lock_timeout": "4321ms",
+    "idle_in_transaction_session_timeout": "654321ms",
+}
+# The settings the server reports with ParameterStatus: a SET of them does not pin a client to its
+# server connection under transaction pooling, so the proxy must undo them itself.
+REPORTED_SET = {
+    "DateStyle": "SQL, DMY",
+    "TimeZone": "Pacific/Chatham",
+    "IntervalStyle": "postgres_verbose",
+    "application_name": "till-evil",
+    "client_encoding": "LATIN1",
+    "standard_conforming_strings": "off",
+}
+TRACKED = sorted({*SESSION_PARAMETERS.values()})
+CASHIER_POLICY = (
+    "mode: enforce\nsearch_path: [public]\nallow:\n  kinds: [SELECT, SHOW]\n  read: [price_list]\n"
+)
+
+
+def test_every_startup_setting_is_attacked() -> None:
+    # A setting added to SESSION_PARAMETERS must get an attack value here (or a reason it has none).
+    assert set(STARTUP_VALUES) | {"client_encoding", "standard_conforming_strings"} == set(TRACKED)
+
+
+# --- helpers ---
+
+
+def _superuser(cluster: Any) -> psycopg.Connection:
+    return psycopg.connect(**cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True)
+
+
+@pytest.fixture(scope="module")
+def shadow_schema(pg_cluster: Any) -> Iterator[None]:
+    """public.price_list and a schema "evil" with a shadow price_list table, as an attacker with
+    its own schema (or a role without a policy that may create one) would have."""
+    with _superuser(pg_cluster) as admin:
+        admin.execute("CREATE TABLE IF NOT EXISTS public.price_list (sku text PRIMARY KEY, name text)")
+        admin.execute("ALTER TABLE public.price_list OWNER TO pos_proxy")
+        admin.execute("INSERT INTO public.price_list VALUES ('1', 'real pen') ON CONFLICT DO NOTHING")
+        admin.execute("CREATE SCHEMA IF NOT EXISTS evil AUTHORIZATION pos_proxy")
+        admin.execute("CREATE TABLE IF NOT EXISTS evil.price_list (sku text PRIMARY KEY, name text)")
+        admin.execute("ALTER TABLE evil.price_list OWNER TO pos_proxy")
+        admin.execute("INSERT INTO evil.price_list VALUES ('1', 'shadow pen') ON CONFLICT DO NOTHING")
+    yield
+
+
+def _proxy(
+    start_proxy: StartProxy, mode: str, tmp_path: Path, *, cashier_policy: bool = False
+) -> ProxyProcess:
+    overrides: dict[str, Any] = {"routes": {"pos": {"pool": {"mode": mode, "size": 1}}}}
+    if cashier_policy:
+        policy = tmp_path / "cashier.yaml"
+        policy.write_text(CASHIER_POLICY, encoding="utf-8")
+        overrides["roles"] = {"cashier": {"policy": str(policy)}}
+    return start_proxy(**overrides)
+
+
+def _psycopg(proxy: ProxyProcess, pki: TerminalPKI, terminal: Terminal, **extra: str) -> psycopg.Connection:
+    return psycopg.connect(**proxy.conninfo(terminal, pki.ca, **extra), autocommit=True)
+
+
+@contextlib.asynccontextmanager
+async def _asyncpg(
+    proxy: ProxyProcess, pki: TerminalPKI, terminal: Terminal, **settings: str
+) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(
+        host="127.0.0.1",
+        port=proxy.port,
+        user=terminal.terminal,
+        database="pos",
+        ssl=proxy.ssl_context(terminal, pki.ca),
+        timeout=15,
+        server_settings=settings,
+    )
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+def _show_all(connection: psycopg.Connection) -> dict[str, str]:
+    shown = {}
+    for name in TRACKED:
+        row = connection.execute(sql.SQL("SHOW {}").format(sql.Identifier(name.lower()))).fetchone()
+        assert row is not None
+        shown[name] = row[0]
+    return shown
+
+
+def _backend_pid(connection: psycopg.Connection) -> int:
+    row = connection.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# --- startup parameters ---
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+async def test_startup_settings_of_one_terminal_do_not_reach_the_next(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None, mode: str
+) -> None:
+    proxy = _proxy(start_proxy, mode, tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+        pid = _backend_pid(before)
+    for name, value in STARTUP_VALUES.items():
+        assert route_values[name] != SHOWN.get(name, value), name
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.manager, **{name: value}) as attacker:
+            # The attacker's own session has it (so the test shows something).
+            assert await attacker.fetchval(f"SHOW {name}") == SHOWN.get(name, value), name
+            assert await attacker.fetchval("SELECT pg_backend_pid()") == pid
+            if name == "search_path":
+                assert await attacker.fetchval("SELECT name FROM price_list") == "shadow pen"
+            if mode == "transaction":
+                # The next terminal takes the connection while the attacker is still connected.
+                with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+                    assert _backend_pid(victim) == pid
+                    assert _show_all(victim) == route_values, name
+                # And the attacker keeps its own setting on its next transaction.
+                assert await attacker.fetchval(f"SHOW {name}") == SHOWN.get(name, value), name
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert _backend_pid(victim) == pid
+            assert _show_all(victim) == route_values, name
+            assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+
+
+async def test_all_startup_settings_at_once_do_not_reach_the_next(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.manager, **STARTUP_VALUES) as attacker:
+        assert await attacker.fetchval("SHOW search_path") == "evil, public"
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert _show_all(victim) == route_values
+        # A terminal asking for some of the same settings gets exactly its own set.
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier, TimeZone="Pacific/Chatham") as other:
+            assert await other.fetchval("SHOW TimeZone") == "Pacific/Chatham"
+            assert await other.fetchval("SHOW search_path") == route_values["search_path"]
+            assert await other.fetchval("SHOW DateStyle") == route_values["DateStyle"]
+            assert await other.fetchval("SHOW statement_timeout") == route_values["statement_timeout"]
+        assert await attacker.fetchval("SHOW DateStyle") == "SQL, DMY"
+        assert await attacker.fetchval("SHOW default_transaction_read_only") == "on"
+
+
+# --- SET of the settings the server reports ---
+
+
+def test_set_of_reported_settings_does_not_reach_the_next_terminal(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+        pid = _backend_pid(before)
+    with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+        for name, value in REPORTED_SET.items():
+            assert route_values[name] != value, name
+            attacker.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name.lower()), sql.Literal(value)))
+        # Not pinned: the settings are reported, and the connection goes back to the pool.
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert _backend_pid(victim) == pid
+            assert _show_all(victim) == route_values
+        for name, value in REPORTED_SET.items():
+            shown = attacker.execute(sql.SQL("SHOW {}").format(sql.Identifier(name.lower()))).fetchone()
+            assert shown is not None and shown[0].lower() == value.lower(), name
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_set_and_set_config_are_undone_before_the_next_terminal(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None, mode: str
+) -> None:
+    proxy = _proxy(start_proxy, mode, tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+    for attack in (
+        "SET search_path = evil, public",
+        "SELECT set_config('search_path', 'evil, public', false)",
+        "SET statement_timeout = 4321",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+        "SET DateStyle = 'SQL, DMY'",
+        "SET standard_conforming_strings = off",
+    ):
+        with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+            attacker.execute(attack)
+            assert _show_all(attacker) != route_values, attack
+        # Transaction pooling pinned the attacker to its connection (or followed the reported
+        # setting); session pooling reset the connection (DISCARD ALL) when the attacker left.
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert _show_all(victim) == route_values, attack
+            assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+
+
+async def test_discard_all_by_one_terminal_does_not_drop_the_next_terminals_settings(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.manager, statement_timeout="4321") as first:
+        assert await first.fetchval("SHOW statement_timeout") == "4321ms"
+        await first.execute("DISCARD ALL")  # the server forgets what the proxy set
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier, statement_timeout="4321") as second:
+            assert await second.fetchval("SHOW statement_timeout") == "4321ms"
+        assert await first.fetchval("SHOW statement_timeout") == "4321ms"
+
+
+async def test_reset_all_by_one_terminal_does_not_drop_the_next_terminals_settings(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier, statement_timeout="4321") as victim:
+        assert await victim.fetchval("SHOW statement_timeout") == "4321ms"
+        with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+            attacker.execute("RESET ALL")  # the server forgets what the proxy set for the victim
+        assert await victim.fetchval("SHOW statement_timeout") == "4321ms"
+
+
+# --- the shadow table attack ---
+
+
+async def test_search_path_of_one_terminal_does_not_redirect_the_next_terminals_policy(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None
+) -> None:
+    """The cashier's policy decides on public.price_list; the server must read public.price_list."""
+    proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.manager, search_path="evil, public") as attacker:
+        assert await attacker.fetchval("SELECT name FROM price_list") == "shadow pen"
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier) as cashier:
+            assert await cashier.fetchval("SELECT name FROM price_list WHERE sku = '1'") == "real pen"
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await cashier.fetchval("SELECT name FROM evil.price_list")
+            assert await cashier.fetchval("SELECT name FROM price_list WHERE sku = '1'") == "real pen"
+        assert await attacker.fetchval("SELECT name FROM price_list") == "shadow pen"
+
+
+async def test_a_schema_named_after_the_route_user_does_not_shadow_the_policys_tables(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None, pg_cluster: Any
+) -> None:
+    """The route's search_path starts with "$user": a schema named after the route's user (which
+    the route's user may create in its database) would shadow public.price_list for the server."""
+    proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
+    with _superuser(pg_cluster) as admin:
+        admin.execute(f"CREATE SCHEMA {pg_cluster.user} AUTHORIZATION {pg_cluster.user}")
+    try:
+        with _superuser(pg_cluster) as admin:
+            admin.execute(f"CREATE TABLE {pg_cluster.user}.price_list (sku text PRIMARY KEY, name text)")
+            admin.execute(f"INSERT INTO {pg_cluster.user}.price_list VALUES ('1', 'user schema pen')")
+            admin.execute(f"ALTER TABLE {pg_cluster.user}.price_list OWNER TO {pg_cluster.user}")
+        with _psycopg(proxy, terminal_pki, terminal_pki.manager) as without_policy:
+            assert without_policy.execute("SELECT name FROM price_list").fetchone() == ("user schema pen",)
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier) as cashier:
+            assert await cashier.fetchval("SELECT name FROM price_list WHERE sku = '1'") == "real pen"
+        with _psycopg(proxy, terminal_pki, terminal_pki.manager) as without_policy:
+            assert without_policy.execute("SELECT name FROM price_list").fetchone() == ("user schema pen",)
+    finally:
+        with _superuser(pg_cluster) as admin:
+            admin.execute(f"DROP SCHEMA {pg_cluster.user} CASCADE")
+
+
+# --- startup settings a role with a policy may not choose ---
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        ("search_path", "evil, public"),
+        ("search_path", "evil"),
+        ("search_path", "public\u00a0"),  # a no-break space is part of the name: another schema
+        ("search_path", '"Public"'),
+        ("search_path", "public,"),  # the server refuses it; the proxy must not read it as public
+        ("default_transaction_read_only", "on"),
+        ("default_transaction_read_only", "off"),
+        ("statement_timeout", "1"),  # SET is not among the cashier's statement kinds
+        ("default_transaction_isolation", "serializable"),
+    ],
+)
+async def test_startup_setting_the_policy_refuses_as_set_is_refused(
+    start_proxy: StartProxy,
+    terminal_pki: TerminalPKI,
+    tmp_path: Path,
+    shadow_schema: None,
+    setting: tuple[str, str],
+) -> None:
+    name, value = setting
+    proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
+    with pytest.raises(
+        asyncpg.InsufficientPrivilegeError, match=f'permission denied to set parameter "{name}"'
+    ):
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier, **{name: value}):
+            pass
+    proxy.wait_for_event("session_refused", sqlstate="42501")
+    # The terminal may connect again without it.
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier) as cashier:
+        assert await cashier.fetchval("SELECT name FROM price_list WHERE sku = '1'") == "real pen"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"search_path": "public"},
+        {"search_path": ' "public" '},
+        {"search_path": "PUBLIC"},
+        {"application_name": "till 7", "DateStyle": "ISO, DMY", "TimeZone": "Europe/Berlin"},
+        {"extra_float_digits": "3", "IntervalStyle": "iso_8601", "client_encoding": "UTF8"},
+    ],
+)
+async def test_startup_settings_drivers_send_are_accepted_under_a_policy(
+    start_proxy: StartProxy,
+    terminal_pki: TerminalPKI,
+    tmp_path: Path,
+    shadow_schema: None,
+    settings: dict[str, str],
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier, **settings) as cashier:
+        assert await cashier.fetchval("SELECT name FROM price_list WHERE sku = '1'") == "real pen"
+        for name, value in settings.items():
+            if name not in ("search_path", "client_encoding"):
+                assert await cashier.fetchval(f"SHOW {name}") == value
+
+
+# --- search_path as the server reads it ---
+
+TRICKY_SEARCH_PATHS = [
+    "a, b",
+    " a ,\tb\n,\rc\f",
+    '"a,b", c',
+    '"Mixed", Mixed',
+    '"a""b"',
+    '"$user", public',
+    "$user, public",
+    "a\u00a0b, c",  # U+00A0 is not a separator for PostgreSQL
+    "\u00a0a",
+    "a\vb",  # nor is a vertical tab (PostgreSQL 15)
+    "\u00c4BC, \u00e4bc",  # only ASCII letters are downcased
+    '"", d',
+    "x" * 70,  # cut to 63 bytes
+    "é" * 40,  # cut to 63 bytes at a character boundary
+    '"' + "Q" * 64 + '"',
+]
+INVALID_SEARCH_PATHS = ["a,,b", "a,", ",a", '"a"b', '"a', "a b", '"a" "b"']
+
+
+@pytest.mark.parametrize("value", TRICKY_SEARCH_PATHS)
+def test_search_path_is_split_as_the_server_splits_it(pg_cluster: Any, value: str) -> None:
+    entries = search_path_entries(value)
+    with _superuser(pg_cluster) as admin:
+        for schema in entries:
+            if schema and schema != "$user":
+                admin.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        admin.execute("SELECT set_config('search_path', %s, false)", (value,))
+        row = admin.execute("SELECT current_schemas(false)").fetchone()
+    assert row is not None
+    # current_schemas leaves out names without a schema ("", and "$user" for a role without one).
+    assert row[0] == [schema for schema in entries if schema and schema != "$user"]
+
+
+@pytest.mark.parametrize("value", INVALID_SEARCH_PATHS)
+def test_search_path_the_server_refuses_is_refused(pg_cluster: Any, value: str) -> None:
+    with pytest.raises(SearchPathSyntaxError):
+        search_path_entries(value)
+    with _superuser(pg_cluster) as admin, pytest.raises(psycopg.errors.InvalidParameterValue):
+        admin.execute("SELECT set_config('search_path', %s, false)", (value,))
