@@ -141,3 +141,28 @@ def test_connection_events_carry_pci_fields_and_tampering_is_detected(
     live.write_text("".join(lines)[:-10])
     result = _verify(key, [live])
     assert result.returncode == 1 and "truncated" in result.stdout
+
+
+def test_a_statement_the_proxy_refuses_outside_any_policy_is_audited_as_refused(
+    audited: tuple[ProxyProcess, Path, Path], terminal_pki: TerminalPKI
+) -> None:
+    """A switch to a client encoding the proxy cannot read is refused for every role, also one
+    without a policy: its statement record says refused (with the rule), not allowed."""
+    proxy, directory, _key = audited
+    with psycopg.connect(
+        **proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True
+    ) as connection:
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            connection.execute("SET client_encoding TO 'SJIS'")
+        assert connection.execute("SELECT 1").fetchone() == (1,)
+    assert proxy.stop() == 0
+    records = _records(directory)
+    statements = {r["statement"]: r for r in records if r["event"] == "statement"}
+    switch = statements["SET client_encoding TO $1"]
+    assert (switch["decision"], switch["outcome"], switch["rule"]) == (
+        "refused",
+        "failure",
+        "client encoding",
+    )
+    assert statements["SELECT $1"]["decision"] == "allowed"
+    assert any(r["event"] == "unsupported_client_encoding" and "SJIS" in r["reason"] for r in records)

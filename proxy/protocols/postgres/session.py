@@ -193,6 +193,13 @@ class _StatementChecks(NamedTuple):
     limited: bool  # statements per second limits
 
 
+def _policy_refusal(decision: Decision | None, mode: PolicyMode | None) -> str | None:
+    """The rule of a policy decision that refuses the statement (only enforce mode refuses)."""
+    if decision is None or decision.allowed or mode is not PolicyMode.ENFORCE:
+        return None
+    return decision.rule
+
+
 class ClientSession(asyncio.Protocol):
     """The terminal side of the protocol; message framing is sans-IO in ``messages``."""
 
@@ -996,22 +1003,31 @@ class ClientSession(asyncio.Protocol):
                     executed = self._portal_texts.get(portal, b"")
                     self._statements_run += 1
                     decision = policies.decide(self._role, executed, self._encoding) if mode else None
-                    self._audit_statement(decision, mode, executed)
+                    self._audit_statement(decision, mode, executed, _policy_refusal(decision, mode))
                 continue
-            if mode is not None:
-                decision = policies.decide(self._role, text, self._encoding)
-                if kind == m.MSG_QUERY or not decision.allowed:
-                    self._audit_statement(decision, mode, text)
+            decision = policies.decide(self._role, text, self._encoding) if mode is not None else None
+            refused_by = _policy_refusal(decision, mode)
+            if refused_by is None:
+                # Refused in every policy mode and without a policy: decided before the statement
+                # is audited, so that its record says what became of it.
+                if (
+                    mode is not None
+                    and self._timeout_ceiling
+                    and self._raises_statement_timeout(text, start, refusals)
+                ):
+                    refused_by = "statement_timeout"
+                else:
+                    found = classifier.classify(text)
+                    if found.effect is not _NO_SESSION_EFFECT:
+                        refused_by = self._check_session_state(found, start, refusals, forget_at)
+            if (
+                kind == m.MSG_QUERY
+                or refused_by is not None
+                or (decision is not None and not decision.allowed)
+            ):
+                self._audit_statement(decision, mode, text, refused_by)
+            if decision is not None:
                 self._apply_policy(decision, start, refusals)
-                if start in refusals:
-                    continue
-                if self._timeout_ceiling and self._raises_statement_timeout(text, start, refusals):
-                    continue
-            elif auditing and kind == m.MSG_QUERY:
-                self._audit_statement(None, None, text)
-            found = classifier.classify(text)
-            if found.effect is not _NO_SESSION_EFFECT:
-                self._check_session_state(found, start, refusals, forget_at)
         return refusals, forget_at
 
     def _raises_statement_timeout(self, text: bytes, start: int, refusals: dict[int, Refusal]) -> bool:
@@ -1083,12 +1099,15 @@ class ClientSession(asyncio.Protocol):
             raise PolicyViolationLimit(f"too many refused statements for role {self._role}")
         refusals[start] = Refusal(decision.sqlstate, decision.message)
 
-    def _audit_statement(self, decision: Decision | None, mode: PolicyMode | None, text: bytes) -> None:
-        """Refused statements always; allowed ones as the role's sampling share says."""
+    def _audit_statement(
+        self, decision: Decision | None, mode: PolicyMode | None, text: bytes, refused_by: str | None
+    ) -> None:
+        """Refused statements always (``refused_by``: the rule that refused it, whichever check
+        that was); allowed ones as the role's sampling share says."""
         audit, config = self._env.audit, self._env.config.audit
         if audit is None or config is None:
             return
-        refused = decision is not None and not decision.allowed and mode is PolicyMode.ENFORCE
+        refused = refused_by is not None
         share = config.statement_share(self._role)
         if not refused and (share <= 0.0 or (share < 1.0 and random.random() >= share)):
             return
@@ -1100,7 +1119,7 @@ class ClientSession(asyncio.Protocol):
             "statement",
             outcome="failure" if refused else "success",
             decision="refused" if refused else "allowed",
-            rule=decision.rule if decision is not None else "no policy",
+            rule=refused_by or (decision.rule if decision is not None else "no policy"),
             policy_mode=mode.value if mode is not None else None,
             fingerprints=[fingerprint for fingerprint, _text in statements],
             statement=" ; ".join(normalized for _fingerprint, normalized in statements),
@@ -1119,14 +1138,16 @@ class ClientSession(asyncio.Protocol):
 
     def _check_session_state(
         self, found: Classification, start: int, refusals: dict[int, Refusal], forget_at: list[int]
-    ) -> None:
+    ) -> str | None:
         """Pin or refuse a statement that would leave state behind in a shared server session, and
-        refuse one that would switch to a client encoding the proxy cannot read, whatever the role."""
+        refuse one that would switch to a client encoding the proxy cannot read, whatever the role.
+        Returns the rule that refused it, if one did."""
         if found.effect is Effect.UNSUPPORTED_ENCODING:
             log.warning("client_encoding_refused", **self._log_fields(), reason=found.reason)
             self._audit("unsupported_client_encoding", "failure", reason=found.reason)
             refusals[start] = Refusal(FeatureNotSupported.sqlstate, found.reason)
-        elif found.effect is Effect.FORGETS_STATEMENTS:
+            return "client encoding"
+        if found.effect is Effect.FORGETS_STATEMENTS:
             forget_at.append(start)
         elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
             if self._route.config.pool.session_state is SessionStateAction.PIN:
@@ -1139,6 +1160,8 @@ class ClientSession(asyncio.Protocol):
                     f"{found.reason} is not supported under transaction pooling",
                     hint="use SET LOCAL inside a transaction, or a session-pooling route",
                 )
+                return "transaction pooling"
+        return None
 
     # --- cancel ---
 
