@@ -200,6 +200,14 @@ def _policy_refusal(decision: Decision | None, mode: PolicyMode | None) -> str |
     return decision.rule
 
 
+def _remember(rules: dict[bytes, str], name: bytes, rule: str | None) -> None:
+    """Keep (or, once the name is reused for a statement nobody refused, forget) a refusal's rule."""
+    if rule is None:
+        rules.pop(name, None)
+    else:
+        rules[name] = rule
+
+
 class ClientSession(asyncio.Protocol):
     """The terminal side of the protocol; message framing is sans-IO in ``messages``."""
 
@@ -231,6 +239,8 @@ class ClientSession(asyncio.Protocol):
         "_portal_texts",
         "_reading_paused",
         "_refusal",
+        "_refused_portals",
+        "_refused_statements",
         "_result_watch",
         "_route",
         "_server",
@@ -300,6 +310,10 @@ class ClientSession(asyncio.Protocol):
         # Statement texts by prepared-statement and portal name, so executions can be audited.
         self._parsed_texts: dict[bytes, bytes] = {}
         self._portal_texts: dict[bytes, bytes] = {}
+        # The rule that refused a Parse, by statement and then portal name: the client's Bind and
+        # Execute of it run nothing of its text (the server fails them), so they are refused too.
+        self._refused_statements: dict[bytes, str] = {}
+        self._refused_portals: dict[bytes, str] = {}
         self._bytes_in = 0
         self._bytes_out = 0
         self._connect_task: asyncio.Task[None] | None = None
@@ -983,7 +997,8 @@ class ClientSession(asyncio.Protocol):
                 name_end = start + 5 if empty_name else chunk.find(b"\x00", start + 5, end)
                 text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
                 if auditing:
-                    self._parsed_texts[chunk[start + 5 : name_end]] = text
+                    parsed_name = chunk[start + 5 : name_end]
+                    self._parsed_texts[parsed_name] = text
             elif kind == m.MSG_QUERY:
                 text = chunk[start + 5 : end - 1]
                 self._statements_run += 1
@@ -994,7 +1009,9 @@ class ClientSession(asyncio.Protocol):
                 if auditing:
                     portal_end = chunk.find(b"\x00", start + 5, end)
                     statement = chunk[portal_end + 1 : chunk.find(b"\x00", portal_end + 1, end)]
-                    self._portal_texts[chunk[start + 5 : portal_end]] = self._parsed_texts.get(statement, b"")
+                    portal = chunk[start + 5 : portal_end]
+                    self._portal_texts[portal] = self._parsed_texts.get(statement, b"")
+                    _remember(self._refused_portals, portal, self._refused_statements.get(statement))
                 continue
             else:  # Execute, only with audit or statement limits
                 if auditing:
@@ -1003,7 +1020,8 @@ class ClientSession(asyncio.Protocol):
                     executed = self._portal_texts.get(portal, b"")
                     self._statements_run += 1
                     decision = policies.decide(self._role, executed, self._encoding) if mode else None
-                    self._audit_statement(decision, mode, executed, _policy_refusal(decision, mode))
+                    refused_by = self._refused_portals.get(portal) or _policy_refusal(decision, mode)
+                    self._audit_statement(decision, mode, executed, refused_by)
                 continue
             decision = policies.decide(self._role, text, self._encoding) if mode is not None else None
             refused_by = _policy_refusal(decision, mode)
@@ -1026,6 +1044,8 @@ class ClientSession(asyncio.Protocol):
                 or (decision is not None and not decision.allowed)
             ):
                 self._audit_statement(decision, mode, text, refused_by)
+            if auditing and kind == m.MSG_PARSE:
+                _remember(self._refused_statements, parsed_name, refused_by)
             if decision is not None:
                 self._apply_policy(decision, start, refusals)
         return refusals, forget_at
