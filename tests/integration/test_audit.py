@@ -141,3 +141,32 @@ def test_connection_events_carry_pci_fields_and_tampering_is_detected(
     live.write_text("".join(lines)[:-10])
     result = _verify(key, [live])
     assert result.returncode == 1 and "truncated" in result.stdout
+
+
+def test_a_statement_the_proxy_refuses_outside_any_policy_is_audited_as_refused(
+    audited: tuple[ProxyProcess, Path, Path], terminal_pki: TerminalPKI
+) -> None:
+    """A switch to a client encoding the proxy cannot read is refused for every role, also one
+    without a policy: its statement records say refused (with the rule), not allowed, also those
+    of the Execute that follows a refused Parse (prepared, or unnamed in the same batch)."""
+    proxy, directory, _key = audited
+    with psycopg.connect(
+        **proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True
+    ) as connection:
+        for options in ({}, {"prepare": True}, {"binary": True}):
+            with pytest.raises(psycopg.errors.FeatureNotSupported):
+                connection.execute("SET client_encoding TO 'SJIS'", **options)  # type: ignore[arg-type]
+            assert connection.execute("SELECT 1").fetchone() == (1,)
+    assert proxy.stop() == 0
+    records = _records(directory)
+    statements = [r for r in records if r["event"] == "statement"]
+    switches = [r for r in statements if r["statement"] == "SET client_encoding TO $1"]
+    assert len(switches) >= 3, switches
+    for switch in switches:
+        assert (switch["decision"], switch["outcome"], switch["rule"]) == (
+            "refused",
+            "failure",
+            "client encoding",
+        )
+    assert {r["decision"] for r in statements if r["statement"] == "SELECT $1"} == {"allowed"}
+    assert sum(r["event"] == "unsupported_client_encoding" and "SJIS" in r["reason"] for r in records) == 3

@@ -16,10 +16,13 @@ fingerprinted with libpg_query; each fingerprint must be among those the proxy a
 policy must allow the text as the server read it (fingerprints ignore constants). The proxy's own
 statements are recognised by their exact text and place, never by loose matching: parameter syncs
 (only the settings and values this test's clients asked for), ``DISCARD ALL`` closing a lease,
-and the ``DO`` blocks that raise a refusal on the server, which must raise nothing but one of the
-entry's refusal reasons and never count as allowed. Re-prepared statements are Parse messages,
-which the server does not log as executed; the proxy runs no health checks. Each client sends a
-marker (``SELECT 1 AS xcheck_<run>_<item>``) before each entry, so both logs can be cut per entry.
+and the ``DO`` blocks that raise a refusal on the server, which must be, to the byte, the block the
+proxy's own ``Refusal`` builds for one of the entry's audited refusal reasons (the policy's in enforce
+mode; a refused client-encoding switch in every mode) and never count as allowed. Re-prepared
+statements are Parse messages, which the server does not log as executed; the proxy runs no health
+checks. Where the proxy's decision depends on the client encoding (RESET ALL and DISCARD ALL), the
+corpus says so per encoding. Each client sends a marker (``SELECT 1 AS xcheck_<run>_<item>``)
+before each entry, so both logs can be cut per entry.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from proxy.policy import encodings
 from proxy.policy.engine import judge
 from proxy.policy.model import RolePolicy
 from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.refusal import Refusal
 from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI, proxy_config
 from tests.integration.test_postgres_robustness import PeerClosed, RawClient, tls_client
 
@@ -127,6 +131,9 @@ CREATE TABLE "catégories" (id int);
 CREATE TABLE "catÃ©gories" (secret text);
 CREATE TABLE "{MULTIBYTE_TABLE}" (id int);
 INSERT INTO "catÃ©gories" VALUES ('the secret twin');
+CREATE SEQUENCE payroll_id_seq;
+CREATE SCHEMA dba;
+CREATE FUNCTION dba.lower(text) RETURNS text LANGUAGE sql AS 'SELECT $1';
 GRANT ALL ON ALL TABLES IN SCHEMA public TO {SERVER_USER}, {TRANSACTION_SERVER_USER};
 GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {SERVER_USER}, {TRANSACTION_SERVER_USER};
 ALTER ROLE {MONITOR_SERVER_USER} SET statement_timeout = '2s';
@@ -156,11 +163,13 @@ _E_LITERAL = r"E'((?:[^'\\]|''|\\\\)*)'"
 _SET_CONFIG = rf"pg_catalog\.set_config\({_E_LITERAL}, {_E_LITERAL}, false\)"
 _PARAMETER_SYNC = re.compile(rf"SELECT {_SET_CONFIG}(?:, {_SET_CONFIG})*")
 _SET_CONFIG_CALL = re.compile(_SET_CONFIG)
-# proxy/protocols/postgres/refusal.py: Refusal.raising_block.
-_REFUSAL_BLOCK = re.compile(
-    r"DO (\$refused_[0-9a-f]{12}\$)BEGIN RAISE EXCEPTION USING "
-    rf"ERRCODE = E'([0-9A-Z]{{5}})', MESSAGE = {_E_LITERAL}(?:, HINT = {_E_LITERAL})?; END\1"
-)
+# proxy/protocols/postgres/refusal.py: Refusal.raising_block, a raising body between random dollar
+# quotes; the body itself is compared with Refusal.raising_body of one of the entry's refusal reasons.
+_REFUSAL_BLOCK = re.compile(r"DO (\$refused_[0-9a-f]{12}\$)(.*)\1", re.S)
+_REFUSAL_SQLSTATE = re.compile(r"BEGIN RAISE EXCEPTION USING ERRCODE = E'([0-9A-Z]{5})'")
+# Audit events that give the reason of a refusal the proxy makes the server raise: the policy's
+# (enforce mode), and the client-encoding switch refused in every mode and without a policy.
+REFUSAL_EVENTS = frozenset({"policy_violation", "unsupported_client_encoding"})
 _EXECUTE_MESSAGE = re.compile(r"execute(?: fetch from)? ([^:]*): (.*)", re.S)
 
 
@@ -183,6 +192,10 @@ class Entry:
     monitor: bool
     xfail_reason: str | None
     startup: Mapping[str, str] = field(default_factory=dict)  # extra startup parameters (raw driver)
+    expect_in: Mapping[str, str] = field(default_factory=dict)  # per client encoding, over expect
+
+    def expected(self, encoding: str) -> str:
+        return self.expect_in.get(encoding, self.expect)
 
     def payloads(self, codec: str) -> tuple[bytes, ...] | None:
         """The entry's statements in this codec, or None where one cannot be written in it."""
@@ -194,8 +207,15 @@ class Entry:
 
 _ENTRY_KEYS = frozenset(
     {"id", "sql", "sql_escaped", "expect", "params", "drivers", "encodings", "isolate", "monitor", "note"}
-    | {"xfail_reason", "startup"}
+    | {"xfail_reason", "startup", "expect_in"}
 )
+_POLICY_CASE_KEYS = frozenset({"id", "expect_in", "note"})
+
+
+def _expect_in(raw: Mapping[str, Any]) -> dict[str, str]:
+    expect_in = {str(encoding): str(expect) for encoding, expect in raw.get("expect_in", {}).items()}
+    assert set(expect_in.values()) <= {"allowed", "refused"}, raw
+    return expect_in
 
 
 def _entry(raw: Mapping[str, Any]) -> Entry:
@@ -232,14 +252,21 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
         monitor=bool(raw.get("monitor", True)),
         xfail_reason=raw.get("xfail_reason"),
         startup={str(name): str(value) for name, value in raw.get("startup", {}).items()},
+        expect_in=_expect_in(raw),
     )
 
 
 def _load_entries() -> list[Entry]:
-    entries = [_entry(raw) for raw in yaml.safe_load(CORPUS_FILE.read_text(encoding="utf-8"))["entries"]]
+    corpus = yaml.safe_load(CORPUS_FILE.read_text(encoding="utf-8"))
+    entries = [_entry(raw) for raw in corpus["entries"]]
+    policy_cases = {raw["id"]: raw for raw in corpus.get("policy_cases", [])}
+    for raw in policy_cases.values():
+        assert set(raw) <= _POLICY_CASE_KEYS, f"policy_cases {raw['id']}: unknown keys"
+    cashier_cases = set()
     for case in yaml.safe_load(POLICY_CORPUS_FILE.read_text(encoding="utf-8"))["cases"]:
         if case["role"] != "cashier":
             continue
+        cashier_cases.add(case["id"])
         entries.append(
             Entry(
                 id=f"policy/{case['id']}",
@@ -252,8 +279,10 @@ def _load_entries() -> list[Entry]:
                 isolate=bool(re.match(r"\s*(SET|RESET|DISCARD)\b|.*set_config", case["sql"], re.I | re.S)),
                 monitor=False,
                 xfail_reason=None,
+                expect_in=_expect_in(policy_cases.get(case["id"], {})),
             )
         )
+    assert set(policy_cases) <= cashier_cases, sorted(set(policy_cases) - cashier_cases)
     ids = [entry.id for entry in entries]
     assert len(ids) == len(set(ids)), "corpus ids must be unique"
     return entries
@@ -674,7 +703,7 @@ class Crosscheck:
         current: dict[str, tuple[int, int]] = {}
         for record in records:
             source = str(record.get("source"))
-            if record.get("event") == "policy_violation" and source in current:
+            if record.get("event") in REFUSAL_EVENTS and source in current:
                 self.windows[current[source]].refusal_reasons.add(str(record.get("reason")))
             if record.get("event") != "statement":
                 continue
@@ -743,7 +772,7 @@ class Crosscheck:
     def _check_window(self, run: Run, item: Item, window: Window, sent: Sent) -> Iterator[str]:
         context = f"sent {[payload for payload in item.payloads]!r}; client saw {sent.errors or 'no error'}"
         if sent.connection_refused is not None:
-            if item.entry.expect == "allowed" and run.encoding in ENCODINGS:
+            if item.entry.expected(run.encoding) == "allowed" and run.encoding in ENCODINGS:
                 yield f"no session to send it on: {sent.connection_refused}"
             return
         if (run.number, item.number) not in self.markers_logged:
@@ -768,8 +797,8 @@ class Crosscheck:
                 refusals += 1
                 if statement.text.count(block.group(1)) != 2:
                     yield f"a refusal block whose tag appears inside it: {statement.text!r}"
-                elif not _raises_a_reason(_unquote(block.group(3)), window.refusal_reasons, run.encoding):
-                    yield f"a refusal block raising {block.group(3)!r}, not a refusal reason of this entry"
+                elif not _raises_a_reason(block.group(2), window.refusal_reasons):
+                    yield f"a refusal block {block.group(2)!r}, raising no refusal reason of this entry"
                 continue
             prints = _fingerprints(statement.text)
             if prints is None:
@@ -800,18 +829,20 @@ class Crosscheck:
         if not window.audited:
             return  # nothing reached the policy (a driver or the server refused it first), nothing ran
         decided = "refused" if window.refused else "allowed"
-        if decided != item.entry.expect:
+        if decided != item.entry.expected(run.encoding):
             yield (
-                f"the proxy decided {decided}, the corpus expects {item.entry.expect}: "
+                f"the proxy decided {decided}, the corpus expects {item.entry.expected(run.encoding)}: "
                 f"{window.audited}; {context}"
             )
 
 
-def _raises_a_reason(message: str, reasons: Collection[str], encoding: str) -> bool:
-    """The refusal block raises one of the entry's refusal reasons: as the proxy wrote it, or as
-    the server reads the proxy's UTF-8 text in the client's encoding (the proxy does not convert)."""
-    codec = ENCODINGS.get(encoding, "utf-8")
-    return any(message in (reason, reason.encode().decode(codec, "replace")) for reason in reasons)
+def _raises_a_reason(body: str, reasons: Collection[str]) -> bool:
+    """The refusal block's body is, to the byte, the one the proxy's Refusal builds for one of the
+    entry's refusal reasons (and the SQLSTATE the block names)."""
+    sqlstate = _REFUSAL_SQLSTATE.match(body)
+    return sqlstate is not None and any(
+        body == Refusal(sqlstate.group(1), reason).raising_body() for reason in reasons
+    )
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
@@ -1011,7 +1042,8 @@ def test_every_run_reached_the_server(crosscheck: Crosscheck) -> None:
 
 def test_the_check_reports_what_the_proxy_did_not_allow() -> None:
     """The check itself can fail: a statement the server ran beyond what the proxy audited as allowed,
-    a forged refusal block and a decision against the corpus are each reported."""
+    a forged refusal block, one that differs from the proxy's own by its quoting, and more refusal
+    blocks than refusals are each reported; the proxy's own block for an audited reason is not."""
     entry = _entry({"id": "probe", "sql": "SELECT 1", "expect": "allowed"})
     run = Run(0, "enforce", "psql", "UTF8")
     item = Item(0, entry, (b"SELECT 1",))
@@ -1031,10 +1063,13 @@ def test_the_check_reports_what_the_proxy_did_not_allow() -> None:
                 "decision": "allowed",
                 "fingerprints": [str(fingerprint("SELECT 1"))],
             },
+            {"event": "policy_violation", "source": "s", "reason": "reading table public.café is refused"},
         ]
     )
     tag = "$refused_0123456789ab$"
     forged = f"DO {tag}BEGIN RAISE EXCEPTION USING ERRCODE = E'42501', MESSAGE = E'x'; END{tag}"
+    proxys_own = Refusal("42501", "reading table public.café is refused").raising_block()
+    unescaped = forged.replace("E'x'", "E'reading table public.café is refused'")
     check.read_server(
         ServerStatement("b", text, "statement")
         for text in (
@@ -1042,12 +1077,15 @@ def test_the_check_reports_what_the_proxy_did_not_allow() -> None:
             "SELECT 1",
             "SELECT 1; DELETE FROM sales",
             forged,
+            proxys_own,
+            unescaped,
             "DISCARD ALL",
         )
     )
     check.check()
     problems = [problem.what for problem in check.problems["probe"]]
-    assert len(problems) == 3, problems
+    assert len(problems) == 4, problems
     assert "did not allow" in problems[0] and "DELETE FROM sales" in problems[0]
-    assert "not a refusal reason" in problems[1]
-    assert "refusal blocks ran" in problems[2]
+    assert "raising no refusal reason" in problems[1] and "E'x'" in problems[1]
+    assert "raising no refusal reason" in problems[2] and "café" in problems[2]
+    assert "3 refusal blocks ran" in problems[3]

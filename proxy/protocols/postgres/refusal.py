@@ -25,11 +25,15 @@ class Refusal:
     message: str
     hint: str | None = None
 
-    def raising_block(self) -> str:
+    def raising_body(self) -> str:
+        """The PL/pgSQL code of the raising block, between its dollar quotes (ASCII only)."""
         fields = [f"ERRCODE = {quote_literal(self.sqlstate)}", f"MESSAGE = {quote_literal(self.message)}"]
         if self.hint:
             fields.append(f"HINT = {quote_literal(self.hint)}")
-        body = f"BEGIN RAISE EXCEPTION USING {', '.join(fields)}; END"
+        return f"BEGIN RAISE EXCEPTION USING {', '.join(fields)}; END"
+
+    def raising_block(self) -> str:
+        body = self.raising_body()
         # A random dollar-quote tag: the texts are ours, but may quote client identifiers.
         while True:
             tag = f"$refused_{secrets.token_hex(6)}$"

@@ -197,6 +197,21 @@ class _StatementChecks(NamedTuple):
     rechecking: bool = False
 
 
+def _policy_refusal(decision: Decision | None, mode: PolicyMode | None) -> str | None:
+    """The rule of a policy decision that refuses the statement (only enforce mode refuses)."""
+    if decision is None or decision.allowed or mode is not PolicyMode.ENFORCE:
+        return None
+    return decision.rule
+
+
+def _remember(rules: dict[bytes, str], name: bytes, rule: str | None) -> None:
+    """Keep (or, once the name is reused for a statement nobody refused, forget) a refusal's rule."""
+    if rule is None:
+        rules.pop(name, None)
+    else:
+        rules[name] = rule
+
+
 class ClientSession(asyncio.Protocol):
     """The terminal side of the protocol; message framing is sans-IO in ``messages``."""
 
@@ -231,6 +246,8 @@ class ClientSession(asyncio.Protocol):
         "_rebound_portals",
         "_rechecking",
         "_refusal",
+        "_refused_portals",
+        "_refused_statements",
         "_result_watch",
         "_route",
         "_server",
@@ -308,6 +325,10 @@ class ClientSession(asyncio.Protocol):
         self._portals_before_reload = False
         self._rebound_portals: set[bytes] = set()
         self._rechecking = False  # see _StatementChecks.rechecking
+        # The rule that refused a Parse, by statement and then portal name: the client's Bind and
+        # Execute of it run nothing of its text (the server fails them), so they are refused too.
+        self._refused_statements: dict[bytes, str] = {}
+        self._refused_portals: dict[bytes, str] = {}
         self._bytes_in = 0
         self._bytes_out = 0
         self._connect_task: asyncio.Task[None] | None = None
@@ -994,6 +1015,7 @@ class ClientSession(asyncio.Protocol):
         checked = _CHECKED_MESSAGES_COUNTING if limited or auditing or rechecking else _CHECKED_MESSAGES
         # After a reload: statement names parsed earlier in these messages, decided just now.
         parsed_here: set[bytes] = set()
+        parsed_name = b""
         for kind, start, end in frames:
             if kind not in checked:
                 continue
@@ -1004,10 +1026,12 @@ class ClientSession(asyncio.Protocol):
                 empty_name = end > start + 5 and chunk[start + 5] == 0
                 name_end = start + 5 if empty_name else chunk.find(b"\x00", start + 5, end)
                 text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
-                if auditing:
-                    self._parsed_texts[chunk[start + 5 : name_end]] = text
-                if rechecking:
-                    parsed_here.add(chunk[start + 5 : name_end])
+                if auditing or rechecking:
+                    parsed_name = chunk[start + 5 : name_end]
+                    if auditing:
+                        self._parsed_texts[parsed_name] = text
+                    if rechecking:
+                        parsed_here.add(parsed_name)
             elif kind == m.MSG_QUERY:
                 text = chunk[start + 5 : end - 1]
                 self._statements_run += 1
@@ -1019,13 +1043,15 @@ class ClientSession(asyncio.Protocol):
             elif kind == m.MSG_BIND:  # only with audit, statement limits or after a reload
                 portal_end = chunk.find(b"\x00", start + 5, end)
                 statement = chunk[portal_end + 1 : chunk.find(b"\x00", portal_end + 1, end)]
+                portal = chunk[start + 5 : portal_end]
                 if auditing:
-                    self._portal_texts[chunk[start + 5 : portal_end]] = self._parsed_texts.get(statement, b"")
+                    self._portal_texts[portal] = self._parsed_texts.get(statement, b"")
+                    _remember(self._refused_portals, portal, self._refused_statements.get(statement))
                 if rechecking and mode is not None:
                     if statement not in parsed_here:
                         self._recheck_prepared(statement, start, refusals)
                     if self._portals_before_reload:
-                        self._rebound_portals.add(chunk[start + 5 : portal_end])
+                        self._rebound_portals.add(portal)
                 continue
             else:  # Execute, only with audit, statement limits or after a reload
                 if self._portals_before_reload and mode is not None:
@@ -1036,24 +1062,36 @@ class ClientSession(asyncio.Protocol):
                     executed = self._portal_texts.get(portal, b"")
                     self._statements_run += 1
                     decision = policies.decide(self._role, executed, self._encoding) if mode else None
-                    self._audit_statement(decision, mode, executed)
+                    refused_by = self._refused_portals.get(portal) or _policy_refusal(decision, mode)
+                    self._audit_statement(decision, mode, executed, refused_by)
                 continue
-            if mode is not None:
-                decision = policies.decide(self._role, text, self._encoding)
-                if decision.prepared_names and decision.allowed:
-                    decision = self._follow_prepared_names(decision)
-                if kind == m.MSG_QUERY or not decision.allowed:
-                    self._audit_statement(decision, mode, text)
+            decision = policies.decide(self._role, text, self._encoding) if mode is not None else None
+            if decision is not None and decision.prepared_names and decision.allowed:
+                decision = self._follow_prepared_names(decision)
+            refused_by = _policy_refusal(decision, mode)
+            if refused_by is None:
+                # Refused in every policy mode and without a policy: decided before the statement
+                # is audited, so that its record says what became of it.
+                if (
+                    mode is not None
+                    and self._timeout_ceiling
+                    and self._raises_statement_timeout(text, start, refusals)
+                ):
+                    refused_by = "statement_timeout"
+                else:
+                    found = classifier.classify(text)
+                    if found.effect is not _NO_SESSION_EFFECT:
+                        refused_by = self._check_session_state(found, start, refusals, forget_at)
+            if (
+                kind == m.MSG_QUERY
+                or refused_by is not None
+                or (decision is not None and not decision.allowed)
+            ):
+                self._audit_statement(decision, mode, text, refused_by)
+            if auditing and kind == m.MSG_PARSE:
+                _remember(self._refused_statements, parsed_name, refused_by)
+            if decision is not None:
                 self._apply_policy(decision, start, refusals)
-                if start in refusals:
-                    continue
-                if self._timeout_ceiling and self._raises_statement_timeout(text, start, refusals):
-                    continue
-            elif auditing and kind == m.MSG_QUERY:
-                self._audit_statement(None, None, text)
-            found = classifier.classify(text)
-            if found.effect is not _NO_SESSION_EFFECT:
-                self._check_session_state(found, start, refusals, forget_at)
         return refusals, forget_at
 
     def _raises_statement_timeout(self, text: bytes, start: int, refusals: dict[int, Refusal]) -> bool:
@@ -1127,7 +1165,10 @@ class ClientSession(asyncio.Protocol):
         if decision.prepared_names and decision.allowed:
             decision = self._follow_prepared_names(decision)
         if not decision.allowed:
-            self._audit_statement(decision, self._statement_checks.mode, text, on="bind after policy reload")
+            mode = self._statement_checks.mode
+            self._audit_statement(
+                decision, mode, text, _policy_refusal(decision, mode), on="bind after policy reload"
+            )
         self._apply_policy(decision, start, refusals, on="bind after policy reload")
         if decision.allowed:
             server = self._server
@@ -1203,13 +1244,20 @@ class ClientSession(asyncio.Protocol):
         refusals[start] = Refusal(decision.sqlstate, decision.message)
 
     def _audit_statement(
-        self, decision: Decision | None, mode: PolicyMode | None, text: bytes, on: str | None = None
+        self,
+        decision: Decision | None,
+        mode: PolicyMode | None,
+        text: bytes,
+        refused_by: str | None,
+        on: str | None = None,
     ) -> None:
-        """Refused statements always; allowed ones as the role's sampling share says."""
+        """Refused statements always (``refused_by``: the rule that refused it, whichever check
+        that was; ``on``: when it was decided, if not at its Parse or Query); allowed ones as the
+        role's sampling share says."""
         audit, config = self._env.audit, self._env.config.audit
         if audit is None or config is None:
             return
-        refused = decision is not None and not decision.allowed and mode is PolicyMode.ENFORCE
+        refused = refused_by is not None
         share = config.statement_share(self._role)
         if not refused and (share <= 0.0 or (share < 1.0 and random.random() >= share)):
             return
@@ -1221,7 +1269,7 @@ class ClientSession(asyncio.Protocol):
             "statement",
             outcome="failure" if refused else "success",
             decision="refused" if refused else "allowed",
-            rule=decision.rule if decision is not None else "no policy",
+            rule=refused_by or (decision.rule if decision is not None else "no policy"),
             policy_mode=mode.value if mode is not None else None,
             fingerprints=[fingerprint for fingerprint, _text in statements],
             statement=" ; ".join(normalized for _fingerprint, normalized in statements),
@@ -1241,20 +1289,23 @@ class ClientSession(asyncio.Protocol):
 
     def _check_session_state(
         self, found: Classification, start: int, refusals: dict[int, Refusal], forget_at: list[int]
-    ) -> None:
+    ) -> str | None:
         """Pin or refuse a statement that would leave state behind in a shared server session, and
-        refuse one that would switch to a client encoding the proxy cannot read, whatever the role."""
+        refuse one that would switch to a client encoding the proxy cannot read, whatever the role.
+        Returns the rule that refused it, if one did."""
         if found.effect is Effect.UNSUPPORTED_ENCODING:
             log.warning("client_encoding_refused", **self._log_fields(), reason=found.reason)
             self._audit("unsupported_client_encoding", "failure", reason=found.reason)
             refusals[start] = Refusal(FeatureNotSupported.sqlstate, found.reason)
-        elif found.effect is Effect.FORGETS_STATEMENTS:
+            return "client encoding"
+        if found.effect is Effect.FORGETS_STATEMENTS:
             forget_at.append(start)
             if self._server is not None:
                 # DISCARD ALL also resets every setting, if it runs: the proxy no longer knows them.
                 self._server.note_settings_may_have_reset()
         elif found.effect is Effect.RESERVED_NAME:
             refusals[start] = Refusal(RESERVED_NAME, found.reason)
+            return "reserved statement name"
         elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
             if self._route.config.pool.session_state is SessionStateAction.PIN:
                 self._pinned_by = found.reason
@@ -1266,6 +1317,8 @@ class ClientSession(asyncio.Protocol):
                     f"{found.reason} is not supported under transaction pooling",
                     hint="use SET LOCAL inside a transaction, or a session-pooling route",
                 )
+                return "transaction pooling"
+        return None
 
     # --- cancel ---
 
