@@ -23,10 +23,11 @@ from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.eventloop import log_unhandled_error
 from proxy.limits import Limiter, SourceRateLimiter
 from proxy.metrics import Metrics, build_labels
-from proxy.policy.engine import PolicyEngine
+from proxy.policy.engine import PolicyEngine, StatementSummaries
 from proxy.policy.learn import ReviewLog
 from proxy.pool import PoolSettings, ServerUnreachable, UpstreamPool
 from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.analysis import AnalysisPool
 from proxy.protocols.postgres.session import ClientSession, Route, SessionEnvironment, SessionRegistry
 from proxy.protocols.postgres.startup import UpstreamRefused
 from proxy.protocols.postgres.upstream import (
@@ -74,7 +75,20 @@ def build_policy_engine(config: Config) -> PolicyEngine:
             log.warning("role_without_policy", role=role.name, effect="all statements allowed")
         else:
             log.info("role_policy", role=role.name, mode=role.policy.mode.value, file=str(role.policy_file))
-    return PolicyEngine({name: role.policy for name, role in config.roles.items()}, config.policy.cache_size)
+    settings = config.policy
+    return PolicyEngine(
+        {name: role.policy for name, role in config.roles.items()},
+        settings.cache_size,
+        cache_bytes=settings.cache_bytes,
+        max_statement_bytes=settings.max_statement_bytes,
+    )
+
+
+def build_statement_summaries(config: Config) -> StatementSummaries:
+    settings = config.policy
+    return StatementSummaries(
+        settings.cache_size, cache_bytes=settings.cache_bytes, parse_up_to=settings.analyze_in_worker_above
+    )
 
 
 def build_routes(config: Config, metrics: Metrics) -> dict[str, Route]:
@@ -163,6 +177,8 @@ class ProxyServer:
         self.routes: Mapping[str, Route] = build_routes(config, self.metrics)
         self.audit = AuditLog(config.audit.settings) if config.audit is not None else None
         self._shared_limits = _shared_limit_store(config, self.metrics)
+        # Workers start when a statement first needs one; their number takes effect at restart.
+        self._analysis = AnalysisPool(config.policy.analysis_workers, config.policy.analysis_timeout)
         self._environment = SessionEnvironment(
             config=config,
             routes=self.routes,
@@ -170,6 +186,8 @@ class ProxyServer:
             metrics=self.metrics,
             limiter=Limiter(shared=self._shared_limits),
             policies=build_policy_engine(config),
+            summaries=build_statement_summaries(config),
+            analysis=self._analysis,
             review=ReviewLog(config.policy.review_file) if config.policy.review_file else None,
             audit=self.audit,
         )
@@ -294,8 +312,10 @@ class ProxyServer:
             config=config,
             routes=self.routes,
             policies=build_policy_engine(config),
+            summaries=build_statement_summaries(config),
             review=review,
         )
+        self._analysis.timeout = config.policy.analysis_timeout
         for session in list(self._registry.live):
             session.use_environment(self._environment)
         self.metrics.config_reloads_total.labels("ok").inc()
@@ -462,6 +482,7 @@ class ProxyServer:
             session.terminate(AdminShutdown("terminating connection: the proxy is shutting down"), "shutdown")
         for route in self.routes.values():
             await route.pool.close()
+        self._analysis.close()
         if self.admin is not None:
             await self.admin.stop()
         if self._shared_limits is not None:

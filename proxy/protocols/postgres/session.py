@@ -34,11 +34,24 @@ from proxy.errors import (
 from proxy.identity import Identity, IdentityError, check_user_name, identify
 from proxy.limits import Limiter, LimitHit, LimitSettings, resolve
 from proxy.metrics import BatchedHistogram, Metrics
-from proxy.policy.engine import Decision, PolicyEngine, StatementSummaries
+from proxy.policy.engine import (
+    ANALYSIS_UNFINISHED,
+    PROGRAM_LIMIT_EXCEEDED,
+    Decision,
+    PolicyEngine,
+    StatementSummaries,
+)
 from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
 from proxy.pool import UpstreamPool
 from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.analysis import (
+    NOT_ANALYSED,
+    Analysis,
+    AnalysisFailed,
+    AnalysisPool,
+    AnalysisRequest,
+)
 from proxy.protocols.postgres.classifiercache import SessionStateClassifier
 from proxy.protocols.postgres.parameters import (
     SessionParameters,
@@ -135,6 +148,8 @@ class SessionEnvironment:
     review: ReviewLog | None = None
     classifier: SessionStateClassifier = field(default_factory=SessionStateClassifier)
     statement_stats: StatementStats = field(default_factory=StatementStats)
+    # Where statements too long to analyse on the event loop go; None: analysed in place.
+    analysis: AnalysisPool | None = None
 
 
 _SHUTTING_DOWN = AdminShutdown(
@@ -151,9 +166,12 @@ _STATEMENT_MESSAGES: Final = frozenset((m.MSG_QUERY, m.MSG_EXECUTE, m.MSG_FUNCTI
 _CHECKED_MESSAGES: Final = frozenset((m.MSG_QUERY, m.MSG_PARSE, m.MSG_FUNCTION_CALL))
 _CHECKED_MESSAGES_COUNTING: Final = _CHECKED_MESSAGES | {m.MSG_BIND, m.MSG_EXECUTE}
 _NO_SESSION_EFFECT: Final = Effect.NONE
+_STATEMENT_TEXTS: Final = frozenset((m.MSG_QUERY, m.MSG_PARSE))
 # Frontend messages that go on to the server (Terminate ends the session instead).
 _PASSED_ON: Final = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
+# Stands for an analysis that did not finish in time: refused, or pinned without a policy.
+_UNFINISHED: Final = Analysis(None, NOT_ANALYSED)
 
 # Low-cardinality reasons for refused connections, by the SQLSTATE the client was given.
 _REFUSAL_REASONS = {
@@ -185,6 +203,9 @@ class ClientSession(asyncio.Protocol):
 
     # One per terminal, thousands of them idle: slots rather than a dict of some 40 attributes.
     __slots__ = (
+        "_analyses",
+        "_analysis_task",
+        "_analyze_above",
         "_audit_who",
         "_buffer",
         "_bytes_in",
@@ -275,6 +296,12 @@ class ClientSession(asyncio.Protocol):
         self._reading_paused = False
         self._draining = False
         self._audit_who: Mapping[str, object] | None = None  # see _audit_identity
+        # Statements longer than this are analysed in a worker process before they are checked.
+        self._analyze_above = environment.config.policy.analyze_in_worker_above
+        # While one runs: the client is not read, and what it already sent waits in _buffer.
+        self._analysis_task: asyncio.Task[None] | None = None
+        # Worker analyses of statement texts waiting to be checked (_check_statements takes them).
+        self._analyses: dict[bytes, Analysis] = {}
 
     # --- asyncio.Protocol: terminal side ---
 
@@ -674,6 +701,10 @@ class ClientSession(asyncio.Protocol):
 
     def _forward(self, data: bytes) -> None:
         self._bytes_in += len(data)
+        if self._analysis_task is not None:
+            # Behind a statement being analysed: in order, once its decision is in.
+            self._buffer += data
+            return
         if self._buffer:
             data = m.take_whole_messages(self._buffer, data, self._max_message)
             if not data:
@@ -690,12 +721,89 @@ class ClientSession(asyncio.Protocol):
                 continue
             if kind != m.MSG_TERMINATE:
                 raise ProtocolViolation(f"invalid frontend message type {kind}")
-            if index:
-                self._dispatch(chunk[:start], frames[:index])
-            self._close()
+            self._admit(chunk[:start], frames[:index], closing=True)
             return
         if frames:
+            self._admit(chunk, frames)
+
+    def _admit(self, chunk: bytes, frames: list[m.Frame], *, closing: bool = False) -> None:
+        """Dispatch whole client messages, once any statement too long to analyse on the event
+        loop has been analysed in a worker process; ``closing``: a Terminate follows them."""
+        pool = self._env.analysis
+        if len(chunk) > self._analyze_above and pool is not None:
+            requests = self._analysis_requests(chunk, frames)
+            if requests:
+                self.pause_client_reading()
+                self._analysis_task = self._env.registry.spawn(
+                    self._analyze_then_dispatch(pool, requests, chunk, frames, closing)
+                )
+                return
+        if frames:
             self._dispatch(chunk, frames)
+        if closing:
+            self._close()
+
+    def _analysis_requests(self, chunk: bytes, frames: list[m.Frame]) -> list[AnalysisRequest]:
+        """The long statement texts among ``frames`` that no cache can answer."""
+        mode = self._statement_checks.mode
+        policies, classifier = self._env.policies, self._env.classifier
+        policy = policies.policy(self._role) if mode is not None else None
+        search_path = policy.search_path if policy is not None else None
+        requests: dict[bytes, AnalysisRequest] = {}
+        for kind, start, end in frames:
+            if end - start <= self._analyze_above or kind not in _STATEMENT_TEXTS:
+                continue
+            text = chunk[start + 5 : end - 1] if kind == m.MSG_QUERY else _parse_text(chunk, start, end)[1]
+            if len(text) <= self._analyze_above or text in requests:
+                continue
+            decision = policies.cached(self._role, text) if mode is not None else None
+            if decision is not None and decision.sqlstate == PROGRAM_LIMIT_EXCEEDED:
+                continue  # refused unread
+            if (mode is not None and decision is None) or classifier.cached(text) is None:
+                requests[text] = AnalysisRequest(text, search_path)
+        return list(requests.values())
+
+    async def _analyze_then_dispatch(
+        self,
+        pool: AnalysisPool,
+        requests: list[AnalysisRequest],
+        chunk: bytes,
+        frames: list[m.Frame],
+        closing: bool,
+    ) -> None:
+        try:
+            answers = await pool.analyze(requests)
+        except AnalysisFailed as exc:
+            # Fail closed: _check_statements refuses these (or pins them, for a role without a policy).
+            log.warning(
+                "statement_analysis_failed",
+                **self._log_fields(),
+                reason=str(exc),
+                statement_bytes=[len(request.sql) for request in requests],
+            )
+            answers = [_UNFINISHED] * len(requests)
+        self._analysis_task = None
+        if self._state is not _State.READY:
+            return
+        for request, answer in zip(requests, answers, strict=True):
+            self._analyses[request.sql] = answer
+        try:
+            self.resume_client_reading()
+            if frames:
+                self._dispatch(chunk, frames)
+            if closing:
+                self._close()
+                return
+            if self._stash_size > _STASH_HIGH_WATER:
+                self.pause_client_reading()
+            if self._buffer:
+                self.data_received(b"")
+        except ProxyError as exc:
+            self._fail(exc, reason=str(exc))
+        except Exception:
+            log.exception("statement_dispatch_failed", **self._log_fields())
+            self._env.metrics.internal_errors_total.inc()
+            self.terminate(ProxyError("internal error in the proxy"), "internal error")
 
     def _dispatch(self, chunk: bytes, frames: list[m.Frame]) -> None:
         """Send whole client messages to the server connection, leasing one first if needed."""
@@ -753,6 +861,8 @@ class ClientSession(asyncio.Protocol):
         mode, auditing, limited = self._statement_checks
         policies = self._env.policies
         classifier = self._env.classifier
+        analyses = self._analyses
+        analysis: Analysis | None = None
         checked = _CHECKED_MESSAGES_COUNTING if limited or auditing else _CHECKED_MESSAGES
         for kind, start, end in frames:
             if kind not in checked:
@@ -760,10 +870,7 @@ class ClientSession(asyncio.Protocol):
             if limited and kind in _STATEMENT_MESSAGES and self._over_statement_rate(start, refusals):
                 continue
             if kind == m.MSG_PARSE:
-                # Drivers mostly use the unnamed statement: no search for the end of an empty name.
-                empty_name = end > start + 5 and chunk[start + 5] == 0
-                name_end = start + 5 if empty_name else chunk.find(b"\x00", start + 5, end)
-                text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
+                name_end, text = _parse_text(chunk, start, end)
                 if auditing:
                     self._parsed_texts[chunk[start + 5 : name_end]] = text
             elif kind == m.MSG_QUERY:
@@ -787,8 +894,17 @@ class ClientSession(asyncio.Protocol):
                     decision = policies.decide(self._role, executed) if mode else None
                     self._audit_statement(decision, mode, executed)
                 continue
+            if analyses:
+                analysis = analyses.get(text)
             if mode is not None:
-                decision = policies.decide(self._role, text)
+                if analysis is None:
+                    decision = policies.decide(self._role, text)
+                elif analysis is _UNFINISHED:
+                    decision = ANALYSIS_UNFINISHED
+                else:
+                    decision = policies.decide_analyzed(
+                        self._role, text, analysis.statements, utf8=analysis.utf8
+                    )
                 if kind == m.MSG_QUERY or not decision.allowed:
                     self._audit_statement(decision, mode, text)
                 self._apply_policy(decision, start, refusals)
@@ -796,9 +912,16 @@ class ClientSession(asyncio.Protocol):
                     continue
             elif auditing and kind == m.MSG_QUERY:
                 self._audit_statement(None, None, text)
-            found = classifier.classify(text)
+            if analysis is None:
+                found = classifier.classify(text)
+            elif analysis is _UNFINISHED:
+                found = analysis.classification
+            else:
+                found = classifier.classified(text, analysis.classification)
             if found.effect is not _NO_SESSION_EFFECT:
                 self._check_session_state(found, start, refusals, forget_at)
+        if analyses:
+            analyses.clear()
         return refusals, forget_at
 
     def _over_statement_rate(self, start: int, refusals: dict[int, Refusal]) -> bool:
@@ -813,6 +936,9 @@ class ClientSession(asyncio.Protocol):
 
     def _apply_policy(self, decision: Decision, start: int, refusals: dict[int, Refusal]) -> None:
         mode = self._statement_checks.mode
+        if decision.sqlstate == PROGRAM_LIMIT_EXCEEDED and not decision.allowed:
+            # The proxy's own size bound, not the policy's say: refused in every mode.
+            mode = PolicyMode.ENFORCE
         allowed = decision.allowed or mode is not PolicyMode.ENFORCE
         counters = self._decision_counters.get((decision.rule, allowed))
         if counters is None:
@@ -1022,6 +1148,7 @@ class ClientSession(asyncio.Protocol):
     def use_environment(self, environment: SessionEnvironment) -> None:
         """A reload: policies, roles and limits apply to this live session from now on."""
         self._env = environment
+        self._analyze_above = environment.config.policy.analyze_in_worker_above
         self._note_statement_checks()
 
     def _note_statement_checks(self) -> None:
@@ -1056,6 +1183,14 @@ class ClientSession(asyncio.Protocol):
         if self._route is not None:
             fields["route"] = self._route.config.database
         return fields
+
+
+def _parse_text(chunk: bytes, start: int, end: int) -> tuple[int, bytes]:
+    """Where the statement name of the Parse message at ``start`` ends, and its statement text."""
+    # Drivers mostly use the unnamed statement: no search for the end of an empty name.
+    empty_name = end > start + 5 and chunk[start + 5] == 0
+    name_end = start + 5 if empty_name else chunk.find(b"\x00", start + 5, end)
+    return name_end, chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
 
 
 class _ServerRequest:
