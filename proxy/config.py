@@ -366,6 +366,9 @@ class PoolConfig:
     tcp_keepalive: TCPKeepalive = TCPKeepalive()
     session_state: SessionStateAction = SessionStateAction.PIN
     max_prepared_statements: int = 250
+    # Named prepared statements one client may hold, in number and in bytes of their Parse messages.
+    max_client_prepared_statements: int = 1000
+    max_client_prepared_bytes: int = 2 * 2**20
 
 
 _DEFAULT_UPSTREAM_PORT: Final = 5432
@@ -1255,6 +1258,16 @@ def _parse_pool(section: _Section, inherited: PoolConfig) -> PoolConfig:
             "max_prepared_statements",
             _in_range(_whole_number, "an integer", minimum=1),
             inherited.max_prepared_statements,
+        ),
+        max_client_prepared_statements=read(
+            "max_client_prepared_statements",
+            _in_range(_whole_number, "an integer", minimum=1),
+            inherited.max_client_prepared_statements,
+        ),
+        max_client_prepared_bytes=read(
+            "max_client_prepared_bytes",
+            _in_range(parse_size, "a size in bytes", minimum=1024, maximum=2**31 - 1),
+            inherited.max_client_prepared_bytes,
         ),
     )
     if pool.connect_retry_delay > pool.connect_retry_max_delay and section.data.keys() & {

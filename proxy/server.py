@@ -482,7 +482,7 @@ class ProxyServer:
             session.terminate(AdminShutdown("terminating connection: the proxy is shutting down"), "shutdown")
         for route in self.routes.values():
             await route.pool.close()
-        self._analysis.close()
+        await self._analysis.close()
         if self.admin is not None:
             await self.admin.stop()
         if self._shared_limits is not None:

@@ -218,3 +218,30 @@ def test_stream_of_distinct_large_statements_keeps_rss_bounded(
     # The decision cache within cache_bytes (classifier keys are digests), plus allocator slack;
     # without the byte bound the cache would hold all 34 MiB.
     assert growth < cache_bytes + 12 * 2**20
+
+
+def test_a_terminal_cannot_hold_prepared_statements_without_bound(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    path = tmp_path / "cashier.yaml"
+    path.write_text(CASHIER_POLICY)
+    pool = {"max_client_prepared_statements": 20, "max_client_prepared_bytes": "64KiB"}
+    proxy = start_proxy(roles={"cashier": {"policy": str(path)}}, routes={"pos": {"pool": pool}})
+    with connect(proxy, terminal_pki) as conn:
+        conn.prepared_max = None  # psycopg itself would deallocate the oldest beyond 100
+        for number in range(20):
+            assert conn.execute(f"SELECT {number} AS n{number}", prepare=True).fetchone() == (number,)
+        with pytest.raises(psycopg.errors.ConfigurationLimitExceeded, match="limit is 20 statements"):
+            conn.execute("SELECT 20 AS n20", prepare=True)
+        # The session goes on, and the statements it holds still run.
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert conn.execute("SELECT 7 AS n7", prepare=True).fetchone() == (7,)
+    with connect(proxy, terminal_pki) as conn:
+        conn.prepared_max = None
+        padding = "/*" + "x" * 10_000 + "*/"
+        for number in range(6):  # 6 of ~10 KB: within 64 KiB
+            conn.execute(f"SELECT {number} {padding}", prepare=True)
+        with pytest.raises(psycopg.errors.ConfigurationLimitExceeded, match="65536 bytes"):
+            for number in range(6, 12):
+                conn.execute(f"SELECT {number} {padding}", prepare=True)
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -348,7 +348,8 @@ def test_unknown_nested_key_names_its_full_path(base: Path) -> None:
     assert problems(data, base) == [
         "routes.pos.pool.sise: unknown key (expected one of: mode, size, min_idle, max_client_wait, "
         "server_idle_timeout, server_lifetime, connect_timeout, connect_retry_delay, "
-        "connect_retry_max_delay, tcp_keepalive, session_state, max_prepared_statements)"
+        "connect_retry_max_delay, tcp_keepalive, session_state, max_prepared_statements, "
+        "max_client_prepared_statements, max_client_prepared_bytes)"
     ]
 
 

@@ -169,13 +169,17 @@ class AnalysisPool:
         self._reaping.add(task)
         task.add_done_callback(self._reaping.discard)
 
-    def close(self) -> None:
-        """Stop every worker (the proxy is stopping)."""
-        for worker in (*self._idle, *self._busy):
-            if worker.process.returncode is None:
-                worker.process.kill()
+    async def close(self) -> None:
+        """Stop every worker (the proxy is stopping) and wait until they are gone."""
+        processes = [worker.process for worker in (*self._idle, *self._busy)]
         self._idle.clear()
         self._busy.clear()
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+        waits = [process.wait() for process in processes] + list(self._reaping)
+        if waits:
+            await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), _START_TIMEOUT)
 
 
 def serve(requests: BinaryIO, answers: BinaryIO) -> None:

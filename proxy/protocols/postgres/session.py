@@ -167,6 +167,8 @@ _CHECKED_MESSAGES: Final = frozenset((m.MSG_QUERY, m.MSG_PARSE, m.MSG_FUNCTION_C
 _CHECKED_MESSAGES_COUNTING: Final = _CHECKED_MESSAGES | {m.MSG_BIND, m.MSG_EXECUTE}
 _NO_SESSION_EFFECT: Final = Effect.NONE
 _STATEMENT_TEXTS: Final = frozenset((m.MSG_QUERY, m.MSG_PARSE))
+# Texts of statements a client no longer has, kept until this many pile up (see _note_parsed_text).
+_STALE_TEXTS: Final = 8
 # Frontend messages that go on to the server (Terminate ends the session instead).
 _PASSED_ON: Final = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
@@ -522,6 +524,8 @@ class ClientSession(asyncio.Protocol):
         if not self._admit_connection():
             return
         self._route = route
+        self._statements.max_count = route.config.pool.max_client_prepared_statements
+        self._statements.max_bytes = route.config.pool.max_client_prepared_bytes
         metrics = self._env.metrics
         self._pool_wait = metrics.batched(metrics.pool_wait_seconds, route.config.database)
         admission = self._env.limiter.shared_admission(self.identity.store, self._role, self._limits)
@@ -871,8 +875,13 @@ class ClientSession(asyncio.Protocol):
                 continue
             if kind == m.MSG_PARSE:
                 name_end, text = _parse_text(chunk, start, end)
+                if name_end > start + 5:
+                    over = self._statements.over_limit(chunk[start + 5 : name_end], end - name_end - 1)
+                    if over is not None:
+                        refusals[start] = over
+                        continue
                 if auditing:
-                    self._parsed_texts[chunk[start + 5 : name_end]] = text
+                    self._note_parsed_text(chunk[start + 5 : name_end], text)
             elif kind == m.MSG_QUERY:
                 text = chunk[start + 5 : end - 1]
                 self._statements_run += 1
@@ -883,6 +892,10 @@ class ClientSession(asyncio.Protocol):
                 if auditing:
                     portal_end = chunk.find(b"\x00", start + 5, end)
                     statement = chunk[portal_end + 1 : chunk.find(b"\x00", portal_end + 1, end)]
+                    if len(self._portal_texts) >= self._statements.max_count:
+                        # Named portals live until their transaction ends: only a hostile client
+                        # keeps this many, and loses the texts its audit records would show.
+                        self._portal_texts.clear()
                     self._portal_texts[chunk[start + 5 : portal_end]] = self._parsed_texts.get(statement, b"")
                 continue
             else:  # Execute, only with audit or statement limits
@@ -923,6 +936,16 @@ class ClientSession(asyncio.Protocol):
         if analyses:
             analyses.clear()
         return refusals, forget_at
+
+    def _note_parsed_text(self, name: bytes, text: bytes) -> None:
+        """Keep a statement's text for the audit records of its executions. Texts of statements
+        the client no longer has (closed, refused) are dropped before a few pile up, so these
+        stay within the client's prepared-statement limits (ClientStatements.over_limit)."""
+        texts = self._parsed_texts
+        texts[name] = text
+        by_name = self._statements.by_name
+        if len(texts) > len(by_name) + _STALE_TEXTS:
+            self._parsed_texts = {kept: texts[kept] for kept in texts if kept == b"" or kept in by_name}
 
     def _over_statement_rate(self, start: int, refusals: dict[int, Refusal]) -> bool:
         identity = self.identity
