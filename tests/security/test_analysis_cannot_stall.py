@@ -245,3 +245,28 @@ def test_a_terminal_cannot_hold_prepared_statements_without_bound(
             for number in range(6, 12):
                 conn.execute(f"SELECT {number} {padding}", prepare=True)
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_long_statements_of_a_role_without_policy_are_classified_off_the_loop(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    """Without a policy only the session-state classifier parses: the same worker analysis, and a
+    statement it could not analyse keeps its server connection (fails closed) rather than run
+    unclassified on a shared one."""
+    proxy = start_proxy(
+        routes={"pos": {"pool": {"mode": "transaction"}}}, policy={"analysis_timeout": "300ms"}
+    )
+    comment = " /*" + "x" * 5000 + "*/"
+    manager = {**proxy.conninfo(terminal_pki.manager, terminal_pki.ca)}
+    with psycopg.connect(**manager, autocommit=True) as conn:
+        conn.execute("SET work_mem = '8MB'" + comment)
+        assert conn.execute("SHOW work_mem").fetchone() == ("8MB",)
+    pinned = proxy.wait_for_event("session_pinned", terminal=terminal_pki.manager.terminal)
+    assert pinned["reason"] == "SET work_mem"
+    with psycopg.connect(**manager, autocommit=True) as conn:
+        # The comment sends it to the parser; the parse overflows the worker's stack.
+        state = sqlstate_of(conn, additions(1, 60_000) + " /* set_config */")
+        # The server ran it, on the pinned connection: its own parser refuses such depth.
+        assert state == "54001"
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    proxy.wait_for_event("session_pinned", reason="statement not analysed")

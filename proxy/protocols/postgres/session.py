@@ -174,6 +174,9 @@ _PASSED_ON: Final = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 # Stands for an analysis that did not finish in time: refused, or pinned without a policy.
 _UNFINISHED: Final = Analysis(None, NOT_ANALYSED)
+# An execution's audit record when its statement's decision is no longer cached: a portal only
+# runs a statement the server prepared, so its Parse was allowed.
+_ALLOWED_AT_PARSE: Final = Decision(True, "allowed at parse")
 
 # Low-cardinality reasons for refused connections, by the SQLSTATE the client was given.
 _REFUSAL_REASONS = {
@@ -904,7 +907,7 @@ class ClientSession(asyncio.Protocol):
                     portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
                     executed = self._portal_texts.get(portal, b"")
                     self._statements_run += 1
-                    decision = policies.decide(self._role, executed) if mode else None
+                    decision = self._executed_decision(executed) if mode else None
                     self._audit_statement(decision, mode, executed)
                 continue
             if analyses:
@@ -936,6 +939,14 @@ class ClientSession(asyncio.Protocol):
         if analyses:
             analyses.clear()
         return refusals, forget_at
+
+    def _executed_decision(self, text: bytes) -> Decision:
+        """The decision on an executed statement's text, for its audit record: a long text whose
+        decision has left the cache since its Parse is not parsed again on the event loop."""
+        policies = self._env.policies
+        if len(text) <= self._analyze_above:
+            return policies.decide(self._role, text)
+        return policies.cached(self._role, text) or _ALLOWED_AT_PARSE
 
     def _note_parsed_text(self, name: bytes, text: bytes) -> None:
         """Keep a statement's text for the audit records of its executions. Texts of statements
