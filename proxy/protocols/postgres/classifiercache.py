@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from proxy.policy.engine import ENTRY_OVERHEAD, statement_key
+from proxy.policy.engine import DIGEST_KEYS_ABOVE, ENTRY_OVERHEAD, statement_key
 from proxy.protocols.postgres.sessionstate import Classification, classify
 
 # Distinct texts remembered before the cache starts over.
@@ -29,7 +29,8 @@ class SessionStateClassifier:
 
     def classify(self, sql: bytes) -> Classification:
         """Classify statement text as it came off the wire (UTF-8)."""
-        key = statement_key(sql)
+        # statement_key, inlined for the short texts of the data path.
+        key = sql if len(sql) <= DIGEST_KEYS_ABOVE else statement_key(sql)
         cached = self._cache.get(key)
         if cached is not None:
             return cached

@@ -446,7 +446,12 @@ class ClientSession(asyncio.Protocol):
             self._transport.pause_reading()
 
     def resume_client_reading(self) -> None:
-        if self._transport is not None and self._reading_paused and self._state is _State.READY:
+        if (
+            self._transport is not None
+            and self._reading_paused
+            and self._state is _State.READY
+            and self._analysis_task is None  # what comes meanwhile would only pile up in _buffer
+        ):
             self._reading_paused = False
             self._transport.resume_reading()
 
@@ -778,17 +783,21 @@ class ClientSession(asyncio.Protocol):
         frames: list[m.Frame],
         closing: bool,
     ) -> None:
+        # Fail closed: _check_statements refuses statements without an analysis (or pins them,
+        # for a role without a policy).
+        answers = [_UNFINISHED] * len(requests)
         try:
             answers = await pool.analyze(requests)
         except AnalysisFailed as exc:
-            # Fail closed: _check_statements refuses these (or pins them, for a role without a policy).
             log.warning(
                 "statement_analysis_failed",
                 **self._log_fields(),
                 reason=str(exc),
                 statement_bytes=[len(request.sql) for request in requests],
             )
-            answers = [_UNFINISHED] * len(requests)
+        except Exception:
+            log.exception("statement_analysis_failed", **self._log_fields())
+            self._env.metrics.internal_errors_total.inc()
         self._analysis_task = None
         if self._state is not _State.READY:
             return
