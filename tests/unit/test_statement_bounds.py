@@ -18,7 +18,13 @@ from proxy.policy.engine import (
 )
 from proxy.policy.model import RolePolicy
 from proxy.protocols.postgres import messages as m
-from proxy.protocols.postgres.analysis import AnalysisFailed, AnalysisPool, AnalysisRequest, analyze_text
+from proxy.protocols.postgres.analysis import (
+    NOT_ANALYSED,
+    AnalysisFailed,
+    AnalysisPool,
+    AnalysisRequest,
+    analyze_text,
+)
 from proxy.protocols.postgres.classifiercache import SessionStateClassifier
 from proxy.protocols.postgres.prepared import ClientStatements, ServerState, ServerStatements, StatementStats
 from proxy.protocols.postgres.sessionstate import Effect, classify
@@ -161,3 +167,14 @@ def test_analysis_pool_answers_and_fails_closed() -> None:
             await pool.close()
 
     asyncio.run(run())
+
+
+def test_texts_over_the_parse_bound_are_only_scanned() -> None:
+    """A role without a policy has no size limit: its longest texts are never parsed, and count as
+    leaving session state unless a plain scan shows they cannot."""
+    harmless = b"SELECT 1 WHERE 'x' <> '" + b"x" * 5000 + b"'"
+    scanned = analyze_text(AnalysisRequest(harmless, None, parse_up_to=4096))
+    assert scanned.classification.effect is Effect.NONE
+    commented = b"SELECT 1 /*" + b"x" * 5000 + b"*/"
+    assert analyze_text(AnalysisRequest(commented, None, parse_up_to=4096)).classification == NOT_ANALYSED
+    assert analyze_text(AnalysisRequest(commented, None)).classification.effect is Effect.NONE

@@ -23,7 +23,7 @@ from typing import BinaryIO, Final
 import structlog
 
 from proxy.policy.postgres import ParseError, StatementFacts, analyze
-from proxy.protocols.postgres.sessionstate import Classification, Effect, classify
+from proxy.protocols.postgres.sessionstate import Classification, Effect, classify, might_matter
 
 log = structlog.get_logger("pos_proxy.analysis")
 
@@ -53,6 +53,9 @@ class AnalysisRequest:
     sql: bytes
     # The role's policy search_path; None for a role without a policy.
     search_path: tuple[str, ...] | None
+    # Longer texts are not parsed at all (a role without a policy has no size limit, and a parse
+    # tree takes many times its text's size): NOT_ANALYSED unless a scan shows no session effect.
+    parse_up_to: int = 64 * 2**10
 
 
 class AnalysisFailed(Exception):
@@ -64,14 +67,21 @@ def analyze_text(request: AnalysisRequest) -> Analysis:
     try:
         text = request.sql.decode("utf-8")
     except UnicodeDecodeError:
-        return Analysis(None, classify(request.sql.decode("utf-8", errors="replace")), utf8=False)
-    classification = classify(text)
+        text = request.sql.decode("utf-8", errors="replace")
+        return Analysis(None, _classify_bounded(text, request.parse_up_to), utf8=False)
+    classification = _classify_bounded(text, request.parse_up_to)
     if request.search_path is None:
         return Analysis((), classification)
     try:
         return Analysis(tuple(analyze(text, request.search_path)), classification)
     except ParseError:
         return Analysis(None, classification)
+
+
+def _classify_bounded(text: str, parse_up_to: int) -> Classification:
+    if len(text) > parse_up_to and might_matter(text):
+        return NOT_ANALYSED
+    return classify(text)
 
 
 class _Worker:

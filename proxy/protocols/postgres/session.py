@@ -733,27 +733,30 @@ class ClientSession(asyncio.Protocol):
                 continue
             if kind != m.MSG_TERMINATE:
                 raise ProtocolViolation(f"invalid frontend message type {kind}")
-            self._admit(chunk[:start], frames[:index], closing=True)
+            chunk = chunk[:start]
+            if len(chunk) <= self._analyze_above or not self._analyzing(chunk, frames[:index], closing=True):
+                if index:
+                    self._dispatch(chunk, frames[:index])
+                self._close()
             return
-        if frames:
-            self._admit(chunk, frames)
-
-    def _admit(self, chunk: bytes, frames: list[m.Frame], *, closing: bool = False) -> None:
-        """Dispatch whole client messages, once any statement too long to analyse on the event
-        loop has been analysed in a worker process; ``closing``: a Terminate follows them."""
-        pool = self._env.analysis
-        if len(chunk) > self._analyze_above and pool is not None:
-            requests = self._analysis_requests(chunk, frames)
-            if requests:
-                self.pause_client_reading()
-                self._analysis_task = self._env.registry.spawn(
-                    self._analyze_then_dispatch(pool, requests, chunk, frames, closing)
-                )
-                return
-        if frames:
+        if frames and (len(chunk) <= self._analyze_above or not self._analyzing(chunk, frames)):
             self._dispatch(chunk, frames)
-        if closing:
-            self._close()
+
+    def _analyzing(self, chunk: bytes, frames: list[m.Frame], *, closing: bool = False) -> bool:
+        """Whether a statement among ``frames`` is too long to analyse on the event loop: then it
+        is analysed in a worker process first, and the messages are dispatched (and the session
+        closed, with ``closing``: a Terminate follows them) once its decision is in."""
+        pool = self._env.analysis
+        if pool is None:
+            return False
+        requests = self._analysis_requests(chunk, frames)
+        if not requests:
+            return False
+        self.pause_client_reading()
+        self._analysis_task = self._env.registry.spawn(
+            self._analyze_then_dispatch(pool, requests, chunk, frames, closing)
+        )
+        return True
 
     def _analysis_requests(self, chunk: bytes, frames: list[m.Frame]) -> list[AnalysisRequest]:
         """The long statement texts among ``frames`` that no cache can answer."""
@@ -772,7 +775,7 @@ class ClientSession(asyncio.Protocol):
             if decision is not None and decision.sqlstate == PROGRAM_LIMIT_EXCEEDED:
                 continue  # refused unread
             if (mode is not None and decision is None) or classifier.cached(text) is None:
-                requests[text] = AnalysisRequest(text, search_path)
+                requests[text] = AnalysisRequest(text, search_path, policies.max_statement_bytes)
         return list(requests.values())
 
     async def _analyze_then_dispatch(
