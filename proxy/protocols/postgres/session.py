@@ -889,8 +889,12 @@ class ClientSession(asyncio.Protocol):
             if limited and kind in _STATEMENT_MESSAGES and self._over_statement_rate(start, refusals):
                 continue
             if kind == m.MSG_PARSE:
-                name_end, text = _parse_text(chunk, start, end)
-                if name_end > start + 5:
+                # _parse_text, inlined: drivers mostly use the unnamed statement, whose empty name
+                # needs no search for its end.
+                unnamed = end > start + 5 and chunk[start + 5] == 0
+                name_end = start + 5 if unnamed else chunk.find(b"\x00", start + 5, end)
+                text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
+                if not unnamed:
                     over = self._statements.over_limit(chunk[start + 5 : name_end], end - name_end - 1)
                     if over is not None:
                         refusals[start] = over
