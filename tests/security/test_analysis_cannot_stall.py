@@ -270,3 +270,21 @@ def test_long_statements_of_a_role_without_policy_are_classified_off_the_loop(
         assert state == "54001"
         assert conn.execute("SELECT 1").fetchone() == (1,)
     proxy.wait_for_event("session_pinned", reason="statement not analysed")
+
+
+def test_messages_behind_a_statement_in_analysis_keep_their_order(
+    policy_proxy: Callable[..., ProxyProcess], terminal_pki: TerminalPKI
+) -> None:
+    """A pipeline of long and short statements in one go: the long ones wait for their workers'
+    analyses, and nothing behind them overtakes them."""
+    proxy = policy_proxy()
+    with connect(proxy, terminal_pki) as conn, conn.pipeline():
+        cursors = [
+            conn.execute(in_list(1, 5_000)),
+            conn.execute("SELECT 2"),
+            conn.execute(long_literal(3, 20_000)),
+            conn.execute("SELECT 4"),
+            conn.execute(in_list(5, 3_000)),
+            conn.execute("SELECT 6"),
+        ]
+    assert [cursor.fetchone() for cursor in cursors] == [(1,), (2,), (3,), (4,), (5,), (6,)]
