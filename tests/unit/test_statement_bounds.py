@@ -152,8 +152,9 @@ def test_analysis_pool_answers_and_fails_closed() -> None:
         try:
             [quick] = await pool.analyze([AnalysisRequest(padded(1, 20_000), ("public",))])
             assert quick.statements is not None and quick.statements[0].kind == "SELECT"
-            # Slow to analyse (pglast builds a node per item): the worker is killed at the budget.
-            slow = b"SELECT 1 WHERE 1 IN (" + b",".join([b"7"] * 40_000) + b")"
+            # Slow to analyse (~1.4 s: pglast builds and walks every node): killed at the budget.
+            chain = b"(SELECT " * 400 + b"1" + b")" * 400
+            slow = b"SELECT " + b" + ".join([chain] * 16)
             with pytest.raises(AnalysisFailed, match="no answer within"):
                 await pool.analyze([AnalysisRequest(slow, ("public",))])
             # Deep enough to overflow the C stack while pglast builds the tree: the worker dies.
