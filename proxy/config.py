@@ -349,6 +349,16 @@ class PolicySettings:
 
     review_file: Path | None = None
     cache_size: int = 10_000
+    # Bytes the decision cache and the audit's statement summaries may each hold.
+    cache_bytes: int = 32 * 2**20
+    # Longer statements from a role with a policy are refused unparsed (54000): far above what a
+    # POS application sends, and within what a worker analyses in the time budget.
+    max_statement_bytes: int = 64 * 2**10
+    # Longer statements are analysed in a worker process, not on the event loop: the worst shapes
+    # measured take ~25 ms to analyse at 1 KiB (a POS statement is rarely longer).
+    analyze_in_worker_above: int = 2**10
+    analysis_timeout: float = 1.0
+    analysis_workers: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +379,9 @@ class PoolConfig:
     # A client idle inside a transaction this long is cut off (FATAL 25P03) and its server connection
     # closed, as PgBouncer's idle_transaction_timeout; None: never.
     idle_transaction_timeout: float | None = 60.0
+    # Named prepared statements one client may hold, in number and in bytes of their Parse messages.
+    max_client_prepared_statements: int = 1000
+    max_client_prepared_bytes: int = 2 * 2**20
 
 
 _DEFAULT_UPSTREAM_PORT: Final = 5432
@@ -482,12 +495,7 @@ def parse_config(
         )
     }
     policy_section = root.child("policy", _keys(PolicySettings))
-    policy = PolicySettings(
-        review_file=policy_section.read("review_file", ctx.path, None),
-        cache_size=policy_section.read(
-            "cache_size", _in_range(_whole_number, "an integer", minimum=1), PolicySettings().cache_size
-        ),
-    )
+    policy = _parse_policy_settings(policy_section, ctx)
     pool_defaults = _parse_pool(root.child("pool", _keys(PoolConfig)), PoolConfig())
     routes = {
         database: _parse_route(database, section, pool_defaults)
@@ -910,6 +918,28 @@ def _identity_pattern(value: object) -> re.Pattern[str]:
 _COUNT: Final = _in_range(_whole_number, "an integer", minimum=1)
 
 
+def _parse_policy_settings(section: _Section, ctx: _Context) -> PolicySettings:
+    default = PolicySettings()
+    read, size = section.read, _in_range(parse_size, "a size in bytes", minimum=1024, maximum=2**31 - 1)
+    return PolicySettings(
+        review_file=read("review_file", ctx.path, None),
+        cache_size=read("cache_size", _in_range(_whole_number, "an integer", minimum=1), default.cache_size),
+        cache_bytes=read("cache_bytes", size, default.cache_bytes),
+        max_statement_bytes=read("max_statement_bytes", size, default.max_statement_bytes),
+        analyze_in_worker_above=read(
+            "analyze_in_worker_above",
+            _in_range(parse_size, "a size in bytes", minimum=0, maximum=2**31 - 1),
+            default.analyze_in_worker_above,
+        ),
+        analysis_timeout=read("analysis_timeout", _positive_duration, default.analysis_timeout),
+        analysis_workers=read(
+            "analysis_workers",
+            _in_range(_whole_number, "an integer", minimum=1, maximum=64),
+            default.analysis_workers,
+        ),
+    )
+
+
 def _parse_listen(section: _Section) -> ListenConfig:
     default = ListenConfig()
     return ListenConfig(
@@ -1313,6 +1343,16 @@ def _parse_pool(section: _Section, inherited: PoolConfig) -> PoolConfig:
         ),
         idle_transaction_timeout=read(
             "idle_transaction_timeout", _duration_or_off, inherited.idle_transaction_timeout
+        ),
+        max_client_prepared_statements=read(
+            "max_client_prepared_statements",
+            _in_range(_whole_number, "an integer", minimum=1),
+            inherited.max_client_prepared_statements,
+        ),
+        max_client_prepared_bytes=read(
+            "max_client_prepared_bytes",
+            _in_range(parse_size, "a size in bytes", minimum=1024, maximum=2**31 - 1),
+            inherited.max_client_prepared_bytes,
         ),
     )
     if pool.connect_retry_delay > pool.connect_retry_max_delay and section.data.keys() & {

@@ -25,11 +25,12 @@ from proxy.eventloop import log_unhandled_error
 from proxy.limits import Limiter, SourceRateLimiter
 from proxy.metrics import Metrics, build_labels
 from proxy.policy.encodings import DEFAULT_ENCODING
-from proxy.policy.engine import PolicyEngine
+from proxy.policy.engine import PolicyEngine, StatementSummaries
 from proxy.policy.learn import ReviewLog
 from proxy.pool import PoolSettings, ServerUnreachable, UpstreamPool
 from proxy.preauth import PendingStartup, PendingStartups, RecordThrottle
 from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.analysis import AnalysisPool
 from proxy.protocols.postgres.session import ClientSession, Route, SessionEnvironment, SessionRegistry
 from proxy.protocols.postgres.startup import UpstreamRefused
 from proxy.protocols.postgres.upstream import (
@@ -77,7 +78,20 @@ def build_policy_engine(config: Config) -> PolicyEngine:
             log.warning("role_without_policy", role=role.name, effect="all statements allowed")
         else:
             log.info("role_policy", role=role.name, mode=role.policy.mode.value, file=str(role.policy_file))
-    return PolicyEngine({name: role.policy for name, role in config.roles.items()}, config.policy.cache_size)
+    settings = config.policy
+    return PolicyEngine(
+        {name: role.policy for name, role in config.roles.items()},
+        settings.cache_size,
+        cache_bytes=settings.cache_bytes,
+        max_statement_bytes=settings.max_statement_bytes,
+    )
+
+
+def build_statement_summaries(config: Config) -> StatementSummaries:
+    settings = config.policy
+    return StatementSummaries(
+        settings.cache_size, cache_bytes=settings.cache_bytes, parse_up_to=settings.analyze_in_worker_above
+    )
 
 
 def build_routes(config: Config, metrics: Metrics) -> dict[str, Route]:
@@ -180,6 +194,8 @@ class ProxyServer:
             listen.max_pending_handshakes, listen.max_pending_handshakes_per_source
         )
         self._preauth_records = RecordThrottle(listen.preauth_records_per_second)
+        # Workers start when a statement first needs one; their number takes effect at restart.
+        self._analysis = AnalysisPool(config.policy.analysis_workers, config.policy.analysis_timeout)
         self._environment = SessionEnvironment(
             config=config,
             routes=self.routes,
@@ -187,6 +203,8 @@ class ProxyServer:
             metrics=self.metrics,
             limiter=Limiter(shared=self._shared_limits),
             policies=build_policy_engine(config),
+            summaries=build_statement_summaries(config),
+            analysis=self._analysis,
             review=ReviewLog(config.policy.review_file) if config.policy.review_file else None,
             audit=self.audit,
             preauth_records=self._preauth_records,
@@ -312,8 +330,10 @@ class ProxyServer:
             config=config,
             routes=self.routes,
             policies=build_policy_engine(config),
+            summaries=build_statement_summaries(config),
             review=review,
         )
+        self._analysis.timeout = config.policy.analysis_timeout
         for session in list(self._registry.live):
             session.use_environment(self._environment)
         self.metrics.config_reloads_total.labels("ok").inc()
@@ -480,6 +500,7 @@ class ProxyServer:
             session.terminate(AdminShutdown("terminating connection: the proxy is shutting down"), "shutdown")
         for route in self.routes.values():
             await route.pool.close()
+        await self._analysis.close()
         if self.admin is not None:
             await self.admin.stop()
         if self._shared_limits is not None:

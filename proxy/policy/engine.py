@@ -1,11 +1,12 @@
-"""Policy decisions for statements, per role, cached by exact text so the parser runs once per text."""
+"""Policy decisions for statements, per role, cached by text so the parser runs once per text."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from proxy.policy.encodings import DEFAULT_ENCODING, python_codec, read_statement
 from proxy.policy.model import DENIED_STATEMENTS, PolicyMode, RolePolicy
@@ -18,6 +19,15 @@ V = TypeVar("V")
 INSUFFICIENT_PRIVILEGE = "42501"
 SYNTAX_ERROR = "42601"
 CHARACTER_NOT_IN_REPERTOIRE = "22021"
+STATEMENT_TOO_COMPLEX = "54001"
+PROGRAM_LIMIT_EXCEEDED = "54000"
+
+# Longer texts are cached under a digest: a dict lookup hashes the whole key, which costs less
+# than a digest for short texts, and holding a long text twice (key and normalised value)
+# would halve what a byte budget keeps. Measured: hash() of 512 bytes ~0.2 us, blake2b ~1.3 us.
+DIGEST_KEYS_ABOVE: Final = 512
+# What a cache entry costs beyond the bytes of its key and texts: dict slot, tuple, objects.
+ENTRY_OVERHEAD: Final = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,36 +47,80 @@ class Decision:
 
 
 _UNRESTRICTED = Decision(True, "no policy")
+# Fail closed: the statement's analysis did not finish within the time budget (or its worker died).
+ANALYSIS_UNFINISHED = Decision(
+    False, "analysis unfinished", "the statement could not be analysed in time", STATEMENT_TOO_COMPLEX
+)
+
+
+def statement_key(sql: bytes) -> bytes:
+    """A cache key for a statement text: the text itself when short, else a digest of it.
+
+    A digest key starts with NUL, which no statement text holds (Query and Parse carry texts
+    as C strings), so no text can be sent that collides with another text's digest key.
+    """
+    if len(sql) <= DIGEST_KEYS_ABOVE:
+        return sql
+    return b"\x00" + hashlib.blake2b(sql, digest_size=16).digest()
+
+
+def summary_bytes(statements: Sequence[tuple[str, str]]) -> int:
+    """Roughly what a statement summary holds in memory, for the caches' byte budgets."""
+    return sum(len(fingerprint) + len(text) for fingerprint, text in statements)
 
 
 class _LRU(Generic[K, V]):
-    """At most ``size`` entries; the least recently used one goes first."""
+    """At most ``size`` entries and ``max_bytes`` of their stated cost; the least recently used go first."""
 
-    def __init__(self, size: int) -> None:
-        self._entries: OrderedDict[K, V] = OrderedDict()
+    def __init__(self, size: int, max_bytes: int) -> None:
+        self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._size = size
+        self._max_bytes = max_bytes
+        self.held_bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: K) -> V | None:
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
 
-    def put(self, key: K, value: V) -> None:
-        self._entries[key] = value
-        if len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+    def put(self, key: K, value: V, cost: int) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.held_bytes -= old[1]
+        if cost > self._max_bytes:
+            return  # would evict everything else and still not fit
+        self._entries[key] = (value, cost)
+        self.held_bytes += cost
+        while len(self._entries) > self._size or self.held_bytes > self._max_bytes:
+            _key, (_value, evicted) = self._entries.popitem(last=False)
+            self.held_bytes -= evicted
 
 
 class PolicyEngine:
     """Decides statements for every role; one instance per loaded configuration."""
 
-    def __init__(self, policies: Mapping[str, RolePolicy | None], cache_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        policies: Mapping[str, RolePolicy | None],
+        cache_size: int = 10_000,
+        *,
+        cache_bytes: int = 32 * 2**20,
+        max_statement_bytes: int = 64 * 2**10,
+    ) -> None:
         self._policies = policies
-        self._cache: _LRU[tuple[str, bytes, str], Decision] = _LRU(cache_size)
+        self._cache: _LRU[tuple[str, str, bytes], Decision] = _LRU(cache_size, cache_bytes)
+        self.max_statement_bytes = max_statement_bytes
+        self._too_long = Decision(
+            False,
+            "statement too long",
+            f"statement too long: the limit for this role is {max_statement_bytes} bytes",
+            PROGRAM_LIMIT_EXCEEDED,
+        )
         self.hits = 0
         self.misses = 0
 
@@ -77,10 +131,22 @@ class PolicyEngine:
         policy = self._policies.get(role)
         return policy.mode if policy is not None else None
 
+    def cached(self, role: str, sql: bytes, encoding: str = DEFAULT_ENCODING) -> Decision | None:
+        """The decision for ``sql`` if it needs no parsing: cached, too long, or no policy to apply."""
+        if self._policies.get(role) is None:
+            return _UNRESTRICTED
+        if len(sql) > self.max_statement_bytes:
+            return self._too_long
+        return self._cache.get((role, encoding, statement_key(sql)))
+
     def decide(self, role: str, sql: bytes, encoding: str = DEFAULT_ENCODING) -> Decision:
         """The decision for ``sql`` as run by ``role``, read from the bytes in the session's client
         ``encoding`` (an accepted encoding's canonical name) as the server reads them."""
-        key = (role, sql, encoding)
+        size = len(sql)
+        if size > self.max_statement_bytes:
+            return self._too_long if self._policies.get(role) is not None else _UNRESTRICTED
+        # statement_key, inlined for the short texts of the data path.
+        key = (role, encoding, sql if size <= DIGEST_KEYS_ABOVE else statement_key(sql))
         cached = self._cache.get(key)
         if cached is not None:
             self.hits += 1
@@ -94,17 +160,38 @@ class PolicyEngine:
                 text = read_statement(sql, encoding)
             except UnicodeDecodeError:
                 # Bytes the proxy cannot read as the server does are not judged at all.
-                decision = Decision(
-                    False,
-                    "encoding",
-                    f"the statement is not valid {encoding}",
-                    CHARACTER_NOT_IN_REPERTOIRE,
-                    statements=(("", unparsable(sql)),),
-                )
+                decision = _not_readable(sql, encoding)
             else:
                 decision = judge(policy, role, text, encoding)
-        self._cache.put(key, decision)
+        self._remember(key, decision)
         return decision
+
+    def decide_analyzed(
+        self,
+        role: str,
+        sql: bytes,
+        statements: Sequence[StatementFacts] | None,
+        encoding: str = DEFAULT_ENCODING,
+        *,
+        readable: bool = True,
+    ) -> Decision:
+        """The decision for ``sql`` (sent in ``encoding``) from its analysis made elsewhere (a worker
+        process): ``statements`` None when the text is not readable in ``encoding`` (``readable``
+        False) or could not be parsed."""
+        key = (role, encoding, statement_key(sql))
+        policy = self._policies.get(role)
+        if policy is None:
+            decision = _UNRESTRICTED
+        elif statements is None:
+            decision = _parse_error(sql) if readable else _not_readable(sql, encoding)
+        else:
+            decision = judge_facts(policy, role, statements, encoding)
+        self._remember(key, decision)
+        return decision
+
+    def _remember(self, key: tuple[str, str, bytes], decision: Decision) -> None:
+        cost = ENTRY_OVERHEAD + len(key[2]) + summary_bytes(decision.statements)
+        self._cache.put(key, decision, cost)
 
     def decide_function_call(self, role: str) -> Decision:
         """The legacy FunctionCall message ('F') bypasses SQL entirely: refused unless allowed."""
@@ -123,13 +210,34 @@ def judge(policy: RolePolicy, role: str, sql: str, encoding: str = DEFAULT_ENCOD
     try:
         statements = analyze(sql, policy.search_path)
     except ParseError:
-        return Decision(
-            False,
-            "parse error",
-            "the statement could not be parsed",
-            SYNTAX_ERROR,
-            statements=(("", unparsable(sql.encode("utf-8", "surrogatepass"))),),
-        )
+        return _parse_error(sql.encode("utf-8", "surrogatepass"))
+    return judge_facts(policy, role, statements, encoding)
+
+
+def _not_readable(sql: bytes, encoding: str) -> Decision:
+    return Decision(
+        False,
+        "encoding",
+        f"the statement is not valid {encoding}",
+        CHARACTER_NOT_IN_REPERTOIRE,
+        statements=(("", unparsable(sql)),),
+    )
+
+
+def _parse_error(sql: bytes) -> Decision:
+    return Decision(
+        False,
+        "parse error",
+        "the statement could not be parsed",
+        SYNTAX_ERROR,
+        statements=(("", unparsable(sql)),),
+    )
+
+
+def judge_facts(
+    policy: RolePolicy, role: str, statements: Sequence[StatementFacts], encoding: str = DEFAULT_ENCODING
+) -> Decision:
+    """Enforce-mode decision for a query string sent in ``encoding``, from the facts of its statements."""
     summary = tuple((facts.fingerprint, facts.normalized) for facts in statements)
     if len(statements) > 1 and not policy.stacked_queries:
         return Decision(
@@ -212,11 +320,17 @@ class StatementSummaries:
     """(fingerprint, normalized text) per statement of a text, for the audit log of roles without a
     policy; cached by text like decisions, so the parser runs once per text."""
 
-    def __init__(self, cache_size: int = 10_000) -> None:
-        self._cache: _LRU[tuple[bytes, str], tuple[tuple[str, str], ...]] = _LRU(cache_size)
+    def __init__(
+        self, cache_size: int = 10_000, *, cache_bytes: int = 16 * 2**20, parse_up_to: int = 2**10
+    ) -> None:
+        self._cache: _LRU[tuple[str, bytes], tuple[tuple[str, str], ...]] = _LRU(cache_size, cache_bytes)
+        self._parse_up_to = parse_up_to
 
     def summarize(self, sql: bytes, encoding: str = DEFAULT_ENCODING) -> tuple[tuple[str, str], ...]:
-        key = (sql, encoding)
+        if len(sql) > self._parse_up_to:
+            # Not parsed on the event loop: a digest names the text instead.
+            return (("", unparsable(sql)),)
+        key = (encoding, statement_key(sql))
         cached = self._cache.get(key)
         if cached is not None:
             return cached
@@ -225,5 +339,5 @@ class StatementSummaries:
             summary = tuple((facts.fingerprint, facts.normalized) for facts in analyze(text, ("public",)))
         except (ParseError, UnicodeDecodeError):
             summary = (("", unparsable(sql)),)
-        self._cache.put(key, summary)
+        self._cache.put(key, summary, ENTRY_OVERHEAD + len(key[1]) + summary_bytes(summary))
         return summary

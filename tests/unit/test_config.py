@@ -349,7 +349,7 @@ def test_unknown_nested_key_names_its_full_path(base: Path) -> None:
         "routes.pos.pool.sise: unknown key (expected one of: mode, size, min_idle, max_client_wait, "
         "server_idle_timeout, server_lifetime, connect_timeout, connect_retry_delay, "
         "connect_retry_max_delay, tcp_keepalive, session_state, max_prepared_statements, "
-        "idle_transaction_timeout)"
+        "idle_transaction_timeout, max_client_prepared_statements, max_client_prepared_bytes)"
     ]
 
 

@@ -9,30 +9,51 @@ from __future__ import annotations
 
 from typing import Final
 
+from proxy.policy.engine import DIGEST_KEYS_ABOVE, ENTRY_OVERHEAD, statement_key
 from proxy.protocols.postgres.sessionstate import Classification, classify
 
 # Distinct texts remembered before the cache starts over.
 CACHE_LIMIT: Final = 10_000
+# Bytes of keys remembered before the cache starts over (the values are a few shared objects).
+CACHE_BYTES: Final = 8 * 2**20
 
 
 class SessionStateClassifier:
     """Classify statement texts, remembering answers for the texts seen most."""
 
-    def __init__(self, limit: int = CACHE_LIMIT) -> None:
+    def __init__(self, limit: int = CACHE_LIMIT, max_bytes: int = CACHE_BYTES) -> None:
         self._cache: dict[bytes, Classification] = {}
         self._limit = limit
+        self._max_bytes = max_bytes
+        self.held_bytes = 0
 
     def classify(self, sql: bytes) -> Classification:
         """Classify statement text as it came off the wire (UTF-8)."""
-        cached = self._cache.get(sql)
+        # statement_key, inlined for the short texts of the data path.
+        key = sql if len(sql) <= DIGEST_KEYS_ABOVE else statement_key(sql)
+        cached = self._cache.get(key)
         if cached is not None:
             return cached
         result = classify(sql.decode("utf-8", errors="replace"))
-        if len(self._cache) >= self._limit:
+        self._remember(key, result)
+        return result
+
+    def cached(self, sql: bytes) -> Classification | None:
+        return self._cache.get(statement_key(sql))
+
+    def classified(self, sql: bytes, result: Classification) -> Classification:
+        """Remember ``result``, the classification of ``sql`` made elsewhere (a worker process)."""
+        self._remember(statement_key(sql), result)
+        return result
+
+    def _remember(self, key: bytes, result: Classification) -> None:
+        cost = ENTRY_OVERHEAD + len(key)
+        if len(self._cache) >= self._limit or self.held_bytes + cost > self._max_bytes:
             # Literal-laden simple-protocol texts rarely repeat: start over rather than track recency.
             self._cache.clear()
-        self._cache[sql] = result
-        return result
+            self.held_bytes = 0
+        self._cache[key] = result
+        self.held_bytes += cost
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -185,10 +185,22 @@ class ServerState:
         self.unnamed = None
 
 
+# What one client may hold in named statements: the proxy keeps each one's text for as long as
+# the client does, so a client preparing ever more distinct statements must meet a limit.
+MAX_CLIENT_STATEMENTS: Final = 1000
+MAX_CLIENT_STATEMENT_BYTES: Final = 2 * 2**20
+_CONFIGURATION_LIMIT_EXCEEDED: Final = "53400"
+
+
 class ClientStatements:
     """One client's prepared statements, and the rewriting of its messages for a server connection."""
 
-    def __init__(self, stats: StatementStats) -> None:
+    def __init__(
+        self,
+        stats: StatementStats,
+        max_count: int = MAX_CLIENT_STATEMENTS,
+        max_bytes: int = MAX_CLIENT_STATEMENT_BYTES,
+    ) -> None:
         self.by_name: dict[bytes, Statement] = {}
         # The client's unnamed statement (55.2.3): from its Parse to its next unnamed Parse, simple
         # Query or Close of it; None while it has none.
@@ -196,6 +208,24 @@ class ClientStatements:
         # The policy generation the session decides new statements under (it counts reloads).
         self.generation = 0
         self.stats = stats
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.held_bytes = 0  # of the Parse bodies in by_name
+
+    def over_limit(self, name: bytes, body_size: int) -> Refusal | None:
+        """The refusal of a Parse of named statement ``name`` (body of ``body_size`` bytes) that
+        would take this client over its limits; None when it fits."""
+        old = self.by_name.get(name)
+        count = len(self.by_name) + (old is None)
+        held = self.held_bytes + body_size - (len(old.body) if old is not None else 0)
+        if count <= self.max_count and held <= self.max_bytes:
+            return None
+        return Refusal(
+            _CONFIGURATION_LIMIT_EXCEEDED,
+            f"too many prepared statements on this connection: the limit is {self.max_count} "
+            f"statements of {self.max_bytes} bytes in all",
+            hint="close (DEALLOCATE) prepared statements that are no longer needed",
+        )
 
     def rewrite(
         self,
@@ -255,7 +285,11 @@ class ClientStatements:
                     continue
                 splice.drop(start, end)
                 parsed = Statement.from_parse_body(source[name_end + 1 : end], self.generation)
+                replaced = self.by_name.get(source[body_start:name_end])
+                if replaced is not None:
+                    self.held_bytes -= len(replaced.body)
                 self.by_name[source[body_start:name_end]] = parsed
+                self.held_bytes += len(parsed.body)
                 if not self._prepare(parsed, server, out, Reply.FORWARD):
                     expect(Expected(_EXPECT_PARSE, Reply.SYNTHETIC, _PARSE_COMPLETE))
             elif kind in _NAMING_MESSAGES:
@@ -293,7 +327,9 @@ class ClientStatements:
                 if kind == 0x43:
                     # Closing a named statement only forgets the client's name: the server-side
                     # statement stays for others. Closing an unknown name is no error (55.7 Close).
-                    self.by_name.pop(name, None)
+                    closed = self.by_name.pop(name, None)
+                    if closed is not None:
+                        self.held_bytes -= len(closed.body)
                     expect(Expected(_EXPECT_CLOSE, Reply.SYNTHETIC, _CLOSE_COMPLETE))
                     continue
                 statement = self.by_name.get(name)

@@ -36,12 +36,25 @@ from proxy.identity import Identity, IdentityError, check_user_name, identify
 from proxy.limits import Limiter, LimitHit, LimitSettings, resolve
 from proxy.metrics import BatchedHistogram, Metrics
 from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, refusal_message
-from proxy.policy.engine import Decision, PolicyEngine, StatementSummaries
+from proxy.policy.engine import (
+    ANALYSIS_UNFINISHED,
+    PROGRAM_LIMIT_EXCEEDED,
+    Decision,
+    PolicyEngine,
+    StatementSummaries,
+)
 from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
 from proxy.pool import ServerShares, UpstreamPool, default_share_cap
 from proxy.preauth import PendingStartup, RecordThrottle
 from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.analysis import (
+    NOT_ANALYSED,
+    Analysis,
+    AnalysisFailed,
+    AnalysisPool,
+    AnalysisRequest,
+)
 from proxy.protocols.postgres.classifiercache import SessionStateClassifier
 from proxy.protocols.postgres.parameters import (
     SessionParameters,
@@ -147,6 +160,8 @@ class SessionEnvironment:
     # Records of connections refused before they started (the server's pre-TLS ones too).
     preauth_records: RecordThrottle = field(default_factory=lambda: RecordThrottle(20))
     timeout_changes: StatementTimeoutChanges = field(default_factory=StatementTimeoutChanges)
+    # Where statements too long to analyse on the event loop go; None: analysed in place.
+    analysis: AnalysisPool | None = None
 
 
 _SHUTTING_DOWN = AdminShutdown(
@@ -163,11 +178,19 @@ _STATEMENT_MESSAGES: Final = frozenset((m.MSG_QUERY, m.MSG_EXECUTE, m.MSG_FUNCTI
 _CHECKED_MESSAGES: Final = frozenset((m.MSG_QUERY, m.MSG_PARSE, m.MSG_FUNCTION_CALL))
 _CHECKED_MESSAGES_COUNTING: Final = _CHECKED_MESSAGES | {m.MSG_BIND, m.MSG_EXECUTE}
 _NO_SESSION_EFFECT: Final = Effect.NONE
+_STATEMENT_TEXTS: Final = frozenset((m.MSG_QUERY, m.MSG_PARSE))
+# Texts of statements a client no longer has, kept until this many pile up (see _note_parsed_text).
+_STALE_TEXTS: Final = 8
 # Frontend messages that go on to the server (Terminate ends the session instead).
 _PASSED_ON: Final = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
 RESERVED_NAME = "42939"  # reserved_name
+# Stands for an analysis that did not finish in time: refused, or pinned without a policy.
+_UNFINISHED: Final = Analysis(None, NOT_ANALYSED)
+# An execution's audit record when its statement's decision is no longer cached: a portal only
+# runs a statement the server prepared, so its Parse was allowed.
+_ALLOWED_AT_PARSE: Final = Decision(True, "allowed at parse")
 
 # Low-cardinality reasons for refused connections, by the SQLSTATE the client was given.
 _REFUSAL_REASONS = {
@@ -217,6 +240,9 @@ class ClientSession(asyncio.Protocol):
 
     # One per terminal, thousands of them idle: slots rather than a dict of some 40 attributes.
     __slots__ = (
+        "_analyses",
+        "_analysis_task",
+        "_analyze_above",
         "_audit_who",
         "_buffer",
         "_bytes_in",
@@ -354,6 +380,12 @@ class ClientSession(asyncio.Protocol):
         self._idle_transaction_timer: asyncio.TimerHandle | None = None
         # The role's statement_timeout in ms when its policy keeps clients from raising it; 0: none.
         self._timeout_ceiling = 0
+        # Statements longer than this are analysed in a worker process before they are checked.
+        self._analyze_above = environment.config.policy.analyze_in_worker_above
+        # While one runs: the client is not read, and what it already sent waits in _buffer.
+        self._analysis_task: asyncio.Task[None] | None = None
+        # Worker analyses of statement texts waiting to be checked (_check_statements takes them).
+        self._analyses: dict[bytes, Analysis] = {}
 
     # --- asyncio.Protocol: terminal side ---
 
@@ -580,7 +612,12 @@ class ClientSession(asyncio.Protocol):
             self._transport.pause_reading()
 
     def resume_client_reading(self) -> None:
-        if self._transport is not None and self._reading_paused and self._state is _State.READY:
+        if (
+            self._transport is not None
+            and self._reading_paused
+            and self._state is _State.READY
+            and self._analysis_task is None  # what comes meanwhile would only pile up in _buffer
+        ):
             self._reading_paused = False
             self._transport.resume_reading()
 
@@ -680,6 +717,8 @@ class ClientSession(asyncio.Protocol):
             return
         self._route = route
         self._idle_transaction_timeout = route.config.pool.idle_transaction_timeout
+        self._statements.max_count = route.config.pool.max_client_prepared_statements
+        self._statements.max_bytes = route.config.pool.max_client_prepared_bytes
         metrics = self._env.metrics
         self._pool_wait = metrics.batched(metrics.pool_wait_seconds, route.config.database)
         admission = self._env.limiter.shared_admission(self.identity.store, self._role, self._limits)
@@ -859,6 +898,10 @@ class ClientSession(asyncio.Protocol):
 
     def _forward(self, data: bytes) -> None:
         self._bytes_in += len(data)
+        if self._analysis_task is not None:
+            # Behind a statement being analysed: in order, once its decision is in.
+            self._buffer += data
+            return
         if self._buffer:
             data = m.take_whole_messages(self._buffer, data, self._max_message)
             if not data:
@@ -875,12 +918,98 @@ class ClientSession(asyncio.Protocol):
                 continue
             if kind != m.MSG_TERMINATE:
                 raise ProtocolViolation(f"invalid frontend message type {kind}")
-            if index:
-                self._dispatch(chunk[:start], frames[:index])
-            self._close()
+            chunk = chunk[:start]
+            if len(chunk) <= self._analyze_above or not self._analyzing(chunk, frames[:index], closing=True):
+                if index:
+                    self._dispatch(chunk, frames[:index])
+                self._close()
             return
-        if frames:
+        if frames and (len(chunk) <= self._analyze_above or not self._analyzing(chunk, frames)):
             self._dispatch(chunk, frames)
+
+    def _analyzing(self, chunk: bytes, frames: list[m.Frame], *, closing: bool = False) -> bool:
+        """Whether a statement among ``frames`` is too long to analyse on the event loop: then it
+        is analysed in a worker process first, and the messages are dispatched (and the session
+        closed, with ``closing``: a Terminate follows them) once its decision is in."""
+        pool = self._env.analysis
+        if pool is None:
+            return False
+        requests = self._analysis_requests(chunk, frames)
+        if not requests:
+            return False
+        self.pause_client_reading()
+        self._analysis_task = self._env.registry.spawn(
+            self._analyze_then_dispatch(pool, requests, chunk, frames, closing)
+        )
+        return True
+
+    def _analysis_requests(self, chunk: bytes, frames: list[m.Frame]) -> list[AnalysisRequest]:
+        """The long statement texts among ``frames`` that no cache can answer."""
+        mode = self._statement_checks.mode
+        policies, classifier = self._env.policies, self._env.classifier
+        policy = policies.policy(self._role) if mode is not None else None
+        search_path = policy.search_path if policy is not None else None
+        requests: dict[bytes, AnalysisRequest] = {}
+        for kind, start, end in frames:
+            if end - start <= self._analyze_above or kind not in _STATEMENT_TEXTS:
+                continue
+            text = chunk[start + 5 : end - 1] if kind == m.MSG_QUERY else _parse_text(chunk, start, end)[1]
+            if len(text) <= self._analyze_above or text in requests:
+                continue
+            decision = policies.cached(self._role, text, self._encoding) if mode is not None else None
+            if decision is not None and decision.sqlstate == PROGRAM_LIMIT_EXCEEDED:
+                continue  # refused unread
+            if (mode is not None and decision is None) or classifier.cached(text) is None:
+                requests[text] = AnalysisRequest(
+                    text, self._encoding, search_path, policies.max_statement_bytes
+                )
+        return list(requests.values())
+
+    async def _analyze_then_dispatch(
+        self,
+        pool: AnalysisPool,
+        requests: list[AnalysisRequest],
+        chunk: bytes,
+        frames: list[m.Frame],
+        closing: bool,
+    ) -> None:
+        # Fail closed: _check_statements refuses statements without an analysis (or pins them,
+        # for a role without a policy).
+        answers = [_UNFINISHED] * len(requests)
+        try:
+            answers = await pool.analyze(requests)
+        except AnalysisFailed as exc:
+            log.warning(
+                "statement_analysis_failed",
+                **self._log_fields(),
+                reason=str(exc),
+                statement_bytes=[len(request.sql) for request in requests],
+            )
+        except Exception:
+            log.exception("statement_analysis_failed", **self._log_fields())
+            self._env.metrics.internal_errors_total.inc()
+        self._analysis_task = None
+        if self._state is not _State.READY:
+            return
+        for request, answer in zip(requests, answers, strict=True):
+            self._analyses[request.sql] = answer
+        try:
+            self.resume_client_reading()
+            if frames:
+                self._dispatch(chunk, frames)
+            if closing:
+                self._close()
+                return
+            if self._stash_size > _STASH_HIGH_WATER:
+                self.pause_client_reading()
+            if self._buffer:
+                self.data_received(b"")
+        except ProxyError as exc:
+            self._fail(exc, reason=str(exc))
+        except Exception:
+            log.exception("statement_dispatch_failed", **self._log_fields())
+            self._env.metrics.internal_errors_total.inc()
+            self.terminate(ProxyError("internal error in the proxy"), "internal error")
 
     def _dispatch(self, chunk: bytes, frames: list[m.Frame]) -> None:
         """Send whole client messages to the server connection, leasing one first if needed."""
@@ -1012,6 +1141,8 @@ class ClientSession(asyncio.Protocol):
         mode, auditing, limited, rechecking = self._statement_checks
         policies = self._env.policies
         classifier = self._env.classifier
+        analyses = self._analyses
+        analysis: Analysis | None = None
         checked = _CHECKED_MESSAGES_COUNTING if limited or auditing or rechecking else _CHECKED_MESSAGES
         # After a reload: statement names parsed earlier in these messages, decided just now.
         parsed_here: set[bytes] = set()
@@ -1022,16 +1153,20 @@ class ClientSession(asyncio.Protocol):
             if limited and kind in _STATEMENT_MESSAGES and self._over_statement_rate(start, refusals):
                 continue
             if kind == m.MSG_PARSE:
-                # Drivers mostly use the unnamed statement: no search for the end of an empty name.
-                empty_name = end > start + 5 and chunk[start + 5] == 0
-                name_end = start + 5 if empty_name else chunk.find(b"\x00", start + 5, end)
+                # Drivers mostly use the unnamed statement, whose empty name needs no search for its end.
+                unnamed = end > start + 5 and chunk[start + 5] == 0
+                name_end = start + 5 if unnamed else chunk.find(b"\x00", start + 5, end)
                 text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
-                if auditing or rechecking:
-                    parsed_name = chunk[start + 5 : name_end]
-                    if auditing:
-                        self._parsed_texts[parsed_name] = text
-                    if rechecking:
-                        parsed_here.add(parsed_name)
+                parsed_name = chunk[start + 5 : name_end]
+                if not unnamed:
+                    over = self._statements.over_limit(parsed_name, end - name_end - 1)
+                    if over is not None:
+                        refusals[start] = over
+                        continue
+                if auditing:
+                    self._note_parsed_text(parsed_name, text)
+                if rechecking:
+                    parsed_here.add(parsed_name)
             elif kind == m.MSG_QUERY:
                 text = chunk[start + 5 : end - 1]
                 self._statements_run += 1
@@ -1045,6 +1180,11 @@ class ClientSession(asyncio.Protocol):
                 statement = chunk[portal_end + 1 : chunk.find(b"\x00", portal_end + 1, end)]
                 portal = chunk[start + 5 : portal_end]
                 if auditing:
+                    if len(self._portal_texts) >= self._statements.max_count:
+                        # Named portals live until their transaction ends: only a hostile client
+                        # keeps this many, and loses the texts its audit records would show.
+                        self._portal_texts.clear()
+                        self._refused_portals.clear()
                     self._portal_texts[portal] = self._parsed_texts.get(statement, b"")
                     _remember(self._refused_portals, portal, self._refused_statements.get(statement))
                 if rechecking and mode is not None:
@@ -1061,11 +1201,22 @@ class ClientSession(asyncio.Protocol):
                     portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
                     executed = self._portal_texts.get(portal, b"")
                     self._statements_run += 1
-                    decision = policies.decide(self._role, executed, self._encoding) if mode else None
+                    decision = self._executed_decision(executed) if mode else None
                     refused_by = self._refused_portals.get(portal) or _policy_refusal(decision, mode)
                     self._audit_statement(decision, mode, executed, refused_by)
                 continue
-            decision = policies.decide(self._role, text, self._encoding) if mode is not None else None
+            if analyses:
+                analysis = analyses.get(text)
+            if mode is None:
+                decision = None
+            elif analysis is None:
+                decision = policies.decide(self._role, text, self._encoding)
+            elif analysis is _UNFINISHED:
+                decision = ANALYSIS_UNFINISHED
+            else:
+                decision = policies.decide_analyzed(
+                    self._role, text, analysis.statements, self._encoding, readable=analysis.readable
+                )
             if decision is not None and decision.prepared_names and decision.allowed:
                 decision = self._follow_prepared_names(decision)
             refused_by = _policy_refusal(decision, mode)
@@ -1079,7 +1230,12 @@ class ClientSession(asyncio.Protocol):
                 ):
                     refused_by = "statement_timeout"
                 else:
-                    found = classifier.classify(text)
+                    if analysis is None:
+                        found = classifier.classify(text)
+                    elif analysis is _UNFINISHED:
+                        found = analysis.classification
+                    else:
+                        found = classifier.classified(text, analysis.classification)
                     if found.effect is not _NO_SESSION_EFFECT:
                         refused_by = self._check_session_state(found, start, refusals, forget_at)
             if (
@@ -1092,6 +1248,8 @@ class ClientSession(asyncio.Protocol):
                 _remember(self._refused_statements, parsed_name, refused_by)
             if decision is not None:
                 self._apply_policy(decision, start, refusals)
+        if analyses:
+            analyses.clear()
         return refusals, forget_at
 
     def _raises_statement_timeout(self, text: bytes, start: int, refusals: dict[int, Refusal]) -> bool:
@@ -1108,6 +1266,24 @@ class ClientSession(asyncio.Protocol):
         self._audit("policy_violation", "failure", rule="statement_timeout", reason=message)
         refusals[start] = Refusal(InsufficientPrivilege.sqlstate, message)
         return True
+
+    def _executed_decision(self, text: bytes) -> Decision:
+        """The decision on an executed statement's text, for its audit record: a long text whose
+        decision has left the cache since its Parse is not parsed again on the event loop."""
+        policies = self._env.policies
+        if len(text) <= self._analyze_above:
+            return policies.decide(self._role, text, self._encoding)
+        return policies.cached(self._role, text, self._encoding) or _ALLOWED_AT_PARSE
+
+    def _note_parsed_text(self, name: bytes, text: bytes) -> None:
+        """Keep a statement's text for the audit records of its executions. Texts of statements
+        the client no longer has (closed, refused) are dropped before a few pile up, so these
+        stay within the client's prepared-statement limits (ClientStatements.over_limit)."""
+        texts = self._parsed_texts
+        texts[name] = text
+        by_name = self._statements.by_name
+        if len(texts) > len(by_name) + _STALE_TEXTS:
+            self._parsed_texts = {kept: texts[kept] for kept in texts if kept == b"" or kept in by_name}
 
     def _over_statement_rate(self, start: int, refusals: dict[int, Refusal]) -> bool:
         identity = self.identity
@@ -1189,6 +1365,9 @@ class ClientSession(asyncio.Protocol):
         self, decision: Decision, start: int, refusals: dict[int, Refusal], on: str | None = None
     ) -> None:
         mode = self._statement_checks.mode
+        if decision.sqlstate == PROGRAM_LIMIT_EXCEEDED and not decision.allowed:
+            # The proxy's own size bound, not the policy's say: refused in every mode.
+            mode = PolicyMode.ENFORCE
         allowed = decision.allowed or mode is not PolicyMode.ENFORCE
         counters = self._decision_counters.get((decision.rule, allowed))
         if counters is None:
@@ -1455,6 +1634,7 @@ class ClientSession(asyncio.Protocol):
                 self._portals_before_reload = self._rechecking = True
                 self._rebound_portals.clear()
         self._env = environment
+        self._analyze_above = environment.config.policy.analyze_in_worker_above
         self._note_statement_checks()
 
     def _note_statement_checks(self) -> None:
@@ -1494,6 +1674,14 @@ class ClientSession(asyncio.Protocol):
         if self._route is not None:
             fields["route"] = self._route.config.database
         return fields
+
+
+def _parse_text(chunk: bytes, start: int, end: int) -> tuple[int, bytes]:
+    """Where the statement name of the Parse message at ``start`` ends, and its statement text."""
+    # Drivers mostly use the unnamed statement: no search for the end of an empty name.
+    empty_name = end > start + 5 and chunk[start + 5] == 0
+    name_end = start + 5 if empty_name else chunk.find(b"\x00", start + 5, end)
+    return name_end, chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
 
 
 class _ServerRequest:

@@ -86,8 +86,13 @@ _RANK = {
 _TOP_RANK = max(_RANK.values())
 
 
+def might_matter(sql: str) -> bool:
+    """False only for statements that certainly leave no session state (no parse needed)."""
+    return _MIGHT_MATTER.search(sql) is not None
+
+
 def classify(sql: str) -> Classification:
-    if _MIGHT_MATTER.search(sql) is None:
+    if not might_matter(sql):
         return _NO_EFFECT
     try:
         statements = parse_sql(sql)
