@@ -11,7 +11,7 @@ from typing import Final, Generic, TypeVar
 from proxy.policy.encodings import DEFAULT_ENCODING, python_codec, read_statement
 from proxy.policy.model import DENIED_STATEMENTS, PolicyMode, RolePolicy
 from proxy.policy.postgres import ParseError, PreparedName, StatementFacts, analyze
-from proxy.policy.redact import unparsable
+from proxy.policy.redact import not_parsed, unparsable
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -329,7 +329,7 @@ class StatementSummaries:
     def summarize(self, sql: bytes, encoding: str = DEFAULT_ENCODING) -> tuple[tuple[str, str], ...]:
         if len(sql) > self._parse_up_to:
             # Not parsed on the event loop: a digest names the text instead.
-            return (("", unparsable(sql)),)
+            return (("", not_parsed(sql)),)
         key = (encoding, statement_key(sql))
         cached = self._cache.get(key)
         if cached is not None:

@@ -23,7 +23,7 @@ from typing import Final
 
 from pglast.parser import ParseError, normalize, scan
 
-__all__ = ["log_text", "unparsable"]
+__all__ = ["log_text", "not_parsed", "unparsable"]
 
 _LITERALS: Final = frozenset({"SCONST", "USCONST", "ICONST", "FCONST", "BCONST", "XCONST"})
 _COMMENTS: Final = frozenset({"SQL_COMMENT", "C_COMMENT"})
@@ -65,5 +65,13 @@ def log_text(text: str) -> str:
 
 def unparsable(raw: bytes) -> str:
     """What the logs say of a text that cannot be read as SQL: its size and a keyed digest, no content."""
-    digest = hmac.new(_DIGEST_KEY, raw, hashlib.sha256).hexdigest()[:16]
-    return f"(not parsable: {len(raw)} bytes, digest {digest})"
+    return f"(not parsable: {len(raw)} bytes, digest {_digest(raw)})"
+
+
+def not_parsed(raw: bytes) -> str:
+    """What the logs say of a text too long to parse on the event loop, in the same terms."""
+    return f"(statement of {len(raw)} bytes, not parsed, digest {_digest(raw)})"
+
+
+def _digest(raw: bytes) -> str:
+    return hmac.new(_DIGEST_KEY, raw, hashlib.sha256).hexdigest()[:16]
