@@ -47,8 +47,8 @@ TRUNCATE public.rv_sales, public.rv_prices, public."{GA}", public."{FILLER_JAMO}
 INSERT INTO public.rv_sales (total_cents) VALUES (100), (250);
 INSERT INTO public."{GA}" VALUES ('allowed table');
 INSERT INTO public."{FILLER_JAMO}" VALUES ('forbidden table');
--- An application helper a DBA might well install: any setting, by name. The cashier's policy
--- lets it be called (a SELECT of no table); what it sets, the proxy cannot see.
+-- An application helper a DBA might well install: any setting, by name. Functions are default-deny:
+-- only a policy that lists it in allow.functions lets it be called; what it sets, the proxy cannot see.
 CREATE OR REPLACE FUNCTION public.rv_set(setting text, value text) RETURNS text LANGUAGE sql
     AS $$ SELECT pg_catalog.set_config(setting, value, false) $$;
 """
@@ -59,6 +59,11 @@ CASHIER_POLICY: dict[str, Any] = {
     "search_path": ["public"],
     "allow": {"kinds": ["SELECT", "INSERT"], "read": ["rv_prices"], "write": ["rv_sales"]},
     "fingerprints": [{"fingerprint": fingerprint(READ_GA), "text": READ_GA}],
+}
+# The same policy, had its author listed the helper (README "Known limit": never list such a function).
+CASHIER_POLICY_LISTING_THE_HELPER: dict[str, Any] = {
+    **CASHIER_POLICY,
+    "allow": {**CASHIER_POLICY["allow"], "functions": ["public.rv_set"]},
 }
 REFUSED_SQLSTATES = ("0A000", "42501")
 SET_CONFIG_OID = 2078  # pg_catalog.set_config(text, text, boolean)
@@ -119,9 +124,23 @@ def review_proxy(
     base_config: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, schema: None
 ) -> Iterator[ProxyProcess]:
     """The cashier under an enforced policy; the manager has none. Session pooling."""
+    yield from _proxy_with(CASHIER_POLICY, base_config, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def helper_proxy(
+    base_config: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, schema: None
+) -> Iterator[ProxyProcess]:
+    """As review_proxy, with the cashier's policy listing the helper public.rv_set."""
+    yield from _proxy_with(CASHIER_POLICY_LISTING_THE_HELPER, base_config, tmp_path_factory)
+
+
+def _proxy_with(
+    cashier_policy: dict[str, Any], base_config: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
     directory = tmp_path_factory.mktemp("enc-review")
     policy_file = directory / "cashier.yaml"
-    policy_file.write_text(yaml.safe_dump(CASHIER_POLICY, allow_unicode=True), encoding="utf-8")
+    policy_file.write_text(yaml.safe_dump(cashier_policy, allow_unicode=True), encoding="utf-8")
     overrides = {
         "roles": {"cashier": {"policy": str(policy_file)}},
         "policy": {"review_file": str(directory / "review.json")},
@@ -306,6 +325,69 @@ def test_a_role_without_a_policy_returning_to_utf8_is_followed(
 
 # --- switches the proxy cannot see ---
 
+HELPER_SWITCHES = pytest.mark.parametrize(
+    ("setting", "value"), [("client_encoding", "SJIS"), ("standard_conforming_strings", "off")]
+)
+HELPER_REFUSED = ("42501", "function public.rv_set is not allowed for role cashier")
+ONE = (b"D", struct.pack("!hi", 1, 1) + b"1")  # the DataRow of SELECT 1: the session still answers
+
+
+def _pipelined_switch(setting: str, value: str) -> tuple[bytes, bytes]:
+    """The helper's call switching ``setting`` to ``value``, and a statement the proxy reads as a
+    SELECT of strings and a server already switched as a DELETE."""
+    payload = DELETE_IN_SJIS if setting == "client_encoding" else DELETE_WITHOUT_CONFORMING_STRINGS
+    return f"SELECT public.rv_set('{setting}', '{value}')".encode(), payload
+
+
+def _extended(sql: bytes) -> bytes:
+    """Parse, Bind and Execute of ``sql`` as the unnamed statement and portal, without a Sync."""
+    parse = m.build_message(b"P", b"\x00" + sql + b"\x00" + struct.pack("!h", 0))
+    bind = m.build_message(b"B", b"\x00\x00" + struct.pack("!hhh", 0, 0, 0))
+    return parse + bind + m.build_message(b"E", b"\x00" + struct.pack("!i", 0))
+
+
+@HELPER_SWITCHES
+def test_a_switch_inside_a_function_outside_the_allow_set_is_refused_before_a_pipelined_statement(
+    review_proxy: ProxyProcess, terminal_pki: TerminalPKI, pg_cluster: Any, setting: str, value: str
+) -> None:
+    """The pipelined attack below against a policy that does not list the helper: its call is refused
+    (functions are default-deny), so the server never switches, the statement behind it is read as
+    the proxy read it, and the session stays usable."""
+    call, payload = _pipelined_switch(setting, value)
+    client = _raw(review_proxy, terminal_pki, "cashier")
+    try:
+        assert_startup_succeeded(client.read_until_ready())
+        client.send(_query(call) + _query(payload) + _query(b"SELECT 1"))
+        received = _read_all(client, 3)
+    finally:
+        client.close()
+    assert [(error["C"], error["M"]) for error in _errors(received)] == [HELPER_REFUSED], received
+    assert [kind for kind, _payload in received].count(b"Z") == 3, received
+    assert ONE in received, received
+    assert not any(kind == b"S" and payload.startswith(setting.encode()) for kind, payload in received)
+    assert _sales(pg_cluster) == 2
+
+
+def test_a_switch_inside_a_function_outside_the_allow_set_is_refused_before_a_later_parse_of_the_batch(
+    review_proxy: ProxyProcess, terminal_pki: TerminalPKI, pg_cluster: Any
+) -> None:
+    """The extended-protocol batch below against a policy that does not list the helper: its Parse is
+    refused, the rest of the batch is skipped up to the Sync, and the session stays usable."""
+    client = _raw(review_proxy, terminal_pki, "cashier")
+    try:
+        assert_startup_succeeded(client.read_until_ready())
+        call = b"SELECT public.rv_set('client_encoding', 'SJIS')"
+        client.send(_extended(call) + _extended(CTE_DELETE_IN_SJIS) + m.build_message(b"S", b""))
+        client.send(_query(b"SELECT 1"))
+        received = _read_all(client, 2)
+    finally:
+        client.close()
+    assert [(error["C"], error["M"]) for error in _errors(received)] == [HELPER_REFUSED], received
+    assert [kind for kind, _payload in received].count(b"Z") == 2, received
+    assert ONE in received, received
+    assert not any(kind == b"S" and payload.startswith(b"client_encoding") for kind, payload in received)
+    assert _sales(pg_cluster) == 2
+
 
 @pytest.mark.xfail(
     strict=True,
@@ -313,19 +395,16 @@ def test_a_role_without_a_policy_returning_to_utf8_is_followed(
     "behind the call; with the extended protocol it arrives only at Sync, after every Parse of the "
     "batch was read under the new setting. No fix in the proxy yet: see the review report",
 )
-@pytest.mark.parametrize(
-    ("setting", "value"), [("client_encoding", "SJIS"), ("standard_conforming_strings", "off")]
-)
+@HELPER_SWITCHES
 def test_a_switch_inside_a_function_cannot_change_how_a_pipelined_statement_is_read(
-    review_proxy: ProxyProcess, terminal_pki: TerminalPKI, pg_cluster: Any, setting: str, value: str
+    helper_proxy: ProxyProcess, terminal_pki: TerminalPKI, pg_cluster: Any, setting: str, value: str
 ) -> None:
-    """The cashier calls a helper that sets client_encoding to SJIS (or standard_conforming_strings
-    off), out of the proxy's sight, and in the same write a statement the proxy reads as a SELECT of
-    strings and the server, already switched, as a DELETE. The server reports the switch (the
-    backstop) only after both were sent."""
-    payload = DELETE_IN_SJIS if setting == "client_encoding" else DELETE_WITHOUT_CONFORMING_STRINGS
-    call = f"SELECT public.rv_set('{setting}', '{value}')".encode()
-    client = _raw(review_proxy, terminal_pki, "cashier")
+    """The cashier calls a helper its policy lists in allow.functions, which sets client_encoding to
+    SJIS (or standard_conforming_strings off), out of the proxy's sight, and in the same write a
+    statement the proxy reads as a SELECT of strings and the server, already switched, as a DELETE.
+    The server reports the switch (the backstop) only after both were sent."""
+    call, payload = _pipelined_switch(setting, value)
+    client = _raw(helper_proxy, terminal_pki, "cashier")
     try:
         assert_startup_succeeded(client.read_until_ready())
         client.send(_query(call) + _query(payload))
@@ -341,18 +420,14 @@ def test_a_switch_inside_a_function_cannot_change_how_a_pipelined_statement_is_r
     "then and reports a change only at Sync: no report can come in time. See the review report",
 )
 def test_a_switch_inside_a_function_cannot_change_how_a_later_parse_of_the_batch_is_read(
-    review_proxy: ProxyProcess, terminal_pki: TerminalPKI, pg_cluster: Any
+    helper_proxy: ProxyProcess, terminal_pki: TerminalPKI, pg_cluster: Any
 ) -> None:
-    def run(sql: bytes) -> bytes:
-        parse = m.build_message(b"P", b"\x00" + sql + b"\x00" + struct.pack("!h", 0))
-        bind = m.build_message(b"B", b"\x00\x00" + struct.pack("!hhh", 0, 0, 0))
-        return parse + bind + m.build_message(b"E", b"\x00" + struct.pack("!i", 0))
-
-    client = _raw(review_proxy, terminal_pki, "cashier")
+    """As above in one extended-protocol batch, the helper listed in the cashier's allow.functions."""
+    client = _raw(helper_proxy, terminal_pki, "cashier")
     try:
         assert_startup_succeeded(client.read_until_ready())
         call = b"SELECT public.rv_set('client_encoding', 'SJIS')"
-        client.send(run(call) + run(CTE_DELETE_IN_SJIS) + m.build_message(b"S", b""))
+        client.send(_extended(call) + _extended(CTE_DELETE_IN_SJIS) + m.build_message(b"S", b""))
         _read_all(client, 1)
     finally:
         client.close()
@@ -551,10 +626,11 @@ def test_turning_standard_conforming_strings_off_is_refused(
 
 @pytest.mark.parametrize("role", ["cashier", "manager"])
 def test_standard_conforming_strings_turned_off_out_of_sight_ends_the_session(
-    review_proxy: ProxyProcess, terminal_pki: TerminalPKI, pg_cluster: Any, role: str
+    helper_proxy: ProxyProcess, terminal_pki: TerminalPKI, pg_cluster: Any, role: str
 ) -> None:
-    """A helper function turns it off: the server's report of it is the backstop, as for encodings."""
-    client = _raw(review_proxy, terminal_pki, role)
+    """A helper function turns it off (the cashier's policy lists it): the server's report of it is
+    the backstop, as for encodings."""
+    client = _raw(helper_proxy, terminal_pki, role)
     try:
         assert_startup_succeeded(client.read_until_ready())
         client.send(_query(b"SELECT public.rv_set('standard_conforming_strings', 'off')"))

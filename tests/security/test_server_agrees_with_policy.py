@@ -15,7 +15,8 @@ fingerprinted with libpg_query; each fingerprint must be among those the proxy a
 (audit log ``statement`` records) for the same corpus entry, and in enforce mode the cashier's
 policy must allow the text as the server read it (fingerprints ignore constants). The proxy's own
 statements are recognised by their exact text and place, never by loose matching: parameter syncs
-(only the settings and values this test's clients asked for), ``DISCARD ALL`` closing a lease,
+(to the byte the proxy's own ``sync_query`` renders them, resetting only settings the clients
+have, setting only those they asked for and their policy's search_path), ``DISCARD ALL`` closing a lease,
 and the ``DO`` blocks that raise a refusal on the server, which must be, to the byte, the block the
 proxy's own ``Refusal`` builds for one of the entry's audited refusal reasons (the policy's in enforce
 mode; a refused client-encoding switch in every mode) and never count as allowed. Re-prepared
@@ -53,9 +54,10 @@ from proxy import certs
 from proxy.config import load_config
 from proxy.localpg import LocalPostgres, LocalPostgresTLS, find_pg_bindir
 from proxy.policy import encodings
-from proxy.policy.engine import judge
+from proxy.policy.engine import PolicyEngine, judge
 from proxy.policy.model import RolePolicy
 from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.parameters import SessionParameters, sync_query
 from proxy.protocols.postgres.refusal import Refusal
 from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI, proxy_config
 from tests.integration.test_postgres_robustness import PeerClosed, RawClient, tls_client
@@ -160,9 +162,11 @@ _APPLICATION_NAME = re.compile(r"xcheck-\d+")
 _MARKER_TEXT = re.compile(r"SELECT (?:1|\$1) AS xcheck_(\d+)_(\d+)")
 # What quote_literal (proxy/protocols/postgres/parameters.py) produces: E'...' with \\ and ''.
 _E_LITERAL = r"E'((?:[^'\\]|''|\\\\)*)'"
-_SET_CONFIG = rf"pg_catalog\.set_config\({_E_LITERAL}, {_E_LITERAL}, false\)"
-_PARAMETER_SYNC = re.compile(rf"SELECT {_SET_CONFIG}(?:, {_SET_CONFIG})*")
-_SET_CONFIG_CALL = re.compile(_SET_CONFIG)
+# A set_config call of the proxy's parameter sync: a setting's name, and its value or NULL (a reset).
+_SET_CONFIG_CALL = re.compile(rf"pg_catalog\.set_config\({_E_LITERAL}, (NULL|{_E_LITERAL}), false\)")
+# The settings the proxy syncs for this test's clients: what they ask for at startup, and the
+# search_path of their role's policy (SessionParameters.follow_policy).
+SYNCED_SETTINGS = frozenset({"application_name", "client_encoding", "search_path"})
 # proxy/protocols/postgres/refusal.py: Refusal.raising_block, a raising body between random dollar
 # quotes; the body itself is compared with Refusal.raising_body of one of the entry's refusal reasons.
 _REFUSAL_BLOCK = re.compile(r"DO (\$refused_[0-9a-f]{12}\$)(.*)\1", re.S)
@@ -688,6 +692,9 @@ class Crosscheck:
         client_encodings: Collection[str],
     ):
         self.cashier_policy = cashier_policy
+        # The search_path the proxy gives every role with a policy: the monitor and learn roles'
+        # policies are the cashier's in another mode (see _policy).
+        self.policy_search_path = _policy_search_path(cashier_policy)
         # Every spelling of the runs' client encodings the proxy may sync: as the clients named
         # them and as the server reports them.
         self.client_encodings = client_encodings
@@ -747,18 +754,30 @@ class Crosscheck:
             self.windows[where].server.append(statement)
 
     def _is_proxy_sync(self, text: str) -> bool:
-        """The proxy's parameter sync (proxy/protocols/postgres/parameters.py), setting only what
-        this test's clients asked for at startup: their application_name and client encoding."""
-        if _PARAMETER_SYNC.fullmatch(text) is None:
-            return False
-        for quoted_name, quoted_value in _SET_CONFIG_CALL.findall(text):
-            name, value = _unquote(quoted_name), _unquote(quoted_value)
-            if name == "application_name":
-                if _APPLICATION_NAME.fullmatch(value) is None:
-                    return False
-            elif name != "client_encoding" or value not in self.client_encodings:
+        """The proxy's parameter sync, to the byte the query proxy/protocols/postgres/parameters.py
+        sync_query renders, resetting only settings this test's clients have and setting only what
+        they asked for at startup (their application_name and client encoding) and their policy's
+        search_path."""
+        resets: list[str] = []
+        changes: dict[str, str] = {}
+        for quoted_name, value, quoted_value in _SET_CONFIG_CALL.findall(text):
+            name = _unquote(quoted_name)
+            if name not in SYNCED_SETTINGS:
                 return False
-        return True
+            if value == "NULL":
+                resets.append(name)
+                continue
+            changes[name] = _unquote(quoted_value)
+            if name == "application_name":
+                if _APPLICATION_NAME.fullmatch(changes[name]) is None:
+                    return False
+            elif name == "client_encoding":
+                if changes[name] not in self.client_encodings:
+                    return False
+            elif changes[name] != self.policy_search_path:
+                return False
+        # Whatever the calls, the text must be the proxy's own rendering of them: nothing around them.
+        return bool(resets or changes) and text == sync_query(resets, changes)
 
     def check(self) -> None:
         for run_number, items in self.items.items():
@@ -834,6 +853,15 @@ class Crosscheck:
                 f"the proxy decided {decided}, the corpus expects {item.entry.expected(run.encoding)}: "
                 f"{window.audited}; {context}"
             )
+
+
+def _policy_search_path(policy: RolePolicy | None) -> str | None:
+    """The search_path the proxy syncs for a role with this policy, as SessionParameters renders it."""
+    if policy is None:
+        return None
+    parameters = SessionParameters({})
+    parameters.follow_policy("cashier", PolicyEngine({"cashier": policy}))
+    return parameters.wanted["search_path"]
 
 
 def _raises_a_reason(body: str, reasons: Collection[str]) -> bool:
@@ -1042,12 +1070,14 @@ def test_every_run_reached_the_server(crosscheck: Crosscheck) -> None:
 
 def test_the_check_reports_what_the_proxy_did_not_allow() -> None:
     """The check itself can fail: a statement the server ran beyond what the proxy audited as allowed,
-    a forged refusal block, one that differs from the proxy's own by its quoting, and more refusal
-    blocks than refusals are each reported; the proxy's own block for an audited reason is not."""
+    a parameter sync the proxy would not send (a search_path other than the policy's, a statement
+    stacked after the proxy's own sync), a forged refusal block, one that differs from the proxy's
+    own by its quoting, and more refusal blocks than refusals are each reported; the proxy's own
+    block for an audited reason, DISCARD ALL closing the lease and the next client's sync are not."""
     entry = _entry({"id": "probe", "sql": "SELECT 1", "expect": "allowed"})
     run = Run(0, "enforce", "psql", "UTF8")
     item = Item(0, entry, (b"SELECT 1",))
-    check = Crosscheck([run], {0: [item]}, {0: {0: Sent()}}, None, ["UTF8"])
+    check = Crosscheck([run], {0: [item]}, {0: {0: Sent()}}, RolePolicy(search_path=("public",)), ["UTF8"])
     check.read_audit(
         [
             {
@@ -1070,22 +1100,38 @@ def test_the_check_reports_what_the_proxy_did_not_allow() -> None:
     forged = f"DO {tag}BEGIN RAISE EXCEPTION USING ERRCODE = E'42501', MESSAGE = E'x'; END{tag}"
     proxys_own = Refusal("42501", "reading table public.café is refused").raising_block()
     unescaped = forged.replace("E'x'", "E'reading table public.café is refused'")
+    own_sync = sync_query(["client_encoding"], {"application_name": "xcheck-0", "search_path": '"public"'})
+    forged_sync = sync_query([], {"search_path": "pg_temp, public"})
     check.read_server(
         ServerStatement("b", text, "statement")
         for text in (
             "SELECT 1 AS xcheck_0_0",
             "SELECT 1",
             "SELECT 1; DELETE FROM sales",
+            forged_sync,
+            own_sync + "; DELETE FROM sales",
             forged,
             proxys_own,
             unescaped,
             "DISCARD ALL",
+            own_sync,
         )
     )
     check.check()
     problems = [problem.what for problem in check.problems["probe"]]
-    assert len(problems) == 4, problems
-    assert "did not allow" in problems[0] and "DELETE FROM sales" in problems[0]
-    assert "raising no refusal reason" in problems[1] and "E'x'" in problems[1]
-    assert "raising no refusal reason" in problems[2] and "café" in problems[2]
-    assert "3 refusal blocks ran" in problems[3]
+    assert len(problems) == 9, problems
+    for number, (what, text) in enumerate(
+        [
+            ("did not allow", "DELETE FROM sales"),
+            ("policy refuses", "DELETE FROM sales"),
+            ("did not allow", "pg_temp"),
+            ("policy refuses", "pg_temp"),
+            ("did not allow", "DELETE FROM sales"),
+            ("policy refuses", "DELETE FROM sales"),
+            ("raising no refusal reason", "E'x'"),
+            ("raising no refusal reason", "café"),
+            ("3 refusal blocks ran", ""),
+        ]
+    ):
+        assert what in problems[number] and text in problems[number], (number, problems[number])
+    assert "xcheck-0" in problems[4]

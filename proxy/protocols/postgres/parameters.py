@@ -153,21 +153,30 @@ class SessionParameters:
         resets = [name for name in server.changed_settings if name not in wanted or name in changes]
         if not changes and not resets:
             return
-        # set_config parses the value as the server's own config parser does, so list settings
-        # such as search_path keep their meaning; NULL resets. Two statements of one query (one
-        # round trip, one implicit transaction): the resets run before the settings.
-        statements = []
-        if resets:
-            statements.append(_set_config_calls((name, None) for name in resets))
-        if changes:
-            statements.append(_set_config_calls(changes.items()))
-        await server.run_internal("; ".join(statements), timeout)
+        await server.run_internal(sync_query(resets, changes), timeout)
         server.note_settings_applied(resets, changes)
         for name in changes:
             # As the server reports it from now on ("utf-8" is "UTF8"): compared without another set.
             reported = server.reported.get(name)
             if reported is not None:
                 wanted[name] = reported
+
+
+def sync_query(resets: Iterable[str], changes: Mapping[str, str]) -> str:
+    """The one query that resets ``resets`` to the route's values, then sets ``changes``.
+
+    set_config parses the value as the server's own config parser does, so list settings such as
+    search_path keep their meaning; NULL resets. Two statements of one query (one round trip, one
+    implicit transaction): the resets run before the settings. Public so that a reader of the
+    server's log can recognise the proxy's own syncs to the byte.
+    """
+    statements: list[str] = []
+    reset_names = list(resets)
+    if reset_names:
+        statements.append(_set_config_calls((name, None) for name in reset_names))
+    if changes:
+        statements.append(_set_config_calls(changes.items()))
+    return "; ".join(statements)
 
 
 def _set_config_calls(settings: Iterable[tuple[str, str | None]]) -> str:
