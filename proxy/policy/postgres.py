@@ -43,7 +43,8 @@ SENSITIVE_SETTINGS = frozenset(
 _SENSITIVE_SHOW = re.compile(
     r"file|director|ssl|password|hba|ident|log|preload|archive|command|key|conninfo|^all$"
 )
-_HOUSEKEEPING_SETTINGS = frozenset({"application_name", "extra_float_digits"})
+# jit: asyncpg's type introspection turns it off (SET or set_config); it changes only speed.
+_HOUSEKEEPING_SETTINGS = frozenset({"application_name", "extra_float_digits", "jit"})
 _HOUSEKEEPING_LOCAL_SETTINGS = frozenset({"statement_timeout", "lock_timeout"})
 _HOUSEKEEPING_FUNCTIONS = frozenset({"version", "current_database", "current_schema", "pg_backend_pid"})
 _TWO_PHASE = frozenset(
@@ -330,8 +331,13 @@ class _Collector(visitors.Visitor):
             else:
                 schema, relation = sequence
                 self.sequences.add(f"{schema or self._schema}.{relation}")
-        if name == "set_config" and not _harmless_set_config(node.args or ()):
-            self.denied_functions.add("set_config")
+        if name == "set_config" and function.schema in ("", "pg_catalog"):
+            setting = _constant_setting(node.args or ())
+            if setting is None or setting in SENSITIVE_SETTINGS:
+                self.denied_functions.add("set_config")
+            elif setting not in _HOUSEKEEPING_SETTINGS:
+                # set_config is a SET by other means: it needs the SET kind, as SET would.
+                self.nested_kinds.add("SET")
 
     def visit_PrepareStmt(self, ancestors: object, node: ast.PrepareStmt) -> None:
         self.nested_kinds.add(_nested_kind(node.query))
@@ -525,13 +531,15 @@ def _split_relation_name(text: str) -> list[str] | None:
         rest = rest[1:].lstrip(_NAME_SPACES)
 
 
-def _harmless_set_config(arguments: tuple[ast.Node, ...]) -> bool:
+def _constant_setting(arguments: tuple[ast.Node, ...]) -> str | None:
+    """The setting a set_config call names, lower-cased; None when it is computed at run time
+    (it could name anything)."""
     setting = arguments[0] if arguments else None
     if isinstance(setting, ast.TypeCast):
         setting = setting.arg
     if not (isinstance(setting, ast.A_Const) and isinstance(setting.val, ast.String)):
-        return False  # computed at run time: could name anything
-    return (setting.val.sval or "").lower() not in SENSITIVE_SETTINGS
+        return None
+    return (setting.val.sval or "").lower()
 
 
 def _resets_settings(statement: ast.Node) -> bool:

@@ -294,3 +294,26 @@ def test_the_proxy_reads_a_sequence_name_as_the_server_does(pg_cluster: Any, sch
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def test_set_config_is_a_set_and_needs_the_set_kind(
+    policy_proxy: ProxyProcess, terminal_pki: TerminalPKI, pg_cluster: Any
+) -> None:
+    """set_config is SET by other means: a role whose policy has no SET kind cannot raise work_mem
+    or drop its statement_timeout with it, in any place of a statement; jit, application_name and
+    extra_float_digits stay as housekeeping (asyncpg turns jit off)."""
+    with _connect(policy_proxy, terminal_pki) as connection:
+        before = connection.execute("SHOW work_mem").fetchone()
+        for statement in (
+            "SELECT set_config('work_mem', '64GB', false)",
+            "SELECT total_cents FROM fn_sales WHERE set_config('statement_timeout', '0', false) IS NOT NULL",
+            "SELECT pg_catalog.set_config('work_mem'::text, '64GB', true)",
+        ):
+            for prepare in (False, True):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as raised:
+                    connection.execute(statement, prepare=prepare)
+                assert raised.value.diag.message_primary == (
+                    "statement kind SET is not allowed for role cashier"
+                ), statement
+        assert connection.execute("SHOW work_mem").fetchone() == before
+        assert connection.execute("SELECT set_config('jit', 'off', false)").fetchone() == ("off",)
