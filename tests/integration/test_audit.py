@@ -170,3 +170,30 @@ def test_a_statement_the_proxy_refuses_outside_any_policy_is_audited_as_refused(
         )
     assert {r["decision"] for r in statements if r["statement"] == "SELECT $1"} == {"allowed"}
     assert sum(r["event"] == "unsupported_client_encoding" and "SJIS" in r["reason"] for r in records) == 3
+
+
+async def test_executions_are_audited_with_their_text_after_many_statements_were_closed(
+    audited: tuple[ProxyProcess, Path, Path], terminal_pki: TerminalPKI
+) -> None:
+    """asyncpg with a small statement cache closes statements as it goes: once more texts are kept
+    than the client holds statements (session.py _STALE_TEXTS), the stale ones are dropped, never
+    the one just parsed, so every execution's record still names its statement."""
+    proxy, directory, _key = audited
+    connection = await asyncpg.connect(
+        host="127.0.0.1",
+        port=proxy.port,
+        user="till-01",
+        database="pos",
+        ssl=proxy.ssl_context(terminal_pki.cashier, terminal_pki.ca),
+        timeout=15,
+        statement_cache_size=2,
+    )
+    try:
+        for number in range(30):
+            assert await connection.fetchval(f"SELECT {number}::int AS column_{number}") == number
+    finally:
+        await connection.close()
+    assert proxy.stop() == 0
+    audited_texts = [r["statement"] for r in _records(directory) if r["event"] == "statement"]
+    for number in range(30):
+        assert f"SELECT $1::int AS column_{number}" in audited_texts, number

@@ -1283,7 +1283,10 @@ class ClientSession(asyncio.Protocol):
         texts[name] = text
         by_name = self._statements.by_name
         if len(texts) > len(by_name) + _STALE_TEXTS:
-            self._parsed_texts = {kept: texts[kept] for kept in texts if kept == b"" or kept in by_name}
+            # This Parse is not in by_name yet (the rewrite after these checks adds it): kept too.
+            self._parsed_texts = {
+                kept: texts[kept] for kept in texts if kept in (b"", name) or kept in by_name
+            }
 
     def _over_statement_rate(self, start: int, refusals: dict[int, Refusal]) -> bool:
         identity = self.identity
