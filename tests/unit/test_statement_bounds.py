@@ -34,11 +34,11 @@ CASHIER = RolePolicy(kinds=frozenset({"SELECT", "INSERT"}), read_tables=frozense
 
 
 def padded(number: int, size: int) -> bytes:
-    """A distinct SELECT of ``size`` bytes whose normalised text keeps its length: column names,
-    which the audit's redaction keeps (it takes literals and comments out)."""
-    head = f"SELECT {number}".encode()
-    columns = b", x" * ((size - len(head)) // 3)
-    return head + columns + b" " * (size - len(head) - len(columns))
+    """A distinct SELECT of ``size`` bytes whose normalised text keeps its length: a long column
+    alias, which the audit's redaction keeps (it takes literals and comments out), in one token
+    so that parsing it stays cheap."""
+    head = f'SELECT {number} AS "'.encode()
+    return head + b"x" * (size - len(head) - 1) + b'"'
 
 
 def test_long_texts_are_keyed_by_a_digest_no_text_can_equal() -> None:
@@ -83,7 +83,7 @@ def test_summaries_are_bounded_in_bytes_and_long_texts_are_not_parsed() -> None:
     long = padded(1, 5000)
     [(fingerprint, text)] = summaries.summarize(long)
     assert fingerprint == "" and text == not_parsed(long)
-    assert "5000 bytes" in text and "x, x" not in text
+    assert "5000 bytes" in text and "xxxx" not in text
 
 
 def test_classifier_cache_is_bounded_in_bytes() -> None:
