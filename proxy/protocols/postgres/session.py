@@ -223,8 +223,11 @@ class _StatementChecks(NamedTuple):
 
 
 def _policy_refusal(decision: Decision | None, mode: PolicyMode | None) -> str | None:
-    """The rule of a policy decision that refuses the statement (only enforce mode refuses)."""
-    if decision is None or decision.allowed or mode is not PolicyMode.ENFORCE:
+    """The rule of a policy decision that refuses the statement: only enforce mode refuses, but the
+    proxy's own size bound refuses in every mode (as _apply_policy does), and nothing reads the text."""
+    if decision is None or decision.allowed:
+        return None
+    if mode is not PolicyMode.ENFORCE and decision.sqlstate != PROGRAM_LIMIT_EXCEEDED:
         return None
     return decision.rule
 
