@@ -191,6 +191,8 @@ _UNFINISHED: Final = Analysis(None, NOT_ANALYSED)
 # An execution's audit record when its statement's decision is no longer cached: a portal only
 # runs a statement the server prepared, so its Parse was allowed.
 _ALLOWED_AT_PARSE: Final = Decision(True, "allowed at parse")
+# A Query whose text holds a NUL before its terminator: PostgreSQL fails it (08P01), so does the proxy.
+_MALFORMED_QUERY: Final = Refusal(ProtocolViolation.sqlstate, "invalid message format")
 
 # Low-cardinality reasons for refused connections, by the SQLSTATE the client was given.
 _REFUSAL_REASONS = {
@@ -221,8 +223,11 @@ class _StatementChecks(NamedTuple):
 
 
 def _policy_refusal(decision: Decision | None, mode: PolicyMode | None) -> str | None:
-    """The rule of a policy decision that refuses the statement (only enforce mode refuses)."""
-    if decision is None or decision.allowed or mode is not PolicyMode.ENFORCE:
+    """The rule of a policy decision that refuses the statement: only enforce mode refuses, but the
+    proxy's own size bound refuses in every mode (as _apply_policy does), and nothing reads the text."""
+    if decision is None or decision.allowed:
+        return None
+    if mode is not PolicyMode.ENFORCE and decision.sqlstate != PROGRAM_LIMIT_EXCEEDED:
         return None
     return decision.rule
 
@@ -1172,6 +1177,11 @@ class ClientSession(asyncio.Protocol):
                 self._statements_run += 1
                 if rechecking:
                     parsed_here.add(b"")  # the unnamed statement is gone: rewrite answers for it
+                if b"\x00" in text:
+                    # PostgreSQL reads a Query's text up to its first NUL, then fails the message as
+                    # malformed. Never decided nor cached: a long text's cache key starts with NUL.
+                    refusals[start] = _MALFORMED_QUERY
+                    continue
             elif kind == m.MSG_FUNCTION_CALL:
                 self._apply_policy(policies.decide_function_call(self._role), start, refusals)
                 continue

@@ -1,0 +1,80 @@
+"""A statement over policy.max_statement_bytes from a role whose policy only monitors (or learns),
+on a session without sockets: refused unread (54000) as in enforce mode, audited as refused, and
+never handed to pglast on the event loop (a 60 KB ``SELECT 1+1+...`` overflows the C stack there)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy import certs
+from proxy.config import load_config
+from proxy.oplog import configure_logging
+from proxy.protocols.postgres import messages as m
+from proxy.protocols.postgres.session import ClientSession
+from proxy.server import ProxyServer
+from tests.sockless import add_server, open_session, terminal_certificate
+
+PARAMETERS = {"server_version": "15.0", "client_encoding": "UTF8", "search_path": '"public"'}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs() -> None:
+    configure_logging(json=False, level="error")
+
+
+def proxy_with_policy(directory: Path, mode: str) -> ProxyServer:
+    certs.init_ca(directory)
+    certs.issue_server(directory, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    policy = directory / "cashier.yaml"
+    policy.write_text(f"mode: {mode}\nallow:\n  kinds: [SELECT]\n")
+    config = {
+        "listen": {"host": "127.0.0.1", "port": 6432},  # never opened
+        "tls": {
+            "cert": str(directory / "server.pem"),
+            "key": str(directory / "server.key"),
+            "client_ca": str(directory / "ca.pem"),
+        },
+        "roles": {"cashier": {"policy": str(policy)}},
+        "routes": {
+            "pos": {
+                "host": "127.0.0.1",
+                "port": 5432,
+                "user": "pos_proxy",
+                "sslmode": "disable",
+                "pool": {"mode": "transaction", "size": 1},
+            }
+        },
+    }
+    path = directory / "pos-proxy.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return ProxyServer(load_config(path))
+
+
+@pytest.mark.parametrize("mode", ["monitor", "learn"])
+async def test_a_statement_over_the_size_limit_is_refused_unread_in_every_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    proxy = proxy_with_policy(tmp_path, mode)
+    _server, upstream = add_server(proxy.routes["pos"], PARAMETERS)
+    session, _transport = open_session(proxy, terminal_certificate(tmp_path), 40001)
+    classifier = proxy._environment.classifier
+    read: list[int] = []
+    classify = classifier.classify
+    monkeypatch.setattr(classifier, "classify", lambda sql: (read.append(len(sql)), classify(sql))[1])
+    audited: list[str | None] = []
+    audit_statement = ClientSession._audit_statement
+
+    def record(self: ClientSession, *args: Any, **kwargs: Any) -> None:
+        audited.append(args[3])  # decision, mode, text, refused_by
+        audit_statement(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClientSession, "_audit_statement", record)
+    text = "SELECT 1 -- " + "x" * 70_000  # a comment: the classifier's prefilter would parse it
+    session.data_received(m.build_query(text))
+    assert b"54000" in upstream.written[-1]
+    assert audited == ["statement too long"]
+    assert all(size <= 64 * 1024 for size in read), "the long statement was parsed on the event loop"
