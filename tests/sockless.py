@@ -72,10 +72,15 @@ class RecordingTransport:
     abort = close
 
 
-def proxy_without_listener(directory: Path, *, pool_size: int = 1) -> ProxyServer:
-    """A proxy with route "pos" in transaction mode and role "cashier" (no policy)."""
+def proxy_without_listener(directory: Path, *, pool_size: int = 1, policy: str | None = None) -> ProxyServer:
+    """A proxy with route "pos" in transaction mode and role "cashier" (without a policy unless
+    ``policy``, the text of its policy file, is given)."""
     certs.init_ca(directory)
     certs.issue_server(directory, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    cashier: dict[str, str] = {"description": "tills"}
+    if policy is not None:
+        (directory / "cashier.yaml").write_text(policy, encoding="utf-8")
+        cashier["policy"] = str(directory / "cashier.yaml")
     config = {
         "listen": {"host": "127.0.0.1", "port": 6432},  # never opened
         "tls": {
@@ -83,7 +88,7 @@ def proxy_without_listener(directory: Path, *, pool_size: int = 1) -> ProxyServe
             "key": str(directory / "server.key"),
             "client_ca": str(directory / "ca.pem"),
         },
-        "roles": {"cashier": {"description": "tills"}},
+        "roles": {"cashier": cashier},
         "routes": {
             "pos": {
                 "host": "127.0.0.1",

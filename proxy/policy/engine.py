@@ -53,15 +53,18 @@ ANALYSIS_UNFINISHED = Decision(
 )
 
 
-def statement_key(sql: bytes) -> bytes:
+StatementKey = bytes | str
+
+
+def statement_key(sql: bytes) -> StatementKey:
     """A cache key for a statement text: the text itself when short, else a digest of it.
 
-    A digest key starts with NUL, which no statement text holds (Query and Parse carry texts
-    as C strings), so no text can be sent that collides with another text's digest key.
+    A digest key is a str (the digest's hex), a text's key is bytes: a str never equals bytes,
+    so no text the client sends can collide with another text's digest key, whatever bytes it holds.
     """
     if len(sql) <= DIGEST_KEYS_ABOVE:
         return sql
-    return b"\x00" + hashlib.blake2b(sql, digest_size=16).digest()
+    return hashlib.blake2b(sql, digest_size=16).hexdigest()
 
 
 def summary_bytes(statements: Sequence[tuple[str, str]]) -> int:
@@ -113,7 +116,7 @@ class PolicyEngine:
         max_statement_bytes: int = 64 * 2**10,
     ) -> None:
         self._policies = policies
-        self._cache: _LRU[tuple[str, str, bytes], Decision] = _LRU(cache_size, cache_bytes)
+        self._cache: _LRU[tuple[str, str, StatementKey], Decision] = _LRU(cache_size, cache_bytes)
         self.max_statement_bytes = max_statement_bytes
         self._too_long = Decision(
             False,
@@ -189,7 +192,7 @@ class PolicyEngine:
         self._remember(key, decision)
         return decision
 
-    def _remember(self, key: tuple[str, str, bytes], decision: Decision) -> None:
+    def _remember(self, key: tuple[str, str, StatementKey], decision: Decision) -> None:
         cost = ENTRY_OVERHEAD + len(key[2]) + summary_bytes(decision.statements)
         self._cache.put(key, decision, cost)
 
@@ -323,7 +326,9 @@ class StatementSummaries:
     def __init__(
         self, cache_size: int = 10_000, *, cache_bytes: int = 16 * 2**20, parse_up_to: int = 2**10
     ) -> None:
-        self._cache: _LRU[tuple[str, bytes], tuple[tuple[str, str], ...]] = _LRU(cache_size, cache_bytes)
+        self._cache: _LRU[tuple[str, StatementKey], tuple[tuple[str, str], ...]] = _LRU(
+            cache_size, cache_bytes
+        )
         self._parse_up_to = parse_up_to
 
     def summarize(self, sql: bytes, encoding: str = DEFAULT_ENCODING) -> tuple[tuple[str, str], ...]:

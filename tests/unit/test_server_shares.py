@@ -121,4 +121,4 @@ def test_a_client_may_lower_the_roles_statement_timeout_never_raise_or_disable_i
 def test_what_a_statement_does_to_statement_timeout_is_read_off_the_parse_tree(
     sql: str, longest: int | None
 ) -> None:
-    assert StatementTimeoutChanges().longest(sql.encode()) == longest
+    assert StatementTimeoutChanges().longest(sql.encode(), "UTF8") == longest

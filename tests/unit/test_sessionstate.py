@@ -11,6 +11,7 @@ from pglast.parser import ParseError
 from proxy.protocols.postgres import sessionstate
 from proxy.protocols.postgres.classifiercache import CACHE_LIMIT, SessionStateClassifier
 from proxy.protocols.postgres.sessionstate import (
+    NOT_PARSABLE,
     Classification,
     Effect,
     _EffectFinder,
@@ -199,12 +200,13 @@ CASES: list[tuple[str, Effect]] = [
     ('EXECUTE "PDP_0123abcd"', NONE),  # quoted: another name than the proxy's
     ("EXECUTE my_statement", NONE),
     ("SELECT 'pdp_0123abcd'", NONE),
-    # Unparsable
-    ("SET work_mem =", NONE),
-    ("SELEC pg_advisory_lock(1)", NONE),
-    ("LISTEN", NONE),
-    ("/* unterminated SET work_mem = 1", NONE),
-    ("CREATE TEMP TABLE (", NONE),
+    # Unparsable by libpg_query, which follows a newer grammar than the server may: kept pinned
+    ("SET work_mem =", STATE),
+    ("SELEC pg_advisory_lock(1)", STATE),
+    ("LISTEN", STATE),
+    ("/* unterminated SET work_mem = 1", STATE),
+    ("CREATE TEMP TABLE (", STATE),
+    ("SELECT 'unterminated", NONE),  # nothing in it could matter: never parsed
 ]
 
 
@@ -295,7 +297,7 @@ def parse_only(sql: str) -> Classification:
     try:
         statements = parse_sql(sql)
     except ParseError:
-        return Classification(NONE)
+        return NOT_PARSABLE
     finder = _EffectFinder()
     for raw in statements:
         if raw.stmt is not None:
@@ -366,7 +368,11 @@ def statements(draw: st.DrawFn) -> str:
 @given(statements())
 def test_prefilter_has_no_false_negatives(sql: str) -> None:
     full = parse_only(sql)
-    if full.effect is not NONE:
+    if full is NOT_PARSABLE:
+        # What the proxy cannot parse keeps the server connection if anything in it could matter.
+        might = sessionstate._MIGHT_MATTER.search(sql) is not None
+        assert classify(sql) == (NOT_PARSABLE if might else Classification(NONE)), sql
+    elif full.effect is not NONE:
         assert sessionstate._MIGHT_MATTER.search(sql) is not None, sql
         assert classify(sql) == full
     else:
@@ -381,35 +387,51 @@ def test_prefilter_has_no_false_negatives(sql: str) -> None:
 def test_cached_answers_equal_fresh_ones(texts: list[str]) -> None:
     classifier = SessionStateClassifier()
     for text in texts + texts:
-        assert classifier.classify(text.encode()) == classify(text)
+        assert classifier.classify(text.encode(), "UTF8") == classify(text)
 
 
 def test_cache_returns_the_same_object_for_the_same_text() -> None:
     classifier = SessionStateClassifier()
-    first = classifier.classify(b"SET work_mem = 1")
-    assert classifier.classify(b"SET work_mem = 1") is first
+    first = classifier.classify(b"SET work_mem = 1", "UTF8")
+    assert classifier.classify(b"SET work_mem = 1", "UTF8") is first
     assert first.effect is STATE
 
 
-def test_cache_decodes_invalid_utf8_without_failing() -> None:
+def test_text_the_proxy_cannot_read_in_the_client_encoding_keeps_the_server_connection() -> None:
     classifier = SessionStateClassifier()
-    assert classifier.classify(b"SELECT '\xff\xfe'").effect is NONE
-    assert classifier.classify(b"SET work_mem = '\xff'").effect is STATE
+    assert classifier.classify(b"SELECT '\xff\xfe'", "UTF8").effect is STATE
+    assert classifier.classify(b"SELECT '\xff\xfe'", "LATIN1").effect is NONE
+
+
+def test_statements_are_classified_in_the_client_encoding() -> None:
+    """Read as UTF-8 with replacement characters, the dollar-quote tags $\xe9$ and $\xe8$ of a LATIN1
+    client would both become $\ufffd$: the proxy would see one string where the server runs a SET."""
+    classifier = SessionStateClassifier()
+    payload = b"SELECT $\xe9$ x $\xe8$ $\xe9$; SET search_path TO evil; SELECT $\xe8$ y $\xe8$"
+    found = classifier.classify(payload, "LATIN1")
+    assert found.effect is STATE and found.reason == "SET search_path"
+    # The same bytes are another statement in another encoding: cached apart.
+    assert classifier.classify(payload, "UTF8").effect is STATE
+
+
+def test_a_text_libpg_query_cannot_parse_keeps_the_server_connection() -> None:
+    # libpg_query follows a newer grammar than the server may: unreadable is not harmless.
+    assert classify("SET search_path TO evil; SELECT 1 FROM (").effect is STATE
 
 
 def test_cache_stays_bounded() -> None:
     classifier = SessionStateClassifier(limit=8)
     for number in range(50):
         sql = f"SET work_mem = {number}" if number % 2 else f"SELECT {number}"
-        assert classifier.classify(sql.encode()).effect is (STATE if number % 2 else NONE)
+        assert classifier.classify(sql.encode(), "UTF8").effect is (STATE if number % 2 else NONE)
         assert len(classifier) <= 8
     # Answers stay right after the cache starts over.
-    assert classifier.classify(b"SELECT 3").effect is NONE
-    assert classifier.classify(b"SET work_mem = 3").effect is STATE
+    assert classifier.classify(b"SELECT 3", "UTF8").effect is NONE
+    assert classifier.classify(b"SET work_mem = 3", "UTF8").effect is STATE
 
 
 def test_default_cache_limit_is_bounded() -> None:
     classifier = SessionStateClassifier()
     for number in range(CACHE_LIMIT + 5):
-        classifier.classify(b"SELECT %d" % number)
+        classifier.classify(b"SELECT %d" % number, "UTF8")
     assert len(classifier) <= CACHE_LIMIT

@@ -22,9 +22,9 @@ from typing import BinaryIO, Final
 
 import structlog
 
-from proxy.policy.encodings import python_codec, read_statement
+from proxy.policy.encodings import read_statement
 from proxy.policy.postgres import ParseError, StatementFacts, analyze
-from proxy.protocols.postgres.sessionstate import Classification, Effect, classify, might_matter
+from proxy.protocols.postgres.sessionstate import NOT_READABLE, Classification, Effect, classify, might_matter
 
 log = structlog.get_logger("pos_proxy.analysis")
 
@@ -71,8 +71,7 @@ def analyze_text(request: AnalysisRequest) -> Analysis:
     try:
         text = read_statement(request.sql, request.encoding)
     except UnicodeDecodeError:
-        text = request.sql.decode(python_codec(request.encoding), errors="replace")
-        return Analysis(None, _classify_bounded(text, request.parse_up_to), readable=False)
+        return Analysis(None, NOT_READABLE, readable=False)
     classification = _classify_bounded(text, request.parse_up_to)
     if request.search_path is None:
         return Analysis((), classification)

@@ -430,7 +430,10 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             if self._state is _State.READY:
-                self._idle_transaction_since = 0.0
+                if self._idle_transaction_since:
+                    # The client spoke: its idle time starts again (a Flush or a partial message
+                    # owes no ReadyForQuery that would re-arm the clock).
+                    self._idle_transaction_since = time.monotonic()
                 self._forward(data)
                 return
             self._buffer += data
@@ -571,7 +574,9 @@ class ClientSession(asyncio.Protocol):
         connection, which rolls the transaction back."""
         self._idle_transaction_timer = None
         timeout, since, server = self._idle_transaction_timeout, self._idle_transaction_since, self._server
-        if timeout is None or not since or server is None or server.transaction_status == b"I":
+        if timeout is None or not since or server is None:
+            return
+        if server.state.pending or (server.transaction_status == b"I" and not server.unsynced):
             return  # busy again, or the transaction ended: the next idle ReadyForQuery re-arms
         remaining = since + timeout - time.monotonic()
         if remaining > 0:
@@ -964,7 +969,7 @@ class ClientSession(asyncio.Protocol):
             decision = policies.cached(self._role, text, self._encoding) if mode is not None else None
             if decision is not None and decision.sqlstate == PROGRAM_LIMIT_EXCEEDED:
                 continue  # refused unread
-            if (mode is not None and decision is None) or classifier.cached(text) is None:
+            if (mode is not None and decision is None) or classifier.cached(text, self._encoding) is None:
                 requests[text] = AnalysisRequest(
                     text, self._encoding, search_path, policies.max_statement_bytes
                 )
@@ -1170,8 +1175,6 @@ class ClientSession(asyncio.Protocol):
                         continue
                 if auditing:
                     self._note_parsed_text(parsed_name, text)
-                if rechecking:
-                    parsed_here.add(parsed_name)
             elif kind == m.MSG_QUERY:
                 text = chunk[start + 5 : end - 1]
                 self._statements_run += 1
@@ -1241,11 +1244,11 @@ class ClientSession(asyncio.Protocol):
                     refused_by = "statement_timeout"
                 else:
                     if analysis is None:
-                        found = classifier.classify(text)
+                        found = classifier.classify(text, self._encoding)
                     elif analysis is _UNFINISHED:
                         found = analysis.classification
                     else:
-                        found = classifier.classified(text, analysis.classification)
+                        found = classifier.classified(text, self._encoding, analysis.classification)
                     if found.effect is not _NO_SESSION_EFFECT:
                         refused_by = self._check_session_state(found, start, refusals, forget_at)
             if (
@@ -1258,6 +1261,10 @@ class ClientSession(asyncio.Protocol):
                 _remember(self._refused_statements, parsed_name, refused_by)
             if decision is not None:
                 self._apply_policy(decision, start, refusals)
+            if rechecking and kind == m.MSG_PARSE and start not in refusals:
+                # Decided just now; a refused Parse leaves the client's older statement of that
+                # name in place, so a Bind of it is still decided again.
+                parsed_here.add(parsed_name)
         if analyses:
             analyses.clear()
         return refusals, forget_at
@@ -1265,7 +1272,7 @@ class ClientSession(asyncio.Protocol):
     def _raises_statement_timeout(self, text: bytes, start: int, refusals: dict[int, Refusal]) -> bool:
         """The role's statement_timeout is a ceiling: SET, set_config, RESET and DISCARD ALL may
         not leave a longer one (or none) in force."""
-        longest = self._env.timeout_changes.longest(text)
+        longest = self._env.timeout_changes.longest(text, self._encoding)
         if longest is None or (longest != UNBOUNDED and longest <= self._timeout_ceiling):
             return False
         message = (

@@ -76,6 +76,11 @@ class Classification:
 
 
 _NO_EFFECT = Classification(Effect.NONE)
+# What the proxy cannot read counts as leaving state: the session keeps its server connection.
+NOT_PARSABLE = Classification(Effect.SESSION_STATE, "a statement the proxy cannot parse")
+NOT_READABLE = Classification(
+    Effect.SESSION_STATE, "a statement the proxy cannot read in the client encoding"
+)
 _RANK = {
     Effect.NONE: 0,
     Effect.FORGETS_STATEMENTS: 1,
@@ -97,8 +102,9 @@ def classify(sql: str) -> Classification:
     try:
         statements = parse_sql(sql)
     except ParseError:
-        # The server will refuse it too; nothing it could leave behind.
-        return _NO_EFFECT
+        # Most such texts the server refuses too, but libpg_query follows a newer grammar than
+        # the server may: what the proxy cannot read, it cannot call harmless.
+        return NOT_PARSABLE
     finder = _EffectFinder()
     for raw in statements:
         if raw.stmt is not None:

@@ -9,6 +9,9 @@ from typing import Final
 from pglast import ast, enums, parse_sql, visitors
 from pglast.parser import ParseError
 
+from proxy.policy.encodings import read_statement
+from proxy.policy.engine import StatementKey, statement_key
+
 # guc.c's memory-and-time units for a setting whose base unit is milliseconds (unit names are
 # case-sensitive there too).
 _MILLISECONDS_PER_UNIT: Final = {
@@ -65,18 +68,20 @@ class StatementTimeoutChanges:
     own parse tree. The session refuses it when that is above the role's ceiling."""
 
     def __init__(self, limit: int = _CACHE_LIMIT) -> None:
-        self._cache: dict[bytes, int | None] = {}
+        # By (client encoding, text or digest), as the decision cache (engine.statement_key).
+        self._cache: dict[tuple[str, StatementKey], int | None] = {}
         self._limit = limit
 
-    def longest(self, sql: bytes) -> int | None:
+    def longest(self, sql: bytes, encoding: str) -> int | None:
         if _MIGHT_SET_TIMEOUT.search(sql) is None:
             return None
-        if sql in self._cache:
-            return self._cache[sql]
+        key = (encoding, statement_key(sql))
+        if key in self._cache:
+            return self._cache[key]
         try:
-            statements = parse_sql(sql.decode("utf-8", errors="replace"))
-        except ParseError:
-            result = None  # the server cannot run it either
+            statements = parse_sql(read_statement(sql, encoding))
+        except (ParseError, UnicodeDecodeError):
+            result: int | None = UNBOUNDED  # what the proxy cannot read may turn the timeout off
         else:
             finder = _TimeoutChanges()
             for raw in statements:
@@ -85,7 +90,7 @@ class StatementTimeoutChanges:
             result = finder.longest
         if len(self._cache) >= self._limit:
             self._cache.clear()
-        self._cache[sql] = result
+        self._cache[key] = result
         return result
 
 
