@@ -178,8 +178,9 @@ SYNCED_SETTINGS = frozenset({"application_name", "client_encoding", "search_path
 _REFUSAL_BLOCK = re.compile(r"DO (\$refused_[0-9a-f]{12}\$)(.*)\1", re.S)
 _REFUSAL_SQLSTATE = re.compile(r"BEGIN RAISE EXCEPTION USING ERRCODE = E'([0-9A-Z]{5})'")
 # Audit events that give the reason of a refusal the proxy makes the server raise: the policy's
-# (enforce mode), and the client-encoding switch refused in every mode and without a policy.
-REFUSAL_EVENTS = frozenset({"policy_violation", "unsupported_client_encoding"})
+# (enforce mode), the client-encoding switch refused in every mode and without a policy, and a
+# malformed Query (a NUL inside its text).
+REFUSAL_EVENTS = frozenset({"policy_violation", "unsupported_client_encoding", "malformed_message"})
 _EXECUTE_MESSAGE = re.compile(r"execute(?: fetch from)? ([^:]*): (.*)", re.S)
 
 

@@ -42,17 +42,19 @@ def query(text: bytes) -> bytes:
 
 
 def with_readable_digest(head: bytes) -> tuple[bytes, bytes]:
-    """``head`` padded past DIGEST_KEYS_ABOVE (under analyze_in_worker_above), and its cache key,
-    a NUL and a digest that happens to be valid UTF-8 (so the proxy could read it as a statement)."""
+    """``head`` padded past DIGEST_KEYS_ABOVE (under analyze_in_worker_above), and a NUL followed by
+    its digest, which happens to be valid UTF-8: what a cache keyed by NUL + digest bytes (as it
+    once was) would take for the long text's key. Digest keys are str now (statement_key), but a
+    Query holding a NUL must still never be decided."""
     for number in range(2_000_000):
         text = head.ljust(DIGEST_KEYS_ABOVE + 88) + b"/*%d*/" % number
-        key = statement_key(text)
+        poison = b"\x00" + hashlib.blake2b(text, digest_size=16).digest()
         try:
-            key.decode("utf-8")
+            poison.decode("utf-8")
         except UnicodeDecodeError:
             continue
-        assert key == b"\x00" + hashlib.blake2b(text, digest_size=16).digest()
-        return text, key
+        assert statement_key(text) != poison
+        return text, poison
     raise AssertionError("no digest that reads as UTF-8")
 
 

@@ -45,6 +45,7 @@ from proxy.policy.engine import (
 )
 from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
+from proxy.policy.redact import unparsable
 from proxy.pool import ServerShares, UpstreamPool, default_share_cap
 from proxy.preauth import PendingStartup, RecordThrottle
 from proxy.protocols.postgres import messages as m
@@ -1182,8 +1183,17 @@ class ClientSession(asyncio.Protocol):
                     parsed_here.add(b"")  # the unnamed statement is gone: rewrite answers for it
                 if b"\x00" in text:
                     # PostgreSQL reads a Query's text up to its first NUL, then fails the message as
-                    # malformed. Never decided nor cached: a long text's cache key starts with NUL.
+                    # malformed. Never decided nor cached (nor parsed for the audit: a digest).
                     refusals[start] = _MALFORMED_QUERY
+                    reason = _MALFORMED_QUERY.message
+                    log.warning("malformed_message", **self._log_fields(), reason=reason, message="Query")
+                    self._audit("malformed_message", "failure", reason=reason)
+                    self._audit_statement(
+                        Decision(False, "malformed message", reason, statements=(("", unparsable(text)),)),
+                        mode,
+                        text,
+                        "malformed message",
+                    )
                     continue
             elif kind == m.MSG_FUNCTION_CALL:
                 self._apply_policy(policies.decide_function_call(self._role), start, refusals)
