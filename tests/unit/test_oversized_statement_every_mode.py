@@ -8,16 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from proxy import certs
-from proxy.config import load_config
 from proxy.oplog import configure_logging
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.session import ClientSession
-from proxy.server import ProxyServer
 from tests import compiled
-from tests.sockless import add_server, open_session, terminal_certificate
+from tests.sockless import add_server, open_session, proxy_without_listener, terminal_certificate
 
 PARAMETERS = {"server_version": "15.0", "client_encoding": "UTF8", "search_path": '"public"'}
 
@@ -27,40 +23,12 @@ def _quiet_logs() -> None:
     configure_logging(json=False, level="error")
 
 
-def proxy_with_policy(directory: Path, mode: str) -> ProxyServer:
-    certs.init_ca(directory)
-    certs.issue_server(directory, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
-    policy = directory / "cashier.yaml"
-    policy.write_text(f"mode: {mode}\nallow:\n  kinds: [SELECT]\n")
-    config = {
-        "listen": {"host": "127.0.0.1", "port": 6432},  # never opened
-        "tls": {
-            "cert": str(directory / "server.pem"),
-            "key": str(directory / "server.key"),
-            "client_ca": str(directory / "ca.pem"),
-        },
-        "roles": {"cashier": {"policy": str(policy)}},
-        "routes": {
-            "pos": {
-                "host": "127.0.0.1",
-                "port": 5432,
-                "user": "pos_proxy",
-                "sslmode": "disable",
-                "pool": {"mode": "transaction", "size": 1},
-            }
-        },
-    }
-    path = directory / "pos-proxy.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return ProxyServer(load_config(path))
-
-
 @pytest.mark.skipif(compiled.expected(), reason="a compiled class cannot be patched to record calls")
 @pytest.mark.parametrize("mode", ["monitor", "learn"])
 async def test_a_statement_over_the_size_limit_is_refused_unread_in_every_mode(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    proxy = proxy_with_policy(tmp_path, mode)
+    proxy = proxy_without_listener(tmp_path, policy=f"mode: {mode}\nallow:\n  kinds: [SELECT]\n")
     _server, upstream = add_server(proxy.routes["pos"], PARAMETERS)
     session, _transport = open_session(proxy, terminal_certificate(tmp_path), 40001)
     classifier = proxy._environment.classifier

@@ -13,14 +13,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
-import yaml
 
-from proxy import certs
-from proxy.config import load_config
 from proxy.oplog import configure_logging
 from proxy.policy.engine import DIGEST_KEYS_ABOVE, statement_key
 from proxy.protocols.postgres import messages as m
-from proxy.server import ProxyServer
 from tests.sockless import READY, add_server, open_session, proxy_without_listener, terminal_certificate
 
 PARAMETERS = {
@@ -58,38 +54,12 @@ def with_readable_digest(head: bytes) -> tuple[bytes, bytes]:
     raise AssertionError("no digest that reads as UTF-8")
 
 
-def cashier_proxy(directory: Path) -> ProxyServer:
-    certs.init_ca(directory)
-    certs.issue_server(directory, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
-    policy = directory / "cashier.yaml"
-    policy.write_text("mode: enforce\nallow:\n  kinds: [SELECT]\n  read: [products]\n")
-    config = {
-        "listen": {"host": "127.0.0.1", "port": 6432},  # never opened
-        "tls": {
-            "cert": str(directory / "server.pem"),
-            "key": str(directory / "server.key"),
-            "client_ca": str(directory / "ca.pem"),
-        },
-        "roles": {"cashier": {"policy": str(policy)}},
-        "routes": {
-            "pos": {
-                "host": "127.0.0.1",
-                "port": 5432,
-                "user": "pos_proxy",
-                "sslmode": "disable",
-                "pool": {"mode": "transaction", "size": 1},
-            }
-        },
-    }
-    path = directory / "pos-proxy.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return ProxyServer(load_config(path))
-
-
 async def test_a_query_text_holding_a_nul_cannot_allow_a_long_statement_for_a_policy_role(
     tmp_path: Path,
 ) -> None:
-    proxy = cashier_proxy(tmp_path)
+    proxy = proxy_without_listener(
+        tmp_path, policy="mode: enforce\nallow:\n  kinds: [SELECT]\n  read: [products]\n"
+    )
     server, upstream = add_server(proxy.routes["pos"], PARAMETERS)
     session, _transport = open_session(proxy, terminal_certificate(tmp_path), 40001)
     delete, key = with_readable_digest(b"DELETE FROM products")
