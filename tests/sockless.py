@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from cryptography import x509
@@ -21,6 +21,9 @@ from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.session import ClientSession, Route
 from proxy.protocols.postgres.upstream import ServerConnection
 from proxy.server import ProxyServer
+
+if TYPE_CHECKING:  # the benchmark imports this module without pytest
+    import pytest
 
 READY = m.build_ready_for_query(b"I")
 
@@ -70,6 +73,17 @@ class RecordingTransport:
         raise AssertionError(f"the data path closed a transport; it had written {self.written!r}")
 
     abort = close
+
+
+def record_closed_transports(monkeypatch: pytest.MonkeyPatch) -> list[RecordingTransport]:
+    """Let the data path close transports (a test that expects it), keeping which it closed."""
+    closed: list[RecordingTransport] = []
+
+    def record_close(transport: RecordingTransport) -> None:
+        closed.append(transport)
+
+    monkeypatch.setattr(RecordingTransport, "close", record_close)
+    return closed
 
 
 def proxy_without_listener(directory: Path, *, pool_size: int = 1, policy: str | None = None) -> ProxyServer:

@@ -19,10 +19,10 @@ from proxy.protocols.postgres.session import ClientSession
 from tests import compiled
 from tests.sockless import (
     READY,
-    RecordingTransport,
     add_server,
     open_session,
     proxy_without_listener,
+    record_closed_transports,
     terminal_certificate,
 )
 
@@ -95,12 +95,7 @@ async def test_a_tls_error_without_a_reason_still_ends_the_session(tmp_path: Pat
 async def test_a_fault_handing_a_server_to_a_waiting_client_ends_only_that_client(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    closed: list[RecordingTransport] = []
-
-    def record_close(transport: RecordingTransport) -> None:
-        closed.append(transport)
-
-    monkeypatch.setattr(RecordingTransport, "close", record_close)
+    closed = record_closed_transports(monkeypatch)
     proxy = proxy_without_listener(tmp_path)
     server, upstream = add_server(proxy.routes["pos"], SERVER_PARAMETERS)
     certificate = terminal_certificate(tmp_path)

@@ -18,10 +18,10 @@ from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.prepared import Statement
 from tests.sockless import (
     READY,
-    RecordingTransport,
     add_server,
     open_session,
     proxy_without_listener,
+    record_closed_transports,
     terminal_certificate,
 )
 
@@ -85,12 +85,7 @@ async def test_a_refused_parse_of_the_same_name_does_not_spare_the_old_statement
 async def test_a_flush_inside_a_transaction_does_not_stop_the_idle_transaction_clock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    closed: list[RecordingTransport] = []
-
-    def record_close(transport: RecordingTransport) -> None:
-        closed.append(transport)
-
-    monkeypatch.setattr(RecordingTransport, "close", record_close)
+    closed = record_closed_transports(monkeypatch)
     proxy = proxy_without_listener(tmp_path)
     server, _upstream = add_server(proxy.routes["pos"], PARAMETERS)
     session, transport = open_session(proxy, terminal_certificate(tmp_path), 40001)

@@ -10,10 +10,10 @@ import pytest
 from proxy.oplog import configure_logging
 from proxy.protocols.postgres import messages as m
 from tests.sockless import (
-    RecordingTransport,
     add_server,
     open_session,
     proxy_without_listener,
+    record_closed_transports,
     terminal_certificate,
 )
 
@@ -58,12 +58,7 @@ async def test_a_terminal_at_its_share_waits_for_its_own_connection_while_anothe
 async def test_a_client_idle_in_a_transaction_is_cut_off_and_its_connection_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    closed: list[RecordingTransport] = []
-
-    def record_close(transport: RecordingTransport) -> None:
-        closed.append(transport)
-
-    monkeypatch.setattr(RecordingTransport, "close", record_close)
+    closed = record_closed_transports(monkeypatch)
     proxy = proxy_without_listener(tmp_path)
     route = proxy.routes["pos"]
     server, upstream = add_server(route, PARAMETERS)
