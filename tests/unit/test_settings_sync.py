@@ -18,6 +18,7 @@ from proxy.policy.model import PolicyMode, RolePolicy
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.parameters import SearchPathSyntaxError, SessionParameters, search_path_entries
 from proxy.protocols.postgres.upstream import ServerConnection
+from tests.unit.test_server_connection import Transport
 
 STARTUP = {
     "DateStyle": "ISO, MDY",
@@ -26,20 +27,6 @@ STARTUP = {
     "application_name": "pos-db-proxy",
 }
 READY = m.build_ready_for_query(b"I")
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def close(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def _server() -> tuple[ServerConnection, Transport]:
