@@ -62,12 +62,22 @@ ALL_CONFIGS: Final = (
     "proxy-workers",
     "proxy-enforce",
     "proxy-full",
+    "baseline-full",
 )
 DEFAULT_CONFIGS: Final = ("direct", "pgbouncer", "proxy", "proxy-mypyc")
 # pos-db-proxy variants: plain; plain from the mypyc-compiled build (POS_PROXY_COMPILE=1, built
 # by scripts/compiled-tree.sh); plain with --proxy-workers worker processes; + the cashier SQL
-# policy in enforce mode; + audit log and admin/metrics.
-PROXY_VARIANTS: Final = ("proxy", "proxy-mypyc", "proxy-workers", "proxy-enforce", "proxy-full")
+# policy in enforce mode; + audit log and admin/metrics; proxy-full run from the --baseline tree
+# (an earlier commit's checkout), so a change's cost is measured in one interleaved run.
+PROXY_VARIANTS: Final = (
+    "proxy",
+    "proxy-mypyc",
+    "proxy-workers",
+    "proxy-enforce",
+    "proxy-full",
+    "baseline-full",
+)
+FULL_VARIANTS: Final = ("proxy-full", "baseline-full")
 # (column label, JSON key, numerator config, denominator config): ratios of median TPS.
 RATIOS: Final = (
     ("proxy/pgb", "proxy_vs_pgbouncer", "proxy", "pgbouncer"),
@@ -78,6 +88,7 @@ RATIOS: Final = (
     ("workers/proxy", "workers_vs_proxy", "proxy-workers", "proxy"),
     ("enforce/proxy", "enforce_vs_proxy", "proxy-enforce", "proxy"),
     ("full/proxy", "full_vs_proxy", "proxy-full", "proxy"),
+    ("full/baseline", "full_vs_baseline", "proxy-full", "baseline-full"),
 )
 DB_NAME: Final = "pos"
 DB_ROLE: Final = "bench"
@@ -481,8 +492,12 @@ def start_proxy(
     port = free_port()
     directory = work / variant
     directory.mkdir(mode=0o700)
+    # pgbench's clients all present the one terminal certificate, standing for as many tills: the
+    # per-terminal share of the pool (default half of it) would otherwise hold them to 10 of 20.
     role: dict[str, Any] = {"description": "benchmark tills"}
-    if variant in ("proxy-enforce", "proxy-full"):
+    if "max_server_connections_per_terminal" in (tree / "proxy" / "config.py").read_text(encoding="utf-8"):
+        role["limits"] = {"max_server_connections_per_terminal": pool_size}  # a --baseline may predate it
+    if variant in ("proxy-enforce", *FULL_VARIANTS):
         policy_path = directory / "cashier-policy.yaml"
         policy_path.write_text(yaml.safe_dump(bench_policy(), sort_keys=False), encoding="utf-8")
         role["policy"] = str(policy_path)
@@ -513,7 +528,7 @@ def start_proxy(
         },
     }
     target = Target(variant, port, terminal_env(port, pki))
-    if variant == "proxy-full":
+    if variant in FULL_VARIANTS:
         audit_dir = directory / "audit"
         audit_dir.mkdir(mode=0o700)
         key_path = directory / "audit.key"
@@ -1113,17 +1128,24 @@ def format_cpu_table(rows: Sequence[Mapping[str, Any]], configs: Sequence[str]) 
     """CPU microseconds the pooler process spent per transaction (median of rounds): unlike TPS,
     barely moved by other jobs on the machine, so it shows the data path's own cost."""
     poolers = [c for c in configs if c != "direct"]
-    against_pgb = [c for c in ("proxy", "proxy-mypyc") if c in poolers and "pgbouncer" in poolers]
+    # (numerator, denominator) pairs of configs, as "num/den cpu" columns.
+    pairs = [
+        (c, "pgbouncer")
+        for c in ("proxy", "proxy-mypyc", "proxy-full")
+        if c in poolers and "pgbouncer" in poolers
+    ]
+    if "baseline-full" in poolers:
+        pairs.append(("proxy-full", "baseline-full"))
     header = ["workload", "clients", *(f"{c} us/txn" for c in poolers)]
-    header += [f"{c}/pgb cpu" for c in against_pgb]
+    header += [f"{num}/{den.removesuffix('-full').replace('pgbouncer', 'pgb')} cpu" for num, den in pairs]
     body: list[list[str]] = []
     for row in rows:
         cells = {c: row[c]["cpu_us_per_txn"] for c in poolers}
         line = [row["workload"], str(row["clients"])]
         line += [f"{cells[c]:.1f}" if cells[c] is not None else "n/a" for c in poolers]
-        for config in against_pgb:
-            mine, pgb = cells[config], cells["pgbouncer"]
-            line.append(f"{mine / pgb:.2f}x" if mine and pgb else "n/a")
+        for num, den in pairs:
+            mine, theirs = cells[num], cells[den]
+            line.append(f"{mine / theirs:.2f}x" if mine and theirs else "n/a")
         body.append(line)
     return render_table(header, body)
 
@@ -1183,6 +1205,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pgbouncer", metavar="PATH", help="PgBouncer binary, or 'none' to leave it out (default: find it)"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="TREE",
+        help="also run proxy-full from TREE (e.g. `git worktree add --detach /tmp/before <commit>`) "
+        "as baseline-full, interleaved with this tree's proxy-full",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: --duration 3 --rounds 1 --clients 16"
@@ -1196,6 +1225,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--proxy-workers must be at least 2 (the proxy configuration is the 1-worker one)")
     if any(c < 1 for c in args.clients) or args.idle < 0 or args.warmup < 0:
         parser.error("--clients must be positive; --idle and --warmup must not be negative")
+    if args.baseline is not None:
+        if not (args.baseline / "proxy" / "__main__.py").is_file():
+            parser.error(f"--baseline {args.baseline}: not a pos-db-proxy checkout")
+        args.baseline = args.baseline.resolve()
+        args.configs = [*args.configs, "proxy-full", "baseline-full"]
+    elif "baseline-full" in args.configs:
+        parser.error("baseline-full needs --baseline TREE")
     # Table order, whatever order they were given in; each configuration once.
     args.configs = [c for c in ALL_CONFIGS if c in args.configs]
     return args
@@ -1289,6 +1325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for variant in (v for v in PROXY_VARIANTS if v in configs):
                 workers = args.proxy_workers if variant == "proxy-workers" else 1
                 tree = compiled_tree if variant == "proxy-mypyc" and compiled_tree else REPO_ROOT
+                if variant == "baseline-full":
+                    tree = args.baseline
                 log(
                     f"starting pos-db-proxy as {variant} (transaction pooling, pool {args.pool_size}, "
                     f"{workers} worker process(es))"

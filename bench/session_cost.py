@@ -54,8 +54,11 @@ RUNS = 7
 async def build(directory: Path) -> tuple[list[ClientSession], list[RecordingTransport], ServerConnection]:
     proxy = proxy_without_listener(directory)
     server, _upstream = add_server(proxy.routes["pos"], SERVER_PARAMETERS)
-    certificate = terminal_certificate(directory)
-    opened = [open_session(proxy, certificate, 40000 + index) for index in range(TERMINALS)]
+    # Two tills, each with its own certificate: one terminal may hold only its share of the pool.
+    opened = [
+        open_session(proxy, terminal_certificate(directory, terminal=f"till-{index + 1:02d}"), 40000 + index)
+        for index in range(TERMINALS)
+    ]
     return [session for session, _ in opened], [transport for _, transport in opened], server
 
 

@@ -137,11 +137,13 @@ class SessionParameters:
         """Whether ``server`` has a tracked setting other than this client wants: checked on every
         hand-over, so it only compares two small dictionaries (both empty in the common case)."""
         wanted = self.wanted
-        changed = server.changed_settings
-        for name in changed:
+        for name in server.changed_settings:
             if name not in wanted:
                 return True
-        return not all(server.has_setting(name, value) for name, value in wanted.items())
+        for name, value in wanted.items():
+            if not server.has_setting(name, value):
+                return True
+        return False
 
     async def apply(self, server: ServerConnection, timeout: float) -> None:
         """Bring ``server`` to this client's full set: the route's values, overlaid with its own."""
