@@ -110,6 +110,7 @@ IDLE_CONNECT_TIMEOUT: Final = 30.0
 IDLE_TOTAL_TIMEOUT: Final = 300.0
 IDLE_SETTLE_SECONDS: Final = 2.0
 AUDIT_KEY_BYTES: Final = 32
+UNSHARED_TERMINAL_CAP: Final = 100_000  # more than pgbench's clients: pgbench's terminal is every till
 AUDIT_VERIFY_TIMEOUT: Final = 600.0
 METRICS_TIMEOUT: Final = 10.0
 # The tables the workloads touch: pgbench's (pgbench -S reads pgbench_accounts) and the POS demo's.
@@ -492,11 +493,13 @@ def start_proxy(
     port = free_port()
     directory = work / variant
     directory.mkdir(mode=0o700)
-    # pgbench's clients all present the one terminal certificate, standing for as many tills: the
-    # per-terminal share of the pool (default half of it) would otherwise hold them to 10 of 20.
+    # pgbench's clients all present the one terminal certificate, standing for as many tills, each
+    # of which would have a share of the pool of its own: the one terminal's share (default half
+    # the pool, places in the pool's line included) would hold them all in one line of their own.
     role: dict[str, Any] = {"description": "benchmark tills"}
     if "max_server_connections_per_terminal" in (tree / "proxy" / "config.py").read_text(encoding="utf-8"):
-        role["limits"] = {"max_server_connections_per_terminal": pool_size}  # a --baseline may predate it
+        # A --baseline tree may predate the share.
+        role["limits"] = {"max_server_connections_per_terminal": UNSHARED_TERMINAL_CAP}
     if variant in ("proxy-enforce", *FULL_VARIANTS):
         policy_path = directory / "cashier-policy.yaml"
         policy_path.write_text(yaml.safe_dump(bench_policy(), sort_keys=False), encoding="utf-8")

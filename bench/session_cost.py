@@ -6,6 +6,7 @@ by the six extended-protocol cycles of bench/pos_sale.sql (BEGIN, four statement
     .venv/bin/python bench/session_cost.py               # median of 7 runs, in microseconds
     .venv/bin/python bench/session_cost.py --profile     # plus where the time goes (cProfile)
     .venv/bin/python bench/session_cost.py --workload pos-sale
+    .venv/bin/python bench/session_cost.py --full     # as deployed: enforce policy, audit, metrics
 
 Two terminals share one server connection, as when 64 pgbench clients share 20: the first
 borrows the idle connection, the second waits in line and gets it handed over when the first's
@@ -29,7 +30,9 @@ from pathlib import Path
 
 # This tree's proxy (not an installed one) and tests.sockless, before anything imports proxy.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import yaml
 from codec_cost import CLIENT, SERVER  # bench/ is on sys.path when this runs as a script
+from run import bench_policy
 
 from proxy.metrics import build_labels
 from proxy.oplog import configure_logging
@@ -51,9 +54,15 @@ ROUNDS = 5_000  # each round is one transaction per terminal
 RUNS = 7
 
 
-async def build(directory: Path) -> tuple[list[ClientSession], list[RecordingTransport], ServerConnection]:
-    proxy = proxy_without_listener(directory)
-    server, _upstream = add_server(proxy.routes["pos"], SERVER_PARAMETERS)
+async def build(
+    directory: Path, full: bool
+) -> tuple[list[ClientSession], list[RecordingTransport], ServerConnection]:
+    policy = yaml.safe_dump(bench_policy(), sort_keys=False) if full else None
+    proxy = proxy_without_listener(directory, policy=policy, audit=full)
+    # A policy role runs with the policy's search_path: as the proxy's one set_config at the first
+    # hand-over leaves the connection (this stand-in server answers no query).
+    parameters = {**SERVER_PARAMETERS, "search_path": '"public"'} if full else SERVER_PARAMETERS
+    server, _upstream = add_server(proxy.routes["pos"], parameters)
     # Two tills, each with its own certificate: one terminal may hold only its share of the pool.
     opened = [
         open_session(proxy, terminal_certificate(directory, terminal=f"till-{index + 1:02d}"), 40000 + index)
@@ -143,10 +152,10 @@ def check(transports: list[RecordingTransport], server: ServerConnection, rounds
     server_transport.written.clear()
 
 
-async def measure(workload: str, profile: bool) -> None:
+async def measure(workload: str, profile: bool, full: bool) -> None:
     run = WORKLOADS[workload]
     with tempfile.TemporaryDirectory(prefix="pos-session-cost-") as work:
-        sessions, transports, server = await build(Path(work))
+        sessions, transports, server = await build(Path(work), full)
         run(sessions, server, 500)  # warm caches (policy decisions, statement classes)
         check(transports, server, 500)
         costs = []
@@ -156,7 +165,8 @@ async def measure(workload: str, profile: bool) -> None:
             costs.append((time.perf_counter() - started) / (ROUNDS * TERMINALS) * 1e6)
             check(transports, server, ROUNDS)
         print(
-            f"proxy Python per {workload} transaction: {statistics.median(costs):.2f} us "
+            f"proxy Python per {workload} transaction{' with policy and audit' if full else ''}: "
+            f"{statistics.median(costs):.2f} us "
             f"(median of {RUNS} runs of {ROUNDS * TERMINALS:,}; {build_labels()['build']})"
         )
         if profile:
@@ -171,9 +181,12 @@ def main() -> int:
     )
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of one run")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="select-extended")
+    parser.add_argument(
+        "--full", action="store_true", help="the cashier policy in enforce mode and every statement audited"
+    )
     args = parser.parse_args()
     configure_logging(json=False, level="error")  # session_start lines would only get in the way
-    asyncio.run(measure(args.workload, args.profile))
+    asyncio.run(measure(args.workload, args.profile, args.full))
     return 0
 
 

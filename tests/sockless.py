@@ -7,6 +7,7 @@ whose "TLS" transport presents a real terminal certificate.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,9 +87,11 @@ def record_closed_transports(monkeypatch: pytest.MonkeyPatch) -> list[RecordingT
     return closed
 
 
-def proxy_without_listener(directory: Path, *, pool_size: int = 1, policy: str | None = None) -> ProxyServer:
+def proxy_without_listener(
+    directory: Path, *, pool_size: int = 1, policy: str | None = None, audit: bool = False
+) -> ProxyServer:
     """A proxy with route "pos" in transaction mode and role "cashier" (without a policy unless
-    ``policy``, the text of its policy file, is given)."""
+    ``policy``, the text of its policy file, is given; with an audit log in ``directory`` if ``audit``)."""
     certs.init_ca(directory)
     certs.issue_server(directory, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
     cashier: dict[str, str] = {"description": "tills"}
@@ -113,6 +116,11 @@ def proxy_without_listener(directory: Path, *, pool_size: int = 1, policy: str |
             }
         },
     }
+    if audit:
+        key = directory / "audit.key"
+        key.write_bytes(os.urandom(32))
+        key.chmod(0o600)
+        config["audit"] = {"file": str(directory / "audit.log"), "key_file": str(key)}
     path = directory / "pos-proxy.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return ProxyServer(load_config(path))
