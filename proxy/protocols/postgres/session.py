@@ -1175,7 +1175,10 @@ class ClientSession(asyncio.Protocol):
                         refusals[start] = over
                         continue
                 if auditing:
-                    self._note_parsed_text(parsed_name, text)
+                    if unnamed:  # one text, always kept: nothing to prune
+                        self._parsed_texts[b""] = text
+                    else:
+                        self._note_parsed_text(parsed_name, text)
             elif kind == m.MSG_QUERY:
                 text = chunk[start + 5 : end - 1]
                 self._statements_run += 1
@@ -1209,7 +1212,8 @@ class ClientSession(asyncio.Protocol):
                         self._portal_texts.clear()
                         self._refused_portals.clear()
                     self._portal_texts[portal] = self._parsed_texts.get(statement, b"")
-                    _remember(self._refused_portals, portal, self._refused_statements.get(statement))
+                    if self._refused_statements or self._refused_portals:  # else nothing to keep or forget
+                        _remember(self._refused_portals, portal, self._refused_statements.get(statement))
                 if rechecking and mode is not None:
                     if statement not in parsed_here:
                         self._recheck_prepared(statement, start, refusals)
@@ -1267,7 +1271,7 @@ class ClientSession(asyncio.Protocol):
                 or (decision is not None and not decision.allowed)
             ):
                 self._audit_statement(decision, mode, text, refused_by)
-            if auditing and kind == m.MSG_PARSE:
+            if auditing and kind == m.MSG_PARSE and (refused_by is not None or self._refused_statements):
                 _remember(self._refused_statements, parsed_name, refused_by)
             if decision is not None:
                 self._apply_policy(decision, start, refusals)
