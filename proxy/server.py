@@ -394,6 +394,16 @@ class ProxyServer:
         self._audit("admin_disconnect", "success", store=store, terminal=terminal, sessions=cut, actor=actor)
         return cut
 
+    async def close_idle_server_connections(self, route: str, actor: str) -> int | None:
+        """Close a route's idle server connections (before a DROP DATABASE, say); None: no such route."""
+        found = self.routes.get(route)
+        if found is None:
+            return None
+        closed = found.pool.close_idle()
+        log.info("admin_close_idle", route=route, closed=closed, actor=actor)
+        self._audit("admin_close_idle", "success", route=route, closed=closed, actor=actor)
+        return closed
+
     async def request_reload(self, trigger: str) -> bool:
         return self.reload(trigger)
 
