@@ -1,4 +1,5 @@
-"""Admin HTTP API (aiohttp): metrics, health, pools, clients, terminal cut-off and reload."""
+"""Admin HTTP API (aiohttp): metrics, health, pools, clients, terminal cut-off, idle server
+connections closed, and reload."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class AdminControl(Protocol):
     async def clients(self) -> list[dict[str, Any]]: ...
 
     async def disconnect_terminal(self, store: str, terminal: str, actor: str) -> int: ...
+
+    async def close_idle_server_connections(self, route: str, actor: str) -> int | None: ...
 
     async def request_reload(self, trigger: str) -> bool: ...
 
@@ -65,6 +68,7 @@ class AdminServer:
         app.router.add_get("/v1/clients", self._clients)
         app.router.add_post("/v1/terminals/{store}/{terminal}/disconnect", self._disconnect)
         app.router.add_post("/v1/reload", self._reload)
+        app.router.add_post("/v1/pools/{route}/close-idle", self._close_idle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         unix_path = self._listener.unix_path
@@ -120,6 +124,13 @@ class AdminServer:
         store, terminal = request.match_info["store"], request.match_info["terminal"]
         count = await self._control.disconnect_terminal(store, terminal, actor=self._actor(request))
         return web.json_response({"store": store, "terminal": terminal, "disconnected": count})
+
+    async def _close_idle(self, request: web.Request) -> web.StreamResponse:
+        route = request.match_info["route"]
+        closed = await self._control.close_idle_server_connections(route, actor=self._actor(request))
+        if closed is None:
+            return web.json_response({"error": f"no route {route!r}"}, status=404)
+        return web.json_response({"route": route, "closed": closed})
 
     async def _reload(self, request: web.Request) -> web.StreamResponse:
         applied = await self._control.request_reload(self._actor(request))

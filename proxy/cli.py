@@ -133,6 +133,11 @@ def _add_admin_commands(parser: argparse.ArgumentParser) -> None:
     commands.add_parser("reload", help="reload the configuration (like SIGHUP)").set_defaults(
         handler=_admin_call, method="POST", path="/v1/reload"
     )
+    close_idle = commands.add_parser(
+        "close-idle", help="close a route's idle server connections now (e.g. before DROP DATABASE)"
+    )
+    close_idle.add_argument("route", help="the route's name (its key under routes:)")
+    close_idle.set_defaults(handler=_admin_close_idle)
     disconnect = commands.add_parser("disconnect", help="cut a terminal's live sessions now")
     disconnect.add_argument("store")
     disconnect.add_argument("terminal")
@@ -353,6 +358,11 @@ _POLICY_RULE_HINTS: Final = {
 def _admin_disconnect(args: argparse.Namespace) -> int:
     store, terminal = (urllib.parse.quote(part, safe="") for part in (args.store, args.terminal))
     args.method, args.path = "POST", f"/v1/terminals/{store}/{terminal}/disconnect"
+    return _admin_call(args)
+
+
+def _admin_close_idle(args: argparse.Namespace) -> int:
+    args.method, args.path = "POST", f"/v1/pools/{urllib.parse.quote(args.route, safe='')}/close-idle"
     return _admin_call(args)
 
 

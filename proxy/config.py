@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import hmac
 import importlib.util
 import ipaddress
@@ -20,6 +21,7 @@ from typing import Final, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
+from cryptography import x509
 
 from proxy.audit import AuditSettings
 from proxy.limits import LimitSettings, Rate, SharedLimitFallback
@@ -34,6 +36,7 @@ from proxy.policy.model import (
 __all__ = [
     "AdminConfig",
     "AuditConfig",
+    "ClientCertificate",
     "Config",
     "ConfigError",
     "ConfigProblem",
@@ -388,6 +391,19 @@ _DEFAULT_UPSTREAM_PORT: Final = 5432
 _DEFAULT_SSLMODE: Final = SSLMode.VERIFY_FULL
 
 
+@dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    """The certificate and key a route presents to its database server (libpq's sslcert, sslkey and
+    sslpassword), for servers whose pg_hba.conf says clientcert=verify-full or cert."""
+
+    cert: Path
+    key: Path
+    password: Secret | None
+    files_sha256: str
+    """Both files as this load read them: a pair rotated in place under the same paths compares unequal,
+    so a reload notices it."""
+
+
 # kw_only: dbname and user have no default but follow port in the documented order.
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
@@ -400,6 +416,8 @@ class RouteConfig:
     password: Secret | None = None
     sslmode: SSLMode = _DEFAULT_SSLMODE
     sslrootcert: Path | None = None
+    client_certificate: ClientCertificate | None = None
+    """From the route's sslcert, sslkey and sslpassword keys."""
     pool: PoolConfig = PoolConfig()
 
 
@@ -499,7 +517,7 @@ def parse_config(
     pool_defaults = _parse_pool(root.child("pool", _keys(PoolConfig)), PoolConfig())
     routes = {
         database: _parse_route(database, section, pool_defaults)
-        for database, section in root.named("routes", "route", _string(), _keys(RouteConfig, "database"))
+        for database, section in root.named("routes", "route", _string(), _ROUTE_KEYS)
     }
     limits = _parse_limits(root.child("limits", _keys(LimitsConfig)))
     audit = _parse_audit(root.child("audit", _AUDIT_KEYS)) if root.data.get("audit") is not None else None
@@ -1371,6 +1389,14 @@ def _parse_pool(section: _Section, inherited: PoolConfig) -> PoolConfig:
     return pool
 
 
+_CLIENT_CERTIFICATE_KEYS: Final = ("sslcert", "sslkey", "sslpassword")
+_ROUTE_KEYS: Final = (
+    *_keys(RouteConfig, "database", "client_certificate", "pool"),
+    *_CLIENT_CERTIFICATE_KEYS,
+    "pool",
+)
+
+
 def _parse_route(database: str, section: _Section, pool_defaults: PoolConfig) -> RouteConfig:
     ctx = section.ctx
     host = section.require("host", _string(), "")
@@ -1392,8 +1418,81 @@ def _parse_route(database: str, section: _Section, pool_defaults: PoolConfig) ->
         password=password,
         sslmode=sslmode,
         sslrootcert=sslrootcert,
+        client_certificate=_parse_client_certificate(section, sslmode),
         pool=_parse_pool(section.child("pool", _keys(PoolConfig)), pool_defaults),
     )
+
+
+def _parse_client_certificate(section: _Section, sslmode: SSLMode) -> ClientCertificate | None:
+    """sslcert and sslkey name files, as in libpq; the key's passphrase is a secret like a password.
+
+    Unlike libpq, which looks for ~/.postgresql/postgresql.crt and goes on without a certificate when
+    there is none, nothing is implied: both files are named, or neither.
+    """
+    given = [key for key in _CLIENT_CERTIFICATE_KEYS if section.data.get(key) is not None]
+    if not given:
+        return None
+    for needed in ("sslcert", "sslkey"):
+        if needed not in given:
+            section.report(needed, f"required when {given[0]} is set")
+    if sslmode is SSLMode.DISABLE:
+        section.report(given[0], "needs TLS, but sslmode is disable")
+    ctx = section.ctx
+    cert = section.read("sslcert", ctx.readable_file, None)
+    key = section.read("sslkey", ctx.readable_file, None)
+    password = section.read("sslpassword", ctx.secret, None)
+    if cert is None or key is None or (password is None and "sslpassword" in given):
+        return None  # already reported
+    try:
+        files_sha256 = _check_client_certificate(cert, key, password)
+    except _ClientCertificateError as exc:
+        section.report(exc.key, str(exc))
+        return None
+    return ClientCertificate(cert, key, password, files_sha256)
+
+
+class _ClientCertificateError(ValueError):
+    """A route's client certificate or key cannot be used; ``key`` is the route key to blame."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _check_client_certificate(cert: Path, key: Path, password: Secret | None) -> str:
+    """The SHA-256 of the pair's files, once OpenSSL has loaded them as a pair: a PEM certificate (chain),
+    a PEM private key that the passphrase opens, and the key of that certificate.
+
+    The messages never quote file contents: a key file may hold anything.
+    """
+    try:
+        cert_bytes = _read_file(cert)
+    except ValueError as exc:
+        raise _ClientCertificateError("sslcert", str(exc)) from None
+    try:
+        key_bytes = _read_file(key)
+    except ValueError as exc:
+        raise _ClientCertificateError("sslkey", str(exc)) from None
+    try:
+        x509.load_pem_x509_certificate(cert_bytes)
+    except ValueError:
+        raise _ClientCertificateError("sslcert", f"{cert} holds no PEM certificate") from None
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    secret = password.reveal() if password is not None else None
+    try:
+        # A callable, not the string: with none given, OpenSSL would prompt on the terminal for one.
+        probe.load_cert_chain(cert, key, password=lambda: secret or "")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise _ClientCertificateError("sslkey", f"{key} is not the key of {cert}") from None
+        if password is None:
+            reason = "holds no PEM private key, or one encrypted with a passphrase (set sslpassword)"
+        else:
+            reason = "holds no PEM private key that sslpassword opens"
+        raise _ClientCertificateError("sslkey", f"{key} {reason}") from None
+    except OSError as exc:
+        raise _ClientCertificateError("sslkey", f"cannot read {key}: {exc.strerror}") from None
+    return hashlib.sha256(len(cert_bytes).to_bytes(8, "big") + cert_bytes + key_bytes).hexdigest()
 
 
 # --- YAML -------------------------------------------------------------------------------------------------

@@ -90,11 +90,14 @@ class LocalPostgresTLS:
     The cluster copies the files into its data directory (owned by the server's OS user, key
     mode 0600), so the originals may live anywhere this process can read.  ``ca`` becomes
     ``ssl_ca_file`` (the server then *requests*, but does not require, client certificates).
+    ``require_client_certificate`` adds ``clientcert=verify-full`` to the ``hostssl`` lines: every TCP
+    client must then present a certificate that ``ca`` signed, whose CN is its database user name.
     """
 
     cert: Path
     key: Path
     ca: Path | None = None
+    require_client_certificate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -784,6 +787,8 @@ class LocalPostgres:
         for label, path in (("cert", self.tls.cert), ("key", self.tls.key), ("ca", self.tls.ca)):
             if path is not None and not Path(path).is_file():
                 raise LocalPostgresError(f"TLS {label} file not found: {path}")
+        if self.tls.require_client_certificate and self.tls.ca is None:
+            raise LocalPostgresError("require_client_certificate needs the ca that signs client certificates")
 
     def _initdb(self) -> None:
         layout = self._require_layout()
@@ -880,9 +885,11 @@ class LocalPostgres:
             "# TYPE    DATABASE  USER  ADDRESS  METHOD",
             "local all all trust",
         ]
+        verify_client = self.tls is not None and self.tls.require_client_certificate
+        options = " clientcert=verify-full" if verify_client else ""
         if method != "trust":
-            lines += [f"{host_type} all +{MD5_AUTH_GROUP} {addr} md5" for addr in addresses]
-        lines += [f"{host_type} all all {addr} {method}" for addr in addresses]
+            lines += [f"{host_type} all +{MD5_AUTH_GROUP} {addr} md5{options}" for addr in addresses]
+        lines += [f"{host_type} all all {addr} {method}{options}" for addr in addresses]
         if self.tls is not None:
             lines += [f"host all all {addr} reject" for addr in addresses]
         self._write_file(datadir / "pg_hba.conf", "\n".join(lines) + "\n")

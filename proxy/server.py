@@ -49,7 +49,7 @@ from proxy.protocols.proxyheader import (
 )
 from proxy.sdnotify import Notifier
 from proxy.tcp import tune_socket
-from proxy.tlsconfig import CRLExpired, load_terminal_tls, upstream_context
+from proxy.tlsconfig import CRLExpired, UpstreamTLS, load_terminal_tls, upstream_context
 from proxy.tlstransport import accept_tls
 from proxy.workers import WorkerSlot
 
@@ -95,11 +95,13 @@ def build_statement_summaries(config: Config) -> StatementSummaries:
 
 
 def build_routes(config: Config, metrics: Metrics) -> dict[str, Route]:
-    return {name: _build_route(route, metrics) for name, route in config.routes.items()}
+    return {
+        name: _build_route(route, UpstreamTLS(upstream_context(route)), metrics)
+        for name, route in config.routes.items()
+    }
 
 
-def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
-    context = upstream_context(route)
+def _build_route(route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Route:
     server_parameters: dict[str, str] = {}
 
     async def connect(on_closed: Callable[[ServerConnection], None]) -> ServerConnection:
@@ -108,7 +110,7 @@ def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
             # defaults: the client encoding and string literals the proxy's parser reads.
             connection = await connect_server(
                 route,
-                context,
+                tls.context,
                 on_closed,
                 {
                     "application_name": SERVER_APPLICATION_NAME,
@@ -155,7 +157,7 @@ def _build_route(route: RouteConfig, metrics: Metrics) -> Route:
     pool: UpstreamPool[ServerConnection] = UpstreamPool(
         route.database, settings, connect, reset, upstream_changed
     )
-    return Route(config=route, pool=pool, tls=context, server_parameters=server_parameters)
+    return Route(config=route, pool=pool, tls=tls, server_parameters=server_parameters)
 
 
 # proxy-protocol.txt section 2: senders fit the header in one 536-byte segment; longer ones take more rounds.
@@ -302,6 +304,12 @@ class ProxyServer:
                 raise ConfigError([ConfigProblem("", "the configuration was not loaded from a file")])
             config = self._shape(load_config(source))
             terminal_tls = load_terminal_tls(config.tls)
+            # Built here, where a pair that changed on disk since the config check fails the reload whole.
+            upstream_contexts = {
+                name: upstream_context(route)
+                for name, route in config.routes.items()
+                if (current := self.routes.get(name)) is None or current.config != route
+            }
             review = self._review_log_for(config)
         except (ConfigError, OSError, ValueError) as exc:
             self.metrics.config_reloads_total.labels("failed").inc()
@@ -317,7 +325,7 @@ class ProxyServer:
             log.warning("reload_listen_unchanged", reason="listen settings take effect at restart")
         if config.limits.shared != self.config.limits.shared:
             log.warning("reload_shared_limits_unchanged", reason="limits.shared takes effect at restart")
-        self.routes = self._rebuild_routes(config)
+        self.routes = self._rebuild_routes(config, upstream_contexts)
         self.config = config
         self._terminal_tls = terminal_tls
         self._crl_stamp = _file_stamp(config.tls.crl)
@@ -386,6 +394,16 @@ class ProxyServer:
         self._audit("admin_disconnect", "success", store=store, terminal=terminal, sessions=cut, actor=actor)
         return cut
 
+    async def close_idle_server_connections(self, route: str, actor: str) -> int | None:
+        """Close a route's idle server connections (before a DROP DATABASE, say); None: no such route."""
+        found = self.routes.get(route)
+        if found is None:
+            return None
+        closed = found.pool.close_idle()
+        log.info("admin_close_idle", route=route, closed=closed, actor=actor)
+        self._audit("admin_close_idle", "success", route=route, closed=closed, actor=actor)
+        return closed
+
     async def request_reload(self, trigger: str) -> bool:
         return self.reload(trigger)
 
@@ -438,18 +456,33 @@ class ProxyServer:
     def _shape(self, config: Config) -> Config:
         return self._worker.shape(config) if self._worker is not None else config
 
-    def _rebuild_routes(self, config: Config) -> dict[str, Route]:
-        """Keep the pools of routes whose settings did not change; retire the others."""
+    def _rebuild_routes(
+        self, config: Config, upstream_contexts: Mapping[str, ssl.SSLContext | None]
+    ) -> dict[str, Route]:
+        """Keep the pools of routes whose settings did not change; retire the others. A route whose
+        client certificate alone changed keeps its pool: new server connections present the new pair,
+        those already open stay as they are (the server checked the certificate at their handshake)."""
         routes: dict[str, Route] = {}
         for name, route_config in config.routes.items():
             current = self.routes.get(name)
-            routes[name] = (
-                current
-                if current is not None and current.config == route_config
-                else _build_route(route_config, self.metrics)
-            )
+            if current is not None and current.config == route_config:
+                routes[name] = current
+            elif current is not None and current.config == dataclasses.replace(
+                route_config, client_certificate=current.config.client_certificate
+            ):
+                current.tls.context = upstream_contexts[name]
+                routes[name] = dataclasses.replace(current, config=route_config)
+                client = route_config.client_certificate
+                log.info(
+                    "upstream_client_certificate_reloaded",
+                    route=name,
+                    sslcert=str(client.cert) if client is not None else None,
+                )
+            else:
+                routes[name] = _build_route(route_config, UpstreamTLS(upstream_contexts[name]), self.metrics)
         for name, route in self.routes.items():
-            if routes.get(name) is not route:
+            kept = routes.get(name)
+            if kept is None or kept.pool is not route.pool:
                 # Sessions still using it give their connections back to a closing pool, which closes them.
                 self._spawn(route.pool.close())
         return routes

@@ -353,6 +353,14 @@ class Supervisor:
         answers = await self._fan_out("POST", f"/v1/terminals/{quoted}/disconnect", actor=actor)
         return sum(int(json.loads(body)["disconnected"]) for _, status, body in answers if status == 200)
 
+    async def close_idle_server_connections(self, route: str, actor: str) -> int | None:
+        """Every worker closes the route's idle server connections in its own pool."""
+        path = f"/v1/pools/{urllib.parse.quote(route, safe='')}/close-idle"
+        answers = await self._fan_out("POST", path, actor=actor)
+        if answers and all(status == 404 for _, status, _ in answers):
+            return None
+        return sum(int(json.loads(body)["closed"]) for _, status, body in answers if status == 200)
+
     async def request_reload(self, trigger: str) -> bool:
         """Every running worker re-reads the configuration (one that is restarting reads it as it starts)."""
         self._notifier.reloading()

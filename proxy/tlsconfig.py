@@ -106,11 +106,18 @@ def load_crl(crl_path: Path, ca_path: Path) -> LoadedCRL:
 
 
 def upstream_context(route: RouteConfig) -> ssl.SSLContext | None:
-    """Client-side context for server connections, following libpq's sslmode meanings."""
+    """Client-side context for server connections, following libpq's sslmode meanings, presenting
+    the route's client certificate when it has one. Raises ssl.SSLError or OSError when the files
+    changed since the config check into something unusable."""
     if route.sslmode is SSLMode.DISABLE:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    client = route.client_certificate
+    if client is not None:
+        passphrase = client.password.reveal() if client.password is not None else ""
+        # A callable, not the string: with none given, OpenSSL would prompt on the terminal for one.
+        context.load_cert_chain(client.cert, client.key, password=lambda: passphrase)
     if route.sslmode is SSLMode.REQUIRE:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -120,3 +127,17 @@ def upstream_context(route: RouteConfig) -> ssl.SSLContext | None:
     context.check_hostname = route.sslmode is SSLMode.VERIFY_FULL
     context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+class UpstreamTLS:
+    """The TLS context a route's new server connections (and cancel requests) use.
+
+    Mutable on purpose: a reload that only rotates the route's client certificate puts the new
+    context here, so the pool, its idle connections and the sessions holding the route all go on,
+    and every connection opened from then on presents the new pair.
+    """
+
+    __slots__ = ("context",)
+
+    def __init__(self, context: ssl.SSLContext | None) -> None:
+        self.context = context

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -160,3 +162,68 @@ def test_admin_cli_talks_to_the_api(admin_proxy: tuple[ProxyProcess, int], tmp_p
     )
     assert denied.returncode == 1
     assert "HTTP 401" in denied.stderr
+
+
+def test_close_idle_lets_an_operator_drop_a_routed_database(
+    start_proxy: StartProxy,
+    base_config: dict[str, Any],
+    pg_cluster: Any,
+    terminal_pki: TerminalPKI,
+    tmp_path: Path,
+) -> None:
+    """The pool keeps idle server connections to the route's database, which DROP DATABASE waits
+    for and then refuses; `pos-proxy admin close-idle ROUTE` closes them, lent ones go on."""
+    database = f"scratch_{secrets.token_hex(4)}"
+    superuser = psycopg.connect(
+        **pg_cluster.connect_kwargs(user="postgres", dbname="postgres"), autocommit=True
+    )
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(TOKEN, encoding="utf-8")
+    port = free_port()
+    try:
+        superuser.execute(f'CREATE DATABASE "{database}" OWNER pos_proxy')
+        route = {
+            **base_config["routes"]["pos"],
+            "dbname": database,
+            "pool": {"mode": "transaction", "size": 2},
+        }
+        proxy = start_proxy(
+            admin={"host": "127.0.0.1", "port": port, "token": {"file": str(token_file)}},
+            routes={"scratch": route},
+        )
+        proxy.wait_for_event("admin_listening")
+        with (
+            psycopg.connect(
+                **proxy.conninfo(terminal_pki.cashier, terminal_pki.ca, dbname="scratch")
+            ) as lent,
+            psycopg.connect(
+                **proxy.conninfo(terminal_pki.manager, terminal_pki.ca, dbname="scratch"), autocommit=True
+            ) as finished,
+        ):
+            lent.execute("SELECT 1")  # psycopg's BEGIN: a transaction holds its server connection
+            finished.execute("SELECT 1")  # done: its server connection is idle in the pool
+            status, body = _call(port, "/v1/pools/scratch/close-idle", method="POST")
+            assert (status, json.loads(body)) == (200, {"route": "scratch", "closed": 1})
+            assert lent.execute("SELECT 2").fetchone() == (2,)
+            lent.commit()
+        # The lent one is idle in the pool now: the server waits 5 s for it to go, then refuses.
+        with pytest.raises(psycopg.errors.ObjectInUse):
+            superuser.execute(f'DROP DATABASE "{database}"')
+        cli = subprocess.run(
+            [
+                *(sys.executable, "-m", "proxy", "admin", "--url", f"http://127.0.0.1:{port}"),
+                *("--token-file", str(token_file), "close-idle", "scratch"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert json.loads(cli.stdout) == {"route": "scratch", "closed": 1}
+        superuser.execute(f'DROP DATABASE "{database}"')
+        assert [r["closed"] for r in proxy.log_events() if r.get("event") == "admin_close_idle"] == [1, 1]
+        assert _call(port, "/v1/pools/nope/close-idle", method="POST")[0] == 404
+    finally:
+        superuser.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        superuser.close()

@@ -141,6 +141,15 @@ def test_both_workers_serve_and_the_admin_api_and_metrics_add_them_up(
             1,
             2,
         }
+    # Each worker closes the idle server connections of its own share of the pool; the answer adds them up.
+    closed = _admin(proxy, "/v1/pools/pos/close-idle", "POST")
+    by_worker = {
+        record["worker"]: record["closed"]
+        for record in proxy.log_events()
+        if record.get("event") == "admin_close_idle"
+    }
+    assert set(by_worker) == {1, 2}
+    assert closed == {"route": "pos", "closed": sum(by_worker.values())}
     assert _metric(proxy, "pos_proxy_client_connections_total", role="cashier") == CLIENTS
     assert _metric(proxy, "pos_proxy_workers_alive") == WORKERS
     assert _metric(proxy, "pos_proxy_config_reloads_total", result="ok") == WORKERS

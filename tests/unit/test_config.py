@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
 
+from proxy import certs
 from proxy.config import (
     AdminConfig,
     Config,
@@ -483,6 +485,116 @@ def test_missing_sslrootcert_file_is_reported_once(base: Path) -> None:
     ]
 
 
+# --- the route's client certificate (libpq's sslcert, sslkey, sslpassword) ---------------------------------
+
+
+@pytest.fixture
+def client_pairs(base: Path) -> tuple[certs.IssuedCert, certs.IssuedCert]:
+    """Two client certificates with their keys, under base/db-client."""
+    pki = base / "db-client"
+    certs.init_ca(pki, common_name="test database client CA")
+    return tuple(  # type: ignore[return-value]
+        certs.issue_terminal(pki, store="db", terminal=name, role="pos_proxy") for name in ("one", "two")
+    )
+
+
+def _encrypt_key(source: Path, target: Path, passphrase: str) -> Path:
+    key = serialization.load_pem_private_key(source.read_bytes(), password=None)
+    target.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase.encode()),
+        )
+    )
+    return target
+
+
+def test_route_presents_the_named_client_certificate(
+    base: Path, client_pairs: tuple[certs.IssuedCert, certs.IssuedCert]
+) -> None:
+    pair = client_pairs[0]
+    route = parse(with_route(sslcert=str(pair.cert_path), sslkey=str(pair.key_path)), base).routes["pos"]
+    client = route.client_certificate
+    assert client is not None
+    assert (client.cert, client.key, client.password) == (pair.cert_path, pair.key_path, None)
+
+
+def test_client_key_passphrase_is_a_secret_reference(
+    base: Path, client_pairs: tuple[certs.IssuedCert, certs.IssuedCert]
+) -> None:
+    pair = client_pairs[0]
+    key = _encrypt_key(pair.key_path, base / "encrypted.key", PASSWORD)
+    (base / "key-passphrase").write_text(PASSWORD + "\n")
+    data = with_route(sslcert=str(pair.cert_path), sslkey=str(key), sslpassword={"file": "key-passphrase"})
+    client = parse(data, base).routes["pos"].client_certificate
+    assert client is not None and client.password == Secret(PASSWORD)
+    # Inline, like a password: refused without echoing it.
+    data["routes"]["pos"]["sslpassword"] = PASSWORD
+    found = problems(data, base)
+    assert found == [
+        "routes.pos.sslpassword: put secrets in {env: NAME}, {file: PATH} or {credential: NAME}, "
+        "not in the config file"
+    ]
+
+
+def test_client_certificate_problems_name_the_route_key(
+    base: Path, client_pairs: tuple[certs.IssuedCert, certs.IssuedCert]
+) -> None:
+    one, two = client_pairs
+    cert, key = str(one.cert_path), str(one.key_path)
+    encrypted = _encrypt_key(one.key_path, base / "encrypted.key", PASSWORD)
+    (base / "wrong-passphrase").write_text("not it")
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"sslcert": cert}, "routes.pos.sslkey: required when sslcert is set"),
+        ({"sslkey": key}, "routes.pos.sslcert: required when sslkey is set"),
+        ({"sslcert": "gone.crt", "sslkey": key}, f"routes.pos.sslcert: file not found: {base / 'gone.crt'}"),
+        ({"sslcert": cert, "sslkey": "gone.key"}, f"routes.pos.sslkey: file not found: {base / 'gone.key'}"),
+        (
+            {"sslcert": cert, "sslkey": str(two.key_path)},
+            f"routes.pos.sslkey: {two.key_path} is not the key of {one.cert_path}",
+        ),
+        ({"sslcert": key, "sslkey": key}, f"routes.pos.sslcert: {one.key_path} holds no PEM certificate"),
+        (
+            {"sslcert": cert, "sslkey": cert},
+            f"routes.pos.sslkey: {one.cert_path} holds no PEM private key, "
+            "or one encrypted with a passphrase (set sslpassword)",
+        ),
+        (
+            {"sslcert": cert, "sslkey": str(encrypted)},
+            f"routes.pos.sslkey: {encrypted} holds no PEM private key, "
+            "or one encrypted with a passphrase (set sslpassword)",
+        ),
+        (
+            {"sslcert": cert, "sslkey": str(encrypted), "sslpassword": {"file": "wrong-passphrase"}},
+            f"routes.pos.sslkey: {encrypted} holds no PEM private key that sslpassword opens",
+        ),
+        (
+            {"sslcert": cert, "sslkey": key, "sslmode": "disable"},
+            "routes.pos.sslcert: needs TLS, but sslmode is disable",
+        ),
+    ]
+    for keys, expected in cases:
+        assert problems(with_route(**keys), base) == [expected], keys
+
+
+def test_client_certificate_rotated_in_place_is_a_changed_route(
+    base: Path, client_pairs: tuple[certs.IssuedCert, certs.IssuedCert]
+) -> None:
+    one, two = client_pairs
+    cert, key = base / "client.crt", base / "client.key"
+    shutil.copyfile(one.cert_path, cert)
+    shutil.copyfile(one.key_path, key)
+    data = with_route(sslcert="client.crt", sslkey="client.key")
+    before = parse(data, base).routes["pos"]
+    assert parse(data, base).routes["pos"] == before
+    shutil.copyfile(two.cert_path, cert)
+    shutil.copyfile(two.key_path, key)
+    after = parse(data, base).routes["pos"]
+    assert after != before
+    assert after == dataclasses.replace(before, client_certificate=after.client_certificate)
+
+
 # --- identity ---------------------------------------------------------------------------------------------
 
 
@@ -774,7 +886,7 @@ def test_example_config_loads(tmp_path: Path) -> None:
         (IdentitySource, ()),
         (RoleConfig, ("name", "policy_file")),
         (PoolConfig, ()),
-        (RouteConfig, ("database",)),
+        (RouteConfig, ("database", "client_certificate")),
         (PolicySettings, ()),
         (AdminConfig, ()),
         (LimitsConfig, ()),
@@ -788,6 +900,12 @@ def test_example_config_shows_every_key(schema: type, not_keys: tuple[str, ...])
         if field.name not in not_keys:
             # Optional sections the example leaves commented out (limits.shared) count as shown.
             assert re.search(rf"^\s*(#\s*)?(- )?{field.name}:", text, re.MULTILINE), field.name
+
+
+def test_example_config_shows_the_route_client_certificate_keys() -> None:
+    text = EXAMPLE.read_text()
+    for key in ("sslcert", "sslkey", "sslpassword"):
+        assert re.search(rf"^\s*# {key}:", text, re.MULTILINE), key
 
 
 def test_example_shared_limits_section_parses_once_uncommented(base: Path) -> None:

@@ -645,6 +645,20 @@ async def test_recycle_closes_idle_past_idle_timeout_but_keeps_min_idle(
     assert len(backend.opened) == 3
 
 
+async def test_close_idle_closes_only_idle_connections_and_frees_their_slots(make_pool: MakePool) -> None:
+    pool = make_pool(size=3)
+    lent, a, b = [await pool.acquire() for _ in range(3)]
+    for connection in (a, b):
+        await release_and_wait(pool, connection)
+
+    assert pool.close_idle() == 2
+
+    assert (a.closed, b.closed, lent.closed) == (True, True, False)
+    assert (pool.stats().idle, pool.stats().active) == (0, 1)
+    assert not (await pool.acquire()).closed  # a slot freed: a new connection
+    assert pool.close_idle() == 0
+
+
 async def test_recycle_keeps_connections_idle_for_less_than_idle_timeout(make_pool: MakePool) -> None:
     pool = make_pool(size=3, idle_timeout=10)
     a, b = await pool.acquire(), await pool.acquire()

@@ -77,7 +77,7 @@ from proxy.protocols.postgres.upstream import (
     UpstreamConnectError,
     send_cancel,
 )
-from proxy.tlsconfig import POSTGRES_ALPN
+from proxy.tlsconfig import POSTGRES_ALPN, UpstreamTLS
 
 log = structlog.get_logger("pos_proxy.session")
 
@@ -86,7 +86,7 @@ log = structlog.get_logger("pos_proxy.session")
 class Route:
     config: RouteConfig
     pool: UpstreamPool[ServerConnection]
-    tls: ssl.SSLContext | None
+    tls: UpstreamTLS
     # What the server reported at startup, for answering terminals without a server connection.
     server_parameters: dict[str, str] = field(default_factory=dict)
     # Read on every hand-over: an attribute of its own, not three lookups into the configuration.
@@ -1755,6 +1755,6 @@ class _ServerRequest:
 
 async def _deliver_cancel(route: Route, backend_key: tuple[int, int]) -> None:
     try:
-        await send_cancel(route.config, route.tls, backend_key)
+        await send_cancel(route.config, route.tls.context, backend_key)
     except UpstreamConnectError as exc:
         log.warning("cancel_failed", route=route.config.database, error=str(exc))
