@@ -9,6 +9,12 @@ buffer they ever held for the connection's life, nor a plain event-loop transpor
 "Idle memory without uvloop's TLS layer"). On the busy server connections the gain is time: a read
 takes one record off the socket, where uvloop's layer copies through a memory BIO and ends every read
 with an SSLWantReadError (docs/performance.md, "server connections on the proxy's TLS layer").
+
+The event loop's readability watch is level-triggered only while the socket holds no error: libuv
+(under uvloop) reports a socket error (POLLERR: a reset, a keepalive or user timeout) to the reader
+once and then drops the watch for good. A reader that stops early there, trusting to be called again
+for the rest, never learns that the peer is gone; so every read checks for that error (see
+``_socket_failed``) and, once it is there, reads the socket to its end by itself.
 """
 
 from __future__ import annotations
@@ -180,6 +186,7 @@ class TLSTransport(asyncio.Transport):
         "_read_wants_write",
         "_reader",
         "_shutdown_timeout",
+        "_socket_error",
         "_sslobj",
         "_sslsock",
         "_started",
@@ -221,6 +228,9 @@ class TLSTransport(asyncio.Transport):
         self._input_ended = False  # the application has had its eof_received
         # SSL_read must write first (a KeyUpdate answer) and the socket is full.
         self._read_wants_write = False
+        # The socket's pending error (SO_ERROR, taken off it once seen): the event loop may never
+        # report this socket again, so what is left on it is read without waiting to be told.
+        self._socket_error = 0
         # Unsent data: the record OpenSSL was last refused (it must be offered again as it was),
         # then what was written after it. Both None while nothing waits.
         self._in_flight: bytes | memoryview | None = None
@@ -305,6 +315,7 @@ class TLSTransport(asyncio.Transport):
         data = b""
         more: list[bytes] | None = None  # several records at once, as pipelined messages come
         budget = READ_BUDGET
+        failure: OSError | None = None
         try:
             while chunk := read(READ_SIZE):
                 if not data:
@@ -314,17 +325,23 @@ class TLSTransport(asyncio.Transport):
                 else:
                     more.append(chunk)
                 budget -= len(chunk)
+                if budget <= 0:
+                    break
                 # A record shorter than the most a record holds is the end of what the peer wrote,
                 # nearly always: reading on would end in SSLWantReadError (about 1.9 us, and asking
                 # the kernel with FIONREAD 1.2 us, a tenth of a small round trip). Records that
                 # do follow it are still on the socket, and the event loop reports it readable
-                # again (add_reader watches the level, not the edge).
-                if budget <= 0 or len(chunk) < READ_SIZE:
+                # again (add_reader watches the level, not the edge), unless the socket has failed
+                # (0.6 us to ask): then this may be the last call, and the rest is read now.
+                if len(chunk) < READ_SIZE and not self._socket_failed():
                     break
             else:
                 self._peer_done = True  # close_notify, or a TCP EOF (OP_IGNORE_UNEXPECTED_EOF)
         except ssl.SSLWantReadError:
-            pass  # nothing more on the socket, or the rest of a record is still on its way
+            # Nothing more on the socket, or the rest of a record is still on its way. After a
+            # socket error the event loop may not say when it comes: the connection is not usable.
+            if self._socket_error:
+                failure = OSError(self._socket_error, os.strerror(self._socket_error))
         except ssl.SSLWantWriteError:
             # OpenSSL must answer first (a TLS 1.3 KeyUpdate) and the socket is full: read again
             # once it can write.
@@ -345,19 +362,36 @@ class TLSTransport(asyncio.Transport):
                 # As asyncio's transports do: the connection ends, and the event loop's handler logs it.
                 self._finish(exc)
                 raise
-        if self._peer_done:
+        if failure is not None:
+            self._finish(failure)
+        elif self._peer_done:
             self._unwatch_read()
             if self._wants_data():
                 self._end_input()  # if what it just got paused the application: on resume
-        elif budget <= 0 and self._sslobj.pending():
-            # Only with reads smaller than a record: no readable event will come for the rest.
+        elif budget <= 0 and (self._sslobj.pending() or self._socket_failed()):
+            # Reads smaller than a record left the rest inside OpenSSL, or the socket failed: no
+            # readable event may come for what remains.
             self._loop.call_soon(self._read_held)
 
+    def _socket_failed(self) -> bool:
+        """Whether the socket has had an error (a reset, a timeout), taking it off the socket.
+
+        libuv ends its watch on a socket at the first POLLERR, after one last call of the reader, so
+        under uvloop a reader that leaves anything unread then is never called again. POLLERR on a
+        TCP socket is exactly a pending SO_ERROR. Taking the error clears POLLERR: the socket's
+        records are then read as usual, then its end (recv returns 0: the connection is closed),
+        which OpenSSL reports as the peer's end.
+        """
+        if not self._socket_error and self._fd >= 0:
+            self._socket_error = self._sslsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return self._socket_error != 0
+
     def _read_held(self) -> None:
-        """What OpenSSL decrypted but did not hand on, or the peer's end, after a pause."""
+        """What OpenSSL decrypted but did not hand on, what a failed socket still holds, or the
+        peer's end, after a pause."""
         if not self._wants_data():
             return
-        if self._sslobj.pending():
+        if self._sslobj.pending() or (self._socket_error and not self._peer_done):
             self._on_readable()
         elif self._peer_done:
             self._end_input()

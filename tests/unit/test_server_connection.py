@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import cast
 
 import pytest
 
@@ -20,12 +20,13 @@ class Transport:
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
+        self.closed = False
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
     def resume_reading(self) -> None:
         pass
@@ -61,14 +62,22 @@ class Peer:
         pass
 
 
-def _lent_connection_after_a_query(*, transaction_pooling: bool = False) -> tuple[ServerConnection, Peer]:
+def _lent_connection_after_a_query(
+    *,
+    transaction_pooling: bool = False,
+    transport: Transport | None = None,
+    closed: list[object] | None = None,
+) -> tuple[ServerConnection, Peer]:
+    """A server connection lent to a peer, its query sent; ``closed`` collects what the pool is told."""
     route = RouteConfig(
         database="pos", host="127.0.0.1", port=5432, dbname="pos", user="pos_proxy",
         sslmode=SSLMode.DISABLE, pool=PoolConfig(),
     )  # fmt: skip
-    server = ServerConnection(route, on_closed=lambda _connection: None)
-    transport: Any = Transport()
-    server.connection_made(transport)
+    server = ServerConnection(
+        route, on_closed=closed.append if closed is not None else lambda _connection: None
+    )
+    transport = transport or Transport()
+    server.connection_made(cast(asyncio.Transport, transport))
     peer = Peer(lets_go_between_transactions=transaction_pooling)
     server.attach(peer)
     query = m.build_query("SELECT 1")
@@ -134,6 +143,25 @@ def test_a_fatal_with_the_client_s_work_in_flight_reaches_the_client_under_trans
     assert peer.data == fatal
     assert server.fatal_passed_on
     assert peer.events == []
+
+
+@pytest.mark.parametrize("transaction_pooling", [False, True], ids=["session", "transaction"])
+def test_a_fatal_passed_on_ends_the_server_connection_without_waiting_for_the_servers_close(
+    transaction_pooling: bool,
+) -> None:
+    # The server's own close may never reach the proxy (a dead link; a reset the event loop did not
+    # report): the terminal, told FATAL, must not wait for it, nor the pool lend the connection on.
+    closed: list[object] = []
+    transport = Transport()
+    server, peer = _lent_connection_after_a_query(
+        transaction_pooling=transaction_pooling, transport=transport, closed=closed
+    )
+    fatal = m.build_error_response("FATAL", "57P01", "terminating connection due to administrator command")
+    server.data_received(m.build_message(b"T", b"\x00\x00") + fatal)
+    assert peer.data.endswith(fatal)
+    assert server.closed and transport.closed
+    assert closed == [server]  # the pool forgets it
+    assert transport.written[-1] == m.build_terminate()
 
 
 def test_a_fatal_to_an_idle_connection_in_the_pool_keeps_it_from_the_next_client() -> None:

@@ -15,6 +15,7 @@ import inspect
 import os
 import socket
 import ssl
+import struct
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import closing, suppress
@@ -34,6 +35,11 @@ pytestmark = pytest.mark.timeout(60)
 # Every wait on a peer in these tests is bounded by this.
 IO_TIMEOUT = 5.0
 BIG = 200 * 1024  # over 64 KiB: many records, and more than one plain read or write
+
+
+def reset_on_close(sock: socket.socket | Any) -> None:
+    """SO_LINGER 0: closing ``sock`` sends a reset (RST) instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -687,7 +693,7 @@ async def test_a_peer_that_resets_the_connection_is_connection_lost_once(
     listener: socket.socket, pki: PKI
 ) -> None:
     client, transport, app = await establish(listener, pki)
-    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    reset_on_close(client.sock)
     client.sock.close()  # linger 0: RST
     await app.until(lambda: len(app.lost) == 1, "connection_lost")
     transport.write(b"too late")
@@ -789,7 +795,7 @@ async def test_a_peer_that_resets_during_a_buffered_write_is_connection_lost_wit
 ) -> None:
     client, transport, app = await establish(listener, pki)
     write_until(transport, lambda: "pause_writing" in app.events)
-    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    reset_on_close(client.sock)
     client.sock.close()  # linger 0: RST, with the server's records unread
     await app.until(lambda: len(app.lost) == 1, "connection_lost")
     assert isinstance(app.lost[0], OSError)
@@ -896,9 +902,7 @@ async def test_a_connection_reset_before_the_handshake_raises_connection_error_a
     so nothing closes the new SSLSocket but its deallocation), or, if the reset was already reported
     to an earlier call, makes an SSLSocket without an SSL object (_sslobj None): AttributeError."""
     connection = await open_connection(listener, client_context(pki, pki.terminal), App())
-    connection.client.sock.setsockopt(
-        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-    )
+    reset_on_close(connection.client.sock)
     connection.client.sock.close()  # linger 0: RST
     await asyncio.sleep(0.05)
     server_sock = connection.server_sock
@@ -994,3 +998,62 @@ async def test_connect_tls_to_a_server_of_another_name_fails_verification(
     with pytest.raises((ssl.SSLError, ConnectionError)):  # the client's alert, or its closed socket
         await asyncio.wait_for(accepting, IO_TIMEOUT)
     assert client_app.events == []
+
+
+@pytest.mark.parametrize("read_budget", [tlstransport.READ_BUDGET, 100], ids=["budget", "a record an event"])
+@pytest.mark.parametrize("records", [1, 3])
+@on_each_loop
+async def test_records_and_a_reset_that_arrive_together_are_all_delivered_then_connection_lost(
+    listener: socket.socket, pki: PKI, monkeypatch: pytest.MonkeyPatch, records: int, read_budget: int
+) -> None:
+    """A database server's FATAL with a reset right behind it, both on the socket before the proxy's
+    event loop looks: a backend ended (pg_terminate_backend, a fast shutdown) with the proxy's next
+    message unread in its socket, while the proxy was busy. libuv reports a socket error to uvloop's
+    reader once and then stops watching the socket: the reader took the FATAL, stopped at its short
+    record as a level-triggered watch allows, and was never called again; the session hung."""
+    monkeypatch.setattr(tlstransport, "READ_BUDGET", read_budget)
+    connecting, accepting, proxy_app, _server_app = await connect_both_ends(listener, pki, "localhost")
+    _, server = await asyncio.wait_for(asyncio.gather(connecting, accepting), IO_TIMEOUT)
+    await asyncio.sleep(0.05)  # both ends reading
+    messages = [bytes([index]) * 200 for index in range(records)]
+    reset_on_close(server.get_extra_info("socket"))
+    for message in messages:
+        server.write(message)  # a record each, sent at once
+    server.abort()  # the reset, in the same pass of the event loop
+    await proxy_app.until(lambda: bool(proxy_app.lost), "connection_lost")
+    assert proxy_app.received == b"".join(messages)
+    await asyncio.sleep(0.05)
+    assert proxy_app.events.count("connection_lost") == 1
+
+
+@on_each_loop
+async def test_records_before_a_reset_reach_an_application_that_pauses_after_each(
+    listener: socket.socket, pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the reset is seen, what is left on the socket is read on resume without a readable event."""
+    monkeypatch.setattr(tlstransport, "READ_BUDGET", 100)
+    connection = await open_connection(listener, client_context(pki, None), App())
+    proxy_app = App(pause_on_data=True)
+    connecting = connect_tls(
+        connection.client.sock,
+        proxy_app,
+        client_context(pki, None),
+        server_hostname="localhost",
+        handshake_timeout=IO_TIMEOUT,
+        shutdown_timeout=1.0,
+    )
+    accepting = accept(connection, pki, verify_mode=ssl.CERT_NONE)
+    proxy_side, server = await asyncio.wait_for(asyncio.gather(connecting, accepting), IO_TIMEOUT)
+    await asyncio.sleep(0.05)
+    messages = [bytes([index]) * 200 for index in range(3)]
+    reset_on_close(server.get_extra_info("socket"))
+    for message in messages:
+        server.write(message)
+    server.abort()
+    for chunks in range(1, len(messages) + 1):
+        await proxy_app.until(lambda: proxy_app.chunks == chunks, "the next record")  # noqa: B023
+        await asyncio.sleep(0.02)
+        assert proxy_app.chunks == chunks, "data delivered while paused"
+        proxy_side.resume_reading()
+    await proxy_app.until(lambda: bool(proxy_app.lost), "connection_lost")
+    assert proxy_app.received == b"".join(messages)

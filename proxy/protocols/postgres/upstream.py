@@ -284,6 +284,11 @@ class ServerConnection(asyncio.Protocol):
             peer.server_ready()
             if (self.saying_goodbye or (status == b"I" and self.is_clean)) and self._peer is peer:
                 peer.server_idle()  # the pool closes a connection saying goodbye instead of lending it
+        if self.fatal_passed_on and not self.closed:
+            # The server closes the connection after its FATAL (protocol 55.2.9): end it here rather
+            # than wait for that close, which a dead link or a lost reset may never bring. The client
+            # then gets the end of its connection (server_lost) right behind the FATAL.
+            self.close()
 
     def _receive_detached(self, buffer: bytes, frames: list[m.Frame]) -> None:
         for kind, start, end in frames:
