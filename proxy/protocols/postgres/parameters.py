@@ -140,10 +140,7 @@ class SessionParameters:
         for name in server.changed_settings:
             if name not in wanted:
                 return True
-        for name, value in wanted.items():
-            if not server.has_setting(name, value):
-                return True
-        return False
+        return not all(server.has_setting(name, value) for name, value in wanted.items())
 
     async def apply(self, server: ServerConnection, timeout: float) -> None:
         """Bring ``server`` to this client's full set: the route's values, overlaid with its own."""
