@@ -58,7 +58,7 @@ Resetter = Callable[[C], Awaitable[bool]]
 Probe = Callable[[], Awaitable[None]]
 # How often an idle pool with no server connection probes its server (and how long a probe's
 # answer stands for readiness checks).
-DEFAULT_PROBE_INTERVAL = 2.0
+DEFAULT_PROBE_INTERVAL = 5.0
 
 
 class ServerUnreachable(Exception):

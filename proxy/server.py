@@ -428,7 +428,7 @@ class ProxyServer:
         pos_proxy_upstream_up follows the same breaker, so the two always agree: a route is
         unreachable from a failed connect until one succeeds; a pool with no server connection to
         vouch for its server probes it with a TCP connect (each maintenance tick, and here, at most
-        every couple of seconds), so a quiet outage trips the breaker too.
+        every few seconds), so a quiet outage trips the breaker too.
         """
         routes = {
             name: "reachable" if await route.pool.check_upstream() else "unreachable"
