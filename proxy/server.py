@@ -156,7 +156,8 @@ def _build_route(route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Rout
     )
 
     async def probe() -> None:
-        """A TCP connect to the server, closed at once: no backend starts, nothing is logged."""
+        """A TCP connect to the server, closed before a startup packet: no backend starts (PostgreSQL
+        logs it only under log_connections)."""
         try:
             sock = await open_socket(route, min(route.pool.connect_timeout, _UPSTREAM_PROBE_TIMEOUT))
         except UpstreamConnectError as exc:
