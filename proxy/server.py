@@ -19,7 +19,15 @@ import structlog
 
 from proxy.admin import AdminListener, AdminServer
 from proxy.auditwriter import AuditLog
-from proxy.config import Config, ConfigError, ConfigProblem, ExpiredCRLAction, RouteConfig, load_config
+from proxy.config import (
+    AdminConfig,
+    Config,
+    ConfigError,
+    ConfigProblem,
+    ExpiredCRLAction,
+    RouteConfig,
+    load_config,
+)
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.eventloop import log_unhandled_error
 from proxy.limits import Limiter, SourceRateLimiter
@@ -147,6 +155,15 @@ def _build_route(route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Rout
         retry_max_delay=route.pool.connect_retry_max_delay,
     )
 
+    async def probe() -> None:
+        """A TCP connect to the server, closed before a startup packet: no backend starts (PostgreSQL
+        logs it only under log_connections)."""
+        try:
+            sock = await open_socket(route, min(route.pool.connect_timeout, _UPSTREAM_PROBE_TIMEOUT))
+        except UpstreamConnectError as exc:
+            raise ServerUnreachable(str(exc)) from exc
+        sock.close()
+
     def upstream_changed(up: bool) -> None:
         metrics.upstream_up.labels(route.database).set(1 if up else 0)
         if not up:
@@ -155,7 +172,7 @@ def _build_route(route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Rout
     metrics.upstream_up.labels(route.database).set(1)
     metrics.upstream_down_total.labels(route.database)
     pool: UpstreamPool[ServerConnection] = UpstreamPool(
-        route.database, settings, connect, reset, upstream_changed
+        route.database, settings, connect, reset, upstream_changed, probe=probe
     )
     return Route(config=route, pool=pool, tls=tls, server_parameters=server_parameters)
 
@@ -163,7 +180,7 @@ def _build_route(route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Rout
 # proxy-protocol.txt section 2: senders fit the header in one 536-byte segment; longer ones take more rounds.
 _HEADER_PEEK_SIZE = 536
 _RELOADABLE = ("tls", "identity", "roles", "routes", "policy", "limits", "admin")
-_READINESS_CACHE = 2.0
+_UPSTREAM_PROBE_TIMEOUT = 2.0
 _EXPIRED_CRL_ALARM_INTERVAL = 60.0
 
 
@@ -227,7 +244,6 @@ class ProxyServer:
         self._notifier = Notifier({}) if worker is not None else Notifier()
         self._source_limiter = SourceRateLimiter(config.limits.source_connections)
         # Per route: when its server was last probed with a TCP connect, and the answer.
-        self._probes: dict[str, tuple[float, str]] = {}
         self._note_crl()
 
     @property
@@ -408,27 +424,19 @@ class ProxyServer:
         return self.reload(trigger)
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Listener up and every route's server reachable.
+        """Listener up and every route's server reachable, as its pool's breaker says.
 
-        A route whose pool has seen its server go down (the breaker) is unready at once, and ready again
-        as soon as a connect succeeds; otherwise live connections say it is reachable, and a route with
-        none is probed with a TCP connect, cached briefly so probes stay cheap.
+        pos_proxy_upstream_up follows the same breaker, so the two always agree: a route is
+        unreachable from a failed connect until one succeeds; a pool with no server connection to
+        vouch for its server probes it with a TCP connect (each maintenance tick, and here, at most
+        every few seconds), so a quiet outage trips the breaker too.
         """
-        routes = {name: await self._route_status(name, route) for name, route in self.routes.items()}
+        routes = {
+            name: "reachable" if await route.pool.check_upstream() else "unreachable"
+            for name, route in self.routes.items()
+        }
         ready = self._listener is not None and all(status == "reachable" for status in routes.values())
         return ready, {"listener": self._listener is not None, "routes": routes}
-
-    async def _route_status(self, name: str, route: Route) -> str:
-        stats = route.pool.stats()
-        if not stats.upstream_up:
-            return "unreachable"
-        if stats.idle or stats.active:
-            return "reachable"
-        now = time.monotonic()
-        probed = self._probes.get(name)
-        if probed is None or now - probed[0] >= _READINESS_CACHE:
-            probed = self._probes[name] = (now, await _route_reachable(route))
-        return probed[1]
 
     async def metrics_text(self) -> bytes:
         """Gauges sampled now from the pools and caches, then everything rendered."""
@@ -439,6 +447,7 @@ class ProxyServer:
             metrics.pool_server_connections.labels(name, "idle").set(stats.idle)
             metrics.pool_server_connections.labels(name, "opening").set(stats.opening)
             metrics.pool_clients_waiting.labels(name).set(stats.waiting)
+        self._sample_long_statements()
         statements = self._environment.statement_stats
         cache = metrics.prepared_statement_cache_total
         cache.labels("hit").inc(statements.hits - self._reported_hits)
@@ -452,6 +461,17 @@ class ProxyServer:
             metrics.audit_write_errors_total.inc(errors - self._reported_audit[1])
             self._reported_audit = (written, errors)
         return metrics.render()
+
+    def _sample_long_statements(self) -> None:
+        threshold = (self.config.admin or AdminConfig()).long_statement_after
+        now = time.perf_counter()
+        running_long = dict.fromkeys(self.routes, 0)
+        for session in self._registry.live:
+            route = session.route_name
+            if route in running_long and session.running_for(now) > threshold:
+                running_long[route] += 1
+        for route, count in running_long.items():
+            self.metrics.statements_running_long.labels(route).set(count)
 
     def _shape(self, config: Config) -> Config:
         return self._worker.shape(config) if self._worker is not None else config
@@ -819,6 +839,7 @@ class ProxyServer:
                 sqlstate=_PLAINTEXT_REFUSAL.sqlstate,
                 reason="plaintext startup",
             )
+            self.metrics.client_error("proxy", _PLAINTEXT_REFUSAL.sqlstate)
             await loop.sock_sendall(
                 sock,
                 m.build_error_response(
@@ -900,16 +921,6 @@ def _close_unless_handed_over(sock: socket.socket, _task: asyncio.Task[None]) ->
     in the same burst of accepts) never reached the code that closes its socket."""
     if sock.fileno() != -1:
         sock.close()
-
-
-async def _route_reachable(route: Route) -> str:
-    try:
-        sock = await open_socket(route.config, min(route.config.pool.connect_timeout, _READINESS_CACHE))
-    except UpstreamConnectError as exc:
-        log.info("route_unreachable", route=route.config.database, error=str(exc))
-        return "unreachable"
-    sock.close()
-    return "reachable"
 
 
 async def _peek_byte(sock: socket.socket) -> int | None:

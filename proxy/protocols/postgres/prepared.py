@@ -179,6 +179,10 @@ class ServerState:
     # proxy cannot vouch for what is there. Whether that Parse ran is certain only later in its
     # cycle, or once every reply is in with no error (an error clears this).
     unnamed: Statement | None = None
+    # An ErrorResponse went through the reply filter since the client session last looked: it counts
+    # them by SQLSTATE and shows the proxy's own as such (refusal.read_error). Errors are rare, so
+    # the session looks again only when this is set.
+    errors_seen: bool = False
 
     def forget_unnamed(self) -> None:
         """The server's unnamed statement is gone or unknown (a simple Query, a reset)."""
@@ -505,6 +509,7 @@ def filter_server_messages(
         if kind == _ERROR:
             # The error may be of the Parse that filled the unnamed statement (or of one before it).
             server.unnamed = None
+            server.errors_seen = True
             if not (head.ends_cycle and not head.sync):
                 # Not a simple Query's own error: the server now skips everything up to Sync (55.2.3).
                 server.skipping = True
@@ -554,6 +559,7 @@ def pass_untouched_replies(source: bytes, server: ServerState, max_size: int) ->
             status_at = end - 1
         elif kind == _ERROR:  # as in filter_server_messages
             server.unnamed = None
+            server.errors_seen = True
         elif kind == 0x53:  # 'S' ParameterStatus
             parameters.append(source[position + 5 : end])
         last_start = position

@@ -62,7 +62,7 @@ from proxy.protocols.postgres.parameters import (
     StartupParameterError,
 )
 from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, take_ready_synthetics
-from proxy.protocols.postgres.refusal import Refusal
+from proxy.protocols.postgres.refusal import Refusal, read_error
 from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.sessionstate import Classification, Effect
 from proxy.protocols.postgres.timeouts import (
@@ -502,8 +502,33 @@ class ClientSession(asyncio.Protocol):
 
     def server_data(self, data: bytes) -> None:
         self._bytes_out += len(data)
+        server = self._server
+        if server is not None and server.state.errors_seen:
+            server.state.errors_seen = False
+            data = self._errors_passing(data)
         if self._transport is not None and self._state is not _State.CLOSED:
             self._transport.write(data)
+
+    def _errors_passing(self, data: bytes) -> bytes:
+        """Count the ErrorResponses among the server's messages (``data``, whole messages) by who
+        raised them; the proxy's own (refusals the server raised for it, result limits) reach the
+        client with the proxy's fields only, not as errors of a PL/pgSQL function."""
+        metrics = self._env.metrics
+        frames, _consumed = m.scan_frames(bytes(data), len(data))
+        parts: list[bytes] = []
+        passed = 0
+        for kind, start, end in frames:
+            if kind != m.MSG_ERROR_RESPONSE:
+                continue
+            sqlstate, proxys_own = read_error(data[start + 5 : end])
+            metrics.client_error("server" if proxys_own is None else "proxy", sqlstate)
+            if proxys_own is not None:
+                parts += (data[passed:start], proxys_own)
+                passed = end
+        if not parts:
+            return data
+        parts.append(data[passed:])
+        return b"".join(parts)
 
     def server_parameter(self, name: str, value: str) -> None:
         if self._parameters is not None:
@@ -1584,6 +1609,7 @@ class ClientSession(asyncio.Protocol):
                 reason=reason,
             )
         if tell and self._transport is not None and not self._transport.is_closing():
+            self._env.metrics.client_error("proxy", error.sqlstate)
             self._transport.write(
                 m.build_error_response(
                     "FATAL" if error.fatal else "ERROR",
@@ -1684,6 +1710,16 @@ class ClientSession(asyncio.Protocol):
         enforced = self._statement_checks.mode is PolicyMode.ENFORCE
         ceiling = role.statement_timeout if role is not None and enforced else None
         self._timeout_ceiling = ceiling_milliseconds(ceiling) if ceiling is not None else 0
+
+    def running_for(self, now: float) -> float:
+        """Seconds the statements sent to the server last have run (``now``: time.perf_counter()),
+        0 while none is running."""
+        started = self._cycle_started
+        return now - started if started else 0.0
+
+    @property
+    def route_name(self) -> str | None:
+        return self._route.config.database if self._route is not None else None
 
     def describe(self) -> dict[str, object]:
         """This session for the admin API (like a row of PgBouncer's SHOW CLIENTS)."""
