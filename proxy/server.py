@@ -247,6 +247,8 @@ class ProxyServer:
         asyncio.get_running_loop().set_exception_handler(self._report_unhandled_error)
         if self.audit is not None:
             self.audit.start()
+        else:
+            log.warning("audit_disabled", reason="no audit section in the configuration")
         if self._shared_limits is not None:
             await self._shared_limits.start()
         listen = self.config.listen
