@@ -19,7 +19,15 @@ import structlog
 
 from proxy.admin import AdminListener, AdminServer
 from proxy.auditwriter import AuditLog
-from proxy.config import Config, ConfigError, ConfigProblem, ExpiredCRLAction, RouteConfig, load_config
+from proxy.config import (
+    AuditConfig,
+    Config,
+    ConfigError,
+    ConfigProblem,
+    ExpiredCRLAction,
+    RouteConfig,
+    load_config,
+)
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.eventloop import log_unhandled_error
 from proxy.limits import Limiter, SourceRateLimiter
@@ -312,6 +320,8 @@ class ProxyServer:
             if source is None:
                 raise ConfigError([ConfigProblem("", "the configuration was not loaded from a file")])
             config = self._shape(load_config(source))
+            audit, audit_not_applied = audit_after_reload(self.config.audit, config.audit)
+            config = dataclasses.replace(config, audit=audit)
             terminal_tls = load_terminal_tls(config.tls)
             # Built here, where a pair that changed on disk since the config check fails the reload whole.
             upstream_contexts = {
@@ -326,6 +336,21 @@ class ProxyServer:
             self._audit("config_reload", "failure", trigger=trigger, error=str(exc))
             return False
         changed = [name for name in _RELOADABLE if getattr(config, name) != getattr(self.config, name)]
+        if config.audit is not None and self.config.audit is not None:
+            # The sampling shares: all of the audit section that a reload changes.
+            changed += [
+                f"audit.{item.name}"
+                for item in dataclasses.fields(config.audit)
+                if getattr(config.audit, item.name) != getattr(self.config.audit, item.name)
+            ]
+        if audit_not_applied:
+            running = self.config.audit
+            log.warning(
+                "reload_audit_unchanged",
+                keys=audit_not_applied,
+                file=str(running.settings.file) if running is not None else None,
+                reason="the audit log's file, key, witness and writer settings take effect at restart",
+            )
         # The trusted balancers apply to the next accepted connection; the socket itself stays.
         if config.listen.proxy_protocol != self.config.listen.proxy_protocol:
             changed.append("listen.proxy_protocol")
@@ -354,8 +379,10 @@ class ProxyServer:
         for session in list(self._registry.live):
             session.use_environment(self._environment)
         self.metrics.config_reloads_total.labels("ok").inc()
-        log.info("reload_applied", trigger=trigger, changed=changed)
-        self._audit("config_reload", "success", trigger=trigger, changed=changed)
+        log.info("reload_applied", trigger=trigger, changed=changed, not_applied=audit_not_applied)
+        self._audit(
+            "config_reload", "success", trigger=trigger, changed=changed, not_applied=audit_not_applied
+        )
         if self.audit is not None:
             # logrotate moved the file away before signalling: write to a fresh one.
             self.audit.reopen()
@@ -922,6 +949,29 @@ class ProxyServer:
                 AuthenticationRefused("the terminal certificate has been revoked"), "certificate revoked"
             )
         return True
+
+
+def audit_after_reload(
+    running: AuditConfig | None, wanted: AuditConfig | None
+) -> tuple[AuditConfig | None, list[str]]:
+    """The audit section a reload runs with, and the keys it asked to change in vain.
+
+    Where and how the log is written (file, key, witness, stdout, rotation, flush interval) is the
+    writer process's and stays until a restart: switching files at a reload would have to carry the
+    chain into a file that may hold another one, and a new key would leave records no single key
+    verifies; starting or stopping the log at a reload is refused as well. Only the sampling shares
+    of allowed statements follow the reload. The running settings stay in the config the proxy
+    keeps, so every later reload of the same file says again what it did not apply."""
+    if running == wanted:
+        return wanted, []
+    if running is None or wanted is None:
+        return running, ["audit"]
+    not_applied = [
+        f"audit.{item.name}"
+        for item in dataclasses.fields(running.settings)
+        if getattr(running.settings, item.name) != getattr(wanted.settings, item.name)
+    ]
+    return dataclasses.replace(wanted, settings=running.settings), not_applied
 
 
 def _shared_limit_store(config: Config, metrics: Metrics) -> RedisSharedLimits | None:
