@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -188,6 +189,38 @@ def test_sigterm_stops_accepting_at_once_and_drains_without_an_internal_error(
             attempt.error
         )
     proxy.check_log()
+
+
+def test_a_terminal_whose_handshake_spans_the_signal_is_refused_with_57p01(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    """Accepted before SIGTERM, TLS and startup after it (while a transaction holds the drain open):
+    FATAL 57P01, not a session."""
+    proxy = start_proxy(listen={"drain_timeout": "10s"}, routes={"pos": {"pool": {"mode": "transaction"}}})
+    busy = psycopg.connect(**proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True)
+    context = proxy.ssl_context(terminal_pki.cashier, terminal_pki.ca)
+    try:
+        busy.execute("BEGIN")
+        busy.execute("SELECT 1")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+            raw.sendall(m.build_ssl_request())
+            assert raw.recv(1) == b"S"
+            proxy.signal(signal.SIGTERM)
+            proxy.wait_for_event("shutdown_requested")
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(m.build_startup_message({"user": "till-01", "database": "pos"}))
+                reply = b""
+                with contextlib.suppress(ssl.SSLEOFError, ConnectionResetError):
+                    while chunk := tls.recv(65536):
+                        reply += chunk
+        assert reply[:1] == b"E", reply[:64]
+        fields = m.parse_error_fields(reply[5 : 1 + int.from_bytes(reply[1:5], "big")])
+        assert (fields["S"], fields["C"]) == ("FATAL", "57P01"), fields
+        assert "shutting down" in fields["M"]
+        busy.execute("COMMIT")
+    finally:
+        busy.close()
+    assert proxy.wait_exit() == 0
 
 
 @dataclass(frozen=True, slots=True)
