@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,14 @@ def proxy(base_config: dict[str, Any], tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture
 def start_proxy(base_config: dict[str, Any], tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
-    """Start a proxy with config overrides (deep-merged); stopped after the test."""
+    """Start a proxy with config overrides (deep-merged) and extra `pos-proxy run` options
+    (``arguments=["--workers", "2"]``); stopped after the test."""
     started: list[ProxyProcess] = []
 
-    def start(**overrides: Any) -> ProxyProcess:
-        process = ProxyProcess(tmp_path / f"proxy-{len(started)}", deep_merge(base_config, overrides))
+    def start(*, arguments: Sequence[str] = (), **overrides: Any) -> ProxyProcess:
+        process = ProxyProcess(
+            tmp_path / f"proxy-{len(started)}", deep_merge(base_config, overrides), arguments
+        )
         started.append(process)
         return process.start()
 

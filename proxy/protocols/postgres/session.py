@@ -106,6 +106,8 @@ class SessionRegistry:
     live: set[ClientSession] = field(default_factory=set)
     _emptied: asyncio.Event | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # The proxy is shutting down: a session finishing its startup now is refused (57P01).
+    draining: bool = False
 
     def register(self, session: ClientSession) -> tuple[int, int]:
         while True:
@@ -714,6 +716,10 @@ class ClientSession(asyncio.Protocol):
         if self._refusal is not None:
             reason, error = self._refusal
             self._fail(error, reason=reason)
+            return
+        if self._env.registry.draining:
+            # Accepted before the drain began, still in its handshake when it did.
+            self._fail(_SHUTTING_DOWN, reason="shutdown")
             return
         assert self.identity is not None
         refusal = check_user_name(self.identity, startup.user, self._env.config.identity.user_name)
