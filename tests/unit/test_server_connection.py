@@ -36,6 +36,7 @@ class Peer:
 
     def __init__(self, *, lets_go_between_transactions: bool = False) -> None:
         self.lets_go_between_transactions = lets_go_between_transactions
+        self.process_id = 4711  # the pid its client was given
         self.events: list[str] = []
         self.data = b""
 

@@ -862,14 +862,16 @@ class ClientSession(asyncio.Protocol):
 
     def _start_on(self, route: Route, server: ServerConnection) -> None:
         """Attach ``server`` and send it what the client sent while it had none."""
+        starting = self._state is _State.CONNECTING
+        if starting:
+            # First: the attached server connection names the backend by the pid given here.
+            self._answer_startup(server.reported, server.id)
         self._server = server
         server.attach(self)
         server.result_watch = self._result_watch
-        if self._state is _State.CONNECTING:
-            self._answer_startup(server.reported, server.id)
-            if route.transaction_pooling and not self._stash:
-                # The startup only needed the server's parameters: lend it back at once.
-                self.server_idle()
+        if starting and route.transaction_pooling and not self._stash:
+            # The startup only needed the server's parameters: lend it back at once.
+            self.server_idle()
         if self._stash and self._server is server:
             stash = self._stash[0] if len(self._stash) == 1 else b"".join(self._stash)
             frames = self._stash_frames

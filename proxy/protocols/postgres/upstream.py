@@ -77,6 +77,9 @@ class InternalQueryFailed(Exception):
 class ServerPeer(Protocol):
     """What a server connection needs from the client session it is lent to."""
 
+    # The pid the client was given in BackendKeyData (0 before its startup is answered).
+    process_id: int
+
     def server_data(self, data: bytes) -> None: ...
 
     def server_parameter(self, name: str, value: str) -> None: ...
@@ -411,9 +414,12 @@ class ServerConnection(asyncio.Protocol):
 
     def attach(self, peer: ServerPeer) -> None:
         self._peer = peer
+        # Its own notifications name the backend as the client knows it (55.2.8).
+        self.state.notifier_pids = (self.backend_key[0], peer.process_id)
 
     def detach(self) -> None:
         self._peer = None
+        self.state.notifier_pids = None
         self.result_watch = None
         self.idle_since = time.monotonic()
         self.resume_reading()
