@@ -45,6 +45,15 @@ STARTUP_VALUES = {
     "default_transaction_isolation": "serializable",
     "default_transaction_read_only": "on",
     "bytea_output": "escape",
+    "client_min_messages": "error",
+    "jit": "off",
+    "work_mem": "77MB",
+    "maintenance_work_mem": "99MB",
+    "plan_cache_mode": "force_generic_plan",
+    "random_page_cost": "1.5",
+    "effective_cache_size": "3GB",
+    "max_parallel_workers_per_gather": "0",
+    "default_transaction_deferrable": "on",
 }
 # What SHOW says for them (the server's own spelling).
 SHOWN = {
@@ -324,6 +333,10 @@ async def test_a_schema_named_after_the_route_user_does_not_shadow_the_policys_t
         ("default_transaction_read_only", "off"),
         ("statement_timeout", "1"),  # SET is not among the cashier's statement kinds
         ("default_transaction_isolation", "serializable"),
+        ("work_mem", "1GB"),  # SET is not among the cashier's statement kinds
+        ("options", "-c work_mem=1GB"),
+        ("options", "-c search_path=evil,public"),
+        ("client_min_messages", "debug5"),
     ],
 )
 async def test_startup_setting_the_policy_refuses_as_set_is_refused(
@@ -334,9 +347,10 @@ async def test_startup_setting_the_policy_refuses_as_set_is_refused(
     setting: tuple[str, str],
 ) -> None:
     name, value = setting
+    refused = value.partition(" ")[2].partition("=")[0] if name == "options" else name
     proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
     with pytest.raises(
-        asyncpg.InsufficientPrivilegeError, match=f'permission denied to set parameter "{name}"'
+        asyncpg.InsufficientPrivilegeError, match=f'permission denied to set parameter "{refused}"'
     ):
         async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier, **{name: value}):
             pass

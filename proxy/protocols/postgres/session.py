@@ -275,6 +275,7 @@ class ClientSession(asyncio.Protocol):
         "_portal_texts",
         "_portals_before_reload",
         "_reading_paused",
+        "_reading_settings",
         "_rebound_portals",
         "_rechecking",
         "_refusal",
@@ -283,6 +284,7 @@ class ClientSession(asyncio.Protocol):
         "_result_watch",
         "_route",
         "_server",
+        "_settings_to_read",
         "_share_held",
         "_share_timer",
         "_share_waiting",
@@ -338,6 +340,11 @@ class ClientSession(asyncio.Protocol):
         self._stash_frames: list[m.Frame] = []  # the stash's messages, found when they came
         self._stash_size = 0
         self._pinned_by: str | None = None
+        # Carried settings (sessionstate.CARRIED_SETTINGS) this client's statements may have changed
+        # on its server connection: read back before the connection goes to anyone else.
+        self._settings_to_read: set[str] = set()
+        # Reading them back: what the client sends meanwhile waits in the stash.
+        self._reading_settings = False
         self._violations = 0
         self._limits = LimitSettings()
         self._statement_checks = _StatementChecks(None, environment.audit is not None, False)
@@ -607,8 +614,45 @@ class ClientSession(asyncio.Protocol):
         assert route is not None
         self._server = None
         server.detach()
+        if self._settings_to_read:
+            self._read_settings_back(route, server)
+            return
         route.pool.give_back(server)
         self._give_back_share()
+
+    def _read_settings_back(self, route: Route, server: ServerConnection) -> None:
+        """Learn the carried settings this client's transaction may have changed, then lend the
+        connection back: the client's next transaction, on whichever connection, has them as the
+        server left them (also after a rollback, an error, a RESET or a value bound at run time)."""
+        names = sorted(self._settings_to_read)
+        self._settings_to_read.clear()
+        self._reading_settings = True
+        self._env.registry.spawn(self._follow_settings(route, server, names))
+
+    async def _follow_settings(self, route: Route, server: ServerConnection, names: list[str]) -> None:
+        try:
+            values = await server.read_settings(names, route.config.pool.connect_timeout)
+        except (InternalQueryFailed, UpstreamConnectError, ProtocolViolation, UnicodeDecodeError) as exc:
+            # The settings stay unknown on that connection; what this client has is unknown too.
+            server.close()
+            self._reading_settings = False
+            self._give_back_share()
+            self._fail(UpstreamLost("lost the connection to the database server"), reason=f"settings: {exc}")
+            return
+        if self._parameters is not None:
+            self._parameters.wanted.update(values)
+        self._reading_settings = False
+        route.pool.give_back(server) if server.is_clean else server.close()
+        self._give_back_share()
+        if (
+            self._stash
+            and self._state is _State.READY
+            and self._server is None
+            and self._waiting is None
+            and self._take_share(route)
+        ):
+            # What the client sent meanwhile goes on as _dispatch would have sent it.
+            self._join_pool_line(route)
 
     def server_lost(self, reason: str) -> None:
         server, self._server = self._server, None
@@ -1035,7 +1079,7 @@ class ClientSession(asyncio.Protocol):
         # Between transactions under transaction pooling: borrow a server for this one, if this
         # terminal is within its share of the pool.
         has_share = self._share_held or self._take_share(route)
-        if has_share and not self._stash and self._parameters is not None:
+        if has_share and not self._stash and not self._reading_settings and self._parameters is not None:
             idle = route.pool.try_acquire()
             if idle is not None and not self._parameters.needs_sync(idle):
                 self._server = idle
@@ -1055,7 +1099,12 @@ class ClientSession(asyncio.Protocol):
         if self._stash_size > _STASH_HIGH_WATER:
             # A client that keeps sending while it waits is held off until a server is lent.
             self.pause_client_reading()
-        if has_share and self._waiting is None and (self._connect_task is None or self._connect_task.done()):
+        if (
+            has_share
+            and self._waiting is None
+            and not self._reading_settings
+            and (self._connect_task is None or self._connect_task.done())
+        ):
             self._join_pool_line(route)
 
     def _join_pool_line(self, route: Route) -> None:
@@ -1504,6 +1553,8 @@ class ClientSession(asyncio.Protocol):
         """Pin or refuse a statement that would leave state behind in a shared server session, and
         refuse one that would switch to a client encoding the proxy cannot read, whatever the role.
         Returns the rule that refused it, if one did."""
+        if found.settings:
+            self._carry_settings(found.settings)
         if found.effect is Effect.UNSUPPORTED_ENCODING:
             log.warning("client_encoding_refused", **self._log_fields(), reason=found.reason)
             self._audit("unsupported_client_encoding", "failure", reason=found.reason)
@@ -1517,6 +1568,8 @@ class ClientSession(asyncio.Protocol):
         elif found.effect is Effect.RESERVED_NAME:
             refusals[start] = Refusal(RESERVED_NAME, found.reason)
             return "reserved statement name"
+        elif found.effect is Effect.CARRIED_SETTING:
+            pass  # followed by _carry_settings: the client keeps transaction pooling
         elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
             if self._route.config.pool.session_state is SessionStateAction.PIN:
                 self._pinned_by = found.reason
@@ -1530,6 +1583,15 @@ class ClientSession(asyncio.Protocol):
                 )
                 return "transaction pooling"
         return None
+
+    def _carry_settings(self, names: frozenset[str]) -> None:
+        """A statement on its way may change carried settings: whatever it leaves on this server
+        connection, the next client gets its own values set, and this client keeps what it set."""
+        server = self._server
+        if server is not None:
+            server.note_settings_unknown(names)
+        if self.lets_go_between_transactions:
+            self._settings_to_read.update(names)
 
     # --- cancel ---
 
