@@ -80,6 +80,36 @@ def test_client_encoding_is_reported_in_the_servers_spelling(
         assert connection.execute("SELECT 'Grüße'").fetchone() == ("Grüße",)
 
 
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+async def test_startup_settings_are_reported_in_the_servers_spelling(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, pg_cluster: Any, mode: str
+) -> None:
+    """libpq decides how to escape strings by standard_conforming_strings == "on", psycopg how to
+    read dates by DateStyle starting with "ISO": what the client is told is what the server says."""
+    settings = {
+        "DateStyle": "iso",
+        "TimeZone": "europe/berlin",
+        "IntervalStyle": "ISO_8601",
+        "standard_conforming_strings": "true",
+    }
+    options = " ".join(f"-c {name}={value}" for name, value in settings.items())
+    with psycopg.connect(**pg_cluster.connect_kwargs(dbname="pos", options=options)) as direct:
+        expected = {name: direct.info.parameter_status(name) for name in settings}
+    assert expected["DateStyle"] == "ISO, MDY"
+    proxy = _proxy(start_proxy, mode)
+    for _ in range(2):  # the second time from what the proxy learned the first time
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.manager, **settings) as connection:
+            assert {name: getattr(connection.get_settings(), name) for name in settings} == expected
+            for name, value in expected.items():
+                assert await connection.fetchval(f"SHOW {name}") == value
+    if mode == "transaction":
+        # Answered without a server connection once the proxy knows how the server spells them.
+        proxy.wait_for_event("session_start", server_connection=None)
+    with _psycopg(proxy, terminal_pki, terminal_pki.manager, options="-c DateStyle=iso") as connection:
+        assert connection.info.parameter_status("DateStyle") == "ISO, MDY"
+        assert connection.execute("SELECT DATE '2026-12-07'").fetchone() is not None
+
+
 # --- NotificationResponse ---
 
 

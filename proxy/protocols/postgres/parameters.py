@@ -261,8 +261,10 @@ def startup_options(options: str) -> list[tuple[str, str]]:
 
 def _checked_value(name: str, value: str) -> str:
     """``value`` as the session carries it, or StartupParameterError when the proxy cannot honour it."""
-    if name == "standard_conforming_strings" and value.strip().lower() not in ("on", "true", "yes", "1"):
-        raise StartupParameterError("standard_conforming_strings must be on")
+    if name == "standard_conforming_strings":
+        if value.strip().lower() not in ("on", "true", "yes", "1"):
+            raise StartupParameterError("standard_conforming_strings must be on")
+        return "on"  # as the server reports it: libpq escapes strings by whether it reads "on"
     if name == "client_encoding":
         # Carried under the server's own name, so it compares equal to what the server reports.
         encoding = accepted_encoding(value)

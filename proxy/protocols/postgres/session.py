@@ -93,6 +93,9 @@ class Route:
     transaction_pooling: bool = field(init=False)
     # The server connections of this pool each terminal holds (limits.max_server_connections_per_terminal).
     shares: ServerShares = field(default_factory=ServerShares)
+    # How the server reports a reported setting a client asked for at startup ("iso" is "ISO, MDY",
+    # "true" is "on"), learned on this route's connections: a terminal is told what the server says.
+    spellings: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transaction_pooling", self.config.pool.mode is PoolMode.TRANSACTION)
@@ -187,6 +190,8 @@ _PASSED_ON: Final = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
 RESERVED_NAME = "42939"  # reserved_name
+# Spellings of reported startup settings a route remembers (Route.spellings).
+_MAX_SPELLINGS: Final = 1000
 # Stands for an analysis that did not finish in time: refused, or pinned without a policy.
 _UNFINISHED: Final = Analysis(None, NOT_ANALYSED)
 # An execution's audit record when its statement's decision is no longer cached: a portal only
@@ -796,7 +801,7 @@ class ClientSession(asyncio.Protocol):
         self._connect(route)
 
     def _connect(self, route: Route) -> None:
-        if route.transaction_pooling and route.server_parameters:
+        if route.transaction_pooling and route.server_parameters and self._spelled_as_the_server(route):
             # No server connection is needed just to say hello.
             self._answer_startup(route.server_parameters, None)
             self.resume_client_reading()
@@ -806,6 +811,31 @@ class ClientSession(asyncio.Protocol):
         self._state = _State.CONNECTING
         self.pause_client_reading()
         self._connect_task = self._env.registry.spawn(self._lease_server(route))
+
+    def _spelled_as_the_server(self, route: Route) -> bool:
+        """Whether this client's reported startup settings are known in the server's spelling (then
+        spelled so); otherwise a server connection is set up first and reports them."""
+        assert self._parameters is not None
+        wanted, reported = self._parameters.wanted, route.server_parameters
+        for name, value in wanted.items():
+            if name not in reported or reported[name] == value:
+                continue
+            spelled = route.spellings.get((name, value))
+            if spelled is None:
+                return False
+            wanted[name] = spelled
+        return True
+
+    def _learn_spellings(self, route: Route, asked: Mapping[str, str], server: ServerConnection) -> None:
+        """After the startup settings were set on ``server``: how it reports what the client asked."""
+        assert self._parameters is not None
+        wanted, spellings = self._parameters.wanted, route.spellings
+        for name, value in asked.items():
+            spelled = server.reported.get(name)
+            if spelled is not None and spelled == wanted.get(name) and spelled != value:
+                if len(spellings) >= _MAX_SPELLINGS:
+                    spellings.clear()  # clients asking for ever new values: start over
+                spellings[(name, value)] = spelled
 
     def _admit_connection(self) -> bool:
         """Resolve this terminal's limits and count the connection, or refuse it (53300)."""
@@ -860,11 +890,14 @@ class ClientSession(asyncio.Protocol):
                 self._observe_wait(waited_from)
             # Not this session's server until its settings match: what the client sends in the
             # meantime joins the stash behind what already waits there, instead of overtaking it.
+            asked = dict(self._parameters.wanted) if self._state is _State.CONNECTING else None
             try:
                 await self._parameters.apply(server, route.config.pool.connect_timeout)
             except BaseException:
                 self._server = server  # released when the session ends: to the pool only if clean
                 raise
+            if asked is not None:
+                self._learn_spellings(route, asked, server)
         except ProxyError as exc:
             self._fail(exc, reason=str(exc.__cause__ or exc))
             return
