@@ -26,6 +26,7 @@ from proxy.protocols.postgres.parameters import (
     SearchPathSyntaxError,
     search_path_entries,
 )
+from proxy.protocols.postgres.sessionstate import CARRIED_SETTINGS
 from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI
 
 StartProxy = Callable[..., ProxyProcess]
@@ -227,6 +228,84 @@ def test_set_of_reported_settings_does_not_reach_the_next_terminal(
         for name, value in REPORTED_SET.items():
             shown = attacker.execute(sql.SQL("SHOW {}").format(sql.Identifier(name.lower()))).fetchone()
             assert shown is not None and shown[0].lower() == value.lower(), name
+
+
+# The startup settings the server does not report: a SET, RESET or set_config of them is carried
+# (transaction pooling goes on), so the proxy itself must keep them from the next terminal.
+CARRIED_SET = {name: value for name, value in STARTUP_VALUES.items() if name.lower() in CARRIED_SETTINGS}
+
+
+def test_every_carried_setting_is_attacked() -> None:
+    assert {name.lower() for name in CARRIED_SET} == set(CARRIED_SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SET {name} = {value}",
+        "SELECT set_config('{name}', {value}, false)",
+        "BEGIN; SET {name} = {value}; COMMIT",
+        "SELECT set_config('{name}', {value}, false)::text || pg_sleep(0.05)::text",
+    ],
+)
+def test_carried_settings_of_one_terminal_do_not_reach_the_next(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None, statement: str
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+        pid = _backend_pid(before)
+    with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+        for name, value in CARRIED_SET.items():
+            # SET reads a list setting's items as separate values, set_config reads one string.
+            as_sql = value if name == "search_path" and "set_config" not in statement else None
+            literal = as_sql or sql.Literal(value).as_string(attacker)
+            attacker.execute(statement.format(name=name, value=literal))
+        assert attacker.execute("SELECT name FROM price_list").fetchone() == ("shadow pen",)
+        # Not pinned: the next terminal takes the same server connection between the attacker's
+        # transactions, and finds the route's values.
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert _backend_pid(victim) == pid
+            assert _show_all(victim) == route_values
+            assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+        # The attacker keeps what it set, on whichever connection it is lent next.
+        shown = _show_all(attacker)
+        assert {name: shown[name] for name in CARRIED_SET} == {
+            name: SHOWN.get(name, value) for name, value in CARRIED_SET.items()
+        }
+        assert _backend_pid(attacker) == pid
+    assert not [record for record in proxy.log_events() if record.get("event") == "session_pinned"]
+
+
+async def test_a_carried_setting_left_by_a_terminal_that_hangs_up_at_once_does_not_reach_the_next(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+    for round_ in range(5):
+        # Gone before the proxy can read the settings back, or while it does.
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+            await attacker.execute("SET search_path = evil, public; SET work_mem = '77MB'; SET jit = off")
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert _show_all(victim) == route_values, round_
+
+
+def test_statements_sent_while_settings_are_read_back_keep_their_order(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.manager) as client:
+        # One write: the SHOWs reach the proxy while it reads back what each SET left.
+        with client.pipeline():
+            cursors = []
+            for megabytes in range(10, 15):
+                client.execute(f"SET work_mem = '{megabytes}MB'")
+                cursors.append(client.execute("SHOW work_mem"))
+        assert [cursor.fetchone() for cursor in cursors] == [(f"{mb}MB",) for mb in range(10, 15)]
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert victim.execute("SHOW work_mem").fetchone() == ("4MB",)
+        assert client.execute("SHOW work_mem").fetchone() == ("14MB",)
 
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])

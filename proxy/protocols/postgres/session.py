@@ -639,10 +639,14 @@ class ClientSession(asyncio.Protocol):
             values = await server.read_settings(names, route.config.pool.connect_timeout)
         except (InternalQueryFailed, UpstreamConnectError, ProtocolViolation, UnicodeDecodeError) as exc:
             # The settings stay unknown on that connection; what this client has is unknown too.
-            server.close()
-            self._reading_settings = False
-            self._give_back_share()
-            self._fail(UpstreamLost("lost the connection to the database server"), reason=f"settings: {exc}")
+            self._settings_unread(
+                server, UpstreamLost("lost the connection to the database server"), str(exc)
+            )
+            return
+        except Exception:
+            log.exception("settings_read_back_failed", **self._log_fields(), server_connection=server.id)
+            self._env.metrics.internal_errors_total.inc()
+            self._settings_unread(server, ProxyError("internal error in the proxy"), "internal error")
             return
         if self._parameters is not None:
             self._parameters.wanted.update(values)
@@ -1616,6 +1620,12 @@ class ClientSession(asyncio.Protocol):
                 )
                 return "transaction pooling"
         return None
+
+    def _settings_unread(self, server: ServerConnection, error: ProxyError, reason: str) -> None:
+        server.close()
+        self._reading_settings = False
+        self._give_back_share()
+        self._fail(error, reason=f"reading back settings: {reason}")
 
     def _carry_settings(self, names: frozenset[str]) -> None:
         """A statement on its way may change carried settings: whatever it leaves on this server

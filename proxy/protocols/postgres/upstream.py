@@ -493,7 +493,9 @@ class ServerConnection(asyncio.Protocol):
 
 
 _DATA_ROW: Final = ord("D")
-_EXTENDED_QUERY_TYPES: Final = frozenset(b"PBDECH")
+# Messages that open an extended-protocol cycle, which a Sync must end. Not Flush: it asks only for
+# the output so far and cannot fail (psycopg's pipeline sends one right after its Sync).
+_EXTENDED_QUERY_TYPES: Final = frozenset(b"PBDEC")
 # Messages after which the server owes one ReadyForQuery (Query, Sync, FunctionCall).
 _SYNC_POINT_TYPES: Final = frozenset(b"QSF")
 # How long a closing server connection may take to flush its last writes (Terminate, close_notify).
