@@ -277,6 +277,25 @@ def test_carried_settings_of_one_terminal_do_not_reach_the_next(
     assert not [record for record in proxy.log_events() if record.get("event") == "session_pinned"]
 
 
+async def test_a_prepared_statement_that_changes_a_carried_setting_is_followed_at_every_execution(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None
+) -> None:
+    """Parsed once, bound many times (asyncpg caches its statements): each Bind changes the setting
+    again, with no Parse for the proxy to read."""
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+        statement = await attacker.prepare("SELECT set_config('search_path', $1, false)")
+        for path in ("public", "evil, public", "public", "evil, public"):
+            await statement.fetchval(path)
+            with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+                assert _show_all(victim) == route_values, path
+                assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+            assert await attacker.fetchval("SHOW search_path") == path
+    assert not [record for record in proxy.log_events() if record.get("event") == "session_pinned"]
+
+
 async def test_a_carried_setting_left_by_a_terminal_that_hangs_up_at_once_does_not_reach_the_next(
     start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None
 ) -> None:

@@ -190,6 +190,8 @@ _PASSED_ON: Final = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
 RESERVED_NAME = "42939"  # reserved_name
+# Prepared statements that change carried settings a session keeps before dropping closed ones.
+_MAX_CARRYING_STATEMENTS: Final = 256
 # Spellings of reported startup settings a route remembers (Route.spellings).
 _MAX_SPELLINGS: Final = 1000
 # Stands for an analysis that did not finish in time: refused, or pinned without a policy.
@@ -258,6 +260,7 @@ class ClientSession(asyncio.Protocol):
         "_buffer",
         "_bytes_in",
         "_bytes_out",
+        "_carrying_statements",
         "_connect_task",
         "_counted_connection",
         "_cycle_started",
@@ -350,6 +353,9 @@ class ClientSession(asyncio.Protocol):
         self._settings_to_read: set[str] = set()
         # Reading them back: what the client sends meanwhile waits in the stash.
         self._reading_settings = False
+        # The client's prepared statements (by name, b"" unnamed) that change carried settings: each
+        # Bind of one changes them again.
+        self._carrying_statements: dict[bytes, frozenset[str]] = {}
         self._violations = 0
         self._limits = LimitSettings()
         self._statement_checks = _StatementChecks(None, environment.audit is not None, False)
@@ -1242,7 +1248,10 @@ class ClientSession(asyncio.Protocol):
         classifier = self._env.classifier
         analyses = self._analyses
         analysis: Analysis | None = None
-        checked = _CHECKED_MESSAGES_COUNTING if limited or auditing or rechecking else _CHECKED_MESSAGES
+        carrying = self._carrying_statements
+        checked = (
+            _CHECKED_MESSAGES_COUNTING if limited or auditing or rechecking or carrying else _CHECKED_MESSAGES
+        )
         # After a reload: statement names parsed earlier in these messages, decided just now.
         parsed_here: set[bytes] = set()
         parsed_name = b""
@@ -1290,6 +1299,10 @@ class ClientSession(asyncio.Protocol):
                 portal_end = chunk.find(b"\x00", start + 5, end)
                 statement = chunk[portal_end + 1 : chunk.find(b"\x00", portal_end + 1, end)]
                 portal = chunk[start + 5 : portal_end]
+                carried = carrying.get(statement) if carrying else None
+                if carried:
+                    # Each execution changes them again, on whichever server connection runs it.
+                    self._carry_settings(carried)
                 if auditing:
                     if len(self._portal_texts) >= self._statements.max_count:
                         # Named portals live until their transaction ends: only a hostile client
@@ -1349,6 +1362,8 @@ class ClientSession(asyncio.Protocol):
                         found = classifier.classified(text, self._encoding, analysis.classification)
                     if found.effect is not _NO_SESSION_EFFECT:
                         refused_by = self._check_session_state(found, start, refusals, forget_at)
+                    if kind == m.MSG_PARSE and (found.settings or self._carrying_statements):
+                        self._note_carrying_statement(parsed_name, found.settings)
             if (
                 kind == m.MSG_QUERY
                 or refused_by is not None
@@ -1620,6 +1635,20 @@ class ClientSession(asyncio.Protocol):
                 )
                 return "transaction pooling"
         return None
+
+    def _note_carrying_statement(self, name: bytes, settings: frozenset[str]) -> None:
+        """The client's statement ``name`` now changes carried ``settings`` whenever it is bound
+        (none: it no longer does)."""
+        carrying = self._carrying_statements
+        if not settings:
+            carrying.pop(name, None)
+            return
+        if len(carrying) >= _MAX_CARRYING_STATEMENTS:
+            # Names the client closed are dropped here rather than on every Close.
+            by_name = self._statements.by_name
+            for closed in [kept for kept in carrying if kept and kept not in by_name]:
+                del carrying[closed]  # in place: _check_statements holds this dict
+        carrying[name] = settings
 
     def _settings_unread(self, server: ServerConnection, error: ProxyError, reason: str) -> None:
         server.close()
