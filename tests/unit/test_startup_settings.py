@@ -3,14 +3,19 @@ read as the server reads them, and refused when the proxy cannot carry them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from proxy.oplog import configure_logging
+from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.parameters import (
     SESSION_PARAMETERS,
     SessionParameters,
     StartupParameterError,
     startup_options,
 )
+from tests.sockless import add_server, open_session, proxy_without_listener, terminal_certificate
 
 
 @pytest.mark.parametrize(
@@ -101,3 +106,26 @@ def test_no_carried_setting_acts_on_an_idle_connection_or_changes_who_the_sessio
         "backslash_quote",
     }
     assert not forbidden & set(SESSION_PARAMETERS)
+
+
+# --- what the client is told at startup, without a server connection when the proxy can ---
+
+
+async def test_a_client_is_told_startup_settings_in_the_servers_spelling_without_a_server(
+    tmp_path: Path,
+) -> None:
+    configure_logging(json=False, level="error")
+    proxy = proxy_without_listener(tmp_path)
+    route = proxy.routes["pos"]
+    add_server(route, {"server_version": "15.0", "client_encoding": "UTF8", "DateStyle": "ISO, MDY"})
+    certificate = terminal_certificate(tmp_path)
+    # The canonical client_encoding needs no server to be told.
+    _session, transport = open_session(proxy, certificate, 40001, client_encoding="iso-8859-1")
+    assert m.build_parameter_status("client_encoding", "LATIN1") in b"".join(transport.written)
+    # A spelling the proxy learned from the server is told as the server spells it.
+    route.spellings[("DateStyle", "iso")] = "ISO, MDY"
+    _session, transport = open_session(proxy, certificate, 40002, DateStyle="iso")
+    assert m.build_parameter_status("DateStyle", "ISO, MDY") in b"".join(transport.written)
+    # One it has not learned yet waits for a server connection to report it.
+    with pytest.raises(AssertionError, match="not let in"):
+        open_session(proxy, certificate, 40003, DateStyle="sql")

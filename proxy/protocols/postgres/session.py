@@ -828,8 +828,8 @@ class ClientSession(asyncio.Protocol):
         assert self._parameters is not None
         wanted, reported = self._parameters.wanted, route.server_parameters
         for name, value in wanted.items():
-            if name not in reported or reported[name] == value:
-                continue
+            if name not in reported or reported[name] == value or name == "client_encoding":
+                continue  # client_encoding is carried in the server's name already (parameters.py)
             spelled = route.spellings.get((name, value))
             if spelled is None:
                 return False
@@ -842,7 +842,8 @@ class ClientSession(asyncio.Protocol):
         wanted, spellings = self._parameters.wanted, route.spellings
         for name, value in asked.items():
             spelled = server.reported.get(name)
-            if spelled is not None and spelled == wanted.get(name) and spelled != value:
+            # Also a value already spelled so (client_encoding, always canonical): known from now on.
+            if spelled is not None and spelled == wanted.get(name):
                 if len(spellings) >= _MAX_SPELLINGS:
                     spellings.clear()  # clients asking for ever new values: start over
                 spellings[(name, value)] = spelled
