@@ -340,8 +340,8 @@ async def soak(
         await asyncio.wait_for(asyncio.gather(*tills, churn), SALE_TIMEOUT + RECONNECT_TIMEOUT)
         if blip:
             blip["reconnected_in_s"] = round(await asyncio.wait_for(blip.pop("task"), RECONNECT_TIMEOUT), 2)
-        await asyncio.sleep(2)  # let the proxy settle before the end's RSS and descriptors
-        end = {"rss_mib": rss_kib(target.pid) / 1024, "fds": open_fds(target.pid)}
+        # The last second under the full load: the tills hang up right after it.
+        end = {"rss_mib": seconds[-1].rss_mib, "fds": seconds[-1].fds}
         loaded = {"rss_mib": max(s.rss_mib for s in seconds), "fds": max(s.fds for s in seconds)}
     finally:
         for task in tills:
