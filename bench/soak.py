@@ -445,10 +445,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     )
     connections.set_ylabel("server connections")
     connections.set_ylim(0, result["pool_size"] * 1.25)
-    figure.legend(
+    memory.legend(
         [*memory.get_lines(), *connections.get_lines()],
         ["proxy RSS (MiB)", "server connections"],
-        loc="lower right",
+        loc="center right",
     )
     memory.set_xlabel("seconds")
     if result["blip"]:
