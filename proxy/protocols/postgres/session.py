@@ -35,7 +35,7 @@ from proxy.errors import (
 from proxy.identity import Identity, IdentityError, check_user_name, identify
 from proxy.limits import Limiter, LimitHit, LimitSettings, resolve
 from proxy.metrics import BatchedHistogram, Metrics
-from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, refusal_message
+from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, python_codec, refusal_message
 from proxy.policy.engine import (
     ANALYSIS_UNFINISHED,
     PROGRAM_LIMIT_EXCEEDED,
@@ -61,7 +61,12 @@ from proxy.protocols.postgres.parameters import (
     SessionParameters,
     StartupParameterError,
 )
-from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, take_ready_synthetics
+from proxy.protocols.postgres.prepared import (
+    ClientStatements,
+    Statement,
+    StatementStats,
+    take_ready_synthetics,
+)
 from proxy.protocols.postgres.refusal import Refusal
 from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.sessionstate import Classification, Effect
@@ -730,6 +735,8 @@ class ClientSession(asyncio.Protocol):
         self._idle_transaction_timeout = route.config.pool.idle_transaction_timeout
         self._statements.max_count = route.config.pool.max_client_prepared_statements
         self._statements.max_bytes = route.config.pool.max_client_prepared_bytes
+        # A server connection of the client's own keeps the client's statement names.
+        self._statements.renames = route.transaction_pooling
         metrics = self._env.metrics
         self._pool_wait = metrics.batched(metrics.pool_wait_seconds, route.config.database)
         admission = self._env.limiter.shared_admission(self.identity.store, self._role, self._limits)
@@ -1332,6 +1339,12 @@ class ClientSession(asyncio.Protocol):
         for use in decision.prepared_names:
             if use.action == "EXECUTE":
                 body = prepared.get(use.name or "")
+                # The PREPARE's text as the proxy read it, kept in UTF-8 whatever the client's encoding.
+                encoding = DEFAULT_ENCODING
+                if body is None:
+                    # One it prepared with the protocol (Parse): its text as the client sent it.
+                    statement = self._protocol_statement(use.name or "")
+                    body, encoding = (statement.text, self._encoding) if statement else (None, encoding)
                 if body is None:
                     # Not this session's: possibly another terminal's, on a shared server connection.
                     return Decision(
@@ -1341,8 +1354,7 @@ class ClientSession(asyncio.Protocol):
                         UNDEFINED_STATEMENT,
                         decision.statements,
                     )
-                # The PREPARE's text as the proxy read it, kept in UTF-8 whatever the client's encoding.
-                executed = self._env.policies.decide(self._role, body, DEFAULT_ENCODING)
+                executed = self._env.policies.decide(self._role, body, encoding)
                 if not executed.allowed:
                     return Decision(
                         False,
@@ -1358,16 +1370,40 @@ class ClientSession(asyncio.Protocol):
                 prepared.clear()
             else:
                 prepared.pop(use.name, None)
+                # The server has one namespace for both: the name is gone whichever way it was made.
+                name = self._statement_name(use.name)
+                if name is not None:
+                    server = self._server
+                    self._statements.deallocated(name, server.state if server is not None else None)
         return decision
+
+    def _statement_name(self, name: str) -> bytes | None:
+        """A statement name from the SQL text as the client's Parse would have spelled it."""
+        try:
+            return name.encode(python_codec(self._encoding))
+        except (UnicodeEncodeError, LookupError):
+            return None
+
+    def _protocol_statement(self, name: str) -> Statement | None:
+        """The named statement this client prepared with Parse, that SQL names ``name``."""
+        spelled = self._statement_name(name)
+        return self._statements.by_name.get(spelled) if spelled is not None else None
 
     def _recheck_prepared(self, name: bytes, start: int, refusals: dict[int, Refusal]) -> None:
         """A Bind of a statement prepared under an earlier policy: decide its text again first."""
         statements = self._statements
         statement = statements.by_name.get(name) if name else statements.unnamed
-        if statement is None or statement.generation == statements.generation:
+        encoding = self._encoding
+        if statement is None and not statements.renames:
+            # On the client's own server connection a Bind reaches a statement SQL PREPARE made.
+            sql_text = self._sql_prepared.get(name.decode(python_codec(encoding), errors="replace"))
+            if sql_text is None:
+                return  # the server answers for a name it does not have
+            statement, encoding = Statement(name, sql_text + b"\x00"), DEFAULT_ENCODING
+        elif statement is None or statement.generation == statements.generation:
             return  # unknown names and the missing unnamed statement are answered in rewrite
         text = statement.text
-        decision = self._env.policies.decide(self._role, text, self._encoding)
+        decision = self._env.policies.decide(self._role, text, encoding)
         if decision.prepared_names and decision.allowed:
             decision = self._follow_prepared_names(decision)
         if not decision.allowed:
@@ -1656,7 +1692,7 @@ class ClientSession(asyncio.Protocol):
         if environment.policies is not self._env.policies:
             statements = self._statements
             statements.generation += 1
-            if statements.by_name or statements.unnamed is not None:
+            if statements.by_name or statements.unnamed is not None or self._sql_prepared:
                 self._rechecking = True
             server = self._server
             if server is not None and not server.is_clean:
