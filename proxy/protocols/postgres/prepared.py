@@ -39,7 +39,7 @@ import enum
 import hashlib
 import time
 from collections import OrderedDict, deque
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -124,6 +124,10 @@ _READY: Final = Expected(_EXPECT_READY)
 _SYNCED: Final = Expected(_EXPECT_READY, sync=True)
 # A Parse the proxy added: its ParseComplete is not the client's.
 _PARSED_QUIETLY: Final = Expected(_EXPECT_PARSE, Reply.DROP)
+_CLOSED_QUIETLY: Final = Expected(_EXPECT_CLOSE, Reply.DROP)
+# A Sync the proxy added around a client's Query: its ReadyForQuery is not the client's.
+_SYNCED_QUIETLY: Final = Expected(_EXPECT_READY, Reply.DROP, sync=True)
+_SYNC_MESSAGE: Final = m.build_message(b"S", b"")
 _ANSWERS: Final = {0x42: _BOUND, 0x44: _DESCRIBED, 0x43: _CLOSED}
 
 
@@ -311,18 +315,23 @@ class ClientStatements:
         server: ServerState,
         refusals: Mapping[int, Refusal] | None = None,
         forget_at: Collection[int] = (),
+        *,
+        named_in_sql: Mapping[int, Sequence[tuple[bytes, Statement]]] | None = None,
     ) -> bytes:
         """Turn whole client messages into what the current server connection must receive.
 
         ``refusals`` maps the start offset of a refused Query, Parse, Bind, Execute or FunctionCall
         to the refusal that replaces it; ``forget_at`` holds the offsets of messages after which the
-        server has no prepared statements left (DISCARD ALL, DEALLOCATE ALL).
+        server has no prepared statements left (DISCARD ALL, DEALLOCATE ALL); ``named_in_sql`` maps
+        the offset of a Query to the client's statements (name and statement) its SQL EXECUTE or
+        DEALLOCATE names: on the server they exist under the proxy's names only, so the Query
+        runs between a Parse of each under the client's name and a Close of it.
         """
         pending = server.pending
         # Whether a Bind or Describe of the unnamed statement reaches this client's own: its Parse
         # went to this server, and every reply is in without an error that could mean it failed.
         ready = self.unnamed is not None and server.unnamed is self.unnamed and not pending
-        if not (refusals or forget_at or server.skipping or self.skipping_to_sync) and (
+        if not (refusals or forget_at or named_in_sql or server.skipping or self.skipping_to_sync) and (
             not pending or pending[-1].ends_with == _EXPECT_READY
         ):
             cycle_ends = self._untouched_cycle_ends(source, frames, server, ready)
@@ -440,6 +449,26 @@ class ClientStatements:
                 else:
                     expect(Expected(_EXPECT_DESCRIBE, uses=server_name, noted_in=(self.described, name)))
             else:
+                named = named_in_sql.get(start) if named_in_sql else None
+                if named:
+                    # Each Sync ends a cycle of the proxy's own: a failing Parse cannot make the
+                    # server skip the client's Query (55.2.3), nor a client cycle depend on it.
+                    splice.flush(start)
+                    for client_name, statement in named:
+                        out.append(m.build_message(b"P", client_name + b"\x00" + statement.body))
+                        expect(_PARSED_QUIETLY)
+                    out.append(_SYNC_MESSAGE)
+                    expect(_SYNCED_QUIETLY)
+                    splice.flush(end)  # the client's Query
+                    expect(_READY)
+                    self.unnamed = server.unnamed = None
+                    for client_name, _statement in named:
+                        out.append(m.build_message(b"C", b"S" + client_name + b"\x00"))
+                        expect(_CLOSED_QUIETLY)
+                    out.append(_SYNC_MESSAGE)
+                    expect(_SYNCED_QUIETLY)
+                    ready = False
+                    continue
                 if kind == 0x45:  # 'E' Execute
                     expect(_EXECUTED)
                 elif kind == 0x53:  # 'S' Sync: the next cycle cannot tell whether this one's Parse ran

@@ -35,7 +35,13 @@ from proxy.errors import (
 from proxy.identity import Identity, IdentityError, check_user_name, identify
 from proxy.limits import Limiter, LimitHit, LimitSettings, resolve
 from proxy.metrics import BatchedHistogram, Metrics
-from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, python_codec, refusal_message
+from proxy.policy.encodings import (
+    DEFAULT_ENCODING,
+    accepted_encoding,
+    python_codec,
+    read_statement,
+    refusal_message,
+)
 from proxy.policy.engine import (
     ANALYSIS_UNFINISHED,
     PROGRAM_LIMIT_EXCEEDED,
@@ -45,6 +51,7 @@ from proxy.policy.engine import (
 )
 from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
+from proxy.policy.postgres import ParseError, analyze
 from proxy.policy.redact import unparsable
 from proxy.pool import ServerShares, UpstreamPool, default_share_cap
 from proxy.preauth import PendingStartup, RecordThrottle
@@ -1138,8 +1145,10 @@ class ClientSession(asyncio.Protocol):
         assert server is not None
         if not self._cycle_started:
             self._cycle_started = time.perf_counter()
-        refusals, forget_at = self._check_statements(chunk, frames)
-        data = self._statements.rewrite(chunk, frames, server.state, refusals, forget_at)
+        refusals, forget_at, named_in_sql = self._check_statements(chunk, frames)
+        data = self._statements.rewrite(
+            chunk, frames, server.state, refusals, forget_at, named_in_sql=named_in_sql
+        )
         if self._result_watch is not None:
             # Which portal, cursor or statement each result belongs to follows from what the server got.
             self._result_watch.sent(data, chunk, frames)
@@ -1148,14 +1157,18 @@ class ClientSession(asyncio.Protocol):
         if synthetic and self._transport is not None:
             self._transport.write(synthetic)
 
-    def _check_statements(self, chunk: bytes, frames: list[m.Frame]) -> tuple[dict[int, Refusal], list[int]]:
+    def _check_statements(
+        self, chunk: bytes, frames: list[m.Frame]
+    ) -> tuple[dict[int, Refusal], list[int], dict[int, list[tuple[bytes, Statement]]]]:
         """Apply the role's policy, then pin or refuse statements that leave session state behind.
 
-        Returns the refusals, keyed by the offset of the message each one replaces, and the
-        offsets of statements that drop the server's prepared statements.
+        Returns the refusals, keyed by the offset of the message each one replaces, the offsets
+        of statements that drop the server's prepared statements, and the client's statements
+        that SQL EXECUTE or DEALLOCATE in a Query names, by the Query's offset.
         """
         refusals: dict[int, Refusal] = {}
         forget_at: list[int] = []
+        named_in_sql: dict[int, list[tuple[bytes, Statement]]] = {}
         mode, auditing, limited, rechecking = self._statement_checks
         policies = self._env.policies
         classifier = self._env.classifier
@@ -1247,6 +1260,10 @@ class ClientSession(asyncio.Protocol):
                 decision = policies.decide_analyzed(
                     self._role, text, analysis.statements, self._encoding, readable=analysis.readable
                 )
+            if kind == m.MSG_QUERY and self._statements.renames and self._statements.by_name:
+                named = self._protocol_statements_named(text, decision)
+                if named:
+                    named_in_sql[start] = named
             if decision is not None and decision.prepared_names and decision.allowed:
                 decision = self._follow_prepared_names(decision)
             refused_by = _policy_refusal(decision, mode)
@@ -1284,7 +1301,7 @@ class ClientSession(asyncio.Protocol):
                 parsed_here.add(parsed_name)
         if analyses:
             analyses.clear()
-        return refusals, forget_at
+        return refusals, forget_at, named_in_sql
 
     def _raises_statement_timeout(self, text: bytes, start: int, refusals: dict[int, Refusal]) -> bool:
         """The role's statement_timeout is a ceiling: SET, set_config, RESET and DISCARD ALL may
@@ -1388,6 +1405,38 @@ class ClientSession(asyncio.Protocol):
         """The named statement this client prepared with Parse, that SQL names ``name``."""
         spelled = self._statement_name(name)
         return self._statements.by_name.get(spelled) if spelled is not None else None
+
+    def _protocol_statements_named(
+        self, text: bytes, decision: Decision | None
+    ) -> list[tuple[bytes, Statement]]:
+        """The statements this client prepared with Parse that SQL EXECUTE or DEALLOCATE in ``text``
+        names (the policy decides such an EXECUTE by the statement's text, _follow_prepared_names)."""
+        server = self._server
+        if server is not None and server.transaction_status == b"E":
+            return []  # the server refuses every statement before it looks at a name (25P02)
+        if decision is not None:
+            uses = decision.prepared_names
+        else:  # a role without a policy: the SQL is read here, when it may name one
+            lowered = text.lower()
+            if b"execute" not in lowered and b"deallocate" not in lowered:
+                return []
+            try:
+                facts = analyze(read_statement(text, self._encoding), ("public",))
+            except (ParseError, UnicodeDecodeError):
+                return []  # the server refuses it as well
+            uses = tuple(found.prepared_name for found in facts if found.prepared_name is not None)
+        named: list[tuple[bytes, Statement]] = []
+        for use in uses:
+            if use.action == "PREPARE" or use.name is None or use.name in self._sql_prepared:
+                continue
+            spelled = self._statement_name(use.name)
+            statement = self._statements.by_name.get(spelled) if spelled is not None else None
+            if spelled is None or statement is None:
+                continue
+            named.append((spelled, statement))
+            if use.action == "DEALLOCATE" and decision is None:
+                self._statements.deallocated(spelled, None)
+        return named
 
     def _recheck_prepared(self, name: bytes, start: int, refusals: dict[int, Refusal]) -> None:
         """A Bind of a statement prepared under an earlier policy: decide its text again first."""
