@@ -1124,3 +1124,21 @@ def test_discard_all_run_as_a_prepared_statement_drops_the_proxys_books_too() ->
     assert len(conn.state.statements) == 0
     # Prepared again on the server, instead of the server's 26000.
     assert kinds(client.exchange(conn, bind(b"s1"), execute(), sync())) == "2DCZ"
+
+
+def test_a_client_that_parsed_before_an_invalidated_copy_gets_0A000_not_a_new_copy() -> None:
+    conns, alice, bob = [Conn.new(), Conn.new()], Client(), Client()
+    assert kinds(alice.exchange(conns[0], parse(b"a1", T1), describe(b"S", b"a1"), sync())) == "1tTZ"
+    assert kinds(bob.exchange(conns[1], parse(b"b1", T1), bind(b"b1"), execute(), sync())) == "12DCZ"
+    schema_changes(*conns)
+    # Bob's copy fails on the server: planned after Alice's Parse, so hers is as old.
+    assert sqlstates(bob.exchange(conns[1], bind(b"b1"), execute(), sync())) == ["0A000"]
+    before = len(conns[1].server.received)
+    seen = alice.exchange(conns[1], bind(b"a1"), execute(), sync())
+    assert kinds(seen) == "EZ" and error_fields(seen)[0]["R"] == "RevalidateCachedQuery"
+    assert [kind for kind, _ in conns[1].server.received[before:]] == ["S"]
+    # Both prepare again and get the new columns.
+    for client, name in ((alice, b"a2"), (bob, b"b2")):
+        seen = client.exchange(conns[1], parse(name, T1), describe(b"S", name), bind(name), execute(), sync())
+        assert kinds(seen) == "1tT2DCZ"
+    assert not conns[1].state.pending

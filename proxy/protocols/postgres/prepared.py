@@ -215,6 +215,19 @@ class ServerStatements:
             self._names[name] = STALE
         self.descriptions.pop(name, None)
 
+    def invalidate(self, name: bytes) -> None:
+        """The server failed the copy with 0A000: its result type changed since it was prepared.
+        Stale, but when it was prepared is kept (below STALE): see invalidated_copy_prepared_at."""
+        prepared_at = self._names.get(name)
+        if prepared_at is not None and prepared_at >= 0:
+            self._names[name] = STALE - 1 - prepared_at
+        self.descriptions.pop(name, None)
+
+    def invalidated_copy_prepared_at(self, name: bytes) -> int | None:
+        """When the copy the server invalidated was prepared; None if it was not invalidated."""
+        prepared_at = self._names.get(name)
+        return STALE - 1 - prepared_at if prepared_at is not None and prepared_at < STALE else None
+
     def mark_all_stale(self) -> None:
         """The statements may all be gone (DISCARD ALL, DEALLOCATE ALL sent): each is closed and
         prepared again at its next use, which is right whether or not that statement ran."""
@@ -435,11 +448,14 @@ class ClientStatements:
                     ready = False
                     continue
                 server_name = statement.server_name
+                if kind == 0x42 and self._predates_invalidation(name, statement, server):
+                    self._answer_stale_plan(server)
+                    ready = False
+                    continue
                 self._prepare(statement, server, out, Reply.DROP)
                 if kind == 0x42 and self._result_changed(name, server_name, server):
                     # The client's own statement would fail so on the server: so does this Bind.
-                    expect(Expected(_EXPECT_BIND, Reply.SYNTHETIC, STALE_PLAN_ERROR))
-                    self.skipping_to_sync = True
+                    self._answer_stale_plan(server)
                     ready = False
                     continue
                 renamed = source[body_start:name_start] + server_name + source[name_end:end]
@@ -509,6 +525,21 @@ class ClientStatements:
         self.by_name.clear()
         self.described.clear()
         self.held_bytes = 0
+
+    def _answer_stale_plan(self, server: ServerState) -> None:
+        """Answer a Bind as the server answers one of a statement whose result type changed, and
+        drop what follows up to the client's Sync, as the server would after the error."""
+        server.pending.append(Expected(_EXPECT_BIND, Reply.SYNTHETIC, STALE_PLAN_ERROR))
+        self.skipping_to_sync = True
+
+    def _predates_invalidation(self, name: bytes, statement: Statement, server: ServerState) -> bool:
+        """Whether client statement ``name``, which the client described, was parsed no later than
+        a copy the server has since invalidated: its own statement would be invalid too. (A copy
+        prepared now would return the new columns the client's driver does not expect.)"""
+        if name not in self.described:
+            return False
+        planned = server.statements.invalidated_copy_prepared_at(statement.server_name)
+        return planned is not None and planned >= statement.parsed_at
 
     def _result_changed(self, name: bytes, server_name: bytes, server: ServerState) -> bool:
         """Whether the copy of client statement ``name`` on ``server`` returns other columns than
@@ -702,7 +733,7 @@ def filter_server_messages(
             server.unnamed = None
             if head.uses is not None and source.find(_STALE_PLAN, start + 5, end) >= 0:
                 # The server keeps the statement, and fails every use of it, until it is closed.
-                server.statements.mark_stale(head.uses)
+                server.statements.invalidate(head.uses)
             if not (head.ends_cycle and not head.sync):
                 # Not a simple Query's own error: the server now skips everything up to Sync (55.2.3).
                 server.skipping = True
