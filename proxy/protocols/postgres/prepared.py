@@ -298,6 +298,8 @@ class ClientStatements:
         self.renames = True
         # The result description the client got from its Describe of each named statement.
         self.described: dict[bytes, bytes] = {}
+        # The reply expectation of a Bind of each named statement, made once per statement.
+        self._bound: dict[bytes, Expected] = {}
         # The proxy answered an error in the server's place: as the server after an error (55.2.3),
         # it drops the client's messages up to its next Sync.
         self.skipping_to_sync = False
@@ -461,7 +463,10 @@ class ClientStatements:
                 renamed = source[body_start:name_start] + server_name + source[name_end:end]
                 out.append(m.build_message(bytes((kind,)), renamed))
                 if kind == 0x42:
-                    expect(Expected(_EXPECT_BIND, uses=server_name))
+                    bound = self._bound.get(name)
+                    if bound is None or bound.uses != server_name:
+                        bound = self._bound[name] = Expected(_EXPECT_BIND, uses=server_name)
+                    expect(bound)
                 else:
                     expect(Expected(_EXPECT_DESCRIBE, uses=server_name, noted_in=(self.described, name)))
             else:
@@ -511,6 +516,7 @@ class ClientStatements:
         if replaced is not None:
             self.held_bytes -= len(replaced.body)
             self.described.pop(name, None)
+            self._bound.pop(name, None)
         self.by_name[name] = statement
         self.held_bytes += len(statement.body)
 
@@ -519,11 +525,13 @@ class ClientStatements:
         if closed is not None:
             self.held_bytes -= len(closed.body)
             self.described.pop(name, None)
+            self._bound.pop(name, None)
 
     def forget_all(self) -> None:
         """DEALLOCATE ALL or DISCARD ALL: the client has no named statements left."""
         self.by_name.clear()
         self.described.clear()
+        self._bound.clear()
         self.held_bytes = 0
 
     def _answer_stale_plan(self, server: ServerState) -> None:
