@@ -257,3 +257,22 @@ def test_portal_bound_before_a_reload_does_not_run_after_it(
         assert _error(received)["C"] == "42501" and rows(received) == [], received
         assert [kind for kind, _ in run_query(cashier, "ROLLBACK")] == [b"C", b"Z"]
         _assert_serves(cashier)
+
+
+def test_sql_execute_of_a_protocol_prepared_statement_is_decided_by_its_text(
+    reloading: ReloadingProxy, terminal_pki: TerminalPKI
+) -> None:
+    """EXECUTE of a name the cashier prepared with Parse runs only what the current policy allows
+    of the text behind the name; so does a Bind of a name it prepared in SQL (session pooling
+    passes both names to the server as they are)."""
+    with raw_session(reloading.proxy, terminal_pki, terminal_pki.cashier) as cashier:
+        cashier.send(_parse("stock", STOCK) + SYNC)
+        assert [kind for kind, _ in cashier.read_until_ready()] == [b"1", b"Z"]
+        assert rows(run_query(cashier, f"EXECUTE stock('store-001', '{PEN}')")) == [[b"100"]]
+        assert [kind for kind, _ in run_query(cashier, f"PREPARE stock_q AS {STOCK_SQL}")] == [b"C", b"Z"]
+        reloading.forbid_stock()
+        assert_refused_without_running(run_query(cashier, f"EXECUTE stock('store-001', '{PEN}')"))
+        cashier.send(_bind("stock_q") + EXECUTE + SYNC)
+        received = cashier.read_until_ready()
+        assert rows(received) == [] and _error(received)["C"] in ("42501", "26000"), received
+        _assert_serves(cashier)

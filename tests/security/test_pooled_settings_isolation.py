@@ -296,6 +296,25 @@ async def test_a_prepared_statement_that_changes_a_carried_setting_is_followed_a
     assert not [record for record in proxy.log_events() if record.get("event") == "session_pinned"]
 
 
+async def test_sql_execute_of_a_protocol_prepared_setting_change_is_followed(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    """Prepared through the protocol, run by SQL EXECUTE (no Bind for the proxy to follow): each
+    EXECUTE changes the setting again on whichever server connection runs it."""
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+        statement = await attacker.prepare("SET work_mem = '77MB'")
+        await attacker.execute("RESET work_mem")
+        for round_ in range(3):
+            await attacker.execute(f'EXECUTE "{statement.get_name()}"')
+            with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+                assert _show_all(victim) == route_values, round_
+            assert await attacker.fetchval("SHOW work_mem") == "77MB"
+    assert not [record for record in proxy.log_events() if record.get("event") == "session_pinned"]
+
+
 async def test_a_carried_setting_left_by_a_terminal_that_hangs_up_at_once_does_not_reach_the_next(
     start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None
 ) -> None:
@@ -360,7 +379,9 @@ async def test_discard_all_by_one_terminal_does_not_drop_the_next_terminals_sett
         await first.execute("DISCARD ALL")  # the server forgets what the proxy set
         async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier, statement_timeout="4321") as second:
             assert await second.fetchval("SHOW statement_timeout") == "4321ms"
-        assert await first.fetchval("SHOW statement_timeout") == "4321ms"
+        # DISCARD ALL dropped asyncpg's prepared "SHOW statement_timeout" too, as on the server
+        # (InvalidSQLStatementNameError): ask with a statement prepared since.
+        assert await first.fetchval("SELECT current_setting('statement_timeout')") == "4321ms"
 
 
 async def test_reset_all_by_one_terminal_does_not_drop_the_next_terminals_settings(

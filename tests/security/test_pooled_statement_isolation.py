@@ -277,3 +277,59 @@ def test_sql_cannot_name_the_proxys_statements_without_a_policy_either(
         manager.send(_bind("salaries") + EXECUTE + SYNC)
         received = manager.read_until_ready()
         assert [data_row_values(p) for kind, p in received if kind == b"D"] == [[b"alice", b"990000"]]
+
+
+@pytest.mark.parametrize("policies", ["with policies", "without policies"])
+def test_sql_execute_and_deallocate_reach_only_the_terminals_own_statements(
+    request: pytest.FixtureRequest,
+    start_proxy: Any,
+    terminal_pki: TerminalPKI,
+    payroll_schema: None,
+    policies: str,
+) -> None:
+    """SQL EXECUTE and DEALLOCATE of protocol-prepared names work (issue 16), but only on the
+    terminal's own statements: the manager's statement of the same name on the one shared server
+    connection is neither run nor dropped, and a name whose Parse the policy refused holds nothing."""
+    proxy = (
+        request.getfixturevalue("pooled_proxy")
+        if policies == "with policies"
+        else start_proxy(routes={"pos": ONE_CONNECTION})
+    )
+    products = "SELECT name FROM products WHERE sku = '4006381333931'"
+    with (
+        raw_session(proxy, terminal_pki, terminal_pki.manager) as manager,
+        raw_session(proxy, terminal_pki, terminal_pki.cashier) as cashier,
+    ):
+        manager.send(_parse("salaries", PAYROLL) + _parse("shared", PAYROLL) + SYNC)
+        assert [kind for kind, _ in manager.read_until_ready()] == [b"1", b"1", b"Z"]
+        assert backend_pid(manager) == backend_pid(cashier)
+        for sql in ("EXECUTE salaries", "DEALLOCATE salaries", "EXECUTE shared", "DEALLOCATE PREPARE shared"):
+            received = run_query(cashier, sql)
+            assert _error(received)["C"] == "26000", (sql, received)
+            assert_nothing_of_the_payroll(received)
+        # The cashier's own statement of a name the manager uses too: its own text runs.
+        cashier.send(_parse("shared", products) + SYNC)
+        assert [kind for kind, _ in cashier.read_until_ready()] == [b"1", b"Z"]
+        received = run_query(cashier, "EXECUTE shared")
+        assert [data_row_values(p) for kind, p in received if kind == b"D"] == [[b"Ballpoint pen, blue"]], (
+            received
+        )
+        assert [kind for kind, _ in run_query(cashier, "DEALLOCATE shared")] == [b"C", b"Z"]
+        assert _error(run_query(cashier, "EXECUTE shared"))["C"] == "26000"
+        if policies == "with policies":
+            # A Parse the policy refuses leaves no name behind for SQL to reach.
+            cashier.send(_parse("peek", PAYROLL) + SYNC)
+            assert _error(cashier.read_until_ready())["C"] == "42501"
+            for sql in ("EXECUTE peek", "DEALLOCATE peek"):
+                received = run_query(cashier, sql)
+                assert _error(received)["C"] == "26000", (sql, received)
+                assert_nothing_of_the_payroll(received)
+        _assert_serves(cashier)
+        # The manager's statements are all still there, with the manager's text.
+        for name in ("salaries", "shared"):
+            manager.send(_bind(name) + EXECUTE + SYNC)
+            received = manager.read_until_ready()
+            assert [data_row_values(p) for kind, p in received if kind == b"D"] == [[b"alice", b"990000"]]
+        if policies == "without policies":  # (EXECUTE is no kind the manager's policy allows)
+            received = run_query(manager, "EXECUTE salaries")
+            assert [data_row_values(p) for kind, p in received if kind == b"D"] == [[b"alice", b"990000"]]

@@ -127,6 +127,10 @@ class FakeServer:
     skipping: bool = False  # discarding messages until Sync after an error (55.2.3)
     received: list[tuple[str, bytes]] = field(default_factory=list)
     duplicate_parses: int = 0
+    # The database's schema version: a named statement planned under another fails Bind and
+    # Describe with 0A000 until closed (plancache.c), and a SELECT returns 1 + schema columns.
+    schema: int = 0
+    planned_under: dict[bytes, int] = field(default_factory=dict)
 
     def feed(self, data: bytes) -> bytes:
         return b"".join(self.handle(kind, body) for kind, body in frames_of(data))
@@ -154,6 +158,8 @@ class FakeServer:
             self.statements.pop(b"", None)  # exec_simple_query drops the unnamed statement first
             self._check_parses(text)
             self._run(text)
+            if text.startswith(b"EXECUTE "):
+                self._statement(text.removeprefix(b"EXECUTE "))
             return m.build_message(b"C", b"SELECT 1\x00") + m.build_ready_for_query(b"I")
         if kind == "P":
             name, position = _cstring(body, 0)
@@ -165,21 +171,27 @@ class FakeServer:
                 self.duplicate_parses += 1
                 raise ServerError("42P05", f'prepared statement "{name.decode()}" already exists')
             self.statements[name] = (text, body[position:])
+            self.planned_under[name] = self.schema
             return PARSE_COMPLETE
         if kind == "B":
             portal, position = _cstring(body, 0)
             name, _ = _cstring(body, position)
             self.portals[portal] = self._statement(name)[0]
+            self._check_plan(name)
             return BIND_COMPLETE
         if kind == "D":
             name, _ = _cstring(body, 1)
             if body[:1] == b"S":
                 text, types = self._statement(name)
+                self._check_plan(name)
                 return m.build_message(b"t", types) + self._row_description(text)
             return self._row_description(self._portal(name))
         if kind == "E":
             portal, _ = _cstring(body, 0)
             text = self._run(self._portal(portal))
+            if text == b"DISCARD ALL":
+                self.statements = {b"": self.statements[b""]} if b"" in self.statements else {}
+                return m.build_message(b"C", b"DISCARD ALL\x00")
             if text.startswith(b"SELECT"):
                 row = m.build_message(b"D", _INT16.pack(1) + _INT32.pack(len(text)) + text)
                 return row + m.build_message(b"C", b"SELECT 1\x00")
@@ -189,6 +201,10 @@ class FakeServer:
             (self.statements if body[:1] == b"S" else self.portals).pop(name, None)
             return CLOSE_COMPLETE
         raise AssertionError(f"the fake server does not handle {kind!r}")
+
+    def _check_plan(self, name: bytes) -> None:
+        if name and self.planned_under.get(name, self.schema) != self.schema:
+            raise ServerError("0A000", "cached plan must not change result type")
 
     def _check_parses(self, text: bytes) -> None:
         if text in self.fail_texts:
@@ -211,12 +227,12 @@ class FakeServer:
             raise ServerError("34000", f'portal "{name.decode()}" does not exist')
         return self.portals[name]
 
-    @staticmethod
-    def _row_description(text: bytes) -> bytes:
+    def _row_description(self, text: bytes) -> bytes:
         if not text.startswith(b"SELECT"):
             return NO_DATA
         column = b"?column?\x00" + _INT32.pack(0) + _INT16.pack(0) + _INT32.pack(25) + _INT16.pack(-1)
-        return m.build_message(b"T", _INT16.pack(1) + column + _INT32.pack(-1) + _INT16.pack(0))
+        count = 1 + self.schema
+        return m.build_message(b"T", _INT16.pack(count) + (column + _INT32.pack(-1) + _INT16.pack(0)) * count)
 
     def parsed_names(self) -> list[bytes]:
         return [_cstring(body, 0)[0] for kind, body in self.received if kind == "P"]
@@ -336,7 +352,8 @@ def test_describe_statement_and_close_use_server_names() -> None:
     assert seen == reference(*messages)
     assert kinds(seen) == "1tT3Z"
     # The Close only forgets the client's name: the server keeps the statement for others.
-    assert [kind for kind, _ in conn.server.received] == ["P", "D", "S"]
+    # The proxy describes each copy it prepares (its own Describe's reply is dropped).
+    assert [kind for kind, _ in conn.server.received] == ["P", "D", "D", "S"]
     assert server_name(T1, (23,)) in conn.server.statements
     assert b"s" not in client.statements.by_name
 
@@ -388,10 +405,15 @@ def test_two_clients_share_server_statements_across_two_connections() -> None:
     assert kinds(seen) == "2DC2DCZ"
     seen = run(bob, conns[0], bind(b"b_one"), execute(), bind(b"b_three"), execute(), sync())
     assert kinds(seen) == "2DC2DCZ"
-    # Bob preparing what Alice already has on connection 0 sends nothing for the Parse.
+    # Bob preparing what Alice already has on connection 0 replaces her copy there: his Parse
+    # is planned now, as the server would plan it for him (the schema may have changed since hers).
     before = len(conns[0].server.received)
     seen = run(bob, conns[0], parse(b"b_two", T2), bind(b"b_two"), execute(), sync())
     assert kinds(seen) == "12DCZ"
+    assert [kind for kind, _ in conns[0].server.received[before:]] == ["C", "P", "D", "B", "E", "S"]
+    # Prepared since, the copy serves Alice as it is.
+    before = len(conns[0].server.received)
+    assert kinds(run(alice, conns[0], bind(b"a_two"), execute(), sync())) == "2DCZ"
     assert [kind for kind, _ in conns[0].server.received[before:]] == ["B", "E", "S"]
     # Alice closing her name leaves the shared statement for Bob.
     run(alice, conns[0], close(b"S", b"a_two"), sync())
@@ -403,13 +425,15 @@ def test_two_clients_share_server_statements_across_two_connections() -> None:
         # The unnamed statement is the raising block that answered Alice's unknown name.
         named = [name for name in conn.server.statements if name]
         assert sorted(named) == sorted(server_name(t) for t in (T1, T2, T3))
-        names = conn.server.parsed_names()
-        assert len(names) == len(set(names)), "each statement is prepared once per server connection"
-    assert alice.stats.misses + bob.stats.misses == 6
-    assert bob.stats.hits >= 1
+    # Prepared again only where a copy was older than the client's own Parse: Alice's T1 and T2
+    # on connection 0, which Bob parsed after her.
+    for conn, texts in zip(conns, [(T1, T1, T2, T2, T3), (T1, T2, T3)], strict=True):
+        assert sorted(filter(None, conn.server.parsed_names())) == sorted(server_name(t) for t in texts)
+    assert alice.stats.misses + bob.stats.misses == 8
+    assert alice.stats.hits >= 2
 
 
-def test_client_parse_of_a_statement_the_server_has_is_answered_in_order() -> None:
+def test_client_parse_of_a_statement_the_server_has_replaces_it_in_order() -> None:
     conn, alice, bob = Conn.new(), Client(), Client()
     alice.exchange(conn, parse(b"x", T2), sync())
     # A synthetic ParseComplete that has replies ahead of it waits for them, and precedes the Bind's.
@@ -419,11 +443,12 @@ def test_client_parse_of_a_statement_the_server_has_is_answered_in_order() -> No
     seen = conn.deliver()
     assert seen == reference(*messages)
     assert kinds(seen) == "12DC12DCZ"
-    assert [kind for kind, _ in conn.server.received[-6:]] == ["P", "B", "E", "B", "E", "S"]
-    # Nothing ahead: the synthetic ParseComplete goes out as the messages are sent.
-    visible_at_once = bob.send(conn, parse(b"z", T2) + bind(b"z") + execute() + sync())
-    assert visible_at_once == PARSE_COMPLETE
-    assert kinds(conn.deliver()) == "2DCZ"
+    # Bob's Parse of what Alice prepared replaces her copy on the server.
+    assert [kind for kind, _ in conn.server.received[-9:]] == ["P", "B", "E", "C", "P", "D", "B", "E", "S"]
+    # A Close of a name (the client's alone) is answered at once.
+    visible_at_once = bob.send(conn, close(b"S", b"y") + sync())
+    assert visible_at_once == CLOSE_COMPLETE
+    assert kinds(conn.deliver()) == "Z"
     assert not conn.state.pending
 
 
@@ -527,7 +552,7 @@ def test_eviction_at_capacity_closes_the_least_recently_used_statement() -> None
     assert seen == PARSE_COMPLETE + m.build_ready_for_query(b"I")  # no CloseComplete for the eviction
     sent = conn.server.received[before:]
     assert sent[0] == ("C", b"S" + server_name(T2) + b"\x00")
-    assert [kind for kind, _ in sent] == ["C", "P", "S"]
+    assert [kind for kind, _ in sent] == ["C", "P", "D", "S"]
     assert sorted(conn.server.statements) == sorted([server_name(T1), server_name(T3)])
     assert len(conn.state.statements) == 2
     assert server_name(T2) not in conn.state.statements
@@ -641,7 +666,7 @@ def test_asynchronous_messages_pass_while_proxy_replies_are_dropped() -> None:
     notice = m.build_error_response("NOTICE", "00000", "hello", kind=b"N")
     status = m.build_parameter_status("application_name", "till")
     replies = frames_of(conn.undelivered)
-    assert [kind for kind, _ in replies] == ["1", "2", "D", "C", "Z"]
+    assert [kind for kind, _ in replies] == ["1", "t", "T", "2", "D", "C", "Z"]
     # A notice and a parameter report arrive right after the dropped ParseComplete.
     data = PARSE_COMPLETE + notice + status + conn.undelivered[len(PARSE_COMPLETE) :]
     conn.undelivered = b""
@@ -997,3 +1022,145 @@ def test_a_refused_bind_runs_the_raising_block_and_skips_the_rest() -> None:
     assert kinds(seen) == "EZ" and sqlstates(seen) == ["42501"]
     assert T1 not in seen
     assert kinds(client.exchange(conn, bind(b"a"), execute(), sync())) == "2DCZ"
+
+
+# --- schema changes: never a plan older than the client's own (issue 16) ----------------------------------
+
+
+def schema_changes(*conns: Conn) -> None:
+    """ALTER TABLE ... ADD COLUMN: the database changes for every server connection at once."""
+    for conn in conns:
+        conn.server.schema += 1
+
+
+def error_fields(data: bytes) -> list[dict[str, str]]:
+    return [m.parse_error_fields(body) for kind, body in frames_of(data) if kind == "E"]
+
+
+def test_a_copy_the_server_calls_stale_is_prepared_again_for_the_next_parse() -> None:
+    conn, alice = Conn.new(), Client()
+    assert kinds(alice.exchange(conn, parse(b"a1", T1), bind(b"a1"), execute(), sync())) == "12DCZ"
+    schema_changes(conn)
+    # Alice's statement predates the change: the server's 0A000, as for her own statement.
+    assert sqlstates(alice.exchange(conn, bind(b"a1"), execute(), sync())) == ["0A000"]
+    # The driver prepares again (asyncpg under a new name): planned anew, not the broken copy.
+    seen = alice.exchange(conn, parse(b"a2", T1), describe(b"S", b"a2"), bind(b"a2"), execute(), sync())
+    assert kinds(seen) == "1tT2DCZ"
+    direct = FakeServer(schema=1)
+    assert seen == reference(
+        parse(b"x", T1), describe(b"S", b"x"), bind(b"x"), execute(), sync(), server=direct
+    )
+    assert conn.server.duplicate_parses == 0
+    # The old name keeps failing, as on the server, until the client prepares it again.
+    assert kinds(alice.exchange(conn, bind(b"a2"), execute(), sync())) == "2DCZ"
+    assert not conn.state.pending
+
+
+def test_a_parse_after_a_schema_change_never_gets_a_copy_planned_before_it() -> None:
+    """A new terminal (in transaction pooling) must not inherit the statement another left."""
+    conns, alice, bob = [Conn.new(), Conn.new()], Client(), Client()
+    for conn in conns:
+        alice.exchange(conn, parse(b"a1", T1), bind(b"a1"), execute(), sync())
+    schema_changes(*conns)
+    for conn in conns:
+        seen = bob.exchange(conn, parse(b"b1", T1), bind(b"b1"), execute(), sync())
+        assert sqlstates(seen) == [] and kinds(seen) == "12DCZ"
+        assert conn.server.duplicate_parses == 0
+
+
+def test_a_copy_returning_other_columns_than_the_client_described_gets_the_servers_0A000() -> None:
+    conn, alice, bob = Conn.new(), Client(), Client()
+    assert kinds(alice.exchange(conn, parse(b"a1", T1), describe(b"S", b"a1"), sync())) == "1tTZ"
+    schema_changes(conn)
+    assert kinds(bob.exchange(conn, parse(b"b1", T1), describe(b"S", b"b1"), sync())) == "1tTZ"
+    # Bob's Parse replaced the copy: it returns two columns now, Alice's driver expects one.
+    before = len(conn.server.received)
+    # The cycle goes on in the next read: skipped up to its Sync, as the server would.
+    seen = alice.send(conn, bind(b"a1")) + alice.exchange(conn, execute(), query(b"SELECT 9"), sync())
+    assert kinds(seen) == "EZ"
+    (fields,) = error_fields(seen)
+    assert fields["C"] == "0A000" and fields["R"] == "RevalidateCachedQuery"  # what asyncpg looks for
+    assert [kind for kind, _ in conn.server.received[before:]] == ["S"]
+    assert not alice.statements.skipping_to_sync
+    # Prepared again, the client gets the new columns.
+    seen = alice.exchange(conn, parse(b"a2", T1), describe(b"S", b"a2"), bind(b"a2"), execute(), sync())
+    assert kinds(seen) == "1tT2DCZ" and sqlstates(seen) == []
+    assert not conn.state.pending
+
+
+def test_an_earlier_error_in_the_cycle_takes_the_place_of_the_proxys_0A000() -> None:
+    conn, alice, bob = Conn.new(fail_texts={T3}), Client(), Client()
+    alice.exchange(conn, parse(b"a1", T1), describe(b"S", b"a1"), sync())
+    schema_changes(conn)
+    bob.exchange(conn, parse(b"b1", T1), describe(b"S", b"b1"), sync())
+    seen = alice.exchange(conn, parse(b"", T3), bind(b"a1"), execute(), sync())
+    assert sqlstates(seen) == ["42601"] and kinds(seen) == "EZ"
+    assert not conn.state.pending
+
+
+def test_session_pooling_passes_the_clients_names_as_they_are() -> None:
+    conn, client = Conn.new(), Client()
+    client.statements.renames = False
+    messages = [parse(b"s1", T1), describe(b"S", b"s1"), bind(b"s1"), execute(), sync()]
+    seen = client.exchange(conn, *messages)
+    assert seen == reference(*messages)
+    assert list(conn.server.statements) == [b"s1"]
+    # A second Parse of the name fails on the server (42P05), which keeps the first text: so does
+    # the proxy (the policy decides by it); a Parse that fails leaves no name behind.
+    assert sqlstates(client.exchange(conn, parse(b"s1", T2), sync())) == ["42P05"]
+    assert client.statements.by_name[b"s1"].text == T1
+    assert sqlstates(client.exchange(conn, close(b"S", b"s1"), parse(b"s1", T3), sync())) == []
+    assert client.statements.by_name[b"s1"].text == T3
+    broken = Conn.new(fail_texts={T4})
+    assert sqlstates(client.exchange(broken, parse(b"s2", T4), sync())) == ["42601"]
+    assert b"s2" not in broken.state.statements
+    assert sqlstates(client.exchange(broken, parse(b"s2", T2), sync())) == []
+    assert client.statements.by_name[b"s2"].text == T2
+    assert not conn.state.pending and not broken.state.pending
+
+
+def test_sql_naming_a_protocol_statement_runs_between_a_parse_and_a_close_of_its_name() -> None:
+    conn, client = Conn.new(), Client()
+    client.exchange(conn, parse(b"s1", T1), sync())
+    data = query(b"EXECUTE s1")
+    frames, _ = m.scan_frames(data, MAX)
+    named = {0: [(b"s1", client.statements.by_name[b"s1"])]}
+    rewritten = client.statements.rewrite(data, frames, conn.state, named_in_sql=named)
+    assert [(kind, body[:3]) for kind, body in frames_of(rewritten)] == [
+        ("P", b"s1\x00"),
+        ("S", b""),
+        ("Q", b"EXE"),
+        ("C", b"Ss1"),
+        ("S", b""),
+    ]
+    conn.undelivered = conn.server.feed(rewritten)
+    assert conn.deliver() == reference(parse(b"s1", T1), sync(), data)[len(PARSE_COMPLETE) + 6 :]
+    assert b"s1" not in conn.server.statements  # nothing of the client's under its own name
+    assert not conn.state.pending
+
+
+def test_discard_all_run_as_a_prepared_statement_drops_the_proxys_books_too() -> None:
+    conn, client = Conn.new(), Client()
+    client.exchange(conn, parse(b"s1", T1), sync())
+    assert kinds(client.exchange(conn, parse(b"", b"DISCARD ALL"), bind(b""), execute(), sync())) == "12CZ"
+    assert len(conn.state.statements) == 0
+    # Prepared again on the server, instead of the server's 26000.
+    assert kinds(client.exchange(conn, bind(b"s1"), execute(), sync())) == "2DCZ"
+
+
+def test_a_client_that_parsed_before_an_invalidated_copy_gets_0A000_not_a_new_copy() -> None:
+    conns, alice, bob = [Conn.new(), Conn.new()], Client(), Client()
+    assert kinds(alice.exchange(conns[0], parse(b"a1", T1), describe(b"S", b"a1"), sync())) == "1tTZ"
+    assert kinds(bob.exchange(conns[1], parse(b"b1", T1), bind(b"b1"), execute(), sync())) == "12DCZ"
+    schema_changes(*conns)
+    # Bob's copy fails on the server: planned after Alice's Parse, so hers is as old.
+    assert sqlstates(bob.exchange(conns[1], bind(b"b1"), execute(), sync())) == ["0A000"]
+    before = len(conns[1].server.received)
+    seen = alice.exchange(conns[1], bind(b"a1"), execute(), sync())
+    assert kinds(seen) == "EZ" and error_fields(seen)[0]["R"] == "RevalidateCachedQuery"
+    assert [kind for kind, _ in conns[1].server.received[before:]] == ["S"]
+    # Both prepare again and get the new columns.
+    for client, name in ((alice, b"a2"), (bob, b"b2")):
+        seen = client.exchange(conns[1], parse(name, T1), describe(b"S", name), bind(name), execute(), sync())
+        assert kinds(seen) == "1tT2DCZ"
+    assert not conns[1].state.pending

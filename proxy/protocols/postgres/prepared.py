@@ -6,9 +6,16 @@ than the one it prepared its statements on. The proxy therefore:
 * gives every statement a server-side name derived from its text and parameter types, so
   clients preparing the same statement share one server-side statement;
 * rewrites statement names in Parse, Bind, Describe and Close (55.7), prepares a statement
-  on the current server connection when that one lacks it, answers Parse and Close itself
-  when nothing needs to reach the server, and drops the server's answers to the messages it
-  added on its own;
+  on the current server connection when that one lacks it, answers Close itself, and drops
+  the server's answers to the messages it added on its own;
+* never lets a client use a server-side statement older than its own Parse of it: a client's
+  Parse always reaches the server (the copy there is replaced), and a copy the server calls
+  stale (0A000 "cached plan must not change result type", after ALTER TABLE and the like) is
+  replaced at its next use, so a driver that re-prepares after that error gets a fresh plan as
+  it would from the server;
+* never lets a client bind a copy whose result columns differ from those its own Describe of
+  the statement returned (a copy prepared after a schema change): it answers 0A000 as the server
+  answers for the client's own statement then, and skips to the client's Sync as the server would;
 * keeps at most ``capacity`` statements per server connection, closing the least recently
   used one on the server when a new one needs room;
 * follows each client's unnamed statement itself: a server connection's unnamed statement
@@ -18,6 +25,10 @@ than the one it prepared its statements on. The proxy therefore:
   error since); elsewhere the proxy parses the client's statement again first, or answers as
   the server would when the client has none.
 
+In session pooling the server connection is the client's alone: named statements pass with
+the client's own names (``ClientStatements.renames`` off) and the proxy only follows which
+names exist, for the policy's sake.
+
 Responses arrive in the order requests were sent (55.2.3), so a FIFO of expected replies is
 enough to know which server message answers which request.
 """
@@ -26,8 +37,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import time
 from collections import OrderedDict, deque
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -42,6 +54,19 @@ _CLOSE_COMPLETE: Final = b"3\x00\x00\x00\x04"
 # Messages the server may send at any time, outside any request's reply (55.2.7).
 _ASYNCHRONOUS: Final = frozenset(b"NAS")
 _ERROR: Final = ord("E")
+# PostgreSQL's answer to a Bind or Describe of a statement whose result type changed since it was
+# prepared (plancache.c, RevalidateCachedQuery): the statement stays broken until closed.
+_STALE_PLAN: Final = b"\x00C0A000\x00"  # the SQLSTATE field (never the first: severity is)
+# What the server answers to a Bind of a statement whose result columns changed since its Parse
+# (plancache.c): drivers recognise it by the routine (asyncpg) or the message (pgjdbc) and prepare
+# again.
+STALE_PLAN_ERROR: Final = m.build_message(
+    b"E",
+    b"SERROR\x00VERROR\x00C0A000\x00Mcached plan must not change result type\x00"
+    b"Fplancache.c\x00RRevalidateCachedQuery\x00\x00",
+)
+# CommandComplete tags after which the server has no named prepared statements left.
+_FORGETTING_TAGS: Final = (b"DISCARD ALL\x00", b"DEALLOCATE ALL\x00")
 
 
 class Reply(enum.Enum):
@@ -67,8 +92,14 @@ class Expected:
     synthetic: bytes = b""
     # Server-side statement this Parse creates: forgotten again if the server skips or refuses it.
     creates: bytes | None = None
-    # Evicted statement this Close removes: back on the list if the server skips the Close.
+    # Server-side statement this Parse replaces (after the proxy's Close of it): stale if skipped.
+    replaces: bytes | None = None
+    # Evicted or replaced statement this Close removes: back on the list (stale) if skipped.
     closes: bytes | None = None
+    # Server-side statement this Bind or Describe uses: a 0A000 answer marks it stale.
+    uses: bytes | None = None
+    # A Describe of a client's statement: where its result description is noted, under which name.
+    noted_in: tuple[dict[bytes, bytes], bytes] | None = None
     # The Sync ending an extended-protocol cycle: where skipping after an error stops (55.2.3).
     sync: bool = False
 
@@ -93,6 +124,10 @@ _READY: Final = Expected(_EXPECT_READY)
 _SYNCED: Final = Expected(_EXPECT_READY, sync=True)
 # A Parse the proxy added: its ParseComplete is not the client's.
 _PARSED_QUIETLY: Final = Expected(_EXPECT_PARSE, Reply.DROP)
+_CLOSED_QUIETLY: Final = Expected(_EXPECT_CLOSE, Reply.DROP)
+# A Sync the proxy added around a client's Query: its ReadyForQuery is not the client's.
+_SYNCED_QUIETLY: Final = Expected(_EXPECT_READY, Reply.DROP, sync=True)
+_SYNC_MESSAGE: Final = m.build_message(b"S", b"")
 _ANSWERS: Final = {0x42: _BOUND, 0x44: _DESCRIBED, 0x43: _CLOSED}
 
 
@@ -108,11 +143,14 @@ class Statement:
     server_name: bytes
     body: bytes
     generation: int = 0
+    # When the client parsed it (time.monotonic_ns): a server-side copy prepared before that may
+    # have a plan the client's own Parse would not get from the server.
+    parsed_at: int = 0
 
     @classmethod
-    def from_parse_body(cls, body: bytes, generation: int = 0) -> Statement:
+    def from_parse_body(cls, body: bytes, generation: int = 0, parsed_at: int = 0) -> Statement:
         digest = hashlib.blake2b(body, digest_size=12).hexdigest()
-        return cls(f"{SERVER_NAME_PREFIX}{digest}".encode(), body, generation)
+        return cls(f"{SERVER_NAME_PREFIX}{digest}".encode(), body, generation, parsed_at)
 
     @property
     def text(self) -> bytes:
@@ -123,12 +161,20 @@ class Statement:
         return m.build_message(b"P", self.server_name + b"\x00" + self.body)
 
 
+# The preparation time of a server-side statement that may exist but must not be used: older than
+# any client's Parse, so its next use closes and prepares it again.
+STALE: Final = -1
+
+
 class ServerStatements:
-    """Statements prepared on one server connection, least recently used first."""
+    """Statements prepared on one server connection, least recently used first, each with the
+    time it was prepared (STALE: it may be on the server, but must be prepared again first)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._names: OrderedDict[bytes, None] = OrderedDict()
+        self._names: OrderedDict[bytes, int] = OrderedDict()
+        # The result description (RowDescription or NoData message) of each copy, once described.
+        self.descriptions: dict[bytes, bytes] = {}
 
     def __contains__(self, name: bytes) -> bool:
         return name in self._names
@@ -136,28 +182,68 @@ class ServerStatements:
     def __len__(self) -> int:
         return len(self._names)
 
+    def prepared_at(self, name: bytes) -> int | None:
+        """When ``name`` was prepared on the server (STALE: unusable); None when it is not there."""
+        return self._names.get(name)
+
     def use(self, name: bytes) -> None:
         self._names.move_to_end(name)
 
-    def add(self, name: bytes) -> list[bytes]:
+    def add(self, name: bytes, prepared_at: int = 0) -> list[bytes]:
         """Record ``name`` as prepared; return the names to close on the server to make room."""
-        self._names[name] = None
+        self._names[name] = prepared_at
+        self._names.move_to_end(name)
+        descriptions = self.descriptions
+        descriptions.pop(name, None)
         evicted: list[bytes] = []
         while len(self._names) > self.capacity:
             oldest, _ = self._names.popitem(last=False)
+            descriptions.pop(oldest, None)
             evicted.append(oldest)
         return evicted
 
+    def keep(self, name: bytes) -> None:
+        """Record a statement the client named itself (session pooling): never evicted by the proxy."""
+        self._names[name] = 0
+
     def forget(self, name: bytes) -> None:
         self._names.pop(name, None)
+        self.descriptions.pop(name, None)
+
+    def mark_stale(self, name: bytes) -> None:
+        if name in self._names:
+            self._names[name] = STALE
+        self.descriptions.pop(name, None)
+
+    def invalidate(self, name: bytes) -> None:
+        """The server failed the copy with 0A000: its result type changed since it was prepared.
+        Stale, but when it was prepared is kept (below STALE): see invalidated_copy_prepared_at."""
+        prepared_at = self._names.get(name)
+        if prepared_at is not None and prepared_at >= 0:
+            self._names[name] = STALE - 1 - prepared_at
+        self.descriptions.pop(name, None)
+
+    def invalidated_copy_prepared_at(self, name: bytes) -> int | None:
+        """When the copy the server invalidated was prepared; None if it was not invalidated."""
+        prepared_at = self._names.get(name)
+        return STALE - 1 - prepared_at if prepared_at is not None and prepared_at < STALE else None
+
+    def mark_all_stale(self) -> None:
+        """The statements may all be gone (DISCARD ALL, DEALLOCATE ALL sent): each is closed and
+        prepared again at its next use, which is right whether or not that statement ran."""
+        for name in self._names:
+            self._names[name] = STALE
+        self.descriptions.clear()
 
     def restore(self, name: bytes) -> None:
         """A Close that never ran: the statement is still there (the next add trims the list)."""
-        self._names[name] = None
+        self._names[name] = STALE
         self._names.move_to_end(name, last=False)
+        self.descriptions.pop(name, None)
 
     def clear(self) -> None:
         self._names.clear()
+        self.descriptions.clear()
 
 
 @dataclass(slots=True)
@@ -215,6 +301,16 @@ class ClientStatements:
         self.unnamed: Statement | None = None
         # The policy generation the session decides new statements under (it counts reloads).
         self.generation = 0
+        # Whether statement names are the proxy's (transaction pooling) or the client's own (a
+        # server connection that serves this client alone).
+        self.renames = True
+        # The result description the client got from its Describe of each named statement.
+        self.described: dict[bytes, bytes] = {}
+        # The reply expectation of a Bind of each named statement, made once per statement.
+        self._bound: dict[bytes, Expected] = {}
+        # The proxy answered an error in the server's place: as the server after an error (55.2.3),
+        # it drops the client's messages up to its next Sync.
+        self.skipping_to_sync = False
         self.stats = stats
         self.max_count = max_count
         self.max_bytes = max_bytes
@@ -242,18 +338,23 @@ class ClientStatements:
         server: ServerState,
         refusals: Mapping[int, Refusal] | None = None,
         forget_at: Collection[int] = (),
+        *,
+        named_in_sql: Mapping[int, Sequence[tuple[bytes, Statement]]] | None = None,
     ) -> bytes:
         """Turn whole client messages into what the current server connection must receive.
 
         ``refusals`` maps the start offset of a refused Query, Parse, Bind, Execute or FunctionCall
         to the refusal that replaces it; ``forget_at`` holds the offsets of messages after which the
-        server has no prepared statements left (DISCARD ALL, DEALLOCATE ALL).
+        server has no prepared statements left (DISCARD ALL, DEALLOCATE ALL); ``named_in_sql`` maps
+        the offset of a Query to the client's statements (name and statement) its SQL EXECUTE or
+        DEALLOCATE names: on the server they exist under the proxy's names only, so the Query
+        runs between a Parse of each under the client's name and a Close of it.
         """
         pending = server.pending
         # Whether a Bind or Describe of the unnamed statement reaches this client's own: its Parse
         # went to this server, and every reply is in without an error that could mean it failed.
         ready = self.unnamed is not None and server.unnamed is self.unnamed and not pending
-        if not (refusals or forget_at or server.skipping) and (
+        if not (refusals or forget_at or named_in_sql or server.skipping or self.skipping_to_sync) and (
             not pending or pending[-1].ends_with == _EXPECT_READY
         ):
             cycle_ends = self._untouched_cycle_ends(source, frames, server, ready)
@@ -268,6 +369,11 @@ class ClientStatements:
         expect = pending.append
         for kind, start, end in frames:
             body_start = start + 5
+            if self.skipping_to_sync:
+                if kind != 0x53:
+                    splice.drop(start, end)
+                    continue
+                self.skipping_to_sync = False
             if refusals and start in refusals:
                 splice.drop(start, end)
                 refusal = refusals[start]
@@ -291,15 +397,17 @@ class ClientStatements:
                     ready = True
                     expect(_PARSED)
                     continue
+                name = source[body_start:name_end]
+                if not self.renames:
+                    expect(self._parsed_own_name(name, source[name_end + 1 : end], server))
+                    continue
                 splice.drop(start, end)
-                parsed = Statement.from_parse_body(source[name_end + 1 : end], self.generation)
-                replaced = self.by_name.get(source[body_start:name_end])
-                if replaced is not None:
-                    self.held_bytes -= len(replaced.body)
-                self.by_name[source[body_start:name_end]] = parsed
-                self.held_bytes += len(parsed.body)
-                if not self._prepare(parsed, server, out, Reply.FORWARD):
-                    expect(Expected(_EXPECT_PARSE, Reply.SYNTHETIC, _PARSE_COMPLETE))
+                parsed = Statement.from_parse_body(
+                    source[name_end + 1 : end], self.generation, time.monotonic_ns()
+                )
+                self._hold(name, parsed)
+                # The client asked for a plan made now: an older copy on this server is replaced.
+                self._prepare(parsed, server, out, Reply.FORWARD)
             elif kind in _NAMING_MESSAGES:
                 if kind == 0x42:  # Bind: portal name, then statement name
                     name_start = _cstring_end(source, body_start, end) + 1
@@ -330,14 +438,18 @@ class ClientStatements:
                         ready = True
                     expect(answer)
                     continue
-                splice.drop(start, end)
                 name = source[name_start:name_end]
+                if not self.renames:  # the client's own name, on its own server connection
+                    if kind == 0x43:
+                        self._release(name)
+                        server.statements.forget(name)
+                    expect(answer)
+                    continue
+                splice.drop(start, end)
                 if kind == 0x43:
                     # Closing a named statement only forgets the client's name: the server-side
                     # statement stays for others. Closing an unknown name is no error (55.7 Close).
-                    closed = self.by_name.pop(name, None)
-                    if closed is not None:
-                        self.held_bytes -= len(closed.body)
+                    self._release(name)
                     expect(Expected(_EXPECT_CLOSE, Reply.SYNTHETIC, _CLOSE_COMPLETE))
                     continue
                 statement = self.by_name.get(name)
@@ -345,11 +457,47 @@ class ClientStatements:
                     self._refuse_unknown(name, out, server)
                     ready = False
                     continue
+                server_name = statement.server_name
+                if kind == 0x42 and self._predates_invalidation(name, statement, server):
+                    self._answer_stale_plan(server)
+                    ready = False
+                    continue
                 self._prepare(statement, server, out, Reply.DROP)
-                renamed = source[body_start:name_start] + statement.server_name + source[name_end:end]
+                if kind == 0x42 and self._result_changed(name, server_name, server):
+                    # The client's own statement would fail so on the server: so does this Bind.
+                    self._answer_stale_plan(server)
+                    ready = False
+                    continue
+                renamed = source[body_start:name_start] + server_name + source[name_end:end]
                 out.append(m.build_message(bytes((kind,)), renamed))
-                expect(answer)
+                if kind == 0x42:
+                    bound = self._bound.get(name)
+                    if bound is None or bound.uses != server_name:
+                        bound = self._bound[name] = Expected(_EXPECT_BIND, uses=server_name)
+                    expect(bound)
+                else:
+                    expect(Expected(_EXPECT_DESCRIBE, uses=server_name, noted_in=(self.described, name)))
             else:
+                named = named_in_sql.get(start) if named_in_sql else None
+                if named:
+                    # Each Sync ends a cycle of the proxy's own: a failing Parse cannot make the
+                    # server skip the client's Query (55.2.3), nor a client cycle depend on it.
+                    splice.flush(start)
+                    for client_name, statement in named:
+                        out.append(m.build_message(b"P", client_name + b"\x00" + statement.body))
+                        expect(_PARSED_QUIETLY)
+                    out.append(_SYNC_MESSAGE)
+                    expect(_SYNCED_QUIETLY)
+                    splice.flush(end)  # the client's Query
+                    expect(_READY)
+                    self.unnamed = server.unnamed = None
+                    for client_name, _statement in named:
+                        out.append(m.build_message(b"C", b"S" + client_name + b"\x00"))
+                        expect(_CLOSED_QUIETLY)
+                    out.append(_SYNC_MESSAGE)
+                    expect(_SYNCED_QUIETLY)
+                    ready = False
+                    continue
                 if kind == 0x45:  # 'E' Execute
                     expect(_EXECUTED)
                 elif kind == 0x53:  # 'S' Sync: the next cycle cannot tell whether this one's Parse ran
@@ -361,9 +509,81 @@ class ClientStatements:
                     if kind == 0x51:  # 'Q': the server drops the unnamed statement (exec_simple_query)
                         self.unnamed = server.unnamed = None
                 if start in forget_at:
-                    server.statements.clear()
+                    # The client's statements are gone if it runs (if it fails, the server says so
+                    # at their next use); the server's copies are prepared again at theirs.
+                    self.forget_all()
+                    if self.renames:
+                        server.statements.mark_all_stale()
+                    else:  # the client's own names: gone, or still there and named again by it
+                        server.statements.clear()
         splice.finish(frames)
         return b"".join(out)
+
+    def _hold(self, name: bytes, statement: Statement) -> None:
+        replaced = self.by_name.get(name)
+        if replaced is not None:
+            self.held_bytes -= len(replaced.body)
+            self.described.pop(name, None)
+            self._bound.pop(name, None)
+        self.by_name[name] = statement
+        self.held_bytes += len(statement.body)
+
+    def _release(self, name: bytes) -> None:
+        closed = self.by_name.pop(name, None)
+        if closed is not None:
+            self.held_bytes -= len(closed.body)
+            self.described.pop(name, None)
+            self._bound.pop(name, None)
+
+    def forget_all(self) -> None:
+        """DEALLOCATE ALL or DISCARD ALL: the client has no named statements left."""
+        self.by_name.clear()
+        self.described.clear()
+        self._bound.clear()
+        self.held_bytes = 0
+
+    def _answer_stale_plan(self, server: ServerState) -> None:
+        """Answer a Bind as the server answers one of a statement whose result type changed, and
+        drop what follows up to the client's Sync, as the server would after the error."""
+        server.pending.append(Expected(_EXPECT_BIND, Reply.SYNTHETIC, STALE_PLAN_ERROR))
+        self.skipping_to_sync = True
+
+    def _predates_invalidation(self, name: bytes, statement: Statement, server: ServerState) -> bool:
+        """Whether client statement ``name``, which the client described, was parsed no later than
+        a copy the server has since invalidated: its own statement would be invalid too. (A copy
+        prepared now would return the new columns the client's driver does not expect.)"""
+        if name not in self.described:
+            return False
+        planned = server.statements.invalidated_copy_prepared_at(statement.server_name)
+        return planned is not None and planned >= statement.parsed_at
+
+    def _result_changed(self, name: bytes, server_name: bytes, server: ServerState) -> bool:
+        """Whether the copy of client statement ``name`` on ``server`` returns other columns than
+        the client's Describe of it said (both known): a copy prepared after a schema change."""
+        seen = self.described.get(name)
+        if seen is None:
+            return False
+        current = server.statements.descriptions.get(server_name)
+        return current is not None and current != seen
+
+    def deallocated(self, name: bytes, server: ServerState | None) -> None:
+        """SQL DEALLOCATE of ``name`` (sent as it is): on the client's own server connection the
+        name is gone there too."""
+        self._release(name)
+        if not self.renames and server is not None:
+            server.statements.forget(name)
+
+    def _parsed_own_name(self, name: bytes, body: bytes, server: ServerState) -> Expected:
+        """A Parse of named statement ``name`` that reaches the server as it is (session pooling).
+
+        The server refuses a second Parse of a name it has (42P05) and keeps the first: so does
+        the text the proxy holds for the name. A Parse that fails leaves nothing behind.
+        """
+        if name in server.statements:
+            return _PARSED
+        self._hold(name, Statement(name, body, self.generation))
+        server.statements.keep(name)
+        return Expected(_EXPECT_PARSE, creates=name)
 
     def _parsed_unnamed(self, source: bytes, body_start: int, end: int, server: ServerState) -> None:
         """The client's Parse of the unnamed statement (its body from ``body_start``) goes to ``server``."""
@@ -387,18 +607,32 @@ class ClientStatements:
         )
 
     def _prepare(self, statement: Statement, server: ServerState, out: list[bytes], reply: Reply) -> bool:
-        """Add a Parse for ``statement`` unless the server has it; return whether one was added."""
+        """Add a Parse for ``statement`` unless the server has a copy prepared since the client's
+        Parse of it (a stale or older copy is closed first); return whether one was added."""
         statements = server.statements
-        if statement.server_name in statements:
-            statements.use(statement.server_name)
+        name = statement.server_name
+        prepared_at = statements.prepared_at(name)
+        if prepared_at is not None and prepared_at >= statement.parsed_at and reply is _DROP:
+            statements.use(name)
             self.stats.hits += 1
             return False
         self.stats.misses += 1
-        for evicted in statements.add(statement.server_name):
+        pending = server.pending
+        if prepared_at is not None:
+            out.append(m.build_message(b"C", b"S" + name + b"\x00"))
+            pending.append(Expected(_EXPECT_CLOSE, Reply.DROP, closes=name))
+        # A copy made now is as new as any client's Parse of it so far.
+        for evicted in statements.add(name, max(time.monotonic_ns(), statement.parsed_at)):
             out.append(m.build_message(b"C", b"S" + evicted + b"\x00"))
-            server.pending.append(Expected(_EXPECT_CLOSE, Reply.DROP, closes=evicted))
+            pending.append(Expected(_EXPECT_CLOSE, Reply.DROP, closes=evicted))
         out.append(statement.parse_message())
-        server.pending.append(Expected(_EXPECT_PARSE, reply, creates=statement.server_name))
+        if prepared_at is None:
+            pending.append(Expected(_EXPECT_PARSE, reply, creates=name))
+        else:
+            pending.append(Expected(_EXPECT_PARSE, reply, replaces=name))
+        # What the copy returns, for the clients that described the statement earlier (see rewrite).
+        out.append(m.build_message(b"D", b"S" + name + b"\x00"))
+        pending.append(Expected(_EXPECT_DESCRIBE, Reply.DROP, uses=name))
         return True
 
     def redecided(self, name: bytes, server: ServerState | None) -> None:
@@ -407,7 +641,7 @@ class ClientStatements:
         statement = self.by_name.get(name) if name else self.unnamed
         if statement is None:
             return
-        current = Statement(statement.server_name, statement.body, self.generation)
+        current = Statement(statement.server_name, statement.body, self.generation, statement.parsed_at)
         if name:
             self.by_name[name] = current
             return
@@ -516,11 +750,18 @@ def filter_server_messages(
             # The error may be of the Parse that filled the unnamed statement (or of one before it).
             server.unnamed = None
             server.errors_seen = True
+            if head.uses is not None and source.find(_STALE_PLAN, start + 5, end) >= 0:
+                # The server keeps the statement, and fails every use of it, until it is closed.
+                server.statements.invalidate(head.uses)
             if not (head.ends_cycle and not head.sync):
                 # Not a simple Query's own error: the server now skips everything up to Sync (55.2.3).
                 server.skipping = True
                 _skip_to_sync(server)
             continue
+        if kind == 0x43 and source.startswith(_FORGETTING_TAGS, start + 5):  # 'C' CommandComplete
+            server.statements.clear()
+        elif head.uses is not None and kind in _DESCRIPTIONS and head.ends_with is _EXPECT_DESCRIBE:
+            _note_description(server, head, source[start:end])
         if head.reply is _DROP:
             splice.drop(start, end)
         if kind in head.ends_with:
@@ -566,6 +807,8 @@ def pass_untouched_replies(source: bytes, server: ServerState, max_size: int) ->
         elif kind == _ERROR:  # as in filter_server_messages
             server.unnamed = None
             server.errors_seen = True
+        elif kind == 0x43 and source.startswith(_FORGETTING_TAGS, position + 5):
+            server.statements.clear()
         elif kind == 0x53:  # 'S' ParameterStatus
             parameters.append(source[position + 5 : end])
         elif kind == 0x41:  # 'A' NotificationResponse: its pid may be rewritten (filter_server_messages)
@@ -585,6 +828,19 @@ def pass_untouched_replies(source: bytes, server: ServerState, max_size: int) ->
         pending.popleft()
     status = source[status_at : status_at + 1] if readies else None
     return position, status, parameters, last_start
+
+
+_DESCRIPTIONS: Final = frozenset(b"Tn")  # RowDescription, NoData
+
+
+def _note_description(server: ServerState, head: Expected, description: bytes) -> None:
+    """A Describe of a server-side statement was answered: what it returns now."""
+    assert head.uses is not None
+    if head.uses in server.statements:
+        server.statements.descriptions[head.uses] = description
+    if head.noted_in is not None:
+        noted, name = head.noted_in
+        noted[name] = description
 
 
 def _ends_untouched(expected: Expected) -> bool:
@@ -650,6 +906,8 @@ def _skip_to_sync(server: ServerState) -> None:
         skipped = pending.popleft()
         if skipped.creates is not None:
             server.statements.forget(skipped.creates)
+        if skipped.replaces is not None:
+            server.statements.mark_stale(skipped.replaces)
         if skipped.closes is not None:
             server.statements.restore(skipped.closes)
     if pending:

@@ -35,7 +35,13 @@ from proxy.errors import (
 from proxy.identity import Identity, IdentityError, check_user_name, identify
 from proxy.limits import Limiter, LimitHit, LimitSettings, resolve
 from proxy.metrics import BatchedHistogram, Metrics
-from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, refusal_message
+from proxy.policy.encodings import (
+    DEFAULT_ENCODING,
+    accepted_encoding,
+    python_codec,
+    read_statement,
+    refusal_message,
+)
 from proxy.policy.engine import (
     ANALYSIS_UNFINISHED,
     PROGRAM_LIMIT_EXCEEDED,
@@ -45,6 +51,7 @@ from proxy.policy.engine import (
 )
 from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
+from proxy.policy.postgres import ParseError, analyze
 from proxy.policy.redact import unparsable
 from proxy.pool import ServerShares, UpstreamPool, default_share_cap
 from proxy.preauth import PendingStartup, RecordThrottle
@@ -61,7 +68,12 @@ from proxy.protocols.postgres.parameters import (
     SessionParameters,
     StartupParameterError,
 )
-from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, take_ready_synthetics
+from proxy.protocols.postgres.prepared import (
+    ClientStatements,
+    Statement,
+    StatementStats,
+    take_ready_synthetics,
+)
 from proxy.protocols.postgres.refusal import Refusal, read_error
 from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.sessionstate import Classification, Effect
@@ -820,6 +832,8 @@ class ClientSession(asyncio.Protocol):
         self._idle_transaction_timeout = route.config.pool.idle_transaction_timeout
         self._statements.max_count = route.config.pool.max_client_prepared_statements
         self._statements.max_bytes = route.config.pool.max_client_prepared_bytes
+        # A server connection of the client's own keeps the client's statement names.
+        self._statements.renames = route.transaction_pooling
         metrics = self._env.metrics
         self._pool_wait = metrics.batched(metrics.pool_wait_seconds, route.config.database)
         admission = self._env.limiter.shared_admission(self.identity.store, self._role, self._limits)
@@ -1257,8 +1271,10 @@ class ClientSession(asyncio.Protocol):
         assert server is not None
         if not self._cycle_started:
             self._cycle_started = time.perf_counter()
-        refusals, forget_at = self._check_statements(chunk, frames)
-        data = self._statements.rewrite(chunk, frames, server.state, refusals, forget_at)
+        refusals, forget_at, named_in_sql = self._check_statements(chunk, frames)
+        data = self._statements.rewrite(
+            chunk, frames, server.state, refusals, forget_at, named_in_sql=named_in_sql
+        )
         if self._result_watch is not None:
             # Which portal, cursor or statement each result belongs to follows from what the server got.
             self._result_watch.sent(data, chunk, frames)
@@ -1267,14 +1283,18 @@ class ClientSession(asyncio.Protocol):
         if synthetic and self._transport is not None:
             self._transport.write(synthetic)
 
-    def _check_statements(self, chunk: bytes, frames: list[m.Frame]) -> tuple[dict[int, Refusal], list[int]]:
+    def _check_statements(
+        self, chunk: bytes, frames: list[m.Frame]
+    ) -> tuple[dict[int, Refusal], list[int], dict[int, list[tuple[bytes, Statement]]]]:
         """Apply the role's policy, then pin or refuse statements that leave session state behind.
 
-        Returns the refusals, keyed by the offset of the message each one replaces, and the
-        offsets of statements that drop the server's prepared statements.
+        Returns the refusals, keyed by the offset of the message each one replaces, the offsets
+        of statements that drop the server's prepared statements, and the client's statements
+        that SQL EXECUTE or DEALLOCATE in a Query names, by the Query's offset.
         """
         refusals: dict[int, Refusal] = {}
         forget_at: list[int] = []
+        named_in_sql: dict[int, list[tuple[bytes, Statement]]] = {}
         mode, auditing, limited, rechecking = self._statement_checks
         policies = self._env.policies
         classifier = self._env.classifier
@@ -1377,6 +1397,10 @@ class ClientSession(asyncio.Protocol):
                 decision = policies.decide_analyzed(
                     self._role, text, analysis.statements, self._encoding, readable=analysis.readable
                 )
+            if kind == m.MSG_QUERY and self._statements.renames and self._statements.by_name:
+                named = self._protocol_statements_named(text, decision)
+                if named:
+                    named_in_sql[start] = named
             if decision is not None and decision.prepared_names and decision.allowed:
                 decision = self._follow_prepared_names(decision)
             refused_by = _policy_refusal(decision, mode)
@@ -1396,6 +1420,8 @@ class ClientSession(asyncio.Protocol):
                         found = analysis.classification
                     else:
                         found = classifier.classified(text, self._encoding, analysis.classification)
+                    if found.executes and carrying:
+                        self._carry_executed(found.executes)
                     if found.effect is not _NO_SESSION_EFFECT:
                         refused_by = self._check_session_state(found, start, refusals, forget_at)
                     if kind == m.MSG_PARSE and (found.settings or self._carrying_statements):
@@ -1416,7 +1442,7 @@ class ClientSession(asyncio.Protocol):
                 parsed_here.add(parsed_name)
         if analyses:
             analyses.clear()
-        return refusals, forget_at
+        return refusals, forget_at, named_in_sql
 
     def _raises_statement_timeout(self, text: bytes, start: int, refusals: dict[int, Refusal]) -> bool:
         """The role's statement_timeout is a ceiling: SET, set_config, RESET and DISCARD ALL may
@@ -1471,6 +1497,12 @@ class ClientSession(asyncio.Protocol):
         for use in decision.prepared_names:
             if use.action == "EXECUTE":
                 body = prepared.get(use.name or "")
+                # The PREPARE's text as the proxy read it, kept in UTF-8 whatever the client's encoding.
+                encoding = DEFAULT_ENCODING
+                if body is None:
+                    # One it prepared with the protocol (Parse): its text as the client sent it.
+                    statement = self._protocol_statement(use.name or "")
+                    body, encoding = (statement.text, self._encoding) if statement else (None, encoding)
                 if body is None:
                     # Not this session's: possibly another terminal's, on a shared server connection.
                     return Decision(
@@ -1480,8 +1512,7 @@ class ClientSession(asyncio.Protocol):
                         UNDEFINED_STATEMENT,
                         decision.statements,
                     )
-                # The PREPARE's text as the proxy read it, kept in UTF-8 whatever the client's encoding.
-                executed = self._env.policies.decide(self._role, body, DEFAULT_ENCODING)
+                executed = self._env.policies.decide(self._role, body, encoding)
                 if not executed.allowed:
                     return Decision(
                         False,
@@ -1497,16 +1528,72 @@ class ClientSession(asyncio.Protocol):
                 prepared.clear()
             else:
                 prepared.pop(use.name, None)
+                # The server has one namespace for both: the name is gone whichever way it was made.
+                name = self._statement_name(use.name)
+                if name is not None:
+                    server = self._server
+                    self._statements.deallocated(name, server.state if server is not None else None)
         return decision
+
+    def _statement_name(self, name: str) -> bytes | None:
+        """A statement name from the SQL text as the client's Parse would have spelled it."""
+        try:
+            return name.encode(python_codec(self._encoding))
+        except (UnicodeEncodeError, LookupError):
+            return None
+
+    def _protocol_statement(self, name: str) -> Statement | None:
+        """The named statement this client prepared with Parse, that SQL names ``name``."""
+        spelled = self._statement_name(name)
+        return self._statements.by_name.get(spelled) if spelled is not None else None
+
+    def _protocol_statements_named(
+        self, text: bytes, decision: Decision | None
+    ) -> list[tuple[bytes, Statement]]:
+        """The statements this client prepared with Parse that SQL EXECUTE or DEALLOCATE in ``text``
+        names (the policy decides such an EXECUTE by the statement's text, _follow_prepared_names)."""
+        server = self._server
+        if server is not None and server.transaction_status == b"E":
+            return []  # the server refuses every statement before it looks at a name (25P02)
+        if decision is not None:
+            uses = decision.prepared_names
+        else:  # a role without a policy: the SQL is read here, when it may name one
+            lowered = text.lower()
+            if b"execute" not in lowered and b"deallocate" not in lowered:
+                return []
+            try:
+                facts = analyze(read_statement(text, self._encoding), ("public",))
+            except (ParseError, UnicodeDecodeError):
+                return []  # the server refuses it as well
+            uses = tuple(found.prepared_name for found in facts if found.prepared_name is not None)
+        named: list[tuple[bytes, Statement]] = []
+        for use in uses:
+            if use.action == "PREPARE" or use.name is None or use.name in self._sql_prepared:
+                continue
+            spelled = self._statement_name(use.name)
+            statement = self._statements.by_name.get(spelled) if spelled is not None else None
+            if spelled is None or statement is None:
+                continue
+            named.append((spelled, statement))
+            if use.action == "DEALLOCATE" and decision is None:
+                self._statements.deallocated(spelled, None)
+        return named
 
     def _recheck_prepared(self, name: bytes, start: int, refusals: dict[int, Refusal]) -> None:
         """A Bind of a statement prepared under an earlier policy: decide its text again first."""
         statements = self._statements
         statement = statements.by_name.get(name) if name else statements.unnamed
-        if statement is None or statement.generation == statements.generation:
+        encoding = self._encoding
+        if statement is None and not statements.renames:
+            # On the client's own server connection a Bind reaches a statement SQL PREPARE made.
+            sql_text = self._sql_prepared.get(name.decode(python_codec(encoding), errors="replace"))
+            if sql_text is None:
+                return  # the server answers for a name it does not have
+            statement, encoding = Statement(name, sql_text + b"\x00"), DEFAULT_ENCODING
+        elif statement is None or statement.generation == statements.generation:
             return  # unknown names and the missing unnamed statement are answered in rewrite
         text = statement.text
-        decision = self._env.policies.decide(self._role, text, self._encoding)
+        decision = self._env.policies.decide(self._role, text, encoding)
         if decision.prepared_names and decision.allowed:
             decision = self._follow_prepared_names(decision)
         if not decision.allowed:
@@ -1692,6 +1779,18 @@ class ClientSession(asyncio.Protocol):
         self._give_back_share()
         self._fail(error, reason=f"reading back settings: {reason}")
 
+    def _carry_executed(self, names: frozenset[str]) -> None:
+        """SQL EXECUTE of statements the client prepared through the protocol: those that change
+        carried settings change them again, as a Bind of them does."""
+        codec = python_codec(self._encoding)
+        for name in names:
+            try:
+                carried = self._carrying_statements.get(name.encode(codec))
+            except UnicodeEncodeError:
+                continue  # no protocol name in this encoding can be it
+            if carried:
+                self._carry_settings(carried)
+
     def _carry_settings(self, names: frozenset[str]) -> None:
         """A statement on its way may change carried settings: whatever it leaves on this server
         connection, the next client gets its own values set, and this client keeps what it set."""
@@ -1829,7 +1928,7 @@ class ClientSession(asyncio.Protocol):
         if environment.policies is not self._env.policies:
             statements = self._statements
             statements.generation += 1
-            if statements.by_name or statements.unnamed is not None:
+            if statements.by_name or statements.unnamed is not None or self._sql_prepared:
                 self._rechecking = True
             server = self._server
             if server is not None and not server.is_clean:

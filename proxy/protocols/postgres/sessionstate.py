@@ -50,7 +50,7 @@ _SESSION_LOCK_FUNCTIONS = frozenset(
 _MIGHT_MATTER = re.compile(
     r"/\*|--|u&|advisory|set_config|client_encoding|standard_conforming_strings"
     r"|(?:^|;)[\s(]*(?:set|reset)\b"
-    r"|\b(?:prepare|listen|temp|temporary|pg_temp|declare|load|discard|deallocate)\b"
+    r"|\b(?:prepare|execute|listen|temp|temporary|pg_temp|declare|load|discard|deallocate)\b"
     r"|" + SERVER_NAME_PREFIX,
     re.IGNORECASE,
 )
@@ -80,6 +80,9 @@ class Classification:
     # The carried settings (CARRIED_SETTINGS, lower case) the statement may change, whatever its
     # effect otherwise: a statement that also pins or forgets still leaves these behind.
     settings: frozenset[str] = frozenset()
+    # Names the statement runs by SQL EXECUTE (as the server reads them): a statement the client
+    # prepared through the protocol that changes carried settings changes them again each time.
+    executes: frozenset[str] = frozenset()
 
 
 _NO_EFFECT = Classification(Effect.NONE)
@@ -127,13 +130,17 @@ class _EffectFinder(visitors.Visitor):
         super().__init__()
         self.result = _NO_EFFECT
         self.settings: set[str] = set()
+        self.executes: set[str] = set()
         self._dropped_at_commit: set[int] = set()
 
     def classification(self) -> Classification:
-        """What the statements visited leave behind, with every carried setting they may change."""
+        """What the statements visited leave behind, with every carried setting they may change
+        and every prepared statement they execute."""
         result = self.result
-        if self.settings:
-            result = Classification(result.effect, result.reason, frozenset(self.settings))
+        if self.settings or self.executes:
+            result = Classification(
+                result.effect, result.reason, frozenset(self.settings), frozenset(self.executes)
+            )
         return result
 
     def _found(self, effect: Effect, reason: str) -> None:
@@ -183,6 +190,8 @@ class _EffectFinder(visitors.Visitor):
 
     def visit_ExecuteStmt(self, ancestors: object, node: ast.ExecuteStmt) -> None:
         self._check_name(node.name)
+        if node.name is not None:
+            self.executes.add(node.name)
 
     def visit_ListenStmt(self, ancestors: object, node: ast.ListenStmt) -> None:
         self._found(Effect.SESSION_STATE, "LISTEN")
