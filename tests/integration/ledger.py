@@ -63,6 +63,8 @@ IN_TRANSACTION_PAUSE = 0.08
 COPY_ROW_PAUSE = 0.03
 THINK_TIME = 0.15
 RETRY_PAUSE = 0.1
+# How soon after a FATAL the connection must be seen closed: the proxy ends it right behind.
+CLOSE_AFTER_FATAL = 1.0
 
 
 class Outcome(enum.Enum):
@@ -389,6 +391,17 @@ def _asyncpg_transactions(
                 attempt.at("committing", committing=True)
                 await bounded(transaction.commit())
                 attempt.committed()
+            except asyncpg.InternalClientError as exc:
+                # A FATAL that reaches asyncpg between two calls puts its protocol in an error
+                # state until the close behind it arrives (direct to PostgreSQL too); a call in
+                # that gap gets this, before anything is sent. Clean only if the close follows.
+                closed = connection is not None and await _closes(connection, CLOSE_AFTER_FATAL)
+                attempt.committing = False
+                attempt.failed(None, f"InternalClientError: {exc} (closed after: {closed})", clean=closed)
+                if connection is not None:
+                    connection.terminate()
+                connection = None
+                await asyncio.sleep(RETRY_PAUSE)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                 sqlstate = getattr(exc, "sqlstate", None)
                 if isinstance(exc, asyncpg.InterfaceError) and "underlying connection is closed" in str(exc):
@@ -408,7 +421,30 @@ def _asyncpg_transactions(
     asyncio.run(sell())
 
 
+async def _closes(connection: asyncpg.Connection, within: float) -> bool:
+    """Does asyncpg see this connection closed within ``within`` seconds?"""
+    deadline = time.monotonic() + within
+    while not connection.is_closed():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 TillWork = Callable[[Till, Ledger, Target, threading.Event], None]
+
+
+def _reporting_crashes(work: TillWork) -> TillWork:
+    """A till that dies of an error nobody expected says so, instead of looking hung."""
+
+    def run(till: Till, ledger: Ledger, target: Target, stop: threading.Event) -> None:
+        try:
+            work(till, ledger, target, stop)
+        except BaseException as exc:
+            till.step(f"crashed while {till.doing}: {type(exc).__name__}: {exc}")
+            raise
+
+    return run
 
 
 @dataclass
@@ -439,7 +475,10 @@ class Fleet:
         for number, (kind, work) in enumerate(kinds):
             till = Till(f"till{number}", kind)
             thread = threading.Thread(
-                target=work, args=(till, self.ledger, self.target, self._stop), name=till.name, daemon=True
+                target=_reporting_crashes(work),
+                args=(till, self.ledger, self.target, self._stop),
+                name=till.name,
+                daemon=True,
             )
             self.tills.append(till)
             self._threads.append(thread)

@@ -142,13 +142,6 @@ def _assert_pool_holds_only_clean_connections(admin_port: int, server: LocalPost
     assert not dirty, f"server connections carrying a till's session state: {dirty}"
 
 
-# Found by this module, open (docs/reliability.md): in session mode an asyncpg till whose server went
-# away during a fast shutdown can wait past its own cancel for good, inside its transaction.
-SESSION_STOP_HANG = pytest.mark.xfail(
-    reason="asyncpg till hangs in session mode across a 10 s stop (issue 17, open)", strict=False
-)
-
-
 @pytest.mark.parametrize(
     ("fault", "mode"),
     [
@@ -156,7 +149,6 @@ SESSION_STOP_HANG = pytest.mark.xfail(
             fault,
             mode,
             id=f"{fault.name}-{mode}",
-            marks=[SESSION_STOP_HANG] if (fault.inject is _stop and mode == "session") else [],
         )
         for fault in FAULTS
         for mode in ("session", "transaction")
