@@ -404,7 +404,7 @@ def _asyncpg_transactions(
                 await asyncio.sleep(RETRY_PAUSE)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                 sqlstate = getattr(exc, "sqlstate", None)
-                if isinstance(exc, asyncpg.InterfaceError) and "underlying connection is closed" in str(exc):
+                if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
                     # asyncpg learnt of the loss before it sent anything: COMMIT never left.
                     attempt.committing = False
                 if isinstance(exc, TimeoutError):  # the driver's or our bound: a hang, never clean
@@ -503,8 +503,8 @@ class Fleet:
             time.sleep(0.1)
 
     def stop(self) -> list[str]:
-        """Stop and join every till within the operation bound; the hung ones, with what they
-        waited for."""
+        """Stop and join every till within the operation bound; the hung or crashed ones, with
+        what they were doing."""
         self._stop.set()
         deadline = time.monotonic() + self.operation_bound + 2
         for thread in self._threads:
@@ -512,5 +512,5 @@ class Fleet:
         return [
             f"{till.name} ({till.kind}): {till.doing} for {time.monotonic() - till.since:.1f}s"
             for till, thread in zip(self.tills, self._threads, strict=True)
-            if thread.is_alive()
+            if thread.is_alive() or till.doing.startswith("crashed")
         ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -208,3 +209,43 @@ def test_a_database_fault_loses_no_sale_and_doubles_none(
         assert gave_up, ledger.failures
         assert all(MAX_CLIENT_WAIT - 0.5 <= f.took < OPERATION_BOUND for f in gave_up), gave_up
     _assert_pool_holds_only_clean_connections(admin_port, server, target)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (docs/reliability.md): a wait for the terminal's share of the pool and the wait for "
+    "the pool itself each take up to max_client_wait, one after the other",
+)
+def test_a_statement_waits_no_longer_than_max_client_wait_while_the_database_is_down(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, own_cluster: OwnCluster
+) -> None:
+    max_client_wait = 3.0
+    proxy = start_proxy(
+        routes={
+            "pos": own_cluster.route(mode="transaction", size=4, max_client_wait=f"{max_client_wait:g}s")
+        },
+        roles={"cashier": {"limits": {"max_server_connections_per_terminal": 1}}},
+    )
+    conninfo = proxy.conninfo(terminal_pki.cashier, terminal_pki.ca)
+    with (
+        psycopg.connect(**conninfo, autocommit=True) as first,
+        psycopg.connect(**conninfo, autocommit=True) as second,
+    ):
+        own_cluster.server.stop_server_only(mode="fast")
+        waits: dict[str, float] = {}
+
+        def run(name: str, till: psycopg.Connection[Any]) -> None:
+            started = time.monotonic()
+            with contextlib.suppress(psycopg.Error):
+                till.execute("SELECT 1")
+            waits[name] = time.monotonic() - started
+
+        # The first holds the terminal's one share while it waits for the pool; the second waits
+        # for that share, and gets it when the first gives up.
+        holder = threading.Thread(target=run, args=("first", first), daemon=True)
+        holder.start()
+        time.sleep(0.5)
+        run("second", second)
+        holder.join(2 * max_client_wait + 5)
+    assert waits["first"] < max_client_wait + 1, waits
+    assert waits["second"] < max_client_wait + 1, waits  # measured: 5.5 s
