@@ -828,11 +828,13 @@ def _startup_packet(user: str, database: str) -> bytes:
     return struct.pack("!i", len(body) + 4) + body
 
 
-async def _open_one(
-    port: int, context: ssl.SSLContext, user: str, gate: asyncio.Semaphore
+async def open_terminal(
+    port: int, context: ssl.SSLContext, user: str, gate: asyncio.Semaphore, source: str | None = None
 ) -> asyncio.StreamWriter:
+    """A terminal through TLS and startup, from loopback address ``source`` if given (a store's)."""
     async with gate:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        local = (source, 0) if source is not None else None
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local)
         try:
             writer.write(struct.pack("!ii", 8, 80877103))  # SSLRequest
             await writer.drain()
@@ -861,7 +863,7 @@ async def _open_one(
             raise
 
 
-async def _close_all(writers: Sequence[asyncio.StreamWriter]) -> None:
+async def close_terminals(writers: Sequence[asyncio.StreamWriter]) -> None:
     for writer in writers:
         with contextlib.suppress(Exception):
             writer.write(b"X\0\0\0\4")  # Terminate
@@ -894,7 +896,7 @@ async def _idle_test(target: Target, pki: PKI, count: int) -> IdleResult:
     gate = asyncio.Semaphore(IDLE_HANDSHAKE_CONCURRENCY)
     started = time.monotonic()
     attempts = [
-        asyncio.ensure_future(asyncio.wait_for(_open_one(target.port, context, TERMINAL_CN, gate), 60))
+        asyncio.ensure_future(asyncio.wait_for(open_terminal(target.port, context, TERMINAL_CN, gate), 60))
         for _ in range(count)
     ]
     outcomes = await asyncio.gather(*attempts, return_exceptions=True)
@@ -912,7 +914,7 @@ async def _idle_test(target: Target, pki: PKI, count: int) -> IdleResult:
                 (result.rss_after_kib - result.rss_before_kib) / len(writers), 2
             )
     finally:
-        await _close_all(writers)
+        await close_terminals(writers)
     await asyncio.sleep(IDLE_SETTLE_SECONDS)
     result.rss_after_close_kib = rss_kib(target.pid)
     return result

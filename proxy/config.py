@@ -344,6 +344,8 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 9187
     token: Secret | None = None
+    # pos_proxy_statements_running_long counts statements running for longer than this.
+    long_statement_after: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,6 +530,9 @@ def parse_config(
             host=admin_section.read("host", _string(), AdminConfig().host),
             port=admin_section.read("port", _ADMIN_PORT, AdminConfig().port),
             token=admin_section.read("token", ctx.secret, None),
+            long_statement_after=admin_section.read(
+                "long_statement_after", _positive_duration, AdminConfig().long_statement_after
+            ),
         )
         if admin.token is None and "token" not in admin_section.data and not _is_loopback(admin.host):
             # Pools, clients, terminal cut-off and reload must not be open to a whole network.

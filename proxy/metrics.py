@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from importlib import machinery, metadata, util
 from pathlib import Path
@@ -14,11 +15,23 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "BatchedHistogram", "FleetMetrics", "Metrics"]
+__all__ = [
+    "CONTENT_TYPE",
+    "ERROR_SOURCES",
+    "LATENCY_BUCKETS",
+    "BatchedHistogram",
+    "FleetMetrics",
+    "Metrics",
+    "WorkerProcessCollector",
+    "sqlstate_label",
+]
 
 # What render() produces; the admin API sends it as the Content-Type of /metrics.
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
@@ -39,6 +52,127 @@ LATENCY_BUCKETS: Final = (
     5.0,
     10.0,
 )
+
+
+# Who raised an error a client was sent: the database server, or the proxy (its refusals and limits,
+# though the server raises a refusal, are the proxy's).
+ERROR_SOURCES: Final = ("server", "proxy")
+
+# The SQLSTATE classes of PostgreSQL 15 (Appendix A, errcodes.txt). An error code is its own label
+# only when it is one of _NAMED_SQLSTATES; any other code of a known class counts under that class's
+# generic code ("23" -> "23000"), and a code of no known class (a PL/pgSQL RAISE may set any five
+# characters) under "other", so no client can make a series per code it invents.
+_SQLSTATE_CLASSES: Final = frozenset(
+    {
+        "00",
+        "01",
+        "02",
+        "03",
+        "08",
+        "09",
+        "0A",
+        "0B",
+        "0F",
+        "0L",
+        "0P",
+        "0Z",
+        "20",
+        "21",
+        "22",
+        "23",
+        "24",
+        "25",
+        "26",
+        "27",
+        "28",
+        "2B",
+        "2D",
+        "2F",
+        "34",
+        "38",
+        "39",
+        "3B",
+        "3D",
+        "3F",
+        "40",
+        "42",
+        "44",
+        "53",
+        "54",
+        "55",
+        "57",
+        "58",
+        "72",
+        "F0",
+        "HV",
+        "P0",
+        "XX",
+    }
+)
+# The codes a point-of-sale operator tells apart: every one the proxy itself sends (proxy/errors.py,
+# policy, limits, refusals), and the server's common ones (conflicts, constraint violations,
+# cancellation, shutdown, resources).
+_NAMED_SQLSTATES: Final = frozenset(
+    {
+        # the proxy's own
+        "08P01",
+        "28000",
+        "3D000",
+        "53300",
+        "08001",
+        "08006",
+        "57P01",
+        "0A000",
+        "42501",
+        "25P03",
+        "42601",
+        "22021",
+        "54001",
+        "54000",
+        "53400",
+        "26000",
+        "42939",
+        "57014",
+        "XX000",
+        # the server's common ones
+        "40001",
+        "40P01",
+        "23505",
+        "23503",
+        "23502",
+        "23514",
+        "25P02",
+        "25006",
+        "55P03",
+        "55000",
+        "42P01",
+        "42703",
+        "42883",
+        "42P05",
+        "42P18",
+        "22P02",
+        "22001",
+        "22003",
+        "22007",
+        "22012",
+        "53200",
+        "53100",
+        "57P02",
+        "57P03",
+        "28P01",
+        "34000",
+        "P0001",
+    }
+)
+
+
+def sqlstate_label(sqlstate: str) -> str:
+    """The ``sqlstate`` label of an error: a small fixed set of values whatever a client raises."""
+    if sqlstate in _NAMED_SQLSTATES:
+        return sqlstate
+    if len(sqlstate) == 5 and sqlstate[:2] in _SQLSTATE_CLASSES:
+        return sqlstate[:2] + "000"
+    return "other"
 
 
 # One of the modules a compiled build (setup.py, POS_PROXY_COMPILE=1) ships as a C extension.
@@ -156,6 +290,20 @@ class Metrics:
             ["route"],
             registry=registry,
         )
+        self.statements_running_long = Gauge(
+            "pos_proxy_statements_running_long",
+            "Statements running now for longer than admin.long_statement_after (default 30 s), by route.",
+            ["route"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.client_errors_total = Counter(
+            "pos_proxy_client_errors_total",
+            "Errors sent to clients, by who raised them (server, proxy) and SQLSTATE (the code for common "
+            "ones, else its class's generic code CC000, else other).",
+            ["source", "sqlstate"],
+            registry=registry,
+        )
         self.limit_hits_total = Counter(
             "pos_proxy_limit_hits_total",
             "Connections, statements and results refused by a limit.",
@@ -236,6 +384,10 @@ class Metrics:
             "pos_proxy_build", "The running proxy's version and build (pure or mypyc).", registry=registry
         )
         self.build_info.info(build_labels())
+        # process_resident_memory_bytes, process_open_fds, process_max_fds, process_cpu_seconds_total
+        # and the rest, of this process (Linux /proc; nothing elsewhere). prometheus-client registers
+        # one only in its global registry, which the admin API does not serve.
+        ProcessCollector(registry=registry)
 
         # Series of the fixed label sets exist from the start at 0, so rate() and alerts see the
         # first event instead of a series appearing out of nowhere.
@@ -247,6 +399,8 @@ class Metrics:
             self.shared_limit_lease_refills_total.labels(result=result)
         for operation in ("lease", "connection", "sync"):
             self.shared_limit_store_failures_total.labels(operation=operation)
+        for source in ERROR_SOURCES:
+            self.client_errors_total.labels(source, "other")
 
         self._batched: dict[tuple[int, tuple[str, ...]], BatchedHistogram] = {}
 
@@ -262,6 +416,10 @@ class Metrics:
         """Fold what the data path counted into the histograms (at each render, and at shutdown)."""
         for batched in self._batched.values():
             batched.fold()
+
+    def client_error(self, source: str, sqlstate: str) -> None:
+        """An ErrorResponse went to a client (``source``: one of ERROR_SOURCES)."""
+        self.client_errors_total.labels(source, sqlstate_label(sqlstate)).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric, served as CONTENT_TYPE."""
@@ -334,9 +492,57 @@ class FleetMetrics:
         )
         self.build_info.info(build_labels())
 
+        # The supervisor's own process_* series, and each live worker's memory and descriptors: the
+        # multiprocess files hold metric values only, so the supervisor reads the workers' /proc.
+        ProcessCollector(registry=self.registry)
+        self.worker_processes = WorkerProcessCollector()
+        self.registry.register(self.worker_processes)
+
     def forget_worker(self, pid: int) -> None:
         """A worker died: its live gauges no longer count (its counters still do)."""
         mark_process_dead(pid, str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class WorkerProcessCollector(Collector):
+    """Resident memory and open descriptors of each live worker, labelled by its slot (0, 1, ...).
+
+    prometheus-client's ProcessCollector reports one process without labels; the supervisor sets
+    ``workers`` (slot -> pid) as workers start and stop. Values come from /proc (Linux); a worker
+    that has just exited, or another OS, gives no sample rather than an error.
+    """
+
+    def __init__(self, proc: Path = Path("/proc")) -> None:
+        self.workers: dict[int, int] = {}
+        self._proc = proc
+        self._page_size = _page_size()
+
+    def collect(self) -> list[Metric]:
+        memory = GaugeMetricFamily(
+            "pos_proxy_worker_resident_memory_bytes",
+            "Resident memory of each worker process.",
+            labels=["worker"],
+        )
+        descriptors = GaugeMetricFamily(
+            "pos_proxy_worker_open_fds", "Open file descriptors of each worker process.", labels=["worker"]
+        )
+        for slot, pid in sorted(self.workers.items()):
+            directory = self._proc / str(pid)
+            try:
+                # /proc/PID/statm: size resident shared ... in pages.
+                resident_pages = int((directory / "statm").read_text(encoding="ascii").split()[1])
+                open_fds = sum(1 for _ in (directory / "fd").iterdir())
+            except (OSError, IndexError, ValueError):
+                continue
+            memory.add_metric([str(slot)], resident_pages * self._page_size)
+            descriptors.add_metric([str(slot)], open_fds)
+        return [memory, descriptors]
+
+
+def _page_size() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4096

@@ -53,6 +53,12 @@ class Waiter(Protocol[C_contra]):
 # that dies on its own (server restart, network loss) frees its slot exactly once.
 Connector = Callable[[Callable[[C], None]], Awaitable[C]]
 Resetter = Callable[[C], Awaitable[bool]]
+# A cheap look at the server (a TCP connect, say) for a pool with no connection to vouch for it:
+# returns when the server can be reached, raises ServerUnreachable when it cannot.
+Probe = Callable[[], Awaitable[None]]
+# How often an idle pool with no server connection probes its server (and how long a probe's
+# answer stands for readiness checks).
+DEFAULT_PROBE_INTERVAL = 5.0
 
 
 class ServerUnreachable(Exception):
@@ -169,6 +175,9 @@ class UpstreamPool(Generic[C]):
         connect: Connector[C],
         reset: Resetter[C],
         on_upstream_change: Callable[[bool], None] | None = None,
+        *,
+        probe: Probe | None = None,
+        probe_interval: float = DEFAULT_PROBE_INTERVAL,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -198,11 +207,58 @@ class UpstreamPool(Generic[C]):
         self._next_attempt_at = 0.0
         self._probing = False
         self._on_upstream_change = on_upstream_change
+        # Without a connection or a connect under way nothing tells the pool that its server went
+        # away: the maintenance tick (and a readiness check) probe it, so that the breaker, and the
+        # metric and readiness that follow the breaker, see a quiet outage too.
+        self._probe = probe
+        self._probe_interval = probe_interval
+        self._probed_at = -probe_interval
+        self._probing_idle: asyncio.Task[None] | None = None
 
     @property
     def upstream_up(self) -> bool:
-        """False from a failed connect for a transient reason until a connect succeeds again."""
+        """False from a failed connect (or probe) for a transient reason until a connect succeeds again."""
         return self._down_since is None
+
+    async def check_upstream(self) -> bool:
+        """Whether the server is reachable, as the breaker says; a pool with no connection to vouch
+        for it probes first, unless it did within the probe interval (one probe at a time)."""
+        self._probe_if_idle()
+        probing = self._probing_idle
+        if probing is not None:
+            await asyncio.shield(probing)
+        return self.upstream_up
+
+    def _probe_if_idle(self) -> None:
+        if (
+            self._probe is None
+            or self._closing
+            or self._probing_idle is not None
+            or self._down_since is not None  # the breaker probes with real connects meanwhile
+            or self._members
+            or self._opening
+            or time.monotonic() - self._probed_at < self._probe_interval
+        ):
+            return
+        self._probed_at = time.monotonic()
+        task = asyncio.ensure_future(self._probe_idle(self._probe))
+        self._probing_idle = task
+        self._tasks.add(task)
+        task.add_done_callback(self._idle_probe_done)
+
+    async def _probe_idle(self, probe: Probe) -> None:
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout * 2):
+                await probe()
+        except (ServerUnreachable, TimeoutError) as exc:
+            # A connection opened meanwhile has the better word on it.
+            if not self._members and not self._closing:
+                self._note_unreachable(str(exc) or "probe timed out", probe=False)
+
+    def _idle_probe_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._probing_idle is task:
+            self._probing_idle = None
 
     # --- acquire / release ---
 
@@ -482,6 +538,7 @@ class UpstreamPool(Generic[C]):
             missing = max(missing, 1)
         if not self._closing:
             self._start_opens(min(missing, self._room()))
+        self._probe_if_idle()
 
     def close_idle(self) -> int:
         """Close the idle connections now (an operator's DROP DATABASE would wait for them); returns

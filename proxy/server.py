@@ -19,7 +19,16 @@ import structlog
 
 from proxy.admin import AdminListener, AdminServer
 from proxy.auditwriter import AuditLog
-from proxy.config import Config, ConfigError, ConfigProblem, ExpiredCRLAction, RouteConfig, load_config
+from proxy.config import (
+    AdminConfig,
+    AuditConfig,
+    Config,
+    ConfigError,
+    ConfigProblem,
+    ExpiredCRLAction,
+    RouteConfig,
+    load_config,
+)
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.eventloop import log_unhandled_error
 from proxy.limits import Limiter, SourceRateLimiter
@@ -147,6 +156,15 @@ def _build_route(route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Rout
         retry_max_delay=route.pool.connect_retry_max_delay,
     )
 
+    async def probe() -> None:
+        """A TCP connect to the server, closed before a startup packet: no backend starts (PostgreSQL
+        logs it only under log_connections)."""
+        try:
+            sock = await open_socket(route, min(route.pool.connect_timeout, _UPSTREAM_PROBE_TIMEOUT))
+        except UpstreamConnectError as exc:
+            raise ServerUnreachable(str(exc)) from exc
+        sock.close()
+
     def upstream_changed(up: bool) -> None:
         metrics.upstream_up.labels(route.database).set(1 if up else 0)
         if not up:
@@ -155,7 +173,7 @@ def _build_route(route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Rout
     metrics.upstream_up.labels(route.database).set(1)
     metrics.upstream_down_total.labels(route.database)
     pool: UpstreamPool[ServerConnection] = UpstreamPool(
-        route.database, settings, connect, reset, upstream_changed
+        route.database, settings, connect, reset, upstream_changed, probe=probe
     )
     return Route(config=route, pool=pool, tls=tls, server_parameters=server_parameters)
 
@@ -163,7 +181,12 @@ def _build_route(route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Rout
 # proxy-protocol.txt section 2: senders fit the header in one 536-byte segment; longer ones take more rounds.
 _HEADER_PEEK_SIZE = 536
 _RELOADABLE = ("tls", "identity", "roles", "routes", "policy", "limits", "admin")
-_READINESS_CACHE = 2.0
+_UPSTREAM_PROBE_TIMEOUT = 2.0
+# Connections taken from the kernel's queue per wakeup of the listener, so that a burst of new
+# terminals cannot hold the event loop from the sessions already running (asyncio's own figure).
+_ACCEPTS_PER_WAKEUP = 100
+# After an accept error (out of descriptors): how long to leave the queue alone before trying again.
+_ACCEPT_BACKOFF = 0.1
 _EXPIRED_CRL_ALARM_INTERVAL = 60.0
 
 
@@ -212,6 +235,8 @@ class ProxyServer:
             preauth_records=self._preauth_records,
         )
         self._listener: socket.socket | None = None
+        # While accepting is paused after an accept error (descriptors exhausted): the resume timer.
+        self._accept_paused: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self.admin: AdminServer | None = None
@@ -227,7 +252,6 @@ class ProxyServer:
         self._notifier = Notifier({}) if worker is not None else Notifier()
         self._source_limiter = SourceRateLimiter(config.limits.source_connections)
         # Per route: when its server was last probed with a TCP connect, and the answer.
-        self._probes: dict[str, tuple[float, str]] = {}
         self._note_crl()
 
     @property
@@ -240,6 +264,8 @@ class ProxyServer:
         asyncio.get_running_loop().set_exception_handler(self._report_unhandled_error)
         if self.audit is not None:
             self.audit.start()
+        else:
+            log.warning("audit_disabled", reason="no audit section in the configuration")
         if self._shared_limits is not None:
             await self._shared_limits.start()
         listen = self.config.listen
@@ -248,7 +274,7 @@ class ProxyServer:
             (listen.host, listen.port), family=family, backlog=1024, reuse_port=self._worker is not None
         )
         self._listener.setblocking(False)
-        self._spawn(self._accept_loop(self._listener))
+        asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept_ready, self._listener)
         self._spawn(self._recycle_loop())
         admin = self.config.admin
         if self._worker is not None:
@@ -303,6 +329,8 @@ class ProxyServer:
             if source is None:
                 raise ConfigError([ConfigProblem("", "the configuration was not loaded from a file")])
             config = self._shape(load_config(source))
+            audit, audit_not_applied = audit_after_reload(self.config.audit, config.audit)
+            config = dataclasses.replace(config, audit=audit)
             terminal_tls = load_terminal_tls(config.tls)
             # Built here, where a pair that changed on disk since the config check fails the reload whole.
             upstream_contexts = {
@@ -317,6 +345,21 @@ class ProxyServer:
             self._audit("config_reload", "failure", trigger=trigger, error=str(exc))
             return False
         changed = [name for name in _RELOADABLE if getattr(config, name) != getattr(self.config, name)]
+        if config.audit is not None and self.config.audit is not None:
+            # The sampling shares: all of the audit section that a reload changes.
+            changed += [
+                f"audit.{item.name}"
+                for item in dataclasses.fields(config.audit)
+                if getattr(config.audit, item.name) != getattr(self.config.audit, item.name)
+            ]
+        if audit_not_applied:
+            running = self.config.audit
+            log.warning(
+                "reload_audit_unchanged",
+                keys=audit_not_applied,
+                file=str(running.settings.file) if running is not None else None,
+                reason="the audit log's file, key, witness and writer settings take effect at restart",
+            )
         # The trusted balancers apply to the next accepted connection; the socket itself stays.
         if config.listen.proxy_protocol != self.config.listen.proxy_protocol:
             changed.append("listen.proxy_protocol")
@@ -345,8 +388,10 @@ class ProxyServer:
         for session in list(self._registry.live):
             session.use_environment(self._environment)
         self.metrics.config_reloads_total.labels("ok").inc()
-        log.info("reload_applied", trigger=trigger, changed=changed)
-        self._audit("config_reload", "success", trigger=trigger, changed=changed)
+        log.info("reload_applied", trigger=trigger, changed=changed, not_applied=audit_not_applied)
+        self._audit(
+            "config_reload", "success", trigger=trigger, changed=changed, not_applied=audit_not_applied
+        )
         if self.audit is not None:
             # logrotate moved the file away before signalling: write to a fresh one.
             self.audit.reopen()
@@ -408,27 +453,19 @@ class ProxyServer:
         return self.reload(trigger)
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Listener up and every route's server reachable.
+        """Listener up and every route's server reachable, as its pool's breaker says.
 
-        A route whose pool has seen its server go down (the breaker) is unready at once, and ready again
-        as soon as a connect succeeds; otherwise live connections say it is reachable, and a route with
-        none is probed with a TCP connect, cached briefly so probes stay cheap.
+        pos_proxy_upstream_up follows the same breaker, so the two always agree: a route is
+        unreachable from a failed connect until one succeeds; a pool with no server connection to
+        vouch for its server probes it with a TCP connect (each maintenance tick, and here, at most
+        every few seconds), so a quiet outage trips the breaker too.
         """
-        routes = {name: await self._route_status(name, route) for name, route in self.routes.items()}
+        routes = {
+            name: "reachable" if await route.pool.check_upstream() else "unreachable"
+            for name, route in self.routes.items()
+        }
         ready = self._listener is not None and all(status == "reachable" for status in routes.values())
         return ready, {"listener": self._listener is not None, "routes": routes}
-
-    async def _route_status(self, name: str, route: Route) -> str:
-        stats = route.pool.stats()
-        if not stats.upstream_up:
-            return "unreachable"
-        if stats.idle or stats.active:
-            return "reachable"
-        now = time.monotonic()
-        probed = self._probes.get(name)
-        if probed is None or now - probed[0] >= _READINESS_CACHE:
-            probed = self._probes[name] = (now, await _route_reachable(route))
-        return probed[1]
 
     async def metrics_text(self) -> bytes:
         """Gauges sampled now from the pools and caches, then everything rendered."""
@@ -439,6 +476,7 @@ class ProxyServer:
             metrics.pool_server_connections.labels(name, "idle").set(stats.idle)
             metrics.pool_server_connections.labels(name, "opening").set(stats.opening)
             metrics.pool_clients_waiting.labels(name).set(stats.waiting)
+        self._sample_long_statements()
         statements = self._environment.statement_stats
         cache = metrics.prepared_statement_cache_total
         cache.labels("hit").inc(statements.hits - self._reported_hits)
@@ -452,6 +490,17 @@ class ProxyServer:
             metrics.audit_write_errors_total.inc(errors - self._reported_audit[1])
             self._reported_audit = (written, errors)
         return metrics.render()
+
+    def _sample_long_statements(self) -> None:
+        threshold = (self.config.admin or AdminConfig()).long_statement_after
+        now = time.perf_counter()
+        running_long = dict.fromkeys(self.routes, 0)
+        for session in self._registry.live:
+            route = session.route_name
+            if route in running_long and session.running_for(now) > threshold:
+                running_long[route] += 1
+        for route, count in running_long.items():
+            self.metrics.statements_running_long.labels(route).set(count)
 
     def _shape(self, config: Config) -> Config:
         return self._worker.shape(config) if self._worker is not None else config
@@ -500,7 +549,16 @@ class ProxyServer:
             # The second signal: no more waiting for transactions.
             self._drain_cut.set()
             return
+        # Here, not in the task: a connection must not be accepted between the signal and its start.
+        self._begin_drain()
         self._spawn(self.shutdown(drain=self.config.listen.drain_timeout))
+
+    def _begin_drain(self) -> None:
+        """Stop accepting; a connection accepted earlier that has not finished its startup yet is
+        refused with 57P01 when it does (its TLS handshake may still be under way)."""
+        self._draining = True
+        self._registry.draining = True
+        self._stop_accepting()
 
     def _flush_review(self) -> None:
         review = self._environment.review
@@ -514,11 +572,8 @@ class ProxyServer:
     async def shutdown(self, drain: float = 0.0) -> None:
         """Stop accepting; end idle sessions with 57P01 at once and the others when their
         transaction is over, for up to ``drain`` seconds; close the pools; flush the audit log."""
-        self._draining = True
+        self._begin_drain()
         self._notifier.stopping("draining sessions")
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
         for session in list(self._registry.live):
             session.drain()
         if drain > 0 and self._registry.live:
@@ -680,34 +735,67 @@ class ProxyServer:
             )
             pending.drop()
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    def _accept_ready(self, listener: socket.socket) -> None:
+        """The listener is readable: take what the kernel has queued, a bounded batch per wakeup.
+
+        A reader callback rather than a task awaiting ``sock_accept``: stopping (``_stop_accepting``)
+        then takes effect in the call that asks for it, with no accept already under way that would
+        take one more connection, or try again on the closed socket, afterwards."""
         loop = asyncio.get_running_loop()
-        while True:
+        for _ in range(_ACCEPTS_PER_WAKEUP):
             try:
-                sock, address = await loop.sock_accept(listener)
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:
-                if listener.fileno() == -1:
-                    return
                 # Out of file descriptors or similar: back off instead of spinning.
                 log.error("accept_failed", error=str(exc))
-                await asyncio.sleep(0.1)
-                continue
-            # A balancer's own address says nothing about the terminal: its connections are
-            # counted by the address in their PROXY header instead.
-            proxied = self.config.listen.proxy_protocol.trusts(address[0])
-            if not proxied and not self._admit_source(address[0]):
+                loop.remove_reader(listener.fileno())
+                self._accept_paused = loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting, listener)
+                return
+            try:
+                self._admit_connection(sock, (address[0], address[1]))
+            except OSError as exc:
+                # The peer reset it before it could be tuned: nothing to serve.
+                log.info("accept_dropped", source=f"{address[0]}:{address[1]}", error=str(exc))
                 sock.close()
-                continue
-            listen = self.config.listen
-            tune_socket(sock, listen.tcp_keepalive)
-            # A balancer's connection counts towards its terminal's source once the header says which.
-            pending, dropped = self._pending.admit(
-                None if proxied else address[0], loop.time() + listen.startup_timeout
-            )
-            self._drop_pending(dropped)
-            task = self._spawn(self._negotiate(sock, (address[0], address[1]), pending, proxied=proxied))
-            task.add_done_callback(functools.partial(_close_unless_handed_over, sock))
-            pending.drop = task.cancel
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        self._accept_paused = None
+        if self._listener is listener:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept_ready, listener)
+
+    def _stop_accepting(self) -> None:
+        """No connection is accepted after this returns; those the kernel still queued are refused
+        (reset) as the listening socket closes."""
+        listener, self._listener = self._listener, None
+        if self._accept_paused is not None:
+            self._accept_paused.cancel()
+            self._accept_paused = None
+        if listener is None:
+            return
+        asyncio.get_running_loop().remove_reader(listener.fileno())
+        listener.close()
+
+    def _admit_connection(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        # A balancer's own address says nothing about the terminal: its connections are
+        # counted by the address in their PROXY header instead.
+        proxied = self.config.listen.proxy_protocol.trusts(address[0])
+        if not proxied and not self._admit_source(address[0]):
+            sock.close()
+            return
+        listen = self.config.listen
+        tune_socket(sock, listen.tcp_keepalive)
+        # A balancer's connection counts towards its terminal's source once the header says which.
+        pending, dropped = self._pending.admit(
+            None if proxied else address[0], loop.time() + listen.startup_timeout
+        )
+        self._drop_pending(dropped)
+        task = self._spawn(self._negotiate(sock, address, pending, proxied=proxied))
+        task.add_done_callback(functools.partial(_close_unless_handed_over, sock))
+        pending.drop = task.cancel
 
     def _admit_source(self, host: str) -> bool:
         if self._source_limiter.allow(host) > 0:
@@ -819,6 +907,7 @@ class ProxyServer:
                 sqlstate=_PLAINTEXT_REFUSAL.sqlstate,
                 reason="plaintext startup",
             )
+            self.metrics.client_error("proxy", _PLAINTEXT_REFUSAL.sqlstate)
             await loop.sock_sendall(
                 sock,
                 m.build_error_response(
@@ -876,6 +965,29 @@ class ProxyServer:
         return True
 
 
+def audit_after_reload(
+    running: AuditConfig | None, wanted: AuditConfig | None
+) -> tuple[AuditConfig | None, list[str]]:
+    """The audit section a reload runs with, and the keys it asked to change in vain.
+
+    Where and how the log is written (file, key, witness, stdout, rotation, flush interval) is the
+    writer process's and stays until a restart: switching files at a reload would have to carry the
+    chain into a file that may hold another one, and a new key would leave records no single key
+    verifies; starting or stopping the log at a reload is refused as well. Only the sampling shares
+    of allowed statements follow the reload. The running settings stay in the config the proxy
+    keeps, so every later reload of the same file says again what it did not apply."""
+    if running == wanted:
+        return wanted, []
+    if running is None or wanted is None:
+        return running, ["audit"]
+    not_applied = [
+        f"audit.{item.name}"
+        for item in dataclasses.fields(running.settings)
+        if getattr(running.settings, item.name) != getattr(wanted.settings, item.name)
+    ]
+    return dataclasses.replace(wanted, settings=running.settings), not_applied
+
+
 def _shared_limit_store(config: Config, metrics: Metrics) -> RedisSharedLimits | None:
     if config.limits.shared is None:
         return None
@@ -900,16 +1012,6 @@ def _close_unless_handed_over(sock: socket.socket, _task: asyncio.Task[None]) ->
     in the same burst of accepts) never reached the code that closes its socket."""
     if sock.fileno() != -1:
         sock.close()
-
-
-async def _route_reachable(route: Route) -> str:
-    try:
-        sock = await open_socket(route.config, min(route.config.pool.connect_timeout, _READINESS_CACHE))
-    except UpstreamConnectError as exc:
-        log.info("route_unreachable", route=route.config.database, error=str(exc))
-        return "unreachable"
-    sock.close()
-    return "reachable"
 
 
 async def _peek_byte(sock: socket.socket) -> int | None:

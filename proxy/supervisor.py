@@ -394,6 +394,9 @@ class Supervisor:
         # Each worker samples its gauges (pools, caches) into the shared directory as it renders.
         await self._fan_out("GET", "/metrics")
         self.metrics.workers_alive.set(sum(worker.process is not None for worker in self._workers))
+        self.metrics.worker_processes.workers = {
+            worker.slot.index: worker.process.pid for worker in self._workers if worker.process is not None
+        }
         return self.metrics.render()
 
     def _spawn_reload(self, trigger: str) -> None:

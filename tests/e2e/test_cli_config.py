@@ -198,7 +198,9 @@ def test_example_config_only_lacks_its_files_and_credentials(cli: Cli, tmp_path:
         assert "unknown key" not in line
         assert re.fullmatch(
             r"(tls\.(cert|key|client_ca|crl)|routes\.\w+\.sslrootcert): file not found: /etc/pos-proxy/\S+"
-            r"|(routes\.\w+\.password|admin\.token): credential [\w-]+ needs CREDENTIALS_DIRECTORY.*",
+            r"|(routes\.\w+\.password|admin\.token): credential [\w-]+ needs CREDENTIALS_DIRECTORY.*"
+            r"|audit\.key_file: file not found: /etc/pos-proxy/audit\.key"
+            r"|audit\.(file|witness_file): directory not found: /var/(log|lib)/pos-proxy",
             line,
         ), line
 
@@ -222,9 +224,21 @@ def test_example_config_passes_with_real_files_and_credentials(cli: Cli, pki: Pk
     (credentials / "admin-token").write_text("admin-token-for-the-test\n", encoding="utf-8")
     shutil.copytree(EXAMPLE_CONFIG.parent / "policies", tmp_path / "policies")
 
+    key = tmp_path / "audit.key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    for directory in ("log", "lib"):
+        (tmp_path / directory).mkdir()
+
     text = EXAMPLE_CONFIG.read_text(encoding="utf-8")
     assert text.count("/etc/pos-proxy/tls/") >= 5
-    (tmp_path / "example.yaml").write_text(text.replace("/etc/pos-proxy/tls/", f"{tls}/"), encoding="utf-8")
+    text = (
+        text.replace("/etc/pos-proxy/tls/", f"{tls}/")
+        .replace("/etc/pos-proxy/audit.key", str(key))
+        .replace("/var/log/pos-proxy/", f"{tmp_path}/log/")
+        .replace("/var/lib/pos-proxy/", f"{tmp_path}/lib/")
+    )
+    (tmp_path / "example.yaml").write_text(text, encoding="utf-8")
 
     result = cli.ok("check-config", "example.yaml", env={"CREDENTIALS_DIRECTORY": str(credentials)})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,11 +45,14 @@ def proxy(base_config: dict[str, Any], tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture
 def start_proxy(base_config: dict[str, Any], tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
-    """Start a proxy with config overrides (deep-merged); stopped after the test."""
+    """Start a proxy with config overrides (deep-merged) and extra `pos-proxy run` options
+    (``arguments=["--workers", "2"]``); stopped after the test."""
     started: list[ProxyProcess] = []
 
-    def start(**overrides: Any) -> ProxyProcess:
-        process = ProxyProcess(tmp_path / f"proxy-{len(started)}", deep_merge(base_config, overrides))
+    def start(*, arguments: Sequence[str] = (), **overrides: Any) -> ProxyProcess:
+        process = ProxyProcess(
+            tmp_path / f"proxy-{len(started)}", deep_merge(base_config, overrides), arguments
+        )
         started.append(process)
         return process.start()
 

@@ -6,6 +6,8 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -80,6 +82,65 @@ def test_metrics_move_with_sessions_and_statements(
     text = _call(port, "/metrics")[1].decode()
     assert 'pos_proxy_client_connections_active{role="cashier"} 0.0' in text
     assert 'pos_proxy_client_connections_refused_total{reason="authentication"} 1.0' in text
+
+
+def test_process_memory_and_descriptors_are_the_proxys_own(admin_proxy: tuple[ProxyProcess, int]) -> None:
+    proxy, port = admin_proxy
+    text = _call(port, "/metrics")[1].decode()
+    values = {
+        line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("process_")
+    }
+    status = Path(f"/proc/{proxy.pid}/status").read_text(encoding="ascii")
+    vm_rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+    assert 0.5 * vm_rss < values["process_resident_memory_bytes"] < 2 * vm_rss
+    # The listener, the admin listener, the event loop's own, a few log and pipe descriptors.
+    open_fds = len(list(Path(f"/proc/{proxy.pid}/fd").iterdir()))
+    assert 5 <= values["process_open_fds"] <= open_fds + 10
+    assert values["process_max_fds"] >= values["process_open_fds"]
+    assert values["process_cpu_seconds_total"] > 0
+
+
+def test_statements_running_long_are_counted_while_they_run(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    port = free_port()
+    proxy = start_proxy(
+        admin={
+            "host": "127.0.0.1",
+            "port": port,
+            "token": {"file": str(token_file)},
+            "long_statement_after": "1s",
+        },
+        routes={"pos": {"pool": {"mode": "transaction", "size": 2}}},
+    )
+    proxy.wait_for_event("admin_listening")
+    series = 'pos_proxy_statements_running_long{route="pos"} '
+
+    def running_long() -> float:
+        text = _call(port, "/metrics")[1].decode()
+        return float(next(line for line in text.splitlines() if line.startswith(series)).split()[1])
+
+    slow = psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True)
+    quick = psycopg.connect(**proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True)
+    with slow, quick:
+        quick.execute("SELECT 1")
+        assert running_long() == 0
+        sleeper = threading.Thread(target=lambda: slow.execute("SELECT pg_sleep(4)"), daemon=True)
+        started = time.monotonic()
+        sleeper.start()
+        time.sleep(0.5)
+        assert running_long() == 0  # running, not yet for long
+        deadline = started + 3.5
+        while running_long() != 1:
+            assert time.monotonic() < deadline, "the sleeping statement was never counted"
+            time.sleep(0.1)
+        quick.execute("SELECT 1")  # a quick statement meanwhile is not
+        assert running_long() == 1
+        sleeper.join(10)
+        assert not sleeper.is_alive()
+        assert running_long() == 0
 
 
 def test_pools_and_clients_describe_live_state(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+import yaml
 
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 
@@ -197,3 +200,45 @@ async def test_executions_are_audited_with_their_text_after_many_statements_were
     audited_texts = [r["statement"] for r in _records(directory) if r["event"] == "statement"]
     for number in range(30):
         assert f"SELECT $1::int AS column_{number}" in audited_texts, number
+
+
+def test_a_reload_that_moves_the_audit_file_keeps_the_running_log_and_says_so(
+    audited: tuple[ProxyProcess, Path, Path], terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    """The file (like the key, witness and writer settings) stays as started until a restart, the
+    reload log line and its audit record name what was not applied, and the chain stays whole; the
+    sampling share of allowed statements follows the reload."""
+    proxy, directory, key = audited
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = yaml.safe_load(proxy.config_path.read_text(encoding="utf-8"))
+    config["audit"].update(file=str(elsewhere / "audit.log"), allowed_statements=0.0)
+    proxy.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    for reloads in (1, 2):  # every reload of that file says so again, not only the first
+        proxy.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            applied = [r for r in proxy.log_events() if r.get("event") == "reload_applied"]
+            if len(applied) == reloads:
+                break
+            time.sleep(0.05)
+        assert len(applied) == reloads, proxy.log_text()[-3000:]
+        assert applied[-1]["not_applied"] == ["audit.file"]
+        assert ("audit.allowed_statements" in applied[-1]["changed"]) is (reloads == 1)
+    warning = proxy.wait_for_event("reload_audit_unchanged")
+    assert warning["keys"] == ["audit.file"] and warning["file"] == str(directory / "audit.log")
+
+    with psycopg.connect(
+        **proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True
+    ) as connection:
+        connection.execute("SELECT 1")
+    assert proxy.stop() == 0
+    assert not (elsewhere / "audit.log").exists()
+    records = _records(directory)
+    reloaded = [r for r in records if r["event"] == "config_reload"]
+    assert [r["not_applied"] for r in reloaded] == [["audit.file"], ["audit.file"]]
+    assert any(r["event"] == "connection_accepted" for r in records)
+    assert not any(r["event"] == "statement" for r in records)  # allowed_statements: 0.0 applied
+    result = _verify(key, _audit_files(directory))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -99,6 +100,127 @@ def test_drain_does_not_wait_for_an_idle_terminal_that_never_reads(
         assert time.monotonic() - started < 8
     finally:
         silent.close()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectAttempt:
+    started: float  # time.monotonic() when connect() was called
+    served: bool  # the startup completed and a statement ran
+    error: str = ""
+
+
+def _connect_in_a_loop(
+    proxy: ProxyProcess, pki: TerminalPKI, stop: threading.Event, attempts: list[ConnectAttempt]
+) -> None:
+    """New terminals, one after the other as fast as they go, until ``stop`` (bounded in count and time)."""
+    deadline = time.monotonic() + 60
+    for _ in range(3000):
+        if stop.is_set() or time.monotonic() > deadline:
+            return
+        started = time.monotonic()
+        try:
+            with psycopg.connect(
+                **proxy.conninfo(pki.cashier, pki.ca, connect_timeout="3"), autocommit=True
+            ) as connection:
+                connection.execute("SELECT 1")
+        except psycopg.OperationalError as exc:
+            attempts.append(ConnectAttempt(started, served=False, error=str(exc)))
+            time.sleep(0.002)  # a refused connect returns at once: leave the machine's cores some air
+        else:
+            attempts.append(ConnectAttempt(started, served=True))
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers-2"])
+def test_sigterm_stops_accepting_at_once_and_drains_without_an_internal_error(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, workers: int
+) -> None:
+    drain_timeout = 6.0
+    proxy = start_proxy(
+        arguments=["--workers", str(workers)] if workers > 1 else [],
+        listen={"drain_timeout": f"{drain_timeout}s"},
+        routes={"pos": {"pool": {"mode": "transaction", "size": 8}}},
+    )
+    if workers > 1:
+        proxy.wait_for_event("workers_ready", timeout=30)
+    attempts: list[ConnectAttempt] = []
+    stop = threading.Event()
+    connector = threading.Thread(target=_connect_in_a_loop, args=(proxy, terminal_pki, stop, attempts))
+    idle = [
+        psycopg.connect(**proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True)
+        for _ in range(4)
+    ]
+    # Another terminal than the loop's: a transaction holds one of its few server connections.
+    busy = psycopg.connect(**proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True)
+    try:
+        for connection in idle:
+            connection.execute("SELECT 1")
+        busy.execute("BEGIN")
+        busy.execute("SELECT 1")
+        connector.start()
+        deadline = time.monotonic() + 20
+        while sum(attempt.served for attempt in attempts) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sum(attempt.served for attempt in attempts) >= 5, attempts[-3:]
+        signalled = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        # The transaction in flight finishes; the idle terminals were told at once.
+        busy.execute("SELECT 2")
+        busy.execute("COMMIT")
+        for connection in idle:
+            with pytest.raises(psycopg.OperationalError, match="shutting down"):
+                connection.execute("SELECT 1")
+        assert proxy.wait_exit(timeout=drain_timeout + 10) == 0
+        exited = time.monotonic()
+    finally:
+        stop.set()
+        if connector.is_alive():
+            connector.join(timeout=30)
+        busy.close()
+        for connection in idle:
+            connection.close()
+    assert exited - signalled < drain_timeout, "the drain overran listen.drain_timeout"
+    after = [attempt for attempt in attempts if attempt.started > signalled]
+    # The loop really was knocking while the proxy shut down.
+    assert after, "no connection attempt after the signal"
+    assert [attempt for attempt in after if attempt.served] == []
+    for attempt in after:
+        assert "shutting down" in attempt.error or "refused" in attempt.error or "closed" in attempt.error, (
+            attempt.error
+        )
+    proxy.check_log()
+
+
+def test_a_terminal_whose_handshake_spans_the_signal_is_refused_with_57p01(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    """Accepted before SIGTERM, TLS and startup after it (while a transaction holds the drain open):
+    FATAL 57P01, not a session."""
+    proxy = start_proxy(listen={"drain_timeout": "10s"}, routes={"pos": {"pool": {"mode": "transaction"}}})
+    busy = psycopg.connect(**proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True)
+    context = proxy.ssl_context(terminal_pki.cashier, terminal_pki.ca)
+    try:
+        busy.execute("BEGIN")
+        busy.execute("SELECT 1")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+            raw.sendall(m.build_ssl_request())
+            assert raw.recv(1) == b"S"
+            proxy.signal(signal.SIGTERM)
+            proxy.wait_for_event("shutdown_requested")
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(m.build_startup_message({"user": "till-01", "database": "pos"}))
+                reply = b""
+                with contextlib.suppress(ssl.SSLEOFError, ConnectionResetError):
+                    while chunk := tls.recv(65536):
+                        reply += chunk
+        assert reply[:1] == b"E", reply[:64]
+        fields = m.parse_error_fields(reply[5 : 1 + int.from_bytes(reply[1:5], "big")])
+        assert (fields["S"], fields["C"]) == ("FATAL", "57P01"), fields
+        assert "shutting down" in fields["M"]
+        busy.execute("COMMIT")
+    finally:
+        busy.close()
+    assert proxy.wait_exit() == 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,8 +131,12 @@ def test_unknown_database_is_refused_with_3d000(proxy: ProxyProcess, terminal_pk
 
 
 def test_unsupported_startup_parameter_is_refused(proxy: ProxyProcess, terminal_pki: TerminalPKI) -> None:
-    message = _refusal(proxy, terminal_pki, terminal_pki.cashier, options="-c work_mem=1GB")
-    assert "unsupported startup parameter: options" in message
+    # Settings outside the allow set the proxy carries (tests/unit/test_startup_settings.py), and
+    # switches other than -c of the options string.
+    message = _refusal(proxy, terminal_pki, terminal_pki.cashier, options="-c idle_session_timeout=1")
+    assert "unsupported startup parameter: idle_session_timeout" in message
+    message = _refusal(proxy, terminal_pki, terminal_pki.cashier, options="-B 100")
+    assert "unsupported startup option" in message
 
 
 def test_startup_settings_reach_the_server(proxy: ProxyProcess, terminal_pki: TerminalPKI) -> None:

@@ -184,7 +184,9 @@ def test_each_client_keeps_its_time_zone_across_server_switches(
 def test_session_state_pins_the_client_by_default(start_proxy: StartProxy, terminal_pki: TerminalPKI) -> None:
     proxy = _transaction_proxy(start_proxy, size=2)
     with psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True) as pinned:
-        pinned.execute("SET search_path = pg_catalog, public")
+        # A setting the proxy does not carry (search_path, work_mem and the other startup settings it
+        # carries: tests/integration/test_driver_settings.py).
+        pinned.execute("SET enable_seqscan = off")
         first = pinned.execute("SELECT pg_backend_pid()").fetchone()
         with psycopg.connect(
             **proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True
@@ -192,9 +194,9 @@ def test_session_state_pins_the_client_by_default(start_proxy: StartProxy, termi
             for _ in range(5):
                 assert other.execute("SELECT pg_backend_pid()").fetchone() != first
         assert pinned.execute("SELECT pg_backend_pid()").fetchone() == first
-        assert pinned.execute("SHOW search_path").fetchone() == ("pg_catalog, public",)
+        assert pinned.execute("SHOW enable_seqscan").fetchone() == ("off",)
     pinned_event = proxy.wait_for_event("session_pinned")
-    assert pinned_event["reason"] == "SET search_path"
+    assert pinned_event["reason"] == "SET enable_seqscan"
 
 
 def test_session_state_can_be_refused_and_the_session_goes_on(
@@ -205,8 +207,8 @@ def test_session_state_can_be_refused_and_the_session_goes_on(
         **proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True
     ) as connection:
         with pytest.raises(psycopg.errors.FeatureNotSupported) as raised:
-            connection.execute("SET search_path = public")
-        assert "SET search_path is not supported under transaction pooling" in str(raised.value)
+            connection.execute("SET enable_seqscan = off")
+        assert "SET enable_seqscan is not supported under transaction pooling" in str(raised.value)
         assert connection.execute("SELECT 'usable'").fetchone() == ("usable",)
         connection.execute("BEGIN")
         with pytest.raises(psycopg.errors.FeatureNotSupported):
@@ -224,7 +226,7 @@ def test_session_state_can_be_refused_and_the_session_goes_on(
         **proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), prepare_threshold=0
     ) as extended:
         with pytest.raises(psycopg.errors.FeatureNotSupported):
-            extended.execute("SELECT set_config('search_path', %s, false)", ("public",))
+            extended.execute("SELECT set_config('enable_seqscan', %s, false)", ("off",))
         extended.rollback()
         assert extended.execute("SELECT %s::int + 1", (41,)).fetchone() == (42,)
 

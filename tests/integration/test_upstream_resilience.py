@@ -48,6 +48,10 @@ CONNECT_TIMEOUT = 1.0
 # Nothing a terminal does may take longer than waiting its turn plus one connect, plus slack for a
 # loaded two-core test machine.
 OPERATION_BOUND = MAX_CLIENT_WAIT + 2 * CONNECT_TIMEOUT + 4.0
+# A pool with no connection probes its server every 5 s on a 1 s maintenance tick, and while the
+# server is down retries with backoff up to connect_retry_max_delay: both directions within a few
+# seconds, with slack for a loaded machine.
+QUIET_OUTAGE_BOUND = 12.0
 
 
 @dataclass
@@ -253,6 +257,61 @@ def test_a_terminal_connecting_while_the_database_is_down_is_served_when_it_retu
     assert _metric(admin_port, 'pos_proxy_upstream_down_total{route="pos"}') == 1.0
     errors = _metric(admin_port, 'pos_proxy_server_connection_errors_total{route="pos"}')
     assert errors is not None and errors >= 2  # retried
+
+
+@pytest.mark.parametrize("pool_has_a_connection", [True, False], ids=["after-a-sale", "untouched-pool"])
+def test_a_quiet_outage_turns_readyz_and_upstream_up_together(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, own_cluster: OwnCluster, pool_has_a_connection: bool
+) -> None:
+    # Nobody asks for a server connection while the database is down: no connect fails, so only a
+    # probe of the idle pool can notice. The metric is read first and alone: reading /readyz would
+    # probe by itself and hide a metric that does not follow. After a sale the pool's connection
+    # goes with the server and the next tick probes; an untouched pool probes every few seconds.
+    server = own_cluster.server
+    token_file = own_cluster.password_file.with_name("admin-token")
+    token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    admin_port = free_port()
+    proxy = start_proxy(
+        routes={
+            "pos": own_cluster.route(
+                mode="transaction", size=2, connect_timeout="1s", connect_retry_max_delay="1s"
+            )
+        },
+        admin={"host": "127.0.0.1", "port": admin_port, "token": {"file": str(token_file)}},
+    )
+    proxy.wait_for_event("admin_listening")
+    up = 'pos_proxy_upstream_up{route="pos"}'
+    if pool_has_a_connection:
+        with psycopg.connect(
+            **proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True
+        ) as till:
+            assert till.execute("SELECT 'sold'").fetchone() == ("sold",)
+    assert _metric(admin_port, up) == 1.0
+    assert _call(admin_port, "/readyz")[0] == 200
+    assert json.loads(_call(admin_port, "/v1/pools")[1])["pools"][0]["idle"] == int(pool_has_a_connection)
+
+    server.stop_server_only(mode="fast")
+    stopped = time.monotonic()
+    # The pool's connection goes with the server; then a probe each couple of seconds.
+    _wait_for(lambda: _metric(admin_port, up) == 0.0, QUIET_OUTAGE_BOUND, "upstream_up 0 without a client")
+    noticed = time.monotonic() - stopped
+    status, body = _call(admin_port, "/readyz")
+    assert status == 503
+    assert json.loads(body)["routes"] == {"pos": "unreachable"}
+    assert _metric(admin_port, up) == 0.0
+    assert _metric(admin_port, 'pos_proxy_upstream_down_total{route="pos"}') == 1.0
+    proxy.wait_for_event("upstream_down", pool="pos")
+
+    server.start_server_only()
+    started = time.monotonic()
+    _wait_for(lambda: _metric(admin_port, up) == 1.0, QUIET_OUTAGE_BOUND, "upstream_up 1 again")
+    recovered = time.monotonic() - started
+    status, body = _call(admin_port, "/readyz")
+    assert status == 200, body
+    assert json.loads(body)["routes"] == {"pos": "reachable"}
+    with psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True) as till:
+        assert till.execute("SELECT 'sold again'").fetchone() == ("sold again",)
+    print(f"quiet outage noticed in {noticed:.1f}s, recovery in {recovered:.1f}s")
 
 
 def test_a_failed_certificate_check_is_not_retried(

@@ -153,6 +153,19 @@ def test_both_workers_serve_and_the_admin_api_and_metrics_add_them_up(
     assert _metric(proxy, "pos_proxy_client_connections_total", role="cashier") == CLIENTS
     assert _metric(proxy, "pos_proxy_workers_alive") == WORKERS
     assert _metric(proxy, "pos_proxy_config_reloads_total", result="ok") == WORKERS
+    # Memory and descriptors of each worker, labelled by its number, as its /proc says; and the
+    # supervisor's own process_* series.
+    for worker, pid in _worker_pids(proxy).items():
+        resident = _metric(proxy, "pos_proxy_worker_resident_memory_bytes", worker=str(worker))
+        status = Path(f"/proc/{pid}/status").read_text(encoding="ascii")
+        vm_rss = (
+            int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+        )
+        assert 0.5 * vm_rss < resident < 2 * vm_rss, (worker, resident, vm_rss)
+        open_fds = _metric(proxy, "pos_proxy_worker_open_fds", worker=str(worker))
+        assert 5 <= open_fds < 1000, (worker, open_fds)
+    assert 10 * 2**20 < _metric(proxy, "process_resident_memory_bytes") < 2**30
+    assert _metric(proxy, "process_open_fds") >= 3
 
 
 def test_a_killed_worker_is_restarted_and_service_carries_on(

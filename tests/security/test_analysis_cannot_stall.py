@@ -268,10 +268,10 @@ def test_long_statements_of_a_role_without_policy_are_classified_off_the_loop(
     comment = " /*" + "x" * 5000 + "*/"
     manager = {**proxy.conninfo(terminal_pki.manager, terminal_pki.ca)}
     with psycopg.connect(**manager, autocommit=True) as conn:
-        conn.execute("SET work_mem = '8MB'" + comment)
-        assert conn.execute("SHOW work_mem").fetchone() == ("8MB",)
+        conn.execute("SET enable_seqscan = off" + comment)
+        assert conn.execute("SHOW enable_seqscan").fetchone() == ("off",)
     pinned = proxy.wait_for_event("session_pinned", terminal=terminal_pki.manager.terminal)
-    assert pinned["reason"] == "SET work_mem"
+    assert pinned["reason"] == "SET enable_seqscan"
     with psycopg.connect(**manager, autocommit=True) as conn:
         # The comment sends it to the parser; the parse overflows the worker's stack.
         state = sqlstate_of(conn, additions(1, 60_000) + " /* set_config */")

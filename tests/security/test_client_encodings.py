@@ -215,7 +215,8 @@ def test_startup_in_a_refused_encoding_is_refused(
     for spelling in SPELLINGS:
         with pytest.raises(psycopg.OperationalError, match="not supported"):
             _connect(mode_proxy, terminal_pki, role, client_encoding=spelling)
-        with pytest.raises(psycopg.OperationalError, match="options"):
+        # A spelling with a space ("win 932") leaves a word that is no option of its own.
+        with pytest.raises(psycopg.OperationalError, match=r"not supported|unsupported startup option"):
             _connect(mode_proxy, terminal_pki, role, options=f"-c client_encoding={spelling}")
 
 

@@ -26,6 +26,7 @@ from proxy.protocols.postgres.parameters import (
     SearchPathSyntaxError,
     search_path_entries,
 )
+from proxy.protocols.postgres.sessionstate import CARRIED_SETTINGS
 from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI
 
 StartProxy = Callable[..., ProxyProcess]
@@ -45,6 +46,15 @@ STARTUP_VALUES = {
     "default_transaction_isolation": "serializable",
     "default_transaction_read_only": "on",
     "bytea_output": "escape",
+    "client_min_messages": "error",
+    "jit": "off",
+    "work_mem": "77MB",
+    "maintenance_work_mem": "99MB",
+    "plan_cache_mode": "force_generic_plan",
+    "random_page_cost": "1.5",
+    "effective_cache_size": "3GB",
+    "max_parallel_workers_per_gather": "0",
+    "default_transaction_deferrable": "on",
 }
 # What SHOW says for them (the server's own spelling).
 SHOWN = {
@@ -220,6 +230,103 @@ def test_set_of_reported_settings_does_not_reach_the_next_terminal(
             assert shown is not None and shown[0].lower() == value.lower(), name
 
 
+# The startup settings the server does not report: a SET, RESET or set_config of them is carried
+# (transaction pooling goes on), so the proxy itself must keep them from the next terminal.
+CARRIED_SET = {name: value for name, value in STARTUP_VALUES.items() if name.lower() in CARRIED_SETTINGS}
+
+
+def test_every_carried_setting_is_attacked() -> None:
+    assert {name.lower() for name in CARRIED_SET} == set(CARRIED_SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SET {name} = {value}",
+        "SELECT set_config('{name}', {value}, false)",
+        "BEGIN; SET {name} = {value}; COMMIT",
+        "SELECT set_config('{name}', {value}, false)::text || pg_sleep(0.05)::text",
+    ],
+)
+def test_carried_settings_of_one_terminal_do_not_reach_the_next(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None, statement: str
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+        pid = _backend_pid(before)
+    with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+        for name, value in CARRIED_SET.items():
+            # SET reads a list setting's items as separate values, set_config reads one string.
+            as_sql = value if name == "search_path" and "set_config" not in statement else None
+            literal = as_sql or sql.Literal(value).as_string(attacker)
+            attacker.execute(statement.format(name=name, value=literal))
+        assert attacker.execute("SELECT name FROM price_list").fetchone() == ("shadow pen",)
+        # Not pinned: the next terminal takes the same server connection between the attacker's
+        # transactions, and finds the route's values.
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert _backend_pid(victim) == pid
+            assert _show_all(victim) == route_values
+            assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+        # The attacker keeps what it set, on whichever connection it is lent next.
+        shown = _show_all(attacker)
+        assert {name: shown[name] for name in CARRIED_SET} == {
+            name: SHOWN.get(name, value) for name, value in CARRIED_SET.items()
+        }
+        assert _backend_pid(attacker) == pid
+    assert not [record for record in proxy.log_events() if record.get("event") == "session_pinned"]
+
+
+async def test_a_prepared_statement_that_changes_a_carried_setting_is_followed_at_every_execution(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None
+) -> None:
+    """Parsed once, bound many times (asyncpg caches its statements): each Bind changes the setting
+    again, with no Parse for the proxy to read."""
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+        statement = await attacker.prepare("SELECT set_config('search_path', $1, false)")
+        for path in ("public", "evil, public", "public", "evil, public"):
+            await statement.fetchval(path)
+            with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+                assert _show_all(victim) == route_values, path
+                assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+            assert await attacker.fetchval("SHOW search_path") == path
+    assert not [record for record in proxy.log_events() if record.get("event") == "session_pinned"]
+
+
+async def test_a_carried_setting_left_by_a_terminal_that_hangs_up_at_once_does_not_reach_the_next(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+    for round_ in range(5):
+        # Gone before the proxy can read the settings back, or while it does.
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+            await attacker.execute("SET search_path = evil, public; SET work_mem = '77MB'; SET jit = off")
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert _show_all(victim) == route_values, round_
+
+
+def test_statements_sent_while_settings_are_read_back_keep_their_order(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.manager) as client:
+        # One write: the SHOWs reach the proxy while it reads back what each SET left.
+        with client.pipeline():
+            cursors = []
+            for megabytes in range(10, 15):
+                client.execute(f"SET work_mem = '{megabytes}MB'")
+                cursors.append(client.execute("SHOW work_mem"))
+        assert [cursor.fetchone() for cursor in cursors] == [(f"{mb}MB",) for mb in range(10, 15)]
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert victim.execute("SHOW work_mem").fetchone() == ("4MB",)
+        assert client.execute("SHOW work_mem").fetchone() == ("14MB",)
+
+
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 def test_set_and_set_config_are_undone_before_the_next_terminal(
     start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None, mode: str
@@ -324,6 +431,10 @@ async def test_a_schema_named_after_the_route_user_does_not_shadow_the_policys_t
         ("default_transaction_read_only", "off"),
         ("statement_timeout", "1"),  # SET is not among the cashier's statement kinds
         ("default_transaction_isolation", "serializable"),
+        ("work_mem", "1GB"),  # SET is not among the cashier's statement kinds
+        ("options", "-c work_mem=1GB"),
+        ("options", "-c search_path=evil,public"),
+        ("client_min_messages", "debug5"),
     ],
 )
 async def test_startup_setting_the_policy_refuses_as_set_is_refused(
@@ -334,9 +445,10 @@ async def test_startup_setting_the_policy_refuses_as_set_is_refused(
     setting: tuple[str, str],
 ) -> None:
     name, value = setting
+    refused = value.partition(" ")[2].partition("=")[0] if name == "options" else name
     proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
     with pytest.raises(
-        asyncpg.InsufficientPrivilegeError, match=f'permission denied to set parameter "{name}"'
+        asyncpg.InsufficientPrivilegeError, match=f'permission denied to set parameter "{refused}"'
     ):
         async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier, **{name: value}):
             pass

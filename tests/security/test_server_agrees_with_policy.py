@@ -57,8 +57,8 @@ from proxy.policy import encodings
 from proxy.policy.engine import PolicyEngine, judge
 from proxy.policy.model import RolePolicy
 from proxy.protocols.postgres import messages as m
-from proxy.protocols.postgres.parameters import SessionParameters, sync_query
-from proxy.protocols.postgres.refusal import Refusal
+from proxy.protocols.postgres.parameters import SessionParameters, quote_literal, sync_query
+from proxy.protocols.postgres.refusal import PROXY_ERROR_MARK, Refusal
 from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI, proxy_config
 from tests.integration.test_postgres_robustness import PeerClosed, RawClient, tls_client
 
@@ -176,6 +176,7 @@ SYNCED_SETTINGS = frozenset({"application_name", "client_encoding", "search_path
 # proxy/protocols/postgres/refusal.py: Refusal.raising_block, a raising body between random dollar
 # quotes; the body itself is compared with Refusal.raising_body of one of the entry's refusal reasons.
 _REFUSAL_BLOCK = re.compile(r"DO (\$refused_[0-9a-f]{12}\$)(.*)\1", re.S)
+_PROXY_MARK = re.compile(r"SCHEMA = E'pos_proxy_[0-9a-f]{16}'")
 _REFUSAL_SQLSTATE = re.compile(r"BEGIN RAISE EXCEPTION USING ERRCODE = E'([0-9A-Z]{5})'")
 # Audit events that give the reason of a refusal the proxy makes the server raise: the policy's
 # (enforce mode), the client-encoding switch refused in every mode and without a policy, and a
@@ -875,6 +876,9 @@ def _raises_a_reason(body: str, reasons: Collection[str]) -> bool:
     """The refusal block's body is, to the byte, the one the proxy's Refusal builds for one of the
     entry's refusal reasons (and the SQLSTATE the block names)."""
     sqlstate = _REFUSAL_SQLSTATE.match(body)
+    # The block marks its error with the proxy process's own secret (refusal.PROXY_ERROR_MARK):
+    # this process has another, of the same form.
+    body = _PROXY_MARK.sub(f"SCHEMA = {quote_literal(PROXY_ERROR_MARK)}", body)
     return sqlstate is not None and any(
         body == Refusal(sqlstate.group(1), reason).raising_body() for reason in reasons
     )

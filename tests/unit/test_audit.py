@@ -37,6 +37,8 @@ from proxy.audit import (
     verify,
 )
 from proxy.auditwriter import AuditLog, _pickled, _receive, _send, _WriterProcess
+from proxy.config import AuditConfig
+from proxy.server import audit_after_reload
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -835,3 +837,34 @@ def test_every_line_is_the_canonical_json_of_its_record_with_its_hmac(
             if plain and list(written_as.values()).count(written_as[name]) == 1:
                 assert sale[written_as[name]] == value
     assert verify([log_path], key).ok
+
+
+# --- what a reload may change of a running audit log (proxy.server.audit_after_reload) ---------
+
+
+def _audit_section(tmp_path: Path, **settings: Any) -> AuditConfig:
+    fields: dict[str, Any] = {"file": tmp_path / "audit.log", "key_file": tmp_path / "audit.key", **settings}
+    share = fields.pop("allowed_statements", 1.0)
+    return AuditConfig(settings=AuditSettings(**fields), allowed_statements=share)
+
+
+def test_a_reload_keeps_the_running_audit_file_key_and_writer_settings(tmp_path: Path) -> None:
+    running = _audit_section(tmp_path)
+    wanted = _audit_section(
+        tmp_path,
+        file=tmp_path / "elsewhere.log",
+        key_file=tmp_path / "other.key",
+        rotate_bytes=1024,
+        allowed_statements=0.5,
+    )
+    kept, not_applied = audit_after_reload(running, wanted)
+    assert not_applied == ["audit.file", "audit.key_file", "audit.rotate_bytes"]
+    assert kept == AuditConfig(settings=running.settings, allowed_statements=0.5)
+
+
+def test_a_reload_neither_starts_nor_stops_the_audit_log(tmp_path: Path) -> None:
+    running = _audit_section(tmp_path)
+    assert audit_after_reload(running, None) == (running, ["audit"])
+    assert audit_after_reload(None, running) == (None, ["audit"])
+    assert audit_after_reload(running, _audit_section(tmp_path)) == (running, [])
+    assert audit_after_reload(None, None) == (None, [])

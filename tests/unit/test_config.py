@@ -17,8 +17,10 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from proxy import certs
+from proxy.audit import AuditSettings
 from proxy.config import (
     AdminConfig,
+    AuditConfig,
     Config,
     ConfigError,
     ConfigProblem,
@@ -849,8 +851,19 @@ def test_example_config_loads(tmp_path: Path) -> None:
     (credentials / "pos-db-password").write_text("pos-password\n")
     (credentials / "reports-db-password").write_text("reports-password\n")
     (credentials / "admin-token").write_text("admin-token-value\n")
+    key = tmp_path / "audit.key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    for directory in ("log", "lib"):
+        (tmp_path / directory).mkdir()
     path = tmp_path / "pos-proxy.yaml"
-    path.write_text(EXAMPLE.read_text().replace("/etc/pos-proxy/tls/", f"{tls}/"))
+    path.write_text(
+        EXAMPLE.read_text()
+        .replace("/etc/pos-proxy/tls/", f"{tls}/")
+        .replace("/etc/pos-proxy/audit.key", str(key))
+        .replace("/var/log/pos-proxy/", f"{tmp_path}/log/")
+        .replace("/var/lib/pos-proxy/", f"{tmp_path}/lib/")
+    )
     shutil.copytree(EXAMPLE.parent / "policies", tmp_path / "policies")
 
     config = load_config(path, environ={"CREDENTIALS_DIRECTORY": str(credentials)})
@@ -874,6 +887,11 @@ def test_example_config_loads(tmp_path: Path) -> None:
     reports = config.routes["reports"]
     assert (reports.pool.mode, reports.pool.size, reports.pool.min_idle) == (PoolMode.SESSION, 5, 0)
     assert reports.pool.connect_timeout == 5.0
+    # The service keeps an audit log, in the unit's log directory, its witness in the state one.
+    assert config.audit is not None
+    assert config.audit.settings.file == tmp_path / "log" / "audit.log"
+    assert config.audit.settings.witness_file == tmp_path / "lib" / "audit.witness"
+    assert config.audit.settings.key_file == key
 
 
 @pytest.mark.parametrize(
@@ -892,6 +910,8 @@ def test_example_config_loads(tmp_path: Path) -> None:
         (LimitsConfig, ()),
         (SharedLimitsConfig, ()),
         (LimitSettings, ()),
+        (AuditConfig, ("settings",)),
+        (AuditSettings, ()),
     ],
 )
 def test_example_config_shows_every_key(schema: type, not_keys: tuple[str, ...]) -> None:

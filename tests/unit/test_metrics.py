@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 from prometheus_client import Counter, Gauge, Histogram, Info
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import CONTENT_TYPE, LATENCY_BUCKETS, Metrics
+from proxy.metrics import CONTENT_TYPE, LATENCY_BUCKETS, Metrics, WorkerProcessCollector, sqlstate_label
 from tests import compiled
 
 # attribute -> (type, label names), exactly as documented for the lead's wiring.
@@ -40,7 +42,18 @@ DOCUMENTED: dict[str, tuple[type, tuple[str, ...]]] = {
     "crl_expired": (Gauge, ()),
     "crl_next_update_timestamp_seconds": (Gauge, ()),
     "internal_errors_total": (Counter, ()),
+    "statements_running_long": (Gauge, ("route",)),
+    "client_errors_total": (Counter, ("source", "sqlstate")),
     "build_info": (Info, ()),
+}
+# prometheus-client's process collector (Linux /proc): the only series without the prefix.
+PROCESS_FAMILIES = {
+    "process_virtual_memory_bytes",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_cpu_seconds",
+    "process_open_fds",
+    "process_max_fds",
 }
 FORBIDDEN_LABELS = {"terminal", "store", "query", "fingerprint", "sql"}
 
@@ -119,10 +132,59 @@ def test_build_info_carries_the_package_version_and_build() -> None:
 def test_every_metric_is_prefixed() -> None:
     metrics = Metrics()
     touch_everything(metrics)
-    assert len(families(metrics)) == len(DOCUMENTED)
+    ours = {name for name in families(metrics) if name not in PROCESS_FAMILIES}
+    assert len(ours) == len(DOCUMENTED)
     samples = [line for line in metrics.render().decode().splitlines() if not line.startswith("#")]
     assert samples
-    assert all(line.startswith("pos_proxy_") for line in samples)
+    assert all(line.startswith("pos_proxy_") or line.startswith("process_") for line in samples)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="the process collector reads Linux /proc")
+def test_the_registry_the_admin_api_serves_has_this_process_memory_and_descriptors() -> None:
+    metrics = Metrics()
+    resident = value(metrics, "process_resident_memory_bytes")
+    open_fds = value(metrics, "process_open_fds")
+    max_fds = value(metrics, "process_max_fds")
+    assert resident is not None and 10 * 2**20 < resident < 4 * 2**30
+    assert open_fds is not None and max_fds is not None and 3 <= open_fds < max_fds
+
+
+def test_sqlstate_labels_are_a_small_fixed_set_whatever_a_client_raises() -> None:
+    assert sqlstate_label("42501") == "42501"  # a policy refusal: named
+    assert sqlstate_label("53400") == "53400"
+    assert sqlstate_label("40P01") == "40P01"
+    assert sqlstate_label("22023") == "22000"  # a known class, an unnamed code: the class's generic code
+    assert sqlstate_label("P0004") == "P0000"
+    # RAISE ... USING ERRCODE may set any five characters; nothing else is a SQLSTATE.
+    for invented in ("ZZ999", "AB123", "", "4250", "425011", "xx000", "42501\n"):
+        assert sqlstate_label(invented) == "other", invented
+    metrics = Metrics()
+    metrics.client_error("server", "ZZ999")
+    metrics.client_error("server", "23505")
+    metrics.client_error("proxy", "42501")
+    assert value(metrics, "pos_proxy_client_errors_total", source="server", sqlstate="other") == 1
+    assert value(metrics, "pos_proxy_client_errors_total", source="server", sqlstate="23505") == 1
+    assert value(metrics, "pos_proxy_client_errors_total", source="proxy", sqlstate="42501") == 1
+    assert value(metrics, "pos_proxy_client_errors_total", source="proxy", sqlstate="other") == 0
+
+
+def test_worker_processes_are_read_from_proc(tmp_path: Path) -> None:
+    collector = WorkerProcessCollector(proc=tmp_path)
+    for pid, pages, fds in ((101, 2560, 3), (102, 5120, 0)):
+        (tmp_path / str(pid) / "fd").mkdir(parents=True)
+        (tmp_path / str(pid) / "statm").write_text(f"99999 {pages} 100 1 0 200 0\n", encoding="ascii")
+        for fd in range(fds):
+            (tmp_path / str(pid) / "fd" / str(fd)).touch()
+    collector.workers = {0: 101, 1: 102, 2: 103}  # 103 has just exited: no sample, no error
+    found = {
+        family.name: {sample.labels["worker"]: sample.value for sample in family.samples}
+        for family in collector.collect()
+    }
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert found == {
+        "pos_proxy_worker_resident_memory_bytes": {"0": 2560 * page, "1": 5120 * page},
+        "pos_proxy_worker_open_fds": {"0": 3, "1": 0},
+    }
 
 
 def test_two_instances_do_not_clash() -> None:

@@ -1,8 +1,10 @@
-"""config/prometheus/alerts.yml and the Grafana dashboard: well formed, and naming only real metrics."""
+"""config/prometheus/ (alerts, scrape config) and the Grafana dashboard: well formed, and naming only
+real metrics."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,14 +14,16 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.metrics import Metrics
+from proxy.metrics import FleetMetrics, Metrics
 from tests.conftest import running_in_ci
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "config" / "prometheus" / "alerts.yml"
+SCRAPE_CONFIG = ROOT / "config" / "prometheus" / "prometheus.yml"
 DASHBOARD = ROOT / "config" / "grafana" / "pos-db-proxy-dashboard.json"
 
-METRIC_NAME = re.compile(r"pos_proxy_[a-z_]+")
+# The proxy's own, and the process_* series of prometheus-client's process collector.
+METRIC_NAME = re.compile(r"\b(?:pos_proxy|process)_[a-z_]+")
 TYPE_LINE = re.compile(r"^# TYPE (\S+) (\S+)$", re.MULTILINE)
 
 EXPECTED_ALERTS = {
@@ -35,19 +39,26 @@ EXPECTED_ALERTS = {
     "PosProxyLimitHits",
     "PosProxySharedLimitsUnavailable",
     "PosProxyTerminalCRLStale",
+    "PosProxyStatementsRunningLong",
+    "PosProxyDatabaseServerErrors",
+    "PosProxyMemoryHigh",
+    "PosProxyFileDescriptorsHigh",
 }
 SEVERITIES = {"critical", "warning", "info"}
 DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
 
 
-def _exposed_series() -> set[str]:
-    """The sample names a fresh Metrics().render() can expose, read from its `# TYPE` lines.
+def _exposed_series(multiprocess_dir: Path) -> set[str]:
+    """The sample names a fresh Metrics().render() (one process) and FleetMetrics().render() (the
+    supervisor of several workers) can expose, read from their `# TYPE` lines.
 
     prometheus-client writes a counter's TYPE line as the name with `_total` (and its `_created`
     timestamp as a gauge of its own); a histogram's samples are its name plus `_bucket`, `_sum`
     and `_count`. Normalising the counter name keeps this right whichever way a version prints it.
     """
-    text = Metrics().render().decode()
+    fleet = FleetMetrics(multiprocess_dir)
+    fleet.worker_processes.workers = {0: os.getpid()}
+    text = Metrics().render().decode() + fleet.render().decode()
     series: set[str] = set()
     for name, kind in TYPE_LINE.findall(text):
         if kind == "counter":
@@ -67,8 +78,8 @@ def _family(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def exposed() -> set[str]:
-    return _exposed_series()
+def exposed(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    return _exposed_series(tmp_path_factory.mktemp("multiprocess"))
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +121,8 @@ def test_exposed_series_cover_every_kind(exposed: set[str]) -> None:
     assert "pos_proxy_pool_clients_waiting" in exposed
     assert "pos_proxy_build_info" in exposed
     assert "pos_proxy_client_connections" not in exposed
+    assert "process_resident_memory_bytes" in exposed
+    assert "pos_proxy_worker_open_fds" in exposed
 
 
 def test_every_expected_alert_is_defined_once(rules: list[dict[str, Any]]) -> None:
@@ -149,9 +162,15 @@ def test_dashboard_names_only_exposed_metrics(dashboard: dict[str, Any], exposed
     for name in used:
         assert name in exposed, f"{name} is not exposed by proxy.metrics"
     # Every metric family the proxy defines is shown somewhere.
-    assert {_family(name) for name in exposed if not name.endswith("_created")} <= {
-        _family(name) for name in used
-    } | {"pos_proxy_build_info"}
+    assert {
+        _family(name) for name in exposed if not name.endswith("_created") and not name.startswith("process_")
+    } <= {_family(name) for name in used} | {
+        "pos_proxy_build_info",
+        "pos_proxy_workers_alive",
+        "pos_proxy_worker_restarts_total",
+    }
+    # Process metrics: only those worth a panel.
+    assert {"process_resident_memory_bytes", "process_open_fds", "process_max_fds"} <= used
 
 
 def test_dashboard_panel_ids_are_unique(dashboard: dict[str, Any]) -> None:
@@ -203,5 +222,39 @@ def test_promtool_accepts_the_rules() -> None:
         pytest.skip(missing)
     result = subprocess.run(
         [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_scrape_config_reads_the_admin_token_from_a_file() -> None:
+    document = yaml.safe_load(SCRAPE_CONFIG.read_text(encoding="utf-8"))
+    (job,) = document["scrape_configs"]
+    assert job["job_name"] == "pos-db-proxy"  # the job alerts.yml selects
+    assert job["metrics_path"] == "/metrics"
+    authorization = job["authorization"]
+    assert authorization["type"] == "Bearer"
+    # Never the token itself in a file that goes into version control and Prometheus's config page.
+    assert set(authorization) == {"type", "credentials_file"}
+    assert "bearer_token" not in job
+    assert all(target.endswith(":9187") for target in job["static_configs"][0]["targets"])
+
+
+def test_promtool_accepts_the_scrape_config(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        missing = "promtool is not on PATH (Debian package prometheus; scripts/setup-test-env.sh installs it)"
+        if running_in_ci():
+            pytest.fail(f"{missing}; CI is set: a missing promtool is an error here, not a skip")
+        pytest.skip(missing)
+    # promtool checks that the files it names exist: point them at the rules and a token here.
+    token = tmp_path / "token"
+    token.write_text("admin-token\n", encoding="utf-8")
+    text = SCRAPE_CONFIG.read_text(encoding="utf-8")
+    text = text.replace("/etc/prometheus/rules/pos-db-proxy-alerts.yml", str(ALERTS))
+    text = text.replace("/etc/prometheus/pos-proxy-admin-token", str(token))
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text, encoding="utf-8")
+    result = subprocess.run(
+        [promtool, "check", "config", str(config)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -10,7 +10,14 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from proxy.errors import TooManyConnections, UpstreamUnavailable
-from proxy.pool import PoolSettings, PoolStats, ServerUnreachable, UpstreamPool
+from proxy.pool import (
+    DEFAULT_PROBE_INTERVAL,
+    PoolSettings,
+    PoolStats,
+    Probe,
+    ServerUnreachable,
+    UpstreamPool,
+)
 
 pytestmark = pytest.mark.timeout(5)
 
@@ -111,7 +118,12 @@ def backend() -> Backend:
 async def make_pool(backend: Backend) -> AsyncIterator[MakePool]:
     pools: list[Pool] = []
 
-    def make(on_upstream_change: Callable[[bool], None] | None = None, **overrides: float) -> Pool:
+    def make(
+        on_upstream_change: Callable[[bool], None] | None = None,
+        probe: Probe | None = None,
+        probe_interval: float = DEFAULT_PROBE_INTERVAL,
+        **overrides: float,
+    ) -> Pool:
         values: dict[str, float] = {
             "size": 2,
             "min_idle": 0,
@@ -133,7 +145,15 @@ async def make_pool(backend: Backend) -> AsyncIterator[MakePool]:
             retry_delay=values["retry_delay"],
             retry_max_delay=values["retry_max_delay"],
         )
-        pool: Pool = UpstreamPool("pos", settings, backend.connect, backend.reset, on_upstream_change)
+        pool: Pool = UpstreamPool(
+            "pos",
+            settings,
+            backend.connect,
+            backend.reset,
+            on_upstream_change,
+            probe=probe,
+            probe_interval=probe_interval,
+        )
         pools.append(pool)
         return pool
 
@@ -833,6 +853,80 @@ async def test_maintenance_probes_a_down_server_that_nobody_waits_for(
     assert changes == [False, True]
     assert pool.stats().idle == 1  # the probe's connection waits for the next client
     assert await pool.acquire() is backend.opened[0]
+
+
+class FakeProbe:
+    """A TCP look at the server: reachable or not, counting its calls; ``gate`` holds it."""
+
+    def __init__(self) -> None:
+        self.reachable = True
+        self.calls = 0
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self) -> None:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        await asyncio.sleep(0)
+        if not self.reachable:
+            raise ServerUnreachable("connect to 10.0.0.5:5432 refused")
+
+
+async def test_a_quiet_outage_trips_the_breaker_of_a_pool_without_connections(
+    make_pool: MakePool, backend: Backend
+) -> None:
+    # Nobody asks for a connection, so no connect fails: only the probe can see the server go away,
+    # and the breaker it trips is what readiness and pos_proxy_upstream_up both read.
+    changes: list[bool] = []
+    probe = FakeProbe()
+    pool = make_pool(on_upstream_change=changes.append, probe=probe, probe_interval=0.0)
+    pool.recycle()
+    await settle()
+    assert probe.calls == 1 and pool.upstream_up and changes == []
+
+    probe.reachable = False
+    backend.unreachable_next = 1_000
+    pool.recycle()
+    await eventually(lambda: not pool.upstream_up)
+    assert changes == [False]
+    assert await pool.check_upstream() is False
+    assert backend.connect_attempts == 0  # a probe, not a login
+
+    # Down, the breaker probes with real connects after its backoff; the server returns.
+    probe.reachable = True
+    backend.unreachable_next = 0
+    await asyncio.sleep(0.05)
+    pool.recycle()
+    await eventually(lambda: pool.upstream_up)
+    assert changes == [False, True]
+    assert await pool.check_upstream() is True
+
+
+async def test_a_pool_with_a_connection_does_not_probe(make_pool: MakePool, backend: Backend) -> None:
+    probe = FakeProbe()
+    probe.reachable = False
+    pool = make_pool(probe=probe, probe_interval=0.0)
+    connection = await pool.acquire()
+    pool.recycle()
+    assert await pool.check_upstream() is True
+    await release_and_wait(pool, connection)
+    pool.recycle()
+    assert await pool.check_upstream() is True
+    assert probe.calls == 0
+
+
+async def test_readiness_checks_share_one_probe_per_interval(make_pool: MakePool) -> None:
+    probe = FakeProbe()
+    probe.gate = asyncio.Event()
+    pool = make_pool(probe=probe, probe_interval=60.0)
+    checks = [asyncio.ensure_future(pool.check_upstream()) for _ in range(3)]
+    await settle()
+    pool.recycle()
+    assert probe.calls == 1
+    probe.gate.set()
+    assert await asyncio.gather(*checks) == [True, True, True]
+    assert await pool.check_upstream() is True
+    assert probe.calls == 1  # within the interval the last answer stands
 
 
 # --- stats and close ---------------------------------------------------------------------------------------

@@ -662,6 +662,28 @@ def test_filter_without_pending_replies_passes_everything() -> None:
     assert parameters == [b"TimeZone\x00UTC\x00"]
 
 
+def _notification(pid: int, payload: bytes) -> bytes:
+    return m.build_message(b"A", struct.pack("!i", pid) + b"price_change\x00" + payload + b"\x00")
+
+
+def test_own_notifications_name_the_backend_by_the_clients_pid() -> None:
+    state = ServerState(ServerStatements(4))
+    state.notifier_pids = (4242, 777_000_111)
+    data = _notification(4242, b"own") + _notification(5151, b"other") + m.build_ready_for_query(b"I")
+    # The single-pass reader leaves notifications to filter_server_messages.
+    assert pass_untouched_replies(data, state, MAX) is None
+    frames, _ = m.scan_frames(data, MAX)
+    out, _ready, _parameters = filter_server_messages(data, frames, state)
+    assert out == _notification(777_000_111, b"own") + data[len(_notification(4242, b"own")) :]
+
+
+def test_notifications_pass_unchanged_without_an_attached_client() -> None:
+    state = ServerState(ServerStatements(4))
+    data = _notification(4242, b"own")
+    frames, _ = m.scan_frames(data, MAX)
+    assert filter_server_messages(data, frames, state)[0] == data
+
+
 # --- refusals --------------------------------------------------------------------------------------------
 
 REFUSAL = Refusal("0A000", "SET work_mem is not supported under transaction pooling", hint="use SET LOCAL")

@@ -13,13 +13,13 @@ from pglast.parser import parse_plpgsql_json
 
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres import refusal as refusal_module
-from proxy.protocols.postgres.refusal import Refusal
+from proxy.protocols.postgres.refusal import PROXY_ERROR_MARK, Refusal, proxy_error_response, read_error
 
 MAX = 1 << 20
 _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 # PL/pgSQL RAISE option types (plpgsql.h, PLpgSQL_raise_option_type).
-_ERRCODE, _MESSAGE, _HINT = 0, 1, 3
+_ERRCODE, _MESSAGE, _HINT, _SCHEMA = 0, 1, 3, 8
 
 TRICKY = [
     "it's refused",
@@ -81,7 +81,7 @@ def check_block(block: str, refusal: Refusal) -> None:
     assert block.startswith("DO $refused_")
     do_body(block)
     options = raise_options(block)
-    expected = {_ERRCODE: refusal.sqlstate, _MESSAGE: refusal.message}
+    expected = {_ERRCODE: refusal.sqlstate, _MESSAGE: refusal.message, _SCHEMA: PROXY_ERROR_MARK}
     if refusal.hint:
         expected[_HINT] = refusal.hint
     assert options == expected
@@ -187,3 +187,65 @@ def test_extended_and_query_forms_carry_the_same_block_shape(message: str, hint:
     # Only the random tag differs between two blocks.
     assert do_body(query_text) == do_body(parse_text)
     check_block(parse_text, refusal)
+
+
+# What PostgreSQL 15 sends for the raising block: PL/pgSQL's RAISE, from inline_code_block.
+def _server_error(*, marked: bool, hint: str | None = None, encoding: str = "utf-8") -> bytes:
+    fields = [
+        b"SERROR",
+        b"VERROR",
+        b"C42501",
+        b"M" + "refusé: pas de DELETE".encode(encoding),
+    ]
+    if hint:
+        fields.append(b"H" + hint.encode(encoding))
+    if marked:
+        fields.append(b"s" + PROXY_ERROR_MARK.encode())
+    fields += [
+        b"WPL/pgSQL function inline_code_block line 1 at RAISE",
+        b"Fpl_exec.c",
+        b"L3907",
+        b"Rexec_stmt_raise",
+    ]
+    return b"".join(field + b"\x00" for field in fields) + b"\x00"
+
+
+def test_a_marked_error_reaches_the_client_with_the_proxys_fields_only() -> None:
+    for encoding in ("utf-8", "latin-1"):
+        sqlstate, replacement = read_error(
+            _server_error(marked=True, hint="ask a manager", encoding=encoding)
+        )
+        assert sqlstate == "42501"
+        assert replacement is not None
+        assert replacement[:1] == b"E"
+        assert _INT32.unpack(replacement[1:5])[0] == len(replacement) - 1
+        fields = m.parse_error_fields(replacement[5:])
+        assert set(fields) == {"S", "V", "C", "M", "H"}
+        assert (fields["S"], fields["C"], fields["H"]) == ("ERROR", "42501", "ask a manager")
+        # The message's bytes pass as they are, in whatever encoding the client reads.
+        assert "refusé: pas de DELETE".encode(encoding) in replacement
+
+
+def test_the_servers_own_error_passes_untouched() -> None:
+    assert read_error(_server_error(marked=False)) == ("42501", None)
+    # A mark of another process (or a guess) is not this one's.
+    forged = _server_error(marked=False).replace(b"\x00\x00", b"\x00spos_proxy_0000000000000000\x00\x00")
+    assert read_error(forged) == ("42501", None)
+    assert read_error(b"\x00") == ("", None)
+
+
+def test_an_error_the_proxy_puts_among_the_replies_is_marked() -> None:
+    message = proxy_error_response("53400", "result too large", hint="fetch fewer rows")
+    assert _INT32.unpack(message[1:5])[0] == len(message) - 1
+    fields = m.parse_error_fields(message[5:])
+    assert fields["s"] == PROXY_ERROR_MARK
+    sqlstate, replacement = read_error(message[5:])
+    assert sqlstate == "53400"
+    assert replacement is not None
+    assert m.parse_error_fields(replacement[5:]) == {
+        "S": "ERROR",
+        "V": "ERROR",
+        "C": "53400",
+        "M": "result too large",
+        "H": "fetch fewer rows",
+    }

@@ -37,6 +37,7 @@ class Peer:
 
     def __init__(self, *, lets_go_between_transactions: bool = False) -> None:
         self.lets_go_between_transactions = lets_go_between_transactions
+        self.process_id = 4711  # the pid its client was given
         self.events: list[str] = []
         self.data = b""
 
@@ -111,6 +112,33 @@ def test_a_sync_sent_apart_from_a_failed_cycle_still_lends_the_connection_back()
     server.data_received(error + m.build_ready_for_query(b"I"))
     assert peer.events == ["ready", "idle"]
     assert server.is_clean
+
+
+def test_a_flush_after_the_sync_leaves_the_connection_free_for_the_next_client() -> None:
+    """psycopg's pipeline ends with Sync, then Flush: the Flush opens no cycle of its own."""
+    server, peer = _lent_connection_after_a_query(transaction_pooling=True)
+    server.data_received(REPLY)
+    server.attach(peer)
+    peer.events.clear()
+    statements = ClientStatements(StatementStats())
+    pipeline = (
+        m.build_message(b"P", b"\x00SELECT 1\x00\x00\x00")
+        + m.build_message(b"B", b"\x00" * 8)
+        + m.build_message(b"E", b"\x00" * 5)
+        + m.build_message(b"S", b"")
+        + m.build_message(b"H", b"")
+    )
+    frames, _ = m.scan_frames(pipeline, MAX)
+    server.send(statements.rewrite(pipeline, frames, server.state), frames)
+    assert not server.unsynced
+    server.data_received(b"1\x00\x00\x00\x04" + b"2\x00\x00\x00\x04" + REPLY)
+    assert peer.events == ["ready", "idle"]
+    assert server.is_clean
+    # A Flush inside a cycle leaves it open.
+    flushed = m.build_message(b"P", b"\x00SELECT 1\x00\x00\x00") + m.build_message(b"H", b"")
+    frames, _ = m.scan_frames(flushed, MAX)
+    server.send(statements.rewrite(flushed, frames, server.state), frames)
+    assert server.unsynced
 
 
 def test_a_fatal_right_after_ready_for_query_keeps_the_connection_from_the_next_client() -> None:

@@ -19,6 +19,7 @@ from proxy.protocols.postgres.sessionstate import (
 )
 
 NONE, STATE, FORGETS = Effect.NONE, Effect.SESSION_STATE, Effect.FORGETS_STATEMENTS
+CARRIED = Effect.CARRIED_SETTING
 ENCODING = Effect.UNSUPPORTED_ENCODING
 RESERVED = Effect.RESERVED_NAME
 
@@ -33,12 +34,21 @@ CASES: list[tuple[str, Effect]] = [
     ("", NONE),
     ("   ", NONE),
     # SET and friends
-    ("SET work_mem = '64MB'", STATE),
-    ("set Work_Mem TO '64MB'", STATE),
-    ("SET SESSION work_mem = '64MB'", STATE),
+    # Settings the proxy carries from one server connection to the next (parameters.SESSION_PARAMETERS)
+    ("SET work_mem = '64MB'", CARRIED),
+    ("set Work_Mem TO '64MB'", CARRIED),
+    ("SET SESSION work_mem = '64MB'", CARRIED),
     ("SET LOCAL work_mem = '64MB'", NONE),
-    ("  \n\tSET search_path TO pos, public", STATE),
-    ("SET SCHEMA 'pos'", STATE),
+    ("  \n\tSET search_path TO pos, public", CARRIED),
+    ("SET SCHEMA 'pos'", CARRIED),
+    ("SET jit = off", CARRIED),
+    ("SET statement_timeout = 5000", CARRIED),
+    # and those it does not
+    ("SET enable_seqscan = off", STATE),
+    ("set Enable_SeqScan TO off", STATE),
+    ("SET SESSION enable_seqscan = off", STATE),
+    ("SET LOCAL enable_seqscan = off", NONE),
+    ("SET idle_session_timeout = 1", STATE),
     ("SET ROLE cashier", STATE),
     ("SET SESSION AUTHORIZATION cashier", STATE),
     ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", STATE),
@@ -58,6 +68,7 @@ CASES: list[tuple[str, Effect]] = [
     ("SET LOCAL client_encoding = 'win 932'", ENCODING),
     ("SET client_encoding TO big5", ENCODING),
     ("SET work_mem = '1MB'; SET NAMES 'GBK'", ENCODING),
+    ("SET enable_seqscan = off; SET NAMES 'GBK'", ENCODING),
     ("SET client_encoding TO 'no such encoding'", ENCODING),
     ("SET client_encoding TO 6", ENCODING),
     ("SELECT set_config('client_encoding', 'GB18030', false)", ENCODING),
@@ -91,23 +102,27 @@ CASES: list[tuple[str, Effect]] = [
     ("SET DateStyle = 'ISO, DMY'", NONE),
     ("SET IntervalStyle = iso_8601", NONE),
     ("SET standard_conforming_strings = on", NONE),
-    ("RESET work_mem", NONE),
+    ("RESET work_mem", CARRIED),
+    ("RESET enable_seqscan", NONE),
     ("RESET ALL", STATE),
-    ("RESET search_path", STATE),
-    ("RESET statement_timeout", STATE),
+    ("RESET search_path", CARRIED),
+    ("RESET statement_timeout", CARRIED),
     ("RESET DateStyle", NONE),
-    ("SET work_mem TO DEFAULT", STATE),
+    ("SET work_mem TO DEFAULT", CARRIED),
+    ("SET enable_seqscan TO DEFAULT", STATE),
     ("BEGIN; SET LOCAL statement_timeout = '5s'; SELECT 1; COMMIT", NONE),
     # Comments and case tricks
     ("/* SET work_mem = 1 */ SELECT 1", NONE),
     ("-- SET work_mem = 1\nSELECT 1", NONE),
     ("/* outer /* nested */ still comment; SET x.y = 1 */ SELECT 1", NONE),
     ("/* outer /* nested */ still */ SET x.y = 1", STATE),
-    ("/**/SET work_mem = 1", STATE),
-    ("SELECT 1 -- ; SET work_mem = 1", NONE),
-    ("SELECT 1; -- note\nSET work_mem = 1", STATE),
-    ("sElEcT 1;SeT wOrK_mEm = 1", STATE),
-    ("(SELECT 1); SET work_mem = 1", STATE),
+    ("/**/SET enable_seqscan = 1", STATE),
+    ("/**/SET work_mem = 1", CARRIED),
+    ("SELECT 1 -- ; SET enable_seqscan = 1", NONE),
+    ("SELECT 1; -- note\nSET enable_seqscan = 1", STATE),
+    ("sElEcT 1;SeT eNaBlE_SeQsCaN = 1", STATE),
+    ("sElEcT 1;SeT wOrK_mEm = 1", CARRIED),
+    ("(SELECT 1); SET enable_seqscan = 1", STATE),
     # PREPARE, LISTEN, LOAD
     ("PREPARE q AS SELECT 1", STATE),
     ("prepare q(int) as select $1", STATE),
@@ -157,7 +172,12 @@ CASES: list[tuple[str, Effect]] = [
     ("SELECT 'pg_advisory_lock(42)'", NONE),
     ("SELECT 1 /* pg_advisory_lock(42) */", NONE),
     # set_config
-    ("SELECT set_config('work_mem', '64MB', false)", STATE),
+    ("SELECT set_config('enable_seqscan', 'off', false)", STATE),
+    ("SELECT set_config('work_mem', '64MB', false)", CARRIED),
+    ("SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new", CARRIED),
+    ("SELECT set_config('jit', $1, false)", CARRIED),  # asyncpg, after its type introspection
+    ("SELECT set_config('JIT', 'off', false::boolean)", CARRIED),
+    ("SELECT set_config('jit', 'off', 'false')", STATE),  # a string: read as a boolean at run time
     ("SELECT set_config('work_mem', '64MB', true)", NONE),
     ("SELECT pg_catalog.set_config('work_mem', '64MB', TRUE)", NONE),
     ("SELECT set_config('work_mem', '64MB', true::boolean)", NONE),
@@ -177,7 +197,10 @@ CASES: list[tuple[str, Effect]] = [
     ("DEALLOCATE ALL", FORGETS),
     ("DEALLOCATE PREPARE ALL", FORGETS),
     # Several statements in one string
-    ("SELECT 1; SET work_mem = '1MB'", STATE),
+    ("SELECT 1; SET enable_seqscan = off", STATE),
+    ("SELECT 1; SET work_mem = '1MB'", CARRIED),
+    ("SET jit = off; LISTEN orders", STATE),
+    ("DISCARD ALL; SET jit = off", FORGETS),
     ("SELECT 1; LISTEN orders", STATE),
     ("SELECT 1; CREATE TEMP TABLE t (i int)", STATE),
     ("SELECT 1; SELECT pg_advisory_lock(1)", STATE),
@@ -225,7 +248,23 @@ def test_table_is_large_and_covers_every_effect() -> None:
     assert {effect for _, effect in CASES} == set(Effect)
 
 
+def test_carried_settings_are_named_whatever_else_the_statement_does() -> None:
+    assert classify("SET jit = off").settings == {"jit"}
+    assert classify(
+        "SELECT set_config('JIT', 'off', false), set_config('work_mem', '1MB', false)"
+    ).settings == {
+        "jit",
+        "work_mem",
+    }
+    # A statement that also forgets prepared statements or pins still leaves the setting behind.
+    assert classify("DISCARD ALL; SET jit = off").settings == {"jit"}
+    assert classify("LISTEN x; RESET work_mem").settings == {"work_mem"}
+    assert classify("SET LOCAL jit = off").settings == frozenset()
+    assert classify("SET enable_seqscan = off").settings == frozenset()
+
+
 def test_reasons_name_what_was_found() -> None:
+    assert classify("SET enable_seqscan = 1").reason == "SET enable_seqscan"
     assert classify("SET work_mem = 1").reason == "SET work_mem"
     assert classify("LISTEN x").reason == "LISTEN"
     assert classify("PREPARE q AS SELECT 1").reason == "PREPARE"
@@ -304,7 +343,7 @@ def parse_only(sql: str) -> Classification:
             finder(raw.stmt)
         if finder.result.effect in (ENCODING, RESERVED):
             break
-    return finder.result
+    return finder.classification()
 
 
 FRAGMENTS = [
@@ -312,9 +351,12 @@ FRAGMENTS = [
     "SELECT * FROM orders",
     "UPDATE t SET a = 1",
     "SET work_mem = 1",
+    "SET enable_seqscan = 1",
     "SET LOCAL work_mem = 1",
     "set time zone 'UTC'",
     "RESET work_mem",
+    "RESET enable_seqscan",
+    "SELECT set_config('jit', 'off', false)",
     "SET x.y TO 'z'",
     "PREPARE q AS SELECT 1",
     "LISTEN ch",
@@ -392,8 +434,8 @@ def test_cached_answers_equal_fresh_ones(texts: list[str]) -> None:
 
 def test_cache_returns_the_same_object_for_the_same_text() -> None:
     classifier = SessionStateClassifier()
-    first = classifier.classify(b"SET work_mem = 1", "UTF8")
-    assert classifier.classify(b"SET work_mem = 1", "UTF8") is first
+    first = classifier.classify(b"SET enable_seqscan = 1", "UTF8")
+    assert classifier.classify(b"SET enable_seqscan = 1", "UTF8") is first
     assert first.effect is STATE
 
 
@@ -409,7 +451,8 @@ def test_statements_are_classified_in_the_client_encoding() -> None:
     classifier = SessionStateClassifier()
     payload = b"SELECT $\xe9$ x $\xe8$ $\xe9$; SET search_path TO evil; SELECT $\xe8$ y $\xe8$"
     found = classifier.classify(payload, "LATIN1")
-    assert found.effect is STATE and found.reason == "SET search_path"
+    assert found.effect is CARRIED and found.reason == "SET search_path"
+    assert found.settings == {"search_path"}
     # The same bytes are another statement in another encoding: cached apart.
     assert classifier.classify(payload, "UTF8").effect is STATE
 
@@ -422,12 +465,12 @@ def test_a_text_libpg_query_cannot_parse_keeps_the_server_connection() -> None:
 def test_cache_stays_bounded() -> None:
     classifier = SessionStateClassifier(limit=8)
     for number in range(50):
-        sql = f"SET work_mem = {number}" if number % 2 else f"SELECT {number}"
+        sql = f"SET enable_seqscan = {number}" if number % 2 else f"SELECT {number}"
         assert classifier.classify(sql.encode(), "UTF8").effect is (STATE if number % 2 else NONE)
         assert len(classifier) <= 8
     # Answers stay right after the cache starts over.
     assert classifier.classify(b"SELECT 3", "UTF8").effect is NONE
-    assert classifier.classify(b"SET work_mem = 3", "UTF8").effect is STATE
+    assert classifier.classify(b"SET enable_seqscan = 3", "UTF8").effect is STATE
 
 
 def test_default_cache_limit_is_bounded() -> None:

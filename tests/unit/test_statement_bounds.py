@@ -90,7 +90,7 @@ def test_summaries_are_bounded_in_bytes_and_long_texts_are_not_parsed() -> None:
 def test_classifier_cache_is_bounded_in_bytes() -> None:
     classifier = SessionStateClassifier(max_bytes=64 * 1024)
     for number in range(300):
-        sql = b"SET work_mem = %d" % number + b" " * 1000 if number % 2 else b"SELECT %d" % number
+        sql = b"SET enable_seqscan = %d" % number + b" " * 1000 if number % 2 else b"SELECT %d" % number
         assert classifier.classify(sql, "UTF8").effect is (
             Effect.SESSION_STATE if number % 2 else Effect.NONE
         )
@@ -171,7 +171,7 @@ def test_analysis_pool_answers_and_fails_closed() -> None:
             deep = b"SELECT 1" + b"+1" * 40_000
             with pytest.raises(AnalysisFailed):
                 await pool.analyze([AnalysisRequest(deep, "UTF8", ("public",))])
-            setting = b"SET work_mem = 1 /*" + b"x" * 2000 + b"*/"
+            setting = b"SET enable_seqscan = 1 /*" + b"x" * 2000 + b"*/"
             [again] = await pool.analyze([AnalysisRequest(setting, "UTF8", None)])
             assert again.statements == () and again.classification.effect is Effect.SESSION_STATE
         finally:

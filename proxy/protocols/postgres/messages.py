@@ -24,6 +24,7 @@ MAX_STARTUP_PACKET: Final = 10000
 # A TLS record starts with content type 22 (handshake): PostgreSQL 17's sslnegotiation=direct.
 TLS_HANDSHAKE_RECORD: Final = 0x16
 
+_INT16: Final = struct.Struct("!h")
 _INT32: Final = struct.Struct("!i")
 _UINT32: Final = struct.Struct("!I")
 _HEADER: Final = struct.Struct("!cI")
@@ -310,6 +311,28 @@ def parse_backend_key_data(payload: bytes) -> tuple[int, int]:
         raise ProtocolViolation("malformed BackendKeyData")
     process_id, secret_key = _TWO_INT32.unpack(payload)
     return process_id, secret_key
+
+
+def parse_text_row(payload: bytes, codec: str) -> list[str | None]:
+    """The columns of a DataRow in text format (55.7 "DataRow"), None for NULL."""
+    if len(payload) < 2:
+        raise ProtocolViolation("malformed DataRow")
+    (count,) = _INT16.unpack_from(payload, 0)
+    position = 2
+    columns: list[str | None] = []
+    for _ in range(count):
+        if position + 4 > len(payload):
+            raise ProtocolViolation("malformed DataRow")
+        (length,) = _INT32.unpack_from(payload, position)
+        position += 4
+        if length < 0:
+            columns.append(None)
+            continue
+        if position + length > len(payload):
+            raise ProtocolViolation("malformed DataRow")
+        columns.append(payload[position : position + length].decode(codec))
+        position += length
+    return columns
 
 
 def parse_error_fields(payload: bytes) -> dict[str, str]:

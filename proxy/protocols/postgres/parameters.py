@@ -34,6 +34,24 @@ SESSION_PARAMETERS = {
         "default_transaction_isolation",
         "default_transaction_read_only",
         "bytea_output",
+        *(
+            # Settings applications give drivers to send at startup (asyncpg's server_settings,
+            # pg8000's startup_params, libpq's options "-c name=value"): a curated allow set of
+            # settings that change only the client's own statements (what messages it is sent, how
+            # fast and with how much memory its statements run), never who the session is, what
+            # names mean or how the server reads a statement's text, and nothing that acts on an
+            # idle connection (idle_session_timeout, tcp_keepalives_*): a carried setting stays on
+            # a pooled connection until the next client is handed it.
+            "client_min_messages",
+            "jit",
+            "work_mem",
+            "maintenance_work_mem",
+            "plan_cache_mode",
+            "random_page_cost",
+            "effective_cache_size",
+            "max_parallel_workers_per_gather",
+            "default_transaction_deferrable",
+        ),
     )
 }
 # What drivers send by themselves at startup (libpq, JDBC, asyncpg, Npgsql): accepted for every
@@ -70,10 +88,11 @@ class SessionParameters:
     @classmethod
     def from_startup(cls, parameters: Mapping[str, str]) -> SessionParameters:
         wanted: dict[str, str] = {}
-        for name, value in parameters.items():
-            if name in _NOT_SETTINGS:
-                continue
-            if name == "options" and not value.strip():
+        # As the server does (process_startup_options): the options' settings first, then the
+        # startup packet's own, which win over them.
+        settings = [*startup_options(parameters.get("options", "")), *parameters.items()]
+        for name, value in settings:
+            if name in _NOT_SETTINGS or name == "options":
                 continue
             canonical = SESSION_PARAMETERS.get(name.lower())
             if canonical is None:
@@ -187,10 +206,64 @@ def _set_config_calls(settings: Iterable[tuple[str, str | None]]) -> str:
     return "SELECT " + ", ".join(calls)
 
 
+# isspace() in the C locale: what pg_split_opts splits the options string at.
+_OPTION_SPACE: Final = " \t\n\v\f\r"
+
+
+def startup_options(options: str) -> list[tuple[str, str]]:
+    """The settings of a startup packet's ``options`` (libpq's PGOPTIONS), as the server reads them.
+
+    pg_split_opts (src/backend/utils/init/postinit.c) splits the string at unescaped C-locale
+    whitespace, a backslash keeping the next character; process_postgres_switches then takes
+    ``-c name=value`` (or ``-cname=value``) and ``--name=value``, with dashes in the name read as
+    underscores (ParseLongOption). Any other switch (-B, -d, -D, -e, -f, ...) starts the server
+    process otherwise than a pooled connection was started: StartupParameterError.
+    """
+    words: list[str] = []
+    position, end = 0, len(options)
+    while True:
+        while position < end and options[position] in _OPTION_SPACE:
+            position += 1
+        if position == end:
+            break
+        chars: list[str] = []
+        escaped = False
+        while position < end and (escaped or options[position] not in _OPTION_SPACE):
+            char = options[position]
+            if not escaped and char == "\\":
+                escaped = True
+            else:
+                escaped = False
+                chars.append(char)
+            position += 1
+        words.append("".join(chars))
+    settings: list[tuple[str, str]] = []
+    index = 0
+    while index < len(words):
+        word = words[index]
+        index += 1
+        if word.startswith("--") and len(word) > 2:
+            setting = word[2:]
+        elif word == "-c" and index < len(words):
+            setting = words[index]
+            index += 1
+        elif word.startswith("-c") and len(word) > 2:
+            setting = word[2:]
+        else:
+            raise StartupParameterError(f"unsupported startup option: {word[:64]!r} (only -c name=value)")
+        name, equals, value = setting.partition("=")
+        if not equals:
+            raise StartupParameterError(f"startup option {name[:64]!r} requires a value")
+        settings.append((name.replace("-", "_"), value))
+    return settings
+
+
 def _checked_value(name: str, value: str) -> str:
     """``value`` as the session carries it, or StartupParameterError when the proxy cannot honour it."""
-    if name == "standard_conforming_strings" and value.strip().lower() not in ("on", "true", "yes", "1"):
-        raise StartupParameterError("standard_conforming_strings must be on")
+    if name == "standard_conforming_strings":
+        if value.strip().lower() not in ("on", "true", "yes", "1"):
+            raise StartupParameterError("standard_conforming_strings must be on")
+        return "on"  # as the server reports it: libpq escapes strings by whether it reads "on"
     if name == "client_encoding":
         # Carried under the server's own name, so it compares equal to what the server reports.
         encoding = accepted_encoding(value)

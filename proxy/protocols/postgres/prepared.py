@@ -179,6 +179,14 @@ class ServerState:
     # proxy cannot vouch for what is there. Whether that Parse ran is certain only later in its
     # cycle, or once every reply is in with no error (an error clears this).
     unnamed: Statement | None = None
+    # An ErrorResponse went through the reply filter since the client session last looked: it counts
+    # them by SQLSTATE and shows the proxy's own as such (refusal.read_error). Errors are rare, so
+    # the session looks again only when this is set.
+    errors_seen: bool = False
+    # The pid NotificationResponse names the sender by, as the server sends it for this connection's
+    # own backend and as the attached client knows that backend (its BackendKeyData): a client
+    # recognises its own notifications by it. None while no client is attached.
+    notifier_pids: tuple[int, int] | None = None
 
     def forget_unnamed(self) -> None:
         """The server's unnamed statement is gone or unknown (a simple Query, a reset)."""
@@ -501,10 +509,13 @@ def filter_server_messages(
         if head is None or kind in _ASYNCHRONOUS:
             if kind == 0x53:  # 'S' ParameterStatus
                 parameters.append(source[start + 5 : end])
+            elif kind == 0x41 and server.notifier_pids is not None:  # 'A' NotificationResponse
+                _rename_notifier(splice, source, start, end, server.notifier_pids)
             continue
         if kind == _ERROR:
             # The error may be of the Parse that filled the unnamed statement (or of one before it).
             server.unnamed = None
+            server.errors_seen = True
             if not (head.ends_cycle and not head.sync):
                 # Not a simple Query's own error: the server now skips everything up to Sync (55.2.3).
                 server.skipping = True
@@ -554,8 +565,11 @@ def pass_untouched_replies(source: bytes, server: ServerState, max_size: int) ->
             status_at = end - 1
         elif kind == _ERROR:  # as in filter_server_messages
             server.unnamed = None
+            server.errors_seen = True
         elif kind == 0x53:  # 'S' ParameterStatus
             parameters.append(source[position + 5 : end])
+        elif kind == 0x41:  # 'A' NotificationResponse: its pid may be rewritten (filter_server_messages)
+            return None
         last_start = position
         position = end
     if readies > len(pending):
@@ -605,6 +619,17 @@ class _Splice:
     def finish(self, frames: list[m.Frame]) -> None:
         if frames:
             self.flush(frames[-1][2])
+
+
+def _rename_notifier(splice: _Splice, source: bytes, start: int, end: int, pids: tuple[int, int]) -> None:
+    """A NotificationResponse from this connection's own backend names the pid the client was given."""
+    server_pid, client_pid = pids
+    if read_i32_be(source, start + 5) == server_pid:
+        splice.drop(start, end)
+        renamed = (
+            bytes(source[start : start + 5]) + client_pid.to_bytes(4, "big") + bytes(source[start + 9 : end])
+        )
+        splice.parts.append(renamed)
 
 
 def _raise_in_place(refusal: Refusal, out: list[bytes], server: ServerState) -> None:

@@ -36,6 +36,7 @@ from pglast.parser import ParseError
 from proxy.limits import LimitHit, ResultGuard
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.prepared import Statement
+from proxy.protocols.postgres.refusal import proxy_error_response
 
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 _MAX_MESSAGE: Final = 1 << 30
@@ -236,7 +237,7 @@ class ResultWatch:
             hit, self._cutting, self._cancelled = self._cutting, None, False
             if hit is None:
                 return None
-            return m.build_error_response("ERROR", CONFIGURATION_LIMIT_EXCEEDED, hit.message)
+            return proxy_error_response(CONFIGURATION_LIMIT_EXCEEDED, hit.message)
         if kind == _BIND_COMPLETE:
             self._bound()
         elif kind == _READY:

@@ -62,7 +62,7 @@ from proxy.protocols.postgres.parameters import (
     StartupParameterError,
 )
 from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, take_ready_synthetics
-from proxy.protocols.postgres.refusal import Refusal
+from proxy.protocols.postgres.refusal import Refusal, read_error
 from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.sessionstate import Classification, Effect
 from proxy.protocols.postgres.timeouts import (
@@ -93,6 +93,9 @@ class Route:
     transaction_pooling: bool = field(init=False)
     # The server connections of this pool each terminal holds (limits.max_server_connections_per_terminal).
     shares: ServerShares = field(default_factory=ServerShares)
+    # How the server reports a reported setting a client asked for at startup ("iso" is "ISO, MDY",
+    # "true" is "on"), learned on this route's connections: a terminal is told what the server says.
+    spellings: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transaction_pooling", self.config.pool.mode is PoolMode.TRANSACTION)
@@ -106,6 +109,8 @@ class SessionRegistry:
     live: set[ClientSession] = field(default_factory=set)
     _emptied: asyncio.Event | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # The proxy is shutting down: a session finishing its startup now is refused (57P01).
+    draining: bool = False
 
     def register(self, session: ClientSession) -> tuple[int, int]:
         while True:
@@ -187,6 +192,10 @@ _PASSED_ON: Final = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
 RESERVED_NAME = "42939"  # reserved_name
+# Prepared statements that change carried settings a session keeps before dropping closed ones.
+_MAX_CARRYING_STATEMENTS: Final = 256
+# Spellings of reported startup settings a route remembers (Route.spellings).
+_MAX_SPELLINGS: Final = 1000
 # Stands for an analysis that did not finish in time: refused, or pinned without a policy.
 _UNFINISHED: Final = Analysis(None, NOT_ANALYSED)
 # An execution's audit record when its statement's decision is no longer cached: a portal only
@@ -253,6 +262,7 @@ class ClientSession(asyncio.Protocol):
         "_buffer",
         "_bytes_in",
         "_bytes_out",
+        "_carrying_statements",
         "_connect_task",
         "_counted_connection",
         "_cycle_started",
@@ -275,6 +285,7 @@ class ClientSession(asyncio.Protocol):
         "_portal_texts",
         "_portals_before_reload",
         "_reading_paused",
+        "_reading_settings",
         "_rebound_portals",
         "_rechecking",
         "_refusal",
@@ -283,6 +294,7 @@ class ClientSession(asyncio.Protocol):
         "_result_watch",
         "_route",
         "_server",
+        "_settings_to_read",
         "_share_held",
         "_share_timer",
         "_share_waiting",
@@ -338,6 +350,14 @@ class ClientSession(asyncio.Protocol):
         self._stash_frames: list[m.Frame] = []  # the stash's messages, found when they came
         self._stash_size = 0
         self._pinned_by: str | None = None
+        # Carried settings (sessionstate.CARRIED_SETTINGS) this client's statements may have changed
+        # on its server connection: read back before the connection goes to anyone else.
+        self._settings_to_read: set[str] = set()
+        # Reading them back: what the client sends meanwhile waits in the stash.
+        self._reading_settings = False
+        # The client's prepared statements (by name, b"" unnamed) that change carried settings: each
+        # Bind of one changes them again.
+        self._carrying_statements: dict[bytes, frozenset[str]] = {}
         self._violations = 0
         self._limits = LimitSettings()
         self._statement_checks = _StatementChecks(None, environment.audit is not None, False)
@@ -502,8 +522,33 @@ class ClientSession(asyncio.Protocol):
 
     def server_data(self, data: bytes) -> None:
         self._bytes_out += len(data)
+        server = self._server
+        if server is not None and server.state.errors_seen:
+            server.state.errors_seen = False
+            data = self._errors_passing(data)
         if self._transport is not None and self._state is not _State.CLOSED:
             self._transport.write(data)
+
+    def _errors_passing(self, data: bytes) -> bytes:
+        """Count the ErrorResponses among the server's messages (``data``, whole messages) by who
+        raised them; the proxy's own (refusals the server raised for it, result limits) reach the
+        client with the proxy's fields only, not as errors of a PL/pgSQL function."""
+        metrics = self._env.metrics
+        frames, _consumed = m.scan_frames(bytes(data), len(data))
+        parts: list[bytes] = []
+        passed = 0
+        for kind, start, end in frames:
+            if kind != m.MSG_ERROR_RESPONSE:
+                continue
+            sqlstate, proxys_own = read_error(data[start + 5 : end])
+            metrics.client_error("server" if proxys_own is None else "proxy", sqlstate)
+            if proxys_own is not None:
+                parts += (data[passed:start], proxys_own)
+                passed = end
+        if not parts:
+            return data
+        parts.append(data[passed:])
+        return b"".join(parts)
 
     def server_parameter(self, name: str, value: str) -> None:
         if self._parameters is not None:
@@ -607,8 +652,49 @@ class ClientSession(asyncio.Protocol):
         assert route is not None
         self._server = None
         server.detach()
+        if self._settings_to_read:
+            self._read_settings_back(route, server)
+            return
         route.pool.give_back(server)
         self._give_back_share()
+
+    def _read_settings_back(self, route: Route, server: ServerConnection) -> None:
+        """Learn the carried settings this client's transaction may have changed, then lend the
+        connection back: the client's next transaction, on whichever connection, has them as the
+        server left them (also after a rollback, an error, a RESET or a value bound at run time)."""
+        names = sorted(self._settings_to_read)
+        self._settings_to_read.clear()
+        self._reading_settings = True
+        self._env.registry.spawn(self._follow_settings(route, server, names))
+
+    async def _follow_settings(self, route: Route, server: ServerConnection, names: list[str]) -> None:
+        try:
+            values = await server.read_settings(names, route.config.pool.connect_timeout)
+        except (InternalQueryFailed, UpstreamConnectError, ProtocolViolation, UnicodeDecodeError) as exc:
+            # The settings stay unknown on that connection; what this client has is unknown too.
+            self._settings_unread(
+                server, UpstreamLost("lost the connection to the database server"), str(exc)
+            )
+            return
+        except Exception:
+            log.exception("settings_read_back_failed", **self._log_fields(), server_connection=server.id)
+            self._env.metrics.internal_errors_total.inc()
+            self._settings_unread(server, ProxyError("internal error in the proxy"), "internal error")
+            return
+        if self._parameters is not None:
+            self._parameters.wanted.update(values)
+        self._reading_settings = False
+        route.pool.give_back(server) if server.is_clean else server.close()
+        self._give_back_share()
+        if (
+            self._stash
+            and self._state is _State.READY
+            and self._server is None
+            and self._waiting is None
+            and self._take_share(route)
+        ):
+            # What the client sent meanwhile goes on as _dispatch would have sent it.
+            self._join_pool_line(route)
 
     def server_lost(self, reason: str) -> None:
         server, self._server = self._server, None
@@ -690,6 +776,10 @@ class ClientSession(asyncio.Protocol):
             reason, error = self._refusal
             self._fail(error, reason=reason)
             return
+        if self._env.registry.draining:
+            # Accepted before the drain began, still in its handshake when it did.
+            self._fail(_SHUTTING_DOWN, reason="shutdown")
+            return
         assert self.identity is not None
         refusal = check_user_name(self.identity, startup.user, self._env.config.identity.user_name)
         if refusal is not None:
@@ -752,7 +842,7 @@ class ClientSession(asyncio.Protocol):
         self._connect(route)
 
     def _connect(self, route: Route) -> None:
-        if route.transaction_pooling and route.server_parameters:
+        if route.transaction_pooling and route.server_parameters and self._spelled_as_the_server(route):
             # No server connection is needed just to say hello.
             self._answer_startup(route.server_parameters, None)
             self.resume_client_reading()
@@ -762,6 +852,32 @@ class ClientSession(asyncio.Protocol):
         self._state = _State.CONNECTING
         self.pause_client_reading()
         self._connect_task = self._env.registry.spawn(self._lease_server(route))
+
+    def _spelled_as_the_server(self, route: Route) -> bool:
+        """Whether this client's reported startup settings are known in the server's spelling (then
+        spelled so); otherwise a server connection is set up first and reports them."""
+        assert self._parameters is not None
+        wanted, reported = self._parameters.wanted, route.server_parameters
+        for name, value in wanted.items():
+            if name not in reported or reported[name] == value or name == "client_encoding":
+                continue  # client_encoding is carried in the server's name already (parameters.py)
+            spelled = route.spellings.get((name, value))
+            if spelled is None:
+                return False
+            wanted[name] = spelled
+        return True
+
+    def _learn_spellings(self, route: Route, asked: Mapping[str, str], server: ServerConnection) -> None:
+        """After the startup settings were set on ``server``: how it reports what the client asked."""
+        assert self._parameters is not None
+        wanted, spellings = self._parameters.wanted, route.spellings
+        for name, value in asked.items():
+            spelled = server.reported.get(name)
+            # Also a value already spelled so (client_encoding, always canonical): known from now on.
+            if spelled is not None and spelled == wanted.get(name):
+                if len(spellings) >= _MAX_SPELLINGS:
+                    spellings.clear()  # clients asking for ever new values: start over
+                spellings[(name, value)] = spelled
 
     def _admit_connection(self) -> bool:
         """Resolve this terminal's limits and count the connection, or refuse it (53300)."""
@@ -816,11 +932,14 @@ class ClientSession(asyncio.Protocol):
                 self._observe_wait(waited_from)
             # Not this session's server until its settings match: what the client sends in the
             # meantime joins the stash behind what already waits there, instead of overtaking it.
+            asked = dict(self._parameters.wanted) if self._state is _State.CONNECTING else None
             try:
                 await self._parameters.apply(server, route.config.pool.connect_timeout)
             except BaseException:
                 self._server = server  # released when the session ends: to the pool only if clean
                 raise
+            if asked is not None:
+                self._learn_spellings(route, asked, server)
         except ProxyError as exc:
             self._fail(exc, reason=str(exc.__cause__ or exc))
             return
@@ -862,14 +981,16 @@ class ClientSession(asyncio.Protocol):
 
     def _start_on(self, route: Route, server: ServerConnection) -> None:
         """Attach ``server`` and send it what the client sent while it had none."""
+        starting = self._state is _State.CONNECTING
+        if starting:
+            # First: the attached server connection names the backend by the pid given here.
+            self._answer_startup(server.reported, server.id)
         self._server = server
         server.attach(self)
         server.result_watch = self._result_watch
-        if self._state is _State.CONNECTING:
-            self._answer_startup(server.reported, server.id)
-            if route.transaction_pooling and not self._stash:
-                # The startup only needed the server's parameters: lend it back at once.
-                self.server_idle()
+        if starting and route.transaction_pooling and not self._stash:
+            # The startup only needed the server's parameters: lend it back at once.
+            self.server_idle()
         if self._stash and self._server is server:
             stash = self._stash[0] if len(self._stash) == 1 else b"".join(self._stash)
             frames = self._stash_frames
@@ -1033,7 +1154,7 @@ class ClientSession(asyncio.Protocol):
         # Between transactions under transaction pooling: borrow a server for this one, if this
         # terminal is within its share of the pool.
         has_share = self._share_held or self._take_share(route)
-        if has_share and not self._stash and self._parameters is not None:
+        if has_share and not self._stash and not self._reading_settings and self._parameters is not None:
             idle = route.pool.try_acquire()
             if idle is not None and not self._parameters.needs_sync(idle):
                 self._server = idle
@@ -1053,7 +1174,12 @@ class ClientSession(asyncio.Protocol):
         if self._stash_size > _STASH_HIGH_WATER:
             # A client that keeps sending while it waits is held off until a server is lent.
             self.pause_client_reading()
-        if has_share and self._waiting is None and (self._connect_task is None or self._connect_task.done()):
+        if (
+            has_share
+            and self._waiting is None
+            and not self._reading_settings
+            and (self._connect_task is None or self._connect_task.done())
+        ):
             self._join_pool_line(route)
 
     def _join_pool_line(self, route: Route) -> None:
@@ -1154,7 +1280,10 @@ class ClientSession(asyncio.Protocol):
         classifier = self._env.classifier
         analyses = self._analyses
         analysis: Analysis | None = None
-        checked = _CHECKED_MESSAGES_COUNTING if limited or auditing or rechecking else _CHECKED_MESSAGES
+        carrying = self._carrying_statements
+        checked = (
+            _CHECKED_MESSAGES_COUNTING if limited or auditing or rechecking or carrying else _CHECKED_MESSAGES
+        )
         # After a reload: statement names parsed earlier in these messages, decided just now.
         parsed_here: set[bytes] = set()
         parsed_name = b""
@@ -1205,6 +1334,10 @@ class ClientSession(asyncio.Protocol):
                 portal_end = chunk.find(b"\x00", start + 5, end)
                 statement = chunk[portal_end + 1 : chunk.find(b"\x00", portal_end + 1, end)]
                 portal = chunk[start + 5 : portal_end]
+                carried = carrying.get(statement) if carrying else None
+                if carried:
+                    # Each execution changes them again, on whichever server connection runs it.
+                    self._carry_settings(carried)
                 if auditing:
                     if len(self._portal_texts) >= self._statements.max_count:
                         # Named portals live until their transaction ends: only a hostile client
@@ -1265,6 +1398,8 @@ class ClientSession(asyncio.Protocol):
                         found = classifier.classified(text, self._encoding, analysis.classification)
                     if found.effect is not _NO_SESSION_EFFECT:
                         refused_by = self._check_session_state(found, start, refusals, forget_at)
+                    if kind == m.MSG_PARSE and (found.settings or self._carrying_statements):
+                        self._note_carrying_statement(parsed_name, found.settings)
             if (
                 kind == m.MSG_QUERY
                 or refused_by is not None
@@ -1506,6 +1641,8 @@ class ClientSession(asyncio.Protocol):
         """Pin or refuse a statement that would leave state behind in a shared server session, and
         refuse one that would switch to a client encoding the proxy cannot read, whatever the role.
         Returns the rule that refused it, if one did."""
+        if found.settings:
+            self._carry_settings(found.settings)
         if found.effect is Effect.UNSUPPORTED_ENCODING:
             log.warning("client_encoding_refused", **self._log_fields(), reason=found.reason)
             self._audit("unsupported_client_encoding", "failure", reason=found.reason)
@@ -1519,6 +1656,8 @@ class ClientSession(asyncio.Protocol):
         elif found.effect is Effect.RESERVED_NAME:
             refusals[start] = Refusal(RESERVED_NAME, found.reason)
             return "reserved statement name"
+        elif found.effect is Effect.CARRIED_SETTING:
+            pass  # followed by _carry_settings: the client keeps transaction pooling
         elif self._route is not None and self._route.transaction_pooling and self._pinned_by is None:
             if self._route.config.pool.session_state is SessionStateAction.PIN:
                 self._pinned_by = found.reason
@@ -1532,6 +1671,35 @@ class ClientSession(asyncio.Protocol):
                 )
                 return "transaction pooling"
         return None
+
+    def _note_carrying_statement(self, name: bytes, settings: frozenset[str]) -> None:
+        """The client's statement ``name`` now changes carried ``settings`` whenever it is bound
+        (none: it no longer does)."""
+        carrying = self._carrying_statements
+        if not settings:
+            carrying.pop(name, None)
+            return
+        if len(carrying) >= _MAX_CARRYING_STATEMENTS:
+            # Names the client closed are dropped here rather than on every Close.
+            by_name = self._statements.by_name
+            for closed in [kept for kept in carrying if kept and kept not in by_name]:
+                del carrying[closed]  # in place: _check_statements holds this dict
+        carrying[name] = settings
+
+    def _settings_unread(self, server: ServerConnection, error: ProxyError, reason: str) -> None:
+        server.close()
+        self._reading_settings = False
+        self._give_back_share()
+        self._fail(error, reason=f"reading back settings: {reason}")
+
+    def _carry_settings(self, names: frozenset[str]) -> None:
+        """A statement on its way may change carried settings: whatever it leaves on this server
+        connection, the next client gets its own values set, and this client keeps what it set."""
+        server = self._server
+        if server is not None:
+            server.note_settings_unknown(names)
+        if self.lets_go_between_transactions:
+            self._settings_to_read.update(names)
 
     # --- cancel ---
 
@@ -1584,6 +1752,7 @@ class ClientSession(asyncio.Protocol):
                 reason=reason,
             )
         if tell and self._transport is not None and not self._transport.is_closing():
+            self._env.metrics.client_error("proxy", error.sqlstate)
             self._transport.write(
                 m.build_error_response(
                     "FATAL" if error.fatal else "ERROR",
@@ -1684,6 +1853,16 @@ class ClientSession(asyncio.Protocol):
         enforced = self._statement_checks.mode is PolicyMode.ENFORCE
         ceiling = role.statement_timeout if role is not None and enforced else None
         self._timeout_ceiling = ceiling_milliseconds(ceiling) if ceiling is not None else 0
+
+    def running_for(self, now: float) -> float:
+        """Seconds the statements sent to the server last have run (``now``: time.perf_counter()),
+        0 while none is running."""
+        started = self._cycle_started
+        return now - started if started else 0.0
+
+    @property
+    def route_name(self) -> str | None:
+        return self._route.config.database if self._route is not None else None
 
     def describe(self) -> dict[str, object]:
         """This session for the admin API (like a row of PgBouncer's SHOW CLIENTS)."""

@@ -30,9 +30,11 @@ REPORTED_SETTINGS = frozenset(
         "standard_conforming_strings",
     }
 )
-# Settings the proxy sets for clients (startup parameters) that the server does not report: after
-# a RESET of one, the proxy could not tell what the next client on that connection would find.
-_UNREPORTED_CLIENT_SETTINGS = frozenset(SESSION_PARAMETERS) - REPORTED_SETTINGS
+# Settings the proxy sets for clients (startup parameters) that the server does not report. A SET,
+# RESET or set_config(..., false) of one is carried rather than pinned: the proxy marks the
+# setting unknown on the server connection (its next client gets it set or reset) and reads the
+# value back before it lends the connection to anyone else (session.py).
+CARRIED_SETTINGS = frozenset(SESSION_PARAMETERS) - REPORTED_SETTINGS
 # SET TRANSACTION ... and SET TRANSACTION SNAPSHOT last only for the transaction.
 _TRANSACTION_SCOPED = frozenset({"transaction", "transaction snapshot"})
 # What PostgreSQL reads as true (parse_bool takes any prefix of true and yes); anything else may be off.
@@ -56,6 +58,8 @@ _MIGHT_MATTER = re.compile(
 
 class Effect(enum.Enum):
     NONE = "none"
+    # Changes settings the proxy carries (Classification.settings): followed, not pinned.
+    CARRIED_SETTING = "carried setting"
     # Leaves state only this server session has: the client must keep this server connection.
     SESSION_STATE = "session state"
     # Drops the server's prepared statements (DISCARD ALL, DEALLOCATE ALL).
@@ -73,6 +77,9 @@ class Effect(enum.Enum):
 class Classification:
     effect: Effect
     reason: str = ""
+    # The carried settings (CARRIED_SETTINGS, lower case) the statement may change, whatever its
+    # effect otherwise: a statement that also pins or forgets still leaves these behind.
+    settings: frozenset[str] = frozenset()
 
 
 _NO_EFFECT = Classification(Effect.NONE)
@@ -83,10 +90,11 @@ NOT_READABLE = Classification(
 )
 _RANK = {
     Effect.NONE: 0,
-    Effect.FORGETS_STATEMENTS: 1,
-    Effect.SESSION_STATE: 2,
-    Effect.RESERVED_NAME: 3,
-    Effect.UNSUPPORTED_ENCODING: 3,
+    Effect.CARRIED_SETTING: 1,
+    Effect.FORGETS_STATEMENTS: 2,
+    Effect.SESSION_STATE: 3,
+    Effect.RESERVED_NAME: 4,
+    Effect.UNSUPPORTED_ENCODING: 4,
 }
 _TOP_RANK = max(_RANK.values())
 
@@ -111,14 +119,22 @@ def classify(sql: str) -> Classification:
             finder(raw.stmt)
         if _RANK[finder.result.effect] == _TOP_RANK:
             break
-    return finder.result
+    return finder.classification()
 
 
 class _EffectFinder(visitors.Visitor):
     def __init__(self) -> None:
         super().__init__()
         self.result = _NO_EFFECT
+        self.settings: set[str] = set()
         self._dropped_at_commit: set[int] = set()
+
+    def classification(self) -> Classification:
+        """What the statements visited leave behind, with every carried setting they may change."""
+        result = self.result
+        if self.settings:
+            result = Classification(result.effect, result.reason, frozenset(self.settings))
+        return result
 
     def _found(self, effect: Effect, reason: str) -> None:
         # A refusal (an unsupported encoding, a reserved name) outranks session state, which
@@ -149,11 +165,17 @@ class _EffectFinder(visitors.Visitor):
         if node.kind in _RESETS:
             if node.kind is enums.VariableSetKind.VAR_RESET_ALL:
                 self._found(Effect.SESSION_STATE, "RESET ALL")
-            elif name in _UNREPORTED_CLIENT_SETTINGS:
-                self._found(Effect.SESSION_STATE, f"RESET {name}")
+            elif name in CARRIED_SETTINGS:
+                self._carried(name, f"RESET {name}")
             return
-        if name not in REPORTED_SETTINGS and name not in _TRANSACTION_SCOPED:
+        if name in CARRIED_SETTINGS:
+            self._carried(name, f"SET {name}")
+        elif name not in REPORTED_SETTINGS and name not in _TRANSACTION_SCOPED:
             self._found(Effect.SESSION_STATE, f"SET {name}")
+
+    def _carried(self, name: str, reason: str) -> None:
+        self.settings.add(name)
+        self._found(Effect.CARRIED_SETTING, reason)
 
     def visit_PrepareStmt(self, ancestors: object, node: ast.PrepareStmt) -> None:
         self._found(Effect.SESSION_STATE, "PREPARE")
@@ -215,7 +237,16 @@ class _EffectFinder(visitors.Visitor):
                 self._check_encoding(arguments[1:2])
             elif setting.lower() == "standard_conforming_strings":
                 self._check_conforming_strings(arguments[1:2])
-            if not (len(arguments) == 3 and _is_true_constant(arguments[2])):
+            if len(arguments) == 3 and _is_true_constant(arguments[2]):
+                return  # is_local: undone when the transaction ends
+            if (
+                setting is not None
+                and setting.lower() in CARRIED_SETTINGS
+                and len(arguments) == 3
+                and _is_false_constant(arguments[2])
+            ):
+                self._carried(setting.lower(), f"set_config('{setting.lower()}', ..., false)")
+            else:
                 self._found(Effect.SESSION_STATE, "set_config(..., false)")
 
     def _check_encoding(self, values: tuple[ast.Node, ...]) -> None:
@@ -242,6 +273,14 @@ def _constant_text(node: object) -> str | None:
     if isinstance(node, ast.A_Const) and isinstance(node.val, ast.String):
         return node.val.sval or ""
     return None
+
+
+def _is_false_constant(node: object) -> bool:
+    """True only for a literal false: a value computed at run time may be true, and the setting
+    then lasts only as long as the transaction, which the proxy cannot tell."""
+    if isinstance(node, ast.TypeCast):
+        node = node.arg
+    return isinstance(node, ast.A_Const) and isinstance(node.val, ast.Boolean) and not node.val.boolval
 
 
 def _is_true_constant(node: object) -> bool:

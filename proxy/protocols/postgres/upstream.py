@@ -15,9 +15,10 @@ import structlog
 
 from proxy.config import RouteConfig
 from proxy.errors import ProtocolViolation, ProxyError, caused_by
+from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, python_codec
 from proxy.pool import ServerUnreachable
 from proxy.protocols.postgres import messages as m
-from proxy.protocols.postgres.parameters import SESSION_PARAMETERS
+from proxy.protocols.postgres.parameters import SESSION_PARAMETERS, quote_literal
 from proxy.protocols.postgres.prepared import (
     ServerState,
     ServerStatements,
@@ -77,6 +78,9 @@ class InternalQueryFailed(Exception):
 class ServerPeer(Protocol):
     """What a server connection needs from the client session it is lent to."""
 
+    # The pid the client was given in BackendKeyData (0 before its startup is answered).
+    process_id: int
+
     def server_data(self, data: bytes) -> None: ...
 
     def server_parameter(self, name: str, value: str) -> None: ...
@@ -134,6 +138,7 @@ class ServerConnection(asyncio.Protocol):
         self._handshake: UpstreamHandshake | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._internal_error: tuple[str, str] | None = None
+        self._internal_row: bytes | None = None
         self._internal_busy = False
 
     # --- lifecycle ---
@@ -305,6 +310,8 @@ class ServerConnection(asyncio.Protocol):
                 continue
             if kind == m.MSG_PARAMETER_STATUS:
                 self._note_reported(*m.parse_parameter_status(payload))
+            elif kind == _DATA_ROW:
+                self._internal_row = bytes(payload)
             elif kind == m.MSG_ERROR_RESPONSE:
                 fields = m.parse_error_fields(payload)
                 self._internal_error = (fields.get("C", "XX000"), fields.get("M", ""))
@@ -351,6 +358,39 @@ class ServerConnection(asyncio.Protocol):
                 self.changed_settings.pop(name, None)
             else:
                 self.changed_settings[name] = reported
+
+    def note_settings_unknown(self, names: Iterable[str]) -> None:
+        """A client's statement may change these settings (SET, RESET, set_config): until the proxy
+        reads them back, the next client's are set or reset whatever it finds here."""
+        for name in names:
+            self.changed_settings[SESSION_PARAMETERS.get(name, name)] = _UNKNOWN_VALUE
+
+    async def read_settings(self, names: Iterable[str], timeout: float) -> dict[str, str]:
+        """The current values of ``names`` (lower case), read with one query while no client is
+        attached, and noted as this connection's: compared without another set from now on."""
+        canonical = [SESSION_PARAMETERS.get(name, name) for name in names]
+        calls = ", ".join(f"pg_catalog.current_setting({quote_literal(name)})" for name in canonical)
+        self._internal_row = None
+        await self.run_internal(f"SELECT {calls}", timeout)
+        row = self._take_internal_row()
+        # In the client encoding the last client left the connection in (always one the proxy reads).
+        encoding = (
+            accepted_encoding(self.reported.get("client_encoding", DEFAULT_ENCODING)) or DEFAULT_ENCODING
+        )
+        values = m.parse_text_row(row, python_codec(encoding)) if row is not None else []
+        if len(values) != len(canonical) or None in values:
+            raise InternalQueryFailed("XX000", "the server did not return the settings asked for")
+        settings = {name: value for name, value in zip(canonical, values, strict=True) if value is not None}
+        for name, value in settings.items():
+            if name in self._startup_reported:
+                self._note_reported(name, value)
+            else:
+                self.changed_settings[name] = value
+        return settings
+
+    def _take_internal_row(self) -> bytes | None:
+        row, self._internal_row = self._internal_row, None
+        return row
 
     def note_settings_may_have_reset(self) -> None:
         """A client ran DISCARD ALL (or DEALLOCATE ALL): whether the settings the proxy set are
@@ -416,9 +456,12 @@ class ServerConnection(asyncio.Protocol):
 
     def attach(self, peer: ServerPeer) -> None:
         self._peer = peer
+        # Its own notifications name the backend as the client knows it (55.2.8).
+        self.state.notifier_pids = (self.backend_key[0], peer.process_id)
 
     def detach(self) -> None:
         self._peer = None
+        self.state.notifier_pids = None
         self.result_watch = None
         self.idle_since = time.monotonic()
         self.resume_reading()
@@ -454,7 +497,10 @@ class ServerConnection(asyncio.Protocol):
             self._transport.resume_reading()
 
 
-_EXTENDED_QUERY_TYPES: Final = frozenset(b"PBDECH")
+_DATA_ROW: Final = ord("D")
+# Messages that open an extended-protocol cycle, which a Sync must end. Not Flush: it asks only for
+# the output so far and cannot fail (psycopg's pipeline sends one right after its Sync).
+_EXTENDED_QUERY_TYPES: Final = frozenset(b"PBDEC")
 # Messages after which the server owes one ReadyForQuery (Query, Sync, FunctionCall).
 _SYNC_POINT_TYPES: Final = frozenset(b"QSF")
 # How long a closing server connection may take to flush its last writes (Terminate, close_notify).
