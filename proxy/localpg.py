@@ -466,6 +466,23 @@ class LocalPostgres:
             return
         self._start_server(allow_port_change=False)
 
+    def kill_server_only(self) -> None:
+        """SIGKILL the postmaster and every backend at once, as a crash or the OOM killer would;
+        the data directory stays, and start_server_only() recovers from the WAL."""
+        pid = self._postmaster_pid()
+        if not self._is_our_postmaster(pid):
+            self._pid = None
+            return
+        assert pid is not None
+        uid = self._user().uid
+        victims = [pid, *(c for c in _children_of(pid) if _pid_is_postgres(c, uid))]
+        for victim in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        if not _wait_until(lambda: not any(_pid_is_postgres(v, uid) for v in victims), 10):
+            raise LocalPostgresError(f"PostgreSQL server (pid {pid}) did not exit after SIGKILL")
+        self._pid = None
+
     def restart(self) -> None:
         """Fast-stop and start the server, keeping data directory and port."""
         self.stop_server_only()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,16 +86,19 @@ class OwnCluster:
         return {"port": self.server.port, "password": {"file": str(self.password_file)}, "pool": pool}
 
 
-@pytest.fixture
-def own_cluster(pg_cluster: Any, tmp_path: Path) -> Iterator[OwnCluster]:
-    """A second cluster (role pos_proxy owning database pos) that a test may stop and start without
-    disturbing the others; same server certificate as the shared one."""
+@contextlib.contextmanager
+def own_cluster_running(
+    pg_cluster: Any, directory: Path, settings: Mapping[str, str] | None = None
+) -> Iterator[OwnCluster]:
+    """A cluster of one test's own (role pos_proxy owning database pos, the shared cluster's server
+    certificate, these extra server settings), stopped and deleted on exit."""
     password = secrets.token_urlsafe(12)
-    password_file = tmp_path / "own-pg-password"
+    password_file = directory / "own-pg-password"
     password_file.write_text(password, encoding="utf-8")
     server = LocalPostgres(
-        tmp_path / "own-pg",
+        directory / "own-pg",
         tls=LocalPostgresTLS(cert=pg_cluster.server.tls.cert, key=pg_cluster.server.tls.key),
+        settings=settings,
     )
     server.start()
     try:
@@ -103,3 +107,10 @@ def own_cluster(pg_cluster: Any, tmp_path: Path) -> Iterator[OwnCluster]:
         yield OwnCluster(server, password_file)
     finally:
         server.stop()
+
+
+@pytest.fixture
+def own_cluster(pg_cluster: Any, tmp_path: Path) -> Iterator[OwnCluster]:
+    """A second cluster that a test may stop and start without disturbing the others."""
+    with own_cluster_running(pg_cluster, tmp_path) as cluster:
+        yield cluster

@@ -113,3 +113,19 @@ def test_stop_and_start_server_only_keep_data(tmp_path: Path) -> None:
     pg.stop()  # idempotent after stop too
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(**kwargs)
+
+
+def test_a_killed_server_recovers_its_acknowledged_commits(tmp_path: Path) -> None:
+    """kill_server_only() ends the postmaster and every backend at once (a crash); with
+    synchronous_commit on, what was acknowledged comes back from the WAL on the next start."""
+    pg = LocalPostgres(tmp_path / "crash", settings={"synchronous_commit": "on"})
+    try:
+        pg.start()
+        pg.execute_script("CREATE TABLE kept (v int); INSERT INTO kept VALUES (7);")
+        pg.kill_server_only()
+        assert not pg.is_running()
+        pg.kill_server_only()  # idempotent
+        pg.start_server_only()
+        assert pg.psql("SELECT v FROM kept") == "7\n"
+    finally:
+        pg.stop()
