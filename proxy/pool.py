@@ -188,6 +188,7 @@ class UpstreamPool(Generic[C]):
         # Clients in line for a connection, with their deadlines; only live waiters are kept.
         self._waiters: deque[tuple[float, Waiter[C]]] = deque()
         self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = 0.0  # the loop time _expiry fires at, while it is set
         self._members: set[C] = set()
         self._opening = 0
         # Of ``_opening``: opens whose connection goes to the first waiter (``_open_for_waiter``), so a
@@ -272,10 +273,12 @@ class UpstreamPool(Generic[C]):
             self.withdraw(waiter)
             raise
 
-    def request(self, waiter: Waiter[C]) -> None:
-        """Join the line for a connection: ``waiter`` gets one, or after max_client_wait
-        TooManyConnections (08001 UpstreamUnavailable while the server is down). The data path
-        passes a waiter that acts at once: no task, no extra turn of the event loop."""
+    def request(self, waiter: Waiter[C], waiting_since: float | None = None) -> None:
+        """Join the line for a connection: ``waiter`` gets one, or max_client_wait after
+        ``waiting_since`` (its client may have waited already, for its terminal's share of the
+        pool; default now) TooManyConnections (08001 UpstreamUnavailable while the server is
+        down). The data path passes a waiter that acts at once: no task, no extra turn of the
+        event loop."""
         if self._closing:
             waiter.set_exception(UpstreamUnavailable("the proxy is shutting down"))
             return
@@ -283,8 +286,10 @@ class UpstreamPool(Generic[C]):
         if connection is not None:
             waiter.set_result(connection)
             return
-        self._waiters.append((time.monotonic() + self.settings.max_client_wait, waiter))
-        if self._expiry is None:
+        since = time.monotonic() if waiting_since is None else waiting_since
+        deadline = since + self.settings.max_client_wait
+        self._waiters.append((deadline, waiter))
+        if self._expiry is None or deadline < self._expiry_at:
             self._arm_expiry()
         self._serve_waiters()
 
@@ -302,20 +307,26 @@ class UpstreamPool(Generic[C]):
                 break
 
     def _arm_expiry(self) -> None:
-        """One timer per pool: every wait is max_client_wait long, so the head of the line
-        always has the earliest deadline."""
+        """One timer per pool, at the earliest deadline in the line: mostly the head's, but a
+        client that waited for its share first joins with less of max_client_wait left."""
+        if self._expiry is not None:
+            self._expiry.cancel()
         self._expiry = None
         if self._waiters:
-            delay = max(0.0, self._waiters[0][0] - time.monotonic())
+            self._expiry_at = min(deadline for deadline, _waiter in self._waiters)
+            delay = max(0.0, self._expiry_at - time.monotonic())
             self._expiry = asyncio.get_running_loop().call_later(delay, self._expire_waiters)
 
     def _expire_waiters(self) -> None:
         now = time.monotonic()
-        while self._waiters and self._waiters[0][0] <= now:
-            _deadline, waiter = self._waiters.popleft()
-            if waiter.done():
-                continue
-            waiter.set_exception(self._wait_over())
+        expired = [entry for entry in self._waiters if entry[0] <= now]
+        if expired:
+            # Rebuilt rather than popped from the head: deadlines are not in line order.
+            self._waiters = deque(entry for entry in self._waiters if entry[0] > now)
+        for _deadline, waiter in expired:
+            if not waiter.done():
+                waiter.set_exception(self._wait_over())
+        self._expiry = None
         self._arm_expiry()
 
     def _wait_over(self) -> ProxyError:

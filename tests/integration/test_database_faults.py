@@ -211,11 +211,6 @@ def test_a_database_fault_loses_no_sale_and_doubles_none(
     _assert_pool_holds_only_clean_connections(admin_port, server, target)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (docs/reliability.md): a wait for the terminal's share of the pool and the wait for "
-    "the pool itself each take up to max_client_wait, one after the other",
-)
 def test_a_statement_waits_no_longer_than_max_client_wait_while_the_database_is_down(
     start_proxy: StartProxy, terminal_pki: TerminalPKI, own_cluster: OwnCluster
 ) -> None:

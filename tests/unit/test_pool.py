@@ -365,6 +365,26 @@ async def test_a_waiter_that_acts_at_once_times_out_like_a_future(make_pool: Mak
     assert pool.stats().idle == 1
 
 
+async def test_a_waiter_that_waited_elsewhere_first_gives_up_at_its_own_deadline(make_pool: MakePool) -> None:
+    """A client that spent most of max_client_wait in its terminal's line for a share joins the
+    pool's line behind someone with a later deadline: it still fails max_client_wait after it
+    started waiting, and the one ahead of it keeps its place and its deadline."""
+    pool = make_pool(size=1, max_client_wait=0.5)
+    held = await pool.acquire()
+    ahead = RecordingWaiter()
+    pool.request(ahead)
+    behind = RecordingWaiter()
+    started = time.monotonic() - 0.45  # it has waited 0.45 s for its share already
+    pool.request(behind, started)
+    await eventually(behind.done)
+    assert isinstance(behind.error, TooManyConnections)
+    assert time.monotonic() - started < 0.5 + 0.2
+    assert not ahead.done()
+    assert pool.stats().waiting == 1
+    pool.give_back(held)
+    assert ahead.done() and ahead.error is None
+
+
 async def test_waiters_are_served_first_come_first_served(make_pool: MakePool, backend: Backend) -> None:
     pool = make_pool(size=1, max_client_wait=0.5)
     held = await pool.acquire()

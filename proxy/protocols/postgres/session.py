@@ -1196,10 +1196,12 @@ class ClientSession(asyncio.Protocol):
         ):
             self._join_pool_line(route)
 
-    def _join_pool_line(self, route: Route) -> None:
-        self._waiting_since = time.monotonic()
+    def _join_pool_line(self, route: Route, waiting_since: float | None = None) -> None:
+        """Wait for a server connection: max_client_wait in all from ``waiting_since`` (when the
+        statement started waiting for the terminal's share of the pool), else from now."""
+        self._waiting_since = time.monotonic() if waiting_since is None else waiting_since
         self._waiting = _ServerRequest(self)
-        route.pool.request(self._waiting)
+        route.pool.request(self._waiting, self._waiting_since)
 
     # --- this terminal's share of the pool ---
 
@@ -1214,6 +1216,7 @@ class ClientSession(asyncio.Protocol):
             self._share_held = True
             return True
         self._share_waiting = True
+        self._waiting_since = time.monotonic()
         self._share_timer = asyncio.get_running_loop().call_later(
             route.config.pool.max_client_wait, self._share_wait_over, cap
         )
@@ -1235,7 +1238,7 @@ class ClientSession(asyncio.Protocol):
             return
         if self._stash and self._server is None and self._waiting is None:
             try:
-                self._join_pool_line(route)
+                self._join_pool_line(route, self._waiting_since)
             except Exception:
                 # This runs inside the session that gave the share back: a fault here ends this one.
                 log.exception("server_share_grant_failed", **self._log_fields())
