@@ -898,7 +898,11 @@ class ProxyServer:
                 await loop.sock_sendall(sock, b"N")
                 continue
             if isinstance(packet, m.CancelRequest):
-                self._registry.cancel(packet, source)
+                delivery = self._registry.cancel(packet, source)
+                if delivery is not None:
+                    # Closed once the server has acted on it (SessionRegistry.cancel says why);
+                    # the wait leaves the delivery itself alone when the handshake time runs out.
+                    await asyncio.wait((delivery,))
                 return _Encryption.NONE
             self._preauth_log(
                 "session_refused",

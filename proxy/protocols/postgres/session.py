@@ -84,6 +84,7 @@ from proxy.protocols.postgres.timeouts import (
     ceiling_milliseconds,
 )
 from proxy.protocols.postgres.upstream import (
+    CancelOutcome,
     InternalQueryFailed,
     ServerConnection,
     UpstreamConnectError,
@@ -151,15 +152,20 @@ class SessionRegistry:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    def cancel(self, request: m.CancelRequest, source: str) -> None:
-        """Route a CancelRequest to the session it names; unknown or wrong keys do nothing."""
+    def cancel(self, request: m.CancelRequest, source: str) -> asyncio.Task[None] | None:
+        """Route a CancelRequest to the session it names; unknown or wrong keys do nothing.
+
+        Returns the cancel's delivery to the server, if one is on its way: the terminal's cancel
+        connection stays open until it is done, as PostgreSQL's stays until the server has acted
+        on it, so a client that goes on once its cancel call returned never meets the cancel later.
+        """
         session = self.sessions.get(request.process_id)
         if session is None or not hmac.compare_digest(
             session.secret_key.to_bytes(4, "big"), request.secret_key.to_bytes(4, "big", signed=True)
         ):
             log.info("cancel_ignored", source=source, reason="unknown backend key")
-            return
-        session.cancel_current_query(source)
+            return None
+        return session.cancel_current_query(source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +207,10 @@ _STATEMENT_TEXTS: Final = frozenset((m.MSG_QUERY, m.MSG_PARSE))
 _STALE_TEXTS: Final = 8
 # Frontend messages that go on to the server (Terminate ends the session instead).
 _PASSED_ON: Final = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
+# Frontend messages after which the server owes a ReadyForQuery: Query, Sync, FunctionCall.
+_SYNC_POINTS: Final = frozenset(b"QSF")
+_MSG_SYNC: Final = ord("S")
+QUERY_CANCELED = "57014"
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
 RESERVED_NAME = "42939"  # reserved_name
@@ -274,6 +284,7 @@ class ClientSession(asyncio.Protocol):
         "_buffer",
         "_bytes_in",
         "_bytes_out",
+        "_cancelling",
         "_carrying_statements",
         "_connect_task",
         "_counted_connection",
@@ -310,6 +321,7 @@ class ClientSession(asyncio.Protocol):
         "_share_held",
         "_share_timer",
         "_share_waiting",
+        "_skipping_to_sync",
         "_sql_prepared",
         "_started",
         "_started_at",
@@ -424,6 +436,12 @@ class ClientSession(asyncio.Protocol):
         self._analysis_task: asyncio.Task[None] | None = None
         # Worker analyses of statement texts waiting to be checked (_check_statements takes them).
         self._analyses: dict[bytes, Analysis] = {}
+        # The delivery of a cancel to this client's server connection, while it is on its way: the
+        # client's messages wait in the stash meanwhile, so it cannot land on them.
+        self._cancelling: asyncio.Task[None] | None = None
+        # A cancelled extended-protocol cycle that never reached a server: its messages up to the
+        # Sync are dropped, as the server drops them after an error (55.2.3).
+        self._skipping_to_sync = False
 
     # --- asyncio.Protocol: terminal side ---
 
@@ -612,6 +630,8 @@ class ClientSession(asyncio.Protocol):
             self.terminate(_SHUTTING_DOWN, "shutdown: transaction finished")
             return
         server = self._server
+        if server is not None and server.cancel_requested and self._drop_server_after_unanswered_cancel():
+            return
         if (
             self._idle_transaction_timeout is not None
             and server is not None
@@ -772,8 +792,13 @@ class ClientSession(asyncio.Protocol):
         packet = m.parse_startup_packet(bytes(self._buffer[:length]))
         del self._buffer[:length]
         if isinstance(packet, m.CancelRequest):
-            self._env.registry.cancel(packet, self.source)
-            self._close()
+            delivery = self._env.registry.cancel(packet, self.source)
+            if delivery is None:
+                self._close()
+            else:
+                # Closed once the server has acted on it (SessionRegistry.cancel says why).
+                self.pause_client_reading()
+                delivery.add_done_callback(self._cancel_delivered)
         elif isinstance(packet, m.StartupMessage):
             self._begin(packet)
         else:
@@ -1014,6 +1039,9 @@ class ClientSession(asyncio.Protocol):
             except ProxyError as exc:
                 self._fail(exc, reason=str(exc))
                 return
+        elif route.transaction_pooling and self._state is _State.READY and self._server is server:
+            # What it was leased for was cancelled while it waited: nothing to send.
+            self.server_idle()
         self.resume_client_reading()
         if self._buffer:
             # Bytes that came right behind the startup packet.
@@ -1159,8 +1187,16 @@ class ClientSession(asyncio.Protocol):
 
     def _dispatch(self, chunk: bytes, frames: list[m.Frame]) -> None:
         """Send whole client messages to the server connection, leasing one first if needed."""
+        if self._skipping_to_sync:
+            chunk, frames = self._skip_to_sync(chunk, frames)
+            if not frames:
+                return
         if self._server is not None:
-            self._send(chunk, frames)
+            if self._cancelling is None:
+                self._send(chunk, frames)
+            else:
+                # Held until the server has acted on the cancel: it must not find these running.
+                self._stash_messages(chunk, frames)
             return
         route = self._route
         if route is None or self._state is not _State.READY:
@@ -1178,6 +1214,16 @@ class ClientSession(asyncio.Protocol):
                 return
             if idle is not None:
                 route.pool.give_back(idle)
+        self._stash_messages(chunk, frames)
+        if (
+            has_share
+            and self._waiting is None
+            and not self._reading_settings
+            and (self._connect_task is None or self._connect_task.done())
+        ):
+            self._join_pool_line(route)
+
+    def _stash_messages(self, chunk: bytes, frames: list[m.Frame]) -> None:
         if self._stash:
             offset = self._stash_size
             self._stash_frames += [(kind, start + offset, end + offset) for kind, start, end in frames]
@@ -1188,13 +1234,27 @@ class ClientSession(asyncio.Protocol):
         if self._stash_size > _STASH_HIGH_WATER:
             # A client that keeps sending while it waits is held off until a server is lent.
             self.pause_client_reading()
-        if (
-            has_share
-            and self._waiting is None
-            and not self._reading_settings
-            and (self._connect_task is None or self._connect_task.done())
-        ):
-            self._join_pool_line(route)
+
+    def _send_stash(self) -> None:
+        """Dispatch what waited in the stash (behind a cancel on its way) now that it may go on."""
+        if not self._stash:
+            return
+        stash = self._stash[0] if len(self._stash) == 1 else b"".join(self._stash)
+        frames = self._stash_frames
+        self._stash, self._stash_frames, self._stash_size = [], [], 0
+        self._dispatch(stash, frames)
+        if self._stash_size <= _STASH_HIGH_WATER:
+            self.resume_client_reading()
+
+    def _skip_to_sync(self, chunk: bytes, frames: list[m.Frame]) -> tuple[bytes, list[m.Frame]]:
+        """Drop the messages up to the Sync of a cancelled cycle, answer that Sync, keep the rest."""
+        for index, (kind, _start, end) in enumerate(frames):
+            if kind == _MSG_SYNC:
+                self._skipping_to_sync = False
+                if self._transport is not None:
+                    self._transport.write(m.build_ready_for_query(b"I"))
+                return chunk[end:], [(k, start - end, stop - end) for k, start, stop in frames[index + 1 :]]
+        return b"", []
 
     def _join_pool_line(self, route: Route, waiting_since: float | None = None) -> None:
         """Wait for a server connection: max_client_wait in all from ``waiting_since`` (when the
@@ -1805,17 +1865,143 @@ class ClientSession(asyncio.Protocol):
 
     # --- cancel ---
 
-    def cancel_current_query(self, source: str) -> None:
+    def cancel_current_query(self, source: str) -> asyncio.Task[None] | None:
+        """Cancel the client's statement: on the server connection running it (returns that
+        delivery), or here if it has not reached one yet. Only ever this client's statement."""
         server, route = self._server, self._route
-        if server is None or route is None or self._state is not _State.READY:
+        if route is None or self._state is not _State.READY:
+            self._ignore_cancel(source, "no server connection")
+            return None
+        if self._stash and (
+            server is None or (not server.has_work_in_flight and server.transaction_status == b"I")
+        ):
+            # Waiting for a server connection (or behind a cancel on its way), outside a transaction.
+            self._cancel_waiting_statement(source)
+            return None
+        if server is None:
             # Between transactions there is nothing to cancel, and nobody else's query may be.
-            log.info("cancel_ignored", **self._log_fields(), reason="no server connection")
-            self._audit("cancel", "failure", from_source=source, reason="no server connection")
-            return
+            self._ignore_cancel(source, "no server connection")
+            return None
+        if not server.has_work_in_flight:
+            # As PostgreSQL, which ignores a cancel for a backend waiting for its client.
+            self._ignore_cancel(source, "no statement running")
+            return None
+        if self._cancelling is not None:
+            return self._cancelling  # the one on its way is for the same statements
         log.info("cancel_forwarded", **self._log_fields(), from_source=source, server_connection=server.id)
         self._audit("cancel", "success", from_source=source, server_connection=server.id)
+        # Lent to nobody else while the cancel may land; the client's next messages wait for it.
         server.cancel_requested = True
-        self._env.registry.spawn(_deliver_cancel(route, server.backend_key))
+        self._cancelling = self._env.registry.spawn(self._deliver_cancel(route, server))
+        return self._cancelling
+
+    def _ignore_cancel(self, source: str, reason: str) -> None:
+        log.info("cancel_ignored", **self._log_fields(), reason=reason)
+        self._audit("cancel", "failure", from_source=source, reason=reason)
+
+    def _cancel_delivered(self, _delivery: asyncio.Task[None]) -> None:
+        self._close()  # this session's connection only carried the CancelRequest
+
+    async def _deliver_cancel(self, route: Route, server: ServerConnection) -> None:
+        outcome = CancelOutcome.UNCONFIRMED
+        try:
+            # Not sent if the statements it was meant for are over by the time the connection is
+            # open: the client's next ones are not sent before it is settled, so none are running.
+            outcome = await send_cancel(
+                route.config,
+                route.tls.context,
+                server.backend_key,
+                lambda: self._server is server and server.has_work_in_flight,
+            )
+        except UpstreamConnectError as exc:
+            outcome = CancelOutcome.NOT_SENT
+            log.warning("cancel_failed", route=route.config.database, error=str(exc))
+        finally:
+            self._cancel_settled(server, outcome)
+
+    def _cancel_settled(self, server: ServerConnection, outcome: CancelOutcome) -> None:
+        """The cancel was answered by the server, not needed, or never answered: go on."""
+        self._cancelling = None
+        if outcome is CancelOutcome.UNCONFIRMED:
+            log.warning("cancel_unanswered", **self._log_fields(), server_connection=server.id)
+        else:
+            server.cancel_requested = False  # nothing of it can land any more
+            if outcome is CancelOutcome.NOT_SENT:
+                log.info("cancel_not_sent", **self._log_fields(), server_connection=server.id)
+        if self._server is not server or self._state is not _State.READY:
+            return  # let go meanwhile, and closed: it was not clean
+        try:
+            if not self._drop_server_after_unanswered_cancel() and not self._stash and server.is_clean:
+                self.server_idle()
+            self._send_stash()
+        except ProxyError as exc:
+            self._fail(exc, reason=str(exc))
+            return
+        if self._draining and not self.in_transaction:
+            self.terminate(_SHUTTING_DOWN, "shutdown: transaction finished")
+
+    def _drop_server_after_unanswered_cancel(self) -> bool:
+        """Under transaction pooling, close the server connection of a cancel that was sent but
+        never answered once it is idle between transactions: the cancel may still land on whatever
+        it runs next. The client takes another connection for its next transaction."""
+        server = self._server
+        if (
+            server is None
+            or not server.cancel_requested
+            or self._cancelling is not None
+            or server.has_work_in_flight
+            or server.transaction_status != b"I"
+            or not self.lets_go_between_transactions
+        ):
+            return False
+        self._release_server()  # closes it: not clean
+        self._give_back_share()
+        return True
+
+    def _cancel_waiting_statement(self, source: str) -> None:
+        """The client's first statement still waiting for a server connection never runs: it is
+        answered as PostgreSQL answers a cancelled statement, and what the client sent after it
+        keeps its place."""
+        assert self._transport is not None
+        stash = self._stash[0] if len(self._stash) == 1 else b"".join(self._stash)
+        frames = self._stash_frames
+        cut = next((end for kind, _start, end in frames if kind in _SYNC_POINTS), None)
+        reply = m.build_error_response("ERROR", QUERY_CANCELED, "canceling statement due to user request")
+        if cut is None:
+            cut = len(stash)
+            self._skipping_to_sync = True  # the Sync is still to come: answered when it does
+        else:
+            reply += m.build_ready_for_query(b"I")
+        rest = stash[cut:]
+        self._stash = [rest] if rest else []
+        self._stash_frames = [(kind, start - cut, end - cut) for kind, start, end in frames if start >= cut]
+        self._stash_size = len(rest)
+        log.info("cancel_answered", **self._log_fields(), from_source=source, reason="waiting statement")
+        self._audit("cancel", "success", from_source=source, server_connection=None)
+        self._transport.write(reply)
+        if not self._stash and self._server is None:
+            self._leave_pool_line()
+        if self._stash_size <= _STASH_HIGH_WATER:
+            self.resume_client_reading()
+
+    def _leave_pool_line(self) -> None:
+        """Nothing waits for a server connection any more: leave the pool's line, and the
+        terminal's line for a share, or give back the share taken for it."""
+        route, identity = self._route, self.identity
+        assert route is not None and identity is not None
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            route.pool.withdraw(waiting)
+        if self._share_waiting:
+            self._share_waiting = False
+            route.shares.withdraw(identity.terminal_key, self)
+            if self._share_timer is not None:
+                self._share_timer.cancel()
+                self._share_timer = None
+        elif not self._reading_settings and (self._connect_task is None or self._connect_task.done()):
+            # Else a server connection whose settings are being set (or read back) holds it: its
+            # hand-back (_start_on, _follow_settings) returns the share.
+            self._give_back_share()
 
     # --- ending ---
 
@@ -2032,10 +2218,3 @@ class _ServerRequest:
     def cancel(self) -> bool:
         answered, self._answered = self._answered, True
         return not answered
-
-
-async def _deliver_cancel(route: Route, backend_key: tuple[int, int]) -> None:
-    try:
-        await send_cancel(route.config, route.tls.context, backend_key)
-    except UpstreamConnectError as exc:
-        log.warning("cancel_failed", route=route.config.database, error=str(exc))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import itertools
 import socket
 import ssl
@@ -120,7 +121,8 @@ class ServerConnection(asyncio.Protocol):
         self.transaction_status = b"I"
         # Extended-protocol messages sent since the last Sync: the server is mid-cycle.
         self.unsynced = False
-        # A cancel was sent for this connection: it may still land, so never lend it again.
+        # A cancel for this connection is on its way, or was sent and never answered: it may still
+        # land, so the connection is lent to nobody else meanwhile (and never again if unanswered).
         self.cancel_requested = False
         self.state = ServerState(ServerStatements(route.pool.max_prepared_statements))
         # The attached client's result-size guard, when its limits have one.
@@ -146,6 +148,11 @@ class ServerConnection(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         return not self.closed and self._transport is not None and not self.saying_goodbye
+
+    @property
+    def has_work_in_flight(self) -> bool:
+        """Sent messages the server has not answered yet, or an extended-protocol cycle not synced."""
+        return bool(self.state.pending) or self.unsynced
 
     @property
     def is_clean(self) -> bool:
@@ -638,20 +645,35 @@ class _CancelProtocol(asyncio.Protocol):
             self._closed.set_result(None)
 
 
+class CancelOutcome(enum.Enum):
+    NOT_SENT = "not sent"  # no longer wanted once the connection was open: nothing can land
+    ANSWERED = "answered"  # the server closed the connection: it has acted on the request
+    UNCONFIRMED = "unconfirmed"  # sent, but not answered in time: it may still land at any moment
+
+
 async def send_cancel(
-    route: RouteConfig, context: ssl.SSLContext | None, backend_key: tuple[int, int]
-) -> None:
-    """Deliver a CancelRequest for the given real backend key on a fresh connection (55.2.7)."""
+    route: RouteConfig,
+    context: ssl.SSLContext | None,
+    backend_key: tuple[int, int],
+    still_wanted: Callable[[], bool],
+) -> CancelOutcome:
+    """Deliver a CancelRequest for the given real backend key on a fresh connection (55.2.7),
+    unless ``still_wanted`` says otherwise once that connection is open (opening it takes round
+    trips, during which the statement may have ended)."""
     closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     transport = await _open_transport(
         route, context, route.pool.connect_timeout, lambda: _CancelProtocol(closed)
     )
-    cast(asyncio.WriteTransport, transport).write(m.build_cancel_request(*backend_key))
     try:
-        # The server closes the connection once it has read the request.
+        if not still_wanted():
+            return CancelOutcome.NOT_SENT
+        cast(asyncio.WriteTransport, transport).write(m.build_cancel_request(*backend_key))
+        # The server closes the connection once it has signalled the backend (libpq's own cancel
+        # waits for this too): from then on the cancel cannot reach a statement sent afterwards.
         async with asyncio.timeout(route.pool.connect_timeout):
             await closed
+        return CancelOutcome.ANSWERED
     except TimeoutError:
-        pass
+        return CancelOutcome.UNCONFIRMED
     finally:
         transport.close()

@@ -1,0 +1,209 @@
+"""Cancel through the proxy, with real drivers, in both pool modes: a cancel stops the statement it
+was sent for and nothing else, also one still waiting for a server connection, and it never leaves
+a server connection tied to its client."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI
+
+StartProxy = Callable[..., ProxyProcess]
+
+# Each round races a cancel against the end of a short statement: rounds bounded in count and time.
+_RACE_ROUNDS = 200
+_RACE_BUDGET_S = 40.0
+
+
+def _proxy(start_proxy: StartProxy, mode: str, size: int, **overrides: Any) -> ProxyProcess:
+    return start_proxy(routes={"pos": {"pool": {"mode": mode, "size": size}}}, **overrides)
+
+
+def _psycopg(proxy: ProxyProcess, pki: TerminalPKI, terminal: Terminal | None = None) -> psycopg.Connection:
+    return psycopg.connect(**proxy.conninfo(terminal or pki.cashier, pki.ca), autocommit=True)
+
+
+async def _asyncpg(
+    proxy: ProxyProcess, pki: TerminalPKI, terminal: Terminal | None = None
+) -> asyncpg.Connection:
+    terminal = terminal or pki.cashier
+    return await asyncpg.connect(
+        host="127.0.0.1",
+        port=proxy.port,
+        user=terminal.terminal,
+        database="pos",
+        ssl=proxy.ssl_context(terminal, pki.ca),
+        timeout=15,
+    )
+
+
+def _next_statements_cancelled(
+    connection: psycopg.Connection, cancel: Callable[[], None]
+) -> tuple[int, int, int]:
+    """Rounds of: start a short statement, cancel it from another thread at a random moment around its
+    end, and once the cancel call has returned (libpq's cancel waits until the server has acted on
+    it) run the next statement at once. Returns (rounds, statements cancelled, next statements
+    cancelled): as against PostgreSQL itself, the last must be 0."""
+    rounds = cancelled = next_cancelled = 0
+    deadline = time.monotonic() + _RACE_BUDGET_S
+    randomness = random.Random(16)
+    while rounds < _RACE_ROUNDS and time.monotonic() < deadline:
+        rounds += 1
+        canceller = threading.Timer(randomness.uniform(0.0, 0.02), cancel)
+        canceller.start()
+        try:
+            connection.execute("SELECT pg_sleep(0.01)")
+        except psycopg.errors.QueryCanceled:
+            cancelled += 1
+        canceller.join()
+        try:
+            # Long enough for a late cancel to find it running.
+            connection.execute("SELECT 'next' FROM pg_sleep(0.02)")
+        except psycopg.errors.QueryCanceled:
+            next_cancelled += 1
+    return rounds, cancelled, next_cancelled
+
+
+@pytest.mark.parametrize("mode", ["direct", "session", "transaction"])
+@pytest.mark.parametrize("cancel_over", ["plaintext", "tls"])
+def test_a_cancel_never_reaches_the_next_statement(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, pg_cluster: Any, mode: str, cancel_over: str
+) -> None:
+    if mode == "direct":
+        # The yardstick: the same rounds against PostgreSQL itself.
+        connect = lambda: psycopg.connect(**pg_cluster.connect_kwargs(), autocommit=True)  # noqa: E731
+    else:
+        proxy = _proxy(start_proxy, mode, size=2)
+        connect = lambda: _psycopg(proxy, terminal_pki)  # noqa: E731
+    with connect() as connection:
+        # libpq's PQcancel sends its CancelRequest in plaintext; the cancel API of libpq 17
+        # (psycopg's cancel_safe) encrypts it as the connection is.
+        cancel = connection.cancel if cancel_over == "plaintext" else connection.cancel_safe
+        rounds, cancelled, next_cancelled = _next_statements_cancelled(connection, cancel)
+    print(f"{mode}/{cancel_over}: {rounds} rounds, {cancelled} cancelled, {next_cancelled} next cancelled")
+    assert cancelled > 0, "no round cancelled its statement: the race was not run"
+    assert next_cancelled == 0, f"{next_cancelled} of {rounds} next statements were cancelled"
+
+
+@pytest.fixture
+def cancel_probe(pg_cluster: Any) -> str:
+    """A table that a statement cancelled before it ran must leave empty."""
+    with psycopg.connect(
+        **pg_cluster.connect_kwargs(user="postgres", dbname="pos"), autocommit=True
+    ) as admin:
+        admin.execute("DROP TABLE IF EXISTS public.cancel_probe")
+        admin.execute("CREATE TABLE public.cancel_probe (note text)")
+        admin.execute("ALTER TABLE public.cancel_probe OWNER TO pos_proxy")
+    return "public.cancel_probe"
+
+
+@pytest.mark.parametrize("cancel_over", ["plaintext", "tls"])
+def test_a_cancel_stops_a_statement_still_waiting_for_a_server_connection(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, cancel_probe: str, cancel_over: str
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", size=1)
+    with (
+        _psycopg(proxy, terminal_pki, terminal_pki.manager) as holder,
+        _psycopg(proxy, terminal_pki) as waiter,
+    ):
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")  # holds the only server connection
+        failures: list[BaseException] = []
+
+        def insert() -> None:
+            try:
+                waiter.execute(f"INSERT INTO {cancel_probe} VALUES (%s)", ("cancelled while queued",))
+            except psycopg.Error as exc:
+                failures.append(exc)
+
+        queued = threading.Thread(target=insert)
+        queued.start()
+        time.sleep(0.5)  # the INSERT is in the pool's line behind the holder's transaction
+        (waiter.cancel if cancel_over == "plaintext" else waiter.cancel_safe)()
+        queued.join(5)
+        assert not queued.is_alive(), "the cancel did not end the waiting statement"
+        assert len(failures) == 1 and isinstance(failures[0], psycopg.errors.QueryCanceled), failures
+        assert failures[0].diag.message_primary == "canceling statement due to user request"
+        holder.execute("COMMIT")  # the server connection is free: the INSERT must not run now
+        time.sleep(0.3)
+        assert waiter.execute(f"SELECT count(*) FROM {cancel_probe}").fetchone() == (0,)
+        assert holder.execute("SELECT 'holder goes on'").fetchone() == ("holder goes on",)
+    proxy.wait_for_event("cancel_answered", terminal="till-01", reason="waiting statement")
+
+
+async def test_an_asyncpg_timeout_in_the_pool_line_cancels_the_statement(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, cancel_probe: str
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", size=1)
+    holder = await _asyncpg(proxy, terminal_pki, terminal_pki.manager)
+    waiter = await _asyncpg(proxy, terminal_pki)
+    try:
+        transaction = holder.transaction()
+        await transaction.start()  # holds the only server connection
+        with pytest.raises(asyncio.TimeoutError):
+            # A simple Query; asyncpg cancels it when the timeout expires.
+            await waiter.execute(f"INSERT INTO {cancel_probe} VALUES ('timed out while queued')", timeout=0.5)
+        # asyncpg raises at once and sends its cancel after: the holder lets go once it is in.
+        await asyncio.to_thread(proxy.wait_for_event, "cancel_answered", terminal="till-01")
+        await transaction.commit()
+        await asyncio.sleep(0.3)
+        assert await waiter.fetchval(f"SELECT count(*) FROM {cancel_probe}") == 0
+    finally:
+        await holder.close()
+        await waiter.close()
+
+
+async def test_clients_that_timed_out_a_query_leave_the_pool_to_others(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    # Before: 20 clients that each timed out one query held all 20 server connections for good, and a
+    # 21st client got FATAL 53300 after max_client_wait. The same with a pool of 3.
+    size = 3
+    proxy = _proxy(
+        start_proxy,
+        "transaction",
+        size=size,
+        roles={"cashier": {"limits": {"max_server_connections_per_terminal": size}}},
+    )
+    clients = [await _asyncpg(proxy, terminal_pki) for _ in range(size)]
+    newcomer = await _asyncpg(proxy, terminal_pki, terminal_pki.manager)
+    try:
+
+        async def time_out(client: asyncpg.Connection) -> None:
+            with pytest.raises(asyncio.TimeoutError):
+                await client.execute("SELECT pg_sleep(30)", timeout=0.5)
+
+        await asyncio.gather(*(time_out(client) for client in clients))
+        # Within the pool's max_client_wait (5 s here), which fails it with 53300 otherwise.
+        assert await newcomer.fetchval("SELECT 'served'", timeout=10) == "served"
+        for client in clients:
+            assert await client.fetchval("SELECT 'still usable'", timeout=10) == "still usable"
+    finally:
+        for client in [*clients, newcomer]:
+            await client.close()
+
+
+def test_a_result_cut_by_the_guard_leaves_the_server_connection_to_others(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    proxy = start_proxy(
+        routes={"pos": {"pool": {"mode": "transaction", "size": 1}}},
+        roles={"cashier": {"limits": {"max_rows_per_statement": 100}}},
+    )
+    with _psycopg(proxy, terminal_pki) as cut, _psycopg(proxy, terminal_pki, terminal_pki.manager) as other:
+        with pytest.raises(psycopg.errors.ConfigurationLimitExceeded):
+            # A slow, endless producer: the proxy's cancel ends it on the server.
+            cut.execute("SELECT g, pg_sleep(0.001) FROM generate_series(1, 1000000) AS g").fetchall()
+        proxy.wait_for_event("cancel_forwarded", from_source="result-size guard")
+        # The only server connection went back to the pool once the cancelled statement ended.
+        assert other.execute("SELECT 'served'").fetchone() == ("served",)
+        assert cut.execute("SELECT 'still usable'").fetchone() == ("still usable",)
