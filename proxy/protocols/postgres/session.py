@@ -1039,7 +1039,7 @@ class ClientSession(asyncio.Protocol):
             except ProxyError as exc:
                 self._fail(exc, reason=str(exc))
                 return
-        elif route.transaction_pooling and self._state is _State.READY and self._server is server:
+        elif route.transaction_pooling and not starting:
             # What it was leased for was cancelled while it waited: nothing to send.
             self.server_idle()
         self.resume_client_reading()
