@@ -49,8 +49,8 @@ async def _asyncpg(
 def _next_statements_cancelled(
     connection: psycopg.Connection, cancel: Callable[[], None]
 ) -> tuple[int, int, int]:
-    """Rounds of: start a short statement, cancel it from another thread at a random moment around its
-    end, and once the cancel call has returned (libpq's cancel waits until the server has acted on
+    """Rounds of: start a short statement, cancel it from another thread at a random moment before or
+    after its end, and once the cancel call has returned (libpq's cancel waits until the server has acted on
     it) run the next statement at once. Returns (rounds, statements cancelled, next statements
     cancelled): as against PostgreSQL itself, the last must be 0."""
     rounds = cancelled = next_cancelled = 0
@@ -58,10 +58,12 @@ def _next_statements_cancelled(
     randomness = random.Random(16)
     while rounds < _RACE_ROUNDS and time.monotonic() < deadline:
         rounds += 1
+        # Statements of many lengths: a cancel takes longer to arrive on a loaded machine (a whole
+        # TLS handshake for libpq 17's), and must still land on some and come too late for others.
         canceller = threading.Timer(randomness.uniform(0.0, 0.02), cancel)
         canceller.start()
         try:
-            connection.execute("SELECT pg_sleep(0.01)")
+            connection.execute("SELECT pg_sleep(%s)", (round(randomness.uniform(0.002, 0.06), 3),))
         except psycopg.errors.QueryCanceled:
             cancelled += 1
         canceller.join()
