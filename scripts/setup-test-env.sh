@@ -4,7 +4,8 @@
 #  * Debian packages: postgresql-15, postgresql-client-15, redis-server (required; the tests of
 #    the Redis-shared limits start their own redis-server) and prometheus (required for its
 #    promtool, which checks config/prometheus/alerts.yml: about 20 MB, 10 s to install; its
-#    service is not started), nftables (as root: the dead-link tests' black holes), pgbouncer (optional, benchmarks only), python3-venv (only if
+#    service is not started), nftables (as root: the dead-link tests' black holes),
+#    pgbouncer (optional, benchmarks only), python3-venv (only if
 #    `python3 -m venv` cannot work).  Only missing
 #    packages are installed -- never `apt-get install` something already installed, since that
 #    can upgrade it.  Service auto-start is blocked with policy-rc.d while installing (no
