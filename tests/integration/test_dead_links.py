@@ -84,10 +84,14 @@ def _assert_connection_lost(error: psycopg.Error) -> None:
     assert "lost the connection to the database server" in str(error), str(error)
 
 
-def _start(start_proxy: StartProxy, keepalive: dict[str, Any]) -> ProxyProcess:
-    # One server connection: had the dead one gone back to the pool, the next session would get it.
+# One server connection: had the dead one gone back to the pool, the next statement would get it;
+# in transaction mode the statement into the dead link gets the very connection just measured.
+pool_modes = pytest.mark.parametrize("mode", ["session", "transaction"])
+
+
+def _start(start_proxy: StartProxy, keepalive: dict[str, Any], mode: str) -> ProxyProcess:
     pool = {
-        "mode": "session",
+        "mode": mode,
         "size": 1,
         "tcp_user_timeout": f"{USER_TIMEOUT:g}s",
         "tcp_keepalive": keepalive,
@@ -104,12 +108,13 @@ def _assert_recovers(
         assert till.execute("SELECT 'sold'").fetchone() == ("sold",)
 
 
+@pool_modes
 def test_a_statement_sent_into_a_dead_upstream_link_fails_within_the_user_timeout(
-    start_proxy: StartProxy, terminal_pki: TerminalPKI, holes: BlackHoles, pg_cluster: Any
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, holes: BlackHoles, pg_cluster: Any, mode: str
 ) -> None:
     # Long keepalives: the kernel probes only while nothing is in flight, so only the user timeout
     # can end a connection whose statement waits unacknowledged.
-    proxy = _start(start_proxy, LONG_KEEPALIVE)
+    proxy = _start(start_proxy, LONG_KEEPALIVE, mode)
     with psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True) as till:
         dead_port = _server_connection_port(till)
         holes.cut(dead_port, pg_cluster.port)
@@ -125,10 +130,11 @@ def test_a_statement_sent_into_a_dead_upstream_link_fails_within_the_user_timeou
     _assert_recovers(proxy, terminal_pki, holes, dead_port)
 
 
+@pool_modes
 def test_an_upstream_link_black_holed_mid_statement_fails_within_the_user_timeout(
-    start_proxy: StartProxy, terminal_pki: TerminalPKI, holes: BlackHoles, pg_cluster: Any
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, holes: BlackHoles, pg_cluster: Any, mode: str
 ) -> None:
-    proxy = _start(start_proxy, PROBING_KEEPALIVE)
+    proxy = _start(start_proxy, PROBING_KEEPALIVE, mode)
     with psycopg.connect(**proxy.conninfo(terminal_pki.cashier, terminal_pki.ca), autocommit=True) as till:
         dead_port = _server_connection_port(till)
 
