@@ -186,8 +186,9 @@ def test_a_vanished_till_is_noticed_and_its_server_connection_freed(
         holes.cut(_local_port(till), proxy.port)
         cut_at = time.monotonic()
         # About 3 s either way: keepalive probes from 1 s of silence on, every second, two of them;
-        # or, if anything the proxy sent is still unacknowledged (seen here: one 88-byte record, and
-        # then the kernel sends no probes at all), the 2 s user timeout. Without it, not in 40 s.
+        # or, if anything the proxy sent is still unacknowledged, the 2 s user timeout (seen here:
+        # 88 bytes in flight, likely the reply's last record with its delayed ACK caught by the cut;
+        # the kernel then sends no probes at all, and without the user timeout, nothing in 40 s).
         bound = 3.0 + SLACK
         while clients() or pool()["active"]:
             assert time.monotonic() - cut_at < bound, (clients(), pool())
