@@ -238,6 +238,9 @@ class ListenConfig:
     # On SIGTERM, how long transactions in flight may take to finish before sessions are cut.
     drain_timeout: float = 30.0
     tcp_keepalive: TCPKeepalive = TCPKeepalive()
+    # How long data sent to a terminal may stay unacknowledged (TCP_USER_TIMEOUT) before the
+    # connection is dropped; None: the kernel's retransmission limit (about 15 minutes).
+    tcp_user_timeout: float | None = 60.0
     proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
     # Worker processes sharing the port (SO_REUSEPORT) under a supervisor; 1: one plain process.
     workers: int = 1
@@ -379,6 +382,10 @@ class PoolConfig:
     connect_retry_delay: float = 0.25
     connect_retry_max_delay: float = 5.0
     tcp_keepalive: TCPKeepalive = TCPKeepalive()
+    # How long a statement or any data sent to the server may stay unacknowledged (TCP_USER_TIMEOUT)
+    # before the connection is dropped; None: the kernel's retransmission limit (about 15 minutes).
+    # Keepalive probes cannot help there: the kernel sends them only while nothing is in flight.
+    tcp_user_timeout: float | None = 30.0
     session_state: SessionStateAction = SessionStateAction.PIN
     max_prepared_statements: int = 250
     # A client idle inside a transaction this long is cut off (FATAL 25P03) and its server connection
@@ -985,6 +992,7 @@ def _parse_listen(section: _Section) -> ListenConfig:
             "preauth_records_per_second", _COUNT, default.preauth_records_per_second
         ),
         tcp_keepalive=_parse_keepalive(section.child("tcp_keepalive", _keys(TCPKeepalive)), TCPKeepalive()),
+        tcp_user_timeout=section.read("tcp_user_timeout", _user_timeout, default.tcp_user_timeout),
         proxy_protocol=_parse_proxy_protocol(section.child("proxy_protocol", _keys(ProxyProtocolConfig))),
         workers=section.read("workers", parse_workers, default.workers),
     )
@@ -994,6 +1002,15 @@ def _parse_listen(section: _Section) -> ListenConfig:
 _KEEPALIVE_SECONDS: Final = _in_range(
     lambda value: round(_positive_duration(value)), "a duration in whole seconds", minimum=1, maximum=32767
 )
+
+
+def _user_timeout(value: object) -> float | None:
+    """TCP_USER_TIMEOUT: 0 / "off" for the kernel's default; else 100 ms (Linux counts milliseconds,
+    and less would drop a healthy connection on one lost segment) to a day."""
+    seconds = _duration_or_off(value)
+    if seconds is not None and not 0.1 <= seconds <= 86400:
+        raise ValueError(f"expected a duration from 100ms to 24h, or off; got {_describe(value)}")
+    return seconds
 
 
 def _parse_keepalive(section: _Section, inherited: TCPKeepalive) -> TCPKeepalive:
@@ -1358,6 +1375,7 @@ def _parse_pool(section: _Section, inherited: PoolConfig) -> PoolConfig:
         tcp_keepalive=_parse_keepalive(
             section.child("tcp_keepalive", _keys(TCPKeepalive)), inherited.tcp_keepalive
         ),
+        tcp_user_timeout=read("tcp_user_timeout", _user_timeout, inherited.tcp_user_timeout),
         session_state=read("session_state", _enum(SessionStateAction), inherited.session_state),
         max_prepared_statements=read(
             "max_prepared_statements",

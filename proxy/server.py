@@ -787,7 +787,7 @@ class ProxyServer:
             sock.close()
             return
         listen = self.config.listen
-        tune_socket(sock, listen.tcp_keepalive)
+        tune_socket(sock, listen.tcp_keepalive, listen.tcp_user_timeout)
         # A balancer's connection counts towards its terminal's source once the header says which.
         pending, dropped = self._pending.admit(
             None if proxied else address[0], loop.time() + listen.startup_timeout

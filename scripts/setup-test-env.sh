@@ -4,7 +4,8 @@
 #  * Debian packages: postgresql-15, postgresql-client-15, redis-server (required; the tests of
 #    the Redis-shared limits start their own redis-server) and prometheus (required for its
 #    promtool, which checks config/prometheus/alerts.yml: about 20 MB, 10 s to install; its
-#    service is not started), pgbouncer (optional, benchmarks only), python3-venv (only if
+#    service is not started), nftables (as root: the dead-link tests' black holes),
+#    pgbouncer (optional, benchmarks only), python3-venv (only if
 #    `python3 -m venv` cannot work).  Only missing
 #    packages are installed -- never `apt-get install` something already installed, since that
 #    can upgrade it.  Service auto-start is blocked with policy-rc.d while installing (no
@@ -29,6 +30,12 @@ required=(postgresql-15 postgresql-client-15 redis-server prometheus)
 # compiler and Python headers (python3-dev for Debian's python3; a pyenv build has its own).
 if [ "${POS_PROXY_TEST_COMPILED:-1}" != 0 ]; then
     required+=(gcc python3-dev)
+fi
+# nftables: the dead-link tests black-hole one loopback connection with nft rules
+# (tests/integration/test_dead_links.py; this kernel has no netem). Rules need root, so only root
+# needs the package: elsewhere those tests skip; under CI (root) a missing nft fails them.
+if [ "$(id -u)" -eq 0 ]; then
+    required+=(nftables)
 fi
 # pgbouncer: the benchmark; systemd: systemd-analyze checks of the unit file (no systemd runs).
 optional=(pgbouncer systemd)

@@ -318,6 +318,32 @@ def test_bad_keepalive_retry_and_expired_crl_settings_name_their_keys(base: Path
     ]
 
 
+def test_tcp_user_timeouts_have_defaults_on_both_sides_and_routes_inherit_them(base: Path) -> None:
+    assert (parse(minimal(), base).listen.tcp_user_timeout, PoolConfig().tcp_user_timeout) == (60.0, 30.0)
+    data = minimal()
+    data["listen"] = {"tcp_user_timeout": "off"}
+    data["pool"] = {"tcp_user_timeout": "20s"}
+    data["routes"]["reports"] = {
+        "host": "db",
+        "user": "reports",
+        "sslmode": "disable",
+        "pool": {"tcp_user_timeout": "1500ms"},
+    }
+    config = parse(data, base)
+    assert config.listen.tcp_user_timeout is None
+    assert config.routes["pos"].pool.tcp_user_timeout == 20.0
+    assert config.routes["reports"].pool.tcp_user_timeout == 1.5
+
+
+def test_bad_tcp_user_timeouts_name_their_keys(base: Path) -> None:
+    data = with_route(pool={"tcp_user_timeout": "10ms"})
+    data["listen"] = {"tcp_user_timeout": "25h"}
+    assert problems(data, base) == [
+        "listen.tcp_user_timeout: expected a duration from 100ms to 24h, or off; got '25h'",
+        "routes.pos.pool.tcp_user_timeout: expected a duration from 100ms to 24h, or off; got '10ms'",
+    ]
+
+
 @pytest.mark.parametrize("sslmode", ["require", "disable"])
 def test_sslrootcert_optional_without_verification(base: Path, sslmode: str) -> None:
     data = with_route(sslmode=sslmode)
@@ -352,7 +378,7 @@ def test_unknown_nested_key_names_its_full_path(base: Path) -> None:
     assert problems(data, base) == [
         "routes.pos.pool.sise: unknown key (expected one of: mode, size, min_idle, max_client_wait, "
         "server_idle_timeout, server_lifetime, connect_timeout, connect_retry_delay, "
-        "connect_retry_max_delay, tcp_keepalive, session_state, max_prepared_statements, "
+        "connect_retry_max_delay, tcp_keepalive, tcp_user_timeout, session_state, max_prepared_statements, "
         "idle_transaction_timeout, max_client_prepared_statements, max_client_prepared_bytes)"
     ]
 

@@ -534,7 +534,7 @@ async def open_socket(route: RouteConfig, timeout: float) -> socket.socket:
                     sock.close()
                     last_error = exc
                     continue
-                tune_socket(sock, route.pool.tcp_keepalive)
+                tune_socket(sock, route.pool.tcp_keepalive, route.pool.tcp_user_timeout)
                 return sock
     except TimeoutError as exc:
         raise caused_by(
