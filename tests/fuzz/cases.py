@@ -14,10 +14,11 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from proxy.errors import ProtocolViolation
 from proxy.protocols.postgres import messages as m
 from tests import proxyheaders
 from tests.fuzz.capture import Capture
-from tests.fuzz.mutate import flip_bits, mutate, with_database, write_sizes
+from tests.fuzz.mutate import StreamError, flip_bits, mutate, split_stream, with_database, write_sizes
 
 # The fuzz proxy trusts this loopback address as its load balancer (it must send a PROXY header).
 BALANCER = "127.0.0.2"
@@ -37,6 +38,9 @@ class Case:
     writes: tuple[int, ...]  # sizes of the writes of ``stream``
     steps: tuple[str, ...]
     abort: bool  # end with a reset instead of a close
+    # The stream is whole messages and no Terminate: whatever state it left the session in, a
+    # Sync and a Query after it must be answered (or the session closed) in bounded time.
+    probe: bool = False
 
     def describe(self, limit: int = 600) -> str:
         shown = self.stream[:limit].hex()
@@ -125,6 +129,14 @@ def _preauth(rng: random.Random, seed: str, capture: Capture, route: str, steps:
     )
 
 
+def _ends_between_messages(stream: bytes) -> bool:
+    try:
+        frames = split_stream(stream)
+    except (StreamError, ProtocolViolation):
+        return False
+    return all(kind != b"X" for kind, _body in frames)
+
+
 def replay_case(capture: Capture, route: str) -> Case:
     """A recording as the driver sent it, on ``route``."""
     stream = with_database(capture.stream, route)
@@ -153,13 +165,15 @@ def build_case(
     if rng.random() < preauth_share:
         return _preauth(rng, seed, capture, route, steps)
     stream = with_database(capture.stream, route)
+    donor = rng.choice(captures).stream
     # A few replays stay whole: the proxy must still serve them, mid-fuzz, as it does any session.
     if rng.random() >= 0.05:
-        mutated = mutate(stream, rng)
+        mutated = mutate(stream, rng, donor=donor)
         stream = mutated.data
         steps.extend(mutated.steps)
     direct = rng.random() < 0.1
     return Case(
+        probe=_ends_between_messages(stream),
         seed=seed,
         kind="session",
         route=route,

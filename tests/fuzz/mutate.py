@@ -182,8 +182,10 @@ def huge_bind_counts(rng: random.Random, frames: list[Frame]) -> tuple[list[Fram
         index = len(frames)
         frames = [*frames, (b"B", b"\x00\x00" + struct.pack("!hh", 0, 0) + struct.pack("!h", 0))]
     body = frames[index][1]
-    portal_end = body.index(b"\x00") + 1
-    statement_end = body.index(b"\x00", portal_end) + 1
+    portal_end = body.find(b"\x00") + 1
+    statement_end = body.find(b"\x00", portal_end) + 1 if portal_end else 0
+    if not statement_end:
+        return frames, f"huge_bind({index}:not a Bind any more)"  # an earlier mutation made it one
     huge = rng.choice((0x7FFF, -1, -32768, 0x7FFE))
     where = rng.choice(("formats", "parameters", "parameter_length", "results"))
     rest = body[statement_end:]
@@ -208,12 +210,14 @@ def bad_text(rng: random.Random, frames: list[Frame]) -> tuple[list[Frame], str]
     if index is None:
         return frames, "bad_text(none)"
     kind, body = frames[index]
-    start = body.index(b"\x00") + 1 if kind == b"P" else 0
-    end = body.index(b"\x00", start)
+    start = body.find(b"\x00") + 1 if kind == b"P" else 0
+    end = body.find(b"\x00", start)
+    if end < 0:  # an earlier mutation took the terminator away
+        end = len(body)
     at = rng.randint(start, end)
     junk = rng.choice(BAD_TEXT) * rng.choice((1, 1, 3))
     if rng.random() < 0.15:
-        body = body[:end] + body[end + 1 :]  # the text's terminating NUL gone
+        body = body[:end] + body[end + 1 :]  # the text's terminating NUL gone (if it was there)
         step = "unterminated"
     else:
         body = body[:at] + junk + body[at:]
@@ -245,6 +249,19 @@ def splice(rng: random.Random, frames: list[Frame]) -> tuple[list[Frame], str]:
     return frames, f"splice({at}:{kind!r}+{len(body)})"
 
 
+def graft(rng: random.Random, frames: list[Frame], donor: Sequence[Frame]) -> tuple[list[Frame], str]:
+    """A run of messages from another driver's recording put in somewhere: well-formed messages out
+    of their context (a Bind of a statement never parsed, CopyData outside COPY, an Execute of a
+    portal of another session), which reach the statement and portal bookkeeping, not the framing."""
+    typed = [frame for frame in donor if frame[0] is not None]
+    if not typed:
+        return frames, "graft(none)"
+    start = rng.randrange(len(typed))
+    run = typed[start : start + rng.randint(1, 6)]
+    at = rng.randint(1, len(frames))
+    return [*frames[:at], *run, *frames[at:]], f"graft({len(run)}@{at}:{[k for k, _ in run]})"
+
+
 MUTATIONS: tuple[Mutation, ...] = (
     bit_flips,
     truncate,
@@ -260,10 +277,13 @@ MUTATIONS: tuple[Mutation, ...] = (
 )
 
 
-def mutate(stream: bytes, rng: random.Random, *, rounds: int | None = None) -> Mutated:
+def mutate(
+    stream: bytes, rng: random.Random, *, rounds: int | None = None, donor: bytes | None = None
+) -> Mutated:
     """1-3 mutations of ``stream``, stacked; once a mutation leaves raw bytes (no longer frames),
-    only byte-level ones follow."""
+    only byte-level ones follow. With a ``donor`` recording, grafts of its messages join in."""
     frames: list[Frame] | None = split_stream(stream)
+    donor_frames = split_stream(donor) if donor is not None else []
     data = stream
     steps: list[str] = []
     for _ in range(rounds if rounds is not None else rng.choice((1, 1, 2, 3))):
@@ -271,8 +291,11 @@ def mutate(stream: bytes, rng: random.Random, *, rounds: int | None = None) -> M
             data, step = flip_bits(rng, data)
             steps.append(step)
             continue
-        mutation = rng.choice(MUTATIONS)
-        result, step = mutation(rng, frames)
+        result: list[Frame] | bytes
+        if donor_frames and rng.random() < 0.15:
+            result, step = graft(rng, frames, donor_frames)
+        else:
+            result, step = rng.choice(MUTATIONS)(rng, frames)
         steps.append(step)
         if isinstance(result, bytes):
             frames, data = None, result

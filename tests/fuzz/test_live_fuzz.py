@@ -29,6 +29,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from proxy.protocols.postgres import messages as m
 from tests.fuzz.capture import IO_TIMEOUT, Capture, record_driver_sessions
 from tests.fuzz.cases import ROUTES, Case, build_case, replay_case
 from tests.fuzz.conftest import ADMIN_TOKEN, POOL_SIZE, FuzzedProxy
@@ -51,12 +52,44 @@ CASE_CAP = 4.0
 RSS_BOUND_MIB = 2 * 32 + CONCURRENCY * 2 * 1 + 40
 
 
+# Whatever a well-framed stream left behind (an open transaction, a failed extended-protocol
+# sequence, COPY IN, a wait for a pooled connection), this gets an answer or a close.
+PROBE = m.build_message(b"S", b"") + m.build_query("SELECT 'fuzz-alive'")
+# A wait for a pooled connection (max_client_wait, 10 s in the fuzz config) plus slack.
+PROBE_TIMEOUT = 15.0
+READY_FOR_QUERY_HEAD = b"Z\x00\x00\x00\x05"
+
+
 class CaseResult:
-    __slots__ = ("closed", "received")
+    __slots__ = ("closed", "hung", "received")
 
     def __init__(self) -> None:
         self.received = bytearray()
         self.closed = False
+        self.hung = False
+
+
+async def _probe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, result: CaseResult) -> None:
+    """Sync + Query after the case's stream: answered once the proxy closes, the query's value comes
+    back, or a ReadyForQuery ends what came back; hung if none of that within PROBE_TIMEOUT."""
+    writer.write(PROBE)
+    await writer.drain()
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    answer = bytearray()
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            chunk = await asyncio.wait_for(reader.read(65536), min(QUIET, left))
+        except TimeoutError:
+            if answer[-6:-1] == READY_FOR_QUERY_HEAD:
+                return
+            continue
+        if not chunk:
+            result.closed = True
+            return
+        answer += chunk
+        if b"fuzz-alive" in answer:
+            return
+    result.hung = True
 
 
 async def _read_until_quiet(reader: asyncio.StreamReader, result: CaseResult, deadline: float) -> None:
@@ -102,6 +135,8 @@ async def run_case(case: Case, proxy: ProxyProcess, pki: TerminalPKI) -> CaseRes
                 else:
                     await writer.drain()
         await _read_until_quiet(reader, result, deadline)
+        if case.probe and not result.closed:
+            await _probe(reader, writer, result)
     except (ConnectionError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError):
         result.closed = True
     finally:
@@ -114,14 +149,16 @@ async def run_case(case: Case, proxy: ProxyProcess, pki: TerminalPKI) -> CaseRes
     return result
 
 
-async def run_batch(cases: Sequence[Case], proxy: ProxyProcess, pki: TerminalPKI) -> None:
+async def run_batch(cases: Sequence[Case], proxy: ProxyProcess, pki: TerminalPKI) -> list[Case]:
+    """Run ``cases``, CONCURRENCY at a time; returns those whose session hung (see _probe)."""
     limit = asyncio.Semaphore(CONCURRENCY)
 
-    async def one(case: Case) -> None:
+    async def one(case: Case) -> CaseResult:
         async with limit:
-            await run_case(case, proxy, pki)
+            return await run_case(case, proxy, pki)
 
-    await asyncio.gather(*(one(case) for case in cases))
+    results = await asyncio.gather(*(one(case) for case in cases))
+    return [case for case, result in zip(cases, results, strict=True) if result.hung]
 
 
 async def well_formed_session(proxy: ProxyProcess, pki: TerminalPKI, driver: str, route: str) -> None:
@@ -257,7 +294,9 @@ async def test_mutated_driver_sessions_leave_the_proxy_serving(
         base, index = ONE_CASE.rsplit(":", 1)
         case = build_case(base, int(index), captures)
         print(case.describe(limit=100_000))
-        await run_case(case, proxy, terminal_pki)
+        result = await run_case(case, proxy, terminal_pki)
+        print(f"closed={result.closed} hung={result.hung} received={bytes(result.received)!r}")
+        assert not result.hung, case.describe()
         await watch.check([case])
         return
     started = time.monotonic()
@@ -265,7 +304,10 @@ async def test_mutated_driver_sessions_leave_the_proxy_serving(
     while time.monotonic() - started < FUZZ_SECONDS:
         batch = [build_case(BASE_SEED, index + offset, captures) for offset in range(BATCH)]
         index += BATCH
-        await run_batch(batch, proxy, terminal_pki)
+        hung = await run_batch(batch, proxy, terminal_pki)
+        assert not hung, f"sessions left unanswered (base seed {BASE_SEED}):\n" + "\n".join(
+            case.describe() for case in hung
+        )
         await watch.check(batch)
     print(
         f"\nfuzz: base seed {BASE_SEED}, {index} cases in {time.monotonic() - started:.0f}s, "
