@@ -21,6 +21,7 @@ import random
 import ssl
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any
@@ -61,12 +62,21 @@ READY_FOR_QUERY_HEAD = b"Z\x00\x00\x00\x05"
 
 
 class CaseResult:
-    __slots__ = ("closed", "hung", "received")
+    __slots__ = ("closed", "hung", "probe_answer", "received")
 
     def __init__(self) -> None:
         self.received = bytearray()
         self.closed = False
         self.hung = False
+        self.probe_answer = ""  # how the probe was answered: "value", "ready" or "closed"
+
+    @property
+    def outcome(self) -> str:
+        if self.hung:
+            return "hung"
+        if self.probe_answer:
+            return f"probe answered: {self.probe_answer}"
+        return "closed by the proxy" if self.closed else "left waiting (not probed)"
 
 
 async def _probe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, result: CaseResult) -> None:
@@ -81,13 +91,16 @@ async def _probe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, res
             chunk = await asyncio.wait_for(reader.read(65536), min(QUIET, left))
         except TimeoutError:
             if answer[-6:-1] == READY_FOR_QUERY_HEAD:
+                result.probe_answer = "ready"
                 return
             continue
         if not chunk:
             result.closed = True
+            result.probe_answer = "closed"
             return
         answer += chunk
         if b"fuzz-alive" in answer:
+            result.probe_answer = "value"
             return
     result.hung = True
 
@@ -149,8 +162,11 @@ async def run_case(case: Case, proxy: ProxyProcess, pki: TerminalPKI) -> CaseRes
     return result
 
 
-async def run_batch(cases: Sequence[Case], proxy: ProxyProcess, pki: TerminalPKI) -> list[Case]:
-    """Run ``cases``, CONCURRENCY at a time; returns those whose session hung (see _probe)."""
+async def run_batch(
+    cases: Sequence[Case], proxy: ProxyProcess, pki: TerminalPKI, outcomes: Counter[str]
+) -> list[Case]:
+    """Run ``cases``, CONCURRENCY at a time, counting their outcomes; returns those whose session
+    hung (see _probe)."""
     limit = asyncio.Semaphore(CONCURRENCY)
 
     async def one(case: Case) -> CaseResult:
@@ -158,6 +174,7 @@ async def run_batch(cases: Sequence[Case], proxy: ProxyProcess, pki: TerminalPKI
             return await run_case(case, proxy, pki)
 
     results = await asyncio.gather(*(one(case) for case in cases))
+    outcomes.update(result.outcome for result in results)
     return [case for case, result in zip(cases, results, strict=True) if result.hung]
 
 
@@ -205,6 +222,11 @@ SELECT current_setting('search_path'), current_setting('statement_timeout'),
        pg_current_xact_id_if_assigned() IS NULL,
        pg_backend_pid()
 """
+
+
+# SESSION_STATE of a server connection the proxy opened (its application_name; the route's
+# defaults) with nothing done on it yet.
+CLEAN_STATE = ('"$user", public', "0", "pos-db-proxy", "UTF8", 0, 0, 0, 0, True)
 
 
 async def pooled_states(proxy: ProxyProcess, pki: TerminalPKI, route: str) -> list[tuple[Any, ...]]:
@@ -301,10 +323,11 @@ async def test_mutated_driver_sessions_leave_the_proxy_serving(
         return
     started = time.monotonic()
     index = 0
+    outcomes: Counter[str] = Counter()
     while time.monotonic() - started < FUZZ_SECONDS:
         batch = [build_case(BASE_SEED, index + offset, captures) for offset in range(BATCH)]
         index += BATCH
-        hung = await run_batch(batch, proxy, terminal_pki)
+        hung = await run_batch(batch, proxy, terminal_pki, outcomes)
         assert not hung, f"sessions left unanswered (base seed {BASE_SEED}):\n" + "\n".join(
             case.describe() for case in hung
         )
@@ -312,7 +335,7 @@ async def test_mutated_driver_sessions_leave_the_proxy_serving(
     print(
         f"\nfuzz: base seed {BASE_SEED}, {index} cases in {time.monotonic() - started:.0f}s, "
         f"{watch.checks} checks, RSS warm {watch.warm_rss_kib // 1024} MiB, "
-        f"peak {watch.peak_rss_kib // 1024} MiB (bound +{RSS_BOUND_MIB} MiB)"
+        f"peak {watch.peak_rss_kib // 1024} MiB (bound +{RSS_BOUND_MIB} MiB); {dict(outcomes)}"
     )
     await _check_pool_hygiene(fuzz_proxy, terminal_pki)
 
@@ -329,7 +352,6 @@ async def _check_pool_hygiene(fuzzed: FuzzedProxy, pki: TerminalPKI) -> None:
         await asyncio.sleep(0.2)
     for pool in pools.values():
         assert pool["idle"] + pool["opening"] <= POOL_SIZE, pool
-    clean: tuple[Any, ...] | None = None
     for route in ROUTES:
         try:
             states = await pooled_states(fuzzed.process, pki, route)
@@ -338,8 +360,5 @@ async def _check_pool_hygiene(fuzzed: FuzzedProxy, pki: TerminalPKI) -> None:
                 f"no clean session on {route} in time; pools: {admin_pools(fuzzed)}"
             ) from exc
         for state in states:
-            if clean is None:
-                clean = state[:-1]
-            assert state[:-1] == clean, f"a pooled connection on {route} carries {state[:-1]}, not {clean}"
-    assert clean is not None
-    assert clean[4:9] == (0, 0, 0, 0, True), clean
+            assert state[:-1] == CLEAN_STATE, f"a pooled connection on {route} carries {state[:-1]}"
+        assert len({state[-1] for state in states}) == POOL_SIZE, f"fewer server connections seen: {states}"
