@@ -18,7 +18,15 @@ from proxy.errors import ProtocolViolation
 from proxy.protocols.postgres import messages as m
 from tests import proxyheaders
 from tests.fuzz.capture import Capture
-from tests.fuzz.mutate import StreamError, flip_bits, mutate, split_stream, with_database, write_sizes
+from tests.fuzz.mutate import (
+    StreamError,
+    flip_bits,
+    mutate,
+    split_stream,
+    with_database,
+    without_terminate,
+    write_sizes,
+)
 
 # The fuzz proxy trusts this loopback address as its load balancer (it must send a PROXY header).
 BALANCER = "127.0.0.2"
@@ -41,13 +49,17 @@ class Case:
     # The stream is whole messages and no Terminate: whatever state it left the session in, a
     # Sync and a Query after it must be answered (or the session closed) in bounded time.
     probe: bool = False
+    # After the session's startup answer: a CancelRequest with its key ("plain", "tls"), or with
+    # the key one bit off ("plain-wrong", "tls-wrong").
+    cancel: str = ""
 
     def describe(self, limit: int = 600) -> str:
         shown = self.stream[:limit].hex()
         more = f" (+{len(self.stream) - limit} bytes)" if len(self.stream) > limit else ""
         return (
             f"case {self.seed} [{self.kind}] route={self.route} from {self.local_host} tls={self.tls} "
-            f"steps={list(self.steps)} writes={len(self.writes)} abort={self.abort}\n"
+            f"steps={list(self.steps)} writes={len(self.writes)} abort={self.abort} "
+            f"probe={self.probe} cancel={self.cancel or None}\n"
             f"  preamble={self.preamble.hex()}\n  stream={shown}{more}"
         )
 
@@ -165,6 +177,10 @@ def build_case(
     if rng.random() < preauth_share:
         return _preauth(rng, seed, capture, route, steps)
     stream = with_database(capture.stream, route)
+    if rng.random() < 0.8:
+        # Without the driver's Terminate the session stays open after the stream: the probe then
+        # asks whether the proxy still answers whatever state the stream left it in.
+        stream = without_terminate(stream)
     donor = rng.choice(captures).stream
     # A few replays stay whole: the proxy must still serve them, mid-fuzz, as it does any session.
     if rng.random() >= 0.05:
@@ -174,6 +190,7 @@ def build_case(
     direct = rng.random() < 0.1
     return Case(
         probe=_ends_between_messages(stream),
+        cancel=rng.choice(("plain", "tls", "plain-wrong", "tls-wrong")) if rng.random() < 0.1 else "",
         seed=seed,
         kind="session",
         route=route,

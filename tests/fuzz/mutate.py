@@ -84,6 +84,12 @@ def with_database(stream: bytes, database: str) -> bytes:
     return rebuilt + join_frames(frames[1:])
 
 
+def without_terminate(stream: bytes) -> bytes:
+    """The stream without the Terminate a driver ends its session with."""
+    frames = split_stream(stream)
+    return join_frames(frames[:-1]) if frames[-1][0] == b"X" else stream
+
+
 @dataclass(frozen=True, slots=True)
 class Mutated:
     """One fuzz case's bytes and the names of the mutations that made them (for the report)."""

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import ssl
+import struct
 import time
 import urllib.request
 from collections import Counter
@@ -31,7 +32,7 @@ import psycopg
 import pytest
 
 from proxy.protocols.postgres import messages as m
-from tests.fuzz.capture import IO_TIMEOUT, Capture, record_driver_sessions
+from tests.fuzz.capture import IO_TIMEOUT, Capture, open_tls, record_driver_sessions
 from tests.fuzz.cases import ROUTES, Case, build_case, replay_case
 from tests.fuzz.conftest import ADMIN_TOKEN, POOL_SIZE, FuzzedProxy
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI
@@ -59,6 +60,7 @@ PROBE = m.build_message(b"S", b"") + m.build_query("SELECT 'fuzz-alive'")
 # A wait for a pooled connection (max_client_wait, 10 s in the fuzz config) plus slack.
 PROBE_TIMEOUT = 15.0
 READY_FOR_QUERY_HEAD = b"Z\x00\x00\x00\x05"
+BACKEND_KEY_DATA_HEAD = b"K\x00\x00\x00\x0c"
 
 
 class CaseResult:
@@ -105,8 +107,14 @@ async def _probe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, res
     result.hung = True
 
 
-async def _read_until_quiet(reader: asyncio.StreamReader, result: CaseResult, deadline: float) -> None:
+async def _read_until_quiet(
+    reader: asyncio.StreamReader, result: CaseResult, deadline: float, *, until: bytes | None = None
+) -> None:
+    """Keep what arrives until the proxy closes, says nothing for QUIET seconds, or (with ``until``)
+    sends those bytes."""
     while (left := deadline - time.monotonic()) > 0:
+        if until is not None and until in result.received:
+            return
         try:
             chunk = await asyncio.wait_for(reader.read(65536), min(QUIET, left))
         except TimeoutError:
@@ -117,6 +125,26 @@ async def _read_until_quiet(reader: asyncio.StreamReader, result: CaseResult, de
         result.received += chunk[: max(0, 4096 - len(result.received))]
 
 
+async def _cancel(case: Case, proxy: ProxyProcess, pki: TerminalPKI, received: bytes) -> None:
+    """A CancelRequest with the key the case's session got (or the key with one bit off), in
+    plaintext as libpq sends it or inside TLS, while the session's statements may still run."""
+    at = received.find(BACKEND_KEY_DATA_HEAD)
+    if at < 0 or len(received) < at + 13:
+        return
+    process_id, secret_key = struct.unpack_from("!ii", received, at + 5)
+    request = m.build_cancel_request(process_id, secret_key ^ (1 if case.cancel.endswith("-wrong") else 0))
+    if case.cancel.startswith("tls"):
+        reader, writer = await open_tls(proxy, pki, pki.cashier)
+    else:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", proxy.port), IO_TIMEOUT)
+    try:
+        writer.write(request)
+        await writer.drain()
+        await asyncio.wait_for(reader.read(1), IO_TIMEOUT)  # the proxy closes the connection
+    finally:
+        writer.close()
+
+
 async def run_case(case: Case, proxy: ProxyProcess, pki: TerminalPKI) -> CaseResult:
     """Send one case; read what comes back until the proxy closes or goes quiet (bounded)."""
     result = CaseResult()
@@ -124,6 +152,7 @@ async def run_case(case: Case, proxy: ProxyProcess, pki: TerminalPKI) -> CaseRes
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection("127.0.0.1", proxy.port, local_addr=(case.local_host, 0)), IO_TIMEOUT
     )
+    cancelling: asyncio.Task[None] | None = None
     try:
         if case.preamble:
             writer.write(case.preamble)
@@ -147,12 +176,18 @@ async def run_case(case: Case, proxy: ProxyProcess, pki: TerminalPKI) -> CaseRes
                     await asyncio.sleep(0.001)  # each byte its own read on the proxy's side
                 else:
                     await writer.drain()
+            if case.cancel:
+                await _read_until_quiet(reader, result, deadline, until=BACKEND_KEY_DATA_HEAD)
+                cancelling = asyncio.create_task(_cancel(case, proxy, pki, bytes(result.received)))
         await _read_until_quiet(reader, result, deadline)
         if case.probe and not result.closed:
             await _probe(reader, writer, result)
     except (ConnectionError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError):
         result.closed = True
     finally:
+        if cancelling is not None:
+            with suppress(ConnectionError, ssl.SSLError, TimeoutError):
+                await asyncio.wait_for(cancelling, IO_TIMEOUT)
         if case.abort:
             writer.transport.abort()
         else:
