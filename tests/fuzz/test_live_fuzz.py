@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
+import re
 import ssl
 import struct
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -32,6 +35,7 @@ import psycopg
 import pytest
 
 from proxy.protocols.postgres import messages as m
+from tests.conftest import PgCluster
 from tests.fuzz.capture import IO_TIMEOUT, Capture, open_tls, record_driver_sessions
 from tests.fuzz.cases import ROUTES, Case, build_case, replay_case
 from tests.fuzz.conftest import ADMIN_TOKEN, POOL_SIZE, FuzzedProxy
@@ -285,12 +289,17 @@ async def pooled_states(proxy: ProxyProcess, pki: TerminalPKI, route: str) -> li
             await connection.close()
 
 
+SERVER_CRASH = "was terminated by signal"
+
+
 class Watch:
     """The checks after each batch, reading the proxy's log from where the last check stopped."""
 
-    def __init__(self, fuzzed: FuzzedProxy, pki: TerminalPKI) -> None:
+    def __init__(self, fuzzed: FuzzedProxy, pki: TerminalPKI, server_log: Path) -> None:
         self.proxy = fuzzed.process
         self.pki = pki
+        self.server_log = server_log
+        self.server_log_offset = server_log.stat().st_size
         self.log_offset = 0
         self.warm_rss_kib = 0
         self.peak_rss_kib = 0
@@ -316,6 +325,19 @@ class Watch:
         errors = unhandled_errors(text.decode("utf-8", errors="replace"))
         reports = "\n".join(errors)[-6000:]
         assert not errors, f"the proxy logged {len(errors)} unhandled error(s) {where}\n{reports}"
+        with self.server_log.open("rb") as log:
+            log.seek(self.server_log_offset)
+            server_text = log.read()
+        self.server_log_offset += len(server_text)
+        # A backend that dies on a signal makes the postmaster end every session of every store
+        # and restart: a terminal that can cause it takes the whole database down for a moment.
+        server_lines = server_text.decode(errors="replace").splitlines()
+        crashes = [line for line in server_lines if SERVER_CRASH in line]
+        if crashes:
+            # What the crashed backends logged before (errors and their statements), then the crash.
+            pids = {f"[{pid}]" for pid in re.findall(r"server process \(PID (\d+)\)", "\n".join(crashes))}
+            told = [line for line in server_lines if any(pid in line for pid in pids) or SERVER_CRASH in line]
+            raise AssertionError(f"a PostgreSQL backend crashed {where}\n" + "\n".join(told))
         rss = proxy.rss_kib()
         self.peak_rss_kib = max(self.peak_rss_kib, rss)
         if not self.warm_rss_kib:
@@ -334,12 +356,26 @@ async def captures(fuzz_proxy: FuzzedProxy, terminal_pki: TerminalPKI) -> list[C
     return recorded
 
 
+@pytest.fixture
+def quiet_asyncio() -> Iterator[None]:
+    """The fuzzing client's own event loop warns of every connection the proxy cut short."""
+    logger = logging.getLogger("asyncio")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
+
+
 @pytest.mark.timeout(FUZZ_SECONDS + 150)
 async def test_mutated_driver_sessions_leave_the_proxy_serving(
-    fuzz_proxy: FuzzedProxy, terminal_pki: TerminalPKI, captures: list[Capture]
+    fuzz_proxy: FuzzedProxy,
+    terminal_pki: TerminalPKI,
+    pg_cluster: PgCluster,
+    captures: list[Capture],
+    quiet_asyncio: None,
 ) -> None:
     proxy = fuzz_proxy.process
-    watch = Watch(fuzz_proxy, terminal_pki)
+    watch = Watch(fuzz_proxy, terminal_pki, pg_cluster.server.log_path)
     # Warm: every recording replayed whole on both routes, so the first RSS reading is a proxy
     # that has served each kind of session once.
     replays = [replay_case(capture, route) for capture in captures for route in ROUTES]
