@@ -175,6 +175,18 @@ class ProxyProcess:
         assert self._process is not None
         return self._process.pid
 
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def rss_kib(self) -> int:
+        """The proxy's resident set size now (VmRSS in /proc/PID/status), in KiB."""
+        status = Path(f"/proc/{self.pid}/status").read_text(encoding="ascii")
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError(f"no VmRSS in the status of process {self.pid}")
+
     def signal(self, signum: int) -> None:
         assert self._process is not None
         self._process.send_signal(signum)

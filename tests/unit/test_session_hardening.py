@@ -100,3 +100,54 @@ async def test_a_flush_inside_a_transaction_does_not_stop_the_idle_transaction_c
         await asyncio.sleep(0.05)
     assert transport in closed, "the terminal still holds its transaction after the timeout"
     assert b"25P03" in b"".join(transport.written)
+
+
+async def test_an_execute_of_the_unnamed_portal_a_query_destroyed_ends_the_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by tests/fuzz (psql Queries grafted between a psycopg Bind and its Execute): PostgreSQL
+    15.18 dies with SIGSEGV on BEGIN; Parse; Bind of the unnamed portal; Sync; a Query failing the
+    transaction; a Query DECLARE; Execute of the unnamed portal -- and restarts, ending every
+    store's sessions. A simple Query destroys the unnamed portal (55.2.3), so no driver executes it
+    afterwards without a new Bind: the proxy refuses that Execute (08P01) before the server sees it."""
+    closed = record_closed_transports(monkeypatch)
+    proxy = proxy_without_listener(tmp_path)
+    _server, upstream = add_server(proxy.routes["pos"], PARAMETERS)
+    session, transport = open_session(proxy, terminal_certificate(tmp_path), 40002)
+    session.data_received(_parse(b"", b"SELECT 1") + _bind(b"", b"") + SYNC)
+    session.data_received(m.build_query("COPY missing_table FROM STDIN"))
+    session.data_received(m.build_query("DECLARE c CURSOR FOR SELECT 1") + _execute() + SYNC)
+    assert transport in closed
+    assert b"08P01" in b"".join(transport.written)
+    assert b"DECLARE" not in b"".join(upstream.written), "the messages reached the server"
+
+
+async def test_drivers_ways_with_the_unnamed_portal_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncpg's COPY: Parse, Describe, Flush, then a Query with no Sync; every driver's Bind again
+    before executing the unnamed portal after a Query; a named portal after a Query."""
+    closed = record_closed_transports(monkeypatch)
+    proxy = proxy_without_listener(tmp_path)
+    _server, upstream = add_server(proxy.routes["pos"], PARAMETERS)
+    session, transport = open_session(proxy, terminal_certificate(tmp_path), 40003)
+    sent = (
+        _parse(b"", b"SELECT 1")
+        + m.build_message(b"D", b"S\x00")
+        + FLUSH
+        + m.build_query("SELECT 2")
+        + _bind(b"", b"")
+        + _execute()
+        + SYNC
+        + m.build_query("SELECT 3")
+        + _bind(b"", b"")
+        + _execute()
+        + SYNC
+    )
+    session.data_received(sent[:40])  # the series may span reads
+    session.data_received(sent[40:])
+    assert transport not in closed
+    assert b"08P01" not in b"".join(transport.written)
+    forwarded = b"".join(upstream.written)
+    assert m.build_query("SELECT 3") in forwarded
+    assert forwarded.endswith(_execute() + SYNC)

@@ -211,6 +211,11 @@ _PASSED_ON: Final = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 _SYNC_POINTS: Final = frozenset(b"QSF")
 _MSG_SYNC: Final = ord("S")
 QUERY_CANCELED = "57014"
+# What the session knows of the unnamed portal (55.2.3: a simple Query destroys it).
+_UNNAMED_PORTAL_NONE: Final = 0
+_UNNAMED_PORTAL_BOUND: Final = 1
+_UNNAMED_PORTAL_DESTROYED: Final = 2
+_DESCRIBE: Final = ord("D")
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
 RESERVED_NAME = "42939"  # reserved_name
@@ -335,6 +340,7 @@ class ClientSession(asyncio.Protocol):
         "_statements_run",
         "_timeout_ceiling",
         "_transport",
+        "_unnamed_portal",
         "_violations",
         "_waiting",
         "_waiting_since",
@@ -406,6 +412,7 @@ class ClientSession(asyncio.Protocol):
         self._refused_statements: dict[bytes, str] = {}
         self._refused_portals: dict[bytes, str] = {}
         self._bytes_in = 0
+        self._unnamed_portal = _UNNAMED_PORTAL_NONE
         self._bytes_out = 0
         self._connect_task: asyncio.Task[None] | None = None
         # In line for a server connection under transaction pooling (no task: the pool calls back).
@@ -1087,8 +1094,24 @@ class ClientSession(asyncio.Protocol):
         if consumed < len(data):
             chunk = data[:consumed]
             self._buffer += memoryview(data)[consumed:]
-        for index, (kind, start, _end) in enumerate(frames):
+        unnamed_portal = self._unnamed_portal
+        for index, (kind, start, end) in enumerate(frames):
             if kind in _PASSED_ON:
+                if kind == m.MSG_BIND:
+                    if end > start + 5 and chunk[start + 5] == 0:
+                        unnamed_portal = _UNNAMED_PORTAL_BOUND
+                elif kind == m.MSG_QUERY:
+                    if unnamed_portal == _UNNAMED_PORTAL_BOUND:
+                        unnamed_portal = _UNNAMED_PORTAL_DESTROYED
+                elif unnamed_portal == _UNNAMED_PORTAL_DESTROYED and _uses_unnamed_portal(
+                    chunk, kind, start, end
+                ):
+                    # The protocol says the portal is gone; PostgreSQL 15.18 may still find it, freed
+                    # when a Query failed the transaction, and die with SIGSEGV reading it: the
+                    # postmaster then restarts and every store's sessions end. Found by tests/fuzz.
+                    raise ProtocolViolation(
+                        "the unnamed portal was destroyed by a simple Query; Bind it again"
+                    )
                 continue
             if kind != m.MSG_TERMINATE:
                 raise ProtocolViolation(f"invalid frontend message type {kind}")
@@ -1098,6 +1121,7 @@ class ClientSession(asyncio.Protocol):
                     self._dispatch(chunk, frames[:index])
                 self._close()
             return
+        self._unnamed_portal = unnamed_portal
         if frames and (len(chunk) <= self._analyze_above or not self._analyzing(chunk, frames)):
             self._dispatch(chunk, frames)
 
@@ -2175,6 +2199,13 @@ class ClientSession(asyncio.Protocol):
         if self._route is not None:
             fields["route"] = self._route.config.database
         return fields
+
+
+def _uses_unnamed_portal(chunk: bytes, kind: int, start: int, end: int) -> bool:
+    """An Execute or a Describe of the unnamed portal (its name, the empty string, is one NUL)."""
+    if kind == m.MSG_EXECUTE:
+        return end > start + 5 and chunk[start + 5] == 0
+    return kind == _DESCRIBE and end > start + 6 and chunk[start + 5] == ord("P") and chunk[start + 6] == 0
 
 
 def _parse_text(chunk: bytes, start: int, end: int) -> tuple[int, bytes]:
