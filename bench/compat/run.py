@@ -86,7 +86,7 @@ SUITES: Final = {
             repo="psycopg/psycopg",
             tag="3.3.4",
             distribution="psycopg",
-            paths=("tests", "pyproject.toml"),
+            paths=("tests", "pyproject.toml", "tools/pproxy_fix.py"),  # its proxy tests run the last
             # its conftest stores a segfault marker in pytest's cache: keep the cache provider,
             # but in the run's own directory; it uses anyio, not pytest-asyncio.  Left out to fit
             # three runs in half an hour on two shared cores: tests marked slow or timing, the
