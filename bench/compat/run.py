@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
 
 from proxy import certs  # noqa: E402
-from proxy.localpg import LocalPostgres, LocalPostgresTLS  # noqa: E402
+from proxy.localpg import LocalPostgres, LocalPostgresError, LocalPostgresTLS  # noqa: E402
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI, proxy_config  # noqa: E402
 
 ENDPOINTS: Final = ("direct", "session", "transaction")
@@ -256,11 +256,12 @@ class DatabaseFacts:
 
 
 @contextlib.contextmanager
-def running_endpoints(
-    work: Path, endpoints: Sequence[str], pool_size: int, logs: Path
-) -> Iterator[dict[str, Endpoint]]:
-    """PostgreSQL 15 and, as asked, a session-mode and a transaction-mode proxy in front of it;
-    their logs are copied to ``logs`` when they stop."""
+def running_endpoint(work: Path, endpoint: str, pool_size: int, logs: Path) -> Iterator[Endpoint]:
+    """A fresh PostgreSQL 15 and, unless ``endpoint`` is direct, a proxy in that pool mode in front
+    of it; their logs are copied into ``logs`` when they stop.  Fresh for every run, so that what
+    one suite or endpoint leaves behind (tables, databases, prepared transactions) cannot change
+    the next one's outcome."""
+    work.mkdir(parents=True)
     db_pki = work / "db-pki"
     db_ca = certs.init_ca(db_pki, common_name="pos-db-proxy compat database CA")
     db_cert = certs.issue_server(db_pki, dns_names=["localhost"], ip_addresses=["127.0.0.1", "::1"])
@@ -272,44 +273,41 @@ def running_endpoints(
         work / "pg",
         tls=LocalPostgresTLS(cert=db_cert.cert_path, key=db_cert.key_path, ca=db_ca),
         superuser_password=password,
-        # the suites' pools and the two proxies' pools at once; prepared transactions for the
-        # two-phase-commit tests (psycopg's tpc, asyncpg's); jit off as asyncpg's own cluster has it
+        # the suites' pools and the proxy's; prepared transactions for the two-phase-commit
+        # tests (psycopg's tpc, asyncpg's); jit off as asyncpg's own test cluster has it
         settings={"max_connections": "400", "max_prepared_transactions": "10", "jit": "off"},
     )
-    pki = TerminalPKI.create(work / "terminal-pki")
-    proxies: list[ProxyProcess] = []
+    proxy: ProxyProcess | None = None
     server.start()
     try:
-        found = {"direct": Endpoint("direct", server.port, db_ca, None, None, password)}
-        for mode in ("session", "transaction"):
-            if mode not in endpoints:
-                continue
-            config = proxy_config(pki, DatabaseFacts(server.port, db_ca), password_file)
-            route = config["routes"].pop("pos")
-            route["pool"] = {
-                **route["pool"],
-                "mode": mode,
-                "size": pool_size,
-                "min_idle": 0,
-                "max_client_wait": "30s",
-                "idle_transaction_timeout": "10m",
-            }
-            config["routes"] = {DATABASE: route}
-            config["listen"]["max_message_size"] = "256MiB"
-            proxy = ProxyProcess(work / f"proxy-{mode}", config, ["--log-level", "warning"])
-            proxies.append(proxy)
-            proxy.start()
-            found[mode] = Endpoint(mode, proxy.port, pki.ca, pki.cashier.cert, pki.cashier.key, password)
-        yield found
+        if endpoint == "direct":
+            yield Endpoint("direct", server.port, db_ca, None, None, password)
+            return
+        pki = TerminalPKI.create(work / "terminal-pki")
+        config = proxy_config(pki, DatabaseFacts(server.port, db_ca), password_file)
+        route = config["routes"].pop("pos")
+        route["pool"] = {
+            **route["pool"],
+            "mode": endpoint,
+            "size": pool_size,
+            "min_idle": 0,
+            "max_client_wait": "30s",
+            "idle_transaction_timeout": "10m",
+        }
+        config["routes"] = {DATABASE: route}
+        config["listen"]["max_message_size"] = "256MiB"
+        proxy = ProxyProcess(work / "proxy", config, ["--log-level", "warning"])
+        proxy.start()
+        yield Endpoint(endpoint, proxy.port, pki.ca, pki.cashier.cert, pki.cashier.key, password)
     finally:
-        for proxy in proxies:
+        if proxy is not None:
             proxy.stop(check=False)
-            shutil.copyfile(proxy.log_path, logs / f"{proxy.directory.name}.log")
+            shutil.copyfile(proxy.log_path, logs / "proxy.log")
             try:
                 proxy.check_log()
             except AssertionError as problem:  # a finding to report, not a reason to stop
                 print(f"warning: {problem}", file=sys.stderr)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, LocalPostgresError):
             shutil.copyfile(server.log_path, logs / "postgres.log")
         server.stop()
 
@@ -318,7 +316,14 @@ def running_endpoints(
 
 
 def run_suite(
-    suite: Suite, source: Path, endpoint: Endpoint, *, python: Path, out: Path, test_timeout: int
+    suite: Suite,
+    source: Path,
+    endpoint: Endpoint,
+    *,
+    python: Path,
+    out: Path,
+    test_timeout: int,
+    extra: Sequence[str] = (),
 ) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     junit = out / "junit.xml"
@@ -333,6 +338,7 @@ def run_suite(
         f"--timeout={test_timeout}",
         "-q",
         "-rN",
+        *extra,
         *suite.pytest_args,
     ]
     if "no:cacheprovider" not in suite.pytest_args:
@@ -447,6 +453,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="python of the virtualenv holding the drivers and their test dependencies",
     )
     parser.add_argument("--output", type=Path, default=COMPAT_DIR / "results" / "latest")
+    parser.add_argument(
+        "--pytest-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="passed on to every suite's pytest, e.g. --pytest-arg=-k --pytest-arg=notify",
+    )
     parser.add_argument("--pool-size", type=int, default=80)
     parser.add_argument("--test-timeout", type=int, default=60, help="seconds for one test (pytest-timeout)")
     args = parser.parse_args(argv)
@@ -468,30 +481,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(scratch)
         os.chmod(work, 0o755)  # the server runs as the postgres OS user when we are root
         sources = {s.name: locate_source(s, checkouts, git_dirs, args.mirrors, work / "src") for s in suites}
-        with running_endpoints(work / "servers", endpoints, args.pool_size, args.output) as running:
-            for suite in suites:
-                for name in endpoints:
-                    print(f"{datetime.now(UTC):%H:%M:%S} {suite.name} -> {name}", file=sys.stderr, flush=True)
+        for suite in suites:
+            for name in endpoints:
+                print(f"{datetime.now(UTC):%H:%M:%S} {suite.name} -> {name}", file=sys.stderr, flush=True)
+                out = args.output / f"{suite.name}-{name}"
+                out.mkdir(parents=True, exist_ok=True)
+                with running_endpoint(
+                    work / f"servers-{suite.name}-{name}", name, args.pool_size, out
+                ) as endpoint:
                     result = run_suite(
                         suite,
                         sources[suite.name],
-                        running[name],
+                        endpoint,
                         python=args.suite_python,
-                        out=args.output / f"{suite.name}-{name}",
+                        out=out,
                         test_timeout=args.test_timeout,
+                        extra=args.pytest_arg,
                     )
-                    results.append(result)
-                    print(
-                        f"  passed {result.passed} failed {result.failed} skipped {result.skipped}"
-                        f" in {result.seconds:.0f}s{' (timed out)' if result.timed_out else ''}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    (args.output / "results.json").write_text(
-                        json.dumps({"versions": versions, "runs": [asdict(r) for r in results]}, indent=1),
-                        encoding="utf-8",
-                    )
-                    (args.output / "summary.md").write_text(render(results, versions), encoding="utf-8")
+                results.append(result)
+                print(
+                    f"  passed {result.passed} failed {result.failed} skipped {result.skipped}"
+                    f" in {result.seconds:.0f}s{' (timed out)' if result.timed_out else ''}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                (args.output / "results.json").write_text(
+                    json.dumps({"versions": versions, "runs": [asdict(r) for r in results]}, indent=1),
+                    encoding="utf-8",
+                )
+                (args.output / "summary.md").write_text(render(results, versions), encoding="utf-8")
     print(render(results, versions))
     return 0
 
