@@ -1,9 +1,10 @@
 """Run the drivers' own test suites against PostgreSQL directly and through the proxy.
 
-Starts a throwaway PostgreSQL 15 (TLS only, SCRAM) and two proxies in front of it (session and
-transaction pooling; one terminal certificate whose role has no SQL policy), then runs each
-selected suite once per endpoint (direct, session, transaction), one run at a time, and prints
-a table of passed / failed / skipped with every test whose outcome differs from direct.
+For each selected suite and endpoint (direct, session, transaction), one run at a time: starts a
+fresh throwaway PostgreSQL 15 (TLS only, SCRAM) and, for session and transaction, a proxy in
+that pool mode in front of it (one terminal certificate whose role has no SQL policy), runs the
+suite against it, and at the end prints a table of passed / failed / skipped with every test
+whose outcome differs from direct.
 
     .venv/bin/python bench/compat/run.py                                 # all suites, all endpoints
     .venv/bin/python bench/compat/run.py --suites pg8000 --endpoints direct session
