@@ -1499,14 +1499,18 @@ class ClientSession(asyncio.Protocol):
         prepared = self._sql_prepared
         for use in decision.prepared_names:
             if use.action == "EXECUTE":
-                body = prepared.get(use.name or "")
-                # The PREPARE's text as the proxy read it, kept in UTF-8 whatever the client's encoding.
-                encoding = DEFAULT_ENCODING
-                if body is None:
-                    # One it prepared with the protocol (Parse): its text as the client sent it.
-                    statement = self._protocol_statement(use.name or "")
-                    body, encoding = (statement.text, self._encoding) if statement else (None, encoding)
-                if body is None:
+                # The PREPARE's text as the proxy read it (kept in UTF-8 whatever the client's
+                # encoding), and one it prepared with the protocol (Parse) as the client sent it. A
+                # PREPARE the server refused (the name taken by that Parse, a failed transaction)
+                # is still recorded: the server may run either, so both must be allowed.
+                bodies: list[tuple[bytes, str]] = []
+                sql_body = prepared.get(use.name or "")
+                if sql_body is not None:
+                    bodies.append((sql_body, DEFAULT_ENCODING))
+                statement = self._protocol_statement(use.name or "")
+                if statement is not None:
+                    bodies.append((statement.text, self._encoding))
+                if not bodies:
                     # Not this session's: possibly another terminal's, on a shared server connection.
                     return Decision(
                         False,
@@ -1515,15 +1519,16 @@ class ClientSession(asyncio.Protocol):
                         UNDEFINED_STATEMENT,
                         decision.statements,
                     )
-                executed = self._env.policies.decide(self._role, body, encoding)
-                if not executed.allowed:
-                    return Decision(
-                        False,
-                        f"{executed.rule} on execute",
-                        executed.message,
-                        executed.sqlstate,
-                        decision.statements,
-                    )
+                for body, encoding in bodies:
+                    executed = self._env.policies.decide(self._role, body, encoding)
+                    if not executed.allowed:
+                        return Decision(
+                            False,
+                            f"{executed.rule} on execute",
+                            executed.message,
+                            executed.sqlstate,
+                            decision.statements,
+                        )
             elif use.action == "PREPARE" and use.name is not None:
                 # The server keeps the first of two PREPAREs of one name (the second fails).
                 prepared.setdefault(use.name, use.text.encode())

@@ -1,0 +1,99 @@
+"""Hostile review of carried settings and prepared statements under transaction pooling.
+
+An attacker with a valid certificate (a role without a policy: the manager of these tests' default
+routes) tries to leave a setting, or drop what the proxy set, on a pooled server connection that
+the next terminal then gets, through statements the proxy reads once (a protocol Parse) and the
+server runs at every Bind. Real PostgreSQL 15 through the real proxy, pool of one connection.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.integration.proxyproc import TerminalPKI
+from tests.integration.test_policies import (
+    SYNC,
+    _assert_serves,
+    _error,
+    _parse,
+    _policy_overrides,
+    _policy_path,
+)
+from tests.integration.test_postgres_robustness import raw_session, run_query
+from tests.security.test_policy_reload_prepared import (
+    BEFORE,
+    PEN,
+    STOCK,
+    ReloadingProxy,
+    pos_schema,  # noqa: F401  (a fixture the tests below use)
+    rows,
+)
+from tests.security.test_pooled_settings_isolation import (
+    StartProxy,
+    _asyncpg,
+    _backend_pid,
+    _proxy,
+    _psycopg,
+    _show_all,
+)
+
+
+def _internal_errors(proxy: object) -> list[dict[str, object]]:
+    return [r for r in proxy.log_events() if "internal" in str(r.get("event", ""))]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("statement", ["DISCARD ALL", "DEALLOCATE ALL"])
+async def test_a_protocol_prepared_discard_bound_again_does_not_strip_the_next_terminal(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, statement: str
+) -> None:
+    """Parsed once (the proxy reads it then), bound again and again: every Bind drops the server's
+    prepared statements (and with DISCARD ALL every setting the proxy applied) without a Parse."""
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier, statement_timeout="4321") as victim:
+        lookup = await victim.prepare("SELECT 41 + $1::int")
+        assert await lookup.fetchval(1) == 42
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+            discard = await attacker.prepare(statement)
+            for round_ in range(3):
+                await discard.fetch()
+                # The victim's statement and settings on the shared connection are as the proxy thinks.
+                assert await lookup.fetchval(round_) == 41 + round_, round_
+                assert await victim.fetchval("SELECT current_setting('statement_timeout')") == "4321ms"
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as after:
+        _show_all(after)
+        _backend_pid(after)
+    assert not _internal_errors(proxy)
+
+
+@pytest.mark.parametrize(
+    "shadow",
+    [
+        # The server refuses it: "stock" exists (session pooling passes the Parse name as it is).
+        ["PREPARE stock AS SELECT price_cents FROM products"],
+        # The server refuses it: the transaction has failed.
+        ["BEGIN", "SELECT 1/0", "PREPARE stock AS SELECT price_cents FROM products", "ROLLBACK"],
+    ],
+    ids=["name-taken", "failed-transaction"],
+)
+@pytest.mark.usefixtures("pos_schema")
+def test_a_prepare_the_server_refused_does_not_decide_what_execute_runs(
+    start_proxy: StartProxy, tmp_path: Path, terminal_pki: TerminalPKI, shadow: list[str]
+) -> None:
+    """A PREPARE that never took effect must not stand for the name: EXECUTE runs the statement
+    the client prepared with Parse, and the current policy must decide that one."""
+    proxy = start_proxy(
+        **_policy_overrides(tmp_path, BEFORE), routes={"pos": {"pool": {"mode": "session", "size": 1}}}
+    )
+    reloading = ReloadingProxy(proxy, _policy_path(tmp_path, "cashier"), tmp_path / "unused")
+    with raw_session(proxy, terminal_pki, terminal_pki.cashier) as cashier:
+        cashier.send(_parse("stock", STOCK) + SYNC)
+        assert [kind for kind, _ in cashier.read_until_ready()] == [b"1", b"Z"]
+        for statement in shadow:
+            run_query(cashier, statement)
+        reloading.forbid_stock()
+        received = run_query(cashier, f"EXECUTE stock('store-001', '{PEN}')")
+        assert rows(received) == [], received
+        assert _error(received)["C"] in ("42501", "26000"), received
+        _assert_serves(cashier)
