@@ -14,8 +14,10 @@ import pytest
 
 from tests.integration.proxyproc import TerminalPKI
 from tests.integration.test_policies import (
+    EXECUTE,
     SYNC,
     _assert_serves,
+    _bind,
     _error,
     _parse,
     _policy_overrides,
@@ -26,6 +28,7 @@ from tests.security.test_policy_reload_prepared import (
     BEFORE,
     PEN,
     STOCK,
+    STOCK_SQL,
     ReloadingProxy,
     pos_schema,  # noqa: F401  (a fixture the tests below use)
     rows,
@@ -94,6 +97,28 @@ def test_a_prepare_the_server_refused_does_not_decide_what_execute_runs(
             run_query(cashier, statement)
         reloading.forbid_stock()
         received = run_query(cashier, f"EXECUTE stock('store-001', '{PEN}')")
+        assert rows(received) == [], received
+        assert _error(received)["C"] in ("42501", "26000"), received
+        _assert_serves(cashier)
+
+
+@pytest.mark.usefixtures("pos_schema")
+def test_a_parse_the_server_refused_does_not_decide_what_bind_runs(
+    start_proxy: StartProxy, tmp_path: Path, terminal_pki: TerminalPKI
+) -> None:
+    """The other way round: SQL PREPARE first, then a Parse of the same name that the server
+    refuses (the name is taken); a Bind of the name runs the SQL one, which the policy must decide."""
+    proxy = start_proxy(
+        **_policy_overrides(tmp_path, BEFORE), routes={"pos": {"pool": {"mode": "session", "size": 1}}}
+    )
+    reloading = ReloadingProxy(proxy, _policy_path(tmp_path, "cashier"), tmp_path / "unused")
+    with raw_session(proxy, terminal_pki, terminal_pki.cashier) as cashier:
+        assert [kind for kind, _ in run_query(cashier, f"PREPARE stock AS {STOCK_SQL}")] == [b"C", b"Z"]
+        cashier.send(_parse("stock", "SELECT price_cents FROM products") + SYNC)
+        assert _error(cashier.read_until_ready())["C"] == "42P05"
+        reloading.forbid_stock()
+        cashier.send(_bind("stock") + EXECUTE + SYNC)
+        received = cashier.read_until_ready()
         assert rows(received) == [], received
         assert _error(received)["C"] in ("42501", "26000"), received
         _assert_serves(cashier)

@@ -1591,19 +1591,25 @@ class ClientSession(asyncio.Protocol):
         """A Bind of a statement prepared under an earlier policy: decide its text again first."""
         statements = self._statements
         statement = statements.by_name.get(name) if name else statements.unnamed
-        encoding = self._encoding
-        if statement is None and not statements.renames:
-            # On the client's own server connection a Bind reaches a statement SQL PREPARE made.
-            sql_text = self._sql_prepared.get(name.decode(python_codec(encoding), errors="replace"))
-            if sql_text is None:
-                return  # the server answers for a name it does not have
-            statement, encoding = Statement(name, sql_text + b"\x00"), DEFAULT_ENCODING
-        elif statement is None or statement.generation == statements.generation:
-            return  # unknown names and the missing unnamed statement are answered in rewrite
-        text = statement.text
-        decision = self._env.policies.decide(self._role, text, encoding)
-        if decision.prepared_names and decision.allowed:
-            decision = self._follow_prepared_names(decision)
+        texts: list[tuple[bytes, str]] = []
+        if statement is not None and statement.generation != statements.generation:
+            texts.append((statement.text, self._encoding))
+        if name and not statements.renames:
+            # On the client's own server connection a Bind reaches a statement SQL PREPARE made,
+            # also when the proxy holds a Parse of that name the server refused (the name was taken).
+            sql_text = self._sql_prepared.get(name.decode(python_codec(self._encoding), errors="replace"))
+            if sql_text is not None:
+                texts.append((Statement(name, sql_text + b"\x00").text, DEFAULT_ENCODING))
+        if not texts:
+            # Unknown names and the missing unnamed statement are answered in rewrite; the server
+            # answers for a name it does not have.
+            return
+        for text, encoding in texts:
+            decision = self._env.policies.decide(self._role, text, encoding)
+            if decision.prepared_names and decision.allowed:
+                decision = self._follow_prepared_names(decision)
+            if not decision.allowed:
+                break
         if not decision.allowed:
             mode = self._statement_checks.mode
             self._audit_statement(
