@@ -40,6 +40,13 @@ from tests.security.test_pooled_settings_isolation import (
     _proxy,
     _psycopg,
     _show_all,
+    shadow_schema,  # noqa: F401  (a fixture the tests below use)
+)
+
+_CUT_NAMES = (
+    "the server reads only the first 63 bytes (NAMEDATALEN - 1) of a statement or portal name, "
+    "the proxy the whole name: under session pooling two names the proxy tells apart are one on "
+    "the server, so a Bind after a reload is decided by a text the server does not run"
 )
 
 
@@ -121,4 +128,87 @@ def test_a_parse_the_server_refused_does_not_decide_what_bind_runs(
         received = cashier.read_until_ready()
         assert rows(received) == [], received
         assert _error(received)["C"] in ("42501", "26000"), received
+        _assert_serves(cashier)
+
+
+@pytest.mark.usefixtures("shadow_schema")
+async def test_reset_to_the_route_value_does_not_undo_what_the_proxy_set_for_the_next_terminal(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    """The attacker starts with the very search_path the proxy sets for the cashier's policy, then
+    RESETs it: the server goes back to the route's value while the proxy still believes the
+    policy's, and the next cashier on that connection would resolve names the policy did not."""
+    proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        policy_path = before.execute("SHOW search_path").fetchone()
+        pid = _backend_pid(before)
+    assert policy_path is not None
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.manager, search_path=policy_path[0]) as attacker:
+        await attacker.execute("RESET search_path")
+        await attacker.execute("SET work_mem = '77MB'")  # a carried one along, so nothing is pinned
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.manager, statement_timeout="4321") as other:
+            await other.execute("RESET statement_timeout")
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert _backend_pid(victim) == pid
+            assert victim.execute("SHOW search_path").fetchone() == policy_path
+        async with _asyncpg(proxy, terminal_pki, terminal_pki.manager, statement_timeout="4321") as victim2:
+            assert await victim2.fetchval("SELECT current_setting('statement_timeout')") == "4321ms"
+
+
+_CUT = pytest.mark.xfail(strict=True, reason=_CUT_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("mode", "second_name"),
+    [
+        ("session", "stock"),
+        pytest.param("session", "s" * 63 + "tock", marks=_CUT),
+        pytest.param("session", "s" * 63 + "TOCK", marks=_CUT),
+        ("transaction", "stock"),
+        ("transaction", "s" * 63 + "tock"),
+        ("transaction", "s" * 63 + "TOCK"),
+    ],
+)
+@pytest.mark.usefixtures("pos_schema")
+def test_a_second_parse_of_a_taken_name_does_not_decide_what_bind_runs(
+    start_proxy: StartProxy, tmp_path: Path, terminal_pki: TerminalPKI, mode: str, second_name: str
+) -> None:
+    """The server keeps the first statement of a name (a second Parse fails with 42P05, and it
+    reads only a name's first 63 bytes): after a reload, a Bind of the name must be decided by
+    the statement the server runs, not by the refused second Parse."""
+    first_name = "stock" if second_name == "stock" else "s" * 63 + "first"
+    proxy = start_proxy(
+        **_policy_overrides(tmp_path, BEFORE), routes={"pos": {"pool": {"mode": mode, "size": 1}}}
+    )
+    reloading = ReloadingProxy(proxy, _policy_path(tmp_path, "cashier"), tmp_path / "unused")
+    with raw_session(proxy, terminal_pki, terminal_pki.cashier) as cashier:
+        cashier.send(_parse(first_name, STOCK_SQL) + SYNC)
+        assert [kind for kind, _ in cashier.read_until_ready()] == [b"1", b"Z"]
+        cashier.send(_parse(second_name, "SELECT price_cents FROM products") + SYNC)
+        cashier.read_until_ready()  # 42P05 where the server reads the two names as one
+        reloading.forbid_stock()
+        cashier.send(_bind(second_name) + EXECUTE + SYNC)
+        received = cashier.read_until_ready()
+        assert [b"100"] not in rows(received), received
+        _assert_serves(cashier)
+
+
+@_CUT
+@pytest.mark.usefixtures("pos_schema")
+def test_a_bind_of_a_longer_spelling_of_a_name_is_decided_after_a_reload(
+    start_proxy: StartProxy, tmp_path: Path, terminal_pki: TerminalPKI
+) -> None:
+    """Session pooling passes names as they are: a Bind of a name the client never parsed, whose
+    first 63 bytes are a name it did, reaches the server's statement of the 63 bytes."""
+    proxy = start_proxy(
+        **_policy_overrides(tmp_path, BEFORE), routes={"pos": {"pool": {"mode": "session", "size": 1}}}
+    )
+    reloading = ReloadingProxy(proxy, _policy_path(tmp_path, "cashier"), tmp_path / "unused")
+    with raw_session(proxy, terminal_pki, terminal_pki.cashier) as cashier:
+        cashier.send(_parse("s" * 63, STOCK_SQL) + SYNC)
+        assert [kind for kind, _ in cashier.read_until_ready()] == [b"1", b"Z"]
+        reloading.forbid_stock()
+        cashier.send(_bind("s" * 63 + "x") + EXECUTE + SYNC)
+        received = cashier.read_until_ready()
+        assert [b"100"] not in rows(received), received
         _assert_serves(cashier)
