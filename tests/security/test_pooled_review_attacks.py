@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import asyncpg
+import psycopg
 import pytest
 
+from proxy.protocols.postgres import messages as m
 from tests.integration.proxyproc import TerminalPKI
 from tests.integration.test_policies import (
     EXECUTE,
@@ -212,3 +215,149 @@ def test_a_bind_of_a_longer_spelling_of_a_name_is_decided_after_a_reload(
         received = cashier.read_until_ready()
         assert [b"100"] not in rows(received), received
         _assert_serves(cashier)
+
+
+@pytest.mark.parametrize(
+    ("options", "shown"),
+    [
+        ("-c work_mem=77MB -c work_mem=88MB", {"work_mem": "88MB"}),  # the last one wins, as on the server
+        ("--work-mem=77MB", {"work_mem": "77MB"}),  # dashes in a long option's name read as underscores
+        ("-cjit=off\t-c\\ \\ work_mem=1MB", None),  # an escaped space is part of the name: no such setting
+        (r"-c search_path=evil,\ public", {"search_path": "evil, public"}),
+        ("-c Work_Mem=77MB", {"work_mem": "77MB"}),
+        ("-c pos.evil=1", None),  # a custom setting is not among the carried ones
+        ("-c session_authorization=postgres", None),
+        ("-c work_mem", None),
+        ("-B 1000", None),
+    ],
+)
+@pytest.mark.usefixtures("shadow_schema")
+def test_startup_options_read_as_the_server_reads_them_do_not_reach_the_next_terminal(
+    start_proxy: StartProxy,
+    terminal_pki: TerminalPKI,
+    tmp_path: Path,
+    options: str,
+    shown: dict[str, str] | None,
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+    if shown is None:
+        with pytest.raises(psycopg.OperationalError):
+            _psycopg(proxy, terminal_pki, terminal_pki.manager, options=options)
+    else:
+        with _psycopg(proxy, terminal_pki, terminal_pki.manager, options=options) as attacker:
+            for name, value in shown.items():
+                assert attacker.execute(f"SHOW {name}").fetchone() == (value,), name
+            with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+                assert _show_all(victim) == route_values
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as after:
+        assert _show_all(after) == route_values
+    assert not _internal_errors(proxy)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SET \"WORK_MEM\" = '77MB'",
+        "SET U&\"work\\005fmem\" = '77MB'",
+        "SELECT pg_catalog.set_config('Work_Mem', '77MB', false::boolean)",
+        "SELECT set_config(('work_mem')::text, '77MB', (false))",
+        "WITH s AS (SELECT set_config('work_mem', '77MB', false)) SELECT * FROM s",
+        "EXPLAIN ANALYZE SELECT set_config('work_mem', '77MB', false)",
+        "SELECT set_config('work_mem', '77MB', false), set_config('jit', 'off', true)",
+        "BEGIN; SET work_mem = '77MB'; SAVEPOINT s; SET jit = off; ROLLBACK TO s; COMMIT",
+        "SET work_mem = '77MB'; RESET work_mem; SET SESSION work_mem = '77MB'",
+        "SELECT/**/set_config--\n('work_mem', '77MB', false)",
+    ],
+)
+def test_odd_spellings_of_a_carried_setting_change_do_not_reach_the_next_terminal(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, statement: str
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+        pid = _backend_pid(before)
+    with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+        attacker.execute(statement)
+        assert attacker.execute("SHOW work_mem").fetchone() == ("77MB",)
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert _backend_pid(victim) == pid  # not pinned: the same connection
+            assert _show_all(victim) == route_values
+        assert attacker.execute("SHOW work_mem").fetchone() == ("77MB",)
+    assert not _internal_errors(proxy)
+
+
+async def test_a_failed_transaction_that_set_a_carried_setting_leaves_nothing(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+        transaction = attacker.transaction()
+        await transaction.start()
+        await attacker.execute("SET work_mem = '77MB'; SAVEPOINT a; SET jit = off")
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await attacker.execute("SELECT 1/0")
+        await transaction.rollback()
+        assert await attacker.fetchval("SELECT current_setting('work_mem')") == "4MB"
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert _show_all(victim) == route_values
+    assert not _internal_errors(proxy)
+
+
+@pytest.mark.usefixtures("shadow_schema")
+async def test_a_result_type_change_invalidates_shared_copies_for_every_terminal(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path
+) -> None:
+    """A column added under a shared statement: 0A000 invalidates the copy; neither terminal may
+    then run a stale copy, get the other's result shape, or leave the connection dirty."""
+    proxy = _proxy(start_proxy, "transaction", tmp_path)
+    async with (
+        _asyncpg(proxy, terminal_pki, terminal_pki.manager) as attacker,
+        _asyncpg(proxy, terminal_pki, terminal_pki.cashier) as victim,
+    ):
+        await attacker.execute("CREATE TABLE IF NOT EXISTS public.review_shape (a int)")
+        await attacker.execute("TRUNCATE public.review_shape; INSERT INTO public.review_shape VALUES (1)")
+        try:
+            for round_ in range(3):
+                mine = await victim.prepare("SELECT * FROM public.review_shape")
+                theirs = await attacker.prepare("SELECT * FROM public.review_shape")
+                assert len((await mine.fetchrow()) or ()) == round_ + 1
+                await attacker.execute(f"ALTER TABLE public.review_shape ADD COLUMN c{round_} int")
+                with pytest.raises(asyncpg.exceptions.FeatureNotSupportedError):
+                    await theirs.fetchrow()  # asyncpg's own statement: stale, as direct
+                with pytest.raises(asyncpg.exceptions.FeatureNotSupportedError):
+                    await mine.fetchrow()
+                row = await victim.fetchrow("SELECT * FROM public.review_shape")
+                assert row is not None and len(row) == round_ + 2
+                await attacker.execute("DEALLOCATE ALL")
+        finally:
+            await attacker.execute("DROP TABLE public.review_shape")
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as after:
+        assert after.execute("SELECT 1").fetchone() == (1,)
+    assert not _internal_errors(proxy)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "a client that sends Parse + Flush (as asyncpg's Connection.prepare does) and never a Sync "
+        "holds its server connection with no timer: the idle-in-transaction clock starts only at "
+        "a ReadyForQuery, which the server sends only after a Sync"
+    ),
+)
+def test_a_terminal_that_never_syncs_does_not_hold_a_server_connection_for_ever(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    proxy = start_proxy(
+        routes={"pos": {"pool": {"mode": "transaction", "size": 1, "idle_transaction_timeout": "1s"}}}
+    )
+    with raw_session(proxy, terminal_pki, terminal_pki.manager) as attacker:
+        attacker.send(_parse("held", "SELECT 1") + m.build_message(b"H", b""))
+        assert attacker.read_message()[0] == b"1"
+        # The next terminal waits max_client_wait (5 s in these tests) at most; the attacker
+        # should be cut off after 1 s idle.
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+            assert victim.execute("SELECT 1").fetchone() == (1,)
