@@ -204,6 +204,14 @@ _PASSED_ON: Final = m.FRONTEND_TYPES - {m.MSG_TERMINATE}
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
 RESERVED_NAME = "42939"  # reserved_name
+# NAMEDATALEN - 1: the server keys prepared statements by a name's first this many bytes (in the
+# database encoding), so two longer names the proxy tells apart would be one statement there.
+_MAX_STATEMENT_NAME_BYTES: Final = 63
+_NAME_TOO_LONG: Final = Refusal(
+    "42622",  # name_too_long
+    f"prepared statement names longer than {_MAX_STATEMENT_NAME_BYTES} bytes are not supported: "
+    "the server reads only their first bytes",
+)
 # Prepared statements that change carried settings a session keeps before dropping closed ones.
 _MAX_CARRYING_STATEMENTS: Final = 256
 # Spellings of reported startup settings a route remembers (Route.spellings).
@@ -1321,6 +1329,9 @@ class ClientSession(asyncio.Protocol):
                 name_end = start + 5 if unnamed else chunk.find(b"\x00", start + 5, end)
                 text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
                 parsed_name = chunk[start + 5 : name_end]
+                if not unnamed and self._cut_by_server(parsed_name):
+                    refusals[start] = _NAME_TOO_LONG
+                    continue
                 if not unnamed:
                     over = self._statements.over_limit(parsed_name, end - name_end - 1)
                     if over is not None:
@@ -1587,9 +1598,26 @@ class ClientSession(asyncio.Protocol):
                 self._statements.deallocated(spelled, None)
         return named
 
+    def _cut_by_server(self, name: bytes) -> bool:
+        """Whether the server would read only the first bytes of statement name ``name``."""
+        if len(name) > _MAX_STATEMENT_NAME_BYTES:
+            return True
+        if name.isascii():
+            return False
+        try:  # the server converts it to the database encoding (UTF8) first
+            spelled = name.decode(python_codec(self._encoding)).encode("utf-8")
+        except (UnicodeDecodeError, LookupError):
+            return False  # the server refuses it
+        return len(spelled) > _MAX_STATEMENT_NAME_BYTES
+
     def _recheck_prepared(self, name: bytes, start: int, refusals: dict[int, Refusal]) -> None:
         """A Bind of a statement prepared under an earlier policy: decide its text again first."""
         statements = self._statements
+        if not statements.renames and self._cut_by_server(name):
+            # Never parsed here (such a Parse is refused): on the client's own server connection
+            # it would reach the statement of its first bytes, which the proxy cannot tell.
+            refusals[start] = _NAME_TOO_LONG
+            return
         statement = statements.by_name.get(name) if name else statements.unnamed
         texts: list[tuple[bytes, str]] = []
         if statement is not None and statement.generation != statements.generation:
