@@ -219,6 +219,14 @@ _DESCRIBE: Final = ord("D")
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
 RESERVED_NAME = "42939"  # reserved_name
+# NAMEDATALEN - 1: the server keys prepared statements by a name's first this many bytes (in the
+# database encoding), so two longer names the proxy tells apart would be one statement there.
+_MAX_STATEMENT_NAME_BYTES: Final = 63
+_NAME_TOO_LONG: Final = Refusal(
+    "42622",  # name_too_long
+    f"prepared statement names longer than {_MAX_STATEMENT_NAME_BYTES} bytes are not supported: "
+    "the server reads only their first bytes",
+)
 # Prepared statements that change carried settings a session keeps before dropping closed ones.
 _MAX_CARRYING_STATEMENTS: Final = 256
 # Spellings of reported startup settings a route remembers (Route.spellings).
@@ -1405,6 +1413,9 @@ class ClientSession(asyncio.Protocol):
                 name_end = start + 5 if unnamed else chunk.find(b"\x00", start + 5, end)
                 text = chunk[name_end + 1 : chunk.find(b"\x00", name_end + 1, end)]
                 parsed_name = chunk[start + 5 : name_end]
+                if not unnamed and self._cut_by_server(parsed_name):
+                    refusals[start] = _NAME_TOO_LONG
+                    continue
                 if not unnamed:
                     over = self._statements.over_limit(parsed_name, end - name_end - 1)
                     if over is not None:
@@ -1583,14 +1594,18 @@ class ClientSession(asyncio.Protocol):
         prepared = self._sql_prepared
         for use in decision.prepared_names:
             if use.action == "EXECUTE":
-                body = prepared.get(use.name or "")
-                # The PREPARE's text as the proxy read it, kept in UTF-8 whatever the client's encoding.
-                encoding = DEFAULT_ENCODING
-                if body is None:
-                    # One it prepared with the protocol (Parse): its text as the client sent it.
-                    statement = self._protocol_statement(use.name or "")
-                    body, encoding = (statement.text, self._encoding) if statement else (None, encoding)
-                if body is None:
+                # The PREPARE's text as the proxy read it (kept in UTF-8 whatever the client's
+                # encoding), and one it prepared with the protocol (Parse) as the client sent it. A
+                # PREPARE the server refused (the name taken by that Parse, a failed transaction)
+                # is still recorded: the server may run either, so both must be allowed.
+                bodies: list[tuple[bytes, str]] = []
+                sql_body = prepared.get(use.name or "")
+                if sql_body is not None:
+                    bodies.append((sql_body, DEFAULT_ENCODING))
+                statement = self._protocol_statement(use.name or "")
+                if statement is not None:
+                    bodies.append((statement.text, self._encoding))
+                if not bodies:
                     # Not this session's: possibly another terminal's, on a shared server connection.
                     return Decision(
                         False,
@@ -1599,15 +1614,16 @@ class ClientSession(asyncio.Protocol):
                         UNDEFINED_STATEMENT,
                         decision.statements,
                     )
-                executed = self._env.policies.decide(self._role, body, encoding)
-                if not executed.allowed:
-                    return Decision(
-                        False,
-                        f"{executed.rule} on execute",
-                        executed.message,
-                        executed.sqlstate,
-                        decision.statements,
-                    )
+                for body, encoding in bodies:
+                    executed = self._env.policies.decide(self._role, body, encoding)
+                    if not executed.allowed:
+                        return Decision(
+                            False,
+                            f"{executed.rule} on execute",
+                            executed.message,
+                            executed.sqlstate,
+                            decision.statements,
+                        )
             elif use.action == "PREPARE" and use.name is not None:
                 # The server keeps the first of two PREPAREs of one name (the second fails).
                 prepared.setdefault(use.name, use.text.encode())
@@ -1666,23 +1682,46 @@ class ClientSession(asyncio.Protocol):
                 self._statements.deallocated(spelled, None)
         return named
 
+    def _cut_by_server(self, name: bytes) -> bool:
+        """Whether the server would read only the first bytes of statement name ``name``."""
+        if len(name) > _MAX_STATEMENT_NAME_BYTES:
+            return True
+        if name.isascii():
+            return False
+        try:  # the server converts it to the database encoding (UTF8) first
+            spelled = name.decode(python_codec(self._encoding)).encode("utf-8")
+        except (UnicodeDecodeError, LookupError):
+            return False  # the server refuses it
+        return len(spelled) > _MAX_STATEMENT_NAME_BYTES
+
     def _recheck_prepared(self, name: bytes, start: int, refusals: dict[int, Refusal]) -> None:
         """A Bind of a statement prepared under an earlier policy: decide its text again first."""
         statements = self._statements
+        if not statements.renames and self._cut_by_server(name):
+            # Never parsed here (such a Parse is refused): on the client's own server connection
+            # it would reach the statement of its first bytes, which the proxy cannot tell.
+            refusals[start] = _NAME_TOO_LONG
+            return
         statement = statements.by_name.get(name) if name else statements.unnamed
-        encoding = self._encoding
-        if statement is None and not statements.renames:
-            # On the client's own server connection a Bind reaches a statement SQL PREPARE made.
-            sql_text = self._sql_prepared.get(name.decode(python_codec(encoding), errors="replace"))
-            if sql_text is None:
-                return  # the server answers for a name it does not have
-            statement, encoding = Statement(name, sql_text + b"\x00"), DEFAULT_ENCODING
-        elif statement is None or statement.generation == statements.generation:
-            return  # unknown names and the missing unnamed statement are answered in rewrite
-        text = statement.text
-        decision = self._env.policies.decide(self._role, text, encoding)
-        if decision.prepared_names and decision.allowed:
-            decision = self._follow_prepared_names(decision)
+        texts: list[tuple[bytes, str]] = []
+        if statement is not None and statement.generation != statements.generation:
+            texts.append((statement.text, self._encoding))
+        if name and not statements.renames:
+            # On the client's own server connection a Bind reaches a statement SQL PREPARE made,
+            # also when the proxy holds a Parse of that name the server refused (the name was taken).
+            sql_text = self._sql_prepared.get(name.decode(python_codec(self._encoding), errors="replace"))
+            if sql_text is not None:
+                texts.append((Statement(name, sql_text + b"\x00").text, DEFAULT_ENCODING))
+        if not texts:
+            # Unknown names and the missing unnamed statement are answered in rewrite; the server
+            # answers for a name it does not have.
+            return
+        for text, encoding in texts:
+            decision = self._env.policies.decide(self._role, text, encoding)
+            if decision.prepared_names and decision.allowed:
+                decision = self._follow_prepared_names(decision)
+            if not decision.allowed:
+                break
         if not decision.allowed:
             mode = self._statement_checks.mode
             self._audit_statement(
