@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import yaml
 
 from proxy import certs
@@ -240,6 +241,18 @@ class ProxyProcess:
         if terminal is not None:
             context.load_cert_chain(terminal.cert, terminal.key)
         return context
+
+    async def asyncpg_connect(self, terminal: Terminal, ca: Path, **settings: str) -> asyncpg.Connection:
+        """An asyncpg connection of ``terminal`` to route "pos", ``settings`` in its startup packet."""
+        return await asyncpg.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user=terminal.terminal,
+            database="pos",
+            ssl=self.ssl_context(terminal, ca),
+            timeout=15,
+            server_settings=settings,
+        )
 
 
 def stop_all(processes: Sequence[ProxyProcess]) -> None:

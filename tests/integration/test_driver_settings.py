@@ -48,15 +48,7 @@ def _psycopg(proxy: ProxyProcess, pki: TerminalPKI, terminal: Terminal, **extra:
 async def _asyncpg(
     proxy: ProxyProcess, pki: TerminalPKI, terminal: Terminal, **settings: str
 ) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(
-        host="127.0.0.1",
-        port=proxy.port,
-        user=terminal.terminal,
-        database="pos",
-        ssl=proxy.ssl_context(terminal, pki.ca),
-        timeout=15,
-        server_settings=settings,
-    )
+    connection = await proxy.asyncpg_connect(terminal, pki.ca, **settings)
     try:
         yield connection
     finally:

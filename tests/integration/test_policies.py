@@ -246,15 +246,7 @@ def _connect(
 
 
 async def _asyncpg(proxy: ProxyProcess, pki: TerminalPKI, terminal: Terminal | None = None) -> Any:
-    terminal = terminal or pki.cashier
-    return await asyncpg.connect(
-        host="127.0.0.1",
-        port=proxy.port,
-        user=terminal.terminal,
-        database="pos",
-        ssl=proxy.ssl_context(terminal, pki.ca),
-        timeout=15,
-    )
+    return await proxy.asyncpg_connect(terminal or pki.cashier, pki.ca)
 
 
 # --- psql (simple query protocol) ---
