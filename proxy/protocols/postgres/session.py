@@ -1908,12 +1908,9 @@ class ClientSession(asyncio.Protocol):
     def _carry_executed(self, names: frozenset[str]) -> None:
         """SQL EXECUTE of statements the client prepared through the protocol: those that change
         carried settings change them again, as a Bind of them does."""
-        codec = python_codec(self._encoding)
         for name in names:
-            try:
-                carried = self._carrying_statements.get(name.encode(codec))
-            except UnicodeEncodeError:
-                continue  # no protocol name in this encoding can be it
+            spelled = self._statement_name(name)
+            carried = self._carrying_statements.get(spelled) if spelled is not None else None
             if carried:
                 self._carry_settings(carried)
 
