@@ -347,6 +347,15 @@ def make_pki(directory: Path) -> PKI:
     )
 
 
+def make_db_password(directory: Path) -> tuple[str, Path]:
+    """A fresh password for the database role, and the file (mode 0600) the proxies read it from."""
+    password = secrets.token_hex(16)
+    path = directory / "db-password"
+    path.write_text(password + "\n", encoding="utf-8")
+    os.chmod(path, 0o600)
+    return password, path
+
+
 def pos_schema_sql() -> str:
     """The demo's POS schema (proxy/data/demo_schema.sql) plus enough rows to spread the writes."""
     schema = resources.files("proxy").joinpath("data/demo_schema.sql").read_text(encoding="utf-8")
@@ -1289,10 +1298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             log(f"workspace {work}; logs in {logs}")
             pki = make_pki(work)
-            password = secrets.token_hex(16)
-            password_file = work / "db-password"
-            password_file.write_text(password + "\n", encoding="utf-8")
-            os.chmod(password_file, 0o600)
+            password, password_file = make_db_password(work)
             log("starting PostgreSQL 15 (TLS, max_connections 300)")
             pg = start_postgres(work, pki, password, stack)
             stack.callback(_save_pg_log, pg, logs)

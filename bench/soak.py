@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import random
-import secrets
 import ssl
 import statistics
 import sys
@@ -51,6 +50,7 @@ from run import (  # bench/ is on sys.path when this runs as a script
     audit_files,
     close_terminals,
     log,
+    make_db_password,
     make_pki,
     open_terminal,
     pos_schema_sql,
@@ -476,10 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs = work / "logs"
         logs.mkdir()
         pki = make_pki(work)
-        password = secrets.token_hex(16)
-        password_file = work / "db-password"
-        password_file.write_text(password + "\n", encoding="utf-8")
-        os.chmod(password_file, 0o600)
+        password, password_file = make_db_password(work)
         log("starting PostgreSQL 15 and the POS tables")
         pg = start_postgres(work, pki, password, stack)
         pg.execute_script(pos_schema_sql(), dbname=DB_NAME)
