@@ -279,29 +279,31 @@ def _psycopg_failure(attempt: _Attempt, exc: psycopg.Error) -> None:
     attempt.failed(exc.sqlstate, f"{type(exc).__name__}: {exc}")
 
 
-def _psycopg_transactions(till: Till, ledger: Ledger, target: Target, stop: threading.Event) -> None:
-    """BEGIN, two inserts with a pause between, COMMIT. Each new session also leaves state behind
-    (a setting, a temporary table) that must never reach another terminal."""
+# One attempt on an open connection: it raises psycopg.Error when the connection broke under it.
+PsycopgSale = Callable[[psycopg.Connection[Any], _Attempt], None]
+
+
+def _psycopg_till(
+    till: Till,
+    ledger: Ledger,
+    target: Target,
+    stop: threading.Event,
+    *,
+    sales: int,
+    sell: PsycopgSale,
+    on_connect: Callable[[psycopg.Connection[Any]], None] | None = None,
+) -> None:
+    """A psycopg till: ``sell`` attempts of ``sales`` sales each until ``stop``, on one autocommit
+    connection, opened again (then ``on_connect``) after whatever broke the last one."""
     connection: psycopg.Connection[Any] | None = None
     while not stop.is_set():
-        attempt = _Attempt(till, ledger, [ledger.new_sale(till.name) for _ in range(2)])
+        attempt = _Attempt(till, ledger, [ledger.new_sale(till.name) for _ in range(sales)])
         try:
             if connection is None or connection.closed:
                 connection = psycopg.connect(**target.psycopg_conninfo(), autocommit=True)
-                connection.execute(f"SET ledger.till = '{till.name}'")
-                connection.execute("CREATE TEMP TABLE ledger_scratch (n int)")
-            attempt.at("in transaction")
-            connection.execute("BEGIN")
-            for sale in attempt.sales:
-                connection.execute(INSERT_SALE_PSYCOPG, (sale.sale_id, sale.till, sale.amount))
-                time.sleep(IN_TRANSACTION_PAUSE)
-            attempt.at("committing", committing=True)
-            status = connection.execute("COMMIT").statusmessage
-            if status != "COMMIT":  # a transaction that failed unseen answers COMMIT with ROLLBACK
-                attempt.committing = False
-                attempt.failed(None, f"COMMIT answered {status}", clean=False)
-                continue
-            attempt.committed()
+                if on_connect is not None:
+                    on_connect(connection)
+            sell(connection, attempt)
         except psycopg.Error as exc:
             _psycopg_failure(attempt, exc)
             if connection is not None:
@@ -310,61 +312,66 @@ def _psycopg_transactions(till: Till, ledger: Ledger, target: Target, stop: thre
             time.sleep(RETRY_PAUSE)
     if connection is not None:
         connection.close()
+
+
+def _psycopg_transactions(till: Till, ledger: Ledger, target: Target, stop: threading.Event) -> None:
+    """BEGIN, two inserts with a pause between, COMMIT. Each new session also leaves state behind
+    (a setting, a temporary table) that must never reach another terminal."""
+
+    def leave_state(connection: psycopg.Connection[Any]) -> None:
+        connection.execute(f"SET ledger.till = '{till.name}'")
+        connection.execute("CREATE TEMP TABLE ledger_scratch (n int)")
+
+    def sell(connection: psycopg.Connection[Any], attempt: _Attempt) -> None:
+        attempt.at("in transaction")
+        connection.execute("BEGIN")
+        for sale in attempt.sales:
+            connection.execute(INSERT_SALE_PSYCOPG, (sale.sale_id, sale.till, sale.amount))
+            time.sleep(IN_TRANSACTION_PAUSE)
+        attempt.at("committing", committing=True)
+        status = connection.execute("COMMIT").statusmessage
+        if status != "COMMIT":  # a transaction that failed unseen answers COMMIT with ROLLBACK
+            attempt.committing = False
+            attempt.failed(None, f"COMMIT answered {status}", clean=False)
+            return
+        attempt.committed()
+
+    _psycopg_till(till, ledger, target, stop, sales=2, sell=sell, on_connect=leave_state)
 
 
 def _psycopg_copies(till: Till, ledger: Ledger, target: Target, stop: threading.Event) -> None:
     """COPY a batch of five sales, one row at a time with a pause: a fault can land mid-COPY."""
-    connection: psycopg.Connection[Any] | None = None
-    while not stop.is_set():
-        attempt = _Attempt(till, ledger, [ledger.new_sale(till.name) for _ in range(5)])
-        try:
-            if connection is None or connection.closed:
-                connection = psycopg.connect(**target.psycopg_conninfo(), autocommit=True)
-            attempt.at("copying")
-            with connection.cursor() as cursor:
-                with cursor.copy(COPY_SALES) as copy:
-                    for sale in attempt.sales:
-                        copy.write_row((sale.sale_id, sale.till, sale.amount))
-                        time.sleep(COPY_ROW_PAUSE)
-                    # Leaving the block sends CopyDone and waits for the server's answer.
-                    attempt.at("ending the copy", committing=True)
-                copied = cursor.rowcount
-            if copied != len(attempt.sales):
-                attempt.failed(None, f"COPY answered {copied} rows", clean=False)
-                continue
-            attempt.committed()
-            time.sleep(THINK_TIME / 3)
-        except psycopg.Error as exc:
-            _psycopg_failure(attempt, exc)
-            if connection is not None:
-                connection.close()
-            connection = None
-            time.sleep(RETRY_PAUSE)
-    if connection is not None:
-        connection.close()
+
+    def sell(connection: psycopg.Connection[Any], attempt: _Attempt) -> None:
+        attempt.at("copying")
+        with connection.cursor() as cursor:
+            with cursor.copy(COPY_SALES) as copy:
+                for sale in attempt.sales:
+                    copy.write_row((sale.sale_id, sale.till, sale.amount))
+                    time.sleep(COPY_ROW_PAUSE)
+                # Leaving the block sends CopyDone and waits for the server's answer.
+                attempt.at("ending the copy", committing=True)
+            copied = cursor.rowcount
+        if copied != len(attempt.sales):
+            attempt.failed(None, f"COPY answered {copied} rows", clean=False)
+            return
+        attempt.committed()
+        time.sleep(THINK_TIME / 3)
+
+    _psycopg_till(till, ledger, target, stop, sales=5, sell=sell)
 
 
 def _psycopg_single_inserts(till: Till, ledger: Ledger, target: Target, stop: threading.Event) -> None:
     """One autocommit insert, then think time: mostly caught between transactions."""
-    connection: psycopg.Connection[Any] | None = None
-    while not stop.is_set():
-        attempt = _Attempt(till, ledger, [ledger.new_sale(till.name)])
-        try:
-            if connection is None or connection.closed:
-                connection = psycopg.connect(**target.psycopg_conninfo(), autocommit=True)
-            (sale,) = attempt.sales
-            attempt.at("inserting", committing=True)  # autocommit: the insert is its own commit
-            connection.execute(INSERT_SALE_PSYCOPG, (sale.sale_id, sale.till, sale.amount))
-            attempt.committed()
-            time.sleep(THINK_TIME)
-        except psycopg.Error as exc:
-            _psycopg_failure(attempt, exc)
-            if connection is not None:
-                connection.close()
-            connection = None
-            time.sleep(RETRY_PAUSE)
-    if connection is not None:
-        connection.close()
+
+    def sell(connection: psycopg.Connection[Any], attempt: _Attempt) -> None:
+        (sale,) = attempt.sales
+        attempt.at("inserting", committing=True)  # autocommit: the insert is its own commit
+        connection.execute(INSERT_SALE_PSYCOPG, (sale.sale_id, sale.till, sale.amount))
+        attempt.committed()
+        time.sleep(THINK_TIME)
+
+    _psycopg_till(till, ledger, target, stop, sales=1, sell=sell)
 
 
 def _asyncpg_transactions(
