@@ -18,7 +18,6 @@ import structlog
 from proxy import certs, eventloop
 from proxy.audit import AuditError, load_key, verify
 from proxy.config import Config, ConfigError, load_config, parse_workers
-from proxy.demo import run_demo
 from proxy.oplog import configure_logging
 from proxy.policy.approve import PolicyFileError, approve_statements
 from proxy.policy.engine import judge
@@ -281,6 +280,10 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    # Imported here: the demo brings asyncpg and the throwaway-cluster manager, which
+    # `pos-proxy run` never needs.
+    from proxy.demo import run_demo  # noqa: PLC0415 - only the demo needs asyncpg
+
     return run_demo(port=args.port, wait=not args.no_wait)
 
 
