@@ -343,8 +343,8 @@ def _policy_check(args: argparse.Namespace) -> int:
 # What an operator can do about a refusal whose remedy is not obvious from the message.
 _POLICY_RULE_HINTS: Final = {
     "function": (
-        "functions outside the built-in safe set (README, Functions) run only when the role's policy "
-        "lists them in allow.functions, as name (pg_catalog or the search_path) or schema.name; list "
+        "functions outside the built-in safe set (docs/policies.md, Functions) run only when the role's "
+        "policy lists them in allow.functions, as name (pg_catalog or the search_path) or schema.name; list "
         "only functions that read nothing the role may not read and do nothing it may not do"
     ),
     "sequence": (
@@ -352,7 +352,7 @@ _POLICY_RULE_HINTS: Final = {
         "named by a string constant such as 'sales_id_seq' or 'public.sales_id_seq'::regclass"
     ),
     "unbounded write": (
-        "the WHERE clause must restrict rows by a column of the table (README, Structural rules); "
+        "the WHERE clause must restrict rows by a column of the table (docs/policies.md, Structural rules); "
         "allow.update_without_where: true lifts the rule"
     ),
 }

@@ -1278,7 +1278,7 @@ _TABLE_NAME: Final = rf"{_IDENTIFIER}(\.{_IDENTIFIER})?"
 
 
 def _parse_policy(section: _Section) -> RolePolicy:
-    """A role's policy file (see config/policies/ and the README's policy workflow)."""
+    """A role's policy file (see config/policies/ and docs/policies.md)."""
     default = RolePolicy()
     search_path = tuple(section.read("search_path", _policy_search_path, list(default.search_path)))
     allow = section.child("allow", _POLICY_ALLOW_KEYS)

@@ -102,7 +102,7 @@ ALIASES: Final = tuple(_ALIASES)
 
 # The accepted client encodings and the Python codec that reads each one as the server does.
 # SQL_ASCII means "no conversion": the server checks the bytes as its own encoding, UTF-8
-# (server_encoding must be UTF8, see README "Client encodings").
+# (server_encoding must be UTF8, see docs/compatibility.md "Client encodings").
 _CODECS: Final = {
     "UTF8": "utf-8",
     "SQL_ASCII": "utf-8",

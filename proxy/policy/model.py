@@ -200,7 +200,7 @@ class RolePolicy:
         return table if "." in table else f"{self.search_path[0]}.{table}"
 
     def allows_function(self, function: FunctionName) -> bool:
-        """Whether this role may call ``function`` (see README, "Functions").
+        """Whether this role may call ``function`` (see docs/policies.md, "Functions").
 
         An unqualified call of a built-in's name is the built-in: PostgreSQL searches pg_catalog
         before the search_path unless pg_catalog is listed later in it, which the policy's

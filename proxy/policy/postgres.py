@@ -551,7 +551,7 @@ def _resets_settings(statement: ast.Node) -> bool:
 
 
 def _is_housekeeping(statement: ast.Node) -> bool:
-    """Connection checks and session setup that drivers and pools send (see README, Policies)."""
+    """Connection checks and session setup that drivers and pools send (docs/policies.md, Housekeeping)."""
     if isinstance(statement, ast.TransactionStmt):
         return statement.kind not in _TWO_PHASE
     if isinstance(statement, ast.DiscardStmt):

@@ -1,6 +1,6 @@
-"""The shipped unit, the shipped example config and the README's install steps start a proxy that
-serves and audits, checked without systemd: the test lays out what the install steps lay out (in a
-temp dir standing for /), fills the credentials directory as LoadCredential= would, and runs the
+"""The shipped unit, the shipped example config and the install steps of docs/operations.md start a
+proxy that serves and audits, checked without systemd: the test lays out what the install steps lay
+out (in a temp dir standing for /), fills the credentials directory as LoadCredential= would, and runs the
 unit's own ExecStartPre and ExecStart command lines with the environment systemd gives them."""
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from tests.logcheck import assert_no_unhandled_errors
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNIT = REPO_ROOT / "systemd" / "pos-proxy.service"
 EXAMPLE_CONFIG = REPO_ROOT / "config" / "pos-proxy.example.yaml"
-README = REPO_ROOT / "README.md"
+OPERATIONS_GUIDE = REPO_ROOT / "docs" / "operations.md"
 
-# Where the README tells the user to put things (and the unit's directories), and the one installed
+# Where the operations guide tells the user to put things (and the unit's directories), and the one installed
 # program; the test substitutes these, and nothing else, with places in its temp dir.
 INSTALLED_PROGRAM = "/usr/local/bin/pos-proxy"
 INSTALL_ROOTS = ("/etc/pos-proxy", "/var/log/pos-proxy", "/var/lib/pos-proxy", "/run/pos-proxy")
-# The README's install steps this layout mirrors: if the README changes them, so must the test.
+# The guide's install steps this layout mirrors: if the guide changes them, so must the test.
 MIRRORED_STEPS = (
     "install -d -m 0750 -o root -g pos-proxy /etc/pos-proxy /etc/pos-proxy/tls /etc/pos-proxy/policies",
     "install -d -m 0700 /etc/pos-proxy/secrets",
@@ -53,12 +53,12 @@ MIRRORED_STEPS = (
 START_TIMEOUT = 30.0
 
 
-def readme_install_steps() -> str:
-    """The shell block of the README's "Running under systemd" section."""
-    text = README.read_text(encoding="utf-8")
+def documented_install_steps() -> str:
+    """The shell block of the operations guide's "Running under systemd" section."""
+    text = OPERATIONS_GUIDE.read_text(encoding="utf-8")
     section = text[text.index("## Running under systemd") :]
     block = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
-    assert block is not None, "no install steps in the README's systemd section"
+    assert block is not None, "no install steps in docs/operations.md's systemd section"
     return block.group(1)
 
 
@@ -88,14 +88,14 @@ def command_line(value: str) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class Installation:
-    """What the README's steps and systemd lay out, under ``root`` instead of ``/``."""
+    """What the guide's install steps and systemd lay out, under ``root`` instead of ``/``."""
 
     root: Path
     credentials: Path  # $CREDENTIALS_DIRECTORY as LoadCredential= fills it
     directives: Sequence[tuple[str, str]]
 
     def path(self, installed: str) -> str:
-        """An installed path as the test lays it out: only the README's places are moved."""
+        """An installed path as the test lays it out: only the guide's places are moved."""
         if installed == INSTALLED_PROGRAM:
             # ln -s /opt/pos-proxy/bin/pos-proxy /usr/local/bin/pos-proxy: this environment's.
             return str(Path(sys.executable).with_name("pos-proxy"))
@@ -143,10 +143,10 @@ def _umask(directives: Sequence[tuple[str, str]]) -> int:
 
 
 def install(root: Path, cluster: PgCluster, pki: Path, listen_port: int, admin_port: int) -> Installation:
-    """Follow the README's install steps under ``root``; then do what systemd does at start."""
-    steps = readme_install_steps()
+    """Follow the guide's install steps under ``root``; then do what systemd does at start."""
+    steps = documented_install_steps()
     for step in MIRRORED_STEPS:
-        assert step in steps, f"the README's install steps no longer say {step!r}: update this test"
+        assert step in steps, f"docs/operations.md's install steps no longer say {step!r}: update this test"
     directives = service_directives(UNIT.read_text(encoding="utf-8"))
     layout = Installation(root, root / "run" / "credentials" / "pos-proxy.service", directives)
     etc = Path(layout.path("/etc/pos-proxy"))
@@ -203,7 +203,7 @@ def install(root: Path, cluster: PgCluster, pki: Path, listen_port: int, admin_p
         credential, _, source = value.partition(":")
         source_path = Path(layout.path(source))
         # systemd refuses to start a unit whose credential file is missing.
-        assert source_path.is_file(), f"LoadCredential={value}: the README's steps do not create {source}"
+        assert source_path.is_file(), f"LoadCredential={value}: the guide's steps do not create {source}"
         target = layout.credentials / credential
         shutil.copy(source_path, target)
         target.chmod(0o400)
@@ -258,7 +258,7 @@ def _audit_events(path: Path) -> list[str]:
     return [json.loads(line)["event"] for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def test_the_unit_and_example_config_start_as_the_readme_installs_them(
+def test_the_unit_and_example_config_start_as_the_operations_guide_installs_them(
     pg_cluster: PgCluster, pki: Path, tmp_path: Path, notify_socket: tuple[socket.socket, Path]
 ) -> None:
     layout = install(tmp_path / "root", pg_cluster, pki, free_port(), free_port())

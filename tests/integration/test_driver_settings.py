@@ -239,7 +239,7 @@ async def test_asyncpg_with_custom_types_keeps_transaction_pooling(
         ("BEGIN; SET work_mem = '77MB'; COMMIT", "77MB"),
         ("BEGIN; SET work_mem = '77MB'; ROLLBACK", "5MB"),  # undone, as on the server
         ("SET work_mem = '77MB'; SELECT 1 / 0", "5MB"),  # one implicit transaction: undone
-        # The route's value, not the client's startup value (README, Driver settings).
+        # The route's value, not the client's startup value (docs/compatibility.md, Driver settings).
         ("RESET work_mem", "4MB"),
     ],
 )

@@ -60,7 +60,7 @@ CASHIER_POLICY: dict[str, Any] = {
     "allow": {"kinds": ["SELECT", "INSERT"], "read": ["rv_prices"], "write": ["rv_sales"]},
     "fingerprints": [{"fingerprint": fingerprint(READ_GA), "text": READ_GA}],
 }
-# The same policy, had its author listed the helper (README "Known limit": never list such a function).
+# The same policy, had its author listed the helper (docs/security.md "Known limit": never list one).
 CASHIER_POLICY_LISTING_THE_HELPER: dict[str, Any] = {
     **CASHIER_POLICY,
     "allow": {**CASHIER_POLICY["allow"], "functions": ["public.rv_set"]},

@@ -363,7 +363,7 @@ def test_a_terminal_that_never_syncs_does_not_hold_a_server_connection_for_ever(
     strict=True,
     reason=(
         "a setting changed by stored SQL (a view, a column default, a rule, a trigger) is not in "
-        "the statement's text: like the DO blocks and own functions of README 'Open points', the "
+        "the statement's text: like the DO blocks and own functions of docs/security.md 'Open points', the "
         "change is neither pinned nor read back for a role without a policy"
     ),
 )
