@@ -25,7 +25,7 @@ import asyncpg
 import psycopg
 
 from proxy.localpg import LocalPostgres
-from tests.integration.proxyproc import ProxyProcess, TerminalPKI
+from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI
 from tests.integration.test_upstream_resilience import (
     CLEAN_CONNECT_MESSAGES,
     CLEAN_SQLSTATES,
@@ -204,24 +204,30 @@ def is_clean_error(sqlstate: str | None, message: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where the tills connect: the proxy, as one terminal (mutual TLS)."""
+    """Where the tills connect: the proxy, as one terminal (mutual TLS), the PKI's cashier unless
+    ``terminal`` names another."""
 
     proxy: ProxyProcess
     pki: TerminalPKI
     connect_timeout: float
+    terminal: Terminal | None = None
+
+    @property
+    def identity(self) -> Terminal:
+        return self.terminal or self.pki.cashier
 
     def psycopg_conninfo(self) -> dict[str, Any]:
         return self.proxy.conninfo(
-            self.pki.cashier, self.pki.ca, connect_timeout=str(max(1, round(self.connect_timeout)))
+            self.identity, self.pki.ca, connect_timeout=str(max(1, round(self.connect_timeout)))
         )
 
     def asyncpg_kwargs(self) -> dict[str, Any]:
         return {
             "host": "127.0.0.1",
             "port": self.proxy.port,
-            "user": self.pki.cashier.terminal,
+            "user": self.identity.terminal,
             "database": "pos",
-            "ssl": self.proxy.ssl_context(self.pki.cashier, self.pki.ca),
+            "ssl": self.proxy.ssl_context(self.identity, self.pki.ca),
             "timeout": self.connect_timeout,
         }
 

@@ -1,0 +1,183 @@
+"""Proxy faults under a write ledger (issue 17): the proxy SIGKILLed while tills sell through it and
+started again on the same config, and (below) reload storms. After each: no committed sale lost,
+none doubled, every unknown one settled by reading it back, every error one the fault explains,
+and an audit chain that verifies, with its witness, over the whole file. docs/reliability.md has
+the matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.auditwriter import PROXY_LOST
+from proxy.localpg import free_port
+from proxy.workers import worker_audit_file
+from tests.integration.conftest import OwnCluster
+from tests.integration.ledger import Failure, Fleet, Ledger, Target, stored_sales
+from tests.integration.proxyproc import TerminalPKI
+from tests.integration.test_database_faults import (
+    OPERATION_BOUND,
+    POOL_SIZE,
+    TILL_CONNECT_TIMEOUT,
+    StartProxy,
+    _wait_for_tills_mid_transaction_and_mid_copy,
+)
+from tests.integration.test_upstream_resilience import _wait_for
+from tests.integration.test_workers import _worker_pids
+from tests.security.test_audit_tail_truncation import _audit_config, _last_seq, _verify
+from tests.unit.test_audit import running
+
+# How long the killed proxy stays down before it is started again: tills meet a closed port.
+DOWN_AFTER_KILL = 1.0
+# The orphaned audit writer sees its channel end at once; it writes what it was sent, its last
+# record, fsyncs, checkpoints and exits. Far less than this on an idle machine.
+WRITER_EXIT_BOUND = 5.0
+# What a till sees of the proxy's port while no proxy listens (libpq, asyncpg). A connection
+# lost mid-session is already a clean failure to the ledger.
+REFUSED_MESSAGES = ("Connection refused", "Connect call failed")
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text(encoding="ascii").split()
+    ]
+
+
+def _audit_writers(pid: int) -> list[int]:
+    """The audit writer processes a proxy started (``python -m proxy.auditwriter``)."""
+    return [
+        child
+        for child in _children(pid)
+        if b"proxy.auditwriter" in Path(f"/proc/{child}/cmdline").read_bytes()
+    ]
+
+
+def _records(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+
+
+def _refused(failure: Failure) -> bool:
+    return any(phrase in failure.error for phrase in REFUSED_MESSAGES)
+
+
+def _assert_verifies_to_its_end(key: Path, witness: Path, log: Path) -> int:
+    """`pos-proxy audit verify` with the witness passes and reaches the last record; its seq."""
+    last = _last_seq(log)
+    result = _verify(key, witness, log)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"reaches the witness's seq {last}" in result.stdout, result.stdout
+    return last
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(("proxy", "session"), id="proxy-session"),
+        pytest.param(("proxy", "transaction"), id="proxy-transaction"),
+        # With --workers the supervisor starts the killed worker again by itself.
+        pytest.param(("worker", "transaction"), id="worker-transaction"),
+    ],
+)
+def test_a_proxy_killed_under_load_loses_no_sale_and_its_audit_chain_says_where(
+    case: tuple[str, str],
+    start_proxy: StartProxy,
+    terminal_pki: TerminalPKI,
+    durable_cluster: OwnCluster,
+    tmp_path: Path,
+) -> None:
+    killed, mode = case  # which process is killed, in which pool mode
+    server = durable_cluster.server
+    audit, log, witness, key = _audit_config(tmp_path)
+    workers = killed == "worker"
+    proxy = start_proxy(
+        routes={"pos": durable_cluster.route(mode=mode, size=POOL_SIZE, connect_timeout="1s")},
+        roles={"cashier": {"limits": {"max_server_connections_per_terminal": POOL_SIZE}}},
+        audit=audit,
+        admin={"port": free_port()},
+        arguments=["--workers", "2"] if workers else [],
+    )
+    if workers:
+        proxy.wait_for_event("workers_ready", timeout=30)
+        killed_pid = _worker_pids(proxy)[1]
+        # Each worker keeps a chain (and a witness) of its own; worker 2's is not touched.
+        untouched = (worker_audit_file(log, 2), worker_audit_file(witness, 2))
+        log, witness = worker_audit_file(log, 1), worker_audit_file(witness, 1)
+    else:
+        killed_pid = proxy.pid
+    (writer,) = _audit_writers(killed_pid)
+    ledger = Ledger()
+    fleet = Fleet(ledger, Target(proxy, terminal_pki, TILL_CONNECT_TIMEOUT), OPERATION_BOUND)
+    fleet.start()
+    try:
+        fleet.wait_all_selling_since(time.monotonic(), 15, "every till selling")
+        _wait_for_tills_mid_transaction_and_mid_copy(server)
+        os.kill(killed_pid, signal.SIGKILL)
+        _wait_for(lambda: not running(killed_pid), 5, "the killed process gone")
+        # The writer, orphaned, neither lingers nor goes on writing.
+        _wait_for(lambda: not running(writer), WRITER_EXIT_BOUND, "the orphaned audit writer gone")
+        left = log.read_bytes()
+        # What the killed process left verifies up to its last record, which the witness holds:
+        # the writer wrote every batch it was sent, then said that its proxy went away.
+        killed_at_seq = _assert_verifies_to_its_end(key, witness, log)
+        lost = json.loads(left.splitlines()[-1])
+        assert (lost["event"], lost["pid"]) == (PROXY_LOST, killed_pid), lost
+        if workers:
+            _wait_for(lambda: _worker_pids(proxy)[1] != killed_pid, 20, "worker 1 started again")
+        else:
+            time.sleep(DOWN_AFTER_KILL)
+            assert log.read_bytes() == left, "the log changed while no proxy ran"
+            proxy.start()
+        back = time.monotonic()
+        fleet.wait_all_selling_since(back, OPERATION_BOUND + 5, "every till selling after the restart")
+    finally:
+        hung = fleet.stop()
+    assert not hung, f"tills hung: {hung}"
+
+    report = ledger.check(stored_sales(server))
+    refused = [failure for failure in ledger.failures if _refused(failure)]
+    print(f"\n{killed} SIGKILL / {mode}: {report.summary()}; {len(ledger.failures)} errors,", end=" ")
+    print(f"{len(refused)} of them refused connects")
+    for failure in ledger.failures:
+        if failure not in refused:
+            print(f"  {failure}")
+    report.assert_sound()
+    assert ledger.failures, "the kill never reached a till"
+    # Beyond the clean ends of a lost connection, only a closed port while no proxy listened.
+    unexplained = [
+        f for f in ledger.failures if not f.clean and not (_refused(f) and f.doing == "connecting")
+    ]
+    assert not unexplained, unexplained
+    for till in fleet.tills:
+        assert till.slowest < OPERATION_BOUND, f"{till.name} waited {till.slowest:.1f}s"
+
+    restarted_pid = _worker_pids(proxy)[1] if workers else proxy.pid
+    assert proxy.stop() == 0
+    last = _assert_verifies_to_its_end(key, witness, log)
+    records = _records(log)
+    events = [record["event"] for record in records]
+    # One chain, one file: the first run's start, its end where the kill cut it, the second run
+    # continuing the same chain right behind, and a clean stop. Nothing cut, nothing broken.
+    assert events[:2] == ["audit_file_start", "audit_started"]
+    assert records[1]["pid"] == killed_pid and records[1]["resumed"] is False
+    assert events.count("audit_started") == 2 and events.count(PROXY_LOST) == 1
+    resumed = records[killed_at_seq]  # the record right after the killed run's last one
+    assert (resumed["event"], resumed["pid"], resumed["resumed"]) == ("audit_started", restarted_pid, True)
+    assert events[-1] == "audit_stopped" and events.count("audit_stopped") == 1
+    assert [record["seq"] for record in records] == list(range(1, last + 1))
+    assert not {"audit_chain_gap", "audit_chain_break", "audit_witness_invalid"} & set(events)
+    if not workers:
+        # The restarted proxy audits the tills' work again. (The tills that reconnected while
+        # worker 1 was down stay with worker 2, so its successor may have had none to audit.)
+        assert any(record["event"] == "statement" for record in records[killed_at_seq:])
+    else:
+        _assert_verifies_to_its_end(key, untouched[1], untouched[0])
+        others = [record["event"] for record in _records(untouched[0])]
+        assert PROXY_LOST not in others and others.count("audit_started") == 1, others
