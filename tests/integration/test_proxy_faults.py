@@ -1,12 +1,13 @@
 """Proxy faults under a write ledger (issue 17): the proxy SIGKILLed while tills sell through it and
-started again on the same config, and (below) reload storms. After each: no committed sale lost,
-none doubled, every unknown one settled by reading it back, every error one the fault explains,
-and an audit chain that verifies, with its witness, over the whole file. docs/reliability.md has
-the matrix."""
+started again on the same config; reload storms with policy, CRL and certificate changes. After
+each: no committed sale lost, none doubled, every unknown one settled by reading it back, every
+error one the fault explains, and an audit chain that verifies, with its witness, over the whole
+file. docs/reliability.md has the matrix."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -14,13 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from cryptography import x509
+from pglast.parser import fingerprint
 
+from proxy import certs
 from proxy.auditwriter import PROXY_LOST
 from proxy.localpg import free_port
 from proxy.workers import worker_audit_file
 from tests.integration.conftest import OwnCluster
-from tests.integration.ledger import Failure, Fleet, Ledger, Target, stored_sales
-from tests.integration.proxyproc import TerminalPKI
+from tests.integration.ledger import (
+    CREATE_SCRATCH_TABLE,
+    SALES_TABLE,
+    Failure,
+    Fleet,
+    Ledger,
+    Target,
+    stored_sales,
+)
+from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 from tests.integration.test_database_faults import (
     OPERATION_BOUND,
     POOL_SIZE,
@@ -29,7 +42,7 @@ from tests.integration.test_database_faults import (
     _wait_for_tills_mid_transaction_and_mid_copy,
 )
 from tests.integration.test_upstream_resilience import _wait_for
-from tests.integration.test_workers import _worker_pids
+from tests.integration.test_workers import _metric, _worker_pids
 from tests.security.test_audit_tail_truncation import _audit_config, _last_seq, _verify
 from tests.unit.test_audit import running
 
@@ -181,3 +194,161 @@ def test_a_proxy_killed_under_load_loses_no_sale_and_its_audit_chain_says_where(
         _assert_verifies_to_its_end(key, untouched[1], untouched[0])
         others = [record["event"] for record in _records(untouched[0])]
         assert PROXY_LOST not in others and others.count("audit_started") == 1, others
+
+
+# Reload storms: SIGHUP every RELOAD_EVERY seconds for POS_PROXY_RELOAD_STORM_SECONDS (10 s in
+# `make test`; the issue's 30 s with POS_PROXY_RELOAD_STORM_SECONDS=30), each one after a change
+# of the policy, the CRL or the server certificate, while two fleets of tills sell.
+RELOAD_EVERY = 0.2
+STORM_SECONDS = float(os.environ.get("POS_PROXY_RELOAD_STORM_SECONDS", "10"))
+STORM_POOL_SIZE = 10  # both fleets' tills, each holding one in session mode, and room to spare
+# A reload cuts the sessions of a terminal it finds revoked; a commit already on its way may
+# still be answered just after.
+CUT_WITHIN = 1.0
+UNRELATED_TABLE = "ledger_unrelated"
+
+
+def _ledger_policy(*, unrelated: bool) -> dict[str, Any]:
+    """What the ledger's tills need and nothing else (the transaction till's temporary table is
+    DDL: approved by fingerprint); ``unrelated`` adds a statement none of them runs."""
+    return {
+        "mode": "enforce",
+        "search_path": ["public"],
+        "allow": {
+            "kinds": ["INSERT", "COPY FROM STDIN", "SET", "TRANSACTION", *(["SELECT"] if unrelated else [])],
+            "write": [SALES_TABLE],
+            "read": [UNRELATED_TABLE] if unrelated else [],
+            "denylist_exceptions": ["DDL"],
+        },
+        "fingerprints": [
+            {"fingerprint": str(fingerprint(CREATE_SCRATCH_TABLE)), "text": CREATE_SCRATCH_TABLE}
+        ],
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(text, encoding="utf-8")
+    os.replace(staged, path)
+
+
+def _reloads(proxy: ProxyProcess, result: str) -> int:
+    return round(_metric(proxy, "pos_proxy_config_reloads_total", result=result))
+
+
+def _sighup_and_wait(proxy: ProxyProcess, sent: int) -> None:
+    """SIGHUP, and wait until the proxy has answered it: the next change must not race the reload
+    reading its files, so that every reload sees one whole config."""
+    proxy.signal(signal.SIGHUP)
+    _wait_for(lambda: _reloads(proxy, "ok") + _reloads(proxy, "failed") > sent, 5, f"reload {sent + 1} done")
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_reload_storm_fails_no_transaction_but_the_revoked_tills(
+    mode: str, start_proxy: StartProxy, durable_cluster: OwnCluster, tmp_path: Path
+) -> None:
+    pki = TerminalPKI.create(tmp_path / "pki")
+    doomed = pki.issue("till-doomed", "cashier")  # its tills sell until the CRL revokes it
+    bystander = pki.issue("till-bystander", "cashier")  # revoked too, never one of the tills
+    policy = tmp_path / "cashier-policy.yaml"
+    unrelated = False
+    _write_atomic(policy, yaml.safe_dump(_ledger_policy(unrelated=unrelated)))
+    audit, log, witness, key = _audit_config(tmp_path)
+    proxy = start_proxy(
+        tls={
+            "cert": str(pki.directory / "server.pem"),
+            "key": str(pki.directory / "server.key"),
+            "client_ca": str(pki.ca),
+            "crl": str(pki.directory / "crl.pem"),
+        },
+        routes={"pos": durable_cluster.route(mode=mode, size=STORM_POOL_SIZE, connect_timeout="1s")},
+        roles={
+            "cashier": {
+                "policy": str(policy),
+                "limits": {"max_server_connections_per_terminal": STORM_POOL_SIZE},
+            }
+        },
+        admin={"port": free_port()},
+        audit=audit,
+    )
+    proxy.wait_for_event("admin_listening")
+    ledger = Ledger()
+    fleet = Fleet(ledger, Target(proxy, pki, TILL_CONNECT_TIMEOUT), OPERATION_BOUND)
+    doomed_fleet = Fleet(ledger, Target(proxy, pki, TILL_CONNECT_TIMEOUT, doomed), OPERATION_BOUND)
+    last_issued = b""
+    ticks = max(12, round(STORM_SECONDS / RELOAD_EVERY))
+    revoke_doomed_at = ticks // 2 - (ticks // 2 - 1) % 3  # a CRL tick half-way
+    revoked_from = revoked_applied = math.inf
+    failures_before_revocation: list[Failure] = []
+    fleet.start()
+    doomed_fleet.start(asyncpg_tills=1, name="doomed")
+    try:
+        started = time.monotonic()
+        fleet.wait_all_selling_since(started, 15, "every till selling")
+        doomed_fleet.wait_all_selling_since(started, 15, "every doomed till selling")
+        begin = time.monotonic()
+        for tick in range(ticks):
+            time.sleep(max(0.0, begin + tick * RELOAD_EVERY - time.monotonic()))
+            if tick % 3 == 0:
+                unrelated = not unrelated
+                _write_atomic(policy, yaml.safe_dump(_ledger_policy(unrelated=unrelated)))
+            elif tick == revoke_doomed_at:
+                revoked_from = time.monotonic()
+                failures_before_revocation = list(ledger.failures)
+                certs.revoke(pki.directory, int(doomed.serial_hex, 16))
+            elif tick % 3 == 1:
+                # The bystander's revocation first, then a CRL signed anew (thisUpdate moves on).
+                if tick == 1:
+                    certs.revoke(pki.directory, int(bystander.serial_hex, 16))
+                else:
+                    certs.write_crl(pki.directory)
+            else:
+                issued = certs.issue_server(
+                    pki.directory, dns_names=["localhost"], ip_addresses=["127.0.0.1"]
+                )
+                last_issued = issued.cert_path.read_bytes()
+            _sighup_and_wait(proxy, tick)
+            if tick == revoke_doomed_at:
+                revoked_applied = time.monotonic()
+        storm = time.monotonic() - begin
+        # The storm is over: every till but the doomed ones still sells.
+        fleet.wait_all_selling_since(time.monotonic(), OPERATION_BOUND, "every till selling after the storm")
+    finally:
+        hung = fleet.stop() + doomed_fleet.stop()
+    assert not hung, f"tills hung: {hung}"
+
+    report = ledger.check(stored_sales(durable_cluster.server))
+    doomed_failures = [f for f in ledger.failures if f.till.startswith("doomed")]
+    print(
+        f"\nreload storm / {mode}: {ticks} reloads in {storm:.1f}s; {report.summary()};"
+        f" {len(ledger.failures)} errors, all of the doomed tills: {len(doomed_failures)}"
+    )
+    for failure in {(f.till, f.doing, f.sqlstate, f.error) for f in ledger.failures}:
+        print(f"  {failure}")
+    report.assert_sound()
+    # Nothing failed before the doomed terminal was revoked, and afterwards only its tills did,
+    # each with the revocation or a cut connection; none of them sold after the reload.
+    assert failures_before_revocation == []
+    assert [f for f in ledger.failures if not f.till.startswith("doomed")] == []
+    assert any("revoked" in f.error for f in doomed_failures), doomed_failures
+    assert all("revoked" in f.error or f.clean for f in doomed_failures), doomed_failures
+    late = [
+        at - revoked_applied for till in doomed_fleet.tills for at in till.committed_at if at > revoked_from
+    ]
+    assert all(delay < CUT_WITHIN for delay in late), late
+    assert all(till.committed_at for till in fleet.tills)
+
+    # Every SIGHUP was one applied reload: in the metrics, the log and the audit log.
+    assert (_reloads(proxy, "ok"), _reloads(proxy, "failed")) == (ticks, 0)
+    assert _metric(proxy, "pos_proxy_internal_errors_total") == 0
+    # The certificate last issued is the one presented, to a terminal that still may connect.
+    presented = proxy.served_certificate(proxy.ssl_context(pki.cashier, pki.ca))
+    assert x509.load_der_x509_certificate(presented) == x509.load_pem_x509_certificate(last_issued)
+    assert proxy.stop() == 0
+    applied = [r for r in proxy.log_events() if r.get("event") == "reload_applied"]
+    assert len(applied) == ticks and all(r["trigger"] == "SIGHUP" for r in applied)
+    # (stop() has checked the log for internal errors.)
+    assert not [r for r in proxy.log_events() if r.get("event") == "reload_failed"]
+    _assert_verifies_to_its_end(key, witness, log)
+    audited = [r for r in _records(log) if r["event"] == "config_reload" and r["trigger"] == "SIGHUP"]
+    assert len(audited) == ticks and all(r["outcome"] == "success" for r in audited)
