@@ -133,9 +133,11 @@ def test_a_proxy_killed_under_load_loses_no_sale_and_its_audit_chain_says_where(
         fleet.wait_all_selling_since(time.monotonic(), 15, "every till selling")
         _wait_for_tills_mid_transaction_and_mid_copy(server)
         os.kill(killed_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
         _wait_for(lambda: not running(killed_pid), 5, "the killed process gone")
         # The writer, orphaned, neither lingers nor goes on writing.
         _wait_for(lambda: not running(writer), WRITER_EXIT_BOUND, "the orphaned audit writer gone")
+        writer_lingered = time.monotonic() - killed_at
         left = log.read_bytes()
         # What the killed process left verifies up to its last record, which the witness holds:
         # the writer wrote every batch it was sent, then said that its proxy went away.
@@ -157,7 +159,7 @@ def test_a_proxy_killed_under_load_loses_no_sale_and_its_audit_chain_says_where(
     report = ledger.check(stored_sales(server))
     refused = [failure for failure in ledger.failures if _refused(failure)]
     print(f"\n{killed} SIGKILL / {mode}: {report.summary()}; {len(ledger.failures)} errors,", end=" ")
-    print(f"{len(refused)} of them refused connects")
+    print(f"{len(refused)} of them refused connects; the writer was gone {writer_lingered:.2f}s after")
     for failure in ledger.failures:
         if failure not in refused:
             print(f"  {failure}")
