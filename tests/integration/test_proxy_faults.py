@@ -21,7 +21,7 @@ from pglast.parser import fingerprint
 
 from proxy import certs
 from proxy.auditwriter import PROXY_LOST
-from proxy.localpg import free_port
+from proxy.localpg import LocalPostgres, free_port
 from proxy.workers import worker_audit_file
 from tests.integration.conftest import OwnCluster
 from tests.integration.ledger import (
@@ -51,6 +51,8 @@ DOWN_AFTER_KILL = 1.0
 # The orphaned audit writer sees its channel end at once; it writes what it was sent, its last
 # record, fsyncs, checkpoints and exits. Far less than this on an idle machine.
 WRITER_EXIT_BOUND = 5.0
+# Workers whose supervisor was killed drain this long at most: the tills' transactions are short.
+ORPHAN_DRAIN_TIMEOUT = 3.0
 # What a till sees of the proxy's port while no proxy listens (libpq, asyncpg). A connection
 # lost mid-session is already a clean failure to the ledger.
 REFUSED_MESSAGES = ("Connection refused", "Connect call failed")
@@ -88,6 +90,28 @@ def _assert_verifies_to_its_end(key: Path, witness: Path, log: Path) -> int:
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"reaches the witness's seq {last}" in result.stdout, result.stdout
     return last
+
+
+def _assert_the_ledger_explains_the_kill(
+    ledger: Ledger, fleet: Fleet, server: LocalPostgres, heading: str
+) -> None:
+    """0 lost, 0 doubled, unknowns settled; beyond the clean ends of a lost connection, the only
+    errors are refused connects while no proxy listened; no till waited past the bound."""
+    report = ledger.check(stored_sales(server))
+    refused = [failure for failure in ledger.failures if _refused(failure)]
+    print(f"\n{heading}: {report.summary()}; {len(ledger.failures)} errors,", end=" ")
+    print(f"{len(refused)} of them refused connects")
+    for failure in ledger.failures:
+        if failure not in refused:
+            print(f"  {failure}")
+    report.assert_sound()
+    assert ledger.failures, "the kill never reached a till"
+    unexplained = [
+        f for f in ledger.failures if not f.clean and not (_refused(f) and f.doing == "connecting")
+    ]
+    assert not unexplained, unexplained
+    for till in fleet.tills:
+        assert till.slowest < OPERATION_BOUND, f"{till.name} waited {till.slowest:.1f}s"
 
 
 @pytest.mark.parametrize(
@@ -156,22 +180,8 @@ def test_a_proxy_killed_under_load_loses_no_sale_and_its_audit_chain_says_where(
         hung = fleet.stop()
     assert not hung, f"tills hung: {hung}"
 
-    report = ledger.check(stored_sales(server))
-    refused = [failure for failure in ledger.failures if _refused(failure)]
-    print(f"\n{killed} SIGKILL / {mode}: {report.summary()}; {len(ledger.failures)} errors,", end=" ")
-    print(f"{len(refused)} of them refused connects; the writer was gone {writer_lingered:.2f}s after")
-    for failure in ledger.failures:
-        if failure not in refused:
-            print(f"  {failure}")
-    report.assert_sound()
-    assert ledger.failures, "the kill never reached a till"
-    # Beyond the clean ends of a lost connection, only a closed port while no proxy listened.
-    unexplained = [
-        f for f in ledger.failures if not f.clean and not (_refused(f) and f.doing == "connecting")
-    ]
-    assert not unexplained, unexplained
-    for till in fleet.tills:
-        assert till.slowest < OPERATION_BOUND, f"{till.name} waited {till.slowest:.1f}s"
+    _assert_the_ledger_explains_the_kill(ledger, fleet, server, f"{killed} SIGKILL / {mode}")
+    print(f"the orphaned audit writer was gone {writer_lingered:.2f}s after the kill")
 
     restarted_pid = _worker_pids(proxy)[1] if workers else proxy.pid
     assert proxy.stop() == 0
@@ -196,6 +206,67 @@ def test_a_proxy_killed_under_load_loses_no_sale_and_its_audit_chain_says_where(
         _assert_verifies_to_its_end(key, untouched[1], untouched[0])
         others = [record["event"] for record in _records(untouched[0])]
         assert PROXY_LOST not in others and others.count("audit_started") == 1, others
+
+
+def test_a_killed_supervisors_workers_close_their_chains_and_the_restart_continues_them(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, durable_cluster: OwnCluster, tmp_path: Path
+) -> None:
+    """SIGKILL of the supervisor of two workers: each worker notices, drains and closes its own
+    chain (audit_stopped: nothing lost); the supervisor started again continues both."""
+    server = durable_cluster.server
+    audit, log, witness, key = _audit_config(tmp_path)
+    proxy = start_proxy(
+        routes={"pos": durable_cluster.route(mode="transaction", size=POOL_SIZE, connect_timeout="1s")},
+        roles={"cashier": {"limits": {"max_server_connections_per_terminal": POOL_SIZE}}},
+        audit=audit,
+        admin={"port": free_port()},
+        listen={"drain_timeout": f"{ORPHAN_DRAIN_TIMEOUT:g}s"},
+        arguments=["--workers", "2"],
+    )
+    proxy.wait_for_event("workers_ready", timeout=30)
+    chains = {index: (worker_audit_file(log, index), worker_audit_file(witness, index)) for index in (1, 2)}
+    orphans = _worker_pids(proxy)
+    writers = [writer for pid in orphans.values() for writer in _audit_writers(pid)]
+    assert len(writers) == 2, writers
+    ledger = Ledger()
+    fleet = Fleet(ledger, Target(proxy, terminal_pki, TILL_CONNECT_TIMEOUT), OPERATION_BOUND)
+    fleet.start()
+    try:
+        fleet.wait_all_selling_since(time.monotonic(), 15, "every till selling")
+        _wait_for_tills_mid_transaction_and_mid_copy(server)
+        proxy.signal(signal.SIGKILL)
+        assert proxy.wait_exit(5) == -signal.SIGKILL
+        # A worker checks its parent every second, then drains; its writer closes the log.
+        _wait_for(
+            lambda: not any(running(pid) for pid in [*orphans.values(), *writers]),
+            1 + ORPHAN_DRAIN_TIMEOUT + WRITER_EXIT_BOUND,
+            "the orphaned workers and their audit writers gone",
+        )
+        for chain, chain_witness in chains.values():
+            _assert_verifies_to_its_end(key, chain_witness, chain)
+            assert _records(chain)[-1]["event"] == "audit_stopped"
+        proxy.start()
+        _wait_for(
+            lambda: sum(1 for r in proxy.log_events() if r.get("event") == "workers_ready") == 2,
+            30,
+            "the workers of the new supervisor ready",
+        )
+        fleet.wait_all_selling_since(time.monotonic(), OPERATION_BOUND + 5, "every till selling again")
+    finally:
+        hung = fleet.stop()
+    assert not hung, f"tills hung: {hung}"
+    _assert_the_ledger_explains_the_kill(ledger, fleet, server, "supervisor SIGKILL / transaction")
+
+    successors = _worker_pids(proxy)
+    assert proxy.stop() == 0
+    for index, (chain, chain_witness) in chains.items():
+        last = _assert_verifies_to_its_end(key, chain_witness, chain)
+        records = _records(chain)
+        started = [(r["pid"], r["resumed"]) for r in records if r["event"] == "audit_started"]
+        assert started == [(orphans[index], False), (successors[index], True)], started
+        events = [record["event"] for record in records]
+        assert events.count("audit_stopped") == 2 and PROXY_LOST not in events, events
+        assert [record["seq"] for record in records] == list(range(1, last + 1))
 
 
 # Reload storms: SIGHUP every RELOAD_EVERY seconds for POS_PROXY_RELOAD_STORM_SECONDS (10 s in
