@@ -12,7 +12,8 @@ and ``pending`` and ``backlog_warnings`` show a writer falling behind. Every ``f
 shipping thread sends what is queued to the writer process and waits for its answer; the proxy lets go
 of a batch only once the writer reports every line it has rendered handed to the OS with ``os.write``.
 So a crash of the proxy loses what was still queued or on its way (normally the last one or two
-``flush_interval``); the writer, seeing its parent gone, writes what it was sent and exits. A crash of
+``flush_interval``); the writer, seeing its parent gone, writes what it was sent, then an
+``audit_proxy_lost`` record that says so, checkpoints the witness and exits. A crash of
 the machine can also lose what the OS had not yet written to disk, because files are fsynced only at
 rotation and at ``close``. A failed write is counted in ``write_errors`` and retried by the writer on
 the next batch. If the writer process dies, the proxy starts a new one (with backoff while that fails;
@@ -48,7 +49,7 @@ import structlog
 
 from proxy.audit import AuditError, AuditSettings, ChainWriter, Record, json_ready
 
-__all__ = ["BACKLOG_WARNING", "AuditLog"]
+__all__ = ["BACKLOG_WARNING", "PROXY_LOST", "AuditLog"]
 
 log = structlog.get_logger("pos_proxy.audit")
 
@@ -68,6 +69,12 @@ _CLOSE_GRACE = 1.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _HEADER_BYTES, _PAYLOAD_BYTES = 4, 8
 _NO_FIELDS: Mapping[str, object] = {}
+# The writer's last record when its channel ends without the proxy closing the log.
+PROXY_LOST = "audit_proxy_lost"
+PROXY_LOST_REASON = (
+    "the proxy ended (or gave up on this writer) without closing the log: "
+    "records it had not yet sent to the writer are not in the log"
+)
 # What _RecordPickler reduces other objects to: these must themselves pickle by reference.
 _REDUCTION_TYPES = (str, int, float, bool, dict, list)
 # What a broken channel to the writer process raises on this side.
@@ -511,7 +518,12 @@ def _serve(channel: socket.socket) -> int:
         return 1
     try:
         _send(channel, ("started", resumed, _take_notices(writer)))
-        return _write_until_closed(channel, writer)
+        if not _write_until_closed(channel, writer):
+            # The chain itself says where the proxy went away, so a reviewer reading a log that goes
+            # on with a later audit_started knows which records may never have reached it.
+            gone = {"pid": proxy_pid, "reason": PROXY_LOST_REASON}
+            writer.write([(time.time_ns(), PROXY_LOST, _NO_FIELDS, gone)])
+        return 0
     except OSError:
         return 0  # the proxy gave up waiting for this start
     finally:
@@ -519,13 +531,16 @@ def _serve(channel: socket.socket) -> int:
         writer.close(deadline=time.monotonic() + settings.flush_interval)
 
 
-def _write_until_closed(channel: socket.socket, writer: ChainWriter) -> int:
+def _write_until_closed(channel: socket.socket, writer: ChainWriter) -> bool:
+    """Write what the proxy sends until it closes the log (True) or the channel ends without that
+    (False: the proxy died, or gave up on this writer)."""
     while True:
         try:
             message, payload = _receive(channel)
         except _CHANNEL_ERRORS:
-            return 0
-        if message[0] == "batch":
+            return False
+        closing: bool = message[0] != "batch"
+        if not closing:
             _kind, reopen = message
             try:
                 records = list(_unpickled(payload))
@@ -541,9 +556,9 @@ def _write_until_closed(channel: socket.socket, writer: ChainWriter) -> int:
         try:
             _send(channel, reply)
         except OSError:
-            return 0
-        if message[0] != "batch":
-            return 0
+            return closing
+        if closing:
+            return True
 
 
 def _take_notices(writer: ChainWriter | None) -> list[tuple[str, dict[str, object]]]:

@@ -13,6 +13,7 @@ import pytest
 
 from proxy.localpg import LocalPostgres, LocalPostgresTLS
 from tests.conftest import running_in_ci
+from tests.integration.ledger import CREATE_SALES_TABLE
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI, deep_merge, proxy_config, stop_all
 from tests.integration.redisproc import RedisServer, find_redis_server
 
@@ -113,4 +114,14 @@ def own_cluster_running(
 def own_cluster(pg_cluster: Any, tmp_path: Path) -> Iterator[OwnCluster]:
     """A second cluster that a test may stop and start without disturbing the others."""
     with own_cluster_running(pg_cluster, tmp_path) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def durable_cluster(pg_cluster: Any, tmp_path: Path) -> Iterator[OwnCluster]:
+    """A cluster of the test's own, with the write ledger's sales table, that acknowledges a commit
+    only once it is in the WAL (the throwaway default, synchronous_commit off, would lose
+    acknowledged commits to a SIGKILL of PostgreSQL)."""
+    with own_cluster_running(pg_cluster, tmp_path, {"synchronous_commit": "on"}) as cluster:
+        cluster.server.execute_script(CREATE_SALES_TABLE, dbname="pos")
         yield cluster

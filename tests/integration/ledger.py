@@ -25,7 +25,7 @@ import asyncpg
 import psycopg
 
 from proxy.localpg import LocalPostgres
-from tests.integration.proxyproc import ProxyProcess, TerminalPKI
+from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI
 from tests.integration.test_upstream_resilience import (
     CLEAN_CONNECT_MESSAGES,
     CLEAN_SQLSTATES,
@@ -42,6 +42,9 @@ CREATE_SALES_TABLE = (
 INSERT_SALE = f"INSERT INTO {SALES_TABLE} (sale_id, till, amount) VALUES ($1, $2, $3)"
 INSERT_SALE_PSYCOPG = f"INSERT INTO {SALES_TABLE} (sale_id, till, amount) VALUES (%s, %s, %s)"
 COPY_SALES = f"COPY {SALES_TABLE} (sale_id, till, amount) FROM STDIN"
+# What a transaction till leaves behind in each new session (with a SET): it must never reach
+# another terminal through the pool.
+CREATE_SCRATCH_TABLE = "CREATE TEMP TABLE ledger_scratch (n int)"
 
 # Clean ends of a till's work while its database fails, beyond those of a restart
 # (test_upstream_resilience): asyncpg's own word for a connection lost under it.
@@ -204,24 +207,30 @@ def is_clean_error(sqlstate: str | None, message: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where the tills connect: the proxy, as one terminal (mutual TLS)."""
+    """Where the tills connect: the proxy, as one terminal (mutual TLS), the PKI's cashier unless
+    ``terminal`` names another."""
 
     proxy: ProxyProcess
     pki: TerminalPKI
     connect_timeout: float
+    terminal: Terminal | None = None
+
+    @property
+    def identity(self) -> Terminal:
+        return self.terminal or self.pki.cashier
 
     def psycopg_conninfo(self) -> dict[str, Any]:
         return self.proxy.conninfo(
-            self.pki.cashier, self.pki.ca, connect_timeout=str(max(1, round(self.connect_timeout)))
+            self.identity, self.pki.ca, connect_timeout=str(max(1, round(self.connect_timeout)))
         )
 
     def asyncpg_kwargs(self) -> dict[str, Any]:
         return {
             "host": "127.0.0.1",
             "port": self.proxy.port,
-            "user": self.pki.cashier.terminal,
+            "user": self.identity.terminal,
             "database": "pos",
-            "ssl": self.proxy.ssl_context(self.pki.cashier, self.pki.ca),
+            "ssl": self.proxy.ssl_context(self.identity, self.pki.ca),
             "timeout": self.connect_timeout,
         }
 
@@ -320,7 +329,7 @@ def _psycopg_transactions(till: Till, ledger: Ledger, target: Target, stop: thre
 
     def leave_state(connection: psycopg.Connection[Any]) -> None:
         connection.execute(f"SET ledger.till = '{till.name}'")
-        connection.execute("CREATE TEMP TABLE ledger_scratch (n int)")
+        connection.execute(CREATE_SCRATCH_TABLE)
 
     def sell(connection: psycopg.Connection[Any], attempt: _Attempt) -> None:
         attempt.at("in transaction")
@@ -465,7 +474,8 @@ class Fleet:
     _threads: list[threading.Thread] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
-    def start(self, *, asyncpg_tills: int = 2) -> None:
+    def start(self, *, asyncpg_tills: int = 2, name: str = "till") -> None:
+        """Start a till of each psycopg kind and ``asyncpg_tills`` asyncpg ones, named ``name0``..."""
         kinds: list[tuple[str, TillWork]] = [
             ("psycopg-transaction", _psycopg_transactions),
             ("psycopg-copy", _psycopg_copies),
@@ -480,7 +490,7 @@ class Fleet:
             )
         ] * asyncpg_tills
         for number, (kind, work) in enumerate(kinds):
-            till = Till(f"till{number}", kind)
+            till = Till(f"{name}{number}", kind)
             thread = threading.Thread(
                 target=_reporting_crashes(work),
                 args=(till, self.ledger, self.target, self._stop),

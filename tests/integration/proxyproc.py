@@ -23,6 +23,7 @@ import yaml
 
 from proxy import certs
 from proxy.localpg import free_port
+from proxy.protocols.postgres import messages as m
 from tests import compiled
 from tests.logcheck import assert_no_unhandled_errors
 
@@ -56,11 +57,7 @@ class TerminalPKI:
         certs.init_ca(directory)
         certs.issue_server(directory, dns_names=["localhost"], ip_addresses=["127.0.0.1", "::1"])
         now = datetime.now(UTC)
-
-        def issue(pki: Path, terminal: str, role: str, **kwargs: Any) -> Terminal:
-            issued = certs.issue_terminal(pki, store="store-001", terminal=terminal, role=role, **kwargs)
-            return Terminal("store-001", terminal, role, issued.cert_path, issued.key_path, issued.serial_hex)
-
+        issue = _issue_terminal
         revoked = issue(directory, "till-stolen", "cashier")
         certs.revoke(directory, int(revoked.serial_hex, 16))
         foreign_pki = directory / "foreign"
@@ -76,6 +73,15 @@ class TerminalPKI:
             unmapped_role=issue(directory, "till-audit", "auditor"),
             foreign=issue(foreign_pki, "till-01", "cashier"),
         )
+
+    def issue(self, terminal: str, role: str) -> Terminal:
+        """One more terminal of this CA's store, valid now."""
+        return _issue_terminal(self.directory, terminal, role)
+
+
+def _issue_terminal(pki: Path, terminal: str, role: str, **kwargs: Any) -> Terminal:
+    issued = certs.issue_terminal(pki, store="store-001", terminal=terminal, role=role, **kwargs)
+    return Terminal("store-001", terminal, role, issued.cert_path, issued.key_path, issued.serial_hex)
 
 
 def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -241,6 +247,16 @@ class ProxyProcess:
         if terminal is not None:
             context.load_cert_chain(terminal.cert, terminal.key)
         return context
+
+    def served_certificate(self, context: ssl.SSLContext) -> bytes:
+        """The DER certificate the proxy presents now (SSLRequest, then a TLS handshake)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as raw:
+            raw.sendall(m.build_ssl_request())
+            assert raw.recv(1) == b"S"
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                certificate = tls.getpeercert(binary_form=True)
+        assert certificate is not None
+        return certificate
 
     async def asyncpg_connect(self, terminal: Terminal, ca: Path, **settings: str) -> asyncpg.Connection:
         """An asyncpg connection of ``terminal`` to route "pos", ``settings`` in its startup packet."""

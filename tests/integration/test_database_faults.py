@@ -9,17 +9,16 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from proxy.localpg import LocalPostgres, free_port
-from tests.integration.conftest import OwnCluster, own_cluster_running
-from tests.integration.ledger import CREATE_SALES_TABLE, Fleet, Ledger, Target, stored_sales
+from tests.integration.conftest import OwnCluster
+from tests.integration.ledger import Fleet, Ledger, Target, stored_sales
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 from tests.integration.test_admin import TOKEN, _call
 from tests.integration.test_upstream_resilience import _wait_for
@@ -90,15 +89,6 @@ FAULTS = [
     Fault("stopped-for-10s", _stop),
     Fault("pg_terminate_backend", _terminate),
 ]
-
-
-@pytest.fixture
-def durable_cluster(pg_cluster: Any, tmp_path: Path) -> Iterator[OwnCluster]:
-    """A cluster of the test's own that acknowledges a commit only once it is in the WAL (the
-    throwaway default, synchronous_commit off, would lose acknowledged commits to a SIGKILL)."""
-    with own_cluster_running(pg_cluster, tmp_path, {"synchronous_commit": "on"}) as cluster:
-        cluster.server.execute_script(CREATE_SALES_TABLE, dbname="pos")
-        yield cluster
 
 
 def _pool(admin_port: int) -> dict[str, Any]:

@@ -354,16 +354,10 @@ def _wait_until(predicate: Callable[[], bool], timeout: float) -> None:
 
 
 def _served_certificate(pki: OwnPKI) -> bytes:
-    """The DER certificate the proxy presents now (SSLRequest, then a TLS handshake as a terminal)."""
+    """The DER certificate the proxy presents now, to the honest terminal."""
     context = ssl.create_default_context(cafile=str(pki.directory / "ca.pem"))
     context.load_cert_chain(pki.honest.cert_path, pki.honest.key_path)
-    with socket.create_connection(("127.0.0.1", pki.proxy.port), timeout=10) as raw:
-        raw.sendall(m.build_ssl_request())
-        assert raw.recv(1) == b"S"
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            certificate = tls.getpeercert(binary_form=True)
-    assert certificate is not None
-    return certificate
+    return pki.proxy.served_certificate(context)
 
 
 def _sales_policy(*readable: str) -> dict[str, Any]:

@@ -9,17 +9,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 
 from proxy.localpg import free_port
 from proxy.protocols.postgres import messages as m
-from tests.integration.conftest import OwnCluster
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 from tests.integration.test_admin import TOKEN, _call
 from tests.integration.test_postgres_robustness import data_row_values, raw_session, run_query
+
+if TYPE_CHECKING:
+    # Only a type here: tests.integration.conftest imports the ledger, which imports this module.
+    from tests.integration.conftest import OwnCluster
 
 StartProxy = Callable[..., ProxyProcess]
 

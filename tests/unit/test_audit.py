@@ -36,7 +36,7 @@ from proxy.audit import (
     load_key,
     verify,
 )
-from proxy.auditwriter import AuditLog, _pickled, _receive, _send, _WriterProcess
+from proxy.auditwriter import PROXY_LOST, AuditLog, _pickled, _receive, _send, _WriterProcess
 from proxy.config import AuditConfig
 from proxy.server import audit_after_reload
 
@@ -755,7 +755,7 @@ def test_a_writer_whose_proxy_vanishes_mid_reply_still_closes_its_file(
     channel.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     channel.close()
     assert writer._process.wait(5) == 0
-    assert [r["event"] for r in records(log_path)][-1] == "sale"
+    assert [r["event"] for r in records(log_path)][-2:] == ["sale", PROXY_LOST]
     assert verify([log_path], load_key(key_file)).ok
 
 
@@ -767,7 +767,7 @@ from proxy.auditwriter import AuditLog, _pickled, _receive, _send, _WriterProces
 
 audit = AuditLog(AuditSettings(file=Path(sys.argv[1]), key_file=Path(sys.argv[2]), flush_interval=0.01))
 audit.start()
-print(audit._writer._process.pid, flush=True)
+print(os.getpid(), audit._writer._process.pid, flush=True)
 for n in range(1000):
     audit.record("sale", n=n)
 deadline = time.monotonic() + 10
@@ -786,9 +786,13 @@ def test_a_writer_whose_proxy_died_finishes_its_file_and_exits(log_path: Path, k
         check=False,
     )
     assert dying.returncode == -signal.SIGKILL, dying.stderr
-    writer = int(dying.stdout)
+    proxy, writer = map(int, dying.stdout.split())
     wait_until(lambda: not running(writer))
-    assert [r["n"] for r in records(log_path) if r["event"] == "sale"] == list(range(1000))
+    written = records(log_path)
+    assert [r["n"] for r in written if r["event"] == "sale"] == list(range(1000))
+    # The log ends saying that its proxy went away without closing it, and which proxy that was.
+    assert written[-1]["event"] == PROXY_LOST and written[-1]["pid"] == proxy, written[-1]
+    assert "audit_stopped" not in [r["event"] for r in written]
     assert verify([log_path], load_key(key_file)).ok
 
 
