@@ -121,6 +121,9 @@ class ServerConnection(asyncio.Protocol):
         self.transaction_status = b"I"
         # Extended-protocol messages sent since the last Sync: the server is mid-cycle.
         self.unsynced = False
+        # The last message sent was a Flush: the server answers everything sent so far without
+        # waiting for more (protocol 55.2.3); otherwise a mid-cycle server may answer nothing yet.
+        self.flushed = False
         # A cancel for this connection is on its way, or was sent and never answered: it may still
         # land, so the connection is lent to nobody else meanwhile (and never again if unanswered).
         self.cancel_requested = False
@@ -475,6 +478,8 @@ class ServerConnection(asyncio.Protocol):
 
     def send(self, data: bytes, frames: list[m.Frame]) -> None:
         """Send client messages (already rewritten), noting whether an extended cycle is open."""
+        if frames:
+            self.flushed = frames[-1][0] == _FLUSH
         # The last message that opens or ends an extended-protocol cycle decides.
         for kind, _start, _end in reversed(frames):
             if kind in _SYNC_POINT_TYPES:
@@ -505,6 +510,7 @@ class ServerConnection(asyncio.Protocol):
 
 
 _DATA_ROW: Final = ord("D")
+_FLUSH: Final = ord("H")
 # Messages that open an extended-protocol cycle, which a Sync must end. Not Flush: it asks only for
 # the output so far and cannot fail (psycopg's pipeline sends one right after its Sync).
 _EXTENDED_QUERY_TYPES: Final = frozenset(b"PBDEC")
