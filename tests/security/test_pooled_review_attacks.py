@@ -416,13 +416,14 @@ def test_a_statement_running_longer_than_the_idle_timeout_before_its_sync_is_not
 
 
 @contextlib.contextmanager
-def _view_calling_set_config(cluster: Any) -> Iterator[str]:
-    """A view whose every read sets work_mem for the session: made beforehand (by the attacker in
-    another session, or any role that may create a view), so statements through the proxy never
-    name set_config."""
+def _view_calling_set_config(cluster: Any, setting: str = "work_mem", value: str = "77MB") -> Iterator[str]:
+    """A view whose every read sets ``setting`` for the session: made beforehand (by the attacker
+    in another session, or any role that may create a view), so statements through the proxy
+    never name set_config."""
     with _superuser(cluster) as admin:
         admin.execute(
-            "CREATE OR REPLACE VIEW public.review_sets AS SELECT set_config('work_mem', '77MB', false) AS v"
+            "CREATE OR REPLACE VIEW public.review_sets AS "
+            f"SELECT set_config('{setting}', '{value}', false) AS v"
         )
         admin.execute(f"GRANT SELECT ON public.review_sets TO {cluster.user}")
     try:
@@ -480,3 +481,50 @@ def test_a_policy_role_cannot_change_a_setting_through_a_view(
             with _psycopg(proxy, terminal_pki, terminal_pki.manager) as victim:
                 assert _backend_pid(victim) == pid
                 assert _show_all(victim) == route_values
+
+
+@contextlib.contextmanager
+def _role_without_grants(cluster: Any) -> Iterator[str]:
+    """A role the route's user may SET ROLE to, which may read nothing."""
+    with _superuser(cluster) as admin:
+        admin.execute("DROP ROLE IF EXISTS review_nobody")
+        admin.execute("CREATE ROLE review_nobody NOLOGIN")
+        admin.execute(f"GRANT review_nobody TO {cluster.user}")
+    try:
+        yield "review_nobody"
+    finally:
+        with _superuser(cluster) as admin:
+            admin.execute("DROP ROLE review_nobody")
+
+
+@pytest.mark.parametrize("setting", ["search_path", "role"])
+@pytest.mark.usefixtures("shadow_schema")
+async def test_a_setting_changed_through_a_view_does_not_reach_the_next_policy_role(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, pg_cluster: Any, setting: str
+) -> None:
+    """A role without a policy, started with the very search_path the cashier's policy gets (so
+    the proxy believes the connection already has it), reads the view: the server now resolves
+    names through the attacker's schema, or runs as a role of its choice. The next cashier, whose
+    policy is enforced, on that server connection must read the table its policy decided on."""
+    with contextlib.ExitStack() as stack:
+        value = (
+            "evil, public"
+            if setting == "search_path"
+            else stack.enter_context(_role_without_grants(pg_cluster))
+        )
+        read_view = stack.enter_context(_view_calling_set_config(pg_cluster, setting, value))
+        proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+            policy_path = before.execute("SHOW search_path").fetchone()
+            pid = _backend_pid(before)
+        assert policy_path is not None
+        async with _asyncpg(
+            proxy, terminal_pki, terminal_pki.manager, search_path=policy_path[0]
+        ) as attacker:
+            await attacker.execute(read_view)
+            assert await attacker.fetchval(f"SELECT current_setting('{setting}')") == value
+            with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+                assert _backend_pid(victim) == pid
+                for _ in range(2):
+                    assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+                    assert victim.execute("SHOW search_path").fetchone() == policy_path

@@ -1010,6 +1010,8 @@ class ClientSession(asyncio.Protocol):
             # meantime joins the stash behind what already waits there, instead of overtaking it.
             asked = dict(self._parameters.wanted) if self._state is _State.CONNECTING else None
             try:
+                if self._must_reset(server):
+                    await server.reset_session_settings(route.config.pool.connect_timeout)
                 await self._parameters.apply(server, route.config.pool.connect_timeout)
             except BaseException:
                 self._server = server  # released when the session ends: to the pool only if clean
@@ -1040,7 +1042,7 @@ class ClientSession(asyncio.Protocol):
             route.pool.give_back(server)
             return
         self._observe_wait(self._waiting_since)
-        if self._parameters.needs_sync(server):
+        if self._needs_sync(server):
             # Setting them takes a round trip to the server: the one case that needs a task.
             self._connect_task = self._env.registry.spawn(self._lease_server(route, server))
             return
@@ -1055,15 +1057,30 @@ class ClientSession(asyncio.Protocol):
         if self._pool_wait is not None:
             self._pool_wait.observe(time.monotonic() - waited_from)
 
+    def _needs_sync(self, server: ServerConnection) -> bool:
+        """Whether ``server`` needs a round trip (_lease_server) before this client may use it."""
+        assert self._parameters is not None
+        return self._parameters.needs_sync(server) or self._must_reset(server)
+
+    def _must_reset(self, server: ServerConnection) -> bool:
+        """A client whose policy is enforced must not run under settings (search_path, role) that
+        an unvetted client's stored SQL may have changed out of sight on ``server``."""
+        return server.unvetted_use and self._statement_checks.mode is PolicyMode.ENFORCE
+
+    def _hold(self, server: ServerConnection) -> None:
+        self._server = server
+        server.attach(self)
+        server.result_watch = self._result_watch
+        if self._statement_checks.mode is not PolicyMode.ENFORCE:
+            server.unvetted_use = True
+
     def _start_on(self, route: Route, server: ServerConnection) -> None:
         """Attach ``server`` and send it what the client sent while it had none."""
         starting = self._state is _State.CONNECTING
         if starting:
             # First: the attached server connection names the backend by the pid given here.
             self._answer_startup(server.reported, server.id)
-        self._server = server
-        server.attach(self)
-        server.result_watch = self._result_watch
+        self._hold(server)
         if starting and route.transaction_pooling and not self._stash:
             # The startup only needed the server's parameters: lend it back at once.
             self.server_idle()
@@ -1260,10 +1277,8 @@ class ClientSession(asyncio.Protocol):
         has_share = self._share_held or self._take_share(route)
         if has_share and not self._stash and not self._reading_settings and self._parameters is not None:
             idle = route.pool.try_acquire()
-            if idle is not None and not self._parameters.needs_sync(idle):
-                self._server = idle
-                idle.attach(self)
-                idle.result_watch = self._result_watch
+            if idle is not None and not self._needs_sync(idle):
+                self._hold(idle)
                 self._send(chunk, frames)
                 return
             if idle is not None:
