@@ -8,6 +8,10 @@ server runs at every Bind. Real PostgreSQL 15 through the real proxy, pool of on
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -336,58 +340,191 @@ async def test_a_result_type_change_invalidates_shared_copies_for_every_terminal
     assert not _internal_errors(proxy)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a client that sends Parse + Flush (as asyncpg's Connection.prepare does) and never a Sync "
-        "holds its server connection with no timer: the idle-in-transaction clock starts only at "
-        "a ReadyForQuery, which the server sends only after a Sync"
-    ),
+FLUSH = m.build_message(b"H", b"")
+# A pool of one whose idle clock runs out in 1 s; max_client_wait (5 s in these tests) is longer.
+_IDLE_IN_ONE_SECOND = {"size": 1, "idle_transaction_timeout": "1s"}
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+@pytest.mark.parametrize(
+    "after_answer",
+    # Nothing more: the server has answered everything and waits for the next message. A Bind
+    # with no Flush: the server answers it only at a Flush or Sync, so the proxy never sees the
+    # cycle answered, and the client cannot be waiting for an answer.
+    [b"", _bind("held")],
+    ids=["answered", "bind-without-flush"],
 )
 def test_a_terminal_that_never_syncs_does_not_hold_a_server_connection_for_ever(
-    start_proxy: StartProxy, terminal_pki: TerminalPKI
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, mode: str, after_answer: bytes
 ) -> None:
-    proxy = start_proxy(
-        routes={"pos": {"pool": {"mode": "transaction", "size": 1, "idle_transaction_timeout": "1s"}}}
-    )
+    """Parse + Flush (as asyncpg's Connection.prepare sends them), then never a Sync: no
+    ReadyForQuery starts the idle-in-transaction clock, yet the server (inside an implicit
+    transaction) waits on the client. It is cut off as an idle transaction is."""
+    proxy = start_proxy(routes={"pos": {"pool": {"mode": mode, **_IDLE_IN_ONE_SECOND}}})
     with raw_session(proxy, terminal_pki, terminal_pki.manager) as attacker:
-        attacker.send(_parse("held", "SELECT 1") + m.build_message(b"H", b""))
+        attacker.send(_parse("held", "SELECT 1") + FLUSH)
         assert attacker.read_message()[0] == b"1"
-        # The next terminal waits max_client_wait (5 s in these tests) at most; the attacker
-        # should be cut off after 1 s idle.
+        attacker.send(after_answer)
+        started = time.monotonic()
         with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
             assert victim.execute("SELECT 1").fetchone() == (1,)
+        assert time.monotonic() - started < 4.0  # served once the attacker was cut off, not at the wait's end
+        attacker.expect_fatal("25P03")
+    proxy.wait_for_event(
+        "session_error", sqlstate="25P03", reason="idle in an extended-protocol cycle without Sync for 1 s"
+    )
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+async def test_asyncpg_prepare_then_execute_is_not_cut_off_by_the_idle_clock(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, mode: str
+) -> None:
+    """asyncpg's prepare ends with a Flush and leaves the cycle open until its Bind, Execute and
+    Sync: a pause shorter than the timeout in between, again and again for longer than the
+    timeout in all, costs nothing; nor does a transaction that keeps sending."""
+    proxy = start_proxy(routes={"pos": {"pool": {"mode": mode, **_IDLE_IN_ONE_SECOND}}})
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.manager) as client:
+        for round_ in range(6):  # 6 x 0.4 s: more than twice the timeout
+            statement = await client.prepare(f"SELECT {round_} + $1::int")
+            await asyncio.sleep(0.4)
+            assert await statement.fetchval(1) == round_ + 1
+            assert await client.fetchval("SELECT $1::int", round_) == round_
+        async with client.transaction():
+            for round_ in range(6):
+                assert await client.fetchval("SELECT $1::int * 2", round_) == round_ * 2
+                await asyncio.sleep(0.4)
+        assert await client.fetchval("SELECT 1") == 1
+    assert not [r for r in proxy.log_events() if r.get("sqlstate") == "25P03"]
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_a_statement_running_longer_than_the_idle_timeout_before_its_sync_is_not_cut_off(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, mode: str
+) -> None:
+    """Bind, Execute and Flush of a statement that runs 2.5 s: the server owes the answer, so the
+    client is waiting on it, not idle; the Sync after it comes 0.5 s after the answer."""
+    proxy = start_proxy(routes={"pos": {"pool": {"mode": mode, **_IDLE_IN_ONE_SECOND}}})
+    with raw_session(proxy, terminal_pki, terminal_pki.manager) as client:
+        client.send(_parse("", "SELECT pg_sleep(2.5)") + _bind("") + EXECUTE + FLUSH)
+        kinds = [client.read_message()[0] for _ in range(4)]
+        assert kinds == [b"1", b"2", b"D", b"C"], kinds
+        time.sleep(0.5)
+        client.send(SYNC)
+        assert client.read_until_ready() == [(b"Z", b"I")]
+        _assert_serves(client)
+    assert not [r for r in proxy.log_events() if r.get("sqlstate") == "25P03"]
+
+
+@contextlib.contextmanager
+def _view_calling_set_config(cluster: Any, setting: str = "work_mem", value: str = "77MB") -> Iterator[str]:
+    """A view whose every read sets ``setting`` for the session: made beforehand (by the attacker
+    in another session, or any role that may create a view), so statements through the proxy
+    never name set_config."""
+    with _superuser(cluster) as admin:
+        admin.execute(
+            "CREATE OR REPLACE VIEW public.review_sets AS "
+            f"SELECT set_config('{setting}', '{value}', false) AS v"
+        )
+        admin.execute(f"GRANT SELECT ON public.review_sets TO {cluster.user}")
+    try:
+        yield "SELECT v FROM public.review_sets"
+    finally:
+        with _superuser(cluster) as admin:
+            admin.execute("DROP VIEW public.review_sets")
 
 
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "a setting changed by stored SQL (a view, a column default, a rule, a trigger) is not in "
-        "the statement's text: like the DO blocks and own functions of docs/security.md 'Open points', the "
-        "change is neither pinned nor read back for a role without a policy"
+        "a role without a policy runs stored SQL the proxy cannot see (a view, a column default, a "
+        "rule, a trigger calling set_config): a setting the server does not report changes with no "
+        "trace in the statement text or the protocol, so it is neither pinned nor read back; "
+        "reading every carried setting back after every transaction would cost a round trip per "
+        "transaction (docs/security.md 'Open points'; docs/pooling.md)"
     ),
 )
 def test_a_setting_changed_through_a_view_does_not_reach_the_next_terminal(
     start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, pg_cluster: Any
 ) -> None:
-    # Made beforehand (by the attacker in another session, or any role that may create a view):
-    # the statements through the proxy never name set_config.
-    with _superuser(pg_cluster) as admin:
-        admin.execute(
-            "CREATE OR REPLACE VIEW public.review_sets AS SELECT set_config('work_mem', '77MB', false) AS v"
-        )
-        admin.execute(f"GRANT SELECT ON public.review_sets TO {pg_cluster.user}")
-    proxy = _proxy(start_proxy, "transaction", tmp_path)
-    try:
+    with _view_calling_set_config(pg_cluster) as read_view:
+        proxy = _proxy(start_proxy, "transaction", tmp_path)
         with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
             route_values = _show_all(before)
         with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
-            attacker.execute("SELECT v FROM public.review_sets")
+            attacker.execute(read_view)
             assert attacker.execute("SELECT current_setting('work_mem')").fetchone() == ("77MB",)
             pid = _backend_pid(attacker)
             with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
                 assert _backend_pid(victim) == pid
                 assert _show_all(victim) == route_values
+
+
+def test_a_policy_role_cannot_change_a_setting_through_a_view(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, pg_cluster: Any
+) -> None:
+    """The same view read by a role with a policy: the view is no table the policy lets it read,
+    so the statement is refused before the server runs it, and the next terminal on that server
+    connection finds the route's settings."""
+    with _view_calling_set_config(pg_cluster) as read_view:
+        proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
+        with _psycopg(proxy, terminal_pki, terminal_pki.manager) as before:
+            route_values = _show_all(before)
+            pid = _backend_pid(before)
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as attacker:
+            for statement in (
+                read_view,
+                "SELECT * FROM review_sets",
+                "SELECT set_config('work_mem', '77MB', false)",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    attacker.execute(statement)
+            with _psycopg(proxy, terminal_pki, terminal_pki.manager) as victim:
+                assert _backend_pid(victim) == pid
+                assert _show_all(victim) == route_values
+
+
+@contextlib.contextmanager
+def _role_without_grants(cluster: Any) -> Iterator[str]:
+    """A role the route's user may SET ROLE to, which may read nothing."""
+    with _superuser(cluster) as admin:
+        admin.execute("DROP ROLE IF EXISTS review_nobody")
+        admin.execute("CREATE ROLE review_nobody NOLOGIN")
+        admin.execute(f"GRANT review_nobody TO {cluster.user}")
+    try:
+        yield "review_nobody"
     finally:
-        with _superuser(pg_cluster) as admin:
-            admin.execute("DROP VIEW public.review_sets")
+        with _superuser(cluster) as admin:
+            admin.execute("DROP ROLE review_nobody")
+
+
+@pytest.mark.parametrize("setting", ["search_path", "role"])
+@pytest.mark.usefixtures("shadow_schema")
+async def test_a_setting_changed_through_a_view_does_not_reach_the_next_policy_role(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, pg_cluster: Any, setting: str
+) -> None:
+    """A role without a policy, started with the very search_path the cashier's policy gets (so
+    the proxy believes the connection already has it), reads the view: the server now resolves
+    names through the attacker's schema, or runs as a role of its choice. The next cashier, whose
+    policy is enforced, on that server connection must read the table its policy decided on."""
+    with contextlib.ExitStack() as stack:
+        value = (
+            "evil, public"
+            if setting == "search_path"
+            else stack.enter_context(_role_without_grants(pg_cluster))
+        )
+        read_view = stack.enter_context(_view_calling_set_config(pg_cluster, setting, value))
+        proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
+        with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+            policy_path = before.execute("SHOW search_path").fetchone()
+            pid = _backend_pid(before)
+        assert policy_path is not None
+        async with _asyncpg(
+            proxy, terminal_pki, terminal_pki.manager, search_path=policy_path[0]
+        ) as attacker:
+            await attacker.execute(read_view)
+            assert await attacker.fetchval(f"SELECT current_setting('{setting}')") == value
+            with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+                assert _backend_pid(victim) == pid
+                for _ in range(2):
+                    assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+                    assert victim.execute("SHOW search_path").fetchone() == policy_path

@@ -277,6 +277,16 @@ def _policy_refusal(decision: Decision | None, mode: PolicyMode | None) -> str |
     return decision.rule
 
 
+def _waits_on_client(server: ServerConnection) -> bool:
+    """Whether ``server`` now waits for its client's next message while the client holds it: idle
+    in a transaction after a ReadyForQuery, or inside an extended-protocol cycle the client has not
+    synced (55.2.3), once every message of it is answered, or at once when the client asked for no
+    answer (no Flush last), since then it cannot be waiting for one."""
+    if server.unsynced:
+        return not server.state.pending or not server.flushed
+    return server.transaction_status != b"I" and not server.state.pending
+
+
 def _remember(rules: dict[bytes, str], name: bytes, rule: str | None) -> None:
     """Keep (or, once the name is reused for a statement nobody refused, forget) a refusal's rule."""
     if rule is None:
@@ -568,9 +578,14 @@ class ClientSession(asyncio.Protocol):
     def server_data(self, data: bytes) -> None:
         self._bytes_out += len(data)
         server = self._server
-        if server is not None and server.state.errors_seen:
-            server.state.errors_seen = False
-            data = self._errors_passing(data)
+        if server is not None:
+            if server.state.errors_seen:
+                server.state.errors_seen = False
+                data = self._errors_passing(data)
+            if server.unsynced and not server.state.pending and self._idle_transaction_timeout is not None:
+                # Every message of an unsynced cycle is answered (a Flush asked for it): from now on
+                # the server waits on the client, and no ReadyForQuery will say so.
+                self._idle_from_now()
         if self._transport is not None and self._state is not _State.CLOSED:
             self._transport.write(data)
 
@@ -655,22 +670,28 @@ class ClientSession(asyncio.Protocol):
             and not server.unsynced
         ):
             # Everything sent is answered and a transaction is open: the server waits on the client.
-            self._idle_transaction_since = time.monotonic()
-            if self._idle_transaction_timer is None:
-                self._idle_transaction_timer = asyncio.get_running_loop().call_later(
-                    self._idle_transaction_timeout, self._check_idle_transaction
-                )
+            self._idle_from_now()
+
+    def _idle_from_now(self) -> None:
+        """The server may be waiting on the client from now on: start its idle clock."""
+        assert self._idle_transaction_timeout is not None
+        self._idle_transaction_since = time.monotonic()
+        if self._idle_transaction_timer is None:
+            self._idle_transaction_timer = asyncio.get_running_loop().call_later(
+                self._idle_transaction_timeout, self._check_idle_transaction
+            )
 
     def _check_idle_transaction(self) -> None:
-        """PgBouncer's idle_transaction_timeout: a client that opened a transaction and went quiet
-        holds a server connection (and its locks) from everyone else; cut it off and close that
-        connection, which rolls the transaction back."""
+        """PgBouncer's idle_transaction_timeout: a client that opened a transaction, or an
+        extended-protocol cycle it has not synced, and went quiet holds a server connection (and
+        its locks) from everyone else; cut it off and close that connection, which rolls the
+        transaction back."""
         self._idle_transaction_timer = None
         timeout, since, server = self._idle_transaction_timeout, self._idle_transaction_since, self._server
         if timeout is None or not since or server is None:
             return
-        if server.state.pending or (server.transaction_status == b"I" and not server.unsynced):
-            return  # busy again, or the transaction ended: the next idle ReadyForQuery re-arms
+        if not _waits_on_client(server):
+            return  # busy again, or the transaction ended: the next idle moment re-arms
         remaining = since + timeout - time.monotonic()
         if remaining > 0:
             self._idle_transaction_timer = asyncio.get_running_loop().call_later(
@@ -678,11 +699,12 @@ class ClientSession(asyncio.Protocol):
             )
             return
         # Closed now rather than when the terminal's TLS connection is gone: the pool gets it back at once.
+        where = "an extended-protocol cycle without Sync" if server.unsynced else "transaction"
         self._release_server()
         self._give_back_share()
         self._fail(
             IdleInTransactionTimeout("terminating connection due to idle-in-transaction timeout"),
-            reason=f"idle in transaction for {timeout:g} s",
+            reason=f"idle in {where} for {timeout:g} s",
         )
 
     @property
@@ -988,6 +1010,8 @@ class ClientSession(asyncio.Protocol):
             # meantime joins the stash behind what already waits there, instead of overtaking it.
             asked = dict(self._parameters.wanted) if self._state is _State.CONNECTING else None
             try:
+                if self._must_reset(server):
+                    await server.reset_session_settings(route.config.pool.connect_timeout)
                 await self._parameters.apply(server, route.config.pool.connect_timeout)
             except BaseException:
                 self._server = server  # released when the session ends: to the pool only if clean
@@ -1018,7 +1042,7 @@ class ClientSession(asyncio.Protocol):
             route.pool.give_back(server)
             return
         self._observe_wait(self._waiting_since)
-        if self._parameters.needs_sync(server):
+        if self._needs_sync(server):
             # Setting them takes a round trip to the server: the one case that needs a task.
             self._connect_task = self._env.registry.spawn(self._lease_server(route, server))
             return
@@ -1033,15 +1057,30 @@ class ClientSession(asyncio.Protocol):
         if self._pool_wait is not None:
             self._pool_wait.observe(time.monotonic() - waited_from)
 
+    def _needs_sync(self, server: ServerConnection) -> bool:
+        """Whether ``server`` needs a round trip (_lease_server) before this client may use it."""
+        assert self._parameters is not None
+        return self._parameters.needs_sync(server) or self._must_reset(server)
+
+    def _must_reset(self, server: ServerConnection) -> bool:
+        """A client whose policy is enforced must not run under settings (search_path, role) that
+        an unvetted client's stored SQL may have changed out of sight on ``server``."""
+        return server.unvetted_use and self._statement_checks.mode is PolicyMode.ENFORCE
+
+    def _hold(self, server: ServerConnection) -> None:
+        self._server = server
+        server.attach(self)
+        server.result_watch = self._result_watch
+        if self._statement_checks.mode is not PolicyMode.ENFORCE:
+            server.unvetted_use = True
+
     def _start_on(self, route: Route, server: ServerConnection) -> None:
         """Attach ``server`` and send it what the client sent while it had none."""
         starting = self._state is _State.CONNECTING
         if starting:
             # First: the attached server connection names the backend by the pid given here.
             self._answer_startup(server.reported, server.id)
-        self._server = server
-        server.attach(self)
-        server.result_watch = self._result_watch
+        self._hold(server)
         if starting and route.transaction_pooling and not self._stash:
             # The startup only needed the server's parameters: lend it back at once.
             self.server_idle()
@@ -1238,10 +1277,8 @@ class ClientSession(asyncio.Protocol):
         has_share = self._share_held or self._take_share(route)
         if has_share and not self._stash and not self._reading_settings and self._parameters is not None:
             idle = route.pool.try_acquire()
-            if idle is not None and not self._parameters.needs_sync(idle):
-                self._server = idle
-                idle.attach(self)
-                idle.result_watch = self._result_watch
+            if idle is not None and not self._needs_sync(idle):
+                self._hold(idle)
                 self._send(chunk, frames)
                 return
             if idle is not None:
@@ -1374,6 +1411,9 @@ class ClientSession(asyncio.Protocol):
             # Which portal, cursor or statement each result belongs to follows from what the server got.
             self._result_watch.sent(data, chunk, frames)
         server.send(data, frames)
+        if server.unsynced and self._idle_transaction_timeout is not None:
+            # Mid-cycle: no ReadyForQuery will start the clock until the client sends a Sync.
+            self._idle_from_now()
         synthetic = take_ready_synthetics(server.state)
         if synthetic and self._transport is not None:
             self._transport.write(synthetic)

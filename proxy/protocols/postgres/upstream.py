@@ -117,10 +117,18 @@ class ServerConnection(asyncio.Protocol):
         # proxy set them for a client (spelled as the client did) or as the server last reported
         # them. Empty on a connection no client changed, which is what makes hand-overs free.
         self.changed_settings: dict[str, str] = {}
+        # A client whose SQL no enforced policy vets has used this connection: stored SQL it reached
+        # (a view, a column default, a trigger calling set_config) may have changed any setting, or
+        # the role, with no trace in a statement or a ParameterStatus. Reset before a vetted client
+        # runs on it (reset_session_settings).
+        self.unvetted_use = False
         self.backend_key: tuple[int, int] = (0, 0)
         self.transaction_status = b"I"
         # Extended-protocol messages sent since the last Sync: the server is mid-cycle.
         self.unsynced = False
+        # The last message sent was a Flush: the server answers everything sent so far without
+        # waiting for more (protocol 55.2.3); otherwise a mid-cycle server may answer nothing yet.
+        self.flushed = False
         # A cancel for this connection is on its way, or was sent and never answered: it may still
         # land, so the connection is lent to nobody else meanwhile (and never again if unanswered).
         self.cancel_requested = False
@@ -372,6 +380,14 @@ class ServerConnection(asyncio.Protocol):
         for name in names:
             self.changed_settings[SESSION_PARAMETERS.get(name, name)] = _UNKNOWN_VALUE
 
+    async def reset_session_settings(self, timeout: float) -> None:
+        """Every setting and the role back to the route's values, as DISCARD ALL resets them but
+        keeping the prepared statements: nothing a client changed out of the proxy's sight stays."""
+        await self.run_internal(_RESET_SESSION_SETTINGS, timeout)
+        # The reported ones the reset changed were reported (ParameterStatus): all are the route's.
+        self.changed_settings.clear()
+        self.unvetted_use = False
+
     async def read_settings(self, names: Iterable[str], timeout: float) -> dict[str, str]:
         """The current values of ``names`` (lower case), read with one query while no client is
         attached, and noted as this connection's: compared without another set from now on."""
@@ -475,6 +491,8 @@ class ServerConnection(asyncio.Protocol):
 
     def send(self, data: bytes, frames: list[m.Frame]) -> None:
         """Send client messages (already rewritten), noting whether an extended cycle is open."""
+        if frames:
+            self.flushed = frames[-1][0] == _FLUSH
         # The last message that opens or ends an extended-protocol cycle decides.
         for kind, _start, _end in reversed(frames):
             if kind in _SYNC_POINT_TYPES:
@@ -487,8 +505,9 @@ class ServerConnection(asyncio.Protocol):
         self._transport.write(data)
 
     def forget_session(self) -> None:
-        """After DISCARD ALL: nothing the proxy set or prepared on this connection remains."""
+        """After the pool's DISCARD ALL: nothing the proxy set or prepared on this connection remains."""
         self.changed_settings.clear()
+        self.unvetted_use = False
         self.state.statements.clear()
         self.state.forget_unnamed()
 
@@ -505,6 +524,10 @@ class ServerConnection(asyncio.Protocol):
 
 
 _DATA_ROW: Final = ord("D")
+_FLUSH: Final = ord("H")
+# DISCARD ALL's resets (SET SESSION AUTHORIZATION DEFAULT, RESET ALL), and the role, which RESET ALL
+# leaves alone; any user may go back to the one it logged in as.
+_RESET_SESSION_SETTINGS: Final = "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL"
 # Messages that open an extended-protocol cycle, which a Sync must end. Not Flush: it asks only for
 # the output so far and cannot fail (psycopg's pipeline sends one right after its Sync).
 _EXTENDED_QUERY_TYPES: Final = frozenset(b"PBDEC")
