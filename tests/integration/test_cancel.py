@@ -1,21 +1,33 @@
 """Cancel through the proxy, with real drivers, in both pool modes: a cancel stops the statement it
 was sent for and nothing else, also one still waiting for a server connection, and it never leaves
-a server connection tied to its client."""
+a server connection tied to its client. And the BackendKeyData that names it: in session mode the
+server backend's own pid with a secret key of the proxy's, in transaction mode a pid of the proxy's."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
 
+from proxy.protocols.postgres import messages as m
 from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI
+from tests.integration.test_postgres_robustness import (
+    RawClient,
+    assert_startup_succeeded,
+    data_row_values,
+    expect_dropped,
+    run_query,
+    tcp_connect,
+    tls_client,
+)
 
 StartProxy = Callable[..., ProxyProcess]
 
@@ -201,3 +213,132 @@ def test_a_result_cut_by_the_guard_leaves_the_server_connection_to_others(
         # The only server connection went back to the pool once the cancelled statement ended.
         assert other.execute("SELECT 'served'").fetchone() == ("served",)
         assert cut.execute("SELECT 'still usable'").fetchone() == ("still usable",)
+
+
+# --- BackendKeyData ---
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+async def test_the_driver_pid_is_the_backends_own_in_session_mode_only(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, mode: str
+) -> None:
+    proxy = _proxy(start_proxy, mode, size=2)
+    connection = await _asyncpg(proxy, terminal_pki)
+    try:
+        pid = connection.get_server_pid()
+        backend = await connection.fetchval("SELECT pg_backend_pid()")
+        backends_with_that_pid = await connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid
+        )
+    finally:
+        await connection.close()
+    if mode == "session":
+        assert (pid, backends_with_that_pid) == (backend, 1)
+    else:
+        # The backend changes between transactions: the driver's pid names no server backend.
+        assert pid != backend and backends_with_that_pid == 0
+
+
+def test_terminating_the_driver_pid_ends_the_session_in_session_mode(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    """psycopg's own test_right_exception_on_server_disconnect, through the proxy."""
+    proxy = _proxy(start_proxy, "session", size=2)
+    with _psycopg(proxy, terminal_pki) as connection:
+        with pytest.raises(psycopg.errors.AdminShutdown):
+            connection.execute("SELECT pg_terminate_backend(%s)", [connection.pgconn.backend_pid])
+        assert connection.broken
+    with _psycopg(proxy, terminal_pki) as after:
+        assert after.execute("SELECT 'served'").fetchone() == ("served",)
+
+
+def test_terminating_the_driver_pid_ends_nothing_in_transaction_mode(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    proxy = _proxy(start_proxy, "transaction", size=2)
+    with _psycopg(proxy, terminal_pki) as connection:
+        ended = connection.execute(
+            "SELECT pg_terminate_backend(%s)", [connection.pgconn.backend_pid]
+        ).fetchone()
+        assert ended == (False,)  # WARNING: not a PostgreSQL backend process
+        assert connection.execute("SELECT 'still served'").fetchone() == ("still served",)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+async def test_a_driver_cancel_stops_the_statement_with_the_pid_it_was_given(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, mode: str
+) -> None:
+    proxy = _proxy(start_proxy, mode, size=2)
+    connection = await _asyncpg(proxy, terminal_pki)
+    try:
+        started = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await connection.execute("SELECT pg_sleep(30)", timeout=0.5)
+        # asyncpg's timeout cancels the statement; the next one runs once the server stopped it.
+        assert await connection.fetchval("SELECT 'next'", timeout=10) == "next"
+        assert time.monotonic() - started < 10
+    finally:
+        await connection.close()
+    proxy.wait_for_event("cancel_forwarded", terminal="till-01")
+
+
+@contextlib.contextmanager
+def _raw_client(proxy: ProxyProcess, pki: TerminalPKI) -> Iterator[tuple[RawClient, tuple[int, int]]]:
+    """A hand-driven client after its startup, with the BackendKeyData it was given."""
+    client = tls_client(proxy, pki, pki.cashier)
+    try:
+        startup = client.startup(pki.cashier.terminal)
+        assert_startup_succeeded(startup)
+        (key,) = [m.parse_backend_key_data(payload) for kind, payload in startup if kind == b"K"]
+        yield client, key
+    finally:
+        client.close()
+
+
+def _send_cancel(proxy: ProxyProcess, process_id: int, secret_key: int) -> None:
+    """A plaintext CancelRequest, as libpq's PQcancel sends it; the proxy closes once it acted on it."""
+    with tcp_connect(proxy) as sock:
+        sock.sendall(m.build_cancel_request(process_id, secret_key))
+        expect_dropped(sock, 10)
+
+
+def _sleep_outcome(client: RawClient, proxy: ProxyProcess, key: tuple[int, int]) -> str | None:
+    """Run pg_sleep(1.5), send a cancel with ``key`` while it runs: the SQLSTATE it ended with."""
+    client.send(m.build_query("SELECT pg_sleep(1.5)"))
+    time.sleep(0.3)
+    _send_cancel(proxy, *key)
+    received = client.read_until_ready()
+    assert received[-1] == (b"Z", b"I"), received
+    errors = [m.parse_error_fields(payload).get("C") for kind, payload in received if kind == b"E"]
+    return errors[0] if errors else None
+
+
+def _backend_pid(client: RawClient) -> int:
+    rows = [payload for kind, payload in run_query(client, "SELECT pg_backend_pid()") if kind == b"D"]
+    return int(data_row_values(rows[0])[0] or b"0")
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_cancel_with_the_right_pid_and_a_wrong_key_does_nothing(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, mode: str
+) -> None:
+    proxy = _proxy(start_proxy, mode, size=2)
+    with _raw_client(proxy, terminal_pki) as (client, (pid, key)):
+        assert (_backend_pid(client) == pid) is (mode == "session")
+        assert _sleep_outcome(client, proxy, (pid, key ^ 0x5A5A)) is None
+        assert _sleep_outcome(client, proxy, (pid, key)) == "57014"
+    proxy.wait_for_event("cancel_ignored", reason="unknown backend key")
+
+
+def test_a_reused_backend_pid_takes_a_new_key_and_the_old_one_cancels_nothing(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI
+) -> None:
+    """Session mode: the next session on the same server connection is given the same pid; the
+    key of the session that ended there must not reach the new one's statement."""
+    proxy = _proxy(start_proxy, "session", size=1)
+    with _raw_client(proxy, terminal_pki) as (_first, earlier):
+        pass
+    with _raw_client(proxy, terminal_pki) as (client, (pid, key)):
+        assert pid == earlier[0] and key != earlier[1]
+        assert _sleep_outcome(client, proxy, earlier) is None
+        assert _sleep_outcome(client, proxy, (pid, key)) == "57014"

@@ -118,11 +118,16 @@ def test_own_notifications_carry_the_pid_the_client_was_given_psycopg(
         listener.execute("NOTIFY price_change, 'own'")
         other.execute("NOTIFY price_change, 'other'")
         received = list(listener.notifies(timeout=5, stop_after=2))
-        own_pid = listener.info.backend_pid
+        own_pid, other_pid = listener.info.backend_pid, other.info.backend_pid
+        own_backend = listener.execute("SELECT pg_backend_pid()").fetchone()
     assert {note.payload: note.pid == own_pid for note in received} == {
         "own": True,
         "other": False,
     }
+    if mode == "session":
+        # Driver pids are the backends' own: the other's notification names the other's too.
+        assert own_backend == (own_pid,)
+        assert {note.payload: note.pid for note in received} == {"own": own_pid, "other": other_pid}
 
 
 @pytest.mark.parametrize("mode", ["session", "transaction"])
@@ -138,6 +143,9 @@ async def test_own_notifications_carry_the_pid_the_client_was_given_asyncpg(
         await connection.execute("NOTIFY price_change, 'own'")
         pid, payload = await asyncio.wait_for(received.get(), 5)
         assert (pid, payload) == (connection.get_server_pid(), "own")
+        if mode == "session":
+            # As direct (asyncpg's test_listen_02 compares them).
+            assert pid == await connection.fetchval("SELECT pg_backend_pid()")
 
 
 # --- startup settings drivers send ---

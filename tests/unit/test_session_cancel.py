@@ -252,3 +252,40 @@ async def test_a_cancel_with_nothing_running_is_not_sent(tmp_path: Path, cancels
     assert cancels.deliveries == []
     session.data_received(NEXT)
     assert upstream.written == [BEGIN, NEXT]
+
+
+async def test_sessions_given_the_same_pid_are_told_apart_by_their_keys(
+    tmp_path: Path, cancels: StandInCancels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session mode gives clients their backend's pid, which two live sessions may share for a
+    while (a backend of another route's server, or one whose earlier session is still ending)."""
+    proxy = proxy_without_listener(tmp_path, pool_size=2)
+    registry = proxy._environment.registry
+    route = proxy.routes["pos"]
+    first_server, _ = add_server(route, PARAMETERS)
+    second_server, _ = add_server(route, PARAMETERS)
+    first_server.backend_key, second_server.backend_key = (4242, 1), (4243, 2)
+    first, _ = open_session(proxy, terminal_certificate(tmp_path), 40001)
+    second, _ = open_session(proxy, terminal_certificate(tmp_path, terminal="till-02"), 40002)
+    registry.unregister(second)
+    second.process_id, second.secret_key = registry.register(second, first.process_id)
+    assert second.secret_key != first.secret_key
+    first.data_received(BEGIN)
+    first_server.data_received(IN_TRANSACTION)
+    second.data_received(BEGIN)
+    second_server.data_received(IN_TRANSACTION)
+    first.data_received(SLOW)
+    second.data_received(SLOW)
+
+    wrong_key = (first.secret_key ^ second.secret_key ^ 0x5A5A) & 0x7FFFFFFF
+    assert registry.cancel(m.CancelRequest(first.process_id, wrong_key), "test") is None
+    assert await _cancel(proxy, second) is not None
+    assert second._server is not None and first._server is not second._server
+    assert [delivery.backend_key for delivery in cancels.deliveries] == [second._server.backend_key]
+
+    record_closed_transports(monkeypatch)  # ending mid-statement closes the server connection
+    first.connection_lost(None)  # the session that ended takes only its own entry along
+    assert registry.sessions[second.process_id] == [second]
+    assert registry.cancel(m.CancelRequest(first.process_id, first.secret_key), "test") is None
+    second.connection_lost(None)
+    assert second.process_id not in registry.sessions

@@ -118,23 +118,38 @@ class Route:
 class SessionRegistry:
     """Live sessions by the BackendKeyData the proxy gave them, and the tasks they started."""
 
-    sessions: dict[int, ClientSession] = field(default_factory=dict)
+    # By pid: a session-mode client is given its server backend's pid, which another client may
+    # hold too for a moment (the backend served a session that is still ending, or a route to
+    # another server has a backend of the same pid). Their secret keys differ, and the key decides.
+    sessions: dict[int, list[ClientSession]] = field(default_factory=dict)
     live: set[ClientSession] = field(default_factory=set)
     _emptied: asyncio.Event | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     # The proxy is shutting down: a session finishing its startup now is refused (57P01).
     draining: bool = False
 
-    def register(self, session: ClientSession) -> tuple[int, int]:
+    def register(self, session: ClientSession, process_id: int = 0) -> tuple[int, int]:
+        """The pid and secret key for the client's BackendKeyData: ``process_id`` (its server
+        backend's), or one of the proxy's own that no live session has; the key is always random,
+        and unlike that of any other session with the same pid."""
+        while not process_id:
+            candidate = secrets.randbelow(2**31 - 1) + 1
+            if candidate not in self.sessions:
+                process_id = candidate
+        sharing = self.sessions.setdefault(process_id, [])
         while True:
-            process_id = secrets.randbelow(2**31 - 1) + 1
-            if process_id not in self.sessions:
+            secret_key = secrets.randbits(31)
+            if all(other.secret_key != secret_key for other in sharing):
                 break
-        self.sessions[process_id] = session
-        return process_id, secrets.randbits(31)
+        sharing.append(session)
+        return process_id, secret_key
 
-    def unregister(self, process_id: int) -> None:
-        self.sessions.pop(process_id, None)
+    def unregister(self, session: ClientSession) -> None:
+        sharing = self.sessions.get(session.process_id)
+        if sharing is not None and session in sharing:
+            sharing.remove(session)
+            if not sharing:
+                del self.sessions[session.process_id]
 
     def session_closed(self, session: ClientSession) -> None:
         self.live.discard(session)
@@ -159,13 +174,12 @@ class SessionRegistry:
         connection stays open until it is done, as PostgreSQL's stays until the server has acted
         on it, so a client that goes on once its cancel call returned never meets the cancel later.
         """
-        session = self.sessions.get(request.process_id)
-        if session is None or not hmac.compare_digest(
-            session.secret_key.to_bytes(4, "big"), request.secret_key.to_bytes(4, "big", signed=True)
-        ):
-            log.info("cancel_ignored", source=source, reason="unknown backend key")
-            return None
-        return session.cancel_current_query(source)
+        key = request.secret_key.to_bytes(4, "big", signed=True)
+        for session in self.sessions.get(request.process_id, ()):
+            if hmac.compare_digest(session.secret_key.to_bytes(4, "big"), key):
+                return session.cancel_current_query(source)
+        log.info("cancel_ignored", source=source, reason="unknown backend key")
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -547,7 +561,7 @@ class ClientSession(asyncio.Protocol):
             identity = self.identity
             self._env.limiter.close_connection(identity.store, identity.terminal, identity.role)
         if self.process_id:
-            self._env.registry.unregister(self.process_id)
+            self._env.registry.unregister(self)
         self._release_server()
         self._give_back_share()
         if self._started:
@@ -1078,8 +1092,12 @@ class ClientSession(asyncio.Protocol):
         """Attach ``server`` and send it what the client sent while it had none."""
         starting = self._state is _State.CONNECTING
         if starting:
-            # First: the attached server connection names the backend by the pid given here.
-            self._answer_startup(server.reported, server.id)
+            # First: the attached server connection names the backend by the pid given here. In
+            # session mode that is the backend's own (pg_backend_pid() and notifications agree
+            # with the driver's pid); in transaction mode the backend changes, so the proxy's.
+            self._answer_startup(
+                server.reported, server.id, 0 if route.transaction_pooling else server.backend_key[0]
+            )
         self._hold(server)
         if starting and route.transaction_pooling and not self._stash:
             # The startup only needed the server's parameters: lend it back at once.
@@ -1101,9 +1119,11 @@ class ClientSession(asyncio.Protocol):
             # Bytes that came right behind the startup packet.
             self.data_received(b"")
 
-    def _answer_startup(self, server_parameters: Mapping[str, str], server_id: int | None) -> None:
+    def _answer_startup(
+        self, server_parameters: Mapping[str, str], server_id: int | None, backend_pid: int = 0
+    ) -> None:
         assert self._transport is not None and self._parameters is not None
-        self.process_id, self.secret_key = self._env.registry.register(self)
+        self.process_id, self.secret_key = self._env.registry.register(self, backend_pid)
         reported = dict(server_parameters)
         for name, value in self._parameters.wanted.items():
             if name in reported:
