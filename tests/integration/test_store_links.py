@@ -102,10 +102,8 @@ class Store:
         """The one TCP port the link carries for the test (tills to proxy, proxy to database)."""
         return self.proxy.port if link is self.network.terminal_link else self.database_relay.port
 
-    def measure(self, name: str, started: float) -> float:
-        took = time.monotonic() - started
-        self.figures[name] = f"{took:.2f}s"
-        return took
+    def measure(self, name: str, started: float) -> None:
+        self.figures[name] = f"{time.monotonic() - started:.2f}s"
 
 
 def _round_trip(target: Target) -> float:
