@@ -4,7 +4,8 @@
 #  * Debian packages: postgresql-15, postgresql-client-15, redis-server (required; the tests of
 #    the Redis-shared limits start their own redis-server) and prometheus (required for its
 #    promtool, which checks config/prometheus/alerts.yml: about 20 MB, 10 s to install; its
-#    service is not started), nftables (as root: the dead-link tests' black holes),
+#    service is not started), nftables and iproute2 (as root: the dead-link tests' black holes,
+#    the store-link tests' network namespaces),
 #    pgbouncer (optional, benchmarks only), python3-venv (only if
 #    `python3 -m venv` cannot work).  Only missing
 #    packages are installed -- never `apt-get install` something already installed, since that
@@ -34,8 +35,10 @@ fi
 # nftables: the dead-link tests black-hole one loopback connection with nft rules
 # (tests/integration/test_dead_links.py; this kernel has no netem). Rules need root, so only root
 # needs the package: elsewhere those tests skip; under CI (root) a missing nft fails them.
+# iproute2: the store-link tests put the proxy in a network namespace of their own
+# (tests/integration/test_store_links.py); likewise root only.
 if [ "$(id -u)" -eq 0 ]; then
-    required+=(nftables)
+    required+=(nftables iproute2)
 fi
 # pgbouncer: the benchmark; systemd: systemd-analyze checks of the unit file (no systemd runs).
 optional=(pgbouncer systemd)

@@ -214,20 +214,34 @@ class Target:
     pki: TerminalPKI
     connect_timeout: float
     terminal: Terminal | None = None
+    # A relay's loopback port in front of the proxy (tests/integration/relay.py), if not the proxy's.
+    relay_port: int | None = None
 
     @property
     def identity(self) -> Terminal:
         return self.terminal or self.pki.cashier
 
+    @property
+    def address(self) -> tuple[str, int]:
+        if self.relay_port is not None:
+            return "127.0.0.1", self.relay_port
+        return self.proxy.host, self.proxy.port
+
     def psycopg_conninfo(self) -> dict[str, Any]:
+        host, port = self.address
         return self.proxy.conninfo(
-            self.identity, self.pki.ca, connect_timeout=str(max(1, round(self.connect_timeout)))
+            self.identity,
+            self.pki.ca,
+            connect_timeout=str(max(1, round(self.connect_timeout))),
+            host=host,
+            port=str(port),
         )
 
     def asyncpg_kwargs(self) -> dict[str, Any]:
+        host, port = self.address
         return {
-            "host": "127.0.0.1",
-            "port": self.proxy.port,
+            "host": host,
+            "port": port,
             "user": self.identity.terminal,
             "database": "pos",
             "ssl": self.proxy.ssl_context(self.identity, self.pki.ca),

@@ -97,12 +97,24 @@ def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, 
 class ProxyProcess:
     """One proxy subprocess with its own config file and JSON log."""
 
-    def __init__(self, directory: Path, config: Mapping[str, Any], arguments: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        config: Mapping[str, Any],
+        arguments: Sequence[str] = (),
+        *,
+        host: str = "127.0.0.1",
+        command_prefix: Sequence[str] = (),
+    ) -> None:
+        """``host`` is the address it listens on; ``command_prefix`` runs it, for instance, in a
+        network namespace (``ip netns exec NAME``), where that address lives."""
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.arguments = list(arguments)  # extra `pos-proxy run` options, e.g. --workers 2
+        self.command_prefix = list(command_prefix)
+        self.host = host
         self.port = free_port()
-        self.config = deep_merge(dict(config), {"listen": {"host": "127.0.0.1", "port": self.port}})
+        self.config = deep_merge(dict(config), {"listen": {"host": host, "port": self.port}})
         self.config_path = directory / "pos-proxy.yaml"
         self.log_path = directory / "proxy.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -112,6 +124,7 @@ class ProxyProcess:
         log = self.log_path.open("ab")
         self._process = subprocess.Popen(
             [
+                *self.command_prefix,
                 sys.executable,
                 "-m",
                 "proxy",
@@ -132,7 +145,7 @@ class ProxyProcess:
             if self._process.poll() is not None:
                 raise RuntimeError(f"proxy exited with {self._process.returncode}:\n{self.log_text()}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
             except OSError:
                 time.sleep(0.05)
                 continue
@@ -229,7 +242,7 @@ class ProxyProcess:
     ) -> dict[str, Any]:
         """psycopg/libpq keyword arguments for this proxy as ``terminal``."""
         kwargs: dict[str, Any] = {
-            "host": "127.0.0.1",
+            "host": self.host,
             "port": self.port,
             "dbname": dbname,
             "user": terminal.terminal if terminal else "nobody",
@@ -261,7 +274,7 @@ class ProxyProcess:
     async def asyncpg_connect(self, terminal: Terminal, ca: Path, **settings: str) -> asyncpg.Connection:
         """An asyncpg connection of ``terminal`` to route "pos", ``settings`` in its startup packet."""
         return await asyncpg.connect(
-            host="127.0.0.1",
+            host=self.host,
             port=self.port,
             user=terminal.terminal,
             database="pos",

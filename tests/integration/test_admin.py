@@ -24,9 +24,11 @@ StartProxy = Callable[..., ProxyProcess]
 TOKEN = "admin-test-token-0123456789"
 
 
-def _call(port: int, path: str, *, method: str = "GET", token: str | None = TOKEN) -> tuple[int, bytes]:
+def _call(
+    port: int, path: str, *, method: str = "GET", token: str | None = TOKEN, host: str = "127.0.0.1"
+) -> tuple[int, bytes]:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", method=method, data=b"" if method == "POST" else None
+        f"http://{host}:{port}{path}", method=method, data=b"" if method == "POST" else None
     )
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")

@@ -91,20 +91,26 @@ FAULTS = [
 ]
 
 
-def _pool(admin_port: int) -> dict[str, Any]:
-    (pool,) = json.loads(_call(admin_port, "/v1/pools")[1])["pools"]
+def _pool(admin_port: int, admin_host: str = "127.0.0.1") -> dict[str, Any]:
+    (pool,) = json.loads(_call(admin_port, "/v1/pools", host=admin_host)[1])["pools"]
     return pool  # type: ignore[no-any-return]
 
 
-def _assert_pool_holds_only_clean_connections(admin_port: int, server: LocalPostgres, target: Target) -> None:
+def _assert_pool_holds_only_clean_connections(
+    admin_port: int, server: LocalPostgres, target: Target, *, admin_host: str = "127.0.0.1"
+) -> None:
     """Every server connection the pool keeps is idle, outside any transaction, and as new: a
     fresh terminal on each of them finds no setting or temporary table of the tills before."""
     _wait_for(
-        lambda: (pool := _pool(admin_port))["active"] == 0 and pool["opening"] == 0 and pool["waiting"] == 0,
+        lambda: (
+            (pool := _pool(admin_port, admin_host))["active"] == 0
+            and pool["opening"] == 0
+            and pool["waiting"] == 0
+        ),
         10,
         "the pool at rest",
     )
-    pool = _pool(admin_port)
+    pool = _pool(admin_port, admin_host)
     backends = _proxy_backends(server, "pid, state, backend_xid IS NULL")
     assert pool["upstream_up"] is True
     # What the pool keeps is all there is on the server: nothing leaked, nothing half-closed.
