@@ -330,6 +330,20 @@ class Metrics:
             "Audit records that could not be written.",
             registry=registry,
         )
+        # Over several worker processes: 0 as soon as one live worker's log file takes no records.
+        self.audit_log_writable = Gauge(
+            "pos_proxy_audit_log_writable",
+            "1 while the audit log file takes records; 0 while it does not (full or unwritable disk), "
+            "labelled with what statements do meanwhile (audit.on_write_failure: refuse, continue).",
+            ["on_write_failure"],
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.audit_records_dropped_total = Counter(
+            "pos_proxy_audit_records_dropped_total",
+            "Audit records dropped while the log file took none and audit.max_held_records were held.",
+            registry=registry,
+        )
         self.config_reloads_total = Counter(
             "pos_proxy_config_reloads_total",
             "Configuration reloads, by result (ok, failed).",

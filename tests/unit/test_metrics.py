@@ -32,6 +32,8 @@ DOCUMENTED: dict[str, tuple[type, tuple[str, ...]]] = {
     "policy_decisions_total": (Counter, ("role", "rule")),
     "audit_records_total": (Counter, ()),
     "audit_write_errors_total": (Counter, ()),
+    "audit_log_writable": (Gauge, ("on_write_failure",)),
+    "audit_records_dropped_total": (Counter, ()),
     "config_reloads_total": (Counter, ("result",)),
     "sessions_pinned_total": (Counter, ("route",)),
     "shared_limits_available": (Gauge, ("fallback",)),
