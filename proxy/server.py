@@ -506,10 +506,10 @@ class ProxyServer:
             metrics.audit_write_errors_total.inc(errors - reported_errors)
             metrics.audit_records_dropped_total.inc(dropped - reported_dropped)
             self._reported_audit = (written, errors, dropped)
-            # One series, labelled with the mode in force now (a reload may have changed it).
-            metrics.audit_log_writable.clear()
-            mode = self.config.audit.on_write_failure.value
-            metrics.audit_log_writable.labels(mode).set(0 if audit.failing is not None else 1)
+            failing = audit.failing is not None
+            refusing = failing and self.config.audit.on_write_failure is OnWriteFailure.REFUSE
+            metrics.audit_log_writable.set(0 if failing else 1)
+            metrics.audit_refusing_statements.set(1 if refusing else 0)
         return metrics.render()
 
     def _sample_long_statements(self) -> None:

@@ -98,14 +98,9 @@ def _start(
     return proxy, port, log, key, witness
 
 
-def _writable(port: int) -> dict[str, float]:
-    """pos_proxy_audit_log_writable by its on_write_failure label, as /metrics shows it now."""
-    found: dict[str, float] = {}
-    for line in _call(port, "/metrics")[1].decode().splitlines():
-        if line.startswith("pos_proxy_audit_log_writable{"):
-            labels, value = line.rsplit(" ", 1)
-            found[labels.split('"')[1]] = float(value)
-    return found
+def _audit_gauges(port: int) -> tuple[float, float]:
+    """(pos_proxy_audit_log_writable, pos_proxy_audit_refusing_statements) as /metrics shows them now."""
+    return _metric(port, "pos_proxy_audit_log_writable"), _metric(port, "pos_proxy_audit_refusing_statements")
 
 
 def _metric(port: int, name: str) -> float:
@@ -142,7 +137,7 @@ def test_refuse_mode_refuses_statements_while_the_disk_is_full_and_recovers_when
     start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, small_disk: Path
 ) -> None:
     proxy, port, log, key, witness = _start(start_proxy, tmp_path, small_disk)
-    assert _writable(port) == {"refuse": 1.0}
+    assert _audit_gauges(port) == (1, 0)
     conninfo = proxy.conninfo(terminal_pki.cashier, terminal_pki.ca)
     with (
         psycopg.connect(**conninfo, autocommit=True) as till,
@@ -157,7 +152,7 @@ def test_refuse_mode_refuses_statements_while_the_disk_is_full_and_recovers_when
         assert "the audit log cannot be written (its disk is full)" in str(refused)
         failing = proxy.wait_for_event("audit_sink_failing", on_write_failure="refuse")
         assert "No space left on device" in failing["error"]
-        assert _writable(port) == {"refuse": 0.0}
+        assert _audit_gauges(port) == (0, 1)
         status, body = _call(port, "/readyz")
         assert status == 503
         assert json.loads(body)["audit"].startswith("failing (refuse): No space left")
@@ -173,7 +168,7 @@ def test_refuse_mode_refuses_statements_while_the_disk_is_full_and_recovers_when
         # The same sessions go on.
         assert till.execute("SELECT 3").fetchone() == (3,)
         assert in_transaction.execute("SELECT 4").fetchone() == (4,)
-    assert _writable(port) == {"refuse": 1.0}
+    assert _audit_gauges(port) == (1, 0)
     assert _call(port, "/readyz")[0] == 200
     assert _metric(port, "pos_proxy_audit_records_dropped_total") == 0
     assert len([event for event in proxy.log_events() if event["event"] == "audit_sink_failing"]) == 1
@@ -204,7 +199,7 @@ def test_continue_mode_runs_on_drops_over_the_bound_and_verify_reports_the_loss(
             time.sleep(0.005)
         proxy.wait_for_event("audit_sink_failing", on_write_failure="continue")
         proxy.wait_for_event("audit_records_dropping", max_held_records=20)
-        assert _writable(port) == {"continue": 0.0}
+        assert _audit_gauges(port) == (0, 0)
         status, body = _call(port, "/readyz")
         assert status == 200
         assert json.loads(body)["audit"].startswith("failing (continue): No space left")
@@ -219,13 +214,13 @@ def test_continue_mode_runs_on_drops_over_the_bound_and_verify_reports_the_loss(
         assert applied["not_applied"] == []
         with pytest.raises(psycopg.errors.DiskFull):
             till.execute("SELECT 1")
-        assert _writable(port) == {"refuse": 0.0}
+        assert _audit_gauges(port) == (0, 1)
 
         filler.unlink()
         recovered = proxy.wait_for_event("audit_sink_recovered")
         assert recovered["dropped"] > 0
         assert till.execute("SELECT 5").fetchone() == (5,)
-    _wait_for(lambda: _writable(port) == {"refuse": 1.0}, "the gauge back at 1")
+    _wait_for(lambda: _audit_gauges(port) == (1, 0), "the gauges back at writable, not refusing")
     assert _metric(port, "pos_proxy_audit_records_dropped_total") == recovered["dropped"]
     proxy.stop()
 
