@@ -171,6 +171,7 @@ def test_refuse_mode_refuses_statements_while_the_disk_is_full_and_recovers_when
     assert _audit_gauges(port) == (1, 0)
     assert _call(port, "/readyz")[0] == 200
     assert _metric(port, "pos_proxy_audit_records_dropped_total") == 0
+    assert _metric(port, 'pos_proxy_client_errors_total{source="proxy",sqlstate="53100"}') >= 2
     assert len([event for event in proxy.log_events() if event["event"] == "audit_sink_failing"]) == 1
     proxy.stop()
 
