@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 from cryptography import x509
 
-from proxy.audit import AuditSettings
+from proxy.audit import AuditSettings, OnWriteFailure
 from proxy.limits import LimitSettings, Rate, SharedLimitFallback
 from proxy.policy.model import (
     DENYLIST_NAMES,
@@ -335,6 +335,9 @@ class AuditConfig:
     allowed_statements_by_role: Mapping[str, float] = field(
         default_factory=lambda: types.MappingProxyType({})
     )
+    # While the log file takes no records: refuse statements (fail closed, the default: a payment
+    # system must not run what it cannot audit, PCI DSS 10.2) or run on and alert. Follows a reload.
+    on_write_failure: OnWriteFailure = OnWriteFailure.REFUSE
 
     def statement_share(self, role: str) -> float:
         return self.allowed_statements_by_role.get(role, self.allowed_statements)
@@ -499,6 +502,8 @@ _AUDIT_KEYS: Final = (
     "allowed_statements",
     "allowed_statements_by_role",
     "witness_file",
+    "on_write_failure",
+    "max_held_records",
 )
 
 
@@ -1126,6 +1131,9 @@ def _parse_audit(section: _Section) -> AuditConfig:
         rotate_bytes=section.read("rotate_bytes", parse_size, default.rotate_bytes),
         rotate_interval=section.read("rotate_interval", _positive_duration, default.rotate_interval),
         flush_interval=section.read("flush_interval", _positive_duration, default.flush_interval),
+        max_held_records=section.read(
+            "max_held_records", _in_range(_whole_number, "an integer", minimum=0), default.max_held_records
+        ),
     )
     if settings.file is not None and not settings.file.parent.is_dir():
         section.report("file", f"directory not found: {settings.file.parent}")
@@ -1143,6 +1151,7 @@ def _parse_audit(section: _Section) -> AuditConfig:
         settings=settings,
         allowed_statements=section.read("allowed_statements", share, 1.0),
         allowed_statements_by_role=types.MappingProxyType(by_role),
+        on_write_failure=section.read("on_write_failure", _enum(OnWriteFailure), OnWriteFailure.REFUSE),
     )
 
 

@@ -17,7 +17,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from proxy import certs
-from proxy.audit import AuditSettings
+from proxy.audit import AuditSettings, OnWriteFailure
 from proxy.config import (
     AdminConfig,
     AuditConfig,
@@ -1171,4 +1171,25 @@ def test_starvation_settings_are_checked(base: Path) -> None:
         "roles.cashier.statement_timeout: expected a duration above zero, got 0",
         "routes.pos.pool.idle_transaction_timeout: expected a duration such as 30, 2.5, '250ms', "
         "'5m' or '1h', got '-1s'",
+    ]
+
+
+def test_audit_on_write_failure_defaults_to_refuse_and_takes_continue(base: Path) -> None:
+    key = base / "audit.key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    section = {"file": str(base / "audit.log"), "key_file": str(key)}
+    config = parse({**minimal(), "audit": section}, base)
+    assert config.audit is not None
+    assert config.audit.on_write_failure is OnWriteFailure.REFUSE
+    assert config.audit.settings.max_held_records == 100_000
+    chosen = {**section, "on_write_failure": "continue", "max_held_records": 0}
+    config = parse({**minimal(), "audit": chosen}, base)
+    assert config.audit is not None
+    assert config.audit.on_write_failure is OnWriteFailure.CONTINUE
+    assert config.audit.settings.max_held_records == 0
+    wrong = {**section, "on_write_failure": "ignore", "max_held_records": -1}
+    assert problems({**minimal(), "audit": wrong}, base) == [
+        "audit.max_held_records: expected an integer of at least 0, got -1",
+        "audit.on_write_failure: expected one of: refuse, continue; got 'ignore'",
     ]

@@ -16,6 +16,7 @@ from typing import Any, Final, NamedTuple, cast
 import structlog
 from prometheus_client import Counter
 
+from proxy.audit import OnWriteFailure
 from proxy.auditwriter import AuditLog
 from proxy.config import Config, PoolMode, RouteConfig, SessionStateAction
 from proxy.errors import (
@@ -74,7 +75,7 @@ from proxy.protocols.postgres.prepared import (
     StatementStats,
     take_ready_synthetics,
 )
-from proxy.protocols.postgres.refusal import Refusal, read_error
+from proxy.protocols.postgres.refusal import Refusal, audit_unwritable, ends_transaction, read_error
 from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.sessionstate import Classification, Effect
 from proxy.protocols.postgres.timeouts import (
@@ -1451,6 +1452,7 @@ class ClientSession(asyncio.Protocol):
         forget_at: list[int] = []
         named_in_sql: dict[int, list[tuple[bytes, Statement]]] = {}
         mode, auditing, limited, rechecking = self._statement_checks
+        audit_refusal = self._audit_refusal() if auditing else None
         policies = self._env.policies
         classifier = self._env.classifier
         analyses = self._analyses
@@ -1464,6 +1466,9 @@ class ClientSession(asyncio.Protocol):
         parsed_name = b""
         for kind, start, end in frames:
             if kind not in checked:
+                continue
+            if audit_refusal is not None and self._refused_unaudited(kind, chunk, start, end):
+                refusals[start] = audit_refusal
                 continue
             if limited and kind in _STATEMENT_MESSAGES and self._over_statement_rate(start, refusals):
                 continue
@@ -1601,6 +1606,25 @@ class ClientSession(asyncio.Protocol):
         if analyses:
             analyses.clear()
         return refusals, forget_at, named_in_sql
+
+    def _audit_refusal(self) -> Refusal | None:
+        """While the audit log takes no records and audit.on_write_failure is refuse: the refusal
+        of every statement (the log writes the records held meanwhile once it takes them again)."""
+        audit, settings = self._env.audit, self._env.config.audit
+        failing = audit.failing if audit is not None else None
+        if failing is None or settings is None or settings.on_write_failure is not OnWriteFailure.REFUSE:
+            return None
+        return audit_unwritable(failing.disk_full)
+
+    def _refused_unaudited(self, kind: int, chunk: bytes, start: int, end: int) -> bool:
+        """Whether a message runs a statement that must wait for the audit log; a ROLLBACK may end a
+        transaction (which a refused statement failed) and free its server connection."""
+        if kind == m.MSG_QUERY:
+            return not ends_transaction(chunk[start + 5 : end - 1])
+        if kind == m.MSG_EXECUTE:
+            portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
+            return not ends_transaction(self._portal_texts.get(portal, b""))
+        return kind == m.MSG_FUNCTION_CALL
 
     def _raises_statement_timeout(self, text: bytes, start: int, refusals: dict[int, Refusal]) -> bool:
         """The role's statement_timeout is a ceiling: SET, set_config, RESET and DISCARD ALL may
