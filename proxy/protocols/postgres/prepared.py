@@ -925,6 +925,14 @@ def take_ready_synthetics(server: ServerState) -> bytes:
     return out
 
 
+def sync_quietly(server: ServerState) -> bytes:
+    """A Sync of the proxy's own, to end an extended-protocol cycle the client left open: its
+    ReadyForQuery is not the client's. Only the implicit transaction ends: prepared statements,
+    the unnamed one too, outlive a Sync (55.2.3)."""
+    server.pending.append(_SYNCED_QUIETLY)
+    return _SYNC_MESSAGE
+
+
 def _message_end(source: bytes, start: int) -> int:
     return start + 1 + read_i32_be(source, start + 1)
 

@@ -73,6 +73,7 @@ from proxy.protocols.postgres.prepared import (
     ClientStatements,
     Statement,
     StatementStats,
+    sync_quietly,
     take_ready_synthetics,
 )
 from proxy.protocols.postgres.refusal import Refusal, audit_unwritable, ends_transaction, read_error
@@ -713,6 +714,9 @@ class ClientSession(asyncio.Protocol):
                 remaining, self._check_idle_transaction
             )
             return
+        if server.unsynced and self._only_statements_in_cycle(server):
+            self._sync_open_cycle(server, timeout)
+            return
         # Closed now rather than when the terminal's TLS connection is gone: the pool gets it back at once.
         where = "an extended-protocol cycle without Sync" if server.unsynced else "transaction"
         self._release_server()
@@ -721,6 +725,34 @@ class ClientSession(asyncio.Protocol):
             IdleInTransactionTimeout("terminating connection due to idle-in-transaction timeout"),
             reason=f"idle in {where} for {timeout:g} s",
         )
+
+    def _only_statements_in_cycle(self, server: ServerConnection) -> bool:
+        """Whether the client's open cycle only prepared, described or closed statements (as
+        asyncpg's Connection.prepare leaves it), the server answered all of it without an error,
+        and no transaction block is open: a Sync then ends nothing but the implicit transaction
+        (and the locks that parsing took), and the statements outlive it."""
+        return (
+            not server.cycle_runs_portal
+            and not server.state.pending
+            and not server.state.skipping
+            and server.transaction_status == b"I"
+            and not server.cancel_requested
+            and self._cancelling is None
+        )
+
+    def _sync_open_cycle(self, server: ServerConnection, timeout: float) -> None:
+        """End the client's idle statements-only cycle with a Sync of the proxy's own, whose
+        ReadyForQuery the client never sees: the connection is then idle outside a transaction
+        (server_idle lends it back under transaction pooling). The client's Bind, Execute and Sync
+        later open a cycle of their own, on whichever connection, its statements prepared there
+        as for any transaction (the unnamed one parsed again where the server's may be another's)."""
+        sync = sync_quietly(server.state)
+        frames = [(_MSG_SYNC, 0, len(sync))]
+        if self._result_watch is not None:
+            self._result_watch.sent(sync, sync, frames)
+        self._cycle_started = 0.0  # the statement's latency counts from the client's next message
+        log.info("open_cycle_synced", **self._log_fields(), server_connection=server.id, idle_s=timeout)
+        server.send(sync, frames)
 
     @property
     def lets_go_between_transactions(self) -> bool:

@@ -129,6 +129,9 @@ class ServerConnection(asyncio.Protocol):
         # The last message sent was a Flush: the server answers everything sent so far without
         # waiting for more (protocol 55.2.3); otherwise a mid-cycle server may answer nothing yet.
         self.flushed = False
+        # The open cycle has a Bind or Execute: a portal may hold a snapshot and the locks its run
+        # took, so only the client's own Sync may end the cycle (see ClientSession._check_idle_transaction).
+        self.cycle_runs_portal = False
         # A cancel for this connection is on its way, or was sent and never answered: it may still
         # land, so the connection is lent to nobody else meanwhile (and never again if unanswered).
         self.cancel_requested = False
@@ -499,10 +502,23 @@ class ServerConnection(asyncio.Protocol):
                 self.unsynced = False
                 break
             if kind in _EXTENDED_QUERY_TYPES:
+                self.cycle_runs_portal = self._runs_portal(frames)
                 self.unsynced = True
                 break
         assert self._transport is not None
         self._transport.write(data)
+
+    def _runs_portal(self, frames: list[m.Frame]) -> bool:
+        """Whether the cycle these messages leave open (begun in them or before) has a Bind or
+        Execute. A Describe or Close of a portal needs none to count: with no transaction block
+        open, the only portals left before this cycle are WITH HOLD cursors', which hold neither
+        a snapshot nor locks (they are materialised at their commit)."""
+        for kind, _start, _end in reversed(frames):
+            if kind in _SYNC_POINT_TYPES:
+                return False
+            if kind in _PORTAL_RUNNING_TYPES:
+                return True
+        return self.unsynced and self.cycle_runs_portal
 
     def forget_session(self) -> None:
         """After the pool's DISCARD ALL: nothing the proxy set or prepared on this connection remains."""
@@ -531,6 +547,8 @@ _RESET_SESSION_SETTINGS: Final = "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE;
 # Messages that open an extended-protocol cycle, which a Sync must end. Not Flush: it asks only for
 # the output so far and cannot fail (psycopg's pipeline sends one right after its Sync).
 _EXTENDED_QUERY_TYPES: Final = frozenset(b"PBDEC")
+# Bind and Execute: they create and run a portal.
+_PORTAL_RUNNING_TYPES: Final = frozenset(b"BE")
 # Messages after which the server owes one ReadyForQuery (Query, Sync, FunctionCall).
 _SYNC_POINT_TYPES: Final = frozenset(b"QSF")
 # How long a closing server connection may take to flush its last writes (Terminate, close_notify).
