@@ -79,6 +79,8 @@ ENCODINGS: Mapping[str, str] = {
     "WIN1252": "cp1252",
     "EUC_KR": "euc_kr",
     "EUC_CN": "gb2312",
+    "EUC_JP": "euc_jp",
+    "EUC_JIS_2004": "euc_jis_2004",
     "KOI8R": "koi8_r",
 }
 # The other accepted encodings: single-byte ones of the same family as LATIN1, WIN1252 and KOI8R

@@ -39,9 +39,9 @@ from proxy.metrics import BatchedHistogram, Metrics
 from proxy.policy.encodings import (
     DEFAULT_ENCODING,
     accepted_encoding,
-    python_codec,
     read_statement,
     refusal_message,
+    write_statement,
 )
 from proxy.policy.engine import (
     ANALYSIS_UNFINISHED,
@@ -1757,7 +1757,7 @@ class ClientSession(asyncio.Protocol):
     def _statement_name(self, name: str) -> bytes | None:
         """A statement name from the SQL text as the client's Parse would have spelled it."""
         try:
-            return name.encode(python_codec(self._encoding))
+            return write_statement(name, self._encoding)
         except (UnicodeEncodeError, LookupError):
             return None
 
@@ -1805,7 +1805,7 @@ class ClientSession(asyncio.Protocol):
         if name.isascii():
             return False
         try:  # the server converts it to the database encoding (UTF8) first
-            spelled = name.decode(python_codec(self._encoding)).encode("utf-8")
+            spelled = read_statement(name, self._encoding).encode("utf-8")
         except (UnicodeDecodeError, LookupError):
             return False  # the server refuses it
         return len(spelled) > _MAX_STATEMENT_NAME_BYTES
@@ -1825,7 +1825,10 @@ class ClientSession(asyncio.Protocol):
         if name and not statements.renames:
             # On the client's own server connection a Bind reaches a statement SQL PREPARE made,
             # also when the proxy holds a Parse of that name the server refused (the name was taken).
-            sql_text = self._sql_prepared.get(name.decode(python_codec(self._encoding), errors="replace"))
+            try:
+                sql_text = self._sql_prepared.get(read_statement(name, self._encoding))
+            except UnicodeDecodeError:
+                sql_text = None  # no name SQL could give
             if sql_text is not None:
                 texts.append((Statement(name, sql_text + b"\x00").text, DEFAULT_ENCODING))
         if not texts:

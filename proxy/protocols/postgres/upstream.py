@@ -16,7 +16,7 @@ import structlog
 
 from proxy.config import RouteConfig
 from proxy.errors import ProtocolViolation, ProxyError, caused_by
-from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, python_codec
+from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, read_statement
 from proxy.pool import ServerUnreachable
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.parameters import SESSION_PARAMETERS, quote_literal
@@ -403,7 +403,14 @@ class ServerConnection(asyncio.Protocol):
         encoding = (
             accepted_encoding(self.reported.get("client_encoding", DEFAULT_ENCODING)) or DEFAULT_ENCODING
         )
-        values = m.parse_text_row(row, python_codec(encoding)) if row is not None else []
+        try:  # as the server reads the same bytes in a statement (SERVER_READINGS)
+            values = (
+                m.parse_text_row(row, lambda value: read_statement(value, encoding))
+                if row is not None
+                else []
+            )
+        except UnicodeDecodeError:
+            values = []  # a value the proxy cannot read as the server does: not known
         if len(values) != len(canonical) or None in values:
             raise InternalQueryFailed("XX000", "the server did not return the settings asked for")
         settings = {name: value for name, value in zip(canonical, values, strict=True) if value is not None}
