@@ -18,12 +18,11 @@ from cryptography.hazmat.primitives import serialization
 
 from proxy import certs
 from proxy.audit import AuditSettings, OnWriteFailure
-from proxy.config import (
+from proxy.config.load import load_config, parse_config
+from proxy.config.model import (
     AdminConfig,
     AuditConfig,
     Config,
-    ConfigError,
-    ConfigProblem,
     ExpiredCRLAction,
     IdentityConfig,
     IdentitySource,
@@ -35,20 +34,16 @@ from proxy.config import (
     ProxyProtocolConfig,
     RoleConfig,
     RouteConfig,
-    Secret,
     SharedLimitsConfig,
     SSLMode,
     TCPKeepalive,
     TLSConfig,
     TLSVersionName,
     UserNameRule,
-    load_config,
-    parse_config,
-    parse_duration,
-    parse_size,
 )
 from proxy.limits import LimitSettings, SharedLimitFallback
 from proxy.policy.model import PolicyMode
+from proxy.yamlreader import ConfigError, ConfigProblem, Secret, parse_duration, parse_size
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "pos-proxy.example.yaml"
 PASSWORD = "correct horse battery staple"

@@ -18,7 +18,7 @@ import yaml
 from pglast import parse_sql
 from pglast.stream import RawStream
 
-from proxy.config import parse_config
+from proxy.config.load import parse_config
 from proxy.policy.engine import INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, Decision, judge
 from proxy.policy.model import RolePolicy
 from proxy.policy.postgres import analyze

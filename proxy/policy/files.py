@@ -1,0 +1,100 @@
+"""Read a role's policy file (config/policies/, docs/policies.md) into a RolePolicy; problems are reported
+with their key paths, as the config's."""
+
+from __future__ import annotations
+
+import types
+from typing import Final
+
+from proxy.policy.model import (
+    DENYLIST_NAMES,
+    STATEMENT_KINDS,
+    ApprovedStatement,
+    PolicyMode,
+    RolePolicy,
+)
+from proxy.yamlreader import (
+    _boolean,
+    _enum,
+    _in_range,
+    _list_of,
+    _matching,
+    _one_of_names,
+    _Section,
+    _string,
+    _whole_number,
+)
+
+_POLICY_KEYS: Final = (
+    "mode",
+    "search_path",
+    "stacked_queries",
+    "function_call_message",
+    "housekeeping",
+    "max_violations",
+    "allow",
+    "fingerprints",
+)
+_POLICY_ALLOW_KEYS: Final = (
+    "kinds",
+    "read",
+    "write",
+    "update_without_where",
+    "functions",
+    "sequences",
+    "denylist_exceptions",
+)
+_IDENTIFIER: Final = r"[A-Za-z_][A-Za-z0-9_$]*"
+_TABLE_NAME: Final = rf"{_IDENTIFIER}(\.{_IDENTIFIER})?"
+
+
+def _parse_policy(section: _Section) -> RolePolicy:
+    """A role's policy file (see config/policies/ and docs/policies.md)."""
+    default = RolePolicy()
+    search_path = tuple(section.read("search_path", _policy_search_path, list(default.search_path)))
+    allow = section.child("allow", _POLICY_ALLOW_KEYS)
+    no_names: list[str] = []
+    qualify = RolePolicy(search_path=search_path or default.search_path).qualify
+    fingerprints: dict[str, ApprovedStatement] = {}
+    raw = section.data.get("fingerprints")
+    if raw is not None and raw != []:
+        for path, item in section.items("fingerprints"):
+            entry = section.ctx.section(item, path, ("fingerprint", "text"))
+            fingerprint = entry.require("fingerprint", _matching(r"[0-9a-f]{16}"), "")
+            fingerprints[fingerprint] = ApprovedStatement(fingerprint, entry.read("text", _string(), ""))
+    return RolePolicy(
+        mode=section.read("mode", _enum(PolicyMode), default.mode),
+        search_path=search_path or default.search_path,
+        kinds=frozenset(allow.read("kinds", _list_of(_one_of_names(STATEMENT_KINDS)), no_names)),
+        read_tables=frozenset(map(qualify, allow.read("read", _list_of(_matching(_TABLE_NAME)), no_names))),
+        write_tables=frozenset(map(qualify, allow.read("write", _list_of(_matching(_TABLE_NAME)), no_names))),
+        update_without_where=allow.read("update_without_where", _boolean, False),
+        stacked_queries=section.read("stacked_queries", _boolean, default.stacked_queries),
+        function_call_message=section.read("function_call_message", _boolean, default.function_call_message),
+        housekeeping=section.read("housekeeping", _boolean, default.housekeeping),
+        denylist_exceptions=frozenset(allow.read("denylist_exceptions", _list_of(_denylist_entry), no_names)),
+        functions=frozenset(allow.read("functions", _list_of(_matching(_TABLE_NAME)), no_names)),
+        sequences=frozenset(
+            map(qualify, allow.read("sequences", _list_of(_matching(_TABLE_NAME)), no_names))
+        ),
+        max_violations=section.read(
+            "max_violations", _in_range(_whole_number, "an integer", minimum=1), default.max_violations
+        ),
+        fingerprints=types.MappingProxyType(fingerprints),
+    )
+
+
+def _policy_search_path(value: object) -> list[str]:
+    schemas = _list_of(_matching(_IDENTIFIER))(value)
+    if "pg_catalog" in schemas[1:]:
+        # Listed later, pg_catalog would let a same-named function in an earlier schema stand in
+        # for a built-in the policy allows (see RolePolicy.allows_function).
+        raise ValueError("pg_catalog may only be listed first")
+    return schemas
+
+
+def _denylist_entry(value: object) -> str:
+    try:
+        return _one_of_names(DENYLIST_NAMES)(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (a function the role may call goes in allow.functions)") from None
