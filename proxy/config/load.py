@@ -48,7 +48,7 @@ from proxy.config.model import (
     UserNameRule,
 )
 from proxy.limits import LimitSettings, Rate, SharedLimitFallback
-from proxy.policy.files import _POLICY_KEYS, _parse_policy
+from proxy.policy.files import read_policy_file
 from proxy.yamlreader import (
     ConfigError,
     ConfigProblem,
@@ -394,13 +394,9 @@ def _parse_role(name: str, section: _Section) -> RoleConfig:
     policy_file = section.read("policy", section.ctx.path, None)
     if policy_file is None:
         return RoleConfig(name, description, limits, statement_timeout=statement_timeout)
-    try:
-        data = load_yaml(policy_file)
-    except ValueError as exc:
-        section.report("policy", str(exc))
+    policy = read_policy_file(policy_file, section, "policy")
+    if policy is None:
         return RoleConfig(name, description)
-    policy_ctx = _Context(policy_file.parent, section.ctx.environ, section.ctx.problems)
-    policy = _parse_policy(policy_ctx.section(data, section.key_path("policy"), _POLICY_KEYS))
     return RoleConfig(name, description, limits, statement_timeout, policy, policy_file)
 
 

@@ -4,6 +4,7 @@ with their key paths, as the config's."""
 from __future__ import annotations
 
 import types
+from pathlib import Path
 from typing import Final
 
 from proxy.policy.model import (
@@ -15,6 +16,7 @@ from proxy.policy.model import (
 )
 from proxy.yamlreader import (
     _boolean,
+    _Context,
     _enum,
     _in_range,
     _list_of,
@@ -23,6 +25,7 @@ from proxy.yamlreader import (
     _Section,
     _string,
     _whole_number,
+    load_yaml,
 )
 
 _POLICY_KEYS: Final = (
@@ -46,6 +49,19 @@ _POLICY_ALLOW_KEYS: Final = (
 )
 _IDENTIFIER: Final = r"[A-Za-z_][A-Za-z0-9_$]*"
 _TABLE_NAME: Final = rf"{_IDENTIFIER}(\.{_IDENTIFIER})?"
+
+
+def read_policy_file(path: Path, section: _Section, key: str) -> RolePolicy | None:
+    """The policy in the file at ``path``, which ``key`` of ``section`` names; None when the file cannot
+    be read as YAML. Problems go to the section's report under that key, relative paths start at the
+    file's directory."""
+    try:
+        data = load_yaml(path)
+    except ValueError as exc:
+        section.report(key, str(exc))
+        return None
+    ctx = _Context(path.parent, section.ctx.environ, section.ctx.problems)
+    return _parse_policy(ctx.section(data, section.key_path(key), _POLICY_KEYS))
 
 
 def _parse_policy(section: _Section) -> RolePolicy:
