@@ -86,7 +86,7 @@ class Secret:
 def load_yaml(path: Path) -> object:
     """The YAML document at ``path`` (duplicate keys refused); ValueError says file, line and column."""
     try:
-        text = _read_file(path).decode("utf-8")
+        text = read_file(path).decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not valid UTF-8") from None
     try:
@@ -108,7 +108,7 @@ def parse_size(value: object) -> int:
     """Bytes from a number or a string like "512KiB", "16MiB", "1MB", "2GiB"; ValueError if bad."""
     size = _parse_quantity(value, _SIZE_UNITS, "a size such as 1024, '512KiB', '16MiB' or '1MB'")
     if size != size.to_integral_value():
-        raise ValueError(f"expected a whole number of bytes, got {_describe(value)}")
+        raise ValueError(f"expected a whole number of bytes, got {describe(value)}")
     return int(size)
 
 
@@ -135,7 +135,7 @@ _QUANTITY: Final = re.compile(r"\s*(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[A-Za-z]
 
 def _parse_quantity(value: object, units: Mapping[str, Decimal], expected: str) -> Decimal:
     """A non-negative number, optionally carrying one of ``units``; Decimal so "1.5MiB" stays exact."""
-    problem = ValueError(f"expected {expected}, got {_describe(value)}")
+    problem = ValueError(f"expected {expected}, got {describe(value)}")
     if isinstance(value, str):
         match = _QUANTITY.fullmatch(value)
         if match is None or match["unit"] not in units:
@@ -154,11 +154,11 @@ def _parse_quantity(value: object, units: Mapping[str, Decimal], expected: str) 
 #
 # Readers record problems and carry on with a fallback value, so one pass finds every problem.
 # parse_config raises before building a Config whenever a problem was recorded, so fallbacks
-# (including the placeholders given to _Section.require) never reach the caller.
+# (including the placeholders given to Section.require) never reach the caller.
 
 
 @dataclass(slots=True)
-class _Context:
+class Context:
     """What one parse shares: where relative paths start, where secrets come from, what went wrong."""
 
     base_dir: Path
@@ -180,7 +180,7 @@ class _Context:
         if value is None:
             return {}
         if not isinstance(value, Mapping):
-            self.report(path, f"expected a mapping, got {_describe(value)}")
+            self.report(path, f"expected a mapping, got {describe(value)}")
             return {}
         entries: dict[str, object] = {}
         for key, item in value.items():
@@ -191,7 +191,7 @@ class _Context:
                 self.report(path, f"key {key!r} is not a string (quote it)")
         return entries
 
-    def section(self, value: object, path: str, allowed: tuple[str, ...]) -> _Section:
+    def section(self, value: object, path: str, allowed: tuple[str, ...]) -> Section:
         entries = self.mapping(value, path)
         known: dict[str, object] = {}
         for key, item in entries.items():
@@ -199,16 +199,16 @@ class _Context:
                 known[key] = item
             else:
                 # The value is never echoed: an unknown key may well hold a misplaced password.
-                self.report(_join(path, key), f"unknown key (expected one of: {', '.join(allowed)})")
-        return _Section(self, path, known)
+                self.report(join_path(path, key), f"unknown key (expected one of: {', '.join(allowed)})")
+        return Section(self, path, known)
 
     def path(self, value: object) -> Path:
-        text = _string()(value)
+        text = string()(value)
         return Path(os.path.abspath(self.base_dir / text))
 
     def readable_file(self, value: object) -> Path:
         path = self.path(value)
-        _read_file(path)
+        read_file(path)
         return path
 
     def secret(self, value: object) -> Secret:
@@ -248,15 +248,15 @@ class _Context:
 
 
 @dataclass(frozen=True, slots=True)
-class _Section:
+class Section:
     """A mapping node whose unknown keys were already reported, plus where it sits in the file."""
 
-    ctx: _Context
+    ctx: Context
     path: str
     data: Mapping[str, object]
 
     def key_path(self, key: str) -> str:
-        return _join(self.path, key)
+        return join_path(self.path, key)
 
     def report(self, key: str, message: str) -> None:
         self.ctx.report(self.key_path(key), message)
@@ -273,21 +273,21 @@ class _Section:
             self.report(key, "required")
         return self.read(key, convert, placeholder)
 
-    def child(self, key: str, allowed: tuple[str, ...]) -> _Section:
+    def child(self, key: str, allowed: tuple[str, ...]) -> Section:
         return self.ctx.section(self.data.get(key), self.key_path(key), allowed)
 
     def named(
         self, key: str, what: str, name: Callable[[object], str], allowed: tuple[str, ...]
-    ) -> list[tuple[str, _Section]]:
+    ) -> list[tuple[str, Section]]:
         """The (name, section) entries of a mapping like `routes:`; at least one is required."""
         path = self.key_path(key)
         raw = self.data.get(key)
         entries = self.ctx.mapping(raw, path)
         if raw is None or (isinstance(raw, Mapping) and not raw):
             self.report(key, f"at least one {what} is required")
-        sections: list[tuple[str, _Section]] = []
+        sections: list[tuple[str, Section]] = []
         for entry, value in entries.items():
-            entry_path = _join(path, entry)
+            entry_path = join_path(path, entry)
             if self.ctx.convert(entry, entry_path, name, None) is not None:
                 sections.append((entry, self.ctx.section(value, entry_path, allowed)))
         return sections
@@ -296,21 +296,21 @@ class _Section:
         """(path, item) for each element of the non-empty list at ``key``; [] after reporting otherwise."""
         value = self.data.get(key)
         if not isinstance(value, list) or not value:
-            self.report(key, f"expected a non-empty list, got {_describe(value)}")
+            self.report(key, f"expected a non-empty list, got {describe(value)}")
             return []
         return [(f"{self.key_path(key)}[{index}]", item) for index, item in enumerate(value)]
 
 
-def _join(path: str, key: str) -> str:
+def join_path(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _keys(schema: type, *not_keys: str) -> tuple[str, ...]:
+def section_keys(schema: type, *not_keys: str) -> tuple[str, ...]:
     """The YAML keys of a section: its dataclass's fields, minus those filled from elsewhere."""
     return tuple(f.name for f in dataclasses.fields(schema) if f.name not in not_keys)
 
 
-def _describe(value: object) -> str:
+def describe(value: object) -> str:
     """Name a bad value without dumping a whole subtree into the message."""
     if isinstance(value, Mapping):
         return "a mapping"
@@ -320,7 +320,7 @@ def _describe(value: object) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
-def _read_file(path: Path) -> bytes:
+def read_file(path: Path) -> bytes:
     """The file's bytes, or ValueError naming the path and the reason it cannot be used."""
     try:
         # Checked first: opening a FIFO or device would block or never end.
@@ -335,7 +335,7 @@ def _read_file(path: Path) -> bytes:
 
 def _read_secret_file(path: Path) -> str:
     try:
-        text = _read_file(path).decode("utf-8")
+        text = read_file(path).decode("utf-8")
     except UnicodeDecodeError:
         # The codec's own message quotes bytes of the secret.
         raise ValueError(f"{path} is not valid UTF-8") from None
@@ -346,35 +346,35 @@ def _read_secret_file(path: Path) -> str:
 # --- Value converters: object -> T, raising ValueError with what was expected ---------------------------
 
 
-def _string(*, allow_empty: bool = False) -> Callable[[object], str]:
+def string(*, allow_empty: bool = False) -> Callable[[object], str]:
     def convert(value: object) -> str:
         if not isinstance(value, str) or not (allow_empty or value.strip()):
             raise ValueError(
-                f"expected {'a' if allow_empty else 'a non-empty'} string, got {_describe(value)}"
+                f"expected {'a' if allow_empty else 'a non-empty'} string, got {describe(value)}"
             )
         return value
 
     return convert
 
 
-def _matching(pattern: str) -> Callable[[object], str]:
+def matching(pattern: str) -> Callable[[object], str]:
     compiled = re.compile(pattern)
 
     def convert(value: object) -> str:
         if not isinstance(value, str) or compiled.fullmatch(value) is None:
-            raise ValueError(f"expected a name matching ^{pattern}$, got {_describe(value)}")
+            raise ValueError(f"expected a name matching ^{pattern}$, got {describe(value)}")
         return value
 
     return convert
 
 
-def _whole_number(value: object) -> int:
+def whole_number(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected an integer, got {_describe(value)}")
+        raise ValueError(f"expected an integer, got {describe(value)}")
     return value
 
 
-def _in_range(
+def in_range(
     parse: Callable[[object], int], what: str, *, minimum: int, maximum: int | None = None
 ) -> Callable[[object], int]:
     bounds = f"between {minimum} and {maximum}" if maximum is not None else f"of at least {minimum}"
@@ -382,62 +382,62 @@ def _in_range(
     def convert(value: object) -> int:
         number = parse(value)
         if number < minimum or (maximum is not None and number > maximum):
-            raise ValueError(f"expected {what} {bounds}, got {_describe(value)}")
+            raise ValueError(f"expected {what} {bounds}, got {describe(value)}")
         return number
 
     return convert
 
 
-def _positive_duration(value: object) -> float:
+def positive_duration(value: object) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
-        raise ValueError(f"expected a duration above zero, got {_describe(value)}")
+        raise ValueError(f"expected a duration above zero, got {describe(value)}")
     return seconds
 
 
-def _duration_or_off(value: object) -> float | None:
+def duration_or_off(value: object) -> float | None:
     """A positive duration, or 0 / "off": never."""
     if value in (0, "off"):
         return None
-    return _positive_duration(value)
+    return positive_duration(value)
 
 
-def _one_of(choices: Mapping[str, T]) -> Callable[[object], T]:
+def one_of(choices: Mapping[str, T]) -> Callable[[object], T]:
     expected = ", ".join(choices)
 
     def convert(value: object) -> T:
         # YAML reads `min_version: 1.2` as a float; take the number the user meant.
         key = str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
         if not isinstance(key, str) or key not in choices:
-            raise ValueError(f"expected one of: {expected}; got {_describe(value)}")
+            raise ValueError(f"expected one of: {expected}; got {describe(value)}")
         return choices[key]
 
     return convert
 
 
-def _enum(kind: type[E]) -> Callable[[object], E]:
-    return _one_of({member.value: member for member in kind})
+def enum_member(kind: type[E]) -> Callable[[object], E]:
+    return one_of({member.value: member for member in kind})
 
 
-def _in_range_float(low: float, high: float) -> Callable[[object], float]:
+def in_range_float(low: float, high: float) -> Callable[[object], float]:
     def convert(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-            raise ValueError(f"expected a number from {low:g} to {high:g}, got {_describe(value)}")
+            raise ValueError(f"expected a number from {low:g} to {high:g}, got {describe(value)}")
         return float(value)
 
     return convert
 
 
-def _positive_number(value: object) -> float:
+def positive_number(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"expected a positive number, got {_describe(value)}")
+        raise ValueError(f"expected a positive number, got {describe(value)}")
     return float(value)
 
 
-def _list_of(item: Callable[[object], T]) -> Callable[[object], list[T]]:
+def list_of(item: Callable[[object], T]) -> Callable[[object], list[T]]:
     def convert(value: object) -> list[T]:
         if not isinstance(value, list):
-            raise ValueError(f"expected a list, got {_describe(value)}")
+            raise ValueError(f"expected a list, got {describe(value)}")
         converted = []
         for index, element in enumerate(value):
             try:
@@ -449,18 +449,18 @@ def _list_of(item: Callable[[object], T]) -> Callable[[object], list[T]]:
     return convert
 
 
-def _one_of_names(names: frozenset[str]) -> Callable[[object], str]:
+def one_of_names(names: frozenset[str]) -> Callable[[object], str]:
     def convert(value: object) -> str:
         if not isinstance(value, str) or value not in names:
-            raise ValueError(f"expected one of: {', '.join(sorted(names))}; got {_describe(value)}")
+            raise ValueError(f"expected one of: {', '.join(sorted(names))}; got {describe(value)}")
         return value
 
     return convert
 
 
-def _boolean(value: object) -> bool:
+def boolean(value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_describe(value)}")
+        raise ValueError(f"expected true or false, got {describe(value)}")
     return value
 
 

@@ -20,9 +20,9 @@ from cryptography import x509
 
 from proxy.audit import AuditSettings, OnWriteFailure
 from proxy.config.model import (
-    _DEFAULT_SSLMODE,
-    _DEFAULT_UPSTREAM_PORT,
-    _ROLE_NAME,
+    DEFAULT_SSLMODE,
+    DEFAULT_UPSTREAM_PORT,
+    ROLE_NAME,
     AdminConfig,
     AuditConfig,
     ClientCertificate,
@@ -52,27 +52,27 @@ from proxy.policy.files import read_policy_file
 from proxy.yamlreader import (
     ConfigError,
     ConfigProblem,
+    Context,
     Secret,
-    _boolean,
-    _Context,
-    _describe,
-    _duration_or_off,
-    _enum,
-    _in_range,
-    _in_range_float,
-    _join,
-    _keys,
-    _list_of,
-    _matching,
-    _one_of,
-    _positive_duration,
-    _positive_number,
-    _read_file,
-    _Section,
-    _string,
-    _whole_number,
+    Section,
+    boolean,
+    describe,
+    duration_or_off,
+    enum_member,
+    in_range,
+    in_range_float,
+    join_path,
+    list_of,
     load_yaml,
+    matching,
+    one_of,
     parse_size,
+    positive_duration,
+    positive_number,
+    read_file,
+    section_keys,
+    string,
+    whole_number,
 )
 
 # Store and terminal ids, as `pos-proxy certs` issues them.
@@ -131,35 +131,35 @@ def parse_config(
     source: Path | None = None,
 ) -> Config:
     """Validate already-loaded YAML data; relative paths resolve against ``base_dir``."""
-    ctx = _Context(Path(os.path.abspath(base_dir)), os.environ if environ is None else environ)
+    ctx = Context(Path(os.path.abspath(base_dir)), os.environ if environ is None else environ)
     root = ctx.section(data, "", _SECTIONS)
-    listen = _parse_listen(root.child("listen", _keys(ListenConfig)))
-    tls = _parse_tls(root.child("tls", _keys(TLSConfig)))
-    identity = _parse_identity(root.child("identity", _keys(IdentityConfig)))
+    listen = _parse_listen(root.child("listen", section_keys(ListenConfig)))
+    tls = _parse_tls(root.child("tls", section_keys(TLSConfig)))
+    identity = _parse_identity(root.child("identity", section_keys(IdentityConfig)))
     roles = {
         name: _parse_role(name, section)
         for name, section in root.named(
-            "roles", "role", _matching(_ROLE_NAME), ("description", "policy", "limits", "statement_timeout")
+            "roles", "role", matching(ROLE_NAME), ("description", "policy", "limits", "statement_timeout")
         )
     }
-    policy_section = root.child("policy", _keys(PolicySettings))
+    policy_section = root.child("policy", section_keys(PolicySettings))
     policy = _parse_policy_settings(policy_section, ctx)
-    pool_defaults = _parse_pool(root.child("pool", _keys(PoolConfig)), PoolConfig())
+    pool_defaults = _parse_pool(root.child("pool", section_keys(PoolConfig)), PoolConfig())
     routes = {
         database: _parse_route(database, section, pool_defaults)
-        for database, section in root.named("routes", "route", _string(), _ROUTE_KEYS)
+        for database, section in root.named("routes", "route", string(), _ROUTE_KEYS)
     }
-    limits = _parse_limits(root.child("limits", _keys(LimitsConfig)))
+    limits = _parse_limits(root.child("limits", section_keys(LimitsConfig)))
     audit = _parse_audit(root.child("audit", _AUDIT_KEYS)) if root.data.get("audit") is not None else None
     admin = None
     if root.data.get("admin") is not None:
-        admin_section = root.child("admin", _keys(AdminConfig))
+        admin_section = root.child("admin", section_keys(AdminConfig))
         admin = AdminConfig(
-            host=admin_section.read("host", _string(), AdminConfig().host),
+            host=admin_section.read("host", string(), AdminConfig().host),
             port=admin_section.read("port", _ADMIN_PORT, AdminConfig().port),
             token=admin_section.read("token", ctx.secret, None),
             long_statement_after=admin_section.read(
-                "long_statement_after", _positive_duration, AdminConfig().long_statement_after
+                "long_statement_after", positive_duration, AdminConfig().long_statement_after
             ),
         )
         if admin.token is None and "token" not in admin_section.data and not _is_loopback(admin.host):
@@ -203,13 +203,13 @@ def parse_workers(value: object) -> int:
         return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
     number = int(value) if isinstance(value, str) and value.isdigit() else value
     if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_WORKERS:
-        raise ValueError(f'expected a worker count from 1 to {MAX_WORKERS} or "auto", got {_describe(value)}')
+        raise ValueError(f'expected a worker count from 1 to {MAX_WORKERS} or "auto", got {describe(value)}')
     return number
 
 
-_PORT: Final = _in_range(_whole_number, "a port number", minimum=1, maximum=65535)
+_PORT: Final = in_range(whole_number, "a port number", minimum=1, maximum=65535)
 # 0 lets the system pick a free port (tests, the demo); the chosen one is logged.
-_ADMIN_PORT: Final = _in_range(_whole_number, "a port number", minimum=0, maximum=65535)
+_ADMIN_PORT: Final = in_range(whole_number, "a port number", minimum=0, maximum=65535)
 
 _IDENTITY_FIELDS: Final = (
     "san_uri",
@@ -222,14 +222,14 @@ _IDENTITY_FIELDS: Final = (
     "subject.C",
     "subject.serialNumber",
 )
-_IDENTITY_FIELD: Final = _one_of({name: name for name in _IDENTITY_FIELDS})
+_IDENTITY_FIELD: Final = one_of({name: name for name in _IDENTITY_FIELDS})
 _IDENTITY_GROUPS: Final = ("store", "terminal", "role")
 _NEVER_MATCHES: Final = re.compile(r"(?!)")
 
 
 def _identity_pattern(value: object) -> re.Pattern[str]:
     try:
-        pattern = re.compile(_string()(value))
+        pattern = re.compile(string()(value))
     except re.error as exc:
         raise ValueError(f"not a valid regular expression: {exc}") from None
     groups = set(pattern.groupindex)
@@ -246,45 +246,45 @@ def _identity_pattern(value: object) -> re.Pattern[str]:
 # --- Section parsers --------------------------------------------------------------------------------------
 
 
-_COUNT: Final = _in_range(_whole_number, "an integer", minimum=1)
+_COUNT: Final = in_range(whole_number, "an integer", minimum=1)
 
 
-def _parse_policy_settings(section: _Section, ctx: _Context) -> PolicySettings:
+def _parse_policy_settings(section: Section, ctx: Context) -> PolicySettings:
     default = PolicySettings()
-    read, size = section.read, _in_range(parse_size, "a size in bytes", minimum=1024, maximum=2**31 - 1)
+    read, size = section.read, in_range(parse_size, "a size in bytes", minimum=1024, maximum=2**31 - 1)
     return PolicySettings(
         review_file=read("review_file", ctx.path, None),
-        cache_size=read("cache_size", _in_range(_whole_number, "an integer", minimum=1), default.cache_size),
+        cache_size=read("cache_size", in_range(whole_number, "an integer", minimum=1), default.cache_size),
         cache_bytes=read("cache_bytes", size, default.cache_bytes),
         max_statement_bytes=read("max_statement_bytes", size, default.max_statement_bytes),
         analyze_in_worker_above=read(
             "analyze_in_worker_above",
-            _in_range(parse_size, "a size in bytes", minimum=0, maximum=2**31 - 1),
+            in_range(parse_size, "a size in bytes", minimum=0, maximum=2**31 - 1),
             default.analyze_in_worker_above,
         ),
-        analysis_timeout=read("analysis_timeout", _positive_duration, default.analysis_timeout),
+        analysis_timeout=read("analysis_timeout", positive_duration, default.analysis_timeout),
         analysis_workers=read(
             "analysis_workers",
-            _in_range(_whole_number, "an integer", minimum=1, maximum=64),
+            in_range(whole_number, "an integer", minimum=1, maximum=64),
             default.analysis_workers,
         ),
     )
 
 
-def _parse_listen(section: _Section) -> ListenConfig:
+def _parse_listen(section: Section) -> ListenConfig:
     default = ListenConfig()
     return ListenConfig(
-        host=section.read("host", _string(), default.host),
+        host=section.read("host", string(), default.host),
         port=section.read("port", _PORT, default.port),
-        handshake_timeout=section.read("handshake_timeout", _positive_duration, default.handshake_timeout),
-        startup_timeout=section.read("startup_timeout", _positive_duration, default.startup_timeout),
+        handshake_timeout=section.read("handshake_timeout", positive_duration, default.handshake_timeout),
+        startup_timeout=section.read("startup_timeout", positive_duration, default.startup_timeout),
         max_message_size=section.read(
             "max_message_size",
             # The wire format's length field is a signed 32-bit integer.
-            _in_range(parse_size, "a size in bytes", minimum=1024, maximum=2**31 - 1),
+            in_range(parse_size, "a size in bytes", minimum=1024, maximum=2**31 - 1),
             default.max_message_size,
         ),
-        drain_timeout=section.read("drain_timeout", _positive_duration, default.drain_timeout),
+        drain_timeout=section.read("drain_timeout", positive_duration, default.drain_timeout),
         max_pending_handshakes=section.read("max_pending_handshakes", _COUNT, default.max_pending_handshakes),
         max_pending_handshakes_per_source=section.read(
             "max_pending_handshakes_per_source", _COUNT, default.max_pending_handshakes_per_source
@@ -292,42 +292,46 @@ def _parse_listen(section: _Section) -> ListenConfig:
         preauth_records_per_second=section.read(
             "preauth_records_per_second", _COUNT, default.preauth_records_per_second
         ),
-        tcp_keepalive=_parse_keepalive(section.child("tcp_keepalive", _keys(TCPKeepalive)), TCPKeepalive()),
+        tcp_keepalive=_parse_keepalive(
+            section.child("tcp_keepalive", section_keys(TCPKeepalive)), TCPKeepalive()
+        ),
         tcp_user_timeout=section.read("tcp_user_timeout", _user_timeout, default.tcp_user_timeout),
-        proxy_protocol=_parse_proxy_protocol(section.child("proxy_protocol", _keys(ProxyProtocolConfig))),
+        proxy_protocol=_parse_proxy_protocol(
+            section.child("proxy_protocol", section_keys(ProxyProtocolConfig))
+        ),
         workers=section.read("workers", parse_workers, default.workers),
     )
 
 
 # Linux's limits for TCP_KEEPIDLE / TCP_KEEPINTVL (seconds) and TCP_KEEPCNT.
-_KEEPALIVE_SECONDS: Final = _in_range(
-    lambda value: round(_positive_duration(value)), "a duration in whole seconds", minimum=1, maximum=32767
+_KEEPALIVE_SECONDS: Final = in_range(
+    lambda value: round(positive_duration(value)), "a duration in whole seconds", minimum=1, maximum=32767
 )
 
 
 def _user_timeout(value: object) -> float | None:
     """TCP_USER_TIMEOUT: 0 / "off" for the kernel's default; else 100 ms (Linux counts milliseconds,
     and less would drop a healthy connection on one lost segment) to a day."""
-    seconds = _duration_or_off(value)
+    seconds = duration_or_off(value)
     if seconds is not None and not 0.1 <= seconds <= 86400:
-        raise ValueError(f"expected a duration from 100ms to 24h, or off; got {_describe(value)}")
+        raise ValueError(f"expected a duration from 100ms to 24h, or off; got {describe(value)}")
     return seconds
 
 
-def _parse_keepalive(section: _Section, inherited: TCPKeepalive) -> TCPKeepalive:
+def _parse_keepalive(section: Section, inherited: TCPKeepalive) -> TCPKeepalive:
     return TCPKeepalive(
         idle=section.read("idle", _KEEPALIVE_SECONDS, inherited.idle),
         interval=section.read("interval", _KEEPALIVE_SECONDS, inherited.interval),
         count=section.read(
-            "count", _in_range(_whole_number, "an integer", minimum=1, maximum=127), inherited.count
+            "count", in_range(whole_number, "an integer", minimum=1, maximum=127), inherited.count
         ),
     )
 
 
-def _parse_proxy_protocol(section: _Section) -> ProxyProtocolConfig:
+def _parse_proxy_protocol(section: Section) -> ProxyProtocolConfig:
     default = ProxyProtocolConfig()
-    enabled = section.read("enabled", _boolean, default.enabled)
-    trusted: list[IPNetwork] = section.read("trusted_sources", _list_of(_network), [])
+    enabled = section.read("enabled", boolean, default.enabled)
+    trusted: list[IPNetwork] = section.read("trusted_sources", list_of(_network), [])
     if enabled and section.data.get("trusted_sources") in (None, []):
         # There is no "trust everybody": that would let any terminal claim any address.
         section.report(
@@ -336,39 +340,39 @@ def _parse_proxy_protocol(section: _Section) -> ProxyProtocolConfig:
     return ProxyProtocolConfig(
         enabled=enabled,
         trusted_sources=tuple(trusted),
-        header_timeout=section.read("header_timeout", _positive_duration, default.header_timeout),
+        header_timeout=section.read("header_timeout", positive_duration, default.header_timeout),
     )
 
 
 def _network(value: object) -> IPNetwork:
-    text = _string()(value)
+    text = string()(value)
     try:
         return ipaddress.ip_network(text)
     except ValueError as exc:
         raise ValueError(f"expected an address or CIDR network such as 10.0.0.0/8: {exc}") from None
 
 
-def _parse_tls(section: _Section) -> TLSConfig:
+def _parse_tls(section: Section) -> TLSConfig:
     file = section.ctx.readable_file
     return TLSConfig(
         cert=section.require("cert", file, Path()),
         key=section.require("key", file, Path()),
         client_ca=section.require("client_ca", file, Path()),
         crl=section.read("crl", file, None),
-        min_version=section.read("min_version", _enum(TLSVersionName), TLSVersionName.TLS1_2),
-        expired_crl=section.read("expired_crl", _enum(ExpiredCRLAction), ExpiredCRLAction.KEEP_LAST),
+        min_version=section.read("min_version", enum_member(TLSVersionName), TLSVersionName.TLS1_2),
+        expired_crl=section.read("expired_crl", enum_member(ExpiredCRLAction), ExpiredCRLAction.KEEP_LAST),
     )
 
 
-def _parse_identity(section: _Section) -> IdentityConfig:
+def _parse_identity(section: Section) -> IdentityConfig:
     default = IdentityConfig()
-    user_name = section.read("user_name", _enum(UserNameRule), default.user_name)
+    user_name = section.read("user_name", enum_member(UserNameRule), default.user_name)
     if section.data.get("sources") is None:
         return IdentityConfig(default.sources, user_name)
     problems_before = len(section.ctx.problems)
     sources: list[IdentitySource] = []
     for path, item in section.items("sources"):
-        source = section.ctx.section(item, path, _keys(IdentitySource))
+        source = section.ctx.section(item, path, section_keys(IdentitySource))
         sources.append(
             IdentitySource(
                 field=source.require("field", _IDENTITY_FIELD, ""),
@@ -387,10 +391,10 @@ def _parse_identity(section: _Section) -> IdentityConfig:
     return IdentityConfig(tuple(sources), user_name)
 
 
-def _parse_role(name: str, section: _Section) -> RoleConfig:
-    description = section.read("description", _string(allow_empty=True), "")
-    limits = _parse_limit_settings(section.child("limits", _keys(LimitSettings)))
-    statement_timeout = section.read("statement_timeout", _positive_duration, None)
+def _parse_role(name: str, section: Section) -> RoleConfig:
+    description = section.read("description", string(allow_empty=True), "")
+    limits = _parse_limit_settings(section.child("limits", section_keys(LimitSettings)))
+    statement_timeout = section.read("statement_timeout", positive_duration, None)
     policy_file = section.read("policy", section.ctx.path, None)
     if policy_file is None:
         return RoleConfig(name, description, limits, statement_timeout=statement_timeout)
@@ -400,8 +404,8 @@ def _parse_role(name: str, section: _Section) -> RoleConfig:
     return RoleConfig(name, description, limits, statement_timeout, policy, policy_file)
 
 
-def _parse_audit(section: _Section) -> AuditConfig:
-    share = _in_range_float(0.0, 1.0)
+def _parse_audit(section: Section) -> AuditConfig:
+    share = in_range_float(0.0, 1.0)
     by_role = {
         role: value
         for role, raw in section.ctx.mapping(
@@ -409,7 +413,7 @@ def _parse_audit(section: _Section) -> AuditConfig:
         ).items()
         if (
             value := section.ctx.convert(
-                raw, _join(section.key_path("allowed_statements_by_role"), role), share, None
+                raw, join_path(section.key_path("allowed_statements_by_role"), role), share, None
             )
         )
         is not None
@@ -419,12 +423,12 @@ def _parse_audit(section: _Section) -> AuditConfig:
     settings = AuditSettings(
         file=section.read("file", section.ctx.path, None),
         key_file=key_file,
-        stdout=section.read("stdout", _boolean, default.stdout),
+        stdout=section.read("stdout", boolean, default.stdout),
         rotate_bytes=section.read("rotate_bytes", parse_size, default.rotate_bytes),
-        rotate_interval=section.read("rotate_interval", _positive_duration, default.rotate_interval),
-        flush_interval=section.read("flush_interval", _positive_duration, default.flush_interval),
+        rotate_interval=section.read("rotate_interval", positive_duration, default.rotate_interval),
+        flush_interval=section.read("flush_interval", positive_duration, default.flush_interval),
         max_held_records=section.read(
-            "max_held_records", _in_range(_whole_number, "an integer", minimum=0), default.max_held_records
+            "max_held_records", in_range(whole_number, "an integer", minimum=0), default.max_held_records
         ),
     )
     if settings.file is not None and not settings.file.parent.is_dir():
@@ -443,23 +447,23 @@ def _parse_audit(section: _Section) -> AuditConfig:
         settings=settings,
         allowed_statements=section.read("allowed_statements", share, 1.0),
         allowed_statements_by_role=types.MappingProxyType(by_role),
-        on_write_failure=section.read("on_write_failure", _enum(OnWriteFailure), OnWriteFailure.REFUSE),
+        on_write_failure=section.read("on_write_failure", enum_member(OnWriteFailure), OnWriteFailure.REFUSE),
     )
 
 
-def _parse_limits(section: _Section) -> LimitsConfig:
+def _parse_limits(section: Section) -> LimitsConfig:
     overrides: dict[str, dict[str, LimitSettings]] = {"stores": {}, "terminals": {}}
     for key, pattern in (("stores", _ID_PATTERN), ("terminals", rf"{_ID_PATTERN}/{_ID_PATTERN}")):
         path = section.key_path(key)
         for name, value in section.ctx.mapping(section.data.get(key), path).items():
-            entry_path = _join(path, name)
-            if section.ctx.convert(name, entry_path, _matching(pattern), None) is not None:
+            entry_path = join_path(path, name)
+            if section.ctx.convert(name, entry_path, matching(pattern), None) is not None:
                 overrides[key][name] = _parse_limit_settings(
-                    section.ctx.section(value, entry_path, _keys(LimitSettings))
+                    section.ctx.section(value, entry_path, section_keys(LimitSettings))
                 )
     shared = None
     if section.data.get("shared") is not None:
-        shared = _parse_shared_limits(section.child("shared", _keys(SharedLimitsConfig)))
+        shared = _parse_shared_limits(section.child("shared", section_keys(SharedLimitsConfig)))
     return LimitsConfig(
         source_connections=_read_rate(section, "source_connections"),
         stores=types.MappingProxyType(overrides["stores"]),
@@ -469,7 +473,7 @@ def _parse_limits(section: _Section) -> LimitsConfig:
 
 
 def _redis_url(value: object) -> str:
-    url = _string()(value)
+    url = string()(value)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
@@ -488,21 +492,23 @@ def _redis_url(value: object) -> str:
     return url
 
 
-_LEASE_SIZE: Final = _in_range(_whole_number, "an integer", minimum=1, maximum=10_000)
+_LEASE_SIZE: Final = in_range(whole_number, "an integer", minimum=1, maximum=10_000)
 
 
-def _parse_shared_limits(section: _Section) -> SharedLimitsConfig:
+def _parse_shared_limits(section: Section) -> SharedLimitsConfig:
     default = SharedLimitsConfig(redis_url="")
     if importlib.util.find_spec("redis") is None:
         section.ctx.report(section.path, "needs the Python package redis: pip install 'pos-db-proxy[redis]'")
     shared = SharedLimitsConfig(
         redis_url=section.require("redis_url", _redis_url, ""),
         password=section.read("password", section.ctx.secret, None),
-        key_prefix=section.read("key_prefix", _matching(r"[A-Za-z0-9_.:-]{1,64}"), default.key_prefix),
-        on_unavailable=section.read("on_unavailable", _enum(SharedLimitFallback), default.on_unavailable),
+        key_prefix=section.read("key_prefix", matching(r"[A-Za-z0-9_.:-]{1,64}"), default.key_prefix),
+        on_unavailable=section.read(
+            "on_unavailable", enum_member(SharedLimitFallback), default.on_unavailable
+        ),
         lease_size=section.read("lease_size", _LEASE_SIZE, default.lease_size),
-        timeout=section.read("timeout", _positive_duration, default.timeout),
-        instance_ttl=section.read("instance_ttl", _positive_duration, default.instance_ttl),
+        timeout=section.read("timeout", positive_duration, default.timeout),
+        instance_ttl=section.read("instance_ttl", positive_duration, default.instance_ttl),
     )
     # The heartbeat, every third of the TTL, must be able to time out and still come again in time.
     if shared.instance_ttl < 3 * shared.timeout:
@@ -513,8 +519,8 @@ def _parse_shared_limits(section: _Section) -> SharedLimitsConfig:
     return shared
 
 
-def _parse_limit_settings(section: _Section) -> LimitSettings:
-    count = _in_range(_whole_number, "an integer", minimum=1)
+def _parse_limit_settings(section: Section) -> LimitSettings:
+    count = in_range(whole_number, "an integer", minimum=1)
     return LimitSettings(
         statements=_read_rate(section, "statements"),
         role_statements=_read_rate(section, "role_statements"),
@@ -530,23 +536,23 @@ def _parse_limit_settings(section: _Section) -> LimitSettings:
     )
 
 
-def _read_rate(section: _Section, key: str) -> Rate | None:
+def _read_rate(section: Section, key: str) -> Rate | None:
     """A token bucket: {per_second: 20, burst: 40}."""
     if section.data.get(key) is None:
         return None
     rate = section.child(key, ("per_second", "burst"))
-    per_second = rate.require("per_second", _positive_number, 1.0)
-    burst = rate.require("burst", _in_range(_whole_number, "an integer", minimum=1), 1)
+    per_second = rate.require("per_second", positive_number, 1.0)
+    burst = rate.require("burst", in_range(whole_number, "an integer", minimum=1), 1)
     return Rate(per_second, burst)
 
 
-def _parse_pool(section: _Section, inherited: PoolConfig) -> PoolConfig:
+def _parse_pool(section: Section, inherited: PoolConfig) -> PoolConfig:
     """A pool section; keys it leaves out come from ``inherited`` (the top-level `pool:` or built-ins)."""
-    read, duration = section.read, _positive_duration
+    read, duration = section.read, positive_duration
     pool = PoolConfig(
-        mode=read("mode", _enum(PoolMode), inherited.mode),
-        size=read("size", _in_range(_whole_number, "an integer", minimum=1), inherited.size),
-        min_idle=read("min_idle", _in_range(_whole_number, "an integer", minimum=0), inherited.min_idle),
+        mode=read("mode", enum_member(PoolMode), inherited.mode),
+        size=read("size", in_range(whole_number, "an integer", minimum=1), inherited.size),
+        min_idle=read("min_idle", in_range(whole_number, "an integer", minimum=0), inherited.min_idle),
         max_client_wait=read("max_client_wait", duration, inherited.max_client_wait),
         server_idle_timeout=read("server_idle_timeout", duration, inherited.server_idle_timeout),
         server_lifetime=read("server_lifetime", duration, inherited.server_lifetime),
@@ -554,26 +560,26 @@ def _parse_pool(section: _Section, inherited: PoolConfig) -> PoolConfig:
         connect_retry_delay=read("connect_retry_delay", duration, inherited.connect_retry_delay),
         connect_retry_max_delay=read("connect_retry_max_delay", duration, inherited.connect_retry_max_delay),
         tcp_keepalive=_parse_keepalive(
-            section.child("tcp_keepalive", _keys(TCPKeepalive)), inherited.tcp_keepalive
+            section.child("tcp_keepalive", section_keys(TCPKeepalive)), inherited.tcp_keepalive
         ),
         tcp_user_timeout=read("tcp_user_timeout", _user_timeout, inherited.tcp_user_timeout),
-        session_state=read("session_state", _enum(SessionStateAction), inherited.session_state),
+        session_state=read("session_state", enum_member(SessionStateAction), inherited.session_state),
         max_prepared_statements=read(
             "max_prepared_statements",
-            _in_range(_whole_number, "an integer", minimum=1),
+            in_range(whole_number, "an integer", minimum=1),
             inherited.max_prepared_statements,
         ),
         idle_transaction_timeout=read(
-            "idle_transaction_timeout", _duration_or_off, inherited.idle_transaction_timeout
+            "idle_transaction_timeout", duration_or_off, inherited.idle_transaction_timeout
         ),
         max_client_prepared_statements=read(
             "max_client_prepared_statements",
-            _in_range(_whole_number, "an integer", minimum=1),
+            in_range(whole_number, "an integer", minimum=1),
             inherited.max_client_prepared_statements,
         ),
         max_client_prepared_bytes=read(
             "max_client_prepared_bytes",
-            _in_range(parse_size, "a size in bytes", minimum=1024, maximum=2**31 - 1),
+            in_range(parse_size, "a size in bytes", minimum=1024, maximum=2**31 - 1),
             inherited.max_client_prepared_bytes,
         ),
     )
@@ -595,20 +601,20 @@ def _parse_pool(section: _Section, inherited: PoolConfig) -> PoolConfig:
 
 _CLIENT_CERTIFICATE_KEYS: Final = ("sslcert", "sslkey", "sslpassword")
 _ROUTE_KEYS: Final = (
-    *_keys(RouteConfig, "database", "client_certificate", "pool"),
+    *section_keys(RouteConfig, "database", "client_certificate", "pool"),
     *_CLIENT_CERTIFICATE_KEYS,
     "pool",
 )
 
 
-def _parse_route(database: str, section: _Section, pool_defaults: PoolConfig) -> RouteConfig:
+def _parse_route(database: str, section: Section, pool_defaults: PoolConfig) -> RouteConfig:
     ctx = section.ctx
-    host = section.require("host", _string(), "")
-    port = section.read("port", _PORT, _DEFAULT_UPSTREAM_PORT)
-    dbname = section.read("dbname", _string(), database)
-    user = section.require("user", _string(), "")
+    host = section.require("host", string(), "")
+    port = section.read("port", _PORT, DEFAULT_UPSTREAM_PORT)
+    dbname = section.read("dbname", string(), database)
+    user = section.require("user", string(), "")
     password = section.read("password", ctx.secret, None)
-    sslmode = section.read("sslmode", _enum(SSLMode), _DEFAULT_SSLMODE)
+    sslmode = section.read("sslmode", enum_member(SSLMode), DEFAULT_SSLMODE)
     sslrootcert = section.read("sslrootcert", ctx.readable_file, None)
     # Never fall back to the system CA store silently: a verifying mode must name the CA it trusts.
     if sslmode in (SSLMode.VERIFY_CA, SSLMode.VERIFY_FULL) and section.data.get("sslrootcert") is None:
@@ -623,11 +629,11 @@ def _parse_route(database: str, section: _Section, pool_defaults: PoolConfig) ->
         sslmode=sslmode,
         sslrootcert=sslrootcert,
         client_certificate=_parse_client_certificate(section, sslmode),
-        pool=_parse_pool(section.child("pool", _keys(PoolConfig)), pool_defaults),
+        pool=_parse_pool(section.child("pool", section_keys(PoolConfig)), pool_defaults),
     )
 
 
-def _parse_client_certificate(section: _Section, sslmode: SSLMode) -> ClientCertificate | None:
+def _parse_client_certificate(section: Section, sslmode: SSLMode) -> ClientCertificate | None:
     """sslcert and sslkey name files, as in libpq; the key's passphrase is a secret like a password.
 
     Unlike libpq, which looks for ~/.postgresql/postgresql.crt and goes on without a certificate when
@@ -670,11 +676,11 @@ def _check_client_certificate(cert: Path, key: Path, password: Secret | None) ->
     The messages never quote file contents: a key file may hold anything.
     """
     try:
-        cert_bytes = _read_file(cert)
+        cert_bytes = read_file(cert)
     except ValueError as exc:
         raise _ClientCertificateError("sslcert", str(exc)) from None
     try:
-        key_bytes = _read_file(key)
+        key_bytes = read_file(key)
     except ValueError as exc:
         raise _ClientCertificateError("sslkey", str(exc)) from None
     try:

@@ -153,7 +153,7 @@ class IdentitySource:
     pattern: re.Pattern[str]
 
 
-_ROLE_NAME: Final = r"[a-z][a-z0-9_]{0,62}"
+ROLE_NAME: Final = r"[a-z][a-z0-9_]{0,62}"
 
 # Matches the certificates that `pos-proxy certs` issues.
 _DEFAULT_IDENTITY_SOURCES: Final = (
@@ -163,7 +163,7 @@ _DEFAULT_IDENTITY_SOURCES: Final = (
             r"^urn:pos-db-proxy:terminal:(?P<store>[A-Za-z0-9_-]{1,64}):(?P<terminal>[A-Za-z0-9_-]{1,64})$"
         ),
     ),
-    IdentitySource("subject.OU", re.compile(rf"^(?P<role>{_ROLE_NAME})$")),
+    IdentitySource("subject.OU", re.compile(rf"^(?P<role>{ROLE_NAME})$")),
 )
 
 
@@ -286,8 +286,8 @@ class PoolConfig:
     max_client_prepared_bytes: int = 2 * 2**20
 
 
-_DEFAULT_UPSTREAM_PORT: Final = 5432
-_DEFAULT_SSLMODE: Final = SSLMode.VERIFY_FULL
+DEFAULT_UPSTREAM_PORT: Final = 5432
+DEFAULT_SSLMODE: Final = SSLMode.VERIFY_FULL
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,11 +309,11 @@ class RouteConfig:
     database: str
     """The database name terminals send in their startup packet (the key under ``routes``)."""
     host: str
-    port: int = _DEFAULT_UPSTREAM_PORT
+    port: int = DEFAULT_UPSTREAM_PORT
     dbname: str
     user: str
     password: Secret | None = None
-    sslmode: SSLMode = _DEFAULT_SSLMODE
+    sslmode: SSLMode = DEFAULT_SSLMODE
     sslrootcert: Path | None = None
     client_certificate: ClientCertificate | None = None
     """From the route's sslcert, sslkey and sslpassword keys."""

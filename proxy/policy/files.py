@@ -15,17 +15,17 @@ from proxy.policy.model import (
     RolePolicy,
 )
 from proxy.yamlreader import (
-    _boolean,
-    _Context,
-    _enum,
-    _in_range,
-    _list_of,
-    _matching,
-    _one_of_names,
-    _Section,
-    _string,
-    _whole_number,
+    Context,
+    Section,
+    boolean,
+    enum_member,
+    in_range,
+    list_of,
     load_yaml,
+    matching,
+    one_of_names,
+    string,
+    whole_number,
 )
 
 _POLICY_KEYS: Final = (
@@ -51,7 +51,7 @@ _IDENTIFIER: Final = r"[A-Za-z_][A-Za-z0-9_$]*"
 _TABLE_NAME: Final = rf"{_IDENTIFIER}(\.{_IDENTIFIER})?"
 
 
-def read_policy_file(path: Path, section: _Section, key: str) -> RolePolicy | None:
+def read_policy_file(path: Path, section: Section, key: str) -> RolePolicy | None:
     """The policy in the file at ``path``, which ``key`` of ``section`` names; None when the file cannot
     be read as YAML. Problems go to the section's report under that key, relative paths start at the
     file's directory."""
@@ -60,11 +60,11 @@ def read_policy_file(path: Path, section: _Section, key: str) -> RolePolicy | No
     except ValueError as exc:
         section.report(key, str(exc))
         return None
-    ctx = _Context(path.parent, section.ctx.environ, section.ctx.problems)
+    ctx = Context(path.parent, section.ctx.environ, section.ctx.problems)
     return _parse_policy(ctx.section(data, section.key_path(key), _POLICY_KEYS))
 
 
-def _parse_policy(section: _Section) -> RolePolicy:
+def _parse_policy(section: Section) -> RolePolicy:
     """A role's policy file (see config/policies/ and docs/policies.md)."""
     default = RolePolicy()
     search_path = tuple(section.read("search_path", _policy_search_path, list(default.search_path)))
@@ -76,32 +76,30 @@ def _parse_policy(section: _Section) -> RolePolicy:
     if raw is not None and raw != []:
         for path, item in section.items("fingerprints"):
             entry = section.ctx.section(item, path, ("fingerprint", "text"))
-            fingerprint = entry.require("fingerprint", _matching(r"[0-9a-f]{16}"), "")
-            fingerprints[fingerprint] = ApprovedStatement(fingerprint, entry.read("text", _string(), ""))
+            fingerprint = entry.require("fingerprint", matching(r"[0-9a-f]{16}"), "")
+            fingerprints[fingerprint] = ApprovedStatement(fingerprint, entry.read("text", string(), ""))
     return RolePolicy(
-        mode=section.read("mode", _enum(PolicyMode), default.mode),
+        mode=section.read("mode", enum_member(PolicyMode), default.mode),
         search_path=search_path or default.search_path,
-        kinds=frozenset(allow.read("kinds", _list_of(_one_of_names(STATEMENT_KINDS)), no_names)),
-        read_tables=frozenset(map(qualify, allow.read("read", _list_of(_matching(_TABLE_NAME)), no_names))),
-        write_tables=frozenset(map(qualify, allow.read("write", _list_of(_matching(_TABLE_NAME)), no_names))),
-        update_without_where=allow.read("update_without_where", _boolean, False),
-        stacked_queries=section.read("stacked_queries", _boolean, default.stacked_queries),
-        function_call_message=section.read("function_call_message", _boolean, default.function_call_message),
-        housekeeping=section.read("housekeeping", _boolean, default.housekeeping),
-        denylist_exceptions=frozenset(allow.read("denylist_exceptions", _list_of(_denylist_entry), no_names)),
-        functions=frozenset(allow.read("functions", _list_of(_matching(_TABLE_NAME)), no_names)),
-        sequences=frozenset(
-            map(qualify, allow.read("sequences", _list_of(_matching(_TABLE_NAME)), no_names))
-        ),
+        kinds=frozenset(allow.read("kinds", list_of(one_of_names(STATEMENT_KINDS)), no_names)),
+        read_tables=frozenset(map(qualify, allow.read("read", list_of(matching(_TABLE_NAME)), no_names))),
+        write_tables=frozenset(map(qualify, allow.read("write", list_of(matching(_TABLE_NAME)), no_names))),
+        update_without_where=allow.read("update_without_where", boolean, False),
+        stacked_queries=section.read("stacked_queries", boolean, default.stacked_queries),
+        function_call_message=section.read("function_call_message", boolean, default.function_call_message),
+        housekeeping=section.read("housekeeping", boolean, default.housekeeping),
+        denylist_exceptions=frozenset(allow.read("denylist_exceptions", list_of(_denylist_entry), no_names)),
+        functions=frozenset(allow.read("functions", list_of(matching(_TABLE_NAME)), no_names)),
+        sequences=frozenset(map(qualify, allow.read("sequences", list_of(matching(_TABLE_NAME)), no_names))),
         max_violations=section.read(
-            "max_violations", _in_range(_whole_number, "an integer", minimum=1), default.max_violations
+            "max_violations", in_range(whole_number, "an integer", minimum=1), default.max_violations
         ),
         fingerprints=types.MappingProxyType(fingerprints),
     )
 
 
 def _policy_search_path(value: object) -> list[str]:
-    schemas = _list_of(_matching(_IDENTIFIER))(value)
+    schemas = list_of(matching(_IDENTIFIER))(value)
     if "pg_catalog" in schemas[1:]:
         # Listed later, pg_catalog would let a same-named function in an earlier schema stand in
         # for a built-in the policy allows (see RolePolicy.allows_function).
@@ -111,6 +109,6 @@ def _policy_search_path(value: object) -> list[str]:
 
 def _denylist_entry(value: object) -> str:
     try:
-        return _one_of_names(DENYLIST_NAMES)(value)
+        return one_of_names(DENYLIST_NAMES)(value)
     except ValueError as exc:
         raise ValueError(f"{exc} (a function the role may call goes in allow.functions)") from None
