@@ -46,6 +46,7 @@ from proxy.config.model import (
     TLSConfig,
     TLSVersionName,
     UserNameRule,
+    WireProtocol,
 )
 from proxy.limits import LimitSettings, Rate, SharedLimitFallback
 from proxy.policy.files import read_policy_file
@@ -607,8 +608,16 @@ _ROUTE_KEYS: Final = (
 )
 
 
+def _route_protocol(value: object) -> WireProtocol:
+    # Named now so that routes written today still read right once a second protocol (MySQL) exists.
+    if value != WireProtocol.POSTGRES.value:
+        raise ValueError(f"only postgres is supported yet, got {describe(value)}")
+    return WireProtocol.POSTGRES
+
+
 def _parse_route(database: str, section: Section, pool_defaults: PoolConfig) -> RouteConfig:
     ctx = section.ctx
+    protocol = section.read("protocol", _route_protocol, WireProtocol.POSTGRES)
     host = section.require("host", string(), "")
     port = section.read("port", _PORT, DEFAULT_UPSTREAM_PORT)
     dbname = section.read("dbname", string(), database)
@@ -621,6 +630,7 @@ def _parse_route(database: str, section: Section, pool_defaults: PoolConfig) -> 
         section.report("sslrootcert", f"required when sslmode is {sslmode.value}")
     return RouteConfig(
         database=database,
+        protocol=protocol,
         host=host,
         port=port,
         dbname=dbname,

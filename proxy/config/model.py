@@ -30,6 +30,12 @@ class SessionStateAction(enum.Enum):
     REFUSE = "refuse"
 
 
+class WireProtocol(enum.Enum):
+    """The wire protocol a route's terminals and database server speak."""
+
+    POSTGRES = "postgres"
+
+
 class SSLMode(enum.Enum):
     """Upstream TLS, with libpq's meanings."""
 
@@ -308,6 +314,7 @@ class ClientCertificate:
 class RouteConfig:
     database: str
     """The database name terminals send in their startup packet (the key under ``routes``)."""
+    protocol: WireProtocol = WireProtocol.POSTGRES
     host: str
     port: int = DEFAULT_UPSTREAM_PORT
     dbname: str

@@ -40,6 +40,7 @@ from proxy.config.model import (
     TLSConfig,
     TLSVersionName,
     UserNameRule,
+    WireProtocol,
 )
 from proxy.limits import LimitSettings, SharedLimitFallback
 from proxy.policy.model import PolicyMode
@@ -252,6 +253,16 @@ def test_route_settings(base: Path) -> None:
     data = with_route(port=6543, dbname="pos_prod", sslmode="verify-ca")
     route = parse(data, base).routes["pos"]
     assert (route.port, route.dbname, route.sslmode) == (6543, "pos_prod", SSLMode.VERIFY_CA)
+
+
+def test_a_route_speaks_postgres_unless_it_names_its_protocol_and_postgres_is_the_only_one_yet(
+    base: Path,
+) -> None:
+    assert parse(minimal(), base).routes["pos"].protocol is WireProtocol.POSTGRES
+    assert parse(with_route(protocol="postgres"), base).routes["pos"].protocol is WireProtocol.POSTGRES
+    assert problems(with_route(protocol="mysql"), base) == [
+        "routes.pos.protocol: only postgres is supported yet, got 'mysql'"
+    ]
 
 
 def test_pool_section_gives_defaults_that_routes_override_key_by_key(base: Path) -> None:
