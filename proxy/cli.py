@@ -17,7 +17,8 @@ import structlog
 
 from proxy import certs, eventloop
 from proxy.audit import AuditError, load_key, verify
-from proxy.config import Config, ConfigError, load_config, parse_workers
+from proxy.config.load import load_config, parse_workers
+from proxy.config.model import Config
 from proxy.oplog import configure_logging
 from proxy.policy.approve import PolicyFileError, approve_statements
 from proxy.policy.engine import judge
@@ -26,6 +27,7 @@ from proxy.server import serve
 from proxy.supervisor import supervise
 from proxy.tlsconfig import load_terminal_tls
 from proxy.workers import WorkerSlot
+from proxy.yamlreader import ConfigError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from proxy.config import IdentityConfig, UserNameRule
+from proxy.config.model import IdentityConfig, UserNameRule
 
 _SUBJECT_FIELDS = {
     "subject.CN": NameOID.COMMON_NAME,

@@ -20,16 +20,8 @@ import structlog
 from proxy.admin import AdminListener, AdminServer
 from proxy.audit import AuditError, OnWriteFailure
 from proxy.auditwriter import AuditLog
-from proxy.config import (
-    AdminConfig,
-    AuditConfig,
-    Config,
-    ConfigError,
-    ConfigProblem,
-    ExpiredCRLAction,
-    RouteConfig,
-    load_config,
-)
+from proxy.config.load import load_config
+from proxy.config.model import AdminConfig, AuditConfig, Config, ExpiredCRLAction, RouteConfig
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.eventloop import log_unhandled_error
 from proxy.limits import Limiter, SourceRateLimiter
@@ -62,6 +54,7 @@ from proxy.tcp import tune_socket
 from proxy.tlsconfig import CRLExpired, UpstreamTLS, load_terminal_tls, upstream_context
 from proxy.tlstransport import accept_tls
 from proxy.workers import WorkerSlot
+from proxy.yamlreader import ConfigError, ConfigProblem
 
 if TYPE_CHECKING:
     from proxy.sharedlimits import RedisSharedLimits

@@ -51,7 +51,7 @@ from pglast import split
 from pglast.parser import ParseError, fingerprint
 
 from proxy import certs
-from proxy.config import load_config
+from proxy.config.load import load_config
 from proxy.localpg import LocalPostgres, LocalPostgresTLS, find_pg_bindir
 from proxy.policy import encodings
 from proxy.policy.engine import PolicyEngine, judge

@@ -40,7 +40,7 @@ from proxy.audit import (
     verify,
 )
 from proxy.auditwriter import PROXY_LOST, AuditLog, _pickled, _receive, _send, _WriterProcess
-from proxy.config import AuditConfig
+from proxy.config.model import AuditConfig
 from proxy.server import audit_after_reload
 
 pytestmark = pytest.mark.timeout(30)

@@ -18,12 +18,11 @@ from cryptography.hazmat.primitives import serialization
 
 from proxy import certs
 from proxy.audit import AuditSettings, OnWriteFailure
-from proxy.config import (
+from proxy.config.load import load_config, parse_config
+from proxy.config.model import (
     AdminConfig,
     AuditConfig,
     Config,
-    ConfigError,
-    ConfigProblem,
     ExpiredCRLAction,
     IdentityConfig,
     IdentitySource,
@@ -35,20 +34,17 @@ from proxy.config import (
     ProxyProtocolConfig,
     RoleConfig,
     RouteConfig,
-    Secret,
     SharedLimitsConfig,
     SSLMode,
     TCPKeepalive,
     TLSConfig,
     TLSVersionName,
     UserNameRule,
-    load_config,
-    parse_config,
-    parse_duration,
-    parse_size,
+    WireProtocol,
 )
 from proxy.limits import LimitSettings, SharedLimitFallback
 from proxy.policy.model import PolicyMode
+from proxy.yamlreader import ConfigError, ConfigProblem, Secret, parse_duration, parse_size
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "pos-proxy.example.yaml"
 PASSWORD = "correct horse battery staple"
@@ -257,6 +253,16 @@ def test_route_settings(base: Path) -> None:
     data = with_route(port=6543, dbname="pos_prod", sslmode="verify-ca")
     route = parse(data, base).routes["pos"]
     assert (route.port, route.dbname, route.sslmode) == (6543, "pos_prod", SSLMode.VERIFY_CA)
+
+
+def test_a_route_speaks_postgres_unless_it_names_its_protocol_and_postgres_is_the_only_one_yet(
+    base: Path,
+) -> None:
+    assert parse(minimal(), base).routes["pos"].protocol is WireProtocol.POSTGRES
+    assert parse(with_route(protocol="postgres"), base).routes["pos"].protocol is WireProtocol.POSTGRES
+    assert problems(with_route(protocol="mysql"), base) == [
+        "routes.pos.protocol: only postgres is supported yet, got 'mysql'"
+    ]
 
 
 def test_pool_section_gives_defaults_that_routes_override_key_by_key(base: Path) -> None:

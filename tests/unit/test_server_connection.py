@@ -7,7 +7,7 @@ from typing import cast
 
 import pytest
 
-from proxy.config import PoolConfig, RouteConfig, SSLMode
+from proxy.config.model import PoolConfig, RouteConfig, SSLMode
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, sync_quietly
 from proxy.protocols.postgres.upstream import InternalQueryFailed, ServerConnection

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.config import PoolConfig, RouteConfig, SSLMode
+from proxy.config.model import PoolConfig, RouteConfig, SSLMode
 from proxy.policy.engine import PolicyEngine
 from proxy.policy.model import PolicyMode, RolePolicy
 from proxy.protocols.postgres import messages as m

@@ -18,7 +18,7 @@ from prometheus_client import Counter
 
 from proxy.audit import OnWriteFailure
 from proxy.auditwriter import AuditLog
-from proxy.config import Config, PoolMode, RouteConfig, SessionStateAction
+from proxy.config.model import Config, PoolMode, RouteConfig, SessionStateAction
 from proxy.errors import (
     AdminShutdown,
     AuthenticationRefused,

@@ -14,7 +14,7 @@ from typing import Final, Protocol, cast
 
 import structlog
 
-from proxy.config import RouteConfig
+from proxy.config.model import RouteConfig
 from proxy.errors import ProtocolViolation, ProxyError, caused_by
 from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, read_statement
 from proxy.pool import ServerUnreachable
