@@ -1464,6 +1464,9 @@ class ClientSession(asyncio.Protocol):
         # After a reload: statement names parsed earlier in these messages, decided just now.
         parsed_here: set[bytes] = set()
         parsed_name = b""
+        # The text of the last Parse decided here and its decision: an Execute of it in the same
+        # read (a driver's Parse, Bind, Execute, Sync) is audited with that decision, not a second.
+        parse_decided: tuple[bytes, Decision] | None = None
         for kind, start, end in frames:
             if kind not in checked:
                 continue
@@ -1544,7 +1547,12 @@ class ClientSession(asyncio.Protocol):
                     portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
                     executed = self._portal_texts.get(portal, b"")
                     self._statements_run += 1
-                    decision = self._executed_decision(executed) if mode else None
+                    if not mode:
+                        decision = None
+                    elif parse_decided is not None and executed is parse_decided[0]:
+                        decision = parse_decided[1]
+                    else:
+                        decision = self._executed_decision(executed)
                     refused_by = self._refused_portals.get(portal) or _policy_refusal(decision, mode)
                     self._audit_statement(decision, mode, executed, refused_by)
                 continue
@@ -1554,6 +1562,8 @@ class ClientSession(asyncio.Protocol):
                 decision = None
             elif analysis is None:
                 decision = policies.decide(self._role, text, self._encoding)
+                if kind == m.MSG_PARSE:
+                    parse_decided = (text, decision)
             elif analysis is _UNFINISHED:
                 decision = ANALYSIS_UNFINISHED
             else:
