@@ -105,6 +105,9 @@ class Route:
     server_parameters: dict[str, str] = field(default_factory=dict)
     # Read on every hand-over: an attribute of its own, not three lookups into the configuration.
     transaction_pooling: bool = field(init=False)
+    # Server connections a terminal may hold when its limits do not say (default_share_cap): also
+    # read on every hand-over.
+    default_share_cap: int = field(init=False)
     # The server connections of this pool each terminal holds (limits.max_server_connections_per_terminal).
     shares: ServerShares = field(default_factory=ServerShares)
     # How the server reports a reported setting a client asked for at startup ("iso" is "ISO, MDY",
@@ -113,6 +116,7 @@ class Route:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transaction_pooling", self.config.pool.mode is PoolMode.TRANSACTION)
+        object.__setattr__(self, "default_share_cap", default_share_cap(self.config.pool.size))
 
 
 @dataclass(slots=True)
@@ -1361,7 +1365,7 @@ class ClientSession(asyncio.Protocol):
             return False
         identity = self.identity
         assert identity is not None
-        cap = self._limits.max_server_connections_per_terminal or default_share_cap(route.config.pool.size)
+        cap = self._limits.max_server_connections_per_terminal or route.default_share_cap
         if route.shares.take(identity.terminal_key, cap, self):
             self._share_held = True
             return True
