@@ -1557,7 +1557,9 @@ class ClientSession(asyncio.Protocol):
                         decision = parse_decided[1]
                     else:
                         decision = self._executed_decision(executed)
-                    refused_by = self._refused_portals.get(portal) or _policy_refusal(decision, mode)
+                    refused_by = self._refused_portals.get(portal) or (
+                        None if decision is None or decision.allowed else _policy_refusal(decision, mode)
+                    )
                     self._audit_statement(decision, mode, executed, refused_by)
                 continue
             if analyses:
@@ -1580,7 +1582,8 @@ class ClientSession(asyncio.Protocol):
                     named_in_sql[start] = named
             if decision is not None and decision.prepared_names and decision.allowed:
                 decision = self._follow_prepared_names(decision)
-            refused_by = _policy_refusal(decision, mode)
+            # An allowed statement (the data path's case) is refused by no rule: no call for it.
+            refused_by = None if decision is None or decision.allowed else _policy_refusal(decision, mode)
             if refused_by is None:
                 # Refused in every policy mode and without a policy: decided before the statement
                 # is audited, so that its record says what became of it.
