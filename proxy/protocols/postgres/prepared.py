@@ -665,7 +665,7 @@ class ClientStatements:
         """
         cycle_ends: list[Expected] = []
         in_cycle = False
-        parsed = -1  # where the last unnamed Parse among them starts
+        parsed = parsed_end = -1  # where the last unnamed Parse among them starts and ends
         dropped = False  # a Query or a Close of the unnamed statement came after it
         for kind, start, end in frames:
             if kind == 0x53:  # 'S' Sync
@@ -685,7 +685,7 @@ class ClientStatements:
             if kind == 0x50:  # 'P' Parse: the statement name comes first
                 named = end == start + 5 or source[start + 5] != 0
                 if not named:
-                    parsed, dropped, ready = start, False, True
+                    parsed, parsed_end, dropped, ready = start, end, False, True
             elif kind == 0x42:  # 'B' Bind: portal name, then statement name
                 unnamed_portal = end > start + 5 and source[start + 5] == 0
                 portal_end = start + 5 if unnamed_portal else source.find(b"\x00", start + 5, end)
@@ -704,7 +704,7 @@ class ClientStatements:
         if not (frames and frames[-1][0] in _CYCLE_ENDERS):
             return []
         if parsed >= 0:
-            self._parsed_unnamed(source, parsed + 6, _message_end(source, parsed), server)
+            self._parsed_unnamed(source, parsed + 6, parsed_end, server)
         elif dropped:
             self.unnamed = server.unnamed = None
         return cycle_ends
@@ -923,10 +923,6 @@ def take_ready_synthetics(server: ServerState) -> bytes:
     while pending and pending[0].reply is _SYNTHETIC:
         out += pending.popleft().synthetic
     return out
-
-
-def _message_end(source: bytes, start: int) -> int:
-    return start + 1 + read_i32_be(source, start + 1)
 
 
 def _cstring_end(source: bytes, start: int, end: int) -> int:
