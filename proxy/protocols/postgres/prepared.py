@@ -720,6 +720,9 @@ _CYCLE_ENDERS: Final = frozenset(b"SQF")  # Sync, Query, FunctionCall: each gets
 # Bind, Describe and Close name a prepared statement the proxy may have to rename.
 _NAMING_MESSAGES: Final = frozenset(b"BDC")
 _DESCRIBE_CLOSE: Final = frozenset(b"DC")
+# The server messages pass_untouched_replies notes: ReadyForQuery, ErrorResponse, CommandComplete,
+# ParameterStatus, NotificationResponse.
+_NOTED_REPLIES: Final = frozenset(b"ZECSA")
 
 
 def filter_server_messages(
@@ -801,18 +804,22 @@ def pass_untouched_replies(source: bytes, server: ServerState, max_size: int) ->
         if end > available:
             break
         kind = source[position]
-        if kind == 0x5A:  # 'Z'
-            readies += 1
-            status_at = end - 1
-        elif kind == _ERROR:  # as in filter_server_messages
-            server.unnamed = None
-            server.errors_seen = True
-        elif kind == 0x43 and source.startswith(_FORGETTING_TAGS, position + 5):
-            server.statements.clear()
-        elif kind == 0x53:  # 'S' ParameterStatus
-            parameters.append(source[position + 5 : end])
-        elif kind == 0x41:  # 'A' NotificationResponse: its pid may be rewritten (filter_server_messages)
-            return None
+        # Most replies (ParseComplete, BindComplete, RowDescription, DataRow) need no closer look:
+        # one set lookup each rather than the five comparisons below.
+        if kind in _NOTED_REPLIES:
+            if kind == 0x5A:  # 'Z'
+                readies += 1
+                status_at = end - 1
+            elif kind == _ERROR:  # as in filter_server_messages
+                server.unnamed = None
+                server.errors_seen = True
+            elif kind == 0x43:  # 'C' CommandComplete
+                if source.startswith(_FORGETTING_TAGS, position + 5):
+                    server.statements.clear()
+            elif kind == 0x53:  # 'S' ParameterStatus
+                parameters.append(source[position + 5 : end])
+            else:  # 'A' NotificationResponse: its pid may be rewritten (filter_server_messages)
+                return None
         last_start = position
         position = end
     if readies > len(pending):
