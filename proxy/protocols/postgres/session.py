@@ -234,6 +234,7 @@ QUERY_CANCELED = "57014"
 _UNNAMED_PORTAL_NONE: Final = 0
 _UNNAMED_PORTAL_BOUND: Final = 1
 _UNNAMED_PORTAL_DESTROYED: Final = 2
+_BIND_OR_QUERY: Final = frozenset((m.MSG_BIND, m.MSG_QUERY))
 _DESCRIBE: Final = ord("D")
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
@@ -1169,11 +1170,11 @@ class ClientSession(asyncio.Protocol):
         unnamed_portal = self._unnamed_portal
         for index, (kind, start, end) in enumerate(frames):
             if kind in _PASSED_ON:
-                if kind == m.MSG_BIND:
-                    if end > start + 5 and chunk[start + 5] == 0:
-                        unnamed_portal = _UNNAMED_PORTAL_BOUND
-                elif kind == m.MSG_QUERY:
-                    if unnamed_portal == _UNNAMED_PORTAL_BOUND:
+                if kind in _BIND_OR_QUERY:  # the two that change the unnamed portal
+                    if kind == m.MSG_BIND:
+                        if end > start + 5 and chunk[start + 5] == 0:
+                            unnamed_portal = _UNNAMED_PORTAL_BOUND
+                    elif unnamed_portal == _UNNAMED_PORTAL_BOUND:
                         unnamed_portal = _UNNAMED_PORTAL_DESTROYED
                 elif unnamed_portal == _UNNAMED_PORTAL_DESTROYED and _uses_unnamed_portal(
                     chunk, kind, start, end
