@@ -1605,7 +1605,7 @@ class ClientSession(asyncio.Protocol):
                         self._carry_executed(found.executes)
                     if found.effect is not _NO_SESSION_EFFECT:
                         refused_by = self._check_session_state(found, start, refusals, forget_at)
-                    if kind == m.MSG_PARSE and (found.settings or self._carrying_statements):
+                    if (found.settings or self._carrying_statements) and kind == m.MSG_PARSE:
                         self._note_carrying_statement(parsed_name, found.settings)
             if (
                 kind == m.MSG_QUERY
@@ -1613,7 +1613,7 @@ class ClientSession(asyncio.Protocol):
                 or (decision is not None and not decision.allowed)
             ):
                 self._audit_statement(decision, mode, text, refused_by)
-            if auditing and kind == m.MSG_PARSE and (refused_by is not None or self._refused_statements):
+            if auditing and (refused_by is not None or self._refused_statements) and kind == m.MSG_PARSE:
                 _remember(self._refused_statements, parsed_name, refused_by)
             if decision is not None:
                 self._apply_policy(decision, start, refusals)
