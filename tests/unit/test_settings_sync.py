@@ -144,6 +144,15 @@ async def test_a_connection_found_in_sync_is_checked_again_after_any_change() ->
     assert client.needs_sync(server)
 
 
+async def test_settings_a_discard_all_cleared_are_set_again_for_the_client_that_found_them() -> None:
+    server, _transport = _server()
+    client = SessionParameters({"statement_timeout": "5"})
+    await _apply(client, server)
+    assert not client.needs_sync(server)  # found, and remembered
+    server.forget_session()  # the pool's DISCARD ALL: changed_settings cleared where it is kept
+    assert client.needs_sync(server)
+
+
 async def test_a_failed_set_changes_nothing_the_proxy_knows() -> None:
     server, _transport = _server()
     client = SessionParameters({"statement_timeout": "soon"})

@@ -122,10 +122,10 @@ class ServerConnection(asyncio.Protocol):
         # the role, with no trace in a statement or a ParameterStatus. Reset before a vetted client
         # runs on it (reset_session_settings).
         self.unvetted_use = False
-        # The settings a client last found this connection to have (SessionParameters.needs_sync),
-        # forgotten at any change of the reported or changed ones: a hand-over to a client that
-        # wants the same is one comparison of two small dictionaries.
-        self._settings_found_for: dict[str, str] | None = None
+        # What a client wanted that it last found here (SessionParameters.needs_sync), with the
+        # changed settings as they were then; forgotten when a reported value changes. A hand-over
+        # to a client that wants the same, with nothing changed since, is two small comparisons.
+        self._settings_found_for: tuple[dict[str, str], dict[str, str]] | None = None
         self.backend_key: tuple[int, int] = (0, 0)
         self.transaction_status = b"I"
         # Extended-protocol messages sent since the last Sync: the server is mid-cycle.
@@ -369,16 +369,17 @@ class ServerConnection(asyncio.Protocol):
 
     def settings_found_for(self, wanted: Mapping[str, str]) -> bool:
         """Whether a client that wanted exactly ``wanted`` found every setting here as it wants
-        (``note_settings_found``), and nothing changed since."""
-        return self._settings_found_for == wanted
+        (``note_settings_found``), and nothing changed since: the changed settings are compared
+        (whatever changed them), a new reported value forgets it (_note_reported)."""
+        found = self._settings_found_for
+        return found is not None and found[0] == wanted and found[1] == self.changed_settings
 
     def note_settings_found(self, wanted: Mapping[str, str]) -> None:
-        """Every tracked setting here is as ``wanted`` says (a copy is kept: the client's may change)."""
-        self._settings_found_for = dict(wanted)
+        """Every tracked setting here is as ``wanted`` says (copies kept: both may change)."""
+        self._settings_found_for = (dict(wanted), dict(self.changed_settings))
 
     def note_settings_applied(self, resets: Iterable[str], changes: Mapping[str, str]) -> None:
         """The proxy's set_config for a client succeeded: ``resets`` went back to the route's values."""
-        self._settings_found_for = None
         for name in resets:
             self.changed_settings.pop(name, None)
         for name, value in changes.items():
@@ -393,7 +394,6 @@ class ServerConnection(asyncio.Protocol):
     def note_settings_unknown(self, names: Iterable[str]) -> None:
         """A client's statement may change these settings (SET, RESET, set_config): until the proxy
         reads them back, the next client's are set or reset whatever it finds here."""
-        self._settings_found_for = None
         for name in names:
             self.changed_settings[SESSION_PARAMETERS.get(name, name)] = _UNKNOWN_VALUE
 
@@ -421,7 +421,6 @@ class ServerConnection(asyncio.Protocol):
         if len(values) != len(canonical) or None in values:
             raise InternalQueryFailed("XX000", "the server did not return the settings asked for")
         settings = {name: value for name, value in zip(canonical, values, strict=True) if value is not None}
-        self._settings_found_for = None
         for name, value in settings.items():
             if name in self._startup_reported:
                 self._note_reported(name, value)
@@ -436,7 +435,6 @@ class ServerConnection(asyncio.Protocol):
     def note_settings_may_have_reset(self) -> None:
         """A client ran DISCARD ALL (or DEALLOCATE ALL): whether the settings the proxy set are
         still there depends on whether it succeeded, so the next client's are set again."""
-        self._settings_found_for = None
         self.changed_settings = dict.fromkeys(self.changed_settings, _UNKNOWN_VALUE)
 
     # --- waiting for the server without a client attached ---
