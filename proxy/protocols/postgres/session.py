@@ -106,6 +106,9 @@ class Route:
     server_parameters: dict[str, str] = field(default_factory=dict)
     # Read on every hand-over: an attribute of its own, not three lookups into the configuration.
     transaction_pooling: bool = field(init=False)
+    # Server connections a terminal may hold when its limits do not say (default_share_cap): also
+    # read on every hand-over.
+    default_share_cap: int = field(init=False)
     # The server connections of this pool each terminal holds (limits.max_server_connections_per_terminal).
     shares: ServerShares = field(default_factory=ServerShares)
     # How the server reports a reported setting a client asked for at startup ("iso" is "ISO, MDY",
@@ -114,6 +117,7 @@ class Route:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transaction_pooling", self.config.pool.mode is PoolMode.TRANSACTION)
+        object.__setattr__(self, "default_share_cap", default_share_cap(self.config.pool.size))
 
 
 @dataclass(slots=True)
@@ -231,6 +235,7 @@ QUERY_CANCELED = "57014"
 _UNNAMED_PORTAL_NONE: Final = 0
 _UNNAMED_PORTAL_BOUND: Final = 1
 _UNNAMED_PORTAL_DESTROYED: Final = 2
+_BIND_OR_QUERY: Final = frozenset((m.MSG_BIND, m.MSG_QUERY))
 _DESCRIBE: Final = ord("D")
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
@@ -1197,11 +1202,11 @@ class ClientSession(asyncio.Protocol):
         unnamed_portal = self._unnamed_portal
         for index, (kind, start, end) in enumerate(frames):
             if kind in _PASSED_ON:
-                if kind == m.MSG_BIND:
-                    if end > start + 5 and chunk[start + 5] == 0:
-                        unnamed_portal = _UNNAMED_PORTAL_BOUND
-                elif kind == m.MSG_QUERY:
-                    if unnamed_portal == _UNNAMED_PORTAL_BOUND:
+                if kind in _BIND_OR_QUERY:  # the two that change the unnamed portal
+                    if kind == m.MSG_BIND:
+                        if end > start + 5 and chunk[start + 5] == 0:
+                            unnamed_portal = _UNNAMED_PORTAL_BOUND
+                    elif unnamed_portal == _UNNAMED_PORTAL_BOUND:
                         unnamed_portal = _UNNAMED_PORTAL_DESTROYED
                 elif unnamed_portal == _UNNAMED_PORTAL_DESTROYED and _uses_unnamed_portal(
                     chunk, kind, start, end
@@ -1393,7 +1398,7 @@ class ClientSession(asyncio.Protocol):
             return False
         identity = self.identity
         assert identity is not None
-        cap = self._limits.max_server_connections_per_terminal or default_share_cap(route.config.pool.size)
+        cap = self._limits.max_server_connections_per_terminal or route.default_share_cap
         if route.shares.take(identity.terminal_key, cap, self):
             self._share_held = True
             return True
@@ -1496,6 +1501,9 @@ class ClientSession(asyncio.Protocol):
         # After a reload: statement names parsed earlier in these messages, decided just now.
         parsed_here: set[bytes] = set()
         parsed_name = b""
+        # The text of the last Parse decided here and its decision: an Execute of it in the same
+        # read (a driver's Parse, Bind, Execute, Sync) is audited with that decision, not a second.
+        parse_decided: tuple[bytes, Decision] | None = None
         for kind, start, end in frames:
             if kind not in checked:
                 continue
@@ -1576,8 +1584,15 @@ class ClientSession(asyncio.Protocol):
                     portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
                     executed = self._portal_texts.get(portal, b"")
                     self._statements_run += 1
-                    decision = self._executed_decision(executed) if mode else None
-                    refused_by = self._refused_portals.get(portal) or _policy_refusal(decision, mode)
+                    if not mode:
+                        decision = None
+                    elif parse_decided is not None and executed is parse_decided[0]:
+                        decision = parse_decided[1]
+                    else:
+                        decision = self._executed_decision(executed)
+                    refused_by = self._refused_portals.get(portal) or (
+                        None if decision is None or decision.allowed else _policy_refusal(decision, mode)
+                    )
                     self._audit_statement(decision, mode, executed, refused_by)
                 continue
             if analyses:
@@ -1586,6 +1601,8 @@ class ClientSession(asyncio.Protocol):
                 decision = None
             elif analysis is None:
                 decision = policies.decide(self._role, text, self._encoding)
+                if kind == m.MSG_PARSE:
+                    parse_decided = (text, decision)
             elif analysis is _UNFINISHED:
                 decision = ANALYSIS_UNFINISHED
             else:
@@ -1598,7 +1615,8 @@ class ClientSession(asyncio.Protocol):
                     named_in_sql[start] = named
             if decision is not None and decision.prepared_names and decision.allowed:
                 decision = self._follow_prepared_names(decision)
-            refused_by = _policy_refusal(decision, mode)
+            # An allowed statement (the data path's case) is refused by no rule: no call for it.
+            refused_by = None if decision is None or decision.allowed else _policy_refusal(decision, mode)
             if refused_by is None:
                 # Refused in every policy mode and without a policy: decided before the statement
                 # is audited, so that its record says what became of it.
@@ -1619,7 +1637,7 @@ class ClientSession(asyncio.Protocol):
                         self._carry_executed(found.executes)
                     if found.effect is not _NO_SESSION_EFFECT:
                         refused_by = self._check_session_state(found, start, refusals, forget_at)
-                    if kind == m.MSG_PARSE and (found.settings or self._carrying_statements):
+                    if (found.settings or self._carrying_statements) and kind == m.MSG_PARSE:
                         self._note_carrying_statement(parsed_name, found.settings)
             if (
                 kind == m.MSG_QUERY
@@ -1627,7 +1645,7 @@ class ClientSession(asyncio.Protocol):
                 or (decision is not None and not decision.allowed)
             ):
                 self._audit_statement(decision, mode, text, refused_by)
-            if auditing and kind == m.MSG_PARSE and (refused_by is not None or self._refused_statements):
+            if auditing and (refused_by is not None or self._refused_statements) and kind == m.MSG_PARSE:
                 _remember(self._refused_statements, parsed_name, refused_by)
             if decision is not None:
                 self._apply_policy(decision, start, refusals)

@@ -122,6 +122,10 @@ class ServerConnection(asyncio.Protocol):
         # the role, with no trace in a statement or a ParameterStatus. Reset before a vetted client
         # runs on it (reset_session_settings).
         self.unvetted_use = False
+        # What a client wanted that it last found here (SessionParameters.needs_sync), with the
+        # changed settings as they were then; forgotten when a reported value changes. A hand-over
+        # to a client that wants the same, with nothing changed since, is two small comparisons.
+        self._settings_found_for: tuple[dict[str, str], dict[str, str]] | None = None
         self.backend_key: tuple[int, int] = (0, 0)
         self.transaction_status = b"I"
         # Extended-protocol messages sent since the last Sync: the server is mid-cycle.
@@ -344,10 +348,12 @@ class ServerConnection(asyncio.Protocol):
 
     def note_startup_parameters(self, parameters: Mapping[str, str]) -> None:
         """The ParameterStatus values of the server's startup: the values of the route."""
+        self._settings_found_for = None
         self.reported.update(parameters)
         self._startup_reported.update(parameters)
 
     def _note_reported(self, name: str, value: str) -> None:
+        self._settings_found_for = None
         self.reported[name] = value
         if name in _TRACKED_SETTINGS:
             if value == self._startup_reported.get(name):
@@ -363,6 +369,17 @@ class ServerConnection(asyncio.Protocol):
         # A reported setting's last ParameterStatus is its value; an unreported one at the
         # route's value is unknown to the proxy, so it is set when a client asks for it.
         return self.reported.get(name) == value
+
+    def settings_found_for(self, wanted: Mapping[str, str]) -> bool:
+        """Whether a client that wanted exactly ``wanted`` found every setting here as it wants
+        (``note_settings_found``), and nothing changed since: the changed settings are compared
+        (whatever changed them), a new reported value forgets it (_note_reported)."""
+        found = self._settings_found_for
+        return found is not None and found[0] == wanted and found[1] == self.changed_settings
+
+    def note_settings_found(self, wanted: Mapping[str, str]) -> None:
+        """Every tracked setting here is as ``wanted`` says (copies kept: both may change)."""
+        self._settings_found_for = (dict(wanted), dict(self.changed_settings))
 
     def note_settings_applied(self, resets: Iterable[str], changes: Mapping[str, str]) -> None:
         """The proxy's set_config for a client succeeded: ``resets`` went back to the route's values."""
