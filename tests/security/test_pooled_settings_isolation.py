@@ -327,6 +327,10 @@ async def test_a_bound_set_config_is_decided_on_its_values(
         assert await by_name.fetchval("CLIENT_ENCODING", "utf-8") == "UTF8"
         with pytest.raises(asyncpg.FeatureNotSupportedError, match="constant setting name"):
             await manager.fetchval("SELECT set_config($1, $2, false)", None, "SJIS")
+        # SQL EXECUTE of the statement: its values are in the text, where the proxy does not read them.
+        with pytest.raises(asyncpg.FeatureNotSupportedError, match="constant setting name"):
+            await manager.execute(f"EXECUTE \"{by_name.get_name()}\"('client_encoding', 'SJIS')")
+        assert await manager.fetchval("SHOW client_encoding") == "UTF8"
     async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier) as cashier:
         refused_names = (("search_path", "evil, public"), ("client_encoding", "SJIS"), ("role", "postgres"))
         for name, value in refused_names:

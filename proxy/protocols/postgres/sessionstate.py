@@ -134,7 +134,7 @@ def classify(sql: str, bound: Mapping[int, str] | None = None) -> Classification
 
 
 class _EffectFinder(visitors.Visitor):
-    def __init__(self, bound: Mapping[int, str] | None) -> None:
+    def __init__(self, bound: Mapping[int, str] | None = None) -> None:
         super().__init__()
         self.result = _NO_EFFECT
         self.settings: set[str] = set()
