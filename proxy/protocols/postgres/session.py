@@ -1528,9 +1528,10 @@ class ClientSession(asyncio.Protocol):
                     # Each execution changes them again, on whichever server connection runs it.
                     self._carry_settings(carried)
                 deferred = bound.get(statement) if bound else None
+                refused_at_bind = None
                 if deferred is not None:
                     values = chunk[portal_end + len(statement) + 2 : end]
-                    self._decide_bound(deferred, values, start, refusals)
+                    refused_at_bind = self._decide_bound(deferred, values, start, refusals)
                 if auditing:
                     if len(self._portal_texts) >= self._statements.max_count:
                         # Named portals live until their transaction ends: only a hostile client
@@ -1538,8 +1539,10 @@ class ClientSession(asyncio.Protocol):
                         self._portal_texts.clear()
                         self._refused_portals.clear()
                     self._portal_texts[portal] = self._parsed_texts.get(statement, b"")
-                    if self._refused_statements or self._refused_portals:  # else nothing to keep or forget
-                        _remember(self._refused_portals, portal, self._refused_statements.get(statement))
+                    if refused_at_bind or self._refused_statements or self._refused_portals:
+                        # else nothing to keep or forget
+                        refused = refused_at_bind or self._refused_statements.get(statement)
+                        _remember(self._refused_portals, portal, refused)
                 if rechecking and mode is not None:
                     if statement not in parsed_here:
                         self._recheck_prepared(statement, start, refusals)
@@ -2015,16 +2018,22 @@ class ClientSession(asyncio.Protocol):
         bind_body: bytes,
         start: int,
         refusals: dict[int, Refusal],
-    ) -> None:
+    ) -> str | None:
         """Decide a Bind of a statement whose set_config names its setting or value by a parameter:
         the bound values (read in the client encoding now in force, as the server reads them)
-        stand where constants would, and the same rules apply (sessionstate.py)."""
+        stand where constants would, and the same rules apply (sessionstate.py). Returns the rule
+        that refused it, if one did."""
         sql, types, _reason = deferred
         found = classify(sql, bound_texts(bind_body, types, self._encoding))
         if found.effect is Effect.DECIDED_AT_BIND:  # a value the proxy cannot read
             found = Classification(Effect.UNSUPPORTED_ENCODING, found.reason)
-        if found.effect is not _NO_SESSION_EFFECT:
-            self._check_session_state(found, start, refusals, [])
+        if found.effect is _NO_SESSION_EFFECT:
+            return None
+        refused_by = self._check_session_state(found, start, refusals, [])
+        if refused_by is not None:
+            text = sql.encode(python_codec(self._encoding), "replace")
+            self._audit_statement(None, self._statement_checks.mode, text, refused_by, on="bind")
+        return refused_by
 
     def _executes_bound(self, found: Classification) -> Classification:
         """SQL EXECUTE of a statement decided at each Bind: the values in EXECUTE are not read
