@@ -506,7 +506,10 @@ def start_proxy(
     # of which would have a share of the pool of its own: the one terminal's share (default half
     # the pool, places in the pool's line included) would hold them all in one line of their own.
     role: dict[str, Any] = {"description": "benchmark tills"}
-    if "max_server_connections_per_terminal" in (tree / "proxy" / "config.py").read_text(encoding="utf-8"):
+    # proxy/config.py became proxy/config/model.py; a baseline tree may have either.
+    settings = [tree / "proxy" / "config.py", tree / "proxy" / "config" / "model.py"]
+    source = "".join(path.read_text(encoding="utf-8") for path in settings if path.is_file())
+    if "max_server_connections_per_terminal" in source:
         # A --baseline tree may predate the share.
         role["limits"] = {"max_server_connections_per_terminal": UNSHARED_TERMINAL_CAP}
     if variant in ("proxy-enforce", *FULL_VARIANTS):

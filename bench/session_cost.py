@@ -7,6 +7,7 @@ by the six extended-protocol cycles of bench/pos_sale.sql (BEGIN, four statement
     .venv/bin/python bench/session_cost.py --profile     # plus where the time goes (cProfile)
     .venv/bin/python bench/session_cost.py --workload pos-sale
     .venv/bin/python bench/session_cost.py --full     # as deployed: enforce policy, audit, metrics
+    .venv/bin/python bench/session_cost.py --bytecodes   # plus bytecodes per transaction (load-proof)
 
 Two terminals share one server connection, as when 64 pgbench clients share 20: the first
 borrows the idle connection, the second waits in line and gets it handed over when the first's
@@ -26,7 +27,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 # This tree's proxy (not an installed one) and tests.sockless, before anything imports proxy.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -152,7 +156,31 @@ def check(transports: list[RecordingTransport], server: ServerConnection, rounds
     server_transport.written.clear()
 
 
-async def measure(workload: str, profile: bool, full: bool) -> None:
+def count_bytecodes(run: Callable[[], None]) -> int:
+    """Bytecodes the interpreter executes in ``run`` (sys.settrace opcode events): a cost that does
+    not move with the load of a shared machine, to compare two trees step by step."""
+    executed = 0
+
+    def trace(frame: FrameType, _event: str, _arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+
+        def count(_frame: FrameType, event: str, _arg: Any) -> Any:
+            nonlocal executed
+            if event == "opcode":
+                executed += 1
+            return count
+
+        return count
+
+    sys.settrace(trace)
+    try:
+        run()
+    finally:
+        sys.settrace(None)
+    return executed
+
+
+async def measure(workload: str, profile: bool, full: bool, bytecodes: bool) -> None:
     run = WORKLOADS[workload]
     with tempfile.TemporaryDirectory(prefix="pos-session-cost-") as work:
         sessions, transports, server = await build(Path(work), full)
@@ -169,6 +197,10 @@ async def measure(workload: str, profile: bool, full: bool) -> None:
             f"{statistics.median(costs):.2f} us "
             f"(median of {RUNS} runs of {ROUNDS * TERMINALS:,}; {build_labels()['build']})"
         )
+        if bytecodes:
+            rounds = 200
+            executed = count_bytecodes(lambda: run(sessions, server, rounds))
+            print(f"bytecodes per {workload} transaction: {executed / (rounds * TERMINALS):.1f}")
         if profile:
             profiler = cProfile.Profile()
             profiler.runcall(run, sessions, server, ROUNDS)
@@ -182,11 +214,14 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of one run")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="select-extended")
     parser.add_argument(
+        "--bytecodes", action="store_true", help="also count the bytecodes executed per transaction"
+    )
+    parser.add_argument(
         "--full", action="store_true", help="the cashier policy in enforce mode and every statement audited"
     )
     args = parser.parse_args()
     configure_logging(json=False, level="error")  # session_start lines would only get in the way
-    asyncio.run(measure(args.workload, args.profile, args.full))
+    asyncio.run(measure(args.workload, args.profile, args.full, args.bytecodes))
     return 0
 
 

@@ -10,6 +10,8 @@ canonical JSON of the record without ``hmac``). Every file starts with an ``audi
 ``prev`` is the chain anchor (the hash of the previous file's last line) and whose ``previous_file`` names
 that file (null for a new log). ``audit_started`` and ``audit_stopped`` mark the log being started and
 stopped; ``audit_chain_break`` says why a log had to start a new chain (a damaged tail, a changed key).
+``audit_sink_failed`` and ``audit_sink_recovered`` bracket a time the log file took no records (a full or
+unwritable disk); the second says how many records were dropped meanwhile, which ``verify`` reports.
 
 Writing: ``proxy.auditwriter.AuditLog`` queues records on the data path and ships them to a writer
 process, where ``ChainWriter`` renders each record once, from a layout kept per kind of record (shared
@@ -29,6 +31,9 @@ verifies; a complete log starts at seq 1, prev zeros.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -51,12 +56,15 @@ __all__ = [
     "FILE_START",
     "GENESIS",
     "MIN_KEY_BYTES",
+    "SINK_RECOVERED",
     "AuditError",
     "AuditSettings",
     "ChainWriter",
     "Checkpoint",
+    "OnWriteFailure",
     "Record",
     "VerifyReport",
+    "iso_timestamp",
     "json_ready",
     "load_key",
     "verify",
@@ -64,6 +72,7 @@ __all__ = [
 
 FILE_START = "audit_file_start"
 CHAIN_GAP = "audit_chain_gap"
+SINK_RECOVERED = "audit_sink_recovered"
 GENESIS = "0" * 64
 MIN_KEY_BYTES = 32
 
@@ -91,6 +100,17 @@ class AuditError(Exception):
     """The audit log cannot be opened, its key cannot be used, or close() could not write everything."""
 
 
+class OnWriteFailure(enum.Enum):
+    """What statements do while the audit log file takes no records (a full or unwritable disk)."""
+
+    REFUSE = "refuse"  # refused (53100 disk full, else 58030), so nothing runs that is not audited
+    CONTINUE = "continue"  # run on; the records are held in memory, up to max_held_records
+
+
+# Errors of a write that mean the filesystem is out of space (53100 disk_full for the client).
+DISK_FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT))
+
+
 @dataclass(frozen=True, slots=True)
 class AuditSettings:
     file: Path | None  # None: no file sink
@@ -101,10 +121,15 @@ class AuditSettings:
     flush_interval: float = 0.2  # seconds between batch writes
     # Where a signed checkpoint of the chain's end is kept, outside the log (see Checkpoint).
     witness_file: Path | None = None
+    # While the file takes no records, at most this many are held in memory; later ones are dropped,
+    # counted, and said in the chain (audit_sink_recovered) once it takes records again.
+    max_held_records: int = 100_000
 
     def __post_init__(self) -> None:
         if self.rotate_bytes <= 0 or self.rotate_interval <= 0 or self.flush_interval <= 0:
             raise AuditError("audit rotate_bytes, rotate_interval and flush_interval must be positive")
+        if self.max_held_records < 0:
+            raise AuditError("audit max_held_records must not be negative")
         if self.witness_file is not None and (self.file is None or self.witness_file == self.file):
             raise AuditError("the audit witness file needs a log file, and a path of its own")
 
@@ -117,6 +142,9 @@ class VerifyReport:
     file: Path | None = None
     line: int | None = None  # 1-based
     witnessed: int | None = None  # the witness's seq, when one was checked and matched
+    # The problem is a loss the log itself records (a chain gap, records dropped while the disk was
+    # full); every record was checked and the chain and HMACs are intact.
+    lost: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +239,8 @@ class ChainWriter:
         self._host = host
         self.written = 0  # records handed to the OS by the file sink (by stdout when there is no file)
         self.write_errors = 0
+        # Why the file last failed to take a line: (errno, message), None once it took them all.
+        self.failure: tuple[int | None, str] | None = None
         self.notices: list[tuple[str, dict[str, object]]] = []
         self._reopen_pending = False
         self._signer = _Signer(b"")
@@ -391,7 +421,7 @@ class ChainWriter:
             return
         device, inode = _identity(self._fd)
         checkpoint = Checkpoint(
-            str(self._settings.file), device, inode, self._seq, self._prev, _timestamp(time.time_ns())
+            str(self._settings.file), device, inode, self._seq, self._prev, iso_timestamp(time.time_ns())
         )
         staged = witness.with_name(f".{witness.name}.tmp")
         try:
@@ -467,7 +497,7 @@ class ChainWriter:
                 shared, name, fields, component=self._component, host=self._host, hmac_mark=self._hmac_mark
             )
             self._layouts[key] = layout
-        own = (f'"{_timestamp(t_ns)}"', str(seq), f'"{self._prev}"')
+        own = (f'"{iso_timestamp(t_ns)}"', str(seq), f'"{self._prev}"')
         parts = [layout.start]
         for slot, after in layout.slots:
             parts.append(own[slot] if isinstance(slot, int) else _json_value(fields[slot]))
@@ -517,8 +547,10 @@ class ChainWriter:
                 self.written += self._out.count(b"\n", 0, taken)
                 del self._out[:taken]
         except OSError as exc:
+            self.failure = (exc.errno, exc.strerror or str(exc))
             self._failed(exc)
             return False
+        self.failure = None
         return True
 
     def _close_file(self) -> None:
@@ -542,7 +574,11 @@ class ChainWriter:
 
 def verify(paths: Sequence[Path], key: bytes, witness: Path | None = None) -> VerifyReport:
     """Check the files of one log, oldest first, and report the first problem found; with ``witness``,
-    also that the log still reaches the checkpoint kept there (its newest records were not cut off)."""
+    also that the log still reaches the checkpoint kept there (its newest records were not cut off).
+
+    A loss the log records itself (a chain gap, records dropped while the file took none) does not end
+    the check: the records after it are verified too, and the first such loss is reported (``lost``)
+    when nothing worse is found."""
     if not paths:
         return VerifyReport(False, 0, "no files to verify")
     checkpoint = None
@@ -558,6 +594,7 @@ def verify(paths: Sequence[Path], key: bytes, witness: Path | None = None) -> Ve
     next_seq: int | None = None
     first_seq: int | None = None
     witnessed_hash: str | None = None
+    first_loss: VerifyReport | None = None
     for path in paths:
         try:
             data = path.read_bytes()
@@ -571,8 +608,8 @@ def verify(paths: Sequence[Path], key: bytes, witness: Path | None = None) -> Ve
             if problem is not None:
                 return VerifyReport(False, records, problem, path, index + 1)
             assert isinstance(entry, _Entry)
-            if entry.lost is not None:
-                return VerifyReport(False, records, entry.lost, path, index + 1)
+            if entry.lost is not None and first_loss is None:
+                first_loss = VerifyReport(False, records, entry.lost, path, index + 1, lost=True)
             records += 1
             last_hash = hashlib.sha256(lines[index] + b"\n").hexdigest()
             next_seq = entry.seq + 1
@@ -584,17 +621,20 @@ def verify(paths: Sequence[Path], key: bytes, witness: Path | None = None) -> Ve
             return VerifyReport(False, records, problem, path, len(lines) + 1)
         if not lines:
             return VerifyReport(False, records, f"empty file: no {FILE_START} record", path, None)
-    if checkpoint is None:
-        return VerifyReport(True, records)
-    assert next_seq is not None and first_seq is not None
-    return _against_checkpoint(
-        checkpoint,
-        witness,
-        records=records,
-        first_seq=first_seq,
-        last_seq=next_seq - 1,
-        witnessed_hash=witnessed_hash,
-    )
+    report = VerifyReport(True, records)
+    if checkpoint is not None:
+        assert next_seq is not None and first_seq is not None
+        report = _against_checkpoint(
+            checkpoint,
+            witness,
+            records=records,
+            first_seq=first_seq,
+            last_seq=next_seq - 1,
+            witnessed_hash=witnessed_hash,
+        )
+    if report.ok and first_loss is not None:
+        return dataclasses.replace(first_loss, records=records, witnessed=report.witnessed)
+    return report
 
 
 def _against_checkpoint(
@@ -675,6 +715,11 @@ def _parse(line: bytes, key: bytes) -> _Entry | str:
             f"records lost: on restart the log ended at seq {record.get('found_seq')}, but its witness had "
             f"seen seq {record.get('expected_seq')} ({record.get('reason')})"
         )
+    elif event == SINK_RECOVERED and record.get("dropped"):
+        lost = (
+            f"records lost: {record.get('dropped')} record(s) from {record.get('dropped_from')} to "
+            f"{record.get('dropped_to')} were dropped while the log file took none ({record.get('error')})"
+        )
     return _Entry(seq, prev, event, authentic, lost)
 
 
@@ -731,7 +776,8 @@ def _rotated_path(path: Path) -> Path:
     return target
 
 
-def _timestamp(t_ns: int) -> str:
+def iso_timestamp(t_ns: int) -> str:
+    """time.time_ns() as the log writes times: UTC, microseconds, ``2026-11-25T04:14:47.123456Z``."""
     seconds, nanos = divmod(t_ns, 1_000_000_000)
     return f"{_second(seconds)}.{nanos // 1000:06d}Z"
 

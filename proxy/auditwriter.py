@@ -19,7 +19,15 @@ rotation and at ``close``. A failed write is counted in ``write_errors`` and ret
 the next batch. If the writer process dies, the proxy starts a new one (with backoff while that fails;
 it continues the chain, or starts a new one with ``audit_chain_break`` if the file's last line was cut)
 and sends the batches not yet known written again: records the old writer had written before it died
-then appear twice, each with its own ``seq``; nothing is lost. A lock file keeps two writers (one left
+then appear twice, each with its own ``seq``; nothing is lost.
+
+A full or unwritable disk: while the log file takes no records (or no writer can open it) the log is
+``failing``; the data path reads that to refuse statements or run on (``OnWriteFailure``, the caller's
+choice), and ``audit_sink_failing`` and ``audit_sink_recovered`` say each change in the operational
+log, once. What the file did not take is held and written, in order, once it takes records again; at
+most ``max_held_records`` are held, later ones are dropped and counted (``dropped``). The chain shows
+the outage: ``audit_sink_failed`` where it began, ``audit_sink_recovered`` (with the dropped records'
+count and time span, which ``verify`` reports as lost) where it ended. A lock file keeps two writers (one left
 from a proxy that died, one of its successor) off one chain. Nothing is raised into the data path.
 ``close`` writes everything recorded before it, retrying until its timeout, and raises AuditError if it
 could not. The stdout copy is best effort: a failed stdout write is counted, not retried.
@@ -42,14 +50,25 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from proxy.audit import AuditError, AuditSettings, ChainWriter, Record, json_ready
+from proxy.audit import (
+    DISK_FULL_ERRNOS,
+    SINK_RECOVERED,
+    AuditError,
+    AuditSettings,
+    ChainWriter,
+    OnWriteFailure,
+    Record,
+    iso_timestamp,
+    json_ready,
+)
 
-__all__ = ["BACKLOG_WARNING", "PROXY_LOST", "AuditLog"]
+__all__ = ["BACKLOG_WARNING", "PROXY_LOST", "AuditLog", "SinkFailure"]
 
 log = structlog.get_logger("pos_proxy.audit")
 
@@ -79,6 +98,15 @@ PROXY_LOST_REASON = (
 _REDUCTION_TYPES = (str, int, float, bool, dict, list)
 # What a broken channel to the writer process raises on this side.
 _CHANNEL_ERRORS = (OSError, EOFError, ValueError, pickle.UnpicklingError)
+
+
+@dataclass(frozen=True, slots=True)
+class SinkFailure:
+    """Why the audit log takes no records now."""
+
+    error: str
+    disk_full: bool  # out of space (ENOSPC, EDQUOT), rather than unwritable
+    since_ns: int  # time.time_ns() when the log stopped taking records
 
 
 class AuditLog:
@@ -111,6 +139,12 @@ class AuditLog:
         self._unwritten = 0  # known after close()
         self._backlog_warnings = 0
         self._backlogged = False
+        # Said in the log lines and records of an outage; the caller keeps it current (a reload).
+        self.on_write_failure = OnWriteFailure.REFUSE
+        self._failing: SinkFailure | None = None
+        self._dropped = 0
+        # The records dropped in the current outage: how many, and the times of the first and last.
+        self._outage_drops = (0, 0, 0)
 
     @property
     def written(self) -> int:
@@ -127,6 +161,17 @@ class AuditLog:
         """Records recorded but not yet known written."""
         batches = [*self._unsent, *self._unconfirmed]
         return len(self._queue) + sum(count for count, _payload in batches)
+
+    @property
+    def failing(self) -> SinkFailure | None:
+        """Why the log file takes no records now (None while it does): the last write failed, or no
+        writer process could open the log."""
+        return self._failing
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped because more than ``max_held_records`` waited for a failing log file."""
+        return self._dropped
 
     @property
     def backlog_warnings(self) -> int:
@@ -207,6 +252,10 @@ class AuditLog:
         self._backlogged = backlog > BACKLOG_WARNING
         if backlog:
             records = [self._queue.popleft() for _ in range(backlog)]
+            if self._failing is not None:
+                records = self._held(records)
+                if not records:
+                    return
             try:
                 payload = _pickled(records)
             except BaseException:
@@ -229,20 +278,91 @@ class AuditLog:
                 if count:
                     self._unconfirmed.append(self._unsent.pop(0))
                     self._failed_restarts = 0  # a writer that takes a batch is a writer that works
-                if not self._acknowledged(reply):
+                unwritten, failure = self._acknowledged(reply)
+                if not unwritten:
                     self._unconfirmed.clear()  # the writer has handed every line it rendered to the OS
+                    self._sink_recovered()
+                else:
+                    self._sink_failed(*(failure or (None, "the log file did not take every record")))
         except _CHANNEL_ERRORS as exc:
             self._writer_died(writer, exc)
             return False
         return True
 
+    def _held(self, records: list[Record]) -> list[Record]:
+        """Of records taken while the log file fails, those it may hold (max_held_records in all);
+        the rest are dropped, counted, and said in the chain when the outage ends."""
+        held = sum(count for count, _payload in (*self._unsent, *self._unconfirmed))
+        room = max(0, self._settings.max_held_records - held)
+        if len(records) <= room:
+            return records
+        dropped = records[room:]
+        count, first_ns, _last_ns = self._outage_drops
+        if not count:
+            log.error(
+                "audit_records_dropping",
+                held=held + room,
+                max_held_records=self._settings.max_held_records,
+                on_write_failure=self.on_write_failure.value,
+            )
+            first_ns = dropped[0][0]
+        self._outage_drops = (count + len(dropped), first_ns, dropped[-1][0])
+        self._dropped += len(dropped)
+        return records[:room]
+
+    def _sink_failed(self, errno: int | None, error: str) -> None:
+        failing = self._failing
+        since = time.time_ns() if failing is None else failing.since_ns
+        self._failing = SinkFailure(error, errno in DISK_FULL_ERRNOS, since)
+        if failing is not None:
+            return
+        mode = self.on_write_failure.value
+        log.error("audit_sink_failing", error=error, on_write_failure=mode, pending=self.pending)
+        # Held with the records of the outage: the chain shows where it began.
+        self.record("audit_sink_failed", outcome="failure", error=error, on_write_failure=mode)
+
+    def _sink_recovered(self) -> None:
+        failing = self._failing
+        if failing is None:
+            return
+        self._failing = None
+        dropped, first_ns, last_ns = self._outage_drops
+        self._outage_drops = (0, 0, 0)
+        mode = self.on_write_failure.value
+        outage_s = round((time.time_ns() - failing.since_ns) / 1e9, 3)
+        log.warning(
+            "audit_sink_recovered",
+            outage_s=outage_s,
+            dropped=dropped,
+            on_write_failure=mode,
+            error=failing.error,
+        )
+        span = (
+            {"dropped_from": iso_timestamp(first_ns), "dropped_to": iso_timestamp(last_ns)} if dropped else {}
+        )
+        self.record(
+            SINK_RECOVERED,
+            outcome="failure" if dropped else "success",
+            error=failing.error,
+            failed_at=iso_timestamp(failing.since_ns),
+            outage_s=outage_s,
+            dropped=dropped,
+            on_write_failure=mode,
+            **span,
+        )
+
     def _finish(self) -> None:
-        self._take_batch()
-        while not self._send_batches(self._deadline):
+        while True:
+            self._take_batch()
+            sent = self._send_batches(self._deadline)
+            # A log that took its records again just now has queued the record saying so: send it too.
+            if sent and not self._queue:
+                break
             remaining = self._deadline - time.monotonic()
             if remaining <= 0:
                 break
-            time.sleep(min(self._settings.flush_interval, remaining))
+            if not sent:
+                time.sleep(min(self._settings.flush_interval, remaining))
         writer = self._writer
         self._unwritten = self.pending
         if writer is None:
@@ -257,17 +377,18 @@ class AuditLog:
         self._writer = None
         # The writer knows what it could not write of all it was sent (its own records included);
         # anything recorded since the last batch was not sent at all.
-        self._unwritten = len(self._queue) + self._acknowledged(reply)
+        self._unwritten = len(self._queue) + self._acknowledged(reply)[0]
         if not self._unwritten:
             self._unconfirmed.clear()
 
-    def _acknowledged(self, reply: tuple[Any, ...]) -> int:
-        """Take a writer's counts and notices from its reply; the records it has not written yet."""
-        _kind, written, errors, unwritten, notices = reply
+    def _acknowledged(self, reply: tuple[Any, ...]) -> tuple[int, tuple[int | None, str] | None]:
+        """Take a writer's counts and notices from its reply; the records it has not written yet, and
+        why the file last failed to take them (errno, message)."""
+        _kind, written, errors, unwritten, notices, failure = reply
         ended_written, ended_errors = self._ended_counts
         self._counts = (ended_written + written, ended_errors + errors)
         _log_notices(notices)
-        return int(unwritten)
+        return int(unwritten), failure
 
     def _restart_writer(self, deadline: float | None) -> _WriterProcess | None:
         """A new writer, unless the last ones failed too recently; while closing (``deadline``), one
@@ -299,6 +420,7 @@ class AuditLog:
         if error is not None:
             self._add_errors(1)
             log.error("audit_writer_start_failed", error=error, pending=self.pending, retry_in_s=delay)
+            self._sink_failed(None, error)
 
     def _writer_died(self, writer: _WriterProcess, exc: BaseException) -> None:
         returncode = writer.stop()
@@ -552,7 +674,8 @@ def _write_until_closed(channel: socket.socket, writer: ChainWriter) -> bool:
         else:
             _kind, seconds = message
             writer.close(deadline=time.monotonic() + seconds)
-        reply = ("ack", writer.written, writer.write_errors, writer.unwritten, _take_notices(writer))
+        notices = _take_notices(writer)
+        reply = ("ack", writer.written, writer.write_errors, writer.unwritten, notices, writer.failure)
         try:
             _send(channel, reply)
         except OSError:

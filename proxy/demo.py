@@ -20,7 +20,7 @@ from string import Template
 import asyncpg
 
 from proxy import certs, eventloop
-from proxy.config import load_config
+from proxy.config.load import load_config
 from proxy.localpg import LocalPostgres, LocalPostgresError, LocalPostgresTLS, free_port
 from proxy.oplog import configure_logging
 from proxy.protocols.postgres.session import Route

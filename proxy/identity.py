@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from proxy.config import IdentityConfig, UserNameRule
+from proxy.config.model import IdentityConfig, UserNameRule
 
 _SUBJECT_FIELDS = {
     "subject.CN": NameOID.COMMON_NAME,
@@ -34,14 +34,16 @@ class Identity:
     serial: int
     fingerprint_sha256: str
     subject: str
+    # store/terminal: the key of the terminal's limits and of its share of a pool, read on every
+    # hand-over, so made once.
+    terminal_key: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "terminal_key", f"{self.store}/{self.terminal}")
 
     @property
     def serial_hex(self) -> str:
         return f"{self.serial:x}"
-
-    @property
-    def terminal_key(self) -> str:
-        return f"{self.store}/{self.terminal}"
 
 
 def identify(certificate_der: bytes, mapping: IdentityConfig, roles: Collection[str]) -> Identity:

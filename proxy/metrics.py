@@ -330,6 +330,27 @@ class Metrics:
             "Audit records that could not be written.",
             registry=registry,
         )
+        # Over several worker processes: 0 as soon as one live worker's log file takes no records.
+        self.audit_log_writable = Gauge(
+            "pos_proxy_audit_log_writable",
+            "1 while the audit log file takes records; 0 while it does not (full or unwritable disk).",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        # Not a label of the gauge above: a mode changed by a reload would leave a stale series in
+        # the workers' multiprocess files.
+        self.audit_refusing_statements = Gauge(
+            "pos_proxy_audit_refusing_statements",
+            "1 while statements are refused because the audit log file takes no records "
+            "(audit.on_write_failure: refuse); 0 otherwise.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.audit_records_dropped_total = Counter(
+            "pos_proxy_audit_records_dropped_total",
+            "Audit records dropped while the log file took none and audit.max_held_records were held.",
+            registry=registry,
+        )
         self.config_reloads_total = Counter(
             "pos_proxy_config_reloads_total",
             "Configuration reloads, by result (ok, failed).",

@@ -18,17 +18,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from proxy.admin import AdminListener, AdminServer
+from proxy.audit import AuditError, OnWriteFailure
 from proxy.auditwriter import AuditLog
-from proxy.config import (
-    AdminConfig,
-    AuditConfig,
-    Config,
-    ConfigError,
-    ConfigProblem,
-    ExpiredCRLAction,
-    RouteConfig,
-    load_config,
-)
+from proxy.config.load import load_config
+from proxy.config.model import AdminConfig, AuditConfig, Config, ExpiredCRLAction, RouteConfig
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.eventloop import log_unhandled_error
 from proxy.limits import Limiter, SourceRateLimiter
@@ -61,6 +54,7 @@ from proxy.tcp import tune_socket
 from proxy.tlsconfig import CRLExpired, UpstreamTLS, load_terminal_tls, upstream_context
 from proxy.tlstransport import accept_tls
 from proxy.workers import WorkerSlot
+from proxy.yamlreader import ConfigError, ConfigProblem
 
 if TYPE_CHECKING:
     from proxy.sharedlimits import RedisSharedLimits
@@ -213,6 +207,8 @@ class ProxyServer:
         self.metrics = Metrics()
         self.routes: Mapping[str, Route] = build_routes(config, self.metrics)
         self.audit = AuditLog(config.audit.settings) if config.audit is not None else None
+        if self.audit is not None and config.audit is not None:
+            self.audit.on_write_failure = config.audit.on_write_failure
         self._shared_limits = _shared_limit_store(config, self.metrics)
         listen = config.listen
         self._pending = PendingStartups(
@@ -241,9 +237,10 @@ class ProxyServer:
         self._stopped = asyncio.Event()
         self.admin: AdminServer | None = None
         self._reported_hits = self._reported_misses = 0
-        self._reported_audit = (0, 0)
+        self._reported_audit = (0, 0, 0)
         self._draining = False
         self._drain_cut = asyncio.Event()
+        self.exit_code = 0  # 1 once the audit log could not write everything at shutdown
         # The CRL file as the TLS context loaded it, to notice when it is replaced.
         self._crl_stamp = _file_stamp(config.tls.crl)
         # While an expired CRL is in force: when to re-read it and log crl_expired again.
@@ -393,6 +390,8 @@ class ProxyServer:
             "config_reload", "success", trigger=trigger, changed=changed, not_applied=audit_not_applied
         )
         if self.audit is not None:
+            if config.audit is not None:
+                self.audit.on_write_failure = config.audit.on_write_failure
             # logrotate moved the file away before signalling: write to a fresh one.
             self.audit.reopen()
         if terminal_tls.crl is not None:
@@ -465,7 +464,15 @@ class ProxyServer:
             for name, route in self.routes.items()
         }
         ready = self._listener is not None and all(status == "reachable" for status in routes.values())
-        return ready, {"listener": self._listener is not None, "routes": routes}
+        details: dict[str, Any] = {"listener": self._listener is not None, "routes": routes}
+        audit, audit_config = self.audit, self.config.audit
+        if audit is not None and audit_config is not None:
+            failing = audit.failing
+            mode = audit_config.on_write_failure
+            details["audit"] = "writable" if failing is None else f"failing ({mode.value}): {failing.error}"
+            # Refusing every statement, the proxy is no use to a till: a balancer should send it elsewhere.
+            ready = ready and (failing is None or mode is OnWriteFailure.CONTINUE)
+        return ready, details
 
     async def metrics_text(self) -> bytes:
         """Gauges sampled now from the pools and caches, then everything rendered."""
@@ -482,13 +489,20 @@ class ProxyServer:
         cache.labels("hit").inc(statements.hits - self._reported_hits)
         cache.labels("miss").inc(statements.misses - self._reported_misses)
         self._reported_hits, self._reported_misses = statements.hits, statements.misses
-        if self.audit is not None:
-            written, errors = self.audit.written, self.audit.write_errors
+        if self.audit is not None and self.config.audit is not None:
+            audit = self.audit
+            reported_written, reported_errors, reported_dropped = self._reported_audit
             # Never below what was reported: a counter cannot go back.
-            written, errors = max(written, self._reported_audit[0]), max(errors, self._reported_audit[1])
-            metrics.audit_records_total.inc(written - self._reported_audit[0])
-            metrics.audit_write_errors_total.inc(errors - self._reported_audit[1])
-            self._reported_audit = (written, errors)
+            written, errors = max(audit.written, reported_written), max(audit.write_errors, reported_errors)
+            dropped = audit.dropped
+            metrics.audit_records_total.inc(written - reported_written)
+            metrics.audit_write_errors_total.inc(errors - reported_errors)
+            metrics.audit_records_dropped_total.inc(dropped - reported_dropped)
+            self._reported_audit = (written, errors, dropped)
+            failing = audit.failing is not None
+            refusing = failing and self.config.audit.on_write_failure is OnWriteFailure.REFUSE
+            metrics.audit_log_writable.set(0 if failing else 1)
+            metrics.audit_refusing_statements.set(1 if refusing else 0)
         return metrics.render()
 
     def _sample_long_statements(self) -> None:
@@ -598,7 +612,13 @@ class ProxyServer:
         self.metrics.fold_batched()
         if self.audit is not None:
             # Everything recorded so far reaches the file before the process exits.
-            self.audit.close()
+            try:
+                self.audit.close()
+            except AuditError as exc:
+                # A full or unwritable disk at exit: the loss is said and the exit code shows it,
+                # but the process still ends (a hang would keep a restart from fixing anything).
+                log.error("audit_close_failed", error=str(exc), dropped=self.audit.dropped)
+                self.exit_code = 1
         current = asyncio.current_task()
         for task in list(self._tasks) + list(self._registry.tasks):
             if task is not current:
@@ -1087,4 +1107,4 @@ async def serve(config: Config, worker: WorkerSlot | None = None) -> int:
         raise
     server.install_signal_handlers()
     await server.wait_stopped()
-    return 0
+    return server.exit_code

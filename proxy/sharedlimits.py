@@ -28,7 +28,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from proxy.config import SharedLimitsConfig
+from proxy.config.model import SharedLimitsConfig
 from proxy.limits import (
     LEASE_RETURN_AFTER,
     BucketKey,

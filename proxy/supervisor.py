@@ -27,7 +27,7 @@ import aiohttp
 import structlog
 
 from proxy.admin import ACTOR_HEADER, AdminListener, AdminServer
-from proxy.config import Config
+from proxy.config.model import Config
 from proxy.metrics import FleetMetrics
 from proxy.sdnotify import Notifier
 from proxy.workers import WorkerSlot

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from proxy.config import TCPKeepalive
+from proxy.config.model import TCPKeepalive
 
 # Linux's option number (linux/tcp.h); Python names it from 3.6 on Linux only.
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)

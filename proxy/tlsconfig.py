@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from proxy.config import ExpiredCRLAction, RouteConfig, SSLMode, TLSConfig
+from proxy.config.model import ExpiredCRLAction, RouteConfig, SSLMode, TLSConfig
 
 # PostgreSQL 17 clients using sslnegotiation=direct insist on this ALPN protocol.
 POSTGRES_ALPN = "postgresql"

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.config import AuditConfig, Config, RouteConfig
+from proxy.config.model import AuditConfig, Config, RouteConfig
 from proxy.limits import LimitSettings
 
 

@@ -5,8 +5,8 @@
 #    the Redis-shared limits start their own redis-server) and prometheus (required for its
 #    promtool, which checks config/prometheus/alerts.yml: about 20 MB, 10 s to install; its
 #    service is not started), nftables and iproute2 (as root: the dead-link tests' black holes,
-#    the store-link tests' network namespaces),
-#    pgbouncer (optional, benchmarks only), python3-venv (only if
+#    the store-link tests' network namespaces), libpostgresql-jdbc-java and (without javac)
+#    default-jdk-headless for the JDBC tests, pgbouncer (optional, benchmarks only), python3-venv (only if
 #    `python3 -m venv` cannot work).  Only missing
 #    packages are installed -- never `apt-get install` something already installed, since that
 #    can upgrade it.  Service auto-start is blocked with policy-rc.d while installing (no
@@ -39,6 +39,14 @@ fi
 # (tests/integration/test_store_links.py); likewise root only.
 if [ "$(id -u)" -eq 0 ]; then
     required+=(nftables iproute2)
+fi
+# libpostgresql-jdbc-java (pgjdbc, /usr/share/java/postgresql.jar, about 1 MB): tests/integration/
+# test_jdbc.py and the fuzzer's JDBC recording compile a Java program against it at test time
+# (under CI a missing driver or JDK fails them; elsewhere they skip). default-jdk-headless only when
+# there is no javac: any JDK 11 or later will do, so one already there is left alone.
+required+=(libpostgresql-jdbc-java)
+if ! command -v javac >/dev/null 2>&1; then
+    required+=(default-jdk-headless)
 fi
 # pgbouncer: the benchmark; systemd: systemd-analyze checks of the unit file (no systemd runs).
 optional=(pgbouncer systemd)

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from proxy import certs
-from proxy.config import load_config
+from proxy.config.load import load_config
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.session import ClientSession, Route
 from proxy.protocols.postgres.upstream import ServerConnection

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from proxy.config import load_yaml
 from proxy.policy.learn import ReviewFileError, read_review, write_review
+from proxy.yamlreader import load_yaml
 
 
 class PolicyFileError(Exception):

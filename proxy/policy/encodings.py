@@ -5,12 +5,15 @@ it. In the client-only encodings (SJIS, BIG5, GBK, UHC, JOHAB, GB18030, SHIFT_JI
 multibyte character can end in the byte of a backslash or a quote, so the same bytes split into
 literals differently for the server and for a reader that decodes them any other way. The proxy
 therefore accepts only encodings in which every ASCII byte always means that ASCII character and
-for which Python has a codec that maps the other bytes as PostgreSQL's conversion does (checked
-against the server in tests/security/test_client_encodings.py); everything else is refused.
+for which Python has a codec that maps the other bytes as PostgreSQL's conversion does, but for
+a few characters listed here (checked against the server, character by character, in
+tests/security/test_client_encodings.py); everything else is refused.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Final
 
 # PostgreSQL's names for the encodings, as it reports them (pg_encoding_to_char), by every
@@ -135,10 +138,50 @@ _CODECS: Final = {
     "KOI8U": "koi8_u",
     "EUC_CN": "gb2312",
     "EUC_KR": "euc_kr",
+    "EUC_JP": "euc_jp",
+    "EUC_JIS_2004": "euc_jis_2004",
 }
-# Left out: EUC_JP and EUC_JIS_2004 (Python's codecs map about 200 and 6,000 of their characters
-# to other code points than the server), EUC_TW and MULE_INTERNAL (no Python codec), and the
-# client-only encodings, whose trailing bytes can be ASCII.
+# Left out: EUC_TW and MULE_INTERNAL (no Python codec; EUC_TW has 19,378 characters the server
+# converts, docs/compatibility.md), and the client-only encodings, whose trailing bytes can be ASCII.
+
+# The characters Python's codec reads as another code point than PostgreSQL 15 converts them to:
+# Python's reading -> the server's. Measured against the server over every sequence of one to
+# three bytes (the JIS X 0208 symbols that CP932 maps to fullwidth forms, and JIS X 0213's
+# overline, dashes and parentheses); the test re-measures and compares on every run. Python's
+# reading of an accepted statement writes back to the same bytes (read_statement), so each of
+# these code points stands for exactly one byte sequence and can be replaced after decoding.
+SERVER_READINGS: Final[Mapping[str, Mapping[str, str]]] = {
+    "EUC_JP": {
+        "\u301c": "\uff5e",  # A1C1 WAVE DASH -> FULLWIDTH TILDE
+        "\u2016": "\u2225",  # A1C2 DOUBLE VERTICAL LINE -> PARALLEL TO
+        "\u2212": "\uff0d",  # A1DD MINUS SIGN -> FULLWIDTH HYPHEN-MINUS
+        "\u00a2": "\uffe0",  # A1F1 CENT SIGN -> FULLWIDTH CENT SIGN
+        "\u00a3": "\uffe1",  # A1F2 POUND SIGN -> FULLWIDTH POUND SIGN
+        "\u00ac": "\uffe2",  # A2CC NOT SIGN -> FULLWIDTH NOT SIGN
+        "\u00a6": "\uffe4",  # 8FA2C3 BROKEN BAR -> FULLWIDTH BROKEN BAR
+    },
+    "EUC_JIS_2004": {
+        "\uffe3": "\u203e",  # A1B1 FULLWIDTH MACRON -> OVERLINE
+        "\u2015": "\u2014",  # A1BD HORIZONTAL BAR -> EM DASH
+        "\uffe5": "\u00a5",  # A1EF FULLWIDTH YEN SIGN -> YEN SIGN
+        "\u2985": "\uff5f",  # A2D6 LEFT WHITE PARENTHESIS -> FULLWIDTH LEFT WHITE PARENTHESIS
+        "\u2986": "\uff60",  # A2D7 RIGHT WHITE PARENTHESIS -> FULLWIDTH RIGHT WHITE PARENTHESIS
+    },
+}
+_TRANSLATIONS: Final = {
+    encoding: str.maketrans(dict(readings)) for encoding, readings in SERVER_READINGS.items()
+}
+_UNTRANSLATIONS: Final = {
+    encoding: str.maketrans({server: python for python, server in readings.items()})
+    for encoding, readings in SERVER_READINGS.items()
+}
+# Byte sequences Python's codec reads and writes back but the server refuses (22021 there too).
+# Python's euc_jis_2004 falls back to JIS X 0212 for three-byte sequences in the rows JIS X 0213
+# plane 2 leaves free (3,158 characters); the server converts only plane 2. 0x8F is never a
+# trailing byte, so in bytes the codec has read, a match is the start of one character.
+SERVER_REFUSES: Final[Mapping[str, re.Pattern[bytes]]] = {
+    "EUC_JIS_2004": re.compile(b"\x8f[\xa2\xa6\xa7\xa9-\xab\xb0-\xed]"),
+}
 ACCEPTED: Final = frozenset(_CODECS)
 SUPPORTED_LIST: Final = ", ".join(sorted(ACCEPTED))
 # What the proxy's server connections use, so RESET ALL and DISCARD ALL return to it.
@@ -176,13 +219,32 @@ def read_statement(sql: bytes, encoding: str) -> str:
     Raises UnicodeDecodeError for bytes not valid in it, and for bytes the codec reads other than
     character by character: those it does not write back the same way. Python's euc_kr reads an
     8-byte KS X 1001 Annex 3 make-up sequence as one Hangul syllable, where PostgreSQL converts
-    each of its four characters (a filler and jamo): one identifier, two names.
+    each of its four characters (a filler and jamo): one identifier, two names. Also raises it for
+    the bytes the server refuses in that encoding (SERVER_REFUSES); the few characters Python reads
+    otherwise than the server are read as the server reads them (SERVER_READINGS).
     """
     codec = _CODECS[encoding]
     text = sql.decode(codec)
-    if codec != _CODECS[DEFAULT_ENCODING] and not text.isascii() and text.encode(codec) != sql:
+    # The bytes, not the text: Python's euc_jp reads 8FA2B7 as "~" (the server refuses it).
+    if codec == _CODECS[DEFAULT_ENCODING] or sql.isascii():
+        return text
+    if text.encode(codec) != sql:
         raise UnicodeDecodeError(codec, sql, 0, len(sql), "not read character by character")
-    return text
+    refused = SERVER_REFUSES.get(encoding)
+    found = refused.search(sql) if refused is not None else None
+    if found is not None:
+        raise UnicodeDecodeError(codec, sql, found.start(), found.end(), "not converted by the server")
+    translation = _TRANSLATIONS.get(encoding)
+    return text.translate(translation) if translation is not None else text
+
+
+def write_statement(text: str, encoding: str) -> bytes:
+    """The bytes the server reads as ``text`` in the accepted client ``encoding`` (read_statement's inverse).
+
+    Raises UnicodeEncodeError for text the encoding cannot spell.
+    """
+    untranslation = _UNTRANSLATIONS.get(encoding)
+    return (text.translate(untranslation) if untranslation is not None else text).encode(_CODECS[encoding])
 
 
 def refusal_message(name: str) -> str:

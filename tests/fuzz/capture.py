@@ -17,12 +17,14 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import psycopg
 
 from proxy.protocols.postgres import messages as m
+from tests.integration.pgjdbc import TIMEOUTS, PosTill, write_properties
 from tests.integration.proxyproc import ProxyProcess, Terminal, TerminalPKI
 
 IO_TIMEOUT = 10.0
@@ -199,8 +201,39 @@ async def _asyncpg(port: int, conninfo: dict[str, Any], context: ssl.SSLContext)
         await connection.close(timeout=IO_TIMEOUT)
 
 
-async def record_driver_sessions(proxy: ProxyProcess, pki: TerminalPKI) -> list[Capture]:
-    """One recorded session of each driver: psql, psycopg, asyncpg (all as the cashier's till)."""
+async def _jdbc(port: int, conninfo: dict[str, Any], pos_till: PosTill, directory: Path) -> None:
+    """tests/integration/jdbc/PosTill.java with temporary tables: prepared statements past
+    pgjdbc's prepareThreshold, batches, savepoints, SET TIME ZONE, binary values, and the
+    re-prepare after `cached plan must not change result type`."""
+    properties = write_properties(
+        directory / "jdbc-capture.properties",
+        f"jdbc:postgresql://127.0.0.1:{port}/{conninfo['dbname']}",
+        {
+            "user": conninfo["user"],
+            "sslmode": "verify-full",
+            "sslrootcert": conninfo["sslrootcert"],
+            **TIMEOUTS,
+        },
+    )
+    process = await asyncio.create_subprocess_exec(
+        *pos_till.command(properties, temporary=True),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:  # bounded by the caller's wait
+        stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, (stdout, stderr)
+
+
+async def record_driver_sessions(
+    proxy: ProxyProcess, pki: TerminalPKI, pos_till: PosTill | None, directory: Path
+) -> list[Capture]:
+    """One recorded session of each driver: psql, psycopg, asyncpg and, with ``pos_till``, pgjdbc
+    (all as the cashier's till). ``directory`` holds pgjdbc's properties file."""
     terminal = pki.cashier
     conninfo = proxy.conninfo(None, pki.ca, user=terminal.terminal)
     conninfo.pop("port")
@@ -210,6 +243,8 @@ async def record_driver_sessions(proxy: ProxyProcess, pki: TerminalPKI) -> list[
         "psycopg": lambda port: _psycopg(port, conninfo),
         "asyncpg": lambda port: _asyncpg(port, conninfo, driver_context),
     }
+    if pos_till is not None:
+        drivers["jdbc"] = lambda port: _jdbc(port, conninfo, pos_till, directory)
     captures: list[Capture] = []
     for driver, run in drivers.items():
         recorded: list[bytearray] = []

@@ -1,6 +1,6 @@
 """A live fuzzer: mutated recordings of real driver sessions against a running proxy.
 
-Recordings of psql, psycopg and asyncpg sessions (tests/fuzz/capture.py), mutated by seed
+Recordings of psql, psycopg, asyncpg and pgjdbc sessions (tests/fuzz/capture.py), mutated by seed
 (tests/fuzz/mutate.py, tests/fuzz/cases.py), go through TLS-authenticated sessions of a real proxy
 in front of the real PostgreSQL 15, together with mutated pre-authentication traffic. After every
 batch: the proxy still runs, serves a well-formed session of a real driver, has logged no internal
@@ -36,10 +36,11 @@ import psycopg
 import pytest
 
 from proxy.protocols.postgres import messages as m
-from tests.conftest import PgCluster
+from tests.conftest import PgCluster, running_in_ci
 from tests.fuzz.capture import IO_TIMEOUT, Capture, open_tls, record_driver_sessions
 from tests.fuzz.cases import ROUTES, Case, build_case, replay_case
 from tests.fuzz.conftest import ADMIN_TOKEN, POOL_SIZE, FuzzedProxy
+from tests.integration.pgjdbc import PosTill, compile_pos_till, toolchain_missing
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 from tests.logcheck import unhandled_errors
 
@@ -350,8 +351,24 @@ class Watch:
 
 
 @pytest.fixture(scope="module")
-async def captures(fuzz_proxy: FuzzedProxy, terminal_pki: TerminalPKI) -> list[Capture]:
-    recorded = await record_driver_sessions(fuzz_proxy.process, terminal_pki)
+def pos_till(tmp_path_factory: pytest.TempPathFactory) -> PosTill | None:
+    """pgjdbc's till for the JDBC recording; without Java or the jar the fuzzer runs on the other
+    drivers' recordings (under CI, compile_pos_till fails instead)."""
+    if toolchain_missing() and not running_in_ci():
+        return None
+    return compile_pos_till(tmp_path_factory.mktemp("jdbc-classes"))
+
+
+@pytest.fixture(scope="module")
+async def captures(
+    fuzz_proxy: FuzzedProxy,
+    terminal_pki: TerminalPKI,
+    pos_till: PosTill | None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> list[Capture]:
+    recorded = await record_driver_sessions(
+        fuzz_proxy.process, terminal_pki, pos_till, tmp_path_factory.mktemp("jdbc-capture")
+    )
     for capture in recorded:
         assert len(capture.stream) > 100, capture
     return recorded

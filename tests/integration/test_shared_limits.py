@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from redis.asyncio import Redis
 
-from proxy.config import SharedLimitsConfig
+from proxy.config.model import SharedLimitsConfig
 from proxy.limits import Limiter, LimitSettings, Rate, SharedLimitFallback
 from proxy.metrics import Metrics
 from proxy.sharedlimits import TAKE_SCRIPT, RedisSharedLimits
@@ -193,7 +193,7 @@ async def test_connection_limits_hold_across_two_proxies(redis_server: RedisServ
 
 _DOOMED_PROXY = """
 import asyncio, sys
-from proxy.config import SharedLimitsConfig
+from proxy.config.model import SharedLimitsConfig
 from proxy.limits import Limiter, LimitSettings
 from proxy.metrics import Metrics
 from proxy.sharedlimits import RedisSharedLimits

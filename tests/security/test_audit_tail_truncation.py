@@ -33,7 +33,7 @@ def _audit_config(tmp_path: Path) -> tuple[dict[str, Any], Path, Path, Path]:
     return config, log, witness, key
 
 
-def _verify(key: Path, witness: Path, log: Path) -> subprocess.CompletedProcess[str]:
+def _verify(key: Path, witness: Path, *logs: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable,
@@ -45,7 +45,7 @@ def _verify(key: Path, witness: Path, log: Path) -> subprocess.CompletedProcess[
             str(key),
             "--witness",
             str(witness),
-            str(log),
+            *map(str, logs),
         ],
         capture_output=True,
         text=True,

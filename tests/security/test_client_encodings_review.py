@@ -33,32 +33,43 @@ from tests.integration.test_postgres_robustness import (
 MAKE_UP_GA = bytes.fromhex("a4d4a4a1a4bfa4d4")
 GA = "\uac00"  # the syllable Python makes of MAKE_UP_GA
 FILLER_JAMO = "\u3164\u3131\u314f\u3164"  # what PostgreSQL makes of MAKE_UP_GA
+# EUC_JP A1C1: WAVE DASH to Python's euc_jp, FULLWIDTH TILDE to PostgreSQL's conversion.
+WAVE_DASH_EUC_JP = bytes.fromhex("a1c1")
+WAVE_DASH, FULLWIDTH_TILDE = "\u301c", "\uff5e"
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS public.rv_sales (id serial PRIMARY KEY, total_cents integer NOT NULL);
 CREATE TABLE IF NOT EXISTS public.rv_prices (name text, price_cents integer);
 CREATE TABLE IF NOT EXISTS public."{GA}" (what text);
 CREATE TABLE IF NOT EXISTS public."{FILLER_JAMO}" (what text);
+CREATE TABLE IF NOT EXISTS public."{WAVE_DASH}" (what text);
+CREATE TABLE IF NOT EXISTS public."{FULLWIDTH_TILDE}" (what text);
 ALTER TABLE public.rv_sales OWNER TO pos_proxy;
 ALTER TABLE public.rv_prices OWNER TO pos_proxy;
 ALTER TABLE public."{GA}" OWNER TO pos_proxy;
 ALTER TABLE public."{FILLER_JAMO}" OWNER TO pos_proxy;
+ALTER TABLE public."{WAVE_DASH}" OWNER TO pos_proxy;
+ALTER TABLE public."{FULLWIDTH_TILDE}" OWNER TO pos_proxy;
 TRUNCATE public.rv_sales, public.rv_prices, public."{GA}", public."{FILLER_JAMO}";
+TRUNCATE public."{WAVE_DASH}", public."{FULLWIDTH_TILDE}";
 INSERT INTO public.rv_sales (total_cents) VALUES (100), (250);
 INSERT INTO public."{GA}" VALUES ('allowed table');
 INSERT INTO public."{FILLER_JAMO}" VALUES ('forbidden table');
+INSERT INTO public."{WAVE_DASH}" VALUES ('allowed table');
+INSERT INTO public."{FULLWIDTH_TILDE}" VALUES ('forbidden table');
 -- An application helper a DBA might well install: any setting, by name. Functions are default-deny:
 -- only a policy that lists it in allow.functions lets it be called; what it sets, the proxy cannot see.
 CREATE OR REPLACE FUNCTION public.rv_set(setting text, value text) RETURNS text LANGUAGE sql
     AS $$ SELECT pg_catalog.set_config(setting, value, false) $$;
 """
 READ_GA = f'SELECT what FROM "{GA}"'
+READ_WAVE_DASH = f'SELECT what FROM "{WAVE_DASH}"'
 # Table lists take ASCII names only; a statement on table 가 is approved by its fingerprint.
 CASHIER_POLICY: dict[str, Any] = {
     "mode": "enforce",
     "search_path": ["public"],
     "allow": {"kinds": ["SELECT", "INSERT"], "read": ["rv_prices"], "write": ["rv_sales"]},
-    "fingerprints": [{"fingerprint": fingerprint(READ_GA), "text": READ_GA}],
+    "fingerprints": [{"fingerprint": fingerprint(text), "text": text} for text in (READ_GA, READ_WAVE_DASH)],
 }
 # The same policy, had its author listed the helper (docs/security.md "Known limit": never list one).
 CASHIER_POLICY_LISTING_THE_HELPER: dict[str, Any] = {
@@ -220,6 +231,25 @@ def test_an_euc_kr_make_up_sequence_cannot_name_another_table(
         # Python writes the filler-and-jamo name as that very make-up sequence: not nameable in
         # EUC_KR through the proxy at all (the server would read it; refusing is the safe side).
         assert FILLER_JAMO.encode("euc_kr") == MAKE_UP_GA
+
+
+def test_an_euc_jp_character_python_reads_otherwise_names_the_table_the_server_reads(
+    review_proxy: ProxyProcess, terminal_pki: TerminalPKI
+) -> None:
+    """The cashier may read table U+301C (WAVE DASH). In EUC_JP its bytes A1C1 are that to Python's codec
+    but the twin table U+FF5E (FULLWIDTH TILDE) to the server: the proxy decides on the server's reading."""
+    assert WAVE_DASH_EUC_JP.decode("euc_jp") == WAVE_DASH
+    statement = b'SELECT what FROM "' + WAVE_DASH_EUC_JP + b'"'
+    with _connect(review_proxy, terminal_pki, "manager", client_encoding="EUC_JP") as conn:
+        assert conn.info.parameter_status("client_encoding") == "EUC_JP"
+        assert conn.execute(statement).fetchone() == ("forbidden table",)  # what the server reads
+    with _connect(review_proxy, terminal_pki, "cashier") as conn:
+        assert conn.execute(READ_WAVE_DASH).fetchone() == ("allowed table",)
+    with _connect(review_proxy, terminal_pki, "cashier", client_encoding="euc-jp") as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(statement)
+        # The session carries on, in EUC_JP, with what the policy allows.
+        assert conn.execute("SELECT 'コーヒー'").fetchone() == ("コーヒー",)
 
 
 # --- switches the proxy sees ---

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from proxy.protocols.postgres import messages as m
-from tests.integration.proxyproc import TerminalPKI
+from tests.integration.proxyproc import ProxyProcess, TerminalPKI
 from tests.integration.test_policies import (
     EXECUTE,
     SYNC,
@@ -31,7 +31,7 @@ from tests.integration.test_policies import (
     _policy_overrides,
     _policy_path,
 )
-from tests.integration.test_postgres_robustness import raw_session, run_query
+from tests.integration.test_postgres_robustness import data_row_values, raw_session, run_query
 from tests.security.test_policy_reload_prepared import (
     BEFORE,
     PEN,
@@ -55,6 +55,10 @@ from tests.security.test_pooled_settings_isolation import (
 
 def _internal_errors(proxy: object) -> list[dict[str, object]]:
     return [r for r in proxy.log_events() if "internal" in str(r.get("event", ""))]  # type: ignore[attr-defined]
+
+
+def _events(proxy: ProxyProcess, event: str) -> list[dict[str, Any]]:
+    return [r for r in proxy.log_events() if r.get("event") == event]
 
 
 @pytest.mark.parametrize("statement", ["DISCARD ALL", "DEALLOCATE ALL"])
@@ -347,23 +351,31 @@ _IDLE_IN_ONE_SECOND = {"size": 1, "idle_transaction_timeout": "1s"}
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 @pytest.mark.parametrize(
-    "after_answer",
-    # Nothing more: the server has answered everything and waits for the next message. A Bind
-    # with no Flush: the server answers it only at a Flush or Sync, so the proxy never sees the
-    # cycle answered, and the client cannot be waiting for an answer.
-    [b"", _bind("held")],
-    ids=["answered", "bind-without-flush"],
+    "cycle",
+    # What is sent, the kinds of the answers to it, and what is sent after them.
+    [
+        # A portal bound and answered: it may hold a snapshot and the locks its statement took
+        # until the client's Sync, so only the client may end the cycle.
+        (_parse("held", "SELECT 1") + _bind("held") + FLUSH, [b"1", b"2"], b""),
+        # A Bind with no Flush: the server answers it only at a Flush or Sync, so the proxy never
+        # sees the cycle answered, and the client cannot be waiting for an answer.
+        (_parse("held", "SELECT 1") + FLUSH, [b"1"], _bind("held")),
+        # An error awaits the client's Sync, which the server skips everything else up to.
+        (_parse("held", "SELEC 1") + FLUSH, [b"E"], b""),
+    ],
+    ids=["bound", "bind-without-flush", "error"],
 )
 def test_a_terminal_that_never_syncs_does_not_hold_a_server_connection_for_ever(
-    start_proxy: StartProxy, terminal_pki: TerminalPKI, mode: str, after_answer: bytes
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, mode: str, cycle: tuple[bytes, list[bytes], bytes]
 ) -> None:
-    """Parse + Flush (as asyncpg's Connection.prepare sends them), then never a Sync: no
-    ReadyForQuery starts the idle-in-transaction clock, yet the server (inside an implicit
-    transaction) waits on the client. It is cut off as an idle transaction is."""
+    """An extended-protocol cycle never synced: no ReadyForQuery starts the idle-in-transaction
+    clock, yet the server (inside an implicit transaction) waits on the client. Unless the cycle
+    only prepared statements (the next test), it is cut off as an idle transaction is."""
+    held, answers, after_answer = cycle
     proxy = start_proxy(routes={"pos": {"pool": {"mode": mode, **_IDLE_IN_ONE_SECOND}}})
     with raw_session(proxy, terminal_pki, terminal_pki.manager) as attacker:
-        attacker.send(_parse("held", "SELECT 1") + FLUSH)
-        assert attacker.read_message()[0] == b"1"
+        attacker.send(held)
+        assert [attacker.read_message()[0] for _ in answers] == answers
         attacker.send(after_answer)
         started = time.monotonic()
         with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
@@ -373,6 +385,100 @@ def test_a_terminal_that_never_syncs_does_not_hold_a_server_connection_for_ever(
     proxy.wait_for_event(
         "session_error", sqlstate="25P03", reason="idle in an extended-protocol cycle without Sync for 1 s"
     )
+    assert not _events(proxy, "open_cycle_synced")
+
+
+_PREPARED_LATER = "public.review_prepared_later"
+
+
+@pytest.fixture
+def prepared_later_table(pg_cluster: Any) -> Iterator[Any]:
+    """A table the proxy's server role reads, and a superuser connection to watch and alter it."""
+    with _superuser(pg_cluster) as admin:
+        admin.execute(f"CREATE TABLE {_PREPARED_LATER} (n int)")
+        admin.execute(f"INSERT INTO {_PREPARED_LATER} VALUES (1), (2)")
+        admin.execute(f"GRANT SELECT ON {_PREPARED_LATER} TO {pg_cluster.user}")
+        try:
+            yield admin
+        finally:
+            admin.execute(f"DROP TABLE {_PREPARED_LATER}")
+
+
+def _locks_held_by_others(admin: psycopg.Connection) -> int:
+    row = admin.execute(
+        "SELECT count(*) FROM pg_locks WHERE relation = %s::regclass AND pid <> pg_backend_pid()",
+        (_PREPARED_LATER,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+async def test_an_asyncpg_statement_prepared_at_start_up_and_used_later_still_runs(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, prepared_later_table: Any, mode: str
+) -> None:
+    """asyncpg's prepare sends Parse, Describe and Flush, and its Bind, Execute and Sync only with
+    the statement's first use: a till that prepares at start-up and sells minutes later. Once
+    idle for the timeout the proxy ends that statements-only cycle with a Sync of its own: the
+    table's lock is released (a lock-taking ALTER TABLE goes through), under transaction pooling
+    the pool's one connection serves another terminal meanwhile, and the statement still runs."""
+    admin = prepared_later_table
+    proxy = start_proxy(routes={"pos": {"pool": {"mode": mode, **_IDLE_IN_ONE_SECOND}}})
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.manager) as till:
+        started = time.monotonic()
+        statement = await till.prepare(f"SELECT n + $1::int FROM {_PREPARED_LATER} ORDER BY n")
+        assert _locks_held_by_others(admin) == 1  # parsing took AccessShareLock, held until a Sync
+        # Waits for that lock (AccessExclusiveLock), 4 s at most: done once the proxy synced.
+        await asyncio.to_thread(
+            admin.execute, f"SET lock_timeout = '4s'; ALTER TABLE {_PREPARED_LATER} ALTER n SET DEFAULT 0"
+        )
+        assert time.monotonic() - started < 2.5
+        assert _locks_held_by_others(admin) == 0
+        if mode == "transaction":
+            async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier) as other:
+                assert await other.fetchval("SELECT 7") == 7
+        await asyncio.sleep(max(0.0, started + 2.5 - time.monotonic()))
+        assert [tuple(row) for row in await statement.fetch(10)] == [(11,), (12,)]
+        assert await till.fetchval("SELECT $1::int", 3) == 3
+    assert not [r for r in proxy.log_events() if r.get("sqlstate") == "25P03"]
+    synced = _events(proxy, "open_cycle_synced")
+    assert len(synced) == 1, synced
+    manager = terminal_pki.manager
+    assert (synced[0]["store"], synced[0]["terminal"], synced[0]["role"]) == (
+        manager.store,
+        manager.terminal,
+        manager.role,
+    )
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_an_unnamed_statement_prepared_and_bound_later_runs_the_clients_own_text(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, mode: str
+) -> None:
+    """Parse and Describe of the unnamed statement, then Bind, Execute and Sync 2.5 s later, with
+    a 1 s timeout: the client sees nothing of the proxy's Sync, gets one ReadyForQuery for its
+    own, and its statement runs even where another terminal's Parse took the server's unnamed
+    statement meanwhile (transaction pooling, one server connection): the proxy parses it again."""
+    proxy = start_proxy(routes={"pos": {"pool": {"mode": mode, **_IDLE_IN_ONE_SECOND}}})
+    with raw_session(proxy, terminal_pki, terminal_pki.manager) as till:
+        till.send(_parse("", "SELECT $1::int + 1") + m.build_message(b"D", b"S\x00") + FLUSH)
+        assert [till.read_message()[0] for _ in range(3)] == [b"1", b"t", b"T"]
+        started = time.monotonic()
+        if mode == "transaction":
+            proxy.wait_for_event("open_cycle_synced", timeout=4.0)
+            with raw_session(proxy, terminal_pki, terminal_pki.cashier) as other:
+                other.send(_parse("", "SELECT 'other'") + _bind("") + EXECUTE + SYNC)
+                received = other.read_until_ready()
+                assert [kind for kind, _ in received] == [b"1", b"2", b"D", b"C", b"Z"], received
+        time.sleep(max(0.0, started + 2.5 - time.monotonic()))
+        till.send(_bind("", "41") + EXECUTE + SYNC)
+        received = till.read_until_ready()
+        assert [kind for kind, _ in received] == [b"2", b"D", b"C", b"Z"], received
+        assert data_row_values(received[1][1]) == [b"42"]
+        assert received[-1] == (b"Z", b"I")
+        _assert_serves(till)
+    assert not [r for r in proxy.log_events() if r.get("sqlstate") == "25P03"]
+    assert len(_events(proxy, "open_cycle_synced")) == 1
 
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])

@@ -51,7 +51,7 @@ from pglast import split
 from pglast.parser import ParseError, fingerprint
 
 from proxy import certs
-from proxy.config import load_config
+from proxy.config.load import load_config
 from proxy.localpg import LocalPostgres, LocalPostgresTLS, find_pg_bindir
 from proxy.policy import encodings
 from proxy.policy.engine import PolicyEngine, judge
@@ -79,6 +79,8 @@ ENCODINGS: Mapping[str, str] = {
     "WIN1252": "cp1252",
     "EUC_KR": "euc_kr",
     "EUC_CN": "gb2312",
+    "EUC_JP": "euc_jp",
+    "EUC_JIS_2004": "euc_jis_2004",
     "KOI8R": "koi8_r",
 }
 # The other accepted encodings: single-byte ones of the same family as LATIN1, WIN1252 and KOI8R

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -29,15 +30,17 @@ from hypothesis import strategies as st
 from proxy.audit import (
     FILE_START,
     GENESIS,
+    SINK_RECOVERED,
     AuditError,
     AuditSettings,
     ChainWriter,
+    OnWriteFailure,
     VerifyReport,
     load_key,
     verify,
 )
 from proxy.auditwriter import PROXY_LOST, AuditLog, _pickled, _receive, _send, _WriterProcess
-from proxy.config import AuditConfig
+from proxy.config.model import AuditConfig
 from proxy.server import audit_after_reload
 
 pytestmark = pytest.mark.timeout(30)
@@ -347,11 +350,15 @@ def test_write_errors_are_counted_and_retried(tmp_path: Path, log_path: Path, ke
     wait_until(lambda: audit.write_errors > 0)
     assert audit.written == 2
 
+    wait_until(lambda: audit.failing is not None)
     log_path.parent.mkdir()
-    wait_until(lambda: audit.written == 4)  # the new file's start and the retried record
+    # The new file's start, the retried record, and the outage's start and end.
+    wait_until(lambda: audit.written == 6)
+    assert audit.failing is None
     audit.close()
 
-    assert "during_outage" in log_path.read_text()
+    events = [record["event"] for record in records(log_path)]
+    assert events[:5] == [FILE_START, "during_outage", "audit_sink_failed", SINK_RECOVERED, "audit_stopped"]
     assert verify([moved, log_path], load_key(key_file)).ok
 
 
@@ -363,8 +370,8 @@ def test_close_raises_when_records_cannot_be_written(tmp_path: Path, log_path: P
     audit.reopen()
     audit.record("lost")
 
-    with pytest.raises(AuditError, match="3 audit records could not be written"):
-        audit.close(timeout=0.1)  # the new file's start, "lost" and audit_stopped
+    with pytest.raises(AuditError, match="4 audit records could not be written"):
+        audit.close(timeout=0.1)  # the new file's start, "lost", audit_sink_failed and audit_stopped
     audit.close()  # once is enough: a second close does nothing
 
 
@@ -875,3 +882,88 @@ def test_a_reload_neither_starts_nor_stops_the_audit_log(tmp_path: Path) -> None
     assert audit_after_reload(None, running) == (None, ["audit"])
     assert audit_after_reload(running, _audit_section(tmp_path)) == (running, [])
     assert audit_after_reload(None, None) == (None, [])
+
+
+# --- a log file that takes no records (full or unwritable disk) ------------------------------------
+
+
+def test_records_over_the_held_bound_are_dropped_and_the_chain_says_so(
+    tmp_path: Path, log_path: Path, key_file: Path
+) -> None:
+    audit = AuditLog(settings(log_path, key_file, max_held_records=5))
+    audit.start()
+    moved = tmp_path / "audit.log.1"
+    log_path.rename(moved)
+    remove_log_directory(log_path)
+    audit.reopen()
+    audit.record("first")
+    wait_until(lambda: audit.failing is not None)
+    failing = audit.failing
+    assert failing is not None and not failing.disk_full and "No such file" in failing.error
+    for n in range(20):
+        audit.record("sale", n=n)
+    wait_until(lambda: audit.dropped > 0)
+    dropped = audit.dropped
+
+    log_path.parent.mkdir()
+    wait_until(lambda: audit.failing is None)
+    audit.close()
+
+    written = records(log_path)
+    assert len([r for r in written if r["event"] == "sale"]) == 20 - dropped
+    [end] = [r for r in written if r["event"] == SINK_RECOVERED]
+    assert (end["dropped"], end["on_write_failure"], end["outcome"]) == (dropped, "refuse", "failure")
+    report = verify([moved, log_path], load_key(key_file))
+    assert not report.ok and report.lost, report
+    assert report.problem is not None and report.problem.startswith(f"records lost: {dropped} record(s) from")
+    # Every record was checked, those after the loss too.
+    assert report.records == len(written) + len(records(moved))
+
+
+def _log_with_a_loss(log_path: Path, key_file: Path) -> None:
+    writer = ChainWriter(settings(log_path, key_file), component="test", host="test-host")
+    writer.open()
+    now = time.time_ns()
+    loss = {"dropped": 3, "dropped_from": "a", "dropped_to": "b", "error": "No space left on device"}
+    writer.write([(now, "sale", {}, {"n": 1}), (now, SINK_RECOVERED, {}, loss), (now, "sale", {}, {"n": 2})])
+    writer.close(time.monotonic() + 1)
+
+
+def test_verify_reports_a_recorded_loss_after_checking_the_whole_chain(
+    log_path: Path, key_file: Path
+) -> None:
+    _log_with_a_loss(log_path, key_file)
+    report = verify([log_path], load_key(key_file))
+    assert report == VerifyReport(
+        ok=False,
+        records=4,
+        problem="records lost: 3 record(s) from a to b were dropped while the log file took none "
+        "(No space left on device)",
+        file=log_path,
+        line=3,
+        lost=True,
+    )
+
+
+def test_tampering_after_a_recorded_loss_is_reported_as_tampering(log_path: Path, key_file: Path) -> None:
+    _log_with_a_loss(log_path, key_file)
+    lines = log_path.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].replace('"n":2', '"n":9')
+    log_path.write_text("".join(lines))
+    report = verify([log_path], load_key(key_file))
+    assert (report.ok, report.lost, report.line, report.problem) == (
+        False,
+        False,
+        4,
+        "altered record: HMAC mismatch",
+    )
+
+
+def test_a_reload_applies_on_write_failure_but_not_max_held_records(tmp_path: Path) -> None:
+    running = _audit_section(tmp_path)
+    wanted = dataclasses.replace(
+        _audit_section(tmp_path, max_held_records=10), on_write_failure=OnWriteFailure.CONTINUE
+    )
+    kept, not_applied = audit_after_reload(running, wanted)
+    assert not_applied == ["audit.max_held_records"]
+    assert kept == dataclasses.replace(running, on_write_failure=OnWriteFailure.CONTINUE)

@@ -17,13 +17,12 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from proxy import certs
-from proxy.audit import AuditSettings
-from proxy.config import (
+from proxy.audit import AuditSettings, OnWriteFailure
+from proxy.config.load import load_config, parse_config
+from proxy.config.model import (
     AdminConfig,
     AuditConfig,
     Config,
-    ConfigError,
-    ConfigProblem,
     ExpiredCRLAction,
     IdentityConfig,
     IdentitySource,
@@ -35,20 +34,17 @@ from proxy.config import (
     ProxyProtocolConfig,
     RoleConfig,
     RouteConfig,
-    Secret,
     SharedLimitsConfig,
     SSLMode,
     TCPKeepalive,
     TLSConfig,
     TLSVersionName,
     UserNameRule,
-    load_config,
-    parse_config,
-    parse_duration,
-    parse_size,
+    WireProtocol,
 )
 from proxy.limits import LimitSettings, SharedLimitFallback
 from proxy.policy.model import PolicyMode
+from proxy.yamlreader import ConfigError, ConfigProblem, Secret, parse_duration, parse_size
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "pos-proxy.example.yaml"
 PASSWORD = "correct horse battery staple"
@@ -257,6 +253,16 @@ def test_route_settings(base: Path) -> None:
     data = with_route(port=6543, dbname="pos_prod", sslmode="verify-ca")
     route = parse(data, base).routes["pos"]
     assert (route.port, route.dbname, route.sslmode) == (6543, "pos_prod", SSLMode.VERIFY_CA)
+
+
+def test_a_route_speaks_postgres_unless_it_names_its_protocol_and_postgres_is_the_only_one_yet(
+    base: Path,
+) -> None:
+    assert parse(minimal(), base).routes["pos"].protocol is WireProtocol.POSTGRES
+    assert parse(with_route(protocol="postgres"), base).routes["pos"].protocol is WireProtocol.POSTGRES
+    assert problems(with_route(protocol="mysql"), base) == [
+        "routes.pos.protocol: only postgres is supported yet, got 'mysql'"
+    ]
 
 
 def test_pool_section_gives_defaults_that_routes_override_key_by_key(base: Path) -> None:
@@ -1171,4 +1177,25 @@ def test_starvation_settings_are_checked(base: Path) -> None:
         "roles.cashier.statement_timeout: expected a duration above zero, got 0",
         "routes.pos.pool.idle_transaction_timeout: expected a duration such as 30, 2.5, '250ms', "
         "'5m' or '1h', got '-1s'",
+    ]
+
+
+def test_audit_on_write_failure_defaults_to_refuse_and_takes_continue(base: Path) -> None:
+    key = base / "audit.key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    section = {"file": str(base / "audit.log"), "key_file": str(key)}
+    config = parse({**minimal(), "audit": section}, base)
+    assert config.audit is not None
+    assert config.audit.on_write_failure is OnWriteFailure.REFUSE
+    assert config.audit.settings.max_held_records == 100_000
+    chosen = {**section, "on_write_failure": "continue", "max_held_records": 0}
+    config = parse({**minimal(), "audit": chosen}, base)
+    assert config.audit is not None
+    assert config.audit.on_write_failure is OnWriteFailure.CONTINUE
+    assert config.audit.settings.max_held_records == 0
+    wrong = {**section, "on_write_failure": "ignore", "max_held_records": -1}
+    assert problems({**minimal(), "audit": wrong}, base) == [
+        "audit.max_held_records: expected an integer of at least 0, got -1",
+        "audit.on_write_failure: expected one of: refuse, continue; got 'ignore'",
     ]

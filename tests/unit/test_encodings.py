@@ -84,7 +84,7 @@ def test_names_with_non_ascii_characters_are_unknown() -> None:
     assert encodings.canonical_name("\uff55\uff54\uff46\uff18") is None  # fullwidth utf8
 
 
-@pytest.mark.parametrize("encoding", (*CLIENT_ONLY, "EUC_TW", "MULE_INTERNAL", "EUC_JP", "EUC_JIS_2004"))
+@pytest.mark.parametrize("encoding", (*CLIENT_ONLY, "EUC_TW", "MULE_INTERNAL"))
 def test_encodings_the_proxy_cannot_read_as_the_server_are_refused(encoding: str) -> None:
     assert encoding not in encodings.ACCEPTED
     for alias in encodings.ALIASES:
@@ -171,3 +171,47 @@ def test_bytes_a_codec_does_not_read_character_by_character_are_not_judged() -> 
     policy = RolePolicy(kinds=frozenset({"SELECT"}))
     decision = PolicyEngine({"cashier": policy}).decide("cashier", b"SELECT '" + make_up + b"'", "EUC_KR")
     assert not decision.allowed and decision.sqlstate == CHARACTER_NOT_IN_REPERTOIRE
+
+
+def test_bytes_python_reads_as_ascii_are_not_judged() -> None:
+    """Python's euc_jp reads the three bytes 8FA2B7 as "~", an operator to the lexer; the server
+    refuses them. The proxy refuses them too, whatever the rest of the statement."""
+    tilde = bytes.fromhex("8fa2b7")
+    assert tilde.decode("euc_jp") == "~"
+    for sql in (tilde, b"SELECT 1 " + tilde + b" 2", "SELECT '\u3042'".encode("euc_jp") + tilde):
+        with pytest.raises(UnicodeDecodeError):
+            encodings.read_statement(sql, "EUC_JP")
+
+
+@pytest.mark.parametrize(
+    ("encoding", "sql", "server_reads"),
+    [
+        # WAVE DASH in Python's euc_jp, FULLWIDTH TILDE in the server's conversion (as CP932 maps it).
+        ("EUC_JP", b"SELECT '\xa1\xc1'", "SELECT '\uff5e'"),
+        ("EUC_JP", b"SELECT '\xa4\xa2\xa1\xdd'", "SELECT '\u3042\uff0d'"),
+        ("EUC_JIS_2004", b"SELECT '\xa1\xef'", "SELECT '\u00a5'"),
+    ],
+)
+def test_characters_are_read_as_the_server_converts_them(
+    encoding: str, sql: bytes, server_reads: str
+) -> None:
+    assert encodings.read_statement(sql, encoding) == server_reads
+    assert encodings.write_statement(server_reads, encoding) == sql
+
+
+def test_jis_x_0212_characters_the_server_does_not_convert_in_euc_jis_2004_are_not_judged() -> None:
+    """Python's euc_jis_2004 falls back to JIS X 0212 (row 16 here: a kanji) where JIS X 0213 plane 2
+    has no row; the server converts plane 2 only."""
+    kanji = bytes.fromhex("8fb0a2")  # U+4E04
+    assert kanji.decode("euc_jis_2004").encode("euc_jis_2004") == kanji
+    with pytest.raises(UnicodeDecodeError):
+        encodings.read_statement(b"SELECT '" + kanji + b"'", "EUC_JIS_2004")
+
+
+def test_a_base_and_a_combining_mark_sent_apart_are_not_judged() -> None:
+    """The server reads A9DC ABDC as æ and a combining grave; Python writes that text as the one
+    JIS X 0213 character ABC4, so the proxy cannot tell which bytes it read: refused (22021)."""
+    pair = bytes.fromhex("a9dcabdc")
+    assert pair.decode("euc_jis_2004").encode("euc_jis_2004") == bytes.fromhex("abc4")
+    with pytest.raises(UnicodeDecodeError):
+        encodings.read_statement(b"SELECT '" + pair + b"'", "EUC_JIS_2004")

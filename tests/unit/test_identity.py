@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from proxy import certs
-from proxy.config import IdentityConfig, IdentitySource, UserNameRule, parse_config
+from proxy.config.load import parse_config
+from proxy.config.model import IdentityConfig, IdentitySource, UserNameRule
 from proxy.identity import Identity, IdentityError, check_user_name, identify
 
 ROLES = frozenset({"cashier", "manager"})

@@ -18,7 +18,7 @@ import yaml
 from pglast import parse_sql
 from pglast.stream import RawStream
 
-from proxy.config import parse_config
+from proxy.config.load import parse_config
 from proxy.policy.engine import INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, Decision, judge
 from proxy.policy.model import RolePolicy
 from proxy.policy.postgres import analyze
@@ -87,7 +87,7 @@ def write_tls_files(directory: Path) -> dict[str, str]:
 
 
 def load_policies(directory: Path, policy_files: Mapping[str, Path | None]) -> dict[str, RolePolicy | None]:
-    """Role policies as a deployment gets them: through proxy.config.parse_config."""
+    """Role policies as a deployment gets them: through proxy.config.load.parse_config."""
     data = {
         "tls": write_tls_files(directory),
         "roles": {

@@ -10,10 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pglast.parser import fingerprint
 
-from proxy.config import ConfigError, parse_config
+from proxy.config.load import parse_config
 from proxy.policy.engine import INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, Decision, PolicyEngine
 from proxy.policy.model import STATEMENT_KINDS, PolicyMode, RolePolicy
 from proxy.policy.postgres import analyze
+from proxy.yamlreader import ConfigError
 
 CASHIER_ALLOW = """\
 allow:

@@ -13,7 +13,14 @@ from pglast.parser import parse_plpgsql_json
 
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres import refusal as refusal_module
-from proxy.protocols.postgres.refusal import PROXY_ERROR_MARK, Refusal, proxy_error_response, read_error
+from proxy.protocols.postgres.refusal import (
+    PROXY_ERROR_MARK,
+    Refusal,
+    audit_unwritable,
+    ends_transaction,
+    proxy_error_response,
+    read_error,
+)
 
 MAX = 1 << 20
 _INT16 = struct.Struct("!h")
@@ -249,3 +256,34 @@ def test_an_error_the_proxy_puts_among_the_replies_is_marked() -> None:
         "M": "result too large",
         "H": "fetch fewer rows",
     }
+
+
+@pytest.mark.parametrize(
+    "text", [b"ROLLBACK", b"rollback;", b"  ABORT  ", b"ROLLBACK WORK", b"rollback\n\ttransaction ;"]
+)
+def test_a_plain_rollback_ends_the_transaction(text: bytes) -> None:
+    assert ends_transaction(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"",
+        b"ROLLBACK; INSERT INTO sales VALUES (1)",  # a second statement rides along
+        b"ROLLBACK TO SAVEPOINT s",  # the transaction goes on
+        b"ROLLBACK PREPARED 'x'",
+        b"ROLLBACK AND CHAIN",  # starts a new transaction at once
+        b"COMMIT",
+        b"/* ROLLBACK */ DELETE FROM sales",
+        b"ROLLBACK;;",
+    ],
+)
+def test_anything_more_than_a_rollback_does_not(text: bytes) -> None:
+    assert not ends_transaction(text)
+
+
+def test_an_unwritable_audit_log_refuses_with_disk_full_or_io_error() -> None:
+    full, unwritable = audit_unwritable(disk_full=True), audit_unwritable(disk_full=False)
+    assert (full.sqlstate, unwritable.sqlstate) == ("53100", "58030")
+    assert full.message.startswith("the audit log cannot be written (its disk is full)")
+    assert "ROLLBACK" in (full.hint or "")

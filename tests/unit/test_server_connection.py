@@ -7,9 +7,9 @@ from typing import cast
 
 import pytest
 
-from proxy.config import PoolConfig, RouteConfig, SSLMode
+from proxy.config.model import PoolConfig, RouteConfig, SSLMode
 from proxy.protocols.postgres import messages as m
-from proxy.protocols.postgres.prepared import ClientStatements, StatementStats
+from proxy.protocols.postgres.prepared import ClientStatements, StatementStats, sync_quietly
 from proxy.protocols.postgres.upstream import InternalQueryFailed, ServerConnection
 
 MAX = 1 << 24
@@ -219,3 +219,65 @@ async def test_a_refused_internal_query_raises_the_servers_error() -> None:
         'invalid value for parameter "client_encoding"',
     )
     assert server.usable
+
+
+def _send(server: ServerConnection, statements: ClientStatements, data: bytes) -> None:
+    frames, _ = m.scan_frames(data, MAX)
+    server.send(statements.rewrite(data, frames, server.state), frames)
+
+
+_PARSE_UNNAMED = m.build_message(b"P", b"\x00SELECT 1\x00\x00\x00")
+_DESCRIBE_UNNAMED = m.build_message(b"D", b"S\x00")
+_BIND_UNNAMED = m.build_message(b"B", b"\x00" * 8)
+_FLUSH = m.build_message(b"H", b"")
+_SYNC = m.build_message(b"S", b"")
+
+
+@pytest.mark.parametrize(
+    ("sends", "runs_portal"),
+    [
+        # asyncpg's prepare: statements only.
+        ([_PARSE_UNNAMED + _DESCRIBE_UNNAMED + _FLUSH], False),
+        # Its Bind in a later send still belongs to the same open cycle.
+        ([_PARSE_UNNAMED + _FLUSH, _BIND_UNNAMED + _FLUSH], True),
+        # A Bind before the last Sync is of a cycle already ended.
+        ([_PARSE_UNNAMED + _BIND_UNNAMED + _SYNC + _PARSE_UNNAMED + _FLUSH], False),
+        ([_PARSE_UNNAMED + _BIND_UNNAMED + _FLUSH, _SYNC + _PARSE_UNNAMED + _FLUSH], False),
+        ([_PARSE_UNNAMED + _FLUSH, m.build_message(b"E", b"\x00" * 5) + _FLUSH], True),
+    ],
+    ids=["prepare", "bind-later", "bind-before-sync", "bind-before-sync-apart", "execute-later"],
+)
+def test_an_open_cycle_is_known_to_run_a_portal_or_not(sends: list[bytes], runs_portal: bool) -> None:
+    """Whether the cycle left open bound or executed a portal: then only the client's Sync may end it."""
+    server, _peer = _lent_connection_after_a_query()
+    server.data_received(REPLY)
+    statements = ClientStatements(StatementStats())
+    for data in sends:
+        _send(server, statements, data)
+    assert server.unsynced
+    assert server.cycle_runs_portal is runs_portal
+
+
+@pytest.mark.parametrize("transaction_pooling", [True, False])
+def test_the_proxys_own_sync_ends_a_statements_only_cycle_unseen(transaction_pooling: bool) -> None:
+    """The proxy's Sync after an answered Parse and Describe: its ReadyForQuery reaches the client
+    as nothing at all, and the connection is idle (lent back under transaction pooling)."""
+    server, peer = _lent_connection_after_a_query(transaction_pooling=transaction_pooling)
+    server.data_received(REPLY)
+    server.attach(peer)
+    peer.events.clear()
+    peer.data = b""
+    statements = ClientStatements(StatementStats())
+    _send(server, statements, _PARSE_UNNAMED + _DESCRIBE_UNNAMED + _FLUSH)
+    answers = m.build_message(b"1", b"") + m.build_message(b"t", b"\x00\x00") + m.build_message(b"n", b"")
+    server.data_received(answers)
+    assert peer.data == answers
+    assert server.unsynced and not server.state.pending
+    sync = sync_quietly(server.state)
+    server.send(sync, [(ord("S"), 0, len(sync))])
+    assert not server.unsynced
+    server.data_received(m.build_ready_for_query(b"I"))
+    assert peer.data == answers  # nothing more
+    assert peer.events == ["ready", "idle"]
+    assert server.is_clean
+    assert server.state.unnamed is statements.unnamed is not None  # outlives the Sync (55.2.3)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.config import PoolConfig, RouteConfig, SSLMode
+from proxy.config.model import PoolConfig, RouteConfig, SSLMode
 from proxy.policy.engine import PolicyEngine
 from proxy.policy.model import PolicyMode, RolePolicy
 from proxy.protocols.postgres import messages as m
@@ -123,6 +123,34 @@ async def test_after_discard_all_the_settings_the_proxy_set_are_set_again() -> N
     await _apply(client, server)
     assert "set_config(E'search_path', E'public', false)" in _last_query(transport)
     assert not client.needs_sync(server)
+
+
+async def test_a_connection_found_in_sync_is_checked_again_after_any_change() -> None:
+    # needs_sync remembers what the last client found; every change on either side forgets it.
+    server, _transport = _server()
+    client = SessionParameters({"TimeZone": "UTC"})
+    assert not client.needs_sync(server)
+    assert not client.needs_sync(server)  # the remembered answer
+    assert SessionParameters({"TimeZone": "Asia/Tokyo"}).needs_sync(server)  # another client's wish
+    client.note_reported("TimeZone", "Europe/Paris")  # this client's own wish changed
+    assert client.needs_sync(server)
+    client.note_reported("TimeZone", "UTC")
+    assert not client.needs_sync(server)
+    server.data_received(m.build_parameter_status("application_name", "till 7"))
+    assert client.needs_sync(server)
+    server.data_received(m.build_parameter_status("application_name", "pos-db-proxy"))
+    assert not client.needs_sync(server)
+    server.note_settings_unknown(["statement_timeout"])  # a client's SET of it may have run
+    assert client.needs_sync(server)
+
+
+async def test_settings_a_discard_all_cleared_are_set_again_for_the_client_that_found_them() -> None:
+    server, _transport = _server()
+    client = SessionParameters({"statement_timeout": "5"})
+    await _apply(client, server)
+    assert not client.needs_sync(server)  # found, and remembered
+    server.forget_session()  # the pool's DISCARD ALL: changed_settings cleared where it is kept
+    assert client.needs_sync(server)
 
 
 async def test_a_failed_set_changes_nothing_the_proxy_knows() -> None:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from proxy.config import TCPKeepalive
+from proxy.config.model import TCPKeepalive
 from proxy.tcp import tune_socket
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_USER_TIMEOUT is Linux's")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy import certs
-from proxy.config import ExpiredCRLAction, TLSConfig
+from proxy.config.model import ExpiredCRLAction, TLSConfig
 from proxy.tlsconfig import CRLError, CRLExpired, load_terminal_tls
 
 AFTER_NEXT_UPDATE = datetime.now(UTC) + timedelta(days=8)  # certs signs CRLs for 7 days

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from proxy.config import PoolConfig, RouteConfig, SSLMode, TCPKeepalive
+from proxy.config.model import PoolConfig, RouteConfig, SSLMode, TCPKeepalive
 from proxy.localpg import free_port
 from proxy.pool import ServerUnreachable
 from proxy.protocols.postgres import messages as m

@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 
 from proxy.audit import AuditSettings
 from proxy.cli import _build_parser
-from proxy.config import MAX_WORKERS, AuditConfig, Config, ConfigError, parse_config, parse_workers
+from proxy.config.load import MAX_WORKERS, parse_config, parse_workers
+from proxy.config.model import AuditConfig, Config
 from proxy.limits import LimitSettings, Rate
 from proxy.supervisor import restart_delay
 from proxy.workers import WorkerSlot, share, worker_audit_file
+from proxy.yamlreader import ConfigError
 
 
 @given(total=st.integers(0, 10_000), count=st.integers(1, MAX_WORKERS))

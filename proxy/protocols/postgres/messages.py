@@ -7,7 +7,7 @@ section 55.7 "Message Formats" unless stated otherwise.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -313,8 +313,8 @@ def parse_backend_key_data(payload: bytes) -> tuple[int, int]:
     return process_id, secret_key
 
 
-def parse_text_row(payload: bytes, codec: str) -> list[str | None]:
-    """The columns of a DataRow in text format (55.7 "DataRow"), None for NULL."""
+def parse_text_row(payload: bytes, decode: Callable[[bytes], str]) -> list[str | None]:
+    """The columns of a DataRow in text format (55.7 "DataRow"), read with ``decode``, None for NULL."""
     if len(payload) < 2:
         raise ProtocolViolation("malformed DataRow")
     (count,) = _INT16.unpack_from(payload, 0)
@@ -330,7 +330,7 @@ def parse_text_row(payload: bytes, codec: str) -> list[str | None]:
             continue
         if position + length > len(payload):
             raise ProtocolViolation("malformed DataRow")
-        columns.append(payload[position : position + length].decode(codec))
+        columns.append(decode(payload[position : position + length]))
         position += length
     return columns
 

@@ -154,12 +154,18 @@ class SessionParameters:
 
     def needs_sync(self, server: ServerConnection) -> bool:
         """Whether ``server`` has a tracked setting other than this client wants: checked on every
-        hand-over, so it only compares two small dictionaries (both empty in the common case)."""
+        hand-over: in the common case (the connection's last client wanted the same, and nothing
+        changed since) one comparison of two small dictionaries."""
         wanted = self.wanted
+        if server.settings_found_for(wanted):
+            return False
         for name in server.changed_settings:
             if name not in wanted:
                 return True
-        return not all(server.has_setting(name, value) for name, value in wanted.items())
+        if not all(server.has_setting(name, value) for name, value in wanted.items()):
+            return True
+        server.note_settings_found(wanted)
+        return False
 
     async def apply(self, server: ServerConnection, timeout: float) -> None:
         """Bring ``server`` to this client's full set: the route's values, overlaid with its own."""

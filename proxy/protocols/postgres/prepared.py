@@ -665,7 +665,7 @@ class ClientStatements:
         """
         cycle_ends: list[Expected] = []
         in_cycle = False
-        parsed = -1  # where the last unnamed Parse among them starts
+        parsed = parsed_end = -1  # where the last unnamed Parse among them starts and ends
         dropped = False  # a Query or a Close of the unnamed statement came after it
         for kind, start, end in frames:
             if kind == 0x53:  # 'S' Sync
@@ -685,7 +685,7 @@ class ClientStatements:
             if kind == 0x50:  # 'P' Parse: the statement name comes first
                 named = end == start + 5 or source[start + 5] != 0
                 if not named:
-                    parsed, dropped, ready = start, False, True
+                    parsed, parsed_end, dropped, ready = start, end, False, True
             elif kind == 0x42:  # 'B' Bind: portal name, then statement name
                 unnamed_portal = end > start + 5 and source[start + 5] == 0
                 portal_end = start + 5 if unnamed_portal else source.find(b"\x00", start + 5, end)
@@ -704,7 +704,7 @@ class ClientStatements:
         if not (frames and frames[-1][0] in _CYCLE_ENDERS):
             return []
         if parsed >= 0:
-            self._parsed_unnamed(source, parsed + 6, _message_end(source, parsed), server)
+            self._parsed_unnamed(source, parsed + 6, parsed_end, server)
         elif dropped:
             self.unnamed = server.unnamed = None
         return cycle_ends
@@ -720,6 +720,9 @@ _CYCLE_ENDERS: Final = frozenset(b"SQF")  # Sync, Query, FunctionCall: each gets
 # Bind, Describe and Close name a prepared statement the proxy may have to rename.
 _NAMING_MESSAGES: Final = frozenset(b"BDC")
 _DESCRIBE_CLOSE: Final = frozenset(b"DC")
+# The server messages pass_untouched_replies notes: ReadyForQuery, ErrorResponse, CommandComplete,
+# ParameterStatus, NotificationResponse.
+_NOTED_REPLIES: Final = frozenset(b"ZECSA")
 
 
 def filter_server_messages(
@@ -801,18 +804,22 @@ def pass_untouched_replies(source: bytes, server: ServerState, max_size: int) ->
         if end > available:
             break
         kind = source[position]
-        if kind == 0x5A:  # 'Z'
-            readies += 1
-            status_at = end - 1
-        elif kind == _ERROR:  # as in filter_server_messages
-            server.unnamed = None
-            server.errors_seen = True
-        elif kind == 0x43 and source.startswith(_FORGETTING_TAGS, position + 5):
-            server.statements.clear()
-        elif kind == 0x53:  # 'S' ParameterStatus
-            parameters.append(source[position + 5 : end])
-        elif kind == 0x41:  # 'A' NotificationResponse: its pid may be rewritten (filter_server_messages)
-            return None
+        # Most replies (ParseComplete, BindComplete, RowDescription, DataRow) need no closer look:
+        # one set lookup each rather than the five comparisons below.
+        if kind in _NOTED_REPLIES:
+            if kind == 0x5A:  # 'Z'
+                readies += 1
+                status_at = end - 1
+            elif kind == _ERROR:  # as in filter_server_messages
+                server.unnamed = None
+                server.errors_seen = True
+            elif kind == 0x43:  # 'C' CommandComplete
+                if source.startswith(_FORGETTING_TAGS, position + 5):
+                    server.statements.clear()
+            elif kind == 0x53:  # 'S' ParameterStatus
+                parameters.append(source[position + 5 : end])
+            else:  # 'A' NotificationResponse: its pid may be rewritten (filter_server_messages)
+                return None
         last_start = position
         position = end
     if readies > len(pending):
@@ -925,8 +932,12 @@ def take_ready_synthetics(server: ServerState) -> bytes:
     return out
 
 
-def _message_end(source: bytes, start: int) -> int:
-    return start + 1 + read_i32_be(source, start + 1)
+def sync_quietly(server: ServerState) -> bytes:
+    """A Sync of the proxy's own, to end an extended-protocol cycle the client left open: its
+    ReadyForQuery is not the client's. Only the implicit transaction ends: prepared statements,
+    the unnamed one too, outlive a Sync (55.2.3)."""
+    server.pending.append(_SYNCED_QUIETLY)
+    return _SYNC_MESSAGE
 
 
 def _cstring_end(source: bytes, start: int, end: int) -> int:

@@ -15,6 +15,7 @@ passes on only the fields the proxy set (``read_error``).
 
 from __future__ import annotations
 
+import re
 import secrets
 import struct
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ _MARK_FIELD: Final = b"s" + PROXY_ERROR_MARK.encode("ascii")
 # What the client gets of a marked error: severity (localized and not), SQLSTATE, message, and the
 # detail and hint the proxy set (55.8 field codes).
 _PROXY_FIELDS: Final = frozenset(b"SVCMDH")
+# A statement that only ends the transaction (and nothing else, so no second statement rides along).
+_ROLLBACK: Final = re.compile(rb"\s*(?:ROLLBACK|ABORT)(?:\s+(?:WORK|TRANSACTION))?\s*;?\s*", re.IGNORECASE)
+DISK_FULL: Final = "53100"
+IO_ERROR: Final = "58030"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +101,20 @@ def read_error(payload: bytes) -> tuple[str, bytes | None]:
         return sqlstate, None
     kept = b"".join(field + b"\x00" for field in fields if field and field[0] in _PROXY_FIELDS)
     return sqlstate, m.build_message(b"E", kept + b"\x00")
+
+
+def audit_unwritable(disk_full: bool) -> Refusal:
+    """The refusal of a statement while the audit log cannot be written (audit.on_write_failure:
+    refuse); the client may retry, on this session, once the log takes records again."""
+    cause = "its disk is full" if disk_full else "its file cannot be written"
+    return Refusal(
+        DISK_FULL if disk_full else IO_ERROR,
+        f"the audit log cannot be written ({cause}): statements are refused until it can",
+        hint="Retry later; ROLLBACK still ends an open transaction.",
+    )
+
+
+def ends_transaction(text: bytes) -> bool:
+    """Whether a statement's text is just ROLLBACK (or ABORT): it runs nothing and ends a transaction,
+    so it may pass even while other statements are refused."""
+    return _ROLLBACK.fullmatch(text) is not None

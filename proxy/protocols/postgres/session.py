@@ -16,8 +16,9 @@ from typing import Any, Final, NamedTuple, cast
 import structlog
 from prometheus_client import Counter
 
+from proxy.audit import OnWriteFailure
 from proxy.auditwriter import AuditLog
-from proxy.config import Config, PoolMode, RouteConfig, SessionStateAction
+from proxy.config.model import Config, PoolMode, RouteConfig, SessionStateAction
 from proxy.errors import (
     AdminShutdown,
     AuthenticationRefused,
@@ -38,9 +39,9 @@ from proxy.metrics import BatchedHistogram, Metrics
 from proxy.policy.encodings import (
     DEFAULT_ENCODING,
     accepted_encoding,
-    python_codec,
     read_statement,
     refusal_message,
+    write_statement,
 )
 from proxy.policy.engine import (
     ANALYSIS_UNFINISHED,
@@ -73,9 +74,10 @@ from proxy.protocols.postgres.prepared import (
     ClientStatements,
     Statement,
     StatementStats,
+    sync_quietly,
     take_ready_synthetics,
 )
-from proxy.protocols.postgres.refusal import Refusal, read_error
+from proxy.protocols.postgres.refusal import Refusal, audit_unwritable, ends_transaction, read_error
 from proxy.protocols.postgres.results import ResultWatch
 from proxy.protocols.postgres.sessionstate import Classification, Effect, classify
 from proxy.protocols.postgres.timeouts import (
@@ -105,6 +107,9 @@ class Route:
     server_parameters: dict[str, str] = field(default_factory=dict)
     # Read on every hand-over: an attribute of its own, not three lookups into the configuration.
     transaction_pooling: bool = field(init=False)
+    # Server connections a terminal may hold when its limits do not say (default_share_cap): also
+    # read on every hand-over.
+    default_share_cap: int = field(init=False)
     # The server connections of this pool each terminal holds (limits.max_server_connections_per_terminal).
     shares: ServerShares = field(default_factory=ServerShares)
     # How the server reports a reported setting a client asked for at startup ("iso" is "ISO, MDY",
@@ -113,6 +118,7 @@ class Route:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transaction_pooling", self.config.pool.mode is PoolMode.TRANSACTION)
+        object.__setattr__(self, "default_share_cap", default_share_cap(self.config.pool.size))
 
 
 @dataclass(slots=True)
@@ -230,6 +236,7 @@ QUERY_CANCELED = "57014"
 _UNNAMED_PORTAL_NONE: Final = 0
 _UNNAMED_PORTAL_BOUND: Final = 1
 _UNNAMED_PORTAL_DESTROYED: Final = 2
+_BIND_OR_QUERY: Final = frozenset((m.MSG_BIND, m.MSG_QUERY))
 _DESCRIBE: Final = ord("D")
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
 UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name
@@ -300,6 +307,15 @@ def _waits_on_client(server: ServerConnection) -> bool:
     if server.unsynced:
         return not server.state.pending or not server.flushed
     return server.transaction_status != b"I" and not server.state.pending
+
+
+class _BoundStatement(NamedTuple):
+    """A client's statement decided at each Bind from its bound values (Effect.DECIDED_AT_BIND)."""
+
+    text: bytes  # as the client sent it
+    sql: str  # as the server parsed it
+    types: tuple[int, ...]  # the parameter types its Parse declared
+    reason: str  # why it is refused where no values are read
 
 
 def _remember(rules: dict[bytes, str], name: bytes, rule: str | None) -> None:
@@ -423,9 +439,8 @@ class ClientSession(asyncio.Protocol):
         # Bind of one changes them again.
         self._carrying_statements: dict[bytes, frozenset[str]] = {}
         # The client's prepared statements decided at each Bind, from the values bound
-        # (sessionstate.Effect.DECIDED_AT_BIND): text as read at Parse, declared parameter types, and
-        # the reason they are refused without values.
-        self._bound_statements: dict[bytes, tuple[str, tuple[int, ...], str]] = {}
+        # (sessionstate.Effect.DECIDED_AT_BIND).
+        self._bound_statements: dict[bytes, _BoundStatement] = {}
         self._violations = 0
         self._limits = LimitSettings()
         self._statement_checks = _StatementChecks(None, environment.audit is not None, False)
@@ -718,6 +733,9 @@ class ClientSession(asyncio.Protocol):
                 remaining, self._check_idle_transaction
             )
             return
+        if server.unsynced and self._only_statements_in_cycle(server):
+            self._sync_open_cycle(server, timeout)
+            return
         # Closed now rather than when the terminal's TLS connection is gone: the pool gets it back at once.
         where = "an extended-protocol cycle without Sync" if server.unsynced else "transaction"
         self._release_server()
@@ -726,6 +744,34 @@ class ClientSession(asyncio.Protocol):
             IdleInTransactionTimeout("terminating connection due to idle-in-transaction timeout"),
             reason=f"idle in {where} for {timeout:g} s",
         )
+
+    def _only_statements_in_cycle(self, server: ServerConnection) -> bool:
+        """Whether the client's open cycle only prepared, described or closed statements (as
+        asyncpg's Connection.prepare leaves it), the server answered all of it without an error,
+        and no transaction block is open: a Sync then ends nothing but the implicit transaction
+        (and the locks that parsing took), and the statements outlive it."""
+        return (
+            not server.cycle_runs_portal
+            and not server.state.pending
+            and not server.state.skipping
+            and server.transaction_status == b"I"
+            and not server.cancel_requested
+            and self._cancelling is None
+        )
+
+    def _sync_open_cycle(self, server: ServerConnection, timeout: float) -> None:
+        """End the client's idle statements-only cycle with a Sync of the proxy's own, whose
+        ReadyForQuery the client never sees: the connection is then idle outside a transaction
+        (server_idle lends it back under transaction pooling). The client's Bind, Execute and Sync
+        later open a cycle of their own, on whichever connection, its statements prepared there
+        as for any transaction (the unnamed one parsed again where the server's may be another's)."""
+        sync = sync_quietly(server.state)
+        frames = [(_MSG_SYNC, 0, len(sync))]
+        if self._result_watch is not None:
+            self._result_watch.sent(sync, sync, frames)
+        self._cycle_started = 0.0  # the statement's latency counts from the client's next message
+        log.info("open_cycle_synced", **self._log_fields(), server_connection=server.id, idle_s=timeout)
+        server.send(sync, frames)
 
     @property
     def lets_go_between_transactions(self) -> bool:
@@ -1170,11 +1216,11 @@ class ClientSession(asyncio.Protocol):
         unnamed_portal = self._unnamed_portal
         for index, (kind, start, end) in enumerate(frames):
             if kind in _PASSED_ON:
-                if kind == m.MSG_BIND:
-                    if end > start + 5 and chunk[start + 5] == 0:
-                        unnamed_portal = _UNNAMED_PORTAL_BOUND
-                elif kind == m.MSG_QUERY:
-                    if unnamed_portal == _UNNAMED_PORTAL_BOUND:
+                if kind in _BIND_OR_QUERY:  # the two that change the unnamed portal
+                    if kind == m.MSG_BIND:
+                        if end > start + 5 and chunk[start + 5] == 0:
+                            unnamed_portal = _UNNAMED_PORTAL_BOUND
+                    elif unnamed_portal == _UNNAMED_PORTAL_BOUND:
                         unnamed_portal = _UNNAMED_PORTAL_DESTROYED
                 elif unnamed_portal == _UNNAMED_PORTAL_DESTROYED and _uses_unnamed_portal(
                     chunk, kind, start, end
@@ -1366,7 +1412,7 @@ class ClientSession(asyncio.Protocol):
             return False
         identity = self.identity
         assert identity is not None
-        cap = self._limits.max_server_connections_per_terminal or default_share_cap(route.config.pool.size)
+        cap = self._limits.max_server_connections_per_terminal or route.default_share_cap
         if route.shares.take(identity.terminal_key, cap, self):
             self._share_held = True
             return True
@@ -1457,6 +1503,7 @@ class ClientSession(asyncio.Protocol):
         forget_at: list[int] = []
         named_in_sql: dict[int, list[tuple[bytes, Statement]]] = {}
         mode, auditing, limited, rechecking = self._statement_checks
+        audit_refusal = self._audit_refusal() if auditing else None
         policies = self._env.policies
         classifier = self._env.classifier
         analyses = self._analyses
@@ -1473,8 +1520,14 @@ class ClientSession(asyncio.Protocol):
         # After a reload: statement names parsed earlier in these messages, decided just now.
         parsed_here: set[bytes] = set()
         parsed_name = b""
+        # The text of the last Parse decided here and its decision: an Execute of it in the same
+        # read (a driver's Parse, Bind, Execute, Sync) is audited with that decision, not a second.
+        parse_decided: tuple[bytes, Decision] | None = None
         for kind, start, end in frames:
             if kind not in checked:
+                continue
+            if audit_refusal is not None and self._refused_unaudited(kind, chunk, start, end):
+                refusals[start] = audit_refusal
                 continue
             if limited and kind in _STATEMENT_MESSAGES and self._over_statement_rate(start, refusals):
                 continue
@@ -1557,8 +1610,15 @@ class ClientSession(asyncio.Protocol):
                     portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
                     executed = self._portal_texts.get(portal, b"")
                     self._statements_run += 1
-                    decision = self._executed_decision(executed) if mode else None
-                    refused_by = self._refused_portals.get(portal) or _policy_refusal(decision, mode)
+                    if not mode:
+                        decision = None
+                    elif parse_decided is not None and executed is parse_decided[0]:
+                        decision = parse_decided[1]
+                    else:
+                        decision = self._executed_decision(executed)
+                    refused_by = self._refused_portals.get(portal) or (
+                        None if decision is None or decision.allowed else _policy_refusal(decision, mode)
+                    )
                     self._audit_statement(decision, mode, executed, refused_by)
                 continue
             if analyses:
@@ -1567,6 +1627,8 @@ class ClientSession(asyncio.Protocol):
                 decision = None
             elif analysis is None:
                 decision = policies.decide(self._role, text, self._encoding)
+                if kind == m.MSG_PARSE:
+                    parse_decided = (text, decision)
             elif analysis is _UNFINISHED:
                 decision = ANALYSIS_UNFINISHED
             else:
@@ -1579,7 +1641,8 @@ class ClientSession(asyncio.Protocol):
                     named_in_sql[start] = named
             if decision is not None and decision.prepared_names and decision.allowed:
                 decision = self._follow_prepared_names(decision)
-            refused_by = _policy_refusal(decision, mode)
+            # An allowed statement (the data path's case) is refused by no rule: no call for it.
+            refused_by = None if decision is None or decision.allowed else _policy_refusal(decision, mode)
             if refused_by is None:
                 # Refused in every policy mode and without a policy: decided before the statement
                 # is audited, so that its record says what became of it.
@@ -1610,7 +1673,7 @@ class ClientSession(asyncio.Protocol):
                         checked = _CHECKED_MESSAGES_COUNTING  # its Binds may follow in these messages
                     elif found.effect is not _NO_SESSION_EFFECT:
                         refused_by = self._check_session_state(found, start, refusals, forget_at)
-                    if kind == m.MSG_PARSE and (found.settings or self._carrying_statements):
+                    if (found.settings or self._carrying_statements) and kind == m.MSG_PARSE:
                         self._note_carrying_statement(parsed_name, found.settings)
                     if kind == m.MSG_PARSE and bound and not at_bind:
                         bound.pop(parsed_name, None)
@@ -1620,7 +1683,7 @@ class ClientSession(asyncio.Protocol):
                 or (decision is not None and not decision.allowed)
             ):
                 self._audit_statement(decision, mode, text, refused_by)
-            if auditing and kind == m.MSG_PARSE and (refused_by is not None or self._refused_statements):
+            if auditing and (refused_by is not None or self._refused_statements) and kind == m.MSG_PARSE:
                 _remember(self._refused_statements, parsed_name, refused_by)
             if decision is not None:
                 self._apply_policy(decision, start, refusals)
@@ -1631,6 +1694,25 @@ class ClientSession(asyncio.Protocol):
         if analyses:
             analyses.clear()
         return refusals, forget_at, named_in_sql
+
+    def _audit_refusal(self) -> Refusal | None:
+        """While the audit log takes no records and audit.on_write_failure is refuse: the refusal
+        of every statement (the log writes the records held meanwhile once it takes them again)."""
+        audit, settings = self._env.audit, self._env.config.audit
+        failing = audit.failing if audit is not None else None
+        if failing is None or settings is None or settings.on_write_failure is not OnWriteFailure.REFUSE:
+            return None
+        return audit_unwritable(failing.disk_full)
+
+    def _refused_unaudited(self, kind: int, chunk: bytes, start: int, end: int) -> bool:
+        """Whether a message runs a statement that must wait for the audit log; a ROLLBACK may end a
+        transaction (which a refused statement failed) and free its server connection."""
+        if kind == m.MSG_QUERY:
+            return not ends_transaction(chunk[start + 5 : end - 1])
+        if kind == m.MSG_EXECUTE:
+            portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
+            return not ends_transaction(self._portal_texts.get(portal, b""))
+        return kind == m.MSG_FUNCTION_CALL
 
     def _raises_statement_timeout(self, text: bytes, start: int, refusals: dict[int, Refusal]) -> bool:
         """The role's statement_timeout is a ceiling: SET, set_config, RESET and DISCARD ALL may
@@ -1731,7 +1813,7 @@ class ClientSession(asyncio.Protocol):
     def _statement_name(self, name: str) -> bytes | None:
         """A statement name from the SQL text as the client's Parse would have spelled it."""
         try:
-            return name.encode(python_codec(self._encoding))
+            return write_statement(name, self._encoding)
         except (UnicodeEncodeError, LookupError):
             return None
 
@@ -1779,7 +1861,7 @@ class ClientSession(asyncio.Protocol):
         if name.isascii():
             return False
         try:  # the server converts it to the database encoding (UTF8) first
-            spelled = name.decode(python_codec(self._encoding)).encode("utf-8")
+            spelled = read_statement(name, self._encoding).encode("utf-8")
         except (UnicodeDecodeError, LookupError):
             return False  # the server refuses it
         return len(spelled) > _MAX_STATEMENT_NAME_BYTES
@@ -1799,7 +1881,10 @@ class ClientSession(asyncio.Protocol):
         if name and not statements.renames:
             # On the client's own server connection a Bind reaches a statement SQL PREPARE made,
             # also when the proxy holds a Parse of that name the server refused (the name was taken).
-            sql_text = self._sql_prepared.get(name.decode(python_codec(self._encoding), errors="replace"))
+            try:
+                sql_text = self._sql_prepared.get(read_statement(name, self._encoding))
+            except UnicodeDecodeError:
+                sql_text = None  # no name SQL could give
             if sql_text is not None:
                 texts.append((Statement(name, sql_text + b"\x00").text, DEFAULT_ENCODING))
         if not texts:
@@ -1998,8 +2083,9 @@ class ClientSession(asyncio.Protocol):
         types = declared_types(body)
         if types is None or (name not in bound and len(bound) >= _MAX_CARRYING_STATEMENTS):
             return False
+        text = body[: body.find(b"\x00")]
         try:  # read as the server parsed it
-            bound[name] = (read_statement(body[: body.find(b"\x00")], self._encoding), types, reason)
+            bound[name] = _BoundStatement(text, read_statement(text, self._encoding), types, reason)
         except UnicodeDecodeError:
             return False
         return True
@@ -2014,7 +2100,7 @@ class ClientSession(asyncio.Protocol):
 
     def _decide_bound(
         self,
-        deferred: tuple[str, tuple[int, ...], str],
+        deferred: _BoundStatement,
         bind_body: bytes,
         start: int,
         refusals: dict[int, Refusal],
@@ -2023,16 +2109,15 @@ class ClientSession(asyncio.Protocol):
         the bound values (read in the client encoding now in force, as the server reads them)
         stand where constants would, and the same rules apply (sessionstate.py). Returns the rule
         that refused it, if one did."""
-        sql, types, _reason = deferred
-        found = classify(sql, bound_texts(bind_body, types, self._encoding))
+        found = classify(deferred.sql, bound_texts(bind_body, deferred.types, self._encoding))
         if found.effect is Effect.DECIDED_AT_BIND:  # a value the proxy cannot read
             found = Classification(Effect.UNSUPPORTED_ENCODING, found.reason)
         if found.effect is _NO_SESSION_EFFECT:
             return None
         refused_by = self._check_session_state(found, start, refusals, [])
         if refused_by is not None:
-            text = sql.encode(python_codec(self._encoding), "replace")
-            self._audit_statement(None, self._statement_checks.mode, text, refused_by, on="bind")
+            mode = self._statement_checks.mode
+            self._audit_statement(None, mode, deferred.text, refused_by, on="bind")
         return refused_by
 
     def _executes_bound(self, found: Classification) -> Classification:
@@ -2042,7 +2127,7 @@ class ClientSession(asyncio.Protocol):
             spelled = self._statement_name(name)
             deferred = self._bound_statements.get(spelled) if spelled is not None else None
             if deferred is not None:
-                return Classification(Effect.UNSUPPORTED_ENCODING, deferred[2])
+                return Classification(Effect.UNSUPPORTED_ENCODING, deferred.reason)
         return found
 
     def _settings_unread(self, server: ServerConnection, error: ProxyError, reason: str) -> None:

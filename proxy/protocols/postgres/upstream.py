@@ -14,9 +14,9 @@ from typing import Final, Protocol, cast
 
 import structlog
 
-from proxy.config import RouteConfig
+from proxy.config.model import RouteConfig
 from proxy.errors import ProtocolViolation, ProxyError, caused_by
-from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, python_codec
+from proxy.policy.encodings import DEFAULT_ENCODING, accepted_encoding, read_statement
 from proxy.pool import ServerUnreachable
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.parameters import SESSION_PARAMETERS, quote_literal
@@ -122,6 +122,10 @@ class ServerConnection(asyncio.Protocol):
         # the role, with no trace in a statement or a ParameterStatus. Reset before a vetted client
         # runs on it (reset_session_settings).
         self.unvetted_use = False
+        # What a client wanted that it last found here (SessionParameters.needs_sync), with the
+        # changed settings as they were then; forgotten when a reported value changes. A hand-over
+        # to a client that wants the same, with nothing changed since, is two small comparisons.
+        self._settings_found_for: tuple[dict[str, str], dict[str, str]] | None = None
         self.backend_key: tuple[int, int] = (0, 0)
         self.transaction_status = b"I"
         # Extended-protocol messages sent since the last Sync: the server is mid-cycle.
@@ -129,6 +133,9 @@ class ServerConnection(asyncio.Protocol):
         # The last message sent was a Flush: the server answers everything sent so far without
         # waiting for more (protocol 55.2.3); otherwise a mid-cycle server may answer nothing yet.
         self.flushed = False
+        # The open cycle has a Bind or Execute: a portal may hold a snapshot and the locks its run
+        # took, so only the client's own Sync may end the cycle (see ClientSession._check_idle_transaction).
+        self.cycle_runs_portal = False
         # A cancel for this connection is on its way, or was sent and never answered: it may still
         # land, so the connection is lent to nobody else meanwhile (and never again if unanswered).
         self.cancel_requested = False
@@ -341,10 +348,12 @@ class ServerConnection(asyncio.Protocol):
 
     def note_startup_parameters(self, parameters: Mapping[str, str]) -> None:
         """The ParameterStatus values of the server's startup: the values of the route."""
+        self._settings_found_for = None
         self.reported.update(parameters)
         self._startup_reported.update(parameters)
 
     def _note_reported(self, name: str, value: str) -> None:
+        self._settings_found_for = None
         self.reported[name] = value
         if name in _TRACKED_SETTINGS:
             if value == self._startup_reported.get(name):
@@ -360,6 +369,17 @@ class ServerConnection(asyncio.Protocol):
         # A reported setting's last ParameterStatus is its value; an unreported one at the
         # route's value is unknown to the proxy, so it is set when a client asks for it.
         return self.reported.get(name) == value
+
+    def settings_found_for(self, wanted: Mapping[str, str]) -> bool:
+        """Whether a client that wanted exactly ``wanted`` found every setting here as it wants
+        (``note_settings_found``), and nothing changed since: the changed settings are compared
+        (whatever changed them), a new reported value forgets it (_note_reported)."""
+        found = self._settings_found_for
+        return found is not None and found[0] == wanted and found[1] == self.changed_settings
+
+    def note_settings_found(self, wanted: Mapping[str, str]) -> None:
+        """Every tracked setting here is as ``wanted`` says (copies kept: both may change)."""
+        self._settings_found_for = (dict(wanted), dict(self.changed_settings))
 
     def note_settings_applied(self, resets: Iterable[str], changes: Mapping[str, str]) -> None:
         """The proxy's set_config for a client succeeded: ``resets`` went back to the route's values."""
@@ -400,7 +420,14 @@ class ServerConnection(asyncio.Protocol):
         encoding = (
             accepted_encoding(self.reported.get("client_encoding", DEFAULT_ENCODING)) or DEFAULT_ENCODING
         )
-        values = m.parse_text_row(row, python_codec(encoding)) if row is not None else []
+        try:  # as the server reads the same bytes in a statement (SERVER_READINGS)
+            values = (
+                m.parse_text_row(row, lambda value: read_statement(value, encoding))
+                if row is not None
+                else []
+            )
+        except UnicodeDecodeError:
+            values = []  # a value the proxy cannot read as the server does: not known
         if len(values) != len(canonical) or None in values:
             raise InternalQueryFailed("XX000", "the server did not return the settings asked for")
         settings = {name: value for name, value in zip(canonical, values, strict=True) if value is not None}
@@ -499,10 +526,23 @@ class ServerConnection(asyncio.Protocol):
                 self.unsynced = False
                 break
             if kind in _EXTENDED_QUERY_TYPES:
+                self.cycle_runs_portal = self._runs_portal(frames)
                 self.unsynced = True
                 break
         assert self._transport is not None
         self._transport.write(data)
+
+    def _runs_portal(self, frames: list[m.Frame]) -> bool:
+        """Whether the cycle these messages leave open (begun in them or before) has a Bind or
+        Execute. A Describe or Close of a portal needs none to count: with no transaction block
+        open, the only portals left before this cycle are WITH HOLD cursors', which hold neither
+        a snapshot nor locks (they are materialised at their commit)."""
+        for kind, _start, _end in reversed(frames):
+            if kind in _SYNC_POINT_TYPES:
+                return False
+            if kind in _PORTAL_RUNNING_TYPES:
+                return True
+        return self.unsynced and self.cycle_runs_portal
 
     def forget_session(self) -> None:
         """After the pool's DISCARD ALL: nothing the proxy set or prepared on this connection remains."""
@@ -531,6 +571,8 @@ _RESET_SESSION_SETTINGS: Final = "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE;
 # Messages that open an extended-protocol cycle, which a Sync must end. Not Flush: it asks only for
 # the output so far and cannot fail (psycopg's pipeline sends one right after its Sync).
 _EXTENDED_QUERY_TYPES: Final = frozenset(b"PBDEC")
+# Bind and Execute: they create and run a portal.
+_PORTAL_RUNNING_TYPES: Final = frozenset(b"BE")
 # Messages after which the server owes one ReadyForQuery (Query, Sync, FunctionCall).
 _SYNC_POINT_TYPES: Final = frozenset(b"QSF")
 # How long a closing server connection may take to flush its last writes (Terminate, close_notify).
