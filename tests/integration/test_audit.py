@@ -175,6 +175,29 @@ def test_a_statement_the_proxy_refuses_outside_any_policy_is_audited_as_refused(
     assert sum(r["event"] == "unsupported_client_encoding" and "SJIS" in r["reason"] for r in records) == 3
 
 
+def test_a_bound_switch_refused_at_bind_is_audited_as_refused(
+    audited: tuple[ProxyProcess, Path, Path], terminal_pki: TerminalPKI
+) -> None:
+    """set_config with its values bound is decided at Bind: the refusal is audited there, and
+    the Execute behind the refused Bind is recorded as refused too."""
+    proxy, directory, _key = audited
+    with psycopg.connect(
+        **proxy.conninfo(terminal_pki.manager, terminal_pki.ca), autocommit=True
+    ) as connection:
+        for options in ({}, {"prepare": True}, {"binary": True}):
+            with pytest.raises(psycopg.errors.FeatureNotSupported):
+                connection.execute(  # type: ignore[call-overload]
+                    "SELECT set_config(%s, %s, false)", ("client_encoding", "SJIS"), **options
+                )
+            assert connection.execute("SELECT 1").fetchone() == (1,)
+    assert proxy.stop() == 0
+    records = _records(directory)
+    switches = [r for r in records if r["event"] == "statement" and "set_config" in r["statement"]]
+    assert {(r["decision"], r["rule"]) for r in switches} == {("refused", "client encoding")}, switches
+    assert sum(r.get("on") == "bind" for r in switches) == 3, switches
+    assert sum(r["event"] == "unsupported_client_encoding" and "SJIS" in r["reason"] for r in records) == 3
+
+
 async def test_executions_are_audited_with_their_text_after_many_statements_were_closed(
     audited: tuple[ProxyProcess, Path, Path], terminal_pki: TerminalPKI
 ) -> None:

@@ -285,10 +285,74 @@ def test_switching_to_a_refused_encoding_is_refused(
             for encoding in SPLITTING:
                 # Read in UTF-8 by proxy and server alike: one harmless string.
                 assert conn.execute(payload(encoding)).fetchone() is not None
-        # Name and value bound as parameters (extended protocol): the proxy cannot see them.
+        # Name and value bound as parameters (extended protocol): read at Bind, refused alike.
         with pytest.raises(psycopg.Error) as refused:
             conn.execute("SELECT set_config(%s, %s, false)", ("client_encoding", "SJIS"))
         assert refused.value.sqlstate in ("0A000", "42501")
+        assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
+    assert _sales(pg_cluster) == 2
+
+
+BOUND_SWITCHES = (
+    ("SELECT set_config(%s, %s, false)", True),
+    ("SELECT set_config(%b, %b, false)", True),
+    ("SELECT set_config('client_encoding', %s, false)", False),
+    ("SELECT pg_catalog.set_config('client_encoding', %b::text, true)", False),
+)
+
+
+@pytest.mark.parametrize("role", ["cashier", "manager"])
+def test_a_bound_switch_is_refused_as_the_constant_is(
+    mode_proxy: ModeProxy, terminal_pki: TerminalPKI, pg_cluster: Any, role: str
+) -> None:
+    """psycopg binds set_config's arguments as $1, $2 (text or binary): the proxy reads them at
+    Bind, before the server does, and refuses a splitting encoding in every spelling with the
+    constant's error; the same statement bound with an accepted encoding runs."""
+    with _connect(mode_proxy, terminal_pki, role) as conn:
+        for spelling in ("SJIS", "sjis", "Shift_JIS", "MSKANJI", "big5", "Windows-936"):
+            with pytest.raises(psycopg.Error) as constant:
+                conn.execute(f"SELECT set_config('client_encoding', '{spelling}', false)")
+            for statement, names_the_setting in BOUND_SWITCHES:
+                values = ("client_encoding", spelling) if names_the_setting else (spelling,)
+                with pytest.raises(psycopg.Error) as refused:
+                    conn.execute(statement, values)
+                assert (refused.value.sqlstate, refused.value.diag.message_primary) == (
+                    constant.value.sqlstate,
+                    constant.value.diag.message_primary,
+                ), (statement, spelling)
+                assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
+                assert conn.execute(payload("SJIS")).fetchone() is not None
+        # Pipelined after the refused Bind, in the same messages: never run.
+        with pytest.raises(psycopg.Error), conn.pipeline():
+            conn.execute("SELECT set_config(%s, %s, false)", ("client_encoding", "SJIS"))
+            conn.execute(payload("SJIS"))
+        assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
+        if role == "manager" or mode_proxy.mode != "enforce":
+            conn.execute("SELECT set_config(%s, %s, false)", ("client_encoding", "iso-8859-1"))
+            assert conn.info.parameter_status("client_encoding") == "LATIN1"
+            assert conn.execute("SELECT 'Crème brûlée'").fetchone() == ("Crème brûlée",)
+    assert _sales(pg_cluster) == 2
+
+
+def test_sql_execute_of_a_bound_switch_is_refused(
+    mode_proxy: ModeProxy, terminal_pki: TerminalPKI, pg_cluster: Any
+) -> None:
+    """A statement prepared through the protocol and decided at each Bind, run by SQL EXECUTE with
+    its values in the text: refused, as the proxy does not read them there."""
+    if mode_proxy.mode != "enforce":
+        pytest.skip("a role without a policy: the policy mode does not matter")
+    with _connect(mode_proxy, terminal_pki, "manager") as conn:
+        conn.execute("SELECT set_config(%s, %s, false)", ("work_mem", "64MB"), prepare=True)
+        prepared = conn.execute(
+            "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%set_config%'"
+        ).fetchone()
+        assert prepared is not None
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute(f"EXECUTE \"{prepared[0]}\"('client_encoding', 'SJIS')")
+        assert (refused.value.sqlstate, refused.value.diag.message_primary) == (
+            "0A000",
+            "set_config needs a constant setting name",
+        )
         assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
     assert _sales(pg_cluster) == 2
 

@@ -269,6 +269,79 @@ def test_carried_settings_of_one_terminal_do_not_reach_the_next(
     assert not [record for record in proxy.log_events() if record.get("event") == "session_pinned"]
 
 
+@pytest.mark.usefixtures("shadow_schema")
+@pytest.mark.parametrize("placeholder", ["%s", "%b"])  # text, binary
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_bound_set_config_of_one_terminal_does_not_reach_the_next(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, mode: str, placeholder: str
+) -> None:
+    """psycopg's set_config(%s, %s, false) sends the setting's name and value as parameters: read
+    at each Bind, carried like the constant (psycopg's own test_set_transaction_param_reset)."""
+    proxy = _proxy(start_proxy, mode, tmp_path)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as before:
+        route_values = _show_all(before)
+    statement = f"SELECT set_config({placeholder}, {placeholder}, false)"
+    with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+        for name, value in CARRIED_SET.items():
+            # prepare=True: a named statement, bound again below with other values.
+            attacker.execute(statement, (name, value), prepare=True)
+        assert attacker.execute("SELECT name FROM price_list").fetchone() == ("shadow pen",)
+        if mode == "transaction":
+            with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+                assert _show_all(victim) == route_values
+                assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+        shown = _show_all(attacker)
+        assert {name: shown[name] for name in CARRIED_SET} == {
+            name: SHOWN.get(name, value) for name, value in CARRIED_SET.items()
+        }
+        attacker.execute(statement, ("search_path", "public"), prepare=True)
+        assert attacker.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+        attacker.execute(statement, ("search_path", "evil, public"), prepare=True)
+    with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+        assert _show_all(victim) == route_values
+        assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+    assert not [record for record in proxy.log_events() if record.get("event") == "session_pinned"]
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+async def test_a_bound_set_config_is_decided_on_its_values(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None, mode: str
+) -> None:
+    """asyncpg binds text in binary format. A bound client_encoding the proxy cannot read is
+    refused as the constant is, whatever the spelling; a policy role may not set by a bound name
+    what it may not set by a constant one."""
+    proxy = _proxy(start_proxy, mode, tmp_path, cashier_policy=True)
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.manager) as manager:
+        by_name = await manager.prepare("SELECT set_config($1, $2, false)")
+        by_value = await manager.prepare("SELECT set_config('client_encoding', $1::text, false)")
+        for spelling in ("SJIS", "sjis", "Shift_JIS", "shift-jis", "MSKANJI", "win 932"):
+            with pytest.raises(asyncpg.FeatureNotSupportedError) as constant:
+                await manager.execute(f"SELECT set_config('client_encoding', '{spelling}', false)")
+            for bound in (by_name.fetchval("client_encoding", spelling), by_value.fetchval(spelling)):
+                with pytest.raises(asyncpg.FeatureNotSupportedError) as refused:
+                    await bound
+                assert refused.value.args == constant.value.args, spelling
+                assert await manager.fetchval("SHOW client_encoding") == "UTF8"
+        # Settings other than these are read and carried: the statement is usable.
+        assert await by_name.fetchval("work_mem", "77MB") == "77MB"
+        assert await by_name.fetchval("CLIENT_ENCODING", "utf-8") == "UTF8"
+        with pytest.raises(asyncpg.FeatureNotSupportedError, match="constant setting name"):
+            await manager.fetchval("SELECT set_config($1, $2, false)", None, "SJIS")
+        # SQL EXECUTE of the statement: its values are in the text, where the proxy does not read them.
+        with pytest.raises(asyncpg.FeatureNotSupportedError, match="constant setting name"):
+            await manager.execute(f"EXECUTE \"{by_name.get_name()}\"('client_encoding', 'SJIS')")
+        assert await manager.fetchval("SHOW client_encoding") == "UTF8"
+    async with _asyncpg(proxy, terminal_pki, terminal_pki.cashier) as cashier:
+        refused_names = (("search_path", "evil, public"), ("client_encoding", "SJIS"), ("role", "postgres"))
+        for name, value in refused_names:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError) as constant:
+                await cashier.execute(f"SELECT set_config('{name}', '{value}', false)")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError) as refused:
+                await cashier.fetchval("SELECT set_config($1, $2, false)", name, value)
+            assert refused.value.args == constant.value.args, name
+        assert await cashier.fetchval("SELECT name FROM price_list WHERE sku = '1'") == "real pen"
+
+
 async def test_a_prepared_statement_that_changes_a_carried_setting_is_followed_at_every_execution(
     start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, shadow_schema: None
 ) -> None:

@@ -22,6 +22,7 @@ NONE, STATE, FORGETS = Effect.NONE, Effect.SESSION_STATE, Effect.FORGETS_STATEME
 CARRIED = Effect.CARRIED_SETTING
 ENCODING = Effect.UNSUPPORTED_ENCODING
 RESERVED = Effect.RESERVED_NAME
+AT_BIND = Effect.DECIDED_AT_BIND
 
 CASES: list[tuple[str, Effect]] = [
     # Plain statements
@@ -75,9 +76,18 @@ CASES: list[tuple[str, Effect]] = [
     ("SELECT pg_catalog.set_config('client_encoding'::text, 'UHC', true)", ENCODING),
     ("SELECT set_config('CLIENT_ENCODING', value, false) FROM t", ENCODING),
     ("SELECT set_config('client_encoding', 'LATIN1', false)", STATE),
-    ("SELECT set_config($1, $2, false)", ENCODING),
+    ("SELECT set_config($1, $2, false)", AT_BIND),
+    ("SELECT set_config($1::text, $2, false)", AT_BIND),
+    ("SELECT set_config($1::pg_catalog.varchar, $2, false)", AT_BIND),
+    # A parameter the server would not read as the text itself: refused now as ever.
+    ("SELECT set_config($1::varchar(4), $2, false)", ENCODING),
+    ("SELECT set_config($1::bpchar, $2, false)", ENCODING),
+    ("SELECT set_config($1 || '', $2, false)", ENCODING),
+    ("SELECT set_config('client_encoding', ($1), false)", AT_BIND),
+    ("SELECT set_config('client_encoding', $1::name, false)", ENCODING),
+    ("SELECT set_config($1, $2, false), set_config('client_encoding', 'SJIS', false)", ENCODING),
     ("SELECT set_config(lower('CLIENT_ENCODING'), 'SJIS', true)", ENCODING),
-    ("SELECT set_config('client_encoding', $1, false)", ENCODING),
+    ("SELECT set_config('client_encoding', $1, false)", AT_BIND),
     # Stored defaults and function settings: no SET starts these statements
     ("ALTER ROLE CURRENT_USER SET client_encoding = 'SJIS'", ENCODING),
     ("ALTER ROLE pos_proxy IN DATABASE pos SET client_encoding TO big5", ENCODING),
@@ -93,7 +103,7 @@ CASES: list[tuple[str, Effect]] = [
     ("SET standard_conforming_strings = 0", ENCODING),
     ("SET standard_conforming_strings = 'on', 'off'", ENCODING),
     ("SELECT set_config('standard_conforming_strings', 'off', false)", ENCODING),
-    ("SELECT set_config('Standard_Conforming_Strings', $1, true)", ENCODING),
+    ("SELECT set_config('Standard_Conforming_Strings', $1, true)", AT_BIND),
     ("ALTER ROLE CURRENT_USER SET standard_conforming_strings = off", ENCODING),
     ("SET standard_conforming_strings = 'ON'", NONE),
     ("SET standard_conforming_strings TO true", NONE),
@@ -326,6 +336,33 @@ def test_objects_in_pg_temp_are_session_state(sql: str) -> None:
 )
 def test_temp_tables_dropped_at_commit_are_not_session_state(sql: str) -> None:
     assert classify(sql).effect is NONE
+
+
+BOUND_CASES: list[tuple[str, dict[int, str], Effect, str]] = [
+    ("SELECT set_config($1, $2, false)", {1: "client_encoding", 2: "SJIS"}, ENCODING, "SJIS"),
+    ("SELECT set_config($1, $2, false)", {1: "Client_Encoding", 2: "shift-jis"}, ENCODING, "SJIS is not"),
+    ("SELECT set_config('client_encoding', $1, true)", {1: " MSKANJI"}, ENCODING, "SJIS is not"),
+    ("SELECT set_config($1, $2, false)", {1: "client_encoding", 2: "LATIN1"}, STATE, "set_config"),
+    ("SELECT set_config($1, $2, false)", {1: "default_transaction_isolation", 2: "x"}, CARRIED, "isolation"),
+    ("SELECT set_config($2, $1, false)", {1: "x", 2: "WORK_MEM"}, CARRIED, "work_mem"),
+    ("SELECT set_config($1, $2, true)", {1: "enable_seqscan", 2: "off"}, NONE, ""),
+    ("SELECT set_config($1, $2, false)", {1: "enable_seqscan", 2: "off"}, STATE, "set_config"),
+    ("SELECT set_config($1, $2, false)", {1: "standard_conforming_strings", 2: "off"}, ENCODING, "stay on"),
+    ("SELECT set_config($1, $2, false)", {1: "standard_conforming_strings", 2: "on"}, STATE, "set_config"),
+    # A value the proxy could not read (NULL, another type, bytes not in the encoding): refused.
+    ("SELECT set_config($1, $2, false)", {2: "UTF8"}, ENCODING, "constant setting name"),
+    ("SELECT set_config($1, $2, false)", {1: "client_encoding"}, ENCODING, "constant name"),
+    ("SELECT set_config('standard_conforming_strings', $1, false)", {}, ENCODING, "stay on"),
+]
+
+
+@pytest.mark.parametrize(("sql", "bound", "effect", "reason"), BOUND_CASES)
+def test_bound_values_stand_where_constants_would(
+    sql: str, bound: dict[int, str], effect: Effect, reason: str
+) -> None:
+    found = classify(sql, bound)
+    assert found.effect is effect, found
+    assert reason in found.reason
 
 
 # --- the pre-filter never hides what the parser would find --------------------------------------------

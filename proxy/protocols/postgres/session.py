@@ -64,6 +64,7 @@ from proxy.protocols.postgres.analysis import (
     AnalysisPool,
     AnalysisRequest,
 )
+from proxy.protocols.postgres.bindvalues import bound_texts, declared_types
 from proxy.protocols.postgres.classifiercache import SessionStateClassifier
 from proxy.protocols.postgres.parameters import (
     SessionParameters,
@@ -78,7 +79,7 @@ from proxy.protocols.postgres.prepared import (
 )
 from proxy.protocols.postgres.refusal import Refusal, audit_unwritable, ends_transaction, read_error
 from proxy.protocols.postgres.results import ResultWatch
-from proxy.protocols.postgres.sessionstate import Classification, Effect
+from proxy.protocols.postgres.sessionstate import Classification, Effect, classify
 from proxy.protocols.postgres.timeouts import (
     UNBOUNDED,
     StatementTimeoutChanges,
@@ -308,6 +309,15 @@ def _waits_on_client(server: ServerConnection) -> bool:
     return server.transaction_status != b"I" and not server.state.pending
 
 
+class _BoundStatement(NamedTuple):
+    """A client's statement decided at each Bind from its bound values (Effect.DECIDED_AT_BIND)."""
+
+    text: bytes  # as the client sent it
+    sql: str  # as the server parsed it
+    types: tuple[int, ...]  # the parameter types its Parse declared
+    reason: str  # why it is refused where no values are read
+
+
 def _remember(rules: dict[bytes, str], name: bytes, rule: str | None) -> None:
     """Keep (or, once the name is reused for a statement nobody refused, forget) a refusal's rule."""
     if rule is None:
@@ -325,6 +335,7 @@ class ClientSession(asyncio.Protocol):
         "_analysis_task",
         "_analyze_above",
         "_audit_who",
+        "_bound_statements",
         "_buffer",
         "_bytes_in",
         "_bytes_out",
@@ -427,6 +438,9 @@ class ClientSession(asyncio.Protocol):
         # The client's prepared statements (by name, b"" unnamed) that change carried settings: each
         # Bind of one changes them again.
         self._carrying_statements: dict[bytes, frozenset[str]] = {}
+        # The client's prepared statements decided at each Bind, from the values bound
+        # (sessionstate.Effect.DECIDED_AT_BIND).
+        self._bound_statements: dict[bytes, _BoundStatement] = {}
         self._violations = 0
         self._limits = LimitSettings()
         self._statement_checks = _StatementChecks(None, environment.audit is not None, False)
@@ -1495,8 +1509,13 @@ class ClientSession(asyncio.Protocol):
         analyses = self._analyses
         analysis: Analysis | None = None
         carrying = self._carrying_statements
+        bound = self._bound_statements
+        if len(bound) >= _MAX_CARRYING_STATEMENTS:
+            self._forget_closed_bound_statements()
         checked = (
-            _CHECKED_MESSAGES_COUNTING if limited or auditing or rechecking or carrying else _CHECKED_MESSAGES
+            _CHECKED_MESSAGES_COUNTING
+            if limited or auditing or rechecking or carrying or bound
+            else _CHECKED_MESSAGES
         )
         # After a reload: statement names parsed earlier in these messages, decided just now.
         parsed_here: set[bytes] = set()
@@ -1561,6 +1580,11 @@ class ClientSession(asyncio.Protocol):
                 if carried:
                     # Each execution changes them again, on whichever server connection runs it.
                     self._carry_settings(carried)
+                deferred = bound.get(statement) if bound else None
+                refused_at_bind = None
+                if deferred is not None:
+                    values = chunk[portal_end + len(statement) + 2 : end]
+                    refused_at_bind = self._decide_bound(deferred, values, start, refusals)
                 if auditing:
                     if len(self._portal_texts) >= self._statements.max_count:
                         # Named portals live until their transaction ends: only a hostile client
@@ -1568,8 +1592,10 @@ class ClientSession(asyncio.Protocol):
                         self._portal_texts.clear()
                         self._refused_portals.clear()
                     self._portal_texts[portal] = self._parsed_texts.get(statement, b"")
-                    if self._refused_statements or self._refused_portals:  # else nothing to keep or forget
-                        _remember(self._refused_portals, portal, self._refused_statements.get(statement))
+                    if refused_at_bind or self._refused_statements or self._refused_portals:
+                        # else nothing to keep or forget
+                        refused = refused_at_bind or self._refused_statements.get(statement)
+                        _remember(self._refused_portals, portal, refused)
                 if rechecking and mode is not None:
                     if statement not in parsed_here:
                         self._recheck_prepared(statement, start, refusals)
@@ -1635,10 +1661,22 @@ class ClientSession(asyncio.Protocol):
                         found = classifier.classified(text, self._encoding, analysis.classification)
                     if found.executes and carrying:
                         self._carry_executed(found.executes)
-                    if found.effect is not _NO_SESSION_EFFECT:
+                    if found.executes and bound:
+                        found = self._executes_bound(found)
+                    # Decided at each Bind of it, if the proxy can keep it (else refused below).
+                    at_bind = (
+                        found.effect is Effect.DECIDED_AT_BIND
+                        and kind == m.MSG_PARSE
+                        and self._note_bound_statement(parsed_name, chunk[name_end + 1 : end], found.reason)
+                    )
+                    if at_bind:
+                        checked = _CHECKED_MESSAGES_COUNTING  # its Binds may follow in these messages
+                    elif found.effect is not _NO_SESSION_EFFECT:
                         refused_by = self._check_session_state(found, start, refusals, forget_at)
                     if (found.settings or self._carrying_statements) and kind == m.MSG_PARSE:
                         self._note_carrying_statement(parsed_name, found.settings)
+                    if kind == m.MSG_PARSE and bound and not at_bind:
+                        bound.pop(parsed_name, None)
             if (
                 kind == m.MSG_QUERY
                 or refused_by is not None
@@ -1993,7 +2031,8 @@ class ClientSession(asyncio.Protocol):
         Returns the rule that refused it, if one did."""
         if found.settings:
             self._carry_settings(found.settings)
-        if found.effect is Effect.UNSUPPORTED_ENCODING:
+        if found.effect is Effect.UNSUPPORTED_ENCODING or found.effect is Effect.DECIDED_AT_BIND:
+            # DECIDED_AT_BIND here: no Bind follows (a Query, SQL PREPARE), so no value comes.
             log.warning("client_encoding_refused", **self._log_fields(), reason=found.reason)
             self._audit("unsupported_client_encoding", "failure", reason=found.reason)
             refusals[start] = Refusal(FeatureNotSupported.sqlstate, found.reason)
@@ -2035,6 +2074,61 @@ class ClientSession(asyncio.Protocol):
             for closed in [kept for kept in carrying if kept and kept not in by_name]:
                 del carrying[closed]  # in place: _check_statements holds this dict
         carrying[name] = settings
+
+    def _note_bound_statement(self, name: bytes, body: bytes, reason: str) -> bool:
+        """The client's statement ``name`` (Parse ``body`` after the name) is decided at each Bind;
+        False when it cannot be (its Parse is then refused): a malformed body, or the client
+        already holds too many such statements."""
+        bound = self._bound_statements
+        types = declared_types(body)
+        if types is None or (name not in bound and len(bound) >= _MAX_CARRYING_STATEMENTS):
+            return False
+        text = body[: body.find(b"\x00")]
+        try:  # read as the server parsed it
+            bound[name] = _BoundStatement(text, read_statement(text, self._encoding), types, reason)
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    def _forget_closed_bound_statements(self) -> None:
+        """Drop the statements decided at Bind that the client has closed. Only before a chunk's
+        checks: a statement parsed in the chunk being checked is not in by_name yet, and a Bind
+        of it must still be decided."""
+        by_name = self._statements.by_name
+        for closed in [kept for kept in self._bound_statements if kept and kept not in by_name]:
+            del self._bound_statements[closed]
+
+    def _decide_bound(
+        self,
+        deferred: _BoundStatement,
+        bind_body: bytes,
+        start: int,
+        refusals: dict[int, Refusal],
+    ) -> str | None:
+        """Decide a Bind of a statement whose set_config names its setting or value by a parameter:
+        the bound values (read in the client encoding now in force, as the server reads them)
+        stand where constants would, and the same rules apply (sessionstate.py). Returns the rule
+        that refused it, if one did."""
+        found = classify(deferred.sql, bound_texts(bind_body, deferred.types, self._encoding))
+        if found.effect is Effect.DECIDED_AT_BIND:  # a value the proxy cannot read
+            found = Classification(Effect.UNSUPPORTED_ENCODING, found.reason)
+        if found.effect is _NO_SESSION_EFFECT:
+            return None
+        refused_by = self._check_session_state(found, start, refusals, [])
+        if refused_by is not None:
+            mode = self._statement_checks.mode
+            self._audit_statement(None, mode, deferred.text, refused_by, on="bind")
+        return refused_by
+
+    def _executes_bound(self, found: Classification) -> Classification:
+        """SQL EXECUTE of a statement decided at each Bind: the values in EXECUTE are not read
+        here, so it is refused as that statement's Parse would have been without Bind."""
+        for name in found.executes:
+            spelled = self._statement_name(name)
+            deferred = self._bound_statements.get(spelled) if spelled is not None else None
+            if deferred is not None:
+                return Classification(Effect.UNSUPPORTED_ENCODING, deferred.reason)
+        return found
 
     def _settings_unread(self, server: ServerConnection, error: ProxyError, reason: str) -> None:
         server.close()

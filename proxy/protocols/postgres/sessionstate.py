@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pglast import ast, enums, parse_sql, visitors
@@ -71,6 +72,10 @@ class Effect(enum.Enum):
     # PREPARE, EXECUTE or DEALLOCATE of a name in the proxy's own namespace (prepared.py): on a
     # shared server connection that would reach the statements other terminals prepared.
     RESERVED_NAME = "reserved statement name"
+    # set_config whose setting name, or whose client_encoding or standard_conforming_strings
+    # value, is a bound parameter ($n): decided when the values come (Bind), by the same rules as
+    # constants. Where no Bind follows (a Query, SQL PREPARE) it is refused; the reason says why.
+    DECIDED_AT_BIND = "decided at bind"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +101,9 @@ _RANK = {
     Effect.CARRIED_SETTING: 1,
     Effect.FORGETS_STATEMENTS: 2,
     Effect.SESSION_STATE: 3,
-    Effect.RESERVED_NAME: 4,
-    Effect.UNSUPPORTED_ENCODING: 4,
+    Effect.DECIDED_AT_BIND: 4,
+    Effect.RESERVED_NAME: 5,
+    Effect.UNSUPPORTED_ENCODING: 5,
 }
 _TOP_RANK = max(_RANK.values())
 
@@ -107,7 +113,9 @@ def might_matter(sql: str) -> bool:
     return _MIGHT_MATTER.search(sql) is not None
 
 
-def classify(sql: str) -> Classification:
+def classify(sql: str, bound: Mapping[int, str] | None = None) -> Classification:
+    """What ``sql`` leaves in the server session. ``bound``: the values bound to its parameters
+    (by number), read as the server reads them; a parameter missing from it is not readable."""
     if not might_matter(sql):
         return _NO_EFFECT
     try:
@@ -116,7 +124,7 @@ def classify(sql: str) -> Classification:
         # Most such texts the server refuses too, but libpg_query follows a newer grammar than
         # the server may: what the proxy cannot read, it cannot call harmless.
         return NOT_PARSABLE
-    finder = _EffectFinder()
+    finder = _EffectFinder(bound)
     for raw in statements:
         if raw.stmt is not None:
             finder(raw.stmt)
@@ -126,11 +134,12 @@ def classify(sql: str) -> Classification:
 
 
 class _EffectFinder(visitors.Visitor):
-    def __init__(self) -> None:
+    def __init__(self, bound: Mapping[int, str] | None = None) -> None:
         super().__init__()
         self.result = _NO_EFFECT
         self.settings: set[str] = set()
         self.executes: set[str] = set()
+        self._bound = bound
         self._dropped_at_commit: set[int] = set()
 
     def classification(self) -> Classification:
@@ -238,10 +247,10 @@ class _EffectFinder(visitors.Visitor):
         if name in _SESSION_LOCK_FUNCTIONS:
             self._found(Effect.SESSION_STATE, f"session advisory lock ({name})")
         elif name == "set_config":
-            setting = _constant_text(arguments[0]) if arguments else None
+            setting = self._text(arguments[0]) if arguments else None
             if setting is None:
-                # A name computed at run time (or bound as a parameter) could be client_encoding.
-                self._found(Effect.UNSUPPORTED_ENCODING, "set_config needs a constant setting name")
+                # A name computed at run time could be client_encoding; a bound one is read at Bind.
+                self._refuse_unless_bound(arguments[:1], "set_config needs a constant setting name")
             elif setting.lower() == "client_encoding":
                 self._check_encoding(arguments[1:2])
             elif setting.lower() == "standard_conforming_strings":
@@ -261,18 +270,34 @@ class _EffectFinder(visitors.Visitor):
     def _check_encoding(self, values: tuple[ast.Node, ...]) -> None:
         """A new client_encoding must be one constant naming an accepted encoding (a value computed
         at run time could name any; the server's report of it is the backstop, see session.py)."""
-        value = _constant_text(values[0]) if len(values) == 1 else None
+        value = self._text(values[0]) if len(values) == 1 else None
         if value is None:
-            self._found(Effect.UNSUPPORTED_ENCODING, "client_encoding may only be set to a constant name")
+            self._refuse_unless_bound(values, "client_encoding may only be set to a constant name")
         elif accepted_encoding(value) is None:
             self._found(Effect.UNSUPPORTED_ENCODING, refusal_message(value))
 
     def _check_conforming_strings(self, values: tuple[ast.Node, ...]) -> None:
         """standard_conforming_strings may only be set on: off, backslashes escape in string
         literals and the server splits statements otherwise than the proxy's parser reads them."""
-        value = _constant_text(values[0]) if len(values) == 1 else None
-        if value is None or value.lower() not in _TRUE_WORDS:
+        value = self._text(values[0]) if len(values) == 1 else None
+        if value is None:
+            self._refuse_unless_bound(values, "standard_conforming_strings must stay on")
+        elif value.lower() not in _TRUE_WORDS:
             self._found(Effect.UNSUPPORTED_ENCODING, "standard_conforming_strings must stay on")
+
+    def _text(self, node: object) -> str | None:
+        """A string constant's text, or the value bound to a parameter standing for one."""
+        value = _constant_text(node)
+        if value is None and self._bound is not None:
+            number = bound_parameter(node)
+            if number is not None:
+                value = self._bound.get(number)
+        return value
+
+    def _refuse_unless_bound(self, values: tuple[ast.Node, ...], reason: str) -> None:
+        """Refused, unless it is one parameter whose value is still to come (no values yet)."""
+        number = bound_parameter(values[0]) if len(values) == 1 and self._bound is None else None
+        self._found(Effect.UNSUPPORTED_ENCODING if number is None else Effect.DECIDED_AT_BIND, reason)
 
 
 def _constant_text(node: object) -> str | None:
@@ -281,6 +306,32 @@ def _constant_text(node: object) -> str | None:
         node = node.arg
     if isinstance(node, ast.A_Const) and isinstance(node.val, ast.String):
         return node.val.sval or ""
+    return None
+
+
+# Types a parameter may be cast to (or declared as, parameters.py) for its bound bytes to be the
+# text the server reads: no typmod may cut it, no type input (bpchar, name) may trim or truncate it.
+_TEXT_TYPES = frozenset({"text", "varchar"})
+
+
+def bound_parameter(node: object) -> int | None:
+    """The number of a parameter ($n) standing alone for a text argument (also cast to text or
+    varchar, without a length), else None."""
+    if isinstance(node, ast.TypeCast):
+        target = node.typeName
+        names = [part.sval for part in target.names or () if isinstance(part, ast.String)] if target else []
+        if (
+            target is None
+            or target.typmods
+            or target.arrayBounds
+            or not names
+            or names[-1] not in _TEXT_TYPES
+            or names[:-1] not in ([], ["pg_catalog"])
+        ):
+            return None
+        node = node.arg
+    if isinstance(node, ast.ParamRef) and node.number:
+        return int(node.number)
     return None
 
 
