@@ -157,7 +157,11 @@ async def measure(workload: str) -> None:
             for index, (t_ns, event, shared, fields) in enumerate(statements[:500])
         ]
         pickled = cost(lambda: _pickled(batch))
-        line("shipping thread: _pickled, per record (500/batch)", (pickled[0] / 500, pickled[1] / 500))
+        per_batch = len(batch)
+        line(
+            f"shipping thread: _pickled, per record ({per_batch}/batch)",
+            (pickled[0] / per_batch, pickled[1] / per_batch),
+        )
 
         report_size(work, statements)
 
