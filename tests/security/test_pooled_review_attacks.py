@@ -634,3 +634,39 @@ async def test_a_setting_changed_through_a_view_does_not_reach_the_next_policy_r
                 for _ in range(2):
                     assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
                     assert victim.execute("SHOW search_path").fetchone() == policy_path
+
+
+@contextlib.contextmanager
+def _function_making_temp_price_list(cluster: Any) -> Iterator[str]:
+    """A function whose call creates a temporary price_list: the statement through the proxy only
+    calls it, so no temporary relation is in its text for the proxy to see."""
+    with _superuser(cluster) as admin:
+        admin.execute(
+            "CREATE OR REPLACE FUNCTION public.review_make_temp() RETURNS int LANGUAGE plpgsql AS $$"
+            " BEGIN CREATE TEMP TABLE IF NOT EXISTS price_list AS SELECT '1'::text AS sku,"
+            " 'temporary pen'::text AS name; RETURN 1; END $$"
+        )
+    try:
+        yield "SELECT public.review_make_temp()"
+    finally:
+        with _superuser(cluster) as admin:
+            admin.execute("DROP FUNCTION public.review_make_temp()")
+
+
+@pytest.mark.usefixtures("shadow_schema")
+def test_a_temporary_table_made_out_of_sight_does_not_shadow_the_next_policy_roles_table(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, pg_cluster: Any
+) -> None:
+    """pg_temp is searched before every schema of search_path for tables unless the path names it,
+    and RESET ALL leaves temporary tables alone: a role without a policy whose stored SQL made a
+    temporary price_list would feed the next cashier (policy enforced, search_path public) on that
+    server connection its own prices. The reset before a vetted client drops them too."""
+    with _function_making_temp_price_list(pg_cluster) as make_temp:
+        proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
+        with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+            attacker.execute(make_temp)
+            assert attacker.execute("SELECT name FROM price_list").fetchone() == ("temporary pen",)
+            pid = _backend_pid(attacker)
+            with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+                assert _backend_pid(victim) == pid
+                assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
