@@ -9,7 +9,7 @@ import random
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, cast
 
@@ -55,7 +55,7 @@ from proxy.policy.model import PolicyMode
 from proxy.policy.postgres import ParseError, analyze
 from proxy.policy.redact import unparsable
 from proxy.pool import ServerShares, UpstreamPool, default_share_cap
-from proxy.preauth import PendingStartup, RecordThrottle
+from proxy.preauth import PendingStartup, RecordThrottle, WrongCancelKeys
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.analysis import (
     NOT_ANALYSED,
@@ -129,6 +129,10 @@ class SessionRegistry:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     # The proxy is shutting down: a session finishing its startup now is refused (57P01).
     draining: bool = False
+    # Guessing a cancel key is slowed to a few tries a minute per source address.
+    wrong_keys: WrongCancelKeys = field(default_factory=WrongCancelKeys)
+    # Counts a cancel not looked up because its source sent too many wrong keys (a metric's child).
+    wrong_keys_refused: Callable[[], None] | None = None
 
     def register(self, session: ClientSession, process_id: int = 0) -> tuple[int, int]:
         """The pid and secret key for the client's BackendKeyData: ``process_id`` (its server
@@ -176,11 +180,26 @@ class SessionRegistry:
         connection stays open until it is done, as PostgreSQL's stays until the server has acted
         on it, so a client that goes on once its cancel call returned never meets the cancel later.
         """
+        address = source.rpartition(":")[0] or source
+        if self.wrong_keys.refused(address):
+            # Not looked up: a right key among the guesses must not tell the guesser anything.
+            if self.wrong_keys_refused is not None:
+                self.wrong_keys_refused()
+            return None
         key = request.secret_key.to_bytes(4, "big", signed=True)
         for session in self.sessions.get(request.process_id, ()):
             if hmac.compare_digest(session.secret_key.to_bytes(4, "big"), key):
                 return session.cancel_current_query(source)
         log.info("cancel_ignored", source=source, reason="unknown backend key")
+        if self.wrong_keys.wrong(address):
+            window = self.wrong_keys.window
+            log.warning(
+                "cancel_keys_refused",
+                source=address,
+                wrong_keys=self.wrong_keys.limit,
+                window_s=window,
+                reason=f"too many wrong cancel keys: its cancels are ignored for up to {window:g} s",
+            )
         return None
 
 
