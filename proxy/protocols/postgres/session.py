@@ -373,6 +373,7 @@ class ClientSession(asyncio.Protocol):
         "_refused_portals",
         "_refused_statements",
         "_result_watch",
+        "_rollback_portals",
         "_route",
         "_server",
         "_settings_to_read",
@@ -453,6 +454,9 @@ class ClientSession(asyncio.Protocol):
         # Statement texts by prepared-statement and portal name, so executions can be audited.
         self._parsed_texts: dict[bytes, bytes] = {}
         self._portal_texts: dict[bytes, bytes] = {}
+        # While the audit log fails (refusing): portals bound to a ROLLBACK whose text is certain,
+        # the only ones that may run (see _refused_unaudited).
+        self._rollback_portals: set[bytes] = set()
         # SQL PREPARE statements by the name they prepare, decided again for each EXECUTE of it.
         self._sql_prepared: dict[str, bytes] = {}
         # A reload came while portals were open: until that transaction ends, only portals bound
@@ -1578,7 +1582,10 @@ class ClientSession(asyncio.Protocol):
                         # keeps this many, and loses the texts its audit records would show.
                         self._portal_texts.clear()
                         self._refused_portals.clear()
-                    self._portal_texts[portal] = self._parsed_texts.get(statement, b"")
+                        self._rollback_portals.clear()
+                    text = self._portal_texts[portal] = self._parsed_texts.get(statement, b"")
+                    if audit_refusal is not None:
+                        self._note_rollback_portal(portal, statement, text)
                     if self._refused_statements or self._refused_portals:  # else nothing to keep or forget
                         _remember(self._refused_portals, portal, self._refused_statements.get(statement))
                 if rechecking and mode is not None:
@@ -1673,9 +1680,18 @@ class ClientSession(asyncio.Protocol):
         if kind == m.MSG_QUERY:
             return not ends_transaction(chunk[start + 5 : end - 1])
         if kind == m.MSG_EXECUTE:
-            portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
-            return not ends_transaction(self._portal_texts.get(portal, b""))
+            return chunk[start + 5 : chunk.find(b"\x00", start + 5, end)] not in self._rollback_portals
         return kind == m.MSG_FUNCTION_CALL
+
+    def _note_rollback_portal(self, portal: bytes, statement: bytes, text: bytes) -> None:
+        """Under session pooling a named statement's text is the proxy's guess: the client's own
+        names reach the server, where a second Parse of one fails (42P05) and SQL PREPARE and
+        DEALLOCATE change them out of the proxy's books. Only the unnamed statement (each Parse
+        replaces it) or a name the proxy keeps (transaction pooling) is surely the ROLLBACK it reads."""
+        if ends_transaction(text) and (not statement or self._statements.renames):
+            self._rollback_portals.add(portal)
+        else:
+            self._rollback_portals.discard(portal)
 
     def _raises_statement_timeout(self, text: bytes, start: int, refusals: dict[int, Refusal]) -> bool:
         """The role's statement_timeout is a ceiling: SET, set_config, RESET and DISCARD ALL may
