@@ -133,3 +133,57 @@ class RecordThrottle:
         """How many records of each kind were suppressed since the last call (and reset)."""
         suppressed, self._suppressed = self._suppressed, {}
         return suppressed
+
+
+# Wrong cancel keys a source address may send in a window before its cancels are no longer looked
+# up until the window ends. A CancelRequest is answered by nothing (55.2.9), so a guesser is blind and
+# needs about 2**30 tries for a 31-bit key once it knows a pid (session mode gives clients their
+# backend's real pid, which pg_stat_activity shows): some 2,000 a second from one address would find
+# it in about a week, 20 a minute take about a century. A driver's cancel that lands just after its
+# session ended is the one honest wrong key, and that is rare.
+WRONG_CANCEL_KEYS: Final = 20
+WRONG_CANCEL_WINDOW_S: Final = 60.0
+# Addresses followed at once; past this, the expired windows go, then (a flood from that many
+# addresses, each of which could guess on its own anyway) all of them.
+_WRONG_CANCEL_SOURCES: Final = 10_000
+
+
+class WrongCancelKeys:
+    """Wrong cancel keys by source address, counted in a fixed window from the first of them."""
+
+    def __init__(
+        self,
+        limit: int = WRONG_CANCEL_KEYS,
+        window: float = WRONG_CANCEL_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._by_source: dict[str, tuple[float, int]] = {}
+
+    def refused(self, source: str) -> bool:
+        """Whether ``source`` sent ``limit`` wrong keys in its current window: its cancels wait."""
+        entry = self._by_source.get(source)
+        if entry is None:
+            return False
+        started, count = entry
+        if self._clock() - started >= self.window:
+            del self._by_source[source]
+            return False
+        return count >= self.limit
+
+    def wrong(self, source: str) -> bool:
+        """Count a wrong key from ``source``; True when this one reached the limit."""
+        now = self._clock()
+        started, count = self._by_source.get(source, (now, 0))
+        if now - started >= self.window:
+            started, count = now, 0
+        if source not in self._by_source and len(self._by_source) >= _WRONG_CANCEL_SOURCES:
+            self._by_source = {
+                kept: entry for kept, entry in self._by_source.items() if now - entry[0] < self.window
+            }
+            if len(self._by_source) >= _WRONG_CANCEL_SOURCES:
+                self._by_source.clear()
+        self._by_source[source] = (started, count + 1)
+        return count + 1 == self.limit

@@ -203,8 +203,9 @@ class ProxyServer:
         config = self._shape(config)
         self.config = config
         self._terminal_tls = load_terminal_tls(config.tls)
-        self._registry = SessionRegistry()
         self.metrics = Metrics()
+        guessing = self.metrics.limit_hits_total.labels("wrong cancel keys per source address")
+        self._registry = SessionRegistry(wrong_keys_refused=guessing.inc)
         self.routes: Mapping[str, Route] = build_routes(config, self.metrics)
         self.audit = AuditLog(config.audit.settings) if config.audit is not None else None
         if self.audit is not None and config.audit is not None:

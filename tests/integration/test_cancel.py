@@ -283,7 +283,7 @@ async def test_a_driver_cancel_stops_the_statement_with_the_pid_it_was_given(
 
 
 @contextlib.contextmanager
-def _raw_client(proxy: ProxyProcess, pki: TerminalPKI) -> Iterator[tuple[RawClient, tuple[int, int]]]:
+def raw_client(proxy: ProxyProcess, pki: TerminalPKI) -> Iterator[tuple[RawClient, tuple[int, int]]]:
     """A hand-driven client after its startup, with the BackendKeyData it was given."""
     client = tls_client(proxy, pki, pki.cashier)
     try:
@@ -295,18 +295,20 @@ def _raw_client(proxy: ProxyProcess, pki: TerminalPKI) -> Iterator[tuple[RawClie
         client.close()
 
 
-def _send_cancel(proxy: ProxyProcess, process_id: int, secret_key: int) -> None:
+def send_cancel(proxy: ProxyProcess, process_id: int, secret_key: int, source: str | None = None) -> None:
     """A plaintext CancelRequest, as libpq's PQcancel sends it; the proxy closes once it acted on it."""
-    with tcp_connect(proxy) as sock:
+    with tcp_connect(proxy, source) as sock:
         sock.sendall(m.build_cancel_request(process_id, secret_key))
         expect_dropped(sock, 10)
 
 
-def _sleep_outcome(client: RawClient, proxy: ProxyProcess, key: tuple[int, int]) -> str | None:
+def sleep_outcome(
+    client: RawClient, proxy: ProxyProcess, key: tuple[int, int], source: str | None = None
+) -> str | None:
     """Run pg_sleep(1.5), send a cancel with ``key`` while it runs: the SQLSTATE it ended with."""
     client.send(m.build_query("SELECT pg_sleep(1.5)"))
     time.sleep(0.3)
-    _send_cancel(proxy, *key)
+    send_cancel(proxy, *key, source)
     received = client.read_until_ready()
     assert received[-1] == (b"Z", b"I"), received
     errors = [m.parse_error_fields(payload).get("C") for kind, payload in received if kind == b"E"]
@@ -323,10 +325,10 @@ def test_a_cancel_with_the_right_pid_and_a_wrong_key_does_nothing(
     start_proxy: StartProxy, terminal_pki: TerminalPKI, mode: str
 ) -> None:
     proxy = _proxy(start_proxy, mode, size=2)
-    with _raw_client(proxy, terminal_pki) as (client, (pid, key)):
+    with raw_client(proxy, terminal_pki) as (client, (pid, key)):
         assert (_backend_pid(client) == pid) is (mode == "session")
-        assert _sleep_outcome(client, proxy, (pid, key ^ 0x5A5A)) is None
-        assert _sleep_outcome(client, proxy, (pid, key)) == "57014"
+        assert sleep_outcome(client, proxy, (pid, key ^ 0x5A5A)) is None
+        assert sleep_outcome(client, proxy, (pid, key)) == "57014"
     proxy.wait_for_event("cancel_ignored", reason="unknown backend key")
 
 
@@ -336,9 +338,9 @@ def test_a_reused_backend_pid_takes_a_new_key_and_the_old_one_cancels_nothing(
     """Session mode: the next session on the same server connection is given the same pid; the
     key of the session that ended there must not reach the new one's statement."""
     proxy = _proxy(start_proxy, "session", size=1)
-    with _raw_client(proxy, terminal_pki) as (_first, earlier):
+    with raw_client(proxy, terminal_pki) as (_first, earlier):
         pass
-    with _raw_client(proxy, terminal_pki) as (client, (pid, key)):
+    with raw_client(proxy, terminal_pki) as (client, (pid, key)):
         assert pid == earlier[0] and key != earlier[1]
-        assert _sleep_outcome(client, proxy, earlier) is None
-        assert _sleep_outcome(client, proxy, (pid, key)) == "57014"
+        assert sleep_outcome(client, proxy, earlier) is None
+        assert sleep_outcome(client, proxy, (pid, key)) == "57014"

@@ -114,8 +114,11 @@ class RawClient:
             self.sock.close()
 
 
-def tcp_connect(proxy: ProxyProcess) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=IO_TIMEOUT)
+def tcp_connect(proxy: ProxyProcess, source: str | None = None) -> socket.socket:
+    """A plain TCP connection to the proxy, from the loopback address ``source`` if given."""
+    sock = socket.create_connection(
+        ("127.0.0.1", proxy.port), timeout=IO_TIMEOUT, source_address=(source, 0) if source else None
+    )
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 

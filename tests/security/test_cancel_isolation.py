@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 import psycopg
 
+from proxy.preauth import WRONG_CANCEL_KEYS
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI
+from tests.integration.test_cancel import raw_client, send_cancel, sleep_outcome
 
 _ROUNDS = 150
 _BUDGET_S = 30.0
@@ -67,3 +69,24 @@ def test_cancels_racing_the_hand_back_never_reach_another_terminal(
     assert victim["cancelled"] == 0, (
         f"{victim['cancelled']} of the other terminal's statements were cancelled"
     )
+
+
+def test_guessing_a_cancel_key_from_one_address_is_cut_off_after_a_few_wrong_keys(
+    start_proxy: Callable[..., ProxyProcess], terminal_pki: TerminalPKI
+) -> None:
+    """Session mode gives a terminal its backend's real pid, which pg_stat_activity shows: only the
+    31-bit key is left to guess, blind (a CancelRequest gets no answer), about 2,000 tries a second
+    from one address with nothing in the way. After WRONG_CANCEL_KEYS wrong keys the guesser's
+    cancels are not looked up for the window, the right key included; the terminal's own cancel,
+    from its own address, still works."""
+    proxy = start_proxy(routes={"pos": {"pool": {"mode": "session", "size": 2}}})
+    guesser = "127.0.0.2"
+    with raw_client(proxy, terminal_pki) as (client, (pid, key)):
+        for guess in range(1, WRONG_CANCEL_KEYS + 1):
+            send_cancel(proxy, pid, key ^ guess, guesser)
+        assert sleep_outcome(client, proxy, (pid, key), guesser) is None
+        assert sleep_outcome(client, proxy, (pid, key)) == "57014"
+    refused = proxy.wait_for_event("cancel_keys_refused", source=guesser)
+    assert refused["wrong_keys"] == WRONG_CANCEL_KEYS
+    ignored = [r for r in proxy.log_events() if r.get("event") == "cancel_ignored"]
+    assert len(ignored) == WRONG_CANCEL_KEYS  # the refused one is not even looked up

@@ -634,3 +634,73 @@ async def test_a_setting_changed_through_a_view_does_not_reach_the_next_policy_r
                 for _ in range(2):
                     assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
                     assert victim.execute("SHOW search_path").fetchone() == policy_path
+
+
+@contextlib.contextmanager
+def _function_making_temp_price_list(cluster: Any) -> Iterator[str]:
+    """A function whose call creates a temporary price_list: the statement through the proxy only
+    calls it, so no temporary relation is in its text for the proxy to see."""
+    with _superuser(cluster) as admin:
+        admin.execute(
+            "CREATE OR REPLACE FUNCTION public.review_make_temp() RETURNS int LANGUAGE plpgsql AS $$"
+            " BEGIN CREATE TEMP TABLE IF NOT EXISTS price_list AS SELECT '1'::text AS sku,"
+            " 'temporary pen'::text AS name; RETURN 1; END $$"
+        )
+    try:
+        yield "SELECT public.review_make_temp()"
+    finally:
+        with _superuser(cluster) as admin:
+            admin.execute("DROP FUNCTION public.review_make_temp()")
+
+
+@pytest.mark.usefixtures("shadow_schema")
+def test_a_temporary_table_made_out_of_sight_does_not_shadow_the_next_policy_roles_table(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, pg_cluster: Any
+) -> None:
+    """pg_temp is searched before every schema of search_path for tables unless the path names it,
+    and RESET ALL leaves temporary tables alone: a role without a policy whose stored SQL made a
+    temporary price_list would feed the next cashier (policy enforced, search_path public) on that
+    server connection its own prices. The reset before a vetted client drops them too."""
+    with _function_making_temp_price_list(pg_cluster) as make_temp:
+        proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
+        with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+            attacker.execute(make_temp)
+            assert attacker.execute("SELECT name FROM price_list").fetchone() == ("temporary pen",)
+            pid = _backend_pid(attacker)
+            with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+                assert _backend_pid(victim) == pid
+                assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+
+
+# Delays after the last answer of a statements-only cycle, around the 1 s idle timeout: some of the
+# client's Binds, Executes and Syncs reach the proxy just before its own Sync, some while it is on
+# its way, some after its ReadyForQuery.
+_AROUND_THE_HIDDEN_SYNC = [0.9 + 0.025 * step for step in range(10)]
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_a_sync_racing_the_proxys_own_sync_gets_one_answer_of_its_own(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, mode: str
+) -> None:
+    """A client that prepared (Parse, Describe, Flush) sends Bind, Execute and Sync just as the idle
+    clock runs out and the proxy ends the cycle with its own Sync: whichever comes first, the
+    client gets its own answers and exactly one ReadyForQuery, and another terminal on the same
+    single server connection meanwhile gets its own rows, never the racer's."""
+    proxy = start_proxy(routes={"pos": {"pool": {"mode": mode, **_IDLE_IN_ONE_SECOND}}})
+    for delay in _AROUND_THE_HIDDEN_SYNC:
+        with raw_session(proxy, terminal_pki, terminal_pki.manager) as racer:
+            racer.send(_parse("", "SELECT $1::int * 2") + m.build_message(b"D", b"S\x00") + FLUSH)
+            assert [racer.read_message()[0] for _ in range(3)] == [b"1", b"t", b"T"]
+            time.sleep(delay)
+            racer.send(_bind("", "21") + EXECUTE + SYNC)
+            received = racer.read_until_ready()
+            assert [kind for kind, _ in received] == [b"2", b"D", b"C", b"Z"], (delay, received)
+            assert data_row_values(received[1][1]) == [b"42"]
+            assert received[-1] == (b"Z", b"I")
+            if mode == "transaction":
+                with raw_session(proxy, terminal_pki, terminal_pki.cashier) as other:
+                    assert run_query(other, "SELECT 'other'")[-1] == (b"Z", b"I")
+                    _assert_serves(other)
+            _assert_serves(racer)  # no ReadyForQuery left over in front of the next answer
+    assert not [r for r in proxy.log_events() if r.get("sqlstate") == "25P03"]
+    assert _events(proxy, "open_cycle_synced")  # the race was run: the proxy synced some cycles

@@ -1,8 +1,12 @@
-"""The pre-authentication books (caps, oldest dropped first) and the record throttle."""
+"""The pre-authentication books (caps, oldest dropped first), the record throttle and the count of
+wrong cancel keys."""
 
 from __future__ import annotations
 
-from proxy.preauth import PendingStartups, RecordThrottle
+from typing import Any
+
+from proxy import preauth
+from proxy.preauth import PendingStartups, RecordThrottle, WrongCancelKeys
 
 
 def test_the_oldest_of_a_source_is_dropped_when_the_source_is_at_its_cap() -> None:
@@ -61,3 +65,30 @@ def test_the_throttle_passes_the_first_records_of_each_second_and_counts_the_res
     assert throttle.take_suppressed() == {}
     clock.now += 1.0
     assert throttle.allow("tls_handshake_failed")  # a new second: the first one is never hidden
+
+
+def test_wrong_cancel_keys_refuse_their_source_until_its_window_ends() -> None:
+    now = [0.0]
+    keys = WrongCancelKeys(limit=3, window=60.0, clock=lambda: now[0])
+    assert [keys.wrong("10.0.0.1") for _ in range(3)] == [False, False, True]
+    assert keys.refused("10.0.0.1") and not keys.refused("10.0.0.2")
+    now[0] = 59.9
+    assert keys.refused("10.0.0.1")
+    now[0] = 60.0  # the window counts from the first wrong key, not the last
+    assert not keys.refused("10.0.0.1")
+    assert not keys.wrong("10.0.0.1") and not keys.refused("10.0.0.1")
+
+
+def test_wrong_cancel_keys_from_too_many_sources_forget_the_expired_first(monkeypatch: Any) -> None:
+    monkeypatch.setattr(preauth, "_WRONG_CANCEL_SOURCES", 3)
+    now = [0.0]
+    keys = WrongCancelKeys(limit=1, window=60.0, clock=lambda: now[0])
+    keys.wrong("old")
+    now[0] = 30.0
+    keys.wrong("a")
+    keys.wrong("b")
+    now[0] = 61.0
+    keys.wrong("c")  # a fourth source: "old" has expired and goes, the others stay
+    assert keys.refused("a") and keys.refused("b") and keys.refused("c")
+    keys.wrong("d")  # none expired: all are forgotten rather than the books growing
+    assert keys.refused("d") and not keys.refused("a")

@@ -9,7 +9,7 @@ import random
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, cast
 
@@ -55,7 +55,7 @@ from proxy.policy.model import PolicyMode
 from proxy.policy.postgres import ParseError, analyze
 from proxy.policy.redact import unparsable
 from proxy.pool import ServerShares, UpstreamPool, default_share_cap
-from proxy.preauth import PendingStartup, RecordThrottle
+from proxy.preauth import PendingStartup, RecordThrottle, WrongCancelKeys
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.analysis import (
     NOT_ANALYSED,
@@ -134,6 +134,10 @@ class SessionRegistry:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     # The proxy is shutting down: a session finishing its startup now is refused (57P01).
     draining: bool = False
+    # Guessing a cancel key is slowed to a few tries a minute per source address.
+    wrong_keys: WrongCancelKeys = field(default_factory=WrongCancelKeys)
+    # Counts a cancel not looked up because its source sent too many wrong keys (a metric's child).
+    wrong_keys_refused: Callable[[], None] | None = None
 
     def register(self, session: ClientSession, process_id: int = 0) -> tuple[int, int]:
         """The pid and secret key for the client's BackendKeyData: ``process_id`` (its server
@@ -181,11 +185,26 @@ class SessionRegistry:
         connection stays open until it is done, as PostgreSQL's stays until the server has acted
         on it, so a client that goes on once its cancel call returned never meets the cancel later.
         """
+        address = source.rpartition(":")[0] or source
+        if self.wrong_keys.refused(address):
+            # Not looked up: a right key among the guesses must not tell the guesser anything.
+            if self.wrong_keys_refused is not None:
+                self.wrong_keys_refused()
+            return None
         key = request.secret_key.to_bytes(4, "big", signed=True)
         for session in self.sessions.get(request.process_id, ()):
             if hmac.compare_digest(session.secret_key.to_bytes(4, "big"), key):
                 return session.cancel_current_query(source)
         log.info("cancel_ignored", source=source, reason="unknown backend key")
+        if self.wrong_keys.wrong(address):
+            window = self.wrong_keys.window
+            log.warning(
+                "cancel_keys_refused",
+                source=address,
+                wrong_keys=self.wrong_keys.limit,
+                window_s=window,
+                reason=f"too many wrong cancel keys: its cancels are ignored for up to {window:g} s",
+            )
         return None
 
 
@@ -370,6 +389,7 @@ class ClientSession(asyncio.Protocol):
         "_refused_portals",
         "_refused_statements",
         "_result_watch",
+        "_rollback_portals",
         "_route",
         "_server",
         "_settings_to_read",
@@ -453,6 +473,9 @@ class ClientSession(asyncio.Protocol):
         # Statement texts by prepared-statement and portal name, so executions can be audited.
         self._parsed_texts: dict[bytes, bytes] = {}
         self._portal_texts: dict[bytes, bytes] = {}
+        # While the audit log fails (refusing): portals bound to a ROLLBACK whose text is certain,
+        # the only ones that may run (see _refused_unaudited).
+        self._rollback_portals: set[bytes] = set()
         # SQL PREPARE statements by the name they prepare, decided again for each EXECUTE of it.
         self._sql_prepared: dict[str, bytes] = {}
         # A reload came while portals were open: until that transaction ends, only portals bound
@@ -1591,7 +1614,10 @@ class ClientSession(asyncio.Protocol):
                         # keeps this many, and loses the texts its audit records would show.
                         self._portal_texts.clear()
                         self._refused_portals.clear()
-                    self._portal_texts[portal] = self._parsed_texts.get(statement, b"")
+                        self._rollback_portals.clear()
+                    text = self._portal_texts[portal] = self._parsed_texts.get(statement, b"")
+                    if audit_refusal is not None:
+                        self._note_rollback_portal(portal, statement, text)
                     if refused_at_bind or self._refused_statements or self._refused_portals:
                         # else nothing to keep or forget
                         refused = refused_at_bind or self._refused_statements.get(statement)
@@ -1710,9 +1736,18 @@ class ClientSession(asyncio.Protocol):
         if kind == m.MSG_QUERY:
             return not ends_transaction(chunk[start + 5 : end - 1])
         if kind == m.MSG_EXECUTE:
-            portal = chunk[start + 5 : chunk.find(b"\x00", start + 5, end)]
-            return not ends_transaction(self._portal_texts.get(portal, b""))
+            return chunk[start + 5 : chunk.find(b"\x00", start + 5, end)] not in self._rollback_portals
         return kind == m.MSG_FUNCTION_CALL
+
+    def _note_rollback_portal(self, portal: bytes, statement: bytes, text: bytes) -> None:
+        """Under session pooling a named statement's text is the proxy's guess: the client's own
+        names reach the server, where a second Parse of one fails (42P05) and SQL PREPARE and
+        DEALLOCATE change them out of the proxy's books. Only the unnamed statement (each Parse
+        replaces it) or a name the proxy keeps (transaction pooling) is surely the ROLLBACK it reads."""
+        if ends_transaction(text) and (not statement or self._statements.renames):
+            self._rollback_portals.add(portal)
+        else:
+            self._rollback_portals.discard(portal)
 
     def _raises_statement_timeout(self, text: bytes, start: int, refusals: dict[int, Refusal]) -> bool:
         """The role's statement_timeout is a ceiling: SET, set_config, RESET and DISCARD ALL may
