@@ -7,6 +7,7 @@ every record was held and written) or reports the dropped records (continue, ove
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -35,12 +36,18 @@ _MAX_STATEMENTS = 400
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs mounted for this test, unmounted after it."""
+    with mounted_tmpfs(tmp_path / "small-disk", "64k") as mountpoint:
+        yield mountpoint
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``mountpoint`` (made here) while the block runs."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mountpoint = tmp_path / "small-disk"
     mountpoint.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mountpoint)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mountpoint)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -61,8 +68,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def _fill(directory: Path) -> Path:
     """Take every free byte of the filesystem with one file; the file, to free the space again."""
     filler = directory / "filler"
+    size = os.statvfs(directory)
     with filler.open("wb", buffering=0) as file:
-        for _ in range(1024):  # 64 KiB in 4 KiB pages: far fewer writes than this
+        for _ in range(size.f_blocks * size.f_frsize // 4096 + 1):  # the whole size in 4 KiB pages
             try:
                 file.write(b"\0" * 4096)
             except OSError as exc:
@@ -74,9 +82,15 @@ def _fill(directory: Path) -> Path:
 
 
 def _start(
-    start_proxy: StartProxy, tmp_path: Path, disk: Path, **audit: Any
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    disk: Path,
+    *,
+    settings: dict[str, Any] | None = None,
+    **audit: Any,
 ) -> tuple[ProxyProcess, int, Path, Path, Path]:
-    """A proxy whose audit log is on ``disk`` (its witness elsewhere) with an admin listener."""
+    """A proxy whose audit log is on ``disk`` (its witness elsewhere) with an admin listener, and
+    ``settings`` (further config sections)."""
     key, witness = tmp_path / "audit.key", tmp_path / "audit.witness"
     key.touch(mode=0o600)
     key.write_bytes(os.urandom(32))
@@ -93,6 +107,7 @@ def _start(
             "flush_interval": "50ms",
             **audit,
         },
+        **(settings or {}),
     )
     proxy.wait_for_event("admin_listening")
     return proxy, port, log, key, witness
