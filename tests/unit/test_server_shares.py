@@ -23,30 +23,33 @@ class _Waiter:
 
 def test_a_terminal_at_its_cap_waits_and_a_share_given_back_goes_to_its_first_waiter() -> None:
     shares = ServerShares()
+    till, other = shares.account("s/till-01"), shares.account("s/till-02")
+    assert shares.account("s/till-01") is till  # all sessions of a terminal count on one account
     waiters = [_Waiter() for _ in range(4)]
-    assert shares.take("s/till-01", 2, waiters[0]) and shares.take("s/till-01", 2, waiters[1])
-    assert not shares.take("s/till-01", 2, waiters[2])
-    assert not shares.take("s/till-01", 2, waiters[3])
-    assert shares.take("s/till-02", 2, _Waiter())  # another terminal is not held up
+    assert till.take(2, waiters[0]) and till.take(2, waiters[1])
+    assert not till.take(2, waiters[2])
+    assert not till.take(2, waiters[3])
+    assert other.take(2, _Waiter())  # another terminal is not held up
     assert (shares.held("s/till-01"), shares.waiting("s/till-01")) == (2, 2)
-    shares.give_back("s/till-01")
+    till.give_back()
     assert (waiters[2].granted, waiters[3].granted) == (1, 0)  # first come, first served
     assert (shares.held("s/till-01"), shares.waiting("s/till-01")) == (2, 1)
-    shares.withdraw("s/till-01", waiters[3])  # its client went away
-    shares.give_back("s/till-01")
-    shares.give_back("s/till-01")
+    till.withdraw(waiters[3])  # its client went away
+    till.give_back()
+    till.give_back()
     assert waiters[3].granted == 0
     assert (shares.held("s/till-01"), shares.waiting("s/till-01")) == (0, 0)
-    assert shares._held == {"s/till-02": 1} and shares._waiting == {}
+    del till  # its last session is gone: the pool keeps nothing of the terminal
+    assert list(shares._accounts) == ["s/till-02"] and shares.held("s/till-02") == 1
 
 
 def test_while_others_wait_a_newcomer_joins_the_line_instead_of_jumping_it() -> None:
-    shares = ServerShares()
-    assert shares.take("t", 1, _Waiter())
+    account = ServerShares().account("t")
+    assert account.take(1, _Waiter())
     waiting, newcomer = _Waiter(), _Waiter()
-    assert not shares.take("t", 1, waiting)
-    assert not shares.take("t", 2, newcomer)  # even under a larger cap after a reload
-    shares.give_back("t")
+    assert not account.take(1, waiting)
+    assert not account.take(2, newcomer)  # even under a larger cap after a reload
+    account.give_back()
     assert (waiting.granted, newcomer.granted) == (1, 0)
 
 

@@ -54,7 +54,7 @@ from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
 from proxy.policy.postgres import ParseError, analyze
 from proxy.policy.redact import unparsable
-from proxy.pool import ServerShares, UpstreamPool, default_share_cap
+from proxy.pool import ServerShares, ShareAccount, UpstreamPool, default_share_cap
 from proxy.preauth import PendingStartup, RecordThrottle, WrongCancelKeys
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.analysis import (
@@ -393,6 +393,7 @@ class ClientSession(asyncio.Protocol):
         "_route",
         "_server",
         "_settings_to_read",
+        "_share_account",
         "_share_held",
         "_share_timer",
         "_share_waiting",
@@ -503,7 +504,9 @@ class ClientSession(asyncio.Protocol):
         self._audit_who: Mapping[str, object] | None = None  # see _audit_identity
         # This connection's entry among those not through startup yet (server.py's caps and deadline).
         self._pending = pending
-        # A share of the pool for this terminal (Route.shares): held, or waited for until _share_timer.
+        # A share of the pool for this terminal, counted on its account (Route.shares, kept from the
+        # route's choice on): held, or waited for until _share_timer.
+        self._share_account: ShareAccount | None = None
         self._share_held = False
         self._share_waiting = False
         self._share_timer: asyncio.TimerHandle | None = None
@@ -597,9 +600,9 @@ class ClientSession(asyncio.Protocol):
         waiting, self._waiting = self._waiting, None
         if waiting is not None and self._route is not None:
             self._route.pool.withdraw(waiting)
-        if self._share_waiting and self._route is not None and self.identity is not None:
+        if self._share_waiting and self._share_account is not None:
             self._share_waiting = False
-            self._route.shares.withdraw(self.identity.terminal_key, self)
+            self._share_account.withdraw(self)
         self._env.registry.session_closed(self)
         if self._counted_connection and self.identity is not None:
             identity = self.identity
@@ -980,6 +983,7 @@ class ClientSession(asyncio.Protocol):
         if not self._admit_connection():
             return
         self._route = route
+        self._share_account = route.shares.account(self.identity.terminal_key)
         self._idle_transaction_timeout = route.config.pool.idle_transaction_timeout
         self._statements.max_count = route.config.pool.max_client_prepared_statements
         self._statements.max_bytes = route.config.pool.max_client_prepared_bytes
@@ -1433,10 +1437,10 @@ class ClientSession(asyncio.Protocol):
         """Take one of the server connections this terminal may hold, or wait in its line for one."""
         if self._share_waiting:
             return False
-        identity = self.identity
-        assert identity is not None
+        account = self._share_account
+        assert account is not None
         cap = self._limits.max_server_connections_per_terminal or route.default_share_cap
-        if route.shares.take(identity.terminal_key, cap, self):
+        if account.take(cap, self):
             self._share_held = True
             return True
         self._share_waiting = True
@@ -1444,9 +1448,7 @@ class ClientSession(asyncio.Protocol):
         self._share_timer = asyncio.get_running_loop().call_later(
             route.config.pool.max_client_wait, self._share_wait_over, cap
         )
-        log.info(
-            "server_share_wait", **self._log_fields(), held=route.shares.held(identity.terminal_key), cap=cap
-        )
+        log.info("server_share_wait", **self._log_fields(), held=account.held, cap=cap)
         return False
 
     def share_granted(self) -> None:
@@ -1471,11 +1473,11 @@ class ClientSession(asyncio.Protocol):
 
     def _share_wait_over(self, cap: int) -> None:
         self._share_timer = None
-        route, identity = self._route, self.identity
-        if not self._share_waiting or route is None or identity is None:
+        route, identity, account = self._route, self.identity, self._share_account
+        if not self._share_waiting or route is None or identity is None or account is None:
             return
         self._share_waiting = False
-        route.shares.withdraw(identity.terminal_key, self)
+        account.withdraw(self)
         hit = LimitHit(
             "server connections per terminal",
             None,
@@ -1489,9 +1491,9 @@ class ClientSession(asyncio.Protocol):
         )
 
     def _give_back_share(self) -> None:
-        if self._share_held and self._route is not None and self.identity is not None:
+        if self._share_held and self._share_account is not None:
             self._share_held = False
-            self._route.shares.give_back(self.identity.terminal_key)
+            self._share_account.give_back()
 
     def _send(self, chunk: bytes, frames: list[m.Frame]) -> None:
         server = self._server
@@ -2313,14 +2315,14 @@ class ClientSession(asyncio.Protocol):
     def _leave_pool_line(self) -> None:
         """Nothing waits for a server connection any more: leave the pool's line, and the
         terminal's line for a share, or give back the share taken for it."""
-        route, identity = self._route, self.identity
-        assert route is not None and identity is not None
+        route, account = self._route, self._share_account
+        assert route is not None and account is not None
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
             route.pool.withdraw(waiting)
         if self._share_waiting:
             self._share_waiting = False
-            route.shares.withdraw(identity.terminal_key, self)
+            account.withdraw(self)
             if self._share_timer is not None:
                 self._share_timer.cancel()
                 self._share_timer = None
