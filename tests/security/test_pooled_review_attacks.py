@@ -672,6 +672,51 @@ def test_a_temporary_table_made_out_of_sight_does_not_shadow_the_next_policy_rol
                 assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
 
 
+@contextlib.contextmanager
+def _function_taking_session_state(cluster: Any) -> Iterator[str]:
+    """A function that takes a session advisory lock and opens a WITH HOLD cursor: the statement
+    through the proxy only calls it, so neither is in its text for the proxy to pin on."""
+    with _superuser(cluster) as admin:
+        admin.execute(
+            "CREATE OR REPLACE FUNCTION public.review_take_state() RETURNS int LANGUAGE plpgsql AS $$"
+            " BEGIN PERFORM pg_advisory_lock(7401);"
+            " EXECUTE 'DECLARE review_left CURSOR WITH HOLD FOR SELECT name FROM public.price_list';"
+            " RETURN 1; END $$"
+        )
+    try:
+        yield "SELECT public.review_take_state()"
+    finally:
+        with _superuser(cluster) as admin:
+            admin.execute("DROP FUNCTION public.review_take_state()")
+
+
+@pytest.mark.usefixtures("shadow_schema")
+def test_a_lock_and_cursor_taken_out_of_sight_do_not_stay_for_the_next_policy_role(
+    start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, pg_cluster: Any
+) -> None:
+    """A role without a policy whose function took a session advisory lock and left a WITH HOLD
+    cursor is not pinned (the proxy cannot see them); before a cashier whose policy is enforced
+    runs on that server connection, the reset releases the lock and closes the cursor, as DISCARD
+    ALL would, so neither is held or readable on the cashier's behalf."""
+    with _function_taking_session_state(pg_cluster) as take_state:
+        proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
+        with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
+            attacker.execute(take_state)
+            pid = _backend_pid(attacker)
+            with _superuser(pg_cluster) as admin:
+                held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s"
+                assert admin.execute(held, [pid]).fetchone() == (1,)
+                with _psycopg(proxy, terminal_pki, terminal_pki.cashier) as victim:
+                    assert _backend_pid(victim) == pid
+                    assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
+                    assert admin.execute(held, [pid]).fetchone() == (0,)
+            # The cashier's policy may not read pg_cursors: the next role without one, on the same
+            # server connection, looks.
+            with _psycopg(proxy, terminal_pki, terminal_pki.manager) as after:
+                assert _backend_pid(after) == pid
+                assert after.execute("SELECT count(*) FROM pg_cursors").fetchone() == (0,)
+
+
 # Delays after the last answer of a statements-only cycle, around the 1 s idle timeout: some of the
 # client's Binds, Executes and Syncs reach the proxy just before its own Sync, some while it is on
 # its way, some after its ReadyForQuery.

@@ -401,9 +401,9 @@ class ServerConnection(asyncio.Protocol):
             self.changed_settings[SESSION_PARAMETERS.get(name, name)] = _UNKNOWN_VALUE
 
     async def reset_session_settings(self, timeout: float) -> None:
-        """Every setting and the role back to the route's values, and no temporary table left, as
-        DISCARD ALL resets them but keeping the prepared statements: nothing a client changed out of
-        the proxy's sight stays."""
+        """Every setting and the role back to the route's values, and no temporary table, cursor,
+        channel or session lock left, as DISCARD ALL resets them but keeping the prepared
+        statements: nothing a client changed out of the proxy's sight stays."""
         await self.run_internal(_RESET_SESSION_SETTINGS, timeout)
         # The reported ones the reset changed were reported (ParameterStatus): all are the route's.
         self.changed_settings.clear()
@@ -566,11 +566,16 @@ class ServerConnection(asyncio.Protocol):
 
 _DATA_ROW: Final = ord("D")
 _FLUSH: Final = ord("H")
-# DISCARD ALL's resets (SET SESSION AUTHORIZATION DEFAULT, RESET ALL), and the role, which RESET ALL
-# leaves alone; any user may go back to the one it logged in as. DISCARD TEMP too: tables are looked
-# up in pg_temp before any schema of a search_path that does not name it, so a temporary table
-# would shadow the one a policy decided on.
-_RESET_SESSION_SETTINGS: Final = "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; DISCARD TEMP"
+# DISCARD ALL's resets but DEALLOCATE ALL (the clients' prepared statements stay), and the role,
+# which RESET ALL leaves alone; any user may go back to the one it logged in as. DISCARD TEMP:
+# tables are looked up in pg_temp before any schema of a search_path that does not name it, so a
+# temporary table would shadow the one a policy decided on. CLOSE ALL, UNLISTEN * and the advisory
+# locks: a WITH HOLD cursor, a channel or a session lock taken out of sight (in a function) would
+# otherwise stay with the server session, readable or held on behalf of whoever comes next.
+_RESET_SESSION_SETTINGS: Final = (
+    "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; DISCARD TEMP; CLOSE ALL; UNLISTEN *;"
+    " SELECT pg_advisory_unlock_all(); DISCARD SEQUENCES"
+)
 # Messages that open an extended-protocol cycle, which a Sync must end. Not Flush: it asks only for
 # the output so far and cannot fail (psycopg's pipeline sends one right after its Sync).
 _EXTENDED_QUERY_TYPES: Final = frozenset(b"PBDEC")
