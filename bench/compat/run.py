@@ -49,7 +49,18 @@ from proxy.localpg import LocalPostgres, LocalPostgresError, LocalPostgresTLS  #
 from tests.integration.proxyproc import ProxyProcess, TerminalPKI, proxy_config  # noqa: E402
 
 ENDPOINTS: Final = ("direct", "session", "transaction")
-DATABASE: Final = "postgres"  # what the suites connect to by default; also the proxy's route key
+DATABASE: Final = "postgres"  # what the suites connect to by default
+# The databases the suites create and then connect to (asyncpg's test_cache_invalidation and
+# test_introspection, pg8000's scram tests): the proxy gets a route for each, with the same
+# upstream, as a deployment routes every database its terminals use.  A route to a database that
+# does not exist yet costs nothing until a client connects (then the server's 3D000 is passed
+# on).  Names the suites expect not to exist (`nosuchdb`, `missing-db`) have no route: the
+# proxy answers 3D000 itself.  The suites drop these databases right after their clients
+# disconnect; the server waits 5 s for other sessions before DROP DATABASE fails with 55006, so
+# these routes close idle server connections after 1 s (what an operator does with `pos-proxy
+# admin close-idle ROUTE` before dropping a routed database).
+SCRATCH_DATABASES: Final = ("testdb", "asyncpg_intro_test", "pg8000_scram_sha_256")
+SCRATCH_IDLE_TIMEOUT: Final = "1s"
 DB_USER: Final = "postgres"  # the suites create roles, databases and extensions: a superuser
 DEFAULT_SUITE_PYTHON: Final = Path("/work/compat-venv/bin/python")
 DEFAULT_MIRRORS: Final = Path("/work/.mirror")
@@ -295,7 +306,11 @@ def running_endpoint(work: Path, endpoint: str, pool_size: int, logs: Path) -> I
             "max_client_wait": "30s",
             "idle_transaction_timeout": "10m",
         }
-        config["routes"] = {DATABASE: route}
+        scratch_pool = {**route["pool"], "server_idle_timeout": SCRATCH_IDLE_TIMEOUT}
+        config["routes"] = {
+            DATABASE: route,
+            **{name: {**route, "dbname": name, "pool": scratch_pool} for name in SCRATCH_DATABASES},
+        }
         config["listen"]["max_message_size"] = "256MiB"
         proxy = ProxyProcess(work / "proxy", config, ["--log-level", "warning"])
         proxy.start()
