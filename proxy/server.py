@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import functools
 import os
 import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,36 +20,25 @@ from proxy.admin import AdminListener, AdminServer
 from proxy.audit import AuditError, OnWriteFailure
 from proxy.auditwriter import AuditLog
 from proxy.config.load import load_config
-from proxy.config.model import AdminConfig, AuditConfig, Config, ExpiredCRLAction, RouteConfig
+from proxy.config.model import AdminConfig, AuditConfig, Config, ExpiredCRLAction
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.eventloop import log_unhandled_error
 from proxy.limits import Limiter, SourceRateLimiter
 from proxy.metrics import Metrics, build_labels
-from proxy.policy.encodings import DEFAULT_ENCODING
 from proxy.policy.engine import PolicyEngine, StatementSummaries
 from proxy.policy.learn import ReviewLog
-from proxy.pool import PoolSettings, ServerUnreachable, UpstreamPool
 from proxy.preauth import PendingStartup, PendingStartups, RecordThrottle
-from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.analysis import AnalysisPool
+from proxy.protocols.postgres.frontend import Encryption, build_route, build_routes, negotiate_encryption
 from proxy.protocols.postgres.session import ClientSession, Route, SessionEnvironment, SessionRegistry
-from proxy.protocols.postgres.startup import UpstreamRefused
-from proxy.protocols.postgres.upstream import (
-    InternalQueryFailed,
-    ServerConnection,
-    UpstreamConnectError,
-    connect_server,
-    open_socket,
-)
 from proxy.protocols.proxyheader import (
-    FIRST_BYTES,
     HeaderProblem,
     ProxyHeader,
     ProxyHeaderError,
     parse_proxy_header,
 )
 from proxy.sdnotify import Notifier
-from proxy.tcp import tune_socket
+from proxy.tcp import readable, recv_exactly, tune_socket
 from proxy.tlsconfig import CRLExpired, UpstreamTLS, load_terminal_tls, upstream_context
 from proxy.tlstransport import accept_tls
 from proxy.workers import WorkerSlot
@@ -61,18 +49,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("pos_proxy.server")
 
-# Shown in pg_stat_activity for pooled connections until a client sets its own name.
-SERVER_APPLICATION_NAME = "pos-db-proxy"
 _RECYCLE_INTERVAL = 1.0
 # How long a closing session may take to flush its last bytes: a terminal that never reads would
 # otherwise hold a drain (or its socket) open.
 _TLS_SHUTDOWN_TIMEOUT = 2.0
 # How often a worker checks that its supervisor is still there.
 _SUPERVISOR_CHECK_INTERVAL = 1.0
-_PLAINTEXT_REFUSAL = AuthenticationRefused(
-    "pos-db-proxy accepts only TLS connections with a terminal certificate",
-    hint="connect with sslmode=verify-full and the terminal's sslcert and sslkey",
-)
 
 
 def build_policy_engine(config: Config) -> PolicyEngine:
@@ -97,97 +79,15 @@ def build_statement_summaries(config: Config) -> StatementSummaries:
     )
 
 
-def build_routes(config: Config, metrics: Metrics) -> dict[str, Route]:
-    return {
-        name: _build_route(route, UpstreamTLS(upstream_context(route)), metrics)
-        for name, route in config.routes.items()
-    }
-
-
-def _build_route(route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Route:
-    server_parameters: dict[str, str] = {}
-
-    async def connect(on_closed: Callable[[ServerConnection], None]) -> ServerConnection:
-        try:
-            # What RESET ALL and DISCARD ALL return a session to, whatever the role's or database's
-            # defaults: the client encoding and string literals the proxy's parser reads.
-            connection = await connect_server(
-                route,
-                tls.context,
-                on_closed,
-                {
-                    "application_name": SERVER_APPLICATION_NAME,
-                    "client_encoding": DEFAULT_ENCODING,
-                    "standard_conforming_strings": "on",
-                },
-            )
-        except (ServerUnreachable, UpstreamConnectError, UpstreamRefused, ProtocolViolation):
-            metrics.server_connection_errors_total.labels(route.database).inc()
-            raise
-        metrics.server_connections_opened_total.labels(route.database).inc()
-        if not server_parameters:
-            server_parameters.update(connection.reported)
-        return connection
-
-    async def reset(connection: ServerConnection) -> bool:
-        if not connection.is_clean:
-            return False
-        try:
-            await connection.run_internal("DISCARD ALL", route.pool.connect_timeout)
-        except (InternalQueryFailed, UpstreamConnectError):
-            return False
-        connection.forget_session()
-        return True
-
-    settings = PoolSettings(
-        size=route.pool.size,
-        min_idle=route.pool.min_idle,
-        max_client_wait=route.pool.max_client_wait,
-        idle_timeout=route.pool.server_idle_timeout,
-        lifetime=route.pool.server_lifetime,
-        connect_timeout=route.pool.connect_timeout,
-        retry_delay=route.pool.connect_retry_delay,
-        retry_max_delay=route.pool.connect_retry_max_delay,
-    )
-
-    async def probe() -> None:
-        """A TCP connect to the server, closed before a startup packet: no backend starts (PostgreSQL
-        logs it only under log_connections)."""
-        try:
-            sock = await open_socket(route, min(route.pool.connect_timeout, _UPSTREAM_PROBE_TIMEOUT))
-        except UpstreamConnectError as exc:
-            raise ServerUnreachable(str(exc)) from exc
-        sock.close()
-
-    def upstream_changed(up: bool) -> None:
-        metrics.upstream_up.labels(route.database).set(1 if up else 0)
-        if not up:
-            metrics.upstream_down_total.labels(route.database).inc()
-
-    metrics.upstream_up.labels(route.database).set(1)
-    metrics.upstream_down_total.labels(route.database)
-    pool: UpstreamPool[ServerConnection] = UpstreamPool(
-        route.database, settings, connect, reset, upstream_changed, probe=probe
-    )
-    return Route(config=route, pool=pool, tls=tls, server_parameters=server_parameters)
-
-
 # proxy-protocol.txt section 2: senders fit the header in one 536-byte segment; longer ones take more rounds.
 _HEADER_PEEK_SIZE = 536
 _RELOADABLE = ("tls", "identity", "roles", "routes", "policy", "limits", "admin")
-_UPSTREAM_PROBE_TIMEOUT = 2.0
 # Connections taken from the kernel's queue per wakeup of the listener, so that a burst of new
 # terminals cannot hold the event loop from the sessions already running (asyncio's own figure).
 _ACCEPTS_PER_WAKEUP = 100
 # After an accept error (out of descriptors): how long to leave the queue alone before trying again.
 _ACCEPT_BACKOFF = 0.1
 _EXPIRED_CRL_ALARM_INTERVAL = 60.0
-
-
-class _Encryption(enum.Enum):
-    NONE = "none"
-    NEGOTIATED = "SSLRequest"
-    DIRECT = "direct"
 
 
 class ProxyServer:
@@ -543,7 +443,7 @@ class ProxyServer:
                     sslcert=str(client.cert) if client is not None else None,
                 )
             else:
-                routes[name] = _build_route(route_config, UpstreamTLS(upstream_contexts[name]), self.metrics)
+                routes[name] = build_route(route_config, UpstreamTLS(upstream_contexts[name]), self.metrics)
         for name, route in self.routes.items():
             kept = routes.get(name)
             if kept is None or kept.pool is not route.pool:
@@ -844,10 +744,17 @@ class ProxyServer:
             if source is None:
                 return
             async with asyncio.timeout_at(deadline):
-                encryption = await self._negotiate_encryption(sock, source)
-            if encryption is not _Encryption.NONE:
+                encryption = await negotiate_encryption(
+                    sock,
+                    source,
+                    registry=self._registry,
+                    metrics=self.metrics,
+                    refuse_proxy_header=self._refuse_proxy_header,
+                    preauth_log=self._preauth_log,
+                )
+            if encryption is not Encryption.NONE:
                 started = await self._start_tls_session(
-                    sock, source, pending, deadline, direct=encryption is _Encryption.DIRECT
+                    sock, source, pending, deadline, direct=encryption is Encryption.DIRECT
                 )
         except TimeoutError:
             self._preauth_log("handshake_timeout", source=source, timeout_s=timeout)
@@ -890,59 +797,6 @@ class ProxyServer:
         self.metrics.client_connections_refused_total.labels(f"proxy header {reason}").inc()
         if self._preauth_log("proxy_header_refused", warning=True, source=peer, reason=reason, error=error):
             self._audit("connection_refused", "failure", source=peer, reason=f"PROXY header: {error}")
-
-    async def _negotiate_encryption(self, sock: socket.socket, source: str) -> _Encryption:
-        loop = asyncio.get_running_loop()
-        gssenc_refused = False
-        while True:
-            first = await _peek_byte(sock)
-            if first is None:
-                return _Encryption.NONE
-            if first in FIRST_BYTES:
-                # Only listen.proxy_protocol.trusted_sources may say where a connection comes from.
-                self._refuse_proxy_header(source, "untrusted", "PROXY header from an untrusted peer")
-                return _Encryption.NONE
-            if first == m.TLS_HANDSHAKE_RECORD:
-                return _Encryption.DIRECT
-            head = await _recv_exactly(sock, 4)
-            length = m.startup_packet_length(head)
-            assert length is not None
-            packet = m.parse_startup_packet(head + await _recv_exactly(sock, length - 4))
-            if isinstance(packet, m.SSLRequest):
-                await loop.sock_sendall(sock, b"S")
-                return _Encryption.NEGOTIATED
-            if isinstance(packet, m.GSSENCRequest):
-                # libpq asks once and goes on with an SSLRequest or startup; asking again is a loop.
-                if gssenc_refused:
-                    raise ProtocolViolation("GSSENCRequest repeated after it was refused")
-                gssenc_refused = True
-                await loop.sock_sendall(sock, b"N")
-                continue
-            if isinstance(packet, m.CancelRequest):
-                delivery = self._registry.cancel(packet, source)
-                if delivery is not None:
-                    # Closed once the server has acted on it (SessionRegistry.cancel says why);
-                    # the wait leaves the delivery itself alone when the handshake time runs out.
-                    await asyncio.wait((delivery,))
-                return _Encryption.NONE
-            self._preauth_log(
-                "session_refused",
-                warning=True,
-                source=source,
-                sqlstate=_PLAINTEXT_REFUSAL.sqlstate,
-                reason="plaintext startup",
-            )
-            self.metrics.client_error("proxy", _PLAINTEXT_REFUSAL.sqlstate)
-            await loop.sock_sendall(
-                sock,
-                m.build_error_response(
-                    "FATAL",
-                    _PLAINTEXT_REFUSAL.sqlstate,
-                    _PLAINTEXT_REFUSAL.message,
-                    hint=_PLAINTEXT_REFUSAL.hint,
-                ),
-            )
-            return _Encryption.NONE
 
     async def _start_tls_session(
         self, sock: socket.socket, source: str, pending: PendingStartup, deadline: float, *, direct: bool
@@ -1039,17 +893,6 @@ def _close_unless_handed_over(sock: socket.socket, _task: asyncio.Task[None]) ->
         sock.close()
 
 
-async def _peek_byte(sock: socket.socket) -> int | None:
-    """The first byte waiting on ``sock`` without consuming it (None at EOF).
-
-    We must look before reading: a PostgreSQL 17 direct-TLS client starts with a TLS
-    record that the TLS layer has to see from its first byte.
-    """
-    await _readable(sock)
-    data = sock.recv(1, socket.MSG_PEEK)
-    return data[0] if data else None
-
-
 async def _receive_proxy_header(sock: socket.socket) -> ProxyHeader | None:
     """Consume exactly the PROXY header at the start of ``sock``; None at EOF before its first byte.
 
@@ -1059,7 +902,7 @@ async def _receive_proxy_header(sock: socket.socket) -> ProxyHeader | None:
     """
     received = bytearray()
     while True:
-        await _readable(sock)
+        await readable(sock)
         waiting = sock.recv(_HEADER_PEEK_SIZE, socket.MSG_PEEK)
         if not waiting:
             if not received:
@@ -1067,35 +910,9 @@ async def _receive_proxy_header(sock: socket.socket) -> ProxyHeader | None:
             raise ProxyHeaderError(HeaderProblem.MALFORMED, "the connection closed inside the header")
         header = parse_proxy_header(received + waiting)
         if header is not None:
-            await _recv_exactly(sock, header.length - len(received))
+            await recv_exactly(sock, header.length - len(received))
             return header
-        received += await _recv_exactly(sock, len(waiting))
-
-
-async def _readable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    readable: asyncio.Future[None] = loop.create_future()
-
-    def mark_readable() -> None:
-        if not readable.done():
-            readable.set_result(None)
-
-    loop.add_reader(sock.fileno(), mark_readable)
-    try:
-        await readable
-    finally:
-        loop.remove_reader(sock.fileno())
-
-
-async def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    chunks = bytearray()
-    while len(chunks) < size:
-        chunk = await loop.sock_recv(sock, size - len(chunks))
-        if not chunk:
-            raise ProtocolViolation("connection closed during startup")
-        chunks += chunk
-    return bytes(chunks)
+        received += await recv_exactly(sock, len(waiting))
 
 
 async def serve(config: Config, worker: WorkerSlot | None = None) -> int:
