@@ -1,19 +1,21 @@
-"""The PostgreSQL front end: the plaintext preamble before TLS, and building a route's pool."""
+"""The PostgreSQL front end: the plaintext preamble before TLS (the client speaks first), the session
+on the TLS connection, a route's pool (connector and DISCARD ALL reset) and ErrorResponse bytes."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import socket
 from collections.abc import Callable
 
-from proxy.config.model import Config, RouteConfig
-from proxy.errors import AuthenticationRefused, ProtocolViolation
+from proxy.config.model import RouteConfig
+from proxy.errors import AuthenticationRefused, ProtocolViolation, ProxyError
+from proxy.frontend import Encryption, Preauth
 from proxy.metrics import Metrics
 from proxy.policy.encodings import DEFAULT_ENCODING
 from proxy.pool import PoolSettings, ServerUnreachable, UpstreamPool
+from proxy.preauth import PendingStartup
 from proxy.protocols.postgres import messages as m
-from proxy.protocols.postgres.session import Route, SessionRegistry
+from proxy.protocols.postgres.session import ClientSession, Route, SessionEnvironment, SessionRegistry
 from proxy.protocols.postgres.startup import UpstreamRefused
 from proxy.protocols.postgres.upstream import (
     InternalQueryFailed,
@@ -24,7 +26,7 @@ from proxy.protocols.postgres.upstream import (
 )
 from proxy.protocols.proxyheader import FIRST_BYTES
 from proxy.tcp import peek_byte, recv_exactly
-from proxy.tlsconfig import UpstreamTLS, upstream_context
+from proxy.tlsconfig import UpstreamTLS
 
 # Shown in pg_stat_activity for pooled connections until a client sets its own name.
 SERVER_APPLICATION_NAME = "pos-db-proxy"
@@ -33,19 +35,6 @@ PLAINTEXT_REFUSAL = AuthenticationRefused(
     "pos-db-proxy accepts only TLS connections with a terminal certificate",
     hint="connect with sslmode=verify-full and the terminal's sslcert and sslkey",
 )
-
-
-class Encryption(enum.Enum):
-    NONE = "none"
-    NEGOTIATED = "SSLRequest"
-    DIRECT = "direct"
-
-
-def build_routes(config: Config, metrics: Metrics) -> dict[str, Route]:
-    return {
-        name: build_route(route, UpstreamTLS(upstream_context(route)), metrics)
-        for name, route in config.routes.items()
-    }
 
 
 def build_route(route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Route:
@@ -116,63 +105,71 @@ def build_route(route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Route
     return Route(config=route, pool=pool, tls=tls, server_parameters=server_parameters)
 
 
-async def negotiate_encryption(
-    sock: socket.socket,
-    source: str,
-    *,
-    registry: SessionRegistry,
-    metrics: Metrics,
-    refuse_proxy_header: Callable[[str, str, str], None],
-    preauth_log: Callable[..., bool],
-) -> Encryption:
-    loop = asyncio.get_running_loop()
-    gssenc_refused = False
-    while True:
-        first = await peek_byte(sock)
-        if first is None:
+class PostgresFrontend:
+    """PostgreSQL terminals: SSLRequest or direct TLS, GSSENC refused, cancel requests handled before
+    TLS (libpq sends them in plaintext on a new connection), any other plaintext startup refused."""
+
+    default_port = 6432
+
+    def __init__(self, registry: SessionRegistry) -> None:
+        # Where a CancelRequest finds the session its key belongs to.
+        self._registry = registry
+
+    async def preamble(self, sock: socket.socket, source: str, preauth: Preauth) -> Encryption:
+        """Pre-TLS phase (55.2.10, 55.2.11): SSLRequest, GSSENCRequest, direct TLS, or a refusal."""
+        loop = asyncio.get_running_loop()
+        gssenc_refused = False
+        while True:
+            first = await peek_byte(sock)
+            if first is None:
+                return Encryption.NONE
+            if first in FIRST_BYTES:
+                # Only listen.proxy_protocol.trusted_sources may say where a connection comes from.
+                preauth.refuse_proxy_header(source, "untrusted", "PROXY header from an untrusted peer")
+                return Encryption.NONE
+            if first == m.TLS_HANDSHAKE_RECORD:
+                return Encryption.DIRECT
+            head = await recv_exactly(sock, 4)
+            length = m.startup_packet_length(head)
+            assert length is not None
+            packet = m.parse_startup_packet(head + await recv_exactly(sock, length - 4))
+            if isinstance(packet, m.SSLRequest):
+                await loop.sock_sendall(sock, b"S")
+                return Encryption.NEGOTIATED
+            if isinstance(packet, m.GSSENCRequest):
+                # libpq asks once and goes on with an SSLRequest or startup; asking again is a loop.
+                if gssenc_refused:
+                    raise ProtocolViolation("GSSENCRequest repeated after it was refused")
+                gssenc_refused = True
+                await loop.sock_sendall(sock, b"N")
+                continue
+            if isinstance(packet, m.CancelRequest):
+                delivery = self._registry.cancel(packet, source)
+                if delivery is not None:
+                    # Closed once the server has acted on it (SessionRegistry.cancel says why);
+                    # the wait leaves the delivery itself alone when the handshake time runs out.
+                    await asyncio.wait((delivery,))
+                return Encryption.NONE
+            preauth.preauth_log(
+                "session_refused",
+                warning=True,
+                source=source,
+                sqlstate=PLAINTEXT_REFUSAL.sqlstate,
+                reason="plaintext startup",
+            )
+            preauth.metrics.client_error("proxy", PLAINTEXT_REFUSAL.sqlstate)
+            await loop.sock_sendall(sock, self.render_error(PLAINTEXT_REFUSAL))
             return Encryption.NONE
-        if first in FIRST_BYTES:
-            # Only listen.proxy_protocol.trusted_sources may say where a connection comes from.
-            refuse_proxy_header(source, "untrusted", "PROXY header from an untrusted peer")
-            return Encryption.NONE
-        if first == m.TLS_HANDSHAKE_RECORD:
-            return Encryption.DIRECT
-        head = await recv_exactly(sock, 4)
-        length = m.startup_packet_length(head)
-        assert length is not None
-        packet = m.parse_startup_packet(head + await recv_exactly(sock, length - 4))
-        if isinstance(packet, m.SSLRequest):
-            await loop.sock_sendall(sock, b"S")
-            return Encryption.NEGOTIATED
-        if isinstance(packet, m.GSSENCRequest):
-            # libpq asks once and goes on with an SSLRequest or startup; asking again is a loop.
-            if gssenc_refused:
-                raise ProtocolViolation("GSSENCRequest repeated after it was refused")
-            gssenc_refused = True
-            await loop.sock_sendall(sock, b"N")
-            continue
-        if isinstance(packet, m.CancelRequest):
-            delivery = registry.cancel(packet, source)
-            if delivery is not None:
-                # Closed once the server has acted on it (SessionRegistry.cancel says why);
-                # the wait leaves the delivery itself alone when the handshake time runs out.
-                await asyncio.wait((delivery,))
-            return Encryption.NONE
-        preauth_log(
-            "session_refused",
-            warning=True,
-            source=source,
-            sqlstate=PLAINTEXT_REFUSAL.sqlstate,
-            reason="plaintext startup",
+
+    def create_session(
+        self, environment: SessionEnvironment, source: str, pending: PendingStartup, *, direct_tls: bool
+    ) -> ClientSession:
+        return ClientSession(environment, source, direct_tls=direct_tls, pending=pending)
+
+    def build_route(self, route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Route:
+        return build_route(route, tls, metrics)
+
+    def render_error(self, error: ProxyError) -> bytes:
+        return m.build_error_response(
+            "FATAL", error.sqlstate, error.message, detail=error.detail, hint=error.hint
         )
-        metrics.client_error("proxy", PLAINTEXT_REFUSAL.sqlstate)
-        await loop.sock_sendall(
-            sock,
-            m.build_error_response(
-                "FATAL",
-                PLAINTEXT_REFUSAL.sqlstate,
-                PLAINTEXT_REFUSAL.message,
-                hint=PLAINTEXT_REFUSAL.hint,
-            ),
-        )
-        return Encryption.NONE
