@@ -106,7 +106,7 @@ class _Listener:
 
 
 class ProxyServer:
-    """Owns the listening socket, the sessions and the pools for one configuration.
+    """Owns the listening sockets, the sessions and the pools for one configuration.
 
     With a ``worker`` slot it is one of several processes under a supervisor (proxy.supervisor):
     it shares the port through SO_REUSEPORT, runs its slice of the configuration and serves its
