@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import functools
 import os
 import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,36 +20,26 @@ from proxy.admin import AdminListener, AdminServer
 from proxy.audit import AuditError, OnWriteFailure
 from proxy.auditwriter import AuditLog
 from proxy.config.load import load_config
-from proxy.config.model import AdminConfig, AuditConfig, Config, ExpiredCRLAction, RouteConfig
+from proxy.config.model import AdminConfig, AuditConfig, Config, ExpiredCRLAction, WireProtocol
 from proxy.errors import AdminShutdown, AuthenticationRefused, ProtocolViolation
 from proxy.eventloop import log_unhandled_error
+from proxy.frontend import Encryption, Frontend
 from proxy.limits import Limiter, SourceRateLimiter
 from proxy.metrics import Metrics, build_labels
-from proxy.policy.encodings import DEFAULT_ENCODING
 from proxy.policy.engine import PolicyEngine, StatementSummaries
 from proxy.policy.learn import ReviewLog
-from proxy.pool import PoolSettings, ServerUnreachable, UpstreamPool
 from proxy.preauth import PendingStartup, PendingStartups, RecordThrottle
-from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.analysis import AnalysisPool
+from proxy.protocols.postgres.frontend import PostgresFrontend
 from proxy.protocols.postgres.session import ClientSession, Route, SessionEnvironment, SessionRegistry
-from proxy.protocols.postgres.startup import UpstreamRefused
-from proxy.protocols.postgres.upstream import (
-    InternalQueryFailed,
-    ServerConnection,
-    UpstreamConnectError,
-    connect_server,
-    open_socket,
-)
 from proxy.protocols.proxyheader import (
-    FIRST_BYTES,
     HeaderProblem,
     ProxyHeader,
     ProxyHeaderError,
     parse_proxy_header,
 )
 from proxy.sdnotify import Notifier
-from proxy.tcp import tune_socket
+from proxy.tcp import readable, recv_exactly, tune_socket
 from proxy.tlsconfig import CRLExpired, UpstreamTLS, load_terminal_tls, upstream_context
 from proxy.tlstransport import accept_tls
 from proxy.workers import WorkerSlot
@@ -61,18 +50,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("pos_proxy.server")
 
-# Shown in pg_stat_activity for pooled connections until a client sets its own name.
-SERVER_APPLICATION_NAME = "pos-db-proxy"
 _RECYCLE_INTERVAL = 1.0
 # How long a closing session may take to flush its last bytes: a terminal that never reads would
 # otherwise hold a drain (or its socket) open.
 _TLS_SHUTDOWN_TIMEOUT = 2.0
 # How often a worker checks that its supervisor is still there.
 _SUPERVISOR_CHECK_INTERVAL = 1.0
-_PLAINTEXT_REFUSAL = AuthenticationRefused(
-    "pos-db-proxy accepts only TLS connections with a terminal certificate",
-    hint="connect with sslmode=verify-full and the terminal's sslcert and sslkey",
-)
 
 
 def build_policy_engine(config: Config) -> PolicyEngine:
@@ -97,85 +80,9 @@ def build_statement_summaries(config: Config) -> StatementSummaries:
     )
 
 
-def build_routes(config: Config, metrics: Metrics) -> dict[str, Route]:
-    return {
-        name: _build_route(route, UpstreamTLS(upstream_context(route)), metrics)
-        for name, route in config.routes.items()
-    }
-
-
-def _build_route(route: RouteConfig, tls: UpstreamTLS, metrics: Metrics) -> Route:
-    server_parameters: dict[str, str] = {}
-
-    async def connect(on_closed: Callable[[ServerConnection], None]) -> ServerConnection:
-        try:
-            # What RESET ALL and DISCARD ALL return a session to, whatever the role's or database's
-            # defaults: the client encoding and string literals the proxy's parser reads.
-            connection = await connect_server(
-                route,
-                tls.context,
-                on_closed,
-                {
-                    "application_name": SERVER_APPLICATION_NAME,
-                    "client_encoding": DEFAULT_ENCODING,
-                    "standard_conforming_strings": "on",
-                },
-            )
-        except (ServerUnreachable, UpstreamConnectError, UpstreamRefused, ProtocolViolation):
-            metrics.server_connection_errors_total.labels(route.database).inc()
-            raise
-        metrics.server_connections_opened_total.labels(route.database).inc()
-        if not server_parameters:
-            server_parameters.update(connection.reported)
-        return connection
-
-    async def reset(connection: ServerConnection) -> bool:
-        if not connection.is_clean:
-            return False
-        try:
-            await connection.run_internal("DISCARD ALL", route.pool.connect_timeout)
-        except (InternalQueryFailed, UpstreamConnectError):
-            return False
-        connection.forget_session()
-        return True
-
-    settings = PoolSettings(
-        size=route.pool.size,
-        min_idle=route.pool.min_idle,
-        max_client_wait=route.pool.max_client_wait,
-        idle_timeout=route.pool.server_idle_timeout,
-        lifetime=route.pool.server_lifetime,
-        connect_timeout=route.pool.connect_timeout,
-        retry_delay=route.pool.connect_retry_delay,
-        retry_max_delay=route.pool.connect_retry_max_delay,
-    )
-
-    async def probe() -> None:
-        """A TCP connect to the server, closed before a startup packet: no backend starts (PostgreSQL
-        logs it only under log_connections)."""
-        try:
-            sock = await open_socket(route, min(route.pool.connect_timeout, _UPSTREAM_PROBE_TIMEOUT))
-        except UpstreamConnectError as exc:
-            raise ServerUnreachable(str(exc)) from exc
-        sock.close()
-
-    def upstream_changed(up: bool) -> None:
-        metrics.upstream_up.labels(route.database).set(1 if up else 0)
-        if not up:
-            metrics.upstream_down_total.labels(route.database).inc()
-
-    metrics.upstream_up.labels(route.database).set(1)
-    metrics.upstream_down_total.labels(route.database)
-    pool: UpstreamPool[ServerConnection] = UpstreamPool(
-        route.database, settings, connect, reset, upstream_changed, probe=probe
-    )
-    return Route(config=route, pool=pool, tls=tls, server_parameters=server_parameters)
-
-
 # proxy-protocol.txt section 2: senders fit the header in one 536-byte segment; longer ones take more rounds.
 _HEADER_PEEK_SIZE = 536
 _RELOADABLE = ("tls", "identity", "roles", "routes", "policy", "limits", "admin")
-_UPSTREAM_PROBE_TIMEOUT = 2.0
 # Connections taken from the kernel's queue per wakeup of the listener, so that a burst of new
 # terminals cannot hold the event loop from the sessions already running (asyncio's own figure).
 _ACCEPTS_PER_WAKEUP = 100
@@ -184,14 +91,22 @@ _ACCEPT_BACKOFF = 0.1
 _EXPIRED_CRL_ALARM_INTERVAL = 60.0
 
 
-class _Encryption(enum.Enum):
-    NONE = "none"
-    NEGOTIATED = "SSLRequest"
-    DIRECT = "direct"
+# The server's sessions and routes are still PostgreSQL's (the neutral session gate comes later).
+_PostgresFrontend = Frontend[Route, SessionEnvironment, ClientSession]
+
+
+@dataclasses.dataclass
+class _Listener:
+    """A listening socket and the front end its terminals speak."""
+
+    sock: socket.socket
+    frontend: _PostgresFrontend
+    # While accepting is paused after an accept error (descriptors exhausted): the resume timer.
+    paused: asyncio.TimerHandle | None = None
 
 
 class ProxyServer:
-    """Owns the listening socket, the sessions and the pools for one configuration.
+    """Owns the listening sockets, the sessions and the pools for one configuration.
 
     With a ``worker`` slot it is one of several processes under a supervisor (proxy.supervisor):
     it shares the port through SO_REUSEPORT, runs its slice of the configuration and serves its
@@ -206,7 +121,16 @@ class ProxyServer:
         self.metrics = Metrics()
         guessing = self.metrics.limit_hits_total.labels("wrong cancel keys per source address")
         self._registry = SessionRegistry(wrong_keys_refused=guessing.inc)
-        self.routes: Mapping[str, Route] = build_routes(config, self.metrics)
+        # One front end per wire protocol, for the listeners and the routes that speak it.
+        self._frontends: dict[WireProtocol, _PostgresFrontend] = {
+            WireProtocol.POSTGRES: PostgresFrontend(self._registry)
+        }
+        self.routes: Mapping[str, Route] = {
+            name: self._frontends[route.protocol].build_route(
+                route, UpstreamTLS(upstream_context(route)), self.metrics
+            )
+            for name, route in config.routes.items()
+        }
         self.audit = AuditLog(config.audit.settings) if config.audit is not None else None
         if self.audit is not None and config.audit is not None:
             self.audit.on_write_failure = config.audit.on_write_failure
@@ -231,9 +155,8 @@ class ProxyServer:
             audit=self.audit,
             preauth_records=self._preauth_records,
         )
-        self._listener: socket.socket | None = None
-        # While accepting is paused after an accept error (descriptors exhausted): the resume timer.
-        self._accept_paused: asyncio.TimerHandle | None = None
+        # Each bound to its front end; empty before start and once accepting has stopped.
+        self._listeners: list[_Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self.admin: AdminServer | None = None
@@ -254,8 +177,8 @@ class ProxyServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._listener is not None
-        host, port = self._listener.getsockname()[:2]
+        assert self._listeners
+        host, port = self._listeners[0].sock.getsockname()[:2]
         return str(host), int(port)
 
     async def start(self) -> None:
@@ -268,11 +191,14 @@ class ProxyServer:
             await self._shared_limits.start()
         listen = self.config.listen
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        self._listener = socket.create_server(
+        sock = socket.create_server(
             (listen.host, listen.port), family=family, backlog=1024, reuse_port=self._worker is not None
         )
-        self._listener.setblocking(False)
-        asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept_ready, self._listener)
+        sock.setblocking(False)
+        # listen: has no protocol of its own yet: its terminals speak PostgreSQL.
+        listener = _Listener(sock, self._frontends[WireProtocol.POSTGRES])
+        self._listeners.append(listener)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_ready, listener)
         self._spawn(self._recycle_loop())
         admin = self.config.admin
         if self._worker is not None:
@@ -464,8 +390,9 @@ class ProxyServer:
             name: "reachable" if await route.pool.check_upstream() else "unreachable"
             for name, route in self.routes.items()
         }
-        ready = self._listener is not None and all(status == "reachable" for status in routes.values())
-        details: dict[str, Any] = {"listener": self._listener is not None, "routes": routes}
+        listening = bool(self._listeners)
+        ready = listening and all(status == "reachable" for status in routes.values())
+        details: dict[str, Any] = {"listener": listening, "routes": routes}
         audit, audit_config = self.audit, self.config.audit
         if audit is not None and audit_config is not None:
             failing = audit.failing
@@ -543,7 +470,9 @@ class ProxyServer:
                     sslcert=str(client.cert) if client is not None else None,
                 )
             else:
-                routes[name] = _build_route(route_config, UpstreamTLS(upstream_contexts[name]), self.metrics)
+                routes[name] = self._frontends[route_config.protocol].build_route(
+                    route_config, UpstreamTLS(upstream_contexts[name]), self.metrics
+                )
         for name, route in self.routes.items():
             kept = routes.get(name)
             if kept is None or kept.pool is not route.pool:
@@ -735,7 +664,7 @@ class ProxyServer:
             log.warning("preauth_records_suppressed", suppressed=suppressed)
             self._audit("preauth_records_suppressed", "failure", suppressed=suppressed)
 
-    def _preauth_log(self, event: str, *, warning: bool = False, **fields: object) -> bool:
+    def preauth_log(self, event: str, *, warning: bool = False, **fields: object) -> bool:
         """Log an event of the pre-authentication phase, which anyone can cause, unless its kind is
         over listen.preauth_records_per_second (then only counted); True if it was logged."""
         if not self._preauth_records.allow(event):
@@ -747,7 +676,7 @@ class ProxyServer:
         """The caps on connections in the pre-authentication phase were reached: end the oldest."""
         for pending in dropped:
             self.metrics.client_connections_refused_total.labels("pending startups").inc()
-            self._preauth_log(
+            self.preauth_log(
                 "pending_startup_dropped",
                 warning=True,
                 source=pending.source,
@@ -756,7 +685,7 @@ class ProxyServer:
             )
             pending.drop()
 
-    def _accept_ready(self, listener: socket.socket) -> None:
+    def _accept_ready(self, listener: _Listener) -> None:
         """The listener is readable: take what the kernel has queued, a bounded batch per wakeup.
 
         A reader callback rather than a task awaiting ``sock_accept``: stopping (``_stop_accepting``)
@@ -765,40 +694,41 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         for _ in range(_ACCEPTS_PER_WAKEUP):
             try:
-                sock, address = listener.accept()
+                sock, address = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 # Out of file descriptors or similar: back off instead of spinning.
                 log.error("accept_failed", error=str(exc))
-                loop.remove_reader(listener.fileno())
-                self._accept_paused = loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting, listener)
+                loop.remove_reader(listener.sock.fileno())
+                listener.paused = loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting, listener)
                 return
             try:
-                self._admit_connection(sock, (address[0], address[1]))
+                self._admit_connection(listener.frontend, sock, (address[0], address[1]))
             except OSError as exc:
                 # The peer reset it before it could be tuned: nothing to serve.
                 log.info("accept_dropped", source=f"{address[0]}:{address[1]}", error=str(exc))
                 sock.close()
 
-    def _resume_accepting(self, listener: socket.socket) -> None:
-        self._accept_paused = None
-        if self._listener is listener:
-            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept_ready, listener)
+    def _resume_accepting(self, listener: _Listener) -> None:
+        listener.paused = None
+        if listener in self._listeners:
+            asyncio.get_running_loop().add_reader(listener.sock.fileno(), self._accept_ready, listener)
 
     def _stop_accepting(self) -> None:
         """No connection is accepted after this returns; those the kernel still queued are refused
-        (reset) as the listening socket closes."""
-        listener, self._listener = self._listener, None
-        if self._accept_paused is not None:
-            self._accept_paused.cancel()
-            self._accept_paused = None
-        if listener is None:
-            return
-        asyncio.get_running_loop().remove_reader(listener.fileno())
-        listener.close()
+        (reset) as the listening sockets close."""
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            if listener.paused is not None:
+                listener.paused.cancel()
+                listener.paused = None
+            asyncio.get_running_loop().remove_reader(listener.sock.fileno())
+            listener.sock.close()
 
-    def _admit_connection(self, sock: socket.socket, address: tuple[str, int]) -> None:
+    def _admit_connection(
+        self, frontend: _PostgresFrontend, sock: socket.socket, address: tuple[str, int]
+    ) -> None:
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         # A balancer's own address says nothing about the terminal: its connections are
@@ -814,7 +744,7 @@ class ProxyServer:
             None if proxied else address[0], loop.time() + listen.startup_timeout
         )
         self._drop_pending(dropped)
-        task = self._spawn(self._negotiate(sock, address, pending, proxied=proxied))
+        task = self._spawn(self._negotiate(frontend, sock, address, pending, proxied=proxied))
         task.add_done_callback(functools.partial(_close_unless_handed_over, sock))
         pending.drop = task.cancel
 
@@ -827,9 +757,15 @@ class ProxyServer:
         return True
 
     async def _negotiate(
-        self, sock: socket.socket, peer: tuple[str, int], pending: PendingStartup, *, proxied: bool
+        self,
+        frontend: _PostgresFrontend,
+        sock: socket.socket,
+        peer: tuple[str, int],
+        pending: PendingStartup,
+        *,
+        proxied: bool,
     ) -> None:
-        """Pre-TLS phase (55.2.10, 55.2.11): SSLRequest, GSSENCRequest, direct TLS, or a refusal.
+        """Pre-TLS phase: the PROXY header from a trusted balancer, the front end's preamble, TLS.
 
         The PROXY header, the negotiation and the TLS handshake together must end within
         listen.handshake_timeout of accept (and the startup packet follow within startup_timeout of
@@ -844,17 +780,17 @@ class ProxyServer:
             if source is None:
                 return
             async with asyncio.timeout_at(deadline):
-                encryption = await self._negotiate_encryption(sock, source)
-            if encryption is not _Encryption.NONE:
+                encryption = await frontend.preamble(sock, source, self)
+            if encryption is not Encryption.NONE:
                 started = await self._start_tls_session(
-                    sock, source, pending, deadline, direct=encryption is _Encryption.DIRECT
+                    frontend, sock, source, pending, deadline, direct=encryption is Encryption.DIRECT
                 )
         except TimeoutError:
-            self._preauth_log("handshake_timeout", source=source, timeout_s=timeout)
+            self.preauth_log("handshake_timeout", source=source, timeout_s=timeout)
         except ProtocolViolation as exc:
-            self._preauth_log("handshake_protocol_error", source=source, error=str(exc))
+            self.preauth_log("handshake_protocol_error", source=source, error=str(exc))
         except OSError as exc:
-            self._preauth_log("handshake_failed", source=source, error=str(exc))
+            self.preauth_log("handshake_failed", source=source, error=str(exc))
         finally:
             # Cancelled (dropped by the caps, or shutdown) included; a started session owns both.
             if not started:
@@ -873,10 +809,10 @@ class ProxyServer:
             async with asyncio.timeout_at(header_deadline):
                 header = await _receive_proxy_header(sock)
         except TimeoutError:
-            self._refuse_proxy_header(balancer, "timeout", f"no header within {settings.header_timeout:g}s")
+            self.refuse_proxy_header(balancer, "timeout", f"no header within {settings.header_timeout:g}s")
             return None
         except ProxyHeaderError as exc:
-            self._refuse_proxy_header(balancer, exc.problem.value, str(exc))
+            self.refuse_proxy_header(balancer, exc.problem.value, str(exc))
             return None
         if header is None:
             return None  # closed before a byte: a balancer's plain TCP health check
@@ -886,70 +822,24 @@ class ProxyServer:
         self._drop_pending(self._pending.move(pending, host))
         return f"{host}:{port}"
 
-    def _refuse_proxy_header(self, peer: str, reason: str, error: str) -> None:
+    def refuse_proxy_header(self, peer: str, reason: str, error: str) -> None:
         self.metrics.client_connections_refused_total.labels(f"proxy header {reason}").inc()
-        if self._preauth_log("proxy_header_refused", warning=True, source=peer, reason=reason, error=error):
+        if self.preauth_log("proxy_header_refused", warning=True, source=peer, reason=reason, error=error):
             self._audit("connection_refused", "failure", source=peer, reason=f"PROXY header: {error}")
 
-    async def _negotiate_encryption(self, sock: socket.socket, source: str) -> _Encryption:
-        loop = asyncio.get_running_loop()
-        gssenc_refused = False
-        while True:
-            first = await _peek_byte(sock)
-            if first is None:
-                return _Encryption.NONE
-            if first in FIRST_BYTES:
-                # Only listen.proxy_protocol.trusted_sources may say where a connection comes from.
-                self._refuse_proxy_header(source, "untrusted", "PROXY header from an untrusted peer")
-                return _Encryption.NONE
-            if first == m.TLS_HANDSHAKE_RECORD:
-                return _Encryption.DIRECT
-            head = await _recv_exactly(sock, 4)
-            length = m.startup_packet_length(head)
-            assert length is not None
-            packet = m.parse_startup_packet(head + await _recv_exactly(sock, length - 4))
-            if isinstance(packet, m.SSLRequest):
-                await loop.sock_sendall(sock, b"S")
-                return _Encryption.NEGOTIATED
-            if isinstance(packet, m.GSSENCRequest):
-                # libpq asks once and goes on with an SSLRequest or startup; asking again is a loop.
-                if gssenc_refused:
-                    raise ProtocolViolation("GSSENCRequest repeated after it was refused")
-                gssenc_refused = True
-                await loop.sock_sendall(sock, b"N")
-                continue
-            if isinstance(packet, m.CancelRequest):
-                delivery = self._registry.cancel(packet, source)
-                if delivery is not None:
-                    # Closed once the server has acted on it (SessionRegistry.cancel says why);
-                    # the wait leaves the delivery itself alone when the handshake time runs out.
-                    await asyncio.wait((delivery,))
-                return _Encryption.NONE
-            self._preauth_log(
-                "session_refused",
-                warning=True,
-                source=source,
-                sqlstate=_PLAINTEXT_REFUSAL.sqlstate,
-                reason="plaintext startup",
-            )
-            self.metrics.client_error("proxy", _PLAINTEXT_REFUSAL.sqlstate)
-            await loop.sock_sendall(
-                sock,
-                m.build_error_response(
-                    "FATAL",
-                    _PLAINTEXT_REFUSAL.sqlstate,
-                    _PLAINTEXT_REFUSAL.message,
-                    hint=_PLAINTEXT_REFUSAL.hint,
-                ),
-            )
-            return _Encryption.NONE
-
     async def _start_tls_session(
-        self, sock: socket.socket, source: str, pending: PendingStartup, deadline: float, *, direct: bool
+        self,
+        frontend: _PostgresFrontend,
+        sock: socket.socket,
+        source: str,
+        pending: PendingStartup,
+        deadline: float,
+        *,
+        direct: bool,
     ) -> bool:
         """The TLS handshake, by ``deadline`` (loop time); True once the session owns the connection
         (and ``pending``) from then on."""
-        session = ClientSession(self._environment, source, direct_tls=direct, pending=pending)
+        session = frontend.create_session(self._environment, source, pending, direct_tls=direct)
         started = time.monotonic()
         try:
             await accept_tls(
@@ -965,12 +855,12 @@ class ProxyServer:
                 "certificate" if isinstance(exc, ssl.SSLCertVerificationError) else "tls"
             ).inc()
             reason = reason or str(exc)
-            if self._preauth_log("tls_handshake_failed", warning=True, source=source, reason=reason):
+            if self.preauth_log("tls_handshake_failed", warning=True, source=source, reason=reason):
                 self._audit("connection_refused", "failure", source=source, reason=f"TLS: {reason}")
             return False
         except (OSError, TimeoutError) as exc:
             self.metrics.tls_handshake_failures_total.labels("network").inc()
-            self._preauth_log("tls_handshake_failed", source=source, reason=str(exc) or type(exc).__name__)
+            self.preauth_log("tls_handshake_failed", source=source, reason=str(exc) or type(exc).__name__)
             return False
         except Exception as exc:
             # The session could not start on a finished handshake (say a certificate OpenSSL
@@ -1039,17 +929,6 @@ def _close_unless_handed_over(sock: socket.socket, _task: asyncio.Task[None]) ->
         sock.close()
 
 
-async def _peek_byte(sock: socket.socket) -> int | None:
-    """The first byte waiting on ``sock`` without consuming it (None at EOF).
-
-    We must look before reading: a PostgreSQL 17 direct-TLS client starts with a TLS
-    record that the TLS layer has to see from its first byte.
-    """
-    await _readable(sock)
-    data = sock.recv(1, socket.MSG_PEEK)
-    return data[0] if data else None
-
-
 async def _receive_proxy_header(sock: socket.socket) -> ProxyHeader | None:
     """Consume exactly the PROXY header at the start of ``sock``; None at EOF before its first byte.
 
@@ -1059,7 +938,7 @@ async def _receive_proxy_header(sock: socket.socket) -> ProxyHeader | None:
     """
     received = bytearray()
     while True:
-        await _readable(sock)
+        await readable(sock)
         waiting = sock.recv(_HEADER_PEEK_SIZE, socket.MSG_PEEK)
         if not waiting:
             if not received:
@@ -1067,35 +946,9 @@ async def _receive_proxy_header(sock: socket.socket) -> ProxyHeader | None:
             raise ProxyHeaderError(HeaderProblem.MALFORMED, "the connection closed inside the header")
         header = parse_proxy_header(received + waiting)
         if header is not None:
-            await _recv_exactly(sock, header.length - len(received))
+            await recv_exactly(sock, header.length - len(received))
             return header
-        received += await _recv_exactly(sock, len(waiting))
-
-
-async def _readable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    readable: asyncio.Future[None] = loop.create_future()
-
-    def mark_readable() -> None:
-        if not readable.done():
-            readable.set_result(None)
-
-    loop.add_reader(sock.fileno(), mark_readable)
-    try:
-        await readable
-    finally:
-        loop.remove_reader(sock.fileno())
-
-
-async def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    chunks = bytearray()
-    while len(chunks) < size:
-        chunk = await loop.sock_recv(sock, size - len(chunks))
-        if not chunk:
-            raise ProtocolViolation("connection closed during startup")
-        chunks += chunk
-    return bytes(chunks)
+        received += await recv_exactly(sock, len(waiting))
 
 
 async def serve(config: Config, worker: WorkerSlot | None = None) -> int:

@@ -1,10 +1,13 @@
-"""Socket options for long-lived TCP connections on both sides of the proxy."""
+"""Socket options for long-lived TCP connections on both sides of the proxy, and the raw reads of
+the pre-TLS phase."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 from proxy.config.model import TCPKeepalive
+from proxy.errors import ProtocolViolation
 
 # Linux's option number (linux/tcp.h); Python names it from 3.6 on Linux only.
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
@@ -31,3 +34,40 @@ def tune_socket(sock: socket.socket, keepalive: TCPKeepalive, user_timeout: floa
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     if user_timeout is not None and _TCP_USER_TIMEOUT is not None:
         sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, round(user_timeout * 1000))
+
+
+async def peek_byte(sock: socket.socket) -> int | None:
+    """The first byte waiting on ``sock`` without consuming it (None at EOF).
+
+    We must look before reading: a PostgreSQL 17 direct-TLS client starts with a TLS
+    record that the TLS layer has to see from its first byte.
+    """
+    await readable(sock)
+    data = sock.recv(1, socket.MSG_PEEK)
+    return data[0] if data else None
+
+
+async def readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def mark_readable() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(sock.fileno(), mark_readable)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = await loop.sock_recv(sock, size - len(chunks))
+        if not chunk:
+            raise ProtocolViolation("connection closed during startup")
+        chunks += chunk
+    return bytes(chunks)
