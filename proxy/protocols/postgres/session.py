@@ -1537,7 +1537,7 @@ class ClientSession(asyncio.Protocol):
         analysis: Analysis | None = None
         carrying = self._carrying_statements
         bound = self._bound_statements
-        if len(bound) >= _MAX_CARRYING_STATEMENTS:
+        if bound and len(bound) >= _MAX_CARRYING_STATEMENTS:
             self._forget_closed_bound_statements()
         checked = (
             _CHECKED_MESSAGES_COUNTING
