@@ -140,8 +140,13 @@ class AuditLog:
         self._backlog_warnings = 0
         self._backlogged = False
         # Said in the log lines and records of an outage; the caller keeps it current (a reload).
-        self.on_write_failure = OnWriteFailure.REFUSE
+        self._on_write_failure = OnWriteFailure.REFUSE
         self._failing: SinkFailure | None = None
+        # Whether the log fails and on_write_failure is refuse: one attribute the data path tests on
+        # every read. The shipping thread and a reload both change it; the lock keeps the two from
+        # writing a value made of the other's stale half.
+        self.refusing = False
+        self._refusing_lock = threading.Lock()
         self._dropped = 0
         # The records dropped in the current outage: how many, and the times of the first and last.
         self._outage_drops = (0, 0, 0)
@@ -161,6 +166,19 @@ class AuditLog:
         """Records recorded but not yet known written."""
         batches = [*self._unsent, *self._unconfirmed]
         return len(self._queue) + sum(count for count, _payload in batches)
+
+    @property
+    def on_write_failure(self) -> OnWriteFailure:
+        return self._on_write_failure
+
+    @on_write_failure.setter
+    def on_write_failure(self, mode: OnWriteFailure) -> None:
+        with self._refusing_lock:
+            self._on_write_failure = mode
+            self._note_refusing()
+
+    def _note_refusing(self) -> None:
+        self.refusing = self._failing is not None and self._on_write_failure is OnWriteFailure.REFUSE
 
     @property
     def failing(self) -> SinkFailure | None:
@@ -313,7 +331,9 @@ class AuditLog:
     def _sink_failed(self, errno: int | None, error: str) -> None:
         failing = self._failing
         since = time.time_ns() if failing is None else failing.since_ns
-        self._failing = SinkFailure(error, errno in DISK_FULL_ERRNOS, since)
+        with self._refusing_lock:
+            self._failing = SinkFailure(error, errno in DISK_FULL_ERRNOS, since)
+            self._note_refusing()
         if failing is not None:
             return
         mode = self.on_write_failure.value
@@ -325,7 +345,9 @@ class AuditLog:
         failing = self._failing
         if failing is None:
             return
-        self._failing = None
+        with self._refusing_lock:
+            self._failing = None
+            self._note_refusing()
         dropped, first_ns, last_ns = self._outage_drops
         self._outage_drops = (0, 0, 0)
         mode = self.on_write_failure.value

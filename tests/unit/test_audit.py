@@ -362,6 +362,27 @@ def test_write_errors_are_counted_and_retried(tmp_path: Path, log_path: Path, ke
     assert verify([moved, log_path], load_key(key_file)).ok
 
 
+def test_refusing_follows_the_outage_and_its_mode(tmp_path: Path, log_path: Path, key_file: Path) -> None:
+    # The data path tests only this flag before working out an audit refusal: it must never lag.
+    audit = AuditLog(settings(log_path, key_file))
+    audit.start()
+    assert not audit.refusing
+    log_path.rename(tmp_path / "audit.log.1")
+    remove_log_directory(log_path)
+    audit.reopen()
+    audit.record("during_outage")
+    wait_until(lambda: audit.failing is not None)
+    assert audit.refusing
+    audit.on_write_failure = OnWriteFailure.CONTINUE
+    assert not audit.refusing
+    audit.on_write_failure = OnWriteFailure.REFUSE
+    assert audit.refusing
+    log_path.parent.mkdir()
+    wait_until(lambda: audit.failing is None)
+    assert not audit.refusing
+    audit.close()
+
+
 def test_close_raises_when_records_cannot_be_written(tmp_path: Path, log_path: Path, key_file: Path) -> None:
     audit = AuditLog(settings(log_path, key_file))
     audit.start()

@@ -1528,14 +1528,16 @@ class ClientSession(asyncio.Protocol):
         forget_at: list[int] = []
         named_in_sql: dict[int, list[tuple[bytes, Statement]]] = {}
         mode, auditing, limited, rechecking = self._statement_checks
-        audit_refusal = self._audit_refusal() if auditing else None
+        audit = self._env.audit
+        # The log's own flag first: the call (and its settings) only while the log refuses.
+        audit_refusal = self._audit_refusal() if audit is not None and audit.refusing else None
         policies = self._env.policies
         classifier = self._env.classifier
         analyses = self._analyses
         analysis: Analysis | None = None
         carrying = self._carrying_statements
         bound = self._bound_statements
-        if len(bound) >= _MAX_CARRYING_STATEMENTS:
+        if bound and len(bound) >= _MAX_CARRYING_STATEMENTS:
             self._forget_closed_bound_statements()
         checked = (
             _CHECKED_MESSAGES_COUNTING
