@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.pool import ServerShares, default_share_cap
 from proxy.protocols.postgres.timeouts import (
     UNBOUNDED,
     StatementTimeoutChanges,
     capped_statement_timeout,
     milliseconds,
 )
+from proxy.shares import ServerShares, default_share_cap
 
 
 class _Waiter:

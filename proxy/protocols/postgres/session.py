@@ -54,7 +54,7 @@ from proxy.policy.learn import ReviewLog
 from proxy.policy.model import PolicyMode
 from proxy.policy.postgres import ParseError, analyze
 from proxy.policy.redact import unparsable
-from proxy.pool import ServerShares, ShareAccount, UpstreamPool, default_share_cap
+from proxy.pool import UpstreamPool
 from proxy.preauth import PendingStartup, RecordThrottle, WrongCancelKeys
 from proxy.protocols.postgres import messages as m
 from proxy.protocols.postgres.analysis import (
@@ -93,6 +93,7 @@ from proxy.protocols.postgres.upstream import (
     UpstreamConnectError,
     send_cancel,
 )
+from proxy.shares import ServerShares, ShareAccount, default_share_cap
 from proxy.tlsconfig import POSTGRES_ALPN, UpstreamTLS
 
 log = structlog.get_logger("pos_proxy.session")
