@@ -637,20 +637,19 @@ async def test_a_setting_changed_through_a_view_does_not_reach_the_next_policy_r
 
 
 @contextlib.contextmanager
-def _function_making_temp_price_list(cluster: Any) -> Iterator[str]:
-    """A function whose call creates a temporary price_list: the statement through the proxy only
-    calls it, so no temporary relation is in its text for the proxy to see."""
+def _plpgsql_function(cluster: Any, name: str, body: str) -> Iterator[str]:
+    """A superuser's function public.NAME() running ``body``: the statement through the proxy only
+    calls it, so nothing the body does is in its text for the proxy to see. Yields that call."""
     with _superuser(cluster) as admin:
         admin.execute(
-            "CREATE OR REPLACE FUNCTION public.review_make_temp() RETURNS int LANGUAGE plpgsql AS $$"
-            " BEGIN CREATE TEMP TABLE IF NOT EXISTS price_list AS SELECT '1'::text AS sku,"
-            " 'temporary pen'::text AS name; RETURN 1; END $$"
+            f"CREATE OR REPLACE FUNCTION public.{name}() RETURNS int LANGUAGE plpgsql AS $$"
+            f" BEGIN {body} RETURN 1; END $$"
         )
     try:
-        yield "SELECT public.review_make_temp()"
+        yield f"SELECT public.{name}()"
     finally:
         with _superuser(cluster) as admin:
-            admin.execute("DROP FUNCTION public.review_make_temp()")
+            admin.execute(f"DROP FUNCTION public.{name}()")
 
 
 @pytest.mark.usefixtures("shadow_schema")
@@ -661,7 +660,12 @@ def test_a_temporary_table_made_out_of_sight_does_not_shadow_the_next_policy_rol
     and RESET ALL leaves temporary tables alone: a role without a policy whose stored SQL made a
     temporary price_list would feed the next cashier (policy enforced, search_path public) on that
     server connection its own prices. The reset before a vetted client drops them too."""
-    with _function_making_temp_price_list(pg_cluster) as make_temp:
+    with _plpgsql_function(
+        pg_cluster,
+        "review_make_temp",
+        "CREATE TEMP TABLE IF NOT EXISTS price_list AS SELECT '1'::text AS sku,"
+        " 'temporary pen'::text AS name;",
+    ) as make_temp:
         proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
         with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
             attacker.execute(make_temp)
@@ -672,24 +676,6 @@ def test_a_temporary_table_made_out_of_sight_does_not_shadow_the_next_policy_rol
                 assert victim.execute("SELECT name FROM price_list").fetchone() == ("real pen",)
 
 
-@contextlib.contextmanager
-def _function_taking_session_state(cluster: Any) -> Iterator[str]:
-    """A function that takes a session advisory lock and opens a WITH HOLD cursor: the statement
-    through the proxy only calls it, so neither is in its text for the proxy to pin on."""
-    with _superuser(cluster) as admin:
-        admin.execute(
-            "CREATE OR REPLACE FUNCTION public.review_take_state() RETURNS int LANGUAGE plpgsql AS $$"
-            " BEGIN PERFORM pg_advisory_lock(7401);"
-            " EXECUTE 'DECLARE review_left CURSOR WITH HOLD FOR SELECT name FROM public.price_list';"
-            " RETURN 1; END $$"
-        )
-    try:
-        yield "SELECT public.review_take_state()"
-    finally:
-        with _superuser(cluster) as admin:
-            admin.execute("DROP FUNCTION public.review_take_state()")
-
-
 @pytest.mark.usefixtures("shadow_schema")
 def test_a_lock_and_cursor_taken_out_of_sight_do_not_stay_for_the_next_policy_role(
     start_proxy: StartProxy, terminal_pki: TerminalPKI, tmp_path: Path, pg_cluster: Any
@@ -698,7 +684,12 @@ def test_a_lock_and_cursor_taken_out_of_sight_do_not_stay_for_the_next_policy_ro
     cursor is not pinned (the proxy cannot see them); before a cashier whose policy is enforced
     runs on that server connection, the reset releases the lock and closes the cursor, as DISCARD
     ALL would, so neither is held or readable on the cashier's behalf."""
-    with _function_taking_session_state(pg_cluster) as take_state:
+    with _plpgsql_function(
+        pg_cluster,
+        "review_take_state",
+        "PERFORM pg_advisory_lock(7401);"
+        " EXECUTE 'DECLARE review_left CURSOR WITH HOLD FOR SELECT name FROM public.price_list';",
+    ) as take_state:
         proxy = _proxy(start_proxy, "transaction", tmp_path, cashier_policy=True)
         with _psycopg(proxy, terminal_pki, terminal_pki.manager) as attacker:
             attacker.execute(take_state)
